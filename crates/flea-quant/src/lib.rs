@@ -1,14 +1,29 @@
 //! GGML tensor types: dequantization, activation quantization and dot products.
 //!
-//! INTERFACE SKELETON — the bodies are being written; signatures are the contract other
-//! crates code against.
-//!
 //! Like llama.cpp's CPU backend, a quantized weight row is multiplied with activations that
 //! were first rounded to the weight type's "vec-dot" format (Q8_0, Q8_1 or Q8_K; F16 for F16
 //! weights, BF16 for BF16, F32 for F32). Doing the same makes our results match llama.cpp
 //! closely and is also the fast path (integer dot products).
+//!
+//! Typical use for one matrix-vector product:
+//! ```ignore
+//! let fmt = vec_dot_type(w_ty)?;
+//! let mut act = Vec::new();
+//! quantize_activations(fmt, &x, &mut act)?;   // once per input vector
+//! matvec(w_ty, n_cols, w_bytes, &act, &mut out); // or vec_dot per row
+//! ```
+//!
+//! Block layouts are documented in the [`legacy`] (32-element blocks) and [`kquants`]
+//! (256-element super-blocks) modules.
 
 pub use flea_gguf::GgmlType;
+
+mod float;
+pub mod kquants;
+pub mod legacy;
+mod simd;
+
+pub use float::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
@@ -26,6 +41,8 @@ pub enum QuantError {
         expected: usize,
         got: usize,
     },
+    #[error("instruction set {0:?} is not available on this CPU")]
+    IsaUnavailable(Isa),
 }
 
 pub type Result<T> = std::result::Result<T, QuantError>;
@@ -54,51 +71,326 @@ pub fn is_supported(ty: GgmlType) -> bool {
 /// The format activations are converted to before a dot product with a row of `weight`
 /// (llama.cpp's `vec_dot_type`): F32→F32, F16→F16, BF16→BF16, Q4_0/Q5_0/Q8_0→Q8_0,
 /// Q4_1/Q5_1→Q8_1, K-quants→Q8_K.
-pub fn vec_dot_type(_weight: GgmlType) -> Result<GgmlType> {
-    todo!()
+pub fn vec_dot_type(weight: GgmlType) -> Result<GgmlType> {
+    use GgmlType::*;
+    Ok(match weight {
+        F32 => F32,
+        F16 => F16,
+        BF16 => BF16,
+        Q4_0 | Q5_0 | Q8_0 => Q8_0,
+        Q4_1 | Q5_1 => Q8_1,
+        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => Q8_K,
+        other => return Err(QuantError::Unsupported(other)),
+    })
+}
+
+/// Bytes of `n` elements of `ty` (`n` a whole number of blocks).
+#[inline]
+pub fn row_bytes(ty: GgmlType, n: usize) -> usize {
+    debug_assert_eq!(n % ty.block_size(), 0);
+    n / ty.block_size() * ty.type_size()
+}
+
+/// Bytes of one activation row of `n` elements in format `fmt` (a `vec_dot_type`).
+#[inline]
+pub fn act_row_bytes(fmt: GgmlType, n: usize) -> usize {
+    row_bytes(fmt, n)
+}
+
+/// Checked byte size of `n` elements of `ty`.
+fn checked_bytes(ty: GgmlType, n: usize) -> Result<usize> {
+    let block = ty.block_size();
+    if n % block != 0 {
+        return Err(QuantError::PartialBlock { ty, n, block });
+    }
+    (n / block)
+        .checked_mul(ty.type_size())
+        .ok_or(QuantError::Size {
+            ty,
+            expected: usize::MAX,
+            got: 0,
+        })
+}
+
+fn check_len(ty: GgmlType, expected: usize, got: usize) -> Result<()> {
+    if expected != got {
+        return Err(QuantError::Size { ty, expected, got });
+    }
+    Ok(())
 }
 
 /// Dequantize `dst.len()` elements from `src` (whole blocks of `ty`).
-pub fn dequantize(_ty: GgmlType, _src: &[u8], _dst: &mut [f32]) -> Result<()> {
-    todo!()
+///
+/// `src` must hold exactly the bytes of `dst.len()` elements. Besides the 13 weight types,
+/// the activation formats Q8_1 and Q8_K are accepted (handy for tests and debugging).
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    use GgmlType::*;
+    let f: fn(&[u8], &mut [f32]) = match ty {
+        F32 => float::dequant_f32,
+        F16 => float::dequant_f16,
+        BF16 => float::dequant_bf16,
+        Q4_0 => legacy::dequant_q4_0,
+        Q4_1 => legacy::dequant_q4_1,
+        Q5_0 => legacy::dequant_q5_0,
+        Q5_1 => legacy::dequant_q5_1,
+        Q8_0 => legacy::dequant_q8_0,
+        Q8_1 => legacy::dequant_q8_1,
+        Q2_K => kquants::dequant_q2_k,
+        Q3_K => kquants::dequant_q3_k,
+        Q4_K => kquants::dequant_q4_k,
+        Q5_K => kquants::dequant_q5_k,
+        Q6_K => kquants::dequant_q6_k,
+        Q8_K => kquants::dequant_q8_k,
+        other => return Err(QuantError::Unsupported(other)),
+    };
+    let expected = checked_bytes(ty, dst.len())?;
+    check_len(ty, expected, src.len())?;
+    f(src, dst);
+    Ok(())
 }
 
 /// Convert f32 activations to `fmt` (one of F32, F16, BF16, Q8_0, Q8_1, Q8_K), appending to
 /// `out` after clearing it. `x.len()` must be a whole number of `fmt` blocks.
-pub fn quantize_activations(_fmt: GgmlType, _x: &[f32], _out: &mut Vec<u8>) -> Result<()> {
-    todo!()
+///
+/// Rounding follows ggml's reference quantizers (`quantize_row_q8_0_ref` etc.): Q8_0/Q8_1
+/// use `roundf(x / d)` with d = amax/127; Q8_K uses ggml's sign convention (see
+/// [`kquants`]) and round-half-even `nearest_int`.
+pub fn quantize_activations(fmt: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    use GgmlType::*;
+    let f: fn(&[f32], &mut Vec<u8>) = match fmt {
+        F32 => float::quantize_f32,
+        F16 => float::quantize_f16,
+        BF16 => float::quantize_bf16,
+        Q8_0 => legacy::quantize_q8_0,
+        Q8_1 => legacy::quantize_q8_1,
+        Q8_K => kquants::quantize_q8_k,
+        other => return Err(QuantError::Unsupported(other)),
+    };
+    checked_bytes(fmt, x.len())?;
+    out.clear();
+    f(x, out);
+    Ok(())
 }
 
 /// Which instruction set the dot products use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 + FMA + F16C.
     Avx2,
+    /// AVX-512 F/BW/VL/VNNI (plus everything `Avx2` needs). Types without a dedicated
+    /// AVX-512 kernel use their AVX2 kernel.
     Avx512,
 }
 
+/// Whether this CPU can run `isa` (detected once).
+pub fn isa_available(isa: Isa) -> bool {
+    match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => matches!(detect(), Isa::Avx2 | Isa::Avx512),
+        Isa::Avx512 => detect() == Isa::Avx512,
+    }
+}
+
+fn detect() -> Isa {
+    static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(simd::detect)
+}
+
 /// The best instruction set this CPU supports (detected once, at run time).
+///
+/// The environment variable `FLEA_QUANT_ISA` (`scalar`, `avx2`, `avx512`) can lower it, for
+/// benchmarking and for reproducing results of an older CPU.
 pub fn best_isa() -> Isa {
-    todo!()
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        let want = match std::env::var("FLEA_QUANT_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        let have = detect();
+        let rank = |i: Isa| match i {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512 => 2,
+        };
+        if rank(want) < rank(have) {
+            want
+        } else {
+            have
+        }
+    })
+}
+
+/// A row-dot kernel: `(n, weight row ptr, activation row ptr) -> f32`.
+///
+/// Unsafe to call: the pointers must be valid for the row sizes of `n` elements (weight
+/// type / its vec-dot type), and the CPU must support the kernel's instruction set.
+pub(crate) type DotFn = unsafe fn(usize, *const u8, *const u8) -> f32;
+
+/// The kernel for `weight` on `isa` (which the caller has verified is available).
+fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
+    match isa {
+        Isa::Scalar => simd::scalar_kernel(weight),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => simd::avx512::kernel(weight)
+            .or_else(|| simd::avx2::kernel(weight))
+            .or_else(|| simd::scalar_kernel(weight)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => simd::avx2::kernel(weight).or_else(|| simd::scalar_kernel(weight)),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => simd::scalar_kernel(weight),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn unsupported(weight: GgmlType) -> ! {
+    panic!("flea-quant: tensor type {weight} is not supported by vec_dot")
+}
+
+#[cold]
+#[inline(never)]
+fn bad_sizes(weight: GgmlType, n: usize, w: usize, a: usize) -> ! {
+    panic!("flea-quant: vec_dot {weight} n={n}: row of {w} bytes / activations of {a} bytes are too short")
+}
+
+/// Byte sizes (weight row, activation row) of `n` elements of `weight`.
+#[inline(always)]
+fn sizes(weight: GgmlType, n: usize) -> (usize, usize) {
+    let fmt = vec_dot_type(weight).unwrap_or_else(|_| unsupported(weight));
+    (row_bytes(weight, n), row_bytes(fmt, n))
 }
 
 /// Dot product of one weight row (`n` elements of type `weight`) with activations already in
 /// `vec_dot_type(weight)` format. Uses `best_isa()`.
 ///
 /// Callers guarantee the slice sizes (checked with debug assertions on the hot path; the
-/// checked entry is [`vec_dot_checked`]).
-pub fn vec_dot(_weight: GgmlType, _n: usize, _w_row: &[u8], _act: &[u8]) -> f32 {
-    todo!()
+/// checked entry is [`vec_dot_checked`]). Panics on an unsupported type. The slices'
+/// lengths are still compared once (two integer compares) so that a caller bug can never
+/// read out of bounds: this function is safe. For many rows prefer [`matvec`], which does
+/// that once for the whole matrix.
+#[inline]
+pub fn vec_dot(weight: GgmlType, n: usize, w_row: &[u8], act: &[u8]) -> f32 {
+    debug_assert_eq!(n % weight.block_size(), 0);
+    let k = kernel(best_isa(), weight).unwrap_or_else(|| unsupported(weight));
+    let (wb, ab) = sizes(weight, n);
+    if w_row.len() < wb || act.len() < ab {
+        bad_sizes(weight, n, w_row.len(), act.len());
+    }
+    // SAFETY: the kernel comes from best_isa(), which only returns instruction sets that
+    // run-time detection found; both slices were just checked to hold n elements' bytes.
+    unsafe { k(n, w_row.as_ptr(), act.as_ptr()) }
 }
 
 /// As [`vec_dot`] with an explicit instruction set (tests compare every path to Scalar)
 /// and size checks.
 pub fn vec_dot_checked(
-    _isa: Isa,
-    _weight: GgmlType,
-    _n: usize,
-    _w_row: &[u8],
-    _act: &[u8],
+    isa: Isa,
+    weight: GgmlType,
+    n: usize,
+    w_row: &[u8],
+    act: &[u8],
 ) -> Result<f32> {
-    todo!()
+    let fmt = vec_dot_type(weight)?;
+    if !isa_available(isa) {
+        return Err(QuantError::IsaUnavailable(isa));
+    }
+    let k = kernel(isa, weight).ok_or(QuantError::Unsupported(weight))?;
+    check_len(weight, checked_bytes(weight, n)?, w_row.len())?;
+    check_len(fmt, checked_bytes(fmt, n)?, act.len())?;
+    // SAFETY: `isa` is available on this CPU (checked above) and both slices hold exactly
+    // the bytes of n elements (checked above).
+    Ok(unsafe { k(n, w_row.as_ptr(), act.as_ptr()) })
+}
+
+/// `out[r] = dot(weight row r, act)` for `r in 0..out.len()`, serially (callers split rows
+/// across threads by slicing `w_rows` and `out`). `w_rows` holds `out.len()` rows of
+/// `n_cols` elements back to back; `act` is one activation row in `vec_dot_type(weight)`.
+///
+/// Panics if the type is unsupported or the slices are too short.
+pub fn matvec(weight: GgmlType, n_cols: usize, w_rows: &[u8], act: &[u8], out: &mut [f32]) {
+    matvec_isa(best_isa(), weight, n_cols, w_rows, act, out)
+}
+
+/// [`matvec`] with an explicit instruction set (panics if this CPU lacks it).
+pub fn matvec_isa(
+    isa: Isa,
+    weight: GgmlType,
+    n_cols: usize,
+    w_rows: &[u8],
+    act: &[u8],
+    out: &mut [f32],
+) {
+    assert!(isa_available(isa), "instruction set {isa:?} not available");
+    assert_eq!(n_cols % weight.block_size(), 0, "{weight}: partial block");
+    let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
+    let (wb, ab) = sizes(weight, n_cols);
+    assert!(
+        w_rows.len() >= wb * out.len() && act.len() >= ab,
+        "matvec {weight}: {} rows of {n_cols} need {} weight bytes (got {}) and {ab} activation bytes (got {})",
+        out.len(),
+        wb * out.len(),
+        w_rows.len(),
+        act.len()
+    );
+    let w = w_rows.as_ptr();
+    let a = act.as_ptr();
+    for (r, o) in out.iter_mut().enumerate() {
+        // SAFETY: isa available (asserted); row r lies inside w_rows and act holds a full
+        // row (both asserted above).
+        *o = unsafe { k(n_cols, w.add(r * wb), a) };
+    }
+}
+
+/// Batched product: `out[t * rows + r] = dot(weight row r, activation row t)`, where
+/// `rows = w_rows.len() / row_bytes(weight, n_cols)` and `acts` holds `n_tokens` activation
+/// rows (each `act_row_bytes(vec_dot_type(weight), n_cols)` bytes) back to back.
+///
+/// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
+/// and reused, from cache, for every token.
+pub fn matmul(
+    weight: GgmlType,
+    n_cols: usize,
+    w_rows: &[u8],
+    acts: &[u8],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    let isa = best_isa();
+    assert_eq!(n_cols % weight.block_size(), 0, "{weight}: partial block");
+    let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
+    let (wb, ab) = sizes(weight, n_cols);
+    if wb == 0 || n_tokens == 0 {
+        return;
+    }
+    let rows = w_rows.len() / wb;
+    assert!(
+        acts.len() >= ab * n_tokens && out.len() >= rows * n_tokens,
+        "matmul {weight}: {n_tokens} tokens x {rows} rows need {} activation bytes (got {}) and {} outputs (got {})",
+        ab * n_tokens,
+        acts.len(),
+        rows * n_tokens,
+        out.len()
+    );
+    // ~128 KiB of weights and ~128 KiB of activations per tile: both stay in L2.
+    const TILE: usize = 128 * 1024;
+    let row_tile = (TILE / wb).max(1);
+    let tok_tile = (TILE / ab.max(1)).max(1);
+    let w = w_rows.as_ptr();
+    let a = acts.as_ptr();
+    for r0 in (0..rows).step_by(row_tile) {
+        let r1 = (r0 + row_tile).min(rows);
+        for t0 in (0..n_tokens).step_by(tok_tile) {
+            let t1 = (t0 + tok_tile).min(n_tokens);
+            for r in r0..r1 {
+                for t in t0..t1 {
+                    // SAFETY: isa from best_isa() (detected); r < rows and t < n_tokens,
+                    // whose byte ranges were checked above.
+                    out[t * rows + r] = unsafe { k(n_cols, w.add(r * wb), a.add(t * ab)) };
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,206 @@
+//! The "legacy" 32-element block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q8_1: scalar
+//! dequantization, activation quantization and reference dot products.
+//!
+//! Byte layouts (little-endian, no padding), 32 elements per block:
+//! * Q4_0 (18 B): `d: f16, qs: [u8; 16]`; element j is `(qs[j] & 15) - 8`, element j+16 is
+//!   `(qs[j] >> 4) - 8`, times d.
+//! * Q4_1 (20 B): `d: f16, m: f16, qs: [u8; 16]`; nibbles as Q4_0 without the -8, `q*d + m`.
+//! * Q5_0 (22 B): `d: f16, qh: u32, qs: [u8; 16]`; bit j of qh is the 5th bit of element j,
+//!   minus 16, times d.
+//! * Q5_1 (24 B): `d: f16, m: f16, qh: u32, qs: [u8; 16]`; as Q5_0 without the -16, plus m.
+//! * Q8_0 (34 B): `d: f16, qs: [i8; 32]`.
+//! * Q8_1 (36 B): `d: f16, s: f16, qs: [i8; 32]`; s = d * sum(qs), used by Q4_1/Q5_1 dots
+//!   to apply the weight's min without touching the quants.
+
+use crate::float::f16_at;
+use crate::float::f32_to_f16;
+
+pub(crate) const QK: usize = 32;
+
+/// Round half away from zero, like C `roundf` (what ggml's reference Q8_0/Q8_1 use).
+#[inline(always)]
+fn roundf(x: f32) -> f32 {
+    x.round()
+}
+
+#[inline(always)]
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+pub(crate) fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        for j in 0..16 {
+            let q = b[2 + j];
+            y[j] = ((q & 15) as i32 - 8) as f32 * d;
+            y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+pub(crate) fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(20).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        let m = f16_at(b, 2);
+        for j in 0..16 {
+            let q = b[4 + j];
+            y[j] = (q & 15) as f32 * d + m;
+            y[j + 16] = (q >> 4) as f32 * d + m;
+        }
+    }
+}
+
+/// The 5-bit values (0..=31) of a Q5_0/Q5_1 block.
+#[inline(always)]
+fn q5_values(qh: u32, qs: &[u8]) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    for j in 0..16 {
+        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+        v[j] = (qs[j] & 15) | h0;
+        v[j + 16] = (qs[j] >> 4) | h1;
+    }
+    v
+}
+
+pub(crate) fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(22).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        let v = q5_values(u32_at(b, 2), &b[6..22]);
+        for j in 0..32 {
+            y[j] = (v[j] as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+pub(crate) fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(24).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        let m = f16_at(b, 2);
+        let v = q5_values(u32_at(b, 4), &b[8..24]);
+        for j in 0..32 {
+            y[j] = v[j] as f32 * d + m;
+        }
+    }
+}
+
+pub(crate) fn dequant_q8_0(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        for j in 0..32 {
+            y[j] = (b[2 + j] as i8) as f32 * d;
+        }
+    }
+}
+
+pub(crate) fn dequant_q8_1(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(36).zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        for j in 0..32 {
+            y[j] = (b[4 + j] as i8) as f32 * d;
+        }
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref`: d = amax/127 (stored as f16), q = roundf(x * (1/d)).
+/// Note the quants use the f32 d, not the f16-rounded one, exactly like ggml.
+pub(crate) fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
+    out.reserve(x.len() / QK * 34);
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+        for &v in blk {
+            out.push(roundf(v * id) as i8 as u8);
+        }
+    }
+}
+
+/// ggml's `quantize_row_q8_1_ref`: as Q8_0, plus s = d * sum(q) stored as f16.
+pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<u8>) {
+    out.reserve(x.len() / QK * 36);
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; QK];
+        let mut sum = 0i32;
+        for (qi, &v) in q.iter_mut().zip(blk) {
+            *qi = roundf(v * id) as i8;
+            sum += *qi as i32;
+        }
+        out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+        out.extend_from_slice(&f32_to_f16(sum as f32 * d).to_le_bytes());
+        out.extend(q.iter().map(|&v| v as u8));
+    }
+}
+
+// Scalar dots: integer dot per block, then scaled, accumulated in f32 like ggml's generic code.
+
+pub(crate) fn vec_dot_q4_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(18).zip(a.chunks_exact(34)).take(n / QK) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (x[2 + j] & 15) as i32 - 8;
+            let v1 = (x[2 + j] >> 4) as i32 - 8;
+            sumi += v0 * (y[2 + j] as i8 as i32) + v1 * (y[18 + j] as i8 as i32);
+        }
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+pub(crate) fn vec_dot_q4_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)).take(n / QK) {
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (x[4 + j] & 15) as i32;
+            let v1 = (x[4 + j] >> 4) as i32;
+            sumi += v0 * (y[4 + j] as i8 as i32) + v1 * (y[20 + j] as i8 as i32);
+        }
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
+    }
+    sumf
+}
+
+pub(crate) fn vec_dot_q5_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)).take(n / QK) {
+        let v = q5_values(u32_at(x, 2), &x[6..22]);
+        let mut sumi = 0i32;
+        for j in 0..32 {
+            sumi += (v[j] as i32 - 16) * (y[2 + j] as i8 as i32);
+        }
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}
+
+pub(crate) fn vec_dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(24).zip(a.chunks_exact(36)).take(n / QK) {
+        let v = q5_values(u32_at(x, 4), &x[8..24]);
+        let mut sumi = 0i32;
+        for j in 0..32 {
+            sumi += v[j] as i32 * (y[4 + j] as i8 as i32);
+        }
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
+    }
+    sumf
+}
+
+pub(crate) fn vec_dot_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)).take(n / QK) {
+        let mut sumi = 0i32;
+        for j in 0..32 {
+            sumi += (x[2 + j] as i8 as i32) * (y[2 + j] as i8 as i32);
+        }
+        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
+    }
+    sumf
+}

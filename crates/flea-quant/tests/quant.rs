@@ -1,0 +1,384 @@
+//! flea-quant correctness tests: reference dequantization fixtures (from the `gguf` Python
+//! package), activation quantization, and every dot-product path against the scalar one.
+
+use flea_quant::*;
+
+/// Small deterministic PRNG (xorshift64*), so the tests need no extra crates.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        // Box-Muller.
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn ty_by_name(name: &str) -> GgmlType {
+    GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .unwrap()
+}
+
+#[test]
+fn dequantize_matches_gguf_reference() {
+    let doc: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/dequant.json")).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    let mut seen = Vec::new();
+    for c in cases {
+        let ty = ty_by_name(c["type"].as_str().unwrap());
+        let n = c["n"].as_u64().unwrap() as usize;
+        let data = hex(c["data"].as_str().unwrap());
+        let exp: Vec<f32> = hex(c["expected_f32le"].as_str().unwrap())
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(exp.len(), n);
+        let mut got = vec![0f32; n];
+        dequantize(ty, &data, &mut got).unwrap();
+        // Exact up to float rounding: numpy may order `d*sc*q - dmin*m` differently, so
+        // allow a couple of ulps of the block's largest magnitude.
+        let block = ty.block_size().max(32);
+        for (bi, (g, e)) in got.chunks(block).zip(exp.chunks(block)).enumerate() {
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in g.iter().zip(e).enumerate() {
+                let tol = scale * 2.5e-7;
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{ty} block {bi} elem {i}: got {a}, reference {b}"
+                );
+            }
+        }
+        seen.push(ty);
+    }
+    for ty in SUPPORTED {
+        assert!(seen.contains(&ty), "no fixture for {ty}");
+    }
+}
+
+/// f16 bytes of a random "sane" scale: magnitude in [2^-12, 2), random sign.
+fn sane_half(r: &mut Rng, positive: bool) -> [u8; 2] {
+    let mag = 2f32.powf(r.uniform() * 13.0 - 12.0);
+    let v = if positive || r.next_u64() & 1 == 0 {
+        mag
+    } else {
+        -mag
+    };
+    f32_to_f16(v).to_le_bytes()
+}
+
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 => &[0],
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
+        Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// A random weight row of `n` elements: random quant bytes, sane scales.
+fn random_row(r: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let x: Vec<f32> = (0..n).map(|_| r.normal()).collect();
+            let mut out = Vec::new();
+            quantize_activations(ty, &x, &mut out).unwrap();
+            out
+        }
+        _ => {
+            let mut b: Vec<u8> = (0..row_bytes(ty, n)).map(|_| r.next_u64() as u8).collect();
+            for blk in b.chunks_exact_mut(ty.type_size()) {
+                for &off in f16_fields(ty) {
+                    blk[off..off + 2].copy_from_slice(&sane_half(r, false));
+                }
+            }
+            b
+        }
+    }
+}
+
+fn random_acts(r: &mut Rng, n: usize) -> Vec<f32> {
+    // Mostly normal with a few outliers, like real activations.
+    (0..n)
+        .map(|i| r.normal() * if i % 97 == 3 { 20.0 } else { 1.0 })
+        .collect()
+}
+
+fn deq(ty: GgmlType, b: &[u8], n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    dequantize(ty, b, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn q8_round_trips() {
+    let mut r = Rng(1);
+    for fmt in [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K] {
+        for _ in 0..20 {
+            let n = 512;
+            let x = random_acts(&mut r, n);
+            let mut q = Vec::new();
+            quantize_activations(fmt, &x, &mut q).unwrap();
+            assert_eq!(q.len(), act_row_bytes(fmt, n));
+            let y = deq(fmt, &q, n);
+            for (xb, yb) in x.chunks(fmt.block_size()).zip(y.chunks(fmt.block_size())) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Half a step, plus the f16 rounding of d for Q8_0/Q8_1 (up to 2^-11 of amax).
+                let tol = amax / 127.0 * 0.5 + amax * 1e-3;
+                for (a, b) in xb.iter().zip(yb) {
+                    assert!((a - b).abs() <= tol, "{fmt}: {a} vs {b} (tol {tol})");
+                }
+            }
+        }
+    }
+    // Float formats.
+    let x = random_acts(&mut r, 64);
+    for fmt in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        let mut q = Vec::new();
+        quantize_activations(fmt, &x, &mut q).unwrap();
+        let y = deq(fmt, &q, 64);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() <= a.abs() * 4e-3, "{fmt}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn q8_1_sum_term() {
+    let mut r = Rng(2);
+    let x = random_acts(&mut r, 64);
+    let mut q = Vec::new();
+    quantize_activations(GgmlType::Q8_1, &x, &mut q).unwrap();
+    for blk in q.chunks_exact(36) {
+        let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+        let s = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
+        let sum: i32 = blk[4..].iter().map(|&v| v as i8 as i32).sum();
+        // ggml computes s from the f32 d; allow for d's own f16 rounding.
+        assert!((s - sum as f32 * d).abs() <= (sum as f32 * d).abs() * 2e-3 + 1e-6);
+    }
+}
+
+#[test]
+fn q8_k_sign_convention() {
+    // Largest magnitude is positive: ggml stores d < 0 and negated quants.
+    let mut x = vec![0.5f32; 256];
+    x[7] = 2.0;
+    x[9] = -1.0;
+    let mut q = Vec::new();
+    quantize_activations(GgmlType::Q8_K, &x, &mut q).unwrap();
+    let d = f32::from_le_bytes(q[0..4].try_into().unwrap());
+    assert!(d < 0.0, "d = {d}");
+    assert!((d + 2.0 / 127.0).abs() < 1e-7);
+    assert_eq!(q[4 + 7] as i8, -127);
+    assert_eq!(q[4 + 9] as i8, 64); // nearest_int(63.5) = 64 (ties to even)
+    assert_eq!(q[4] as i8, -32); // nearest_int(-31.75)
+                                 // bsums are sums of each 16 quants.
+    let qs: Vec<i32> = q[4..260].iter().map(|&v| v as i8 as i32).collect();
+    for j in 0..16 {
+        let b = i16::from_le_bytes([q[260 + 2 * j], q[261 + 2 * j]]) as i32;
+        assert_eq!(b, qs[j * 16..j * 16 + 16].iter().sum::<i32>());
+    }
+    // Largest magnitude negative: d > 0.
+    x[7] = -2.0;
+    quantize_activations(GgmlType::Q8_K, &x, &mut q).unwrap();
+    let d = f32::from_le_bytes(q[0..4].try_into().unwrap());
+    assert!(d > 0.0);
+    assert_eq!(q[4 + 7] as i8, -127);
+    // All zero: d = 0, quants 0.
+    quantize_activations(GgmlType::Q8_K, &[0.0; 256], &mut q).unwrap();
+    assert!(q.iter().all(|&b| b == 0));
+    assert_eq!(q.len(), 292);
+}
+
+#[test]
+fn q8_0_rounding_matches_reference() {
+    // amax = 127 -> d = 1, q = roundf(x): halves round away from zero.
+    let mut x = vec![0f32; 32];
+    x[0] = 127.0;
+    x[1] = 2.5;
+    x[2] = -2.5;
+    x[3] = 0.49;
+    let mut q = Vec::new();
+    quantize_activations(GgmlType::Q8_0, &x, &mut q).unwrap();
+    assert_eq!(&q[..2], &f32_to_f16(1.0).to_le_bytes());
+    assert_eq!(q[2] as i8, 127);
+    assert_eq!(q[3] as i8, 3);
+    assert_eq!(q[4] as i8, -3);
+    assert_eq!(q[5] as i8, 0);
+}
+
+/// Σ|w_i * a_i| over the dequantized values: the scale of rounding errors in a dot.
+fn abs_dot(w: &[f32], a: &[f32]) -> f64 {
+    w.iter()
+        .zip(a)
+        .map(|(x, y)| (*x as f64 * *y as f64).abs())
+        .sum()
+}
+
+#[test]
+fn scalar_vec_dot_matches_dequantized_dot() {
+    let mut r = Rng(3);
+    for ty in SUPPORTED {
+        let fmt = vec_dot_type(ty).unwrap();
+        for blocks in [1usize, 2, 3, 8] {
+            let n = blocks * ty.block_size().max(32);
+            let n = if ty.block_size() == 256 {
+                blocks * 256
+            } else {
+                n
+            };
+            for _ in 0..10 {
+                let w = random_row(&mut r, ty, n);
+                let x = random_acts(&mut r, n);
+                let mut a = Vec::new();
+                quantize_activations(fmt, &x, &mut a).unwrap();
+                let wf = deq(ty, &w, n);
+                let af = deq(fmt, &a, n);
+                let exact: f64 = wf.iter().zip(&af).map(|(p, q)| *p as f64 * *q as f64).sum();
+                let got = vec_dot_checked(Isa::Scalar, ty, n, &w, &a).unwrap() as f64;
+                // Q8_1's s is rounded to f16, so Q4_1/Q5_1 carry ~2^-11 relative error in
+                // the min term; the rest is f32 accumulation.
+                let tol = abs_dot(&wf, &af) * 1e-3 + 1e-4;
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{ty} n={n}: vec_dot {got} vs dequantized {exact} (tol {tol})"
+                );
+            }
+        }
+    }
+}
+
+fn available_isas() -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| isa_available(i))
+        .collect()
+}
+
+#[test]
+fn simd_paths_equal_scalar() {
+    let mut r = Rng(4);
+    let isas = available_isas();
+    eprintln!("testing ISAs {isas:?} (best {:?})", best_isa());
+    for ty in SUPPORTED {
+        let fmt = vec_dot_type(ty).unwrap();
+        let bs = if ty.block_size() == 256 { 256 } else { 32 };
+        for blocks in [1usize, 2, 3, 4, 5, 7, 8, 16, 33] {
+            let n = blocks * bs;
+            for _ in 0..20 {
+                let w = random_row(&mut r, ty, n);
+                let x = random_acts(&mut r, n);
+                let mut a = Vec::new();
+                quantize_activations(fmt, &x, &mut a).unwrap();
+                let s = vec_dot_checked(Isa::Scalar, ty, n, &w, &a).unwrap();
+                let tol = abs_dot(&deq(ty, &w, n), &deq(fmt, &a, n)) * 1e-5 + 1e-6;
+                for &isa in &isas {
+                    let v = vec_dot_checked(isa, ty, n, &w, &a).unwrap();
+                    assert!(
+                        ((v - s) as f64).abs() <= tol,
+                        "{ty} {isa:?} n={n}: {v} vs scalar {s} (tol {tol})"
+                    );
+                }
+                // The unchecked entry agrees with its checked twin.
+                let best = vec_dot_checked(best_isa(), ty, n, &w, &a).unwrap();
+                assert_eq!(vec_dot(ty, n, &w, &a).to_bits(), best.to_bits());
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_and_matmul_equal_vec_dot() {
+    let mut r = Rng(5);
+    for ty in SUPPORTED {
+        let fmt = vec_dot_type(ty).unwrap();
+        let n = 512;
+        let rows = 37;
+        let tokens = 5;
+        let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+        let mut acts = Vec::new();
+        for _ in 0..tokens {
+            let mut a = Vec::new();
+            quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+            acts.extend_from_slice(&a);
+        }
+        let wb = row_bytes(ty, n);
+        let ab = act_row_bytes(fmt, n);
+        let mut mm = vec![0f32; rows * tokens];
+        matmul(ty, n, &w, &acts, tokens, &mut mm);
+        for t in 0..tokens {
+            let a = &acts[t * ab..(t + 1) * ab];
+            let mut mv = vec![0f32; rows];
+            matvec(ty, n, &w, a, &mut mv);
+            for row in 0..rows {
+                let d = vec_dot(ty, n, &w[row * wb..(row + 1) * wb], a);
+                assert_eq!(mv[row].to_bits(), d.to_bits(), "{ty} matvec row {row}");
+                assert_eq!(mm[t * rows + row].to_bits(), d.to_bits(), "{ty} matmul");
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_types_are_errors() {
+    for ty in [
+        GgmlType::IQ2_XXS,
+        GgmlType::IQ4_NL,
+        GgmlType::MXFP4,
+        GgmlType::I8,
+    ] {
+        let e = vec_dot_type(ty).unwrap_err();
+        assert!(e.to_string().contains(ty.name()), "{e}");
+        let e = dequantize(ty, &[0u8; 66], &mut [0f32; 256]).unwrap_err();
+        assert!(e.to_string().contains(ty.name()), "{e}");
+        assert!(vec_dot_checked(Isa::Scalar, ty, 256, &[], &[]).is_err());
+        assert!(!is_supported(ty));
+    }
+    let mut out = Vec::new();
+    assert!(quantize_activations(GgmlType::Q4_0, &[0.0; 32], &mut out).is_err());
+}
+
+#[test]
+fn size_errors_not_panics() {
+    let mut dst = [0f32; 32];
+    assert!(matches!(
+        dequantize(GgmlType::Q4_0, &[0u8; 17], &mut dst),
+        Err(QuantError::Size {
+            expected: 18,
+            got: 17,
+            ..
+        })
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q4_K, &[0u8; 144], &mut dst),
+        Err(QuantError::PartialBlock { block: 256, .. })
+    ));
+    let mut out = Vec::new();
+    assert!(matches!(
+        quantize_activations(GgmlType::Q8_K, &[0.0; 100], &mut out),
+        Err(QuantError::PartialBlock { .. })
+    ));
+    assert!(vec_dot_checked(Isa::Scalar, GgmlType::Q8_0, 32, &[0u8; 34], &[0u8; 33]).is_err());
+    assert!(vec_dot_checked(Isa::Scalar, GgmlType::Q8_0, 32, &[0u8; 35], &[0u8; 34]).is_err());
+}
