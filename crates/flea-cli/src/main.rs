@@ -1,1 +1,522 @@
-fn main() {}
+//! `flea`: run, inspect and score GGUF language models.
+
+mod template;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flea_model::{Backend, CpuBackend, Logits, Model, Sampler, SamplerConfig, Session};
+use flea_tokenizer::Utf8Stream;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "flea",
+    version,
+    about = "Run large language models by transient residency"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt.
+    Run(RunArgs),
+    /// Chat interactively using the model's chat template.
+    Chat(ChatArgs),
+    /// Show a model's metadata, tensors and bytes per layer.
+    Info {
+        /// The GGUF file.
+        model: PathBuf,
+        /// Print every tensor (default: layer 0 and the global tensors).
+        #[arg(long)]
+        all_tensors: bool,
+    },
+    /// Print the token ids of a text as JSON.
+    Tokenize {
+        #[arg(short, long)]
+        model: PathBuf,
+        text: String,
+        /// Do not add BOS/EOS even if the model asks for them.
+        #[arg(long)]
+        no_special: bool,
+        /// Treat special-token text (e.g. <|im_start|>) as plain text.
+        #[arg(long)]
+        no_parse_special: bool,
+    },
+    /// Write float32 logits as .npy of shape [positions, vocab].
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// The GGUF model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// CPU threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context size in tokens (default: min(4096, the model's)).
+    #[arg(short = 'c', long)]
+    ctx: Option<usize>,
+    /// Most prompt tokens per weight pass.
+    #[arg(short = 'b', long, default_value_t = 512)]
+    batch: usize,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0x5EED)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// The prompt (special-token text like <|im_start|> is parsed).
+    #[arg(short, long)]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_predict: usize,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Write timing statistics as JSON.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long, default_value_t = 512)]
+    n_predict: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Text to score (tokenized with special tokens parsed and BOS per the model).
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    tokens: Option<String>,
+    /// Output .npy file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Logits of every position (default: the last).
+    #[arg(long)]
+    all_positions: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Info { model, all_tensors } => cmd_info(&model, all_tensors),
+        Cmd::Tokenize {
+            model,
+            text,
+            no_special,
+            no_parse_special,
+        } => cmd_tokenize(&model, &text, !no_special, !no_parse_special),
+        Cmd::Logits(a) => cmd_logits(a),
+    };
+    if let Err(e) = r {
+        // One line: the chain of causes.
+        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", msg.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn load(path: &Path) -> Result<Model> {
+    Model::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+struct Engine {
+    model: Model,
+    backend: CpuBackend,
+    n_ctx: usize,
+    batch: usize,
+}
+
+impl Engine {
+    fn new(a: &EngineArgs) -> Result<Engine> {
+        let model = load(&a.model)?;
+        let backend = CpuBackend::new(a.threads.unwrap_or_else(default_threads))?;
+        let n_ctx = a.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
+        Ok(Engine {
+            model,
+            backend,
+            n_ctx,
+            batch: a.batch.max(1),
+        })
+    }
+    fn session(&self) -> Result<Session<'_, CpuBackend>> {
+        Ok(Session::new(
+            &self.model,
+            &self.backend,
+            self.n_ctx,
+            self.batch,
+        )?)
+    }
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let eng = Engine::new(&a.engine)?;
+    let tok = &eng.model.tokenizer;
+    let prompt = tok.encode(&a.prompt, true, true);
+    if prompt.is_empty() {
+        bail!("the prompt tokenized to nothing");
+    }
+    if prompt.len() + a.n_predict > eng.n_ctx {
+        bail!(
+            "prompt ({} tokens) + {} to generate exceed the context size {} (use --ctx)",
+            prompt.len(),
+            a.n_predict,
+            eng.n_ctx
+        );
+    }
+    let mut sess = eng.session()?;
+    let mut sampler = Sampler::new(a.sampling.config());
+    prompt.iter().for_each(|&t| sampler.accept(t));
+
+    let t0 = Instant::now();
+    let mut logits = sess.eval(&prompt, Logits::Last)?;
+    let prompt_s = t0.elapsed().as_secs_f64();
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut text = Utf8Stream::default();
+    let t1 = Instant::now();
+    let mut decoded = 0usize;
+    let mut generated = 0usize;
+    for i in 0..a.n_predict {
+        let next = sampler.sample(&mut logits);
+        sampler.accept(next);
+        generated += 1;
+        if tok.is_eog(next) && !a.ignore_eos {
+            break;
+        }
+        write!(out, "{}", text.push(&tok.token_bytes(next)))?;
+        out.flush()?;
+        if i + 1 == a.n_predict {
+            break;
+        }
+        logits = sess.eval(&[next], Logits::Last)?;
+        decoded += 1;
+    }
+    writeln!(out, "{}", text.finish())?;
+    let decode_s = t1.elapsed().as_secs_f64();
+    let rss = peak_rss_bytes().unwrap_or(0);
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    eprintln!(
+        "prompt: {} tokens in {:.3} s ({:.1} tok/s) | decode: {} tokens in {:.3} s ({:.1} tok/s) | peak RSS {} MiB | {}",
+        prompt.len(),
+        prompt_s,
+        rate(prompt.len(), prompt_s),
+        decoded,
+        decode_s,
+        rate(decoded, decode_s),
+        rss >> 20,
+        eng.backend.name()
+    );
+    if let Some(p) = a.stats_json {
+        let j = serde_json::json!({
+            "model": a.engine.model.display().to_string(),
+            "backend": eng.backend.name(),
+            "threads": eng.backend.threads(),
+            "prompt_tokens": prompt.len(),
+            "prompt_seconds": prompt_s,
+            "prompt_tokens_per_sec": rate(prompt.len(), prompt_s),
+            "generated_tokens": generated,
+            "decode_tokens": decoded,
+            "decode_seconds": decode_s,
+            "decode_tokens_per_sec": rate(decoded, decode_s),
+            "peak_rss_bytes": rss,
+        });
+        std::fs::write(&p, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let eng = Engine::new(&a.engine)?;
+    let tmpl = template::ChatTemplate::from_model(&eng.model)?;
+    let tok = &eng.model.tokenizer;
+    let mut sess = eng.session()?;
+    let mut sampler = Sampler::new(a.sampling.config());
+    let mut messages = Vec::new();
+    if let Some(s) = a.system {
+        messages.push(template::Message {
+            role: "system".into(),
+            content: s,
+        });
+    }
+    // Tokens currently in the KV cache, to reuse the shared prefix between turns.
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!(
+        "flea chat: {} ({}); empty line or Ctrl-D quits",
+        a.engine.model.display(),
+        eng.backend.name()
+    );
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(template::Message {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let rendered = tmpl.render(&messages, true)?;
+        let ids = tok.encode(&rendered, true, true);
+        let common = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len().saturating_sub(1));
+        if ids.len() + a.n_predict > sess.n_ctx {
+            bail!("conversation ({} tokens) no longer fits the context ({}); restart with a larger --ctx", ids.len(), sess.n_ctx);
+        }
+        sess.pos = common;
+        cached.truncate(common);
+        let mut logits = sess.eval(&ids[common..], Logits::Last)?;
+        cached.extend_from_slice(&ids[common..]);
+        let mut reply = Vec::new();
+        let mut text = Utf8Stream::default();
+        for _ in 0..a.n_predict {
+            let next = sampler.sample(&mut logits);
+            sampler.accept(next);
+            if tok.is_eog(next) {
+                break;
+            }
+            reply.push(next);
+            write!(out, "{}", text.push(&tok.token_bytes(next)))?;
+            out.flush()?;
+            logits = sess.eval(&[next], Logits::Last)?;
+            cached.push(next);
+        }
+        writeln!(out, "{}", text.finish())?;
+        messages.push(template::Message {
+            role: "assistant".into(),
+            content: tok.decode(&reply),
+        });
+    }
+    Ok(())
+}
+
+fn cmd_info(path: &Path, all_tensors: bool) -> Result<()> {
+    let f =
+        flea_gguf::GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let h = &f.header;
+    println!(
+        "file: {} ({} bytes, GGUF v{}, alignment {})",
+        path.display(),
+        h.file_size,
+        h.version,
+        h.alignment
+    );
+    println!("metadata ({} keys):", h.metadata.len());
+    for (k, v) in &h.metadata {
+        println!("  {k} = {}", show_meta(v));
+    }
+    println!("tensors ({}):", h.tensors.len());
+    println!(
+        "  {:<36} {:<8} {:<22} {:>14} {:>12}",
+        "name", "type", "dims", "offset", "bytes"
+    );
+    for t in &h.tensors {
+        if !all_tensors && t.name.starts_with("blk.") && !t.name.starts_with("blk.0.") {
+            continue;
+        }
+        println!(
+            "  {:<36} {:<8} {:<22} {:>14} {:>12}",
+            t.name,
+            t.ty.name(),
+            format!("{:?}", t.dims),
+            t.offset,
+            t.size
+        );
+    }
+    if !all_tensors && h.n_layers() > 1 {
+        println!(
+            "  (layers 1..{} omitted; --all-tensors shows them)",
+            h.n_layers() - 1
+        );
+    }
+    println!("bytes per layer:");
+    let mut total = 0u64;
+    for il in 0..h.n_layers() {
+        if let Some(v) = h.layer_view(il) {
+            total += v.bytes;
+            println!(
+                "  blk.{il:<4} {:>3} tensors {:>12} bytes  extent [{}, {})",
+                v.tensors.len(),
+                v.bytes,
+                v.start,
+                v.end
+            );
+        }
+    }
+    let all: u64 = h.tensors.iter().map(|t| t.size).sum();
+    println!(
+        "layers total {total} bytes; other tensors {} bytes; all tensors {all} bytes",
+        all - total
+    );
+    match Model::load(path) {
+        Ok(m) => println!("model: {:?}", m.cfg),
+        Err(e) => println!("model: cannot run: {e}"),
+    }
+    Ok(())
+}
+
+fn show_meta(v: &flea_gguf::MetaValue) -> String {
+    use flea_gguf::MetaValue as M;
+    match v {
+        M::String(s) => {
+            let s: String = s.chars().take(80).collect();
+            format!("{s:?}")
+        }
+        M::Array(a) => {
+            let head: Vec<String> = a.iter().take(6).map(show_meta).collect();
+            format!(
+                "[{}{}] ({} items)",
+                head.join(", "),
+                if a.len() > 6 { ", …" } else { "" },
+                a.len()
+            )
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn cmd_tokenize(path: &Path, text: &str, add_special: bool, parse_special: bool) -> Result<()> {
+    let f =
+        flea_gguf::GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let tok = flea_tokenizer::Tokenizer::from_gguf(&f.header)?;
+    let ids = tok.encode(text, add_special, parse_special);
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let eng = Engine::new(&a.engine)?;
+    let ids: Vec<u32> = match (&a.prompt, &a.tokens) {
+        (Some(p), None) => eng.model.tokenizer.encode(p, true, true),
+        (None, Some(t)) => t
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<u32>()
+                    .map_err(|e| anyhow!("bad token id '{s}': {e}"))
+            })
+            .collect::<Result<_>>()?,
+        _ => bail!("give exactly one of --prompt or --tokens"),
+    };
+    if ids.is_empty() {
+        bail!("no tokens to score");
+    }
+    let mut sess = eng.session()?;
+    let which = if a.all_positions {
+        Logits::All
+    } else {
+        Logits::Last
+    };
+    let logits = sess.eval(&ids, which)?;
+    let vocab = eng.model.cfg.n_vocab;
+    write_npy(&a.out, &logits, logits.len() / vocab, vocab)?;
+    eprintln!(
+        "wrote {} x {} logits to {}",
+        logits.len() / vocab,
+        vocab,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Write a float32 little-endian .npy (format 1.0) of shape [rows, cols].
+fn write_npy(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut buf = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    buf.extend_from_slice(b"\x93NUMPY\x01\x00");
+    buf.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    buf.extend_from_slice(header.as_bytes());
+    for v in data {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    // Write to a temporary name and rename, so a failure never leaves a partial file.
+    let tmp = path.with_extension("npy.partial");
+    std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! The operations a compute backend provides to the forward pass.
+//!
+//! The forward pass (`forward.rs`) is written once against this trait. A backend owns its
+//! activation buffers and KV cache; weights arrive as [`Weight`] views whose bytes the
+//! backend can read directly (the CPU reads them in place, a GPU backend from its own
+//! memory).
+
+use crate::config::{FfnActivation, RopeStyle};
+use crate::weights::Weight;
+use crate::Result;
+
+/// Geometry of the attention cache.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub n_ctx: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes the F16 cache takes (K and V).
+    pub fn bytes(&self) -> usize {
+        2 * self.n_layers * self.n_ctx * self.n_head_kv * self.head_dim * 2
+    }
+}
+
+/// Parameters of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnParams {
+    pub layer: usize,
+    /// Position of the first token of the batch; the batch's tokens are consecutive.
+    pub pos0: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Keys at distance ≥ window from the query are masked.
+    pub window: Option<usize>,
+    pub scale: f32,
+}
+
+/// Parameters of a RoPE call.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams {
+    pub pos0: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub rope_dims: usize,
+    pub base: f32,
+    pub style: RopeStyle,
+}
+
+/// A compute backend. Every activation buffer holds up to `capacity` rows of a fixed width;
+/// an operation on `n` tokens uses the first `n` rows.
+pub trait Backend {
+    /// An activation matrix in backend memory: rows × width f32.
+    type Act;
+    /// The attention cache.
+    type Kv;
+
+    fn name(&self) -> String;
+    fn alloc_act(&self, rows: usize, width: usize) -> Result<Self::Act>;
+    fn alloc_kv(&self, shape: KvShape) -> Result<Self::Kv>;
+
+    /// out[t] = table[tokens[t]] * scale
+    fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut Self::Act) -> Result<()>;
+    /// RMS-normalise each consecutive group of `w.cols` values of the first `n` rows of `x`
+    /// and multiply by `w` (per-head norms use a head-sized `w`).
+    fn rms_norm(
+        &self,
+        n: usize,
+        x: &Self::Act,
+        w: &Weight,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// out[t] = W · x[t] for the first `n` rows (W has `w.rows` rows of `w.cols`).
+    fn matmul(&self, n: usize, w: &Weight, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// x[t] += b
+    fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()>;
+    /// Rotate the first `rope_dims` dims of every head of the first `n` rows.
+    fn rope(&self, n: usize, x: &mut Self::Act, p: &RopeParams) -> Result<()>;
+    /// Store k and v of the `n` tokens into the cache at positions pos0.., then attend:
+    /// each token sees the cached keys at positions ≤ its own (within the window).
+    fn attention(
+        &self,
+        n: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        kv: &mut Self::Kv,
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// out = act(gate) * up
+    fn glu(
+        &self,
+        n: usize,
+        gate: &Self::Act,
+        up: &Self::Act,
+        act: FfnActivation,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// x += y
+    fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// Copy rows `src_row..src_row + n` of `src` into the first `n` rows of `dst`.
+    fn copy_rows(
+        &self,
+        src: &Self::Act,
+        src_row: usize,
+        n: usize,
+        dst: &mut Self::Act,
+    ) -> Result<()>;
+    /// The first `n` rows back on the host.
+    fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;
+}

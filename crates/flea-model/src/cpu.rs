@@ -1,0 +1,420 @@
+//! The CPU backend: quantized matmuls through `flea-quant`, split over a thread pool.
+//!
+//! Numerics follow llama.cpp's CPU backend on purpose, so that results can be compared
+//! position by position: activations are rounded to the weight type's vec-dot format before
+//! each quantized matmul, the KV cache is F16, q is rounded to F16 before q·k, attention
+//! probabilities are rounded to F16 before they weight V, and GELU goes through an F16 table.
+
+use crate::backend::{AttnParams, Backend, KvShape, RopeParams};
+use crate::config::{FfnActivation, RopeStyle};
+use crate::weights::Weight;
+use crate::{ModelError, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// An activation matrix: `rows` × `width` f32, row-major.
+pub struct CpuAct {
+    pub data: Vec<f32>,
+    pub width: usize,
+}
+
+impl CpuAct {
+    fn rows(&self, n: usize) -> Result<&[f32]> {
+        self.data.get(..n * self.width).ok_or_else(|| {
+            ModelError::Backend(format!("activation buffer holds fewer than {n} rows"))
+        })
+    }
+    fn rows_mut(&mut self, n: usize) -> Result<&mut [f32]> {
+        let w = self.width;
+        self.data.get_mut(..n * w).ok_or_else(|| {
+            ModelError::Backend(format!("activation buffer holds fewer than {n} rows"))
+        })
+    }
+}
+
+/// F16 K and V per layer, [position][kv_dim].
+pub struct CpuKv {
+    pub shape: KvShape,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Result<CpuBackend> {
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("flea-cpu-{i}"))
+            .build()
+            .map_err(|e| ModelError::Backend(format!("thread pool: {e}")))?;
+        Ok(CpuBackend { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+fn check_weight(w: &Weight) -> Result<()> {
+    let want = w.rows * w.row_bytes();
+    if w.data.len() != want {
+        return Err(ModelError::Backend(format!(
+            "weight {}x{} {} has {} bytes, expected {want}",
+            w.rows,
+            w.cols,
+            w.ty,
+            w.data.len()
+        )));
+    }
+    Ok(())
+}
+
+/// llama.cpp's GELU (tanh approximation) evaluated through an F16 lookup table.
+fn gelu_f16_table() -> &'static [f16] {
+    static TABLE: OnceLock<Vec<f16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                const GELU_COEF_A: f32 = 0.044715;
+                let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+                f16::from_f32(g)
+            })
+            .collect()
+    })
+}
+
+fn gelu(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let t = gelu_f16_table();
+        t.get(f16::from_f32(x).to_bits() as usize)
+            .map_or(0.0, |g| g.to_f32())
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = CpuAct;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu ({} threads, {:?})",
+            self.threads,
+            flea_quant::best_isa()
+        )
+    }
+
+    fn alloc_act(&self, rows: usize, width: usize) -> Result<CpuAct> {
+        Ok(CpuAct {
+            data: vec![0.0; rows * width],
+            width,
+        })
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv> {
+        let per_layer = shape.n_ctx * shape.n_head_kv * shape.head_dim;
+        let mk = || {
+            (0..shape.n_layers)
+                .map(|_| vec![f16::ZERO; per_layer])
+                .collect()
+        };
+        Ok(CpuKv {
+            shape,
+            k: mk(),
+            v: mk(),
+        })
+    }
+
+    fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut CpuAct) -> Result<()> {
+        check_weight(table)?;
+        let rb = table.row_bytes();
+        let d = table.cols;
+        let o = out.rows_mut(tokens.len())?;
+        for (t, &tok) in tokens.iter().enumerate() {
+            let tok = tok as usize;
+            if tok >= table.rows {
+                return Err(ModelError::Input(format!(
+                    "token id {tok} out of range (vocab {})",
+                    table.rows
+                )));
+            }
+            let row = &table.data[tok * rb..(tok + 1) * rb];
+            let dst = &mut o[t * d..(t + 1) * d];
+            flea_quant::dequantize(table.ty, row, dst)?;
+            if scale != 1.0 {
+                dst.iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, n: usize, x: &CpuAct, w: &Weight, eps: f32, out: &mut CpuAct) -> Result<()> {
+        let wv = w.as_f32();
+        let g = wv.len();
+        let src = x.rows(n)?;
+        let dst = out.rows_mut(n)?;
+        if g == 0 || src.len() % g != 0 || dst.len() != src.len() {
+            return Err(ModelError::Backend("rms_norm: width mismatch".into()));
+        }
+        for (s, d) in src.chunks_exact(g).zip(dst.chunks_exact_mut(g)) {
+            // Sum in f64 like ggml does.
+            let ss: f64 = s.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let mean = (ss / g as f64) as f32;
+            let inv = 1.0 / (mean + eps).sqrt();
+            for ((d, &s), &wi) in d.iter_mut().zip(s).zip(&wv) {
+                *d = s * inv * wi;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, n: usize, w: &Weight, x: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        check_weight(w)?;
+        if x.width != w.cols || out.width != w.rows {
+            return Err(ModelError::Backend(format!(
+                "matmul: {}x{} weight with input width {} and output width {}",
+                w.rows, w.cols, x.width, out.width
+            )));
+        }
+        let fmt = flea_quant::vec_dot_type(w.ty)?;
+        let act_rb = flea_quant::act_row_bytes(fmt, w.cols);
+        let mut acts = Vec::with_capacity(n * act_rb);
+        let mut row_q = Vec::with_capacity(act_rb);
+        for r in x.rows(n)?.chunks_exact(w.cols) {
+            flea_quant::quantize_activations(fmt, r, &mut row_q)?;
+            acts.extend_from_slice(&row_q);
+        }
+        let rb = w.row_bytes();
+        let rows = w.rows;
+        // Enough chunks for load balance, each big enough to amortise scheduling.
+        let chunk_rows = rows.div_ceil(self.threads * 4).clamp(16, rows.max(16));
+        let o = out.rows_mut(n)?;
+        if n == 1 {
+            self.pool.install(|| {
+                o.par_chunks_mut(chunk_rows)
+                    .enumerate()
+                    .for_each(|(ci, dst)| {
+                        let r0 = ci * chunk_rows;
+                        let wr = &w.data[r0 * rb..(r0 + dst.len()) * rb];
+                        flea_quant::matvec(w.ty, w.cols, wr, &acts, dst);
+                    })
+            });
+        } else {
+            // Each task computes a block of rows for every token ([token][row] within the
+            // block), then the blocks are scattered into [token][rows].
+            let n_chunks = rows.div_ceil(chunk_rows);
+            let blocks: Vec<Vec<f32>> = self.pool.install(|| {
+                (0..n_chunks)
+                    .into_par_iter()
+                    .map(|ci| {
+                        let r0 = ci * chunk_rows;
+                        let r1 = (r0 + chunk_rows).min(rows);
+                        let mut tmp = vec![0.0f32; n * (r1 - r0)];
+                        let wr = &w.data[r0 * rb..r1 * rb];
+                        flea_quant::matmul(w.ty, w.cols, wr, &acts, n, &mut tmp);
+                        tmp
+                    })
+                    .collect()
+            });
+            for (ci, tmp) in blocks.iter().enumerate() {
+                let r0 = ci * chunk_rows;
+                let cr = tmp.len() / n;
+                for t in 0..n {
+                    o[t * rows + r0..t * rows + r0 + cr]
+                        .copy_from_slice(&tmp[t * cr..(t + 1) * cr]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, n: usize, x: &mut CpuAct, b: &Weight) -> Result<()> {
+        let bv = b.as_f32();
+        if bv.len() != x.width {
+            return Err(ModelError::Backend("add_bias: width mismatch".into()));
+        }
+        for r in x.rows_mut(n)?.chunks_exact_mut(bv.len()) {
+            r.iter_mut().zip(&bv).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn rope(&self, n: usize, x: &mut CpuAct, p: &RopeParams) -> Result<()> {
+        let hd = p.head_dim;
+        let nd = p.rope_dims;
+        if x.width != p.n_heads * hd || nd > hd || nd % 2 != 0 {
+            return Err(ModelError::Backend("rope: shape mismatch".into()));
+        }
+        // cos/sin per position, computed like ggml: theta_i = pos * base^(-2i/nd) by repeated
+        // multiplication in f32.
+        let theta_scale = p.base.powf(-2.0 / nd as f32);
+        let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
+        for (t, row) in x.rows_mut(n)?.chunks_exact_mut(p.n_heads * hd).enumerate() {
+            let mut theta = (p.pos0 + t) as f32;
+            for c in cs.iter_mut() {
+                *c = (theta.cos(), theta.sin());
+                theta *= theta_scale;
+            }
+            for head in row.chunks_exact_mut(hd) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = match p.style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + nd / 2),
+                    };
+                    let x0 = head[a];
+                    let x1 = head[b];
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        n: usize,
+        q: &CpuAct,
+        k: &CpuAct,
+        v: &CpuAct,
+        kv: &mut CpuKv,
+        p: &AttnParams,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        let hd = p.head_dim;
+        let kvd = p.n_head_kv * hd;
+        let shape = kv.shape;
+        if p.pos0 + n > shape.n_ctx {
+            return Err(ModelError::Input(format!(
+                "context full: {} tokens exceed the context size {}",
+                p.pos0 + n,
+                shape.n_ctx
+            )));
+        }
+        if k.width != kvd || v.width != kvd || q.width != p.n_head * hd || out.width != q.width {
+            return Err(ModelError::Backend("attention: shape mismatch".into()));
+        }
+        let (kc, vc) = match (kv.k.get_mut(p.layer), kv.v.get_mut(p.layer)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => {
+                return Err(ModelError::Backend(format!(
+                    "attention: no cache for layer {}",
+                    p.layer
+                )))
+            }
+        };
+        kc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(k.rows(n)?);
+        vc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(v.rows(n)?);
+        let kc: &[f16] = kc;
+        let vc: &[f16] = vc;
+        let group = p.n_head / p.n_head_kv;
+        let qd = p.n_head * hd;
+        let qs = q.rows(n)?;
+        let o = out.rows_mut(n)?;
+        self.pool.install(|| {
+            o.par_chunks_mut(hd).enumerate().for_each(|(idx, dst)| {
+                let t = idx / p.n_head;
+                let h = idx % p.n_head;
+                let kh = h / group;
+                let pos = p.pos0 + t;
+                let lo = match p.window {
+                    Some(w) => (pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                // q rounded to f16, as llama.cpp's F16 K x F32 Q matmul does.
+                let qrow: Vec<f32> = qs[t * qd + h * hd..t * qd + (h + 1) * hd]
+                    .iter()
+                    .map(|&x| f16::from_f32(x).to_f32())
+                    .collect();
+                let mut scores = Vec::with_capacity(pos + 1 - lo);
+                let mut kf = vec![0.0f32; hd];
+                for j in lo..=pos {
+                    kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].convert_to_f32_slice(&mut kf);
+                    let s: f32 = qrow.iter().zip(&kf).map(|(a, b)| a * b).sum();
+                    scores.push(s * p.scale);
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f64;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                dst.iter_mut().for_each(|x| *x = 0.0);
+                let mut vf = vec![0.0f32; hd];
+                for (j, s) in (lo..=pos).zip(&scores) {
+                    // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
+                    let pj = f16::from_f32(s * inv).to_f32();
+                    vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].convert_to_f32_slice(&mut vf);
+                    dst.iter_mut().zip(&vf).for_each(|(d, v)| *d += pj * v);
+                }
+            })
+        });
+        Ok(())
+    }
+
+    fn glu(
+        &self,
+        n: usize,
+        gate: &CpuAct,
+        up: &CpuAct,
+        act: FfnActivation,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        let g = gate.rows(n)?;
+        let u = up.rows(n)?;
+        let o = out.rows_mut(n)?;
+        if g.len() != u.len() || g.len() != o.len() {
+            return Err(ModelError::Backend("glu: shape mismatch".into()));
+        }
+        match act {
+            FfnActivation::SwiGlu => {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            FfnActivation::GeGlu => {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = gelu(g) * u;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&self, n: usize, x: &mut CpuAct, y: &CpuAct) -> Result<()> {
+        let ys = y.rows(n)?;
+        let xs = x.rows_mut(n)?;
+        if xs.len() != ys.len() {
+            return Err(ModelError::Backend("add: shape mismatch".into()));
+        }
+        xs.iter_mut().zip(ys).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &CpuAct, src_row: usize, n: usize, dst: &mut CpuAct) -> Result<()> {
+        let w = src.width;
+        if dst.width != w {
+            return Err(ModelError::Backend("copy_rows: width mismatch".into()));
+        }
+        let s = src.rows(src_row + n)?;
+        dst.rows_mut(n)?.copy_from_slice(&s[src_row * w..]);
+        Ok(())
+    }
+
+    fn read(&self, n: usize, x: &CpuAct) -> Result<Vec<f32>> {
+        Ok(x.rows(n)?.to_vec())
+    }
+}

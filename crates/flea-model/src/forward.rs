@@ -1,0 +1,211 @@
+//! The transformer forward pass, written once for every backend and every weight location.
+//!
+//! Read top to bottom: embed the tokens, run each block (attention, then feed-forward, each
+//! with a residual connection), normalise, project to logits. Where the architectures differ
+//! the code says so inline.
+
+use crate::backend::{AttnParams, Backend, RopeParams};
+use crate::config::ModelConfig;
+use crate::weights::{LayerWeights, Weight};
+use crate::Result;
+
+/// Activation buffers for batches of up to `capacity` tokens, allocated once.
+pub struct Scratch<B: Backend> {
+    pub capacity: usize,
+    /// The residual stream.
+    x: B::Act,
+    xn: B::Act,
+    q: B::Act,
+    k: B::Act,
+    v: B::Act,
+    k_normed: B::Act,
+    attn: B::Act,
+    proj: B::Act,
+    gate: B::Act,
+    up: B::Act,
+    ffn: B::Act,
+    /// Up to LOGIT_CHUNK normalised rows and their logits.
+    head_in: B::Act,
+    logits: B::Act,
+}
+
+/// Rows projected to logits per output matmul when every position's logits are wanted.
+const LOGIT_CHUNK: usize = 32;
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(b: &B, cfg: &ModelConfig, capacity: usize) -> Result<Scratch<B>> {
+        let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        Ok(Scratch {
+            capacity,
+            x: b.alloc_act(capacity, d)?,
+            xn: b.alloc_act(capacity, d)?,
+            q: b.alloc_act(capacity, qd)?,
+            k: b.alloc_act(capacity, kvd)?,
+            v: b.alloc_act(capacity, kvd)?,
+            k_normed: b.alloc_act(capacity, kvd)?,
+            attn: b.alloc_act(capacity, qd)?,
+            proj: b.alloc_act(capacity, d)?,
+            gate: b.alloc_act(capacity, ff)?,
+            up: b.alloc_act(capacity, ff)?,
+            ffn: b.alloc_act(capacity, ff)?,
+            head_in: b.alloc_act(LOGIT_CHUNK, d)?,
+            logits: b.alloc_act(LOGIT_CHUNK, cfg.n_vocab)?,
+        })
+    }
+}
+
+/// The global (non-block) weights.
+#[derive(Clone, Copy)]
+pub struct HeadWeights<'a> {
+    pub token_embd: Weight<'a>,
+    pub output_norm: Weight<'a>,
+    pub output: Weight<'a>,
+}
+
+/// Step 1: token embeddings into the residual stream.
+pub fn embed<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &HeadWeights,
+    tokens: &[u32],
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    check_batch(tokens.len(), s)?;
+    b.embed(&w.token_embd, tokens, cfg.embd_scale, &mut s.x)
+}
+
+/// Step 2, once per layer: one transformer block over the batch of `n` tokens at positions
+/// `pos0..pos0+n`, updating the residual stream in place.
+pub fn block<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    il: usize,
+    w: &LayerWeights,
+    n: usize,
+    pos0: usize,
+    kv: &mut B::Kv,
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    check_batch(n, s)?;
+    let eps = cfg.rms_eps;
+
+    // --- attention ---
+    b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
+    b.matmul(n, &w.wq, &s.xn, &mut s.q)?;
+    b.matmul(n, &w.wk, &s.xn, &mut s.k)?;
+    b.matmul(n, &w.wv, &s.xn, &mut s.v)?;
+    // Qwen2: Q/K/V biases.
+    if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
+        b.add_bias(n, &mut s.q, bq)?;
+        b.add_bias(n, &mut s.k, bk)?;
+        b.add_bias(n, &mut s.v, bv)?;
+    }
+    // Gemma 3: RMS norm of each head of q and k before RoPE.
+    if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+        b.rms_norm(n, &s.q, qn, eps, &mut s.attn)?;
+        std::mem::swap(&mut s.q, &mut s.attn);
+        b.rms_norm(n, &s.k, kn, eps, &mut s.k_normed)?;
+        std::mem::swap(&mut s.k, &mut s.k_normed);
+    }
+    let swa = cfg.is_swa_layer(il);
+    let rope = RopeParams {
+        pos0,
+        n_heads: cfg.n_head,
+        head_dim: cfg.head_dim,
+        rope_dims: cfg.rope_dims,
+        base: if swa {
+            cfg.rope_base_swa
+        } else {
+            cfg.rope_base
+        },
+        style: cfg.rope_style,
+    };
+    b.rope(n, &mut s.q, &rope)?;
+    b.rope(
+        n,
+        &mut s.k,
+        &RopeParams {
+            n_heads: cfg.n_head_kv,
+            ..rope
+        },
+    )?;
+    let attn = AttnParams {
+        layer: il,
+        pos0,
+        n_head: cfg.n_head,
+        n_head_kv: cfg.n_head_kv,
+        head_dim: cfg.head_dim,
+        window: if swa { cfg.sliding_window } else { None },
+        scale: cfg.attn_scale,
+    };
+    b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
+    b.matmul(n, &w.wo, &s.attn, &mut s.proj)?;
+    // Gemma 3: norm of the attention output before the residual add.
+    if let Some(pn) = &w.attn_post_norm {
+        b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+        b.add(n, &mut s.x, &s.xn)?;
+    } else {
+        b.add(n, &mut s.x, &s.proj)?;
+    }
+
+    // --- feed-forward ---
+    b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
+    b.matmul(n, &w.w_gate, &s.xn, &mut s.gate)?;
+    b.matmul(n, &w.w_up, &s.xn, &mut s.up)?;
+    b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
+    b.matmul(n, &w.w_down, &s.ffn, &mut s.proj)?;
+    // Gemma 3: norm of the FFN output before the residual add.
+    if let Some(pn) = &w.ffn_post_norm {
+        b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+        b.add(n, &mut s.x, &s.xn)?;
+    } else {
+        b.add(n, &mut s.x, &s.proj)?;
+    }
+    Ok(())
+}
+
+/// Which positions of a batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (scoring, fixtures).
+    All,
+}
+
+/// Step 3: final norm and output projection. Returns `[rows][n_vocab]` logits on the host.
+pub fn head<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &HeadWeights,
+    n: usize,
+    which: Logits,
+    s: &mut Scratch<B>,
+) -> Result<Vec<f32>> {
+    check_batch(n, s)?;
+    let (first, rows) = match which {
+        Logits::Last => (n - 1, 1),
+        Logits::All => (0, n),
+    };
+    let mut out = Vec::with_capacity(rows * cfg.n_vocab);
+    let mut t = first;
+    while t < first + rows {
+        let m = (first + rows - t).min(LOGIT_CHUNK);
+        b.copy_rows(&s.x, t, m, &mut s.head_in)?;
+        b.rms_norm(m, &s.head_in, &w.output_norm, cfg.rms_eps, &mut s.xn)?;
+        b.matmul(m, &w.output, &s.xn, &mut s.logits)?;
+        out.extend(b.read(m, &s.logits)?);
+        t += m;
+    }
+    Ok(out)
+}
+
+fn check_batch<B: Backend>(n: usize, s: &Scratch<B>) -> Result<()> {
+    if n == 0 || n > s.capacity {
+        return Err(crate::ModelError::Input(format!(
+            "batch of {n} tokens (capacity {})",
+            s.capacity
+        )));
+    }
+    Ok(())
+}
