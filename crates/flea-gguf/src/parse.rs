@@ -305,8 +305,13 @@ pub(crate) fn parse_header(bytes: &[u8], file_size: u64) -> Result<GgufHeader> {
     let need = kv_count as u128 * MIN_KV_BYTES + tensor_count as u128 * MIN_TENSOR_INFO_BYTES;
     if need > r.remaining() as u128 {
         return Err(GgufError::Malformed(format!(
-            "header claims {kv_count} metadata entries and {tensor_count} tensors, which need at least {need} bytes, but only {} bytes follow the header",
-            r.remaining()
+            "header claims {kv_count} metadata entries and {tensor_count} tensors, which need at least {need} bytes, but only {} bytes follow the header{}",
+            r.remaining(),
+            if (buf.len() as u64) < file_size {
+                " in the bytes given"
+            } else {
+                ""
+            }
         )));
     }
     // Both counts are now bounded by the file size (checked above).
@@ -425,6 +430,27 @@ pub(crate) fn parse_header(bytes: &[u8], file_size: u64) -> Result<GgufHeader> {
                 return Err(GgufError::Malformed(format!(
                     "duplicate tensor name '{}' (tensor {i} of {tensor_count})",
                     t.name
+                )));
+            }
+        }
+    }
+
+    // Tensor data must not overlap: no writer shares bytes between tensors, and disjoint
+    // extents keep `LayerView::bytes <= end - start` true.
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_unstable_by_key(|&i| tensors.get(i).map_or(0, |t| t.offset));
+    for pair in order.windows(2) {
+        let &[i, j] = pair else { continue };
+        if let (Some(a), Some(b)) = (tensors.get(i), tensors.get(j)) {
+            if b.offset < a.end() {
+                return Err(GgufError::Malformed(format!(
+                    "tensor '{}' data [{}, {}) overlaps tensor '{}' data [{}, {})",
+                    b.name,
+                    b.offset,
+                    b.end(),
+                    a.name,
+                    a.offset,
+                    a.end()
                 )));
             }
         }
