@@ -100,7 +100,7 @@ pub fn act_row_bytes(fmt: GgmlType, n: usize) -> usize {
 /// Checked byte size of `n` elements of `ty`.
 fn checked_bytes(ty: GgmlType, n: usize) -> Result<usize> {
     let block = ty.block_size();
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(QuantError::PartialBlock { ty, n, block });
     }
     (n / block)

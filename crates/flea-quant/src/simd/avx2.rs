@@ -1,7 +1,562 @@
-//! AVX2 + FMA + F16C kernels.
+//! AVX2 + FMA + F16C kernels for every weight type.
+//!
+//! All kernels share the [`DotFn`] contract: `w` and `a` point to a full weight row and a
+//! full activation row of `n` elements, and the CPU has AVX2, FMA and F16C (checked by
+//! `detect()` before any of these is handed out). They compute the same integer block dots
+//! as the scalar kernels; only the float accumulation order differs.
+
+use std::arch::x86_64::*;
 
 use crate::{DotFn, GgmlType};
 
-pub(crate) fn kernel(_weight: GgmlType) -> Option<DotFn> {
-    None
+pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
+    use GgmlType::*;
+    Some(match weight {
+        F32 => dot_f32,
+        F16 => dot_f16,
+        BF16 => dot_bf16,
+        Q4_0 => dot_q4_0,
+        Q4_1 => dot_q4_1,
+        Q5_0 => dot_q5_0,
+        Q5_1 => dot_q5_1,
+        Q8_0 => dot_q8_0,
+        Q2_K => dot_q2_k,
+        Q3_K => dot_q3_k,
+        Q4_K => dot_q4_k,
+        Q5_K => dot_q5_k,
+        Q6_K => dot_q6_k,
+        _ => return None,
+    })
+}
+
+// ---- helpers (inlined into the kernels, which enable the same features) ----
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// The f16 at `p` as f32.
+///
+/// # Safety
+/// `p` must be valid for 2 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn ld_f16(p: *const u8) -> f32 {
+    // SAFETY: caller guarantees 2 readable bytes.
+    let h = unsafe { (p as *const u16).read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// # Safety
+/// `p` must be valid for 4 bytes.
+#[inline(always)]
+pub(crate) unsafe fn ld_f32(p: *const u8) -> f32 {
+    // SAFETY: caller guarantees 4 readable bytes.
+    unsafe { (p as *const f32).read_unaligned() }
+}
+
+/// # Safety
+/// `p` must be valid for 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn ld256(p: *const u8) -> __m256i {
+    // SAFETY: caller guarantees 32 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// 16 bytes of packed nibbles → 32 bytes: low nibbles first, then high nibbles (the order
+/// of ggml's 32-element blocks).
+///
+/// # Safety
+/// `p` must be valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    // SAFETY: caller guarantees 16 readable bytes.
+    let t = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    _mm256_and_si256(b, _mm256_set1_epi8(0x0f))
+}
+
+/// Expand the 32 bits of `bits` into 32 bytes: 0xFF where the bit is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits_to_bytes(bits: u32) -> __m256i {
+    // Byte i takes byte i/8 of `bits`, then tests bit i%8.
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let b = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+    let m = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(b, m), m)
+}
+
+/// Unsigned bytes × signed bytes, summed in groups of 4 into 8 i32 (no overflow for
+/// |u| <= 128, |s| <= 127).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_u8i8(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// Signed × signed bytes via the sign trick: |x| · (y with x's sign).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_i8i8(x: __m256i, y: __m256i) -> __m256i {
+    dot_u8i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+// ---- float types ----
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (w, a) = (w as *const f32, a as *const f32);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (whole body): every index is < n and both rows hold n f32 (DotFn contract).
+    unsafe {
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(w.add(i + 8 * k));
+                let y = _mm256_loadu_ps(a.add(i + 8 * k));
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+            i += 32;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        while i < n {
+            s += w.add(i).read_unaligned() * a.add(i).read_unaligned();
+            i += 1;
+        }
+        s
+    }
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (whole body): every element index is < n and both rows hold n f16.
+    unsafe {
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let off = 2 * (i + 8 * k);
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(w.add(off) as *const __m128i));
+                let y = _mm256_cvtph_ps(_mm_loadu_si128(a.add(off) as *const __m128i));
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+            i += 32;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        while i < n {
+            s += ld_f16(w.add(2 * i)) * ld_f16(a.add(2 * i));
+            i += 1;
+        }
+        s
+    }
+}
+
+/// 8 bf16 at `p` → 8 f32 (bf16 is the top half of an f32).
+///
+/// # Safety
+/// `p` must be valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ld_bf16x8(p: *const u8) -> __m256 {
+    // SAFETY: caller guarantees 16 readable bytes.
+    let h = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_bf16(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (whole body): every element index is < n and both rows hold n bf16.
+    unsafe {
+        while i + 32 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let off = 2 * (i + 8 * k);
+                *acc = _mm256_fmadd_ps(ld_bf16x8(w.add(off)), ld_bf16x8(a.add(off)), *acc);
+            }
+            i += 32;
+        }
+        let mut s = hsum_ps(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        while i < n {
+            let x = crate::bf16_to_f32((w.add(2 * i) as *const u16).read_unaligned());
+            let y = crate::bf16_to_f32((a.add(2 * i) as *const u16).read_unaligned());
+            s += x * y;
+            i += 1;
+        }
+        s
+    }
+}
+
+// ---- legacy 32-element blocks ----
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(18 * b), a.add(34 * b));
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
+            let p = dot_i8i8(qx, ld256(y.add(2)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        }
+    }
+    hsum_ps(acc)
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(20 * b), a.add(36 * b));
+            summs += ld_f16(x.add(2)) * ld_f16(y.add(2));
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let p = dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        }
+    }
+    hsum_ps(acc) + summs
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(22 * b), a.add(34 * b));
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let qh = (x.add(2) as *const u32).read_unaligned();
+            // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
+            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+            let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
+            let p = dot_i8i8(qx, ld256(y.add(2)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        }
+    }
+    hsum_ps(acc)
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(24 * b), a.add(36 * b));
+            summs += ld_f16(x.add(2)) * ld_f16(y.add(2));
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let qh = (x.add(4) as *const u32).read_unaligned();
+            let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+            let qx = _mm256_or_si256(nibbles32(x.add(8)), hi);
+            let p = dot_u8i8(qx, ld256(y.add(4)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        }
+    }
+    hsum_ps(acc) + summs
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(34 * b), a.add(34 * b));
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let p = dot_i8i8(ld256(x.add(2)), ld256(y.add(2)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+        }
+    }
+    hsum_ps(acc)
+}
+
+// ---- K-quants (activations Q8_K: d f32 @0, qs i8[256] @4, bsums i16[16] @260) ----
+
+/// Two i16 scales as a vector: `lo` for the first 16 bytes' products, `hi` for the last.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair(lo: i32, hi: i32) -> __m256i {
+    _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
+}
+
+/// Σ_i bsums[i] * s[i] over 16 groups, with `s` given as 16 i16.
+///
+/// # Safety
+/// `y` must point to a Q8_K block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bsums_dot(y: *const u8, s: __m256i) -> i32 {
+    // SAFETY: a Q8_K block has 32 bytes of bsums at offset 260.
+    let b = unsafe { ld256(y.add(260)) };
+    hsum_epi32(_mm256_madd_epi16(b, s))
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q2_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0.0f32;
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(84 * b), a.add(292 * b));
+            let yd = ld_f32(y);
+            let sc = _mm_loadu_si128(x as *const __m128i);
+            // Mins: high nibbles of the 16 scale bytes, against the bsums.
+            let m16 =
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0f)));
+            mins += yd * ld_f16(x.add(82)) * bsums_dot(y, m16) as f32;
+            let mut s = [0u8; 16];
+            _mm_storeu_si128(
+                s.as_mut_ptr() as *mut __m128i,
+                _mm_and_si128(sc, _mm_set1_epi8(0x0f)),
+            );
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                let qs = ld256(x.add(16 + 32 * h));
+                for j in 0..4 {
+                    let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j)), m3);
+                    let q8 = ld256(y.add(4 + 128 * h + 32 * j as usize));
+                    let p = _mm256_maddubs_epi16(q, q8);
+                    let k = 8 * h + 2 * j as usize;
+                    let p = _mm256_madd_epi16(p, scale_pair(s[k] as i32, s[k + 1] as i32));
+                    sumi = _mm256_add_epi32(sumi, p);
+                }
+            }
+            let d = _mm256_set1_ps(yd * ld_f16(x.add(80)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_ps(acc) - mins
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q3_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m3 = _mm256_set1_epi8(3);
+    let one = _mm256_set1_epi8(1);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(110 * b), a.add(292 * b));
+            let s = crate::kquants::q3k_scales(std::slice::from_raw_parts(x.add(96), 12));
+            // Quants are stored as u = low2 + 4*hbit in 0..=7; value = u - 4, so subtract
+            // 4 * Σ scale * bsum afterwards.
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.as_ptr() as *const __m128i));
+            let offset = 4 * bsums_dot(y, s16);
+            let hm = ld256(x);
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                let qs = ld256(x.add(32 + 32 * h));
+                for j in 0..4 {
+                    let cnt = _mm_cvtsi32_si128(2 * j);
+                    let lo = _mm256_and_si256(_mm256_srl_epi16(qs, cnt), m3);
+                    let hcnt = _mm_cvtsi32_si128(4 * h as i32 + j);
+                    let hb = _mm256_and_si256(_mm256_srl_epi16(hm, hcnt), one);
+                    let q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 2));
+                    let q8 = ld256(y.add(4 + 128 * h + 32 * j as usize));
+                    let p = _mm256_maddubs_epi16(q, q8);
+                    let k = 8 * h + 2 * j as usize;
+                    let p = _mm256_madd_epi16(p, scale_pair(s[k] as i32, s[k + 1] as i32));
+                    sumi = _mm256_add_epi32(sumi, p);
+                }
+            }
+            let sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+            let d = _mm256_set1_ps(ld_f16(x.add(108)) * ld_f32(y));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_ps(acc)
+}
+
+/// Q4_K/Q5_K's 8 scales and 8 mins (each 0..=63) from the 12 packed bytes at `p`.
+///
+/// # Safety
+/// `p` must be valid for 12 bytes.
+#[inline(always)]
+pub(crate) unsafe fn k4_scales_mins(p: *const u8) -> ([u8; 8], [u8; 8]) {
+    // SAFETY: caller guarantees 12 readable bytes.
+    let q = unsafe { std::slice::from_raw_parts(p, 12) };
+    let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        (s[j], m[j]) = crate::kquants::scale_min_k4(j, q);
+    }
+    (s, m)
+}
+
+/// 8 mins, each repeated for the two 16-element bsums of its 32-element sub-block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn mins_x2(m: [u8; 8]) -> __m256i {
+    let m8 = _mm_cvtsi64_si128(i64::from_le_bytes(m));
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8))
+}
+
+/// Shared Q4_K/Q5_K kernel; `HIGH` selects Q5_K (5th bit from qh).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let bytes = if HIGH { 176 } else { 144 };
+    let qs_off = if HIGH { 48 } else { 16 };
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0.0f32;
+    let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(bytes * b), a.add(292 * b));
+            let yd = ld_f32(y);
+            let (s, m) = k4_scales_mins(x.add(4));
+            mins += yd * ld_f16(x.add(2)) * bsums_dot(y, mins_x2(m)) as f32;
+            let mut qh = if HIGH {
+                ld256(x.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let qs = ld256(x.add(qs_off + 32 * j));
+                let mut lo = _mm256_and_si256(qs, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+                if HIGH {
+                    let h0 = _mm256_and_si256(qh, one);
+                    let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    qh = _mm256_srli_epi16(qh, 2);
+                }
+                let pl = _mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j)));
+                let ph = _mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j)));
+                let pl = _mm256_madd_epi16(pl, _mm256_set1_epi16(s[2 * j] as i16));
+                let ph = _mm256_madd_epi16(ph, _mm256_set1_epi16(s[2 * j + 1] as i16));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            let d = _mm256_set1_ps(yd * ld_f16(x));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_ps(acc) - mins
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: same contract, same features.
+    unsafe { dot_q45_k::<false>(n, w, a) }
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    // SAFETY: same contract, same features.
+    unsafe { dot_q45_k::<true>(n, w, a) }
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(210 * b), a.add(292 * b));
+            let sc = x.add(192) as *const i8;
+            // Quants are stored +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+            let offset = 32 * bsums_dot(y, s16);
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                let ql0 = ld256(x.add(64 * h));
+                let ql1 = ld256(x.add(64 * h + 32));
+                let qh = ld256(x.add(128 + 32 * h));
+                let hb = |k: i32| {
+                    let v = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(k)), m3);
+                    _mm256_slli_epi16(v, 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(6)),
+                ];
+                for (k, q) in q.into_iter().enumerate() {
+                    let q8 = ld256(y.add(4 + 128 * h + 32 * k));
+                    let p = _mm256_maddubs_epi16(q, q8);
+                    let i = 8 * h + 2 * k;
+                    let scl = scale_pair(*sc.add(i) as i32, *sc.add(i + 1) as i32);
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scl));
+                }
+            }
+            let sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+            let d = _mm256_set1_ps(ld_f16(x.add(208)) * ld_f32(y));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+    }
+    hsum_ps(acc)
 }
