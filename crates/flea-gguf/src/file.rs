@@ -9,6 +9,7 @@ use crate::{GgufError, GgufHeader, Result, TensorInfo};
 /// A GGUF file opened through mmap. The header is parsed and validated at open, so tensor
 /// data can be handed out as plain slices of the mapping without further checks.
 pub struct GgufFile {
+    /// The parsed, validated header.
     pub header: GgufHeader,
     /// None for an empty file (which never parses, but mapping zero bytes is avoided).
     map: Option<Mmap>,

@@ -13,6 +13,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod file;
 mod parse;
 mod types;
@@ -31,11 +33,16 @@ pub enum GgufError {
     /// An I/O error; `path` names the file (or `<output>` for a writer's sink).
     #[error("{path}: {source}")]
     Io {
+        /// The file involved.
         path: String,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// The file does not start with "GGUF"; holds the four bytes found.
     #[error("not a GGUF file (bad magic {0:02x?})")]
     BadMagic([u8; 4]),
+    /// A GGUF version other than 2 or 3 (v1 used 32-bit counts; a byte-swapped version
+    /// means a big-endian file).
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     BadVersion(u32),
     /// A read or a tensor's data would run past the end of the file.
@@ -45,11 +52,23 @@ pub enum GgufError {
     /// misaligned offsets, duplicate names, invalid dims, ...
     #[error("malformed GGUF: {0}")]
     Malformed(String),
+    /// A tensor's ggml type id is not one [`GgmlType`] knows.
     #[error("tensor '{tensor}' has unknown ggml type id {id}")]
-    UnknownType { tensor: String, id: u32 },
+    UnknownType {
+        /// The tensor's name.
+        tensor: String,
+        /// The type id found.
+        id: u32,
+    },
     /// A metadata key is present but of the wrong type or out of range.
     #[error("metadata key '{key}': {problem}")]
-    Metadata { key: String, problem: String },
+    Metadata {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// A tensor looked up by name does not exist.
     #[error("tensor '{0}' not found")]
     MissingTensor(String),
     /// [`GgufWriter`] was given something it cannot write (bad dims, data length,
@@ -58,6 +77,7 @@ pub enum GgufError {
     Invalid(String),
 }
 
+/// This crate's result type.
 pub type Result<T> = std::result::Result<T, GgufError>;
 
 /// A metadata value of any GGUF value type.
@@ -66,18 +86,31 @@ pub type Result<T> = std::result::Result<T, GgufError>;
 /// type (nested arrays may differ in length and element type).
 #[derive(Clone, Debug, PartialEq)]
 pub enum MetaValue {
+    /// UINT8 (type 0).
     U8(u8),
+    /// INT8 (type 1).
     I8(i8),
+    /// UINT16 (type 2).
     U16(u16),
+    /// INT16 (type 3).
     I16(i16),
+    /// UINT32 (type 4).
     U32(u32),
+    /// INT32 (type 5).
     I32(i32),
+    /// FLOAT32 (type 6).
     F32(f32),
+    /// BOOL (type 7), one byte 0 or 1.
     Bool(bool),
+    /// STRING (type 8), UTF-8.
     String(String),
+    /// ARRAY (type 9); may nest.
     Array(Vec<MetaValue>),
+    /// UINT64 (type 10).
     U64(u64),
+    /// INT64 (type 11).
     I64(i64),
+    /// FLOAT64 (type 12).
     F64(f64),
 }
 
@@ -146,6 +179,7 @@ impl MetaValue {
         }
     }
 
+    /// A bool value.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             MetaValue::Bool(v) => Some(v),
@@ -153,6 +187,7 @@ impl MetaValue {
         }
     }
 
+    /// A string value.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             MetaValue::String(s) => Some(s),
@@ -160,6 +195,7 @@ impl MetaValue {
         }
     }
 
+    /// An array value's elements.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
@@ -195,9 +231,11 @@ impl<T: Into<MetaValue>> From<Vec<T>> for MetaValue {
 /// One tensor's index entry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// ggml order: dims[0] is the row length (contiguous), dims[1] the number of rows, ...
     pub dims: Vec<u64>,
+    /// Element type.
     pub ty: GgmlType,
     /// Absolute byte offset in the file (data section start + relative offset).
     pub offset: u64,
@@ -236,19 +274,24 @@ fn layer_of(name: &str) -> Option<usize> {
 /// The parsed header: metadata and tensor index. Holds no tensor data.
 #[derive(Clone, Debug)]
 pub struct GgufHeader {
+    /// GGUF version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
     pub metadata: Vec<(String, MetaValue)>,
+    /// Tensor index in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Data alignment (`general.alignment`, default 32); a power of two.
     pub alignment: u64,
     /// Absolute offset of the tensor data section.
     pub data_offset: u64,
+    /// Size of the file the header was parsed from; tensor extents lie within it.
     pub file_size: u64,
 }
 
 /// All `blk.N.*` tensors of one layer and the byte extent that covers them.
 #[derive(Clone, Debug)]
 pub struct LayerView {
+    /// The layer index N.
     pub layer: usize,
     /// Indices into `GgufHeader::tensors`, in file order.
     pub tensors: Vec<usize>,
@@ -317,14 +360,17 @@ impl GgufHeader {
         self.get_as(key, "float32 or float64", MetaValue::as_f32)
     }
 
+    /// A bool.
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
         self.get_as(key, "bool", MetaValue::as_bool)
     }
 
+    /// A string, borrowed.
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         self.get_as(key, "string", MetaValue::as_str)
     }
 
+    /// An array's elements, borrowed.
     pub fn get_array(&self, key: &str) -> Result<Option<&[MetaValue]>> {
         self.get_as(key, "array", MetaValue::as_array)
     }

@@ -3,7 +3,8 @@
 /// A tensor element type as numbered by ggml. Ids that ggml has retired are not listed;
 /// reading one is an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(non_camel_case_types)]
+// The variants are ggml's own type names; see `info` for their geometry.
+#[allow(non_camel_case_types, missing_docs)]
 pub enum GgmlType {
     F32,
     F16,
@@ -114,12 +115,15 @@ impl GgmlType {
         }
     }
 
+    /// The type with ggml id `id`, or None for unknown or retired ids.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         Self::ALL.iter().copied().find(|t| t.id() == id)
     }
+    /// The ggml type id as stored in GGUF tensor infos.
     pub const fn id(self) -> u32 {
         self.info().0
     }
+    /// ggml's name for the type ("Q4_K", "F16", ...).
     pub const fn name(self) -> &'static str {
         self.info().1
     }
