@@ -49,6 +49,22 @@ pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// The f16 at `p`, converted and broadcast to 8 f32 lanes.
+///
+/// A broadcast load has no input register, unlike `_mm_cvtsi32_si128`, which LLVM turns
+/// into a `vpinsrw` into some live register: that false dependency on the accumulator
+/// made the 32-element kernels 4x slower.
+///
+/// # Safety
+/// `p` must be valid for 2 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn ld_f16x8(p: *const u8) -> __m256 {
+    // SAFETY: caller guarantees 2 readable bytes.
+    let h = unsafe { (p as *const i16).read_unaligned() };
+    _mm256_cvtph_ps(_mm_set1_epi16(h))
+}
+
 /// The f16 at `p` as f32.
 ///
 /// # Safety
@@ -57,8 +73,8 @@ pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn ld_f16(p: *const u8) -> f32 {
     // SAFETY: caller guarantees 2 readable bytes.
-    let h = unsafe { (p as *const u16).read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    let h = unsafe { (p as *const i16).read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h)))
 }
 
 /// # Safety
@@ -235,7 +251,7 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         for b in 0..n / 32 {
             let (x, y) = (w.add(18 * b), a.add(34 * b));
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
             let p = dot_i8i8(qx, ld256(y.add(2)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
@@ -249,18 +265,19 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
+    // Σ m*s, kept in a vector (all lanes equal): scalar f16 loads pick up false dependencies.
+    let mut summs = _mm256_setzero_ps();
     // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 32 {
             let (x, y) = (w.add(20 * b), a.add(36 * b));
-            summs += ld_f16(x.add(2)) * ld_f16(y.add(2));
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            summs = _mm256_fmadd_ps(ld_f16x8(x.add(2)), ld_f16x8(y.add(2)), summs);
+            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let p = dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
     }
-    hsum_ps(acc) + summs
+    hsum_ps(acc) + _mm256_cvtss_f32(summs)
 }
 
 /// # Safety
@@ -272,7 +289,7 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         for b in 0..n / 32 {
             let (x, y) = (w.add(22 * b), a.add(34 * b));
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let qh = (x.add(2) as *const u32).read_unaligned();
             // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
             let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
@@ -289,13 +306,14 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
+    // Σ m*s, kept in a vector (all lanes equal): scalar f16 loads pick up false dependencies.
+    let mut summs = _mm256_setzero_ps();
     // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 32 {
             let (x, y) = (w.add(24 * b), a.add(36 * b));
-            summs += ld_f16(x.add(2)) * ld_f16(y.add(2));
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            summs = _mm256_fmadd_ps(ld_f16x8(x.add(2)), ld_f16x8(y.add(2)), summs);
+            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let qh = (x.add(4) as *const u32).read_unaligned();
             let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
             let qx = _mm256_or_si256(nibbles32(x.add(8)), hi);
@@ -303,7 +321,7 @@ unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
     }
-    hsum_ps(acc) + summs
+    hsum_ps(acc) + _mm256_cvtss_f32(summs)
 }
 
 /// # Safety
@@ -315,7 +333,7 @@ unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         for b in 0..n / 32 {
             let (x, y) = (w.add(34 * b), a.add(34 * b));
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let p = dot_i8i8(ld256(x.add(2)), ld256(y.add(2)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
@@ -332,16 +350,17 @@ fn scale_pair(lo: i32, hi: i32) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
 }
 
-/// Σ_i bsums[i] * s[i] over 16 groups, with `s` given as 16 i16.
+/// bsums[i] * s[i] for 16 groups, pairwise summed into 8 i32 lanes (`s` given as 16 i16).
+/// Kept as a vector: the lanes are summed with everything else at the end.
 ///
 /// # Safety
 /// `y` must point to a Q8_K block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bsums_dot(y: *const u8, s: __m256i) -> i32 {
+pub(crate) unsafe fn bsums_madd(y: *const u8, s: __m256i) -> __m256i {
     // SAFETY: a Q8_K block has 32 bytes of bsums at offset 260.
     let b = unsafe { ld256(y.add(260)) };
-    hsum_epi32(_mm256_madd_epi16(b, s))
+    _mm256_madd_epi16(b, s)
 }
 
 /// # Safety
@@ -349,18 +368,19 @@ unsafe fn bsums_dot(y: *const u8, s: __m256i) -> i32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q2_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut mins = 0.0f32;
+    let mut mins = _mm256_setzero_ps();
     let m3 = _mm256_set1_epi8(3);
     // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(84 * b), a.add(292 * b));
-            let yd = ld_f32(y);
+            let yd = _mm256_set1_ps(ld_f32(y));
             let sc = _mm_loadu_si128(x as *const __m128i);
             // Mins: high nibbles of the 16 scale bytes, against the bsums.
             let m16 =
                 _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0f)));
-            mins += yd * ld_f16(x.add(82)) * bsums_dot(y, m16) as f32;
+            let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(82)));
+            mins = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(bsums_madd(y, m16)), mins);
             let mut s = [0u8; 16];
             _mm_storeu_si128(
                 s.as_mut_ptr() as *mut __m128i,
@@ -378,11 +398,11 @@ unsafe fn dot_q2_k(n: usize, w: *const u8, a: *const u8) -> f32 {
                     sumi = _mm256_add_epi32(sumi, p);
                 }
             }
-            let d = _mm256_set1_ps(yd * ld_f16(x.add(80)));
+            let d = _mm256_mul_ps(yd, ld_f16x8(x.add(80)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }
-    hsum_ps(acc) - mins
+    hsum_ps(_mm256_sub_ps(acc, mins))
 }
 
 /// # Safety
@@ -400,7 +420,7 @@ unsafe fn dot_q3_k(n: usize, w: *const u8, a: *const u8) -> f32 {
             // Quants are stored as u = low2 + 4*hbit in 0..=7; value = u - 4, so subtract
             // 4 * Σ scale * bsum afterwards.
             let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.as_ptr() as *const __m128i));
-            let offset = 4 * bsums_dot(y, s16);
+            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 2);
             let hm = ld256(x);
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
@@ -418,8 +438,8 @@ unsafe fn dot_q3_k(n: usize, w: *const u8, a: *const u8) -> f32 {
                     sumi = _mm256_add_epi32(sumi, p);
                 }
             }
-            let sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
-            let d = _mm256_set1_ps(ld_f16(x.add(108)) * ld_f32(y));
+            let sumi = _mm256_sub_epi32(sumi, offset);
+            let d = _mm256_mul_ps(ld_f16x8(x.add(108)), _mm256_set1_ps(ld_f32(y)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }
@@ -459,16 +479,18 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
     let bytes = if HIGH { 176 } else { 144 };
     let qs_off = if HIGH { 48 } else { 16 };
     let mut acc = _mm256_setzero_ps();
-    let mut mins = 0.0f32;
+    let mut mins = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0x0f);
     let one = _mm256_set1_epi8(1);
     // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(bytes * b), a.add(292 * b));
-            let yd = ld_f32(y);
+            let yd = _mm256_set1_ps(ld_f32(y));
             let (s, m) = k4_scales_mins(x.add(4));
-            mins += yd * ld_f16(x.add(2)) * bsums_dot(y, mins_x2(m)) as f32;
+            let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(2)));
+            let mm = _mm256_cvtepi32_ps(bsums_madd(y, mins_x2(m)));
+            mins = _mm256_fmadd_ps(dmin, mm, mins);
             let mut qh = if HIGH {
                 ld256(x.add(16))
             } else {
@@ -492,11 +514,11 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
                 let ph = _mm256_madd_epi16(ph, _mm256_set1_epi16(s[2 * j + 1] as i16));
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
             }
-            let d = _mm256_set1_ps(yd * ld_f16(x));
+            let d = _mm256_mul_ps(yd, ld_f16x8(x));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }
-    hsum_ps(acc) - mins
+    hsum_ps(_mm256_sub_ps(acc, mins))
 }
 
 /// # Safety
@@ -529,7 +551,7 @@ unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
             let sc = x.add(192) as *const i8;
             // Quants are stored +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
             let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
-            let offset = 32 * bsums_dot(y, s16);
+            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
                 let ql0 = ld256(x.add(64 * h));
@@ -553,8 +575,8 @@ unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scl));
                 }
             }
-            let sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
-            let d = _mm256_set1_ps(ld_f16(x.add(208)) * ld_f32(y));
+            let sumi = _mm256_sub_epi32(sumi, offset);
+            let d = _mm256_mul_ps(ld_f16x8(x.add(208)), _mm256_set1_ps(ld_f32(y)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }

@@ -1,0 +1,77 @@
+//! Single-thread matvec throughput (weight bytes streamed per second) on a 4096x4096 matrix.
+//! Ignored by default; run with
+//! `cargo test -p flea-quant --release --test bench -- --ignored --nocapture`.
+
+use flea_quant::*;
+use std::time::Instant;
+
+#[test]
+#[ignore]
+fn matvec_throughput() {
+    let (rows, cols) = (4096usize, 4096usize);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let x: Vec<f32> = (0..cols)
+        .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let isas: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| isa_available(i))
+        .collect();
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::F16,
+    ] {
+        let wb = row_bytes(ty, cols);
+        let mut w: Vec<u8> = (0..wb * rows).map(|_| next() as u8).collect();
+        // Keep f16 scale fields finite: small positive halves at every block's d/dmin.
+        let fields: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
+            _ => &[],
+        };
+        if ty == GgmlType::F16 {
+            for c in w.chunks_exact_mut(2) {
+                c.copy_from_slice(&f32_to_f16((c[0] as f32 - 128.0) / 128.0).to_le_bytes());
+            }
+        }
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            for &o in fields {
+                blk[o..o + 2].copy_from_slice(&f32_to_f16(0.01).to_le_bytes());
+            }
+        }
+        let mut act = Vec::new();
+        quantize_activations(vec_dot_type(ty).unwrap(), &x, &mut act).unwrap();
+        let mut out = vec![0f32; rows];
+        let mut line = format!("{:>5} ({:5.1} MB):", ty.name(), w.len() as f64 / 1e6);
+        for &isa in &isas {
+            let mut best = f64::MAX;
+            for _ in 0..if isa == Isa::Scalar { 2 } else { 8 } {
+                let t = Instant::now();
+                matvec_isa(isa, ty, cols, &w, &act, &mut out);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            line += &format!(
+                "  {isa:?} {:6.2} GB/s ({:.2} ms)",
+                w.len() as f64 / best / 1e9,
+                best * 1e3
+            );
+        }
+        println!("{line}");
+    }
+}
