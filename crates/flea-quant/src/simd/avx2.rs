@@ -343,11 +343,31 @@ unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 
 // ---- K-quants (activations Q8_K: d f32 @0, qs i8[256] @4, bsums i16[16] @260) ----
 
-/// Two i16 scales as a vector: `lo` for the first 16 bytes' products, `hi` for the last.
+/// From 16 i16 scales `s16` (0..=7 in the low 128-bit lane, 8..=15 in the high one), the
+/// vector [s[k]; 8] ++ [s[k+1]; 8] for k = 8*h + 2*j: the scales of the two 16-element
+/// groups covered by one 32-byte quant vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn scale_pair(lo: i32, hi: i32) -> __m256i {
-    _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
+fn scale_pair(s16: __m256i, h: usize, j: usize) -> __m256i {
+    let lane = if h == 0 {
+        _mm256_permute2x128_si256(s16, s16, 0x00)
+    } else {
+        _mm256_permute2x128_si256(s16, s16, 0x11)
+    };
+    let (b0, b1) = (4 * j as i16, 4 * j as i16 + 2);
+    let ctrl = _mm256_set_m128i(
+        _mm_set1_epi16(b1 | ((b1 + 1) << 8)),
+        _mm_set1_epi16(b0 | ((b0 + 1) << 8)),
+    );
+    _mm256_shuffle_epi8(lane, ctrl)
+}
+
+/// i16 number `k` (0..8) of `v8` (8 i16 in both 128-bit lanes), broadcast to all 16 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bcast_i16(v8: __m256i, k: usize) -> __m256i {
+    let b = 2 * k as i16;
+    _mm256_shuffle_epi8(v8, _mm256_set1_epi16(b | ((b + 1) << 8)))
 }
 
 /// bsums[i] * s[i] for 16 groups, pairwise summed into 8 i32 lanes (`s` given as 16 i16).
@@ -364,12 +384,61 @@ pub(crate) unsafe fn bsums_madd(y: *const u8, s: __m256i) -> __m256i {
 }
 
 /// # Safety
+/// `p` must be valid for 4 bytes.
+#[inline(always)]
+unsafe fn ld_u32(p: *const u8) -> u32 {
+    // SAFETY: caller guarantees 4 readable bytes.
+    unsafe { (p as *const u32).read_unaligned() }
+}
+
+/// Q3_K's 16 six-bit scales, minus 32, as i8 (same unpacking as `kquants::q3k_scales`,
+/// done on 32-bit words).
+///
+/// # Safety
+/// `p` must be valid for 12 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3k_scales_v(p: *const u8) -> __m128i {
+    // SAFETY: caller guarantees 12 readable bytes.
+    let (a0, a1, t) = unsafe { (ld_u32(p), ld_u32(p.add(4)), ld_u32(p.add(8))) };
+    const LO: u32 = 0x0f0f_0f0f;
+    const HI: u32 = 0x0303_0303;
+    let s0 = (a0 & LO) | ((t & HI) << 4);
+    let s1 = (a1 & LO) | (((t >> 2) & HI) << 4);
+    let s2 = ((a0 >> 4) & LO) | (((t >> 4) & HI) << 4);
+    let s3 = ((a1 >> 4) & LO) | (((t >> 6) & HI) << 4);
+    let v = _mm_set_epi32(s3 as i32, s2 as i32, s1 as i32, s0 as i32);
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// Q4_K/Q5_K's packed 12 bytes → 8 scales (bytes 0..8) and 8 mins (bytes 8..16), each
+/// 0..=63 (same unpacking as `kquants::scale_min_k4`, done on 32-bit words).
+///
+/// # Safety
+/// `p` must be valid for 12 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn k4_scales_mins_v(p: *const u8) -> __m128i {
+    // SAFETY: caller guarantees 12 readable bytes.
+    let (u0, u1, u2) = unsafe { (ld_u32(p), ld_u32(p.add(4)), ld_u32(p.add(8))) };
+    const M6: u32 = 0x3f3f_3f3f;
+    const M4: u32 = 0x0f0f_0f0f;
+    const M2: u32 = 0x0303_0303;
+    let sc_lo = u0 & M6;
+    let sc_hi = (u2 & M4) | (((u0 >> 6) & M2) << 4);
+    let mn_lo = u1 & M6;
+    let mn_hi = ((u2 >> 4) & M4) | (((u1 >> 6) & M2) << 4);
+    _mm_set_epi32(mn_hi as i32, mn_lo as i32, sc_hi as i32, sc_lo as i32)
+}
+
+/// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q2_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut mins = _mm256_setzero_ps();
     let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0x0f);
     // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 256 {
@@ -377,25 +446,18 @@ unsafe fn dot_q2_k(n: usize, w: *const u8, a: *const u8) -> f32 {
             let yd = _mm256_set1_ps(ld_f32(y));
             let sc = _mm_loadu_si128(x as *const __m128i);
             // Mins: high nibbles of the 16 scale bytes, against the bsums.
-            let m16 =
-                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0f)));
+            let m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4));
             let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(82)));
             mins = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(bsums_madd(y, m16)), mins);
-            let mut s = [0u8; 16];
-            _mm_storeu_si128(
-                s.as_mut_ptr() as *mut __m128i,
-                _mm_and_si128(sc, _mm_set1_epi8(0x0f)),
-            );
+            let s16 = _mm256_cvtepu8_epi16(_mm_and_si128(sc, m4));
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
                 let qs = ld256(x.add(16 + 32 * h));
                 for j in 0..4 {
-                    let q = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j)), m3);
-                    let q8 = ld256(y.add(4 + 128 * h + 32 * j as usize));
-                    let p = _mm256_maddubs_epi16(q, q8);
-                    let k = 8 * h + 2 * j as usize;
-                    let p = _mm256_madd_epi16(p, scale_pair(s[k] as i32, s[k + 1] as i32));
-                    sumi = _mm256_add_epi32(sumi, p);
+                    let q =
+                        _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                    let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * j)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, j)));
                 }
             }
             let d = _mm256_mul_ps(yd, ld_f16x8(x.add(80)));
@@ -416,26 +478,22 @@ unsafe fn dot_q3_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(110 * b), a.add(292 * b));
-            let s = crate::kquants::q3k_scales(std::slice::from_raw_parts(x.add(96), 12));
-            // Quants are stored as u = low2 + 4*hbit in 0..=7; value = u - 4, so subtract
+            let s16 = _mm256_cvtepi8_epi16(q3k_scales_v(x.add(96)));
+            // Quants are used as u = low2 + 4*hbit in 0..=7; value = u - 4, so subtract
             // 4 * Σ scale * bsum afterwards.
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.as_ptr() as *const __m128i));
             let offset = _mm256_slli_epi32(bsums_madd(y, s16), 2);
-            let hm = ld256(x);
+            let mut hm = ld256(x);
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
                 let qs = ld256(x.add(32 + 32 * h));
                 for j in 0..4 {
-                    let cnt = _mm_cvtsi32_si128(2 * j);
-                    let lo = _mm256_and_si256(_mm256_srl_epi16(qs, cnt), m3);
-                    let hcnt = _mm_cvtsi32_si128(4 * h as i32 + j);
-                    let hb = _mm256_and_si256(_mm256_srl_epi16(hm, hcnt), one);
+                    let lo =
+                        _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), m3);
+                    let hb = _mm256_and_si256(hm, one);
+                    hm = _mm256_srli_epi16(hm, 1);
                     let q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 2));
-                    let q8 = ld256(y.add(4 + 128 * h + 32 * j as usize));
-                    let p = _mm256_maddubs_epi16(q, q8);
-                    let k = 8 * h + 2 * j as usize;
-                    let p = _mm256_madd_epi16(p, scale_pair(s[k] as i32, s[k + 1] as i32));
-                    sumi = _mm256_add_epi32(sumi, p);
+                    let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * j)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, j)));
                 }
             }
             let sumi = _mm256_sub_epi32(sumi, offset);
@@ -444,29 +502,6 @@ unsafe fn dot_q3_k(n: usize, w: *const u8, a: *const u8) -> f32 {
         }
     }
     hsum_ps(acc)
-}
-
-/// Q4_K/Q5_K's 8 scales and 8 mins (each 0..=63) from the 12 packed bytes at `p`.
-///
-/// # Safety
-/// `p` must be valid for 12 bytes.
-#[inline(always)]
-pub(crate) unsafe fn k4_scales_mins(p: *const u8) -> ([u8; 8], [u8; 8]) {
-    // SAFETY: caller guarantees 12 readable bytes.
-    let q = unsafe { std::slice::from_raw_parts(p, 12) };
-    let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..8 {
-        (s[j], m[j]) = crate::kquants::scale_min_k4(j, q);
-    }
-    (s, m)
-}
-
-/// 8 mins, each repeated for the two 16-element bsums of its 32-element sub-block.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn mins_x2(m: [u8; 8]) -> __m256i {
-    let m8 = _mm_cvtsi64_si128(i64::from_le_bytes(m));
-    _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8))
 }
 
 /// Shared Q4_K/Q5_K kernel; `HIGH` selects Q5_K (5th bit from qh).
@@ -487,10 +522,12 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
         for b in 0..n / 256 {
             let (x, y) = (w.add(bytes * b), a.add(292 * b));
             let yd = _mm256_set1_ps(ld_f32(y));
-            let (s, m) = k4_scales_mins(x.add(4));
+            let sm = k4_scales_mins_v(x.add(4));
+            // Each min covers two 16-element bsums: repeat every byte, widen to i16.
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
             let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(2)));
-            let mm = _mm256_cvtepi32_ps(bsums_madd(y, mins_x2(m)));
-            mins = _mm256_fmadd_ps(dmin, mm, mins);
+            mins = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(bsums_madd(y, m16)), mins);
+            let s8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             let mut qh = if HIGH {
                 ld256(x.add(16))
             } else {
@@ -510,8 +547,8 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
                 }
                 let pl = _mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j)));
                 let ph = _mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j)));
-                let pl = _mm256_madd_epi16(pl, _mm256_set1_epi16(s[2 * j] as i16));
-                let ph = _mm256_madd_epi16(ph, _mm256_set1_epi16(s[2 * j + 1] as i16));
+                let pl = _mm256_madd_epi16(pl, bcast_i16(s8, 2 * j));
+                let ph = _mm256_madd_epi16(ph, bcast_i16(s8, 2 * j + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
             }
             let d = _mm256_mul_ps(yd, ld_f16x8(x));
@@ -548,31 +585,35 @@ unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(210 * b), a.add(292 * b));
-            let sc = x.add(192) as *const i8;
-            // Quants are stored +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
             let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
             let mut sumi = _mm256_setzero_si256();
             for h in 0..2 {
                 let ql0 = ld256(x.add(64 * h));
                 let ql1 = ld256(x.add(64 * h + 32));
                 let qh = ld256(x.add(128 + 32 * h));
-                let hb = |k: i32| {
-                    let v = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(k)), m3);
-                    _mm256_slli_epi16(v, 4)
-                };
                 let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), hb(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), hb(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hb(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hb(6)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+                    ),
                 ];
                 for (k, q) in q.into_iter().enumerate() {
-                    let q8 = ld256(y.add(4 + 128 * h + 32 * k));
-                    let p = _mm256_maddubs_epi16(q, q8);
-                    let i = 8 * h + 2 * k;
-                    let scl = scale_pair(*sc.add(i) as i32, *sc.add(i + 1) as i32);
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scl));
+                    let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * k)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, k)));
                 }
             }
             let sumi = _mm256_sub_epi32(sumi, offset);
