@@ -80,6 +80,7 @@ impl Merges {
             .map(|&(_, r)| r)
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.first.len() + self.extra.values().map(Vec::len).sum::<usize>()
     }

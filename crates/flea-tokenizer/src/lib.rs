@@ -466,25 +466,24 @@ impl Tokenizer {
     fn bpe_encode(&self, text: &str, out: &mut Vec<u32>) {
         let cps: Vec<u32> = text.chars().map(u32::from).collect();
         let flags: Vec<Flags> = cps.iter().map(|&c| Flags::of(c)).collect();
-        let lens = pretok::split(self.pre, &cps, &flags);
-        let mut byte_pos = 0;
-        let mut char_pos = 0;
+        // Byte offset of every char boundary, to turn codepoint counts into slices.
+        let mut offsets: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+        offsets.push(text.len());
         let mut word = String::new();
         let mut pieces = Vec::new();
-        let mut chars = text.chars();
-        for len in lens {
-            // Byte range of the word: advance `len` chars.
-            let start = byte_pos;
-            for _ in 0..len {
-                if let Some(c) = chars.next() {
-                    byte_pos += c.len_utf8();
-                }
-            }
+        let mut char_pos = 0;
+        for len in pretok::split(self.pre, &cps, &flags) {
+            let (Some(&start), Some(&end)) = (offsets.get(char_pos), offsets.get(char_pos + len))
+            else {
+                break; // cannot happen: the splitter covers the text exactly
+            };
             char_pos += len;
             word.clear();
-            for &b in text[start..byte_pos].as_bytes() {
-                word.push(self.byte_to_char[usize::from(b)]);
-            }
+            word.extend(
+                text.as_bytes()[start..end]
+                    .iter()
+                    .map(|&b| self.byte_to_char[usize::from(b)]),
+            );
             if self.ignore_merges {
                 if let Some(&id) = self.token_to_id.get(word.as_str()) {
                     out.push(id);
@@ -501,7 +500,6 @@ impl Tokenizer {
                 }
             }
         }
-        debug_assert_eq!(char_pos, cps.len());
     }
 
     fn push_bytes(&self, piece: &str, out: &mut Vec<u32>) {
@@ -519,10 +517,8 @@ impl Tokenizer {
     /// The bytes this token stands for when printed (llama.cpp's `token_to_piece` with
     /// special tokens rendered).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let (Some(text), Some(&attr)) = (
-            self.tokens.get(id as usize),
-            self.attrs.get(id as usize),
-        ) else {
+        let (Some(text), Some(&attr)) = (self.tokens.get(id as usize), self.attrs.get(id as usize))
+        else {
             return Vec::new();
         };
         if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
@@ -738,8 +734,9 @@ fn pre_from_name(name: Option<&str>) -> Result<(PreTokenizer, bool)> {
         "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
         | "a.x-4.0" | "mellum" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling"
         | "exaone4" => (Gpt2, false),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" => (Smollm, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (Smollm, false)
+        }
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" | "megrez" => (Qwen2, false),
         other => return Err(TokenizerError::UnsupportedPre(other.to_string())),
     })
@@ -760,8 +757,8 @@ fn parts_from_gguf(h: &GgufHeader) -> Result<VocabParts> {
     let get_bool = |key: &str| h.get_bool(key).map_err(|e| gerr(key, e));
     let get_array = |key: &str| h.get_array(key).map_err(|e| gerr(key, e));
 
-    let model = get_str("tokenizer.ggml.model")?
-        .ok_or_else(|| meta("tokenizer.ggml.model is missing"))?;
+    let model =
+        get_str("tokenizer.ggml.model")?.ok_or_else(|| meta("tokenizer.ggml.model is missing"))?;
     let tokens = match get_array("tokenizer.ggml.tokens")? {
         None => return Err(meta("tokenizer.ggml.tokens is missing")),
         Some(arr) => arr

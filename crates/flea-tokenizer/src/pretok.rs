@@ -30,7 +30,10 @@ struct Text<'a> {
 }
 
 /// Out-of-piece flags: no class at all (llama.cpp's empty `unicode_cpt_flags{}`).
-const NONE: Flags = Flags { class: 0, ws: false };
+const NONE: Flags = Flags {
+    class: 0,
+    ws: false,
+};
 
 /// Word boundaries (in codepoints) of `cps` under `pre`; returned as piece lengths.
 pub(crate) fn split(pre: PreTokenizer, cps: &[u32], fl: &[Flags]) -> Vec<usize> {
@@ -79,11 +82,18 @@ pub(crate) fn split(pre: PreTokenizer, cps: &[u32], fl: &[Flags]) -> Vec<usize> 
 /// `[\p{P}\$\+<=>\^~\|]` of llama.cpp's default BPE regex.
 fn default_punct(t: &Text, p: usize) -> bool {
     t.fl[p].class == PUNCTUATION
-        || matches!(t.cps[p], 0x24 | 0x2B | 0x3C | 0x3D | 0x3E | 0x5E | 0x7E | 0x7C)
+        || matches!(
+            t.cps[p],
+            0x24 | 0x2B | 0x3C | 0x3D | 0x3E | 0x5E | 0x7E | 0x7C
+        )
 }
 
 /// Apply one splitter to every piece.
-fn pass(t: &Text, pieces: &[usize], f: impl Fn(&Text, usize, usize, &mut Vec<usize>)) -> Vec<usize> {
+fn pass(
+    t: &Text,
+    pieces: &[usize],
+    f: impl Fn(&Text, usize, usize, &mut Vec<usize>),
+) -> Vec<usize> {
     let mut out = Vec::with_capacity(pieces.len() * 2);
     let mut start = 0;
     for &len in pieces {
@@ -325,7 +335,11 @@ fn qwen2_match(t: &Text, i: usize, e: usize) -> usize {
         return 1;
     }
     // ' ?[^\s\p{L}\p{N}]+[\r\n]*'
-    let j = if c == 0x20 && is_other(fl(i + 1)) { i + 1 } else { i };
+    let j = if c == 0x20 && is_other(fl(i + 1)) {
+        i + 1
+    } else {
+        i
+    };
     if is_other(fl(j)) {
         let mut p = j;
         while is_other(fl(p)) {
@@ -402,7 +416,10 @@ mod tests {
 
     #[test]
     fn default_passes() {
-        assert_eq!(words(PreTokenizer::Default, "a+=12345"), ["a", "+=", "123", "45"]);
+        assert_eq!(
+            words(PreTokenizer::Default, "a+=12345"),
+            ["a", "+=", "123", "45"]
+        );
     }
 
     #[test]

@@ -76,7 +76,8 @@ impl Specials {
 
     pub(crate) fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
         let bytes = text.as_bytes();
-        // (priority, start) of every occurrence of every eligible special token.
+        // (priority, start) of every occurrence of every eligible special token, found in
+        // increasing start order.
         let mut occ: Vec<(u32, usize)> = Vec::new();
         for start in 0..bytes.len() {
             if !self.first_byte[usize::from(bytes[start])] {
@@ -104,10 +105,24 @@ impl Specials {
                 vec![Fragment::Text(0, bytes.len())]
             };
         }
-        occ.sort_unstable();
+        // Counting sort by priority; stable, so each priority keeps increasing starts.
+        // (Whitespace runs in Gemma's vocabulary make this list large: ~30 per byte.)
+        let mut first = vec![0u32; self.tokens.len() + 1];
+        for &(prio, _) in &occ {
+            first[prio as usize + 1] += 1;
+        }
+        for i in 1..first.len() {
+            first[i] += first[i - 1];
+        }
+        let mut sorted = vec![(0u32, 0usize); occ.len()];
+        for &(prio, start) in &occ {
+            let slot = &mut first[prio as usize];
+            sorted[*slot as usize] = (prio, start);
+            *slot += 1;
+        }
         let mut taken = vec![false; bytes.len()];
         let mut accepted: Vec<(usize, usize, u32)> = Vec::new();
-        for (prio, start) in occ {
+        for (prio, start) in sorted {
             let tok = &self.tokens[prio as usize];
             let span = start..start + tok.len;
             if taken[span.clone()].iter().any(|&t| t) {
@@ -147,14 +162,20 @@ mod tests {
             [Text(0, 1), Token(2), Text(5, 6)]
         );
         assert_eq!(s.partition("x<a>y", false), [Text(0, 5)]);
-        assert_eq!(s.partition("x<a>y", true), [Text(0, 1), Token(1), Text(4, 5)]);
+        assert_eq!(
+            s.partition("x<a>y", true),
+            [Text(0, 1), Token(1), Text(4, 5)]
+        );
     }
 
     #[test]
     fn user_defined_always_and_repeats() {
         let s = Specials::new(vec![(7, "  ", false), (8, "   ", false)]);
         // 7 spaces: the 3-space token takes 0..3 and 3..6, the last space stays text.
-        assert_eq!(s.partition("       ", false), [Token(8), Token(8), Text(6, 7)]);
+        assert_eq!(
+            s.partition("       ", false),
+            [Token(8), Token(8), Text(6, 7)]
+        );
         assert_eq!(s.partition("", true), []);
     }
 }

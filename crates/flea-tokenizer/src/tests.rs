@@ -18,7 +18,10 @@ fn bpe_vocab(pre: &str, extra_tokens: &[(&str, i32)], merges: &[&str]) -> Tokeni
         tokens.push(t.to_string());
         types.push(*ty);
     }
-    let eos = tokens.iter().position(|t| t == "<|endoftext|>").map(|i| i as u32);
+    let eos = tokens
+        .iter()
+        .position(|t| t == "<|endoftext|>")
+        .map(|i| i as u32);
     Tokenizer::from_parts(VocabParts {
         model: "gpt2".into(),
         pre: Some(pre.into()),
@@ -55,7 +58,11 @@ fn bpe_merges_and_roundtrip() {
 
 #[test]
 fn bpe_special_tokens() {
-    let tok = bpe_vocab("smollm", &[("<|endoftext|>", 3), ("<|im_start|>", 3)], &["h e"]);
+    let tok = bpe_vocab(
+        "smollm",
+        &[("<|endoftext|>", 3), ("<|im_start|>", 3)],
+        &["h e"],
+    );
     let eot = tok.token_id("<|endoftext|>").unwrap();
     let ids = tok.encode("he<|endoftext|>", false, true);
     assert_eq!(text_of(&tok, &ids), ["he", "<|endoftext|>"]);
@@ -148,19 +155,50 @@ fn metadata_errors_do_not_panic() {
         ..Default::default()
     };
     let err = |p: VocabParts| Tokenizer::from_parts(p).err().map(|e| e.to_string());
-    assert!(err(VocabParts { model: "t5".into(), ..base.clone() })
-        .unwrap()
-        .contains("unsupported tokenizer model"));
-    assert!(err(VocabParts { pre: Some("nope".into()), ..base.clone() })
-        .unwrap()
-        .contains("unsupported pre-tokenizer"));
-    assert!(err(VocabParts { tokens: vec![], ..base.clone() }).is_some());
-    assert!(err(VocabParts { tokens: vec!["a".into(), "a".into()], ..base.clone() }).is_some());
-    assert!(err(VocabParts { token_types: Some(vec![1]), ..base.clone() }).is_some());
-    assert!(err(VocabParts { scores: Some(vec![]), ..base.clone() }).is_some());
-    assert!(err(VocabParts { merges: vec![], ..base.clone() }).is_some());
+    assert!(err(VocabParts {
+        model: "t5".into(),
+        ..base.clone()
+    })
+    .unwrap()
+    .contains("unsupported tokenizer model"));
+    assert!(err(VocabParts {
+        pre: Some("nope".into()),
+        ..base.clone()
+    })
+    .unwrap()
+    .contains("unsupported pre-tokenizer"));
+    assert!(err(VocabParts {
+        tokens: vec![],
+        ..base.clone()
+    })
+    .is_some());
+    assert!(err(VocabParts {
+        tokens: vec!["a".into(), "a".into()],
+        ..base.clone()
+    })
+    .is_some());
+    assert!(err(VocabParts {
+        token_types: Some(vec![1]),
+        ..base.clone()
+    })
+    .is_some());
+    assert!(err(VocabParts {
+        scores: Some(vec![]),
+        ..base.clone()
+    })
+    .is_some());
+    assert!(err(VocabParts {
+        merges: vec![],
+        ..base.clone()
+    })
+    .is_some());
     // add_bos without a usable bos id (out of range ids fall back to disabled defaults).
-    assert!(err(VocabParts { add_bos: Some(true), bos: Some(99), ..base.clone() }).is_some());
+    assert!(err(VocabParts {
+        add_bos: Some(true),
+        bos: Some(99),
+        ..base.clone()
+    })
+    .is_some());
     let tok = Tokenizer::from_parts(base).unwrap();
     assert_eq!(tok.bos(), None);
     assert!(tok.token_bytes(1000).is_empty());

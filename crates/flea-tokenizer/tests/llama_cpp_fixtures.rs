@@ -43,8 +43,7 @@ fn fixture(stem: &str) -> Fixture {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/tokens")
         .join(format!("{stem}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -62,8 +61,8 @@ fn load(file: &str) -> Option<Tokenizer> {
     }
     let t0 = Instant::now();
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let tok = Tokenizer::from_gguf(&gguf.header)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tok =
+        Tokenizer::from_gguf(&gguf.header).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     eprintln!("{file}: loaded in {:?}", t0.elapsed());
     Some(tok)
 }
@@ -161,7 +160,11 @@ fn ten_kilobytes_is_fast() {
         let Some(tok) = load(file) else {
             continue;
         };
-        for (what, t) in [("mixed", &text), ("one word", &long_word), ("spaces", &spaces)] {
+        for (what, t) in [
+            ("mixed", &text),
+            ("one word", &long_word),
+            ("spaces", &spaces),
+        ] {
             for parse_special in [false, true] {
                 let t0 = Instant::now();
                 let ids = tok.encode(t, true, parse_special);
