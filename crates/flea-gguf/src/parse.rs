@@ -27,7 +27,9 @@ const MIN_KV_BYTES: u128 = 8 + 4 + 1;
 const MIN_TENSOR_INFO_BYTES: u128 = 8 + 4 + 4 + 8;
 /// Do not pre-allocate more than this many elements from a (checked) count; larger
 /// collections grow as they are actually read.
-const MAX_PREALLOC: usize = 1 << 20;
+/// (Arrays may nest, so this also bounds what a chain of unfinished nested arrays can
+/// hold before any of their elements are read: 16 levels x 64Ki x 32 bytes.)
+const MAX_PREALLOC: usize = 1 << 16;
 
 /// GGUF metadata value type ids.
 pub(crate) mod vt {
@@ -340,6 +342,15 @@ pub(crate) fn parse_header(bytes: &[u8], file_size: u64) -> Result<GgufHeader> {
                 )));
             }
         }
+    }
+
+    // Re-check the tensor count against what the metadata left.
+    let need = tensor_count as u128 * MIN_TENSOR_INFO_BYTES;
+    if need > r.remaining() as u128 {
+        return Err(GgufError::Malformed(format!(
+            "header claims {tensor_count} tensors, which need at least {need} bytes, but only {} bytes follow the metadata",
+            r.remaining()
+        )));
     }
 
     // Raw tensor infos: (name, dims, type, relative offset).

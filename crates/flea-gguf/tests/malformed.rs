@@ -115,6 +115,11 @@ fn tensor_count_too_large() {
         r.zeros(23);
         malformed(err(&r));
     }
+    // Plausible against the whole file, but not against what the metadata leaves.
+    let mut r = Raw::header(3, 3, 1);
+    r.str("k").u32(8).str(&"x".repeat(100)).zeros(40);
+    let m = malformed(err(&r));
+    assert!(m.contains("follow the metadata"), "{m}");
 }
 
 #[test]
