@@ -242,103 +242,153 @@ unsafe fn dot_bf16(n: usize, w: *const u8, a: *const u8) -> f32 {
 
 // ---- legacy 32-element blocks ----
 
+/// Drive a 32-element-block kernel over a row, two blocks per step into two accumulators
+/// (hides the FMA latency). `$blk(x, y)` returns the block's scale product (all lanes) and
+/// its 8 partial integer sums; with `min`, also the Q8_1 `m * s` term (all lanes equal).
+macro_rules! legacy_dot {
+    ($n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
+        let (n, w, a) = ($n, $w, $a);
+        let nb = n / 32;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut b = 0;
+        // SAFETY (loop): blocks b, b+1 < n/32 lie inside both rows (DotFn contract).
+        unsafe {
+            while b + 2 <= nb {
+                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                let (d1, p1) = $blk(w.add($wbytes * (b + 1)), a.add($abytes * (b + 1)));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                b += 2;
+            }
+            if b < nb {
+                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+            }
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
+    }};
+}
+
+/// Σ over blocks of the Q4_1/Q5_1 min term m_x * s_y (f16 fields at `xo`/`yo` of each block).
+///
+/// # Safety
+/// [`DotFn`] contract for rows of `n` elements with the given block sizes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn min_terms(n: usize, w: *const u8, a: *const u8, wbytes: usize) -> f32 {
+    let nb = n / 32;
+    let mut s0 = _mm256_setzero_ps();
+    let mut s1 = _mm256_setzero_ps();
+    let mut b = 0;
+    // SAFETY: blocks b, b+1 < n/32 lie inside both rows; m is at byte 2 of a Q4_1/Q5_1
+    // block and s at byte 2 of a Q8_1 block (36 bytes).
+    unsafe {
+        while b + 2 <= nb {
+            let (x0, y0) = (w.add(wbytes * b + 2), a.add(36 * b + 2));
+            let (x1, y1) = (x0.add(wbytes), y0.add(36));
+            s0 = _mm256_fmadd_ps(ld_f16x8(x0), ld_f16x8(y0), s0);
+            s1 = _mm256_fmadd_ps(ld_f16x8(x1), ld_f16x8(y1), s1);
+            b += 2;
+        }
+        if b < nb {
+            let (x0, y0) = (w.add(wbytes * b + 2), a.add(36 * b + 2));
+            s0 = _mm256_fmadd_ps(ld_f16x8(x0), ld_f16x8(y0), s0);
+        }
+    }
+    _mm256_cvtss_f32(_mm256_add_ps(s0, s1))
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(18 * b), a.add(34 * b));
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
+        unsafe {
             let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
             let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
-            let p = dot_i8i8(qx, ld256(y.add(2)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    hsum_ps(acc)
+    legacy_dot!(n, w, a, 18, 34, blk)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    // Σ m*s, kept in a vector (all lanes equal): scalar f16 loads pick up false dependencies.
-    let mut summs = _mm256_setzero_ps();
-    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(20 * b), a.add(36 * b));
-            summs = _mm256_fmadd_ps(ld_f16x8(x.add(2)), ld_f16x8(y.add(2)), summs);
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q4_1 (same features) on whole blocks.
+        unsafe {
             let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
-            let p = dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))))
         }
     }
-    hsum_ps(acc) + _mm256_cvtss_f32(summs)
+    // SAFETY: same contract.
+    let m = unsafe { min_terms(n, w, a, 20) };
+    legacy_dot!(n, w, a, 20, 36, blk) + m
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(22 * b), a.add(34 * b));
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
+        unsafe {
             let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
-            let qh = (x.add(2) as *const u32).read_unaligned();
+            let qh = ld_u32(x.add(2));
             // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
             let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
             let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
-            let p = dot_i8i8(qx, ld256(y.add(2)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    hsum_ps(acc)
+    legacy_dot!(n, w, a, 22, 34, blk)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    // Σ m*s, kept in a vector (all lanes equal): scalar f16 loads pick up false dependencies.
-    let mut summs = _mm256_setzero_ps();
-    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(24 * b), a.add(36 * b));
-            summs = _mm256_fmadd_ps(ld_f16x8(x.add(2)), ld_f16x8(y.add(2)), summs);
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q5_1 (same features) on whole blocks.
+        unsafe {
             let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
-            let qh = (x.add(4) as *const u32).read_unaligned();
+            let qh = ld_u32(x.add(4));
             let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
             let qx = _mm256_or_si256(nibbles32(x.add(8)), hi);
-            let p = dot_u8i8(qx, ld256(y.add(4)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            (d, dot_u8i8(qx, ld256(y.add(4))))
         }
     }
-    hsum_ps(acc) + _mm256_cvtss_f32(summs)
+    // SAFETY: same contract.
+    let m = unsafe { min_terms(n, w, a, 24) };
+    legacy_dot!(n, w, a, 24, 36, blk) + m
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    // SAFETY (whole body): block b < n/32 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(34 * b), a.add(34 * b));
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
+        unsafe {
             let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
-            let p = dot_i8i8(ld256(x.add(2)), ld256(y.add(2)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
         }
     }
-    hsum_ps(acc)
+    legacy_dot!(n, w, a, 34, 34, blk)
 }
 
 // ---- K-quants (activations Q8_K: d f32 @0, qs i8[256] @4, bsums i16[16] @260) ----
