@@ -10,6 +10,12 @@ Usage:
     pip install /root/.cache/flea/wheels/llama_cpp_python-*.whl
     python3 scripts/gen_token_fixtures.py [--models-dir DIR] [--out DIR] [MODEL.gguf ...]
 
+It also writes "pre-tokenizer variant" fixtures, <model>.pre-<name>.json: the same
+vocabulary with `tokenizer.ggml.pre` replaced (gpt-2, llama-bpe, default), so that
+pre-tokenizers no shipped model uses are still checked against llama.cpp. The variant GGUF
+(metadata only, no tensors) is written to a temporary directory with the `gguf` package;
+the Rust test rebuilds the same tokenizer from the base model with `pre` overridden.
+
 The corpus depends only on SEED and this file; re-running gives byte-identical fixtures
 for the same llama.cpp build.
 """
@@ -21,6 +27,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 
 SEED = 20240611
 LLAMA_CPP_COMMIT = "0c1e57098"  # the llama.cpp commit vendored by llama-cpp-python 0.3.36
@@ -28,6 +35,14 @@ DEFAULT_MODELS = [
     "SmolLM2-135M-Instruct.Q4_1.gguf",
     "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
     "gemma-3-270m.Q4_K_M.gguf",
+]
+
+# (base model, tokenizer.ggml.pre to substitute)
+PRE_VARIANTS = [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "gpt-2"),
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "default"),
+    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "llama-bpe"),
+    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "gpt-2"),
 ]
 
 SPECIAL_STRINGS = [
@@ -234,12 +249,44 @@ def sha256(path):
     return h.hexdigest()
 
 
+def write_pre_variant(src, dst, pre):
+    """Copy the metadata of `src` (no tensors) into `dst` with tokenizer.ggml.pre = pre."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    w = GGUFWriter(dst, arch)
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        t = f.types[0]
+        if key == "tokenizer.ggml.pre":
+            w.add_string(key, pre)
+        elif t == GGUFValueType.ARRAY:
+            sub = f.types[-1]
+            if sub == GGUFValueType.STRING:
+                vals = [bytes(f.parts[i]) for i in f.data]
+            else:
+                vals = [f.parts[i].tolist()[0] for i in f.data]
+            w.add_key_value(key, vals, t, sub_type=sub)
+        elif t == GGUFValueType.STRING:
+            w.add_key_value(key, bytes(f.parts[f.data[0]]).decode(), t)
+        else:
+            w.add_key_value(key, f.parts[f.data[0]].tolist()[0], t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models-dir", default=os.environ.get(
         "FLEA_MODELS", os.path.expanduser("~/.cache/flea/models")))
     ap.add_argument("--out", default=os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokens"))
+    ap.add_argument("--no-variants", action="store_true",
+                    help="skip the pre-tokenizer variant fixtures")
     ap.add_argument("models", nargs="*", default=DEFAULT_MODELS)
     args = ap.parse_args()
 
@@ -251,9 +298,22 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(f"corpus: {len(corpus)} strings, {len(cases)} cases", file=sys.stderr)
 
-    for name in args.models:
+    jobs = [(name, None) for name in args.models]
+    if not args.no_variants:
+        try:
+            import gguf  # noqa: F401
+            jobs += [v for v in PRE_VARIANTS if v[0] in args.models]
+        except ImportError:
+            print("gguf package missing: skipping pre-tokenizer variants", file=sys.stderr)
+    tmpdir = tempfile.TemporaryDirectory()
+
+    for name, pre_override in jobs:
         path = name if os.path.isabs(name) else os.path.join(args.models_dir, name)
-        llm = Llama(model_path=path, vocab_only=True, verbose=False)
+        load_path = path
+        if pre_override is not None:
+            load_path = os.path.join(tmpdir.name, f"variant-{pre_override}.gguf")
+            write_pre_variant(path, load_path, pre_override)
+        llm = Llama(model_path=load_path, vocab_only=True, verbose=False)
         vocab = llm._model.vocab
 
         def piece(tok):
@@ -287,6 +347,7 @@ def main():
             "seed": SEED,
             "tokenizer_model": meta.get("tokenizer.ggml.model"),
             "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
+            "pre_override": pre_override,
             "n_vocab": llm.n_vocab(),
             "bos": llm.token_bos(),
             "eos": llm.token_eos(),
@@ -297,6 +358,8 @@ def main():
         stem = os.path.basename(path)
         if stem.endswith(".gguf"):
             stem = stem[: -len(".gguf")]
+        if pre_override is not None:
+            stem += ".pre-" + pre_override
         dst = os.path.join(args.out, stem + ".json")
         with open(dst, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))

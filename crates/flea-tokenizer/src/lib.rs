@@ -136,7 +136,7 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_gguf(h: &GgufHeader) -> Result<Tokenizer> {
-        Tokenizer::from_parts(parts_from_gguf(h)?)
+        Tokenizer::from_parts(VocabParts::from_gguf(h)?)
     }
 
     /// Build from already-extracted metadata (what `from_gguf` does after reading keys).
@@ -744,6 +744,13 @@ fn pre_from_name(name: Option<&str>) -> Result<(PreTokenizer, bool)> {
 
 fn meta(msg: impl Into<String>) -> TokenizerError {
     TokenizerError::Metadata(msg.into())
+}
+
+impl VocabParts {
+    /// Read the `tokenizer.ggml.*` keys of a GGUF header.
+    pub fn from_gguf(h: &GgufHeader) -> Result<VocabParts> {
+        parts_from_gguf(h)
+    }
 }
 
 fn parts_from_gguf(h: &GgufHeader) -> Result<VocabParts> {

@@ -8,12 +8,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use flea_gguf::GgufFile;
-use flea_tokenizer::Tokenizer;
+use flea_tokenizer::{Tokenizer, VocabParts};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
 struct Fixture {
     model: String,
+    /// Set for variant fixtures: llama.cpp ran this vocabulary with `tokenizer.ggml.pre`
+    /// replaced by this name.
+    pre_override: Option<String>,
     cases: Vec<Case>,
 }
 
@@ -49,6 +52,10 @@ fn fixture(stem: &str) -> Fixture {
 
 /// The tokenizer of `file`, or None (skip) when the model is absent.
 fn load(file: &str) -> Option<Tokenizer> {
+    load_with_pre(file, None)
+}
+
+fn load_with_pre(file: &str, pre: Option<&str>) -> Option<Tokenizer> {
     let path = models_dir().join(file);
     if !path.exists() {
         assert!(
@@ -61,8 +68,12 @@ fn load(file: &str) -> Option<Tokenizer> {
     }
     let t0 = Instant::now();
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let tok =
-        Tokenizer::from_gguf(&gguf.header).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut parts =
+        VocabParts::from_gguf(&gguf.header).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if let Some(pre) = pre {
+        parts.pre = Some(pre.to_string());
+    }
+    let tok = Tokenizer::from_parts(parts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     eprintln!("{file}: loaded in {:?}", t0.elapsed());
     Some(tok)
 }
@@ -75,7 +86,7 @@ fn hex(s: &str) -> Vec<u8> {
 
 fn check_model(stem: &str) {
     let fx = fixture(stem);
-    let Some(tok) = load(&fx.model) else {
+    let Some(tok) = load_with_pre(&fx.model, fx.pre_override.as_deref()) else {
         return;
     };
     let mut id_failures = Vec::new();
@@ -106,8 +117,12 @@ fn check_model(stem: &str) {
         }
     }
     eprintln!(
-        "{}: {} cases checked, {} id mismatches, {} detokenization mismatches, {} round-trips",
+        "{}{}: {} cases checked, {} id mismatches, {} detokenization mismatches, {} round-trips",
         fx.model,
+        fx.pre_override
+            .as_deref()
+            .map(|p| format!(" with pre={p}"))
+            .unwrap_or_default(),
         fx.cases.len(),
         id_failures.len(),
         detok_failures.len(),
@@ -132,6 +147,28 @@ fn qwen25_coder_matches_llama_cpp() {
 #[test]
 fn gemma3_matches_llama_cpp() {
     check_model("gemma-3-270m.Q4_K_M");
+}
+
+// Pre-tokenizers that none of the three models uses, on the same vocabularies.
+
+#[test]
+fn gpt2_pre_on_smollm2_vocab_matches_llama_cpp() {
+    check_model("SmolLM2-135M-Instruct.Q4_1.pre-gpt-2");
+}
+
+#[test]
+fn default_pre_on_smollm2_vocab_matches_llama_cpp() {
+    check_model("SmolLM2-135M-Instruct.Q4_1.pre-default");
+}
+
+#[test]
+fn llama3_pre_on_qwen_vocab_matches_llama_cpp() {
+    check_model("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.pre-llama-bpe");
+}
+
+#[test]
+fn gpt2_pre_on_qwen_vocab_matches_llama_cpp() {
+    check_model("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.pre-gpt-2");
 }
 
 /// ~10 kB of mixed text must tokenize in well under 50 ms (no quadratic behaviour).
