@@ -40,15 +40,6 @@ pub(crate) fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-    _mm_cvtsi128_si32(s)
-}
-
 /// The f16 at `p`, converted and broadcast to 8 f32 lanes.
 ///
 /// A broadcast load has no input register, unlike `_mm_cvtsi32_si128`, which LLVM turns
@@ -101,7 +92,7 @@ pub(crate) unsafe fn ld256(p: *const u8) -> __m256i {
 /// `p` must be valid for 16 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles32(p: *const u8) -> __m256i {
+pub(crate) unsafe fn nibbles32(p: *const u8) -> __m256i {
     // SAFETY: caller guarantees 16 readable bytes.
     let t = unsafe { _mm_loadu_si128(p as *const __m128i) };
     let b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
@@ -244,7 +235,8 @@ unsafe fn dot_bf16(n: usize, w: *const u8, a: *const u8) -> f32 {
 
 /// Drive a 32-element-block kernel over a row, two blocks per step into two accumulators
 /// (hides the FMA latency). `$blk(x, y)` returns the block's scale product (all lanes) and
-/// its 8 partial integer sums; with `min`, also the Q8_1 `m * s` term (all lanes equal).
+/// its 8 partial integer sums. In the `min` form it also returns a vector whose lane 1
+/// holds the block's Q8_1 min term m * s (see [`dm_pair`]); those are summed separately.
 macro_rules! legacy_dot {
     ($n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
         let (n, w, a) = ($n, $w, $a);
@@ -268,41 +260,58 @@ macro_rules! legacy_dot {
         }
         hsum_ps(_mm256_add_ps(acc0, acc1))
     }};
+    (min $n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
+        let (n, w, a) = ($n, $w, $a);
+        let nb = n / 32;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut ms0 = _mm256_setzero_ps();
+        let mut ms1 = _mm256_setzero_ps();
+        let mut b = 0;
+        // SAFETY (loop): blocks b, b+1 < n/32 lie inside both rows (DotFn contract).
+        unsafe {
+            while b + 2 <= nb {
+                let (d0, p0, m0) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                let (d1, p1, m1) = $blk(w.add($wbytes * (b + 1)), a.add($abytes * (b + 1)));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                ms0 = _mm256_add_ps(ms0, m0);
+                ms1 = _mm256_add_ps(ms1, m1);
+                b += 2;
+            }
+            if b < nb {
+                let (d0, p0, m0) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                ms0 = _mm256_add_ps(ms0, m0);
+            }
+        }
+        let ms = _mm256_castps256_ps128(_mm256_add_ps(ms0, ms1));
+        hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(ms))
+    }};
 }
 
-/// Σ over blocks of the Q4_1/Q5_1 min term m_x * s_y (f16 fields at `xo`/`yo` of each block).
+/// Scales of a Q4_1/Q5_1 block `x` (starts with f16 d, m) against a Q8_1 block `y`
+/// (starts with f16 d, s): one 4-byte broadcast and conversion each gives
+/// [dx, m, dx, m, ...] * [dy, s, dy, s, ...]. Returns dx*dy in all lanes, and that product
+/// vector, whose odd lanes hold m*s (cheaper than four separate f16 loads).
 ///
 /// # Safety
-/// [`DotFn`] contract for rows of `n` elements with the given block sizes.
+/// Both pointers must be valid for 4 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn min_terms(n: usize, w: *const u8, a: *const u8, wbytes: usize) -> f32 {
-    let nb = n / 32;
-    let mut s0 = _mm256_setzero_ps();
-    let mut s1 = _mm256_setzero_ps();
-    let mut b = 0;
-    // SAFETY: blocks b, b+1 < n/32 lie inside both rows; m is at byte 2 of a Q4_1/Q5_1
-    // block and s at byte 2 of a Q8_1 block (36 bytes).
-    unsafe {
-        while b + 2 <= nb {
-            let (x0, y0) = (w.add(wbytes * b + 2), a.add(36 * b + 2));
-            let (x1, y1) = (x0.add(wbytes), y0.add(36));
-            s0 = _mm256_fmadd_ps(ld_f16x8(x0), ld_f16x8(y0), s0);
-            s1 = _mm256_fmadd_ps(ld_f16x8(x1), ld_f16x8(y1), s1);
-            b += 2;
-        }
-        if b < nb {
-            let (x0, y0) = (w.add(wbytes * b + 2), a.add(36 * b + 2));
-            s0 = _mm256_fmadd_ps(ld_f16x8(x0), ld_f16x8(y0), s0);
-        }
-    }
-    _mm256_cvtss_f32(_mm256_add_ps(s0, s1))
+pub(crate) unsafe fn dm_pair(x: *const u8, y: *const u8) -> (__m256, __m256) {
+    // SAFETY: caller guarantees 4 readable bytes at each pointer.
+    let (hx, hy) = unsafe { (ld_u32(x), ld_u32(y)) };
+    let fx = _mm256_cvtph_ps(_mm_set1_epi32(hx as i32));
+    let fy = _mm256_cvtph_ps(_mm_set1_epi32(hy as i32));
+    let prod = _mm256_mul_ps(fx, fy);
+    (_mm256_permute_ps::<0>(prod), prod)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
@@ -319,19 +328,17 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
+pub(crate) unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
         // SAFETY: called only from dot_q4_1 (same features) on whole blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
-            (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))))
+            let (d, ms) = dm_pair(x, y);
+            (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), ms)
         }
     }
-    // SAFETY: same contract.
-    let m = unsafe { min_terms(n, w, a, 20) };
-    legacy_dot!(n, w, a, 20, 36, blk) + m
+    legacy_dot!(min n, w, a, 20, 36, blk)
 }
 
 /// # Safety
@@ -360,25 +367,23 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
         // SAFETY: called only from dot_q5_1 (same features) on whole blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let (d, ms) = dm_pair(x, y);
             let qh = ld_u32(x.add(4));
             let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
             let qx = _mm256_or_si256(nibbles32(x.add(8)), hi);
-            (d, dot_u8i8(qx, ld256(y.add(4))))
+            (d, dot_u8i8(qx, ld256(y.add(4))), ms)
         }
     }
-    // SAFETY: same contract.
-    let m = unsafe { min_terms(n, w, a, 24) };
-    legacy_dot!(n, w, a, 24, 36, blk) + m
+    legacy_dot!(min n, w, a, 24, 36, blk)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+pub(crate) unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
@@ -436,7 +441,7 @@ pub(crate) unsafe fn bsums_madd(y: *const u8, s: __m256i) -> __m256i {
 /// # Safety
 /// `p` must be valid for 4 bytes.
 #[inline(always)]
-unsafe fn ld_u32(p: *const u8) -> u32 {
+pub(crate) unsafe fn ld_u32(p: *const u8) -> u32 {
     // SAFETY: caller guarantees 4 readable bytes.
     unsafe { (p as *const u32).read_unaligned() }
 }
@@ -611,7 +616,7 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+pub(crate) unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     // SAFETY: same contract, same features.
     unsafe { dot_q45_k::<false>(n, w, a) }
 }
@@ -627,7 +632,7 @@ unsafe fn dot_q5_k(n: usize, w: *const u8, a: *const u8) -> f32 {
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+pub(crate) unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);

@@ -3,6 +3,7 @@
 use crate::{float, kquants, legacy, row_bytes, vec_dot_type, DotFn, GgmlType, Isa};
 
 #[cfg(target_arch = "x86_64")]
+#[macro_use]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
