@@ -170,6 +170,22 @@ def random_mix(rng, pools, max_parts):
     return "".join(p + rng.choice(seps) for p in parts)
 
 
+def fuzz_corpus(seed, n):
+    """A larger random corpus for differential fuzzing (--fuzz N); not committed."""
+    rng = random.Random(seed)
+    pools = [PROSE, CODE, UNICODE, WHITESPACE, WHITESPACE, CONTRACTIONS, PUNCT,
+             numbers(rng), SPECIAL_STRINGS, SPECIAL_STRINGS, WORDS, invalid_looking()]
+    out = []
+    for _ in range(n):
+        s = random_mix(rng, pools, 10)
+        # Random cuts make partial special tokens, split clusters and odd whitespace runs.
+        if rng.random() < 0.3 and s:
+            a = rng.randrange(len(s))
+            s = s[a:a + rng.randint(1, 60)]
+        out.append(s)
+    return out
+
+
 def build_corpus():
     rng = random.Random(SEED)
     corpus = [""]
@@ -287,13 +303,16 @@ def main():
         os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokens"))
     ap.add_argument("--no-variants", action="store_true",
                     help="skip the pre-tokenizer variant fixtures")
+    ap.add_argument("--fuzz", type=int, default=0, metavar="N",
+                    help="instead of the fixed corpus, use N random strings (seed --seed)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("models", nargs="*", default=DEFAULT_MODELS)
     args = ap.parse_args()
 
     import llama_cpp
     from llama_cpp import Llama
 
-    corpus = build_corpus()
+    corpus = fuzz_corpus(args.seed, args.fuzz) if args.fuzz else build_corpus()
     cases = cases_for(corpus)
     os.makedirs(args.out, exist_ok=True)
     print(f"corpus: {len(corpus)} strings, {len(cases)} cases", file=sys.stderr)
@@ -338,19 +357,38 @@ def main():
                 case["detok_hex"] = detok.hex()
             out_cases.append(case)
         meta = llm.metadata
+        n_tokens = llama_cpp.llama_vocab_n_tokens(vocab)
+
+        def opt(tok):
+            return None if tok < 0 else tok
+
+        vocab_info = {
+            "n_tokens": n_tokens,
+            "bos": opt(llama_cpp.llama_vocab_bos(vocab)),
+            "eos": opt(llama_cpp.llama_vocab_eos(vocab)),
+            "eot": opt(llama_cpp.llama_vocab_eot(vocab)),
+            "pad": opt(llama_cpp.llama_vocab_pad(vocab)),
+            "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+            "add_eos": bool(llama_cpp.llama_vocab_get_add_eos(vocab)),
+            "eog_ids": [t for t in range(n_tokens) if llama_cpp.llama_vocab_is_eog(vocab, t)],
+            "control_ids": [t for t in range(n_tokens)
+                            if llama_cpp.llama_vocab_is_control(vocab, t)],
+        }
         doc = {
             "model": os.path.basename(path),
             "sha256": sha256(path),
             "llama_cpp_python": llama_cpp.__version__,
             "llama_cpp_commit": LLAMA_CPP_COMMIT,
             "generator": "scripts/gen_token_fixtures.py",
-            "seed": SEED,
+            "seed": args.seed if args.fuzz else SEED,
+            "fuzz": args.fuzz,
             "tokenizer_model": meta.get("tokenizer.ggml.model"),
             "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
             "pre_override": pre_override,
             "n_vocab": llm.n_vocab(),
             "bos": llm.token_bos(),
             "eos": llm.token_eos(),
+            "vocab": vocab_info,
             "api": "Llama(vocab_only=True).tokenize(text.encode(), add_bos=add_special, "
                    "special=parse_special); detok = llama_token_to_piece(special=True)",
             "cases": out_cases,

@@ -2,7 +2,8 @@
 //! (tests/fixtures/tokens/*.json, made by scripts/gen_token_fixtures.py).
 //!
 //! The GGUF files live in `${FLEA_MODELS:-$HOME/.cache/flea/models}`. A missing model is a
-//! skip (with a note) unless `FLEA_REQUIRE_MODELS=1`.
+//! skip (with a note) unless `FLEA_REQUIRE_MODELS=1`. `FLEA_TOKEN_FIXTURES=<dir>` checks
+//! fixtures from another directory instead.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,7 +18,22 @@ struct Fixture {
     /// Set for variant fixtures: llama.cpp ran this vocabulary with `tokenizer.ggml.pre`
     /// replaced by this name.
     pre_override: Option<String>,
+    /// llama.cpp's view of the vocabulary (absent in ad-hoc fixture sets).
+    vocab: Option<VocabInfo>,
     cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct VocabInfo {
+    n_tokens: usize,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    pad: Option<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    eog_ids: Vec<u32>,
+    control_ids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -43,9 +59,13 @@ fn require_models() -> bool {
 }
 
 fn fixture(stem: &str) -> Fixture {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/tokens")
-        .join(format!("{stem}.json"));
+    // FLEA_TOKEN_FIXTURES points at another directory of fixtures in the same format
+    // (e.g. a larger differential-fuzzing corpus made with gen_token_fixtures.py --out).
+    let dir = std::env::var_os("FLEA_TOKEN_FIXTURES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokens"),
+        PathBuf::from,
+    );
+    let path = dir.join(format!("{stem}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -89,6 +109,26 @@ fn check_model(stem: &str) {
     let Some(tok) = load_with_pre(&fx.model, fx.pre_override.as_deref()) else {
         return;
     };
+    if let Some(v) = &fx.vocab {
+        assert_eq!(tok.n_vocab(), v.n_tokens, "n_vocab");
+        assert_eq!(tok.bos(), v.bos, "bos");
+        assert_eq!(tok.eos(), v.eos, "eos");
+        assert_eq!(tok.pad(), v.pad, "pad");
+        assert_eq!(tok.add_bos(), v.add_bos, "add_bos");
+        assert_eq!(tok.add_eos(), v.add_eos, "add_eos");
+        assert_eq!(tok.eog_ids(), v.eog_ids, "end-of-generation ids");
+        let control: Vec<u32> = (0..tok.n_vocab() as u32)
+            .filter(|&id| tok.is_control(id))
+            .collect();
+        assert_eq!(control, v.control_ids, "control token ids");
+        // With several EOT-looking tokens llama.cpp's pick depends on hash-map order; we
+        // only require ours to be one of them (every one of them is an EOG token).
+        if tok.eot() != v.eot {
+            eprintln!("note: eot {:?} (llama.cpp picked {:?})", tok.eot(), v.eot);
+        }
+        assert_eq!(tok.eot().is_some(), v.eot.is_some(), "eot presence");
+        assert!(tok.eot().is_none_or(|e| tok.is_eog(e)));
+    }
     let mut id_failures = Vec::new();
     let mut detok_failures = Vec::new();
     let mut roundtrips = 0;
@@ -111,7 +151,13 @@ fn check_model(stem: &str) {
             }
             // Where llama.cpp round-trips the text, so must we.
             if c.detok_hex.is_none() {
-                assert_eq!(tok.decode(&ids), c.text, "case {i}: decode(encode(text))");
+                let back = tok.decode(&ids);
+                if back != c.text {
+                    detok_failures.push(format!(
+                        "case {i} {:?}: decode(encode(text)) = {back:?}",
+                        c.text
+                    ));
+                }
                 roundtrips += 1;
             }
         }
