@@ -61,7 +61,7 @@ fn matvec_throughput() {
         let mut line = format!("{:>5} ({:5.1} MB):", ty.name(), w.len() as f64 / 1e6);
         for &isa in &isas {
             let mut best = f64::MAX;
-            for _ in 0..if isa == Isa::Scalar { 2 } else { 8 } {
+            for _ in 0..if isa == Isa::Scalar { 2 } else { 25 } {
                 let t = Instant::now();
                 matvec_isa(isa, ty, cols, &w, &act, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());

@@ -290,10 +290,11 @@ macro_rules! legacy_dot {
     }};
 }
 
-/// Scales of a Q4_1/Q5_1 block `x` (starts with f16 d, m) against a Q8_1 block `y`
-/// (starts with f16 d, s): one 4-byte broadcast and conversion each gives
-/// [dx, m, dx, m, ...] * [dy, s, dy, s, ...]. Returns dx*dy in all lanes, and that product
-/// vector, whose odd lanes hold m*s (cheaper than four separate f16 loads).
+/// Scales of a block `x` against an activation block `y`, both starting with an f16 d.
+/// One 4-byte broadcast and conversion each (a 4-byte broadcast load needs no shuffle
+/// port, unlike a 2-byte one) gives [dx, u, dx, u, ...] * [dy, v, dy, v, ...]. Returns dx*dy
+/// in all lanes, and the product vector: for Q4_1/Q5_1 × Q8_1, u = m and v = s, so its odd
+/// lanes hold the min term m*s. For other formats the odd lanes are junk and unused.
 ///
 /// # Safety
 /// Both pointers must be valid for 4 bytes.
@@ -317,7 +318,7 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let d = dm_pair(x, y).0;
             let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
             (d, dot_i8i8(qx, ld256(y.add(2))))
         }
@@ -350,7 +351,7 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let d = dm_pair(x, y).0;
             let qh = ld_u32(x.add(2));
             // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
             let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
@@ -389,7 +390,7 @@ pub(crate) unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let d = dm_pair(x, y).0;
             (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
         }
     }

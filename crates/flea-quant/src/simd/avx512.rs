@@ -55,7 +55,7 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: x and y point at whole blocks (18 / 34 bytes).
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let d = dm_pair(x, y).0;
             let q8 = ld256(y.add(2));
             // Σ (q - 8) * y = Σ q * y - Σ 8 * y (q unsigned, as vpdpbusd wants).
             let z = _mm256_setzero_si256();
@@ -94,7 +94,7 @@ unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: x and y point at whole 34-byte blocks.
         unsafe {
-            let d = _mm256_mul_ps(ld_f16x8(x), ld_f16x8(y));
+            let d = dm_pair(x, y).0;
             let (qx, qy) = (ld256(x.add(2)), ld256(y.add(2)));
             // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
             let p = _mm256_dpbusd_epi32(
