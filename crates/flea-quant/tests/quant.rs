@@ -382,3 +382,63 @@ fn size_errors_not_panics() {
     assert!(vec_dot_checked(Isa::Scalar, GgmlType::Q8_0, 32, &[0u8; 34], &[0u8; 33]).is_err());
     assert!(vec_dot_checked(Isa::Scalar, GgmlType::Q8_0, 32, &[0u8; 35], &[0u8; 34]).is_err());
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Model-file bytes of any length never make dequantize panic: either the sizes
+        /// match and it succeeds, or it returns an error.
+        #[test]
+        fn dequantize_never_panics(
+            ti in 0usize..GgmlType::ALL.len(),
+            bytes in proptest::collection::vec(any::<u8>(), 0..700),
+            n in 0usize..600,
+        ) {
+            let ty = GgmlType::ALL[ti];
+            let mut dst = vec![0f32; n];
+            let r = dequantize(ty, &bytes, &mut dst);
+            let ok = is_supported(ty) || matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K);
+            let fits = n % ty.block_size() == 0
+                && bytes.len() == n / ty.block_size() * ty.type_size();
+            prop_assert_eq!(r.is_ok(), ok && fits);
+        }
+
+        #[test]
+        fn vec_dot_checked_never_panics(
+            ti in 0usize..SUPPORTED.len(),
+            wlen in 0usize..600,
+            alen in 0usize..600,
+            n in 0usize..600,
+        ) {
+            let ty = SUPPORTED[ti];
+            let (w, a) = (vec![0u8; wlen], vec![0u8; alen]);
+            let r = vec_dot_checked(best_isa(), ty, n, &w, &a);
+            let fmt = vec_dot_type(ty).unwrap();
+            let fits = n % ty.block_size() == 0
+                && wlen == row_bytes(ty, n)
+                && alen == act_row_bytes(fmt, n);
+            prop_assert_eq!(r.is_ok(), fits);
+        }
+
+        /// Q8_0 / Q8_K quantization error stays within half a quantization step.
+        #[test]
+        fn q8_error_bound(x in proptest::collection::vec(-1e3f32..1e3, 256)) {
+            for fmt in [GgmlType::Q8_0, GgmlType::Q8_K] {
+                let mut q = Vec::new();
+                quantize_activations(fmt, &x, &mut q).unwrap();
+                let y = deq(fmt, &q, 256);
+                for (xb, yb) in x.chunks(fmt.block_size()).zip(y.chunks(fmt.block_size())) {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let tol = amax / 127.0 * 0.5 + amax * 1e-3 + 1e-30;
+                    for (a, b) in xb.iter().zip(yb) {
+                        prop_assert!((a - b).abs() <= tol, "{} {} vs {}", fmt, a, b);
+                    }
+                }
+            }
+        }
+    }
+}
