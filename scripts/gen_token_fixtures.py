@@ -10,11 +10,12 @@ Usage:
     pip install /root/.cache/flea/wheels/llama_cpp_python-*.whl
     python3 scripts/gen_token_fixtures.py [--models-dir DIR] [--out DIR] [MODEL.gguf ...]
 
-It also writes "pre-tokenizer variant" fixtures, <model>.pre-<name>.json: the same
-vocabulary with `tokenizer.ggml.pre` replaced (gpt-2, llama-bpe, default), so that
-pre-tokenizers no shipped model uses are still checked against llama.cpp. The variant GGUF
-(metadata only, no tensors) is written to a temporary directory with the `gguf` package;
-the Rust test rebuilds the same tokenizer from the base model with `pre` overridden.
+It also writes "variant" fixtures, <model>.<variant>.json: the same vocabulary with some
+tokenizer keys replaced (`tokenizer.ggml.pre` = gpt-2 / llama-bpe / default, or the
+add_bos / add_eos / add_space_prefix flags), so that configurations no shipped model uses
+are still checked against llama.cpp. The variant GGUF (metadata only, no tensors) is
+written to a temporary directory with the `gguf` package; the fixture's "overrides" says
+which keys changed and the Rust test rebuilds the tokenizer from the base model with them.
 
 The corpus depends only on SEED and this file; re-running gives byte-identical fixtures
 for the same llama.cpp build.
@@ -37,12 +38,17 @@ DEFAULT_MODELS = [
     "gemma-3-270m.Q4_K_M.gguf",
 ]
 
-# (base model, tokenizer.ggml.pre to substitute)
-PRE_VARIANTS = [
-    ("SmolLM2-135M-Instruct.Q4_1.gguf", "gpt-2"),
-    ("SmolLM2-135M-Instruct.Q4_1.gguf", "default"),
-    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "llama-bpe"),
-    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "gpt-2"),
+# (base model, variant name, metadata keys to replace)
+VARIANTS = [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "pre-gpt-2", {"tokenizer.ggml.pre": "gpt-2"}),
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "pre-default", {"tokenizer.ggml.pre": "default"}),
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "add-bos-eos",
+     {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": True}),
+    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "pre-llama-bpe",
+     {"tokenizer.ggml.pre": "llama-bpe"}),
+    ("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "pre-gpt-2", {"tokenizer.ggml.pre": "gpt-2"}),
+    ("gemma-3-270m.Q4_K_M.gguf", "space-prefix",
+     {"tokenizer.ggml.add_space_prefix": True, "tokenizer.ggml.add_eos_token": True}),
 ]
 
 SPECIAL_STRINGS = [
@@ -265,8 +271,9 @@ def sha256(path):
     return h.hexdigest()
 
 
-def write_pre_variant(src, dst, pre):
-    """Copy the metadata of `src` (no tensors) into `dst` with tokenizer.ggml.pre = pre."""
+def write_variant(src, dst, overrides):
+    """Copy the metadata of `src` (no tensors) into `dst`, replacing/adding `overrides`
+    (string or bool values)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     r = GGUFReader(src)
@@ -276,9 +283,9 @@ def write_pre_variant(src, dst, pre):
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         t = f.types[0]
-        if key == "tokenizer.ggml.pre":
-            w.add_string(key, pre)
-        elif t == GGUFValueType.ARRAY:
+        if key in overrides:
+            continue
+        if t == GGUFValueType.ARRAY:
             sub = f.types[-1]
             if sub == GGUFValueType.STRING:
                 vals = [bytes(f.parts[i]) for i in f.data]
@@ -289,6 +296,11 @@ def write_pre_variant(src, dst, pre):
             w.add_key_value(key, bytes(f.parts[f.data[0]]).decode(), t)
         else:
             w.add_key_value(key, f.parts[f.data[0]].tolist()[0], t)
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        else:
+            w.add_string(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -317,21 +329,21 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(f"corpus: {len(corpus)} strings, {len(cases)} cases", file=sys.stderr)
 
-    jobs = [(name, None) for name in args.models]
+    jobs = [(name, None, None) for name in args.models]
     if not args.no_variants:
         try:
             import gguf  # noqa: F401
-            jobs += [v for v in PRE_VARIANTS if v[0] in args.models]
+            jobs += [v for v in VARIANTS if v[0] in args.models]
         except ImportError:
             print("gguf package missing: skipping pre-tokenizer variants", file=sys.stderr)
     tmpdir = tempfile.TemporaryDirectory()
 
-    for name, pre_override in jobs:
+    for name, variant, overrides in jobs:
         path = name if os.path.isabs(name) else os.path.join(args.models_dir, name)
         load_path = path
-        if pre_override is not None:
-            load_path = os.path.join(tmpdir.name, f"variant-{pre_override}.gguf")
-            write_pre_variant(path, load_path, pre_override)
+        if variant is not None:
+            load_path = os.path.join(tmpdir.name, f"variant-{variant}.gguf")
+            write_variant(path, load_path, overrides)
         llm = Llama(model_path=load_path, vocab_only=True, verbose=False)
         vocab = llm._model.vocab
 
@@ -384,7 +396,7 @@ def main():
             "fuzz": args.fuzz,
             "tokenizer_model": meta.get("tokenizer.ggml.model"),
             "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
-            "pre_override": pre_override,
+            "overrides": overrides,
             "n_vocab": llm.n_vocab(),
             "bos": llm.token_bos(),
             "eos": llm.token_eos(),
@@ -396,8 +408,8 @@ def main():
         stem = os.path.basename(path)
         if stem.endswith(".gguf"):
             stem = stem[: -len(".gguf")]
-        if pre_override is not None:
-            stem += ".pre-" + pre_override
+        if variant is not None:
+            stem += "." + variant
         dst = os.path.join(args.out, stem + ".json")
         with open(dst, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))

@@ -5,6 +5,7 @@
 //! skip (with a note) unless `FLEA_REQUIRE_MODELS=1`. `FLEA_TOKEN_FIXTURES=<dir>` checks
 //! fixtures from another directory instead.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -15,9 +16,9 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 struct Fixture {
     model: String,
-    /// Set for variant fixtures: llama.cpp ran this vocabulary with `tokenizer.ggml.pre`
-    /// replaced by this name.
-    pre_override: Option<String>,
+    /// Set for variant fixtures: llama.cpp ran this vocabulary with these metadata keys
+    /// replaced.
+    overrides: Option<BTreeMap<String, serde_json::Value>>,
     /// llama.cpp's view of the vocabulary (absent in ad-hoc fixture sets).
     vocab: Option<VocabInfo>,
     cases: Vec<Case>,
@@ -72,10 +73,13 @@ fn fixture(stem: &str) -> Fixture {
 
 /// The tokenizer of `file`, or None (skip) when the model is absent.
 fn load(file: &str) -> Option<Tokenizer> {
-    load_with_pre(file, None)
+    load_with(file, None)
 }
 
-fn load_with_pre(file: &str, pre: Option<&str>) -> Option<Tokenizer> {
+fn load_with(
+    file: &str,
+    overrides: Option<&BTreeMap<String, serde_json::Value>>,
+) -> Option<Tokenizer> {
     let path = models_dir().join(file);
     if !path.exists() {
         assert!(
@@ -90,8 +94,19 @@ fn load_with_pre(file: &str, pre: Option<&str>) -> Option<Tokenizer> {
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut parts =
         VocabParts::from_gguf(&gguf.header).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    if let Some(pre) = pre {
-        parts.pre = Some(pre.to_string());
+    for (key, value) in overrides.into_iter().flatten() {
+        let flag = || {
+            value
+                .as_bool()
+                .unwrap_or_else(|| panic!("{key}: not a bool"))
+        };
+        match key.as_str() {
+            "tokenizer.ggml.pre" => parts.pre = value.as_str().map(str::to_string),
+            "tokenizer.ggml.add_bos_token" => parts.add_bos = Some(flag()),
+            "tokenizer.ggml.add_eos_token" => parts.add_eos = Some(flag()),
+            "tokenizer.ggml.add_space_prefix" => parts.add_space_prefix = Some(flag()),
+            other => panic!("fixture overrides unsupported key {other}"),
+        }
     }
     let tok = Tokenizer::from_parts(parts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     eprintln!("{file}: loaded in {:?}", t0.elapsed());
@@ -106,7 +121,7 @@ fn hex(s: &str) -> Vec<u8> {
 
 fn check_model(stem: &str) {
     let fx = fixture(stem);
-    let Some(tok) = load_with_pre(&fx.model, fx.pre_override.as_deref()) else {
+    let Some(tok) = load_with(&fx.model, fx.overrides.as_ref()) else {
         return;
     };
     if let Some(v) = &fx.vocab {
@@ -165,9 +180,9 @@ fn check_model(stem: &str) {
     eprintln!(
         "{}{}: {} cases checked, {} id mismatches, {} detokenization mismatches, {} round-trips",
         fx.model,
-        fx.pre_override
-            .as_deref()
-            .map(|p| format!(" with pre={p}"))
+        fx.overrides
+            .as_ref()
+            .map(|o| format!(" with {o:?}"))
             .unwrap_or_default(),
         fx.cases.len(),
         id_failures.len(),
@@ -195,7 +210,7 @@ fn gemma3_matches_llama_cpp() {
     check_model("gemma-3-270m.Q4_K_M");
 }
 
-// Pre-tokenizers that none of the three models uses, on the same vocabularies.
+// Configurations that none of the three models uses, on the same vocabularies.
 
 #[test]
 fn gpt2_pre_on_smollm2_vocab_matches_llama_cpp() {
@@ -215,6 +230,16 @@ fn llama3_pre_on_qwen_vocab_matches_llama_cpp() {
 #[test]
 fn gpt2_pre_on_qwen_vocab_matches_llama_cpp() {
     check_model("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.pre-gpt-2");
+}
+
+#[test]
+fn bpe_add_bos_eos_matches_llama_cpp() {
+    check_model("SmolLM2-135M-Instruct.Q4_1.add-bos-eos");
+}
+
+#[test]
+fn spm_space_prefix_and_eos_matches_llama_cpp() {
+    check_model("gemma-3-270m.Q4_K_M.space-prefix");
 }
 
 /// ~10 kB of mixed text must tokenize in well under 50 ms (no quadratic behaviour).
