@@ -4,10 +4,36 @@
 //! - `tokenizer.ggml.model = "gpt2"`: byte-level BPE with merge ranks, after a
 //!   pre-tokenizer chosen by `tokenizer.ggml.pre` (see [`PreTokenizer`]);
 //! - `tokenizer.ggml.model = "llama"`: SentencePiece-style BPE over token scores with
-//!   `<0xXX>` byte fallback.
+//!   `<0xXX>` byte fallback (not a Unigram/Viterbi model).
 //!
-//! The goal is token-for-token identity with llama.cpp (`llama_tokenize`), including its
-//! quirks; `tests/` checks this against fixtures generated with llama.cpp itself.
+//! The goal is token-for-token identity with llama.cpp's `llama_tokenize` (commit
+//! 0c1e57098), quirks included: its Unicode 15.1 codepoint classes, its hand-written and
+//! `std::regex` pre-tokenizer semantics, its longest-first special-token partition, and
+//! its BOS/EOS/EOG rules. `tests/llama_cpp_fixtures.rs` checks this against ids produced
+//! by llama.cpp itself (`scripts/gen_token_fixtures.py`).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let gguf = flea_gguf::GgufFile::open(std::path::Path::new("model.gguf"))?;
+//! let tok = flea_tokenizer::Tokenizer::from_gguf(&gguf.header)?;
+//! let ids = tok.encode("<|im_start|>user\nHi<|im_end|>", true, true);
+//! let mut stream = flea_tokenizer::Utf8Stream::default();
+//! for &id in &ids {
+//!     print!("{}", stream.push(&tok.token_bytes(id)));
+//! }
+//! print!("{}", stream.finish());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Known differences from llama.cpp, none visible in the fixtures:
+//! - when a vocabulary has several end-of-turn-looking tokens and no `eot_token_id`,
+//!   llama.cpp's [`Tokenizer::eot`] pick depends on hash-map order; we take the lowest id
+//!   (the end-of-generation set, [`Tokenizer::is_eog`], is identical);
+//! - special tokens of equal length that overlap in the text are prioritised by id
+//!   (llama.cpp: the order of an unstable sort);
+//! - the per-model-name lstrip/rstrip attributes llama.cpp hard-codes (Phi-3, some BERTs)
+//!   are not applied.
 
 mod bpe;
 mod pretok;

@@ -221,3 +221,103 @@ fn utf8_stream_holds_back_partial_sequences() {
     assert_eq!(s.finish(), "\u{FFFD}");
     assert_eq!(s.finish(), "");
 }
+
+/// Tiny deterministic generator so the robustness test needs no extra dependency.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn string(&mut self, max: usize) -> String {
+        const PIECES: &[&str] = &[
+            "a", "b", "ab", " ", "Ġ", "▁", "<", ">", "<0x", "<0x4", "<0x41>", "<0xZZ>", "'", "s",
+            "\n", "é", "中", "😀", "1", "<|", "|>", "\u{301}", "  ", "\t",
+        ];
+        (0..self.below(max + 1))
+            .map(|_| PIECES[self.below(PIECES.len())])
+            .collect()
+    }
+}
+
+/// Arbitrary (often nonsensical) metadata must give a tokenizer or an error, never a
+/// panic, and whatever tokenizer comes out must handle arbitrary text.
+#[test]
+fn random_metadata_never_panics() {
+    let mut rng = Lcg(42);
+    let mut built = 0;
+    for round in 0..300 {
+        let n = 1 + rng.below(40);
+        let mut tokens: Vec<String> = (0..n).map(|_| rng.string(4)).collect();
+        tokens.sort();
+        tokens.dedup(); // duplicates are an error; keep most rounds past that check
+        if rng.below(10) == 0 {
+            tokens.push(tokens[0].clone());
+        }
+        let n = tokens.len();
+        let id = |rng: &mut Lcg| (rng.below(3) > 0).then(|| rng.below(n + 3) as u32);
+        let parts = VocabParts {
+            model: ["gpt2", "llama", "bert"][rng.below(3)].into(),
+            pre: [
+                None,
+                Some("qwen2"),
+                Some("smollm"),
+                Some("llama3"),
+                Some("default"),
+            ][rng.below(5)]
+            .map(str::to_string),
+            scores: (rng.below(2) == 0).then(|| {
+                (0..n + rng.below(2))
+                    .map(|i| if i % 7 == 3 { f32::NAN } else { -(i as f32) })
+                    .collect()
+            }),
+            token_types: (rng.below(2) == 0)
+                .then(|| (0..n).map(|_| rng.below(9) as i32 - 1).collect()),
+            merges: (0..rng.below(20)).map(|_| rng.string(3)).collect(),
+            bos: id(&mut rng),
+            eos: id(&mut rng),
+            eot: id(&mut rng),
+            unk: id(&mut rng),
+            fim_pad: id(&mut rng),
+            add_bos: [None, Some(true), Some(false)][rng.below(3)],
+            add_eos: [None, Some(true), Some(false)][rng.below(3)],
+            add_space_prefix: [None, Some(true), Some(false)][rng.below(3)],
+            tokens,
+            ..Default::default()
+        };
+        let Ok(tok) = Tokenizer::from_parts(parts) else {
+            continue;
+        };
+        built += 1;
+        for _ in 0..5 {
+            let text = rng.string(30);
+            for (a, b) in [(false, false), (true, true), (true, false), (false, true)] {
+                let ids = tok.encode(&text, a, b);
+                assert!(
+                    ids.iter().all(|&i| (i as usize) < tok.n_vocab()),
+                    "round {round}"
+                );
+                let _ = tok.decode(&ids);
+            }
+        }
+        for i in 0..tok.n_vocab() as u32 + 2 {
+            let _ = tok.token_bytes(i);
+            let _ = tok.is_eog(i);
+        }
+    }
+    assert!(built > 50, "only {built} random vocabularies were accepted");
+}
+
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+    check::<Utf8Stream>();
+}
