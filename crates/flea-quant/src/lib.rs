@@ -156,6 +156,18 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 /// use `roundf(x / d)` with d = amax/127; Q8_K uses ggml's sign convention (see
 /// [`kquants`]) and round-half-even `nearest_int`.
 pub fn quantize_activations(fmt: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
+    quantize_activations_isa(best_isa(), fmt, x, out)
+}
+
+/// [`quantize_activations`] with an explicit instruction set. Every path produces the same
+/// bytes (the SIMD quantizers repeat the reference's f32 operations exactly); this entry
+/// exists so tests can check that.
+pub fn quantize_activations_isa(
+    isa: Isa,
+    fmt: GgmlType,
+    x: &[f32],
+    out: &mut Vec<u8>,
+) -> Result<()> {
     use GgmlType::*;
     let f: fn(&[f32], &mut Vec<u8>) = match fmt {
         F32 => float::quantize_f32,
@@ -167,7 +179,28 @@ pub fn quantize_activations(fmt: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Resu
         other => return Err(QuantError::Unsupported(other)),
     };
     checked_bytes(fmt, x.len())?;
+    if !isa_available(isa) {
+        return Err(QuantError::IsaUnavailable(isa));
+    }
     out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        use simd::quantize_avx2 as q;
+        // SAFETY: AVX2/FMA/F16C are implied by `isa` (checked available above); the
+        // length is a whole number of blocks (checked above).
+        let done = unsafe {
+            match fmt {
+                Q8_0 => q::quantize_q8_0(x, out, false),
+                Q8_1 => q::quantize_q8_0(x, out, true),
+                Q8_K => q::quantize_q8_k(x, out),
+                F16 => q::quantize_f16(x, out),
+                _ => false,
+            }
+        };
+        if done {
+            return Ok(());
+        }
+    }
     f(x, out);
     Ok(())
 }

@@ -75,3 +75,31 @@ fn matvec_throughput() {
         println!("{line}");
     }
 }
+
+#[test]
+#[ignore]
+fn quantize_throughput() {
+    let n = 4096 * 4;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let mut out = Vec::with_capacity(n * 2);
+    for fmt in [
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q8_K,
+        GgmlType::F16,
+    ] {
+        let mut best = f64::MAX;
+        for _ in 0..50 {
+            let t = Instant::now();
+            quantize_activations(fmt, &x, &mut out).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "quantize {:>5}: {:6.2} ns/element",
+            fmt.name(),
+            best * 1e9 / n as f64
+        );
+    }
+}

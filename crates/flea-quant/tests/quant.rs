@@ -442,3 +442,71 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn simd_quantizers_match_scalar_bytes() {
+    let mut r = Rng(6);
+    let mut inputs: Vec<Vec<f32>> = (0..40).map(|_| random_acts(&mut r, 1024)).collect();
+    // Ties: amax 127 makes d = 1, so x.5 values hit roundf's halfway case.
+    inputs.push(
+        (0..1024)
+            .map(|i| (i % 255) as f32 - 127.0 + 0.5 * (i % 2) as f32)
+            .collect(),
+    );
+    inputs.push(
+        (0..1024)
+            .map(|i| ((i % 255) as f32 - 127.0) * 0.5)
+            .collect(),
+    );
+    // All zero, and blocks where +amax and -amax both occur (first one decides the sign).
+    inputs.push(vec![0.0; 1024]);
+    inputs.push(
+        (0..1024)
+            .map(|i| {
+                if i % 3 == 0 {
+                    3.0
+                } else if i % 3 == 1 {
+                    -3.0
+                } else {
+                    1.0
+                }
+            })
+            .collect(),
+    );
+    inputs.push(
+        (0..1024)
+            .map(|i| {
+                if i % 3 == 0 {
+                    -3.0
+                } else if i % 3 == 1 {
+                    3.0
+                } else {
+                    1.0
+                }
+            })
+            .collect(),
+    );
+    // Tiny and large magnitudes.
+    inputs.push((0..1024).map(|i| (i as f32 - 512.0) * 1e-30).collect());
+    inputs.push((0..1024).map(|i| (i as f32 - 512.0) * 1e3).collect());
+    for isa in available_isas() {
+        for x in &inputs {
+            for fmt in [
+                GgmlType::Q8_0,
+                GgmlType::Q8_1,
+                GgmlType::Q8_K,
+                GgmlType::F16,
+                GgmlType::BF16,
+                GgmlType::F32,
+            ] {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                quantize_activations_isa(Isa::Scalar, fmt, x, &mut a).unwrap();
+                quantize_activations_isa(isa, fmt, x, &mut b).unwrap();
+                assert!(
+                    a == b,
+                    "{fmt} {isa:?}: SIMD quantization differs from scalar"
+                );
+            }
+        }
+    }
+}

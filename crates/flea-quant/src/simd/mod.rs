@@ -7,6 +7,8 @@ use crate::{float, kquants, legacy, row_bytes, vec_dot_type, DotFn, GgmlType, Is
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod quantize_avx2;
 
 /// Run-time CPU feature detection (called once; the result is cached by the caller).
 pub(crate) fn detect() -> Isa {
