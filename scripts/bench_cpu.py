@@ -163,7 +163,7 @@ def run_child(cmd: list[str], timeout: float, env: dict | None = None):
     # Peak RSS: VmHWM of the exec'd image, polled (ru_maxrss of a child also counts the parent's
     # pages it carried before exec, so it is only a fallback / upper bound).
     maxrss_mib = rusage.ru_maxrss / 1024.0 if rusage else float("nan")  # Linux: KiB
-    rss_mib = hwm_kib / 1024.0 if hwm_kib else maxrss_mib
+    rss_mib = hwm_kib / 1024.0 if hwm_kib >= 1024 else maxrss_mib  # tiny: caught mid-exec
     cpu_s = rusage.ru_utime + rusage.ru_stime if rusage else float("nan")
     return rc, out, err, wall, rss_mib, cpu_s, maxrss_mib
 
