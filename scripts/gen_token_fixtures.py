@@ -389,6 +389,7 @@ def main():
         doc = {
             "model": os.path.basename(path),
             "sha256": sha256(path),
+            "size": os.path.getsize(path),
             "llama_cpp_python": llama_cpp.__version__,
             "llama_cpp_commit": LLAMA_CPP_COMMIT,
             "generator": "scripts/gen_token_fixtures.py",

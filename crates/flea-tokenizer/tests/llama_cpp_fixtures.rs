@@ -16,6 +16,8 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 struct Fixture {
     model: String,
+    /// Byte size of the model file the fixture was made from (a cheap identity check).
+    size: Option<u64>,
     /// Set for variant fixtures: llama.cpp ran this vocabulary with these metadata keys
     /// replaced.
     overrides: Option<BTreeMap<String, serde_json::Value>>,
@@ -73,12 +75,13 @@ fn fixture(stem: &str) -> Fixture {
 
 /// The tokenizer of `file`, or None (skip) when the model is absent.
 fn load(file: &str) -> Option<Tokenizer> {
-    load_with(file, None)
+    load_with(file, None, None)
 }
 
 fn load_with(
     file: &str,
     overrides: Option<&BTreeMap<String, serde_json::Value>>,
+    size: Option<u64>,
 ) -> Option<Tokenizer> {
     let path = models_dir().join(file);
     if !path.exists() {
@@ -89,6 +92,15 @@ fn load_with(
         );
         eprintln!("SKIP: {} not found", path.display());
         return None;
+    }
+    if let (Some(want), Ok(meta)) = (size, std::fs::metadata(&path)) {
+        assert_eq!(
+            meta.len(),
+            want,
+            "{} is not the file the fixtures were made from (regenerate them with \
+             scripts/gen_token_fixtures.py)",
+            path.display()
+        );
     }
     let t0 = Instant::now();
     let gguf = GgufFile::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -121,7 +133,7 @@ fn hex(s: &str) -> Vec<u8> {
 
 fn check_model(stem: &str) {
     let fx = fixture(stem);
-    let Some(tok) = load_with(&fx.model, fx.overrides.as_ref()) else {
+    let Some(tok) = load_with(&fx.model, fx.overrides.as_ref(), fx.size) else {
         return;
     };
     if let Some(v) = &fx.vocab {
