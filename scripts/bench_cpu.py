@@ -7,8 +7,9 @@ passage, sized with the model's llama.cpp tokenizer, no chat template, no specia
 
   llama.cpp  this script in worker mode: load model (n_threads = n_threads_batch = T, F16 KV,
              flash attention off, n_batch 512), evaluate the prompt in one llama_decode
-             (timed with perf_counter -> prompt tok/s), then --gen tokens of greedy decode, one
-             llama_decode each (timed around eval + argmax -> decode tok/s). llama.cpp's own
+             (timed with perf_counter -> prompt tok/s), then greedy generation of --gen tokens
+             like `flea run -n GEN`: the first from the prompt logits, then GEN-1 single-token
+             llama_decode steps (timed around eval + argmax -> decode tok/s). llama.cpp's own
              llama_perf_context counters are recorded too.
   flea       target/release/flea run -m MODEL -p PROMPT -n GEN --threads T --temp 0
              [--stats-json FILE], parsing the stderr summary line
@@ -295,13 +296,15 @@ def llama_worker(args) -> int:
     tok = argmax_last()
     t_prompt = time.perf_counter() - t0
 
+    # Like `flea run -n GEN`: GEN generated tokens, the first from the prompt's logits, then
+    # GEN-1 single-token decode steps (those are what decode tok/s measures).
     gen = [tok]
+    n_dec = max(args.gen - 1, 0)
     t1 = time.perf_counter()
-    for _ in range(args.gen):
+    for _ in range(n_dec):
         llm.eval([gen[-1]])
         gen.append(argmax_last())
     t_decode = time.perf_counter() - t1
-    gen = gen[: args.gen + 1]
 
     perf = llama_cpp.llama_perf_context(ctx)
     res = {
@@ -309,9 +312,10 @@ def llama_worker(args) -> int:
         "prompt_tokens": len(ids),
         "prompt_s": t_prompt,
         "prompt_tok_s": len(ids) / t_prompt,
-        "decode_tokens": args.gen,
+        "decode_tokens": n_dec,
         "decode_s": t_decode,
-        "decode_tok_s": args.gen / t_decode,
+        "decode_tok_s": n_dec / t_decode if t_decode > 0 else float("nan"),
+        "generated_tokens": len(gen),
         "load_s": t_load,
         "llama_perf": {
             "t_p_eval_ms": perf.t_p_eval_ms,
@@ -436,9 +440,14 @@ def parse_flea_stats_json(path: Path) -> dict:
 
     out = {
         "prompt_tokens": pick("prompt_tokens", "n_prompt", "prompt_n_tokens", "prompt_n"),
-        "prompt_tok_s": pick("prompt_tok_s", "prompt_tokens_per_s", "prompt_tps", "prompt_tokens_per_second"),
+        "prompt_tok_s": pick("prompt_tok_s", "prompt_tokens_per_s", "prompt_tps", "prompt_tokens_per_sec",
+                             "prompt_tokens_per_second"),
+        "prompt_s": pick("prompt_seconds", "prompt_s", "prompt_secs"),
         "decode_tokens": pick("decode_tokens", "n_decode", "gen_tokens", "decode_n_tokens", "decode_n"),
-        "decode_tok_s": pick("decode_tok_s", "decode_tokens_per_s", "decode_tps", "decode_tokens_per_second"),
+        "decode_tok_s": pick("decode_tok_s", "decode_tokens_per_s", "decode_tps", "decode_tokens_per_sec",
+                             "decode_tokens_per_second"),
+        "decode_s": pick("decode_seconds", "decode_s", "decode_secs"),
+        "generated_tokens": pick("generated_tokens", "n_generated"),
         "reported_peak_rss_mib": pick("peak_rss_mib", "rss_mib"),
     }
     if out["reported_peak_rss_mib"] is None:
@@ -463,7 +472,7 @@ def flea_help(flea: Path) -> str:
 
 
 def flea_cmd(flea: Path, model: Path, prompt: str, threads: int, gen: int, stats_json: Path | None,
-             extra: list[str]) -> list[str]:
+             extra: list[str], n_ctx: int | None = None) -> list[str]:
     h = flea_help(flea)
     cmd = [str(flea), "run", "-m", str(model), "-p", prompt, "-n", str(gen), "--threads", str(threads),
            "--temp", "0"]
@@ -474,32 +483,38 @@ def flea_cmd(flea: Path, model: Path, prompt: str, threads: int, gen: int, stats
             cmd.append(flag)
     if stats_json is not None and "--stats-json" in h:
         cmd += ["--stats-json", str(stats_json)]
+    # same KV-cache size as the llama.cpp side (affects peak RSS)
+    if n_ctx and re.search(r"--ctx\b", h) and not any(a in ("-c", "--ctx") for a in extra):
+        cmd += ["--ctx", str(n_ctx)]
     return cmd + extra
 
 
 def run_flea(flea: Path, model: Path, prompt: str, threads: int, gen: int, timeout: float,
-             extra: list[str]) -> dict:
+             extra: list[str], n_ctx: int | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         sj = Path(f.name)
     sj.unlink()
     try:
-        cmd = flea_cmd(flea, model, prompt, threads, gen, sj, extra)
+        cmd = flea_cmd(flea, model, prompt, threads, gen, sj, extra, n_ctx)
         rc, so, se, wall, rss, cpu, maxrss = run_child(cmd, timeout)
         if rc != 0:
             raise RuntimeError(f"flea failed (rc={rc}): {shlex.join(cmd[:4])} ...\n{tail(se)}")
         res = {"engine": "flea"}
+        js = parse_flea_stats_json(sj) if sj.exists() else {}
         try:
             res.update(parse_flea_summary(se))
+            res["source"] = "stderr summary line"
         except ValueError:
-            js = parse_flea_stats_json(sj) if sj.exists() else {}
-            if "prompt_tok_s" in js and "decode_tok_s" in js:
-                res.update(js)
-            else:
+            if not ("prompt_tok_s" in js and "decode_tok_s" in js):
                 raise
-        if sj.exists():
-            res["stats_json"] = parse_flea_stats_json(sj).get("raw")
+        if all(k in js for k in ("prompt_tokens", "prompt_tok_s", "decode_tokens", "decode_tok_s")):
+            # the JSON has full precision; prefer it (the stderr line is cross-checked above)
+            res.update({k: v for k, v in js.items() if k != "raw"})
+            res["source"] = "--stats-json" + (" (+stderr line)" if "source" in res else "")
+        if js:
+            res["stats_json"] = js.get("raw")
         res["flags"] = [a for a in cmd[1:] if a.startswith("--")]
-        res["generated_text"] = so[-2000:]
+        res["generated_text"] = so
     finally:
         try:
             sj.unlink()
@@ -555,7 +570,8 @@ def main() -> int:
     ap.add_argument("-t", "--threads", action="append", type=int, help="thread count; repeatable (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per engine (median reported)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="target prompt length (llama.cpp tokens)")
-    ap.add_argument("--gen", type=int, default=64, help="decode tokens")
+    ap.add_argument("--gen", type=int, default=64,
+                    help="tokens to generate (flea -n); GEN-1 single-token decode steps are timed")
     ap.add_argument("--flea", type=Path, default=REPO / "target" / "release" / "flea", help="flea binary")
     ap.add_argument("--flea-arg", action="append", default=[], help="extra argument for `flea run` (repeatable)")
     ap.add_argument("--no-flea", action="store_true", help="benchmark llama.cpp only")
@@ -632,7 +648,7 @@ def main() -> int:
                     if eng == "llama.cpp" and use_llama:
                         r = run_llama(mpath, pf, T, args.gen, args.n_ctx, args.warmup, args.timeout)
                     elif eng == "flea" and use_flea:
-                        r = run_flea(args.flea, mpath, text, T, args.gen, args.timeout, args.flea_arg)
+                        r = run_flea(args.flea, mpath, text, T, args.gen, args.timeout, args.flea_arg, args.n_ctx)
                     else:
                         continue
                     r.update(model=short_name(mname), threads=T, rep=rep, loadavg_before=la)
@@ -649,6 +665,7 @@ def main() -> int:
                 "threads": T,
                 "prompt_tokens_llama": L[0]["prompt_tokens"] if L else None,
                 "prompt_tokens_flea": F[0]["prompt_tokens"] if F else None,
+                "decode_tokens_llama": L[0]["decode_tokens"] if L else None,
                 "decode_tokens_flea": med([r["decode_tokens"] for r in F]),
                 "llama_prompt_tok_s": med([r["prompt_tok_s"] for r in L]),
                 "flea_prompt_tok_s": med([r["prompt_tok_s"] for r in F]),
@@ -670,8 +687,22 @@ def main() -> int:
             if L and F and row["prompt_tokens_llama"] != row["prompt_tokens_flea"]:
                 warn.append(f"prompt token count differs: llama.cpp {row['prompt_tokens_llama']} vs "
                             f"flea {row['prompt_tokens_flea']} (chat template applied? tokenizer mismatch?)")
-            if F and row["decode_tokens_flea"] is not None and row["decode_tokens_flea"] < args.gen:
-                warn.append(f"flea decoded only {row['decode_tokens_flea']} of {args.gen} tokens (EOS?)")
+            if F and row["decode_tokens_flea"] is not None and row["decode_tokens_flea"] < args.gen - 1:
+                warn.append(f"flea decoded only {row['decode_tokens_flea']} of {args.gen - 1} steps (EOS?)")
+            if L and F and row["decode_tokens_flea"] is not None and \
+                    row["decode_tokens_flea"] != L[0]["decode_tokens"]:
+                warn.append(f"decode step counts differ: llama.cpp {L[0]['decode_tokens']} vs flea "
+                            f"{row['decode_tokens_flea']}")
+            if L and F:
+                a = " ".join(L[0]["generated_text"].split())
+                b = " ".join(F[0]["generated_text"].split())
+                k = 0
+                while k < min(len(a), len(b)) and a[k] == b[k]:
+                    k += 1
+                row["greedy_text_equal"] = a == b
+                row["greedy_text_common_prefix_chars"] = k
+                print(f"# {row['model']} T={T}: greedy text {'identical' if a == b else f'differs after {k} chars'}"
+                      f" (llama.cpp {len(a)} chars, flea {len(b)} chars)")
             row["warnings"] = warn
             for w in warn:
                 print(f"# WARNING {row['model']} T={T}: {w}")
@@ -689,7 +720,7 @@ def main() -> int:
     print(f"CPU: {meta['cpu']}, {meta['n_cpus']} logical CPUs; load avg {meta['loadavg_start']} -> "
           f"{meta['loadavg_end']}; median of {args.reps} runs; ratio = flea / llama.cpp (>1: flea faster); "
           f"llama-cpp-python {meta['versions'].get('llama_cpp_python')} (llama.cpp "
-          f"{meta['versions'].get('llama_cpp_commit')}); {args.gen} decode tokens")
+          f"{meta['versions'].get('llama_cpp_commit')}); {args.gen} generated tokens ({args.gen - 1} decode steps)")
     print()
     print("| model | threads | prompt tok (llama.cpp/flea) | llama.cpp prompt tok/s | flea prompt tok/s | ratio "
           "| llama.cpp decode tok/s | flea decode tok/s | ratio | peak RSS llama.cpp MiB | peak RSS flea MiB |")
