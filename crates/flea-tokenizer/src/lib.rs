@@ -843,8 +843,10 @@ fn parts_from_gguf(h: &GgufHeader) -> Result<VocabParts> {
     };
     let k = |name: &str| format!("tokenizer.ggml.{name}");
     let id = |name: &str| get_u32(&k(name));
-    // The deprecated prefix/suffix/middle keys are read after the fim_* ones and win.
-    let or_later = |a: Option<u32>, b: Option<u32>| b.or(a);
+    // The deprecated prefix/suffix/middle keys are read after the fim_* ones and win,
+    // unless out of range (llama.cpp then keeps the earlier value).
+    let n_tokens = tokens.len();
+    let or_later = |a: Option<u32>, b: Option<u32>| b.filter(|&v| (v as usize) < n_tokens).or(a);
     Ok(VocabParts {
         model,
         pre: get_str("tokenizer.ggml.pre")?,
