@@ -103,3 +103,68 @@ fn quantize_throughput() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn matmul_throughput() {
+    let (rows, cols, tokens) = (1024usize, 4096usize, 32usize);
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        let wb = row_bytes(ty, cols);
+        let mut w: Vec<u8> = (0..wb * rows).map(|_| next() as u8).collect();
+        let fields: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            _ => &[208],
+        };
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            for &o in fields {
+                blk[o..o + 2].copy_from_slice(&f32_to_f16(0.01).to_le_bytes());
+            }
+        }
+        let fmt = vec_dot_type(ty).unwrap();
+        let ab = act_row_bytes(fmt, cols);
+        let mut acts = Vec::new();
+        for _ in 0..tokens {
+            let x: Vec<f32> = (0..cols)
+                .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
+            let mut a = Vec::new();
+            quantize_activations(fmt, &x, &mut a).unwrap();
+            acts.extend_from_slice(&a);
+        }
+        let mut out = vec![0f32; rows * tokens];
+        let (mut t_mm, mut t_mv) = (f64::MAX, f64::MAX);
+        for _ in 0..10 {
+            let t = Instant::now();
+            matmul(ty, cols, &w, &acts, tokens, &mut out);
+            t_mm = t_mm.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            for (tk, o) in out.chunks_exact_mut(rows).enumerate() {
+                matvec(ty, cols, &w, &acts[tk * ab..(tk + 1) * ab], o);
+            }
+            t_mv = t_mv.min(t.elapsed().as_secs_f64());
+        }
+        let macs = (rows * cols * tokens) as f64;
+        println!(
+            "{:>5} {rows}x{cols} x {tokens} tokens: matmul {:6.2} ms ({:5.1} GMAC/s), matvec per token {:6.2} ms ({:5.1} GMAC/s)",
+            ty.name(),
+            t_mm * 1e3,
+            macs / t_mm / 1e9,
+            t_mv * 1e3,
+            macs / t_mv / 1e9
+        );
+    }
+}

@@ -404,7 +404,7 @@ pub(crate) unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 /// groups covered by one 32-byte quant vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn scale_pair(s16: __m256i, h: usize, j: usize) -> __m256i {
+pub(crate) fn scale_pair(s16: __m256i, h: usize, j: usize) -> __m256i {
     let lane = if h == 0 {
         _mm256_permute2x128_si256(s16, s16, 0x00)
     } else {
@@ -421,7 +421,7 @@ fn scale_pair(s16: __m256i, h: usize, j: usize) -> __m256i {
 /// i16 number `k` (0..8) of `v8` (8 i16 in both 128-bit lanes), broadcast to all 16 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bcast_i16(v8: __m256i, k: usize) -> __m256i {
+pub(crate) fn bcast_i16(v8: __m256i, k: usize) -> __m256i {
     let b = 2 * k as i16;
     _mm256_shuffle_epi8(v8, _mm256_set1_epi16(b | ((b + 1) << 8)))
 }

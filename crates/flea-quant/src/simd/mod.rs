@@ -8,6 +8,8 @@ pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod multi_avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod quantize_avx2;
 
 /// Run-time CPU feature detection (called once; the result is cached by the caller).

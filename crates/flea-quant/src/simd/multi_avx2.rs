@@ -1,0 +1,197 @@
+//! AVX2 kernels that dot one weight row with 4 activation rows at once, for batched
+//! matmul (prompt processing). Unpacking the weight block (nibbles, scales) is the costly
+//! part of a quantized dot; doing it once for 4 tokens saves about a third of the work.
+//!
+//! Results equal the single-row kernels up to float summation order (one accumulator per
+//! token here instead of two).
+
+use std::arch::x86_64::*;
+
+use super::avx2::{
+    bcast_i16, bsums_madd, dot_u8i8, hsum_ps, k4_scales_mins_v, ld256, ld_f16x8, ld_f32, ld_u32,
+    nibbles32, scale_pair,
+};
+use crate::GgmlType;
+
+/// Tokens per call.
+pub(crate) const T: usize = 4;
+
+/// `(n, weight row, first activation row, activation row stride in bytes, out, out stride
+/// in f32s)`: writes `out[t * out_stride]` = dot(weight row, activation row t) for t < 4.
+///
+/// Unsafe to call: the weight row must hold `n` elements, the 4 activation rows `n`
+/// elements each at the given stride, `out` 4 f32 at the given stride, and the CPU must
+/// have AVX2/FMA/F16C.
+pub(crate) type Dot4Fn = unsafe fn(usize, *const u8, *const u8, usize, *mut f32, usize);
+
+pub(crate) fn kernel(weight: GgmlType) -> Option<Dot4Fn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => dot4_q4_0,
+        Q8_0 => dot4_q8_0,
+        Q4_K => dot4_q4_k,
+        Q6_K => dot4_q6_k,
+        _ => return None,
+    })
+}
+
+/// f16 at the start of `p` in lane 0 (other lanes junk) — see `avx2::dm_pair`.
+///
+/// # Safety
+/// `p` must be valid for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_lane0(p: *const u8) -> __m256 {
+    // SAFETY: caller guarantees 4 readable bytes.
+    _mm256_cvtph_ps(_mm_set1_epi32(unsafe { ld_u32(p) } as i32))
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store(acc: [__m256; T], out: *mut f32, os: usize) {
+    for (t, a) in acc.into_iter().enumerate() {
+        // SAFETY: out holds T results at stride os.
+        unsafe { *out.add(t * os) = hsum_ps(a) };
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    // SAFETY (whole body): block b < n/32 lies inside the weight row and every activation
+    // row (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let x = w.add(18 * b);
+            let dx = f16_lane0(x);
+            let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
+            let ax = _mm256_sign_epi8(qx, qx);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 34 * b);
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(dx, f16_lane0(y)));
+                let p = dot_u8i8(ax, _mm256_sign_epi8(ld256(y.add(2)), qx));
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        store(acc, out, os);
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    // SAFETY (whole body): block b < n/32 lies inside the weight row and every activation
+    // row (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let x = w.add(34 * b);
+            let dx = f16_lane0(x);
+            let qx = ld256(x.add(2));
+            let ax = _mm256_sign_epi8(qx, qx);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 34 * b);
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(dx, f16_lane0(y)));
+                let p = dot_u8i8(ax, _mm256_sign_epi8(ld256(y.add(2)), qx));
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        store(acc, out, os);
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let m4 = _mm256_set1_epi8(0x0f);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(144 * b);
+            let sm = k4_scales_mins_v(x.add(4));
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+            let s8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            let mut sumi = [_mm256_setzero_si256(); T];
+            for j in 0..4 {
+                let qs = ld256(x.add(16 + 32 * j));
+                let lo = _mm256_and_si256(qs, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+                let (sl, sh) = (bcast_i16(s8, 2 * j), bcast_i16(s8, 2 * j + 1));
+                for (t, s) in sumi.iter_mut().enumerate() {
+                    let y = a.add(t * st + 292 * b);
+                    let pl =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j))), sl);
+                    let ph =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j))), sh);
+                    *s = _mm256_add_epi32(*s, _mm256_add_epi32(pl, ph));
+                }
+            }
+            let (dx, dmx) = (ld_f16x8(x), ld_f16x8(x.add(2)));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 292 * b);
+                let yd = _mm256_set1_ps(ld_f32(y));
+                let mins = _mm256_cvtepi32_ps(bsums_madd(y, m16));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(yd, dx), _mm256_cvtepi32_ps(sumi[t]), *acc);
+                *acc = _mm256_fnmadd_ps(_mm256_mul_ps(yd, dmx), mins, *acc);
+            }
+        }
+        store(acc, out, os);
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(210 * b);
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let mut sumi = [_mm256_setzero_si256(); T];
+            for h in 0..2 {
+                for k in 0..4 {
+                    // Quant vector k of this half: low/high nibbles of ql, 2 bits of qh.
+                    let ql = ld256(x.add(64 * h + 32 * (k & 1)));
+                    let ql = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = _mm256_srl_epi16(
+                        ld256(x.add(128 + 32 * h)),
+                        _mm_cvtsi32_si128(2 * k as i32),
+                    );
+                    let q = _mm256_or_si256(
+                        _mm256_and_si256(ql, m4),
+                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                    );
+                    let sc = scale_pair(s16, h, k);
+                    for (t, s) in sumi.iter_mut().enumerate() {
+                        let y = a.add(t * st + 292 * b + 4 + 128 * h + 32 * k);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ld256(y)), sc);
+                        *s = _mm256_add_epi32(*s, p);
+                    }
+                }
+            }
+            let dx = ld_f16x8(x.add(208));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 292 * b);
+                // Quants were used +32: subtract 32 * Σ scale * bsum.
+                let off = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+                let si = _mm256_sub_epi32(sumi[t], off);
+                let d = _mm256_mul_ps(dx, _mm256_set1_ps(ld_f32(y)));
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(si), *acc);
+            }
+        }
+        store(acc, out, os);
+    }
+}
