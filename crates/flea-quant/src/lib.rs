@@ -382,7 +382,7 @@ pub fn matvec_isa(
 /// rows (each `act_row_bytes(vec_dot_type(weight), n_cols)` bytes) back to back.
 ///
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
-/// and reused, from cache, for every token. For Q4_0, Q8_0, Q4_K and Q6_K (with AVX2) one
+/// and reused, from cache, for every token. For Q4_0, Q8_0, Q4_K, Q5_K and Q6_K (with AVX2) one
 /// weight row is dotted with 4 tokens at a time, unpacking its blocks once; those results
 /// equal [`vec_dot`]'s up to float summation order.
 ///
@@ -395,14 +395,27 @@ pub fn matmul(
     n_tokens: usize,
     out: &mut [f32],
 ) {
-    let isa = best_isa();
+    matmul_isa(best_isa(), weight, n_cols, w_rows, acts, n_tokens, out)
+}
+
+/// [`matmul`] with an explicit instruction set (panics if this CPU lacks it).
+pub fn matmul_isa(
+    isa: Isa,
+    weight: GgmlType,
+    n_cols: usize,
+    w_rows: &[u8],
+    acts: &[u8],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    assert!(isa_available(isa), "instruction set {isa:?} not available");
     assert_eq!(n_cols % weight.block_size(), 0, "{weight}: partial block");
     let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
     #[cfg(target_arch = "x86_64")]
-    let k4 = if isa == Isa::Scalar {
-        None
-    } else {
-        simd::multi_avx2::kernel(weight)
+    let k4 = match isa {
+        Isa::Scalar => None,
+        Isa::Avx2 => simd::multi_avx2::kernel(weight),
+        Isa::Avx512 => simd::avx512::kernel4(weight).or_else(|| simd::multi_avx2::kernel(weight)),
     };
     let (wb, ab) = sizes(weight, n_cols);
     if wb == 0 || n_tokens == 0 {
@@ -435,7 +448,8 @@ pub fn matmul(
                 #[cfg(target_arch = "x86_64")]
                 if let Some(k4) = k4 {
                     while t + simd::multi_avx2::T <= t1 {
-                        // SAFETY: AVX2 is available (isa from best_isa(), not Scalar); row r
+                        // SAFETY: the kernel's ISA is available (asserted; AVX-512 kernels
+                        // only when isa is Avx512, AVX2 ones for Avx2 or Avx512); row r
                         // and tokens t..t+4 lie inside the slices checked above; outputs
                         // t*rows + r .. (t+3)*rows + r are < rows * n_tokens <= out.len().
                         unsafe { k4(n_cols, wr, a.add(t * ab), ab, o.add(t * rows + r), rows) };
@@ -443,8 +457,8 @@ pub fn matmul(
                     }
                 }
                 for t in t..t1 {
-                    // SAFETY: isa from best_isa() (detected); r < rows and t < n_tokens,
-                    // whose byte ranges were checked above.
+                    // SAFETY: isa available (asserted); r < rows and t < n_tokens, whose
+                    // byte ranges were checked above.
                     unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
                 }
             }

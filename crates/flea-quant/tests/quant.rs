@@ -330,6 +330,24 @@ fn matvec_and_matmul_equal_vec_dot() {
             }
             let mut mm = vec![0f32; rows * tokens];
             matmul(ty, n, &w, &acts, tokens, &mut mm);
+            // Every instruction set's batched kernels agree with the scalar path.
+            let mut ms = vec![0f32; rows * tokens];
+            matmul_isa(Isa::Scalar, ty, n, &w, &acts, tokens, &mut ms);
+            for isa in available_isas() {
+                let mut mi = vec![0f32; rows * tokens];
+                matmul_isa(isa, ty, n, &w, &acts, tokens, &mut mi);
+                for t in 0..tokens {
+                    for row in 0..rows {
+                        let tol = abs_dot(&deq(ty, &w[row * wb..(row + 1) * wb], n), &xs[t]) * 1e-5
+                            + 1e-6;
+                        let (g, e) = (mi[t * rows + row], ms[t * rows + row]);
+                        assert!(
+                            ((g - e) as f64).abs() <= tol,
+                            "{ty} {isa:?} matmul token {t}/{tokens} row {row}: {g} vs scalar {e}"
+                        );
+                    }
+                }
+            }
             for t in 0..tokens {
                 let a = &acts[t * ab..(t + 1) * ab];
                 let mut mv = vec![0f32; rows];

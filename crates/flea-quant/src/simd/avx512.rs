@@ -208,3 +208,112 @@ unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     }
     _mm512_reduce_add_ps(acc)
 }
+
+// ---- 4-token kernels for batched matmul (see `multi_avx2`) ----
+
+use super::multi_avx2::{Dot4Fn, T};
+
+pub(crate) fn kernel4(weight: GgmlType) -> Option<Dot4Fn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_K => dot4_q4_k,
+        Q6_K => dot4_q6_k,
+        _ => return None,
+    })
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut mins = [_mm256_setzero_ps(); T];
+    let m4 = _mm512_set1_epi8(0x0f);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(144 * b);
+            let sm = k4_scales_mins_v(x.add(4));
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+            let mut sumi = [_mm512_setzero_si512(); T];
+            for j in 0..4 {
+                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
+                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
+                let q = _mm512_and_si512(qb, m4);
+                let sc = _mm512_permutexvar_epi16(idx2(2 * j as i16, 2 * j as i16 + 1), s);
+                for (t, si) in sumi.iter_mut().enumerate() {
+                    let y = a.add(t * st + 292 * b);
+                    let p = _mm512_maddubs_epi16(q, ld512(y.add(4 + 64 * j)));
+                    *si = _mm512_add_epi32(*si, _mm512_madd_epi16(p, sc));
+                }
+            }
+            let (dx, dmx) = (ld_f16x8(x), ld_f16x8(x.add(2)));
+            for t in 0..T {
+                let y = a.add(t * st + 292 * b);
+                let yd = _mm256_set1_ps(ld_f32(y));
+                let mm = _mm256_cvtepi32_ps(bsums_madd(y, m16));
+                mins[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dmx), mm, mins[t]);
+                let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(dx));
+                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[t]), acc[t]);
+            }
+        }
+        for t in 0..T {
+            *out.add(t * os) = _mm512_reduce_add_ps(acc[t]) - hsum_ps(mins[t]);
+        }
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    let mut acc = [_mm512_setzero_ps(); T];
+    let m4 = _mm512_set1_epi8(0x0f);
+    let m3 = _mm512_set1_epi8(3);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(210 * b);
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let s = _mm512_castsi256_si512(s16);
+            let mut sumi = [_mm512_setzero_si512(); T];
+            for h in 0..2 {
+                let ql = ld512(x.add(64 * h));
+                let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
+                let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
+                let qa = _mm512_or_si512(
+                    _mm512_and_si512(ql, m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
+                );
+                let qb = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
+                );
+                let base = 8 * h as i16;
+                let sa = _mm512_permutexvar_epi16(idx4(base), s);
+                let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
+                for (t, si) in sumi.iter_mut().enumerate() {
+                    let y = a.add(t * st + 292 * b + 128 * h);
+                    let pa = _mm512_madd_epi16(_mm512_maddubs_epi16(qa, ld512(y.add(4))), sa);
+                    let pb = _mm512_madd_epi16(_mm512_maddubs_epi16(qb, ld512(y.add(68))), sb);
+                    *si = _mm512_add_epi32(*si, _mm512_add_epi32(pa, pb));
+                }
+            }
+            let dx = _mm256_cvtss_f32(ld_f16x8(x.add(208)));
+            for t in 0..T {
+                let y = a.add(t * st + 292 * b);
+                // Quants were used +32: subtract 32 * Σ scale * bsum.
+                let off = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+                let si = _mm512_sub_epi32(sumi[t], _mm512_zextsi256_si512(off));
+                let d = _mm512_set1_ps(ld_f32(y) * dx);
+                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(si), acc[t]);
+            }
+        }
+        for (t, a) in acc.into_iter().enumerate() {
+            *out.add(t * os) = _mm512_reduce_add_ps(a);
+        }
+    }
+}

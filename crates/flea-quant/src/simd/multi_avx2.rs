@@ -30,6 +30,7 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<Dot4Fn> {
         Q4_0 => dot4_q4_0,
         Q8_0 => dot4_q8_0,
         Q4_K => dot4_q4_k,
+        Q5_K => dot4_q5_k,
         Q6_K => dot4_q6_k,
         _ => return None,
     })
@@ -105,33 +106,57 @@ unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
+/// Shared Q4_K / Q5_K (`HIGH`: 5th bit from qh) kernel.
+///
 /// # Safety
 /// [`Dot4Fn`] contract.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+unsafe fn dot4_q45_k<const HIGH: bool>(
+    n: usize,
+    w: *const u8,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let bytes = if HIGH { 176 } else { 144 };
+    let qs_off = if HIGH { 48 } else { 16 };
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0f);
+    let one = _mm256_set1_epi8(1);
     // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
     // activation row (Dot4Fn contract).
     unsafe {
         for b in 0..n / 256 {
-            let x = w.add(144 * b);
+            let x = w.add(bytes * b);
             let sm = k4_scales_mins_v(x.add(4));
             let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
             let s8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            let mut qh = if HIGH {
+                ld256(x.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut sumi = [_mm256_setzero_si256(); T];
             for j in 0..4 {
-                let qs = ld256(x.add(16 + 32 * j));
-                let lo = _mm256_and_si256(qs, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+                let qs = ld256(x.add(qs_off + 32 * j));
+                let mut lo = _mm256_and_si256(qs, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+                if HIGH {
+                    let h0 = _mm256_and_si256(qh, one);
+                    let h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 1), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(h0, 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(h1, 4));
+                    qh = _mm256_srli_epi16(qh, 2);
+                }
                 let (sl, sh) = (bcast_i16(s8, 2 * j), bcast_i16(s8, 2 * j + 1));
                 for (t, s) in sumi.iter_mut().enumerate() {
                     let y = a.add(t * st + 292 * b);
-                    let pl =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j))), sl);
-                    let ph =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j))), sh);
-                    *s = _mm256_add_epi32(*s, _mm256_add_epi32(pl, ph));
+                    let pl = _mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j)));
+                    let ph = _mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j)));
+                    let p = _mm256_add_epi32(_mm256_madd_epi16(pl, sl), _mm256_madd_epi16(ph, sh));
+                    *s = _mm256_add_epi32(*s, p);
                 }
             }
             let (dx, dmx) = (ld_f16x8(x), ld_f16x8(x.add(2)));
@@ -145,6 +170,22 @@ unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
         }
         store(acc, out, os);
     }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    // SAFETY: same contract, same features.
+    unsafe { dot4_q45_k::<false>(n, w, a, st, out, os) }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    // SAFETY: same contract, same features.
+    unsafe { dot4_q45_k::<true>(n, w, a, st, out, os) }
 }
 
 /// # Safety
