@@ -277,6 +277,16 @@ fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
     }
 }
 
+/// [`kernel`] for `best_isa()`, looked up once per type (the hot path skips the dispatch).
+#[inline]
+fn best_kernel(weight: GgmlType) -> Option<DotFn> {
+    static TABLE: std::sync::OnceLock<[Option<DotFn>; GgmlType::ALL.len()]> =
+        std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| GgmlType::ALL.map(|t| kernel(best_isa(), t)));
+    // Fieldless enum: `as usize` is its position in declaration order, which ALL follows.
+    table.get(weight as usize).copied().flatten()
+}
+
 #[cold]
 #[inline(never)]
 fn unsupported(weight: GgmlType) -> ! {
@@ -307,7 +317,7 @@ fn sizes(weight: GgmlType, n: usize) -> (usize, usize) {
 #[inline]
 pub fn vec_dot(weight: GgmlType, n: usize, w_row: &[u8], act: &[u8]) -> f32 {
     debug_assert_eq!(n % weight.block_size(), 0);
-    let k = kernel(best_isa(), weight).unwrap_or_else(|| unsupported(weight));
+    let k = best_kernel(weight).unwrap_or_else(|| unsupported(weight));
     let (wb, ab) = sizes(weight, n);
     if w_row.len() < wb || act.len() < ab {
         bad_sizes(weight, n, w_row.len(), act.len());

@@ -540,3 +540,12 @@ fn simd_quantizers_match_scalar_bytes() {
         }
     }
 }
+
+#[test]
+fn ggml_type_all_is_in_declaration_order() {
+    // best_kernel() indexes a table by `ty as usize`; that relies on ALL following the
+    // enum's declaration order.
+    for (i, t) in GgmlType::ALL.iter().enumerate() {
+        assert_eq!(*t as usize, i, "{t}");
+    }
+}
