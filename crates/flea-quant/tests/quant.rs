@@ -54,18 +54,14 @@ fn dequantize_matches_gguf_reference() {
         assert_eq!(exp.len(), n);
         let mut got = vec![0f32; n];
         dequantize(ty, &data, &mut got).unwrap();
-        // Exact up to float rounding: numpy may order `d*sc*q - dmin*m` differently, so
-        // allow a couple of ulps of the block's largest magnitude.
-        let block = ty.block_size().max(32);
-        for (bi, (g, e)) in got.chunks(block).zip(exp.chunks(block)).enumerate() {
-            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (i, (a, b)) in g.iter().zip(e).enumerate() {
-                let tol = scale * 2.5e-7;
-                assert!(
-                    (a - b).abs() <= tol,
-                    "{ty} block {bi} elem {i}: got {a}, reference {b}"
-                );
-            }
+        // Bit-exact: we apply the same f32 operations in the same order as the reference
+        // (e.g. `(d * sc) * q - dmin * m` for Q4_K).
+        for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits(),
+                "{ty} element {i} (block {}): got {a}, reference {b}",
+                i / ty.block_size()
+            );
         }
         seen.push(ty);
     }
