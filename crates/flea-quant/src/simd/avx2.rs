@@ -309,6 +309,68 @@ pub(crate) unsafe fn dm_pair(x: *const u8, y: *const u8) -> (__m256, __m256) {
     (_mm256_permute_ps::<0>(prod), prod)
 }
 
+/// Drive a kernel that handles two 32-element blocks per 256-bit vector: `$pair(x, y)`
+/// covers blocks b and b+1 and returns their scale products `[d_b; 4] ++ [d_b+1; 4]` and
+/// 8 i32 partial sums (lanes 0..4 from block b, 4..8 from b+1). Two pairs per step into two
+/// accumulators; an odd last block goes through `$blk` (as in `legacy_dot!`).
+macro_rules! legacy_dot_pairs {
+    ($n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $pair:expr, $blk:expr) => {{
+        let (n, w, a) = ($n, $w, $a);
+        let nb = n / 32;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut b = 0;
+        // SAFETY (loop): every block index used is < n/32, so inside both rows.
+        unsafe {
+            while b + 4 <= nb {
+                let (d0, p0) = $pair(w.add($wbytes * b), a.add($abytes * b));
+                let (d1, p1) = $pair(w.add($wbytes * (b + 2)), a.add($abytes * (b + 2)));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                b += 4;
+            }
+            if b + 2 <= nb {
+                let (d0, p0) = $pair(w.add($wbytes * b), a.add($abytes * b));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                b += 2;
+            }
+            if b < nb {
+                let (d1, p1) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+            }
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
+    }};
+}
+
+/// Scale products of two consecutive blocks: `[dx0*dy0; 4] ++ [dx1*dy1; 4]`, where each
+/// block starts with its f16 d and blocks are `wb` / `ab` bytes apart.
+///
+/// # Safety
+/// `x`, `x + wb`, `y`, `y + ab` must each be valid for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn d_pair2(x: *const u8, y: *const u8, wb: usize, ab: usize) -> __m256 {
+    // SAFETY: caller guarantees the four 4-byte reads.
+    let (x0, x1, y0, y1) = unsafe { (ld_u32(x), ld_u32(x.add(wb)), ld_u32(y), ld_u32(y.add(ab))) };
+    // [d0, junk] twice, then [d1, junk] twice (16-bit lanes); junk lanes are dropped below.
+    let hx = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(x0 as i32), _mm_set1_epi32(x1 as i32));
+    let hy = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(y0 as i32), _mm_set1_epi32(y1 as i32));
+    let prod = _mm256_mul_ps(_mm256_cvtph_ps(hx), _mm256_cvtph_ps(hy));
+    _mm256_moveldup_ps(prod)
+}
+
+/// 16 bytes at `lo` and 16 at `hi` as one vector `[*lo | *hi]`.
+///
+/// # Safety
+/// Both pointers must be valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn ld2x128(lo: *const u8, hi: *const u8) -> __m256i {
+    // SAFETY: caller guarantees 16 readable bytes at each pointer.
+    unsafe { _mm256_loadu2_m128i(hi as *const __m128i, lo as *const __m128i) }
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -323,7 +385,29 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    legacy_dot!(n, w, a, 18, 34, blk)
+    /// Blocks b and b+1 side by side: low nibbles of both (elements 0..16) in one vector,
+    /// high nibbles (16..32) in another, against the matching activation halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q4_0 on two whole consecutive blocks.
+        unsafe {
+            let d = d_pair2(x, y, 18, 34);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let eight = _mm256_set1_epi8(8);
+            let q = ld2x128(x.add(2), x.add(20));
+            let lo = _mm256_sub_epi8(_mm256_and_si256(q, m4), eight);
+            let hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), eight);
+            let ya = ld2x128(y.add(2), y.add(36));
+            let yb = ld2x128(y.add(18), y.add(52));
+            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
+            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
+            // |products| <= 8*127*2 per i16, so the sum of two fits.
+            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
+            (d, p)
+        }
+    }
+    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
 }
 
 /// # Safety

@@ -9,7 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bsums_madd, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld_f16x8, ld_f32, nibbles32,
+    bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16x8, ld_f32,
+    nibbles32,
 };
 use crate::{DotFn, GgmlType};
 
@@ -64,7 +65,27 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, _mm256_sub_epi32(p, o))
         }
     }
-    legacy_dot!(n, w, a, 18, 34, blk)
+    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: x and y point at two whole consecutive blocks.
+        unsafe {
+            let d = d_pair2(x, y, 18, 34);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let q = ld2x128(x.add(2), x.add(20));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let ya = ld2x128(y.add(2), y.add(36));
+            let yb = ld2x128(y.add(18), y.add(52));
+            let z = _mm256_setzero_si256();
+            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
+            let eight = _mm256_set1_epi8(8);
+            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, eight, ya), eight, yb);
+            (d, _mm256_sub_epi32(p, o))
+        }
+    }
+    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
 }
 
 /// # Safety
