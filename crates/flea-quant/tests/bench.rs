@@ -26,6 +26,8 @@ fn matvec_throughput() {
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
@@ -38,8 +40,8 @@ fn matvec_throughput() {
         let mut w: Vec<u8> = (0..wb * rows).map(|_| next() as u8).collect();
         // Keep f16 scale fields finite: small positive halves at every block's d/dmin.
         let fields: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
             GgmlType::Q6_K => &[208],
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],

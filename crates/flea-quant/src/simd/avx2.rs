@@ -341,23 +341,64 @@ macro_rules! legacy_dot_pairs {
         }
         hsum_ps(_mm256_add_ps(acc0, acc1))
     }};
+    (min $n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $pair:expr, $blk:expr) => {{
+        // As above; `$pair` also returns the `d_pair2` product vector (m*s in lanes 1 and
+        // 5) and `$blk` the `dm_pair` one (m*s in lane 1, and repeated).
+        let (n, w, a) = ($n, $w, $a);
+        let nb = n / 32;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut ms0 = _mm256_setzero_ps();
+        let mut ms1 = _mm256_setzero_ps();
+        let mut tail = 0.0f32;
+        let mut b = 0;
+        // SAFETY (loop): every block index used is < n/32, so inside both rows.
+        unsafe {
+            while b + 4 <= nb {
+                let (d0, p0, m0) = $pair(w.add($wbytes * b), a.add($abytes * b));
+                let (d1, p1, m1) = $pair(w.add($wbytes * (b + 2)), a.add($abytes * (b + 2)));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                ms0 = _mm256_add_ps(ms0, m0);
+                ms1 = _mm256_add_ps(ms1, m1);
+                b += 4;
+            }
+            if b + 2 <= nb {
+                let (d0, p0, m0) = $pair(w.add($wbytes * b), a.add($abytes * b));
+                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+                ms0 = _mm256_add_ps(ms0, m0);
+                b += 2;
+            }
+            if b < nb {
+                let (d1, p1, m1) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
+                tail = _mm256_cvtss_f32(_mm256_permute_ps::<1>(m1));
+            }
+        }
+        let ms = _mm256_add_ps(ms0, ms1);
+        // Lanes 1 and 5: one 128-bit add, then lane 1.
+        let ms = _mm_add_ps(_mm256_castps256_ps128(ms), _mm256_extractf128_ps::<1>(ms));
+        hsum_ps(_mm256_add_ps(acc0, acc1)) + (_mm_cvtss_f32(_mm_movehdup_ps(ms)) + tail)
+    }};
 }
 
 /// Scale products of two consecutive blocks: `[dx0*dy0; 4] ++ [dx1*dy1; 4]`, where each
-/// block starts with its f16 d and blocks are `wb` / `ab` bytes apart.
+/// block starts with its f16 d and blocks are `wb` / `ab` bytes apart. Also returns the raw
+/// product vector: for Q4_1/Q5_1 × Q8_1 its lanes 1 and 5 hold the blocks' m*s terms (see
+/// [`dm_pair`]).
 ///
 /// # Safety
 /// `x`, `x + wb`, `y`, `y + ab` must each be valid for 4 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn d_pair2(x: *const u8, y: *const u8, wb: usize, ab: usize) -> __m256 {
+pub(crate) unsafe fn d_pair2(x: *const u8, y: *const u8, wb: usize, ab: usize) -> (__m256, __m256) {
     // SAFETY: caller guarantees the four 4-byte reads.
     let (x0, x1, y0, y1) = unsafe { (ld_u32(x), ld_u32(x.add(wb)), ld_u32(y), ld_u32(y.add(ab))) };
     // [d0, junk] twice, then [d1, junk] twice (16-bit lanes); junk lanes are dropped below.
     let hx = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(x0 as i32), _mm_set1_epi32(x1 as i32));
     let hy = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(y0 as i32), _mm_set1_epi32(y1 as i32));
     let prod = _mm256_mul_ps(_mm256_cvtph_ps(hx), _mm256_cvtph_ps(hy));
-    _mm256_moveldup_ps(prod)
+    (_mm256_moveldup_ps(prod), prod)
 }
 
 /// 16 bytes at `lo` and 16 at `hi` as one vector `[*lo | *hi]`.
@@ -392,7 +433,7 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: called only from dot_q4_0 on two whole consecutive blocks.
         unsafe {
-            let d = d_pair2(x, y, 18, 34);
+            let d = d_pair2(x, y, 18, 34).0;
             let m4 = _mm256_set1_epi8(0x0f);
             let eight = _mm256_set1_epi8(8);
             let q = ld2x128(x.add(2), x.add(20));
@@ -423,7 +464,25 @@ pub(crate) unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), ms)
         }
     }
-    legacy_dot!(min n, w, a, 20, 36, blk)
+    /// Blocks b and b+1 side by side (see `dot_q4_0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
+        // SAFETY: called only from dot_q4_1 on two whole consecutive blocks.
+        unsafe {
+            let (d, ms) = d_pair2(x, y, 20, 36);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let q = ld2x128(x.add(4), x.add(24));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let pa = _mm256_maddubs_epi16(lo, ld2x128(y.add(4), y.add(40)));
+            let pb = _mm256_maddubs_epi16(hi, ld2x128(y.add(20), y.add(56)));
+            // |products| <= 15*127*2 per i16, so the sum of two fits.
+            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
+            (d, p, ms)
+        }
+    }
+    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
 }
 
 /// # Safety
@@ -443,7 +502,35 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    legacy_dot!(n, w, a, 22, 34, blk)
+    /// Blocks b and b+1 side by side (see `dot_q4_0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: called only from dot_q5_0 on two whole consecutive blocks.
+        unsafe {
+            let d = d_pair2(x, y, 22, 34).0;
+            let m4 = _mm256_set1_epi8(0x0f);
+            let f0 = _mm256_set1_epi8(0xF0u8 as i8);
+            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
+            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
+            let hb_lo = bits_to_bytes((h0 & 0xffff) | (h1 << 16));
+            let hb_hi = bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000));
+            let q = ld2x128(x.add(6), x.add(28));
+            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_andnot_si256(hb_lo, f0));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                _mm256_andnot_si256(hb_hi, f0),
+            );
+            let ya = ld2x128(y.add(2), y.add(36));
+            let yb = ld2x128(y.add(18), y.add(52));
+            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
+            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
+            // |products| <= 16*127*2 per i16, so the sum of two fits.
+            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
+            (d, p)
+        }
+    }
+    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
 }
 
 /// # Safety
@@ -462,7 +549,32 @@ unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_u8i8(qx, ld256(y.add(4))), ms)
         }
     }
-    legacy_dot!(min n, w, a, 24, 36, blk)
+    /// Blocks b and b+1 side by side (see `dot_q4_0` and `dot_q5_0`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
+        // SAFETY: called only from dot_q5_1 on two whole consecutive blocks.
+        unsafe {
+            let (d, ms) = d_pair2(x, y, 24, 36);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let b4 = _mm256_set1_epi8(0x10);
+            let (h0, h1) = (ld_u32(x.add(4)), ld_u32(x.add(28)));
+            let hb_lo = bits_to_bytes((h0 & 0xffff) | (h1 << 16));
+            let hb_hi = bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000));
+            let q = ld2x128(x.add(8), x.add(32));
+            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_and_si256(hb_lo, b4));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                _mm256_and_si256(hb_hi, b4),
+            );
+            let pa = _mm256_maddubs_epi16(lo, ld2x128(y.add(4), y.add(40)));
+            let pb = _mm256_maddubs_epi16(hi, ld2x128(y.add(20), y.add(56)));
+            // |products| <= 31*127*2 per i16, so the sum of two fits.
+            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
+            (d, p, ms)
+        }
+    }
+    legacy_dot_pairs!(min n, w, a, 24, 36, pair, blk)
 }
 
 /// # Safety

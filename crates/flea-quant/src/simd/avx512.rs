@@ -71,7 +71,7 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
         // SAFETY: x and y point at two whole consecutive blocks.
         unsafe {
-            let d = d_pair2(x, y, 18, 34);
+            let d = d_pair2(x, y, 18, 34).0;
             let m4 = _mm256_set1_epi8(0x0f);
             let q = ld2x128(x.add(2), x.add(20));
             let lo = _mm256_and_si256(q, m4);
@@ -103,7 +103,28 @@ unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, p, ms)
         }
     }
-    legacy_dot!(min n, w, a, 20, 36, blk)
+    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
+        // SAFETY: x and y point at two whole consecutive blocks (20 / 36 bytes each).
+        unsafe {
+            let (d, ms) = d_pair2(x, y, 20, 36);
+            let m4 = _mm256_set1_epi8(0x0f);
+            let q = ld2x128(x.add(4), x.add(24));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let ya = ld2x128(y.add(4), y.add(40));
+            let yb = ld2x128(y.add(20), y.add(56));
+            let z = _mm256_setzero_si256();
+            (
+                d,
+                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb),
+                ms,
+            )
+        }
+    }
+    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
 }
 
 /// # Safety
