@@ -76,6 +76,19 @@ pub trait Backend {
     ) -> Result<()>;
     /// out[t] = W · x[t] for the first `n` rows (W has `w.rows` rows of `w.cols`).
     fn matmul(&self, n: usize, w: &Weight, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// Several matmuls of the same input (q/k/v, gate/up): the input is prepared once and
+    /// all the work is spread over the device in one go.
+    fn matmuls(
+        &self,
+        n: usize,
+        x: &Self::Act,
+        jobs: &mut [(&Weight, &mut Self::Act)],
+    ) -> Result<()> {
+        for (w, out) in jobs.iter_mut() {
+            self.matmul(n, w, x, out)?;
+        }
+        Ok(())
+    }
     /// x[t] += b
     fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()>;
     /// Rotate the first `rope_dims` dims of every head of the first `n` rows.

@@ -7,11 +7,12 @@
 
 use crate::backend::{AttnParams, Backend, KvShape, RopeParams};
 use crate::config::{FfnActivation, RopeStyle};
+use crate::pool::{Disjoint, ThreadPool};
 use crate::weights::Weight;
 use crate::{ModelError, Result};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// An activation matrix: `rows` × `width` f32, row-major.
@@ -42,17 +43,28 @@ pub struct CpuKv {
 }
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    pool: ThreadPool,
     threads: usize,
+}
+
+thread_local! {
+    /// Per-thread output block for batched matmuls, reused across calls.
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One matrix of a (possibly fused) matmul call, split into row chunks.
+struct MatmulPart<'a> {
+    w: &'a Weight<'a>,
+    acts: &'a [u8],
+    out: Disjoint<f32>,
+    chunk_rows: usize,
+    first_task: usize,
 }
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Result<CpuBackend> {
         let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("flea-cpu-{i}"))
-            .build()
+        let pool = ThreadPool::new(threads)
             .map_err(|e| ModelError::Backend(format!("thread pool: {e}")))?;
         Ok(CpuBackend { pool, threads })
     }
@@ -181,62 +193,87 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, n: usize, w: &Weight, x: &CpuAct, out: &mut CpuAct) -> Result<()> {
-        check_weight(w)?;
-        if x.width != w.cols || out.width != w.rows {
-            return Err(ModelError::Backend(format!(
-                "matmul: {}x{} weight with input width {} and output width {}",
-                w.rows, w.cols, x.width, out.width
-            )));
-        }
-        let fmt = flea_quant::vec_dot_type(w.ty)?;
-        let act_rb = flea_quant::act_row_bytes(fmt, w.cols);
-        let mut acts = Vec::with_capacity(n * act_rb);
-        let mut row_q = Vec::with_capacity(act_rb);
-        for r in x.rows(n)?.chunks_exact(w.cols) {
-            flea_quant::quantize_activations(fmt, r, &mut row_q)?;
-            acts.extend_from_slice(&row_q);
-        }
-        let rb = w.row_bytes();
-        let rows = w.rows;
-        // Enough chunks for load balance, each big enough to amortise scheduling.
-        let chunk_rows = rows.div_ceil(self.threads * 4).clamp(16, rows.max(16));
-        let o = out.rows_mut(n)?;
-        if n == 1 {
-            self.pool.install(|| {
-                o.par_chunks_mut(chunk_rows)
-                    .enumerate()
-                    .for_each(|(ci, dst)| {
-                        let r0 = ci * chunk_rows;
-                        let wr = &w.data[r0 * rb..(r0 + dst.len()) * rb];
-                        flea_quant::matvec(w.ty, w.cols, wr, &acts, dst);
-                    })
-            });
-        } else {
-            // Each task computes a block of rows for every token ([token][row] within the
-            // block), then the blocks are scattered into [token][rows].
-            let n_chunks = rows.div_ceil(chunk_rows);
-            let blocks: Vec<Vec<f32>> = self.pool.install(|| {
-                (0..n_chunks)
-                    .into_par_iter()
-                    .map(|ci| {
-                        let r0 = ci * chunk_rows;
-                        let r1 = (r0 + chunk_rows).min(rows);
-                        let mut tmp = vec![0.0f32; n * (r1 - r0)];
-                        let wr = &w.data[r0 * rb..r1 * rb];
-                        flea_quant::matmul(w.ty, w.cols, wr, &acts, n, &mut tmp);
-                        tmp
-                    })
-                    .collect()
-            });
-            for (ci, tmp) in blocks.iter().enumerate() {
-                let r0 = ci * chunk_rows;
-                let cr = tmp.len() / n;
-                for t in 0..n {
-                    o[t * rows + r0..t * rows + r0 + cr]
-                        .copy_from_slice(&tmp[t * cr..(t + 1) * cr]);
+        self.matmuls(n, x, &mut [(w, out)])
+    }
+
+    fn matmuls(&self, n: usize, x: &CpuAct, jobs: &mut [(&Weight, &mut CpuAct)]) -> Result<()> {
+        let xs = x.rows(n)?;
+        // Quantize the input once per activation format (q/k/v usually share one).
+        let mut quantized: Vec<(flea_quant::GgmlType, Vec<u8>)> = Vec::new();
+        for (w, out) in jobs.iter() {
+            check_weight(w)?;
+            if x.width != w.cols || out.width != w.rows {
+                return Err(ModelError::Backend(format!(
+                    "matmul: {}x{} weight with input width {} and output width {}",
+                    w.rows, w.cols, x.width, out.width
+                )));
+            }
+            let fmt = flea_quant::vec_dot_type(w.ty)?;
+            if !quantized.iter().any(|(f, _)| *f == fmt) {
+                let act_rb = flea_quant::act_row_bytes(fmt, w.cols);
+                let mut acts = Vec::with_capacity(n * act_rb);
+                let mut row_q = Vec::with_capacity(act_rb);
+                for r in xs.chunks_exact(w.cols) {
+                    flea_quant::quantize_activations(fmt, r, &mut row_q)?;
+                    acts.extend_from_slice(&row_q);
                 }
+                quantized.push((fmt, acts));
             }
         }
+        let mut parts = Vec::with_capacity(jobs.len());
+        let mut n_tasks = 0;
+        for (w, out) in jobs.iter_mut() {
+            let fmt = flea_quant::vec_dot_type(w.ty)?;
+            let acts = quantized
+                .iter()
+                .find(|(f, _)| *f == fmt)
+                .map(|(_, a)| a.as_slice())
+                .unwrap_or(&[]);
+            // Enough chunks per matrix for load balance, each big enough to amortise the
+            // hand-out; a multiple of 8 rows keeps SIMD-friendly blocks.
+            let chunk_rows = w
+                .rows
+                .div_ceil(self.threads * 4)
+                .max(16)
+                .next_multiple_of(8)
+                .min(w.rows.max(1));
+            let first_task = n_tasks;
+            n_tasks += w.rows.div_ceil(chunk_rows);
+            parts.push(MatmulPart {
+                w,
+                acts,
+                out: Disjoint::new(out.rows_mut(n)?),
+                chunk_rows,
+                first_task,
+            });
+        }
+        let task = |t: usize| {
+            let Some(p) = parts.iter().rev().find(|p| p.first_task <= t) else {
+                return;
+            };
+            let w = p.w;
+            let rb = w.row_bytes();
+            let r0 = (t - p.first_task) * p.chunk_rows;
+            let r1 = (r0 + p.chunk_rows).min(w.rows);
+            let wr = &w.data[r0 * rb..r1 * rb];
+            if n == 1 {
+                // SAFETY: each task owns rows r0..r1 of the single output row.
+                let dst = unsafe { p.out.range(r0, r1 - r0) };
+                flea_quant::matvec(w.ty, w.cols, wr, p.acts, dst);
+            } else {
+                BLOCK.with(|b| {
+                    let mut b = b.borrow_mut();
+                    b.resize(n * (r1 - r0), 0.0);
+                    flea_quant::matmul(w.ty, w.cols, wr, p.acts, n, &mut b);
+                    for (tok, src) in b.chunks_exact(r1 - r0).enumerate() {
+                        // SAFETY: each task owns columns r0..r1 of every token's output row.
+                        let dst = unsafe { p.out.range(tok * w.rows + r0, r1 - r0) };
+                        dst.copy_from_slice(src);
+                    }
+                });
+            }
+        };
+        self.pool.run(n_tasks, &task);
         Ok(())
     }
 
@@ -322,9 +359,11 @@ impl Backend for CpuBackend {
         let group = p.n_head / p.n_head_kv;
         let qd = p.n_head * hd;
         let qs = q.rows(n)?;
-        let o = out.rows_mut(n)?;
-        self.pool.install(|| {
-            o.par_chunks_mut(hd).enumerate().for_each(|(idx, dst)| {
+        let o = Disjoint::new(out.rows_mut(n)?);
+        self.pool.run(n * p.n_head, &|idx| {
+            {
+                // SAFETY: task idx owns head h of token t: elements idx*hd .. (idx+1)*hd.
+                let dst = unsafe { o.range(idx * hd, hd) };
                 let t = idx / p.n_head;
                 let h = idx % p.n_head;
                 let kh = h / group;
@@ -360,7 +399,7 @@ impl Backend for CpuBackend {
                     vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].convert_to_f32_slice(&mut vf);
                     dst.iter_mut().zip(&vf).for_each(|(d, v)| *d += pj * v);
                 }
-            })
+            }
         });
         Ok(())
     }

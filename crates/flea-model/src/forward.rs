@@ -91,9 +91,11 @@ pub fn block<B: Backend>(
 
     // --- attention ---
     b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
-    b.matmul(n, &w.wq, &s.xn, &mut s.q)?;
-    b.matmul(n, &w.wk, &s.xn, &mut s.k)?;
-    b.matmul(n, &w.wv, &s.xn, &mut s.v)?;
+    b.matmuls(
+        n,
+        &s.xn,
+        &mut [(&w.wq, &mut s.q), (&w.wk, &mut s.k), (&w.wv, &mut s.v)],
+    )?;
     // Qwen2: Q/K/V biases.
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
         b.add_bias(n, &mut s.q, bq)?;
@@ -150,8 +152,11 @@ pub fn block<B: Backend>(
 
     // --- feed-forward ---
     b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
-    b.matmul(n, &w.w_gate, &s.xn, &mut s.gate)?;
-    b.matmul(n, &w.w_up, &s.xn, &mut s.up)?;
+    b.matmuls(
+        n,
+        &s.xn,
+        &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
+    )?;
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
     b.matmul(n, &w.w_down, &s.ffn, &mut s.proj)?;
     // Gemma 3: norm of the FFN output before the residual add.

@@ -5,6 +5,7 @@ pub mod config;
 pub mod cpu;
 pub mod forward;
 pub mod model;
+pub mod pool;
 pub mod sampling;
 pub mod weights;
 
