@@ -320,6 +320,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         n: usize,

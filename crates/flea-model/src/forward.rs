@@ -76,6 +76,7 @@ pub fn embed<B: Backend>(
 
 /// Step 2, once per layer: one transformer block over the batch of `n` tokens at positions
 /// `pos0..pos0+n`, updating the residual stream in place.
+#[allow(clippy::too_many_arguments)] // the block's inputs, spelled out
 pub fn block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,

@@ -257,7 +257,7 @@ mod tests {
         };
         let mut s = Sampler::new(cfg);
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![10.0, 0.0, 0.0]), 0);
+            assert_eq!(s.sample(&mut [10.0, 0.0, 0.0]), 0);
         }
         let cfg = SamplerConfig {
             temperature: 1.0,
@@ -269,7 +269,7 @@ mod tests {
         };
         let mut s = Sampler::new(cfg);
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![0.0, 5.0, 0.0]), 1);
+            assert_eq!(s.sample(&mut [0.0, 5.0, 0.0]), 1);
         }
     }
 }
