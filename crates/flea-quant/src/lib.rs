@@ -393,8 +393,9 @@ pub fn matvec_isa(
 ///
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
 /// and reused, from cache, for every token. For Q4_0, Q8_0, Q4_K, Q5_K and Q6_K (with AVX2) one
-/// weight row is dotted with 4 tokens at a time, unpacking its blocks once; those results
-/// equal [`vec_dot`]'s up to float summation order.
+/// weight row is dotted with 4 tokens at a time, unpacking its blocks once (with AVX-512,
+/// Q4_0 and Q8_0 use 2-row x 4-token tiles); those results equal [`vec_dot`]'s up to float
+/// summation order.
 ///
 /// Panics if the type is unsupported or the slices are too short.
 pub fn matmul(
@@ -444,6 +445,12 @@ pub fn matmul_isa(
     const TILE: usize = 128 * 1024;
     let row_tile = (TILE / wb).max(1);
     let tok_tile = (TILE / ab.max(1)).max(4);
+    #[cfg(target_arch = "x86_64")]
+    let tile = if isa == Isa::Avx512 {
+        simd::avx512::tile_kernel(weight)
+    } else {
+        None
+    };
     let w = w_rows.as_ptr();
     let a = acts.as_ptr();
     let o = out.as_mut_ptr();
@@ -451,7 +458,43 @@ pub fn matmul_isa(
         let r1 = (r0 + row_tile).min(rows);
         for t0 in (0..n_tokens).step_by(tok_tile) {
             let t1 = (t0 + tok_tile).min(n_tokens);
-            for r in r0..r1 {
+            #[allow(unused_mut)]
+            let mut r_rest = r0;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(tk) = tile {
+                use simd::avx512::{TILE_R, TILE_T};
+                while r_rest + TILE_R <= r1 {
+                    let r = r_rest;
+                    let mut t = t0;
+                    while t + TILE_T <= t1 {
+                        // SAFETY: isa is Avx512 (asserted available); rows r..r+TILE_R and
+                        // tokens t..t+TILE_T lie inside the slices checked above, and so
+                        // do their outputs (t+TILE_T-1)*rows + r+TILE_R-1 < rows*n_tokens.
+                        unsafe {
+                            tk(
+                                n_cols,
+                                w.add(r * wb),
+                                wb,
+                                a.add(t * ab),
+                                ab,
+                                o.add(t * rows + r),
+                                rows,
+                            )
+                        };
+                        t += TILE_T;
+                    }
+                    for t in t..t1 {
+                        for r in r..r + TILE_R {
+                            // SAFETY: as for the single-row loop below.
+                            unsafe {
+                                *o.add(t * rows + r) = k(n_cols, w.add(r * wb), a.add(t * ab))
+                            };
+                        }
+                    }
+                    r_rest += TILE_R;
+                }
+            }
+            for r in r_rest..r1 {
                 let wr = w.wrapping_add(r * wb);
                 #[allow(unused_mut)]
                 let mut t = t0;
