@@ -291,7 +291,7 @@ impl Backend for CpuBackend {
     fn rope(&self, n: usize, x: &mut CpuAct, p: &RopeParams) -> Result<()> {
         let hd = p.head_dim;
         let nd = p.rope_dims;
-        if x.width != p.n_heads * hd || nd > hd || nd % 2 != 0 {
+        if x.width != p.n_heads * hd || nd > hd || !nd.is_multiple_of(2) {
             return Err(ModelError::Backend("rope: shape mismatch".into()));
         }
         // cos/sin per position, computed like ggml: theta_i = pos * base^(-2i/nd) by repeated
