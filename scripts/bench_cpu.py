@@ -21,10 +21,11 @@ comparable (the llama.cpp child includes the Python interpreter + numpy, ~30-40 
 Medians over the repetitions are reported; ratio = flea / llama.cpp (>1: flea faster).
 
 Shared machines: llama.cpp's CPU threads sync with spinning barriers, so with T threads on a
-machine whose other load leaves fewer than T free cores, multi-threaded numbers collapse (we saw
-SmolLM2 2-thread decode fall from tens to ~2-7 tok/s on a 2-core box at load ~4). Each run records
-the load average before it and cpu_s/wall_s; use --wait-idle LOAD to wait for a quiet machine, and
-compare engines only from the same invocation (runs are interleaved so both see similar load).
+machine whose other load leaves fewer than T free cores, multi-threaded numbers collapse (on a
+2-core box llama.cpp's SmolLM2 2-thread decode went from ~80 tok/s when quiet to 2-7 tok/s at
+load ~4). Each run records the load average before it and cpu_s/wall_s (a warning is printed when
+a run got < 0.75 x T CPUs); use --wait-idle LOAD to wait for a quiet machine, and compare engines
+only from the same invocation (runs are interleaved so both see similar load).
 
   python3 scripts/bench_cpu.py                          # smollm2 qwen2, 2 threads, 3 reps
   python3 scripts/bench_cpu.py -m smollm2 -t 1 -t 2 --reps 5 --json bench.json
@@ -681,6 +682,8 @@ def main() -> int:
                 "llama_best_decode_tok_s": max([r["decode_tok_s"] for r in L], default=None),
                 "flea_best_decode_tok_s": max([r["decode_tok_s"] for r in F], default=None),
             }
+            utils = [x["cpu_s"] / x["wall_s"] for x in L + F if x.get("wall_s")]
+            row["cpu_util_min"] = min(utils) if utils else None
             row["prompt_ratio"] = ratio(row["flea_prompt_tok_s"], row["llama_prompt_tok_s"])
             row["decode_ratio"] = ratio(row["flea_decode_tok_s"], row["llama_decode_tok_s"])
             warn = []
@@ -709,13 +712,13 @@ def main() -> int:
             rows.append(row)
 
     meta["loadavg_end"] = loadavg()
-    try:
-        la1 = max(float(meta["loadavg_start"].split()[0]), float(meta["loadavg_end"].split()[0]))
-        if la1 + max(threads) > (os.cpu_count() or 1) + 0.5:
-            print(f"\n# WARNING: load average {la1:.2f} + {max(threads)} threads > {os.cpu_count()} CPUs: "
-                  "the machine is oversubscribed, numbers are contention-dominated and noisy.")
-    except ValueError:
-        pass
+    # Contention check: a child that got its cores uses ~T CPU-seconds per wall second (a bit less
+    # for the single-threaded model load); much less means it was descheduled.
+    for r in rows:
+        if r["cpu_util_min"] is not None and r["cpu_util_min"] < 0.75 * r["threads"]:
+            print(f"\n# WARNING {r['model']} T={r['threads']}: a run used only {r['cpu_util_min']:.2f} CPUs on "
+                  f"average (< 0.75 x {r['threads']} threads): the machine was oversubscribed, these numbers "
+                  "are contention-dominated (spinning thread barriers collapse); re-run with --wait-idle.")
     print()
     print(f"CPU: {meta['cpu']}, {meta['n_cpus']} logical CPUs; load avg {meta['loadavg_start']} -> "
           f"{meta['loadavg_end']}; median of {args.reps} runs; ratio = flea / llama.cpp (>1: flea faster); "
