@@ -3,7 +3,7 @@
 //!
 //! Byte layouts (little-endian, no padding):
 //! * Q2_K (84 B): `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`. 16 sub-blocks of 16;
-//!   sub-block scale = d * (scales[i] & 15), min = dmin * (scales[i] >> 4); 2-bit quants.
+//!   sub-block scale = `d * (scales[i] & 15)`, min = `dmin * (scales[i] >> 4)`; 2-bit quants.
 //! * Q3_K (110 B): `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`. 16 sub-blocks
 //!   of 16 with 6-bit signed scales (stored +32); quant = 2 low bits - (high bit clear ? 4 : 0).
 //! * Q4_K (144 B): `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`. 8 sub-blocks of 32

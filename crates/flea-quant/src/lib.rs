@@ -371,7 +371,7 @@ pub fn matvec_isa(
     let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
     let (wb, ab) = sizes(weight, n_cols);
     assert!(
-        w_rows.len() >= wb * out.len() && act.len() >= ab,
+        wb.checked_mul(out.len()).is_some_and(|need| w_rows.len() >= need) && act.len() >= ab,
         "matvec {weight}: {} rows of {n_cols} need {} weight bytes (got {}) and {ab} activation bytes (got {})",
         out.len(),
         wb * out.len(),
@@ -433,6 +433,10 @@ pub fn matmul_isa(
         return;
     }
     let rows = w_rows.len() / wb;
+    // Checked so that a huge n_tokens cannot wrap around and pass the size check.
+    let (Some(_), Some(_)) = (ab.checked_mul(n_tokens), rows.checked_mul(n_tokens)) else {
+        panic!("matmul {weight}: size overflow");
+    };
     assert!(
         acts.len() >= ab * n_tokens && out.len() >= rows * n_tokens,
         "matmul {weight}: {n_tokens} tokens x {rows} rows need {} activation bytes (got {}) and {} outputs (got {})",
