@@ -1,0 +1,259 @@
+//! End-to-end: synthetic models load and run in flea, output is deterministic, repack
+//! preserves every byte and the logits.
+
+use std::path::{Path, PathBuf};
+
+use flea_gguf::{GgmlType, GgufFile};
+use flea_model::{CpuBackend, Logits, Model, Session};
+use flea_synth::{repack, write_synthetic, Preset, QuantMix, SynthOptions, REPACK_ALIGNMENT};
+
+/// A unique temp path, removed on drop.
+struct Tmp(PathBuf);
+
+impl Tmp {
+    fn new(tag: &str) -> Tmp {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        Tmp(std::env::temp_dir().join(format!(
+            "flea-synth-test-{}-{n}-{tag}.gguf",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn write(o: &SynthOptions, tag: &str) -> Tmp {
+    let t = Tmp::new(tag);
+    write_synthetic(&t.0, o).unwrap();
+    t
+}
+
+/// Logits for a short prompt, prompt processed as one batch then one decode step.
+fn logits(path: &Path) -> Vec<f32> {
+    let model = Model::load(path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let mut s = Session::new(&model, &backend, 64, 32).unwrap();
+    let toks = model.tokenizer.encode("the quick brown fox", true, false);
+    assert!(toks.len() >= 3, "{toks:?}");
+    let mut out = s.eval(&toks, Logits::All).unwrap();
+    out.extend(s.eval(&[5], Logits::Last).unwrap());
+    out
+}
+
+fn check_logits(l: &[f32], n_vocab: usize, what: &str) {
+    assert_eq!(l.len() % n_vocab, 0);
+    assert!(l.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+    for row in l.chunks(n_vocab) {
+        let mean = row.iter().sum::<f32>() / n_vocab as f32;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n_vocab as f32;
+        // Not degenerate, not exploded: weights are scaled like a trained model's.
+        assert!(
+            var.sqrt() > 0.05 && var.sqrt() < 100.0,
+            "{what}: logit std {}",
+            var.sqrt()
+        );
+    }
+}
+
+#[test]
+fn tiny_presets_load_and_run() {
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        for tied in [false, true] {
+            let mut o = SynthOptions::new(preset);
+            o.tied = tied;
+            let f = write(&o, preset.name());
+            let g = GgufFile::open(&f.0).unwrap();
+            let shape = preset.shape();
+            assert_eq!(g.header.n_layers(), shape.n_layers);
+            assert_eq!(g.header.tensor("output.weight").is_none(), tied);
+            let l = logits(&f.0);
+            check_logits(&l, shape.n_vocab, preset.name());
+            let m = Model::load(&f.0).unwrap();
+            assert_eq!(m.cfg.head_dim, shape.head_dim);
+            if preset == Preset::TinyGemma3 {
+                // Both kinds of layer exist.
+                assert!(m.cfg.is_swa_layer(0) && !m.cfg.is_swa_layer(5));
+                assert_eq!(m.cfg.sliding_window, Some(16));
+            }
+        }
+    }
+}
+
+#[test]
+fn gemma3_runs_past_the_sliding_window() {
+    let f = write(&SynthOptions::new(Preset::TinyGemma3), "gemma-long");
+    let model = Model::load(&f.0).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let mut s = Session::new(&model, &backend, 64, 8).unwrap();
+    let toks: Vec<u32> = (0..40).map(|i| 3 + i * 7).collect();
+    let l = s.eval(&toks, Logits::All).unwrap();
+    check_logits(&l, 1024, "gemma3 40 tokens");
+}
+
+#[test]
+fn every_quant_mix_runs() {
+    for q in QuantMix::ALL {
+        let mut o = SynthOptions::new(Preset::Tiny);
+        o.quant = q;
+        let f = write(&o, &format!("{q:?}"));
+        let g = GgufFile::open(&f.0).unwrap();
+        let want = q.uniform_type();
+        for t in &g.header.tensors {
+            if t.dims.len() == 2 {
+                if let Some(ty) = want {
+                    assert_eq!(t.ty, ty, "{q:?} {}", t.name);
+                }
+            } else {
+                assert_eq!(t.ty, GgmlType::F32);
+            }
+        }
+        if q == QuantMix::Q4_K_M {
+            let ty = |n: &str| g.header.tensor(n).unwrap().ty;
+            assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q6_K);
+            assert_eq!(ty("blk.0.ffn_down.weight"), GgmlType::Q6_K);
+            assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4_K);
+            assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+            assert_eq!(ty("token_embd.weight"), GgmlType::Q4_K);
+        }
+        assert_eq!(
+            g.header.get_u32("general.file_type").unwrap(),
+            Some(q.file_type())
+        );
+        check_logits(&logits(&f.0), 1024, &format!("{q:?}"));
+    }
+}
+
+#[test]
+fn rows_not_multiple_of_256_fall_back() {
+    let mut o = SynthOptions::new(Preset::Tiny);
+    o.shape.n_ff = 800; // ffn_down rows of 800: a multiple of 32, not of 256
+    for (q, want) in [
+        (QuantMix::Q4_K_M, GgmlType::Q8_0),
+        (QuantMix::Q4_K, GgmlType::Q5_0),
+        (QuantMix::Q5_K, GgmlType::Q5_1),
+        (QuantMix::Q3_K, GgmlType::Q4_0),
+    ] {
+        o.quant = q;
+        let f = write(&o, "fallback");
+        let g = GgufFile::open(&f.0).unwrap();
+        assert_eq!(g.header.tensor("blk.0.ffn_down.weight").unwrap().ty, want);
+        check_logits(&logits(&f.0), 1024, "fallback");
+    }
+}
+
+#[test]
+fn tokenizer_loads_and_round_trips() {
+    let f = write(&SynthOptions::new(Preset::Tiny), "tok");
+    let g = GgufFile::open(&f.0).unwrap();
+    let tok = flea_tokenizer::Tokenizer::from_gguf(&g.header).unwrap();
+    assert_eq!(tok.n_vocab(), 1024);
+    assert_eq!(tok.bos(), Some(1022));
+    assert_eq!(tok.eos(), Some(1023));
+    for text in [
+        "Hello, world! This is a test of the synthetic tokenizer.",
+        "  spaces\tand\nnewlines 1234 ~!@#$%^&*()",
+        "the then there their these",
+    ] {
+        let ids = tok.encode(text, false, false);
+        assert_eq!(tok.decode(&ids), text);
+        let with_bos = tok.encode(text, true, false);
+        assert_eq!(with_bos[0], 1022);
+    }
+    // Merges make multi-byte tokens.
+    let ids = tok.encode("the then there", false, false);
+    assert!(ids.len() < "the then there".len() * 2 / 3, "{ids:?}");
+}
+
+#[test]
+fn deterministic_per_seed() {
+    let mut o = SynthOptions::new(Preset::TinyQwen2);
+    o.seed = 11;
+    let a = write(&o, "seed-a");
+    o.threads = 1; // thread count must not change the bytes
+    let b = write(&o, "seed-b");
+    o.seed = 12;
+    o.threads = 0;
+    let c = write(&o, "seed-c");
+    let (a, b, c) = (
+        std::fs::read(&a.0).unwrap(),
+        std::fs::read(&b.0).unwrap(),
+        std::fs::read(&c.0).unwrap(),
+    );
+    assert_eq!(a, b);
+    assert_eq!(a.len(), c.len());
+    assert_ne!(a, c);
+}
+
+#[test]
+fn refuses_without_space_and_bad_shapes() {
+    let mut o = SynthOptions::new(Preset::Tiny);
+    o.shape.n_vocab = 100;
+    let t = Tmp::new("bad");
+    assert!(write_synthetic(&t.0, &o).is_err());
+    assert!(!t.0.exists());
+    if cfg!(target_os = "linux") {
+        // 70B at 2^20 layers cannot fit anywhere.
+        let mut o = SynthOptions::new(Preset::B70);
+        o.shape.n_layers = 1 << 20;
+        let err = write_synthetic(&t.0, &o).unwrap_err();
+        assert!(
+            matches!(err, flea_synth::SynthError::NoSpace { .. }),
+            "{err}"
+        );
+        assert!(!t.0.exists());
+    }
+}
+
+#[test]
+fn repack_preserves_bytes_and_logits() {
+    for preset in [Preset::Tiny, Preset::TinyGemma3] {
+        let src = write(&SynthOptions::new(preset), "repack-src");
+        let dst = Tmp::new("repack-dst");
+        let r = repack(&src.0, &dst.0).unwrap();
+
+        let a = GgufFile::open(&src.0).unwrap();
+        let b = GgufFile::open(&dst.0).unwrap();
+        assert_eq!(b.header.alignment, REPACK_ALIGNMENT);
+        assert_eq!(a.header.tensors.len(), b.header.tensors.len());
+        for t in &a.header.tensors {
+            let u = b.header.tensor(&t.name).unwrap();
+            assert_eq!(a.tensor_data(t), b.tensor_data(u), "{}", t.name);
+        }
+        // Extents: aligned, in order, each layer's tensors alone in its extent.
+        let n_layers = preset.shape().n_layers;
+        assert_eq!(r.layers.len(), n_layers);
+        let (gs, ge) = r.globals.unwrap();
+        assert_eq!(gs % REPACK_ALIGNMENT, 0);
+        let mut prev = ge;
+        for (i, e) in r.layers.iter().enumerate() {
+            assert_eq!(e.layer, i);
+            assert_eq!(e.start % REPACK_ALIGNMENT, 0);
+            assert!(e.start >= prev);
+            // Contiguous: only alignment padding since the previous extent.
+            assert!(e.start - prev < REPACK_ALIGNMENT);
+            let v = b.header.layer_view(i).unwrap();
+            assert_eq!((v.start, v.end), (e.start, e.end));
+            for t in &b.header.tensors {
+                if t.layer() != Some(i) {
+                    assert!(
+                        t.end() <= e.start || t.offset >= e.end,
+                        "{} inside layer {i}",
+                        t.name
+                    );
+                }
+            }
+            prev = e.end;
+        }
+        let (la, lb) = (logits(&src.0), logits(&dst.0));
+        assert_eq!(la.len(), lb.len());
+        assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Same input and output path is refused.
+        assert!(repack(&src.0, &src.0).is_err());
+    }
+}
