@@ -114,7 +114,8 @@ mod tests {
             assert!(b.capacity() >= req.max(1));
             assert!(b.capacity() < req.max(1) + ALIGN);
             assert!(b.as_slice().iter().all(|&x| x == 0));
-            b.as_mut_slice()[b.capacity() - 1] = 7;
+            let last = b.capacity() - 1;
+            b.as_mut_slice()[last] = 7;
             assert_eq!(b.as_slice()[b.capacity() - 1], 7);
             assert_eq!(b.as_slice().len(), b.capacity());
         }

@@ -243,17 +243,23 @@ pub fn open_reader(path: &Path, opts: &IoOptions) -> Result<Box<dyn RangeReader>
 fn open_uring(path: &Path, opts: &IoOptions) -> Result<Box<dyn RangeReader>, IoError> {
     match uring::UringReader::open(path, opts)? {
         Ok(r) => Ok(Box::new(r)),
-        Err(why) => {
-            let note = format!("io_uring unavailable ({why}): fell back to pread");
-            Ok(Box::new(pread::PreadReader::open(path, opts, Some(note))?))
-        }
+        Err(why) => uring_fallback(path, opts, &why),
     }
+}
+
+/// The pread reader used where io_uring cannot be set up, saying why in describe().
+fn uring_fallback(
+    path: &Path,
+    opts: &IoOptions,
+    why: &str,
+) -> Result<Box<dyn RangeReader>, IoError> {
+    let note = format!("io_uring unavailable ({why}): fell back to pread");
+    Ok(Box::new(pread::PreadReader::open(path, opts, Some(note))?))
 }
 
 #[cfg(not(target_os = "linux"))]
 fn open_uring(path: &Path, opts: &IoOptions) -> Result<Box<dyn RangeReader>, IoError> {
-    let note = "io_uring unavailable (not Linux): fell back to pread".to_string();
-    Ok(Box::new(pread::PreadReader::open(path, opts, Some(note))?))
+    uring_fallback(path, opts, "not Linux")
 }
 
 /// The size of the file at `path`.
@@ -293,13 +299,23 @@ pub fn sequential_read_bandwidth(
     Ok(size as f64 / secs)
 }
 
+/// The length to report in [`IoError::Truncated`] after a read saw end of file at file position
+/// `observed`: the file's current size where `fstat` gives one no larger (a read that starts past
+/// the end sees EOF at its own start), else `observed`.
+pub(crate) fn eof_len(file: &std::fs::File, observed: u64) -> u64 {
+    match file.metadata() {
+        Ok(m) if m.len() <= observed => m.len(),
+        _ => observed,
+    }
+}
+
 /// `"1MiB"`-style size for describe() strings.
 pub(crate) fn human_size(n: usize) -> String {
-    if n >= 1 << 30 && n % (1 << 30) == 0 {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
         format!("{}GiB", n >> 30)
-    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{}MiB", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
         format!("{}KiB", n >> 10)
     } else {
         format!("{n}B")
@@ -369,6 +385,28 @@ mod tests {
         }
         // Saturates rather than wrapping.
         assert!(required_capacity(u64::MAX - 10, 100) > 0);
+    }
+
+    #[test]
+    fn uring_fallback_says_why() {
+        let path = std::env::temp_dir().join(format!("flea-io-fallback-{}", std::process::id()));
+        std::fs::write(&path, b"hello, world").unwrap();
+        let opts = IoOptions {
+            backend: IoBackend::IoUring,
+            direct: false,
+            ..Default::default()
+        };
+        let mut r = uring_fallback(&path, &opts, "setup refused: EPERM").unwrap();
+        let d = r.describe();
+        assert!(d.starts_with("pread"), "{d}");
+        assert!(
+            d.contains("io_uring unavailable (setup refused: EPERM)"),
+            "{d}"
+        );
+        let mut buf = AlignedBuf::new(ALIGN).unwrap();
+        let got = r.read(7, 5, &mut buf).unwrap();
+        assert_eq!(&buf.as_slice()[got], b"world");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

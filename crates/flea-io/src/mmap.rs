@@ -13,7 +13,14 @@ use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
 
-use crate::{check_range, fadvise_dontneed, AlignedBuf, IoError, IoOptions, RangeReader, ALIGN};
+use crate::{check_range, fadvise_dontneed, AlignedBuf, IoError, IoOptions, RangeReader};
+
+/// The VM page size (madvise needs page-aligned starts).
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
 
 pub(crate) struct MmapReader {
     file: File,
@@ -112,9 +119,11 @@ impl RangeReader for MmapReader {
         buf.as_mut_slice()[head..head + len].copy_from_slice(&map[s..e]);
         if self.drop_cache {
             // Unmap the pages from this process so that the page cache may drop them.
-            let a_start = s - s % ALIGN;
-            let a_end = e.next_multiple_of(ALIGN).min(map.len());
-            // SAFETY: [a_start, a_end) lies inside the mapping and starts on a page boundary.
+            let page = page_size();
+            let a_start = s - s % page;
+            let a_end = e.next_multiple_of(page).min(map.len());
+            // SAFETY: [a_start, a_end) lies inside the mapping, whose start is page-aligned, and
+            // a_start is a multiple of the page size.
             // MADV_DONTNEED on a read-only shared file mapping only drops page-table entries;
             // later accesses fault the data back in from the file, so no content is lost.
             unsafe {

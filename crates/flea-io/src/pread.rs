@@ -18,11 +18,15 @@ pub(crate) fn open_file(path: &Path, direct: bool) -> Result<(File, bool), IoErr
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::fs::OpenOptionsExt;
-            match OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-            {
+            let attempt = if fault::refuse_direct_open() {
+                Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+            };
+            match attempt {
                 Ok(f) => return Ok((f, true)),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(open_err(e)),
@@ -31,6 +35,32 @@ pub(crate) fn open_file(path: &Path, direct: bool) -> Result<(File, bool), IoErr
     }
     let f = OpenOptions::new().read(true).open(path).map_err(open_err)?;
     Ok((f, false))
+}
+
+/// Fault injection for the unit tests: this machine's filesystems (ext4, and tmpfs since Linux
+/// 6.6) all accept O_DIRECT, so the fallbacks are exercised by pretending they do not.
+pub(crate) mod fault {
+    #[cfg(test)]
+    thread_local! {
+        pub(crate) static REFUSE_DIRECT_OPEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        pub(crate) static REFUSE_DIRECT_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Pretend `open(O_DIRECT)` fails with EINVAL.
+    pub(crate) fn refuse_direct_open() -> bool {
+        #[cfg(test)]
+        return REFUSE_DIRECT_OPEN.with(|c| c.get());
+        #[cfg(not(test))]
+        false
+    }
+
+    /// Pretend O_DIRECT reads fail with EINVAL.
+    pub(crate) fn refuse_direct_read() -> bool {
+        #[cfg(test)]
+        return REFUSE_DIRECT_READ.with(|c| c.get());
+        #[cfg(not(test))]
+        false
+    }
 }
 
 pub(crate) const DIRECT_REFUSED_AT_OPEN: &str =
@@ -109,6 +139,9 @@ pub(crate) fn pread_full(
         })?;
         // Linux transfers at most 0x7ffff000 bytes per call; ask for no more than 1 GiB.
         let want = rest.len().min(1 << 30);
+        if direct && fault::refuse_direct_read() {
+            return Ok(Filled::Einval);
+        }
         // SAFETY: `rest` is a valid, exclusively borrowed region of at least `want` bytes, so the
         // kernel may write up to `want` bytes at its start.
         let r = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), want, off) };
@@ -131,7 +164,7 @@ pub(crate) fn pread_full(
             break;
         }
         done += r as usize;
-        if direct && done % ALIGN != 0 {
+        if direct && !done.is_multiple_of(ALIGN) {
             break;
         }
     }
@@ -172,7 +205,7 @@ impl RangeReader for PreadReader {
                             path: self.path.clone(),
                             start: offset,
                             end,
-                            file_len: got_to,
+                            file_len: crate::eof_len(&self.file, got_to),
                         });
                     }
                     if self.drop_cache {
@@ -199,5 +232,94 @@ impl RangeReader for PreadReader {
             s.push(')');
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{open_reader, IoBackend};
+
+    fn with_file(f: impl FnOnce(&Path, &[u8])) {
+        let path = std::env::temp_dir().join(format!(
+            "flea-io-pread-unit-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let data: Vec<u8> = (0..50_001u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        f(&path, &data);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    fn check_reads(r: &mut dyn RangeReader, data: &[u8]) {
+        let mut buf = AlignedBuf::new(1 << 17).unwrap();
+        for (off, len) in [
+            (0u64, 1usize),
+            (1, 4096),
+            (4095, 2),
+            (40_000, 10_001),
+            (50_000, 1),
+        ] {
+            let got = r.read(off, len, &mut buf).unwrap();
+            assert_eq!(buf.as_slice()[got], data[off as usize..off as usize + len]);
+        }
+        assert!(matches!(
+            r.read(49_000, 1002, &mut buf),
+            Err(IoError::Truncated {
+                file_len: 50_001,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn direct_refused_at_open_falls_back_to_buffered() {
+        with_file(|path, data| {
+            fault::REFUSE_DIRECT_OPEN.with(|c| c.set(true));
+            for backend in [IoBackend::Pread, IoBackend::IoUring] {
+                let opts = IoOptions {
+                    backend,
+                    direct: true,
+                    ..Default::default()
+                };
+                let mut r = open_reader(path, &opts).unwrap();
+                let d = r.describe();
+                assert!(
+                    d.contains("O_DIRECT unsupported on this filesystem: fell back to buffered"),
+                    "{d}"
+                );
+                assert!(
+                    !d.contains("O_DIRECT,") && !d.starts_with("pread+O_DIRECT"),
+                    "{d}"
+                );
+                check_reads(r.as_mut(), data);
+            }
+            fault::REFUSE_DIRECT_OPEN.with(|c| c.set(false));
+        });
+    }
+
+    #[test]
+    fn direct_refused_at_read_falls_back_to_buffered() {
+        with_file(|path, data| {
+            fault::REFUSE_DIRECT_READ.with(|c| c.set(true));
+            for backend in [IoBackend::Pread, IoBackend::IoUring] {
+                let opts = IoOptions {
+                    backend,
+                    direct: true,
+                    queue_depth: 2,
+                    block_size: 8192,
+                    ..Default::default()
+                };
+                let mut r = open_reader(path, &opts).unwrap();
+                check_reads(r.as_mut(), data);
+                let d = r.describe();
+                assert!(
+                    d.contains("O_DIRECT read refused with EINVAL: fell back to buffered"),
+                    "{d}"
+                );
+            }
+            fault::REFUSE_DIRECT_READ.with(|c| c.set(false));
+        });
     }
 }

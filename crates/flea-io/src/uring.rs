@@ -211,6 +211,9 @@ impl UringReader {
         boff: usize,
         buf: &mut AlignedBuf,
     ) -> Result<SpanResult, IoError> {
+        if self.direct && crate::pread::fault::refuse_direct_read() {
+            return Ok(SpanResult::Einval);
+        }
         let buf_index = self.buffer_index(buf);
         let base = buf.as_mut_ptr();
         let bs = self.block_size;
@@ -302,7 +305,7 @@ impl UringReader {
                 }
                 c.done += res as usize;
                 if c.done < c.len {
-                    if direct && c.done % ALIGN != 0 {
+                    if direct && !c.done.is_multiple_of(ALIGN) {
                         // O_DIRECT read ending off a block boundary: the end of the file.
                         let at = c.foff + c.done as u64;
                         eof_at = Some(eof_at.map_or(at, |e: u64| e.min(at)));
@@ -370,7 +373,7 @@ impl RangeReader for UringReader {
                                 path: self.path.clone(),
                                 start: offset,
                                 end,
-                                file_len: at,
+                                file_len: crate::eof_len(&self.file, at),
                             });
                         }
                     }
