@@ -1,10 +1,13 @@
 //! `flea`: run, inspect and score GGUF language models.
 
+mod residency;
 mod template;
+
+use residency::{ResidencyArgs, Runner};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use flea_model::{Backend, CpuBackend, Logits, Model, Sampler, SamplerConfig, Session};
+use flea_model::{Backend, CpuBackend, Logits, Model, Sampler, SamplerConfig};
 use flea_tokenizer::Utf8Stream;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -49,6 +52,14 @@ enum Cmd {
     },
     /// Write float32 logits as .npy of shape [positions, vocab].
     Logits(LogitsArgs),
+    /// Show where each layer would live under the given budgets, and the predicted speed.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Args, Clone)]
@@ -65,6 +76,8 @@ struct EngineArgs {
     /// Most prompt tokens per weight pass.
     #[arg(short = 'b', long, default_value_t = 512)]
     batch: usize,
+    #[command(flatten)]
+    residency: ResidencyArgs,
 }
 
 #[derive(Args, Clone)]
@@ -165,6 +178,7 @@ fn main() {
             no_parse_special,
         } => cmd_tokenize(&model, &text, !no_special, !no_parse_special),
         Cmd::Logits(a) => cmd_logits(a),
+        Cmd::Plan(a) => cmd_plan(a),
     };
     if let Err(e) = r {
         // One line: the chain of causes.
@@ -201,13 +215,15 @@ impl Engine {
             batch: a.batch.max(1),
         })
     }
-    fn session(&self) -> Result<Session<'_, CpuBackend>> {
-        Ok(Session::new(
+    fn runner(&self, a: &EngineArgs) -> Result<Runner<'_>> {
+        Runner::new(
             &self.model,
             &self.backend,
+            &a.model,
+            &a.residency,
             self.n_ctx,
             self.batch,
-        )?)
+        )
     }
 }
 
@@ -234,7 +250,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             eng.n_ctx
         );
     }
-    let mut sess = eng.session()?;
+    let mut sess = eng.runner(&a.engine)?;
     let mut sampler = Sampler::new(a.sampling.config());
     prompt.iter().for_each(|&t| sampler.accept(t));
 
@@ -278,6 +294,12 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         rss >> 20,
         eng.backend.name()
     );
+    if let Some(line) = sess.summary(decode_s, decoded as u64) {
+        eprintln!("{line}");
+    }
+    if let Some(t) = &a.engine.residency.trace {
+        sess.write_trace(t)?;
+    }
     if let Some(p) = a.stats_json {
         let j = serde_json::json!({
             "model": a.engine.model.display().to_string(),
@@ -291,6 +313,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "decode_seconds": decode_s,
             "decode_tokens_per_sec": rate(decoded, decode_s),
             "peak_rss_bytes": rss,
+            "residency": sess.stats_json(),
         });
         std::fs::write(&p, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("writing {}", p.display()))?;
@@ -302,7 +325,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let eng = Engine::new(&a.engine)?;
     let tmpl = template::ChatTemplate::from_model(&eng.model)?;
     let tok = &eng.model.tokenizer;
-    let mut sess = eng.session()?;
+    let mut sess = eng.runner(&a.engine)?;
     let mut sampler = Sampler::new(a.sampling.config());
     let mut messages = Vec::new();
     if let Some(s) = a.system {
@@ -339,10 +362,10 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             .take_while(|(a, b)| a == b)
             .count()
             .min(ids.len().saturating_sub(1));
-        if ids.len() + a.n_predict > sess.n_ctx {
-            bail!("conversation ({} tokens) no longer fits the context ({}); restart with a larger --ctx", ids.len(), sess.n_ctx);
+        if ids.len() + a.n_predict > sess.n_ctx() {
+            bail!("conversation ({} tokens) no longer fits the context ({}); restart with a larger --ctx", ids.len(), sess.n_ctx());
         }
-        sess.pos = common;
+        sess.set_pos(common);
         cached.truncate(common);
         let mut logits = sess.eval(&ids[common..], Logits::Last)?;
         cached.extend_from_slice(&ids[common..]);
@@ -480,7 +503,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("no tokens to score");
     }
-    let mut sess = eng.session()?;
+    let mut sess = eng.runner(&a.engine)?;
     let which = if a.all_positions {
         Logits::All
     } else {
@@ -518,5 +541,21 @@ fn write_npy(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<()> 
     let tmp = path.with_extension("npy.partial");
     std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn cmd_plan(a: PlanArgs) -> Result<()> {
+    let e = &a.engine;
+    let model = load(&e.model)?;
+    let n_ctx = e.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
+    let plan = e.residency.plan(&model, n_ctx, e.batch.max(1))?;
+    println!(
+        "{} ({} layers, {} weights), context {n_ctx}, batch {}",
+        e.model.display(),
+        model.cfg.n_layers,
+        flea_runtime::fmt_size(plan.units.iter().map(|u| u.bytes).sum()),
+        e.batch
+    );
+    print!("{}", plan.table());
     Ok(())
 }

@@ -24,16 +24,41 @@ pub struct Scratch<B: Backend> {
     gate: B::Act,
     up: B::Act,
     ffn: B::Act,
-    /// Up to LOGIT_CHUNK normalised rows and their logits.
+    /// The normalised rows whose logits are wanted.
+    head_norm: B::Act,
+    /// Up to LOGIT_CHUNK of them at a time, and their logits.
     head_in: B::Act,
     logits: B::Act,
+    logits_width: usize,
 }
 
 /// Rows projected to logits per output matmul when every position's logits are wanted.
-const LOGIT_CHUNK: usize = 32;
+pub const LOGIT_CHUNK: usize = 32;
+
+impl<B: Backend> Scratch<B> {
+    /// Bytes of f32 activations a scratch of `capacity` rows takes (the planner's estimate
+    /// of the activation arena), with the logits buffer `logits_width` wide.
+    pub fn bytes(cfg: &ModelConfig, capacity: usize, logits_width: usize) -> u64 {
+        let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let per_row = 4 * d + 2 * qd + 3 * kvd + 3 * ff;
+        let fixed = LOGIT_CHUNK * (d + logits_width);
+        4 * (capacity * per_row + fixed) as u64
+    }
+}
 
 impl<B: Backend> Scratch<B> {
     pub fn new(b: &B, cfg: &ModelConfig, capacity: usize) -> Result<Scratch<B>> {
+        Self::with_logits_width(b, cfg, capacity, cfg.n_vocab)
+    }
+
+    /// As `new`, with the logits buffer sized for output slices of `logits_width` rows (a
+    /// streamed output matrix arrives in slices).
+    pub fn with_logits_width(
+        b: &B,
+        cfg: &ModelConfig,
+        capacity: usize,
+        logits_width: usize,
+    ) -> Result<Scratch<B>> {
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         Ok(Scratch {
             capacity,
@@ -48,8 +73,10 @@ impl<B: Backend> Scratch<B> {
             gate: b.alloc_act(capacity, ff)?,
             up: b.alloc_act(capacity, ff)?,
             ffn: b.alloc_act(capacity, ff)?,
+            head_norm: b.alloc_act(capacity, d)?,
             head_in: b.alloc_act(LOGIT_CHUNK, d)?,
-            logits: b.alloc_act(LOGIT_CHUNK, cfg.n_vocab)?,
+            logits: b.alloc_act(LOGIT_CHUNK, logits_width)?,
+            logits_width,
         })
     }
 }
@@ -188,22 +215,67 @@ pub fn head<B: Backend>(
     which: Logits,
     s: &mut Scratch<B>,
 ) -> Result<Vec<f32>> {
+    let rows = head_norm(b, cfg, &w.output_norm, n, which, s)?;
+    let mut logits = vec![0.0f32; rows * cfg.n_vocab];
+    head_project(b, cfg, rows, &w.output, 0, &mut logits, s)?;
+    Ok(logits)
+}
+
+/// Step 3a: normalise the rows whose logits are wanted (the last, or all `n`) into the
+/// head's input buffer. Returns how many rows.
+pub fn head_norm<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    norm: &Weight,
+    n: usize,
+    which: Logits,
+    s: &mut Scratch<B>,
+) -> Result<usize> {
     check_batch(n, s)?;
     let (first, rows) = match which {
         Logits::Last => (n - 1, 1),
         Logits::All => (0, n),
     };
-    let mut out = Vec::with_capacity(rows * cfg.n_vocab);
-    let mut t = first;
-    while t < first + rows {
-        let m = (first + rows - t).min(LOGIT_CHUNK);
-        b.copy_rows(&s.x, t, m, &mut s.head_in)?;
-        b.rms_norm(m, &s.head_in, &w.output_norm, cfg.rms_eps, &mut s.xn)?;
-        b.matmul(m, &w.output, &s.xn, &mut s.logits)?;
-        out.extend(b.read(m, &s.logits)?);
+    b.copy_rows(&s.x, first, rows, &mut s.proj)?;
+    b.rms_norm(rows, &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    Ok(rows)
+}
+
+/// Step 3b: logits of output rows `row0 .. row0 + w.rows` (the whole output matrix, or one
+/// streamed slice of it) for the `rows` normalised rows, into `logits` (`[rows][n_vocab]`).
+pub fn head_project<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    rows: usize,
+    w: &Weight,
+    row0: usize,
+    logits: &mut [f32],
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    let vocab = cfg.n_vocab;
+    if row0 + w.rows > vocab || logits.len() != rows * vocab {
+        return Err(crate::ModelError::Backend(
+            "head_project: output slice out of range".into(),
+        ));
+    }
+    if s.logits_width != w.rows {
+        s.logits = b.alloc_act(LOGIT_CHUNK, w.rows)?;
+        s.logits_width = w.rows;
+    }
+    // A few rows at a time keeps the logits buffer small for large vocabularies.
+    let mut t = 0;
+    while t < rows {
+        let m = (rows - t).min(LOGIT_CHUNK);
+        b.copy_rows(&s.head_norm, t, m, &mut s.head_in)?;
+        b.matmul(m, w, &s.head_in, &mut s.logits)?;
+        let part = b.read(m, &s.logits)?;
+        for (i, src) in part.chunks_exact(w.rows).enumerate() {
+            let dst = (t + i) * vocab + row0;
+            logits[dst..dst + w.rows].copy_from_slice(src);
+        }
         t += m;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn check_batch<B: Backend>(n: usize, s: &Scratch<B>) -> Result<()> {

@@ -1,0 +1,234 @@
+//! CLI side of transient residency: the budget and I/O flags, and the runner that evaluates
+//! tokens either in place (mmap, no budgets) or through the streaming executor.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flea_io::{IoBackend, IoOptions};
+use flea_model::{CpuBackend, Logits, Model, Session};
+use flea_runtime::{fmt_size, parse_size, Links, Plan, PlanRequest, StreamedModel, Tier};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct ResidencyArgs {
+    /// Device-tier budget (on the CPU backend: the arena compute reads from), e.g. 8GiB.
+    /// Giving any residency flag runs the model through the streaming executor.
+    #[arg(long)]
+    pub vram_budget: Option<String>,
+    /// Host-RAM cache budget, e.g. 512MiB.
+    #[arg(long)]
+    pub ram_budget: Option<String>,
+    /// How streamed layers are read: mmap, pread (O_DIRECT) or io_uring.
+    #[arg(long)]
+    pub io: Option<IoBackend>,
+    /// Read through the page cache instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct: bool,
+    /// Slots in the streaming ring (default: the planner's choice).
+    #[arg(long)]
+    pub ring_depth: Option<usize>,
+    /// io_uring requests in flight.
+    #[arg(long)]
+    pub queue_depth: Option<u32>,
+    /// io_uring request size, e.g. 1MiB.
+    #[arg(long)]
+    pub block_size: Option<String>,
+    /// Disk read bandwidth for the planner's prediction, GB/s (default: assumed 1.5).
+    #[arg(long)]
+    pub disk_gbps: Option<f64>,
+    /// Memory read bandwidth of the compute device for the prediction, GB/s (default 10).
+    #[arg(long)]
+    pub mem_gbps: Option<f64>,
+    /// Write a Chrome/Perfetto trace of the pipeline (disk read, compute, stall lanes).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+impl ResidencyArgs {
+    pub fn streaming(&self) -> bool {
+        self.vram_budget.is_some()
+            || self.ram_budget.is_some()
+            || self.io.is_some()
+            || self.ring_depth.is_some()
+    }
+
+    pub fn io_options(&self) -> Result<IoOptions> {
+        let mut o = IoOptions::default();
+        if let Some(b) = self.io {
+            o.backend = b;
+        }
+        o.direct = !self.no_direct;
+        if let Some(q) = self.queue_depth {
+            o.queue_depth = q;
+        }
+        if let Some(b) = &self.block_size {
+            o.block_size = parse_size(b)? as usize;
+        }
+        Ok(o)
+    }
+
+    pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize) -> Result<Plan> {
+        let avail = mem_available().unwrap_or(4 << 30);
+        // Defaults from free memory: half for the device tier, a quarter for the host cache.
+        let vram = match &self.vram_budget {
+            Some(s) => parse_size(s)?,
+            None => avail / 2,
+        };
+        let ram = match &self.ram_budget {
+            Some(s) => parse_size(s)?,
+            None => avail / 4,
+        };
+        let mut links = Links::default();
+        if let Some(g) = self.disk_gbps {
+            links.disk = g * 1e9;
+        }
+        if let Some(g) = self.mem_gbps {
+            links.device_memory = g * 1e9;
+        }
+        let req = PlanRequest {
+            vram_budget: vram,
+            ram_budget: ram,
+            n_ctx,
+            batch,
+            ring_depth: self.ring_depth,
+            links,
+        };
+        Ok(Plan::build(model, &req)?)
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Evaluates tokens with or without streaming.
+pub enum Runner<'m> {
+    InPlace(Box<Session<'m, CpuBackend>>),
+    Streamed(Box<StreamedModel<'m>>),
+}
+
+impl<'m> Runner<'m> {
+    pub fn new(
+        model: &'m Model,
+        backend: &'m CpuBackend,
+        path: &Path,
+        r: &ResidencyArgs,
+        n_ctx: usize,
+        batch: usize,
+    ) -> Result<Runner<'m>> {
+        if !r.streaming() {
+            return Ok(Runner::InPlace(Box::new(Session::new(
+                model, backend, n_ctx, batch,
+            )?)));
+        }
+        let plan = r.plan(model, n_ctx, batch)?;
+        let mut s = StreamedModel::new(model, backend, plan, path, &r.io_options()?, n_ctx, batch)
+            .with_context(|| format!("starting the streaming executor on {}", path.display()))?;
+        if r.trace.is_some() {
+            s.trace.enable(1 << 20);
+        }
+        Ok(Runner::Streamed(Box::new(s)))
+    }
+
+    pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        Ok(match self {
+            Runner::InPlace(s) => s.eval(tokens, which)?,
+            Runner::Streamed(s) => s.eval(tokens, which)?,
+        })
+    }
+
+    pub fn set_pos(&mut self, pos: usize) {
+        match self {
+            Runner::InPlace(s) => s.pos = pos,
+            Runner::Streamed(s) => s.pos = pos,
+        }
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        match self {
+            Runner::InPlace(s) => s.n_ctx,
+            Runner::Streamed(s) => s.n_ctx,
+        }
+    }
+
+    /// One line about where the weights were, or None when not streaming.
+    pub fn summary(&self, decode_seconds: f64, decode_passes: u64) -> Option<String> {
+        let Runner::Streamed(s) = self else {
+            return None;
+        };
+        let count = |t: Tier| s.plan.units.iter().filter(|u| u.tier == t).count();
+        let st = &s.stats;
+        let passes = st.passes.max(1);
+        let per_pass = st.bytes_streamed / passes;
+        let rate = if st.read_seconds > 0.0 {
+            st.bytes_streamed as f64 / st.read_seconds / 1e9
+        } else {
+            0.0
+        };
+        let (floor, link) = s.plan.floor();
+        let eff = if decode_passes > 0 && decode_seconds > 0.0 {
+            floor / (decode_seconds / decode_passes as f64)
+        } else {
+            0.0
+        };
+        Some(format!(
+            "residency: {} resident, {} host-cached, {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}, host cache peak {} of {}; decode efficiency {:.2} of the {link} floor",
+            count(Tier::Resident),
+            count(Tier::HostCache),
+            count(Tier::Disk),
+            s.plan.ring_depth,
+            fmt_size(s.plan.slot_bytes),
+            fmt_size(per_pass),
+            rate,
+            100.0 * st.stall_seconds / (st.stall_seconds + st.compute_seconds).max(1e-9),
+            fmt_size(s.device.peak()),
+            fmt_size(s.device.budget),
+            fmt_size(s.host.peak()),
+            fmt_size(s.host.budget),
+            eff
+        ))
+    }
+
+    /// Stats and trace files, when asked for.
+    pub fn stats_json(&self) -> Option<serde_json::Value> {
+        let Runner::Streamed(s) = self else {
+            return None;
+        };
+        let (floor, link) = s.plan.floor();
+        Some(serde_json::json!({
+            "plan": {
+                "ring_depth": s.plan.ring_depth,
+                "slot_bytes": s.plan.slot_bytes,
+                "pass_bytes": s.plan.pass_bytes(),
+                "floor_seconds_per_token": floor,
+                "floor_link": link,
+                "links": s.plan.links,
+            },
+            "arenas": {
+                "device": {"budget": s.device.budget, "peak": s.device.peak()},
+                "host_cache": {"budget": s.host.budget, "peak": s.host.peak()},
+            },
+            "stream": s.stats,
+            "read_gbps": if s.stats.read_seconds > 0.0 { s.stats.bytes_streamed as f64 / s.stats.read_seconds / 1e9 } else { 0.0 },
+        }))
+    }
+
+    pub fn write_trace(&self, path: &Path) -> Result<()> {
+        let Runner::Streamed(s) = self else {
+            return Ok(());
+        };
+        let label = |u: usize| match s.plan.units.get(u).map(|u| &u.kind) {
+            Some(flea_runtime::plan::UnitKind::Layer(i)) => format!("blk.{i}"),
+            Some(flea_runtime::plan::UnitKind::Output { start, end }) => {
+                format!("output {start}..{end}")
+            }
+            None => format!("unit {u}"),
+        };
+        let j = s.trace.to_chrome_json(&label);
+        std::fs::write(path, serde_json::to_string(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}

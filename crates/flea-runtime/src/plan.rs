@@ -1,0 +1,341 @@
+//! The residency planner: which layers stay in the device arena, which are cached in host
+//! RAM, which stream from disk, and how deep the ring of streaming slots is.
+
+use crate::budget::fmt_size;
+use crate::{Result, RuntimeError};
+use flea_model::forward::{Scratch, LOGIT_CHUNK};
+use flea_model::{Backend, CpuBackend, Model};
+
+/// Where a unit of weights lives while the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Read once into the device arena and kept.
+    Resident,
+    /// Read once into the host-RAM cache and kept; on a GPU backend copied each pass.
+    HostCache,
+    /// Read from the model file on every pass, through the ring.
+    Disk,
+}
+
+/// What a streamed unit is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitKind {
+    Layer(usize),
+    /// Rows `start..end` of the output projection.
+    Output {
+        start: usize,
+        end: usize,
+    },
+}
+
+/// A contiguous byte range of the model file that is placed in one tier.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Unit {
+    pub kind: UnitKind,
+    pub offset: u64,
+    pub bytes: u64,
+    pub tier: Tier,
+}
+
+impl Unit {
+    /// Bytes a buffer holding this unit takes: the 4 KiB-aligned superset direct I/O reads.
+    pub fn held_bytes(&self) -> u64 {
+        flea_io::required_capacity(self.offset, self.bytes as usize) as u64
+    }
+}
+
+/// Link speeds the planner predicts with, in bytes per second.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Links {
+    /// Sequential read from the model's disk.
+    pub disk: f64,
+    /// Host RAM → compute device (for the CPU backend: none, compute reads RAM in place).
+    pub host_to_device: Option<f64>,
+    /// Compute device reading its own memory (for the CPU backend: RAM read bandwidth).
+    pub device_memory: f64,
+    /// Whether these came from a measurement (a hardware profile) or are assumed defaults.
+    pub measured: bool,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        // Assumed until `flea probe` measures them: an NVMe-class disk and DDR4/5-class RAM.
+        Links {
+            disk: 1.5e9,
+            host_to_device: None,
+            device_memory: 10e9,
+            measured: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PlanRequest {
+    pub vram_budget: u64,
+    pub ram_budget: u64,
+    pub n_ctx: usize,
+    /// Most tokens per forward pass (prompt batch).
+    pub batch: usize,
+    /// Ring depth; None lets the planner choose.
+    pub ring_depth: Option<usize>,
+    pub links: Links,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    pub units: Vec<Unit>,
+    pub ring_depth: usize,
+    /// Capacity of each ring slot (aligned superset of the largest streamed unit).
+    pub slot_bytes: u64,
+    pub kv_bytes: u64,
+    pub act_bytes: u64,
+    /// Small always-resident pieces: output norm, embedding rows of a batch.
+    pub misc_bytes: u64,
+    pub vram_budget: u64,
+    pub ram_budget: u64,
+    pub device_bytes: u64,
+    pub host_bytes: u64,
+    /// Rows of the output matrix per streamed slice.
+    pub output_rows_per_unit: usize,
+    pub links: Links,
+}
+
+/// Bytes one forward pass moves per tier.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PassBytes {
+    pub resident: u64,
+    pub host_cache: u64,
+    pub disk: u64,
+}
+
+impl Plan {
+    pub fn build(model: &Model, req: &PlanRequest) -> Result<Plan> {
+        let cfg = &model.cfg;
+        let layout = &model.layout;
+        let batch = req.batch.clamp(1, req.n_ctx.max(1));
+        let kv_bytes = flea_model::backend::KvShape {
+            n_layers: cfg.n_layers,
+            n_ctx: req.n_ctx,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+        }
+        .bytes() as u64;
+        let emb = &layout.token_embd;
+        let emb_row = (emb.size / emb.rows.max(1)) as u64;
+        let out = &layout.output;
+        let out_row = (out.size / out.rows.max(1)) as u64;
+        let max_layer = layout
+            .layers
+            .iter()
+            .map(|l| l.extent_bytes())
+            .max()
+            .unwrap_or(0);
+        // Output slices no bigger than the largest layer, so one slot size serves both.
+        let rows_per_unit = ((max_layer / out_row.max(1)) as usize).clamp(1, out.rows.max(1));
+        let act_bytes = Scratch::<CpuBackend>::bytes(cfg, batch, rows_per_unit.min(out.rows));
+        let misc_bytes = layout.output_norm.size as u64 + emb_row * batch as u64;
+        let fixed = kv_bytes + act_bytes + misc_bytes;
+
+        let mut units: Vec<Unit> = layout
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(il, l)| Unit {
+                kind: UnitKind::Layer(il),
+                offset: l.extent_start,
+                bytes: l.extent_bytes(),
+                tier: Tier::Disk,
+            })
+            .collect();
+        let mut r = 0;
+        while r < out.rows {
+            let end = (r + rows_per_unit).min(out.rows);
+            units.push(Unit {
+                kind: UnitKind::Output { start: r, end },
+                offset: out.file_offset + r as u64 * out_row,
+                bytes: (end - r) as u64 * out_row,
+                tier: Tier::Disk,
+            });
+            r = end;
+        }
+        let slot_bytes = units
+            .iter()
+            .map(|u| flea_io::required_capacity(u.offset, u.bytes as usize) as u64)
+            .max()
+            .unwrap_or(0);
+        let all_weights: u64 = units.iter().map(|u| u.held_bytes()).sum();
+
+        let ring_depth;
+        let mut device = fixed;
+        if fixed + all_weights <= req.vram_budget && req.ring_depth.is_none() {
+            // Everything fits: no streaming at all.
+            ring_depth = 0;
+            for u in units.iter_mut() {
+                u.tier = Tier::Resident;
+                device += u.held_bytes();
+            }
+        } else {
+            let min = fixed + slot_bytes;
+            if req.vram_budget < min {
+                return Err(RuntimeError::BudgetTooSmall {
+                    budget: req.vram_budget,
+                    minimum: min,
+                    detail: format!(
+                        "KV cache {} + activations {} + other {} + one ring slot {}",
+                        fmt_size(kv_bytes),
+                        fmt_size(act_bytes),
+                        fmt_size(misc_bytes),
+                        fmt_size(slot_bytes)
+                    ),
+                });
+            }
+            let max_depth = ((req.vram_budget - fixed) / slot_bytes.max(1)) as usize;
+            // Two slots let one read while one computes; a third absorbs jitter.
+            ring_depth = req
+                .ring_depth
+                .unwrap_or(3)
+                .clamp(1, max_depth.max(1))
+                .min(units.len().max(1));
+            device += ring_depth as u64 * slot_bytes;
+            for u in units.iter_mut() {
+                if device + u.held_bytes() <= req.vram_budget {
+                    u.tier = Tier::Resident;
+                    device += u.held_bytes();
+                }
+            }
+        }
+        let mut host = 0u64;
+        for u in units.iter_mut().filter(|u| u.tier == Tier::Disk) {
+            if host + u.held_bytes() <= req.ram_budget {
+                u.tier = Tier::HostCache;
+                host += u.held_bytes();
+            }
+        }
+        Ok(Plan {
+            units,
+            ring_depth,
+            slot_bytes,
+            kv_bytes,
+            act_bytes,
+            misc_bytes,
+            vram_budget: req.vram_budget,
+            ram_budget: req.ram_budget,
+            device_bytes: device,
+            host_bytes: host,
+            output_rows_per_unit: rows_per_unit,
+            links: req.links,
+        })
+    }
+
+    /// Bytes each decode pass reads from each tier.
+    pub fn pass_bytes(&self) -> PassBytes {
+        let mut p = PassBytes::default();
+        for u in &self.units {
+            match u.tier {
+                Tier::Resident => p.resident += u.bytes,
+                Tier::HostCache => p.host_cache += u.bytes,
+                Tier::Disk => p.disk += u.bytes,
+            }
+        }
+        p
+    }
+
+    /// Whether any unit streams through the ring.
+    pub fn streams(&self) -> bool {
+        self.units.iter().any(|u| u.tier == Tier::Disk)
+    }
+
+    /// The physical floor of one decode pass: every link's bytes over its bandwidth; the
+    /// slowest link bounds the pipelined time. Returns (seconds, name of the limiting link).
+    pub fn floor(&self) -> (f64, &'static str) {
+        let p = self.pass_bytes();
+        let l = &self.links;
+        let mut links = vec![
+            (
+                (p.resident + p.host_cache + p.disk) as f64 / l.device_memory,
+                "device memory",
+            ),
+            (p.disk as f64 / l.disk, "disk"),
+        ];
+        if let Some(h2d) = l.host_to_device {
+            links.push(((p.host_cache + p.disk) as f64 / h2d, "host→device"));
+        }
+        links
+            .into_iter()
+            .fold((0.0, "none"), |a, b| if b.0 > a.0 { b } else { a })
+    }
+
+    /// A human-readable table: unit → tier, bytes per pass per link, predicted time.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<22} {:>12} {:>14}  tier",
+            "unit", "bytes", "file offset"
+        );
+        for u in &self.units {
+            let name = match &u.kind {
+                UnitKind::Layer(i) => format!("blk.{i}"),
+                UnitKind::Output { start, end } => format!("output rows {start}..{end}"),
+            };
+            let tier = match u.tier {
+                Tier::Resident => "resident (device arena)",
+                Tier::HostCache => "host cache (RAM)",
+                Tier::Disk => "disk (streamed)",
+            };
+            let _ = writeln!(
+                s,
+                "{name:<22} {:>12} {:>14}  {tier}",
+                fmt_size(u.bytes),
+                u.offset
+            );
+        }
+        let p = self.pass_bytes();
+        let _ = writeln!(
+            s,
+            "device arena: {} of {} budget = KV {} + activations {} + other {} + ring {} x {} + resident {}",
+            fmt_size(self.device_bytes),
+            fmt_size(self.vram_budget),
+            fmt_size(self.kv_bytes),
+            fmt_size(self.act_bytes),
+            fmt_size(self.misc_bytes),
+            self.ring_depth,
+            fmt_size(self.slot_bytes),
+            fmt_size(p.resident)
+        );
+        let _ = writeln!(
+            s,
+            "host cache: {} of {} budget",
+            fmt_size(self.host_bytes),
+            fmt_size(self.ram_budget)
+        );
+        let _ = writeln!(
+            s,
+            "per token: {} from device memory, {} from host cache, {} from disk",
+            fmt_size(p.resident),
+            fmt_size(p.host_cache),
+            fmt_size(p.disk)
+        );
+        let (t, link) = self.floor();
+        let _ = writeln!(
+            s,
+            "predicted decode: {:.1} ms/token ({:.2} tok/s), the floor set by {link} (links {}: disk {:.2} GB/s, device memory {:.1} GB/s{})",
+            t * 1e3,
+            if t > 0.0 { 1.0 / t } else { f64::INFINITY },
+            if self.links.measured { "measured" } else { "assumed; run `flea probe` or pass --disk-gbps/--mem-gbps" },
+            self.links.disk / 1e9,
+            self.links.device_memory / 1e9,
+            self.links.host_to_device.map_or(String::new(), |h| format!(", host→device {:.1} GB/s", h / 1e9))
+        );
+        s
+    }
+}
+
+/// Activation rows for a logits slice are bounded by LOGIT_CHUNK.
+const _: () = assert!(LOGIT_CHUNK > 0);
+
+#[allow(dead_code)]
+fn _backend_is_object_safe_enough<B: Backend>() {}
