@@ -115,54 +115,64 @@ pub(crate) fn fill_matrix(ty: GgmlType, sigma: f32, rng: &mut Rng, buf: &mut [u8
             }
         }
         Q2_K => {
-            rng.fill(buf);
             // value = d*sc*q - dmin*m with sc = m in 8..16 and dmin = 1.5 d: centred q.
             let d = f32_to_f16(sigma / (scale_rms(8, 8) * level_std(4.0)));
             let dmin = f32_to_f16(1.5 * f16_to_f32(d));
-            let neg = (d ^ 0x8000, dmin ^ 0x8000);
-            for b in buf.chunks_exact_mut(84) {
-                let r = rng.next_u64();
-                for i in 0..16 {
+            let table = header_table(rng, |r| {
+                let mut h = [0u8; 20];
+                for (i, x) in h[..16].iter_mut().enumerate() {
                     let sc = 8 + ((r >> (3 * i)) & 7) as u8;
-                    b[i] = sc | (sc << 4);
+                    *x = sc | (sc << 4);
                 }
-                let (dd, mm) = if r >> 63 != 0 { neg } else { (d, dmin) };
-                put_u16(b, 80, dd);
-                put_u16(b, 82, mm);
+                let sign = if r >> 63 != 0 { 0x8000 } else { 0 };
+                h[16..18].copy_from_slice(&(d ^ sign).to_le_bytes());
+                h[18..20].copy_from_slice(&(dmin ^ sign).to_le_bytes());
+                h
+            });
+            rng.fill(buf);
+            for b in buf.chunks_exact_mut(84) {
+                let h = &table[pick(b)];
+                b[..16].copy_from_slice(&h[..16]);
+                b[80..84].copy_from_slice(&h[16..]);
             }
         }
         Q3_K => {
-            rng.fill(buf);
             // 16 signed 6-bit scales ±(16..32): random signs centre the (-4..3) quants.
             let d = f32_to_f16(sigma / (scale_rms(16, 16) * level_std(8.0)));
-            for b in buf.chunks_exact_mut(110) {
-                let r = rng.next_u64();
-                let mut sc = [0u8; 12];
+            let table = header_table(rng, |r| {
+                let mut h = [0u8; 14];
                 for i in 0..16 {
                     let mag = 16 + ((r >> (4 * i)) & 15) as i32;
-                    let s = if (r >> (i + 40)) & 1 != 0 { -mag } else { mag };
+                    let s = if (splitmix(r) >> i) & 1 != 0 {
+                        -mag
+                    } else {
+                        mag
+                    };
                     let v = (s + 32) as u8;
                     let (lo, hi) = (v & 15, v >> 4);
                     if i < 8 {
-                        sc[i] |= lo;
+                        h[i] |= lo;
                     } else {
-                        sc[i - 8] |= lo << 4;
+                        h[i - 8] |= lo << 4;
                     }
-                    sc[8 + i % 4] |= hi << (2 * (i / 4));
+                    h[8 + i % 4] |= hi << (2 * (i / 4));
                 }
-                b[96..108].copy_from_slice(&sc);
-                put_u16(b, 108, d);
+                h[12..14].copy_from_slice(&d.to_le_bytes());
+                h
+            });
+            rng.fill(buf);
+            for b in buf.chunks_exact_mut(110) {
+                let h = &table[pick(&b[96..])];
+                b[96..110].copy_from_slice(h);
             }
         }
         Q4_K | Q5_K => {
-            rng.fill(buf);
             // 8 sub-blocks, sc = m in 32..64, dmin = d * (levels-1)/2: centred q.
             let levels = if ty == Q4_K { 16.0 } else { 32.0 };
             let d = f32_to_f16(sigma / (scale_rms(32, 32) * level_std(levels)));
             let dmin = f32_to_f16((levels - 1.0) / 2.0 * f16_to_f32(d));
-            let neg = (d ^ 0x8000, dmin ^ 0x8000);
-            for b in buf.chunks_exact_mut(ty.type_size()) {
-                let r = rng.next_u64();
+            let table = header_table(rng, |r| {
+                let mut h = [0u8; 16];
                 let mut s = [0u8; 8];
                 for (j, x) in s.iter_mut().enumerate() {
                     *x = 32 + ((r >> (5 * j)) & 31) as u8;
@@ -170,33 +180,63 @@ pub(crate) fn fill_matrix(ty: GgmlType, sigma: f32, rng: &mut Rng, buf: &mut [u8
                 // Inverse of ggml's get_scale_min_k4 with scale == min.
                 for j in 0..4 {
                     let hi = (s[j + 4] >> 4) << 6;
-                    b[4 + j] = (s[j] & 63) | hi;
-                    b[8 + j] = (s[j] & 63) | hi;
-                    b[12 + j] = (s[j + 4] & 15) | ((s[j + 4] & 15) << 4);
+                    h[4 + j] = (s[j] & 63) | hi;
+                    h[8 + j] = (s[j] & 63) | hi;
+                    h[12 + j] = (s[j + 4] & 15) | ((s[j + 4] & 15) << 4);
                 }
-                let (dd, mm) = if r >> 63 != 0 { neg } else { (d, dmin) };
-                put_u16(b, 0, dd);
-                put_u16(b, 2, mm);
+                let sign = if r >> 63 != 0 { 0x8000 } else { 0 };
+                h[0..2].copy_from_slice(&(d ^ sign).to_le_bytes());
+                h[2..4].copy_from_slice(&(dmin ^ sign).to_le_bytes());
+                h
+            });
+            rng.fill(buf);
+            for b in buf.chunks_exact_mut(ty.type_size()) {
+                let h = &table[pick(b)];
+                b[..16].copy_from_slice(h);
             }
         }
         Q6_K => {
-            rng.fill(buf);
             // 16 signed 8-bit scales ±(16..32): random signs centre the (-32..31) quants.
             let d = f32_to_f16(sigma / (scale_rms(16, 16) * level_std(64.0)));
-            for b in buf.chunks_exact_mut(210) {
-                let r = rng.next_u64();
-                let signs = rng.next_u64();
-                for i in 0..16 {
+            let table = header_table(rng, |r| {
+                let mut h = [0u8; 18];
+                for (i, x) in h[..16].iter_mut().enumerate() {
                     let mag = 16 + ((r >> (4 * i)) & 15) as i8;
-                    let s = if (signs >> i) & 1 != 0 { -mag } else { mag };
-                    b[192 + i] = s as u8;
+                    let s = if (splitmix(r) >> i) & 1 != 0 {
+                        -mag
+                    } else {
+                        mag
+                    };
+                    *x = s as u8;
                 }
-                put_u16(b, 208, d);
+                h[16..18].copy_from_slice(&d.to_le_bytes());
+                h
+            });
+            rng.fill(buf);
+            for b in buf.chunks_exact_mut(210) {
+                let h = &table[pick(&b[192..])];
+                b[192..210].copy_from_slice(h);
             }
         }
         // The mixes never pick other types.
         other => unreachable!("no generator for {other}"),
     }
+}
+
+/// Header variants per chunk (a power of two): drawing a block's scale fields from a
+/// ready-made table costs a copy instead of bit packing, which keeps generation well ahead
+/// of the disk. 1024 distinct scale patterns per MiB is plenty of variety.
+const HEADERS: usize = 1024;
+
+/// `HEADERS` block headers made by `make` from random bits.
+fn header_table<const N: usize>(rng: &mut Rng, make: impl Fn(u64) -> [u8; N]) -> Vec<[u8; N]> {
+    (0..HEADERS).map(|_| make(rng.next_u64())).collect()
+}
+
+/// A table index from the (random, about to be overwritten) first two bytes of `b`.
+#[inline(always)]
+fn pick(b: &[u8]) -> usize {
+    usize::from(u16::from_le_bytes([b[0], b[1]])) & (HEADERS - 1)
 }
 
 /// F32/F16/BF16: uniform in ±sqrt(3)·sigma, through a 4096-entry table of ready-made

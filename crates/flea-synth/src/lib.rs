@@ -240,6 +240,7 @@ impl Preset {
 
 /// Which tensor types the matrices get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 #[allow(non_camel_case_types)]
 pub enum QuantMix {
     /// llama.cpp-like Q4_K_M: attn_v, ffn_down and output Q6_K, other matrices Q4_K.
@@ -343,7 +344,7 @@ impl QuantMix {
             Role::TokenEmbd if tied => T::Q6_K,
             _ => T::Q4_K,
         });
-        let ty = if cols % ty.block_size() == 0 {
+        let ty = if cols.is_multiple_of(ty.block_size()) {
             ty
         } else {
             match ty {
@@ -354,7 +355,7 @@ impl QuantMix {
                 other => other,
             }
         };
-        if cols % ty.block_size() == 0 {
+        if cols.is_multiple_of(ty.block_size()) {
             ty
         } else {
             T::F16
@@ -435,13 +436,13 @@ fn check_shape(s: &ModelShape) -> Result<()> {
     if s.n_layers == 0 || s.n_embd == 0 || s.n_head == 0 || s.n_head_kv == 0 || s.n_ff == 0 {
         return bad(format!("zero-sized shape: {s:?}"));
     }
-    if s.n_head % s.n_head_kv != 0 {
+    if !s.n_head.is_multiple_of(s.n_head_kv) {
         return bad(format!(
             "{} heads is not a multiple of {} kv heads",
             s.n_head, s.n_head_kv
         ));
     }
-    if s.head_dim == 0 || s.head_dim % 2 != 0 {
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) {
         return bad(format!(
             "head size {} must be even and non-zero",
             s.head_dim

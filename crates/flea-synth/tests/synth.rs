@@ -257,3 +257,19 @@ fn repack_preserves_bytes_and_logits() {
         assert!(repack(&src.0, &src.0).is_err());
     }
 }
+
+/// A real model, when the model cache has it (skipped otherwise): repack keeps every byte
+/// and flea's logits.
+#[test]
+fn repack_real_model_if_present() {
+    let src = flea_gguf::model_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !src.exists() {
+        eprintln!("skipped: {} not present", src.display());
+        return;
+    }
+    let dst = Tmp::new("repack-real");
+    let r = repack(&src, &dst.0).unwrap();
+    assert!(r.layers.iter().all(|e| e.start % REPACK_ALIGNMENT == 0));
+    let (la, lb) = (logits(&src), logits(&dst.0));
+    assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
