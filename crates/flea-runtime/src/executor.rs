@@ -412,8 +412,9 @@ impl<'m> StreamedModel<'m> {
             self.trace.span(Lane::Compute, ui, t0, t1);
             if let (Some((buf, _)), Some(ring)) = (slot, self.ring.as_ref()) {
                 if let Some(free) = &ring.free {
-                    free.send(buf)
-                        .map_err(|_| RuntimeError::Stream("the I/O thread stopped".into()))?;
+                    // If the I/O thread has stopped (after a failed read) the slot is simply
+                    // dropped; the failure itself arrives with the next filled slot.
+                    let _ = free.send(buf);
                 }
             }
         }

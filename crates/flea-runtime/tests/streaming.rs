@@ -1,0 +1,249 @@
+//! Streaming must not change a single bit: logits of a streamed run equal the resident run's
+//! for every I/O backend and ring depth; arenas never pass their budgets; a budget below the
+//! minimum is refused with the minimum; a model file truncated mid-run is a clean error.
+
+use flea_io::{IoBackend, IoOptions};
+use flea_model::{CpuBackend, Logits, Model, Session};
+use flea_runtime::{Links, Plan, PlanRequest, RuntimeError, StreamedModel};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn models_dir() -> PathBuf {
+    match std::env::var_os("FLEA_MODELS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flea/models")
+        }
+    }
+}
+
+fn model_path(file: &str) -> Option<PathBuf> {
+    let p = models_dir().join(file);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("FLEA_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
+        panic!(
+            "{} is missing (FLEA_REQUIRE_MODELS=1); run scripts/fetch_models.sh",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIP: {} not found (run scripts/fetch_models.sh)",
+        p.display()
+    );
+    None
+}
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MIB: u64 = 1 << 20;
+
+/// Prompt logits (every position) and three greedy decode steps' logits.
+fn run_resident(
+    model: &Model,
+    backend: &CpuBackend,
+    prompt: &[u32],
+    n_ctx: usize,
+    batch: usize,
+) -> Vec<Vec<f32>> {
+    let mut s = Session::new(model, backend, n_ctx, batch).unwrap();
+    let mut out = vec![s.eval(prompt, Logits::All).unwrap()];
+    for _ in 0..3 {
+        let last = &out[out.len() - 1];
+        let v = model.cfg.n_vocab;
+        let t = flea_model::sampling::argmax(&last[last.len() - v..]) as u32;
+        out.push(s.eval(&[t], Logits::Last).unwrap());
+    }
+    out
+}
+
+fn run_streamed(
+    s: &mut StreamedModel,
+    vocab: usize,
+    prompt: &[u32],
+) -> flea_runtime::Result<Vec<Vec<f32>>> {
+    let mut out = vec![s.eval(prompt, Logits::All)?];
+    for _ in 0..3 {
+        let last = &out[out.len() - 1];
+        let t = flea_model::sampling::argmax(&last[last.len() - vocab..]) as u32;
+        out.push(s.eval(&[t], Logits::Last)?);
+    }
+    Ok(out)
+}
+
+fn request(vram: u64, ram: u64, n_ctx: usize, batch: usize, depth: Option<usize>) -> PlanRequest {
+    PlanRequest {
+        vram_budget: vram,
+        ram_budget: ram,
+        n_ctx,
+        batch,
+        ring_depth: depth,
+        links: Links::default(),
+    }
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    v.iter()
+        .map(|r| r.iter().map(|x| x.to_bits()).collect())
+        .collect()
+}
+
+fn check_identical(path: &Path, vram: u64, ram: u64, backends: &[IoBackend], depths: &[usize]) {
+    let model = Model::load(path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let prompt = model.tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog. 12345",
+        true,
+        true,
+    );
+    let (n_ctx, batch) = (128, 16);
+    let want = bits(&run_resident(&model, &backend, &prompt, n_ctx, batch));
+    for &io in backends {
+        for direct in [true, false] {
+            for &depth in depths {
+                let plan =
+                    Plan::build(&model, &request(vram, ram, n_ctx, batch, Some(depth))).unwrap();
+                assert!(plan.streams(), "the budget should force streaming");
+                let opts = IoOptions {
+                    backend: io,
+                    direct,
+                    ..IoOptions::default()
+                };
+                let mut s =
+                    StreamedModel::new(&model, &backend, plan, path, &opts, n_ctx, batch).unwrap();
+                let got = bits(&run_streamed(&mut s, model.cfg.n_vocab, &prompt).unwrap());
+                assert!(
+                    got == want,
+                    "{io:?} direct={direct} depth {depth}: streamed logits differ from resident"
+                );
+                assert!(
+                    s.device.peak() <= s.device.budget,
+                    "device peak {} > budget {}",
+                    s.device.peak(),
+                    s.device.budget
+                );
+                assert!(
+                    s.host.peak() <= s.host.budget,
+                    "host peak {} > budget {}",
+                    s.host.peak(),
+                    s.host.budget
+                );
+                assert!(s.stats.bytes_streamed > 0);
+                eprintln!(
+                    "{io:?} direct={direct} depth {depth}: identical; device peak {} / {}, host peak {} / {}, streamed {} B",
+                    s.device.peak(),
+                    s.device.budget,
+                    s.host.peak(),
+                    s.host.budget,
+                    s.stats.bytes_streamed
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn smollm2_streamed_equals_resident_for_every_io_backend_and_ring_depth() {
+    let Some(path) = model_path(SMOLLM2) else {
+        return;
+    };
+    check_identical(
+        &path,
+        40 * MIB,
+        0,
+        &[IoBackend::Mmap, IoBackend::Pread, IoBackend::IoUring],
+        &[1, 2, 4],
+    );
+}
+
+#[test]
+fn smollm2_streamed_with_a_host_cache_equals_resident() {
+    let Some(path) = model_path(SMOLLM2) else {
+        return;
+    };
+    check_identical(&path, 40 * MIB, 24 * MIB, &[IoBackend::Pread], &[2]);
+}
+
+#[test]
+fn qwen2_in_a_64mib_device_budget_from_disk_matches_resident() {
+    let Some(path) = model_path("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf") else {
+        return;
+    };
+    check_identical(&path, 64 * MIB, 0, &[IoBackend::Pread], &[2]);
+}
+
+#[test]
+fn a_budget_below_the_minimum_is_refused_with_the_minimum() {
+    let Some(path) = model_path(SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let err = Plan::build(&model, &request(4 * MIB, 0, 128, 16, None)).unwrap_err();
+    assert!(matches!(err, RuntimeError::BudgetTooSmall { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("below the minimum") && msg.contains("one ring slot"),
+        "{msg}"
+    );
+    // The stated minimum is enough.
+    let RuntimeError::BudgetTooSmall { minimum, .. } = err else {
+        unreachable!()
+    };
+    let plan = Plan::build(&model, &request(minimum, 0, 128, 16, None)).unwrap();
+    assert_eq!(plan.ring_depth, 1);
+}
+
+#[test]
+fn a_model_file_truncated_while_streaming_is_a_clean_error() {
+    let Some(src) = model_path(SMOLLM2) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("flea-trunc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    std::fs::copy(&src, &path).unwrap();
+    let model = Model::load(&src).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let p2 = path.clone();
+    let handle = std::thread::spawn(move || {
+        let backend = CpuBackend::new(2).unwrap();
+        let plan = Plan::build(&model, &request(40 * MIB, 0, 64, 8, Some(2))).unwrap();
+        let mut s =
+            StreamedModel::new(&model, &backend, plan, &p2, &IoOptions::default(), 64, 8).unwrap();
+        let prompt = [1u32, 2, 3];
+        assert!(s.eval(&prompt, Logits::Last).is_ok());
+        // Cut the file in half under the running executor.
+        let f = std::fs::OpenOptions::new().write(true).open(&p2).unwrap();
+        f.set_len(std::fs::metadata(&p2).unwrap().len() / 2)
+            .unwrap();
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            match s.eval(&[4], Logits::Last) {
+                Ok(_) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        tx.send(errors).unwrap();
+    });
+    let errors = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the executor hung after truncation");
+    handle
+        .join()
+        .expect("the executor panicked after truncation");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !errors.is_empty(),
+        "truncating the model file went unnoticed"
+    );
+    eprintln!("errors: {errors:?}");
+    assert!(
+        errors.iter().all(|e| !e.contains('\n')),
+        "errors must be one line: {errors:?}"
+    );
+    assert!(
+        errors[0].contains("truncated"),
+        "the first error should name the cause: {errors:?}"
+    );
+}
