@@ -49,16 +49,36 @@ fn logits(path: &Path) -> Vec<f32> {
 fn check_logits(l: &[f32], n_vocab: usize, what: &str) {
     assert_eq!(l.len() % n_vocab, 0);
     assert!(l.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+    let mut stds = Vec::new();
     for row in l.chunks(n_vocab) {
         let mean = row.iter().sum::<f32>() / n_vocab as f32;
         let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n_vocab as f32;
         // Not degenerate, not exploded: weights are scaled like a trained model's.
+        stds.push(var.sqrt());
         assert!(
             var.sqrt() > 0.05 && var.sqrt() < 100.0,
             "{what}: logit std {}",
             var.sqrt()
         );
     }
+    // Positions see different tokens: their logits must differ too (no common component
+    // swamping the residual stream).
+    let rows: Vec<&[f32]> = l.chunks(n_vocab).collect();
+    let mut diffs = Vec::new();
+    for w in rows.windows(2) {
+        let d = w[0]
+            .iter()
+            .zip(w[1])
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            / n_vocab as f32;
+        diffs.push(d.sqrt());
+        assert!(
+            d.sqrt() > 0.1,
+            "{what}: consecutive positions give near-equal logits"
+        );
+    }
+    eprintln!("{what}: logit std per row {stds:.2?}, rms diff of neighbours {diffs:.2?}");
 }
 
 #[test]
@@ -272,4 +292,36 @@ fn repack_real_model_if_present() {
     assert!(r.layers.iter().all(|e| e.start % REPACK_ALIGNMENT == 0));
     let (la, lb) = (logits(&src), logits(&dst.0));
     assert!(la.iter().zip(&lb).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+/// Depth: 80 layers (the 70B depth) at tiny width still give sane logits, for every
+/// architecture.
+#[test]
+fn deep_models_stay_sane() {
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let mut o = SynthOptions::new(preset);
+        o.shape.n_layers = 80;
+        let f = write(&o, "deep");
+        check_logits(&logits(&f.0), 1024, &format!("{} x80", preset.name()));
+    }
+}
+
+/// A big preset end to end (slow, disk-heavy: run by hand with
+/// `FLEA_SYNTH_BIG=7b cargo test -p flea-synth --test synth big_preset -- --ignored`).
+#[test]
+#[ignore]
+fn big_preset_runs() {
+    let name = std::env::var("FLEA_SYNTH_BIG").unwrap_or_else(|_| "1b".into());
+    let preset = Preset::ALL.into_iter().find(|p| p.name() == name).unwrap();
+    let f = write(&SynthOptions::new(preset), "big");
+    let l = logits(&f.0);
+    check_logits(&l, preset.shape().n_vocab, preset.name());
+    let n = preset.shape().n_vocab;
+    let last = &l[l.len() - n..];
+    let max = last.iter().cloned().fold(f32::MIN, f32::max);
+    let mean = last.iter().sum::<f32>() / n as f32;
+    eprintln!(
+        "{}: last-token logits mean {mean:.3}, max {max:.3}",
+        preset.name()
+    );
 }
