@@ -54,6 +54,10 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Show where each layer would live under the given budgets, and the predicted speed.
     Plan(PlanArgs),
+    /// Write a synthetic GGUF model (random quantized weights in standard shapes).
+    Synth(flea_synth::SynthArgs),
+    /// Rewrite a GGUF so that each layer's tensors are contiguous and 4 KiB aligned.
+    Repack(flea_synth::RepackArgs),
 }
 
 #[derive(Args)]
@@ -179,6 +183,8 @@ fn main() {
         } => cmd_tokenize(&model, &text, !no_special, !no_parse_special),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Plan(a) => cmd_plan(a),
+        Cmd::Synth(a) => flea_synth::run_synth(a).map_err(anyhow::Error::from),
+        Cmd::Repack(a) => flea_synth::run_repack(a).map_err(anyhow::Error::from),
     };
     if let Err(e) = r {
         // One line: the chain of causes.
