@@ -1,10 +1,11 @@
 //! Sequential read bandwidth of each backend / block size / queue depth.
 //!
-//! `cargo run --release -p flea-io --example bandwidth -- [DIR] [SIZE_MIB]`
+//! `cargo run --release -p flea-io --example bandwidth -- [DIR] [SIZE_MIB] [REPS]`
 //!
 //! Creates a SIZE_MIB (default 1024) file in DIR (default the current directory), evicts it from
 //! the page cache (fsync + POSIX_FADV_DONTNEED) before every run so that buffered runs are cold
-//! too, prints a markdown table, and deletes the file.
+//! too, prints a markdown table (median, min and max of REPS runs, default 3), and deletes the
+//! file.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -34,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(args.get(1).map_or(".", String::as_str));
     let mib: usize = args.get(2).map_or(Ok(1024), |s| s.parse())?;
+    let reps: usize = args.get(3).map_or(Ok(3), |s| s.parse())?;
+    let reps = reps.max(1);
     let path = dir.join(format!("flea-io-bandwidth-{}.bin", std::process::id()));
     let _guard = Remove(path.clone());
     {
@@ -53,12 +56,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let gib = |bps: f64| bps / (1u64 << 30) as f64;
     println!("file: {} ({mib} MiB)", path.display());
-    println!("| backend | direct | block | qd | read() size | GiB/s | describe() |");
-    println!("|---|---|---|---|---|---|---|");
-    let mut run = |opts: IoOptions, chunk: usize| -> Result<(), Box<dyn std::error::Error>> {
-        evict(&path);
+    println!(
+        "| backend | direct | block | qd | read() size | GiB/s median | min | max | describe() |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let run = |opts: IoOptions, chunk: usize| -> Result<(), Box<dyn std::error::Error>> {
         let desc = open_reader(&path, &opts)?.describe();
-        let bw = sequential_read_bandwidth(&path, &opts, chunk)?;
+        let mut bws = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            evict(&path);
+            bws.push(gib(sequential_read_bandwidth(&path, &opts, chunk)?));
+        }
+        bws.sort_by(f64::total_cmp);
         let qd = if opts.backend == IoBackend::IoUring {
             opts.queue_depth.to_string()
         } else {
@@ -70,11 +79,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "-".to_string()
         };
         println!(
-            "| {} | {} | {block} | {qd} | {} KiB | {:.2} | {desc} |",
+            "| {} | {} | {block} | {qd} | {} KiB | {:.2} | {:.2} | {:.2} | {desc} |",
             opts.backend,
             opts.direct,
             chunk >> 10,
-            gib(bw)
+            bws[bws.len() / 2],
+            bws[0],
+            bws[bws.len() - 1],
         );
         Ok(())
     };

@@ -202,6 +202,19 @@ impl UringReader {
         }
     }
 
+    /// Wait (polling, up to 10 s) for `in_flight` completions after `io_uring_enter` failed.
+    fn drain(&mut self, mut in_flight: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while in_flight > 0 && std::time::Instant::now() < deadline {
+            let n = self.ring.completion().count() as u32;
+            in_flight = in_flight.saturating_sub(n);
+            if in_flight > 0 {
+                // Sleeping also lets the kernel run this task's pending completion work.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
     /// One attempt at reading `[start, start+total)` into `buf[boff..]`. Returns the file
     /// position where EOF was seen (if any), or `Einval` when O_DIRECT was refused at read time.
     fn read_span(
@@ -268,8 +281,11 @@ impl UringReader {
                 break;
             }
             if let Err(e) = self.submit_and_wait(start) {
-                // Requests may still be in flight and writing into buf: keep waiting a while
-                // before giving up, then refuse further use of this reader.
+                // Not expected on a working ring (io_uring_enter only fails like this for a bad
+                // ring fd or arguments). Requests may still be in flight and writing into buf:
+                // poll for their completions for a while before returning, and refuse further
+                // use of this reader if they never arrive.
+                self.drain(in_flight);
                 self.poisoned = true;
                 return Err(e);
             }

@@ -387,3 +387,62 @@ fn bandwidth_runs() {
         assert!(bw > 0.0 && bw.is_finite());
     }
 }
+
+/// A writer keeps truncating and rewriting the file while readers stream it: every read must end
+/// in either the right bytes or a truncation error, never a hang, a panic or wrong bytes from
+/// within the file's current extent. (mmap is left out: a truncation racing with its copy is the
+/// documented SIGBUS window.)
+#[test]
+fn concurrent_truncation_stress() {
+    let dirs = dirs();
+    let path = dirs[0].0.join("churn.bin");
+    let data = Rng(11).bytes(2 << 20);
+    std::fs::write(&path, &data).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, data, stop) = (path.clone(), data.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                k += 1;
+                f.set_len(k * 77_777 % (2 << 20)).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&data, 0).unwrap();
+            }
+        })
+    };
+    let mut rng = Rng(12);
+    let (mut ok, mut truncated) = (0, 0);
+    for opts in all_options()
+        .into_iter()
+        .filter(|o| o.backend != IoBackend::Mmap)
+    {
+        let mut r = open_reader(&path, &opts).unwrap();
+        let mut buf = AlignedBuf::new(1 << 20).unwrap();
+        for _ in 0..150 {
+            let off = rng.below(data.len() as u64 - 1000);
+            let len = (rng.below(600_000) as usize).min(data.len() - off as usize);
+            match r.read(off, len, &mut buf) {
+                Ok(got) => {
+                    // Bytes were either the data or zeroes from a truncate-then-extend.
+                    let b = &buf.as_slice()[got];
+                    let want = &data[off as usize..off as usize + len];
+                    assert!(
+                        b.iter().zip(want).all(|(x, y)| x == y || *x == 0),
+                        "{}",
+                        r.describe()
+                    );
+                    ok += 1;
+                }
+                Err(IoError::Truncated { .. }) => truncated += 1,
+                Err(e) => panic!("{}: {e}", r.describe()),
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    eprintln!("concurrent truncation: {ok} reads ok, {truncated} truncated");
+    assert!(ok + truncated > 0);
+}
