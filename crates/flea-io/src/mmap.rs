@@ -67,7 +67,7 @@ impl MmapReader {
             offset: 0,
             len: usize::MAX,
         })?;
-        // SAFETY: the mapping is read-only and private to this reader. Another process may still
+        // SAFETY: the mapping is read-only and owned by this reader. Another process may still
         // truncate the file underneath it; `read` checks the current size before every copy so
         // that only a truncation racing with the copy itself can fault (see the module docs).
         let map = unsafe { MmapOptions::new().len(len).map(&self.file) }.map_err(|source| {
