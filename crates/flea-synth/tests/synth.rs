@@ -325,3 +325,58 @@ fn big_preset_runs() {
         preset.name()
     );
 }
+
+/// Cross-check against llama.cpp logits dumped next to synthetic models (by hand, with
+/// llama-cpp-python: every `X.gguf` in `$FLEA_SYNTH_LLAMA_DIR` with an `X.gguf.llama.f32`
+/// of raw f32 logits for the token ids below).
+#[test]
+#[ignore]
+fn agrees_with_llama_cpp_dumps() {
+    let Ok(dir) = std::env::var("FLEA_SYNTH_LLAMA_DIR") else {
+        return;
+    };
+    let toks = [
+        1022, 316, 101, 280, 117, 397, 107, 275, 114, 377, 110, 270, 382,
+    ];
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let dump = PathBuf::from(format!("{}.llama.f32", p.display()));
+        let Ok(raw) = std::fs::read(&dump) else {
+            continue;
+        };
+        let want: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let model = Model::load(&p).unwrap();
+        let backend = CpuBackend::new(2).unwrap();
+        let mut s = Session::new(&model, &backend, 64, 32).unwrap();
+        let got = s.eval(&toks, Logits::All).unwrap();
+        assert_eq!(got.len(), want.len());
+        let n = model.cfg.n_vocab;
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let top1 = got
+            .chunks(n)
+            .zip(want.chunks(n))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        eprintln!(
+            "{}: max |flea - llama.cpp| {max_diff:.4}, top-1 agrees at {top1}/{} positions",
+            p.file_name().unwrap().to_string_lossy(),
+            toks.len()
+        );
+    }
+}
+
+fn argmax(x: &[f32]) -> usize {
+    (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b })
+}
