@@ -644,20 +644,13 @@ pub fn write_synthetic(path: &Path, o: &SynthOptions) -> Result<SynthReport> {
         o.threads
     };
     let label = path.display().to_string();
-    let io = |source| SynthError::Io {
-        path: label.clone(),
-        source,
-    };
     let start = Instant::now();
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut out = sink::PipeSink::new(file, total, label.clone(), o.progress);
-    w.write_with(&mut out, |i, buf| {
+    let bytes = sink::write_gguf(&w, path, total, o.progress, |i, buf| {
         if let Some(p) = plans.get(i) {
             fill_tensor(p, i, o.seed, threads, buf);
         }
         Ok(())
     })?;
-    let bytes = out.finish().map_err(io)?;
     let seconds = start.elapsed().as_secs_f64();
     let gb_per_s = bytes as f64 / 1e9 / seconds.max(1e-9);
     if o.progress {

@@ -93,15 +93,8 @@ pub fn repack(input: &Path, output: &Path) -> Result<RepackReport> {
         .map_or(0, |t| t.end().next_multiple_of(REPACK_ALIGNMENT));
     sink::check_space(output, total)?;
 
-    let label = output.display().to_string();
-    let io = |source| SynthError::Io {
-        path: label.clone(),
-        source,
-    };
     let start = Instant::now();
-    let file = std::fs::File::create(output).map_err(io)?;
-    let mut out = sink::PipeSink::new(file, total, label.clone(), false);
-    w.write_with(&mut out, |i, buf| {
+    let bytes = sink::write_gguf(&w, output, total, false, |i, buf| {
         let data = order
             .get(i)
             .map(|&j| src.tensor_data(&h.tensors[j]))
@@ -116,7 +109,6 @@ pub fn repack(input: &Path, output: &Path) -> Result<RepackReport> {
         buf.copy_from_slice(data);
         Ok(())
     })?;
-    let bytes = out.finish().map_err(io)?;
     let write_seconds = start.elapsed().as_secs_f64();
 
     let (globals, layers) = verify(&src, output)?;

@@ -131,6 +131,39 @@ impl Write for PipeSink {
     }
 }
 
+/// Write `w`'s file to `path` through a [`PipeSink`], producing deferred tensors with
+/// `fill`. Returns the bytes written. On failure the partial file is removed and I/O errors
+/// name `path`.
+pub(crate) fn write_gguf<F>(
+    w: &flea_gguf::GgufWriter,
+    path: &Path,
+    total: u64,
+    progress: bool,
+    fill: F,
+) -> crate::Result<u64>
+where
+    F: FnMut(usize, &mut [u8]) -> flea_gguf::Result<()>,
+{
+    let label = path.display().to_string();
+    let io = |source| crate::SynthError::Io {
+        path: label.clone(),
+        source,
+    };
+    let file = File::create(path).map_err(io)?;
+    let mut out = PipeSink::new(file, total, label.clone(), progress);
+    let r = match w.write_with(&mut out, fill) {
+        // The writer labels its sink "<output>"; say which file it was.
+        Err(flea_gguf::GgufError::Io { source, .. }) => Err(io(source)),
+        Err(e) => Err(e.into()),
+        Ok(()) => out.finish().map_err(io),
+    };
+    if r.is_err() {
+        // Leave no truncated model behind (best effort: the error is what matters).
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
 /// Bytes available to an unprivileged user on the filesystem holding `dir`, or None where
 /// that cannot be asked (non-Linux) or the call fails.
 pub(crate) fn free_space(dir: &Path) -> Option<u64> {

@@ -217,6 +217,12 @@ fn refuses_without_space_and_bad_shapes() {
     let t = Tmp::new("bad");
     assert!(write_synthetic(&t.0, &o).is_err());
     assert!(!t.0.exists());
+    // I/O errors name the file.
+    let o = SynthOptions::new(Preset::Tiny);
+    let bad = std::env::temp_dir().join("flea-synth-no-such-dir/x.gguf");
+    let err = write_synthetic(&bad, &o).unwrap_err();
+    assert!(matches!(err, flea_synth::SynthError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("flea-synth-no-such-dir"), "{err}");
     if cfg!(target_os = "linux") {
         // 70B at 2^20 layers cannot fit anywhere.
         let mut o = SynthOptions::new(Preset::B70);
