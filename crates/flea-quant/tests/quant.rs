@@ -366,6 +366,57 @@ fn matvec_and_matmul_equal_vec_dot() {
     }
 }
 
+/// Every batched kernel (multi-token, multi-row tiles, and their leftovers) against the
+/// scalar per-row `vec_dot`, for many block counts, row counts and token counts 1..=9.
+#[test]
+fn matmul_kernels_equal_scalar_for_all_shapes() {
+    let mut r = Rng(11);
+    let isas = available_isas();
+    for ty in SUPPORTED {
+        let fmt = vec_dot_type(ty).unwrap();
+        let bs = if ty.block_size() == 256 { 256 } else { 32 };
+        for blocks in [1usize, 2, 3, 5, 8, 13] {
+            let n = blocks * bs;
+            let wb = row_bytes(ty, n);
+            let ab = act_row_bytes(fmt, n);
+            for rows in [1usize, 2, 3, 5] {
+                let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+                let tokens = 9;
+                let mut acts = Vec::new();
+                let mut xs = Vec::new();
+                for _ in 0..tokens {
+                    let mut a = Vec::new();
+                    quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+                    xs.push(deq(fmt, &a, n));
+                    acts.extend_from_slice(&a);
+                }
+                let wf: Vec<Vec<f32>> = (0..rows)
+                    .map(|row| deq(ty, &w[row * wb..(row + 1) * wb], n))
+                    .collect();
+                for nt in 1..=tokens {
+                    for &isa in &isas {
+                        let mut out = vec![f32::NAN; rows * nt];
+                        matmul_isa(isa, ty, n, &w, &acts[..nt * ab], nt, &mut out);
+                        for t in 0..nt {
+                            let a = &acts[t * ab..(t + 1) * ab];
+                            for row in 0..rows {
+                                let wr = &w[row * wb..(row + 1) * wb];
+                                let e = vec_dot_checked(Isa::Scalar, ty, n, wr, a).unwrap();
+                                let g = out[t * rows + row];
+                                let tol = abs_dot(&wf[row], &xs[t]) * 1e-5 + 1e-6;
+                                assert!(
+                                    ((g - e) as f64).abs() <= tol,
+                                    "{ty} {isa:?} n={n} rows={rows} tokens={nt} t={t} row={row}: {g} vs scalar {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn unsupported_types_are_errors() {
     for ty in [

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::{
     bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16x8, ld_f32,
-    nibbles32,
+    ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
 
@@ -386,6 +386,9 @@ pub(crate) fn tile_kernel(weight: GgmlType) -> Option<TileFn> {
     Some(match weight {
         Q8_0 => tile_q8_0,
         Q4_0 => tile_q4_0,
+        Q5_0 => tile_q5_0,
+        Q4_1 => tile_q4_1,
+        Q5_1 => tile_q5_1,
         _ => return None,
     })
 }
@@ -441,6 +444,95 @@ unsafe fn tile_q8_0(
     }
 }
 
+/// Tile kernel shared by the 4- and 5-bit 32-element formats; `K` selects the format
+/// (one of the `L_*` constants).
+///
+/// Each weight block is unpacked once per row into unsigned quants u (0..=15 or 0..=31):
+/// Q4_0 / Q5_0 store u - 8 / u - 16, so the block dot is Σ u·y - bias·Σ y, and the bias
+/// term, which depends only on the token, is computed once per token and used as the
+/// starting value of `vpdpbusd`. Q4_1 / Q5_1 (against Q8_1) add m·s per block: the
+/// token's s sits in lane 1 of an otherwise zero vector, so one more FMA per row x token
+/// adds it to that lane, and the final horizontal sum takes it along.
+///
+/// # Safety
+/// [`TileFn`] contract.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_legacy<const K: u8>(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // (block bytes, qs offset, qh offset, bias, has min)
+    let (wbytes, qs_off, qh_off, bias, min) = match K {
+        L_Q4_0 => (18, 2, 0, 8, false),
+        L_Q5_0 => (22, 6, 2, 16, false),
+        L_Q4_1 => (20, 4, 0, 0, true),
+        _ => (24, 8, 4, 0, true),
+    };
+    let five = qh_off != 0;
+    let abytes = if min { 36 } else { 34 };
+    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let z = _mm256_setzero_si256();
+    let vbias = _mm256_set1_epi8(bias);
+    let b4 = _mm256_set1_epi8(16);
+    // SAFETY (whole body): block b < n/32 lies inside every weight and activation row of
+    // the tile (TileFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + wbytes * b));
+            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + abytes * b));
+            let qx = xs.map(|x| {
+                let q = nibbles32(x.add(qs_off));
+                if five {
+                    // Bit i of qh is the 5th bit of element i (= byte i of q).
+                    _mm256_mask_add_epi8(q, _cvtu32_mask32(ld_u32(x.add(qh_off))), q, b4)
+                } else {
+                    q
+                }
+            });
+            let dx = xs.map(|x| ld_f16x8(x));
+            let qy = ys.map(|y| ld256(y.add(abytes - 32)));
+            let dy = ys.map(|y| ld_f16x8(y));
+            let start = if min {
+                [z; TILE_T]
+            } else {
+                qy.map(|y| _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, vbias, y)))
+            };
+            let mx = if min {
+                xs.map(|x| ld_f16x8(x.add(2)))
+            } else {
+                [_mm256_setzero_ps(); TILE_R]
+            };
+            let sy = if min {
+                ys.map(|y| _mm256_maskz_mov_ps(0b10, ld_f16x8(y.add(2))))
+            } else {
+                [_mm256_setzero_ps(); TILE_T]
+            };
+            for r in 0..TILE_R {
+                for t in 0..TILE_T {
+                    let p = _mm256_dpbusd_epi32(start[t], qx[r], qy[t]);
+                    let d = _mm256_mul_ps(dx[r], dy[t]);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
+                    if min {
+                        acc[r][t] = _mm256_fmadd_ps(mx[r], sy[t], acc[r][t]);
+                    }
+                }
+            }
+        }
+        tile_store(acc, out, os);
+    }
+}
+
+const L_Q4_0: u8 = 0;
+const L_Q5_0: u8 = 1;
+const L_Q4_1: u8 = 2;
+const L_Q5_1: u8 = 3;
+
 /// # Safety
 /// [`TileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -453,29 +545,54 @@ unsafe fn tile_q4_0(
     out: *mut f32,
     os: usize,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
-    let z = _mm256_setzero_si256();
-    let eight = _mm256_set1_epi8(8);
-    // SAFETY (whole body): block b < n/32 lies inside every weight and activation row of
-    // the tile (TileFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + 18 * b));
-            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + 34 * b));
-            let qx = xs.map(|x| nibbles32(x.add(2)));
-            let dx = xs.map(|x| ld_f16x8(x));
-            let qy = ys.map(|y| ld256(y.add(2)));
-            let dy = ys.map(|y| ld_f16x8(y));
-            // Σ (q - 8) * y = Σ q * y - Σ 8 * y; the second sum is per token, shared by rows.
-            let off = qy.map(|y| _mm256_dpbusd_epi32(z, eight, y));
-            for r in 0..TILE_R {
-                for t in 0..TILE_T {
-                    let p = _mm256_sub_epi32(_mm256_dpbusd_epi32(z, qx[r], qy[t]), off[t]);
-                    let d = _mm256_mul_ps(dx[r], dy[t]);
-                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
-                }
-            }
-        }
-        tile_store(acc, out, os);
-    }
+    // SAFETY: same contract, same features.
+    unsafe { tile_legacy::<L_Q4_0>(n, w, ws, a, st, out, os) }
+}
+
+/// # Safety
+/// [`TileFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q5_0(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // SAFETY: same contract, same features.
+    unsafe { tile_legacy::<L_Q5_0>(n, w, ws, a, st, out, os) }
+}
+
+/// # Safety
+/// [`TileFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q4_1(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // SAFETY: same contract, same features.
+    unsafe { tile_legacy::<L_Q4_1>(n, w, ws, a, st, out, os) }
+}
+
+/// # Safety
+/// [`TileFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile_q5_1(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // SAFETY: same contract, same features.
+    unsafe { tile_legacy::<L_Q5_1>(n, w, ws, a, st, out, os) }
 }
