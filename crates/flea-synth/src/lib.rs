@@ -580,18 +580,13 @@ const CHUNK: usize = 1 << 20;
 /// depend only on (seed, index, plan), not on the thread count.
 fn fill_tensor(p: &Plan, index: usize, seed: u64, threads: usize, buf: &mut [u8]) {
     match p.role {
-        Role::Norm => gen::fill_vector(
-            1.0,
-            0.05,
-            &mut gen::Rng::new(gen::stream_seed(seed, index, 0)),
-            buf,
-        ),
-        Role::Bias => gen::fill_vector(
-            0.0,
-            0.05,
-            &mut gen::Rng::new(gen::stream_seed(seed, index, 0)),
-            buf,
-        ),
+        Role::Norm | Role::Bias => {
+            // Norm weights ≈ 1 (Gemma's too: GGUF stores them with the +1 folded in),
+            // biases ≈ 0; both small, so one stream suffices.
+            let center = if p.role == Role::Norm { 1.0 } else { 0.0 };
+            let mut rng = gen::Rng::new(gen::stream_seed(seed, index, 0));
+            gen::fill_vector(center, 0.05, &mut rng, buf);
+        }
         _ => {
             // Chunks hold whole blocks so each can be generated on its own; chunk i goes to
             // thread i % t (round-robin keeps the threads evenly loaded).
