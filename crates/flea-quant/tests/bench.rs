@@ -119,6 +119,9 @@ fn matmul_throughput() {
     };
     for ty in [
         GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q5_K,
@@ -127,8 +130,8 @@ fn matmul_throughput() {
         let wb = row_bytes(ty, cols);
         let mut w: Vec<u8> = (0..wb * rows).map(|_| next() as u8).collect();
         let fields: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
             _ => &[208],
         };
         for blk in w.chunks_exact_mut(ty.type_size()) {

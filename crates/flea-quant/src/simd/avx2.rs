@@ -102,7 +102,7 @@ pub(crate) unsafe fn nibbles32(p: *const u8) -> __m256i {
 /// Expand the 32 bits of `bits` into 32 bytes: 0xFF where the bit is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bits_to_bytes(bits: u32) -> __m256i {
+pub(crate) fn bits_to_bytes(bits: u32) -> __m256i {
     // Byte i takes byte i/8 of `bits`, then tests bit i%8.
     let shuf = _mm256_set_epi64x(
         0x0303_0303_0303_0303,

@@ -8,8 +8,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bcast_i16, bsums_madd, dot_u8i8, hsum_ps, k4_scales_mins_v, ld256, ld_f16x8, ld_f32, ld_u32,
-    nibbles32, scale_pair,
+    bcast_i16, bits_to_bytes, bsums_madd, dot_u8i8, hsum_ps, k4_scales_mins_v, ld256, ld_f16x8,
+    ld_f32, ld_u32, nibbles32, scale_pair,
 };
 use crate::GgmlType;
 
@@ -29,6 +29,9 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<Dot4Fn> {
     Some(match weight {
         Q4_0 => dot4_q4_0,
         Q8_0 => dot4_q8_0,
+        Q5_0 => dot4_q5_0,
+        Q4_1 => dot4_q4_1,
+        Q5_1 => dot4_q5_1,
         Q4_K => dot4_q4_k,
         Q5_K => dot4_q5_k,
         Q6_K => dot4_q6_k,
@@ -104,6 +107,100 @@ unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
         }
         store(acc, out, os);
     }
+}
+
+/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2).
+///
+/// Q5_0 quants are unpacked once per block to signed bytes (-16..=15) and used with the
+/// sign trick, like `dot4_q4_0`. Q4_1 / Q5_1 quants are unsigned (0..=15 / 0..=31) and go
+/// straight into `maddubs`; their per-block m·s term is added to lane 1 of the token's
+/// accumulator (the s of the Q8_1 block placed in lane 1 of a zero vector, times m), so
+/// the final horizontal sum includes it.
+///
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_legacy<const K: u8>(
+    n: usize,
+    w: *const u8,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // (weight block bytes, qs offset, qh offset or 0, has min)
+    let (wbytes, qs_off, qh_off, min) = match K {
+        0 => (22, 6, 2, false),
+        1 => (20, 4, 0, true),
+        _ => (24, 8, 4, true),
+    };
+    let abytes = if min { 36 } else { 34 };
+    let mut acc = [_mm256_setzero_ps(); T];
+    let f0 = _mm256_set1_epi8(0xF0u8 as i8);
+    let b4 = _mm256_set1_epi8(0x10);
+    // SAFETY (whole body): block b < n/32 lies inside the weight row and every activation
+    // row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let x = w.add(wbytes * b);
+            let dx = ld_f16x8(x);
+            let nib = nibbles32(x.add(qs_off));
+            if !min {
+                // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
+                let hb = bits_to_bytes(ld_u32(x.add(qh_off)));
+                let qx = _mm256_or_si256(nib, _mm256_andnot_si256(hb, f0));
+                let ax = _mm256_sign_epi8(qx, qx);
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let y = a.add(t * st + abytes * b);
+                    let d = _mm256_mul_ps(dx, ld_f16x8(y));
+                    let p = dot_u8i8(ax, _mm256_sign_epi8(ld256(y.add(2)), qx));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            } else {
+                let qx = if qh_off != 0 {
+                    let hb = bits_to_bytes(ld_u32(x.add(qh_off)));
+                    _mm256_or_si256(nib, _mm256_and_si256(hb, b4))
+                } else {
+                    nib
+                };
+                let mx = ld_f16x8(x.add(2));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    let y = a.add(t * st + abytes * b);
+                    let d = _mm256_mul_ps(dx, ld_f16x8(y));
+                    let p = dot_u8i8(qx, ld256(y.add(4)));
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                    let sy = _mm256_blend_ps::<0b10>(_mm256_setzero_ps(), ld_f16x8(y.add(2)));
+                    *acc = _mm256_fmadd_ps(mx, sy, *acc);
+                }
+            }
+        }
+        store(acc, out, os);
+    }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    // SAFETY: same contract, same features.
+    unsafe { dot4_legacy::<0>(n, w, a, st, out, os) }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q4_1(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    // SAFETY: same contract, same features.
+    unsafe { dot4_legacy::<1>(n, w, a, st, out, os) }
+}
+
+/// # Safety
+/// [`Dot4Fn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q5_1(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
+    // SAFETY: same contract, same features.
+    unsafe { dot4_legacy::<2>(n, w, a, st, out, os) }
 }
 
 /// Shared Q4_K / Q5_K (`HIGH`: 5th bit from qh) kernel.
