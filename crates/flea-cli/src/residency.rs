@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use flea_io::{IoBackend, IoOptions};
 use flea_model::{CpuBackend, Logits, Model, Session};
-use flea_runtime::{fmt_size, parse_size, Links, Plan, PlanRequest, StreamedModel, Tier};
+use flea_runtime::{fmt_size, parse_size, Plan, PlanRequest, StreamedModel, Tier};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone, Debug, Default)]
@@ -38,7 +38,8 @@ pub struct ResidencyArgs {
     /// Memory read bandwidth of the compute device for the prediction, GB/s (default 10).
     #[arg(long)]
     pub mem_gbps: Option<f64>,
-    /// Write a Chrome/Perfetto trace of the pipeline (disk read, compute, stall lanes).
+    /// Write a Chrome/Perfetto trace of the pipeline (disk read, compute, stall lanes), or
+    /// an SVG timeline of the last token when FILE ends in .svg.
     #[arg(long)]
     pub trace: Option<PathBuf>,
 }
@@ -77,7 +78,11 @@ impl ResidencyArgs {
             Some(s) => parse_size(s)?,
             None => avail / 4,
         };
-        let mut links = Links::default();
+        // Measured link speeds when `flea probe` has saved a profile, else assumed defaults.
+        let mut links =
+            flea_runtime::profile::Profile::load(&flea_runtime::profile::default_path())
+                .map(|p| p.links())
+                .unwrap_or_default();
         if let Some(g) = self.disk_gbps {
             links.disk = g * 1e9;
         }
@@ -226,9 +231,27 @@ impl<'m> Runner<'m> {
             }
             None => format!("unit {u}"),
         };
-        let j = s.trace.to_chrome_json(&label);
-        std::fs::write(path, serde_json::to_string(&j)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        if path.extension().is_some_and(|e| e == "svg") {
+            let first = s
+                .plan
+                .units
+                .iter()
+                .position(|u| u.tier == Tier::Disk)
+                .unwrap_or(0);
+            let title = format!(
+                "one token through the ring: {} streamed units, ring {} x {}, {}",
+                s.plan.units.iter().filter(|u| u.tier == Tier::Disk).count(),
+                s.plan.ring_depth,
+                fmt_size(s.plan.slot_bytes),
+                s.model.cfg.arch.name()
+            );
+            std::fs::write(path, s.trace.to_svg(&label, first, &title))
+                .with_context(|| format!("writing {}", path.display()))?;
+        } else {
+            let j = s.trace.to_chrome_json(&label);
+            std::fs::write(path, serde_json::to_string(&j)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(())
     }
 }

@@ -44,6 +44,8 @@ struct Filled {
     result: std::result::Result<Range<usize>, flea_io::IoError>,
     read_start: Instant,
     read_end: Instant,
+    /// How long the I/O thread waited for this free slot.
+    slot_wait: std::time::Duration,
 }
 
 struct Ring {
@@ -67,6 +69,8 @@ pub struct StreamStats {
     pub stall_seconds: f64,
     pub compute_seconds: f64,
     pub read_seconds: f64,
+    /// Time the I/O thread waited for a free slot (the ring was full).
+    pub io_slot_wait_seconds: f64,
 }
 
 /// A model run under a residency plan.
@@ -354,6 +358,7 @@ impl<'m> StreamedModel<'m> {
                     ring.next_seq += 1;
                     let range = f.result?;
                     self.stats.read_seconds += (f.read_end - f.read_start).as_secs_f64();
+                    self.stats.io_slot_wait_seconds += f.slot_wait.as_secs_f64();
                     self.trace.span(Lane::Read, ui, f.read_start, f.read_end);
                     if waited > 1e-5 {
                         self.trace.span(
@@ -451,7 +456,10 @@ fn io_loop(
     filled: SyncSender<Filled>,
 ) {
     let mut seq = 0u64;
-    while let Ok(mut buf) = free.recv() {
+    loop {
+        let t0 = Instant::now();
+        let Ok(mut buf) = free.recv() else { return };
+        let slot_wait = t0.elapsed();
         let (offset, len) = units[(seq % units.len() as u64) as usize];
         let read_start = Instant::now();
         let result = reader.read(offset, len, &mut buf);
@@ -464,6 +472,7 @@ fn io_loop(
                 result,
                 read_start,
                 read_end,
+                slot_wait,
             })
             .is_err()
             || failed

@@ -3,6 +3,7 @@
 pub mod budget;
 pub mod executor;
 pub mod plan;
+pub mod profile;
 pub mod trace;
 
 pub use budget::{fmt_size, parse_size, Arena};
