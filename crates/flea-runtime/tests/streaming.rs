@@ -247,3 +247,52 @@ fn a_model_file_truncated_while_streaming_is_a_clean_error() {
         "the first error should name the cause: {errors:?}"
     );
 }
+
+/// A synthetic model of `preset` in a fresh temp file (removed by the caller).
+fn synthetic(preset: flea_synth::Preset, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flea-stream-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    let mut o = flea_synth::SynthOptions::new(preset);
+    o.progress = false;
+    flea_synth::write_synthetic(&path, &o).unwrap();
+    path
+}
+
+/// A device budget that holds the fixed parts plus about two layers, so most layers stream.
+fn tight_budget(path: &Path) -> u64 {
+    let model = Model::load(path).unwrap();
+    let min = match Plan::build(&model, &request(1, 0, 128, 16, None)) {
+        Err(RuntimeError::BudgetTooSmall { minimum, .. }) => minimum,
+        other => panic!("expected the minimum, got {other:?}"),
+    };
+    let layer = model
+        .layout
+        .layers
+        .iter()
+        .map(|l| l.extent_bytes())
+        .max()
+        .unwrap();
+    min + 3 * (layer + 8192)
+}
+
+#[test]
+fn synthetic_models_of_every_architecture_stream_bit_identically() {
+    use flea_synth::Preset;
+    for (preset, name) in [
+        (Preset::Tiny, "llama"),
+        (Preset::TinyQwen2, "qwen2"),
+        (Preset::TinyGemma3, "gemma3"),
+    ] {
+        let path = synthetic(preset, name);
+        let vram = tight_budget(&path);
+        check_identical(
+            &path,
+            vram,
+            0,
+            &[IoBackend::Pread, IoBackend::IoUring, IoBackend::Mmap],
+            &[1, 2, 4],
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
