@@ -480,10 +480,82 @@ unsafe fn tile_legacy<const K: u8>(
     let z = _mm256_setzero_si256();
     let vbias = _mm256_set1_epi8(bias);
     let b4 = _mm256_set1_epi8(16);
-    // SAFETY (whole body): block b < n/32 lies inside every weight and activation row of
-    // the tile (TileFn contract).
+    let nb = n / 32;
+    // SAFETY (whole body): every block index used is < n/32, so the block lies inside
+    // every weight and activation row of the tile (TileFn contract).
     unsafe {
-        for b in 0..n / 32 {
+        // Blocks in pairs, as in `avx2::dot_q4_0`'s `pair`: vector `lo` holds elements
+        // 0..16 of block b then of block b+1, `hi` elements 16..32, so both `vpdpbusd`s add
+        // into one sum whose lanes 0..4 belong to block b and 4..8 to block b+1, and one
+        // scale vector [d_b; 4] ++ [d_b+1; 4] covers 64 elements.
+        let m4 = _mm256_set1_epi8(0x0f);
+        /// `[f16 at p; 4] ++ [f16 at p + step; 4]` as 8 f32.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn d2(p: *const u8, step: usize) -> __m256 {
+            // SAFETY: caller guarantees 4 readable bytes at p and at p + step.
+            let (h0, h1) = unsafe { (ld_u32(p), ld_u32(p.add(step))) };
+            // [h0 as 2 f16; 2] ++ [h1; 2]: the f16 wanted is in the even 16-bit lanes.
+            let h = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(h0 as i32), _mm_set1_epi32(h1 as i32));
+            _mm256_moveldup_ps(_mm256_cvtph_ps(h))
+        }
+        for b in (0..nb / 2).map(|i| 2 * i) {
+            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + wbytes * b));
+            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + abytes * b));
+            let mut lo = [z; TILE_R];
+            let mut hi = [z; TILE_R];
+            let mut dx = [_mm256_setzero_ps(); TILE_R];
+            let mut mx = [_mm256_setzero_ps(); TILE_R];
+            for r in 0..TILE_R {
+                let x = xs[r];
+                let q = ld2x128(x.add(qs_off), x.add(wbytes + qs_off));
+                lo[r] = _mm256_and_si256(q, m4);
+                hi[r] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                if five {
+                    let (h0, h1) = (ld_u32(x.add(qh_off)), ld_u32(x.add(wbytes + qh_off)));
+                    let kl = _cvtu32_mask32((h0 & 0xffff) | (h1 << 16));
+                    let kh = _cvtu32_mask32((h0 >> 16) | (h1 & 0xffff_0000));
+                    lo[r] = _mm256_mask_add_epi8(lo[r], kl, lo[r], b4);
+                    hi[r] = _mm256_mask_add_epi8(hi[r], kh, hi[r], b4);
+                }
+                dx[r] = d2(x, wbytes);
+                if min {
+                    mx[r] = d2(x.add(2), wbytes);
+                }
+            }
+            let mut ya = [z; TILE_T];
+            let mut yb = [z; TILE_T];
+            let mut dy = [_mm256_setzero_ps(); TILE_T];
+            let mut sy = [_mm256_setzero_ps(); TILE_T];
+            let mut start = [z; TILE_T];
+            for t in 0..TILE_T {
+                let y = ys[t];
+                let q0 = y.add(abytes - 32);
+                ya[t] = ld2x128(q0, q0.add(abytes));
+                yb[t] = ld2x128(q0.add(16), q0.add(abytes + 16));
+                dy[t] = d2(y, abytes);
+                if min {
+                    // s of block b in lane 1, of block b+1 in lane 5 (see `d2`).
+                    sy[t] = _mm256_maskz_mov_ps(0b0010_0010, d2(y.add(2), abytes));
+                } else {
+                    let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, vbias, ya[t]), vbias, yb[t]);
+                    start[t] = _mm256_sub_epi32(z, o);
+                }
+            }
+            for r in 0..TILE_R {
+                for t in 0..TILE_T {
+                    let p = _mm256_dpbusd_epi32(start[t], lo[r], ya[t]);
+                    let p = _mm256_dpbusd_epi32(p, hi[r], yb[t]);
+                    let d = _mm256_mul_ps(dx[r], dy[t]);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
+                    if min {
+                        acc[r][t] = _mm256_fmadd_ps(mx[r], sy[t], acc[r][t]);
+                    }
+                }
+            }
+        }
+        // An odd last block.
+        for b in 2 * (nb / 2)..nb {
             let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + wbytes * b));
             let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + abytes * b));
             let qx = xs.map(|x| {
