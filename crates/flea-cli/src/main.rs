@@ -372,7 +372,12 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             content: line.trim_end().to_string(),
         });
         let rendered = tmpl.render(&messages, true)?;
-        let ids = tok.encode(&rendered, true, true);
+        // Templates that write the BOS token themselves must not get a second one.
+        let has_bos = tok
+            .bos()
+            .and_then(|b| tok.token_text(b))
+            .is_some_and(|b| !b.is_empty() && rendered.starts_with(b));
+        let ids = tok.encode(&rendered, !has_bos, true);
         let common = cached
             .iter()
             .zip(&ids)

@@ -16,11 +16,13 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The model's template; ChatML when the file has none.
+    /// The model's template; when the file has none, Gemma's turn format for vocabularies
+    /// that have `<start_of_turn>` (like llama.cpp's built-in detection), else ChatML.
     pub fn from_model(m: &flea_model::Model) -> Result<ChatTemplate> {
         let h = &m.file.header;
         let source = match h.get_str("tokenizer.chat_template")? {
             Some(s) => s.to_string(),
+            None if m.tokenizer.token_id("<start_of_turn>").is_some() => GEMMA.to_string(),
             None => CHATML.to_string(),
         };
         let tok = |id: Option<u32>| {
@@ -64,3 +66,6 @@ impl ChatTemplate {
 }
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Gemma's turns: the system prompt is folded into the first user turn; the assistant is "model".
+const GEMMA: &str = "{{ bos_token }}{% set sys = namespace(text='') %}{% for message in messages %}{% if message['role'] == 'system' %}{% set sys.text = message['content'] + '\n\n' %}{% else %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' + (sys.text if loop.index0 <= 1 and message['role'] == 'user' else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
