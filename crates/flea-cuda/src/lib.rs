@@ -1,0 +1,918 @@
+//! The CUDA backend of flea.
+//!
+//! * Libraries are loaded at run time (cudarc `dynamic-loading`): the crate builds and its
+//!   tests run on machines without CUDA; [`CudaBackend::new`] then returns an error.
+//! * Kernels (`kernels.cu`) are compiled once per process with NVRTC for the device's
+//!   architecture and cached on disk by source hash (`~/.cache/flea/cuda/<hash>-sm_XX.cubin`).
+//! * Weights are uploaded on first use and cached by host slice (pointer, length): the model's
+//!   mmap is stable for its life.
+//! * Activations are f32 device buffers; the KV cache is F16.
+//! * Matmuls: one token → a warp-per-row matvec that dequantizes on the fly; several tokens →
+//!   the weight is dequantized to F16 into a scratch buffer and multiplied with cuBLAS
+//!   (F16 × F16 → F32). Before either, activations are rounded the way the CPU backend
+//!   quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16), so both backends compute
+//!   the same function up to summation order.
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use flea_gguf::GgmlType;
+use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams};
+use flea_model::config::{FfnActivation, RopeStyle};
+use flea_model::weights::Weight;
+use flea_model::{ModelError, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// A CUDA setup or runtime failure, as one line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CudaError(pub String);
+
+fn be(msg: impl Into<String>) -> ModelError {
+    ModelError::Backend(msg.into())
+}
+
+/// Which CUDA libraries can be loaded here (checked without touching cudarc's panicking
+/// loaders).
+#[derive(Clone, Copy, Debug)]
+pub struct Libraries {
+    pub driver: bool,
+    pub nvrtc: bool,
+    pub cublas: bool,
+}
+
+/// Probe libcuda, libnvrtc and libcublas with dlopen.
+pub fn libraries() -> Libraries {
+    // SAFETY: these only try to dlopen the candidate library names.
+    unsafe {
+        Libraries {
+            driver: cudarc::driver::sys::is_culib_present(),
+            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
+            cublas: cudarc::cublas::sys::is_culib_present(),
+        }
+    }
+}
+
+/// Number of CUDA devices (0 when the driver is missing or fails to initialise).
+pub fn device_count() -> usize {
+    if !libraries().driver {
+        return 0;
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .unwrap_or(0)
+}
+
+/// Kernel names suffix per weight type, and how activations are rounded for it.
+fn type_info(ty: GgmlType) -> Option<(&'static str, i32)> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => ("f32", 0),
+        F16 => ("f16", 3),
+        BF16 => ("bf16", 4),
+        Q4_0 => ("q4_0", 1),
+        Q4_1 => ("q4_1", 1),
+        Q5_0 => ("q5_0", 1),
+        Q5_1 => ("q5_1", 1),
+        Q8_0 => ("q8_0", 1),
+        Q2_K => ("q2_k", 2),
+        Q3_K => ("q3_k", 2),
+        Q4_K => ("q4_k", 2),
+        Q5_K => ("q5_k", 2),
+        Q6_K => ("q6_k", 2),
+        _ => return None,
+    })
+}
+
+const TYPE_SUFFIXES: [&str; 13] = [
+    "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
+    "q6_k",
+];
+const PLAIN_KERNELS: [&str; 9] = [
+    "act_round",
+    "rms_norm",
+    "add_bias",
+    "add",
+    "glu",
+    "rope",
+    "kv_store",
+    "attention",
+    "copy_f4",
+];
+
+/// Weight types the CUDA backend can multiply with.
+pub fn supported_types() -> Vec<GgmlType> {
+    use GgmlType::*;
+    vec![
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+    ]
+}
+
+/// An activation matrix in device memory: `rows` × `width` f32.
+pub struct CudaAct {
+    buf: CudaSlice<f32>,
+    ptr: u64,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// The F16 K and V caches, one buffer per layer, [position][kv_dim].
+pub struct CudaKv {
+    pub shape: KvShape,
+    _k: Vec<CudaSlice<u16>>,
+    _v: Vec<CudaSlice<u16>>,
+    kp: Vec<u64>,
+    vp: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// Dequantized F16 weight for cuBLAS.
+    wh: Option<CudaSlice<u16>>,
+    /// Rounded activations, f32 (matvec) and f16 (GEMM).
+    xr: Option<CudaSlice<f32>>,
+    xh: Option<CudaSlice<u16>>,
+    tokens: Option<CudaSlice<i32>>,
+}
+
+/// The CUDA backend. See the crate docs.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: Option<cudarc::cublas::CudaBlas>,
+    funcs: HashMap<String, CudaFunction>,
+    weights: Mutex<HashMap<(usize, usize), CudaSlice<u8>>>,
+    vectors: Mutex<HashMap<(usize, usize), CudaSlice<f32>>>,
+    scratch: Mutex<Scratch>,
+    ordinal: usize,
+    device_name: String,
+    cc: (i32, i32),
+    sync_each: bool,
+    uploaded: AtomicU64,
+    kernel_cache: String,
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+/// FNV-1a, stable across Rust versions (names the on-disk kernel cache).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn cache_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("FLEA_CUDA_CACHE") {
+        return d.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("flea").join("cuda")
+}
+
+/// Compile `src` for `sm_{arch}` with NVRTC and return the CUBIN.
+fn nvrtc_compile(src: &str, arch: &str) -> std::result::Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::{CStr, CString};
+    let csrc = CString::new(src).map_err(|_| CudaError("kernel source has a NUL".into()))?;
+    let name = CString::new("flea_kernels.cu").unwrap();
+    let prog = result::create_program(&csrc, Some(&name))
+        .map_err(|e| CudaError(format!("nvrtc create program: {e:?}")))?;
+    let opts = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-lineinfo".to_string(),
+    ];
+    // SAFETY: prog is a live program until destroyed below.
+    let res = unsafe { result::compile_program(prog, &opts) };
+    let out = match res {
+        Err(e) => {
+            let log = unsafe { result::get_program_log(prog) }
+                .map(|l| unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Err(CudaError(format!("nvrtc compile ({arch}): {e:?}\n{log}")))
+        }
+        Ok(()) => unsafe {
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size)
+                .result()
+                .map_err(|e| CudaError(format!("nvrtc cubin size: {e:?}")))?;
+            let mut buf = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _)
+                .result()
+                .map_err(|e| CudaError(format!("nvrtc cubin: {e:?}")))?;
+            Ok(buf)
+        },
+    };
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+/// The kernels' CUBIN for `arch`, from the disk cache or freshly compiled (then cached).
+fn kernels_cubin(arch: &str) -> std::result::Result<(Vec<u8>, String), CudaError> {
+    let hash = fnv1a(KERNELS.as_bytes());
+    let dir = cache_dir();
+    let path = dir.join(format!("{hash:016x}-{arch}.cubin"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        if !bytes.is_empty() {
+            return Ok((bytes, format!("cached {}", path.display())));
+        }
+    }
+    let t = std::time::Instant::now();
+    let cubin = nvrtc_compile(KERNELS, arch)?;
+    let took = t.elapsed().as_secs_f64();
+    let note = if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = dir.join(format!(".{hash:016x}-{arch}.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, &cubin).is_ok() && std::fs::rename(&tmp, &path).is_ok() {
+            format!("compiled in {took:.1} s, cached at {}", path.display())
+        } else {
+            format!("compiled in {took:.1} s (cache not writable)")
+        }
+    } else {
+        format!("compiled in {took:.1} s (no cache dir)")
+    };
+    Ok((cubin, note))
+}
+
+impl CudaBackend {
+    /// Open device `ordinal`: check the libraries, create the context, compile or load the
+    /// kernels. Errors are one line ("no CUDA driver (libcuda.so.1 not found)", ...).
+    pub fn new(ordinal: usize) -> std::result::Result<CudaBackend, CudaError> {
+        let libs = libraries();
+        if !libs.driver {
+            return Err(CudaError("no CUDA driver (libcuda.so.1 not found)".into()));
+        }
+        if !libs.nvrtc {
+            return Err(CudaError(
+                "no NVRTC (libnvrtc.so.13 / libnvrtc.so not found)".into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| CudaError(format!("CUDA driver failed to initialise: {e:?}")))?
+            .max(0) as usize;
+        if count == 0 {
+            return Err(CudaError("no CUDA device (driver found, 0 devices)".into()));
+        }
+        if ordinal >= count {
+            return Err(CudaError(format!("no CUDA device {ordinal} (found {count})")));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError(format!("CUDA device {ordinal}: {e:?}")))?;
+        // One stream, in order: no per-buffer event tracking needed.
+        // SAFETY: nothing has been allocated on this context by us yet, and all our work
+        // goes through one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| CudaError(format!("compute capability: {e:?}")))?;
+        let arch = format!("sm_{}{}", cc.0, cc.1);
+        let (cubin, kernel_cache) = kernels_cubin(&arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
+        let mut funcs = HashMap::new();
+        let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
+        for s in TYPE_SUFFIXES {
+            for k in ["matvec", "deq_f16", "embed"] {
+                names.push(format!("{k}_{s}"));
+            }
+        }
+        for n in names {
+            let f = module
+                .load_function(&n)
+                .map_err(|e| CudaError(format!("kernel {n}: {e:?}")))?;
+            funcs.insert(n, f);
+        }
+        let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
+            Some(
+                cudarc::cublas::CudaBlas::new(stream.clone())
+                    .map_err(|e| CudaError(format!("cuBLAS init: {e:?}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            weights: Mutex::new(HashMap::new()),
+            vectors: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(Scratch::default()),
+            ordinal,
+            device_name,
+            cc,
+            sync_each: std::env::var_os("FLEA_CUDA_SYNC").is_some(),
+            uploaded: AtomicU64::new(0),
+            kernel_cache,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    /// Whether prompts use cuBLAS (else the batched matvec kernel).
+    pub fn has_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+    /// Where the kernels came from (compiled / cached path).
+    pub fn kernel_cache(&self) -> &str {
+        &self.kernel_cache
+    }
+    /// Bytes of weights uploaded so far.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.uploaded.load(Ordering::Relaxed)
+    }
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> std::result::Result<(usize, usize), CudaError> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| CudaError(format!("mem info: {e:?}")))
+    }
+    /// Wait for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("device error: {e:?}")))
+    }
+
+    /// Upload a weight now (normally done on first use).
+    pub fn preload(&self, w: &Weight) -> Result<()> {
+        self.weight_ptr(w).map(|_| ())
+    }
+
+    /// Measure device memory bandwidth with a device-to-device copy of `bytes` (counting read
+    /// and write), best of `reps`. Returns bytes per second.
+    pub fn measure_copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let n = bytes / 4;
+        let src = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| be(format!("alloc: {e:?}")))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| be(format!("alloc: {e:?}")))?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) + 1 {
+            self.synchronize()?;
+            let t = std::time::Instant::now();
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(|e| be(format!("dtod: {e:?}")))?;
+            self.synchronize()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * 4) as f64 / best)
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| be(format!("kernel {name} not loaded")))
+    }
+
+    fn after_launch(&self, name: &str) -> Result<()> {
+        if self.sync_each {
+            self.stream
+                .synchronize()
+                .map_err(|e| be(format!("kernel {name} failed: {e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Device pointer of a weight's bytes, uploading them on first use.
+    fn weight_ptr(&self, w: &Weight) -> Result<u64> {
+        let key = (w.data.as_ptr() as usize, w.data.len());
+        let mut cache = self.weights.lock().unwrap();
+        if let Some(s) = cache.get(&key) {
+            return Ok(dptr(s, &self.stream));
+        }
+        let s = self
+            .stream
+            .clone_htod(w.data)
+            .map_err(|e| be(format!("uploading a {} weight ({} bytes): {e:?}", w.ty, w.data.len())))?;
+        self.uploaded
+            .fetch_add(w.data.len() as u64, Ordering::Relaxed);
+        let p = dptr(&s, &self.stream);
+        cache.insert(key, s);
+        Ok(p)
+    }
+
+    /// Device pointer of a vector weight (norm, bias) as f32.
+    fn vector_ptr(&self, w: &Weight) -> Result<(u64, usize)> {
+        let key = (w.data.as_ptr() as usize, w.data.len());
+        let mut cache = self.vectors.lock().unwrap();
+        if let Some(s) = cache.get(&key) {
+            return Ok((dptr(s, &self.stream), s.len()));
+        }
+        let mut v = vec![0.0f32; w.rows * w.cols];
+        flea_quant::dequantize(w.ty, w.data, &mut v)?;
+        let s = self
+            .stream
+            .clone_htod(&v)
+            .map_err(|e| be(format!("uploading a vector: {e:?}")))?;
+        let p = dptr(&s, &self.stream);
+        cache.insert(key, s);
+        Ok((p, v.len()))
+    }
+
+    fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        slot: &mut Option<CudaSlice<T>>,
+        n: usize,
+    ) -> Result<u64> {
+        if slot.as_ref().is_none_or(|s| s.len() < n) {
+            *slot = None;
+            let s = self
+                .stream
+                .alloc_zeros::<T>(n.max(1))
+                .map_err(|e| be(format!("scratch alloc of {n} elements: {e:?}")))?;
+            *slot = Some(s);
+        }
+        Ok(dptr(slot.as_ref().unwrap(), &self.stream))
+    }
+
+    fn check_weight(w: &Weight) -> Result<()> {
+        if type_info(w.ty).is_none() {
+            return Err(be(format!(
+                "CUDA backend: unsupported weight type {} (supported: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K)",
+                w.ty
+            )));
+        }
+        let want = w.rows * w.row_bytes();
+        if w.data.len() != want || w.cols % w.ty.block_size() != 0 || w.cols % 8 != 0 {
+            return Err(be(format!(
+                "weight {}x{} {} has {} bytes, expected {want}",
+                w.rows,
+                w.cols,
+                w.ty,
+                w.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Round `n*cols` activations at `x` for weight type mode into scratch; f32 and/or f16.
+    fn round_acts(&self, x: u64, total: usize, mode: i32, yf: u64, yh: u64) -> Result<()> {
+        let blk = if mode == 2 { 256 } else { 32 };
+        let nblk = total.div_ceil(blk);
+        let cfg = LaunchConfig {
+            grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = total as i64;
+        let f = self.func("act_round")?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&x).arg(&yf).arg(&yh).arg(&n).arg(&mode);
+        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel act_round: {e:?}")))?;
+        self.after_launch("act_round")
+    }
+
+    fn launch_1d(&self, name: &str, total: usize) -> Result<(LaunchConfig, &CudaFunction)> {
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((cfg, self.func(name)?))
+    }
+}
+
+fn check_rows(a: &CudaAct, n: usize, what: &str) -> Result<()> {
+    if n > a.rows {
+        return Err(be(format!(
+            "{what}: activation buffer holds {} rows, {n} needed",
+            a.rows
+        )));
+    }
+    Ok(())
+}
+
+macro_rules! launch {
+    ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
+        let name: &str = $name;
+        let f = $s.func(name)?;
+        let mut b = $s.stream.launch_builder(f);
+        $( b.arg(&$arg); )*
+        unsafe { b.launch($cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
+        $s.after_launch(name)
+    }};
+}
+
+impl Backend for CudaBackend {
+    type Act = CudaAct;
+    type Kv = CudaKv;
+
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({}, sm_{}{}{})",
+            self.ordinal,
+            self.device_name,
+            self.cc.0,
+            self.cc.1,
+            if self.blas.is_some() { ", cuBLAS" } else { "" }
+        )
+    }
+
+    fn alloc_act(&self, rows: usize, width: usize) -> Result<CudaAct> {
+        let buf = self
+            .stream
+            .alloc_zeros::<f32>((rows * width).max(1))
+            .map_err(|e| be(format!("alloc {rows}x{width} activations: {e:?}")))?;
+        let ptr = dptr(&buf, &self.stream);
+        Ok(CudaAct {
+            buf,
+            ptr,
+            rows,
+            width,
+        })
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv> {
+        let per_layer = shape.n_ctx * shape.n_head_kv * shape.head_dim;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..shape.n_layers {
+            k.push(
+                self.stream
+                    .alloc_zeros::<u16>(per_layer.max(1))
+                    .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
+            );
+            v.push(
+                self.stream
+                    .alloc_zeros::<u16>(per_layer.max(1))
+                    .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
+            );
+        }
+        let kp = k.iter().map(|s| dptr(s, &self.stream)).collect();
+        let vp = v.iter().map(|s| dptr(s, &self.stream)).collect();
+        Ok(CudaKv {
+            shape,
+            _k: k,
+            _v: v,
+            kp,
+            vp,
+        })
+    }
+
+    fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut CudaAct) -> Result<()> {
+        Self::check_weight(table)?;
+        let n = tokens.len();
+        check_rows(out, n, "embed")?;
+        if out.width != table.cols {
+            return Err(be("embed: width mismatch"));
+        }
+        let mut toks = Vec::with_capacity(n);
+        for &t in tokens {
+            if t as usize >= table.rows {
+                return Err(ModelError::Input(format!(
+                    "token id {t} out of range (vocab {})",
+                    table.rows
+                )));
+            }
+            toks.push(t as i32);
+        }
+        let wp = self.weight_ptr(table)?;
+        let mut sc = self.scratch.lock().unwrap();
+        let tp = self.grow(&mut sc.tokens, n)?;
+        {
+            let dst = sc.tokens.as_mut().unwrap();
+            let mut view = dst.slice_mut(0..n);
+            self.stream
+                .memcpy_htod(&toks, &mut view)
+                .map_err(|e| be(format!("uploading tokens: {e:?}")))?;
+        }
+        let (suffix, _) = type_info(table.ty).unwrap();
+        let units = n * table.cols / 8;
+        let (cfg, _) = self.launch_1d("add", units)?;
+        let (op, n_i, cols, rb) = (
+            out.ptr,
+            n as i32,
+            table.cols as i32,
+            table.row_bytes() as i64,
+        );
+        launch!(self, &format!("embed_{suffix}"), cfg; wp, tp, op, n_i, cols, rb, scale)
+    }
+
+    fn rms_norm(
+        &self,
+        n: usize,
+        x: &CudaAct,
+        w: &Weight,
+        eps: f32,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let (wp, g) = self.vector_ptr(w)?;
+        check_rows(x, n, "rms_norm")?;
+        check_rows(out, n, "rms_norm")?;
+        let total = n * x.width;
+        if g == 0 || x.width % g != 0 || out.width != x.width {
+            return Err(be("rms_norm: width mismatch"));
+        }
+        let groups = total / g;
+        let cfg = LaunchConfig {
+            grid_dim: (groups as u32, 1, 1),
+            block_dim: (if g >= 256 { 256 } else { 64 }, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (xp, op, gi) = (x.ptr, out.ptr, g as i32);
+        launch!(self, "rms_norm", cfg; xp, wp, op, gi, eps)
+    }
+
+    fn matmul(&self, n: usize, w: &Weight, x: &CudaAct, out: &mut CudaAct) -> Result<()> {
+        self.matmuls(n, x, &mut [(w, out)])
+    }
+
+    fn matmuls(&self, n: usize, x: &CudaAct, jobs: &mut [(&Weight, &mut CudaAct)]) -> Result<()> {
+        check_rows(x, n, "matmul")?;
+        for (w, out) in jobs.iter() {
+            Self::check_weight(w)?;
+            check_rows(out, n, "matmul")?;
+            if x.width != w.cols || out.width != w.rows {
+                return Err(be(format!(
+                    "matmul: {}x{} weight with input width {} and output width {}",
+                    w.rows, w.cols, x.width, out.width
+                )));
+            }
+        }
+        let cols = x.width;
+        let total = n * cols;
+        let use_blas = n > 1 && self.blas.is_some();
+        let mut sc = self.scratch.lock().unwrap();
+        // Rounded input per mode, computed once for all jobs.
+        let mut done_mode: Option<i32> = None;
+        for (w, out) in jobs.iter_mut() {
+            let (suffix, mode) = type_info(w.ty).unwrap();
+            let wp = self.weight_ptr(w)?;
+            if use_blas {
+                let xh = self.grow(&mut sc.xh, total)?;
+                if done_mode != Some(mode) {
+                    self.round_acts(x.ptr, total, mode, 0, xh)?;
+                    done_mode = Some(mode);
+                }
+                let wh = self.grow(&mut sc.wh, w.rows * w.cols)?;
+                let units = w.rows * w.cols / 8;
+                let (cfg, _) = self.launch_1d("add", units)?;
+                let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
+                launch!(self, &format!("deq_f16_{suffix}"), cfg; wp, wh, rows_i, cols_i, rb)?;
+                let blas = self.blas.as_ref().unwrap();
+                gemm_f16(blas, w.rows, n, w.cols, wh, xh, out.ptr)?;
+                self.after_launch("cublasGemmEx")?;
+            } else {
+                let xin = if mode == 0 {
+                    x.ptr
+                } else {
+                    let xr = self.grow(&mut sc.xr, total)?;
+                    if done_mode != Some(mode) {
+                        self.round_acts(x.ptr, total, mode, xr, 0)?;
+                        done_mode = Some(mode);
+                    }
+                    xr
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (w.rows.div_ceil(4) as u32, n as u32, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (op, rows_i, cols_i, rb) =
+                    (out.ptr, w.rows as i32, w.cols as i32, w.row_bytes() as i64);
+                launch!(self, &format!("matvec_{suffix}"), cfg; wp, xin, op, rows_i, cols_i, rb)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, n: usize, x: &mut CudaAct, b: &Weight) -> Result<()> {
+        let (bp, len) = self.vector_ptr(b)?;
+        check_rows(x, n, "add_bias")?;
+        if len != x.width {
+            return Err(be("add_bias: width mismatch"));
+        }
+        let total = n * x.width;
+        let (cfg, _) = self.launch_1d("add_bias", total)?;
+        let (xp, wi, ti) = (x.ptr, x.width as i32, total as i64);
+        launch!(self, "add_bias", cfg; xp, bp, wi, ti)
+    }
+
+    fn rope(&self, n: usize, x: &mut CudaAct, p: &RopeParams) -> Result<()> {
+        let hd = p.head_dim;
+        let nd = p.rope_dims;
+        check_rows(x, n, "rope")?;
+        if x.width != p.n_heads * hd || nd > hd || nd % 2 != 0 {
+            return Err(be("rope: shape mismatch"));
+        }
+        if nd == 0 {
+            return Ok(());
+        }
+        let theta_scale = p.base.powf(-2.0 / nd as f32);
+        let total = n * p.n_heads * nd / 2;
+        let (cfg, _) = self.launch_1d("rope", total)?;
+        let neox: i32 = matches!(p.style, RopeStyle::Neox) as i32;
+        let (xp, ni, nh, hdi, ndi, pos0) = (
+            x.ptr,
+            n as i32,
+            p.n_heads as i32,
+            hd as i32,
+            nd as i32,
+            p.pos0 as i32,
+        );
+        launch!(self, "rope", cfg; xp, ni, nh, hdi, ndi, pos0, theta_scale, neox)
+    }
+
+    fn attention(
+        &self,
+        n: usize,
+        q: &CudaAct,
+        k: &CudaAct,
+        v: &CudaAct,
+        kv: &mut CudaKv,
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let hd = p.head_dim;
+        let kvd = p.n_head_kv * hd;
+        let shape = kv.shape;
+        if p.pos0 + n > shape.n_ctx {
+            return Err(ModelError::Input(format!(
+                "context full: {} tokens exceed the context size {}",
+                p.pos0 + n,
+                shape.n_ctx
+            )));
+        }
+        for a in [q, k, v] {
+            check_rows(a, n, "attention")?;
+        }
+        check_rows(out, n, "attention")?;
+        if k.width != kvd
+            || v.width != kvd
+            || q.width != p.n_head * hd
+            || out.width != q.width
+            || kvd != shape.n_head_kv * shape.head_dim
+            || p.n_head_kv == 0
+            || p.n_head % p.n_head_kv != 0
+        {
+            return Err(be("attention: shape mismatch"));
+        }
+        if hd > 256 {
+            return Err(be(format!("attention: head_dim {hd} > 256 not supported")));
+        }
+        let (Some(&kc), Some(&vc)) = (kv.kp.get(p.layer), kv.vp.get(p.layer)) else {
+            return Err(be(format!("attention: no cache for layer {}", p.layer)));
+        };
+        let total = n * kvd;
+        let (cfg, _) = self.launch_1d("kv_store", total)?;
+        let (kp, vp, ti, off) = (k.ptr, v.ptr, total as i64, (p.pos0 * kvd) as i64);
+        launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, off)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+        let (qp, op, nh, group, hdi, kvdi, pos0, scale) = (
+            q.ptr,
+            out.ptr,
+            p.n_head as i32,
+            (p.n_head / p.n_head_kv) as i32,
+            hd as i32,
+            kvd as i32,
+            p.pos0 as i32,
+            p.scale,
+        );
+        launch!(self, "attention", cfg; qp, kc, vc, op, nh, group, hdi, kvdi, pos0, window, scale)
+    }
+
+    fn glu(
+        &self,
+        n: usize,
+        gate: &CudaAct,
+        up: &CudaAct,
+        act: FfnActivation,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        for a in [gate, up] {
+            check_rows(a, n, "glu")?;
+        }
+        check_rows(out, n, "glu")?;
+        if gate.width != up.width || gate.width != out.width {
+            return Err(be("glu: shape mismatch"));
+        }
+        let total = n * gate.width;
+        let (cfg, _) = self.launch_1d("glu", total)?;
+        let a: i32 = match act {
+            FfnActivation::SwiGlu => 0,
+            FfnActivation::GeGlu => 1,
+        };
+        let (gp, upp, op, ti) = (gate.ptr, up.ptr, out.ptr, total as i64);
+        launch!(self, "glu", cfg; gp, upp, op, ti, a)
+    }
+
+    fn add(&self, n: usize, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
+        check_rows(x, n, "add")?;
+        check_rows(y, n, "add")?;
+        if x.width != y.width {
+            return Err(be("add: shape mismatch"));
+        }
+        let total = n * x.width;
+        let (cfg, _) = self.launch_1d("add", total)?;
+        let (xp, yp, ti) = (x.ptr, y.ptr, total as i64);
+        launch!(self, "add", cfg; xp, yp, ti)
+    }
+
+    fn copy_rows(&self, src: &CudaAct, src_row: usize, n: usize, dst: &mut CudaAct) -> Result<()> {
+        let w = src.width;
+        if dst.width != w {
+            return Err(be("copy_rows: width mismatch"));
+        }
+        check_rows(src, src_row + n, "copy_rows")?;
+        check_rows(dst, n, "copy_rows")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let s = src.buf.slice(src_row * w..(src_row + n) * w);
+        let mut d = dst.buf.slice_mut(0..n * w);
+        self.stream
+            .memcpy_dtod(&s, &mut d)
+            .map_err(|e| be(format!("copy_rows: {e:?}")))?;
+        self.after_launch("copy_rows")
+    }
+
+    fn read(&self, n: usize, x: &CudaAct) -> Result<Vec<f32>> {
+        check_rows(x, n, "read")?;
+        let len = n * x.width;
+        let mut v = vec![0.0f32; len];
+        if len == 0 {
+            return Ok(v);
+        }
+        let s = x.buf.slice(0..len);
+        self.stream
+            .memcpy_dtoh(&s, &mut v)
+            .map_err(|e| be(format!("device error (read): {e:?}")))?;
+        self.synchronize()?;
+        Ok(v)
+    }
+}
+
+/// out (n × m, row-major) = X (n × k) · Wᵀ, W m × k row-major F16, X F16, f32 out.
+fn gemm_f16(
+    blas: &cudarc::cublas::CudaBlas,
+    m: usize,
+    n: usize,
+    k: usize,
+    w: u64,
+    x: u64,
+    out: u64,
+) -> Result<()> {
+    use cudarc::cublas::sys;
+    use std::ffi::c_void;
+    let alpha = 1.0f32;
+    let beta = 0.0f32;
+    // Column-major view: C (m × n, ldc m) = op(A) B with A = W seen as k × m (lda k),
+    // transposed, and B = X seen as k × n (ldb k).
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            &alpha as *const f32 as *const c_void,
+            w as *const c_void,
+            sys::cudaDataType::CUDA_R_16F,
+            k as i32,
+            x as *const c_void,
+            sys::cudaDataType::CUDA_R_16F,
+            k as i32,
+            &beta as *const f32 as *const c_void,
+            out as *mut c_void,
+            sys::cudaDataType::CUDA_R_32F,
+            m as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| be(format!("cublasGemmEx ({m}x{k} · {k}x{n}): {e:?}")))
+}

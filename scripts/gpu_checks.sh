@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# GPU checks of the CUDA backend on a machine with a CUDA device (no cargo needed there).
+#
+# usage: scripts/gpu_checks.sh OUTDIR [CARRY_DIR]
+#
+# Builds nothing. CARRY_DIR (default: carry/) must hold prebuilt binaries:
+#   CARRY_DIR/tests/*          flea-cuda test executables (cargo test -p flea-cuda --release
+#                              --no-run --message-format=json lists their paths)
+#   CARRY_DIR/flea-cuda-bench  target/release/flea-cuda-bench
+#   CARRY_DIR/flea             target/release/flea (for `flea synth`)
+# Writes into OUTDIR: device.txt, tests.log, parity.jsonl, synth.log, bench.log, bench.json,
+# summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512).
+set -u
+OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
+CARRY=${2:-carry}
+PRESETS=${PRESETS:-"7b 13b"}
+TOKENS=${TOKENS:-128}
+PROMPT=${PROMPT:-512}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export FLEA_CUDA_CACHE=${FLEA_CUDA_CACHE:-/tmp/flea-cuda-kernels}
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1
+  ls -l "$CARRY" "$CARRY/tests" 2>&1
+} > "$OUT/device.txt"
+
+# 1. Tests (parity vs the CPU backend on synthetic models; one JSON line per case).
+rm -f "$OUT/parity.jsonl"
+: > "$OUT/tests.log"
+for t in "$CARRY"/tests/*; do
+  [ -x "$t" ] || continue
+  echo "=== $(basename "$t")" >> "$OUT/tests.log"
+  start=$SECONDS
+  if ! FLEA_CUDA_REPORT="$OUT" "$t" --nocapture --test-threads=1 >> "$OUT/tests.log" 2>&1; then
+    status=1
+    echo "FAILED: $(basename "$t")" >> "$OUT/tests.log"
+  fi
+  echo "=== $(basename "$t") took $((SECONDS - start)) s" >> "$OUT/tests.log"
+done
+
+# 2. Synthetic models for the benchmark, generated on this machine.
+models=()
+: > "$OUT/synth.log"
+for p in $PRESETS; do
+  f=/tmp/flea-bench-$p.gguf
+  if [ ! -s "$f" ]; then
+    "$CARRY/flea" synth --preset "$p" "$f" >> "$OUT/synth.log" 2>&1 || { status=1; continue; }
+  fi
+  models+=("$f")
+done
+
+# 3. Decode/prompt benchmark beside the memory roofline.
+if [ ${#models[@]} -gt 0 ]; then
+  "$CARRY/flea-cuda-bench" --tokens "$TOKENS" --prompt "$PROMPT" --json "$OUT/bench.json" \
+    "${models[@]}" > "$OUT/bench.log" 2>&1 || status=1
+fi
+
+{
+  echo "exit status: $status"
+  grep -h -E "^(PARITY|SKIP|test |device:)|FAILED|panicked" "$OUT/tests.log"
+  echo
+  cat "$OUT/bench.log" 2>/dev/null
+} > "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+exit $status
