@@ -392,10 +392,11 @@ pub fn matvec_isa(
 /// rows (each `act_row_bytes(vec_dot_type(weight), n_cols)` bytes) back to back.
 ///
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
-/// and reused, from cache, for every token. For Q4_0, Q8_0, Q4_K, Q5_K and Q6_K (with AVX2) one
-/// weight row is dotted with 4 tokens at a time, unpacking its blocks once (with AVX-512,
-/// Q4_0 and Q8_0 use 2-row x 4-token tiles); those results equal [`vec_dot`]'s up to float
-/// summation order.
+/// and reused, from cache, for every token. With AVX2, one weight row is dotted with 4
+/// tokens at a time, unpacking its blocks once (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
+/// Q6_K). With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token tiles (the
+/// first four on activations repacked once per token and row tile), Q4_K and Q6_K 512-bit
+/// 4-token kernels. Those results equal [`vec_dot`]'s up to float summation order.
 ///
 /// Panics if the type is unsupported or the slices are too short.
 pub fn matmul(
@@ -445,16 +446,26 @@ pub fn matmul_isa(
         rows * n_tokens,
         out.len()
     );
-    // ~128 KiB of weights and ~128 KiB of activations per tile: both stay in L2.
+    // ~128 KiB of weights and ~128 KiB of activations per tile: both stay in L2. Whole
+    // multi-row / multi-token kernel steps per tile (2 rows, 4 tokens), so that only the
+    // matrix edges take the narrower kernels.
     const TILE: usize = 128 * 1024;
-    let row_tile = (TILE / wb).max(1);
-    let tok_tile = (TILE / ab.max(1)).max(4);
+    let row_tile = ((TILE / wb) & !1).max(1);
+    let tok_tile = ((TILE / ab.max(1)) & !3).max(4);
     #[cfg(target_arch = "x86_64")]
     let tile = if isa == Isa::Avx512 {
         simd::avx512::tile_kernel(weight)
     } else {
         None
     };
+    #[cfg(target_arch = "x86_64")]
+    let packed = if isa == Isa::Avx512 {
+        simd::avx512::packed_kernel(weight)
+    } else {
+        None
+    };
+    #[cfg(target_arch = "x86_64")]
+    let mut scratch = Vec::new();
     let w = w_rows.as_ptr();
     let a = acts.as_ptr();
     let o = out.as_mut_ptr();
@@ -462,6 +473,52 @@ pub fn matmul_isa(
         let r1 = (r0 + row_tile).min(rows);
         for t0 in (0..n_tokens).step_by(tok_tile) {
             let t1 = (t0 + tok_tile).min(n_tokens);
+            #[cfg(target_arch = "x86_64")]
+            if let Some((pack, ptile)) = packed {
+                use simd::avx512::{packed_bytes, TILE_R, TILE_T};
+                let pb = packed_bytes(n_cols);
+                scratch.resize(pb * TILE_T, 0u8);
+                let p = scratch.as_mut_ptr();
+                let mut t = t0;
+                while t + TILE_T <= t1 {
+                    for j in 0..TILE_T {
+                        // SAFETY: isa is Avx512 (asserted available); token t+j < n_tokens
+                        // lies inside acts (checked above); scratch holds TILE_T packed
+                        // rows of pb bytes.
+                        unsafe { pack(n_cols, a.add((t + j) * ab), p.add(j * pb)) };
+                    }
+                    let mut r = r0;
+                    while r + TILE_R <= r1 {
+                        // SAFETY: isa is Avx512; rows r..r+TILE_R lie inside w_rows, the
+                        // packed rows inside scratch, and outputs (t+TILE_T-1)*rows +
+                        // r+TILE_R-1 < rows * n_tokens <= out.len() (checked above).
+                        unsafe {
+                            ptile(n_cols, w.add(r * wb), wb, p, pb, o.add(t * rows + r), rows)
+                        };
+                        r += TILE_R;
+                    }
+                    for r in r..r1 {
+                        let wr = w.wrapping_add(r * wb);
+                        if let Some(k4) = k4 {
+                            // SAFETY: as in the 4-token loop below.
+                            unsafe { k4(n_cols, wr, a.add(t * ab), ab, o.add(t * rows + r), rows) };
+                        } else {
+                            for t in t..t + TILE_T {
+                                // SAFETY: as in the single-token loop below.
+                                unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
+                            }
+                        }
+                    }
+                    t += TILE_T;
+                }
+                for t in t..t1 {
+                    for r in r0..r1 {
+                        // SAFETY: as in the single-token loop below.
+                        unsafe { *o.add(t * rows + r) = k(n_cols, w.add(r * wb), a.add(t * ab)) };
+                    }
+                }
+                continue;
+            }
             #[allow(unused_mut)]
             let mut r_rest = r0;
             #[cfg(target_arch = "x86_64")]

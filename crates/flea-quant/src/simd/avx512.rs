@@ -360,7 +360,7 @@ unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
-// ---- 2-row x 4-token tiles for batched matmul of Q8_0 / Q4_0 ----
+// ---- 2-row x 4-token tiles for batched matmul of Q8_0 (Q4_0, Q5_0, Q4_1, Q5_1: below) ----
 //
 // For the 32-element formats the per-block scale work (an f16 d per block on each side)
 // dominates, so reusing only the weight unpacking (as `multi_avx2` does) gains little.
@@ -385,10 +385,6 @@ pub(crate) fn tile_kernel(weight: GgmlType) -> Option<TileFn> {
     use GgmlType::*;
     Some(match weight {
         Q8_0 => tile_q8_0,
-        Q4_0 => tile_q4_0,
-        Q5_0 => tile_q5_0,
-        Q4_1 => tile_q4_1,
-        Q5_1 => tile_q5_1,
         _ => return None,
     })
 }
@@ -444,154 +440,238 @@ unsafe fn tile_q8_0(
     }
 }
 
-/// Tile kernel shared by the 4- and 5-bit 32-element formats; `K` selects the format
-/// (one of the `L_*` constants).
+/// Formats of the packed-activation tiles below.
+const L_Q4_0: u8 = 0;
+const L_Q5_0: u8 = 1;
+const L_Q4_1: u8 = 2;
+const L_Q5_1: u8 = 3;
+
+// ---- tiles on packed activations for Q4_0 / Q5_0 / Q4_1 / Q5_1 ----
+//
+// In a 2-row x 4-token tile of these formats, preparing the tokens' blocks (loading the
+// two halves of two blocks, converting their f16 scales, the bias or min term) costs as
+// much as the inner products. That work does not depend on the weight rows, so `matmul`
+// does it once per token and row tile ([`PackFn`]) and the tile kernel ([`PTileFn`]) only
+// loads it.
+//
+// Packed layout, one 128-byte unit per pair of blocks (b, b+1), b even:
+//   0..32   elements 0..16 of block b, then of block b+1 (i8)
+//   32..64  elements 16..32 of block b, then of block b+1
+//   64..96  8 f32: [d_b; 4] ++ [d_b+1; 4]
+//   96..128 Q8_0 (Q4_0/Q5_0): 8 i32, -bias * Σ y over the lanes' bytes; Q8_1 (Q4_1/Q5_1):
+//           8 f32, s_b in lane 1, s_b+1 in lane 5, 0 elsewhere.
+//
+// The weight quants are unpacked the same way, as unsigned bytes u (0..=15 or 0..=31), so
+// one `vpdpbusd` pair per row x token sums u·y for 64 elements into lanes 0..4 (block b)
+// and 4..8 (block b+1), matching the scale vector. Q4_0 / Q5_0 store u - 8 / u - 16: the
+// sum Σ (u - bias)·y = Σ u·y - bias·Σ y starts from the packed -bias·Σ y. Q4_1 / Q5_1
+// add m·s per block: one more FMA of [m_b; 4] ++ [m_b+1; 4] with the packed s vector puts
+// it into lanes 1 and 5, and the final horizontal sum takes it along.
+// An odd last block fills the lower halves of a unit; its upper halves are zero.
+
+/// Bytes of one token's packed activations of `n` elements.
+pub(crate) fn packed_bytes(n: usize) -> usize {
+    n.div_ceil(64) * 128
+}
+
+/// `(n, activation row, dst)`: packs one activation row of `n` elements into
+/// `packed_bytes(n)` bytes at `dst`.
 ///
-/// Each weight block is unpacked once per row into unsigned quants u (0..=15 or 0..=31):
-/// Q4_0 / Q5_0 store u - 8 / u - 16, so the block dot is Σ u·y - bias·Σ y, and the bias
-/// term, which depends only on the token, is computed once per token and used as the
-/// starting value of `vpdpbusd`. Q4_1 / Q5_1 (against Q8_1) add m·s per block: the
-/// token's s sits in lane 1 of an otherwise zero vector, so one more FMA per row x token
-/// adds it to that lane, and the final horizontal sum takes it along.
+/// Unsafe to call: the row must hold `n` elements, `dst` must be valid for
+/// `packed_bytes(n)` bytes, and the CPU must have the AVX-512 set of this module.
+pub(crate) type PackFn = unsafe fn(usize, *const u8, *mut u8);
+
+/// `(n, weight rows, weight row stride, packed activations, packed stride, out, out
+/// stride)`: as [`TileFn`], with the TILE_T activation rows packed by the matching
+/// [`PackFn`] (`packed stride` bytes apart).
 ///
-/// # Safety
-/// [`TileFn`] contract.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_legacy<const K: u8>(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    a: *const u8,
-    st: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // (block bytes, qs offset, qh offset, bias, has min)
-    let (wbytes, qs_off, qh_off, bias, min) = match K {
+/// Unsafe to call: as [`TileFn`], with packed rows of `packed_bytes(n)` bytes.
+pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *mut f32, usize);
+
+/// The packing and tile kernels for `weight`, where it has them.
+pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => (pack::<L_Q4_0>, ptile_q4_0),
+        Q5_0 => (pack::<L_Q5_0>, ptile_q5_0),
+        Q4_1 => (pack::<L_Q4_1>, ptile_q4_1),
+        Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
+        _ => return None,
+    })
+}
+
+/// (weight block bytes, qs offset, qh offset or 0, bias, has min) of format `k`.
+const fn legacy_params(k: u8) -> (usize, usize, usize, i8, bool) {
+    match k {
         L_Q4_0 => (18, 2, 0, 8, false),
         L_Q5_0 => (22, 6, 2, 16, false),
         L_Q4_1 => (20, 4, 0, 0, true),
         _ => (24, 8, 4, 0, true),
-    };
-    let five = qh_off != 0;
+    }
+}
+
+/// `[f16 at p; 4] ++ [f16 at p + step; 4]` as 8 f32.
+///
+/// # Safety
+/// `p` and `p + step` must be valid for 4 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn f16_pair(p: *const u8, step: usize) -> __m256 {
+    // SAFETY: caller guarantees 4 readable bytes at p and at p + step.
+    let (h0, h1) = unsafe { (ld_u32(p), ld_u32(p.add(step))) };
+    // [h0 as 2 f16; 2] ++ [h1; 2]: the f16 wanted is in the even 16-bit lanes.
+    let h = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(h0 as i32), _mm_set1_epi32(h1 as i32));
+    _mm256_moveldup_ps(_mm256_cvtph_ps(h))
+}
+
+/// `[f16 at p; 4] ++ [0; 4]` as 8 f32.
+///
+/// # Safety
+/// `p` must be valid for 2 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn f16_one(p: *const u8) -> __m256 {
+    // SAFETY: caller guarantees 2 readable bytes.
+    let h = unsafe { (p as *const i16).read_unaligned() };
+    _mm256_zextps128_ps256(_mm_cvtph_ps(_mm_set1_epi16(h)))
+}
+
+/// 16 bytes at `p`, upper 128 bits zero.
+///
+/// # Safety
+/// `p` must be valid for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ld128z(p: *const u8) -> __m256i {
+    // SAFETY: caller guarantees 16 readable bytes.
+    _mm256_zextsi128_si256(unsafe { _mm_loadu_si128(p as *const __m128i) })
+}
+
+/// # Safety
+/// [`PackFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pack<const K: u8>(n: usize, y: *const u8, dst: *mut u8) {
+    let (_, _, _, bias, min) = legacy_params(K);
     let abytes = if min { 36 } else { 34 };
-    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let nb = n / 32;
     let z = _mm256_setzero_si256();
     let vbias = _mm256_set1_epi8(bias);
-    let b4 = _mm256_set1_epi8(16);
-    let nb = n / 32;
-    // SAFETY (whole body): every block index used is < n/32, so the block lies inside
-    // every weight and activation row of the tile (TileFn contract).
+    // SAFETY (whole body): blocks b (< nb) and b+1 (only when < nb) lie inside the
+    // activation row; unit i < nb.div_ceil(2) lies inside dst (PackFn contract).
     unsafe {
-        // Blocks in pairs, as in `avx2::dot_q4_0`'s `pair`: vector `lo` holds elements
-        // 0..16 of block b then of block b+1, `hi` elements 16..32, so both `vpdpbusd`s add
-        // into one sum whose lanes 0..4 belong to block b and 4..8 to block b+1, and one
-        // scale vector [d_b; 4] ++ [d_b+1; 4] covers 64 elements.
-        let m4 = _mm256_set1_epi8(0x0f);
-        /// `[f16 at p; 4] ++ [f16 at p + step; 4]` as 8 f32.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-        unsafe fn d2(p: *const u8, step: usize) -> __m256 {
-            // SAFETY: caller guarantees 4 readable bytes at p and at p + step.
-            let (h0, h1) = unsafe { (ld_u32(p), ld_u32(p.add(step))) };
-            // [h0 as 2 f16; 2] ++ [h1; 2]: the f16 wanted is in the even 16-bit lanes.
-            let h = _mm_blend_epi32::<0b1100>(_mm_set1_epi32(h0 as i32), _mm_set1_epi32(h1 as i32));
-            _mm256_moveldup_ps(_mm256_cvtph_ps(h))
+        for i in 0..nb.div_ceil(2) {
+            let y0 = y.add(2 * i * abytes);
+            let q0 = y0.add(abytes - 32);
+            let (ya, yb, dy) = if 2 * i + 1 < nb {
+                (
+                    ld2x128(q0, q0.add(abytes)),
+                    ld2x128(q0.add(16), q0.add(abytes + 16)),
+                    f16_pair(y0, abytes),
+                )
+            } else {
+                (ld128z(q0), ld128z(q0.add(16)), f16_one(y0))
+            };
+            let last = if min {
+                let s = if 2 * i + 1 < nb {
+                    f16_pair(y0.add(2), abytes)
+                } else {
+                    f16_one(y0.add(2))
+                };
+                _mm256_castps_si256(_mm256_maskz_mov_ps(0b0010_0010, s))
+            } else {
+                let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, vbias, ya), vbias, yb);
+                _mm256_sub_epi32(z, o)
+            };
+            let o = dst.add(128 * i) as *mut __m256i;
+            _mm256_storeu_si256(o, ya);
+            _mm256_storeu_si256(o.add(1), yb);
+            _mm256_storeu_si256(o.add(2), _mm256_castps_si256(dy));
+            _mm256_storeu_si256(o.add(3), last);
         }
-        for b in (0..nb / 2).map(|i| 2 * i) {
-            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + wbytes * b));
-            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + abytes * b));
+    }
+}
+
+/// Tile kernel on packed activations; `K` selects the format (packed layout above).
+///
+/// # Safety
+/// [`PTileFn`] contract.
+#[inline]
+#[allow(clippy::needless_range_loop)] // r and t index several arrays at once
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ptile<const K: u8>(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    p: *const u8,
+    ps: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let (wbytes, qs_off, qh_off, _, min) = legacy_params(K);
+    let five = qh_off != 0;
+    let nb = n / 32;
+    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let z = _mm256_setzero_si256();
+    let m4 = _mm256_set1_epi8(0x0f);
+    let b4 = _mm256_set1_epi8(16);
+    // SAFETY (whole body): blocks b (< nb) and b+1 (only when < nb) lie inside every
+    // weight row of the tile, and unit i < nb.div_ceil(2) inside every packed row
+    // (PTileFn contract).
+    unsafe {
+        for i in 0..nb.div_ceil(2) {
+            let pair = 2 * i + 1 < nb;
             let mut lo = [z; TILE_R];
             let mut hi = [z; TILE_R];
             let mut dx = [_mm256_setzero_ps(); TILE_R];
             let mut mx = [_mm256_setzero_ps(); TILE_R];
             for r in 0..TILE_R {
-                let x = xs[r];
-                let q = ld2x128(x.add(qs_off), x.add(wbytes + qs_off));
+                let x = w.add(r * ws + 2 * i * wbytes);
+                let q = if pair {
+                    ld2x128(x.add(qs_off), x.add(wbytes + qs_off))
+                } else {
+                    ld128z(x.add(qs_off))
+                };
                 lo[r] = _mm256_and_si256(q, m4);
                 hi[r] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                 if five {
-                    let (h0, h1) = (ld_u32(x.add(qh_off)), ld_u32(x.add(wbytes + qh_off)));
+                    let h0 = ld_u32(x.add(qh_off));
+                    let h1 = if pair {
+                        ld_u32(x.add(wbytes + qh_off))
+                    } else {
+                        0
+                    };
                     let kl = _cvtu32_mask32((h0 & 0xffff) | (h1 << 16));
                     let kh = _cvtu32_mask32((h0 >> 16) | (h1 & 0xffff_0000));
                     lo[r] = _mm256_mask_add_epi8(lo[r], kl, lo[r], b4);
                     hi[r] = _mm256_mask_add_epi8(hi[r], kh, hi[r], b4);
                 }
-                dx[r] = d2(x, wbytes);
+                dx[r] = if pair {
+                    f16_pair(x, wbytes)
+                } else {
+                    f16_one(x)
+                };
                 if min {
-                    mx[r] = d2(x.add(2), wbytes);
+                    mx[r] = if pair {
+                        f16_pair(x.add(2), wbytes)
+                    } else {
+                        f16_one(x.add(2))
+                    };
                 }
             }
-            let mut ya = [z; TILE_T];
-            let mut yb = [z; TILE_T];
-            let mut dy = [_mm256_setzero_ps(); TILE_T];
-            let mut sy = [_mm256_setzero_ps(); TILE_T];
-            let mut start = [z; TILE_T];
             for t in 0..TILE_T {
-                let y = ys[t];
-                let q0 = y.add(abytes - 32);
-                ya[t] = ld2x128(q0, q0.add(abytes));
-                yb[t] = ld2x128(q0.add(16), q0.add(abytes + 16));
-                dy[t] = d2(y, abytes);
-                if min {
-                    // s of block b in lane 1, of block b+1 in lane 5 (see `d2`).
-                    sy[t] = _mm256_maskz_mov_ps(0b0010_0010, d2(y.add(2), abytes));
-                } else {
-                    let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, vbias, ya[t]), vbias, yb[t]);
-                    start[t] = _mm256_sub_epi32(z, o);
-                }
-            }
-            for r in 0..TILE_R {
-                for t in 0..TILE_T {
-                    let p = _mm256_dpbusd_epi32(start[t], lo[r], ya[t]);
-                    let p = _mm256_dpbusd_epi32(p, hi[r], yb[t]);
-                    let d = _mm256_mul_ps(dx[r], dy[t]);
-                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
+                let u = p.add(t * ps + 128 * i);
+                let (ya, yb) = (ld256(u), ld256(u.add(32)));
+                let dy = _mm256_loadu_ps(u.add(64) as *const f32);
+                let last = ld256(u.add(96));
+                let start = if min { z } else { last };
+                for r in 0..TILE_R {
+                    let s = _mm256_dpbusd_epi32(start, lo[r], ya);
+                    let s = _mm256_dpbusd_epi32(s, hi[r], yb);
+                    let d = _mm256_mul_ps(dx[r], dy);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
                     if min {
-                        acc[r][t] = _mm256_fmadd_ps(mx[r], sy[t], acc[r][t]);
-                    }
-                }
-            }
-        }
-        // An odd last block.
-        for b in 2 * (nb / 2)..nb {
-            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + wbytes * b));
-            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + abytes * b));
-            let qx = xs.map(|x| {
-                let q = nibbles32(x.add(qs_off));
-                if five {
-                    // Bit i of qh is the 5th bit of element i (= byte i of q).
-                    _mm256_mask_add_epi8(q, _cvtu32_mask32(ld_u32(x.add(qh_off))), q, b4)
-                } else {
-                    q
-                }
-            });
-            let dx = xs.map(|x| ld_f16x8(x));
-            let qy = ys.map(|y| ld256(y.add(abytes - 32)));
-            let dy = ys.map(|y| ld_f16x8(y));
-            let start = if min {
-                [z; TILE_T]
-            } else {
-                qy.map(|y| _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, vbias, y)))
-            };
-            let mx = if min {
-                xs.map(|x| ld_f16x8(x.add(2)))
-            } else {
-                [_mm256_setzero_ps(); TILE_R]
-            };
-            let sy = if min {
-                ys.map(|y| _mm256_maskz_mov_ps(0b10, ld_f16x8(y.add(2))))
-            } else {
-                [_mm256_setzero_ps(); TILE_T]
-            };
-            for r in 0..TILE_R {
-                for t in 0..TILE_T {
-                    let p = _mm256_dpbusd_epi32(start[t], qx[r], qy[t]);
-                    let d = _mm256_mul_ps(dx[r], dy[t]);
-                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
-                    if min {
-                        acc[r][t] = _mm256_fmadd_ps(mx[r], sy[t], acc[r][t]);
+                        let sy = _mm256_castsi256_ps(last);
+                        acc[r][t] = _mm256_fmadd_ps(mx[r], sy, acc[r][t]);
                     }
                 }
             }
@@ -600,71 +680,66 @@ unsafe fn tile_legacy<const K: u8>(
     }
 }
 
-const L_Q4_0: u8 = 0;
-const L_Q5_0: u8 = 1;
-const L_Q4_1: u8 = 2;
-const L_Q5_1: u8 = 3;
-
 /// # Safety
-/// [`TileFn`] contract.
+/// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_0(
+unsafe fn ptile_q4_0(
     n: usize,
     w: *const u8,
     ws: usize,
-    a: *const u8,
-    st: usize,
+    p: *const u8,
+    ps: usize,
     out: *mut f32,
     os: usize,
 ) {
     // SAFETY: same contract, same features.
-    unsafe { tile_legacy::<L_Q4_0>(n, w, ws, a, st, out, os) }
+    unsafe { ptile::<L_Q4_0>(n, w, ws, p, ps, out, os) }
 }
 
 /// # Safety
-/// [`TileFn`] contract.
+/// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q5_0(
+unsafe fn ptile_q5_0(
     n: usize,
     w: *const u8,
     ws: usize,
-    a: *const u8,
-    st: usize,
+    p: *const u8,
+    ps: usize,
     out: *mut f32,
     os: usize,
 ) {
     // SAFETY: same contract, same features.
-    unsafe { tile_legacy::<L_Q5_0>(n, w, ws, a, st, out, os) }
+    unsafe { ptile::<L_Q5_0>(n, w, ws, p, ps, out, os) }
 }
 
 /// # Safety
-/// [`TileFn`] contract.
+/// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_1(
+unsafe fn ptile_q4_1(
     n: usize,
     w: *const u8,
     ws: usize,
-    a: *const u8,
-    st: usize,
+    p: *const u8,
+    ps: usize,
     out: *mut f32,
     os: usize,
 ) {
     // SAFETY: same contract, same features.
-    unsafe { tile_legacy::<L_Q4_1>(n, w, ws, a, st, out, os) }
+    unsafe { ptile::<L_Q4_1>(n, w, ws, p, ps, out, os) }
 }
 
 /// # Safety
-/// [`TileFn`] contract.
+/// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q5_1(
+unsafe fn ptile_q5_1(
     n: usize,
     w: *const u8,
     ws: usize,
-    a: *const u8,
-    st: usize,
+    p: *const u8,
+    ps: usize,
     out: *mut f32,
     os: usize,
 ) {
     // SAFETY: same contract, same features.
-    unsafe { tile_legacy::<L_Q5_1>(n, w, ws, a, st, out, os) }
+    unsafe { ptile::<L_Q5_1>(n, w, ws, p, ps, out, os) }
 }
