@@ -394,8 +394,8 @@ pub fn matvec_isa(
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
 /// and reused, from cache, for every token. With AVX2, one weight row is dotted with 4
 /// tokens at a time, unpacking its blocks once (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-/// Q6_K). With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token tiles (the
-/// first four on activations repacked once per token and row tile), Q4_K and Q6_K 512-bit
+/// Q6_K). With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token tiles on
+/// activations repacked once per token and row tile, Q4_K and Q6_K 512-bit
 /// 4-token kernels. Those results equal [`vec_dot`]'s up to float summation order.
 ///
 /// Panics if the type is unsupported or the slices are too short.
@@ -452,12 +452,6 @@ pub fn matmul_isa(
     const TILE: usize = 128 * 1024;
     let row_tile = ((TILE / wb) & !1).max(1);
     let tok_tile = ((TILE / ab.max(1)) & !3).max(4);
-    #[cfg(target_arch = "x86_64")]
-    let tile = if isa == Isa::Avx512 {
-        simd::avx512::tile_kernel(weight)
-    } else {
-        None
-    };
     #[cfg(target_arch = "x86_64")]
     let packed = if isa == Isa::Avx512 {
         simd::avx512::packed_kernel(weight)
@@ -519,43 +513,7 @@ pub fn matmul_isa(
                 }
                 continue;
             }
-            #[allow(unused_mut)]
-            let mut r_rest = r0;
-            #[cfg(target_arch = "x86_64")]
-            if let Some(tk) = tile {
-                use simd::avx512::{TILE_R, TILE_T};
-                while r_rest + TILE_R <= r1 {
-                    let r = r_rest;
-                    let mut t = t0;
-                    while t + TILE_T <= t1 {
-                        // SAFETY: isa is Avx512 (asserted available); rows r..r+TILE_R and
-                        // tokens t..t+TILE_T lie inside the slices checked above, and so
-                        // do their outputs (t+TILE_T-1)*rows + r+TILE_R-1 < rows*n_tokens.
-                        unsafe {
-                            tk(
-                                n_cols,
-                                w.add(r * wb),
-                                wb,
-                                a.add(t * ab),
-                                ab,
-                                o.add(t * rows + r),
-                                rows,
-                            )
-                        };
-                        t += TILE_T;
-                    }
-                    for t in t..t1 {
-                        for r in r..r + TILE_R {
-                            // SAFETY: as for the single-row loop below.
-                            unsafe {
-                                *o.add(t * rows + r) = k(n_cols, w.add(r * wb), a.add(t * ab))
-                            };
-                        }
-                    }
-                    r_rest += TILE_R;
-                }
-            }
-            for r in r_rest..r1 {
+            for r in r0..r1 {
                 let wr = w.wrapping_add(r * wb);
                 #[allow(unused_mut)]
                 let mut t = t0;

@@ -360,37 +360,21 @@ unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
-// ---- 2-row x 4-token tiles for batched matmul of Q8_0 (Q4_0, Q5_0, Q4_1, Q5_1: below) ----
+// ---- 2-row x 4-token tiles for batched matmul of the 32-element formats ----
 //
-// For the 32-element formats the per-block scale work (an f16 d per block on each side)
+// For these formats the per-block scale work (an f16 d per block on each side)
 // dominates, so reusing only the weight unpacking (as `multi_avx2` does) gains little.
-// A tile of R weight rows x T tokens loads and prepares each block once per row and once
-// per token, and the R*T inner products are sign + vpdpbusd + scale. AVX-512VL gives 32
-// vector registers, enough to keep the 8 accumulators and all operands in registers.
+// A tile of R weight rows x T tokens prepares each block once per row and once per token,
+// and the R*T inner products are two vpdpbusd + scale. AVX-512VL gives 32 vector
+// registers, enough to keep the 8 accumulators and all operands in registers.
 
 /// Rows per tile.
 pub(crate) const TILE_R: usize = 2;
 /// Tokens per tile.
 pub(crate) const TILE_T: usize = 4;
 
-/// `(n, weight rows, weight row stride, activation rows, activation row stride, out, out
-/// stride)`: writes `out[t * out_stride + r]` = dot(weight row r, activation row t) for
-/// r < TILE_R, t < TILE_T (strides in bytes for rows, in f32s for `out`).
-///
-/// Unsafe to call: all rows must hold `n` elements at the given strides, `out` must hold
-/// the outputs, and the CPU must have the AVX-512 set of this module.
-pub(crate) type TileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *mut f32, usize);
-
-pub(crate) fn tile_kernel(weight: GgmlType) -> Option<TileFn> {
-    use GgmlType::*;
-    Some(match weight {
-        Q8_0 => tile_q8_0,
-        _ => return None,
-    })
-}
-
 /// # Safety
-/// [`TileFn`] contract.
+/// [`PTileFn`] contract.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_store(acc: [[__m256; TILE_T]; TILE_R], out: *mut f32, os: usize) {
@@ -402,57 +386,22 @@ unsafe fn tile_store(acc: [[__m256; TILE_T]; TILE_R], out: *mut f32, os: usize) 
     }
 }
 
-/// # Safety
-/// [`TileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q8_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    a: *const u8,
-    st: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
-    let z = _mm256_setzero_si256();
-    // SAFETY (whole body): block b < n/32 lies inside every weight and activation row of
-    // the tile (TileFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let xs: [*const u8; TILE_R] = std::array::from_fn(|r| w.add(r * ws + 34 * b));
-            let ys: [*const u8; TILE_T] = std::array::from_fn(|t| a.add(t * st + 34 * b));
-            let qx = xs.map(|x| ld256(x.add(2)));
-            let ax = qx.map(|q| _mm256_abs_epi8(q));
-            let dx = xs.map(|x| ld_f16x8(x));
-            let qy = ys.map(|y| ld256(y.add(2)));
-            let dy = ys.map(|y| ld_f16x8(y));
-            for r in 0..TILE_R {
-                for t in 0..TILE_T {
-                    // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
-                    let p = _mm256_dpbusd_epi32(z, ax[r], _mm256_sign_epi8(qy[t], qx[r]));
-                    let d = _mm256_mul_ps(dx[r], dy[t]);
-                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][t]);
-                }
-            }
-        }
-        tile_store(acc, out, os);
-    }
-}
-
 /// Formats of the packed-activation tiles below.
 const L_Q4_0: u8 = 0;
 const L_Q5_0: u8 = 1;
 const L_Q4_1: u8 = 2;
 const L_Q5_1: u8 = 3;
+const L_Q8_0: u8 = 4;
 
-// ---- tiles on packed activations for Q4_0 / Q5_0 / Q4_1 / Q5_1 ----
+// ---- tiles on packed activations ----
 //
 // In a 2-row x 4-token tile of these formats, preparing the tokens' blocks (loading the
 // two halves of two blocks, converting their f16 scales, the bias or min term) costs as
 // much as the inner products. That work does not depend on the weight rows, so `matmul`
 // does it once per token and row tile ([`PackFn`]) and the tile kernel ([`PTileFn`]) only
 // loads it.
+//
+// Q8_0 weights too: their i8 quants + 128 are unsigned, and the bias is 128.
 //
 // Packed layout, one 128-byte unit per pair of blocks (b, b+1), b even:
 //   0..32   elements 0..16 of block b, then of block b+1 (i8)
@@ -482,10 +431,13 @@ pub(crate) fn packed_bytes(n: usize) -> usize {
 pub(crate) type PackFn = unsafe fn(usize, *const u8, *mut u8);
 
 /// `(n, weight rows, weight row stride, packed activations, packed stride, out, out
-/// stride)`: as [`TileFn`], with the TILE_T activation rows packed by the matching
-/// [`PackFn`] (`packed stride` bytes apart).
+/// stride)`: writes `out[t * out_stride + r]` = dot(weight row r, activation row t) for
+/// r < TILE_R, t < TILE_T, the activation rows packed by the matching [`PackFn`] (`packed
+/// stride` bytes apart; weight stride in bytes, out stride in f32s).
 ///
-/// Unsafe to call: as [`TileFn`], with packed rows of `packed_bytes(n)` bytes.
+/// Unsafe to call: all weight rows must hold `n` elements and all packed rows
+/// `packed_bytes(n)` bytes at the given strides, `out` must hold the outputs, and the CPU
+/// must have the AVX-512 set of this module.
 pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *mut f32, usize);
 
 /// The packing and tile kernels for `weight`, where it has them.
@@ -496,15 +448,17 @@ pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
         Q5_0 => (pack::<L_Q5_0>, ptile_q5_0),
         Q4_1 => (pack::<L_Q4_1>, ptile_q4_1),
         Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
+        Q8_0 => (pack::<L_Q8_0>, ptile_q8_0),
         _ => return None,
     })
 }
 
 /// (weight block bytes, qs offset, qh offset or 0, bias, has min) of format `k`.
-const fn legacy_params(k: u8) -> (usize, usize, usize, i8, bool) {
+const fn legacy_params(k: u8) -> (usize, usize, usize, u8, bool) {
     match k {
         L_Q4_0 => (18, 2, 0, 8, false),
         L_Q5_0 => (22, 6, 2, 16, false),
+        L_Q8_0 => (34, 2, 0, 128, false),
         L_Q4_1 => (20, 4, 0, 0, true),
         _ => (24, 8, 4, 0, true),
     }
@@ -555,7 +509,7 @@ unsafe fn pack<const K: u8>(n: usize, y: *const u8, dst: *mut u8) {
     let abytes = if min { 36 } else { 34 };
     let nb = n / 32;
     let z = _mm256_setzero_si256();
-    let vbias = _mm256_set1_epi8(bias);
+    let vbias = _mm256_set1_epi8(bias as i8);
     // SAFETY (whole body): blocks b (< nb) and b+1 (only when < nb) lie inside the
     // activation row; unit i < nb.div_ceil(2) lies inside dst (PackFn contract).
     unsafe {
@@ -614,6 +568,7 @@ unsafe fn ptile<const K: u8>(
     let z = _mm256_setzero_si256();
     let m4 = _mm256_set1_epi8(0x0f);
     let b4 = _mm256_set1_epi8(16);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
     // SAFETY (whole body): blocks b (< nb) and b+1 (only when < nb) lie inside every
     // weight row of the tile, and unit i < nb.div_ceil(2) inside every packed row
     // (PTileFn contract).
@@ -626,13 +581,25 @@ unsafe fn ptile<const K: u8>(
             let mut mx = [_mm256_setzero_ps(); TILE_R];
             for r in 0..TILE_R {
                 let x = w.add(r * ws + 2 * i * wbytes);
-                let q = if pair {
-                    ld2x128(x.add(qs_off), x.add(wbytes + qs_off))
+                if K == L_Q8_0 {
+                    // i8 quants + 128 = unsigned, halves as for the activations.
+                    let (q0, q1) = (x.add(qs_off), x.add(wbytes + qs_off));
+                    let (a, b) = if pair {
+                        (ld2x128(q0, q1), ld2x128(q0.add(16), q1.add(16)))
+                    } else {
+                        (ld128z(q0), ld128z(q0.add(16)))
+                    };
+                    lo[r] = _mm256_xor_si256(a, flip);
+                    hi[r] = _mm256_xor_si256(b, flip);
                 } else {
-                    ld128z(x.add(qs_off))
-                };
-                lo[r] = _mm256_and_si256(q, m4);
-                hi[r] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                    let q = if pair {
+                        ld2x128(x.add(qs_off), x.add(wbytes + qs_off))
+                    } else {
+                        ld128z(x.add(qs_off))
+                    };
+                    lo[r] = _mm256_and_si256(q, m4);
+                    hi[r] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                }
                 if five {
                     let h0 = ld_u32(x.add(qh_off));
                     let h1 = if pair {
@@ -742,4 +709,20 @@ unsafe fn ptile_q5_1(
 ) {
     // SAFETY: same contract, same features.
     unsafe { ptile::<L_Q5_1>(n, w, ws, p, ps, out, os) }
+}
+
+/// # Safety
+/// [`PTileFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn ptile_q8_0(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    p: *const u8,
+    ps: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    // SAFETY: same contract, same features.
+    unsafe { ptile::<L_Q8_0>(n, w, ws, p, ps, out, os) }
 }
