@@ -8,7 +8,7 @@
 #                              --no-run --message-format=json lists their paths)
 #   CARRY_DIR/flea-cuda-bench  target/release/flea-cuda-bench
 #   CARRY_DIR/flea             target/release/flea (for `flea synth`)
-# Writes into OUTDIR: device.txt, tests.log, parity.jsonl, synth.log, bench.log, bench.json,
+# Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, parity.jsonl, synth.log, bench.log, bench.json,
 # summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
@@ -41,6 +41,15 @@ for t in "$CARRY"/tests/*; do
   echo "=== $(basename "$t") took $((SECONDS - start)) s" >> "$OUT/tests.log"
 done
 
+# 1b. The same comparisons against the CPU's scalar reference kernels (FLEA_QUANT_ISA=scalar),
+# which tells a CUDA kernel bug from a CPU SIMD one.
+: > "$OUT/tests_scalar.log"
+for t in "$CARRY"/tests/*; do
+  [ -x "$t" ] || continue
+  FLEA_QUANT_ISA=scalar "$t" --nocapture --test-threads=1 ops_match_cpu every_type_matches_cpu \
+    >> "$OUT/tests_scalar.log" 2>&1 || echo "FAILED (scalar CPU reference): $(basename "$t")" >> "$OUT/tests_scalar.log"
+done
+
 # 2. Synthetic models for the benchmark, generated on this machine.
 models=()
 : > "$OUT/synth.log"
@@ -60,7 +69,9 @@ fi
 
 {
   echo "exit status: $status"
-  grep -h -E "^(PARITY|SKIP|test |device:)|FAILED|panicked" "$OUT/tests.log"
+  grep -h -E "^(PARITY|OP|SKIP|test |device:|  diag)|FAILED|panicked" "$OUT/tests.log"
+  echo "--- scalar CPU reference"
+  grep -h -E "^(PARITY|SKIP|test )|FAIL|ERROR|panicked|  diag" "$OUT/tests_scalar.log"
   echo
   cat "$OUT/bench.log" 2>/dev/null
 } > "$OUT/summary.txt"

@@ -232,8 +232,25 @@ __device__ void matvec_impl(const u8* __restrict__ W, const float* __restrict__ 
     const int upb = Fmt<T>::BS / 8;
     const int units = cols / 8;
     float acc = 0.f;
-#pragma unroll 4
-    for (int u = lane; u < units; u += 32) {
+    int u = lane;
+    // Four units in flight per lane (straight-line loads), then the remainder.
+    for (; u + 96 < units; u += 128) {
+        float w[4][8];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int uu = u + 32 * k;
+            int blk = uu / upb, sub = uu - blk * upb;
+            deq8<T>(wr + (long long)blk * Fmt<T>::BB, sub, w[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float4* xv = (const float4*)(xr + (u + 32 * k) * 8);
+            float4 a = xv[0], c = xv[1];
+            acc += w[k][0] * a.x + w[k][1] * a.y + w[k][2] * a.z + w[k][3] * a.w;
+            acc += w[k][4] * c.x + w[k][5] * c.y + w[k][6] * c.z + w[k][7] * c.w;
+        }
+    }
+    for (; u < units; u += 32) {
         int blk = u / upb, sub = u - blk * upb;
         float w[8];
         deq8<T>(wr + (long long)blk * Fmt<T>::BB, sub, w);
@@ -264,6 +281,23 @@ __device__ void deq_f16_impl(const u8* __restrict__ W, u16* __restrict__ out, in
     *(uint4*)(out + idx * 8) = make_uint4(p[0], p[1], p[2], p[3]);
 }
 
+// Dequantize a whole matrix to f32 (for the precise cuBLAS path). One thread per unit.
+template <int T>
+__device__ void deq_f32_impl(const u8* __restrict__ W, float* __restrict__ out, int rows, int cols,
+                             long long row_bytes) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int units = cols / 8;
+    if (idx >= (long long)rows * units) return;
+    int row = (int)(idx / units), u = (int)(idx - (long long)row * units);
+    const int upb = Fmt<T>::BS / 8;
+    int blk = u / upb, sub = u - blk * upb;
+    float w[8];
+    deq8<T>(W + (long long)row * row_bytes + (long long)blk * Fmt<T>::BB, sub, w);
+    float4* o = (float4*)(out + idx * 8);
+    o[0] = make_float4(w[0], w[1], w[2], w[3]);
+    o[1] = make_float4(w[4], w[5], w[6], w[7]);
+}
+
 // out[t] = table[tokens[t]] * scale. One thread per unit.
 template <int T>
 __device__ void embed_impl(const u8* __restrict__ W, const int* __restrict__ tokens,
@@ -290,6 +324,10 @@ __device__ void embed_impl(const u8* __restrict__ W, const int* __restrict__ tok
     extern "C" __global__ void deq_f16_##name(const u8* W, u16* out, int rows, int cols,       \
                                               long long row_bytes) {                           \
         deq_f16_impl<T>(W, out, rows, cols, row_bytes);                                        \
+    }                                                                                          \
+    extern "C" __global__ void deq_f32_##name(const u8* W, float* out, int rows, int cols,     \
+                                              long long row_bytes) {                           \
+        deq_f32_impl<T>(W, out, rows, cols, row_bytes);                                        \
     }                                                                                          \
     extern "C" __global__ void embed_##name(const u8* W, const int* tokens, float* out, int n, \
                                             int cols, long long row_bytes, float scale) {      \
@@ -536,6 +574,81 @@ extern "C" __global__ void __launch_bounds__(128)
         float v = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) v += acc_s[w][d];
         out[(long long)t * qd + h * hd + d] = v;
+    }
+}
+
+// As `attention`, with the scores of the (at most `max_keys`) visible keys in dynamic shared
+// memory: each warp scores 4 keys at a time, then every thread owns output dims and walks
+// the keys (coalesced V reads, independent loads). 128 threads.
+extern "C" __global__ void __launch_bounds__(128)
+    attention_smem(const float* __restrict__ q, const u16* __restrict__ kc,
+                   const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
+                   int hd, int kvd, int pos0, int window, float scale) {
+    extern __shared__ float sc[];
+    __shared__ float red[ATT_WARPS];
+    __shared__ float qs[256];
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kh = h / group;
+    const int pos = pos0 + t;
+    const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    const int nk = pos + 1 - lo;
+    const int qd = n_head * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x)
+        qs[d] = h2f(f2h(q[(long long)t * qd + h * hd + d]));
+    __syncthreads();
+    // Scores: warp w takes keys w*4 .. w*4+3, then +16, ...
+    const u16* kbase = kc + (long long)lo * kvd + kh * hd;
+    for (int j0 = warp * 4; j0 < nk; j0 += ATT_WARPS * 4) {
+        float dot[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int d = lane; d < hd; d += 32) {
+            float qv = qs[d];
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                if (j0 + k < nk) dot[k] += qv * h2f(kbase[(long long)(j0 + k) * kvd + d]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float v = warp_sum(dot[k]);
+            if (lane == 0 && j0 + k < nk) sc[j0 + k] = v * scale;
+        }
+    }
+    __syncthreads();
+    // Max, then exp and sum.
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = red[0];
+    for (int w = 1; w < ATT_WARPS; w++) m = fmaxf(m, red[w]);
+    __syncthreads();
+    float s = 0.f;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) {
+        float e = expf(sc[j] - m);
+        sc[j] = e;
+        s += e;
+    }
+    s = warp_sum(s);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    float tot = 0.f;
+    for (int w = 0; w < ATT_WARPS; w++) tot += red[w];
+    const float inv = 1.f / tot;
+    // P·V: thread owns dims d, d+128; keys split in two halves over the two thread halves
+    // when hd <= 64 is not worth it; keep it simple: all threads walk all keys.
+    const u16* vbase = vc + (long long)lo * kvd + kh * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int j = 0;
+        for (; j + 3 < nk; j += 4) {
+            a0 += h2f(f2h(sc[j] * inv)) * h2f(vbase[(long long)j * kvd + d]);
+            a1 += h2f(f2h(sc[j + 1] * inv)) * h2f(vbase[(long long)(j + 1) * kvd + d]);
+            a2 += h2f(f2h(sc[j + 2] * inv)) * h2f(vbase[(long long)(j + 2) * kvd + d]);
+            a3 += h2f(f2h(sc[j + 3] * inv)) * h2f(vbase[(long long)(j + 3) * kvd + d]);
+        }
+        for (; j < nk; j++) a0 += h2f(f2h(sc[j] * inv)) * h2f(vbase[(long long)j * kvd + d]);
+        out[(long long)t * qd + h * hd + d] = (a0 + a1) + (a2 + a3);
     }
 }
 

@@ -92,7 +92,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 9] = [
+const PLAIN_KERNELS: [&str; 10] = [
     "act_round",
     "rms_norm",
     "add_bias",
@@ -101,6 +101,7 @@ const PLAIN_KERNELS: [&str; 9] = [
     "rope",
     "kv_store",
     "attention",
+    "attention_smem",
     "copy_f4",
 ];
 
@@ -131,8 +132,9 @@ pub struct CudaKv {
 
 #[derive(Default)]
 struct Scratch {
-    /// Dequantized F16 weight for cuBLAS.
+    /// Dequantized F16 (fast) or F32 (precise) weight for cuBLAS.
     wh: Option<CudaSlice<u16>>,
+    wf: Option<CudaSlice<f32>>,
     /// Rounded activations, f32 (matvec) and f16 (GEMM).
     xr: Option<CudaSlice<f32>>,
     xh: Option<CudaSlice<u16>>,
@@ -152,6 +154,7 @@ pub struct CudaBackend {
     device_name: String,
     cc: (i32, i32),
     sync_each: bool,
+    precise_gemm: std::sync::atomic::AtomicBool,
     uploaded: AtomicU64,
     kernel_cache: String,
 }
@@ -287,7 +290,7 @@ impl CudaBackend {
         let mut funcs = HashMap::new();
         let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
         for s in TYPE_SUFFIXES {
-            for k in ["matvec", "deq_f16", "embed"] {
+            for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
                 names.push(format!("{k}_{s}"));
             }
         }
@@ -317,6 +320,9 @@ impl CudaBackend {
             device_name,
             cc,
             sync_each: std::env::var_os("FLEA_CUDA_SYNC").is_some(),
+            precise_gemm: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLEA_CUDA_GEMM").as_deref() == Ok("f32"),
+            ),
             uploaded: AtomicU64::new(0),
             kernel_cache,
         })
@@ -339,6 +345,15 @@ impl CudaBackend {
     pub fn kernel_cache(&self) -> &str {
         &self.kernel_cache
     }
+    /// Prompt GEMMs in F32 (weights dequantized to f32, FP32 cuBLAS: matches the CPU to
+    /// rounding) instead of the default F16 × F16 → F32 (faster, ~1e-3 relative per matmul).
+    /// Also set by FLEA_CUDA_GEMM=f32.
+    pub fn set_precise_gemm(&self, on: bool) {
+        self.precise_gemm.store(on, Ordering::Relaxed);
+    }
+    pub fn precise_gemm(&self) -> bool {
+        self.precise_gemm.load(Ordering::Relaxed)
+    }
     /// Bytes of weights uploaded so far.
     pub fn uploaded_bytes(&self) -> u64 {
         self.uploaded.load(Ordering::Relaxed)
@@ -354,6 +369,22 @@ impl CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| be(format!("device error: {e:?}")))
+    }
+
+    /// Copy host values into the first rows of an activation buffer (tests, tools).
+    pub fn upload(&self, x: &CudaAct, data: &[f32]) -> Result<()> {
+        if data.len() > x.rows * x.width {
+            return Err(be("upload: more values than the buffer holds"));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: x.ptr is a live device allocation of at least data.len() f32.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(x.ptr, data, self.stream.cu_stream())
+        }
+        .map_err(|e| be(format!("upload: {e:?}")))?;
+        self.synchronize()
     }
 
     /// Upload a weight now (normally done on first use).
@@ -666,7 +697,21 @@ impl Backend for CudaBackend {
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
-            if use_blas {
+            if use_blas && self.precise_gemm() {
+                let xr = self.grow(&mut sc.xr, total)?;
+                if done_mode != Some(mode) {
+                    self.round_acts(x.ptr, total, mode, xr, 0)?;
+                    done_mode = Some(mode);
+                }
+                let wf = self.grow(&mut sc.wf, w.rows * w.cols)?;
+                let units = w.rows * w.cols / 8;
+                let (cfg, _) = self.launch_1d("add", units)?;
+                let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
+                launch!(self, &format!("deq_f32_{suffix}"), cfg; wp, wf, rows_i, cols_i, rb)?;
+                let blas = self.blas.as_ref().unwrap();
+                gemm(blas, w.rows, n, w.cols, wf, xr, out.ptr, true)?;
+                self.after_launch("cublasGemmEx")?;
+            } else if use_blas {
                 let xh = self.grow(&mut sc.xh, total)?;
                 if done_mode != Some(mode) {
                     self.round_acts(x.ptr, total, mode, 0, xh)?;
@@ -678,7 +723,7 @@ impl Backend for CudaBackend {
                 let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
                 launch!(self, &format!("deq_f16_{suffix}"), cfg; wp, wh, rows_i, cols_i, rb)?;
                 let blas = self.blas.as_ref().unwrap();
-                gemm_f16(blas, w.rows, n, w.cols, wh, xh, out.ptr)?;
+                gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
                 self.after_launch("cublasGemmEx")?;
             } else {
                 let xin = if mode == 0 {
@@ -785,11 +830,19 @@ impl Backend for CudaBackend {
         let (cfg, _) = self.launch_1d("kv_store", total)?;
         let (kp, vp, ti, off) = (k.ptr, v.ptr, total as i64, (p.pos0 * kvd) as i64);
         launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, off)?;
+        // Most keys any token of the batch sees.
+        let max_keys = match p.window {
+            Some(w) => (p.pos0 + n).min(w.max(1)),
+            None => p.pos0 + n,
+        };
+        let smem = max_keys * 4;
+        let use_smem = smem <= 46 * 1024;
         let cfg = LaunchConfig {
             grid_dim: (p.n_head as u32, n as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
         };
+        let kname = if use_smem { "attention_smem" } else { "attention" };
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
         let (qp, op, nh, group, hdi, kvdi, pos0, scale) = (
             q.ptr,
@@ -801,7 +854,7 @@ impl Backend for CudaBackend {
             p.pos0 as i32,
             p.scale,
         );
-        launch!(self, "attention", cfg; qp, kc, vc, op, nh, group, hdi, kvdi, pos0, window, scale)
+        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, pos0, window, scale)
     }
 
     fn glu(
@@ -875,8 +928,10 @@ impl Backend for CudaBackend {
     }
 }
 
-/// out (n × m, row-major) = X (n × k) · Wᵀ, W m × k row-major F16, X F16, f32 out.
-fn gemm_f16(
+/// out (n × m, row-major) = X (n × k) · Wᵀ, W m × k row-major, W and X F16 (or F32 when
+/// `f32`), f32 out, FP32 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
     blas: &cudarc::cublas::CudaBlas,
     m: usize,
     n: usize,
@@ -884,8 +939,14 @@ fn gemm_f16(
     w: u64,
     x: u64,
     out: u64,
+    f32: bool,
 ) -> Result<()> {
     use cudarc::cublas::sys;
+    let ab = if f32 {
+        sys::cudaDataType::CUDA_R_32F
+    } else {
+        sys::cudaDataType::CUDA_R_16F
+    };
     use std::ffi::c_void;
     let alpha = 1.0f32;
     let beta = 0.0f32;
@@ -901,10 +962,10 @@ fn gemm_f16(
             k as i32,
             &alpha as *const f32 as *const c_void,
             w as *const c_void,
-            sys::cudaDataType::CUDA_R_16F,
+            ab,
             k as i32,
             x as *const c_void,
-            sys::cudaDataType::CUDA_R_16F,
+            ab,
             k as i32,
             &beta as *const f32 as *const c_void,
             out as *mut c_void,

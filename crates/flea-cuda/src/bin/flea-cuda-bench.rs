@@ -93,8 +93,17 @@ fn main() {
         let first_prompt = t.elapsed().as_secs_f64();
         s.reset();
         let t = Instant::now();
-        let l = s.eval(&ptoks, Logits::Last).unwrap();
+        s.eval(&ptoks, Logits::Last).unwrap();
         let prompt_s = t.elapsed().as_secs_f64();
+        // The same prompt with the precise (F32) GEMM.
+        cuda.set_precise_gemm(true);
+        s.reset();
+        let t = Instant::now();
+        s.eval(&ptoks, Logits::Last).unwrap();
+        let prompt_f32_s = t.elapsed().as_secs_f64();
+        cuda.set_precise_gemm(false);
+        s.reset();
+        let l = s.eval(&ptoks, Logits::Last).unwrap();
         // Decode.
         let mut next = argmax(&l);
         for _ in 0..4 {
@@ -125,18 +134,19 @@ fn main() {
             "achieved_gb_s": tok_s * bytes as f64 / 1e9,
             "prompt_tokens": prompt,
             "prompt_tok_s": prompt as f64 / prompt_s,
+            "prompt_f32_gemm_tok_s": prompt as f64 / prompt_f32_s,
         }));
     }
     println!();
     println!("card: {card}; date: {date}; device copy bandwidth (read+write): {:.0} GB/s", bw / 1e9);
     println!(
-        "| model | weights/token GiB | decode tok/s | ms/token | roofline tok/s | fraction | achieved GB/s | prompt {} tok/s |",
+        "| model | weights/token GiB | decode tok/s | ms/token | roofline tok/s | fraction | achieved GB/s | prompt {} tok/s (F16 GEMM) | (F32 GEMM) |",
         prompt
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.2} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {:.2} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} |",
             r["model"].as_str().unwrap(),
             r["weight_bytes_per_token"].as_u64().unwrap() as f64 / (1u64 << 30) as f64,
             r["decode_tok_s"].as_f64().unwrap(),
@@ -145,6 +155,7 @@ fn main() {
             r["roofline_fraction"].as_f64().unwrap(),
             r["achieved_gb_s"].as_f64().unwrap(),
             r["prompt_tok_s"].as_f64().unwrap(),
+            r["prompt_f32_gemm_tok_s"].as_f64().unwrap(),
         );
     }
     if let Some(p) = json {
