@@ -463,6 +463,30 @@ pub fn matmul_isa(
     let w = w_rows.as_ptr();
     let a = acts.as_ptr();
     let o = out.as_mut_ptr();
+    // Row r x tokens t0..t1 with the 4-token kernel, then the single-token one.
+    let rest = |r: usize, t0: usize, t1: usize| {
+        // Cheap next to the dot products; makes the pointer arithmetic below sound.
+        assert!(r < rows && t1 <= n_tokens);
+        let wr = w.wrapping_add(r * wb);
+        #[allow(unused_mut)]
+        let mut t = t0;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k4) = k4 {
+            while t + simd::multi_avx2::T <= t1 {
+                // SAFETY: the kernel's ISA is available (asserted; AVX-512 kernels only
+                // when isa is Avx512, AVX2 ones for Avx2 or Avx512); row r and tokens
+                // t..t+4 lie inside the slices checked above (asserted); outputs
+                // t*rows + r .. (t+3)*rows + r are < rows * n_tokens <= out.len().
+                unsafe { k4(n_cols, wr, a.add(t * ab), ab, o.add(t * rows + r), rows) };
+                t += simd::multi_avx2::T;
+            }
+        }
+        for t in t..t1 {
+            // SAFETY: isa available (asserted); r < rows and t < n_tokens (asserted), whose
+            // byte ranges were checked above.
+            unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
+        }
+    };
     for r0 in (0..rows).step_by(row_tile) {
         let r1 = (r0 + row_tile).min(rows);
         for t0 in (0..n_tokens).step_by(tok_tile) {
@@ -491,48 +515,20 @@ pub fn matmul_isa(
                         };
                         r += TILE_R;
                     }
+                    // An odd last row, then tokens that make no whole tile: 4-token
+                    // and single-token kernels.
                     for r in r..r1 {
-                        let wr = w.wrapping_add(r * wb);
-                        if let Some(k4) = k4 {
-                            // SAFETY: as in the 4-token loop below.
-                            unsafe { k4(n_cols, wr, a.add(t * ab), ab, o.add(t * rows + r), rows) };
-                        } else {
-                            for t in t..t + TILE_T {
-                                // SAFETY: as in the single-token loop below.
-                                unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
-                            }
-                        }
+                        rest(r, t, t + TILE_T);
                     }
                     t += TILE_T;
                 }
-                for t in t..t1 {
-                    for r in r0..r1 {
-                        // SAFETY: as in the single-token loop below.
-                        unsafe { *o.add(t * rows + r) = k(n_cols, w.add(r * wb), a.add(t * ab)) };
-                    }
+                for r in r0..r1 {
+                    rest(r, t, t1);
                 }
                 continue;
             }
             for r in r0..r1 {
-                let wr = w.wrapping_add(r * wb);
-                #[allow(unused_mut)]
-                let mut t = t0;
-                #[cfg(target_arch = "x86_64")]
-                if let Some(k4) = k4 {
-                    while t + simd::multi_avx2::T <= t1 {
-                        // SAFETY: the kernel's ISA is available (asserted; AVX-512 kernels
-                        // only when isa is Avx512, AVX2 ones for Avx2 or Avx512); row r
-                        // and tokens t..t+4 lie inside the slices checked above; outputs
-                        // t*rows + r .. (t+3)*rows + r are < rows * n_tokens <= out.len().
-                        unsafe { k4(n_cols, wr, a.add(t * ab), ab, o.add(t * rows + r), rows) };
-                        t += simd::multi_avx2::T;
-                    }
-                }
-                for t in t..t1 {
-                    // SAFETY: isa available (asserted); r < rows and t < n_tokens, whose
-                    // byte ranges were checked above.
-                    unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
-                }
+                rest(r, t0, t1);
             }
         }
     }
