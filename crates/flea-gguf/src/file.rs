@@ -91,3 +91,24 @@ pub fn models_dir() -> PathBuf {
 pub fn model_path(file_name: &str) -> PathBuf {
     models_dir().join(file_name)
 }
+
+/// For tests that need a real model: its path when it is in the cache; otherwise None after
+/// printing a skip note — unless `FLEA_REQUIRE_MODELS=1` (CI), when a missing model panics,
+/// so that a test can't pass by skipping.
+pub fn model_or_skip(file_name: &str) -> Option<PathBuf> {
+    let path = model_path(file_name);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("FLEA_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!(
+            "FLEA_REQUIRE_MODELS=1 but {} is missing (run scripts/fetch_models.sh)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "SKIP: {} not found (run scripts/fetch_models.sh)",
+        path.display()
+    );
+    None
+}

@@ -20,7 +20,7 @@ mod parse;
 mod types;
 mod writer;
 
-pub use file::{model_path, models_dir, GgufFile};
+pub use file::{model_or_skip, model_path, models_dir, GgufFile};
 pub use parse::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
 pub use types::GgmlType;
 pub use writer::GgufWriter;

@@ -1,23 +1,7 @@
 //! Checks against real model files from the model cache (`flea_gguf::models_dir()`).
 //! A missing file is a skip, unless `FLEA_REQUIRE_MODELS=1`, when it is a failure.
 
-use std::path::PathBuf;
-
-use flea_gguf::{model_path, GgmlType, GgufFile};
-
-/// The model's path, or None (after printing a skip note) when it is absent and not
-/// required.
-fn model_or_skip(name: &str) -> Option<PathBuf> {
-    let path = model_path(name);
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("FLEA_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("FLEA_REQUIRE_MODELS=1 but {} is missing", path.display());
-    }
-    eprintln!("skipping: {} not found", path.display());
-    None
-}
+use flea_gguf::{model_or_skip, model_path, GgmlType, GgufFile};
 
 #[test]
 fn smollm2_135m_q4_1() {

@@ -38,32 +38,8 @@ struct Position {
     top_logprobs: Vec<f64>,
 }
 
-fn models_dir() -> PathBuf {
-    match std::env::var_os("FLEA_MODELS") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flea/models")
-        }
-    }
-}
-
-/// The model file, or None (test skipped) when it is absent and not required.
 fn model_path(file: &str) -> Option<PathBuf> {
-    let p = models_dir().join(file);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("FLEA_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!(
-            "{} is missing (FLEA_REQUIRE_MODELS=1); run scripts/fetch_models.sh",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: {} not found (run scripts/fetch_models.sh)",
-        p.display()
-    );
-    None
+    flea_gguf::model_or_skip(file)
 }
 
 fn fixture(short: &str) -> Fixture {

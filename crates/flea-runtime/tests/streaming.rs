@@ -9,31 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn models_dir() -> PathBuf {
-    match std::env::var_os("FLEA_MODELS") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flea/models")
-        }
-    }
-}
-
 fn model_path(file: &str) -> Option<PathBuf> {
-    let p = models_dir().join(file);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("FLEA_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
-        panic!(
-            "{} is missing (FLEA_REQUIRE_MODELS=1); run scripts/fetch_models.sh",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: {} not found (run scripts/fetch_models.sh)",
-        p.display()
-    );
-    None
+    flea_gguf::model_or_skip(file)
 }
 
 const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
