@@ -577,16 +577,20 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// As `attention`, with the scores of the (at most `max_keys`) visible keys in dynamic shared
-// memory: each warp scores 4 keys at a time, then every thread owns output dims and walks
-// the keys (coalesced V reads, independent loads). 128 threads.
-extern "C" __global__ void __launch_bounds__(128)
+// As `attention`, with the scores of the visible keys in dynamic shared memory. 256 threads:
+// each warp scores 4 keys at a time; for P.V the threads form G = 256/hd32 groups (hd32 =
+// hd rounded up to 32), group g walks keys g, g+G, ... eight at a time (independent loads),
+// thread owns one dim; the groups' partial sums are added in shared memory.
+#define ATT2_THREADS 256
+#define ATT2_WARPS 8
+extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
     attention_smem(const float* __restrict__ q, const u16* __restrict__ kc,
                    const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
                    int hd, int kvd, int pos0, int window, float scale) {
     extern __shared__ float sc[];
-    __shared__ float red[ATT_WARPS];
+    __shared__ float red[ATT2_WARPS];
     __shared__ float qs[256];
+    __shared__ float part[ATT2_THREADS];
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kh = h / group;
@@ -597,9 +601,8 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int d = threadIdx.x; d < hd; d += blockDim.x)
         qs[d] = h2f(f2h(q[(long long)t * qd + h * hd + d]));
     __syncthreads();
-    // Scores: warp w takes keys w*4 .. w*4+3, then +16, ...
     const u16* kbase = kc + (long long)lo * kvd + kh * hd;
-    for (int j0 = warp * 4; j0 < nk; j0 += ATT_WARPS * 4) {
+    for (int j0 = warp * 4; j0 < nk; j0 += ATT2_WARPS * 4) {
         float dot[4] = {0.f, 0.f, 0.f, 0.f};
         for (int d = lane; d < hd; d += 32) {
             float qv = qs[d];
@@ -614,14 +617,13 @@ extern "C" __global__ void __launch_bounds__(128)
         }
     }
     __syncthreads();
-    // Max, then exp and sum.
     float m = NEG_INF;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) m = fmaxf(m, sc[j]);
     m = warp_max(m);
     if (lane == 0) red[warp] = m;
     __syncthreads();
     m = red[0];
-    for (int w = 1; w < ATT_WARPS; w++) m = fmaxf(m, red[w]);
+    for (int w = 1; w < ATT2_WARPS; w++) m = fmaxf(m, red[w]);
     __syncthreads();
     float s = 0.f;
     for (int j = threadIdx.x; j < nk; j += blockDim.x) {
@@ -633,22 +635,35 @@ extern "C" __global__ void __launch_bounds__(128)
     if (lane == 0) red[warp] = s;
     __syncthreads();
     float tot = 0.f;
-    for (int w = 0; w < ATT_WARPS; w++) tot += red[w];
+    for (int w = 0; w < ATT2_WARPS; w++) tot += red[w];
     const float inv = 1.f / tot;
-    // P·V: thread owns dims d, d+128; keys split in two halves over the two thread halves
-    // when hd <= 64 is not worth it; keep it simple: all threads walk all keys.
+    // Probabilities rounded to f16, as the CPU does.
+    for (int j = threadIdx.x; j < nk; j += blockDim.x) sc[j] = h2f(f2h(sc[j] * inv));
+    __syncthreads();
+    const int hd32 = (hd + 31) & ~31;
+    const int G = ATT2_THREADS / hd32;
+    const int g = threadIdx.x / hd32, d = threadIdx.x - g * hd32;
     const u16* vbase = vc + (long long)lo * kvd + kh * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-        int j = 0;
-        for (; j + 3 < nk; j += 4) {
-            a0 += h2f(f2h(sc[j] * inv)) * h2f(vbase[(long long)j * kvd + d]);
-            a1 += h2f(f2h(sc[j + 1] * inv)) * h2f(vbase[(long long)(j + 1) * kvd + d]);
-            a2 += h2f(f2h(sc[j + 2] * inv)) * h2f(vbase[(long long)(j + 2) * kvd + d]);
-            a3 += h2f(f2h(sc[j + 3] * inv)) * h2f(vbase[(long long)(j + 3) * kvd + d]);
+    float acc = 0.f;
+    if (g < G && d < hd) {
+        float a[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) a[k] = 0.f;
+        int j = g;
+        for (; j + 7 * G < nk; j += 8 * G) {
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                a[k] += sc[j + k * G] * h2f(vbase[(long long)(j + k * G) * kvd + d]);
         }
-        for (; j < nk; j++) a0 += h2f(f2h(sc[j] * inv)) * h2f(vbase[(long long)j * kvd + d]);
-        out[(long long)t * qd + h * hd + d] = (a0 + a1) + (a2 + a3);
+        for (; j < nk; j += G) a[0] += sc[j] * h2f(vbase[(long long)j * kvd + d]);
+        acc = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < hd) {
+        float v = 0.f;
+        for (int gg = 0; gg < G; gg++) v += part[gg * hd32 + threadIdx.x];
+        out[(long long)t * qd + h * hd + threadIdx.x] = v;
     }
 }
 

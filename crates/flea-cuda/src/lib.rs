@@ -147,8 +147,8 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: Option<cudarc::cublas::CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
-    weights: Mutex<HashMap<(usize, usize), CudaSlice<u8>>>,
-    vectors: Mutex<HashMap<(usize, usize), CudaSlice<f32>>>,
+    weights: Mutex<HashMap<(usize, usize), (u64, CudaSlice<u8>)>>,
+    vectors: Mutex<HashMap<(usize, usize), (u64, CudaSlice<f32>)>>,
     scratch: Mutex<Scratch>,
     ordinal: usize,
     device_name: String,
@@ -172,6 +172,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// A cheap content fingerprint of a weight: 64 bytes at the start, the middle and the end
+/// (hashing 192 bytes per lookup costs nothing beside the matmul).
+fn fingerprint(d: &[u8]) -> u64 {
+    let n = d.len();
+    let k = n.min(64);
+    let mid = n / 2;
+    let a = fnv1a(&d[..k]);
+    let b = fnv1a(&d[mid.saturating_sub(32)..(mid + 32).min(n)]);
+    let c = fnv1a(&d[n - k..]);
+    a ^ b.rotate_left(21) ^ c.rotate_left(42)
 }
 
 fn cache_dir() -> std::path::PathBuf {
@@ -432,12 +444,23 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Forget every uploaded weight (frees device memory). Needed only when a backend
+    /// outlives a model; lookups also check a content fingerprint, so a new model mapped at
+    /// a recycled address is not mistaken for the old one.
+    pub fn clear_weights(&self) {
+        self.weights.lock().unwrap().clear();
+        self.vectors.lock().unwrap().clear();
+    }
+
     /// Device pointer of a weight's bytes, uploading them on first use.
     fn weight_ptr(&self, w: &Weight) -> Result<u64> {
         let key = (w.data.as_ptr() as usize, w.data.len());
+        let fp = fingerprint(w.data);
         let mut cache = self.weights.lock().unwrap();
-        if let Some(s) = cache.get(&key) {
-            return Ok(dptr(s, &self.stream));
+        if let Some((f, s)) = cache.get(&key) {
+            if *f == fp {
+                return Ok(dptr(s, &self.stream));
+            }
         }
         let s = self
             .stream
@@ -446,16 +469,19 @@ impl CudaBackend {
         self.uploaded
             .fetch_add(w.data.len() as u64, Ordering::Relaxed);
         let p = dptr(&s, &self.stream);
-        cache.insert(key, s);
+        cache.insert(key, (fp, s));
         Ok(p)
     }
 
     /// Device pointer of a vector weight (norm, bias) as f32.
     fn vector_ptr(&self, w: &Weight) -> Result<(u64, usize)> {
         let key = (w.data.as_ptr() as usize, w.data.len());
+        let fp = fingerprint(w.data);
         let mut cache = self.vectors.lock().unwrap();
-        if let Some(s) = cache.get(&key) {
-            return Ok((dptr(s, &self.stream), s.len()));
+        if let Some((f, s)) = cache.get(&key) {
+            if *f == fp {
+                return Ok((dptr(s, &self.stream), s.len()));
+            }
         }
         let mut v = vec![0.0f32; w.rows * w.cols];
         flea_quant::dequantize(w.ty, w.data, &mut v)?;
@@ -464,7 +490,7 @@ impl CudaBackend {
             .clone_htod(&v)
             .map_err(|e| be(format!("uploading a vector: {e:?}")))?;
         let p = dptr(&s, &self.stream);
-        cache.insert(key, s);
+        cache.insert(key, (fp, s));
         Ok((p, v.len()))
     }
 
@@ -836,10 +862,10 @@ impl Backend for CudaBackend {
             None => p.pos0 + n,
         };
         let smem = max_keys * 4;
-        let use_smem = smem <= 46 * 1024;
+        let use_smem = smem <= 44 * 1024;
         let cfg = LaunchConfig {
             grid_dim: (p.n_head as u32, n as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (if use_smem { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
         };
         let kname = if use_smem { "attention_smem" } else { "attention" };

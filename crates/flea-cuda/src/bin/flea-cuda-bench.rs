@@ -115,6 +115,29 @@ fn main() {
         }
         let dec_s = t.elapsed().as_secs_f64();
         let tok_s = tokens as f64 / dec_s;
+        // Matvec alone on layer 0's matrices and the output: GB/s per weight type.
+        {
+            use flea_model::Backend;
+            let l = model.layer_weights(0).unwrap();
+            let h = model.head_weights().unwrap();
+            for (name, w) in [("wq", l.wq), ("wv", l.wv), ("gate", l.w_gate), ("down", l.w_down), ("output", h.output)] {
+                let x = cuda.alloc_act(1, w.cols).unwrap();
+                let mut o = cuda.alloc_act(1, w.rows).unwrap();
+                cuda.matmul(1, &w, &x, &mut o).unwrap();
+                cuda.synchronize().unwrap();
+                let reps = 50;
+                let t = Instant::now();
+                for _ in 0..reps {
+                    cuda.matmul(1, &w, &x, &mut o).unwrap();
+                }
+                cuda.synchronize().unwrap();
+                let dt = t.elapsed().as_secs_f64() / reps as f64;
+                eprintln!(
+                    "matvec {name} {} {}x{}: {:.1} us, {:.0} GB/s",
+                    w.ty, w.rows, w.cols, dt * 1e6, w.data.len() as f64 / dt / 1e9
+                );
+            }
+        }
         let roof = bw / bytes as f64;
         eprintln!(
             "{path}: first prompt pass {first_prompt:.2} s (uploads {:.2} GiB), {}",
