@@ -586,10 +586,14 @@ fn cmd_probe(file: &Path, threads: usize) -> Result<()> {
     use flea_io::{IoBackend, IoOptions};
     use flea_runtime::profile::{default_path, memory_read_bandwidth, Profile};
     let mut curve = Vec::new();
-    let tries: [(IoBackend, usize, u32); 5] = [
+    // Large single reads too: a streamed layer is one read of ~100+ MiB, which a virtual or
+    // NVMe disk serves with many requests in flight.
+    let tries: [(IoBackend, usize, u32); 7] = [
         (IoBackend::Pread, 1 << 20, 1),
         (IoBackend::Pread, 4 << 20, 1),
         (IoBackend::Pread, 16 << 20, 1),
+        (IoBackend::Pread, 64 << 20, 1),
+        (IoBackend::Pread, 128 << 20, 1),
         (IoBackend::IoUring, 1 << 20, 8),
         (IoBackend::IoUring, 4 << 20, 16),
     ];

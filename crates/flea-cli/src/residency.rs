@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Clone, Debug, Default)]
 pub struct ResidencyArgs {
     /// Device-tier budget (on the CPU backend: the arena compute reads from), e.g. 8GiB.
-    /// Giving any residency flag runs the model through the streaming executor.
     #[arg(long)]
     pub vram_budget: Option<String>,
     /// Host-RAM cache budget, e.g. 512MiB.
@@ -38,6 +37,9 @@ pub struct ResidencyArgs {
     /// Memory read bandwidth of the compute device for the prediction, GB/s (default 10).
     #[arg(long)]
     pub mem_gbps: Option<f64>,
+    /// Compute straight from the file's mmap, outside the budgets (no arenas, no executor).
+    #[arg(long, conflicts_with_all = ["vram_budget", "ram_budget", "io", "ring_depth"])]
+    pub in_place: bool,
     /// Write a Chrome/Perfetto trace of the pipeline (disk read, compute, stall lanes), or
     /// an SVG timeline of the last token when FILE ends in .svg.
     #[arg(long)]
@@ -45,11 +47,9 @@ pub struct ResidencyArgs {
 }
 
 impl ResidencyArgs {
+    /// Whether the model runs under the residency executor (the default).
     pub fn streaming(&self) -> bool {
-        self.vram_budget.is_some()
-            || self.ram_budget.is_some()
-            || self.io.is_some()
-            || self.ring_depth.is_some()
+        !self.in_place
     }
 
     pub fn io_options(&self) -> Result<IoOptions> {
