@@ -1,9 +1,9 @@
 //! CPU-vs-CPU noise floor: logits of a synthetic model on the CPU backend, written to a file,
 //! so that runs with different FLEA_QUANT_ISA (different summation orders) can be compared.
 //! usage: cpu_noise MIX PRESET OUT.f32
+use clap::ValueEnum;
 use flea_model::{CpuBackend, Logits, Model, Session};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
-use clap::ValueEnum;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let q = QuantMix::from_str(&a[1], true).unwrap();
@@ -21,6 +21,11 @@ fn main() {
     let l = s.eval(&prompt, Logits::All).unwrap();
     let bytes: Vec<u8> = l.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(&a[3], bytes).unwrap();
-    println!("{} finite={} isa={:?}", a[1], l.iter().all(|x| x.is_finite()), flea_quant::best_isa());
+    println!(
+        "{} finite={} isa={:?}",
+        a[1],
+        l.iter().all(|x| x.is_finite()),
+        flea_quant::best_isa()
+    );
     let _ = std::fs::remove_file(&path);
 }

@@ -141,14 +141,17 @@ struct Scratch {
     tokens: Option<CudaSlice<i32>>,
 }
 
+/// Uploaded host slices: (address, length) → (content fingerprint, device copy).
+type DeviceCache<T> = HashMap<(usize, usize), (u64, CudaSlice<T>)>;
+
 /// The CUDA backend. See the crate docs.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Option<cudarc::cublas::CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
-    weights: Mutex<HashMap<(usize, usize), (u64, CudaSlice<u8>)>>,
-    vectors: Mutex<HashMap<(usize, usize), (u64, CudaSlice<f32>)>>,
+    weights: Mutex<DeviceCache<u8>>,
+    vectors: Mutex<DeviceCache<f32>>,
     scratch: Mutex<Scratch>,
     ordinal: usize,
     device_name: String,
@@ -215,7 +218,11 @@ fn nvrtc_compile(src: &str, arch: &str) -> std::result::Result<Vec<u8>, CudaErro
     let out = match res {
         Err(e) => {
             let log = unsafe { result::get_program_log(prog) }
-                .map(|l| unsafe { CStr::from_ptr(l.as_ptr()) }.to_string_lossy().into_owned())
+                .map(|l| {
+                    unsafe { CStr::from_ptr(l.as_ptr()) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
                 .unwrap_or_default();
             Err(CudaError(format!("nvrtc compile ({arch}): {e:?}\n{log}")))
         }
@@ -281,7 +288,9 @@ impl CudaBackend {
             return Err(CudaError("no CUDA device (driver found, 0 devices)".into()));
         }
         if ordinal >= count {
-            return Err(CudaError(format!("no CUDA device {ordinal} (found {count})")));
+            return Err(CudaError(format!(
+                "no CUDA device {ordinal} (found {count})"
+            )));
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| CudaError(format!("CUDA device {ordinal}: {e:?}")))?;
@@ -392,10 +401,8 @@ impl CudaBackend {
             return Ok(());
         }
         // SAFETY: x.ptr is a live device allocation of at least data.len() f32.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(x.ptr, data, self.stream.cu_stream())
-        }
-        .map_err(|e| be(format!("upload: {e:?}")))?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(x.ptr, data, self.stream.cu_stream()) }
+            .map_err(|e| be(format!("upload: {e:?}")))?;
         self.synchronize()
     }
 
@@ -462,10 +469,13 @@ impl CudaBackend {
                 return Ok(dptr(s, &self.stream));
             }
         }
-        let s = self
-            .stream
-            .clone_htod(w.data)
-            .map_err(|e| be(format!("uploading a {} weight ({} bytes): {e:?}", w.ty, w.data.len())))?;
+        let s = self.stream.clone_htod(w.data).map_err(|e| {
+            be(format!(
+                "uploading a {} weight ({} bytes): {e:?}",
+                w.ty,
+                w.data.len()
+            ))
+        })?;
         self.uploaded
             .fetch_add(w.data.len() as u64, Ordering::Relaxed);
         let p = dptr(&s, &self.stream);
@@ -518,7 +528,10 @@ impl CudaBackend {
             )));
         }
         let want = w.rows * w.row_bytes();
-        if w.data.len() != want || w.cols % w.ty.block_size() != 0 || w.cols % 8 != 0 {
+        if w.data.len() != want
+            || !w.cols.is_multiple_of(w.ty.block_size())
+            || !w.cols.is_multiple_of(8)
+        {
             return Err(be(format!(
                 "weight {}x{} {} has {} bytes, expected {want}",
                 w.rows,
@@ -685,7 +698,7 @@ impl Backend for CudaBackend {
         check_rows(x, n, "rms_norm")?;
         check_rows(out, n, "rms_norm")?;
         let total = n * x.width;
-        if g == 0 || x.width % g != 0 || out.width != x.width {
+        if g == 0 || !x.width.is_multiple_of(g) || out.width != x.width {
             return Err(be("rms_norm: width mismatch"));
         }
         let groups = total / g;
@@ -791,7 +804,7 @@ impl Backend for CudaBackend {
         let hd = p.head_dim;
         let nd = p.rope_dims;
         check_rows(x, n, "rope")?;
-        if x.width != p.n_heads * hd || nd > hd || nd % 2 != 0 {
+        if x.width != p.n_heads * hd || nd > hd || !nd.is_multiple_of(2) {
             return Err(be("rope: shape mismatch"));
         }
         if nd == 0 {
@@ -842,7 +855,7 @@ impl Backend for CudaBackend {
             || out.width != q.width
             || kvd != shape.n_head_kv * shape.head_dim
             || p.n_head_kv == 0
-            || p.n_head % p.n_head_kv != 0
+            || !p.n_head.is_multiple_of(p.n_head_kv)
         {
             return Err(be("attention: shape mismatch"));
         }
@@ -868,7 +881,11 @@ impl Backend for CudaBackend {
             block_dim: (if use_smem { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
         };
-        let kname = if use_smem { "attention_smem" } else { "attention" };
+        let kname = if use_smem {
+            "attention_smem"
+        } else {
+            "attention"
+        };
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
         let (qp, op, nh, group, hdi, kvdi, pos0, scale) = (
             q.ptr,

@@ -2,8 +2,25 @@
 //! Without a CUDA device every test prints "SKIP: no CUDA device" and passes.
 //!
 //! Each case: a prompt (Logits::All, so the prompt path — cuBLAS GEMM — is compared at every
-//! position) and a few greedy decode steps (the matvec path). Criteria: relative error
-//! ||cuda - cpu|| / ||cpu|| <= 5e-3 per evaluation, and the same argmax at every position.
+//! position) and a few greedy decode steps (the matvec path).
+//!
+//! Criteria:
+//! * `ops_match_cpu`: every matmul (n = 1 and n = 5, every weight type) and embedding, one op
+//!   at a time: relative error <= 1e-4 (1e-3 for Q4_1/Q5_1, whose CPU dot applies the min
+//!   through an f16-rounded block sum). This is the kernel-correctness check; measured on an
+//!   H200: <= 3.3e-7 for every type, 1.6e-4 for Q4_1/Q5_1.
+//! * whole models, float weights (F32, F16, BF16): relative error ||cuda - cpu|| / ||cpu||
+//!   <= 5e-3 and the same argmax at every position.
+//! * whole models, quantized weights: the CPU rounds activations to Q8_0/Q8_1/Q8_K before each
+//!   matmul (the GPU rounds them identically). Any difference of ~1e-7 upstream (summation
+//!   order, expf, f64 vs f32 norm sums) flips some of those roundings, and each flip is a
+//!   whole Q8 step (~1% of the block's largest value); over ~17 rounding stages the logits
+//!   settle at ~1-3% relative difference. The CPU shows the same floor against itself: the
+//!   same Q4_K model on AVX-512 vs scalar kernels differs by 1.1e-2 (Q4_K_M 1.2e-2, AVX2 vs
+//!   scalar 1.5e-2, with an argmax flip; `examples/cpu_noise.rs`). So these cases use a
+//!   noise-floor bound: relative error <= 5e-2 and at most 1 in 6 argmax flips; the strict
+//!   5e-3 result is printed ("strict=...") and written to the JSON report.
+//!
 //! Set FLEA_CUDA_REPORT=<dir> to write one JSON line per case to <dir>/parity.jsonl.
 
 use flea_cuda::CudaBackend;
@@ -13,6 +30,8 @@ use std::io::Write;
 use std::path::PathBuf;
 
 const TOL: f64 = 5e-3;
+/// Noise-floor bound for models with quantized weights (see the module docs).
+const QUANT_TOL: f64 = 5e-2;
 
 fn backend() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
@@ -60,7 +79,10 @@ struct CaseResult {
 }
 
 fn norm(x: &[f32]) -> f64 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
@@ -86,7 +108,7 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
     let lc = sc.eval(&prompt, Logits::All).unwrap();
     let lg = sg.eval(&prompt, Logits::All).unwrap();
     let prompt_rel = rel_err(&lg, &lc);
-    if !(prompt_rel <= TOL) {
+    if prompt_rel.is_nan() || prompt_rel > TOL {
         println!(
             "  diag: |cpu|={:.4e} finite={} |cuda|={:.4e} finite={}",
             norm(&lc),
@@ -109,16 +131,26 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
         let c = sc.eval(&[next], Logits::Last).unwrap();
         let g = sg.eval(&[next], Logits::Last).unwrap();
         let r = rel_err(&g, &c);
-        decode_rel = if r.is_nan() { f64::NAN } else { decode_rel.max(r) };
+        decode_rel = if r.is_nan() {
+            f64::NAN
+        } else {
+            decode_rel.max(r)
+        };
         positions += 1;
         if argmax(&c) != argmax(&g) {
             mismatch += 1;
         }
         next = argmax(&c) as u32;
     }
-    let ok = prompt_rel <= TOL && decode_rel <= TOL && mismatch == 0;
+    let strict = prompt_rel <= TOL && decode_rel <= TOL && mismatch == 0;
+    let float_weights = matches!(quant, QuantMix::F32 | QuantMix::F16 | QuantMix::BF16);
+    let ok = if float_weights {
+        strict
+    } else {
+        prompt_rel <= QUANT_TOL && decode_rel <= QUANT_TOL && mismatch * 6 <= positions
+    };
     println!(
-        "PARITY gemm={} arch={} mix={:?} prompt_rel={:.3e} decode_rel={:.3e} argmax_mismatch={}/{} {}",
+        "PARITY gemm={} arch={} mix={:?} prompt_rel={:.3e} decode_rel={:.3e} argmax_mismatch={}/{} strict={} {}",
         if cuda.precise_gemm() { "f32" } else { "f16" },
         preset.name(),
         quant,
@@ -126,18 +158,23 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
         decode_rel,
         mismatch,
         positions,
+        if strict { "pass" } else { "fail" },
         if ok { "OK" } else { "FAIL" }
     );
     if let Some(dir) = std::env::var_os("FLEA_CUDA_REPORT") {
         let line = serde_json::json!({
             "arch": preset.name(), "mix": format!("{quant:?}"),
             "prompt_rel": prompt_rel, "decode_rel": decode_rel,
-            "argmax_mismatch": mismatch, "positions": positions, "ok": ok,
+            "argmax_mismatch": mismatch, "positions": positions, "ok": ok, "strict_5e-3": strict,
             "device": cuda.device_name(),
             "gemm": if cuda.precise_gemm() { "f32" } else { "f16" },
         });
         let p = std::path::Path::new(&dir).join("parity.jsonl");
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
             let _ = writeln!(f, "{line}");
         }
     }
@@ -155,7 +192,11 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
 /// the level of the CPU's own cross-ISA differences), but not asserted.
 fn run_all(cases: &[(Preset, QuantMix)]) {
     let Some(cuda) = backend() else { return };
-    println!("device: {} (kernels {})", cuda.device_name(), cuda.kernel_cache());
+    println!(
+        "device: {} (kernels {})",
+        cuda.device_name(),
+        cuda.kernel_cache()
+    );
     let mut failed = Vec::new();
     if cuda.has_cublas() {
         cuda.set_precise_gemm(false);
@@ -234,7 +275,8 @@ fn ops_match_cpu() {
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
     for &q in QuantMix::ALL.iter() {
-        let path = std::env::temp_dir().join(format!("flea-cuda-ops-{q:?}-{}.gguf", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("flea-cuda-ops-{q:?}-{}.gguf", std::process::id()));
         let _tmp = Tmp(path.clone());
         let mut o = SynthOptions::new(Preset::Tiny);
         o.quant = q;
@@ -245,8 +287,14 @@ fn ops_match_cpu() {
         let l = model.layer_weights(0).unwrap();
         let h = model.head_weights().unwrap();
         let ws = [
-            ("wq", l.wq), ("wk", l.wk), ("wv", l.wv), ("wo", l.wo),
-            ("gate", l.w_gate), ("up", l.w_up), ("down", l.w_down), ("output", h.output),
+            ("wq", l.wq),
+            ("wk", l.wk),
+            ("wv", l.wv),
+            ("wo", l.wo),
+            ("gate", l.w_gate),
+            ("up", l.w_up),
+            ("down", l.w_down),
+            ("output", h.output),
         ];
         for (name, w) in ws {
             for n in [1usize, 5] {
@@ -260,15 +308,28 @@ fn ops_match_cpu() {
                 let xg = cuda.alloc_act(n, w.cols).unwrap();
                 cuda.upload(&xg, &xs).unwrap();
                 let mut og = cuda.alloc_act(n, w.rows).unwrap();
-                let r = cuda.matmul(n, &w, &xg, &mut og).and_then(|_| cuda.read(n, &og));
+                let r = cuda
+                    .matmul(n, &w, &xg, &mut og)
+                    .and_then(|_| cuda.read(n, &og));
                 match r {
                     Ok(g) => {
                         let e = rel_err(&g, &oc.data);
                         // Q4_1/Q5_1: the CPU applies the min through s = f16(d * sum(q)) per
                         // activation block, the GPU through the rounded activations: ~1e-4.
-                        let tol = if matches!(w.ty, flea_gguf::GgmlType::Q4_1 | flea_gguf::GgmlType::Q5_1) { 1e-3 } else { 1e-4 };
+                        let tol = if matches!(
+                            w.ty,
+                            flea_gguf::GgmlType::Q4_1 | flea_gguf::GgmlType::Q5_1
+                        ) {
+                            1e-3
+                        } else {
+                            1e-4
+                        };
                         let ok = e <= tol;
-                        println!("OP mix={q:?} {name} {} n={n} rel={e:.3e} {}", w.ty, if ok { "OK" } else { "FAIL" });
+                        println!(
+                            "OP mix={q:?} {name} {} n={n} rel={e:.3e} {}",
+                            w.ty,
+                            if ok { "OK" } else { "FAIL" }
+                        );
                         if !ok {
                             bad.push(format!("{q:?} {name} n={n}: {e:.3e}"));
                         }
@@ -285,7 +346,9 @@ fn ops_match_cpu() {
         let mut ec = cpu.alloc_act(4, h.token_embd.cols).unwrap();
         cpu.embed(&h.token_embd, &toks, 1.0, &mut ec).unwrap();
         let mut eg = cuda.alloc_act(4, h.token_embd.cols).unwrap();
-        let g = cuda.embed(&h.token_embd, &toks, 1.0, &mut eg).and_then(|_| cuda.read(4, &eg));
+        let g = cuda
+            .embed(&h.token_embd, &toks, 1.0, &mut eg)
+            .and_then(|_| cuda.read(4, &eg));
         match g {
             Ok(g) => {
                 let e = rel_err(&g, &ec.data);

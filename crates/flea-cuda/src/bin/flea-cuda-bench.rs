@@ -24,12 +24,28 @@ fn weight_bytes_per_token(m: &Model) -> u64 {
     for il in 0..m.cfg.n_layers {
         let l = m.layer_weights(il).unwrap();
         let mut ws = vec![
-            l.attn_norm, l.wq, l.wk, l.wv, l.wo, l.ffn_norm, l.w_gate, l.w_up, l.w_down,
+            l.attn_norm,
+            l.wq,
+            l.wk,
+            l.wv,
+            l.wo,
+            l.ffn_norm,
+            l.w_gate,
+            l.w_up,
+            l.w_down,
         ];
         ws.extend(
-            [l.bq, l.bk, l.bv, l.q_norm, l.k_norm, l.attn_post_norm, l.ffn_post_norm]
-                .into_iter()
-                .flatten(),
+            [
+                l.bq,
+                l.bk,
+                l.bv,
+                l.q_norm,
+                l.k_norm,
+                l.attn_post_norm,
+                l.ffn_post_norm,
+            ]
+            .into_iter()
+            .flatten(),
         );
         b += ws.iter().map(|w| w.data.len() as u64).sum::<u64>();
     }
@@ -86,7 +102,9 @@ fn main() {
         let vocab = model.cfg.n_vocab as u32;
         let n_ctx = (prompt + tokens + 16).max(64);
         // Prompt speed (also uploads every weight).
-        let ptoks: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        let ptoks: Vec<u32> = (0..prompt as u32)
+            .map(|i| (i * 7919 + 13) % vocab)
+            .collect();
         let mut s = Session::new(&model, &cuda, n_ctx, prompt.max(1)).unwrap();
         let t = Instant::now();
         s.eval(&ptoks, Logits::Last).unwrap();
@@ -120,7 +138,13 @@ fn main() {
             use flea_model::Backend;
             let l = model.layer_weights(0).unwrap();
             let h = model.head_weights().unwrap();
-            for (name, w) in [("wq", l.wq), ("wv", l.wv), ("gate", l.w_gate), ("down", l.w_down), ("output", h.output)] {
+            for (name, w) in [
+                ("wq", l.wq),
+                ("wv", l.wv),
+                ("gate", l.w_gate),
+                ("down", l.w_down),
+                ("output", h.output),
+            ] {
                 let x = cuda.alloc_act(1, w.cols).unwrap();
                 let mut o = cuda.alloc_act(1, w.rows).unwrap();
                 cuda.matmul(1, &w, &x, &mut o).unwrap();
@@ -134,7 +158,11 @@ fn main() {
                 let dt = t.elapsed().as_secs_f64() / reps as f64;
                 eprintln!(
                     "matvec {name} {} {}x{}: {:.1} us, {:.0} GB/s",
-                    w.ty, w.rows, w.cols, dt * 1e6, w.data.len() as f64 / dt / 1e9
+                    w.ty,
+                    w.rows,
+                    w.cols,
+                    dt * 1e6,
+                    w.data.len() as f64 / dt / 1e9
                 );
             }
         }
@@ -161,7 +189,10 @@ fn main() {
         }));
     }
     println!();
-    println!("card: {card}; date: {date}; device copy bandwidth (read+write): {:.0} GB/s", bw / 1e9);
+    println!(
+        "card: {card}; date: {date}; device copy bandwidth (read+write): {:.0} GB/s",
+        bw / 1e9
+    );
     println!(
         "| model | weights/token GiB | decode tok/s | ms/token | roofline tok/s | fraction | achieved GB/s | prompt {} tok/s (F16 GEMM) | (F32 GEMM) |",
         prompt
