@@ -330,7 +330,13 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "decode_seconds": decode_s,
             "decode_tokens_per_sec": rate(decoded, decode_s),
             "peak_rss_bytes": rss,
-            "residency": sess.stats_json(),
+            "residency": sess.stats_json().map(|mut r| {
+                // Efficiency: the floor's seconds per token over the measured ones.
+                let floor = r["plan"]["floor_seconds_per_token"].as_f64().unwrap_or(0.0);
+                let per_token = if decoded > 0 { decode_s / decoded as f64 } else { 0.0 };
+                r["decode_efficiency"] = serde_json::json!(if per_token > 0.0 { floor / per_token } else { 0.0 });
+                r
+            }),
         });
         std::fs::write(&p, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("writing {}", p.display()))?;
