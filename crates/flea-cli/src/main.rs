@@ -90,6 +90,9 @@ struct EngineArgs {
     /// Most prompt tokens per weight pass.
     #[arg(short = 'b', long, default_value_t = 512)]
     batch: usize,
+    /// Compute device: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[command(flatten)]
     residency: ResidencyArgs,
 }
@@ -216,23 +219,73 @@ fn default_threads() -> usize {
 struct Engine {
     model: Model,
     backend: CpuBackend,
+    #[cfg(feature = "cuda")]
+    cuda: Option<flea_cuda::CudaBackend>,
     n_ctx: usize,
     batch: usize,
 }
 
+/// `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
+fn parse_device(d: &str) -> Result<Option<usize>> {
+    match d {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => bail!("bad --device '{d}' (cpu, cuda or cuda:N)"),
+        },
+    }
+}
+
 impl Engine {
     fn new(a: &EngineArgs) -> Result<Engine> {
+        let gpu = parse_device(&a.device)?;
+        #[cfg(not(feature = "cuda"))]
+        if gpu.is_some() {
+            bail!("this flea was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
+        }
+        #[cfg(feature = "cuda")]
+        let cuda = match gpu {
+            Some(n) => Some(
+                flea_cuda::CudaBackend::new(n)
+                    .map_err(|e| anyhow!("--device {}: {e}", a.device))?,
+            ),
+            None => None,
+        };
         let model = load(&a.model)?;
         let backend = CpuBackend::new(a.threads.unwrap_or_else(default_threads))?;
         let n_ctx = a.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
         Ok(Engine {
             model,
             backend,
+            #[cfg(feature = "cuda")]
+            cuda,
             n_ctx,
             batch: a.batch.max(1),
         })
     }
+    /// What computes: the CPU backend or the GPU.
+    fn backend_name(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &self.cuda {
+            return c.name();
+        }
+        self.backend.name()
+    }
+
     fn runner(&self, a: &EngineArgs) -> Result<Runner<'_>> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda) = &self.cuda {
+            if a.residency.vram_budget.is_some() || a.residency.ram_budget.is_some() {
+                bail!("streaming to the GPU is not built yet: --device cuda runs fully resident (drop the budgets)");
+            }
+            return Ok(Runner::Cuda(Box::new(flea_model::Session::new(
+                &self.model,
+                cuda,
+                self.n_ctx,
+                self.batch,
+            )?)));
+        }
         Runner::new(
             &self.model,
             &self.backend,
@@ -309,7 +362,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         decode_s,
         rate(decoded, decode_s),
         rss >> 20,
-        eng.backend.name()
+        eng.backend_name()
     );
     if let Some(line) = sess.summary(decode_s, decoded as u64) {
         eprintln!("{line}");
@@ -320,7 +373,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     if let Some(p) = a.stats_json {
         let j = serde_json::json!({
             "model": a.engine.model.display().to_string(),
-            "backend": eng.backend.name(),
+            "backend": eng.backend_name(),
             "threads": eng.backend.threads(),
             "prompt_tokens": prompt.len(),
             "prompt_seconds": prompt_s,
@@ -364,7 +417,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     eprintln!(
         "flea chat: {} ({}); empty line or Ctrl-D quits",
         a.engine.model.display(),
-        eng.backend.name()
+        eng.backend_name()
     );
     loop {
         write!(out, "> ")?;

@@ -112,6 +112,9 @@ pub fn mem_available() -> Option<u64> {
 pub enum Runner<'m> {
     InPlace(Box<Session<'m, CpuBackend>>),
     Streamed(Box<StreamedModel<'m>>),
+    /// Every weight resident on a GPU (streaming to the GPU is not built yet).
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Session<'m, flea_cuda::CudaBackend>>),
 }
 
 impl<'m> Runner<'m> {
@@ -141,6 +144,8 @@ impl<'m> Runner<'m> {
         Ok(match self {
             Runner::InPlace(s) => s.eval(tokens, which)?,
             Runner::Streamed(s) => s.eval(tokens, which)?,
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => s.eval(tokens, which)?,
         })
     }
 
@@ -148,6 +153,8 @@ impl<'m> Runner<'m> {
         match self {
             Runner::InPlace(s) => s.pos = pos,
             Runner::Streamed(s) => s.pos = pos,
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => s.pos = pos,
         }
     }
 
@@ -155,6 +162,8 @@ impl<'m> Runner<'m> {
         match self {
             Runner::InPlace(s) => s.n_ctx,
             Runner::Streamed(s) => s.n_ctx,
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => s.n_ctx,
         }
     }
 
