@@ -30,7 +30,6 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<Dot4Fn> {
         Q4_0 => dot4_q4_0,
         Q8_0 => dot4_q8_0,
         Q5_0 => dot4_q5_0,
-        Q4_1 => dot4_q4_1,
         Q5_1 => dot4_q5_1,
         Q4_K => dot4_q4_k,
         Q5_K => dot4_q5_k,
@@ -109,7 +108,8 @@ unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
-/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2).
+/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2). Only Q5_0 and Q5_1 use it: for Q4_1
+/// the single-row kernel, which takes two blocks per vector, measured faster.
 ///
 /// Q5_0 quants are unpacked once per block to signed bytes (-16..=15) and used with the
 /// sign trick, like `dot4_q4_0`. Q4_1 / Q5_1 quants are unsigned (0..=15 / 0..=31) and go
@@ -185,14 +185,6 @@ unsafe fn dot4_legacy<const K: u8>(
 unsafe fn dot4_q5_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
     // SAFETY: same contract, same features.
     unsafe { dot4_legacy::<0>(n, w, a, st, out, os) }
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_1(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    // SAFETY: same contract, same features.
-    unsafe { dot4_legacy::<1>(n, w, a, st, out, os) }
 }
 
 /// # Safety
