@@ -495,10 +495,11 @@ pub fn matmul_isa(
             if let Some((pack, ptile)) = packed {
                 use simd::avx512::{packed_bytes, TILE_R, TILE_T};
                 let pb = packed_bytes(n_cols);
-                scratch.resize(pb * TILE_T, 0u8);
-                let p = scratch.as_mut_ptr();
                 let mut t = t0;
                 while t + TILE_T <= t1 {
+                    // Allocated once per call, and only when a whole tile of tokens exists.
+                    scratch.resize(pb * TILE_T, 0u8);
+                    let p = scratch.as_mut_ptr();
                     for j in 0..TILE_T {
                         // SAFETY: isa is Avx512 (asserted available); token t+j < n_tokens
                         // lies inside acts (checked above); scratch holds TILE_T packed
