@@ -133,7 +133,12 @@ impl Plan {
             .max()
             .unwrap_or(0);
         // Output slices no bigger than the largest layer, so one slot size serves both.
-        let rows_per_unit = ((max_layer / out_row.max(1)) as usize).clamp(1, out.rows.max(1));
+        // Slices start on multiples of OUTPUT_ROW_ALIGN rows, so the CPU kernels pair and
+        // tile rows exactly as they do for the whole matrix: logits stay bit-identical.
+        let rows_per_unit = ((max_layer / out_row.max(1)) as usize / OUTPUT_ROW_ALIGN
+            * OUTPUT_ROW_ALIGN)
+            .max(OUTPUT_ROW_ALIGN)
+            .min(out.rows.max(1));
         let act_bytes = Scratch::<CpuBackend>::bytes(cfg, batch, rows_per_unit.min(out.rows));
         let misc_bytes = layout.output_norm.size as u64 + emb_row * batch as u64;
         let fixed = kv_bytes + act_bytes + misc_bytes;
@@ -333,6 +338,10 @@ impl Plan {
         s
     }
 }
+
+/// Output-matrix slices are whole multiples of this many rows (kernels work on row pairs and
+/// threads on chunks of 8).
+const OUTPUT_ROW_ALIGN: usize = 256;
 
 /// Activation rows for a logits slice are bounded by LOGIT_CHUNK.
 const _: () = assert!(LOGIT_CHUNK > 0);
