@@ -838,13 +838,7 @@ impl Backend for CudaBackend {
         let hd = p.head_dim;
         let kvd = p.n_head_kv * hd;
         let shape = kv.shape;
-        if p.pos0 + n > shape.n_ctx {
-            return Err(ModelError::Input(format!(
-                "context full: {} tokens exceed the context size {}",
-                p.pos0 + n,
-                shape.n_ctx
-            )));
-        }
+        p.check_fits(n, &shape)?;
         for a in [q, k, v] {
             check_rows(a, n, "attention")?;
         }

@@ -39,6 +39,21 @@ pub struct AttnParams {
     pub scale: f32,
 }
 
+impl AttnParams {
+    /// The check every backend makes before attending: `n` new tokens from `pos0` fit the
+    /// cache.
+    pub fn check_fits(&self, n: usize, shape: &KvShape) -> Result<()> {
+        if self.pos0 + n > shape.n_ctx {
+            return Err(crate::ModelError::Input(format!(
+                "context full: {} tokens exceed the context size {}",
+                self.pos0 + n,
+                shape.n_ctx
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Parameters of a RoPE call.
 #[derive(Clone, Copy, Debug)]
 pub struct RopeParams {

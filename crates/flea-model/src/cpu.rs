@@ -334,13 +334,7 @@ impl Backend for CpuBackend {
         let hd = p.head_dim;
         let kvd = p.n_head_kv * hd;
         let shape = kv.shape;
-        if p.pos0 + n > shape.n_ctx {
-            return Err(ModelError::Input(format!(
-                "context full: {} tokens exceed the context size {}",
-                p.pos0 + n,
-                shape.n_ctx
-            )));
-        }
+        p.check_fits(n, &shape)?;
         if k.width != kvd || v.width != kvd || q.width != p.n_head * hd || out.width != q.width {
             return Err(ModelError::Backend("attention: shape mismatch".into()));
         }
