@@ -1,5 +1,5 @@
-//! AVX-512 (F + BW + VL + VNNI) kernels for the hottest types: Q4_0, Q4_1, Q8_0, Q4_K and
-//! Q6_K. Other types use their AVX2 kernel.
+//! AVX-512 (F + BW + VL + VNNI) kernels for the hottest types: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K
+//! and Q6_K. Other types use their AVX2 kernel.
 //!
 //! Same [`DotFn`] contract as the AVX2 kernels; `detect()` only reports `Isa::Avx512` when
 //! all these features and the AVX2 set are present. The 32-element formats use 256-bit
@@ -9,8 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16x8, ld_f32,
-    ld_u32, nibbles32,
+    bits_to_bytes, bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
+    ld_f16x8, ld_f32, ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
 
@@ -19,6 +19,7 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
     Some(match weight {
         Q4_0 => dot_q4_0,
         Q4_1 => dot_q4_1,
+        Q5_0 => dot_q5_0,
         Q8_0 => dot_q8_0,
         Q4_K => dot_q4_k,
         Q6_K => dot_q6_k,
@@ -125,6 +126,55 @@ unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
         }
     }
     legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
+}
+
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    // The 5-bit values (0..=31) are unsigned, as `vpdpbusd` wants; the -16 bias comes off as
+    // Σ 16 * y, like Q4_0's -8.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: x and y point at whole blocks (22 / 34 bytes).
+        unsafe {
+            let d = dm_pair(x, y).0;
+            let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
+            let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
+            let q8 = ld256(y.add(2));
+            let z = _mm256_setzero_si256();
+            let p = _mm256_dpbusd_epi32(z, q, q8);
+            let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8);
+            (d, _mm256_sub_epi32(p, o))
+        }
+    }
+    /// Blocks b and b+1 side by side (see `avx2::dot_q5_0`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+        // SAFETY: x and y point at two whole consecutive blocks (22 / 34 bytes each).
+        unsafe {
+            let d = d_pair2(x, y, 22, 34).0;
+            let m4 = _mm256_set1_epi8(0x0f);
+            let b4 = _mm256_set1_epi8(0x10);
+            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
+            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
+            let hb_lo = _mm256_and_si256(bits_to_bytes((h0 & 0xffff) | (h1 << 16)), b4);
+            let hb_hi = _mm256_and_si256(bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000)), b4);
+            let q = ld2x128(x.add(6), x.add(28));
+            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), hb_lo);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), hb_hi);
+            let ya = ld2x128(y.add(2), y.add(36));
+            let yb = ld2x128(y.add(18), y.add(52));
+            let z = _mm256_setzero_si256();
+            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
+            let sixteen = _mm256_set1_epi8(16);
+            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, sixteen, ya), sixteen, yb);
+            (d, _mm256_sub_epi32(p, o))
+        }
+    }
+    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
 }
 
 /// # Safety
