@@ -333,47 +333,44 @@ impl<'m> StreamedModel<'m> {
             let unit = &self.plan.units[ui];
             let (kind, tier, offset) = (unit.kind.clone(), unit.tier, unit.offset);
             // Get the unit's bytes: held, or the next slot from the ring.
-            let mut slot = None;
-            let (bytes, base): (&[u8], u64) = match &self.held[ui] {
-                Some(h) => (&h.buf.as_slice()[h.range.clone()], offset),
-                None => {
-                    let ring = self.ring.as_mut().ok_or_else(|| {
-                        RuntimeError::Stream("no ring for a streamed unit".into())
-                    })?;
-                    let t0 = Instant::now();
-                    let f = ring
-                        .filled
-                        .recv()
-                        .map_err(|_| RuntimeError::Stream("the I/O thread stopped".into()))?;
-                    let waited = t0.elapsed().as_secs_f64();
-                    self.stats.stall_seconds += waited;
-                    let expected = ring.order[(ring.next_seq % ring.order.len() as u64) as usize];
-                    // Invariant: slots arrive in exactly the order compute consumes them.
-                    if f.seq != ring.next_seq || expected != ui {
-                        return Err(RuntimeError::Stream(format!(
-                            "ring out of order: got #{} for unit {ui}",
-                            f.seq
-                        )));
-                    }
-                    ring.next_seq += 1;
-                    let range = f.result?;
-                    self.stats.read_seconds += (f.read_end - f.read_start).as_secs_f64();
-                    self.stats.io_slot_wait_seconds += f.slot_wait.as_secs_f64();
-                    self.trace.span(Lane::Read, ui, f.read_start, f.read_end);
-                    if waited > 1e-5 {
-                        self.trace.span(
-                            Lane::Stall,
-                            ui,
-                            t0,
-                            t0 + std::time::Duration::from_secs_f64(waited),
-                        );
-                    }
-                    slot = Some((f.buf, range));
-                    let (buf, range) = slot
-                        .as_ref()
-                        .map(|(b, r)| (b, r.clone()))
-                        .ok_or_else(|| RuntimeError::Stream("slot".into()))?;
-                    (&buf.as_slice()[range], offset)
+            // A streamed unit's bytes arrive in the next ring slot; held units are read in place.
+            let slot = if self.held[ui].is_some() {
+                None
+            } else {
+                let ring = self
+                    .ring
+                    .as_mut()
+                    .ok_or_else(|| RuntimeError::Stream("no ring for a streamed unit".into()))?;
+                let t0 = Instant::now();
+                let f = ring
+                    .filled
+                    .recv()
+                    .map_err(|_| RuntimeError::Stream("the I/O thread stopped".into()))?;
+                let t1 = Instant::now();
+                self.stats.stall_seconds += (t1 - t0).as_secs_f64();
+                let expected = ring.order[(ring.next_seq % ring.order.len() as u64) as usize];
+                // Invariant: slots arrive in exactly the order compute consumes them.
+                if f.seq != ring.next_seq || expected != ui {
+                    return Err(RuntimeError::Stream(format!(
+                        "ring out of order: got #{} for unit {ui}",
+                        f.seq
+                    )));
+                }
+                ring.next_seq += 1;
+                let range = f.result?;
+                self.stats.read_seconds += (f.read_end - f.read_start).as_secs_f64();
+                self.stats.io_slot_wait_seconds += f.slot_wait.as_secs_f64();
+                self.trace.span(Lane::Read, ui, f.read_start, f.read_end);
+                if (t1 - t0).as_secs_f64() > 1e-5 {
+                    self.trace.span(Lane::Stall, ui, t0, t1);
+                }
+                Some((f.buf, range))
+            };
+            let bytes: &[u8] = match (&self.held[ui], &slot) {
+                (Some(h), _) => &h.buf.as_slice()[h.range.clone()],
+                (None, Some((buf, range))) => &buf.as_slice()[range.clone()],
+                (None, None) => {
+                    return Err(RuntimeError::Stream(format!("unit {ui} has no bytes")))
                 }
             };
             match tier {
@@ -384,7 +381,7 @@ impl<'m> StreamedModel<'m> {
             let t0 = Instant::now();
             match kind {
                 UnitKind::Layer(il) => {
-                    let w = m.layout.layers[il].views(bytes, base)?;
+                    let w = m.layout.layers[il].views(bytes, offset)?;
                     forward::block(b, cfg, il, &w, n, self.pos, &mut self.kv, &mut self.scratch)?;
                 }
                 UnitKind::Output { start, end } => {

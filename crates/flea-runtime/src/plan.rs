@@ -3,8 +3,8 @@
 
 use crate::budget::fmt_size;
 use crate::{Result, RuntimeError};
-use flea_model::forward::{Scratch, LOGIT_CHUNK};
-use flea_model::{Backend, CpuBackend, Model};
+use flea_model::forward::Scratch;
+use flea_model::{CpuBackend, Model};
 
 /// Where a unit of weights lives while the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -342,9 +342,3 @@ impl Plan {
 /// Output-matrix slices are whole multiples of this many rows (kernels work on row pairs and
 /// threads on chunks of 8).
 const OUTPUT_ROW_ALIGN: usize = 256;
-
-/// Activation rows for a logits slice are bounded by LOGIT_CHUNK.
-const _: () = assert!(LOGIT_CHUNK > 0);
-
-#[allow(dead_code)]
-fn _backend_is_object_safe_enough<B: Backend>() {}
