@@ -276,15 +276,14 @@ impl Engine {
     fn runner(&self, a: &EngineArgs) -> Result<Runner<'_>> {
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &self.cuda {
-            if a.residency.vram_budget.is_some() || a.residency.ram_budget.is_some() {
-                bail!("streaming to the GPU is not built yet: --device cuda runs fully resident (drop the budgets)");
-            }
-            return Ok(Runner::Cuda(Box::new(flea_model::Session::new(
+            return Runner::new_cuda(
                 &self.model,
                 cuda,
+                &a.model,
+                &a.residency,
                 self.n_ctx,
                 self.batch,
-            )?)));
+            );
         }
         Runner::new(
             &self.model,

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use flea_io::{IoBackend, IoOptions};
-use flea_model::{CpuBackend, Logits, Model, Session};
+use flea_model::{CpuBackend, Logits, Model, Session, UnitStaging};
 use flea_runtime::{fmt_size, parse_size, Plan, PlanRequest, StreamedModel, Tier};
 use std::path::{Path, PathBuf};
 
@@ -34,9 +34,13 @@ pub struct ResidencyArgs {
     /// Disk read bandwidth for the planner's prediction, GB/s (default: assumed 1.5).
     #[arg(long)]
     pub disk_gbps: Option<f64>,
-    /// Memory read bandwidth of the compute device for the prediction, GB/s (default 10).
+    /// Memory read bandwidth of the compute device for the prediction, GB/s (default 10;
+    /// on a GPU measured at start).
     #[arg(long)]
     pub mem_gbps: Option<f64>,
+    /// Host-to-GPU copy bandwidth for the prediction, GB/s (default: measured at start).
+    #[arg(long)]
+    pub h2d_gbps: Option<f64>,
     /// Compute straight from the file's mmap, outside the budgets (no arenas, no executor).
     #[arg(long, conflicts_with_all = ["vram_budget", "ram_budget", "io", "ring_depth"])]
     pub in_place: bool,
@@ -67,18 +71,25 @@ impl ResidencyArgs {
         Ok(o)
     }
 
+    /// The plan for the CPU backend: RAM is both tiers.
     pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize) -> Result<Plan> {
         let avail = mem_available().unwrap_or(4 << 30);
         // Defaults from free memory: half for the device tier, a quarter for the host cache.
-        let vram = match &self.vram_budget {
-            Some(s) => parse_size(s)?,
-            None => avail / 2,
-        };
-        let ram = match &self.ram_budget {
-            Some(s) => parse_size(s)?,
-            None => avail / 4,
-        };
-        // Measured link speeds when `flea probe` has saved a profile, else assumed defaults.
+        self.plan_with(
+            model,
+            n_ctx,
+            batch,
+            avail / 2,
+            avail / 4,
+            self.links(),
+            false,
+            0,
+        )
+    }
+
+    /// Measured link speeds when `flea probe` has saved a profile, else assumed defaults;
+    /// flags override either.
+    fn links(&self) -> flea_runtime::plan::Links {
         let mut links =
             flea_runtime::profile::Profile::load(&flea_runtime::profile::default_path())
                 .map(|p| p.links())
@@ -89,6 +100,29 @@ impl ResidencyArgs {
         if let Some(g) = self.mem_gbps {
             links.device_memory = g * 1e9;
         }
+        links
+    }
+
+    #[allow(clippy::too_many_arguments)] // the planner's inputs, spelled out
+    fn plan_with(
+        &self,
+        model: &Model,
+        n_ctx: usize,
+        batch: usize,
+        default_vram: u64,
+        default_ram: u64,
+        links: flea_runtime::plan::Links,
+        stages_units: bool,
+        device_scratch: u64,
+    ) -> Result<Plan> {
+        let vram = match &self.vram_budget {
+            Some(s) => parse_size(s)?,
+            None => default_vram,
+        };
+        let ram = match &self.ram_budget {
+            Some(s) => parse_size(s)?,
+            None => default_ram,
+        };
         let req = PlanRequest {
             vram_budget: vram,
             ram_budget: ram,
@@ -96,8 +130,45 @@ impl ResidencyArgs {
             batch,
             ring_depth: self.ring_depth,
             links,
+            stages_units,
+            device_scratch,
         };
         Ok(Plan::build(model, &req)?)
+    }
+
+    /// The plan for a GPU: the device tier is VRAM (default: free VRAM less 1 GiB), the host
+    /// cache is RAM (default: half of what is available); link speeds measured on the spot
+    /// unless given.
+    #[cfg(feature = "cuda")]
+    pub fn plan_cuda(
+        &self,
+        model: &Model,
+        cuda: &flea_cuda::CudaBackend,
+        n_ctx: usize,
+        batch: usize,
+    ) -> Result<Plan> {
+        let (free, _) = cuda.mem_info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let avail = mem_available().unwrap_or(4 << 30);
+        let mut links = self.links();
+        links.device_memory = match self.mem_gbps {
+            Some(g) => g * 1e9,
+            None => cuda.measure_copy_bandwidth(256 << 20, 3)?,
+        };
+        links.host_to_device = Some(match self.h2d_gbps {
+            Some(g) => g * 1e9,
+            None => cuda.measure_h2d_bandwidth(256 << 20, 3)?,
+        });
+        let scratch = cuda.scratch_bytes(model, batch);
+        self.plan_with(
+            model,
+            n_ctx,
+            batch,
+            (free as u64).saturating_sub(1 << 30),
+            avail / 2,
+            links,
+            true,
+            scratch,
+        )
     }
 }
 
@@ -112,9 +183,25 @@ pub fn mem_available() -> Option<u64> {
 pub enum Runner<'m> {
     InPlace(Box<Session<'m, CpuBackend>>),
     Streamed(Box<StreamedModel<'m>>),
-    /// Every weight resident on a GPU (streaming to the GPU is not built yet).
+    /// On a GPU under the residency executor.
     #[cfg(feature = "cuda")]
-    Cuda(Box<Session<'m, flea_cuda::CudaBackend>>),
+    Cuda(Box<StreamedModel<'m, flea_cuda::CudaBackend>>),
+    /// On a GPU, weights uploaded on first use outside any budget (`--in-place`).
+    #[cfg(feature = "cuda")]
+    CudaInPlace(Box<Session<'m, flea_cuda::CudaBackend>>),
+}
+
+/// Runs `$body` with `$s` bound to whichever streamed model the runner holds.
+macro_rules! with_streamed {
+    ($runner:expr, $s:ident => $body:expr, else $other:expr) => {
+        match $runner {
+            Runner::Streamed($s) => $body,
+            #[cfg(feature = "cuda")]
+            Runner::Cuda($s) => $body,
+            #[allow(unreachable_patterns)]
+            _ => $other,
+        }
+    };
 }
 
 impl<'m> Runner<'m> {
@@ -132,12 +219,29 @@ impl<'m> Runner<'m> {
             )?)));
         }
         let plan = r.plan(model, n_ctx, batch)?;
-        let mut s = StreamedModel::new(model, backend, plan, path, &r.io_options()?, n_ctx, batch)
-            .with_context(|| format!("starting the streaming executor on {}", path.display()))?;
-        if r.trace.is_some() {
-            s.trace.enable(1 << 20);
+        Ok(Runner::Streamed(Box::new(start_streaming(
+            model, backend, plan, path, r, n_ctx, batch,
+        )?)))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn new_cuda(
+        model: &'m Model,
+        cuda: &'m flea_cuda::CudaBackend,
+        path: &Path,
+        r: &ResidencyArgs,
+        n_ctx: usize,
+        batch: usize,
+    ) -> Result<Runner<'m>> {
+        if !r.streaming() {
+            return Ok(Runner::CudaInPlace(Box::new(Session::new(
+                model, cuda, n_ctx, batch,
+            )?)));
         }
-        Ok(Runner::Streamed(Box::new(s)))
+        let plan = r.plan_cuda(model, cuda, n_ctx, batch)?;
+        Ok(Runner::Cuda(Box::new(start_streaming(
+            model, cuda, plan, path, r, n_ctx, batch,
+        )?)))
     }
 
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
@@ -146,6 +250,8 @@ impl<'m> Runner<'m> {
             Runner::Streamed(s) => s.eval(tokens, which)?,
             #[cfg(feature = "cuda")]
             Runner::Cuda(s) => s.eval(tokens, which)?,
+            #[cfg(feature = "cuda")]
+            Runner::CudaInPlace(s) => s.eval(tokens, which)?,
         })
     }
 
@@ -155,6 +261,8 @@ impl<'m> Runner<'m> {
             Runner::Streamed(s) => s.pos = pos,
             #[cfg(feature = "cuda")]
             Runner::Cuda(s) => s.pos = pos,
+            #[cfg(feature = "cuda")]
+            Runner::CudaInPlace(s) => s.pos = pos,
         }
     }
 
@@ -164,103 +272,133 @@ impl<'m> Runner<'m> {
             Runner::Streamed(s) => s.n_ctx,
             #[cfg(feature = "cuda")]
             Runner::Cuda(s) => s.n_ctx,
+            #[cfg(feature = "cuda")]
+            Runner::CudaInPlace(s) => s.n_ctx,
         }
     }
 
     /// One line about where the weights were, or None when not streaming.
     pub fn summary(&self, decode_seconds: f64, decode_passes: u64) -> Option<String> {
-        let Runner::Streamed(s) = self else {
-            return None;
-        };
-        let count = |t: Tier| s.plan.units.iter().filter(|u| u.tier == t).count();
-        let st = &s.stats;
-        let passes = st.passes.max(1);
-        let per_pass = st.bytes_streamed / passes;
-        let rate = if st.read_seconds > 0.0 {
-            st.bytes_streamed as f64 / st.read_seconds / 1e9
-        } else {
-            0.0
-        };
-        let (floor, link) = s.plan.floor();
-        let eff = if decode_passes > 0 && decode_seconds > 0.0 {
-            floor / (decode_seconds / decode_passes as f64)
-        } else {
-            0.0
-        };
-        Some(format!(
-            "residency: {} resident, {} host-cached, {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}, host cache peak {} of {}; decode efficiency {:.2} of the {link} floor",
-            count(Tier::Resident),
-            count(Tier::HostCache),
-            count(Tier::Disk),
-            s.plan.ring_depth,
-            fmt_size(s.plan.slot_bytes),
-            fmt_size(per_pass),
-            rate,
-            100.0 * st.stall_seconds / (st.stall_seconds + st.compute_seconds).max(1e-9),
-            fmt_size(s.device.peak()),
-            fmt_size(s.device.budget),
-            fmt_size(s.host.peak()),
-            fmt_size(s.host.budget),
-            eff
-        ))
+        with_streamed!(self, s => Some(summary_line(s, decode_seconds, decode_passes)), else None)
     }
 
     /// Stats and trace files, when asked for.
     pub fn stats_json(&self) -> Option<serde_json::Value> {
-        let Runner::Streamed(s) = self else {
-            return None;
-        };
-        let (floor, link) = s.plan.floor();
-        Some(serde_json::json!({
-            "plan": {
-                "ring_depth": s.plan.ring_depth,
-                "slot_bytes": s.plan.slot_bytes,
-                "pass_bytes": s.plan.pass_bytes(),
-                "floor_seconds_per_token": floor,
-                "floor_link": link,
-                "links": s.plan.links,
-            },
-            "arenas": {
-                "device": {"budget": s.device.budget, "peak": s.device.peak()},
-                "host_cache": {"budget": s.host.budget, "peak": s.host.peak()},
-            },
-            "stream": s.stats,
-            "read_gbps": if s.stats.read_seconds > 0.0 { s.stats.bytes_streamed as f64 / s.stats.read_seconds / 1e9 } else { 0.0 },
-        }))
+        with_streamed!(self, s => Some(stats_of(s)), else None)
     }
 
     pub fn write_trace(&self, path: &Path) -> Result<()> {
-        let Runner::Streamed(s) = self else {
-            return Ok(());
-        };
-        let label = |u: usize| match s.plan.units.get(u).map(|u| &u.kind) {
-            Some(flea_runtime::plan::UnitKind::Layer(i)) => format!("blk.{i}"),
-            Some(flea_runtime::plan::UnitKind::Output { start, end }) => {
-                format!("output {start}..{end}")
-            }
-            None => format!("unit {u}"),
-        };
-        if path.extension().is_some_and(|e| e == "svg") {
-            let first = s
-                .plan
-                .units
-                .iter()
-                .position(|u| u.tier == Tier::Disk)
-                .unwrap_or(0);
-            let title = format!(
-                "one token through the ring: {} streamed units, ring {} x {}, {}",
-                s.plan.units.iter().filter(|u| u.tier == Tier::Disk).count(),
-                s.plan.ring_depth,
-                fmt_size(s.plan.slot_bytes),
-                s.model.cfg.arch.name()
-            );
-            std::fs::write(path, s.trace.to_svg(&label, first, &title))
-                .with_context(|| format!("writing {}", path.display()))?;
-        } else {
-            let j = s.trace.to_chrome_json(&label);
-            std::fs::write(path, serde_json::to_string(&j)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
+        with_streamed!(self, s => write_trace_of(s, path), else Ok(()))
     }
+}
+
+fn start_streaming<'m, B: UnitStaging>(
+    model: &'m Model,
+    backend: &'m B,
+    plan: Plan,
+    path: &Path,
+    r: &ResidencyArgs,
+    n_ctx: usize,
+    batch: usize,
+) -> Result<StreamedModel<'m, B>> {
+    let mut s = StreamedModel::new(model, backend, plan, path, &r.io_options()?, n_ctx, batch)
+        .with_context(|| format!("starting the streaming executor on {}", path.display()))?;
+    if r.trace.is_some() {
+        s.trace.enable(1 << 20);
+    }
+    Ok(s)
+}
+
+fn summary_line<B: UnitStaging>(
+    s: &StreamedModel<'_, B>,
+    decode_seconds: f64,
+    decode_passes: u64,
+) -> String {
+    let count = |t: Tier| s.plan.units.iter().filter(|u| u.tier == t).count();
+    let st = &s.stats;
+    let passes = st.passes.max(1);
+    let per_pass = st.bytes_streamed / passes;
+    let rate = if st.read_seconds > 0.0 {
+        st.bytes_streamed as f64 / st.read_seconds / 1e9
+    } else {
+        0.0
+    };
+    let (floor, link) = s.plan.floor();
+    let eff = if decode_passes > 0 && decode_seconds > 0.0 {
+        floor / (decode_seconds / decode_passes as f64)
+    } else {
+        0.0
+    };
+    let driver = match s.driver_peak() {
+        Some(p) => format!(" (driver saw {} more in use at peak)", fmt_size(p)),
+        None => String::new(),
+    };
+    format!(
+        "residency: {} resident, {} host-cached, {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor",
+        count(Tier::Resident),
+        count(Tier::HostCache),
+        count(Tier::Disk),
+        s.plan.ring_depth,
+        fmt_size(s.plan.slot_bytes),
+        fmt_size(per_pass),
+        rate,
+        100.0 * st.stall_seconds / (st.stall_seconds + st.compute_seconds).max(1e-9),
+        fmt_size(s.device.peak()),
+        fmt_size(s.device.budget),
+        fmt_size(s.host.peak()),
+        fmt_size(s.host.budget),
+        eff
+    )
+}
+
+fn stats_of<B: UnitStaging>(s: &StreamedModel<'_, B>) -> serde_json::Value {
+    let (floor, link) = s.plan.floor();
+    serde_json::json!({
+        "plan": {
+            "ring_depth": s.plan.ring_depth,
+            "slot_bytes": s.plan.slot_bytes,
+            "pass_bytes": s.plan.pass_bytes(),
+            "floor_seconds_per_token": floor,
+            "floor_link": link,
+            "links": s.plan.links,
+        },
+        "arenas": {
+            "device": {"budget": s.device.budget, "peak": s.device.peak(), "driver_peak": s.driver_peak()},
+            "host_cache": {"budget": s.host.budget, "peak": s.host.peak()},
+        },
+        "stream": s.stats,
+        "read_gbps": if s.stats.read_seconds > 0.0 { s.stats.bytes_streamed as f64 / s.stats.read_seconds / 1e9 } else { 0.0 },
+    })
+}
+
+fn write_trace_of<B: UnitStaging>(s: &StreamedModel<'_, B>, path: &Path) -> Result<()> {
+    let label = |u: usize| match s.plan.units.get(u).map(|u| &u.kind) {
+        Some(flea_runtime::plan::UnitKind::Layer(i)) => format!("blk.{i}"),
+        Some(flea_runtime::plan::UnitKind::Output { start, end }) => {
+            format!("output {start}..{end}")
+        }
+        None => format!("unit {u}"),
+    };
+    if path.extension().is_some_and(|e| e == "svg") {
+        let first = s
+            .plan
+            .units
+            .iter()
+            .position(|u| u.tier == Tier::Disk)
+            .unwrap_or(0);
+        let title = format!(
+            "one token through the ring: {} streamed units, ring {} x {}, {}",
+            s.plan.units.iter().filter(|u| u.tier == Tier::Disk).count(),
+            s.plan.ring_depth,
+            fmt_size(s.plan.slot_bytes),
+            s.model.cfg.arch.name()
+        );
+        std::fs::write(path, s.trace.to_svg(&label, first, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+    } else {
+        let j = s.trace.to_chrome_json(&label);
+        std::fs::write(path, serde_json::to_string(&j)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

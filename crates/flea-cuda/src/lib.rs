@@ -4,8 +4,11 @@
 //!   tests run on machines without CUDA; [`CudaBackend::new`] then returns an error.
 //! * Kernels (`kernels.cu`) are compiled once per process with NVRTC for the device's
 //!   architecture and cached on disk by source hash (`~/.cache/flea/cuda/<hash>-sm_XX.cubin`).
-//! * Weights are uploaded on first use and cached by host slice (pointer, length): the model's
-//!   mmap is stable for its life.
+//! * Under the streaming executor (`UnitStaging`, `staging.rs`) weights live in device memory
+//!   the executor placed them in — resident copies and a ring of slots filled on a copy
+//!   stream — and weight views resolve to them by address. Used directly (a plain
+//!   `Session`), weights are uploaded on first use and cached by host slice (pointer,
+//!   length): the model's mmap is stable for its life.
 //! * Activations are f32 device buffers; the KV cache is F16.
 //! * Matmuls: one token → a warp-per-row matvec that dequantizes on the fly; several tokens →
 //!   the weight is dequantized to F16 into a scratch buffer and multiplied with cuBLAS
@@ -24,6 +27,9 @@ use flea_model::{ModelError, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+mod staging;
+pub use staging::CudaStaged;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -139,6 +145,8 @@ struct Scratch {
     xr: Option<CudaSlice<f32>>,
     xh: Option<CudaSlice<u16>>,
     tokens: Option<CudaSlice<i32>>,
+    /// Embedding rows of one batch (under the executor).
+    emb: Option<CudaSlice<u8>>,
 }
 
 /// Uploaded host slices: (address, length) → (content fingerprint, device copy).
@@ -151,6 +159,15 @@ pub struct CudaBackend {
     blas: Option<cudarc::cublas::CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
     weights: Mutex<DeviceCache<u8>>,
+    /// Host ranges the executor has placed in device memory (see staging.rs).
+    mappings: Mutex<Vec<staging::Mapping>>,
+    resident: Mutex<Vec<CudaSlice<u8>>>,
+    ring: Mutex<Option<staging::DeviceRing>>,
+    /// Set once an executor places units: every weight must then be mapped.
+    staging: std::sync::atomic::AtomicBool,
+    pinned_bytes: AtomicU64,
+    /// Host-to-device copies of streamed units, beside the compute stream.
+    copy_stream: Arc<CudaStream>,
     vectors: Mutex<DeviceCache<f32>>,
     scratch: Mutex<Scratch>,
     ordinal: usize,
@@ -294,11 +311,19 @@ impl CudaBackend {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| CudaError(format!("CUDA device {ordinal}: {e:?}")))?;
-        // One stream, in order: no per-buffer event tracking needed.
-        // SAFETY: nothing has been allocated on this context by us yet, and all our work
-        // goes through one stream.
+        // Kernels run in order on one compute stream; the only other stream copies units into
+        // device slots, ordered against compute by explicit events (staging.rs). No
+        // per-buffer event tracking is needed.
+        // SAFETY: nothing has been allocated on this context by us yet; buffers shared by
+        // the two streams (device slots) are ordered by our own events.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // Non-blocking streams: the legacy default stream would serialise copy and compute.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError(format!("creating the compute stream: {e:?}")))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(|e| CudaError(format!("creating the copy stream: {e:?}")))?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let cc = ctx
             .compute_capability()
@@ -335,6 +360,12 @@ impl CudaBackend {
             blas,
             funcs,
             weights: Mutex::new(HashMap::new()),
+            mappings: Mutex::new(Vec::new()),
+            resident: Mutex::new(Vec::new()),
+            ring: Mutex::new(None),
+            staging: std::sync::atomic::AtomicBool::new(false),
+            pinned_bytes: AtomicU64::new(0),
+            copy_stream,
             vectors: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
             ordinal,
@@ -385,8 +416,23 @@ impl CudaBackend {
             .mem_get_info()
             .map_err(|e| CudaError(format!("mem info: {e:?}")))
     }
+    /// Bytes of host memory page-locked for copies.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Make this context current on the calling thread.
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| be(format!("binding the CUDA context: {e:?}")))
+    }
+
     /// Wait for all queued work.
     pub fn synchronize(&self) -> Result<()> {
+        self.copy_stream
+            .synchronize()
+            .map_err(|e| be(format!("device error: {e:?}")))?;
         self.stream
             .synchronize()
             .map_err(|e| be(format!("device error: {e:?}")))
@@ -436,6 +482,62 @@ impl CudaBackend {
         Ok(2.0 * (n * 4) as f64 / best)
     }
 
+    /// Measure pinned host-to-device copy bandwidth with `bytes`-sized copies, best of
+    /// `reps`. Returns bytes per second.
+    pub fn measure_h2d_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        use flea_model::backend::UnitStaging;
+        // Page-aligned, as the executor's staging buffers are.
+        let bytes = bytes.max(4096).next_multiple_of(4096);
+        let mut raw = vec![0u8; bytes + 4096];
+        let off = raw.as_ptr().align_offset(4096);
+        let host = &mut raw[off..off + bytes];
+        self.pin(host)?;
+        let result = (|| {
+            let mut dev = unsafe { self.stream.alloc::<u8>(host.len()) }
+                .map_err(|e| be(format!("alloc: {e:?}")))?;
+            let mut best = f64::MAX;
+            for _ in 0..reps.max(1) + 1 {
+                self.synchronize()?;
+                let t = std::time::Instant::now();
+                self.stream
+                    .memcpy_htod(&*host, &mut dev)
+                    .map_err(|e| be(format!("htod: {e:?}")))?;
+                self.synchronize()?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(host.len() as f64 / best)
+        })();
+        self.unpin(host.as_ptr() as usize, host.len());
+        result
+    }
+
+    /// Device memory the backend allocates for itself beside activations when evaluating
+    /// batches of up to `batch` tokens of `model`: the dequantized weight and rounded
+    /// inputs of a cuBLAS GEMM, embedding rows, token ids, and an allowance for cuBLAS's
+    /// workspace.
+    pub fn scratch_bytes(&self, model: &flea_model::Model, batch: usize) -> u64 {
+        let lay = &model.layout;
+        let mut max_elems = 0usize;
+        let mut max_cols = 0usize;
+        for l in &lay.layers {
+            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                max_elems = max_elems.max(t.rows * t.cols);
+                max_cols = max_cols.max(t.cols);
+            }
+        }
+        // All-position logits multiply several rows by the output matrix too.
+        max_elems = max_elems.max(lay.output.rows * lay.output.cols);
+        let emb = lay.token_embd.size / lay.token_embd.rows.max(1);
+        let gemm = if batch > 1 {
+            // The weight dequantized to F32 (precise mode) or F16, inputs as f32 and f16.
+            let per_elem = if self.precise_gemm() { 4 } else { 2 };
+            per_elem * max_elems + 6 * batch * max_cols
+        } else {
+            0
+        };
+        (gemm + batch * emb + 4 * batch + (64 << 20)) as u64
+    }
+
     fn func(&self, name: &str) -> Result<&CudaFunction> {
         self.funcs
             .get(name)
@@ -461,6 +563,15 @@ impl CudaBackend {
 
     /// Device pointer of a weight's bytes, uploading them on first use.
     fn weight_ptr(&self, w: &Weight) -> Result<u64> {
+        if let Some(p) = self.mapped(w.data.as_ptr() as usize, w.data.len()) {
+            return Ok(p);
+        }
+        if self.staging_active() {
+            return Err(be(format!(
+                "a {}x{} {} weight is not in device memory (not staged by the executor)",
+                w.rows, w.cols, w.ty
+            )));
+        }
         let key = (w.data.as_ptr() as usize, w.data.len());
         let fp = fingerprint(w.data);
         let mut cache = self.weights.lock().unwrap();
@@ -485,6 +596,13 @@ impl CudaBackend {
 
     /// Device pointer of a vector weight (norm, bias) as f32.
     fn vector_ptr(&self, w: &Weight) -> Result<(u64, usize)> {
+        // A norm or bias inside a placed unit: F32 is used where it lies (other types are
+        // dequantized from the host copy below, which for a placed unit is the file mapping).
+        if w.ty == GgmlType::F32 {
+            if let Some(p) = self.mapped(w.data.as_ptr() as usize, w.data.len()) {
+                return Ok((p, w.rows * w.cols));
+            }
+        }
         let key = (w.data.as_ptr() as usize, w.data.len());
         let fp = fingerprint(w.data);
         let mut cache = self.vectors.lock().unwrap();
@@ -664,8 +782,26 @@ impl Backend for CudaBackend {
             }
             toks.push(t as i32);
         }
-        let wp = self.weight_ptr(table)?;
         let mut sc = self.scratch.lock().unwrap();
+        // The executor hands over just this batch's rows, read from the file each pass:
+        // copied every call, never cached.
+        let wp = match self.mapped(table.data.as_ptr() as usize, table.data.len()) {
+            Some(p) => p,
+            None if self.staging_active() => {
+                let p = self.grow(&mut sc.emb, table.data.len())?;
+                let dst = sc.emb.as_mut().unwrap();
+                self.stream
+                    .memcpy_htod(table.data, &mut dst.slice_mut(0..table.data.len()))
+                    .map_err(|e| be(format!("uploading embedding rows: {e:?}")))?;
+                p
+            }
+            None => {
+                drop(sc);
+                let p = self.weight_ptr(table)?;
+                sc = self.scratch.lock().unwrap();
+                p
+            }
+        };
         let tp = self.grow(&mut sc.tokens, n)?;
         {
             let dst = sc.tokens.as_mut().unwrap();

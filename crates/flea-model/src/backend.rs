@@ -143,3 +143,53 @@ pub trait Backend {
     /// The first `n` rows back on the host.
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;
 }
+
+/// How a backend gets at a unit of weights (a layer, a slice of the output matrix) that the
+/// streaming executor holds in host memory.
+///
+/// The CPU computes from host memory in place: weight views point at the host buffer and
+/// every method is a no-op. A GPU backend computes from its own memory: the executor builds
+/// weight views over the unit's bytes in the *file mapping* (never read, only used as the
+/// unit's address) and the backend maps that address range to wherever the bytes are on
+/// the device — a resident copy, or a ring slot filled by an asynchronous copy.
+pub trait UnitStaging: Backend {
+    /// A unit in flight between `stage` and `finish`.
+    type Staged;
+
+    /// True when compute reads host buffers directly (no staging, no pinning).
+    fn computes_in_place(&self) -> bool;
+
+    /// Page-lock a host buffer that units will be copied from (ring slots, the host cache),
+    /// so copies are DMA from the buffer itself. Undone by `unpin`.
+    fn pin(&self, _buf: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+    /// Undo `pin` of the buffer at `addr` (`len` bytes). Waits for pending copies first;
+    /// the buffer must still be allocated.
+    fn unpin(&self, _addr: usize, _len: usize) {}
+
+    /// Allocate the device side of the ring: `depth` slots of `slot_bytes` each (the
+    /// executor has charged them to the device budget).
+    fn prepare_slots(&self, _depth: usize, _slot_bytes: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Keep the unit whose views address `key` in device memory for the rest of the run,
+    /// copied from `host`.
+    fn make_resident(&self, _key: &[u8], _host: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Start moving a unit's bytes from `host` to where compute will read them; weight views
+    /// over `key` resolve to them until `finish`.
+    fn stage(&self, key: &[u8], host: &[u8]) -> Result<Self::Staged>;
+
+    /// The unit's compute has been issued. Its device slot becomes reusable once that compute
+    /// has run; when `release_host` is set, returns only after `host` may be overwritten.
+    fn finish(&self, staged: Self::Staged, release_host: bool) -> Result<()>;
+
+    /// (used, total) device memory as the driver reports it, where the backend has a driver.
+    fn driver_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+}

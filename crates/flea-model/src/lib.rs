@@ -9,7 +9,7 @@ pub mod pool;
 pub mod sampling;
 pub mod weights;
 
-pub use backend::Backend;
+pub use backend::{Backend, UnitStaging};
 pub use config::{Arch, ModelConfig};
 pub use cpu::CpuBackend;
 pub use forward::Logits;

@@ -18,7 +18,7 @@ use crate::plan::{Plan, Tier, UnitKind};
 use crate::trace::{Lane, Trace};
 use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
-use flea_model::backend::{Backend, KvShape};
+use flea_model::backend::{KvShape, UnitStaging};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
@@ -34,6 +34,14 @@ struct Held {
     buf: AlignedBuf,
     range: Range<usize>,
     _reservation: Reservation,
+}
+
+/// Where a unit that is not streamed lives for the run.
+enum Holding {
+    /// In a host buffer: the CPU's device tier, or any backend's host cache.
+    Host(Held),
+    /// In the backend's own memory (a GPU's resident weights); only the budget is held here.
+    Device { _budget: Reservation },
 }
 
 /// A slot coming back from the I/O thread.
@@ -73,28 +81,48 @@ pub struct StreamStats {
     pub io_slot_wait_seconds: f64,
 }
 
-/// A model run under a residency plan.
-pub struct StreamedModel<'m> {
+/// A model run under a residency plan, on any backend (the CPU by default).
+pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     pub model: &'m Model,
-    pub backend: &'m CpuBackend,
+    pub backend: &'m B,
     pub plan: Plan,
     pub device: Arc<Arena>,
     pub host: Arc<Arena>,
-    held: Vec<Option<Held>>,
+    held: Vec<Option<Holding>>,
+    /// Host buffers page-locked for the backend's copies: (address, length).
+    pinned: Vec<(usize, usize)>,
     ring: Option<Ring>,
     embed_reader: Box<dyn RangeReader>,
     embed_buf: AlignedBuf,
     embed_rows: Vec<u8>,
     output_norm: Vec<u8>,
-    kv: <CpuBackend as Backend>::Kv,
-    scratch: Scratch<CpuBackend>,
+    kv: B::Kv,
+    scratch: Scratch<B>,
     batch: usize,
     pub n_ctx: usize,
     pub pos: usize,
     pub stats: StreamStats,
     pub trace: Trace,
     poisoned: Option<String>,
+    /// Device memory in use by the driver's count before the executor allocated anything,
+    /// and the most seen above that after a pass (cross-checks the device arena).
+    driver_base: Option<u64>,
+    driver_peak: Option<u64>,
     _fixed: Vec<Reservation>,
+}
+
+/// A unit's bytes in the model's file mapping: the address weight views use on a backend
+/// that stages units into its own memory (the bytes themselves are not read there).
+fn unit_key(model: &Model, offset: u64, bytes: u64) -> Result<&[u8]> {
+    usize::try_from(offset)
+        .ok()
+        .zip(usize::try_from(bytes).ok())
+        .and_then(|(o, n)| model.file.bytes().get(o..o.checked_add(n)?))
+        .ok_or_else(|| {
+            RuntimeError::Stream(format!(
+                "unit at {offset}+{bytes} lies outside the model file mapping"
+            ))
+        })
 }
 
 fn read_unit(
@@ -117,16 +145,17 @@ fn read_unit(
     })
 }
 
-impl<'m> StreamedModel<'m> {
+impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     pub fn new(
         model: &'m Model,
-        backend: &'m CpuBackend,
+        backend: &'m B,
         plan: Plan,
         path: &Path,
         io: &IoOptions,
         n_ctx: usize,
         batch: usize,
     ) -> Result<Self> {
+        let driver_base = backend.driver_memory().map(|(used, _)| used);
         let device = Arena::new("device", plan.vram_budget);
         let host = Arena::new("host cache", plan.ram_budget);
         let cfg = &model.cfg;
@@ -159,27 +188,63 @@ impl<'m> StreamedModel<'m> {
         let r = reader.read(on.file_offset, on.size, &mut norm_buf)?;
         let output_norm = norm_buf.as_slice()[r].to_vec();
 
-        // Resident and cached units: read once, now.
+        // Resident and cached units: read once, now. A backend with its own memory takes
+        // resident units into it (the host copy is dropped); host-cached units are pinned so
+        // each pass copies them by DMA.
+        let in_place = backend.computes_in_place();
+        let mut pinned = Vec::new();
         let mut held = Vec::with_capacity(plan.units.len());
         for u in &plan.units {
             held.push(match u.tier {
-                Tier::Resident => Some(read_unit(
+                Tier::Resident if in_place => Some(Holding::Host(read_unit(
                     reader.as_mut(),
                     u.offset,
                     u.bytes,
                     &device,
                     "resident weights",
-                )?),
-                Tier::HostCache => Some(read_unit(
-                    reader.as_mut(),
-                    u.offset,
-                    u.bytes,
-                    &host,
-                    "host-cached weights",
-                )?),
+                )?)),
+                Tier::Resident => {
+                    let reservation = device.reserve(u.held_bytes(), "resident weights")?;
+                    let mut tmp =
+                        AlignedBuf::new(flea_io::required_capacity(u.offset, u.bytes as usize))?;
+                    let r = reader.read(u.offset, u.bytes as usize, &mut tmp)?;
+                    let key = unit_key(model, u.offset, u.bytes)?;
+                    backend.make_resident(key, &tmp.as_slice()[r])?;
+                    Some(Holding::Device {
+                        _budget: reservation,
+                    })
+                }
+                Tier::HostCache => {
+                    let mut h = read_unit(
+                        reader.as_mut(),
+                        u.offset,
+                        u.bytes,
+                        &host,
+                        "host-cached weights",
+                    )?;
+                    if !in_place {
+                        backend.pin(h.buf.as_mut_slice())?;
+                        pinned.push((h.buf.as_ptr() as usize, h.buf.capacity()));
+                    }
+                    Some(Holding::Host(h))
+                }
                 Tier::Disk => None,
             });
         }
+        // A staging backend copies every non-resident unit into one of `ring_depth` device
+        // slots, and reads streamed units into pinned host slots charged to host RAM.
+        let mut device_slots = Vec::new();
+        let non_resident = plan.units.iter().any(|u| u.tier != Tier::Resident);
+        if !in_place && non_resident {
+            let depth = plan.ring_depth.max(1);
+            for _ in 0..depth {
+                device_slots.push(device.reserve(plan.slot_bytes, "device ring slot")?);
+            }
+            let cap = usize::try_from(plan.slot_bytes)
+                .map_err(|_| RuntimeError::Config("slot too large".into()))?;
+            backend.prepare_slots(depth, cap)?;
+        }
+        let slot_arena = if in_place { &device } else { &host };
         let order: Vec<usize> = plan
             .units
             .iter()
@@ -193,13 +258,18 @@ impl<'m> StreamedModel<'m> {
             let depth = plan.ring_depth.max(1);
             let (free_tx, free_rx) = sync_channel::<AlignedBuf>(depth);
             let (filled_tx, filled_rx) = sync_channel::<Filled>(depth);
-            let mut slots = Vec::new();
+            let mut slots = std::mem::take(&mut device_slots);
             for _ in 0..depth {
-                slots.push(device.reserve(plan.slot_bytes, "ring slot")?);
+                slots.push(slot_arena.reserve(plan.slot_bytes, "ring slot")?);
                 let cap = usize::try_from(plan.slot_bytes)
                     .map_err(|_| RuntimeError::Config("slot too large".into()))?;
+                let mut buf = AlignedBuf::new(cap)?;
+                if !in_place {
+                    backend.pin(buf.as_mut_slice())?;
+                    pinned.push((buf.as_ptr() as usize, buf.capacity()));
+                }
                 free_tx
-                    .send(AlignedBuf::new(cap)?)
+                    .send(buf)
                     .map_err(|_| RuntimeError::Stream("ring closed".into()))?;
             }
             let ranges: Vec<(u64, usize)> = order
@@ -219,6 +289,7 @@ impl<'m> StreamedModel<'m> {
                 _slots: slots,
             })
         };
+        fixed.extend(device_slots);
         Ok(StreamedModel {
             model,
             backend,
@@ -226,6 +297,7 @@ impl<'m> StreamedModel<'m> {
             device,
             host,
             held,
+            pinned,
             ring,
             embed_reader,
             embed_buf,
@@ -239,6 +311,8 @@ impl<'m> StreamedModel<'m> {
             stats: StreamStats::default(),
             trace: Trace::default(),
             poisoned: None,
+            driver_base,
+            driver_peak: None,
             _fixed: fixed,
         })
     }
@@ -366,19 +440,35 @@ impl<'m> StreamedModel<'m> {
                 }
                 Some((f.buf, range))
             };
-            let bytes: &[u8] = match (&self.held[ui], &slot) {
-                (Some(h), _) => &h.buf.as_slice()[h.range.clone()],
-                (None, Some((buf, range))) => &buf.as_slice()[range.clone()],
+            let host: Option<&[u8]> = match (&self.held[ui], &slot) {
+                (Some(Holding::Host(h)), _) => Some(&h.buf.as_slice()[h.range.clone()]),
+                (Some(Holding::Device { .. }), _) => None,
+                (None, Some((buf, range))) => Some(&buf.as_slice()[range.clone()]),
                 (None, None) => {
                     return Err(RuntimeError::Stream(format!("unit {ui} has no bytes")))
                 }
             };
+            let unit_bytes = self.plan.units[ui].bytes;
             match tier {
-                Tier::Resident => self.stats.bytes_resident += bytes.len() as u64,
-                Tier::HostCache => self.stats.bytes_host_cache += bytes.len() as u64,
-                Tier::Disk => self.stats.bytes_streamed += bytes.len() as u64,
+                Tier::Resident => self.stats.bytes_resident += unit_bytes,
+                Tier::HostCache => self.stats.bytes_host_cache += unit_bytes,
+                Tier::Disk => self.stats.bytes_streamed += unit_bytes,
             }
             let t0 = Instant::now();
+            // The bytes the weight views cover: the host copy where compute reads in place,
+            // else the unit's address in the file mapping, which the backend resolves to its
+            // resident copy or to the slot `stage` copies the host bytes into.
+            let (bytes, staged) = if b.computes_in_place() {
+                let h = host
+                    .ok_or_else(|| RuntimeError::Stream(format!("unit {ui} has no host bytes")))?;
+                (h, None)
+            } else {
+                let key = unit_key(m, offset, unit_bytes)?;
+                match host {
+                    Some(h) => (key, Some(b.stage(key, h)?)),
+                    None => (key, None),
+                }
+            };
             match kind {
                 UnitKind::Layer(il) => {
                     let w = m.layout.layers[il].views(bytes, offset)?;
@@ -409,6 +499,10 @@ impl<'m> StreamedModel<'m> {
                     }
                 }
             }
+            if let Some(st) = staged {
+                // A ring slot goes back to the I/O thread only once its copy is done.
+                b.finish(st, slot.is_some())?;
+            }
             let t1 = Instant::now();
             self.stats.compute_seconds += (t1 - t0).as_secs_f64();
             self.trace.span(Lane::Compute, ui, t0, t1);
@@ -422,7 +516,17 @@ impl<'m> StreamedModel<'m> {
         }
         self.pos += n;
         self.stats.passes += 1;
+        if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
+            let above = used.saturating_sub(base);
+            self.driver_peak = Some(self.driver_peak.unwrap_or(0).max(above));
+        }
         Ok(logits)
+    }
+
+    /// Most device memory the driver reported in use above what was in use before this
+    /// executor started (None on the CPU).
+    pub fn driver_peak(&self) -> Option<u64> {
+        self.driver_peak
     }
 
     /// Forget the sequence.
@@ -431,8 +535,12 @@ impl<'m> StreamedModel<'m> {
     }
 }
 
-impl Drop for StreamedModel<'_> {
+impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
+        // Unlock pinned buffers while they are all still allocated (in the ring or held).
+        for &(addr, len) in &self.pinned {
+            self.backend.unpin(addr, len);
+        }
         if let Some(ring) = self.ring.as_mut() {
             // Closing the free-slot channel stops the I/O thread at its next wait; drain
             // filled slots so it is never blocked on a full channel.

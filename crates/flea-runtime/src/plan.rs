@@ -81,6 +81,11 @@ pub struct PlanRequest {
     /// Ring depth; None lets the planner choose.
     pub ring_depth: Option<usize>,
     pub links: Links,
+    /// The backend computes from its own memory (a GPU): streamed units pass through pinned
+    /// host slots charged to the RAM budget, and every non-resident unit through a device slot.
+    pub stages_units: bool,
+    /// Device memory the backend needs beside activations (a GPU's GEMM scratch).
+    pub device_scratch: u64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -140,7 +145,8 @@ impl Plan {
             .max(OUTPUT_ROW_ALIGN)
             .min(out.rows.max(1));
         let act_bytes = Scratch::<CpuBackend>::bytes(cfg, batch, rows_per_unit.min(out.rows));
-        let misc_bytes = layout.output_norm.size as u64 + emb_row * batch as u64;
+        let misc_bytes =
+            layout.output_norm.size as u64 + emb_row * batch as u64 + req.device_scratch;
         let fixed = kv_bytes + act_bytes + misc_bytes;
 
         let mut units: Vec<Unit> = layout
@@ -212,6 +218,26 @@ impl Plan {
             }
         }
         let mut host = 0u64;
+        let non_resident: u64 = units
+            .iter()
+            .filter(|u| u.tier == Tier::Disk)
+            .map(|u| u.held_bytes())
+            .sum();
+        // A staging backend reads streamed units into pinned host slots: if anything will
+        // still stream after the host cache is filled, those slots come out of RAM first.
+        if req.stages_units && ring_depth > 0 && non_resident > req.ram_budget {
+            host = ring_depth as u64 * slot_bytes;
+            if host > req.ram_budget {
+                return Err(RuntimeError::BudgetTooSmall {
+                    budget: req.ram_budget,
+                    minimum: host,
+                    detail: format!(
+                        "{ring_depth} pinned host staging slots of {} (RAM budget)",
+                        fmt_size(slot_bytes)
+                    ),
+                });
+            }
+        }
         for u in units.iter_mut().filter(|u| u.tier == Tier::Disk) {
             if host + u.held_bytes() <= req.ram_budget {
                 u.tier = Tier::HostCache;

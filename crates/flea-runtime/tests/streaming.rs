@@ -57,6 +57,8 @@ fn request(vram: u64, ram: u64, n_ctx: usize, batch: usize, depth: Option<usize>
         batch,
         ring_depth: depth,
         links: Links::default(),
+        stages_units: false,
+        device_scratch: 0,
     }
 }
 

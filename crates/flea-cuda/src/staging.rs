@@ -1,0 +1,237 @@
+//! Units of weights in device memory: resident copies, and a ring of device slots that
+//! streamed units are copied into on a separate copy stream.
+//!
+//! ```text
+//!   copy stream:    wait computed[i] ─ copy host → slot i ─ record copied[i]
+//!   compute stream: wait copied[i] ─ the unit's kernels ─ record computed[i]
+//! ```
+//!
+//! The host never waits for the device inside the token loop except to hand a host ring
+//! slot back to the I/O thread (`finish(.., release_host)`), which waits for that slot's
+//! copy only. Weight views name a unit by its bytes in the model's file mapping; `mapped`
+//! turns such an address into the device address of the unit's current copy.
+
+use crate::{be, dptr, CudaBackend};
+use cudarc::driver::{CudaEvent, CudaSlice};
+use flea_model::backend::UnitStaging;
+use flea_model::Result;
+
+/// A host address range resolved to device memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mapping {
+    pub host: usize,
+    pub len: usize,
+    pub dev: u64,
+}
+
+/// The device side of the streaming ring.
+pub(crate) struct DeviceRing {
+    _slots: Vec<CudaSlice<u8>>,
+    ptrs: Vec<u64>,
+    slot_bytes: usize,
+    /// Recorded on the copy stream after a slot's copy.
+    copied: Vec<CudaEvent>,
+    /// Recorded on the compute stream after the kernels that read a slot.
+    computed: Vec<CudaEvent>,
+    next: usize,
+}
+
+/// A unit between `stage` and `finish`.
+pub struct CudaStaged {
+    slot: usize,
+    key: usize,
+}
+
+impl CudaBackend {
+    /// The device address of host bytes `[p, p + len)` if they lie in a mapped unit.
+    pub(crate) fn mapped(&self, p: usize, len: usize) -> Option<u64> {
+        let maps = self.mappings.lock().unwrap();
+        maps.iter()
+            .find(|m| p >= m.host && p + len <= m.host + m.len)
+            .map(|m| m.dev + (p - m.host) as u64)
+    }
+
+    fn map(&self, key: &[u8], dev: u64) {
+        let host = key.as_ptr() as usize;
+        let mut maps = self.mappings.lock().unwrap();
+        maps.retain(|m| m.host != host);
+        maps.push(Mapping {
+            host,
+            len: key.len(),
+            dev,
+        });
+    }
+
+    fn unmap(&self, host: usize) {
+        self.mappings.lock().unwrap().retain(|m| m.host != host);
+    }
+
+    /// Whether units are being placed by an executor (then an unmapped weight is an error,
+    /// never a silent upload outside the budget).
+    pub(crate) fn staging_active(&self) -> bool {
+        self.staging.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl UnitStaging for CudaBackend {
+    type Staged = CudaStaged;
+
+    fn computes_in_place(&self) -> bool {
+        false
+    }
+
+    fn pin(&self, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: buf is a live, exclusively borrowed allocation of buf.len() bytes; flags 0
+        // page-locks it for this context (cacheable, not write-combined). It is unregistered
+        // by `unpin` before the owner frees it (the executor's Drop).
+        unsafe {
+            cudarc::driver::sys::cuMemHostRegister_v2(buf.as_mut_ptr().cast(), buf.len(), 0)
+                .result()
+        }
+        .map_err(|e| be(format!("pinning {} bytes of host memory: {e:?}", buf.len())))?;
+        self.pinned_bytes
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unpin(&self, addr: usize, len: usize) {
+        if len == 0 || self.bind().is_err() {
+            return;
+        }
+        // A copy out of the buffer may still be queued: let both streams drain first.
+        let _ = self.copy_stream.synchronize();
+        let _ = self.stream.synchronize();
+        // SAFETY: addr was registered by `pin` and is still allocated (caller's contract).
+        let _ = unsafe { cudarc::driver::sys::cuMemHostUnregister(addr as *mut _).result() };
+    }
+
+    fn prepare_slots(&self, depth: usize, slot_bytes: usize) -> Result<()> {
+        let mut slots = Vec::with_capacity(depth);
+        let mut copied = Vec::with_capacity(depth);
+        let mut computed = Vec::with_capacity(depth);
+        for _ in 0..depth.max(1) {
+            // SAFETY: the slot is fully written by a copy before any kernel reads it.
+            let s = unsafe { self.stream.alloc::<u8>(slot_bytes.max(1)) }
+                .map_err(|e| be(format!("allocating a {slot_bytes}-byte device slot: {e:?}")))?;
+            slots.push(s);
+            copied.push(
+                self.ctx
+                    .new_event(None)
+                    .map_err(|e| be(format!("event: {e:?}")))?,
+            );
+            computed.push(
+                self.ctx
+                    .new_event(None)
+                    .map_err(|e| be(format!("event: {e:?}")))?,
+            );
+        }
+        let ptrs = slots.iter().map(|s| dptr(s, &self.stream)).collect();
+        // The slots must exist before the copy stream writes them.
+        self.synchronize()?;
+        *self.ring.lock().unwrap() = Some(DeviceRing {
+            _slots: slots,
+            ptrs,
+            slot_bytes,
+            copied,
+            computed,
+            next: 0,
+        });
+        self.staging
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn make_resident(&self, key: &[u8], host: &[u8]) -> Result<()> {
+        if key.len() != host.len() {
+            return Err(be("make_resident: key and host bytes differ in length"));
+        }
+        let mut s = unsafe { self.stream.alloc::<u8>(host.len().max(1)) }.map_err(|e| {
+            be(format!(
+                "allocating {} bytes of resident weights: {e:?}",
+                host.len()
+            ))
+        })?;
+        self.stream
+            .memcpy_htod(host, &mut s.slice_mut(0..host.len()))
+            .map_err(|e| be(format!("uploading resident weights: {e:?}")))?;
+        // The host buffer is freed by the caller right after this returns.
+        self.synchronize()?;
+        self.uploaded
+            .fetch_add(host.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.map(key, dptr(&s, &self.stream));
+        self.resident.lock().unwrap().push(s);
+        self.staging
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn stage(&self, key: &[u8], host: &[u8]) -> Result<CudaStaged> {
+        let mut guard = self.ring.lock().unwrap();
+        let ring = guard
+            .as_mut()
+            .ok_or_else(|| be("stage: no device slots (prepare_slots not called)"))?;
+        if host.len() > ring.slot_bytes || key.len() != host.len() {
+            return Err(be(format!(
+                "stage: a unit of {} bytes does not fit a {}-byte slot",
+                host.len(),
+                ring.slot_bytes
+            )));
+        }
+        let i = ring.next % ring.ptrs.len();
+        ring.next += 1;
+        let err = |what: &str, e: cudarc::driver::DriverError| be(format!("{what}: {e:?}"));
+        // The slot's previous unit must have been computed before it is overwritten.
+        self.copy_stream
+            .wait(&ring.computed[i])
+            .map_err(|e| err("copy stream wait", e))?;
+        // SAFETY: ptrs[i] is a live device slot of slot_bytes ≥ host.len(); host is pinned
+        // (or pageable, which the driver stages) and the caller keeps it unchanged until
+        // `finish` with release_host, which waits for this copy.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                ring.ptrs[i],
+                host,
+                self.copy_stream.cu_stream(),
+            )
+        }
+        .map_err(|e| err("host-to-device copy of a unit", e))?;
+        ring.copied[i]
+            .record(&self.copy_stream)
+            .map_err(|e| err("record copy event", e))?;
+        self.stream
+            .wait(&ring.copied[i])
+            .map_err(|e| err("compute stream wait", e))?;
+        self.map(key, ring.ptrs[i]);
+        Ok(CudaStaged {
+            slot: i,
+            key: key.as_ptr() as usize,
+        })
+    }
+
+    fn finish(&self, st: CudaStaged, release_host: bool) -> Result<()> {
+        self.unmap(st.key);
+        let guard = self.ring.lock().unwrap();
+        let ring = guard
+            .as_ref()
+            .ok_or_else(|| be("finish: no device slots"))?;
+        ring.computed[st.slot]
+            .record(&self.stream)
+            .map_err(|e| be(format!("record compute event: {e:?}")))?;
+        if release_host {
+            ring.copied[st.slot]
+                .synchronize()
+                .map_err(|e| be(format!("waiting for a unit's copy: {e:?}")))?;
+        }
+        Ok(())
+    }
+
+    fn driver_memory(&self) -> Option<(u64, u64)> {
+        self.mem_info()
+            .ok()
+            .map(|(free, total)| ((total - free) as u64, total as u64))
+    }
+}
