@@ -21,6 +21,8 @@ OUT=$OUT/logs
 export FLEA_CUDA_CACHE=${FLEA_CUDA_CACHE:-/tmp/flea-cuda-kernels}
 THREADS=${THREADS:-$(nproc)}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# VRAM budget of the "budget" runs per preset (the issue's: 13b 4 GiB, 70b 8 GiB).
+declare -A BUDGET=([7b]=2GiB [13b]=4GiB [34b]=6GiB [70b]=8GiB)
 
 {
   date -u
@@ -42,7 +44,7 @@ for p in $PRESETS; do
 done
 
 # A prompt text; its token count is printed by each run.
-LONG=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog and'] * 40))")
+LONG=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog and'] * 25))")
 SHORT="the quick brown fox jumps over the lazy dog"
 # run NAME MODEL [flea run flags...]: one generation, stats to NAME.json, stderr to NAME.err.
 run() {
@@ -65,7 +67,9 @@ for p in $PRESETS; do
     run "$p-inplace" "$m" -n 128 --ctx 1024 --in-place
   fi
   if has budget; then
-    run "$p-vram4g" "$m" -n 32 --ctx 1024 --vram-budget 4GiB
+    B=${BUDGET[$p]:-4GiB}
+    run "$p-budget-hybrid" "$m" -n 32 --ctx 1024 --vram-budget "$B" --trace "$OUT/$p-hybrid.svg"
+    run "$p-budget-stream" "$m" -n 32 --ctx 1024 --vram-budget "$B" --no-hybrid
   fi
   if has nores; then
     # No room for resident layers: every layer copied from the pinned host cache each token.

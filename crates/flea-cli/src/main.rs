@@ -279,6 +279,7 @@ impl Engine {
             return Runner::new_cuda(
                 &self.model,
                 cuda,
+                &self.backend,
                 &a.model,
                 &a.residency,
                 self.n_ctx,

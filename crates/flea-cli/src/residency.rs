@@ -41,6 +41,13 @@ pub struct ResidencyArgs {
     /// Host-to-GPU copy bandwidth for the prediction, GB/s (default: measured at start).
     #[arg(long)]
     pub h2d_gbps: Option<f64>,
+    /// With a GPU: rate at which the CPU computes through weights in RAM, GB/s, for the
+    /// hybrid split (default: measured at start on the model's first layer).
+    #[arg(long)]
+    pub cpu_gbps: Option<f64>,
+    /// With a GPU: no hybrid split; every non-resident layer is copied to the GPU.
+    #[arg(long)]
+    pub no_hybrid: bool,
     /// Compute straight from the file's mmap, outside the budgets (no arenas, no executor).
     #[arg(long, conflicts_with_all = ["vram_budget", "ram_budget", "io", "ring_depth"])]
     pub in_place: bool,
@@ -228,6 +235,7 @@ impl<'m> Runner<'m> {
     pub fn new_cuda(
         model: &'m Model,
         cuda: &'m flea_cuda::CudaBackend,
+        cpu: &'m CpuBackend,
         path: &Path,
         r: &ResidencyArgs,
         n_ctx: usize,
@@ -239,9 +247,11 @@ impl<'m> Runner<'m> {
             )?)));
         }
         let plan = r.plan_cuda(model, cuda, n_ctx, batch)?;
-        Ok(Runner::Cuda(Box::new(start_streaming(
-            model, cuda, plan, path, r, n_ctx, batch,
-        )?)))
+        let mut s = start_streaming(model, cuda, plan, path, r, n_ctx, batch)?;
+        if !r.no_hybrid {
+            s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))?;
+        }
+        Ok(Runner::Cuda(Box::new(s)))
     }
 
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
@@ -258,9 +268,9 @@ impl<'m> Runner<'m> {
     pub fn set_pos(&mut self, pos: usize) {
         match self {
             Runner::InPlace(s) => s.pos = pos,
-            Runner::Streamed(s) => s.pos = pos,
+            Runner::Streamed(s) => s.rewind(pos),
             #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => s.pos = pos,
+            Runner::Cuda(s) => s.rewind(pos),
             #[cfg(feature = "cuda")]
             Runner::CudaInPlace(s) => s.pos = pos,
         }
@@ -334,9 +344,10 @@ fn summary_line<B: UnitStaging>(
         None => String::new(),
     };
     format!(
-        "residency: {} resident, {} host-cached, {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor",
+        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor",
         count(Tier::Resident),
         count(Tier::HostCache),
+        s.plan.units.iter().filter(|u| u.on_cpu).count(),
         count(Tier::Disk),
         s.plan.ring_depth,
         fmt_size(s.plan.slot_bytes),

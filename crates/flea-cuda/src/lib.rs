@@ -1096,8 +1096,106 @@ impl Backend for CudaBackend {
         self.stream
             .memcpy_dtoh(&s, &mut v)
             .map_err(|e| be(format!("device error (read): {e:?}")))?;
-        self.synchronize()?;
+        // Only the compute stream: copies of units queued ahead keep running.
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("device error: {e:?}")))?;
         Ok(v)
+    }
+
+    fn write(&self, data: &[f32], x: &mut CudaAct) -> Result<()> {
+        if data.len() > x.rows * x.width || !data.len().is_multiple_of(x.width.max(1)) {
+            return Err(be("write: not whole rows of the buffer"));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut dst = x.buf.slice_mut(0..data.len());
+        // From pageable memory the driver stages the bytes before returning, so `data` may
+        // be dropped right after; ordered before later kernels on the compute stream.
+        self.stream
+            .memcpy_htod(data, &mut dst)
+            .map_err(|e| be(format!("write: {e:?}")))
+    }
+
+    fn kv_rows(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(Vec<u16>, Vec<u16>)> {
+        let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
+        if layer >= kv.kp.len() || pos0 + n > kv.shape.n_ctx {
+            return Err(be(format!(
+                "kv_rows: layer {layer} rows {pos0}+{n} out of range"
+            )));
+        }
+        let mut k = vec![0u16; n * kvd];
+        let mut v = vec![0u16; n * kvd];
+        if n == 0 {
+            return Ok((k, v));
+        }
+        let off = (pos0 * kvd * 2) as u64;
+        // SAFETY: kp/vp[layer] are live allocations of n_ctx*kvd u16; rows pos0..pos0+n lie
+        // inside; the host vectors hold n*kvd u16.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut k,
+                kv.kp[layer] + off,
+                self.stream.cu_stream(),
+            )
+            .and_then(|_| {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut v,
+                    kv.vp[layer] + off,
+                    self.stream.cu_stream(),
+                )
+            })
+        }
+        .map_err(|e| be(format!("kv_rows: {e:?}")))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("kv_rows: {e:?}")))?;
+        Ok((k, v))
+    }
+
+    fn set_kv_rows(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        pos0: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()> {
+        let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
+        if layer >= kv.kp.len()
+            || k.len() != v.len()
+            || !k.len().is_multiple_of(kvd.max(1))
+            || pos0 * kvd + k.len() > kv.shape.n_ctx * kvd
+        {
+            return Err(be(format!("set_kv_rows: layer {layer} rows out of range")));
+        }
+        if k.is_empty() {
+            return Ok(());
+        }
+        let off = (pos0 * kvd * 2) as u64;
+        // SAFETY: as in kv_rows; pageable sources are staged by the driver before return.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                kv.kp[layer] + off,
+                k,
+                self.stream.cu_stream(),
+            )
+            .and_then(|_| {
+                cudarc::driver::result::memcpy_htod_async(
+                    kv.vp[layer] + off,
+                    v,
+                    self.stream.cu_stream(),
+                )
+            })
+        }
+        .map_err(|e| be(format!("set_kv_rows: {e:?}")))
     }
 }
 

@@ -142,6 +142,26 @@ pub trait Backend {
     ) -> Result<()>;
     /// The first `n` rows back on the host.
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;
+    /// Host values into the first rows of `x` (`data.len()` a multiple of its width).
+    fn write(&self, data: &[f32], x: &mut Self::Act) -> Result<()>;
+    /// Cached K and V rows `pos0 .. pos0 + n` of `layer`, as F16 bits (hands a layer's
+    /// cache over to another backend).
+    fn kv_rows(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(Vec<u16>, Vec<u16>)>;
+    /// Store K and V rows (F16 bits) of `layer` at positions `pos0 ..`.
+    fn set_kv_rows(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        pos0: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()>;
 }
 
 /// How a backend gets at a unit of weights (a layer, a slice of the output matrix) that the

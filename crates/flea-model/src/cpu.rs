@@ -38,8 +38,33 @@ impl CpuAct {
 /// F16 K and V per layer, [position][kv_dim].
 pub struct CpuKv {
     pub shape: KvShape,
+    /// Per layer; a layer's cache is allocated when first written (a CPU that computes
+    /// only some layers, beside a GPU, holds only theirs).
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,
+}
+
+impl CpuKv {
+    fn per_layer(&self) -> usize {
+        self.shape.n_ctx * self.shape.n_head_kv * self.shape.head_dim
+    }
+
+    /// Layer `layer`'s K and V caches, allocated on first use.
+    fn layer_mut(&mut self, layer: usize) -> Result<(&mut Vec<f16>, &mut Vec<f16>)> {
+        let per_layer = self.per_layer();
+        match (self.k.get_mut(layer), self.v.get_mut(layer)) {
+            (Some(k), Some(v)) => {
+                if k.len() != per_layer {
+                    k.resize(per_layer, f16::ZERO);
+                    v.resize(per_layer, f16::ZERO);
+                }
+                Ok((k, v))
+            }
+            _ => Err(ModelError::Backend(format!(
+                "no KV cache for layer {layer}"
+            ))),
+        }
+    }
 }
 
 pub struct CpuBackend {
@@ -136,12 +161,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv> {
-        let per_layer = shape.n_ctx * shape.n_head_kv * shape.head_dim;
-        let mk = || {
-            (0..shape.n_layers)
-                .map(|_| vec![f16::ZERO; per_layer])
-                .collect()
-        };
+        let mk = || (0..shape.n_layers).map(|_| Vec::new()).collect();
         Ok(CpuKv {
             shape,
             k: mk(),
@@ -338,15 +358,7 @@ impl Backend for CpuBackend {
         if k.width != kvd || v.width != kvd || q.width != p.n_head * hd || out.width != q.width {
             return Err(ModelError::Backend("attention: shape mismatch".into()));
         }
-        let (kc, vc) = match (kv.k.get_mut(p.layer), kv.v.get_mut(p.layer)) {
-            (Some(k), Some(v)) => (k, v),
-            _ => {
-                return Err(ModelError::Backend(format!(
-                    "attention: no cache for layer {}",
-                    p.layer
-                )))
-            }
-        };
+        let (kc, vc) = kv.layer_mut(p.layer)?;
         kc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(k.rows(n)?);
         vc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(v.rows(n)?);
         let kc: &[f16] = kc;
@@ -450,6 +462,59 @@ impl Backend for CpuBackend {
 
     fn read(&self, n: usize, x: &CpuAct) -> Result<Vec<f32>> {
         Ok(x.rows(n)?.to_vec())
+    }
+
+    fn write(&self, data: &[f32], x: &mut CpuAct) -> Result<()> {
+        let n = data.len() / x.width.max(1);
+        if n * x.width != data.len() {
+            return Err(ModelError::Backend("write: not whole rows".into()));
+        }
+        x.rows_mut(n)?.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn kv_rows(
+        &self,
+        kv: &CpuKv,
+        layer: usize,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(Vec<u16>, Vec<u16>)> {
+        let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
+        let range = pos0 * kvd..(pos0 + n) * kvd;
+        match (kv.k.get(layer), kv.v.get(layer)) {
+            (Some(k), Some(v)) if k.len() >= range.end => Ok((
+                k[range.clone()].iter().map(|h| h.to_bits()).collect(),
+                v[range].iter().map(|h| h.to_bits()).collect(),
+            )),
+            _ => Err(ModelError::Backend(format!(
+                "kv_rows: layer {layer} positions {pos0}..{} not cached",
+                pos0 + n
+            ))),
+        }
+    }
+
+    fn set_kv_rows(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        pos0: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()> {
+        let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
+        let (kc, vc) = kv.layer_mut(layer)?;
+        let end = pos0 * kvd + k.len();
+        if k.len() != v.len() || end > kc.len() {
+            return Err(ModelError::Backend("set_kv_rows: rows out of range".into()));
+        }
+        for (d, s) in kc[pos0 * kvd..end].iter_mut().zip(k) {
+            *d = f16::from_bits(*s);
+        }
+        for (d, s) in vc[pos0 * kvd..end].iter_mut().zip(v) {
+            *d = f16::from_bits(*s);
+        }
+        Ok(())
     }
 }
 

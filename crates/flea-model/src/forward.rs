@@ -278,6 +278,18 @@ pub fn head_project<B: Backend>(
     Ok(())
 }
 
+/// The residual stream of the first `n` rows, on the host (hands the hidden state from one
+/// backend to another between layers).
+pub fn residual<B: Backend>(b: &B, n: usize, s: &Scratch<B>) -> Result<Vec<f32>> {
+    check_batch(n, s)?;
+    b.read(n, &s.x)
+}
+
+/// Set the residual stream's first rows from the host.
+pub fn set_residual<B: Backend>(b: &B, x: &[f32], s: &mut Scratch<B>) -> Result<()> {
+    b.write(x, &mut s.x)
+}
+
 fn check_batch<B: Backend>(n: usize, s: &Scratch<B>) -> Result<()> {
     if n == 0 || n > s.capacity {
         return Err(crate::ModelError::Input(format!(

@@ -18,7 +18,7 @@ use crate::plan::{Plan, Tier, UnitKind};
 use crate::trace::{Lane, Trace};
 use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
-use flea_model::backend::{KvShape, UnitStaging};
+use flea_model::backend::{Backend, KvShape, UnitStaging};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
@@ -73,12 +73,27 @@ pub struct StreamStats {
     pub bytes_streamed: u64,
     pub bytes_host_cache: u64,
     pub bytes_resident: u64,
+    /// Host-cached bytes the CPU computed in place beside the GPU (hybrid).
+    pub bytes_host_cpu: u64,
     /// Time compute spent waiting for a slot to arrive.
     pub stall_seconds: f64,
     pub compute_seconds: f64,
     pub read_seconds: f64,
     /// Time the I/O thread waited for a free slot (the ring was full).
     pub io_slot_wait_seconds: f64,
+}
+
+/// Batches of at most this many tokens run the plan's CPU layers on the CPU (hybrid decode);
+/// larger ones (prompts) are compute-bound and stream every layer to the GPU instead.
+pub const HYBRID_MAX_BATCH: usize = 4;
+
+/// The CPU side of hybrid execution beside a GPU: its own activations and the KV cache of
+/// the layers it computes.
+struct CpuSide<'m> {
+    cpu: &'m CpuBackend,
+    kv: <CpuBackend as Backend>::Kv,
+    scratch: Scratch<CpuBackend>,
+    _reservations: Vec<Reservation>,
 }
 
 /// A model run under a residency plan, on any backend (the CPU by default).
@@ -89,6 +104,14 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     pub device: Arc<Arena>,
     pub host: Arc<Arena>,
     held: Vec<Option<Holding>>,
+    /// Hybrid execution: the CPU computing the plan's `on_cpu` layers.
+    cpu_side: Option<CpuSide<'m>>,
+    /// Per layer, how many positions of its KV cache are valid on [the device, the CPU]
+    /// (a layer computed on both sides copies the missing rows before it runs).
+    kv_valid: Vec<[usize; 2]>,
+    /// Units staged ahead (in pass order) while the CPU computes, and where staging resumes.
+    prestaged: std::collections::VecDeque<(usize, B::Staged)>,
+    prestage_next: usize,
     /// Host buffers page-locked for the backend's copies: (address, length).
     pinned: Vec<(usize, usize)>,
     ring: Option<Ring>,
@@ -297,6 +320,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             device,
             host,
             held,
+            cpu_side: None,
+            kv_valid: vec![[0, 0]; cfg.n_layers],
+            prestaged: std::collections::VecDeque::new(),
+            prestage_next: 0,
             pinned,
             ring,
             embed_reader,
@@ -315,6 +342,103 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             driver_peak: None,
             _fixed: fixed,
         })
+    }
+
+    /// Hybrid execution: let `cpu` compute a share of the host-cached layers (decode-sized
+    /// batches) in place while the GPU streams the rest. The share balances the CPU's time
+    /// against the copy engine's; the CPU's rate is `cpu_rate` (bytes of weights per second)
+    /// or, when None, measured now on the host-cached layers themselves. Its KV cache and
+    /// activations are charged to the host budget.
+    pub fn attach_cpu(&mut self, cpu: &'m CpuBackend, cpu_rate: Option<f64>) -> Result<()> {
+        if self.backend.computes_in_place() {
+            return Err(RuntimeError::Config(
+                "hybrid execution needs a backend with its own memory".into(),
+            ));
+        }
+        let Some(h2d) = self.plan.links.host_to_device else {
+            return Ok(());
+        };
+        let rate = match cpu_rate {
+            Some(r) => r,
+            None => match self.measure_cpu(cpu)? {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        self.plan.links.cpu_compute = Some(rate);
+        crate::plan::split_for_cpu(&mut self.plan.units, rate, h2d);
+        let cfg = &self.model.cfg;
+        let cpu_layers = self.plan.units.iter().filter(|u| u.on_cpu).count();
+        if cpu_layers == 0 {
+            return Ok(());
+        }
+        let shape = KvShape {
+            n_layers: cfg.n_layers,
+            n_ctx: self.n_ctx,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+        };
+        let per_layer = (shape.bytes() / cfg.n_layers.max(1)) as u64;
+        let reservations = vec![
+            self.host
+                .reserve(per_layer * cpu_layers as u64, "CPU layers' KV cache")?,
+            self.host.reserve(
+                Scratch::<CpuBackend>::bytes(cfg, HYBRID_MAX_BATCH, 1),
+                "CPU activations",
+            )?,
+        ];
+        self.cpu_side = Some(CpuSide {
+            cpu,
+            kv: cpu.alloc_kv(shape)?,
+            scratch: Scratch::with_logits_width(cpu, cfg, HYBRID_MAX_BATCH, 1)?,
+            _reservations: reservations,
+        });
+        Ok(())
+    }
+
+    /// Bytes of weights per second the CPU multiplies through at batch 1, timed on the
+    /// host-cached layers as they lie in RAM (up to 2 GiB of them, so caches don't flatter
+    /// it), after one warm-up layer. None when no layer is host-cached.
+    fn measure_cpu(&self, cpu: &CpuBackend) -> Result<Option<f64>> {
+        let m = self.model;
+        let mut layers = Vec::new();
+        for (u, h) in self.plan.units.iter().zip(&self.held) {
+            if let (UnitKind::Layer(il), Tier::HostCache, Some(Holding::Host(h))) =
+                (&u.kind, u.tier, h)
+            {
+                layers.push((*il, h, u.offset));
+            }
+        }
+        if layers.is_empty() {
+            return Ok(None);
+        }
+        let mut bytes = 0usize;
+        let mut seconds = 0.0f64;
+        for (i, &(il, h, offset)) in layers.iter().enumerate() {
+            let w = m.layout.layers[il].views(&h.buf.as_slice()[h.range.clone()], offset)?;
+            let mats = [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down];
+            let mut io = Vec::with_capacity(mats.len());
+            for w in mats {
+                let mut x = cpu.alloc_act(1, w.cols)?;
+                let vals: Vec<f32> = (0..w.cols)
+                    .map(|j| ((j * 7919) % 113) as f32 / 113.0 - 0.5)
+                    .collect();
+                cpu.write(&vals, &mut x)?;
+                io.push((x, cpu.alloc_act(1, w.rows)?));
+            }
+            let t = Instant::now();
+            for (w, (x, out)) in mats.iter().zip(io.iter_mut()) {
+                cpu.matmul(1, w, x, out)?;
+            }
+            if i > 0 || layers.len() == 1 {
+                seconds += t.elapsed().as_secs_f64();
+                bytes += mats.iter().map(|w| w.data.len()).sum::<usize>();
+            }
+            if bytes >= 2 << 30 {
+                break;
+            }
+        }
+        Ok((seconds > 0.0).then(|| bytes as f64 / seconds))
     }
 
     /// Evaluate `tokens` after the cached ones; one pass over the weights per batch.
@@ -403,9 +527,80 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
         let mut logits = Vec::new();
         let mut rows = 0;
+        // Hybrid: the CPU takes its layers for decode-sized batches; `x_on_cpu` says which
+        // side holds the residual stream.
+        let use_cpu = self.cpu_side.is_some() && n <= HYBRID_MAX_BATCH;
+        let mut x_on_cpu = false;
+        self.prestage_next = 0;
         for ui in 0..self.plan.units.len() {
             let unit = &self.plan.units[ui];
             let (kind, tier, offset) = (unit.kind.clone(), unit.tier, unit.offset);
+            if let (true, true, UnitKind::Layer(il), Some(cs)) =
+                (use_cpu, unit.on_cpu, &kind, self.cpu_side.as_mut())
+            {
+                let il = *il;
+                let t0 = Instant::now();
+                // Start the copies of the GPU units that follow, so they run while the CPU
+                // computes this layer.
+                prestage(
+                    b,
+                    m,
+                    &self.plan,
+                    &self.held,
+                    &mut self.prestaged,
+                    &mut self.prestage_next,
+                    ui,
+                )?;
+                if !x_on_cpu {
+                    let x = forward::residual(b, n, &self.scratch)?;
+                    forward::set_residual(cs.cpu, &x, &mut cs.scratch)?;
+                    x_on_cpu = true;
+                }
+                let valid = &mut self.kv_valid[il];
+                if valid[1] < self.pos {
+                    let (k, v) = b.kv_rows(&self.kv, il, valid[1], self.pos - valid[1])?;
+                    cs.cpu.set_kv_rows(&mut cs.kv, il, valid[1], &k, &v)?;
+                }
+                let Some(Holding::Host(h)) = &self.held[ui] else {
+                    return Err(RuntimeError::Stream(format!(
+                        "CPU layer {il} is not in the host cache"
+                    )));
+                };
+                let w = m.layout.layers[il].views(&h.buf.as_slice()[h.range.clone()], offset)?;
+                forward::block(
+                    cs.cpu,
+                    cfg,
+                    il,
+                    &w,
+                    n,
+                    self.pos,
+                    &mut cs.kv,
+                    &mut cs.scratch,
+                )?;
+                valid[1] = self.pos + n;
+                self.stats.bytes_host_cpu += self.plan.units[ui].bytes;
+                let t1 = Instant::now();
+                self.stats.compute_seconds += (t1 - t0).as_secs_f64();
+                self.trace.span(Lane::Compute, ui, t0, t1);
+                continue;
+            }
+            if x_on_cpu {
+                if let Some(cs) = self.cpu_side.as_ref() {
+                    let x = forward::residual(cs.cpu, n, &cs.scratch)?;
+                    forward::set_residual(b, &x, &mut self.scratch)?;
+                }
+                x_on_cpu = false;
+            }
+            if let (UnitKind::Layer(il), Some(cs)) = (&kind, self.cpu_side.as_ref()) {
+                // A layer the CPU computed before (decode) now runs here (a prompt): bring
+                // its KV cache up to date.
+                let valid = &mut self.kv_valid[*il];
+                if valid[0] < self.pos {
+                    let (k, v) = cs.cpu.kv_rows(&cs.kv, *il, valid[0], self.pos - valid[0])?;
+                    b.set_kv_rows(&mut self.kv, *il, valid[0], &k, &v)?;
+                }
+                valid[0] = self.pos + n;
+            }
             // Get the unit's bytes: held, or the next slot from the ring.
             // A streamed unit's bytes arrive in the next ring slot; held units are read in place.
             let slot = if self.held[ui].is_some() {
@@ -464,9 +659,17 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 (h, None)
             } else {
                 let key = unit_key(m, offset, unit_bytes)?;
-                match host {
-                    Some(h) => (key, Some(b.stage(key, h)?)),
-                    None => (key, None),
+                match (host, self.prestaged.front()) {
+                    (_, Some((j, _))) if *j == ui => {
+                        (key, self.prestaged.pop_front().map(|(_, st)| st))
+                    }
+                    (_, Some((j, _))) => {
+                        return Err(RuntimeError::Stream(format!(
+                            "unit {j} staged ahead but unit {ui} comes first"
+                        )))
+                    }
+                    (Some(h), None) => (key, Some(b.stage(key, h)?)),
+                    (None, None) => (key, None),
                 }
             };
             match kind {
@@ -531,7 +734,17 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
     /// Forget the sequence.
     pub fn reset(&mut self) {
-        self.pos = 0;
+        self.rewind(0);
+    }
+
+    /// Continue from position `pos` (≤ the current one): later cached positions are
+    /// forgotten on both sides of a hybrid split.
+    pub fn rewind(&mut self, pos: usize) {
+        self.pos = pos.min(self.pos);
+        for v in &mut self.kv_valid {
+            v[0] = v[0].min(self.pos);
+            v[1] = v[1].min(self.pos);
+        }
     }
 }
 
@@ -551,6 +764,38 @@ impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
             }
         }
     }
+}
+
+/// Stage the host-cached GPU units after unit `after`, in pass order, while fewer than
+/// `ring_depth` are staged (each staged unit holds a device slot until its compute is
+/// issued). Stops at a unit streamed from disk: its bytes arrive at its turn.
+fn prestage<B: UnitStaging>(
+    b: &B,
+    m: &Model,
+    plan: &Plan,
+    held: &[Option<Holding>],
+    prestaged: &mut std::collections::VecDeque<(usize, B::Staged)>,
+    next: &mut usize,
+    after: usize,
+) -> Result<()> {
+    let depth = plan.ring_depth.max(1);
+    let mut j = (*next).max(after + 1);
+    while prestaged.len() < depth && j < plan.units.len() {
+        let u = &plan.units[j];
+        match (u.tier, &held[j]) {
+            (Tier::Resident, _) => {}
+            (Tier::HostCache, _) if u.on_cpu => {}
+            (Tier::HostCache, Some(Holding::Host(h))) => {
+                let key = unit_key(m, u.offset, u.bytes)?;
+                let st = b.stage(key, &h.buf.as_slice()[h.range.clone()])?;
+                prestaged.push_back((j, st));
+            }
+            _ => break,
+        }
+        j += 1;
+    }
+    *next = j;
+    Ok(())
 }
 
 /// The I/O thread: walk the streamed units in a cycle, one free slot at a time.

@@ -37,6 +37,9 @@ pub struct Unit {
     pub offset: u64,
     pub bytes: u64,
     pub tier: Tier,
+    /// Hybrid execution: a host-cached layer the CPU computes in place while the GPU's copy
+    /// engine streams other units (decode-sized batches only; larger ones go to the GPU).
+    pub on_cpu: bool,
 }
 
 impl Unit {
@@ -55,6 +58,9 @@ pub struct Links {
     pub host_to_device: Option<f64>,
     /// Compute device reading its own memory (for the CPU backend: RAM read bandwidth).
     pub device_memory: f64,
+    /// Hybrid execution beside a GPU: the rate at which the CPU backend computes through
+    /// weights in host RAM (bytes of weights per second). None: no hybrid split.
+    pub cpu_compute: Option<f64>,
     /// Whether these came from a measurement (a hardware profile) or are assumed defaults.
     pub measured: bool,
 }
@@ -66,6 +72,7 @@ impl Default for Links {
             disk: 1.5e9,
             host_to_device: None,
             device_memory: 10e9,
+            cpu_compute: None,
             measured: false,
         }
     }
@@ -111,7 +118,10 @@ pub struct Plan {
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PassBytes {
     pub resident: u64,
+    /// Host-cached bytes copied to the compute device.
     pub host_cache: u64,
+    /// Host-cached bytes the CPU computes in place (hybrid).
+    pub host_cpu: u64,
     pub disk: u64,
 }
 
@@ -158,6 +168,7 @@ impl Plan {
                 offset: l.extent_start,
                 bytes: l.extent_bytes(),
                 tier: Tier::Disk,
+                on_cpu: false,
             })
             .collect();
         let mut r = 0;
@@ -168,6 +179,7 @@ impl Plan {
                 offset: out.file_offset + r as u64 * out_row,
                 bytes: (end - r) as u64 * out_row,
                 tier: Tier::Disk,
+                on_cpu: false,
             });
             r = end;
         }
@@ -244,6 +256,13 @@ impl Plan {
                 host += u.held_bytes();
             }
         }
+        if let (true, Some(cpu), Some(h2d)) = (
+            req.stages_units,
+            req.links.cpu_compute,
+            req.links.host_to_device,
+        ) {
+            split_for_cpu(&mut units, cpu, h2d);
+        }
         Ok(Plan {
             units,
             ring_depth,
@@ -266,6 +285,7 @@ impl Plan {
         for u in &self.units {
             match u.tier {
                 Tier::Resident => p.resident += u.bytes,
+                Tier::HostCache if u.on_cpu => p.host_cpu += u.bytes,
                 Tier::HostCache => p.host_cache += u.bytes,
                 Tier::Disk => p.disk += u.bytes,
             }
@@ -293,6 +313,9 @@ impl Plan {
         if let Some(h2d) = l.host_to_device {
             links.push(((p.host_cache + p.disk) as f64 / h2d, "host→device"));
         }
+        if let (Some(cpu), true) = (l.cpu_compute, p.host_cpu > 0) {
+            links.push((p.host_cpu as f64 / cpu, "CPU reading host RAM"));
+        }
         links
             .into_iter()
             .fold((0.0, "none"), |a, b| if b.0 > a.0 { b } else { a })
@@ -314,6 +337,7 @@ impl Plan {
             };
             let tier = match u.tier {
                 Tier::Resident => "resident (device arena)",
+                Tier::HostCache if u.on_cpu => "host cache (RAM), computed by the CPU",
                 Tier::HostCache => "host cache (RAM)",
                 Tier::Disk => "disk (streamed)",
             };
@@ -345,9 +369,10 @@ impl Plan {
         );
         let _ = writeln!(
             s,
-            "per token: {} from device memory, {} from host cache, {} from disk",
+            "per token: {} from device memory, {} from host cache, {} computed by the CPU from host cache, {} from disk",
             fmt_size(p.resident),
             fmt_size(p.host_cache),
+            fmt_size(p.host_cpu),
             fmt_size(p.disk)
         );
         let (t, link) = self.floor();
@@ -362,6 +387,28 @@ impl Plan {
             self.links.host_to_device.map_or(String::new(), |h| format!(", host→device {:.1} GB/s", h / 1e9))
         );
         s
+    }
+}
+
+/// Hybrid split: give the CPU the share of the host-cached layers that balances its time
+/// against the copy engine's (C / B_cpu = G / B_h2d, so C = N · B_cpu / (B_cpu + B_h2d)),
+/// spread evenly through the pass so the CPU's layers alternate with streamed ones and each
+/// copy hides behind a CPU layer. Output slices stay on the GPU.
+pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64) {
+    units.iter_mut().for_each(|u| u.on_cpu = false);
+    let share = cpu / (cpu + h2d);
+    let mut seen = 0u64;
+    let mut on_cpu = 0u64;
+    for u in units.iter_mut() {
+        if u.tier != Tier::HostCache {
+            continue;
+        }
+        seen += u.bytes;
+        let is_layer = matches!(u.kind, UnitKind::Layer(_));
+        if is_layer && (on_cpu + u.bytes) as f64 <= share * seen as f64 + 0.5 * u.bytes as f64 {
+            u.on_cpu = true;
+            on_cpu += u.bytes;
+        }
     }
 }
 

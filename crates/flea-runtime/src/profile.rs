@@ -54,6 +54,7 @@ impl Profile {
             disk: self.disk_read_bps,
             host_to_device: None,
             device_memory: self.mem_read_bps,
+            cpu_compute: None,
             measured: true,
         }
     }

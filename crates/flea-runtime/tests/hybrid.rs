@@ -1,0 +1,324 @@
+//! The executor's staging and hybrid paths, on any machine: `Staging` below is a stand-in
+//! for a GPU backend (it computes with the CPU kernels, but only from its own copies of the
+//! units, which the executor must place with `make_resident` / `stage` exactly as it does for
+//! a GPU). Because the arithmetic is the CPU's, every result must be bit-identical to the
+//! plain CPU executor — through streaming, staging ahead, the hand-over of the hidden state
+//! between the "device" and the CPU, and the KV-cache hand-over when a layer computed by
+//! the CPU during decode runs on the device for a prompt (and back).
+
+use flea_io::IoOptions;
+use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams, UnitStaging};
+use flea_model::config::FfnActivation;
+use flea_model::weights::Weight;
+use flea_model::{CpuBackend, Logits, Model, Result};
+use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
+use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// A placed unit: key address, key length, the device copy.
+type Placed = (usize, usize, Arc<Vec<u8>>);
+
+/// A "device" whose memory is its own heap copies of units, addressed by the unit's bytes
+/// in the file mapping (as on a GPU).
+struct Staging {
+    cpu: CpuBackend,
+    mapped: Mutex<Vec<Placed>>,
+    staged: Mutex<usize>,
+    max_outstanding: Mutex<usize>,
+    slots: Mutex<usize>,
+}
+
+impl Staging {
+    fn new() -> Staging {
+        Staging {
+            cpu: CpuBackend::new(2).unwrap(),
+            mapped: Mutex::new(Vec::new()),
+            staged: Mutex::new(0),
+            max_outstanding: Mutex::new(0),
+            slots: Mutex::new(0),
+        }
+    }
+
+    /// Run `f` with `w` re-pointed at the device copy; a weight that was not placed is an
+    /// error, as on the GPU.
+    fn with<R>(&self, w: &Weight, f: impl FnOnce(&Weight) -> Result<R>) -> Result<R> {
+        let p = w.data.as_ptr() as usize;
+        let found = self
+            .mapped
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, n, _)| p >= *k && p + w.data.len() <= k + n)
+            .map(|(k, _, d)| (p - k, d.clone()));
+        match found {
+            Some((off, data)) => f(&Weight {
+                data: &data[off..off + w.data.len()],
+                ..*w
+            }),
+            // The executor's own small buffers (embedding rows, output norm) are host data.
+            None if w.data.len() < 64 << 10 => f(w),
+            None => Err(flea_model::ModelError::Backend(format!(
+                "{}x{} weight not placed",
+                w.rows, w.cols
+            ))),
+        }
+    }
+}
+
+impl Backend for Staging {
+    type Act = <CpuBackend as Backend>::Act;
+    type Kv = <CpuBackend as Backend>::Kv;
+    fn name(&self) -> String {
+        "staging test device".into()
+    }
+    fn alloc_act(&self, rows: usize, width: usize) -> Result<Self::Act> {
+        self.cpu.alloc_act(rows, width)
+    }
+    fn alloc_kv(&self, shape: KvShape) -> Result<Self::Kv> {
+        self.cpu.alloc_kv(shape)
+    }
+    fn embed(&self, t: &Weight, tokens: &[u32], scale: f32, out: &mut Self::Act) -> Result<()> {
+        self.with(t, |t| self.cpu.embed(t, tokens, scale, out))
+    }
+    fn rms_norm(
+        &self,
+        n: usize,
+        x: &Self::Act,
+        w: &Weight,
+        eps: f32,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.with(w, |w| self.cpu.rms_norm(n, x, w, eps, out))
+    }
+    fn matmul(&self, n: usize, w: &Weight, x: &Self::Act, out: &mut Self::Act) -> Result<()> {
+        self.with(w, |w| self.cpu.matmul(n, w, x, out))
+    }
+    fn matmuls(
+        &self,
+        n: usize,
+        x: &Self::Act,
+        jobs: &mut [(&Weight, &mut Self::Act)],
+    ) -> Result<()> {
+        // One at a time (the CPU's fused path gives the same sums).
+        for (w, out) in jobs.iter_mut() {
+            self.matmul(n, w, x, out)?;
+        }
+        Ok(())
+    }
+    fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()> {
+        self.with(b, |b| self.cpu.add_bias(n, x, b))
+    }
+    fn rope(&self, n: usize, x: &mut Self::Act, p: &RopeParams) -> Result<()> {
+        self.cpu.rope(n, x, p)
+    }
+    fn attention(
+        &self,
+        n: usize,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        kv: &mut Self::Kv,
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.cpu.attention(n, q, k, v, kv, p, out)
+    }
+    fn glu(
+        &self,
+        n: usize,
+        g: &Self::Act,
+        u: &Self::Act,
+        a: FfnActivation,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.cpu.glu(n, g, u, a, out)
+    }
+    fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act) -> Result<()> {
+        self.cpu.add(n, x, y)
+    }
+    fn copy_rows(&self, s: &Self::Act, r: usize, n: usize, d: &mut Self::Act) -> Result<()> {
+        self.cpu.copy_rows(s, r, n, d)
+    }
+    fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>> {
+        self.cpu.read(n, x)
+    }
+    fn write(&self, data: &[f32], x: &mut Self::Act) -> Result<()> {
+        self.cpu.write(data, x)
+    }
+    fn kv_rows(&self, kv: &Self::Kv, l: usize, p: usize, n: usize) -> Result<(Vec<u16>, Vec<u16>)> {
+        self.cpu.kv_rows(kv, l, p, n)
+    }
+    fn set_kv_rows(
+        &self,
+        kv: &mut Self::Kv,
+        l: usize,
+        p: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()> {
+        self.cpu.set_kv_rows(kv, l, p, k, v)
+    }
+}
+
+impl UnitStaging for Staging {
+    type Staged = usize;
+    fn computes_in_place(&self) -> bool {
+        false
+    }
+    fn prepare_slots(&self, depth: usize, _slot_bytes: usize) -> Result<()> {
+        *self.slots.lock().unwrap() = depth;
+        Ok(())
+    }
+    fn make_resident(&self, key: &[u8], host: &[u8]) -> Result<()> {
+        self.mapped.lock().unwrap().push((
+            key.as_ptr() as usize,
+            key.len(),
+            Arc::new(host.to_vec()),
+        ));
+        Ok(())
+    }
+    fn stage(&self, key: &[u8], host: &[u8]) -> Result<usize> {
+        let mut staged = self.staged.lock().unwrap();
+        *staged += 1;
+        // Never more units in flight than device slots.
+        assert!(
+            *staged <= *self.slots.lock().unwrap(),
+            "more units staged than slots"
+        );
+        let mut m = self.max_outstanding.lock().unwrap();
+        *m = (*m).max(*staged);
+        self.mapped.lock().unwrap().push((
+            key.as_ptr() as usize,
+            key.len(),
+            Arc::new(host.to_vec()),
+        ));
+        Ok(key.as_ptr() as usize)
+    }
+    fn finish(&self, key: usize, _release_host: bool) -> Result<()> {
+        *self.staged.lock().unwrap() -= 1;
+        let mut m = self.mapped.lock().unwrap();
+        let i = m
+            .iter()
+            .position(|(k, _, _)| *k == key)
+            .expect("finish of an unstaged unit");
+        m.remove(i);
+        Ok(())
+    }
+}
+
+struct Tmp(PathBuf);
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn request(vram: u64, stages: bool, cpu_share: bool) -> PlanRequest {
+    PlanRequest {
+        vram_budget: vram,
+        ram_budget: 1 << 40,
+        n_ctx: 64,
+        batch: 16,
+        ring_depth: if vram < 1 << 40 { Some(2) } else { None },
+        links: Links {
+            host_to_device: Some(50e9),
+            cpu_compute: cpu_share.then_some(50e9),
+            ..Links::default()
+        },
+        stages_units: stages,
+        device_scratch: 0,
+    }
+}
+
+/// A prompt (device for every layer), decode (hybrid), a second multi-token turn (device
+/// again: needs the KV rows the CPU wrote), decode again; all logits as bits.
+fn script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Vec<u32> {
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    let mut out = s.eval(&prompt, Logits::All).unwrap();
+    let mut next = 5u32;
+    for step in 0..10 {
+        if step == 5 {
+            let turn: Vec<u32> = (0..7u32).map(|i| (i * 13 + 3) % vocab as u32).collect();
+            out.extend(s.eval(&turn, Logits::All).unwrap());
+        }
+        let l = s.eval(&[next], Logits::Last).unwrap();
+        next = (l
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+            .0) as u32;
+        out.extend(l);
+    }
+    out.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn staged_and_hybrid_runs_equal_the_cpu_executor() {
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let path = std::env::temp_dir().join(format!(
+            "flea-hybrid-{}-{}.gguf",
+            preset.name(),
+            std::process::id()
+        ));
+        let _tmp = Tmp(path.clone());
+        let mut o = SynthOptions::new(preset);
+        o.quant = QuantMix::Q4_K_M;
+        o.threads = 2;
+        write_synthetic(&path, &o).unwrap();
+        let model = Model::load(&path).unwrap();
+        let vocab = model.cfg.n_vocab;
+        let io = IoOptions::default();
+
+        let cpu = CpuBackend::new(2).unwrap();
+        let plan = Plan::build(&model, &request(1 << 40, false, false)).unwrap();
+        let want = script(
+            &mut StreamedModel::new(&model, &cpu, plan.clone(), &path, &io, 64, 16).unwrap(),
+            vocab,
+        );
+        let fixed = plan.kv_bytes + plan.act_bytes + plan.misc_bytes;
+        let small = fixed + 3 * plan.slot_bytes;
+
+        let dev = Staging::new();
+        // Everything resident on the "device".
+        let p = Plan::build(&model, &request(1 << 40, true, false)).unwrap();
+        let got = script(
+            &mut StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap(),
+            vocab,
+        );
+        assert!(got == want, "{}: resident staging differs", preset.name());
+
+        // Streamed from the host cache through 2 device slots, no CPU share.
+        let p = Plan::build(&model, &request(small, true, false)).unwrap();
+        assert!(p.units.iter().any(|u| u.tier == Tier::HostCache));
+        let got = script(
+            &mut StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap(),
+            vocab,
+        );
+        assert!(
+            got == want,
+            "{}: host-cache streaming differs",
+            preset.name()
+        );
+
+        // Hybrid: about half the host-cached layers on the CPU.
+        let p = Plan::build(&model, &request(small, true, true)).unwrap();
+        let on_cpu = p.units.iter().filter(|u| u.on_cpu).count();
+        assert!(
+            on_cpu > 0,
+            "{}: the split gave the CPU nothing",
+            preset.name()
+        );
+        let mut s = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
+        s.attach_cpu(&cpu, Some(50e9)).unwrap();
+        let got = script(&mut s, vocab);
+        assert!(s.stats.bytes_host_cpu > 0, "the CPU computed nothing");
+        assert!(got == want, "{}: hybrid differs", preset.name());
+        assert!(s.host.peak() <= s.host.budget && s.device.peak() <= s.device.budget);
+        println!(
+            "{}: {on_cpu} layers on the CPU, at most {} units staged at once: bit-identical",
+            preset.name(),
+            dev.max_outstanding.lock().unwrap()
+        );
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# flea beside llama.cpp's CUDA build on the lent GPU machine, same model, same card, same call.
+#
+# usage: scripts/gpu_compare.sh OUTDIR [CARRY_DIR]
+#   CARRY_DIR/flea                          target/release/flea (--features cuda)
+#   CARRY_DIR/llama_cpp_python-slim.tar.gz  + wheels, run_remote.sh, quick_bench.py: see
+#                                           ../shared/tools/llamacpp-gpu/README.md
+# Environment: PRESET (13b), NGLS (llama.cpp layer counts, "41 20"), BUDGETS (flea VRAM budgets,
+# "all 4GiB"), GEN (32). llama.cpp is built once per warm machine (~4 min) under /tmp/llcpp.
+set -u
+OUT=${1:?usage: gpu_compare.sh OUTDIR [CARRY_DIR]}
+CARRY=$(cd "${2:-carry}" && pwd)
+PRESET=${PRESET:-13b}
+NGLS=${NGLS:-"41 20"}
+BUDGETS=${BUDGETS:-"all 4GiB"}
+GEN=${GEN:-32}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+M=/tmp/flea-models/$PRESET.gguf
+mkdir -p /tmp/flea-models
+export FLEA_CUDA_CACHE=/tmp/flea-cuda-kernels
+THREADS=$(nproc)
+
+# 1. llama.cpp's CUDA build (skipped when a warm machine already has it).
+if ! ls /tmp/llcpp/site/llama_cpp >/dev/null 2>&1; then
+  (cd "$CARRY" && CARRY=$CARRY OUT="$OUT/llcpp" FA_BUILD=off bash run_remote.sh env build > "$OUT/llcpp-build.log" 2>&1)
+  echo "llama.cpp build: $(tail -1 "$OUT/llcpp-build.log")"
+fi
+[ -s "$M" ] || "$CARRY/flea" synth --preset "$PRESET" "$M" > "$OUT/synth.log" 2>&1
+
+# 2. flea: prompt of ~500 tokens in one pass, then GEN decode tokens; ctx 768 as quick_bench.
+PROMPT=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog and'] * 24))")
+for b in $BUDGETS; do
+  for mode in hybrid stream; do
+    [ "$b" = all ] && [ "$mode" = stream ] && continue
+    extra=()
+    [ "$b" != all ] && extra+=(--vram-budget "$b")
+    [ "$mode" = stream ] && extra+=(--no-hybrid)
+    name=flea-$PRESET-$b-$mode
+    "$CARRY/flea" run -m "$M" -p "$PROMPT" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" --ctx 768 \
+      --device cuda --stats-json "$OUT/$name.json" "${extra[@]}" > /dev/null 2> "$OUT/$name.err"
+    echo "FLEA $PRESET budget=$b $mode: $(grep -E '^prompt:' "$OUT/$name.err" | tail -1)"
+    grep -E '^residency|^error' "$OUT/$name.err" | sed 's/^/    /'
+  done
+done
+
+# 3. llama.cpp, all cores, same model.
+export PYTHONPATH=/tmp/llcpp/site:/tmp/llcpp/site_prebuilt:/tmp/llcpp/pydeps
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+for ngl in $NGLS; do
+  echo "LLAMA.CPP $PRESET ngl=$ngl: $(python3 "$CARRY/quick_bench.py" "$M" "$ngl" "$THREADS" "$GEN" 2> "$OUT/llama-$ngl.err" | tail -1)"
+done
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,clocks_throttle_reasons.active --format=csv > "$OUT/gpu-after.csv" 2>&1
