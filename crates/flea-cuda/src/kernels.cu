@@ -673,3 +673,253 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
     long long stride = (long long)gridDim.x * blockDim.x;
     for (; i < n4; i += stride) y[i] = x[i];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Integer decode mat-vec ("mmvq"): activations quantized once per matmul group to int8 on the
+// CPU's grid (act_q8k: Q8_K, act_q8_0: Q8_0), weights read with wide loads and multiplied with
+// __dp4a, one float scale per sub-block. Same integers as the CPU's dots; only the float
+// summation order differs.
+//
+// Activation scratch for n tokens of `cols` (a multiple of the block size):
+//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: i32 [n*cols/16] sums of each
+//   16 consecutive quants (Q8_K's bsums; only act_q8k writes them).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+
+// 4 bytes from a 2-byte aligned address (Q6_K / Q4_0 / Q8_0 blocks are only 2-aligned).
+__device__ __forceinline__ int ld_a2(const u8* p) {
+    const u16* h = (const u16*)p;
+    return (int)((u32)__ldg(h) | ((u32)__ldg(h + 1) << 16));
+}
+
+// Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
+// element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
+// rint(iscale*x)), d = 1/iscale. One warp per block; lane owns elements 8*lane .. 8*lane+7.
+// grid.x * 4 warps cover nblk blocks.
+extern "C" __global__ void __launch_bounds__(128)
+    act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
+            int* __restrict__ xs, long long nblk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const float* xb = x + blk * 256 + lane * 8;
+    float v[8];
+    float amax = 0.f, mx = 0.f;
+    int first = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        v[i] = xb[i];
+        // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
+        if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float a2 = __shfl_xor_sync(0xffffffff, amax, o);
+        float m2 = __shfl_xor_sync(0xffffffff, mx, o);
+        int f2 = __shfl_xor_sync(0xffffffff, first, o);
+        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
+    }
+    u32 packed[2] = {0u, 0u};
+    int sum = 0;
+    float d = 0.f;
+    if (amax != 0.f) {
+        const float iscale = -127.f / mx;
+        d = 1.f / iscale;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int q = (int)fminf(127.f, rintf(iscale * v[i]));
+            sum += q;
+            packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
+        }
+    }
+    *(uint2*)(xq + blk * 256 + lane * 8) = make_uint2(packed[0], packed[1]);
+    // Sums of 16: lanes 2g and 2g+1 hold group g.
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    if ((lane & 1) == 0) xs[blk * 16 + (lane >> 1)] = sum;
+    if (lane == 0) xd[blk] = d;
+}
+
+// Q4_K block, 144 bytes; 16-aligned when the row start is (144 = 9*16; the host checks the
+// tensor pointer):
+//   [0,2) d f16 | [2,4) dmin f16 | [4,16) scales: 8 (6-bit scale, 6-bit min) pairs, packed as
+//   in scale_min_k4 | [16,144) qs: for j in 0..4 and l in 0..32, qs[32j + l] holds element
+//   64j + l in its low nibble and element 64j + 32 + l in its high nibble.
+//   Value = d*sc_s*q - dmin*m_s, sub-block s = element / 32.
+// Lane mapping: 8 lanes per block, part p (0..8): j = p >> 1, h = p & 1. The lane loads the
+// header (16 B) and qs[32j + 16h .. +16) (16 B), covering elements 64j + 16h + i (sub-block
+// 2j, Q8_K 16-group 4j + h) and 64j + 32 + 16h + i (sub-block 2j + 1, 16-group 4j + 2 + h),
+// i in 0..16.
+struct Q4KRaw {
+    uint4 hdr, qs;
+};
+struct Q4K {
+    enum { LPB = 8 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q4KRaw& r) {
+        const uint4* b = (const uint4*)(wr + (long long)blk * 144);
+        r.hdr = __ldg(b);
+        r.qs = __ldg(b + 1 + p);  // 16 + 16p = 16 + 32j + 16h
+    }
+    // Scale and min of sub-block s from the three scale words y (bytes 0..3), z (4..7),
+    // w (8..11).
+    __device__ static __forceinline__ void scale_min(int s, u32 y, u32 z, u32 w, int& sc,
+                                                     int& m) {
+        const int sh = 8 * (s & 3);
+        const int by = (y >> sh) & 0xff, bz = (z >> sh) & 0xff, bw = (w >> sh) & 0xff;
+        if (s < 4) {
+            sc = by & 63;
+            m = bz & 63;
+        } else {
+            sc = (bw & 15) | ((by >> 6) << 4);
+            m = (bw >> 4) | ((bz >> 6) << 4);
+        }
+    }
+    __device__ static __forceinline__ float dot(const Q4KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int j = p >> 1, h = p & 1;
+        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int4 alo = *(const int4*)a;
+        const int4 ahi = *(const int4*)(a + 32);
+        const int slo = xs[blk * 16 + 4 * j + h];
+        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const float yd = xd[blk];
+        const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
+        const int al[4] = {alo.x, alo.y, alo.z, alo.w};
+        const int ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+        int dlo = 0, dhi = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            dlo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], dlo);
+            dhi = dp4a((int)((q[k] >> 4) & 0x0f0f0f0fu), ah[k], dhi);
+        }
+        int sc0, m0, sc1, m1;
+        scale_min(2 * j, r.hdr.y, r.hdr.z, r.hdr.w, sc0, m0);
+        scale_min(2 * j + 1, r.hdr.y, r.hdr.z, r.hdr.w, sc1, m1);
+        const float d = h2f((u16)(r.hdr.x & 0xffff)) * yd;
+        const float dmin = h2f((u16)(r.hdr.x >> 16)) * yd;
+        return d * (float)(sc0 * dlo + sc1 * dhi) - dmin * (float)(m0 * slo + m1 * shi);
+    }
+};
+
+// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so weights are read as u16 pairs:
+//   [0,128) ql | [128,192) qh | [192,208) scales i8, one per 16 elements | [208,210) d f16.
+//   For half n (0..2), c (0..4), l (0..32): element 128n + 32c + l has low 4 bits
+//   (ql[64n + 32(c & 1) + l] >> 4(c >> 1)) & 15, high 2 bits (qh[32n + l] >> 2c) & 3;
+//   value = d * scale[element / 16] * (q - 32).
+// Lane mapping: 8 lanes per block, part p (0..8): n = p >> 2, l0 = 8(p & 3). The lane loads
+// ql[64n + l0 .. +8] (A), ql[64n + 32 + l0 .. +8] (B), qh[32n + l0 .. +8] (H) and covers, for
+// each c, the 8 elements 128n + 32c + l0 + i (16-group 8n + 2c + (l0 >= 16)), 32 in all.
+struct Q6KRaw {
+    int a0, a1, b0, b1, h0, h1;
+    int sc01, sc23;  // the 4 scales' u16 words (byte select below)
+    u16 d;
+};
+struct Q6K {
+    enum { LPB = 8 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q6KRaw& r) {
+        const u8* b = wr + (long long)blk * 210;
+        const int n = p >> 2, l0 = 8 * (p & 3);
+        const u8* ql = b + 64 * n + l0;
+        const u8* qh = b + 128 + 32 * n + l0;
+        r.a0 = ld_a2(ql);
+        r.a1 = ld_a2(ql + 4);
+        r.b0 = ld_a2(ql + 32);
+        r.b1 = ld_a2(ql + 36);
+        r.h0 = ld_a2(qh);
+        r.h1 = ld_a2(qh + 4);
+        // Scales 8n + 2c + g (g = l0 >= 16) for c = 0..3: bytes 192 + 8n + g + {0, 2, 4, 6}.
+        // Load the u16 words at 192 + 8n + {0, 2} and {4, 6}; byte g of each word is ours.
+        const u8* s = b + 192 + 8 * n;
+        r.sc01 = ld_a2(s);
+        r.sc23 = ld_a2(s + 4);
+        r.d = __ldg((const u16*)(b + 208));
+    }
+    __device__ static __forceinline__ int q6(u32 lo4, u32 hi2) {
+        // lo4 bytes in 0..15, hi2 bytes in 0..3: q in 0..63 per byte; (q + 0x60) ^ 0x80 is
+        // q - 32 as a signed byte, with no carry between bytes (q + 0x60 <= 0x9f).
+        const u32 q = lo4 | (hi2 << 4);
+        return (int)((q + 0x60606060u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q6KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int n = p >> 2, l0 = 8 * (p & 3);
+        const int g = l0 >= 16 ? 8 : 0;  // bit offset of our scale byte in each u16
+        const i8* a = xq + blk * 256 + 128 * n + l0;
+        const int2 a0 = *(const int2*)a;
+        const int2 a1 = *(const int2*)(a + 32);
+        const int2 a2 = *(const int2*)(a + 64);
+        const int2 a3 = *(const int2*)(a + 96);
+        const float yd = xd[blk];
+        const u32 A0 = r.a0, A1 = r.a1, B0 = r.b0, B1 = r.b1, H0 = r.h0, H1 = r.h1;
+        const u32 M4 = 0x0f0f0f0fu, M2 = 0x03030303u;
+        int d0 = dp4a(q6(A0 & M4, H0 & M2), a0.x, dp4a(q6(A1 & M4, H1 & M2), a0.y, 0));
+        int d1 = dp4a(q6(B0 & M4, (H0 >> 2) & M2), a1.x,
+                      dp4a(q6(B1 & M4, (H1 >> 2) & M2), a1.y, 0));
+        int d2 = dp4a(q6((A0 >> 4) & M4, (H0 >> 4) & M2), a2.x,
+                      dp4a(q6((A1 >> 4) & M4, (H1 >> 4) & M2), a2.y, 0));
+        int d3 = dp4a(q6((B0 >> 4) & M4, (H0 >> 6) & M2), a3.x,
+                      dp4a(q6((B1 >> 4) & M4, (H1 >> 6) & M2), a3.y, 0));
+        const u32 s01 = (u32)r.sc01, s23 = (u32)r.sc23;
+        const int sc0 = (int)(i8)((s01 >> g) & 0xff);
+        const int sc1 = (int)(i8)((s01 >> (16 + g)) & 0xff);
+        const int sc2 = (int)(i8)((s23 >> g) & 0xff);
+        const int sc3 = (int)(i8)((s23 >> (16 + g)) & 0xff);
+        const int isum = sc0 * d0 + sc1 * d1 + sc2 * d2 + sc3 * d3;
+        return (h2f(r.d) * yd) * (float)isum;
+    }
+};
+
+// y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
+// block), K::LPB lanes per weight block, 32 / LPB blocks per warp step, two steps' loads in
+// flight before their dots. grid = (ceil(rows / 4), n). The activation row t starts at
+// xq + t*cols, xd + t*(cols/256), xs + t*(cols/16).
+template <class K, class Raw>
+__device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
+                                          const float* __restrict__ xd,
+                                          const int* __restrict__ xs, float* __restrict__ y,
+                                          int rows, int cols, long long row_bytes) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 4 + warp;
+    const int t = blockIdx.y;
+    if (row >= rows) return;
+    const u8* wr = W + (long long)row * row_bytes;
+    const i8* xqt = xq + (long long)t * cols;
+    const float* xdt = xd + (long long)t * (cols / 256);
+    const int* xst = xs + (long long)t * (cols / 16);
+    const int nb = cols / 256;
+    const int step = 32 / K::LPB;
+    const int p = lane % K::LPB;
+    float acc = 0.f;
+    int blk = lane / K::LPB;
+    for (; blk + step < nb; blk += 2 * step) {
+        Raw r0, r1;
+        K::load(wr, blk, p, r0);
+        K::load(wr, blk + step, p, r1);
+        acc += K::dot(r0, blk, p, xqt, xdt, xst);
+        acc += K::dot(r1, blk + step, p, xqt, xdt, xst);
+    }
+    if (blk < nb) {
+        Raw r0;
+        K::load(wr, blk, p, r0);
+        acc += K::dot(r0, blk, p, xqt, xdt, xst);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[(long long)t * rows + row] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    mmvq_q4_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
+              int cols, long long row_bytes) {
+    mmvq_impl<Q4K, Q4KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    mmvq_q6_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
+              int cols, long long row_bytes) {
+    mmvq_impl<Q6K, Q6KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
+}

@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod mmvq;
 mod staging;
 pub use staging::CudaStaged;
 
@@ -144,6 +145,8 @@ struct Scratch {
     /// Rounded activations, f32 (matvec) and f16 (GEMM).
     xr: Option<CudaSlice<f32>>,
     xh: Option<CudaSlice<u16>>,
+    /// Int8 activations (Q8_K grid) for the mmvq kernels; see mmvq::q8k_layout.
+    xq: Option<CudaSlice<u8>>,
     tokens: Option<CudaSlice<i32>>,
     /// Embedding rows of one batch (under the executor).
     emb: Option<CudaSlice<u8>>,
@@ -335,6 +338,7 @@ impl CudaBackend {
             .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
         let mut funcs = HashMap::new();
         let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
+        names.extend(mmvq::KERNELS.iter().map(|s| s.to_string()));
         for s in TYPE_SUFFIXES {
             for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
                 names.push(format!("{k}_{s}"));
@@ -869,6 +873,7 @@ impl Backend for CudaBackend {
         let mut sc = self.scratch.lock().unwrap();
         // Rounded input per mode, computed once for all jobs.
         let mut done_mode: Option<i32> = None;
+        let mut done_q8k = false;
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
@@ -900,6 +905,8 @@ impl Backend for CudaBackend {
                 let blas = self.blas.as_ref().unwrap();
                 gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
                 self.after_launch("cublasGemmEx")?;
+            } else if self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut done_q8k)? {
+                // Int8 decode kernel (mmvq.rs).
             } else {
                 let xin = if mode == 0 {
                     x.ptr

@@ -1,0 +1,367 @@
+//! Integer decode mat-vec ("mmvq", kernels.cu): for the weight types that carry most of a
+//! K-quant model's bytes, activations are quantized once per matmul group to int8 on the CPU's
+//! grid (`act_q8k`), and each weight block is read with wide loads and multiplied with
+//! `__dp4a`, one float scale per sub-block. The integers are the CPU's; only the order of the
+//! float sums differs. Other types keep the dequantizing `matvec_*` kernels.
+//!
+//! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
+
+use crate::{be, CudaBackend};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use flea_gguf::GgmlType;
+use flea_model::weights::Weight;
+use flea_model::Result;
+
+/// Kernels of this module, loaded with the others.
+pub(crate) const KERNELS: [&str; 3] = ["act_q8k", "mmvq_q4_k", "mmvq_q6_k"];
+
+/// The fast kernel for a weight type, and the byte alignment its weight pointer needs
+/// (Q4_K blocks are read as 16-byte words; Q6_K as 2-byte words).
+pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64)> {
+    match ty {
+        GgmlType::Q4_K => Some(("mmvq_q4_k", 16)),
+        GgmlType::Q6_K => Some(("mmvq_q6_k", 2)),
+        _ => None,
+    }
+}
+
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none())
+}
+
+/// Byte offsets of the Q8_K activation scratch for `total` elements (a multiple of 256):
+/// quants (i8, `total`), block scales (f32, total/256) at `d_off`, sums of 16 quants (i32,
+/// total/16) at `s_off`; `bytes` in all. Each part starts 256-aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Q8kLayout {
+    pub d_off: usize,
+    pub s_off: usize,
+    pub bytes: usize,
+}
+
+pub(crate) fn q8k_layout(total: usize) -> Q8kLayout {
+    let up = |v: usize| v.div_ceil(256) * 256;
+    let d_off = up(total);
+    let s_off = d_off + up(total / 256 * 4);
+    Q8kLayout {
+        d_off,
+        s_off,
+        bytes: s_off + up(total / 16 * 4),
+    }
+}
+
+impl CudaBackend {
+    /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
+    /// bytes are aligned for it. Returns false (nothing launched) otherwise. `xq` is the
+    /// scratch quantized by [`CudaBackend::quantize_q8k`] for this x (`quantized` says
+    /// whether that already happened for this matmul group).
+    #[allow(clippy::too_many_arguments)] // the matmul's operands and its group's scratch
+    pub(crate) fn try_mmvq(
+        &self,
+        n: usize,
+        w: &Weight,
+        wp: u64,
+        x: u64,
+        out: u64,
+        xq: &mut Option<cudarc::driver::CudaSlice<u8>>,
+        quantized: &mut bool,
+    ) -> Result<bool> {
+        let Some((name, align)) = kernel_for(w.ty) else {
+            return Ok(false);
+        };
+        if !enabled() || !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align)
+        {
+            return Ok(false);
+        }
+        let total = n * w.cols;
+        let lay = q8k_layout(total);
+        let base = self.grow(xq, lay.bytes)?;
+        let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
+        if !*quantized {
+            let nblk = (total / 256) as i64;
+            let cfg = LaunchConfig {
+                grid_dim: ((total / 256).div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.func("act_q8k")?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
+            // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
+            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel act_q8k: {e:?}")))?;
+            self.after_launch("act_q8k")?;
+            *quantized = true;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(4) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
+        let f = self.func(name)?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&wp)
+            .arg(&xqp)
+            .arg(&xdp)
+            .arg(&xsp)
+            .arg(&out)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&rb);
+        // SAFETY: wp holds rows*row_bytes bytes (check_weight), out holds n*rows f32
+        // (check_rows), the activation scratch was sized and filled above.
+        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
+        self.after_launch(name)?;
+        Ok(true)
+    }
+}
+
+/// Rust mirrors of the kernels' per-lane arithmetic (same lane split, bit tricks and integer
+/// sums as kernels.cu), checked against flea-quant's reference dots: they pin down the index
+/// and bit math that only a GPU could otherwise exercise.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+        let mut s = c;
+        for k in 0..4 {
+            s += ((a >> (8 * k)) as u8 as i8 as i32) * ((b >> (8 * k)) as u8 as i8 as i32);
+        }
+        s
+    }
+    fn word(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    }
+    fn h2f(h: u16) -> f32 {
+        flea_quant::f16_to_f32(h)
+    }
+
+    /// act_q8k: (quants, d, sums of 16) of one 256-element block, lane by lane.
+    fn act_q8k(x: &[f32]) -> (Vec<i8>, f32, Vec<i32>) {
+        let (mut amax, mut mx, mut first) = (0f32, 0f32, 1usize << 30);
+        let mut lanes = Vec::new();
+        for lane in 0..32 {
+            let (mut a, mut m, mut f) = (0f32, 0f32, 1usize << 30);
+            for i in 0..8 {
+                let v = x[lane * 8 + i];
+                if v.abs() > a {
+                    a = v.abs();
+                    m = v;
+                    f = lane * 8 + i;
+                }
+            }
+            lanes.push((a, m, f));
+        }
+        // The butterfly's result equals the max of |v| with the smallest index on ties.
+        for &(a, m, f) in &lanes {
+            if a > amax || (a == amax && f < first) {
+                amax = a;
+                mx = m;
+                first = f;
+            }
+        }
+        let mut q = vec![0i8; 256];
+        let mut d = 0f32;
+        if amax != 0.0 {
+            let iscale = -127.0f32 / mx;
+            d = 1.0 / iscale;
+            for (qi, &v) in q.iter_mut().zip(x) {
+                *qi = (iscale * v).round_ties_even().min(127.0) as i8;
+            }
+        }
+        let sums = q
+            .chunks(16)
+            .map(|c| c.iter().map(|&v| v as i32).sum())
+            .collect();
+        (q, d, sums)
+    }
+
+    fn q8(q: &[i8], off: usize) -> u32 {
+        u32::from_le_bytes([
+            q[off] as u8,
+            q[off + 1] as u8,
+            q[off + 2] as u8,
+            q[off + 3] as u8,
+        ])
+    }
+
+    /// Q4K::dot for one block and lane part p.
+    fn q4k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
+        let (j, h) = (p >> 1, p & 1);
+        let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
+        let scale_min = |s: usize| -> (i32, i32) {
+            let sh = 8 * (s & 3);
+            let (by, bz, bw) = ((y >> sh) & 0xff, (z >> sh) & 0xff, (w >> sh) & 0xff);
+            if s < 4 {
+                ((by & 63) as i32, (bz & 63) as i32)
+            } else {
+                (
+                    ((bw & 15) | ((by >> 6) << 4)) as i32,
+                    ((bw >> 4) | ((bz >> 6) << 4)) as i32,
+                )
+            }
+        };
+        let (mut dlo, mut dhi) = (0, 0);
+        for k in 0..4 {
+            let qw = word(b, 16 + 16 * p + 4 * k);
+            let a = 64 * j + 16 * h + 4 * k;
+            dlo = dp4a(qw & 0x0f0f0f0f, q8(q, a), dlo);
+            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 32), dhi);
+        }
+        let (sc0, m0) = scale_min(2 * j);
+        let (sc1, m1) = scale_min(2 * j + 1);
+        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
+        let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
+        d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
+    }
+
+    /// Q6K::dot for one block and lane part p.
+    fn q6k_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let (n, l0) = (p >> 2, 8 * (p & 3));
+        let g = if l0 >= 16 { 8 } else { 0 };
+        let ql = 64 * n + l0;
+        let qh = 128 + 32 * n + l0;
+        let (a0, a1, b0, b1) = (
+            word(b, ql),
+            word(b, ql + 4),
+            word(b, ql + 32),
+            word(b, ql + 36),
+        );
+        let (h0, h1) = (word(b, qh), word(b, qh + 4));
+        let q6 = |lo4: u32, hi2: u32| ((lo4 | (hi2 << 4)).wrapping_add(0x60606060)) ^ 0x80808080;
+        let (m4, m2) = (0x0f0f0f0fu32, 0x03030303u32);
+        let a = 128 * n + l0;
+        let dd = |w0: u32, w1: u32, c: usize| {
+            dp4a(w0, q8(q, a + 32 * c), dp4a(w1, q8(q, a + 32 * c + 4), 0))
+        };
+        let d0 = dd(q6(a0 & m4, h0 & m2), q6(a1 & m4, h1 & m2), 0);
+        let d1 = dd(q6(b0 & m4, (h0 >> 2) & m2), q6(b1 & m4, (h1 >> 2) & m2), 1);
+        let d2 = dd(
+            q6((a0 >> 4) & m4, (h0 >> 4) & m2),
+            q6((a1 >> 4) & m4, (h1 >> 4) & m2),
+            2,
+        );
+        let d3 = dd(
+            q6((b0 >> 4) & m4, (h0 >> 6) & m2),
+            q6((b1 >> 4) & m4, (h1 >> 6) & m2),
+            3,
+        );
+        let s = 192 + 8 * n;
+        let (s01, s23) = (
+            u16::from_le_bytes([b[s], b[s + 1]]) as u32
+                | (u16::from_le_bytes([b[s + 2], b[s + 3]]) as u32) << 16,
+            word(b, s + 4),
+        );
+        let sc = |w: u32, sh: u32| ((w >> sh) & 0xff) as u8 as i8 as i32;
+        let isum = sc(s01, g) * d0 + sc(s01, 16 + g) * d1 + sc(s23, g) * d2 + sc(s23, 16 + g) * d3;
+        (h2f(u16::from_le_bytes([b[208], b[209]])) * yd) * isum as f32
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64*).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545F4914F6CDD1D)
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn acts(rng: &mut Rng, n: usize) -> Vec<f32> {
+        // Mixed magnitudes, exact ties of |max| with both signs, and an all-zero block.
+        let mut x: Vec<f32> = (0..n).map(|i| rng.f32() * (1 + i % 7) as f32).collect();
+        x[3] = 9.0;
+        x[200] = -9.0;
+        x[256 + 17] = -12.5;
+        x[256 + 18] = 12.5;
+        for v in &mut x[512..768] {
+            *v = 0.0;
+        }
+        x
+    }
+
+    /// The kernel's quants, scales and sums equal flea-quant's Q8_K bytes.
+    #[test]
+    fn act_q8k_matches_cpu_quantizer() {
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        let x = acts(&mut rng, 1024);
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_K, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(256).zip(cpu.chunks(292)) {
+            let (q, d, sums) = act_q8k(blk);
+            assert_eq!(d.to_le_bytes(), c[0..4], "scale");
+            let cq: Vec<i8> = c[4..260].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+            for (g, &s) in sums.iter().enumerate() {
+                assert_eq!(
+                    s as i16,
+                    i16::from_le_bytes([c[260 + 2 * g], c[261 + 2 * g]])
+                );
+            }
+        }
+    }
+
+    fn check_type(ty: GgmlType, block_bytes: usize, f16_at: &[usize]) {
+        let mut rng = Rng(0x1234_5678_9abc_def1 ^ block_bytes as u64);
+        let nb = 6;
+        let cols = 256 * nb;
+        let x = acts(&mut rng, cols);
+        let mut act = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_K, &x, &mut act).unwrap();
+        for _row in 0..8 {
+            let mut w: Vec<u8> = (0..block_bytes * nb).map(|_| rng.next() as u8).collect();
+            for b in 0..nb {
+                for &o in f16_at {
+                    let h = flea_quant::f32_to_f16(rng.f32() * 0.01 + 0.02);
+                    w[b * block_bytes + o..b * block_bytes + o + 2]
+                        .copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let want = flea_quant::vec_dot(ty, cols, &w, &act);
+            let (mut got, mut mag) = (0f32, 0f32);
+            for b in 0..nb {
+                let (q, d, sums) = act_q8k(&x[256 * b..256 * (b + 1)]);
+                let blk = &w[b * block_bytes..(b + 1) * block_bytes];
+                for p in 0..8 {
+                    let v = match ty {
+                        GgmlType::Q4_K => q4k_lane(blk, p, &q, d, &sums),
+                        _ => q6k_lane(blk, p, &q, d),
+                    };
+                    got += v;
+                    mag += v.abs();
+                }
+            }
+            assert!(
+                (got - want).abs() <= 1e-5 * mag.max(1e-30),
+                "{ty}: lanes {got} vs cpu {want} (magnitude {mag})"
+            );
+        }
+    }
+
+    #[test]
+    fn q4k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_K, 144, &[0, 2]);
+    }
+
+    #[test]
+    fn q6k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q6_K, 210, &[208]);
+    }
+
+    #[test]
+    fn q8k_layout_parts_are_aligned_and_disjoint() {
+        for total in [256usize, 512, 4096, 5 * 5120, 13824] {
+            let l = q8k_layout(total);
+            assert!(l.d_off >= total && l.d_off.is_multiple_of(256));
+            assert!(l.s_off >= l.d_off + total / 256 * 4 && l.s_off.is_multiple_of(256));
+            assert!(l.bytes >= l.s_off + total / 16 * 4);
+        }
+    }
+}
