@@ -754,7 +754,7 @@ struct Q4KRaw {
     uint4 hdr, qs;
 };
 struct Q4K {
-    enum { LPB = 8 };
+    enum { LPB = 8, QK = 256 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q4KRaw& r) {
         const uint4* b = (const uint4*)(wr + (long long)blk * 144);
@@ -818,7 +818,7 @@ struct Q6KRaw {
     u16 d;
 };
 struct Q6K {
-    enum { LPB = 8 };
+    enum { LPB = 8, QK = 256 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q6KRaw& r) {
         const u8* b = wr + (long long)blk * 210;
@@ -875,10 +875,134 @@ struct Q6K {
     }
 };
 
+// Q5_K block, 176 bytes; 16-aligned when the row start is (176 = 11*16):
+//   [0,16) as Q4_K (d, dmin, scales) | [16,48) qh: bit 2j of qh[l] is the 5th bit of element
+//   64j + l, bit 2j+1 that of element 64j + 32 + l | [48,176) qs, laid out as Q4_K's.
+// Lane mapping as Q4K (part p = 2j + h); the lane also loads qh[16h .. +16).
+struct Q5KRaw {
+    uint4 hdr, qh, qs;
+};
+struct Q5K {
+    enum { LPB = 8, QK = 256 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q5KRaw& r) {
+        const uint4* b = (const uint4*)(wr + (long long)blk * 176);
+        r.hdr = __ldg(b);
+        r.qh = __ldg(b + 1 + (p & 1));  // 16 + 16h
+        r.qs = __ldg(b + 3 + p);        // 48 + 32j + 16h
+    }
+    __device__ static __forceinline__ float dot(const Q5KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int j = p >> 1, h = p & 1;
+        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int4 alo = *(const int4*)a;
+        const int4 ahi = *(const int4*)(a + 32);
+        const int slo = xs[blk * 16 + 4 * j + h];
+        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const float yd = xd[blk];
+        const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
+        const u32 qh[4] = {r.qh.x, r.qh.y, r.qh.z, r.qh.w};
+        const int al[4] = {alo.x, alo.y, alo.z, alo.w};
+        const int ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+        int dlo = 0, dhi = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 blo = ((qh[k] >> (2 * j)) & 0x01010101u) << 4;
+            const u32 bhi = ((qh[k] >> (2 * j + 1)) & 0x01010101u) << 4;
+            dlo = dp4a((int)((q[k] & 0x0f0f0f0fu) | blo), al[k], dlo);
+            dhi = dp4a((int)(((q[k] >> 4) & 0x0f0f0f0fu) | bhi), ah[k], dhi);
+        }
+        int sc0, m0, sc1, m1;
+        Q4K::scale_min(2 * j, r.hdr.y, r.hdr.z, r.hdr.w, sc0, m0);
+        Q4K::scale_min(2 * j + 1, r.hdr.y, r.hdr.z, r.hdr.w, sc1, m1);
+        const float d = h2f((u16)(r.hdr.x & 0xffff)) * yd;
+        const float dmin = h2f((u16)(r.hdr.x >> 16)) * yd;
+        return d * (float)(sc0 * dlo + sc1 * dhi) - dmin * (float)(m0 * slo + m1 * shi);
+    }
+};
+
+// Q8_0 block, 34 bytes (2-aligned): [0,2) d f16 | [2,34) qs i8; value = d*q. Activations on
+// the Q8_0 grid (act_q8_0). 4 lanes per block, lane p reads qs[8p .. +8) as u16 pairs.
+struct Q80Raw {
+    int q0, q1;
+    u16 d;
+};
+struct Q80 {
+    enum { LPB = 4, QK = 32 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q80Raw& r) {
+        const u8* b = wr + (long long)blk * 34;
+        r.q0 = ld_a2(b + 2 + 8 * p);
+        r.q1 = ld_a2(b + 6 + 8 * p);
+        r.d = __ldg((const u16*)b);
+    }
+    __device__ static __forceinline__ float dot(const Q80Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int2 a = *(const int2*)(xq + blk * 32 + 8 * p);
+        const int s = dp4a(r.q0, a.x, dp4a(r.q1, a.y, 0));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// Q4_0 block, 18 bytes (2-aligned): [0,2) d f16 | [2,18) qs: qs[l] holds element l in its low
+// nibble and element 16 + l in its high nibble; value = d*(q - 8). Q8_0 activations. 2 lanes
+// per block, lane p reads qs[8p .. +8) (elements 8p + i and 16 + 8p + i).
+struct Q40Raw {
+    int q0, q1;
+    u16 d;
+};
+struct Q40 {
+    enum { LPB = 2, QK = 32 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q40Raw& r) {
+        const u8* b = wr + (long long)blk * 18;
+        r.q0 = ld_a2(b + 2 + 8 * p);
+        r.q1 = ld_a2(b + 6 + 8 * p);
+        r.d = __ldg((const u16*)b);
+    }
+    // Nibbles q in 0..15 to signed bytes q - 8: (q + 0x78) ^ 0x80, no carry (q + 0x78 <= 0x87).
+    __device__ static __forceinline__ int q4(u32 nib) {
+        return (int)((nib + 0x78787878u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q40Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, M4 = 0x0f0f0f0fu;
+        int s = dp4a(q4(q0 & M4), alo.x, dp4a(q4(q1 & M4), alo.y, 0));
+        s = dp4a(q4((q0 >> 4) & M4), ahi.x, dp4a(q4((q1 >> 4) & M4), ahi.y, s));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// Q8_0 quantization of activations, as the CPU's quantize_q8_0: per 32 elements d = amax/127,
+// q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32. One warp
+// per block, lane = element; grid.x * 4 warps cover nblk blocks.
+extern "C" __global__ void __launch_bounds__(128)
+    act_q8_0(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
+             long long nblk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const float v = x[blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    xq[blk * 32 + lane] = (i8)(int)roundf(v * id);
+    if (lane == 0) xd[blk] = h2f(f2h(d));
+}
+
 // y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
-// block), K::LPB lanes per weight block, 32 / LPB blocks per warp step, two steps' loads in
-// flight before their dots. grid = (ceil(rows / 4), n). The activation row t starts at
-// xq + t*cols, xd + t*(cols/256), xs + t*(cols/16).
+// block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
+// steps' loads in flight before their dots. grid = (ceil(rows / 4), n). The activation row t
+// starts at xq + t*cols, xd + t*(cols/QK), xs + t*(cols/16) (xs: K-quants only).
 template <class K, class Raw>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
@@ -890,9 +1014,9 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     if (row >= rows) return;
     const u8* wr = W + (long long)row * row_bytes;
     const i8* xqt = xq + (long long)t * cols;
-    const float* xdt = xd + (long long)t * (cols / 256);
+    const float* xdt = xd + (long long)t * (cols / K::QK);
     const int* xst = xs + (long long)t * (cols / 16);
-    const int nb = cols / 256;
+    const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
     float acc = 0.f;
@@ -922,4 +1046,19 @@ extern "C" __global__ void __launch_bounds__(128)
     mmvq_q6_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
               int cols, long long row_bytes) {
     mmvq_impl<Q6K, Q6KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    mmvq_q5_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
+              int cols, long long row_bytes) {
+    mmvq_impl<Q5K, Q5KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    mmvq_q8_0(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
+              int cols, long long row_bytes) {
+    mmvq_impl<Q80, Q80Raw>(W, xq, xd, xs, y, rows, cols, row_bytes);
+}
+extern "C" __global__ void __launch_bounds__(128)
+    mmvq_q4_0(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
+              int cols, long long row_bytes) {
+    mmvq_impl<Q40, Q40Raw>(W, xq, xd, xs, y, rows, cols, row_bytes);
 }

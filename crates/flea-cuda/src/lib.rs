@@ -145,8 +145,8 @@ struct Scratch {
     /// Rounded activations, f32 (matvec) and f16 (GEMM).
     xr: Option<CudaSlice<f32>>,
     xh: Option<CudaSlice<u16>>,
-    /// Int8 activations (Q8_K grid) for the mmvq kernels; see mmvq::q8k_layout.
-    xq: Option<CudaSlice<u8>>,
+    /// Int8 activations for the mmvq kernels.
+    xq: mmvq::ActScratch,
     tokens: Option<CudaSlice<i32>>,
     /// Embedding rows of one batch (under the executor).
     emb: Option<CudaSlice<u8>>,
@@ -873,7 +873,7 @@ impl Backend for CudaBackend {
         let mut sc = self.scratch.lock().unwrap();
         // Rounded input per mode, computed once for all jobs.
         let mut done_mode: Option<i32> = None;
-        let mut done_q8k = false;
+        let mut quantized = mmvq::Quantized::default();
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
@@ -905,7 +905,7 @@ impl Backend for CudaBackend {
                 let blas = self.blas.as_ref().unwrap();
                 gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
                 self.after_launch("cublasGemmEx")?;
-            } else if self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut done_q8k)? {
+            } else if self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)? {
                 // Int8 decode kernel (mmvq.rs).
             } else {
                 let xin = if mode == 0 {

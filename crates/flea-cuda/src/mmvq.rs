@@ -1,28 +1,74 @@
 //! Integer decode mat-vec ("mmvq", kernels.cu): for the weight types that carry most of a
-//! K-quant model's bytes, activations are quantized once per matmul group to int8 on the CPU's
-//! grid (`act_q8k`), and each weight block is read with wide loads and multiplied with
+//! quantized model's bytes (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0), activations are quantized once per
+//! matmul group to int8 on the CPU's grid (`act_q8k` for K-quants, `act_q8_0` for Q8_0 and
+//! Q4_0), and each weight block is read with wide loads and multiplied with
 //! `__dp4a`, one float scale per sub-block. The integers are the CPU's; only the order of the
 //! float sums differs. Other types keep the dequantizing `matvec_*` kernels.
 //!
 //! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use flea_gguf::GgmlType;
 use flea_model::weights::Weight;
 use flea_model::Result;
 
 /// Kernels of this module, loaded with the others.
-pub(crate) const KERNELS: [&str; 3] = ["act_q8k", "mmvq_q4_k", "mmvq_q6_k"];
+pub(crate) const KERNELS: [&str; 7] = [
+    "act_q8k",
+    "act_q8_0",
+    "mmvq_q4_k",
+    "mmvq_q5_k",
+    "mmvq_q6_k",
+    "mmvq_q8_0",
+    "mmvq_q4_0",
+];
 
-/// The fast kernel for a weight type, and the byte alignment its weight pointer needs
-/// (Q4_K blocks are read as 16-byte words; Q6_K as 2-byte words).
-pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64)> {
-    match ty {
-        GgmlType::Q4_K => Some(("mmvq_q4_k", 16)),
-        GgmlType::Q6_K => Some(("mmvq_q6_k", 2)),
-        _ => None,
+/// The grid activations are quantized to (the CPU's vec-dot format of the weight type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ActFmt {
+    /// 256-element blocks, f32 scale, sums of 16 (`act_q8k`).
+    Q8K,
+    /// 32-element blocks, f16-rounded scale (`act_q8_0`).
+    Q8_0,
+}
+
+impl ActFmt {
+    fn block(self) -> usize {
+        match self {
+            ActFmt::Q8K => 256,
+            ActFmt::Q8_0 => 32,
+        }
     }
+}
+
+/// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
+/// Q5_K blocks are read as 16-byte words; Q6_K, Q8_0 and Q4_0 blocks, only 2-aligned, as
+/// 2-byte words), and its activation format.
+pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
+    Some(match ty {
+        GgmlType::Q4_K => ("mmvq_q4_k", 16, ActFmt::Q8K),
+        GgmlType::Q5_K => ("mmvq_q5_k", 16, ActFmt::Q8K),
+        GgmlType::Q6_K => ("mmvq_q6_k", 2, ActFmt::Q8K),
+        GgmlType::Q8_0 => ("mmvq_q8_0", 2, ActFmt::Q8_0),
+        GgmlType::Q4_0 => ("mmvq_q4_0", 2, ActFmt::Q8_0),
+        _ => return None,
+    })
+}
+
+/// Device scratch of the int8 activations, one buffer per format (a matmul group may use
+/// both, e.g. Q4_K and Q8_0 weights on the same input).
+#[derive(Default)]
+pub(crate) struct ActScratch {
+    q8k: Option<CudaSlice<u8>>,
+    q8_0: Option<CudaSlice<u8>>,
+}
+
+/// Which formats already hold the current matmul group's input.
+#[derive(Default)]
+pub(crate) struct Quantized {
+    q8k: bool,
+    q8_0: bool,
 }
 
 fn enabled() -> bool {
@@ -30,21 +76,21 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none())
 }
 
-/// Byte offsets of the Q8_K activation scratch for `total` elements (a multiple of 256):
-/// quants (i8, `total`), block scales (f32, total/256) at `d_off`, sums of 16 quants (i32,
-/// total/16) at `s_off`; `bytes` in all. Each part starts 256-aligned.
+/// Byte offsets of the activation scratch for `total` elements (a multiple of `block`):
+/// quants (i8, `total`), block scales (f32, total/block) at `d_off`, sums of 16 quants (i32,
+/// total/16; Q8_K only) at `s_off`; `bytes` in all. Each part starts 256-aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Q8kLayout {
+pub(crate) struct ActLayout {
     pub d_off: usize,
     pub s_off: usize,
     pub bytes: usize,
 }
 
-pub(crate) fn q8k_layout(total: usize) -> Q8kLayout {
+pub(crate) fn act_layout(total: usize, block: usize) -> ActLayout {
     let up = |v: usize| v.div_ceil(256) * 256;
     let d_off = up(total);
-    let s_off = d_off + up(total / 256 * 4);
-    Q8kLayout {
+    let s_off = d_off + up(total / block * 4);
+    ActLayout {
         d_off,
         s_off,
         bytes: s_off + up(total / 16 * 4),
@@ -53,9 +99,8 @@ pub(crate) fn q8k_layout(total: usize) -> Q8kLayout {
 
 impl CudaBackend {
     /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
-    /// bytes are aligned for it. Returns false (nothing launched) otherwise. `xq` is the
-    /// scratch quantized by [`CudaBackend::quantize_q8k`] for this x (`quantized` says
-    /// whether that already happened for this matmul group).
+    /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
+    /// into `scratch` unless `quantized` says this matmul group already did so.
     #[allow(clippy::too_many_arguments)] // the matmul's operands and its group's scratch
     pub(crate) fn try_mmvq(
         &self,
@@ -64,10 +109,10 @@ impl CudaBackend {
         wp: u64,
         x: u64,
         out: u64,
-        xq: &mut Option<cudarc::driver::CudaSlice<u8>>,
-        quantized: &mut bool,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
     ) -> Result<bool> {
-        let Some((name, align)) = kernel_for(w.ty) else {
+        let Some((name, align, fmt)) = kernel_for(w.ty) else {
             return Ok(false);
         };
         if !enabled() || !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align)
@@ -75,23 +120,35 @@ impl CudaBackend {
             return Ok(false);
         }
         let total = n * w.cols;
-        let lay = q8k_layout(total);
-        let base = self.grow(xq, lay.bytes)?;
+        let lay = act_layout(total, fmt.block());
+        let (buf, done) = match fmt {
+            ActFmt::Q8K => (&mut scratch.q8k, &mut quantized.q8k),
+            ActFmt::Q8_0 => (&mut scratch.q8_0, &mut quantized.q8_0),
+        };
+        let base = self.grow(buf, lay.bytes)?;
         let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
-        if !*quantized {
-            let nblk = (total / 256) as i64;
+        if !*done {
+            let nblk = (total / fmt.block()) as i64;
             let cfg = LaunchConfig {
-                grid_dim: ((total / 256).div_ceil(4) as u32, 1, 1),
+                grid_dim: ((total / fmt.block()).div_ceil(4) as u32, 1, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let f = self.func("act_q8k")?;
+            let qname = match fmt {
+                ActFmt::Q8K => "act_q8k",
+                ActFmt::Q8_0 => "act_q8_0",
+            };
+            let f = self.func(qname)?;
             let mut b = self.stream.launch_builder(f);
-            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
+            b.arg(&x).arg(&xqp).arg(&xdp);
+            if fmt == ActFmt::Q8K {
+                b.arg(&xsp);
+            }
+            b.arg(&nblk);
             // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
-            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel act_q8k: {e:?}")))?;
-            self.after_launch("act_q8k")?;
-            *quantized = true;
+            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
+            self.after_launch(qname)?;
+            *done = true;
         }
         let cfg = LaunchConfig {
             grid_dim: (w.rows.div_ceil(4) as u32, n as u32, 1),
@@ -260,6 +317,73 @@ mod tests {
         (h2f(u16::from_le_bytes([b[208], b[209]])) * yd) * isum as f32
     }
 
+    /// Q5K::dot for one block and lane part p.
+    fn q5k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
+        let (j, h) = (p >> 1, p & 1);
+        let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
+        let scale_min = |s: usize| -> (i32, i32) {
+            let sh = 8 * (s & 3);
+            let (by, bz, bw) = ((y >> sh) & 0xff, (z >> sh) & 0xff, (w >> sh) & 0xff);
+            if s < 4 {
+                ((by & 63) as i32, (bz & 63) as i32)
+            } else {
+                (
+                    ((bw & 15) | ((by >> 6) << 4)) as i32,
+                    ((bw >> 4) | ((bz >> 6) << 4)) as i32,
+                )
+            }
+        };
+        let (mut dlo, mut dhi) = (0, 0);
+        for k in 0..4 {
+            let qw = word(b, 48 + 16 * p + 4 * k);
+            let hw = word(b, 16 + 16 * h + 4 * k);
+            let blo = ((hw >> (2 * j)) & 0x01010101) << 4;
+            let bhi = ((hw >> (2 * j + 1)) & 0x01010101) << 4;
+            let a = 64 * j + 16 * h + 4 * k;
+            dlo = dp4a((qw & 0x0f0f0f0f) | blo, q8(q, a), dlo);
+            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 32), dhi);
+        }
+        let (sc0, m0) = scale_min(2 * j);
+        let (sc1, m1) = scale_min(2 * j + 1);
+        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
+        let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
+        d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
+    }
+
+    /// act_q8_0 for one 32-element block: (quants, f16-rounded scale).
+    fn act_q8_0(x: &[f32]) -> (Vec<i8>, f32) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = x.iter().map(|&v| (v * id).round() as i32 as i8).collect();
+        (q, h2f(flea_quant::f32_to_f16(d)))
+    }
+
+    /// Q80::dot for one block and lane part p (0..4).
+    fn q80_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let s = dp4a(
+            word(b, 2 + 8 * p),
+            q8(q, 8 * p),
+            dp4a(word(b, 6 + 8 * p), q8(q, 8 * p + 4), 0),
+        );
+        s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
+    /// Q40::dot for one block and lane part p (0..2).
+    fn q40_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let q4 = |nib: u32| nib.wrapping_add(0x78787878) ^ 0x80808080;
+        let (q0, q1, m4) = (word(b, 2 + 8 * p), word(b, 6 + 8 * p), 0x0f0f0f0fu32);
+        let a = 8 * p;
+        let mut s = dp4a(q4(q0 & m4), q8(q, a), dp4a(q4(q1 & m4), q8(q, a + 4), 0));
+        s = dp4a(
+            q4((q0 >> 4) & m4),
+            q8(q, a + 16),
+            dp4a(q4((q1 >> 4) & m4), q8(q, a + 20), s),
+        );
+        s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
     /// Deterministic pseudo-random bytes (xorshift64*).
     struct Rng(u64);
     impl Rng {
@@ -308,13 +432,37 @@ mod tests {
         }
     }
 
+    /// The kernel's Q8_0 quants and scales equal flea-quant's Q8_0 bytes.
+    #[test]
+    fn act_q8_0_matches_cpu_quantizer() {
+        let mut rng = Rng(0x51ed_2701_9e37_79b9);
+        let mut x = acts(&mut rng, 1024);
+        // Exact halves, where roundf (away from zero) and rint (to even) differ.
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_0, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(32).zip(cpu.chunks(34)) {
+            let (q, d) = act_q8_0(blk);
+            assert_eq!(d, h2f(u16::from_le_bytes([c[0], c[1]])), "scale");
+            let cq: Vec<i8> = c[2..34].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+        }
+    }
+
     fn check_type(ty: GgmlType, block_bytes: usize, f16_at: &[usize]) {
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ block_bytes as u64);
-        let nb = 6;
-        let cols = 256 * nb;
+        let (qk, lanes, afmt) = match ty {
+            GgmlType::Q8_0 => (32, 4, GgmlType::Q8_0),
+            GgmlType::Q4_0 => (32, 2, GgmlType::Q8_0),
+            _ => (256, 8, GgmlType::Q8_K),
+        };
+        let cols = 256 * 6;
+        let nb = cols / qk;
         let x = acts(&mut rng, cols);
         let mut act = Vec::new();
-        flea_quant::quantize_activations(GgmlType::Q8_K, &x, &mut act).unwrap();
+        flea_quant::quantize_activations(afmt, &x, &mut act).unwrap();
         for _row in 0..8 {
             let mut w: Vec<u8> = (0..block_bytes * nb).map(|_| rng.next() as u8).collect();
             for b in 0..nb {
@@ -327,12 +475,21 @@ mod tests {
             let want = flea_quant::vec_dot(ty, cols, &w, &act);
             let (mut got, mut mag) = (0f32, 0f32);
             for b in 0..nb {
-                let (q, d, sums) = act_q8k(&x[256 * b..256 * (b + 1)]);
+                let xb = &x[qk * b..qk * (b + 1)];
+                let (q, d, sums) = if qk == 256 {
+                    act_q8k(xb)
+                } else {
+                    let (q, d) = act_q8_0(xb);
+                    (q, d, Vec::new())
+                };
                 let blk = &w[b * block_bytes..(b + 1) * block_bytes];
-                for p in 0..8 {
+                for p in 0..lanes {
                     let v = match ty {
                         GgmlType::Q4_K => q4k_lane(blk, p, &q, d, &sums),
-                        _ => q6k_lane(blk, p, &q, d),
+                        GgmlType::Q5_K => q5k_lane(blk, p, &q, d, &sums),
+                        GgmlType::Q6_K => q6k_lane(blk, p, &q, d),
+                        GgmlType::Q8_0 => q80_lane(blk, p, &q, d),
+                        _ => q40_lane(blk, p, &q, d),
                     };
                     got += v;
                     mag += v.abs();
@@ -356,12 +513,29 @@ mod tests {
     }
 
     #[test]
-    fn q8k_layout_parts_are_aligned_and_disjoint() {
-        for total in [256usize, 512, 4096, 5 * 5120, 13824] {
-            let l = q8k_layout(total);
-            assert!(l.d_off >= total && l.d_off.is_multiple_of(256));
-            assert!(l.s_off >= l.d_off + total / 256 * 4 && l.s_off.is_multiple_of(256));
-            assert!(l.bytes >= l.s_off + total / 16 * 4);
+    fn q5k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_K, 176, &[0, 2]);
+    }
+
+    #[test]
+    fn q8_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q8_0, 34, &[0]);
+    }
+
+    #[test]
+    fn q4_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_0, 18, &[0]);
+    }
+
+    #[test]
+    fn act_layout_parts_are_aligned_and_disjoint() {
+        for block in [32usize, 256] {
+            for total in [256usize, 512, 4096, 5 * 5120, 13824] {
+                let l = act_layout(total, block);
+                assert!(l.d_off >= total && l.d_off.is_multiple_of(256));
+                assert!(l.s_off >= l.d_off + total / block * 4 && l.s_off.is_multiple_of(256));
+                assert!(l.bytes >= l.s_off + total / 16 * 4);
+            }
         }
     }
 }
