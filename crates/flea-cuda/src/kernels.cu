@@ -1001,64 +1001,78 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
 // block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
-// steps' loads in flight before their dots. grid = (ceil(rows / 4), n). The activation row t
-// starts at xq + t*cols, xd + t*(cols/QK), xs + t*(cols/16) (xs: K-quants only).
-template <class K, class Raw>
+// steps' loads in flight before their dots. Each block of threads handles tokens
+// t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
+// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols,
+// xd + t*(cols/QK), xs + t*(cols/16) (xs: K-quants only).
+template <class K, class Raw, int NT>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
-                                          int rows, int cols, long long row_bytes) {
+                                          int rows, int cols, long long row_bytes, int n) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 4 + warp;
-    const int t = blockIdx.y;
+    const int t0 = blockIdx.y * NT;
     if (row >= rows) return;
+    const int nt = min(NT, n - t0);
     const u8* wr = W + (long long)row * row_bytes;
-    const i8* xqt = xq + (long long)t * cols;
-    const float* xdt = xd + (long long)t * (cols / K::QK);
-    const int* xst = xs + (long long)t * (cols / 16);
     const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
-    float acc = 0.f;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
     int blk = lane / K::LPB;
     for (; blk + step < nb; blk += 2 * step) {
         Raw r0, r1;
         K::load(wr, blk, p, r0);
         K::load(wr, blk + step, p, r1);
-        acc += K::dot(r0, blk, p, xqt, xdt, xst);
-        acc += K::dot(r1, blk + step, p, xqt, xdt, xst);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nt) {
+                const long long tt = t0 + t;
+                const i8* xqt = xq + tt * cols;
+                const float* xdt = xd + tt * (cols / K::QK);
+                const int* xst = xs + tt * (cols / 16);
+                acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
+                          K::dot(r1, blk + step, p, xqt, xdt, xst);
+            }
+        }
     }
     if (blk < nb) {
         Raw r0;
         K::load(wr, blk, p, r0);
-        acc += K::dot(r0, blk, p, xqt, xdt, xst);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nt) {
+                const long long tt = t0 + t;
+                acc[t] += K::dot(r0, blk, p, xq + tt * cols, xd + tt * (cols / K::QK),
+                                 xs + tt * (cols / 16));
+            }
+        }
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[(long long)t * rows + row] = acc;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float v = warp_sum(acc[t]);
+        if (lane == 0 && t < nt) y[(long long)(t0 + t) * rows + row] = v;
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    mmvq_q4_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
-              int cols, long long row_bytes) {
-    mmvq_impl<Q4K, Q4KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
-}
-extern "C" __global__ void __launch_bounds__(128)
-    mmvq_q6_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
-              int cols, long long row_bytes) {
-    mmvq_impl<Q6K, Q6KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
-}
-extern "C" __global__ void __launch_bounds__(128)
-    mmvq_q5_k(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
-              int cols, long long row_bytes) {
-    mmvq_impl<Q5K, Q5KRaw>(W, xq, xd, xs, y, rows, cols, row_bytes);
-}
-extern "C" __global__ void __launch_bounds__(128)
-    mmvq_q8_0(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
-              int cols, long long row_bytes) {
-    mmvq_impl<Q80, Q80Raw>(W, xq, xd, xs, y, rows, cols, row_bytes);
-}
-extern "C" __global__ void __launch_bounds__(128)
-    mmvq_q4_0(const u8* W, const i8* xq, const float* xd, const int* xs, float* y, int rows,
-              int cols, long long row_bytes) {
-    mmvq_impl<Q40, Q40Raw>(W, xq, xd, xs, y, rows, cols, row_bytes);
-}
+// mmvq_<type>: one token per block of threads (decode); mmvq8_<type>: up to 8 tokens.
+#define MMVQ(name, K, Raw)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        mmvq_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,       \
+                    int rows, int cols, long long row_bytes, int n) {                          \
+        mmvq_impl<K, Raw, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        mmvq8_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,      \
+                     int rows, int cols, long long row_bytes, int n) {                         \
+        mmvq_impl<K, Raw, 8>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    }
+
+MMVQ(q4_k, Q4K, Q4KRaw)
+MMVQ(q5_k, Q5K, Q5KRaw)
+MMVQ(q6_k, Q6K, Q6KRaw)
+MMVQ(q8_0, Q80, Q80Raw)
+MMVQ(q4_0, Q40, Q40Raw)

@@ -10,11 +10,12 @@
 //!   `Session`), weights are uploaded on first use and cached by host slice (pointer,
 //!   length): the model's mmap is stable for its life.
 //! * Activations are f32 device buffers; the KV cache is F16.
-//! * Matmuls: one token → a warp-per-row matvec that dequantizes on the fly; several tokens →
-//!   the weight is dequantized to F16 into a scratch buffer and multiplied with cuBLAS
-//!   (F16 × F16 → F32). Before either, activations are rounded the way the CPU backend
-//!   quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16), so both backends compute
-//!   the same function up to summation order.
+//! * Matmuls: up to 8 tokens → for Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0, int8 `__dp4a` kernels
+//!   on activations quantized like the CPU's (`mmvq.rs`); for other types a warp-per-row
+//!   matvec that dequantizes on the fly; more tokens → the weight is dequantized to F16 into
+//!   a scratch buffer and multiplied with cuBLAS (F16 × F16 → F32). Activations are rounded
+//!   the way the CPU backend quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16),
+//!   so both backends compute the same function up to summation order.
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -877,6 +878,12 @@ impl Backend for CudaBackend {
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
+            // Int8 kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
+            if (!use_blas || n <= mmvq::MAX_TOKENS)
+                && self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)?
+            {
+                continue;
+            }
             if use_blas && self.precise_gemm() {
                 let xr = self.grow(&mut sc.xr, total)?;
                 if done_mode != Some(mode) {
@@ -905,8 +912,6 @@ impl Backend for CudaBackend {
                 let blas = self.blas.as_ref().unwrap();
                 gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
                 self.after_launch("cublasGemmEx")?;
-            } else if self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)? {
-                // Int8 decode kernel (mmvq.rs).
             } else {
                 let xin = if mode == 0 {
                     x.ptr

@@ -13,8 +13,9 @@ use flea_gguf::GgmlType;
 use flea_model::weights::Weight;
 use flea_model::Result;
 
-/// Kernels of this module, loaded with the others.
-pub(crate) const KERNELS: [&str; 7] = [
+/// Kernels of this module, loaded with the others: the activation quantizers, and per type
+/// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
+pub(crate) const KERNELS: [&str; 12] = [
     "act_q8k",
     "act_q8_0",
     "mmvq_q4_k",
@@ -22,7 +23,17 @@ pub(crate) const KERNELS: [&str; 7] = [
     "mmvq_q6_k",
     "mmvq_q8_0",
     "mmvq_q4_0",
+    "mmvq8_q4_k",
+    "mmvq8_q5_k",
+    "mmvq8_q6_k",
+    "mmvq8_q8_0",
+    "mmvq8_q4_0",
 ];
+
+/// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
+/// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
+/// dequantizing it to f16 for a GEMM (and the sums are the CPU's integers).
+pub(crate) const MAX_TOKENS: usize = 8;
 
 /// The grid activations are quantized to (the CPU's vec-dot format of the weight type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,13 +161,19 @@ impl CudaBackend {
             self.after_launch(qname)?;
             *done = true;
         }
+        let (kname, groups) = if n == 1 {
+            (name.to_string(), n)
+        } else {
+            (name.replacen("mmvq_", "mmvq8_", 1), n.div_ceil(MAX_TOKENS))
+        };
         let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(4) as u32, n as u32, 1),
+            grid_dim: (w.rows.div_ceil(4) as u32, groups as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
-        let f = self.func(name)?;
+        let (rows_i, cols_i, rb, n_i) =
+            (w.rows as i32, w.cols as i32, w.row_bytes() as i64, n as i32);
+        let f = self.func(&kname)?;
         let mut b = self.stream.launch_builder(f);
         b.arg(&wp)
             .arg(&xqp)
@@ -165,11 +182,12 @@ impl CudaBackend {
             .arg(&out)
             .arg(&rows_i)
             .arg(&cols_i)
-            .arg(&rb);
+            .arg(&rb)
+            .arg(&n_i);
         // SAFETY: wp holds rows*row_bytes bytes (check_weight), out holds n*rows f32
         // (check_rows), the activation scratch was sized and filled above.
-        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
-        self.after_launch(name)?;
+        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
+        self.after_launch(&kname)?;
         Ok(true)
     }
 }
