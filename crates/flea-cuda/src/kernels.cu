@@ -982,12 +982,105 @@ struct Q40 {
     }
 };
 
+// 4 bits of qh starting at bit k, spread to bit 4 of each byte: the 5th bits of 4 quants.
+// x * 0x00204081 places copies of the 4 bits at bit offsets 0, 7, 14 and 21 (no overlap).
+__device__ __forceinline__ u32 bits4_to_bytes(u32 qh, int k) {
+    return ((((qh >> k) & 0xfu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
+// Q5_0 block, 22 bytes (2-aligned): [0,2) d f16 | [2,6) qh u32 | [6,22) qs: element l (0..16)
+// = low nibble of qs[l] | bit l of qh << 4, element 16 + l = high nibble | bit 16 + l << 4;
+// value = d*(q - 16). Q8_0 activations. 2 lanes per block, lane p: elements 8p + i, 16 + 8p + i.
+struct Q50Raw {
+    int q0, q1, qh;
+    u16 d;
+};
+struct Q50 {
+    enum { LPB = 2, QK = 32 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q50Raw& r) {
+        const u8* b = wr + (long long)blk * 22;
+        r.q0 = ld_a2(b + 6 + 8 * p);
+        r.q1 = ld_a2(b + 10 + 8 * p);
+        r.qh = ld_a2(b + 2);
+        r.d = __ldg((const u16*)b);
+    }
+    // q in 0..31 to signed bytes q - 16: (q + 0x70) ^ 0x80, no carry (q + 0x70 <= 0x8f).
+    __device__ static __forceinline__ int q5(u32 nib, u32 hi) {
+        return (int)(((nib | hi) + 0x70707070u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q50Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, qh = (u32)r.qh, M4 = 0x0f0f0f0fu;
+        const int k = 8 * p;
+        int s = dp4a(q5(q0 & M4, bits4_to_bytes(qh, k)), alo.x,
+                     dp4a(q5(q1 & M4, bits4_to_bytes(qh, k + 4)), alo.y, 0));
+        s = dp4a(q5((q0 >> 4) & M4, bits4_to_bytes(qh, k + 16)), ahi.x,
+                 dp4a(q5((q1 >> 4) & M4, bits4_to_bytes(qh, k + 20)), ahi.y, s));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// Q4_1 block, 20 bytes: [0,2) d f16 | [2,4) m f16 | [4,20) qs as Q4_0's; value = d*q + m.
+// Q5_1 block, 24 bytes: [0,2) d | [2,4) m | [4,8) qh | [8,24) qs as Q5_0's; value = d*q + m.
+// Q8_1 activations: the Q8_0 quants and scale, plus s = f16(d * sum of the block's quants)
+// (xs, as f32 bits). The CPU's dot is sumi*(d*d_a) + m*s, so the lane with p == 0 adds m*s.
+// Read as u16 pairs like the others (only 2-alignment is assumed). 2 lanes per block.
+template <bool FIVE> struct Q51Raw {
+    int q0, q1, qh;
+    u32 dm;
+};
+template <bool FIVE> struct Q41_51 {
+    enum { LPB = 2, QK = 32 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q51Raw<FIVE>& r) {
+        const u8* b = wr + (long long)blk * (FIVE ? 24 : 20);
+        const int qs = FIVE ? 8 : 4;
+        r.q0 = ld_a2(b + qs + 8 * p);
+        r.q1 = ld_a2(b + qs + 4 + 8 * p);
+        r.qh = FIVE ? ld_a2(b + 4) : 0;
+        r.dm = (u32)ld_a2(b);
+    }
+    __device__ static __forceinline__ float dot(const Q51Raw<FIVE>& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, qh = (u32)r.qh, M4 = 0x0f0f0f0fu;
+        const int k = 8 * p;
+        u32 l0 = q0 & M4, l1 = q1 & M4, h0 = (q0 >> 4) & M4, h1 = (q1 >> 4) & M4;
+        if (FIVE) {
+            l0 |= bits4_to_bytes(qh, k);
+            l1 |= bits4_to_bytes(qh, k + 4);
+            h0 |= bits4_to_bytes(qh, k + 16);
+            h1 |= bits4_to_bytes(qh, k + 20);
+        }
+        int s = dp4a((int)l0, alo.x, dp4a((int)l1, alo.y, 0));
+        s = dp4a((int)h0, ahi.x, dp4a((int)h1, ahi.y, s));
+        float v = (float)s * (h2f((u16)(r.dm & 0xffff)) * xd[blk]);
+        if (p == 0) v += h2f((u16)(r.dm >> 16)) * __int_as_float(xs[blk]);
+        return v;
+    }
+};
+typedef Q41_51<false> Q41;
+typedef Q41_51<true> Q51;
+typedef Q51Raw<false> Q41Raw;
+typedef Q51Raw<true> Q51RawT;
+
 // Q8_0 quantization of activations, as the CPU's quantize_q8_0: per 32 elements d = amax/127,
-// q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32. One warp
-// per block, lane = element; grid.x * 4 warps cover nblk blocks.
+// q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32; xs[blk]
+// gets Q8_1's s = f16(d * sum of q), as f32 bits. One warp per block, lane = element; grid.x * 4
+// warps cover nblk blocks.
 extern "C" __global__ void __launch_bounds__(128)
     act_q8_0(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
-             long long nblk) {
+             int* __restrict__ xs, long long nblk) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long blk = (long long)blockIdx.x * 4 + warp;
     if (blk >= nblk) return;
@@ -995,8 +1088,15 @@ extern "C" __global__ void __launch_bounds__(128)
     const float amax = warp_max(fabsf(v));
     const float d = amax / 127.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
-    xq[blk * 32 + lane] = (i8)(int)roundf(v * id);
-    if (lane == 0) xd[blk] = h2f(f2h(d));
+    const int q = (int)roundf(v * id);
+    xq[blk * 32 + lane] = (i8)q;
+    int sum = q;  // shuffles, not __reduce_add_sync: that needs sm_80
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) {
+        xd[blk] = h2f(f2h(d));
+        xs[blk] = __float_as_int(h2f(f2h((float)sum * d)));
+    }
 }
 
 // y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
@@ -1076,3 +1176,6 @@ MMVQ(q5_k, Q5K, Q5KRaw)
 MMVQ(q6_k, Q6K, Q6KRaw)
 MMVQ(q8_0, Q80, Q80Raw)
 MMVQ(q4_0, Q40, Q40Raw)
+MMVQ(q5_0, Q50, Q50Raw)
+MMVQ(q4_1, Q41, Q41Raw)
+MMVQ(q5_1, Q51, Q51RawT)

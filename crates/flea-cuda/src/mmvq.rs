@@ -1,7 +1,7 @@
 //! Integer decode mat-vec ("mmvq", kernels.cu): for the weight types that carry most of a
-//! quantized model's bytes (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0), activations are quantized once per
-//! matmul group to int8 on the CPU's grid (`act_q8k` for K-quants, `act_q8_0` for Q8_0 and
-//! Q4_0), and each weight block is read with wide loads and multiplied with
+//! quantized model's bytes (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1), activations are
+//! quantized once per matmul group to int8 on the CPU's grid (`act_q8k` for K-quants,
+//! `act_q8_0` for the others: Q8_0, plus Q8_1's block sums), and each weight block is read with wide loads and multiplied with
 //! `__dp4a`, one float scale per sub-block. The integers are the CPU's; only the order of the
 //! float sums differs. Other types keep the dequantizing `matvec_*` kernels.
 //!
@@ -15,7 +15,7 @@ use flea_model::Result;
 
 /// Kernels of this module, loaded with the others: the activation quantizers, and per type
 /// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
-pub(crate) const KERNELS: [&str; 12] = [
+pub(crate) const KERNELS: [&str; 18] = [
     "act_q8k",
     "act_q8_0",
     "mmvq_q4_k",
@@ -23,11 +23,17 @@ pub(crate) const KERNELS: [&str; 12] = [
     "mmvq_q6_k",
     "mmvq_q8_0",
     "mmvq_q4_0",
+    "mmvq_q5_0",
+    "mmvq_q4_1",
+    "mmvq_q5_1",
     "mmvq8_q4_k",
     "mmvq8_q5_k",
     "mmvq8_q6_k",
     "mmvq8_q8_0",
     "mmvq8_q4_0",
+    "mmvq8_q5_0",
+    "mmvq8_q4_1",
+    "mmvq8_q5_1",
 ];
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
@@ -40,7 +46,7 @@ pub(crate) const MAX_TOKENS: usize = 8;
 pub(crate) enum ActFmt {
     /// 256-element blocks, f32 scale, sums of 16 (`act_q8k`).
     Q8K,
-    /// 32-element blocks, f16-rounded scale (`act_q8_0`).
+    /// 32-element blocks, f16-rounded scale, Q8_1's f16-rounded d*sum (`act_q8_0`).
     Q8_0,
 }
 
@@ -54,7 +60,7 @@ impl ActFmt {
 }
 
 /// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
-/// Q5_K blocks are read as 16-byte words; Q6_K, Q8_0 and Q4_0 blocks, only 2-aligned, as
+/// Q5_K blocks are read as 16-byte words; the others, whose blocks may be only 2-aligned, as
 /// 2-byte words), and its activation format.
 pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
     Some(match ty {
@@ -63,6 +69,9 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
         GgmlType::Q6_K => ("mmvq_q6_k", 2, ActFmt::Q8K),
         GgmlType::Q8_0 => ("mmvq_q8_0", 2, ActFmt::Q8_0),
         GgmlType::Q4_0 => ("mmvq_q4_0", 2, ActFmt::Q8_0),
+        GgmlType::Q5_0 => ("mmvq_q5_0", 2, ActFmt::Q8_0),
+        GgmlType::Q4_1 => ("mmvq_q4_1", 2, ActFmt::Q8_0),
+        GgmlType::Q5_1 => ("mmvq_q5_1", 2, ActFmt::Q8_0),
         _ => return None,
     })
 }
@@ -88,8 +97,9 @@ fn enabled() -> bool {
 }
 
 /// Byte offsets of the activation scratch for `total` elements (a multiple of `block`):
-/// quants (i8, `total`), block scales (f32, total/block) at `d_off`, sums of 16 quants (i32,
-/// total/16; Q8_K only) at `s_off`; `bytes` in all. Each part starts 256-aligned.
+/// quants (i8, `total`), block scales (f32, total/block) at `d_off`, at `s_off` Q8_K's sums of
+/// 16 quants (i32, total/16) or Q8_1's block sums (f32, total/32); `bytes` in all. Each part
+/// starts 256-aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ActLayout {
     pub d_off: usize,
@@ -151,11 +161,7 @@ impl CudaBackend {
             };
             let f = self.func(qname)?;
             let mut b = self.stream.launch_builder(f);
-            b.arg(&x).arg(&xqp).arg(&xdp);
-            if fmt == ActFmt::Q8K {
-                b.arg(&xsp);
-            }
-            b.arg(&nblk);
+            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
             // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
             unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
             self.after_launch(qname)?;
@@ -369,13 +375,50 @@ mod tests {
         d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
     }
 
-    /// act_q8_0 for one 32-element block: (quants, f16-rounded scale).
-    fn act_q8_0(x: &[f32]) -> (Vec<i8>, f32) {
+    /// act_q8_0 for one 32-element block: (quants, f16-rounded scale, f16-rounded d*sum).
+    fn act_q8_0(x: &[f32]) -> (Vec<i8>, f32, f32) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let q = x.iter().map(|&v| (v * id).round() as i32 as i8).collect();
-        (q, h2f(flea_quant::f32_to_f16(d)))
+        let q: Vec<i8> = x.iter().map(|&v| (v * id).round() as i32 as i8).collect();
+        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        let s = h2f(flea_quant::f32_to_f16(sum as f32 * d));
+        (q, h2f(flea_quant::f32_to_f16(d)), s)
+    }
+
+    fn bits4_to_bytes(qh: u32, k: usize) -> u32 {
+        ((((qh >> k) & 0xf).wrapping_mul(0x00204081)) & 0x01010101) << 4
+    }
+
+    /// Q50::dot (five = None) and Q41_51::dot (five = Some(with qh)) for one block, lane p.
+    fn legacy_lane(ty: GgmlType, b: &[u8], p: usize, q: &[i8], yd: f32, ys: f32) -> f32 {
+        let (qs, qh, dm) = match ty {
+            GgmlType::Q5_0 => (6, word(b, 2), None),
+            GgmlType::Q4_1 => (4, 0, Some(u16::from_le_bytes([b[2], b[3]]))),
+            _ => (8, word(b, 4), Some(u16::from_le_bytes([b[2], b[3]]))),
+        };
+        let five = ty != GgmlType::Q4_1;
+        let (q0, q1, m4) = (word(b, qs + 8 * p), word(b, qs + 4 + 8 * p), 0x0f0f0f0fu32);
+        let k = 8 * p;
+        let mut v = [q0 & m4, q1 & m4, (q0 >> 4) & m4, (q1 >> 4) & m4];
+        if five {
+            for (i, off) in [0, 4, 16, 20].into_iter().enumerate() {
+                v[i] |= bits4_to_bytes(qh, k + off);
+            }
+        }
+        if ty == GgmlType::Q5_0 {
+            for x in &mut v {
+                *x = x.wrapping_add(0x70707070) ^ 0x80808080;
+            }
+        }
+        let a = 8 * p;
+        let mut s = dp4a(v[0], q8(q, a), dp4a(v[1], q8(q, a + 4), 0));
+        s = dp4a(v[2], q8(q, a + 16), dp4a(v[3], q8(q, a + 20), s));
+        let mut r = s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd);
+        if let (Some(m), 0) = (dm, p) {
+            r += h2f(m) * ys;
+        }
+        r
     }
 
     /// Q80::dot for one block and lane part p (0..4).
@@ -462,7 +505,7 @@ mod tests {
         let mut cpu = Vec::new();
         flea_quant::quantize_activations(GgmlType::Q8_0, &x, &mut cpu).unwrap();
         for (blk, c) in x.chunks(32).zip(cpu.chunks(34)) {
-            let (q, d) = act_q8_0(blk);
+            let (q, d, _) = act_q8_0(blk);
             assert_eq!(d, h2f(u16::from_le_bytes([c[0], c[1]])), "scale");
             let cq: Vec<i8> = c[2..34].iter().map(|&v| v as i8).collect();
             assert_eq!(q, cq, "quants");
@@ -473,7 +516,8 @@ mod tests {
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ block_bytes as u64);
         let (qk, lanes, afmt) = match ty {
             GgmlType::Q8_0 => (32, 4, GgmlType::Q8_0),
-            GgmlType::Q4_0 => (32, 2, GgmlType::Q8_0),
+            GgmlType::Q4_0 | GgmlType::Q5_0 => (32, 2, GgmlType::Q8_0),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => (32, 2, GgmlType::Q8_1),
             _ => (256, 8, GgmlType::Q8_K),
         };
         let cols = 256 * 6;
@@ -494,11 +538,12 @@ mod tests {
             let (mut got, mut mag) = (0f32, 0f32);
             for b in 0..nb {
                 let xb = &x[qk * b..qk * (b + 1)];
-                let (q, d, sums) = if qk == 256 {
-                    act_q8k(xb)
+                let (q, d, sums, ys) = if qk == 256 {
+                    let (q, d, sums) = act_q8k(xb);
+                    (q, d, sums, 0.0)
                 } else {
-                    let (q, d) = act_q8_0(xb);
-                    (q, d, Vec::new())
+                    let (q, d, ys) = act_q8_0(xb);
+                    (q, d, Vec::new(), ys)
                 };
                 let blk = &w[b * block_bytes..(b + 1) * block_bytes];
                 for p in 0..lanes {
@@ -507,7 +552,8 @@ mod tests {
                         GgmlType::Q5_K => q5k_lane(blk, p, &q, d, &sums),
                         GgmlType::Q6_K => q6k_lane(blk, p, &q, d),
                         GgmlType::Q8_0 => q80_lane(blk, p, &q, d),
-                        _ => q40_lane(blk, p, &q, d),
+                        GgmlType::Q4_0 => q40_lane(blk, p, &q, d),
+                        _ => legacy_lane(ty, blk, p, &q, d, ys),
                     };
                     got += v;
                     mag += v.abs();
@@ -543,6 +589,37 @@ mod tests {
     #[test]
     fn q4_0_lane_math_matches_cpu_dot() {
         check_type(GgmlType::Q4_0, 18, &[0]);
+    }
+
+    #[test]
+    fn q5_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_0, 22, &[0]);
+    }
+
+    #[test]
+    fn q4_1_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_1, 20, &[0, 2]);
+    }
+
+    #[test]
+    fn q5_1_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_1, 24, &[0, 2]);
+    }
+
+    /// The Q8_1 block sum the kernels use equals flea-quant's.
+    #[test]
+    fn act_q8_1_sum_matches_cpu_quantizer() {
+        let mut rng = Rng(0x0bad_cafe_f00d_d00d);
+        let x = acts(&mut rng, 1024);
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_1, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(32).zip(cpu.chunks(36)) {
+            let (q, d, s) = act_q8_0(blk);
+            assert_eq!(d, h2f(u16::from_le_bytes([c[0], c[1]])), "scale");
+            assert_eq!(s, h2f(u16::from_le_bytes([c[2], c[3]])), "sum");
+            let cq: Vec<i8> = c[4..36].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+        }
     }
 
     #[test]
