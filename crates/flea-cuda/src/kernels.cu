@@ -754,7 +754,7 @@ struct Q4KRaw {
     uint4 hdr, qs;
 };
 struct Q4K {
-    enum { LPB = 8, QK = 256 };
+    enum { LPB = 8, QK = 256, XS = 16 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q4KRaw& r) {
         const uint4* b = (const uint4*)(wr + (long long)blk * 144);
@@ -818,7 +818,7 @@ struct Q6KRaw {
     u16 d;
 };
 struct Q6K {
-    enum { LPB = 8, QK = 256 };
+    enum { LPB = 8, QK = 256, XS = 16 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q6KRaw& r) {
         const u8* b = wr + (long long)blk * 210;
@@ -883,7 +883,7 @@ struct Q5KRaw {
     uint4 hdr, qh, qs;
 };
 struct Q5K {
-    enum { LPB = 8, QK = 256 };
+    enum { LPB = 8, QK = 256, XS = 16 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q5KRaw& r) {
         const uint4* b = (const uint4*)(wr + (long long)blk * 176);
@@ -930,7 +930,7 @@ struct Q80Raw {
     u16 d;
 };
 struct Q80 {
-    enum { LPB = 4, QK = 32 };
+    enum { LPB = 4, QK = 32, XS = 32 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q80Raw& r) {
         const u8* b = wr + (long long)blk * 34;
@@ -956,7 +956,7 @@ struct Q40Raw {
     u16 d;
 };
 struct Q40 {
-    enum { LPB = 2, QK = 32 };
+    enum { LPB = 2, QK = 32, XS = 32 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q40Raw& r) {
         const u8* b = wr + (long long)blk * 18;
@@ -996,7 +996,7 @@ struct Q50Raw {
     u16 d;
 };
 struct Q50 {
-    enum { LPB = 2, QK = 32 };
+    enum { LPB = 2, QK = 32, XS = 32 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q50Raw& r) {
         const u8* b = wr + (long long)blk * 22;
@@ -1036,7 +1036,7 @@ template <bool FIVE> struct Q51Raw {
     u32 dm;
 };
 template <bool FIVE> struct Q41_51 {
-    enum { LPB = 2, QK = 32 };
+    enum { LPB = 2, QK = 32, XS = 32 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q51Raw<FIVE>& r) {
         const u8* b = wr + (long long)blk * (FIVE ? 24 : 20);
@@ -1104,7 +1104,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // steps' loads in flight before their dots. Each block of threads handles tokens
 // t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
 // grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols,
-// xd + t*(cols/QK), xs + t*(cols/16) (xs: K-quants only).
+// xd + t*(cols/QK), xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
 template <class K, class Raw, int NT>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
@@ -1133,7 +1133,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                 const long long tt = t0 + t;
                 const i8* xqt = xq + tt * cols;
                 const float* xdt = xd + tt * (cols / K::QK);
-                const int* xst = xs + tt * (cols / 16);
+                const int* xst = xs + tt * (cols / K::XS);
                 acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
                           K::dot(r1, blk + step, p, xqt, xdt, xst);
             }
@@ -1147,7 +1147,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             if (t < nt) {
                 const long long tt = t0 + t;
                 acc[t] += K::dot(r0, blk, p, xq + tt * cols, xd + tt * (cols / K::QK),
-                                 xs + tt * (cols / 16));
+                                 xs + tt * (cols / K::XS));
             }
         }
     }
@@ -1159,8 +1159,11 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 }
 
 // mmvq_<type>: one token per block of threads (decode); mmvq8_<type>: up to 8 tokens.
-#define MMVQ(name, K, Raw)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
+// LB: the decode kernel's launch bounds (a minimum of resident blocks caps its registers).
+#define LB_DEFAULT __launch_bounds__(128)
+#define LB_10 __launch_bounds__(128, 10)
+#define MMVQ(name, K, Raw, LB)                                                                 \
+    extern "C" __global__ void LB                                                              \
         mmvq_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,       \
                     int rows, int cols, long long row_bytes, int n) {                          \
         mmvq_impl<K, Raw, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
@@ -1171,11 +1174,14 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         mmvq_impl<K, Raw, 8>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
     }
 
-MMVQ(q4_k, Q4K, Q4KRaw)
-MMVQ(q5_k, Q5K, Q5KRaw)
-MMVQ(q6_k, Q6K, Q6KRaw)
-MMVQ(q8_0, Q80, Q80Raw)
-MMVQ(q4_0, Q40, Q40Raw)
-MMVQ(q5_0, Q50, Q50Raw)
-MMVQ(q4_1, Q41, Q41Raw)
-MMVQ(q5_1, Q51, Q51RawT)
+// Q4_K: 10 blocks (48 registers, no spills; 56 without the bound) make one wave of a
+// 5120-row matrix on 132 SMs. The others keep their natural register counts (a bound of 10
+// spills Q5_K/Q6_K; a bound of 1 lets the compiler take more).
+MMVQ(q4_k, Q4K, Q4KRaw, LB_10)
+MMVQ(q5_k, Q5K, Q5KRaw, LB_DEFAULT)
+MMVQ(q6_k, Q6K, Q6KRaw, LB_DEFAULT)
+MMVQ(q8_0, Q80, Q80Raw, LB_DEFAULT)
+MMVQ(q4_0, Q40, Q40Raw, LB_DEFAULT)
+MMVQ(q5_0, Q50, Q50Raw, LB_DEFAULT)
+MMVQ(q4_1, Q41, Q41Raw, LB_DEFAULT)
+MMVQ(q5_1, Q51, Q51RawT, LB_DEFAULT)

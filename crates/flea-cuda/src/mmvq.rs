@@ -91,6 +91,10 @@ pub(crate) struct Quantized {
     q8_0: bool,
 }
 
+/// Matmuls that had an mmvq kernel but fell back to `matvec_*` because the weight's bytes were
+/// not aligned for it (a performance bug to look for, not an error).
+static MISALIGNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none())
@@ -119,6 +123,12 @@ pub(crate) fn act_layout(total: usize, block: usize) -> ActLayout {
 }
 
 impl CudaBackend {
+    /// Matmuls (process-wide) that fell back from an int8 kernel to the dequantizing matvec
+    /// because their weight was not aligned for it; should stay 0.
+    pub fn mmvq_misaligned(&self) -> u64 {
+        MISALIGNED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
     /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
     /// into `scratch` unless `quantized` says this matmul group already did so.
@@ -136,8 +146,11 @@ impl CudaBackend {
         let Some((name, align, fmt)) = kernel_for(w.ty) else {
             return Ok(false);
         };
-        if !enabled() || !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align)
-        {
+        if !enabled() {
+            return Ok(false);
+        }
+        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align) {
+            MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
         let total = n * w.cols;
