@@ -754,7 +754,7 @@ struct Q4KRaw {
     uint4 hdr, qs;
 };
 struct Q4K {
-    enum { LPB = 8, QK = 256, XS = 16 };
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q4KRaw& r) {
         const uint4* b = (const uint4*)(wr + (long long)blk * 144);
@@ -818,7 +818,7 @@ struct Q6KRaw {
     u16 d;
 };
 struct Q6K {
-    enum { LPB = 8, QK = 256, XS = 16 };
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q6KRaw& r) {
         const u8* b = wr + (long long)blk * 210;
@@ -883,7 +883,7 @@ struct Q5KRaw {
     uint4 hdr, qh, qs;
 };
 struct Q5K {
-    enum { LPB = 8, QK = 256, XS = 16 };
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q5KRaw& r) {
         const uint4* b = (const uint4*)(wr + (long long)blk * 176);
@@ -930,7 +930,7 @@ struct Q80Raw {
     u16 d;
 };
 struct Q80 {
-    enum { LPB = 4, QK = 32, XS = 32 };
+    enum { LPB = 4, QK = 32, XS = 32, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q80Raw& r) {
         const u8* b = wr + (long long)blk * 34;
@@ -956,7 +956,7 @@ struct Q40Raw {
     u16 d;
 };
 struct Q40 {
-    enum { LPB = 2, QK = 32, XS = 32 };
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q40Raw& r) {
         const u8* b = wr + (long long)blk * 18;
@@ -996,7 +996,7 @@ struct Q50Raw {
     u16 d;
 };
 struct Q50 {
-    enum { LPB = 2, QK = 32, XS = 32 };
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q50Raw& r) {
         const u8* b = wr + (long long)blk * 22;
@@ -1036,7 +1036,7 @@ template <bool FIVE> struct Q51Raw {
     u32 dm;
 };
 template <bool FIVE> struct Q41_51 {
-    enum { LPB = 2, QK = 32, XS = 32 };
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
     __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
                                                 Q51Raw<FIVE>& r) {
         const u8* b = wr + (long long)blk * (FIVE ? 24 : 20);
@@ -1074,6 +1074,40 @@ typedef Q41_51<true> Q51;
 typedef Q51Raw<false> Q41Raw;
 typedef Q51Raw<true> Q51RawT;
 
+// F16 / BF16 weights: "blocks" of 8 elements, 16 bytes (16-aligned when the row start is:
+// rows are 2*cols bytes with cols a multiple of 8). Activations are f32 already rounded to
+// f16 / bf16 by act_round (modes 3 / 4), as the CPU rounds them; XB = 4 bytes per element.
+// One lane per block: a 16-byte weight load and two float4 activation loads.
+struct HalfRaw {
+    uint4 w;
+};
+template <bool BF> struct Half8 {
+    enum { LPB = 1, QK = 8, XS = 16, XB = 4 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                HalfRaw& r) {
+        r.w = __ldg((const uint4*)(wr + (long long)blk * 16));
+    }
+    __device__ static __forceinline__ float cvt(u32 h) { return BF ? bf2f((u16)h) : h2f((u16)h); }
+    __device__ static __forceinline__ float dot(const HalfRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const float4* a = (const float4*)xq + 2 * blk;
+        const float4 a0 = a[0], a1 = a[1];
+        float s = cvt(r.w.x & 0xffff) * a0.x;
+        s = fmaf(cvt(r.w.x >> 16), a0.y, s);
+        s = fmaf(cvt(r.w.y & 0xffff), a0.z, s);
+        s = fmaf(cvt(r.w.y >> 16), a0.w, s);
+        s = fmaf(cvt(r.w.z & 0xffff), a1.x, s);
+        s = fmaf(cvt(r.w.z >> 16), a1.y, s);
+        s = fmaf(cvt(r.w.w & 0xffff), a1.z, s);
+        s = fmaf(cvt(r.w.w >> 16), a1.w, s);
+        return s;
+    }
+};
+typedef Half8<false> F16K;
+typedef Half8<true> BF16K;
+
 // Q8_0 quantization of activations, as the CPU's quantize_q8_0: per 32 elements d = amax/127,
 // q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32; xs[blk]
 // gets Q8_1's s = f16(d * sum of q), as f32 bits. One warp per block, lane = element; grid.x * 4
@@ -1103,8 +1137,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
 // steps' loads in flight before their dots. Each block of threads handles tokens
 // t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
-// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols,
-// xd + t*(cols/QK), xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
+// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
+// bytes per activation, 1 for int8, 4 for the f32 of F16/BF16), xd + t*(cols/QK),
+// xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
 template <class K, class Raw, int NT>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
@@ -1131,7 +1166,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 const long long tt = t0 + t;
-                const i8* xqt = xq + tt * cols;
+                const i8* xqt = xq + tt * cols * K::XB;
                 const float* xdt = xd + tt * (cols / K::QK);
                 const int* xst = xs + tt * (cols / K::XS);
                 acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
@@ -1146,7 +1181,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 const long long tt = t0 + t;
-                acc[t] += K::dot(r0, blk, p, xq + tt * cols, xd + tt * (cols / K::QK),
+                acc[t] += K::dot(r0, blk, p, xq + tt * cols * K::XB, xd + tt * (cols / K::QK),
                                  xs + tt * (cols / K::XS));
             }
         }
@@ -1185,3 +1220,5 @@ MMVQ(q4_0, Q40, Q40Raw, LB_DEFAULT)
 MMVQ(q5_0, Q50, Q50Raw, LB_DEFAULT)
 MMVQ(q4_1, Q41, Q41Raw, LB_DEFAULT)
 MMVQ(q5_1, Q51, Q51RawT, LB_DEFAULT)
+MMVQ(f16, F16K, HalfRaw, LB_DEFAULT)
+MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)

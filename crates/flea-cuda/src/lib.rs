@@ -10,9 +10,10 @@
 //!   `Session`), weights are uploaded on first use and cached by host slice (pointer,
 //!   length): the model's mmap is stable for its life.
 //! * Activations are f32 device buffers; the KV cache is F16.
-//! * Matmuls: up to 8 tokens → for Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0, int8 `__dp4a` kernels
-//!   on activations quantized like the CPU's (`mmvq.rs`); for other types a warp-per-row
-//!   matvec that dequantizes on the fly; more tokens → the weight is dequantized to F16 into
+//! * Matmuls: up to 8 tokens → wide-load kernels (`mmvq.rs`; int8 `__dp4a` on activations
+//!   quantized like the CPU's for Q4_K Q5_K Q6_K Q8_0 Q4_0 Q5_0 Q4_1 Q5_1, f32 FMA for F16
+//!   and BF16); for other types a warp-per-row matvec that dequantizes on the fly; more
+//!   tokens → the weight is dequantized to F16 into
 //!   a scratch buffer and multiplied with cuBLAS (F16 × F16 → F32). Activations are rounded
 //!   the way the CPU backend quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16),
 //!   so both backends compute the same function up to summation order.

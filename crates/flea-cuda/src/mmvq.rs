@@ -1,9 +1,11 @@
 //! Integer decode mat-vec ("mmvq", kernels.cu): for the weight types that carry most of a
 //! quantized model's bytes (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1), activations are
 //! quantized once per matmul group to int8 on the CPU's grid (`act_q8k` for K-quants,
-//! `act_q8_0` for the others: Q8_0, plus Q8_1's block sums), and each weight block is read with wide loads and multiplied with
-//! `__dp4a`, one float scale per sub-block. The integers are the CPU's; only the order of the
-//! float sums differs. Other types keep the dequantizing `matvec_*` kernels.
+//! `act_q8_0` for the others: Q8_0, plus Q8_1's block sums), and each weight block is read
+//! with wide loads and multiplied with `__dp4a`, one float scale per sub-block. The integers
+//! are the CPU's; only the order of the float sums differs. F16 / BF16 weights get the same
+//! structure with 16-byte weight loads against f32 activations rounded as the CPU rounds
+//! them. Other types (F32, Q2_K, Q3_K) keep the dequantizing `matvec_*` kernels.
 //!
 //! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
 
@@ -15,7 +17,7 @@ use flea_model::Result;
 
 /// Kernels of this module, loaded with the others: the activation quantizers, and per type
 /// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
-pub(crate) const KERNELS: [&str; 18] = [
+pub(crate) const KERNELS: [&str; 22] = [
     "act_q8k",
     "act_q8_0",
     "mmvq_q4_k",
@@ -26,6 +28,8 @@ pub(crate) const KERNELS: [&str; 18] = [
     "mmvq_q5_0",
     "mmvq_q4_1",
     "mmvq_q5_1",
+    "mmvq_f16",
+    "mmvq_bf16",
     "mmvq8_q4_k",
     "mmvq8_q5_k",
     "mmvq8_q6_k",
@@ -34,6 +38,8 @@ pub(crate) const KERNELS: [&str; 18] = [
     "mmvq8_q5_0",
     "mmvq8_q4_1",
     "mmvq8_q5_1",
+    "mmvq8_f16",
+    "mmvq8_bf16",
 ];
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
@@ -48,6 +54,9 @@ pub(crate) enum ActFmt {
     Q8K,
     /// 32-element blocks, f16-rounded scale, Q8_1's f16-rounded d*sum (`act_q8_0`).
     Q8_0,
+    /// f32 rounded to f16 / bf16 (`act_round` modes 3 / 4), for F16 / BF16 weights.
+    F16,
+    BF16,
 }
 
 impl ActFmt {
@@ -55,13 +64,14 @@ impl ActFmt {
         match self {
             ActFmt::Q8K => 256,
             ActFmt::Q8_0 => 32,
+            ActFmt::F16 | ActFmt::BF16 => 8,
         }
     }
 }
 
 /// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
-/// Q5_K blocks are read as 16-byte words; the others, whose blocks may be only 2-aligned, as
-/// 2-byte words), and its activation format.
+/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; the others, whose blocks may be
+/// only 2-aligned, as 2-byte words), and its activation format.
 pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
     Some(match ty {
         GgmlType::Q4_K => ("mmvq_q4_k", 16, ActFmt::Q8K),
@@ -72,6 +82,8 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
         GgmlType::Q5_0 => ("mmvq_q5_0", 2, ActFmt::Q8_0),
         GgmlType::Q4_1 => ("mmvq_q4_1", 2, ActFmt::Q8_0),
         GgmlType::Q5_1 => ("mmvq_q5_1", 2, ActFmt::Q8_0),
+        GgmlType::F16 => ("mmvq_f16", 16, ActFmt::F16),
+        GgmlType::BF16 => ("mmvq_bf16", 16, ActFmt::BF16),
         _ => return None,
     })
 }
@@ -82,6 +94,7 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
 pub(crate) struct ActScratch {
     q8k: Option<CudaSlice<u8>>,
     q8_0: Option<CudaSlice<u8>>,
+    half: Option<CudaSlice<u8>>,
 }
 
 /// Which formats already hold the current matmul group's input.
@@ -89,6 +102,8 @@ pub(crate) struct ActScratch {
 pub(crate) struct Quantized {
     q8k: bool,
     q8_0: bool,
+    /// F16 or BF16: the one rounding the shared `half` buffer holds.
+    half: Option<ActFmt>,
 }
 
 /// Matmuls that had an mmvq kernel but fell back to `matvec_*` because the weight's bytes were
@@ -154,32 +169,18 @@ impl CudaBackend {
             return Ok(false);
         }
         let total = n * w.cols;
-        let lay = act_layout(total, fmt.block());
-        let (buf, done) = match fmt {
-            ActFmt::Q8K => (&mut scratch.q8k, &mut quantized.q8k),
-            ActFmt::Q8_0 => (&mut scratch.q8_0, &mut quantized.q8_0),
+        let (xqp, xdp, xsp) = if let ActFmt::F16 | ActFmt::BF16 = fmt {
+            let base = self.grow(&mut scratch.half, total * 4)?;
+            if quantized.half != Some(fmt) {
+                let mode = if fmt == ActFmt::F16 { 3 } else { 4 };
+                self.round_acts(x, total, mode, base, 0)?;
+                quantized.half = Some(fmt);
+            }
+            // Only xq (the rounded f32) is read; xd / xs are unused valid pointers.
+            (base, base, base)
+        } else {
+            self.quantize_int8(fmt, total, x, scratch, quantized)?
         };
-        let base = self.grow(buf, lay.bytes)?;
-        let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
-        if !*done {
-            let nblk = (total / fmt.block()) as i64;
-            let cfg = LaunchConfig {
-                grid_dim: ((total / fmt.block()).div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let qname = match fmt {
-                ActFmt::Q8K => "act_q8k",
-                ActFmt::Q8_0 => "act_q8_0",
-            };
-            let f = self.func(qname)?;
-            let mut b = self.stream.launch_builder(f);
-            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
-            // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
-            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
-            self.after_launch(qname)?;
-            *done = true;
-        }
         let (kname, groups) = if n == 1 {
             (name.to_string(), n)
         } else {
@@ -208,6 +209,42 @@ impl CudaBackend {
         unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
         self.after_launch(&kname)?;
         Ok(true)
+    }
+
+    /// Quantize `total` activations at `x` to the int8 format `fmt` (Q8K or Q8_0) in its
+    /// scratch buffer, unless already done for this group; returns the (quants, scales, sums)
+    /// device pointers.
+    fn quantize_int8(
+        &self,
+        fmt: ActFmt,
+        total: usize,
+        x: u64,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<(u64, u64, u64)> {
+        let lay = act_layout(total, fmt.block());
+        let (buf, done, qname) = match fmt {
+            ActFmt::Q8K => (&mut scratch.q8k, &mut quantized.q8k, "act_q8k"),
+            _ => (&mut scratch.q8_0, &mut quantized.q8_0, "act_q8_0"),
+        };
+        let base = self.grow(buf, lay.bytes)?;
+        let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
+        if !*done {
+            let nblk = (total / fmt.block()) as i64;
+            let cfg = LaunchConfig {
+                grid_dim: ((total / fmt.block()).div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.func(qname)?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
+            // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
+            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
+            self.after_launch(qname)?;
+            *done = true;
+        }
+        Ok((xqp, xdp, xsp))
     }
 }
 
