@@ -110,9 +110,19 @@ pub(crate) struct Quantized {
 /// not aligned for it (a performance bug to look for, not an error).
 static MISALIGNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// 0: not decided yet (read FLEA_CUDA_NO_MMVQ), 1: on, 2: off.
+static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none())
+    use std::sync::atomic::Ordering::Relaxed;
+    match STATE.load(Relaxed) {
+        0 => {
+            let on = std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none();
+            STATE.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+        s => s == 1,
+    }
 }
 
 /// Byte offsets of the activation scratch for `total` elements (a multiple of `block`):
@@ -142,6 +152,12 @@ impl CudaBackend {
     /// because their weight was not aligned for it; should stay 0.
     pub fn mmvq_misaligned(&self) -> u64 {
         MISALIGNED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Use the mmvq kernels where they apply (default, unless FLEA_CUDA_NO_MMVQ is set) or
+    /// the dequantizing matvec everywhere (A/B comparisons). Process-wide.
+    pub fn set_mmvq(&self, on: bool) {
+        STATE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
