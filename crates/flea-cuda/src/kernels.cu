@@ -673,3 +673,552 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
     long long stride = (long long)gridDim.x * blockDim.x;
     for (; i < n4; i += stride) y[i] = x[i];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Integer decode mat-vec ("mmvq"): activations quantized once per matmul group to int8 on the
+// CPU's grid (act_q8k: Q8_K, act_q8_0: Q8_0), weights read with wide loads and multiplied with
+// __dp4a, one float scale per sub-block. Same integers as the CPU's dots; only the float
+// summation order differs.
+//
+// Activation scratch for n tokens of `cols` (a multiple of the block size):
+//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: i32 [n*cols/16] sums of each
+//   16 consecutive quants (Q8_K's bsums; only act_q8k writes them).
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+
+// 4 bytes from a 2-byte aligned address (Q6_K / Q4_0 / Q8_0 blocks are only 2-aligned).
+__device__ __forceinline__ int ld_a2(const u8* p) {
+    const u16* h = (const u16*)p;
+    return (int)((u32)__ldg(h) | ((u32)__ldg(h + 1) << 16));
+}
+
+// Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
+// element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
+// rint(iscale*x)), d = 1/iscale. One warp per block; lane owns elements 8*lane .. 8*lane+7.
+// grid.x * 4 warps cover nblk blocks.
+extern "C" __global__ void __launch_bounds__(128)
+    act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
+            int* __restrict__ xs, long long nblk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const float* xb = x + blk * 256 + lane * 8;
+    float v[8];
+    float amax = 0.f, mx = 0.f;
+    int first = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        v[i] = xb[i];
+        // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
+        if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float a2 = __shfl_xor_sync(0xffffffff, amax, o);
+        float m2 = __shfl_xor_sync(0xffffffff, mx, o);
+        int f2 = __shfl_xor_sync(0xffffffff, first, o);
+        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
+    }
+    u32 packed[2] = {0u, 0u};
+    int sum = 0;
+    float d = 0.f;
+    if (amax != 0.f) {
+        const float iscale = -127.f / mx;
+        d = 1.f / iscale;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int q = (int)fminf(127.f, rintf(iscale * v[i]));
+            sum += q;
+            packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
+        }
+    }
+    *(uint2*)(xq + blk * 256 + lane * 8) = make_uint2(packed[0], packed[1]);
+    // Sums of 16: lanes 2g and 2g+1 hold group g.
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    if ((lane & 1) == 0) xs[blk * 16 + (lane >> 1)] = sum;
+    if (lane == 0) xd[blk] = d;
+}
+
+// Q4_K block, 144 bytes; 16-aligned when the row start is (144 = 9*16; the host checks the
+// tensor pointer):
+//   [0,2) d f16 | [2,4) dmin f16 | [4,16) scales: 8 (6-bit scale, 6-bit min) pairs, packed as
+//   in scale_min_k4 | [16,144) qs: for j in 0..4 and l in 0..32, qs[32j + l] holds element
+//   64j + l in its low nibble and element 64j + 32 + l in its high nibble.
+//   Value = d*sc_s*q - dmin*m_s, sub-block s = element / 32.
+// Lane mapping: 8 lanes per block, part p (0..8): j = p >> 1, h = p & 1. The lane loads the
+// header (16 B) and qs[32j + 16h .. +16) (16 B), covering elements 64j + 16h + i (sub-block
+// 2j, Q8_K 16-group 4j + h) and 64j + 32 + 16h + i (sub-block 2j + 1, 16-group 4j + 2 + h),
+// i in 0..16.
+struct Q4KRaw {
+    uint4 hdr, qs;
+};
+struct Q4K {
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q4KRaw& r) {
+        const uint4* b = (const uint4*)(wr + (long long)blk * 144);
+        r.hdr = __ldg(b);
+        r.qs = __ldg(b + 1 + p);  // 16 + 16p = 16 + 32j + 16h
+    }
+    // Scale and min of sub-block s from the three scale words y (bytes 0..3), z (4..7),
+    // w (8..11).
+    __device__ static __forceinline__ void scale_min(int s, u32 y, u32 z, u32 w, int& sc,
+                                                     int& m) {
+        const int sh = 8 * (s & 3);
+        const int by = (y >> sh) & 0xff, bz = (z >> sh) & 0xff, bw = (w >> sh) & 0xff;
+        if (s < 4) {
+            sc = by & 63;
+            m = bz & 63;
+        } else {
+            sc = (bw & 15) | ((by >> 6) << 4);
+            m = (bw >> 4) | ((bz >> 6) << 4);
+        }
+    }
+    __device__ static __forceinline__ float dot(const Q4KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int j = p >> 1, h = p & 1;
+        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int4 alo = *(const int4*)a;
+        const int4 ahi = *(const int4*)(a + 32);
+        const int slo = xs[blk * 16 + 4 * j + h];
+        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const float yd = xd[blk];
+        const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
+        const int al[4] = {alo.x, alo.y, alo.z, alo.w};
+        const int ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+        int dlo = 0, dhi = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            dlo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], dlo);
+            dhi = dp4a((int)((q[k] >> 4) & 0x0f0f0f0fu), ah[k], dhi);
+        }
+        int sc0, m0, sc1, m1;
+        scale_min(2 * j, r.hdr.y, r.hdr.z, r.hdr.w, sc0, m0);
+        scale_min(2 * j + 1, r.hdr.y, r.hdr.z, r.hdr.w, sc1, m1);
+        const float d = h2f((u16)(r.hdr.x & 0xffff)) * yd;
+        const float dmin = h2f((u16)(r.hdr.x >> 16)) * yd;
+        return d * (float)(sc0 * dlo + sc1 * dhi) - dmin * (float)(m0 * slo + m1 * shi);
+    }
+};
+
+// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so weights are read as u16 pairs:
+//   [0,128) ql | [128,192) qh | [192,208) scales i8, one per 16 elements | [208,210) d f16.
+//   For half n (0..2), c (0..4), l (0..32): element 128n + 32c + l has low 4 bits
+//   (ql[64n + 32(c & 1) + l] >> 4(c >> 1)) & 15, high 2 bits (qh[32n + l] >> 2c) & 3;
+//   value = d * scale[element / 16] * (q - 32).
+// Lane mapping: 8 lanes per block, part p (0..8): n = p >> 2, l0 = 8(p & 3). The lane loads
+// ql[64n + l0 .. +8] (A), ql[64n + 32 + l0 .. +8] (B), qh[32n + l0 .. +8] (H) and covers, for
+// each c, the 8 elements 128n + 32c + l0 + i (16-group 8n + 2c + (l0 >= 16)), 32 in all.
+struct Q6KRaw {
+    int a0, a1, b0, b1, h0, h1;
+    int sc01, sc23;  // the 4 scales' u16 words (byte select below)
+    u16 d;
+};
+struct Q6K {
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q6KRaw& r) {
+        const u8* b = wr + (long long)blk * 210;
+        const int n = p >> 2, l0 = 8 * (p & 3);
+        const u8* ql = b + 64 * n + l0;
+        const u8* qh = b + 128 + 32 * n + l0;
+        r.a0 = ld_a2(ql);
+        r.a1 = ld_a2(ql + 4);
+        r.b0 = ld_a2(ql + 32);
+        r.b1 = ld_a2(ql + 36);
+        r.h0 = ld_a2(qh);
+        r.h1 = ld_a2(qh + 4);
+        // Scales 8n + 2c + g (g = l0 >= 16) for c = 0..3: bytes 192 + 8n + g + {0, 2, 4, 6}.
+        // Load the u16 words at 192 + 8n + {0, 2} and {4, 6}; byte g of each word is ours.
+        const u8* s = b + 192 + 8 * n;
+        r.sc01 = ld_a2(s);
+        r.sc23 = ld_a2(s + 4);
+        r.d = __ldg((const u16*)(b + 208));
+    }
+    __device__ static __forceinline__ int q6(u32 lo4, u32 hi2) {
+        // lo4 bytes in 0..15, hi2 bytes in 0..3: q in 0..63 per byte; (q + 0x60) ^ 0x80 is
+        // q - 32 as a signed byte, with no carry between bytes (q + 0x60 <= 0x9f).
+        const u32 q = lo4 | (hi2 << 4);
+        return (int)((q + 0x60606060u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q6KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int n = p >> 2, l0 = 8 * (p & 3);
+        const int g = l0 >= 16 ? 8 : 0;  // bit offset of our scale byte in each u16
+        const i8* a = xq + blk * 256 + 128 * n + l0;
+        const int2 a0 = *(const int2*)a;
+        const int2 a1 = *(const int2*)(a + 32);
+        const int2 a2 = *(const int2*)(a + 64);
+        const int2 a3 = *(const int2*)(a + 96);
+        const float yd = xd[blk];
+        const u32 A0 = r.a0, A1 = r.a1, B0 = r.b0, B1 = r.b1, H0 = r.h0, H1 = r.h1;
+        const u32 M4 = 0x0f0f0f0fu, M2 = 0x03030303u;
+        int d0 = dp4a(q6(A0 & M4, H0 & M2), a0.x, dp4a(q6(A1 & M4, H1 & M2), a0.y, 0));
+        int d1 = dp4a(q6(B0 & M4, (H0 >> 2) & M2), a1.x,
+                      dp4a(q6(B1 & M4, (H1 >> 2) & M2), a1.y, 0));
+        int d2 = dp4a(q6((A0 >> 4) & M4, (H0 >> 4) & M2), a2.x,
+                      dp4a(q6((A1 >> 4) & M4, (H1 >> 4) & M2), a2.y, 0));
+        int d3 = dp4a(q6((B0 >> 4) & M4, (H0 >> 6) & M2), a3.x,
+                      dp4a(q6((B1 >> 4) & M4, (H1 >> 6) & M2), a3.y, 0));
+        const u32 s01 = (u32)r.sc01, s23 = (u32)r.sc23;
+        const int sc0 = (int)(i8)((s01 >> g) & 0xff);
+        const int sc1 = (int)(i8)((s01 >> (16 + g)) & 0xff);
+        const int sc2 = (int)(i8)((s23 >> g) & 0xff);
+        const int sc3 = (int)(i8)((s23 >> (16 + g)) & 0xff);
+        const int isum = sc0 * d0 + sc1 * d1 + sc2 * d2 + sc3 * d3;
+        return (h2f(r.d) * yd) * (float)isum;
+    }
+};
+
+// Q5_K block, 176 bytes; 16-aligned when the row start is (176 = 11*16):
+//   [0,16) as Q4_K (d, dmin, scales) | [16,48) qh: bit 2j of qh[l] is the 5th bit of element
+//   64j + l, bit 2j+1 that of element 64j + 32 + l | [48,176) qs, laid out as Q4_K's.
+// Lane mapping as Q4K (part p = 2j + h); the lane also loads qh[16h .. +16).
+struct Q5KRaw {
+    uint4 hdr, qh, qs;
+};
+struct Q5K {
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q5KRaw& r) {
+        const uint4* b = (const uint4*)(wr + (long long)blk * 176);
+        r.hdr = __ldg(b);
+        r.qh = __ldg(b + 1 + (p & 1));  // 16 + 16h
+        r.qs = __ldg(b + 3 + p);        // 48 + 32j + 16h
+    }
+    __device__ static __forceinline__ float dot(const Q5KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int j = p >> 1, h = p & 1;
+        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int4 alo = *(const int4*)a;
+        const int4 ahi = *(const int4*)(a + 32);
+        const int slo = xs[blk * 16 + 4 * j + h];
+        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const float yd = xd[blk];
+        const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
+        const u32 qh[4] = {r.qh.x, r.qh.y, r.qh.z, r.qh.w};
+        const int al[4] = {alo.x, alo.y, alo.z, alo.w};
+        const int ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+        int dlo = 0, dhi = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 blo = ((qh[k] >> (2 * j)) & 0x01010101u) << 4;
+            const u32 bhi = ((qh[k] >> (2 * j + 1)) & 0x01010101u) << 4;
+            dlo = dp4a((int)((q[k] & 0x0f0f0f0fu) | blo), al[k], dlo);
+            dhi = dp4a((int)(((q[k] >> 4) & 0x0f0f0f0fu) | bhi), ah[k], dhi);
+        }
+        int sc0, m0, sc1, m1;
+        Q4K::scale_min(2 * j, r.hdr.y, r.hdr.z, r.hdr.w, sc0, m0);
+        Q4K::scale_min(2 * j + 1, r.hdr.y, r.hdr.z, r.hdr.w, sc1, m1);
+        const float d = h2f((u16)(r.hdr.x & 0xffff)) * yd;
+        const float dmin = h2f((u16)(r.hdr.x >> 16)) * yd;
+        return d * (float)(sc0 * dlo + sc1 * dhi) - dmin * (float)(m0 * slo + m1 * shi);
+    }
+};
+
+// Q8_0 block, 34 bytes (2-aligned): [0,2) d f16 | [2,34) qs i8; value = d*q. Activations on
+// the Q8_0 grid (act_q8_0). 4 lanes per block, lane p reads qs[8p .. +8) as u16 pairs.
+struct Q80Raw {
+    int q0, q1;
+    u16 d;
+};
+struct Q80 {
+    enum { LPB = 4, QK = 32, XS = 32, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q80Raw& r) {
+        const u8* b = wr + (long long)blk * 34;
+        r.q0 = ld_a2(b + 2 + 8 * p);
+        r.q1 = ld_a2(b + 6 + 8 * p);
+        r.d = __ldg((const u16*)b);
+    }
+    __device__ static __forceinline__ float dot(const Q80Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const int2 a = *(const int2*)(xq + blk * 32 + 8 * p);
+        const int s = dp4a(r.q0, a.x, dp4a(r.q1, a.y, 0));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// Q4_0 block, 18 bytes (2-aligned): [0,2) d f16 | [2,18) qs: qs[l] holds element l in its low
+// nibble and element 16 + l in its high nibble; value = d*(q - 8). Q8_0 activations. 2 lanes
+// per block, lane p reads qs[8p .. +8) (elements 8p + i and 16 + 8p + i).
+struct Q40Raw {
+    int q0, q1;
+    u16 d;
+};
+struct Q40 {
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q40Raw& r) {
+        const u8* b = wr + (long long)blk * 18;
+        r.q0 = ld_a2(b + 2 + 8 * p);
+        r.q1 = ld_a2(b + 6 + 8 * p);
+        r.d = __ldg((const u16*)b);
+    }
+    // Nibbles q in 0..15 to signed bytes q - 8: (q + 0x78) ^ 0x80, no carry (q + 0x78 <= 0x87).
+    __device__ static __forceinline__ int q4(u32 nib) {
+        return (int)((nib + 0x78787878u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q40Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, M4 = 0x0f0f0f0fu;
+        int s = dp4a(q4(q0 & M4), alo.x, dp4a(q4(q1 & M4), alo.y, 0));
+        s = dp4a(q4((q0 >> 4) & M4), ahi.x, dp4a(q4((q1 >> 4) & M4), ahi.y, s));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// 4 bits of qh starting at bit k, spread to bit 4 of each byte: the 5th bits of 4 quants.
+// x * 0x00204081 places copies of the 4 bits at bit offsets 0, 7, 14 and 21 (no overlap).
+__device__ __forceinline__ u32 bits4_to_bytes(u32 qh, int k) {
+    return ((((qh >> k) & 0xfu) * 0x00204081u) & 0x01010101u) << 4;
+}
+
+// Q5_0 block, 22 bytes (2-aligned): [0,2) d f16 | [2,6) qh u32 | [6,22) qs: element l (0..16)
+// = low nibble of qs[l] | bit l of qh << 4, element 16 + l = high nibble | bit 16 + l << 4;
+// value = d*(q - 16). Q8_0 activations. 2 lanes per block, lane p: elements 8p + i, 16 + 8p + i.
+struct Q50Raw {
+    int q0, q1, qh;
+    u16 d;
+};
+struct Q50 {
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q50Raw& r) {
+        const u8* b = wr + (long long)blk * 22;
+        r.q0 = ld_a2(b + 6 + 8 * p);
+        r.q1 = ld_a2(b + 10 + 8 * p);
+        r.qh = ld_a2(b + 2);
+        r.d = __ldg((const u16*)b);
+    }
+    // q in 0..31 to signed bytes q - 16: (q + 0x70) ^ 0x80, no carry (q + 0x70 <= 0x8f).
+    __device__ static __forceinline__ int q5(u32 nib, u32 hi) {
+        return (int)(((nib | hi) + 0x70707070u) ^ 0x80808080u);
+    }
+    __device__ static __forceinline__ float dot(const Q50Raw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, qh = (u32)r.qh, M4 = 0x0f0f0f0fu;
+        const int k = 8 * p;
+        int s = dp4a(q5(q0 & M4, bits4_to_bytes(qh, k)), alo.x,
+                     dp4a(q5(q1 & M4, bits4_to_bytes(qh, k + 4)), alo.y, 0));
+        s = dp4a(q5((q0 >> 4) & M4, bits4_to_bytes(qh, k + 16)), ahi.x,
+                 dp4a(q5((q1 >> 4) & M4, bits4_to_bytes(qh, k + 20)), ahi.y, s));
+        return (float)s * (h2f(r.d) * xd[blk]);
+    }
+};
+
+// Q4_1 block, 20 bytes: [0,2) d f16 | [2,4) m f16 | [4,20) qs as Q4_0's; value = d*q + m.
+// Q5_1 block, 24 bytes: [0,2) d | [2,4) m | [4,8) qh | [8,24) qs as Q5_0's; value = d*q + m.
+// Q8_1 activations: the Q8_0 quants and scale, plus s = f16(d * sum of the block's quants)
+// (xs, as f32 bits). The CPU's dot is sumi*(d*d_a) + m*s, so the lane with p == 0 adds m*s.
+// Read as u16 pairs like the others (only 2-alignment is assumed). 2 lanes per block.
+template <bool FIVE> struct Q51Raw {
+    int q0, q1, qh;
+    u32 dm;
+};
+template <bool FIVE> struct Q41_51 {
+    enum { LPB = 2, QK = 32, XS = 32, XB = 1 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                Q51Raw<FIVE>& r) {
+        const u8* b = wr + (long long)blk * (FIVE ? 24 : 20);
+        const int qs = FIVE ? 8 : 4;
+        r.q0 = ld_a2(b + qs + 8 * p);
+        r.q1 = ld_a2(b + qs + 4 + 8 * p);
+        r.qh = FIVE ? ld_a2(b + 4) : 0;
+        r.dm = (u32)ld_a2(b);
+    }
+    __device__ static __forceinline__ float dot(const Q51Raw<FIVE>& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const i8* a = xq + blk * 32 + 8 * p;
+        const int2 alo = *(const int2*)a;
+        const int2 ahi = *(const int2*)(a + 16);
+        const u32 q0 = (u32)r.q0, q1 = (u32)r.q1, qh = (u32)r.qh, M4 = 0x0f0f0f0fu;
+        const int k = 8 * p;
+        u32 l0 = q0 & M4, l1 = q1 & M4, h0 = (q0 >> 4) & M4, h1 = (q1 >> 4) & M4;
+        if (FIVE) {
+            l0 |= bits4_to_bytes(qh, k);
+            l1 |= bits4_to_bytes(qh, k + 4);
+            h0 |= bits4_to_bytes(qh, k + 16);
+            h1 |= bits4_to_bytes(qh, k + 20);
+        }
+        int s = dp4a((int)l0, alo.x, dp4a((int)l1, alo.y, 0));
+        s = dp4a((int)h0, ahi.x, dp4a((int)h1, ahi.y, s));
+        float v = (float)s * (h2f((u16)(r.dm & 0xffff)) * xd[blk]);
+        if (p == 0) v += h2f((u16)(r.dm >> 16)) * __int_as_float(xs[blk]);
+        return v;
+    }
+};
+typedef Q41_51<false> Q41;
+typedef Q41_51<true> Q51;
+typedef Q51Raw<false> Q41Raw;
+typedef Q51Raw<true> Q51RawT;
+
+// F16 / BF16 weights: "blocks" of 8 elements, 16 bytes (16-aligned when the row start is:
+// rows are 2*cols bytes with cols a multiple of 8). Activations are f32 already rounded to
+// f16 / bf16 by act_round (modes 3 / 4), as the CPU rounds them; XB = 4 bytes per element.
+// One lane per block: a 16-byte weight load and two float4 activation loads.
+struct HalfRaw {
+    uint4 w;
+};
+template <bool BF> struct Half8 {
+    enum { LPB = 1, QK = 8, XS = 16, XB = 4 };
+    __device__ static __forceinline__ void load(const u8* __restrict__ wr, int blk, int p,
+                                                HalfRaw& r) {
+        r.w = __ldg((const uint4*)(wr + (long long)blk * 16));
+    }
+    __device__ static __forceinline__ float cvt(u32 h) { return BF ? bf2f((u16)h) : h2f((u16)h); }
+    __device__ static __forceinline__ float dot(const HalfRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        const float4* a = (const float4*)xq + 2 * blk;
+        const float4 a0 = a[0], a1 = a[1];
+        float s = cvt(r.w.x & 0xffff) * a0.x;
+        s = fmaf(cvt(r.w.x >> 16), a0.y, s);
+        s = fmaf(cvt(r.w.y & 0xffff), a0.z, s);
+        s = fmaf(cvt(r.w.y >> 16), a0.w, s);
+        s = fmaf(cvt(r.w.z & 0xffff), a1.x, s);
+        s = fmaf(cvt(r.w.z >> 16), a1.y, s);
+        s = fmaf(cvt(r.w.w & 0xffff), a1.z, s);
+        s = fmaf(cvt(r.w.w >> 16), a1.w, s);
+        return s;
+    }
+};
+typedef Half8<false> F16K;
+typedef Half8<true> BF16K;
+
+// Q8_0 quantization of activations, as the CPU's quantize_q8_0: per 32 elements d = amax/127,
+// q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32; xs[blk]
+// gets Q8_1's s = f16(d * sum of q), as f32 bits. One warp per block, lane = element; grid.x * 4
+// warps cover nblk blocks.
+extern "C" __global__ void __launch_bounds__(128)
+    act_q8_0(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
+             int* __restrict__ xs, long long nblk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const float v = x[blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    const int q = (int)roundf(v * id);
+    xq[blk * 32 + lane] = (i8)q;
+    int sum = q;  // shuffles, not __reduce_add_sync: that needs sm_80
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) {
+        xd[blk] = h2f(f2h(d));
+        xs[blk] = __float_as_int(h2f(f2h((float)sum * d)));
+    }
+}
+
+// y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
+// block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
+// steps' loads in flight before their dots. Each block of threads handles tokens
+// t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
+// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
+// bytes per activation, 1 for int8, 4 for the f32 of F16/BF16), xd + t*(cols/QK),
+// xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
+template <class K, class Raw, int NT>
+__device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
+                                          const float* __restrict__ xd,
+                                          const int* __restrict__ xs, float* __restrict__ y,
+                                          int rows, int cols, long long row_bytes, int n) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 4 + warp;
+    const int t0 = blockIdx.y * NT;
+    if (row >= rows) return;
+    const int nt = min(NT, n - t0);
+    const u8* wr = W + (long long)row * row_bytes;
+    const int nb = cols / K::QK;
+    const int step = 32 / K::LPB;
+    const int p = lane % K::LPB;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    int blk = lane / K::LPB;
+    for (; blk + step < nb; blk += 2 * step) {
+        Raw r0, r1;
+        K::load(wr, blk, p, r0);
+        K::load(wr, blk + step, p, r1);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nt) {
+                const long long tt = t0 + t;
+                const i8* xqt = xq + tt * cols * K::XB;
+                const float* xdt = xd + tt * (cols / K::QK);
+                const int* xst = xs + tt * (cols / K::XS);
+                acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
+                          K::dot(r1, blk + step, p, xqt, xdt, xst);
+            }
+        }
+    }
+    if (blk < nb) {
+        Raw r0;
+        K::load(wr, blk, p, r0);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t < nt) {
+                const long long tt = t0 + t;
+                acc[t] += K::dot(r0, blk, p, xq + tt * cols * K::XB, xd + tt * (cols / K::QK),
+                                 xs + tt * (cols / K::XS));
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float v = warp_sum(acc[t]);
+        if (lane == 0 && t < nt) y[(long long)(t0 + t) * rows + row] = v;
+    }
+}
+
+// mmvq_<type>: one token per block of threads (decode); mmvq8_<type>: up to 8 tokens.
+// LB: the decode kernel's launch bounds (a minimum of resident blocks caps its registers).
+#define LB_DEFAULT __launch_bounds__(128)
+#define LB_10 __launch_bounds__(128, 10)
+#define MMVQ(name, K, Raw, LB)                                                                 \
+    extern "C" __global__ void LB                                                              \
+        mmvq_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,       \
+                    int rows, int cols, long long row_bytes, int n) {                          \
+        mmvq_impl<K, Raw, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                          \
+        mmvq8_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,      \
+                     int rows, int cols, long long row_bytes, int n) {                         \
+        mmvq_impl<K, Raw, 8>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    }
+
+// Q4_K: 10 blocks (48 registers, no spills; 56 without the bound) make one wave of a
+// 5120-row matrix on 132 SMs. The others keep their natural register counts (a bound of 10
+// spills Q5_K/Q6_K; a bound of 1 lets the compiler take more).
+MMVQ(q4_k, Q4K, Q4KRaw, LB_10)
+MMVQ(q5_k, Q5K, Q5KRaw, LB_DEFAULT)
+MMVQ(q6_k, Q6K, Q6KRaw, LB_DEFAULT)
+MMVQ(q8_0, Q80, Q80Raw, LB_DEFAULT)
+MMVQ(q4_0, Q40, Q40Raw, LB_DEFAULT)
+MMVQ(q5_0, Q50, Q50Raw, LB_DEFAULT)
+MMVQ(q4_1, Q41, Q41Raw, LB_DEFAULT)
+MMVQ(q5_1, Q51, Q51RawT, LB_DEFAULT)
+MMVQ(f16, F16K, HalfRaw, LB_DEFAULT)
+MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)

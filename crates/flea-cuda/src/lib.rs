@@ -10,11 +10,13 @@
 //!   `Session`), weights are uploaded on first use and cached by host slice (pointer,
 //!   length): the model's mmap is stable for its life.
 //! * Activations are f32 device buffers; the KV cache is F16.
-//! * Matmuls: one token → a warp-per-row matvec that dequantizes on the fly; several tokens →
-//!   the weight is dequantized to F16 into a scratch buffer and multiplied with cuBLAS
-//!   (F16 × F16 → F32). Before either, activations are rounded the way the CPU backend
-//!   quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16), so both backends compute
-//!   the same function up to summation order.
+//! * Matmuls: up to 8 tokens → wide-load kernels (`mmvq.rs`; int8 `__dp4a` on activations
+//!   quantized like the CPU's for Q4_K Q5_K Q6_K Q8_0 Q4_0 Q5_0 Q4_1 Q5_1, f32 FMA for F16
+//!   and BF16); for other types a warp-per-row matvec that dequantizes on the fly; more
+//!   tokens → the weight is dequantized to F16 into
+//!   a scratch buffer and multiplied with cuBLAS (F16 × F16 → F32). Activations are rounded
+//!   the way the CPU backend quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16),
+//!   so both backends compute the same function up to summation order.
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -28,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod mmvq;
 mod staging;
 pub use staging::CudaStaged;
 
@@ -144,6 +147,8 @@ struct Scratch {
     /// Rounded activations, f32 (matvec) and f16 (GEMM).
     xr: Option<CudaSlice<f32>>,
     xh: Option<CudaSlice<u16>>,
+    /// Int8 activations for the mmvq kernels.
+    xq: mmvq::ActScratch,
     tokens: Option<CudaSlice<i32>>,
     /// Embedding rows of one batch (under the executor).
     emb: Option<CudaSlice<u8>>,
@@ -335,6 +340,7 @@ impl CudaBackend {
             .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
         let mut funcs = HashMap::new();
         let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
+        names.extend(mmvq::KERNELS.iter().map(|s| s.to_string()));
         for s in TYPE_SUFFIXES {
             for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
                 names.push(format!("{k}_{s}"));
@@ -869,9 +875,16 @@ impl Backend for CudaBackend {
         let mut sc = self.scratch.lock().unwrap();
         // Rounded input per mode, computed once for all jobs.
         let mut done_mode: Option<i32> = None;
+        let mut quantized = mmvq::Quantized::default();
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
+            // Int8 kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
+            if (!use_blas || n <= mmvq::MAX_TOKENS)
+                && self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)?
+            {
+                continue;
+            }
             if use_blas && self.precise_gemm() {
                 let xr = self.grow(&mut sc.xr, total)?;
                 if done_mode != Some(mode) {

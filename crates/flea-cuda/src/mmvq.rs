@@ -1,0 +1,702 @@
+//! Integer decode mat-vec ("mmvq", kernels.cu): for the weight types that carry most of a
+//! quantized model's bytes (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, Q5_0, Q4_1, Q5_1), activations are
+//! quantized once per matmul group to int8 on the CPU's grid (`act_q8k` for K-quants,
+//! `act_q8_0` for the others: Q8_0, plus Q8_1's block sums), and each weight block is read
+//! with wide loads and multiplied with `__dp4a`, one float scale per sub-block. The integers
+//! are the CPU's; only the order of the float sums differs. F16 / BF16 weights get the same
+//! structure with 16-byte weight loads against f32 activations rounded as the CPU rounds
+//! them. Other types (F32, Q2_K, Q3_K) keep the dequantizing `matvec_*` kernels.
+//!
+//! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
+
+use crate::{be, CudaBackend};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use flea_gguf::GgmlType;
+use flea_model::weights::Weight;
+use flea_model::Result;
+
+/// Kernels of this module, loaded with the others: the activation quantizers, and per type
+/// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
+pub(crate) const KERNELS: [&str; 22] = [
+    "act_q8k",
+    "act_q8_0",
+    "mmvq_q4_k",
+    "mmvq_q5_k",
+    "mmvq_q6_k",
+    "mmvq_q8_0",
+    "mmvq_q4_0",
+    "mmvq_q5_0",
+    "mmvq_q4_1",
+    "mmvq_q5_1",
+    "mmvq_f16",
+    "mmvq_bf16",
+    "mmvq8_q4_k",
+    "mmvq8_q5_k",
+    "mmvq8_q6_k",
+    "mmvq8_q8_0",
+    "mmvq8_q4_0",
+    "mmvq8_q5_0",
+    "mmvq8_q4_1",
+    "mmvq8_q5_1",
+    "mmvq8_f16",
+    "mmvq8_bf16",
+];
+
+/// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
+/// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
+/// dequantizing it to f16 for a GEMM (and the sums are the CPU's integers).
+pub(crate) const MAX_TOKENS: usize = 8;
+
+/// The grid activations are quantized to (the CPU's vec-dot format of the weight type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ActFmt {
+    /// 256-element blocks, f32 scale, sums of 16 (`act_q8k`).
+    Q8K,
+    /// 32-element blocks, f16-rounded scale, Q8_1's f16-rounded d*sum (`act_q8_0`).
+    Q8_0,
+    /// f32 rounded to f16 / bf16 (`act_round` modes 3 / 4), for F16 / BF16 weights.
+    F16,
+    BF16,
+}
+
+impl ActFmt {
+    fn block(self) -> usize {
+        match self {
+            ActFmt::Q8K => 256,
+            ActFmt::Q8_0 => 32,
+            ActFmt::F16 | ActFmt::BF16 => 8,
+        }
+    }
+}
+
+/// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
+/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; the others, whose blocks may be
+/// only 2-aligned, as 2-byte words), and its activation format.
+pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
+    Some(match ty {
+        GgmlType::Q4_K => ("mmvq_q4_k", 16, ActFmt::Q8K),
+        GgmlType::Q5_K => ("mmvq_q5_k", 16, ActFmt::Q8K),
+        GgmlType::Q6_K => ("mmvq_q6_k", 2, ActFmt::Q8K),
+        GgmlType::Q8_0 => ("mmvq_q8_0", 2, ActFmt::Q8_0),
+        GgmlType::Q4_0 => ("mmvq_q4_0", 2, ActFmt::Q8_0),
+        GgmlType::Q5_0 => ("mmvq_q5_0", 2, ActFmt::Q8_0),
+        GgmlType::Q4_1 => ("mmvq_q4_1", 2, ActFmt::Q8_0),
+        GgmlType::Q5_1 => ("mmvq_q5_1", 2, ActFmt::Q8_0),
+        GgmlType::F16 => ("mmvq_f16", 16, ActFmt::F16),
+        GgmlType::BF16 => ("mmvq_bf16", 16, ActFmt::BF16),
+        _ => return None,
+    })
+}
+
+/// Device scratch of the int8 activations, one buffer per format (a matmul group may use
+/// both, e.g. Q4_K and Q8_0 weights on the same input).
+#[derive(Default)]
+pub(crate) struct ActScratch {
+    q8k: Option<CudaSlice<u8>>,
+    q8_0: Option<CudaSlice<u8>>,
+    half: Option<CudaSlice<u8>>,
+}
+
+/// Which formats already hold the current matmul group's input.
+#[derive(Default)]
+pub(crate) struct Quantized {
+    q8k: bool,
+    q8_0: bool,
+    /// F16 or BF16: the one rounding the shared `half` buffer holds.
+    half: Option<ActFmt>,
+}
+
+/// Matmuls that had an mmvq kernel but fell back to `matvec_*` because the weight's bytes were
+/// not aligned for it (a performance bug to look for, not an error).
+static MISALIGNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// 0: not decided yet (read FLEA_CUDA_NO_MMVQ), 1: on, 2: off.
+static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn enabled() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match STATE.load(Relaxed) {
+        0 => {
+            let on = std::env::var_os("FLEA_CUDA_NO_MMVQ").is_none();
+            STATE.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+        s => s == 1,
+    }
+}
+
+/// Byte offsets of the activation scratch for `total` elements (a multiple of `block`):
+/// quants (i8, `total`), block scales (f32, total/block) at `d_off`, at `s_off` Q8_K's sums of
+/// 16 quants (i32, total/16) or Q8_1's block sums (f32, total/32); `bytes` in all. Each part
+/// starts 256-aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ActLayout {
+    pub d_off: usize,
+    pub s_off: usize,
+    pub bytes: usize,
+}
+
+pub(crate) fn act_layout(total: usize, block: usize) -> ActLayout {
+    let up = |v: usize| v.div_ceil(256) * 256;
+    let d_off = up(total);
+    let s_off = d_off + up(total / block * 4);
+    ActLayout {
+        d_off,
+        s_off,
+        bytes: s_off + up(total / 16 * 4),
+    }
+}
+
+impl CudaBackend {
+    /// Matmuls (process-wide) that fell back from an int8 kernel to the dequantizing matvec
+    /// because their weight was not aligned for it; should stay 0.
+    pub fn mmvq_misaligned(&self) -> u64 {
+        MISALIGNED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Use the mmvq kernels where they apply (default, unless FLEA_CUDA_NO_MMVQ is set) or
+    /// the dequantizing matvec everywhere (A/B comparisons). Process-wide.
+    pub fn set_mmvq(&self, on: bool) {
+        STATE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
+    /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
+    /// into `scratch` unless `quantized` says this matmul group already did so.
+    #[allow(clippy::too_many_arguments)] // the matmul's operands and its group's scratch
+    pub(crate) fn try_mmvq(
+        &self,
+        n: usize,
+        w: &Weight,
+        wp: u64,
+        x: u64,
+        out: u64,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<bool> {
+        let Some((name, align, fmt)) = kernel_for(w.ty) else {
+            return Ok(false);
+        };
+        if !enabled() {
+            return Ok(false);
+        }
+        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align) {
+            MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(false);
+        }
+        let total = n * w.cols;
+        let (xqp, xdp, xsp) = if let ActFmt::F16 | ActFmt::BF16 = fmt {
+            let base = self.grow(&mut scratch.half, total * 4)?;
+            if quantized.half != Some(fmt) {
+                let mode = if fmt == ActFmt::F16 { 3 } else { 4 };
+                self.round_acts(x, total, mode, base, 0)?;
+                quantized.half = Some(fmt);
+            }
+            // Only xq (the rounded f32) is read; xd / xs are unused valid pointers.
+            (base, base, base)
+        } else {
+            self.quantize_int8(fmt, total, x, scratch, quantized)?
+        };
+        let (kname, groups) = if n == 1 {
+            (name.to_string(), n)
+        } else {
+            (name.replacen("mmvq_", "mmvq8_", 1), n.div_ceil(MAX_TOKENS))
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(4) as u32, groups as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, cols_i, rb, n_i) =
+            (w.rows as i32, w.cols as i32, w.row_bytes() as i64, n as i32);
+        let f = self.func(&kname)?;
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&wp)
+            .arg(&xqp)
+            .arg(&xdp)
+            .arg(&xsp)
+            .arg(&out)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&rb)
+            .arg(&n_i);
+        // SAFETY: wp holds rows*row_bytes bytes (check_weight), out holds n*rows f32
+        // (check_rows), the activation scratch was sized and filled above.
+        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
+        self.after_launch(&kname)?;
+        Ok(true)
+    }
+
+    /// Quantize `total` activations at `x` to the int8 format `fmt` (Q8K or Q8_0) in its
+    /// scratch buffer, unless already done for this group; returns the (quants, scales, sums)
+    /// device pointers.
+    fn quantize_int8(
+        &self,
+        fmt: ActFmt,
+        total: usize,
+        x: u64,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<(u64, u64, u64)> {
+        let lay = act_layout(total, fmt.block());
+        let (buf, done, qname) = match fmt {
+            ActFmt::Q8K => (&mut scratch.q8k, &mut quantized.q8k, "act_q8k"),
+            _ => (&mut scratch.q8_0, &mut quantized.q8_0, "act_q8_0"),
+        };
+        let base = self.grow(buf, lay.bytes)?;
+        let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
+        if !*done {
+            let nblk = (total / fmt.block()) as i64;
+            let cfg = LaunchConfig {
+                grid_dim: ((total / fmt.block()).div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let f = self.func(qname)?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
+            // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
+            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
+            self.after_launch(qname)?;
+            *done = true;
+        }
+        Ok((xqp, xdp, xsp))
+    }
+}
+
+/// Rust mirrors of the kernels' per-lane arithmetic (same lane split, bit tricks and integer
+/// sums as kernels.cu), checked against flea-quant's reference dots: they pin down the index
+/// and bit math that only a GPU could otherwise exercise.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dp4a(a: u32, b: u32, c: i32) -> i32 {
+        let mut s = c;
+        for k in 0..4 {
+            s += ((a >> (8 * k)) as u8 as i8 as i32) * ((b >> (8 * k)) as u8 as i8 as i32);
+        }
+        s
+    }
+    fn word(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    }
+    fn h2f(h: u16) -> f32 {
+        flea_quant::f16_to_f32(h)
+    }
+
+    /// act_q8k: (quants, d, sums of 16) of one 256-element block, lane by lane.
+    fn act_q8k(x: &[f32]) -> (Vec<i8>, f32, Vec<i32>) {
+        let (mut amax, mut mx, mut first) = (0f32, 0f32, 1usize << 30);
+        let mut lanes = Vec::new();
+        for lane in 0..32 {
+            let (mut a, mut m, mut f) = (0f32, 0f32, 1usize << 30);
+            for i in 0..8 {
+                let v = x[lane * 8 + i];
+                if v.abs() > a {
+                    a = v.abs();
+                    m = v;
+                    f = lane * 8 + i;
+                }
+            }
+            lanes.push((a, m, f));
+        }
+        // The butterfly's result equals the max of |v| with the smallest index on ties.
+        for &(a, m, f) in &lanes {
+            if a > amax || (a == amax && f < first) {
+                amax = a;
+                mx = m;
+                first = f;
+            }
+        }
+        let mut q = vec![0i8; 256];
+        let mut d = 0f32;
+        if amax != 0.0 {
+            let iscale = -127.0f32 / mx;
+            d = 1.0 / iscale;
+            for (qi, &v) in q.iter_mut().zip(x) {
+                *qi = (iscale * v).round_ties_even().min(127.0) as i8;
+            }
+        }
+        let sums = q
+            .chunks(16)
+            .map(|c| c.iter().map(|&v| v as i32).sum())
+            .collect();
+        (q, d, sums)
+    }
+
+    fn q8(q: &[i8], off: usize) -> u32 {
+        u32::from_le_bytes([
+            q[off] as u8,
+            q[off + 1] as u8,
+            q[off + 2] as u8,
+            q[off + 3] as u8,
+        ])
+    }
+
+    /// Q4K::dot for one block and lane part p.
+    fn q4k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
+        let (j, h) = (p >> 1, p & 1);
+        let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
+        let scale_min = |s: usize| -> (i32, i32) {
+            let sh = 8 * (s & 3);
+            let (by, bz, bw) = ((y >> sh) & 0xff, (z >> sh) & 0xff, (w >> sh) & 0xff);
+            if s < 4 {
+                ((by & 63) as i32, (bz & 63) as i32)
+            } else {
+                (
+                    ((bw & 15) | ((by >> 6) << 4)) as i32,
+                    ((bw >> 4) | ((bz >> 6) << 4)) as i32,
+                )
+            }
+        };
+        let (mut dlo, mut dhi) = (0, 0);
+        for k in 0..4 {
+            let qw = word(b, 16 + 16 * p + 4 * k);
+            let a = 64 * j + 16 * h + 4 * k;
+            dlo = dp4a(qw & 0x0f0f0f0f, q8(q, a), dlo);
+            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 32), dhi);
+        }
+        let (sc0, m0) = scale_min(2 * j);
+        let (sc1, m1) = scale_min(2 * j + 1);
+        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
+        let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
+        d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
+    }
+
+    /// Q6K::dot for one block and lane part p.
+    fn q6k_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let (n, l0) = (p >> 2, 8 * (p & 3));
+        let g = if l0 >= 16 { 8 } else { 0 };
+        let ql = 64 * n + l0;
+        let qh = 128 + 32 * n + l0;
+        let (a0, a1, b0, b1) = (
+            word(b, ql),
+            word(b, ql + 4),
+            word(b, ql + 32),
+            word(b, ql + 36),
+        );
+        let (h0, h1) = (word(b, qh), word(b, qh + 4));
+        let q6 = |lo4: u32, hi2: u32| ((lo4 | (hi2 << 4)).wrapping_add(0x60606060)) ^ 0x80808080;
+        let (m4, m2) = (0x0f0f0f0fu32, 0x03030303u32);
+        let a = 128 * n + l0;
+        let dd = |w0: u32, w1: u32, c: usize| {
+            dp4a(w0, q8(q, a + 32 * c), dp4a(w1, q8(q, a + 32 * c + 4), 0))
+        };
+        let d0 = dd(q6(a0 & m4, h0 & m2), q6(a1 & m4, h1 & m2), 0);
+        let d1 = dd(q6(b0 & m4, (h0 >> 2) & m2), q6(b1 & m4, (h1 >> 2) & m2), 1);
+        let d2 = dd(
+            q6((a0 >> 4) & m4, (h0 >> 4) & m2),
+            q6((a1 >> 4) & m4, (h1 >> 4) & m2),
+            2,
+        );
+        let d3 = dd(
+            q6((b0 >> 4) & m4, (h0 >> 6) & m2),
+            q6((b1 >> 4) & m4, (h1 >> 6) & m2),
+            3,
+        );
+        let s = 192 + 8 * n;
+        let (s01, s23) = (
+            u16::from_le_bytes([b[s], b[s + 1]]) as u32
+                | (u16::from_le_bytes([b[s + 2], b[s + 3]]) as u32) << 16,
+            word(b, s + 4),
+        );
+        let sc = |w: u32, sh: u32| ((w >> sh) & 0xff) as u8 as i8 as i32;
+        let isum = sc(s01, g) * d0 + sc(s01, 16 + g) * d1 + sc(s23, g) * d2 + sc(s23, 16 + g) * d3;
+        (h2f(u16::from_le_bytes([b[208], b[209]])) * yd) * isum as f32
+    }
+
+    /// Q5K::dot for one block and lane part p.
+    fn q5k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
+        let (j, h) = (p >> 1, p & 1);
+        let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
+        let scale_min = |s: usize| -> (i32, i32) {
+            let sh = 8 * (s & 3);
+            let (by, bz, bw) = ((y >> sh) & 0xff, (z >> sh) & 0xff, (w >> sh) & 0xff);
+            if s < 4 {
+                ((by & 63) as i32, (bz & 63) as i32)
+            } else {
+                (
+                    ((bw & 15) | ((by >> 6) << 4)) as i32,
+                    ((bw >> 4) | ((bz >> 6) << 4)) as i32,
+                )
+            }
+        };
+        let (mut dlo, mut dhi) = (0, 0);
+        for k in 0..4 {
+            let qw = word(b, 48 + 16 * p + 4 * k);
+            let hw = word(b, 16 + 16 * h + 4 * k);
+            let blo = ((hw >> (2 * j)) & 0x01010101) << 4;
+            let bhi = ((hw >> (2 * j + 1)) & 0x01010101) << 4;
+            let a = 64 * j + 16 * h + 4 * k;
+            dlo = dp4a((qw & 0x0f0f0f0f) | blo, q8(q, a), dlo);
+            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 32), dhi);
+        }
+        let (sc0, m0) = scale_min(2 * j);
+        let (sc1, m1) = scale_min(2 * j + 1);
+        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
+        let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
+        d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
+    }
+
+    /// act_q8_0 for one 32-element block: (quants, f16-rounded scale, f16-rounded d*sum).
+    fn act_q8_0(x: &[f32]) -> (Vec<i8>, f32, f32) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q: Vec<i8> = x.iter().map(|&v| (v * id).round() as i32 as i8).collect();
+        let sum: i32 = q.iter().map(|&v| v as i32).sum();
+        let s = h2f(flea_quant::f32_to_f16(sum as f32 * d));
+        (q, h2f(flea_quant::f32_to_f16(d)), s)
+    }
+
+    fn bits4_to_bytes(qh: u32, k: usize) -> u32 {
+        ((((qh >> k) & 0xf).wrapping_mul(0x00204081)) & 0x01010101) << 4
+    }
+
+    /// Q50::dot (five = None) and Q41_51::dot (five = Some(with qh)) for one block, lane p.
+    fn legacy_lane(ty: GgmlType, b: &[u8], p: usize, q: &[i8], yd: f32, ys: f32) -> f32 {
+        let (qs, qh, dm) = match ty {
+            GgmlType::Q5_0 => (6, word(b, 2), None),
+            GgmlType::Q4_1 => (4, 0, Some(u16::from_le_bytes([b[2], b[3]]))),
+            _ => (8, word(b, 4), Some(u16::from_le_bytes([b[2], b[3]]))),
+        };
+        let five = ty != GgmlType::Q4_1;
+        let (q0, q1, m4) = (word(b, qs + 8 * p), word(b, qs + 4 + 8 * p), 0x0f0f0f0fu32);
+        let k = 8 * p;
+        let mut v = [q0 & m4, q1 & m4, (q0 >> 4) & m4, (q1 >> 4) & m4];
+        if five {
+            for (i, off) in [0, 4, 16, 20].into_iter().enumerate() {
+                v[i] |= bits4_to_bytes(qh, k + off);
+            }
+        }
+        if ty == GgmlType::Q5_0 {
+            for x in &mut v {
+                *x = x.wrapping_add(0x70707070) ^ 0x80808080;
+            }
+        }
+        let a = 8 * p;
+        let mut s = dp4a(v[0], q8(q, a), dp4a(v[1], q8(q, a + 4), 0));
+        s = dp4a(v[2], q8(q, a + 16), dp4a(v[3], q8(q, a + 20), s));
+        let mut r = s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd);
+        if let (Some(m), 0) = (dm, p) {
+            r += h2f(m) * ys;
+        }
+        r
+    }
+
+    /// Q80::dot for one block and lane part p (0..4).
+    fn q80_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let s = dp4a(
+            word(b, 2 + 8 * p),
+            q8(q, 8 * p),
+            dp4a(word(b, 6 + 8 * p), q8(q, 8 * p + 4), 0),
+        );
+        s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
+    /// Q40::dot for one block and lane part p (0..2).
+    fn q40_lane(b: &[u8], p: usize, q: &[i8], yd: f32) -> f32 {
+        let q4 = |nib: u32| nib.wrapping_add(0x78787878) ^ 0x80808080;
+        let (q0, q1, m4) = (word(b, 2 + 8 * p), word(b, 6 + 8 * p), 0x0f0f0f0fu32);
+        let a = 8 * p;
+        let mut s = dp4a(q4(q0 & m4), q8(q, a), dp4a(q4(q1 & m4), q8(q, a + 4), 0));
+        s = dp4a(
+            q4((q0 >> 4) & m4),
+            q8(q, a + 16),
+            dp4a(q4((q1 >> 4) & m4), q8(q, a + 20), s),
+        );
+        s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64*).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545F4914F6CDD1D)
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn acts(rng: &mut Rng, n: usize) -> Vec<f32> {
+        // Mixed magnitudes, exact ties of |max| with both signs, and an all-zero block.
+        let mut x: Vec<f32> = (0..n).map(|i| rng.f32() * (1 + i % 7) as f32).collect();
+        x[3] = 9.0;
+        x[200] = -9.0;
+        x[256 + 17] = -12.5;
+        x[256 + 18] = 12.5;
+        for v in &mut x[512..768] {
+            *v = 0.0;
+        }
+        x
+    }
+
+    /// The kernel's quants, scales and sums equal flea-quant's Q8_K bytes.
+    #[test]
+    fn act_q8k_matches_cpu_quantizer() {
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        let x = acts(&mut rng, 1024);
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_K, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(256).zip(cpu.chunks(292)) {
+            let (q, d, sums) = act_q8k(blk);
+            assert_eq!(d.to_le_bytes(), c[0..4], "scale");
+            let cq: Vec<i8> = c[4..260].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+            for (g, &s) in sums.iter().enumerate() {
+                assert_eq!(
+                    s as i16,
+                    i16::from_le_bytes([c[260 + 2 * g], c[261 + 2 * g]])
+                );
+            }
+        }
+    }
+
+    /// The kernel's Q8_0 quants and scales equal flea-quant's Q8_0 bytes.
+    #[test]
+    fn act_q8_0_matches_cpu_quantizer() {
+        let mut rng = Rng(0x51ed_2701_9e37_79b9);
+        let mut x = acts(&mut rng, 1024);
+        // Exact halves, where roundf (away from zero) and rint (to even) differ.
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_0, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(32).zip(cpu.chunks(34)) {
+            let (q, d, _) = act_q8_0(blk);
+            assert_eq!(d, h2f(u16::from_le_bytes([c[0], c[1]])), "scale");
+            let cq: Vec<i8> = c[2..34].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+        }
+    }
+
+    fn check_type(ty: GgmlType, block_bytes: usize, f16_at: &[usize]) {
+        let mut rng = Rng(0x1234_5678_9abc_def1 ^ block_bytes as u64);
+        let (qk, lanes, afmt) = match ty {
+            GgmlType::Q8_0 => (32, 4, GgmlType::Q8_0),
+            GgmlType::Q4_0 | GgmlType::Q5_0 => (32, 2, GgmlType::Q8_0),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => (32, 2, GgmlType::Q8_1),
+            _ => (256, 8, GgmlType::Q8_K),
+        };
+        let cols = 256 * 6;
+        let nb = cols / qk;
+        let x = acts(&mut rng, cols);
+        let mut act = Vec::new();
+        flea_quant::quantize_activations(afmt, &x, &mut act).unwrap();
+        for _row in 0..8 {
+            let mut w: Vec<u8> = (0..block_bytes * nb).map(|_| rng.next() as u8).collect();
+            for b in 0..nb {
+                for &o in f16_at {
+                    let h = flea_quant::f32_to_f16(rng.f32() * 0.01 + 0.02);
+                    w[b * block_bytes + o..b * block_bytes + o + 2]
+                        .copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let want = flea_quant::vec_dot(ty, cols, &w, &act);
+            let (mut got, mut mag) = (0f32, 0f32);
+            for b in 0..nb {
+                let xb = &x[qk * b..qk * (b + 1)];
+                let (q, d, sums, ys) = if qk == 256 {
+                    let (q, d, sums) = act_q8k(xb);
+                    (q, d, sums, 0.0)
+                } else {
+                    let (q, d, ys) = act_q8_0(xb);
+                    (q, d, Vec::new(), ys)
+                };
+                let blk = &w[b * block_bytes..(b + 1) * block_bytes];
+                for p in 0..lanes {
+                    let v = match ty {
+                        GgmlType::Q4_K => q4k_lane(blk, p, &q, d, &sums),
+                        GgmlType::Q5_K => q5k_lane(blk, p, &q, d, &sums),
+                        GgmlType::Q6_K => q6k_lane(blk, p, &q, d),
+                        GgmlType::Q8_0 => q80_lane(blk, p, &q, d),
+                        GgmlType::Q4_0 => q40_lane(blk, p, &q, d),
+                        _ => legacy_lane(ty, blk, p, &q, d, ys),
+                    };
+                    got += v;
+                    mag += v.abs();
+                }
+            }
+            assert!(
+                (got - want).abs() <= 1e-5 * mag.max(1e-30),
+                "{ty}: lanes {got} vs cpu {want} (magnitude {mag})"
+            );
+        }
+    }
+
+    #[test]
+    fn q4k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_K, 144, &[0, 2]);
+    }
+
+    #[test]
+    fn q6k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q6_K, 210, &[208]);
+    }
+
+    #[test]
+    fn q5k_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_K, 176, &[0, 2]);
+    }
+
+    #[test]
+    fn q8_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q8_0, 34, &[0]);
+    }
+
+    #[test]
+    fn q4_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_0, 18, &[0]);
+    }
+
+    #[test]
+    fn q5_0_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_0, 22, &[0]);
+    }
+
+    #[test]
+    fn q4_1_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q4_1, 20, &[0, 2]);
+    }
+
+    #[test]
+    fn q5_1_lane_math_matches_cpu_dot() {
+        check_type(GgmlType::Q5_1, 24, &[0, 2]);
+    }
+
+    /// The Q8_1 block sum the kernels use equals flea-quant's.
+    #[test]
+    fn act_q8_1_sum_matches_cpu_quantizer() {
+        let mut rng = Rng(0x0bad_cafe_f00d_d00d);
+        let x = acts(&mut rng, 1024);
+        let mut cpu = Vec::new();
+        flea_quant::quantize_activations(GgmlType::Q8_1, &x, &mut cpu).unwrap();
+        for (blk, c) in x.chunks(32).zip(cpu.chunks(36)) {
+            let (q, d, s) = act_q8_0(blk);
+            assert_eq!(d, h2f(u16::from_le_bytes([c[0], c[1]])), "scale");
+            assert_eq!(s, h2f(u16::from_le_bytes([c[2], c[3]])), "sum");
+            let cq: Vec<i8> = c[4..36].iter().map(|&v| v as i8).collect();
+            assert_eq!(q, cq, "quants");
+        }
+    }
+
+    #[test]
+    fn act_layout_parts_are_aligned_and_disjoint() {
+        for block in [32usize, 256] {
+            for total in [256usize, 512, 4096, 5 * 5120, 13824] {
+                let l = act_layout(total, block);
+                assert!(l.d_off >= total && l.d_off.is_multiple_of(256));
+                assert!(l.s_off >= l.d_off + total / block * 4 && l.s_off.is_multiple_of(256));
+                assert!(l.bytes >= l.s_off + total / 16 * 4);
+            }
+        }
+    }
+}
