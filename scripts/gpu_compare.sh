@@ -6,7 +6,7 @@
 #   CARRY_DIR/llama_cpp_python-slim.tar.gz  + wheels, run_remote.sh, quick_bench.py: see
 #                                           ../shared/tools/llamacpp-gpu/README.md
 # Environment: PRESET (13b), NGLS (llama.cpp layer counts, "41 20"), BUDGETS (flea VRAM budgets,
-# "all 4GiB"), GEN (32). llama.cpp is built once per warm machine (~4 min) under /tmp/llcpp.
+# "all 4GiB"), MODES ("stream hybrid"), GEN (32), FLEA_ARGS (extra flea run flags). NGLS="" skips llama.cpp. llama.cpp is built once per warm machine (~4 min) under /tmp/llcpp.
 set -u
 OUT=${1:?usage: gpu_compare.sh OUTDIR [CARRY_DIR]}
 CARRY=$(cd "${2:-carry}" && pwd)
@@ -22,7 +22,7 @@ export FLEA_CUDA_CACHE=/tmp/flea-cuda-kernels
 THREADS=$(nproc)
 
 # 1. llama.cpp's CUDA build (skipped when a warm machine already has it).
-if ! ls /tmp/llcpp/site/llama_cpp >/dev/null 2>&1; then
+if [ -n "$NGLS" ] && ! ls /tmp/llcpp/site/llama_cpp >/dev/null 2>&1; then
   (cd "$CARRY" && CARRY=$CARRY OUT="$OUT/llcpp" FA_BUILD=off bash run_remote.sh env build > "$OUT/llcpp-build.log" 2>&1)
   echo "llama.cpp build: $(tail -1 "$OUT/llcpp-build.log")"
 fi
@@ -31,15 +31,15 @@ fi
 # 2. flea: prompt of ~500 tokens in one pass, then GEN decode tokens; ctx 768 as quick_bench.
 PROMPT=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog and'] * 24))")
 for b in $BUDGETS; do
-  for mode in hybrid stream; do
-    [ "$b" = all ] && [ "$mode" = stream ] && continue
-    extra=()
+  for mode in ${MODES:-stream hybrid}; do
+    [ "$b" = all ] && [ "$mode" = hybrid ] && continue
+    extra=(${FLEA_ARGS:-})
     [ "$b" != all ] && extra+=(--vram-budget "$b")
-    [ "$mode" = stream ] && extra+=(--no-hybrid)
-    name=flea-$PRESET-$b-$mode
+    [ "$mode" = hybrid ] && [ "$b" != all ] && extra+=(--hybrid)
+    name=flea-$PRESET-$b-$mode${TAG:-}
     "$CARRY/flea" run -m "$M" -p "$PROMPT" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" --ctx 768 \
       --device cuda --stats-json "$OUT/$name.json" "${extra[@]}" > /dev/null 2> "$OUT/$name.err"
-    echo "FLEA $PRESET budget=$b $mode: $(grep -E '^prompt:' "$OUT/$name.err" | tail -1)"
+    echo "FLEA $PRESET budget=$b $mode ${TAG:-}: $(grep -E '^prompt:' "$OUT/$name.err" | tail -1)"
     grep -E '^residency|^error' "$OUT/$name.err" | sed 's/^/    /'
   done
 done

@@ -68,8 +68,8 @@ for p in $PRESETS; do
   fi
   if has budget; then
     B=${BUDGET[$p]:-4GiB}
-    run "$p-budget-hybrid" "$m" -n 32 --ctx 1024 --vram-budget "$B" --trace "$OUT/$p-hybrid.svg"
-    run "$p-budget-stream" "$m" -n 32 --ctx 1024 --vram-budget "$B" --no-hybrid
+    run "$p-budget-hybrid" "$m" -n 32 --ctx 1024 --vram-budget "$B" --hybrid --trace "$OUT/$p-hybrid.svg"
+    run "$p-budget-stream" "$m" -n 32 --ctx 1024 --vram-budget "$B"
   fi
   if has nores; then
     # No room for resident layers: every layer copied from the pinned host cache each token.

@@ -41,13 +41,15 @@ pub struct ResidencyArgs {
     /// Host-to-GPU copy bandwidth for the prediction, GB/s (default: measured at start).
     #[arg(long)]
     pub h2d_gbps: Option<f64>,
-    /// With a GPU: rate at which the CPU computes through weights in RAM, GB/s, for the
-    /// hybrid split (default: measured at start on the model's first layer).
+    /// With a GPU: let the CPU compute host-cached layers in place while the copy engine
+    /// streams others, choosing stream / cpu-only / split from rates measured at start.
+    /// Off by default: on the lent H200 machine it measured slower than streaming alone
+    /// (docs/BENCHMARKS.md).
     #[arg(long)]
+    pub hybrid: bool,
+    /// With --hybrid: force a split at this CPU rate, GB/s, instead of measuring.
+    #[arg(long, requires = "hybrid")]
     pub cpu_gbps: Option<f64>,
-    /// With a GPU: no hybrid split; every non-resident layer is copied to the GPU.
-    #[arg(long)]
-    pub no_hybrid: bool,
     /// Compute straight from the file's mmap, outside the budgets (no arenas, no executor).
     #[arg(long, conflicts_with_all = ["vram_budget", "ram_budget", "io", "ring_depth"])]
     pub in_place: bool,
@@ -248,8 +250,19 @@ impl<'m> Runner<'m> {
         }
         let plan = r.plan_cuda(model, cuda, n_ctx, batch)?;
         let mut s = start_streaming(model, cuda, plan, path, r, n_ctx, batch)?;
-        if !r.no_hybrid {
-            s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))?;
+        if r.hybrid {
+            if let Some(h) = s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))? {
+                eprintln!(
+                    "hybrid: {:?} (CPU {:.1} GB/s alone, {:.1} GB/s while copying; copy engine {:.1} GB/s meanwhile; predicted host-cached part {:.1} / {:.1} / {:.1} ms for stream / cpu-only / split)",
+                    h.choice,
+                    h.cpu_alone / 1e9,
+                    h.cpu_contended / 1e9,
+                    h.copy_contended / 1e9,
+                    h.predicted_seconds[0] * 1e3,
+                    h.predicted_seconds[1] * 1e3,
+                    h.predicted_seconds[2] * 1e3
+                );
+            }
         }
         Ok(Runner::Cuda(Box::new(s)))
     }
@@ -378,6 +391,7 @@ fn stats_of<B: UnitStaging>(s: &StreamedModel<'_, B>) -> serde_json::Value {
             "host_cache": {"budget": s.host.budget, "peak": s.host.peak()},
         },
         "stream": s.stats,
+        "hybrid": s.hybrid,
         "read_gbps": if s.stats.read_seconds > 0.0 { s.stats.bytes_streamed as f64 / s.stats.read_seconds / 1e9 } else { 0.0 },
     })
 }

@@ -157,6 +157,29 @@ struct Scratch {
 /// Uploaded host slices: (address, length) → (content fingerprint, device copy).
 type DeviceCache<T> = HashMap<(usize, usize), (u64, CudaSlice<T>)>;
 
+/// Host memory the GPU reads directly (mapped, pinned): small activations handed over from
+/// the CPU travel through it by a kernel's loads, not by the copy engine, whose queue may
+/// hold hundreds of megabytes of streamed units.
+struct Handover {
+    host: usize,
+    dev: u64,
+    bytes: usize,
+    /// Recorded after the kernel that reads the buffer; waited for before it is rewritten.
+    read: cudarc::driver::CudaEvent,
+}
+
+const HANDOVER_BYTES: usize = 4 << 20;
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(h) = self.handover.get_mut().ok().and_then(|h| h.take()) {
+            let _ = h.read.synchronize();
+            // SAFETY: h.host came from malloc_host and no kernel reads it any more.
+            let _ = unsafe { cudarc::driver::result::free_host(h.host as *mut _) };
+        }
+    }
+}
+
 /// The CUDA backend. See the crate docs.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -171,6 +194,8 @@ pub struct CudaBackend {
     /// Set once an executor places units: every weight must then be mapped.
     staging: std::sync::atomic::AtomicBool,
     pinned_bytes: AtomicU64,
+    /// Mapped pinned host memory through which `write` hands the hidden state over.
+    handover: Mutex<Option<Handover>>,
     /// Host-to-device copies of streamed units, beside the compute stream.
     copy_stream: Arc<CudaStream>,
     vectors: Mutex<DeviceCache<f32>>,
@@ -371,6 +396,7 @@ impl CudaBackend {
             ring: Mutex::new(None),
             staging: std::sync::atomic::AtomicBool::new(false),
             pinned_bytes: AtomicU64::new(0),
+            handover: Mutex::new(None),
             copy_stream,
             vectors: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
@@ -542,6 +568,65 @@ impl CudaBackend {
             0
         };
         (gemm + batch * emb + 4 * batch + (64 << 20)) as u64
+    }
+
+    /// `write` through the mapped handover buffer: the CPU stores the values, a kernel on
+    /// the compute stream loads them over PCIe.
+    fn write_mapped(&self, data: &[f32], x: &CudaAct) -> Result<()> {
+        let mut guard = self.handover.lock().unwrap();
+        if guard.is_none() {
+            // SAFETY: a plain pinned, device-mapped host allocation; freed in Drop.
+            let host = unsafe {
+                cudarc::driver::result::malloc_host(
+                    HANDOVER_BYTES,
+                    cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP,
+                )
+            }
+            .map_err(|e| be(format!("mapped host buffer: {e:?}")))?;
+            let mut dev = 0u64;
+            // SAFETY: host is a live mapped allocation of this context.
+            unsafe {
+                cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0).result()
+            }
+            .map_err(|e| be(format!("mapped host buffer address: {e:?}")))?;
+            let read = self
+                .ctx
+                .new_event(None)
+                .map_err(|e| be(format!("event: {e:?}")))?;
+            *guard = Some(Handover {
+                host: host as usize,
+                dev,
+                bytes: HANDOVER_BYTES,
+                read,
+            });
+        }
+        let h = guard.as_ref().ok_or_else(|| be("no handover buffer"))?;
+        if data.len() * 4 > h.bytes {
+            return Err(be("write: handover buffer too small"));
+        }
+        // The previous hand-over's kernel must have read the buffer before it is rewritten.
+        h.read
+            .synchronize()
+            .map_err(|e| be(format!("handover wait: {e:?}")))?;
+        // SAFETY: h.host holds h.bytes ≥ data.len()*4 bytes, 4-aligned, and no kernel is
+        // reading it (waited above).
+        unsafe { std::slice::from_raw_parts_mut(h.host as *mut f32, data.len()) }
+            .copy_from_slice(data);
+        let n4 = (data.len() / 4) as i64;
+        let (cfg, _) = self.launch_1d("copy_f4", data.len() / 4)?;
+        let (src, dst) = (h.dev, x.ptr);
+        {
+            let f = self.func("copy_f4")?;
+            let mut b = self.stream.launch_builder(f);
+            b.arg(&src).arg(&dst).arg(&n4);
+            // SAFETY: src is the mapped buffer holding n4 float4s, dst an activation buffer
+            // of at least as many (checked by the caller).
+            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel copy_f4: {e:?}")))?;
+            self.after_launch("copy_f4")?;
+        }
+        h.read
+            .record(&self.stream)
+            .map_err(|e| be(format!("handover record: {e:?}")))
     }
 
     fn func(&self, name: &str) -> Result<&CudaFunction> {
@@ -1122,6 +1207,9 @@ impl Backend for CudaBackend {
         }
         if data.is_empty() {
             return Ok(());
+        }
+        if data.len().is_multiple_of(4) && data.len() * 4 <= HANDOVER_BYTES {
+            return self.write_mapped(data, x);
         }
         let mut dst = x.buf.slice_mut(0..data.len());
         // From pageable memory the driver stages the bytes before returning, so `data` may

@@ -229,6 +229,10 @@ impl UnitStaging for CudaBackend {
         Ok(())
     }
 
+    fn wait_idle(&self) -> Result<()> {
+        self.synchronize()
+    }
+
     fn driver_memory(&self) -> Option<(u64, u64)> {
         self.mem_info()
             .ok()

@@ -208,6 +208,11 @@ pub trait UnitStaging: Backend {
     /// has run; when `release_host` is set, returns only after `host` may be overwritten.
     fn finish(&self, staged: Self::Staged, release_host: bool) -> Result<()>;
 
+    /// Wait until every copy and computation queued so far has finished.
+    fn wait_idle(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// (used, total) device memory as the driver reports it, where the backend has a driver.
     fn driver_memory(&self) -> Option<(u64, u64)> {
         None

@@ -83,6 +83,31 @@ pub struct StreamStats {
     pub io_slot_wait_seconds: f64,
 }
 
+/// How a decode step treats the host-cached layers beside a GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HybridChoice {
+    /// Every one copied to the GPU.
+    Stream,
+    /// Every one computed by the CPU in place.
+    CpuOnly,
+    /// A balanced share computed by the CPU while the copy engine streams the rest.
+    Split,
+}
+
+/// What `attach_cpu` measured and chose (rates in bytes per second).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct HybridReport {
+    pub choice: HybridChoice,
+    pub cpu_alone: f64,
+    /// The CPU's rate while the copy engine streams.
+    pub cpu_contended: f64,
+    /// The copy engine's rate while the CPU computes.
+    pub copy_contended: f64,
+    /// Predicted seconds per token of the host-cached part for stream, cpu-only, split.
+    pub predicted_seconds: [f64; 3],
+}
+
 /// Batches of at most this many tokens run the plan's CPU layers on the CPU (hybrid decode);
 /// larger ones (prompts) are compute-bound and stream every layer to the GPU instead.
 pub const HYBRID_MAX_BATCH: usize = 4;
@@ -106,6 +131,8 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     held: Vec<Option<Holding>>,
     /// Hybrid execution: the CPU computing the plan's `on_cpu` layers.
     cpu_side: Option<CpuSide<'m>>,
+    /// What the hybrid measurement found and chose.
+    pub hybrid: Option<HybridReport>,
     /// Per layer, how many positions of its KV cache are valid on [the device, the CPU]
     /// (a layer computed on both sides copies the missing rows before it runs).
     kv_valid: Vec<[usize; 2]>,
@@ -321,6 +348,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             host,
             held,
             cpu_side: None,
+            hybrid: None,
             kv_valid: vec![[0, 0]; cfg.n_layers],
             prestaged: std::collections::VecDeque::new(),
             prestage_next: 0,
@@ -344,33 +372,97 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         })
     }
 
-    /// Hybrid execution: let `cpu` compute a share of the host-cached layers (decode-sized
-    /// batches) in place while the GPU streams the rest. The share balances the CPU's time
-    /// against the copy engine's; the CPU's rate is `cpu_rate` (bytes of weights per second)
-    /// or, when None, measured now on the host-cached layers themselves. Its KV cache and
-    /// activations are charged to the host budget.
-    pub fn attach_cpu(&mut self, cpu: &'m CpuBackend, cpu_rate: Option<f64>) -> Result<()> {
+    /// Hybrid execution: let `cpu` compute host-cached layers in place (decode-sized
+    /// batches) while the GPU takes the rest. Which layers is measured, not assumed: the
+    /// CPU's rate through those layers alone and while the copy engine streams (both read
+    /// host RAM, and on some machines they slow each other down), and the copy engine's rate
+    /// meanwhile. Of "every non-resident layer copied to the GPU", "every one computed by the
+    /// CPU" and "a balanced split computed concurrently", the fastest predicted is taken.
+    /// `cpu_rate` (bytes of weights per second) skips the measurement and forces a split at
+    /// that rate. The CPU's KV cache and activations are charged to the host budget.
+    pub fn attach_cpu(
+        &mut self,
+        cpu: &'m CpuBackend,
+        cpu_rate: Option<f64>,
+    ) -> Result<Option<HybridReport>> {
         if self.backend.computes_in_place() {
             return Err(RuntimeError::Config(
                 "hybrid execution needs a backend with its own memory".into(),
             ));
         }
         let Some(h2d) = self.plan.links.host_to_device else {
-            return Ok(());
+            return Ok(None);
         };
-        let rate = match cpu_rate {
-            Some(r) => r,
-            None => match self.measure_cpu(cpu)? {
-                Some(r) => r,
-                None => return Ok(()),
+        let report = match cpu_rate {
+            Some(r) => HybridReport {
+                choice: HybridChoice::Split,
+                cpu_alone: r,
+                cpu_contended: r,
+                copy_contended: h2d,
+                predicted_seconds: [0.0; 3],
             },
+            None => {
+                let Some((alone, _)) = self.measure_cpu(cpu, false)? else {
+                    return Ok(None);
+                };
+                let Some((contended, copy)) = self.measure_cpu(cpu, true)? else {
+                    return Ok(None);
+                };
+                let copy = copy.unwrap_or(h2d);
+                let (mut layers, mut other) = (0u64, 0u64);
+                for u in self.plan.units.iter().filter(|u| u.tier == Tier::HostCache) {
+                    match u.kind {
+                        UnitKind::Layer(_) => layers += u.bytes,
+                        UnitKind::Output { .. } => other += u.bytes,
+                    }
+                }
+                let (l, o) = (layers as f64, other as f64);
+                let predicted = [
+                    (l + o) / h2d,
+                    l / alone + o / h2d,
+                    (l + o) / (contended + copy),
+                ];
+                let best = (0..3)
+                    .min_by(|&a, &b| predicted[a].total_cmp(&predicted[b]))
+                    .unwrap_or(0);
+                HybridReport {
+                    choice: [
+                        HybridChoice::Stream,
+                        HybridChoice::CpuOnly,
+                        HybridChoice::Split,
+                    ][best],
+                    cpu_alone: alone,
+                    cpu_contended: contended,
+                    copy_contended: copy,
+                    predicted_seconds: predicted,
+                }
+            }
         };
-        self.plan.links.cpu_compute = Some(rate);
-        crate::plan::split_for_cpu(&mut self.plan.units, rate, h2d);
+        match report.choice {
+            HybridChoice::Stream => {
+                self.plan.units.iter_mut().for_each(|u| u.on_cpu = false);
+                self.hybrid = Some(report);
+                return Ok(self.hybrid);
+            }
+            HybridChoice::CpuOnly => {
+                // Every host-cached layer on the CPU (outputs stay on the GPU).
+                crate::plan::split_for_cpu(&mut self.plan.units, f64::MAX / 4.0, h2d);
+                self.plan.links.cpu_compute = Some(report.cpu_alone);
+            }
+            HybridChoice::Split => {
+                crate::plan::split_for_cpu(
+                    &mut self.plan.units,
+                    report.cpu_contended,
+                    report.copy_contended,
+                );
+                self.plan.links.cpu_compute = Some(report.cpu_contended);
+            }
+        }
+        self.hybrid = Some(report);
         let cfg = &self.model.cfg;
         let cpu_layers = self.plan.units.iter().filter(|u| u.on_cpu).count();
         if cpu_layers == 0 {
-            return Ok(());
+            return Ok(self.hybrid);
         }
         let shape = KvShape {
             n_layers: cfg.n_layers,
@@ -393,14 +485,41 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             scratch: Scratch::with_logits_width(cpu, cfg, HYBRID_MAX_BATCH, 1)?,
             _reservations: reservations,
         });
-        Ok(())
+        Ok(self.hybrid)
     }
 
     /// Bytes of weights per second the CPU multiplies through at batch 1, timed on the
     /// host-cached layers as they lie in RAM (up to 2 GiB of them, so caches don't flatter
-    /// it), after one warm-up layer. None when no layer is host-cached.
-    fn measure_cpu(&self, cpu: &CpuBackend) -> Result<Option<f64>> {
+    /// it), after one warm-up layer. With `with_copies`, the copy engine meanwhile streams
+    /// host-cached units into the device slots, and its rate is returned too. None when no
+    /// layer is host-cached.
+    fn measure_cpu(
+        &self,
+        cpu: &CpuBackend,
+        with_copies: bool,
+    ) -> Result<Option<(f64, Option<f64>)>> {
         let m = self.model;
+        let b = self.backend;
+        let mut copied = 0u64;
+        let copy_start = Instant::now();
+        if with_copies {
+            let cached: Vec<usize> = (0..self.plan.units.len())
+                .filter(|&i| self.plan.units[i].tier == Tier::HostCache)
+                .collect();
+            // About 4 GiB of copies (bounded count), queued before the CPU starts.
+            for &i in cached.iter().cycle().take(64) {
+                if copied >= 4 << 30 {
+                    break;
+                }
+                let u = &self.plan.units[i];
+                if let Some(Holding::Host(h)) = &self.held[i] {
+                    let key = unit_key(m, u.offset, u.bytes)?;
+                    let st = b.stage(key, &h.buf.as_slice()[h.range.clone()])?;
+                    b.finish(st, false)?;
+                    copied += u.bytes;
+                }
+            }
+        }
         let mut layers = Vec::new();
         for (u, h) in self.plan.units.iter().zip(&self.held) {
             if let (UnitKind::Layer(il), Tier::HostCache, Some(Holding::Host(h))) =
@@ -438,7 +557,13 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 break;
             }
         }
-        Ok((seconds > 0.0).then(|| bytes as f64 / seconds))
+        let copy_rate = if with_copies && copied > 0 {
+            b.wait_idle()?;
+            Some(copied as f64 / copy_start.elapsed().as_secs_f64().max(1e-9))
+        } else {
+            None
+        };
+        Ok((seconds > 0.0).then(|| (bytes as f64 / seconds, copy_rate)))
     }
 
     /// Evaluate `tokens` after the cached ones; one pass over the weights per batch.
@@ -778,7 +903,12 @@ fn prestage<B: UnitStaging>(
     next: &mut usize,
     after: usize,
 ) -> Result<()> {
-    let depth = plan.ring_depth.max(1);
+    // FLEA_PRESTAGE=0 turns staging ahead off (a diagnostic: copies then never overlap the
+    // CPU's layers).
+    let depth = match std::env::var("FLEA_PRESTAGE").as_deref() {
+        Ok("0") => 0,
+        _ => plan.ring_depth.max(1),
+    };
     let mut j = (*next).max(after + 1);
     while prestaged.len() < depth && j < plan.units.len() {
         let u = &plan.units[j];

@@ -7,7 +7,7 @@ pub mod profile;
 pub mod trace;
 
 pub use budget::{fmt_size, parse_size, Arena};
-pub use executor::{StreamStats, StreamedModel};
+pub use executor::{HybridChoice, HybridReport, StreamStats, StreamedModel};
 pub use plan::{Links, Plan, PlanRequest, Tier};
 
 #[derive(Debug, thiserror::Error)]

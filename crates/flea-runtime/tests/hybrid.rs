@@ -311,10 +311,18 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         );
         let mut s = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
         s.attach_cpu(&cpu, Some(50e9)).unwrap();
+
         let got = script(&mut s, vocab);
         assert!(s.stats.bytes_host_cpu > 0, "the CPU computed nothing");
         assert!(got == want, "{}: hybrid differs", preset.name());
         assert!(s.host.peak() <= s.host.budget && s.device.peak() <= s.device.budget);
+        // The measured choice (whichever it is on this machine) gives the same bits.
+        let p = Plan::build(&model, &request(small, true, false)).unwrap();
+        let mut s2 = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
+        let report = s2.attach_cpu(&cpu, None).unwrap().expect("a measured choice");
+        assert!(report.cpu_alone > 0.0 && report.copy_contended > 0.0);
+        assert!(script(&mut s2, vocab) == want, "{}: measured hybrid differs", preset.name());
+        println!("{}: measured choice {:?}", preset.name(), report.choice);
         println!(
             "{}: {on_cpu} layers on the CPU, at most {} units staged at once: bit-identical",
             preset.name(),
