@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub mod probe;
+
 const KERNELS: &str = include_str!("kernels.cu");
 
 /// A CUDA setup or runtime failure, as one line.
