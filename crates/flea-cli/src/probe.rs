@@ -84,6 +84,15 @@ fn memory_copy_bandwidth(threads: usize, bytes: usize) -> f64 {
     best
 }
 
+/// A line above the progress bar, or plain stderr when the bar is hidden (not a terminal).
+fn say(pb: &indicatif::ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
 fn bar(len: u64) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);
     b.set_style(
@@ -160,7 +169,10 @@ pub fn run(a: ProbeArgs) -> Result<()> {
             fmt_size(chunk as u64),
             fmt_size(block as u64)
         );
-        pb.println(format!("disk: {name}: {:.2} GB/s ({reader})", bps / 1e9));
+        say(
+            &pb,
+            format!("disk: {name}: {:.2} GB/s ({reader})", bps / 1e9),
+        );
         curve.push((name, bps));
         disk_sweep.push(DiskPoint {
             backend: backend.to_string(),
@@ -193,17 +205,23 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     pb.inc(1);
     pb.set_message("buffered: cold read");
     let (cold, _) = read_bandwidth(file, &buffered(false), 4 << 20, size)?;
-    pb.println(format!(
-        "disk: buffered pread, cold, 4 MiB reads: {:.2} GB/s",
-        cold / 1e9
-    ));
+    say(
+        &pb,
+        format!(
+            "disk: buffered pread, cold, 4 MiB reads: {:.2} GB/s",
+            cold / 1e9
+        ),
+    );
     pb.inc(1);
     pb.set_message("buffered: page-cache read");
     let (cached, _) = read_bandwidth(file, &buffered(false), 4 << 20, size)?;
-    pb.println(format!(
-        "disk: buffered pread, from the page cache: {:.2} GB/s",
-        cached / 1e9
-    ));
+    say(
+        &pb,
+        format!(
+            "disk: buffered pread, from the page cache: {:.2} GB/s",
+            cached / 1e9
+        ),
+    );
     pb.inc(1);
     // Leave the page cache as we found it (mostly): other work on the machine needs it more.
     read_bandwidth(file, &buffered(true), 4 << 20, size)?;
@@ -216,11 +234,14 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         pb.inc(1);
         let c = memory_copy_bandwidth(t, 512 << 20);
         pb.inc(1);
-        pb.println(format!(
-            "memory: {t} threads: read {:.1} GB/s, copy {:.1} GB/s",
-            r / 1e9,
-            c / 1e9
-        ));
+        say(
+            &pb,
+            format!(
+                "memory: {t} threads: read {:.1} GB/s, copy {:.1} GB/s",
+                r / 1e9,
+                c / 1e9
+            ),
+        );
         mem_curve.push((t, r));
         copy_curve.push((t, c));
     }
@@ -277,7 +298,7 @@ fn probe_gpus(n_gpus: usize, pb: &indicatif::ProgressBar) -> Result<Vec<serde_js
         pb.set_message(format!("GPU {g}"));
         match flea_cuda::probe::probe_gpu(g, 256 << 20, 5) {
             Ok(l) => {
-                pb.println(format!(
+                say(&pb, format!(
                     "gpu {g} {}: pinned h2d {:.1} GB/s d2h {:.1} GB/s, pageable h2d {:.1} d2h {:.1}, device copy {:.0} GB/s, Q4_K mat-vec {:.0} GB/s of weights",
                     l.name,
                     l.pinned_h2d_bps / 1e9,
@@ -290,7 +311,7 @@ fn probe_gpus(n_gpus: usize, pb: &indicatif::ProgressBar) -> Result<Vec<serde_js
                 gpus.push(serde_json::to_value(&l)?);
             }
             Err(e) => {
-                pb.println(format!("gpu {g}: {e}"));
+                say(&pb, format!("gpu {g}: {e}"));
                 gpus.push(serde_json::json!({"ordinal": g, "error": e.to_string()}));
             }
         }

@@ -49,7 +49,7 @@ pub struct Config {
     /// Write an SVG timeline of one token for each streamed case.
     #[serde(default)]
     pub trace: bool,
-    /// Where synthetic models are written (default: `<out>/models`).
+    /// Where synthetic models are written (default: `~/.cache/flea/bench-models`).
     #[serde(default)]
     pub synth_dir: Option<String>,
     /// Python with llama-cpp-python (default: $FLEA_PYTHON or python3).

@@ -82,6 +82,16 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Synthetic models are cached between runs (and kept out of result directories):
+/// `$XDG_CACHE_HOME/flea/bench-models`, else `~/.cache/flea/bench-models`.
+fn default_synth_dir() -> PathBuf {
+    match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(x), _) if !x.is_empty() => PathBuf::from(x).join("flea/bench-models"),
+        (_, Some(h)) => PathBuf::from(h).join(".cache/flea/bench-models"),
+        _ => std::env::temp_dir().join("flea-bench-models"),
+    }
+}
+
 fn expand_home(p: &str) -> PathBuf {
     match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
@@ -184,9 +194,27 @@ fn prompt_for(tok: &flea_tokenizer::Tokenizer, target: usize) -> (String, Vec<u3
     (text, ids)
 }
 
+/// User + system CPU seconds of every waited-for child so far (getrusage RUSAGE_CHILDREN).
+fn children_cpu_seconds() -> Option<f64> {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which is valid and aligned; the
+    // zeroed value is a valid rusage even if it wrote nothing.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised above and filled by a successful getrusage.
+    let ru = unsafe { ru.assume_init() };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    Some(t(ru.ru_utime) + t(ru.ru_stime))
+}
+
 /// Outcome of one child process.
 struct ChildRun {
     ok: bool,
+    /// The child's CPU seconds per wall second: well below its thread count means it was
+    /// waiting for cores (a shared machine) or for I/O.
+    cpu_per_wall: Option<f64>,
     stdout: String,
     stderr_tail: String,
     thermal: ThermalReport,
@@ -202,6 +230,7 @@ fn run_child(mut cmd: Command, timeout: Duration, watch_gpus: bool) -> Result<Ch
         .stdout(Stdio::from(out_file))
         .stderr(Stdio::from(err_file));
     let watch = Watch::start(Duration::from_millis(500), watch_gpus);
+    let cpu0 = children_cpu_seconds();
     let mut child = cmd.spawn().context("starting a benchmark child")?;
     let t0 = Instant::now();
     let status = loop {
@@ -215,6 +244,11 @@ fn run_child(mut cmd: Command, timeout: Duration, watch_gpus: bool) -> Result<Ch
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu_per_wall = match (cpu0, children_cpu_seconds()) {
+        (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+        _ => None,
+    };
     let thermal = watch.stop();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -227,6 +261,7 @@ fn run_child(mut cmd: Command, timeout: Duration, watch_gpus: bool) -> Result<Ch
     }
     Ok(ChildRun {
         ok: status.is_some_and(|s| s.success()),
+        cpu_per_wall,
         stdout,
         stderr_tail,
         thermal,
@@ -253,7 +288,7 @@ impl Llama {
     }
 }
 
-fn llama_setup(cfg: &Config, out: &Path) -> Result<Option<Llama>> {
+fn llama_setup(cfg: &Config, dir: &Path) -> Result<Option<Llama>> {
     if cfg.baseline != Baseline::LlamaCpp {
         return Ok(None);
     }
@@ -262,7 +297,7 @@ fn llama_setup(cfg: &Config, out: &Path) -> Result<Option<Llama>> {
         .clone()
         .or_else(|| std::env::var("FLEA_PYTHON").ok())
         .unwrap_or_else(|| "python3".into());
-    let script = out.join("bench_llama.py");
+    let script = dir.join("bench_llama.py");
     std::fs::write(&script, LLAMA_SCRIPT)
         .with_context(|| format!("writing {}", script.display()))?;
     let info = match Command::new(&python).arg(&script).arg("info").output() {
@@ -341,9 +376,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .synth_dir
         .as_deref()
         .map(expand_home)
-        .unwrap_or_else(|| out.join("models"));
+        .unwrap_or_else(default_synth_dir);
     let exe = std::env::current_exe().context("finding the flea binary")?;
-    let llama = llama_setup(&cfg, &out)?;
+    // Scratch files (prompt ids, per-run stats, the llama.cpp script), removed at the end.
+    let tmp = out.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let llama = llama_setup(&cfg, &tmp)?;
     let date = utc_now();
     let commit = env!("FLEA_GIT_COMMIT");
     let uses_gpu = cases.iter().any(|c| c.device.gpu_index().is_some());
@@ -375,8 +413,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
     let jsonl_path = out.join("results.jsonl");
     let mut lines: Vec<Value> = Vec::with_capacity(cases.len());
-    let tmp = out.join("tmp");
-    std::fs::create_dir_all(&tmp)?;
     for (ci, case) in cases.iter().enumerate() {
         let Some(model) = prepared.get(case.model).and_then(Option::as_ref) else {
             bail!("internal: model {} not prepared", case.model);
@@ -399,6 +435,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
             &hardware,
         )?;
         let mut line = line;
+        let done = format!(
+            "case {}/{}: {} {}: flea {} tok/s, llama.cpp {} tok/s{}",
+            ci + 1,
+            cases.len(),
+            cfg.models[case.model].name,
+            case_label(case),
+            fmt_opt(&line["optimized_tokens_per_sec"], 2),
+            fmt_opt(&line["baseline_tokens_per_sec"], 2),
+            line["error"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+        if bar.is_hidden() {
+            eprintln!("bench: {done}");
+        } else {
+            bar.println(done);
+        }
         line["config"] = json!(cfg.name);
         line["config_hash"] = json!(hash);
         line["flea_commit"] = json!(commit);
@@ -477,6 +531,7 @@ fn run_case(
     // flea: warm-ups, then the timed repeats (the last one also traces when asked).
     let mut flea_runs: Vec<Value> = Vec::new();
     let mut thermal: Vec<ThermalReport> = Vec::new();
+    let mut flea_cpu: Vec<f64> = Vec::new();
     let mut error: Option<String> = None;
     let trace_svg = out.join(format!("timeline-{ci:03}.svg"));
     let total = cfg.warmup.0 + cfg.repeats.0;
@@ -524,6 +579,7 @@ fn run_case(
             .ok_or_else(|| anyhow!("flea run wrote no readable {}", stats.display()))?;
         flea_runs.push(j);
         thermal.push(run.thermal);
+        flea_cpu.extend(run.cpu_per_wall);
     }
     let decode: Vec<f64> = flea_runs
         .iter()
@@ -569,6 +625,7 @@ fn run_case(
     let mut base_decode = Vec::new();
     let mut base_prompt = Vec::new();
     let mut base_ids: Option<Vec<u64>> = None;
+    let mut base_cpu: Vec<f64> = Vec::new();
     let ngl = if gpu.is_some() {
         n_gpu_layers(model, case.vram.0, n_ctx)
     } else {
@@ -613,6 +670,7 @@ fn run_case(
                 if r < cfg.warmup.0 {
                     continue;
                 }
+                base_cpu.extend(run.cpu_per_wall);
                 let j: Value = serde_json::from_str(run.stdout.trim())
                     .map_err(|e| anyhow!("llama.cpp script output: {e}"))?;
                 base_decode.extend(f(&j["decode_tokens_per_sec"]));
@@ -733,6 +791,7 @@ fn run_case(
         },
         "timeline_svg": if cfg.trace && trace_svg.exists() { json!(trace_svg.file_name().map(|n| n.to_string_lossy().into_owned())) } else { Value::Null },
         "cpu": hardware.cpu,
+        "cpu_per_wall": {"flea": opt(median(&flea_cpu)), "baseline": opt(median(&base_cpu))},
         "loadavg_before": loadavg_before,
         "loadavg_after": loadavg(),
         "error": error,
@@ -861,12 +920,12 @@ fn summary_table(
     }
     let _ = writeln!(
         s,
-        "| model | device | threads | vram | ram | io | prompt tok | flea prompt tok/s | llama.cpp prompt tok/s | ratio | flea decode tok/s | llama.cpp decode tok/s | ratio | floor tok/s (link) | efficiency | {} peak MiB | RSS MiB | thermal |",
+        "| model | device | threads | vram | ram | io | prompt tok | flea prompt tok/s | llama.cpp prompt tok/s | ratio | flea decode tok/s | llama.cpp decode tok/s | ratio | floor tok/s (link) | efficiency | {} peak MiB | RSS MiB | CPUs used flea / llama.cpp | load before | thermal |",
         if uses_gpu { "VRAM" } else { "device arena" }
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     );
     for l in lines {
         let c = &l["case"];
@@ -881,7 +940,7 @@ fn summary_table(
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {}{} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} / {} | {} | {}{} |",
             l["model"].as_str().unwrap_or(""),
             c["device"].as_str().unwrap_or(""),
             c["threads"],
@@ -900,11 +959,19 @@ fn summary_table(
             fmt_opt(&l["efficiency"], 2),
             fmt_opt(&l["vram_peak_mb"], 0),
             fmt_opt(&l["host_rss_peak_mb"], 0),
+            fmt_opt(&l["cpu_per_wall"]["flea"], 2),
+            fmt_opt(&l["cpu_per_wall"]["baseline"], 2),
+            l["loadavg_before"].as_str().unwrap_or(""),
             thermal,
             err
         );
     }
-    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "\nflea decode tok/s ÷ floor tok/s = efficiency (the floor: bytes each link carries per token ÷ its speed from the hardware profile, `flea probe`). {} peak: the arena compute reads weights from{}. CPUs used: each child's CPU seconds per wall second, model load included; far below the thread count means it waited for cores (a shared machine) or for I/O.\n",
+        if uses_gpu { "VRAM" } else { "Device arena" },
+        if uses_gpu { " (or nvidia-smi's peak for runs without residency stats)" } else { " (on the CPU backend, host RAM)" }
+    );
     for l in lines {
         let _ = writeln!(
             s,
