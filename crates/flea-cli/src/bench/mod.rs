@@ -1059,12 +1059,21 @@ fn write_charts(cfg: &Config, cases: &[Case], lines: &[Value], out: &Path) -> Re
                 .unwrap_or("")
         );
         let sub = format!(
-            "{} | {} | config {} | flea {}",
-            case_label(c),
-            chunk.first().and_then(|l| l["gpu"].as_str()).unwrap_or(""),
+            "{}, {} threads, ram {}, {}, prompt {}, gen {} | config {} | flea {}",
+            c.device.0,
+            c.threads.0.map_or("all".into(), |t| t.to_string()),
+            c.ram.label(),
+            c.io.label(),
+            c.prompt_tokens,
+            c.gen_tokens,
             cfg.name,
             env!("FLEA_GIT_COMMIT")
         );
+        // A series without any value (no baseline) is left out of the chart and its legend.
+        let series: Vec<chart::Series> = series
+            .into_iter()
+            .filter(|s| s.values.iter().any(Option::is_some))
+            .collect();
         let svg = chart::tok_s_vs_budget(&title, &sub, &xs, &series);
         let path = out.join(format!("budget-chart-{g:02}.svg"));
         std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
