@@ -61,6 +61,12 @@ pub struct Config {
     /// Machine prices for $/token in the summary (docs/COST.md).
     #[serde(default)]
     pub prices: Vec<Price>,
+    /// Before each run, wait until the 1-minute load average is at most this (shared
+    /// machines), for at most `wait_idle_max_s` seconds.
+    #[serde(default)]
+    pub wait_idle: Option<PositiveF64>,
+    #[serde(default = "default_wait_idle_max")]
+    pub wait_idle_max_s: NonZeroUsize,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -357,6 +363,9 @@ fn default_batch() -> Vec<NonZeroUsize> {
 }
 fn default_timeout() -> NonZeroUsize {
     NonZeroUsize::new(600).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_wait_idle_max() -> NonZeroUsize {
+    NonZeroUsize::new(120).unwrap_or(NonZeroUsize::MIN)
 }
 fn one() -> Count {
     Count(1)

@@ -92,6 +92,21 @@ fn default_synth_dir() -> PathBuf {
     }
 }
 
+/// Sleep until the 1-minute load average is at most `max_load` or `max_wait` passed.
+fn wait_idle(max_load: Option<f64>, max_wait: Duration) {
+    let Some(max_load) = max_load else { return };
+    let t0 = Instant::now();
+    while t0.elapsed() < max_wait {
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+        match load {
+            Some(l) if l > max_load => std::thread::sleep(Duration::from_secs(2)),
+            _ => return,
+        }
+    }
+}
+
 fn expand_home(p: &str) -> PathBuf {
     match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
@@ -526,6 +541,9 @@ fn run_case(
     std::fs::write(&ids_file, serde_json::to_string(&prompt_ids)?)?;
     let gpu = case.device.gpu_index();
     let timeout = Duration::from_secs(cfg.timeout_s.get() as u64);
+    let idle = cfg.wait_idle.map(|w| w.0);
+    let idle_max = Duration::from_secs(cfg.wait_idle_max_s.get() as u64);
+    wait_idle(idle, idle_max);
     let loadavg_before = loadavg();
 
     // flea: warm-ups, then the timed repeats (the last one also traces when asked).
@@ -564,6 +582,7 @@ fn run_case(
         if cfg.trace && r + 1 == total {
             cmd.arg("--trace").arg(&trace_svg);
         }
+        wait_idle(idle, idle_max);
         let run = run_child(cmd, timeout, gpu.is_some())?;
         bar.inc(1);
         if !run.ok {
@@ -661,6 +680,7 @@ fn run_case(
                     .args(["--n-ctx", &n_ctx.to_string()])
                     .args(["--n-gpu-layers", &ngl.to_string()])
                     .args(["--batch", &case.batch.to_string()]);
+                wait_idle(idle, idle_max);
                 let run = run_child(cmd, timeout, gpu.is_some())?;
                 bar.inc(1);
                 if !run.ok {
