@@ -292,7 +292,7 @@ fn probe_gpus(n_gpus: usize, pb: &indicatif::ProgressBar) -> Result<Vec<serde_js
         pb.set_message(format!("GPU {g}"));
         match flea_cuda::probe::probe_gpu(g, 256 << 20, 5) {
             Ok(l) => {
-                say(&pb, format!(
+                say(pb, format!(
                     "gpu {g} {}: pinned h2d {:.1} GB/s d2h {:.1} GB/s, pageable h2d {:.1} d2h {:.1}, device copy {:.0} GB/s, Q4_K mat-vec {:.0} GB/s of weights",
                     l.name,
                     l.pinned_h2d_bps / 1e9,
@@ -305,7 +305,7 @@ fn probe_gpus(n_gpus: usize, pb: &indicatif::ProgressBar) -> Result<Vec<serde_js
                 gpus.push(serde_json::to_value(&l)?);
             }
             Err(e) => {
-                say(&pb, format!("gpu {g}: {e}"));
+                say(pb, format!("gpu {g}: {e}"));
                 gpus.push(serde_json::json!({"ordinal": g, "error": e.to_string()}));
             }
         }
