@@ -592,10 +592,14 @@ fn run_case(
         if r < cfg.warmup.0 {
             continue;
         }
-        let j: Value = std::fs::read_to_string(&stats)
+        let Some(j) = std::fs::read_to_string(&stats)
             .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .ok_or_else(|| anyhow!("flea run wrote no readable {}", stats.display()))?;
+            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        else {
+            // A failure of one case is recorded in its line; the matrix goes on.
+            error = Some(format!("flea run wrote no readable {}", stats.display()));
+            break;
+        };
         flea_runs.push(j);
         thermal.push(run.thermal);
         flea_cpu.extend(run.cpu_per_wall);
@@ -691,8 +695,13 @@ fn run_case(
                     continue;
                 }
                 base_cpu.extend(run.cpu_per_wall);
-                let j: Value = serde_json::from_str(run.stdout.trim())
-                    .map_err(|e| anyhow!("llama.cpp script output: {e}"))?;
+                let j: Value = match serde_json::from_str(run.stdout.trim()) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        baseline_note = Some(format!("unreadable llama.cpp output: {e}"));
+                        break;
+                    }
+                };
                 base_decode.extend(f(&j["decode_tokens_per_sec"]));
                 base_prompt.extend(f(&j["prompt_tokens_per_sec"]));
                 if base_ids.is_none() {
@@ -702,6 +711,12 @@ fn run_case(
                 }
             }
         }
+    }
+
+    if baseline_note.is_some() {
+        // A baseline that failed part-way reports nothing rather than a partial median.
+        base_decode.clear();
+        base_prompt.clear();
     }
 
     // Correctness: llama.cpp, teacher-forced on flea's greedy tokens.
@@ -850,8 +865,10 @@ fn correctness_check(
     if !run.ok {
         return Ok(format!("check failed: {}", run.stderr_tail));
     }
-    let j: Value = serde_json::from_str(run.stdout.trim())
-        .map_err(|e| anyhow!("llama.cpp check output: {e}"))?;
+    let j: Value = match serde_json::from_str(run.stdout.trim()) {
+        Ok(j) => j,
+        Err(e) => return Ok(format!("check failed: unreadable output: {e}")),
+    };
     let (agree, n) = (
         j["top1_agree"].as_u64().unwrap_or(0),
         j["positions"].as_u64().unwrap_or(0),
