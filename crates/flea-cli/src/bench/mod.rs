@@ -333,12 +333,13 @@ fn llama_setup(cfg: &Config, dir: &Path) -> Result<Option<Llama>> {
 
 /// llama.cpp's `n_gpu_layers` for a device budget: the most layers (llama.cpp offloads the
 /// last ones) whose weights and F16 KV cache fit; -1 (all) without a budget.
-fn n_gpu_layers(p: &Prepared, budget: Option<u64>, n_ctx: usize) -> i64 {
+fn n_gpu_layers(layer_bytes: &[u64], kv_dim: usize, budget: Option<u64>, n_ctx: usize) -> i64 {
     let Some(b) = budget else { return -1 };
-    let kv_per_layer = (2 * n_ctx * p.cfg.kv_dim() * 2) as u64;
+    // K and V, F16, for every position of the context.
+    let kv_per_layer = (2 * n_ctx * kv_dim * 2) as u64;
     let mut used = 0u64;
     let mut n = 0i64;
-    for bytes in p.layer_bytes.iter().rev() {
+    for bytes in layer_bytes.iter().rev() {
         used += bytes + kv_per_layer;
         if used > b {
             break;
@@ -650,7 +651,7 @@ fn run_case(
     let mut base_ids: Option<Vec<u64>> = None;
     let mut base_cpu: Vec<f64> = Vec::new();
     let ngl = if gpu.is_some() {
-        n_gpu_layers(model, case.vram.0, n_ctx)
+        n_gpu_layers(&model.layer_bytes, model.cfg.kv_dim(), case.vram.0, n_ctx)
     } else {
         0
     };
@@ -1121,6 +1122,40 @@ fn write_charts(cfg: &Config, cases: &[Case], lines: &[Value], out: &Path) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn n_gpu_layers_fits_weights_and_kv_in_the_budget() {
+        // 4 layers of 100 bytes; KV per layer at n_ctx 2, kv_dim 5: 2 * 2 * 5 * 2 = 40 bytes.
+        let layers = [100u64; 4];
+        assert_eq!(n_gpu_layers(&layers, 5, None, 2), -1);
+        assert_eq!(n_gpu_layers(&layers, 5, Some(139), 2), 0);
+        assert_eq!(n_gpu_layers(&layers, 5, Some(140), 2), 1);
+        assert_eq!(n_gpu_layers(&layers, 5, Some(419), 2), 2);
+        assert_eq!(n_gpu_layers(&layers, 5, Some(1 << 30), 2), 4);
+    }
+
+    #[test]
+    fn prompts_are_the_longest_prefix_within_the_target() {
+        let path =
+            std::env::temp_dir().join(format!("flea-bench-prompt-{}.gguf", std::process::id()));
+        flea_synth::write_synthetic(
+            &path,
+            &flea_synth::SynthOptions::new(flea_synth::Preset::Tiny),
+        )
+        .expect("tiny model");
+        let f = flea_gguf::GgufFile::open(&path).expect("open");
+        let tok = flea_tokenizer::Tokenizer::from_gguf(&f.header).expect("tokenizer");
+        for target in [8usize, 33, 200] {
+            let (text, ids) = prompt_for(&tok, target);
+            assert!(ids.len() <= target, "{} > {target}", ids.len());
+            assert_eq!(ids, tok.encode(&text, true, true));
+            // One more word would pass the target.
+            let n_words = text.split(' ').count();
+            let longer: Vec<&str> = PASSAGE.split(' ').cycle().take(n_words + 1).collect();
+            assert!(tok.encode(&longer.join(" "), true, true).len() > target);
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn medians_and_hashes() {
