@@ -1,5 +1,8 @@
 //! `flea`: run, inspect and score GGUF language models.
 
+mod bench;
+mod hw;
+mod probe;
 mod residency;
 mod template;
 
@@ -54,16 +57,10 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Show where each layer would live under the given budgets, and the predicted speed.
     Plan(PlanArgs),
-    /// Measure disk and memory bandwidth and save the hardware profile the planner uses.
-    Probe {
-        /// A large file on the models' filesystem to read (e.g. a model); its size should
-        /// exceed the page cache's reach or O_DIRECT is used anyway.
-        #[arg(long)]
-        file: PathBuf,
-        /// Threads for the memory measurement (default: all cores).
-        #[arg(short, long)]
-        threads: Option<usize>,
-    },
+    /// Measure disk, memory (and GPU) bandwidth and save the hardware profile the planner uses.
+    Probe(probe::ProbeArgs),
+    /// Run a benchmark matrix from a YAML config; JSON lines, a summary table and SVG charts.
+    Bench(bench::BenchArgs),
     /// Write a synthetic GGUF model (random quantized weights in standard shapes).
     Synth(flea_synth::SynthArgs),
     /// Rewrite a GGUF so that each layer's tensors are contiguous and 4 KiB aligned.
@@ -196,7 +193,8 @@ fn main() {
         } => cmd_tokenize(&model, &text, !no_special, !no_parse_special),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Plan(a) => cmd_plan(a),
-        Cmd::Probe { file, threads } => cmd_probe(&file, threads.unwrap_or_else(default_threads)),
+        Cmd::Probe(a) => probe::run(a),
+        Cmd::Bench(a) => bench::run(a),
         Cmd::Synth(a) => flea_synth::run_synth(a).map_err(anyhow::Error::from),
         Cmd::Repack(a) => flea_synth::run_repack(a).map_err(anyhow::Error::from),
     };
@@ -333,11 +331,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut text = Utf8Stream::default();
     let t1 = Instant::now();
     let mut decoded = 0usize;
-    let mut generated = 0usize;
+    let mut generated_ids: Vec<u32> = Vec::with_capacity(a.n_predict);
     for i in 0..a.n_predict {
         let next = sampler.sample(&mut logits);
         sampler.accept(next);
-        generated += 1;
+        generated_ids.push(next);
         if tok.is_eog(next) && !a.ignore_eos {
             break;
         }
@@ -378,7 +376,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "prompt_tokens": prompt.len(),
             "prompt_seconds": prompt_s,
             "prompt_tokens_per_sec": rate(prompt.len(), prompt_s),
-            "generated_tokens": generated,
+            "generated_tokens": generated_ids.len(),
+            "generated_ids": generated_ids,
             "decode_tokens": decoded,
             "decode_seconds": decode_s,
             "decode_tokens_per_sec": rate(decoded, decode_s),
@@ -638,83 +637,5 @@ fn cmd_plan(a: PlanArgs) -> Result<()> {
         e.batch
     );
     print!("{}", plan.table());
-    Ok(())
-}
-
-fn cmd_probe(file: &Path, threads: usize) -> Result<()> {
-    use flea_io::{IoBackend, IoOptions};
-    use flea_runtime::profile::{default_path, memory_read_bandwidth, Profile};
-    let mut curve = Vec::new();
-    // Large single reads too: a streamed layer is one read of ~100+ MiB, which a virtual or
-    // NVMe disk serves with many requests in flight.
-    let tries: [(IoBackend, usize, u32); 7] = [
-        (IoBackend::Pread, 1 << 20, 1),
-        (IoBackend::Pread, 4 << 20, 1),
-        (IoBackend::Pread, 16 << 20, 1),
-        (IoBackend::Pread, 64 << 20, 1),
-        (IoBackend::Pread, 128 << 20, 1),
-        (IoBackend::IoUring, 1 << 20, 8),
-        (IoBackend::IoUring, 4 << 20, 16),
-    ];
-    for (backend, chunk, qd) in tries {
-        let opts = IoOptions {
-            backend,
-            direct: true,
-            queue_depth: qd,
-            block_size: chunk.min(1 << 20),
-            ..IoOptions::default()
-        };
-        let bps = flea_io::sequential_read_bandwidth(file, &opts, chunk)
-            .with_context(|| format!("reading {}", file.display()))?;
-        let name = format!(
-            "{backend} O_DIRECT chunk {} qd {qd}",
-            flea_runtime::fmt_size(chunk as u64)
-        );
-        eprintln!("disk: {name}: {:.2} GB/s", bps / 1e9);
-        curve.push((name, bps));
-    }
-    let disk = curve.iter().map(|c| c.1).fold(0.0, f64::max);
-    let mut mem_curve = Vec::new();
-    let mut t = 1;
-    while t <= threads {
-        let bps = memory_read_bandwidth(t, 512 << 20);
-        eprintln!("memory read: {t} threads: {:.1} GB/s", bps / 1e9);
-        mem_curve.push((t, bps));
-        t *= 2;
-    }
-    if !mem_curve.iter().any(|c| c.0 == threads) {
-        mem_curve.push((threads, memory_read_bandwidth(threads, 512 << 20)));
-    }
-    let mem = mem_curve.iter().map(|c| c.1).fold(0.0, f64::max);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%dT%H:%M:%SZ")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let p = Profile {
-        date,
-        cpu,
-        threads,
-        disk_file: file.display().to_string(),
-        disk_read_bps: disk,
-        disk_curve: curve,
-        mem_read_bps: mem,
-        mem_curve,
-    };
-    let path = default_path();
-    p.save(&path)?;
-    println!("{}", serde_json::to_string_pretty(&p)?);
-    eprintln!("saved {}", path.display());
     Ok(())
 }

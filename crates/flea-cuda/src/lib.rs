@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod mmvq;
+pub mod probe;
 mod staging;
 pub use staging::CudaStaged;
 

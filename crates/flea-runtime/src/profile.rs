@@ -20,12 +20,54 @@ pub struct Profile {
     pub mem_read_bps: f64,
     /// Memory read bandwidth by thread count.
     pub mem_curve: Vec<(usize, f64)>,
+    /// Which disk measurement was the best (a `disk_curve` name).
+    #[serde(default)]
+    pub disk_best: String,
+    /// Bytes read per disk measurement (the start of `disk_file`).
+    #[serde(default)]
+    pub disk_bytes_per_measurement: u64,
+    /// The disk sweep with its parameters.
+    #[serde(default)]
+    pub disk_sweep: Vec<DiskPoint>,
+    /// Buffered sequential read of a range not in the page cache, bytes/s.
+    #[serde(default)]
+    pub buffered_read_bps: Option<f64>,
+    /// The same range read again from the page cache, bytes/s.
+    #[serde(default)]
+    pub page_cache_read_bps: Option<f64>,
+    /// Host memory copy bandwidth (bytes copied per second) by thread count.
+    #[serde(default)]
+    pub mem_copy_curve: Vec<(usize, f64)>,
+    /// CPU, RAM, disk and GPU identification.
+    #[serde(default)]
+    pub hardware: serde_json::Value,
+    /// Per-GPU link measurements (host<->device, device memory, mat-vec).
+    #[serde(default)]
+    pub gpus: Vec<serde_json::Value>,
 }
 
-/// `~/.cache/flea/profile.json` (or `$FLEA_PROFILE`).
+/// One disk measurement of the probe's sweep.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskPoint {
+    pub backend: String,
+    pub direct: bool,
+    /// Bytes per read call.
+    pub chunk_bytes: u64,
+    /// io_uring request size (pread: one request per call).
+    pub block_bytes: u64,
+    pub queue_depth: u32,
+    pub bytes_per_sec: f64,
+    /// What the reader was after any fallback (e.g. O_DIRECT refused by the filesystem).
+    pub reader: String,
+}
+
+/// `$FLEA_PROFILE`, else `$XDG_CACHE_HOME/flea/profile.json`, else `~/.cache/flea/profile.json`.
 pub fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("FLEA_PROFILE") {
         return PathBuf::from(p);
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("flea/profile.json");
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
