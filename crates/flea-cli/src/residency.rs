@@ -94,6 +94,7 @@ impl ResidencyArgs {
             ram_budget: ram,
             n_ctx,
             batch,
+            n_seq: 1,
             ring_depth: self.ring_depth,
             links,
         };

@@ -35,7 +35,7 @@ impl CpuAct {
     }
 }
 
-/// F16 K and V per layer, [position][kv_dim].
+/// F16 K and V per layer, [sequence slot][position][kv_dim].
 pub struct CpuKv {
     pub shape: KvShape,
     k: Vec<Vec<f16>>,
@@ -136,7 +136,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv> {
-        let per_layer = shape.n_ctx * shape.n_head_kv * shape.head_dim;
+        let per_layer = shape.n_seq * shape.n_ctx * shape.n_head_kv * shape.head_dim;
         let mk = || {
             (0..shape.n_layers)
                 .map(|_| vec![f16::ZERO; per_layer])
@@ -298,8 +298,11 @@ impl Backend for CpuBackend {
         // multiplication in f32.
         let theta_scale = p.base.powf(-2.0 / nd as f32);
         let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
-        for (t, row) in x.rows_mut(n)?.chunks_exact_mut(p.n_heads * hd).enumerate() {
-            let mut theta = (p.pos0 + t) as f32;
+        if p.rows.len() != n {
+            return Err(ModelError::Backend("rope: row count mismatch".into()));
+        }
+        for (row, r) in x.rows_mut(n)?.chunks_exact_mut(p.n_heads * hd).zip(p.rows) {
+            let mut theta = r.pos as f32;
             for c in cs.iter_mut() {
                 *c = (theta.cos(), theta.sin());
                 theta *= theta_scale;
@@ -347,8 +350,14 @@ impl Backend for CpuBackend {
                 )))
             }
         };
-        kc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(k.rows(n)?);
-        vc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(v.rows(n)?);
+        // Row r's slot: sequence r.seq's block of n_ctx positions (check_fits bounds both).
+        let slot = |r: &crate::backend::Row| (r.seq * shape.n_ctx + r.pos) * kvd;
+        let (ks, vs) = (k.rows(n)?, v.rows(n)?);
+        for (t, r) in p.rows.iter().enumerate() {
+            let o = slot(r);
+            kc[o..o + kvd].convert_from_f32_slice(&ks[t * kvd..(t + 1) * kvd]);
+            vc[o..o + kvd].convert_from_f32_slice(&vs[t * kvd..(t + 1) * kvd]);
+        }
         let kc: &[f16] = kc;
         let vc: &[f16] = vc;
         let group = p.n_head / p.n_head_kv;
@@ -362,7 +371,11 @@ impl Backend for CpuBackend {
                 let t = idx / p.n_head;
                 let h = idx % p.n_head;
                 let kh = h / group;
-                let pos = p.pos0 + t;
+                let Some(row) = p.rows.get(t) else { return };
+                let pos = row.pos;
+                // Positions of this row's own sequence: its slot of the cache.
+                let base = row.seq * shape.n_ctx * kvd;
+                let (kc, vc) = (&kc[base..], &vc[base..]);
                 let lo = match p.window {
                     Some(w) => (pos + 1).saturating_sub(w),
                     None => 0,
@@ -445,6 +458,23 @@ impl Backend for CpuBackend {
         }
         let s = src.rows(src_row + n)?;
         dst.rows_mut(n)?.copy_from_slice(&s[src_row * w..]);
+        Ok(())
+    }
+
+    fn copy_rows_to(
+        &self,
+        src: &CpuAct,
+        src_row: usize,
+        n: usize,
+        dst: &mut CpuAct,
+        dst_row: usize,
+    ) -> Result<()> {
+        let w = src.width;
+        if dst.width != w {
+            return Err(ModelError::Backend("copy_rows_to: width mismatch".into()));
+        }
+        let s = src.rows(src_row + n)?;
+        dst.rows_mut(dst_row + n)?[dst_row * w..].copy_from_slice(&s[src_row * w..]);
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! with a residual connection), normalise, project to logits. Where the architectures differ
 //! the code says so inline.
 
-use crate::backend::{AttnParams, Backend, RopeParams};
+use crate::backend::{AttnParams, Backend, RopeParams, Row};
 use crate::config::ModelConfig;
 use crate::weights::{LayerWeights, Weight};
 use crate::Result;
@@ -101,19 +101,20 @@ pub fn embed<B: Backend>(
     b.embed(&w.token_embd, tokens, cfg.embd_scale, &mut s.x)
 }
 
-/// Step 2, once per layer: one transformer block over the batch of `n` tokens at positions
-/// `pos0..pos0+n`, updating the residual stream in place.
-#[allow(clippy::too_many_arguments)] // the block's inputs, spelled out
+/// Step 2, once per layer: one transformer block over a batch of rows (each row one token
+/// of some sequence at some position; see [`Row`]), updating the residual stream in place.
+/// The matmuls run over all rows at once; RoPE and attention use each row's own position
+/// and sequence.
 pub fn block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     il: usize,
     w: &LayerWeights,
-    n: usize,
-    pos0: usize,
+    rows: &[Row],
     kv: &mut B::Kv,
     s: &mut Scratch<B>,
 ) -> Result<()> {
+    let n = rows.len();
     check_batch(n, s)?;
     let eps = cfg.rms_eps;
 
@@ -139,7 +140,7 @@ pub fn block<B: Backend>(
     }
     let swa = cfg.is_swa_layer(il);
     let rope = RopeParams {
-        pos0,
+        rows,
         n_heads: cfg.n_head,
         head_dim: cfg.head_dim,
         rope_dims: cfg.rope_dims,
@@ -161,7 +162,7 @@ pub fn block<B: Backend>(
     )?;
     let attn = AttnParams {
         layer: il,
-        pos0,
+        rows,
         n_head: cfg.n_head,
         n_head_kv: cfg.n_head_kv,
         head_dim: cfg.head_dim,
@@ -239,6 +240,27 @@ pub fn head_norm<B: Backend>(
     b.copy_rows(&s.x, first, rows, &mut s.proj)?;
     b.rms_norm(rows, &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
     Ok(rows)
+}
+
+/// Step 3a for a batch of several sequences: normalise rows `rows` (indices into the batch,
+/// e.g. each sequence's last row) into the head's input buffer.
+pub fn head_norm_rows<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    norm: &Weight,
+    n: usize,
+    rows: &[usize],
+    s: &mut Scratch<B>,
+) -> Result<usize> {
+    check_batch(n, s)?;
+    if rows.is_empty() || rows.len() > n || rows.iter().any(|&r| r >= n) {
+        return Err(crate::ModelError::Input(format!(
+            "logits wanted for rows {rows:?} of a batch of {n}"
+        )));
+    }
+    b.gather_rows(&s.x, rows, &mut s.proj)?;
+    b.rms_norm(rows.len(), &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    Ok(rows.len())
 }
 
 /// Step 3b: logits of output rows `row0 .. row0 + w.rows` (the whole output matrix, or one

@@ -18,7 +18,7 @@ use crate::plan::{Plan, Tier, UnitKind};
 use crate::trace::{Lane, Trace};
 use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
-use flea_model::backend::{Backend, KvShape};
+use flea_model::backend::{Backend, KvShape, Row};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
@@ -137,6 +137,7 @@ impl<'m> StreamedModel<'m> {
             n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
+            n_seq: plan.n_seq.max(1),
         })?;
         fixed.push(device.reserve(plan.act_bytes, "activations")?);
         let out_rows = plan.output_rows_per_unit.min(model.layout.output.rows);
@@ -271,8 +272,16 @@ impl<'m> StreamedModel<'m> {
                 Logits::Last if ci + 1 == n_chunks => Some(Logits::Last),
                 Logits::Last => None,
             };
-            match self.pass(chunk, want) {
-                Ok(l) => out.extend(l),
+            let rows = Row::consecutive(0, self.pos, chunk.len());
+            let want = match want {
+                Some(w) => Want::Which(w),
+                None => Want::Nothing,
+            };
+            match self.pass(chunk, &rows, want) {
+                Ok(l) => {
+                    self.pos += chunk.len();
+                    out.extend(l)
+                }
                 Err(e) => {
                     self.poisoned = Some(e.to_string());
                     return Err(e);
@@ -282,8 +291,35 @@ impl<'m> StreamedModel<'m> {
         Ok(out)
     }
 
+    /// Rows a single `step` may hold.
+    pub fn capacity(&self) -> usize {
+        self.batch
+    }
+
+    /// One weight pass for a batch that may mix sequences (continuous batching): `tokens[i]`
+    /// goes to `rows[i]` (KV sequence slot and position). Every streamed unit is read once
+    /// and applied to all rows. Returns the logits of the rows `logit_rows` (indices into the
+    /// batch), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
+    pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
+        if let Some(p) = &self.poisoned {
+            return Err(RuntimeError::Stream(format!(
+                "an earlier streaming error left the ring unusable: {p}"
+            )));
+        }
+        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
+            return Err(RuntimeError::Input(format!(
+                "a step of {} tokens with {} rows (capacity {})",
+                tokens.len(),
+                rows.len(),
+                self.batch
+            )));
+        }
+        self.pass(tokens, rows, Want::Rows(logit_rows))
+            .inspect_err(|e| self.poisoned = Some(e.to_string()))
+    }
+
     /// One forward pass over all units for a batch of tokens.
-    fn pass(&mut self, tokens: &[u32], want: Option<Logits>) -> Result<Vec<f32>> {
+    fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
         let b = self.backend;
@@ -382,12 +418,19 @@ impl<'m> StreamedModel<'m> {
             match kind {
                 UnitKind::Layer(il) => {
                     let w = m.layout.layers[il].views(bytes, offset)?;
-                    forward::block(b, cfg, il, &w, n, self.pos, &mut self.kv, &mut self.scratch)?;
+                    forward::block(b, cfg, il, &w, batch_rows, &mut self.kv, &mut self.scratch)?;
                 }
                 UnitKind::Output { start, end } => {
-                    if let Some(which) = want {
+                    if !matches!(want, Want::Nothing) {
                         if start == 0 {
-                            rows = forward::head_norm(b, cfg, &norm, n, which, &mut self.scratch)?;
+                            let sc = &mut self.scratch;
+                            rows = match want {
+                                Want::Which(which) => {
+                                    forward::head_norm(b, cfg, &norm, n, which, sc)?
+                                }
+                                Want::Rows(r) => forward::head_norm_rows(b, cfg, &norm, n, r, sc)?,
+                                Want::Nothing => 0,
+                            };
                             logits = vec![0.0f32; rows * cfg.n_vocab];
                         }
                         let out = &m.layout.output;
@@ -420,7 +463,6 @@ impl<'m> StreamedModel<'m> {
                 }
             }
         }
-        self.pos += n;
         self.stats.passes += 1;
         Ok(logits)
     }
@@ -443,6 +485,16 @@ impl Drop for StreamedModel<'_> {
             }
         }
     }
+}
+
+/// Which logits a pass computes.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    Nothing,
+    /// The last row's or every row's (one sequence).
+    Which(Logits),
+    /// These rows' (several sequences).
+    Rows(&'a [usize]),
 }
 
 /// The I/O thread: walk the streamed units in a cycle, one free slot at a time.
