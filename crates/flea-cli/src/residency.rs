@@ -67,7 +67,7 @@ impl ResidencyArgs {
         Ok(o)
     }
 
-    pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize) -> Result<Plan> {
+    pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize, n_seq: usize) -> Result<Plan> {
         let avail = mem_available().unwrap_or(4 << 30);
         // Defaults from free memory: half for the device tier, a quarter for the host cache.
         let vram = match &self.vram_budget {
@@ -94,7 +94,7 @@ impl ResidencyArgs {
             ram_budget: ram,
             n_ctx,
             batch,
-            n_seq: 1,
+            n_seq,
             ring_depth: self.ring_depth,
             links,
         };
@@ -119,6 +119,8 @@ pub enum Runner<'m> {
 }
 
 impl<'m> Runner<'m> {
+    /// A runner whose KV cache holds `n_seq` sequences of `n_ctx` positions (the server's
+    /// slots; 1 for a single run). `batch`: rows per weight pass.
     pub fn new(
         model: &'m Model,
         backend: &'m CpuBackend,
@@ -126,13 +128,16 @@ impl<'m> Runner<'m> {
         r: &ResidencyArgs,
         n_ctx: usize,
         batch: usize,
+        n_seq: usize,
     ) -> Result<Runner<'m>> {
         if !r.streaming() {
-            return Ok(Runner::InPlace(Box::new(Session::new(
-                model, backend, n_ctx, batch,
+            return Ok(Runner::InPlace(Box::new(Session::with_seqs(
+                model, backend, n_ctx, batch, n_seq,
             )?)));
         }
-        let plan = r.plan(model, n_ctx, batch)?;
+        let plan = r.plan(model, n_ctx, batch, n_seq)?;
+        // The executor's scratch holds the plan's rows per pass (at least one per sequence).
+        let batch = batch.max(n_seq);
         let mut s = StreamedModel::new(model, backend, plan, path, &r.io_options()?, n_ctx, batch)
             .with_context(|| format!("starting the streaming executor on {}", path.display()))?;
         if r.trace.is_some() {
@@ -150,21 +155,13 @@ impl<'m> Runner<'m> {
         })
     }
 
-    pub fn set_pos(&mut self, pos: usize) {
+    /// The model behind the runner, as the server's engine drives it.
+    pub fn step_model(&mut self) -> &mut dyn flea_server::StepModel {
         match self {
-            Runner::InPlace(s) => s.pos = pos,
-            Runner::Streamed(s) => s.pos = pos,
+            Runner::InPlace(s) => s.as_mut(),
+            Runner::Streamed(s) => s.as_mut(),
             #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => s.pos = pos,
-        }
-    }
-
-    pub fn n_ctx(&self) -> usize {
-        match self {
-            Runner::InPlace(s) => s.n_ctx,
-            Runner::Streamed(s) => s.n_ctx,
-            #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => s.n_ctx,
+            Runner::Cuda(s) => s.as_mut(),
         }
     }
 

@@ -243,7 +243,7 @@ pub fn head_norm<B: Backend>(
 }
 
 /// Step 3a for a batch of several sequences: normalise rows `rows` (indices into the batch,
-/// e.g. each sequence's last row) into the head's input buffer.
+/// e.g. each sequence's last row) into the head's input buffer. None wanted: returns 0.
 pub fn head_norm_rows<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
@@ -253,7 +253,10 @@ pub fn head_norm_rows<B: Backend>(
     s: &mut Scratch<B>,
 ) -> Result<usize> {
     check_batch(n, s)?;
-    if rows.is_empty() || rows.len() > n || rows.iter().any(|&r| r >= n) {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    if rows.len() > n || rows.iter().any(|&r| r >= n) {
         return Err(crate::ModelError::Input(format!(
             "logits wanted for rows {rows:?} of a batch of {n}"
         )));

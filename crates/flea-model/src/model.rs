@@ -60,6 +60,8 @@ pub struct Session<'m, B: Backend> {
     kv: B::Kv,
     scratch: Scratch<B>,
     pub n_ctx: usize,
+    /// Sequence slots of the KV cache.
+    pub n_seq: usize,
     /// Tokens already in the KV cache.
     pub pos: usize,
 }
@@ -92,13 +94,16 @@ impl<'m, B: Backend> Session<'m, B> {
             head_dim: cfg.head_dim,
             n_seq,
         })?;
-        let scratch = Scratch::new(backend, cfg, max_batch.clamp(1, n_ctx))?;
+        // Every sequence's decode row fits one step.
+        let rows = max_batch.clamp(1, n_ctx * n_seq).max(n_seq);
+        let scratch = Scratch::new(backend, cfg, rows)?;
         Ok(Session {
             model,
             backend,
             kv,
             scratch,
             n_ctx,
+            n_seq,
             pos: 0,
         })
     }
@@ -173,7 +178,7 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// One weight pass over a batch that may mix sequences: `tokens[i]` goes to `rows[i]`
     /// (sequence slot and position). Returns the logits of the rows `logit_rows` (indices
-    /// into the batch), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
+    /// into the batch; may be empty), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
     pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
         if tokens.is_empty() || tokens.len() != rows.len() {
             return Err(ModelError::Input(format!(
@@ -199,6 +204,9 @@ impl<'m, B: Backend> Session<'m, B> {
             &mut self.scratch,
         )?;
         let mut logits = vec![0.0f32; n_out * cfg.n_vocab];
+        if n_out == 0 {
+            return Ok(logits);
+        }
         forward::head_project(
             self.backend,
             cfg,

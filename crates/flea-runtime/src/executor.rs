@@ -314,7 +314,12 @@ impl<'m> StreamedModel<'m> {
                 self.batch
             )));
         }
-        self.pass(tokens, rows, Want::Rows(logit_rows))
+        let want = if logit_rows.is_empty() {
+            Want::Nothing
+        } else {
+            Want::Rows(logit_rows)
+        };
+        self.pass(tokens, rows, want)
             .inspect_err(|e| self.poisoned = Some(e.to_string()))
     }
 
