@@ -147,6 +147,18 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// As `matmuls`, for a batch made of independent segments (`segments`: row counts, in
+    /// order, e.g. each sequence's consecutive rows). A backend whose kernels group rows
+    /// computes each segment as if it were alone, so that a sequence's results do not depend
+    /// on what it is batched with. The default treats the batch as one.
+    fn matmuls_segmented(
+        &self,
+        segments: &[usize],
+        x: &Self::Act,
+        jobs: &mut [(&Weight, &mut Self::Act)],
+    ) -> Result<()> {
+        self.matmuls(segments.iter().sum(), x, jobs)
+    }
     /// x[t] += b
     fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()>;
     /// Rotate the first `rope_dims` dims of every head of the first `n` rows.

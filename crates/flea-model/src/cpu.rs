@@ -197,6 +197,24 @@ impl Backend for CpuBackend {
     }
 
     fn matmuls(&self, n: usize, x: &CpuAct, jobs: &mut [(&Weight, &mut CpuAct)]) -> Result<()> {
+        self.matmuls_segmented(&[n], x, jobs)
+    }
+
+    /// Each segment goes through the kernels on its own (one row: the one-row kernel, as a
+    /// single-sequence decode does; more: tiles of 4 from the segment's first row, as that
+    /// sequence's own prompt pass does), so its results are bit-identical to an unbatched
+    /// pass. The weight chunk a task owns is read from memory once and reused from cache
+    /// for every segment.
+    fn matmuls_segmented(
+        &self,
+        segments: &[usize],
+        x: &CpuAct,
+        jobs: &mut [(&Weight, &mut CpuAct)],
+    ) -> Result<()> {
+        let n: usize = segments.iter().sum();
+        if n == 0 || segments.contains(&0) {
+            return Err(ModelError::Backend("matmul: empty segment".into()));
+        }
         let xs = x.rows(n)?;
         // Quantize the input once per activation format (q/k/v usually share one).
         let mut quantized: Vec<(flea_quant::GgmlType, Vec<u8>)> = Vec::new();
@@ -256,21 +274,28 @@ impl Backend for CpuBackend {
             let r0 = (t - p.first_task) * p.chunk_rows;
             let r1 = (r0 + p.chunk_rows).min(w.rows);
             let wr = &w.data[r0 * rb..r1 * rb];
-            if n == 1 {
-                // SAFETY: each task owns rows r0..r1 of the single output row.
-                let dst = unsafe { p.out.range(r0, r1 - r0) };
-                flea_quant::matvec(w.ty, w.cols, wr, p.acts, dst);
-            } else {
-                BLOCK.with(|b| {
-                    let mut b = b.borrow_mut();
-                    b.resize(n * (r1 - r0), 0.0);
-                    flea_quant::matmul(w.ty, w.cols, wr, p.acts, n, &mut b);
-                    for (tok, src) in b.chunks_exact(r1 - r0).enumerate() {
-                        // SAFETY: each task owns columns r0..r1 of every token's output row.
-                        let dst = unsafe { p.out.range(tok * w.rows + r0, r1 - r0) };
-                        dst.copy_from_slice(src);
-                    }
-                });
+            let act_rb = p.acts.len() / n;
+            let mut t0 = 0;
+            for &len in segments {
+                let acts = &p.acts[t0 * act_rb..(t0 + len) * act_rb];
+                if len == 1 {
+                    // SAFETY: each task owns columns r0..r1 of every token's output row.
+                    let dst = unsafe { p.out.range(t0 * w.rows + r0, r1 - r0) };
+                    flea_quant::matvec(w.ty, w.cols, wr, acts, dst);
+                } else {
+                    BLOCK.with(|b| {
+                        let mut b = b.borrow_mut();
+                        b.resize(len * (r1 - r0), 0.0);
+                        flea_quant::matmul(w.ty, w.cols, wr, acts, len, &mut b);
+                        for (tok, src) in b.chunks_exact(r1 - r0).enumerate() {
+                            // SAFETY: each task owns columns r0..r1 of every token's output
+                            // row.
+                            let dst = unsafe { p.out.range((t0 + tok) * w.rows + r0, r1 - r0) };
+                            dst.copy_from_slice(src);
+                        }
+                    });
+                }
+                t0 += len;
             }
         };
         self.pool.run(n_tasks, &task);

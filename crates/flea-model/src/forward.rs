@@ -30,10 +30,15 @@ pub struct Scratch<B: Backend> {
     head_in: B::Act,
     logits: B::Act,
     logits_width: usize,
+    /// The head's rows belong to different sequences (set by `head_norm_rows`).
+    head_rows_independent: bool,
 }
 
 /// Rows projected to logits per output matmul when every position's logits are wanted.
 pub const LOGIT_CHUNK: usize = 32;
+
+/// Segments of one row each, for a head of independent rows.
+const ONES: [usize; LOGIT_CHUNK] = [1; LOGIT_CHUNK];
 
 impl<B: Backend> Scratch<B> {
     /// Bytes of f32 activations a scratch of `capacity` rows takes (the planner's estimate
@@ -77,6 +82,7 @@ impl<B: Backend> Scratch<B> {
             head_in: b.alloc_act(LOGIT_CHUNK, d)?,
             logits: b.alloc_act(LOGIT_CHUNK, logits_width)?,
             logits_width,
+            head_rows_independent: false,
         })
     }
 }
@@ -117,11 +123,14 @@ pub fn block<B: Backend>(
     let n = rows.len();
     check_batch(n, s)?;
     let eps = cfg.rms_eps;
+    // Each sequence's consecutive rows form one segment of the matmuls.
+    let segments = segments(rows);
+    let segs: &[usize] = &segments;
 
     // --- attention ---
     b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
-    b.matmuls(
-        n,
+    b.matmuls_segmented(
+        segs,
         &s.xn,
         &mut [(&w.wq, &mut s.q), (&w.wk, &mut s.k), (&w.wv, &mut s.v)],
     )?;
@@ -170,7 +179,7 @@ pub fn block<B: Backend>(
         scale: cfg.attn_scale,
     };
     b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
-    b.matmul(n, &w.wo, &s.attn, &mut s.proj)?;
+    b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
     // Gemma 3: norm of the attention output before the residual add.
     if let Some(pn) = &w.attn_post_norm {
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
@@ -181,13 +190,13 @@ pub fn block<B: Backend>(
 
     // --- feed-forward ---
     b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
-    b.matmuls(
-        n,
+    b.matmuls_segmented(
+        segs,
         &s.xn,
         &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
     )?;
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
-    b.matmul(n, &w.w_down, &s.ffn, &mut s.proj)?;
+    b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
     // Gemma 3: norm of the FFN output before the residual add.
     if let Some(pn) = &w.ffn_post_norm {
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
@@ -196,6 +205,22 @@ pub fn block<B: Backend>(
         b.add(n, &mut s.x, &s.proj)?;
     }
     Ok(())
+}
+
+/// Lengths of the runs of consecutive positions of one sequence in `rows`.
+fn segments(rows: &[Row]) -> Vec<usize> {
+    let mut segs: Vec<usize> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let continues = i > 0 && {
+            let p = rows[i - 1];
+            p.seq == r.seq && p.pos + 1 == r.pos
+        };
+        match segs.last_mut() {
+            Some(last) if continues => *last += 1,
+            _ => segs.push(1),
+        }
+    }
+    segs
 }
 
 /// Which positions of a batch need logits.
@@ -239,6 +264,7 @@ pub fn head_norm<B: Backend>(
     };
     b.copy_rows(&s.x, first, rows, &mut s.proj)?;
     b.rms_norm(rows, &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    s.head_rows_independent = false;
     Ok(rows)
 }
 
@@ -263,6 +289,8 @@ pub fn head_norm_rows<B: Backend>(
     }
     b.gather_rows(&s.x, rows, &mut s.proj)?;
     b.rms_norm(rows.len(), &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    // Each row is a different sequence's: project them one by one (as its own pass would).
+    s.head_rows_independent = true;
     Ok(rows.len())
 }
 
@@ -292,7 +320,11 @@ pub fn head_project<B: Backend>(
     while t < rows {
         let m = (rows - t).min(LOGIT_CHUNK);
         b.copy_rows(&s.head_norm, t, m, &mut s.head_in)?;
-        b.matmul(m, w, &s.head_in, &mut s.logits)?;
+        if s.head_rows_independent {
+            b.matmuls_segmented(&ONES[..m], &s.head_in, &mut [(w, &mut s.logits)])?;
+        } else {
+            b.matmul(m, w, &s.head_in, &mut s.logits)?;
+        }
         let part = b.read(m, &s.logits)?;
         for (i, src) in part.chunks_exact(w.rows).enumerate() {
             let dst = (t + i) * vocab + row0;
