@@ -538,6 +538,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             .file_stem()
             .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
     };
+    // Rows per pass: a prompt batch beside one decode row per sequence.
+    eng.batch = a.engine.batch.max(1) + n_seq;
     let mut runner = eng.runner(&a.engine, n_seq)?;
     let summary = format!(
         "{} as '{model_id}' ({}), {n_seq} sequence slots of {} tokens",

@@ -33,7 +33,9 @@ fn openai_pythonpath() -> Option<String> {
     if ok {
         Some(dir)
     } else if required() {
-        panic!("python3 with the openai package in {dir} is required (scripts/test.sh installs it)");
+        panic!(
+            "python3 with the openai package in {dir} is required (scripts/test.sh installs it)"
+        );
     } else {
         eprintln!("skipping: python3 cannot import openai from {dir} (run scripts/test.sh)");
         None
@@ -45,7 +47,9 @@ fn flea_run(model: &Path, prompt: &str) -> String {
     let out = Command::new(FLEA)
         .args(["run", "-m"])
         .arg(model)
-        .args(["-p", prompt, "-n", "16", "--temp", "0", "-t", "2", "-c", "256"])
+        .args([
+            "-p", prompt, "-n", "16", "--temp", "0", "-t", "2", "-c", "256",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -65,8 +69,8 @@ fn the_openai_client_talks_to_flea_serve() {
     let Some(pythonpath) = openai_pythonpath() else {
         return;
     };
-    // Prompts whose greedy continuations are far from ties, so batched (multi-row kernel)
-    // and single-sequence decoding pick the same tokens; see docs/SERVER.md.
+    // A sequence batched with others computes bit-identically to its own run, so greedy
+    // outputs through the server equal `flea run`'s exactly, concurrent or not.
     let prompts = [
         "Once upon a time",
         "1, 2, 3, 4, 5, 6,",
@@ -155,5 +159,8 @@ fn the_openai_client_talks_to_flea_serve() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let _ = log.join();
-    assert!(exit.success(), "flea serve exited with {exit} after SIGTERM");
+    assert!(
+        exit.success(),
+        "flea serve exited with {exit} after SIGTERM"
+    );
 }

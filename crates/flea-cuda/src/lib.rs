@@ -534,11 +534,7 @@ impl CudaBackend {
     }
 
     /// Upload per-row i32s into a scratch buffer; returns its device address.
-    fn upload_rows(
-        &self,
-        which: RowBuf,
-        data: &[i32],
-    ) -> Result<u64> {
+    fn upload_rows(&self, which: RowBuf, data: &[i32]) -> Result<u64> {
         let mut sc = self
             .scratch
             .lock()
@@ -901,8 +897,16 @@ impl Backend for CudaBackend {
         };
         // check_fits bounded every row by the cache shape, which alloc_kv keeps within i32.
         let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
-        let base: Vec<i32> = p.rows.iter().map(|r| (r.seq * shape.n_ctx) as i32).collect();
-        let kvrow: Vec<i32> = p.rows.iter().map(|r| (r.seq * shape.n_ctx + r.pos) as i32).collect();
+        let base: Vec<i32> = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * shape.n_ctx) as i32)
+            .collect();
+        let kvrow: Vec<i32> = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * shape.n_ctx + r.pos) as i32)
+            .collect();
         let total = n * kvd;
         let (cfg, _) = self.launch_1d("kv_store", total)?;
         let kvrowp = self.upload_rows(RowBuf::Kv, &kvrow)?;

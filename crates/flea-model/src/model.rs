@@ -193,7 +193,15 @@ impl<'m, B: Backend> Session<'m, B> {
         forward::embed(self.backend, cfg, &head, tokens, &mut self.scratch)?;
         for il in 0..cfg.n_layers {
             let w = m.layer_weights(il)?;
-            forward::block(self.backend, cfg, il, &w, rows, &mut self.kv, &mut self.scratch)?;
+            forward::block(
+                self.backend,
+                cfg,
+                il,
+                &w,
+                rows,
+                &mut self.kv,
+                &mut self.scratch,
+            )?;
         }
         let n_out = forward::head_norm_rows(
             self.backend,

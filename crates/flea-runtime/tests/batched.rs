@@ -88,11 +88,9 @@ fn check_single_sequence_steps_are_bit_identical(path: &Path, vram: u64) {
         let mut s = streamed(&model, &backend, path, vram, 64, 48, 3);
         let rows = Row::consecutive(slot, 0, prompt.len());
         let mut got = vec![s.step(&prompt, &rows, &[prompt.len() - 1]).unwrap()];
-        let mut pos = prompt.len();
-        for _ in 0..3 {
+        for pos in prompt.len()..prompt.len() + 3 {
             let t = argmax(&got[got.len() - 1]) as u32;
             got.push(s.step(&[t], &[Row { seq: slot, pos }], &[0]).unwrap());
-            pos += 1;
         }
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.len(), vocab);
@@ -107,9 +105,16 @@ fn check_single_sequence_steps_are_bit_identical(path: &Path, vram: u64) {
     // The in-place session's step, too.
     let mut sess = Session::with_seqs(&model, &backend, 64, 48, 2).unwrap();
     let got = sess
-        .step(&prompt, &Row::consecutive(1, 0, prompt.len()), &[prompt.len() - 1])
+        .step(
+            &prompt,
+            &Row::consecutive(1, 0, prompt.len()),
+            &[prompt.len() - 1],
+        )
         .unwrap();
-    assert!(bits(&got) == bits(&want[0]), "Session::step differs from eval");
+    assert!(
+        bits(&got) == bits(&want[0]),
+        "Session::step differs from eval"
+    );
 }
 
 /// Three sequences of different lengths: B is admitted while A decodes (its prompt in the
@@ -233,7 +238,6 @@ fn kv_for_every_sequence_slot_is_inside_the_budget() {
     let err = Plan::build(&model, &request(64 * MIB, 2048, 16, 64)).unwrap_err();
     assert!(err.to_string().contains("64 sequences"), "{err}");
 }
-
 
 /// A device budget that holds the fixed parts (KV for 4 sequences) plus about two layers.
 fn tight_budget(path: &Path) -> u64 {

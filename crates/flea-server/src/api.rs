@@ -65,9 +65,8 @@ pub fn serve(
         created: unix_now(),
         next_id: Arc::new(AtomicU64::new(1)),
     };
-    let http = std::thread::Builder::new()
-        .name("flea-http".into())
-        .spawn(move || -> Result<(), ServerError> {
+    let http = std::thread::Builder::new().name("flea-http".into()).spawn(
+        move || -> Result<(), ServerError> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -83,7 +82,8 @@ pub fn serve(
             handle.shutdown();
             drop(handle);
             result.map_err(ServerError::from)
-        })?;
+        },
+    )?;
     engine.run();
     http.join()
         .map_err(|_| ServerError::Engine("the HTTP thread panicked".into()))?
@@ -115,7 +115,12 @@ fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            api_error(StatusCode::NOT_FOUND, "invalid_request_error", None, "no such route")
+            api_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                None,
+                "no such route",
+            )
         })
         .with_state(state)
 }
@@ -126,13 +131,37 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// An OpenAI-style error response.
-fn api_error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    (status, axum::Json(body)).into_response()
+/// An OpenAI-style error: status and `{"error": {message, type, param, code}}`.
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    message: String,
 }
 
-fn engine_error(e: &ServerError) -> Response {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind,
+                                    "param": null, "code": self.code}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn api_error(
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    message: &str,
+) -> ApiError {
+    ApiError {
+        status,
+        kind,
+        code,
+        message: message.to_string(),
+    }
+}
+
+fn engine_error(e: &ServerError) -> ApiError {
     let msg = e.to_string();
     match e {
         ServerError::QueueFull | ServerError::ShuttingDown => api_error(
@@ -150,11 +179,16 @@ fn engine_error(e: &ServerError) -> Response {
         ServerError::InvalidRequest(_) => {
             api_error(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg)
         }
-        _ => api_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, &msg),
+        _ => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            &msg,
+        ),
     }
 }
 
-fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &st.opts.api_key else {
         return Ok(());
     };
@@ -180,7 +214,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The body, parsed as `T`, within the size limit.
-async fn read_json<T: serde::de::DeserializeOwned>(st: &AppState, body: Body) -> Result<T, Response> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    body: Body,
+) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, st.opts.max_body_bytes)
         .await
         .map_err(|_| {
@@ -267,12 +304,12 @@ struct ContentPart {
     text: Option<String>,
 }
 
-fn bad_request(msg: &str) -> Response {
+fn bad_request(msg: &str) -> ApiError {
     api_error(StatusCode::BAD_REQUEST, "invalid_request_error", None, msg)
 }
 
 /// Validate the shared parameters into a request (prompt filled in by the caller).
-fn gen_request(st: &AppState, c: &Common, prompt: Prompt) -> Result<GenRequest, Response> {
+fn gen_request(st: &AppState, c: &Common, prompt: Prompt) -> Result<GenRequest, ApiError> {
     if c.model != st.opts.model_id {
         return Err(api_error(
             StatusCode::NOT_FOUND,
@@ -339,35 +376,33 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = authorize(&st, &headers) {
-        return r;
-    }
-    let b: CompletionBody = match read_json(&st, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+async fn completions(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let b: CompletionBody = read_json(&st, body).await?;
     let prompt = match b.prompt {
         StringOrList::One(s) => s,
         StringOrList::Many(mut v) if v.len() == 1 => v.remove(0),
-        StringOrList::Many(_) => return bad_request("prompt: exactly one string is supported"),
+        StringOrList::Many(_) => {
+            return Err(bad_request("prompt: exactly one string is supported"))
+        }
     };
-    match gen_request(&st, &b.common, Prompt::Text(prompt)) {
-        Ok(req) => run(st, req, &b.common, Kind::Completion).await,
-        Err(r) => r,
-    }
+    let req = gen_request(&st, &b.common, Prompt::Text(prompt))?;
+    run(st, req, &b.common, Kind::Completion).await
 }
 
-async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = authorize(&st, &headers) {
-        return r;
-    }
-    let b: ChatBody = match read_json(&st, body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+async fn chat_completions(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    let b: ChatBody = read_json(&st, body).await?;
     if b.messages.is_empty() {
-        return bad_request("messages must not be empty");
+        return Err(bad_request("messages must not be empty"));
     }
     let mut messages = Vec::with_capacity(b.messages.len());
     for m in b.messages {
@@ -379,7 +414,7 @@ async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: 
                 for p in parts {
                     match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => s.push_str(&t),
-                        _ => return bad_request("only text content parts are supported"),
+                        _ => return Err(bad_request("only text content parts are supported")),
                     }
                 }
                 s
@@ -390,25 +425,20 @@ async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: 
             content,
         });
     }
-    match gen_request(&st, &b.common, Prompt::Chat(messages)) {
-        Ok(req) => run(st, req, &b.common, Kind::Chat).await,
-        Err(r) => r,
-    }
+    let req = gen_request(&st, &b.common, Prompt::Chat(messages))?;
+    run(st, req, &b.common, Kind::Chat).await
 }
 
 /// Submit, wait for admission, answer whole or as a stream.
-async fn run(st: AppState, req: GenRequest, c: &Common, kind: Kind) -> Response {
-    let mut rx = match st.engine.submit(req) {
-        Ok(rx) => rx,
-        Err(e) => return engine_error(&e),
-    };
+async fn run(st: AppState, req: GenRequest, c: &Common, kind: Kind) -> Result<Response, ApiError> {
+    let mut rx = st.engine.submit(req).map_err(|e| engine_error(&e))?;
     let prompt_tokens = match rx.recv().await {
         Some(Event::Started { prompt_tokens }) => prompt_tokens,
-        Some(Event::Error(e)) => return engine_error(&e),
+        Some(Event::Error(e)) => return Err(engine_error(&e)),
         _ => {
-            return engine_error(&ServerError::Engine(
+            return Err(engine_error(&ServerError::Engine(
                 "the engine dropped the request".into(),
-            ))
+            )))
         }
     };
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +454,7 @@ async fn run(st: AppState, req: GenRequest, c: &Common, kind: Kind) -> Response 
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
     };
     if c.stream {
-        stream_response(rx, ctx)
+        Ok(stream_response(rx, ctx))
     } else {
         whole_response(rx, ctx).await
     }
@@ -486,7 +516,7 @@ impl Ctx {
     }
 }
 
-async fn whole_response(mut rx: mpsc::Receiver<Event>, ctx: Ctx) -> Response {
+async fn whole_response(mut rx: mpsc::Receiver<Event>, ctx: Ctx) -> Result<Response, ApiError> {
     let mut text = String::new();
     loop {
         match rx.recv().await {
@@ -514,14 +544,14 @@ async fn whole_response(mut rx: mpsc::Receiver<Event>, ctx: Ctx) -> Response {
                         "usage": usage,
                     }),
                 };
-                return axum::Json(body).into_response();
+                return Ok(axum::Json(body).into_response());
             }
-            Some(Event::Error(e)) => return engine_error(&e),
+            Some(Event::Error(e)) => return Err(engine_error(&e)),
             Some(Event::Started { .. }) => {}
             None => {
-                return engine_error(&ServerError::Engine(
+                return Err(engine_error(&ServerError::Engine(
                     "the engine dropped the request".into(),
-                ))
+                )))
             }
         }
     }
@@ -562,11 +592,8 @@ fn stream_response(rx: mpsc::Receiver<Event>, ctx: Ctx) -> Response {
                     completion_tokens,
                 }) => {
                     let text = (s.ctx.kind == Kind::Completion).then_some("");
-                    s.out.push_back(data(s.ctx.chunk(
-                        text,
-                        Some(finish_reason.as_str()),
-                        false,
-                    )));
+                    s.out
+                        .push_back(data(s.ctx.chunk(text, Some(finish_reason.as_str()), false)));
                     if s.ctx.include_usage {
                         s.out.push_back(data(s.ctx.usage_chunk(completion_tokens)));
                     }
@@ -574,15 +601,18 @@ fn stream_response(rx: mpsc::Receiver<Event>, ctx: Ctx) -> Response {
                     s.done = true;
                 }
                 Some(Event::Error(e)) => {
-                    s.out.push_back(data(json!({"error": {"message": e.to_string(),
+                    s.out
+                        .push_back(data(json!({"error": {"message": e.to_string(),
                         "type": "server_error", "param": null, "code": null}})));
                     s.out.push_back(SseEvent::default().data("[DONE]"));
                     s.done = true;
                 }
                 Some(Event::Started { .. }) => {}
                 None => {
-                    s.out.push_back(data(json!({"error": {"message": "the engine dropped the request",
-                        "type": "server_error", "param": null, "code": null}})));
+                    s.out.push_back(data(
+                        json!({"error": {"message": "the engine dropped the request",
+                        "type": "server_error", "param": null, "code": null}}),
+                    ));
                     s.done = true;
                 }
             }
@@ -593,16 +623,14 @@ fn stream_response(rx: mpsc::Receiver<Event>, ctx: Ctx) -> Response {
         .into_response()
 }
 
-async fn models(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&st, &headers) {
-        return r;
-    }
-    axum::Json(json!({
+async fn models(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&st, &headers)?;
+    Ok(axum::Json(json!({
         "object": "list",
         "data": [{"id": st.opts.model_id, "object": "model", "created": st.created,
                   "owned_by": "flea"}],
     }))
-    .into_response()
+    .into_response())
 }
 
 async fn health(State(st): State<AppState>) -> Response {

@@ -141,7 +141,9 @@ impl FinishReason {
 /// What a request's channel carries: `Started` (or `Error`) first, then text, then `Done`.
 #[derive(Debug)]
 pub enum Event {
-    Started { prompt_tokens: usize },
+    Started {
+        prompt_tokens: usize,
+    },
     Text(String),
     Done {
         finish_reason: FinishReason,
@@ -511,12 +513,28 @@ impl<'a> Engine<'a> {
                 decodes[i] = true;
             }
         }
+        let mut chunked = false;
         for (i, s) in self.seqs.iter().enumerate() {
             let left = s.prompt.len() - s.fed;
             if s.pending.is_some() || left == 0 || rows.len() >= cap {
                 continue;
             }
-            let n = left.min(cap - rows.len());
+            let room = cap - rows.len();
+            // A whole prompt in one pass computes exactly as `flea run` does; a prompt that
+            // does not fit waits for a later step, except the first one waiting, which
+            // takes what is left (in multiples of 64 rows where it can) so nothing starves.
+            let n = if left <= room {
+                left
+            } else if !chunked {
+                chunked = true;
+                if room >= 64 {
+                    room / 64 * 64
+                } else {
+                    room
+                }
+            } else {
+                continue;
+            };
             for k in 0..n {
                 tokens.push(s.prompt[s.fed + k]);
                 rows.push(Row {
@@ -593,7 +611,7 @@ impl<'a> Engine<'a> {
             .tokens_per_second
             .store(rate.to_bits(), Ordering::Relaxed);
         // Remove finished sequences, highest index first so indices stay valid.
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let s = self.seqs.swap_remove(i);
             let _ = s.tx.try_send(Event::Done {
@@ -644,9 +662,8 @@ impl<'a> Engine<'a> {
         let metrics = &self.metrics;
         for s in self.seqs.drain(..) {
             metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-            let _ = s
-                .tx
-                .try_send(Event::Error(ServerError::Engine(why.to_string())));
+            let _ =
+                s.tx.try_send(Event::Error(ServerError::Engine(why.to_string())));
             self.free_slots.push(s.slot);
         }
     }
