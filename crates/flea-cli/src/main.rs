@@ -541,6 +541,9 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     // Rows per pass: a prompt batch beside one decode row per sequence.
     eng.batch = a.engine.batch.max(1) + n_seq;
     let mut runner = eng.runner(&a.engine, n_seq)?;
+    if let Some(line) = runner.plan_line() {
+        eprintln!("flea serve: {line}");
+    }
     let summary = format!(
         "{} as '{model_id}' ({}), {n_seq} sequence slots of {} tokens",
         a.engine.model.display(),

@@ -165,6 +165,28 @@ impl<'m> Runner<'m> {
         }
     }
 
+    /// One line about the plan (units per tier, arena use), or None when not streaming.
+    pub fn plan_line(&self) -> Option<String> {
+        let Runner::Streamed(s) = self else {
+            return None;
+        };
+        let p = &s.plan;
+        let count = |t: Tier| p.units.iter().filter(|u| u.tier == t).count();
+        Some(format!(
+            "plan: {} resident, {} host-cached, {} streamed units; device arena {} of {} (KV {} for {} sequences, activations {}, ring {} x {})",
+            count(Tier::Resident),
+            count(Tier::HostCache),
+            count(Tier::Disk),
+            fmt_size(p.device_bytes),
+            fmt_size(p.vram_budget),
+            fmt_size(p.kv_bytes),
+            p.n_seq,
+            fmt_size(p.act_bytes),
+            p.ring_depth,
+            fmt_size(p.slot_bytes)
+        ))
+    }
+
     /// One line about where the weights were, or None when not streaming.
     pub fn summary(&self, decode_seconds: f64, decode_passes: u64) -> Option<String> {
         let Runner::Streamed(s) = self else {

@@ -47,6 +47,9 @@ pub struct CpuBackend {
     threads: usize,
 }
 
+/// Weight bytes per row tile when a matmul runs several segments (fits L2 with room).
+const SEGMENT_TILE_BYTES: usize = 128 * 1024;
+
 thread_local! {
     /// Per-thread output block for batched matmuls, reused across calls.
     static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -275,27 +278,43 @@ impl Backend for CpuBackend {
             let r1 = (r0 + p.chunk_rows).min(w.rows);
             let wr = &w.data[r0 * rb..r1 * rb];
             let act_rb = p.acts.len() / n;
-            let mut t0 = 0;
-            for &len in segments {
-                let acts = &p.acts[t0 * act_rb..(t0 + len) * act_rb];
-                if len == 1 {
-                    // SAFETY: each task owns columns r0..r1 of every token's output row.
-                    let dst = unsafe { p.out.range(t0 * w.rows + r0, r1 - r0) };
-                    flea_quant::matvec(w.ty, w.cols, wr, acts, dst);
-                } else {
-                    BLOCK.with(|b| {
-                        let mut b = b.borrow_mut();
-                        b.resize(len * (r1 - r0), 0.0);
-                        flea_quant::matmul(w.ty, w.cols, wr, acts, len, &mut b);
-                        for (tok, src) in b.chunks_exact(r1 - r0).enumerate() {
-                            // SAFETY: each task owns columns r0..r1 of every token's output
-                            // row.
-                            let dst = unsafe { p.out.range((t0 + tok) * w.rows + r0, r1 - r0) };
-                            dst.copy_from_slice(src);
-                        }
-                    });
+            // With several segments, walk the task's rows in L2-sized tiles and run every
+            // segment over a tile before the next: each weight byte comes from memory once
+            // per pass, not once per sequence. Tiles start at even offsets from r0, so the
+            // kernels pair rows exactly as over the whole chunk (same bits).
+            let tile_rows = if segments.len() > 1 {
+                ((SEGMENT_TILE_BYTES / rb.max(1)) & !7).max(8)
+            } else {
+                r1 - r0
+            };
+            let mut a = r0;
+            while a < r1 {
+                let b_end = (a + tile_rows).min(r1);
+                let wt = &wr[(a - r0) * rb..(b_end - r0) * rb];
+                let m = b_end - a;
+                let mut t0 = 0;
+                for &len in segments {
+                    let acts = &p.acts[t0 * act_rb..(t0 + len) * act_rb];
+                    if len == 1 {
+                        // SAFETY: each task owns columns r0..r1 of every token's output row.
+                        let dst = unsafe { p.out.range(t0 * w.rows + a, m) };
+                        flea_quant::matvec(w.ty, w.cols, wt, acts, dst);
+                    } else {
+                        BLOCK.with(|blk| {
+                            let mut blk = blk.borrow_mut();
+                            blk.resize(len * m, 0.0);
+                            flea_quant::matmul(w.ty, w.cols, wt, acts, len, &mut blk);
+                            for (tok, src) in blk.chunks_exact(m).enumerate() {
+                                // SAFETY: each task owns columns r0..r1 of every token's
+                                // output row.
+                                let dst = unsafe { p.out.range((t0 + tok) * w.rows + a, m) };
+                                dst.copy_from_slice(src);
+                            }
+                        });
+                    }
+                    t0 += len;
                 }
-                t0 += len;
+                a = b_end;
             }
         };
         self.pool.run(n_tasks, &task);

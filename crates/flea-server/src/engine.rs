@@ -384,7 +384,16 @@ impl<'a> Engine<'a> {
     /// Tokenize, check the context, take a slot.
     fn admit(&mut self, job: Job) {
         let metrics = &self.metrics;
-        let prompt = match self.tokenize(&job.req.prompt) {
+        // A panic while preparing one request fails that request only.
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.tokenize(&job.req.prompt)
+        }))
+        .unwrap_or_else(|_| {
+            Err(ServerError::InvalidRequest(
+                "the prompt could not be tokenized".into(),
+            ))
+        });
+        let prompt = match prepared {
             Ok(p) => p,
             Err(e) => {
                 metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
