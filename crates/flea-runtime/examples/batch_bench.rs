@@ -46,7 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             links: Links::default(),
         },
     )?;
-    let streamed = plan.units.iter().filter(|u| u.tier == flea_runtime::Tier::Disk).count();
+    let streamed = plan
+        .units
+        .iter()
+        .filter(|u| u.tier == flea_runtime::Tier::Disk)
+        .count();
     println!(
         "{}: {} of {} units streamed, device budget {} MiB, {threads} threads",
         path.display(),
@@ -58,7 +62,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend: IoBackend::Pread,
         ..IoOptions::default()
     };
-    let mut s = StreamedModel::new(&model, &backend, plan, &path, &io, n_ctx, max_b * prompt_len)?;
+    let mut s = StreamedModel::new(
+        &model,
+        &backend,
+        plan,
+        &path,
+        &io,
+        n_ctx,
+        max_b * prompt_len,
+    )?;
     let vocab = model.cfg.n_vocab;
     println!("batch  tok/s   s/pass  streamed/pass");
     for &b in &batches {
@@ -74,7 +86,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             last.push(rows.len() - 1);
         }
         let logits = s.step(&tokens, &rows, &last)?;
-        let mut next: Vec<u32> = logits.chunks_exact(vocab).map(|l| argmax(l) as u32).collect();
+        let mut next: Vec<u32> = logits
+            .chunks_exact(vocab)
+            .map(|l| argmax(l) as u32)
+            .collect();
         let bytes0 = s.stats.bytes_streamed;
         let t0 = Instant::now();
         for k in 0..steps {
@@ -86,7 +101,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect();
             let want: Vec<usize> = (0..b).collect();
             let logits = s.step(&next, &rows, &want)?;
-            next = logits.chunks_exact(vocab).map(|l| argmax(l) as u32).collect();
+            next = logits
+                .chunks_exact(vocab)
+                .map(|l| argmax(l) as u32)
+                .collect();
         }
         let secs = t0.elapsed().as_secs_f64();
         let per_pass = (s.stats.bytes_streamed - bytes0) / steps.max(1) as u64;
