@@ -4,8 +4,8 @@ mod bench;
 mod hw;
 mod probe;
 mod residency;
-mod template;
 
+use flea_server::template;
 use residency::{ResidencyArgs, Runner};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,6 +33,8 @@ enum Cmd {
     Run(RunArgs),
     /// Chat interactively using the model's chat template.
     Chat(ChatArgs),
+    /// Serve the OpenAI API (chat and text completions) with batched decoding.
+    Serve(ServeArgs),
     /// Show a model's metadata, tensors and bytes per layer.
     Info {
         /// The GGUF file.
@@ -162,6 +164,36 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to bind (loopback by default; anything else exposes the server).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the bound address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Sequences decoded together: KV cache slots, each of --ctx positions (default 2048).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Requests that may wait for a slot; more get 503.
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+    /// The model name clients pass (default: the file name without .gguf).
+    #[arg(long)]
+    model_id: Option<String>,
+}
+
+#[derive(Args)]
 struct LogitsArgs {
     #[command(flatten)]
     engine: EngineArgs,
@@ -184,6 +216,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Serve(a) => cmd_serve(a),
         Cmd::Info { model, all_tensors } => cmd_info(&model, all_tensors),
         Cmd::Tokenize {
             model,
@@ -271,7 +304,8 @@ impl Engine {
         self.backend.name()
     }
 
-    fn runner(&self, a: &EngineArgs) -> Result<Runner<'_>> {
+    /// The model under the residency flags, with a KV cache of `n_seq` sequence slots.
+    fn runner(&self, a: &EngineArgs, n_seq: usize) -> Result<Runner<'_>> {
         #[cfg(feature = "cuda")]
         if let Some(cuda) = &self.cuda {
             return Runner::new_cuda(
@@ -282,6 +316,7 @@ impl Engine {
                 &a.residency,
                 self.n_ctx,
                 self.batch,
+                n_seq,
             );
         }
         Runner::new(
@@ -291,6 +326,7 @@ impl Engine {
             &a.residency,
             self.n_ctx,
             self.batch,
+            n_seq,
         )
     }
 }
@@ -318,7 +354,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             eng.n_ctx
         );
     }
-    let mut sess = eng.runner(&a.engine)?;
+    let mut sess = eng.runner(&a.engine, 1)?;
     let mut sampler = Sampler::new(a.sampling.config());
     prompt.iter().for_each(|&t| sampler.accept(t));
 
@@ -396,29 +432,51 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Interactive chat through the server's batched engine: the engine runs on this thread,
+/// the conversation (stdin, stdout) on another.
 fn cmd_chat(a: ChatArgs) -> Result<()> {
     let eng = Engine::new(&a.engine)?;
     let tmpl = template::ChatTemplate::from_model(&eng.model)?;
-    let tok = &eng.model.tokenizer;
-    let mut sess = eng.runner(&a.engine)?;
-    let mut sampler = Sampler::new(a.sampling.config());
-    let mut messages = Vec::new();
-    if let Some(s) = a.system {
-        messages.push(template::Message {
-            role: "system".into(),
-            content: s,
-        });
-    }
-    // Tokens currently in the KV cache, to reuse the shared prefix between turns.
-    let mut cached: Vec<u32> = Vec::new();
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
+    let mut runner = eng.runner(&a.engine, 1)?;
     eprintln!(
         "flea chat: {} ({}); empty line or Ctrl-D quits",
         a.engine.model.display(),
         eng.backend_name()
     );
-    loop {
+    let (engine, handle) = flea_server::Engine::new(
+        runner.step_model(),
+        &eng.model.tokenizer,
+        Some(tmpl),
+        flea_server::EngineOptions::default(),
+    );
+    let sampling = a.sampling.config();
+    let (system, n_predict) = (a.system, a.n_predict);
+    let conversation = std::thread::Builder::new()
+        .name("flea-chat".into())
+        .spawn(move || chat_loop(&handle, system, n_predict, sampling))?;
+    engine.run();
+    conversation
+        .join()
+        .map_err(|_| anyhow!("the chat thread panicked"))?
+}
+
+fn chat_loop(
+    engine: &flea_server::EngineHandle,
+    system: Option<String>,
+    n_predict: usize,
+    sampling: SamplerConfig,
+) -> Result<()> {
+    use flea_server::{Event, GenRequest, Prompt};
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(template::Message {
+            role: "system".into(),
+            content: s,
+        });
+    }
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for turn in 0u64.. {
         write!(out, "> ")?;
         out.flush()?;
         let mut line = String::new();
@@ -429,46 +487,88 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line.trim_end().to_string(),
         });
-        let rendered = tmpl.render(&messages, true)?;
-        // Templates that write the BOS token themselves must not get a second one.
-        let has_bos = tok
-            .bos()
-            .and_then(|b| tok.token_text(b))
-            .is_some_and(|b| !b.is_empty() && rendered.starts_with(b));
-        let ids = tok.encode(&rendered, !has_bos, true);
-        let common = cached
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len().saturating_sub(1));
-        if ids.len() + a.n_predict > sess.n_ctx() {
-            bail!("conversation ({} tokens) no longer fits the context ({}); restart with a larger --ctx", ids.len(), sess.n_ctx());
-        }
-        sess.set_pos(common);
-        cached.truncate(common);
-        let mut logits = sess.eval(&ids[common..], Logits::Last)?;
-        cached.extend_from_slice(&ids[common..]);
-        let mut reply = Vec::new();
-        let mut text = Utf8Stream::default();
-        for _ in 0..a.n_predict {
-            let next = sampler.sample(&mut logits);
-            sampler.accept(next);
-            if tok.is_eog(next) {
-                break;
+        let req = GenRequest {
+            prompt: Prompt::Chat(messages.clone()),
+            max_tokens: Some(n_predict),
+            sampling: SamplerConfig {
+                seed: sampling.seed.wrapping_add(turn),
+                ..sampling.clone()
+            },
+            stop: Vec::new(),
+        };
+        let mut rx = engine.submit(req)?;
+        let mut reply = String::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Event::Started { .. }) => {}
+                Some(Event::Text(t)) => {
+                    write!(out, "{t}")?;
+                    out.flush()?;
+                    reply.push_str(&t);
+                }
+                Some(Event::Done { .. }) => break,
+                Some(Event::Error(e)) => {
+                    bail!("{e} (restart with a larger --ctx for longer conversations)")
+                }
+                None => bail!("the engine stopped"),
             }
-            reply.push(next);
-            write!(out, "{}", text.push(&tok.token_bytes(next)))?;
-            out.flush()?;
-            logits = sess.eval(&[next], Logits::Last)?;
-            cached.push(next);
         }
-        writeln!(out, "{}", text.finish())?;
+        writeln!(out)?;
         messages.push(template::Message {
             role: "assistant".into(),
-            content: tok.decode(&reply),
+            content: reply,
         });
     }
+    Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let mut eng = Engine::new(&a.engine)?;
+    if a.engine.ctx.is_none() {
+        eng.n_ctx = eng.model.cfg.n_ctx_train.min(2048);
+    }
+    let n_seq = a.parallel.max(1);
+    let tmpl = template::ChatTemplate::from_model(&eng.model)?;
+    let model_id = match &a.model_id {
+        Some(m) => m.clone(),
+        None => a
+            .engine
+            .model
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    // Rows per pass: a prompt batch beside one decode row per sequence.
+    eng.batch = a.engine.batch.max(1) + n_seq;
+    let mut runner = eng.runner(&a.engine, n_seq)?;
+    if let Some(line) = runner.plan_line() {
+        eprintln!("flea serve: {line}");
+    }
+    let summary = format!(
+        "{} as '{model_id}' ({}), {n_seq} sequence slots of {} tokens",
+        a.engine.model.display(),
+        eng.backend_name(),
+        eng.n_ctx
+    );
+    let (engine, handle) = flea_server::Engine::new(
+        runner.step_model(),
+        &eng.model.tokenizer,
+        Some(tmpl),
+        flea_server::EngineOptions {
+            queue_capacity: a.queue.max(1),
+            shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        },
+    );
+    let opts = flea_server::ServeOptions {
+        host: a.host.clone(),
+        port: a.port,
+        api_key: a.api_key.clone(),
+        model_id,
+        max_body_bytes: a.max_body,
+    };
+    flea_server::serve(engine, handle, opts, |addr| {
+        eprintln!("flea serve: listening on http://{addr} ; {summary}");
+    })?;
+    eprintln!("flea serve: stopped");
     Ok(())
 }
 
@@ -583,7 +683,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("no tokens to score");
     }
-    let mut sess = eng.runner(&a.engine)?;
+    let mut sess = eng.runner(&a.engine, 1)?;
     let which = if a.all_positions {
         Logits::All
     } else {
@@ -628,7 +728,7 @@ fn cmd_plan(a: PlanArgs) -> Result<()> {
     let e = &a.engine;
     let model = load(&e.model)?;
     let n_ctx = e.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
-    let plan = e.residency.plan(&model, n_ctx, e.batch.max(1))?;
+    let plan = e.residency.plan(&model, n_ctx, e.batch.max(1), 1)?;
     println!(
         "{} ({} layers, {} weights), context {n_ctx}, batch {}",
         e.model.display(),

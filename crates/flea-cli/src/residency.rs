@@ -81,13 +81,12 @@ impl ResidencyArgs {
     }
 
     /// The plan for the CPU backend: RAM is both tiers.
-    pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize) -> Result<Plan> {
+    pub fn plan(&self, model: &Model, n_ctx: usize, batch: usize, n_seq: usize) -> Result<Plan> {
         let avail = mem_available().unwrap_or(4 << 30);
         // Defaults from free memory: half for the device tier, a quarter for the host cache.
         self.plan_with(
             model,
-            n_ctx,
-            batch,
+            (n_ctx, batch, n_seq),
             avail / 2,
             avail / 4,
             self.links(),
@@ -116,8 +115,7 @@ impl ResidencyArgs {
     fn plan_with(
         &self,
         model: &Model,
-        n_ctx: usize,
-        batch: usize,
+        (n_ctx, batch, n_seq): (usize, usize, usize),
         default_vram: u64,
         default_ram: u64,
         links: flea_runtime::plan::Links,
@@ -137,6 +135,7 @@ impl ResidencyArgs {
             ram_budget: ram,
             n_ctx,
             batch,
+            n_seq,
             ring_depth: self.ring_depth,
             links,
             stages_units,
@@ -155,6 +154,7 @@ impl ResidencyArgs {
         cuda: &flea_cuda::CudaBackend,
         n_ctx: usize,
         batch: usize,
+        n_seq: usize,
     ) -> Result<Plan> {
         let (free, _) = cuda.mem_info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let avail = mem_available().unwrap_or(4 << 30);
@@ -170,8 +170,7 @@ impl ResidencyArgs {
         let scratch = cuda.scratch_bytes(model, batch);
         self.plan_with(
             model,
-            n_ctx,
-            batch,
+            (n_ctx, batch, n_seq),
             (free as u64).saturating_sub(1 << 30),
             avail / 2,
             links,
@@ -214,6 +213,8 @@ macro_rules! with_streamed {
 }
 
 impl<'m> Runner<'m> {
+    /// A runner whose KV cache holds `n_seq` sequences of `n_ctx` positions (the server's
+    /// slots; 1 for a single run). `batch`: rows per weight pass.
     pub fn new(
         model: &'m Model,
         backend: &'m CpuBackend,
@@ -221,18 +222,22 @@ impl<'m> Runner<'m> {
         r: &ResidencyArgs,
         n_ctx: usize,
         batch: usize,
+        n_seq: usize,
     ) -> Result<Runner<'m>> {
         if !r.streaming() {
-            return Ok(Runner::InPlace(Box::new(Session::new(
-                model, backend, n_ctx, batch,
+            return Ok(Runner::InPlace(Box::new(Session::with_seqs(
+                model, backend, n_ctx, batch, n_seq,
             )?)));
         }
-        let plan = r.plan(model, n_ctx, batch)?;
+        let plan = r.plan(model, n_ctx, batch, n_seq)?;
+        // The executor's scratch holds the plan's rows per pass (at least one per sequence).
+        let batch = batch.max(n_seq);
         Ok(Runner::Streamed(Box::new(start_streaming(
             model, backend, plan, path, r, n_ctx, batch,
         )?)))
     }
 
+    #[allow(clippy::too_many_arguments)] // the model, both backends and the run's shape
     #[cfg(feature = "cuda")]
     pub fn new_cuda(
         model: &'m Model,
@@ -242,14 +247,19 @@ impl<'m> Runner<'m> {
         r: &ResidencyArgs,
         n_ctx: usize,
         batch: usize,
+        n_seq: usize,
     ) -> Result<Runner<'m>> {
         if !r.streaming() {
-            return Ok(Runner::CudaInPlace(Box::new(Session::new(
-                model, cuda, n_ctx, batch,
+            return Ok(Runner::CudaInPlace(Box::new(Session::with_seqs(
+                model, cuda, n_ctx, batch, n_seq,
             )?)));
         }
-        let plan = r.plan_cuda(model, cuda, n_ctx, batch)?;
+        let plan = r.plan_cuda(model, cuda, n_ctx, batch, n_seq)?;
+        let batch = batch.max(n_seq);
         let mut s = start_streaming(model, cuda, plan, path, r, n_ctx, batch)?;
+        if r.hybrid && n_seq > 1 {
+            anyhow::bail!("--hybrid runs one sequence at a time (drop --hybrid to serve several)");
+        }
         if r.hybrid {
             if let Some(h) = s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))? {
                 eprintln!(
@@ -278,26 +288,35 @@ impl<'m> Runner<'m> {
         })
     }
 
-    pub fn set_pos(&mut self, pos: usize) {
+    /// The model behind the runner, as the server's engine drives it.
+    pub fn step_model(&mut self) -> &mut dyn flea_server::StepModel {
         match self {
-            Runner::InPlace(s) => s.pos = pos,
-            Runner::Streamed(s) => s.rewind(pos),
+            Runner::InPlace(s) => s.as_mut(),
+            Runner::Streamed(s) => s.as_mut(),
             #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => s.rewind(pos),
+            Runner::Cuda(s) => s.as_mut(),
             #[cfg(feature = "cuda")]
-            Runner::CudaInPlace(s) => s.pos = pos,
+            Runner::CudaInPlace(s) => s.as_mut(),
         }
     }
 
-    pub fn n_ctx(&self) -> usize {
-        match self {
-            Runner::InPlace(s) => s.n_ctx,
-            Runner::Streamed(s) => s.n_ctx,
-            #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => s.n_ctx,
-            #[cfg(feature = "cuda")]
-            Runner::CudaInPlace(s) => s.n_ctx,
-        }
+    /// One line about the plan (units per tier, arena use), or None when not streaming.
+    pub fn plan_line(&self) -> Option<String> {
+        let p = with_streamed!(self, s => &s.plan, else return None);
+        let count = |t: Tier| p.units.iter().filter(|u| u.tier == t).count();
+        Some(format!(
+            "plan: {} resident, {} host-cached, {} streamed units; device arena {} of {} (KV {} for {} sequences, activations {}, ring {} x {})",
+            count(Tier::Resident),
+            count(Tier::HostCache),
+            count(Tier::Disk),
+            fmt_size(p.device_bytes),
+            fmt_size(p.vram_budget),
+            fmt_size(p.kv_bytes),
+            p.n_seq,
+            fmt_size(p.act_bytes),
+            p.ring_depth,
+            fmt_size(p.slot_bytes)
+        ))
     }
 
     /// One line about where the weights were, or None when not streaming.

@@ -466,7 +466,8 @@ extern "C" __global__ void glu(const float* gate, const float* up, float* out, l
 }
 
 // RoPE: one thread per rotated pair. theta_i = pos * theta_scale^i by repeated multiplication.
-extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, int pos0,
+// Row t of the batch is at position rowpos[t] of its sequence.
+extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, const int* rowpos,
                                 float theta_scale, int neox) {
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     int half = nd / 2;
@@ -475,7 +476,7 @@ extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, in
     int i = (int)(idx % half);
     long long th = idx / half;
     int t = (int)(th / n_heads);
-    float theta = (float)(pos0 + t);
+    float theta = (float)rowpos[t];
     for (int k = 0; k < i; k++) theta *= theta_scale;
     float c = cosf(theta), s = sinf(theta);
     float* head = x + th * hd;
@@ -487,27 +488,34 @@ extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, in
 }
 
 // Store n rows of k and v (f32) into the f16 cache at element offset off.
+// Row t of k/v goes to cache row kvrow[t] (its sequence slot's base + its position).
 extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16* vc,
-                                    long long total, long long off) {
+                                    long long total, const int* kvrow, int kvd) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
-    kc[off + i] = f2h(k[i]);
-    vc[off + i] = f2h(v[i]);
+    long long t = i / kvd, d = i - t * kvd;
+    long long dst = (long long)kvrow[t] * kvd + d;
+    kc[dst] = f2h(k[i]);
+    vc[dst] = f2h(v[i]);
 }
 
-// Causal attention over the f16 cache, one block (4 warps) per (head, token). Two passes:
+// Causal attention over the f16 cache, one block (4 warps) per (head, token). Row t sees its
+// own sequence's cache rows rowbase[t] + 0..=rowpos[t] (within the window). Two passes:
 // max and sum of the scores, then probabilities rounded to f16 (as the CPU does) times V.
 // hd <= 256.
 #define ATT_WARPS 4
 #define NEG_INF __int_as_float(0xff800000)
 extern "C" __global__ void __launch_bounds__(128)
     attention(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
-              float* __restrict__ out, int n_head, int group, int hd, int kvd, int pos0,
-              int window, float scale) {
+              float* __restrict__ out, int n_head, int group, int hd, int kvd,
+              const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
+              float scale) {
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kh = h / group;
-    const int pos = pos0 + t;
+    const int pos = rowpos[t];
+    kc += (long long)rowbase[t] * kvd;
+    vc += (long long)rowbase[t] * kvd;
     const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
     const int qd = n_head * hd;
     const int per = (hd + 31) / 32;
@@ -586,7 +594,8 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
     attention_smem(const float* __restrict__ q, const u16* __restrict__ kc,
                    const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
-                   int hd, int kvd, int pos0, int window, float scale) {
+                   int hd, int kvd, const int* __restrict__ rowpos,
+                   const int* __restrict__ rowbase, int window, float scale) {
     extern __shared__ float sc[];
     __shared__ float red[ATT2_WARPS];
     __shared__ float qs[256];
@@ -594,7 +603,9 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kh = h / group;
-    const int pos = pos0 + t;
+    const int pos = rowpos[t];
+    kc += (long long)rowbase[t] * kvd;
+    vc += (long long)rowbase[t] * kvd;
     const int lo = window > 0 ? max(0, pos + 1 - window) : 0;
     const int nk = pos + 1 - lo;
     const int qd = n_head * hd;

@@ -22,7 +22,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use flea_gguf::GgmlType;
-use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams};
+use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams, Row};
 use flea_model::config::{FfnActivation, RopeStyle};
 use flea_model::weights::Weight;
 use flea_model::{ModelError, Result};
@@ -131,7 +131,7 @@ pub struct CudaAct {
     pub width: usize,
 }
 
-/// The F16 K and V caches, one buffer per layer, [position][kv_dim].
+/// The F16 K and V caches, one buffer per layer, [sequence slot][position][kv_dim].
 pub struct CudaKv {
     pub shape: KvShape,
     _k: Vec<CudaSlice<u16>>,
@@ -153,6 +153,19 @@ struct Scratch {
     tokens: Option<CudaSlice<i32>>,
     /// Embedding rows of one batch (under the executor).
     emb: Option<CudaSlice<u8>>,
+    /// Per-row positions and cache base rows (sequence slot × n_ctx) of the batch.
+    rowpos: Option<CudaSlice<i32>>,
+    rowbase: Option<CudaSlice<i32>>,
+    /// Cache row each row of k/v is stored to.
+    rowkv: Option<CudaSlice<i32>>,
+}
+
+/// Which per-row buffer of the scratch an upload fills.
+#[derive(Clone, Copy)]
+enum RowBuf {
+    Pos,
+    Base,
+    Kv,
 }
 
 /// Uploaded host slices: (address, length) → (content fingerprint, device copy).
@@ -730,6 +743,27 @@ impl CudaBackend {
         Ok(dptr(slot.as_ref().unwrap(), &self.stream))
     }
 
+    /// Upload per-row i32s into a scratch buffer; returns its device address.
+    fn upload_rows(&self, which: RowBuf, data: &[i32]) -> Result<u64> {
+        let mut sc = self
+            .scratch
+            .lock()
+            .map_err(|_| be("scratch lock poisoned"))?;
+        let buf = match which {
+            RowBuf::Pos => &mut sc.rowpos,
+            RowBuf::Base => &mut sc.rowbase,
+            RowBuf::Kv => &mut sc.rowkv,
+        };
+        let ptr = self.grow(buf, data.len())?;
+        if let Some(dst) = buf.as_mut() {
+            let mut view = dst.slice_mut(0..data.len());
+            self.stream
+                .memcpy_htod(data, &mut view)
+                .map_err(|e| be(format!("uploading row positions: {e:?}")))?;
+        }
+        Ok(ptr)
+    }
+
     fn check_weight(w: &Weight) -> Result<()> {
         if type_info(w.ty).is_none() {
             return Err(be(format!(
@@ -831,7 +865,11 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv> {
-        let per_layer = shape.n_ctx * shape.n_head_kv * shape.head_dim;
+        // Cache rows are addressed with i32 on the device.
+        if shape.n_seq * shape.n_ctx > i32::MAX as usize {
+            return Err(be("KV cache: too many sequence slots × positions"));
+        }
+        let per_layer = shape.n_seq * shape.n_ctx * shape.n_head_kv * shape.head_dim;
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..shape.n_layers {
@@ -1049,15 +1087,13 @@ impl Backend for CudaBackend {
         let total = n * p.n_heads * nd / 2;
         let (cfg, _) = self.launch_1d("rope", total)?;
         let neox: i32 = matches!(p.style, RopeStyle::Neox) as i32;
-        let (xp, ni, nh, hdi, ndi, pos0) = (
-            x.ptr,
-            n as i32,
-            p.n_heads as i32,
-            hd as i32,
-            nd as i32,
-            p.pos0 as i32,
-        );
-        launch!(self, "rope", cfg; xp, ni, nh, hdi, ndi, pos0, theta_scale, neox)
+        if p.rows.len() != n {
+            return Err(be("rope: row count mismatch"));
+        }
+        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
+        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let (xp, ni, nh, hdi, ndi) = (x.ptr, n as i32, p.n_heads as i32, hd as i32, nd as i32);
+        launch!(self, "rope", cfg; xp, ni, nh, hdi, ndi, posp, theta_scale, neox)
     }
 
     fn attention(
@@ -1094,14 +1130,30 @@ impl Backend for CudaBackend {
         let (Some(&kc), Some(&vc)) = (kv.kp.get(p.layer), kv.vp.get(p.layer)) else {
             return Err(be(format!("attention: no cache for layer {}", p.layer)));
         };
+        // check_fits bounded every row by the cache shape, which alloc_kv keeps within i32.
+        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
+        let base: Vec<i32> = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * shape.n_ctx) as i32)
+            .collect();
+        let kvrow: Vec<i32> = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * shape.n_ctx + r.pos) as i32)
+            .collect();
         let total = n * kvd;
         let (cfg, _) = self.launch_1d("kv_store", total)?;
-        let (kp, vp, ti, off) = (k.ptr, v.ptr, total as i64, (p.pos0 * kvd) as i64);
-        launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, off)?;
-        // Most keys any token of the batch sees.
+        let kvrowp = self.upload_rows(RowBuf::Kv, &kvrow)?;
+        let (kp, vp, ti, kvdi) = (k.ptr, v.ptr, total as i64, kvd as i32);
+        launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, kvrowp, kvdi)?;
+        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let basep = self.upload_rows(RowBuf::Base, &base)?;
+        // Most keys any row of the batch sees.
+        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
         let max_keys = match p.window {
-            Some(w) => (p.pos0 + n).min(w.max(1)),
-            None => p.pos0 + n,
+            Some(w) => last.min(w.max(1)),
+            None => last,
         };
         let smem = max_keys * 4;
         let use_smem = smem <= 44 * 1024;
@@ -1116,17 +1168,16 @@ impl Backend for CudaBackend {
             "attention"
         };
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
-        let (qp, op, nh, group, hdi, kvdi, pos0, scale) = (
+        let (qp, op, nh, group, hdi, kvdi, scale) = (
             q.ptr,
             out.ptr,
             p.n_head as i32,
             (p.n_head / p.n_head_kv) as i32,
             hd as i32,
             kvd as i32,
-            p.pos0 as i32,
             p.scale,
         );
-        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, pos0, window, scale)
+        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
     }
 
     fn glu(
@@ -1164,6 +1215,31 @@ impl Backend for CudaBackend {
         let (cfg, _) = self.launch_1d("add", total)?;
         let (xp, yp, ti) = (x.ptr, y.ptr, total as i64);
         launch!(self, "add", cfg; xp, yp, ti)
+    }
+
+    fn copy_rows_to(
+        &self,
+        src: &CudaAct,
+        src_row: usize,
+        n: usize,
+        dst: &mut CudaAct,
+        dst_row: usize,
+    ) -> Result<()> {
+        let w = src.width;
+        if dst.width != w {
+            return Err(be("copy_rows_to: width mismatch"));
+        }
+        check_rows(src, src_row + n, "copy_rows_to")?;
+        check_rows(dst, dst_row + n, "copy_rows_to")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let s = src.buf.slice(src_row * w..(src_row + n) * w);
+        let mut d = dst.buf.slice_mut(dst_row * w..(dst_row + n) * w);
+        self.stream
+            .memcpy_dtod(&s, &mut d)
+            .map_err(|e| be(format!("copy_rows_to: {e:?}")))?;
+        self.after_launch("copy_rows_to")
     }
 
     fn copy_rows(&self, src: &CudaAct, src_row: usize, n: usize, dst: &mut CudaAct) -> Result<()> {

@@ -23,6 +23,7 @@ fn request(vram: u64, ram: u64, depth: Option<usize>, scratch: u64) -> PlanReque
         ram_budget: ram,
         n_ctx: 64,
         batch: 32,
+        n_seq: 1,
         ring_depth: depth,
         links: Links::default(),
         stages_units: true,

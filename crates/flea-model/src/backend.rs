@@ -9,28 +9,51 @@ use crate::config::{FfnActivation, RopeStyle};
 use crate::weights::Weight;
 use crate::Result;
 
-/// Geometry of the attention cache.
+/// Geometry of the attention cache: `n_seq` independent sequence slots of `n_ctx` positions.
 #[derive(Clone, Copy, Debug)]
 pub struct KvShape {
     pub n_layers: usize,
     pub n_ctx: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
+    /// Sequences the cache holds at once (batched decoding of several requests).
+    pub n_seq: usize,
 }
 
 impl KvShape {
-    /// Bytes the F16 cache takes (K and V).
+    /// Bytes the F16 cache takes (K and V, every sequence slot).
     pub fn bytes(&self) -> usize {
+        2 * self.n_seq * self.n_layers * self.n_ctx * self.n_head_kv * self.head_dim * 2
+    }
+
+    /// Bytes one sequence slot takes.
+    pub fn bytes_per_seq(&self) -> usize {
         2 * self.n_layers * self.n_ctx * self.n_head_kv * self.head_dim * 2
+    }
+}
+
+/// One row of a batch: the sequence (KV cache slot) its token belongs to and its position
+/// in that sequence. A batch may mix sequences and lengths; each row attends only to its own
+/// sequence's cached positions ≤ its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub seq: usize,
+    pub pos: usize,
+}
+
+impl Row {
+    /// Rows of `n` consecutive tokens of sequence `seq` from position `pos0`.
+    pub fn consecutive(seq: usize, pos0: usize, n: usize) -> Vec<Row> {
+        (pos0..pos0 + n).map(|pos| Row { seq, pos }).collect()
     }
 }
 
 /// Parameters of one attention call.
 #[derive(Clone, Copy, Debug)]
-pub struct AttnParams {
+pub struct AttnParams<'a> {
     pub layer: usize,
-    /// Position of the first token of the batch; the batch's tokens are consecutive.
-    pub pos0: usize,
+    /// Sequence slot and position of each row of the batch.
+    pub rows: &'a [Row],
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
@@ -39,25 +62,45 @@ pub struct AttnParams {
     pub scale: f32,
 }
 
-impl AttnParams {
-    /// The check every backend makes before attending: `n` new tokens from `pos0` fit the
-    /// cache.
+impl AttnParams<'_> {
+    /// The check every backend makes before attending: the batch has `n` rows and each
+    /// row's sequence slot and position fit the cache.
     pub fn check_fits(&self, n: usize, shape: &KvShape) -> Result<()> {
-        if self.pos0 + n > shape.n_ctx {
+        check_rows(self.rows, n, shape)
+    }
+}
+
+/// `rows` describes a batch of `n` rows that fit a cache of `shape`.
+pub fn check_rows(rows: &[Row], n: usize, shape: &KvShape) -> Result<()> {
+    if rows.len() != n {
+        return Err(crate::ModelError::Backend(format!(
+            "batch of {n} rows described by {} positions",
+            rows.len()
+        )));
+    }
+    for r in rows {
+        if r.pos >= shape.n_ctx {
             return Err(crate::ModelError::Input(format!(
                 "context full: {} tokens exceed the context size {}",
-                self.pos0 + n,
+                r.pos + 1,
                 shape.n_ctx
             )));
         }
-        Ok(())
+        if r.seq >= shape.n_seq {
+            return Err(crate::ModelError::Input(format!(
+                "sequence slot {} out of range (the cache holds {})",
+                r.seq, shape.n_seq
+            )));
+        }
     }
+    Ok(())
 }
 
 /// Parameters of a RoPE call.
 #[derive(Clone, Copy, Debug)]
-pub struct RopeParams {
-    pub pos0: usize,
+pub struct RopeParams<'a> {
+    /// Each row's position (the sequence slot is not used).
+    pub rows: &'a [Row],
     pub n_heads: usize,
     pub head_dim: usize,
     pub rope_dims: usize,
@@ -104,12 +147,25 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// As `matmuls`, for a batch made of independent segments (`segments`: row counts, in
+    /// order, e.g. each sequence's consecutive rows). A backend whose kernels group rows
+    /// computes each segment as if it were alone, so that a sequence's results do not depend
+    /// on what it is batched with. The default treats the batch as one.
+    fn matmuls_segmented(
+        &self,
+        segments: &[usize],
+        x: &Self::Act,
+        jobs: &mut [(&Weight, &mut Self::Act)],
+    ) -> Result<()> {
+        self.matmuls(segments.iter().sum(), x, jobs)
+    }
     /// x[t] += b
     fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()>;
     /// Rotate the first `rope_dims` dims of every head of the first `n` rows.
     fn rope(&self, n: usize, x: &mut Self::Act, p: &RopeParams) -> Result<()>;
-    /// Store k and v of the `n` tokens into the cache at positions pos0.., then attend:
-    /// each token sees the cached keys at positions ≤ its own (within the window).
+    /// Store k and v of the `n` rows into the cache (each at its sequence slot and
+    /// position), then attend: each row sees its own sequence's cached keys at positions ≤
+    /// its own (within the window).
     #[allow(clippy::too_many_arguments)] // q, k, v, cache, out: all distinct buffers
     fn attention(
         &self,
@@ -139,6 +195,22 @@ pub trait Backend {
         src_row: usize,
         n: usize,
         dst: &mut Self::Act,
+    ) -> Result<()>;
+    /// Copy rows `rows[i]` of `src` into row `i` of `dst` (the rows whose logits are wanted).
+    fn gather_rows(&self, src: &Self::Act, rows: &[usize], dst: &mut Self::Act) -> Result<()> {
+        for (i, &r) in rows.iter().enumerate() {
+            self.copy_rows_to(src, r, 1, dst, i)?;
+        }
+        Ok(())
+    }
+    /// Copy rows `src_row..src_row + n` of `src` into rows `dst_row..dst_row + n` of `dst`.
+    fn copy_rows_to(
+        &self,
+        src: &Self::Act,
+        src_row: usize,
+        n: usize,
+        dst: &mut Self::Act,
+        dst_row: usize,
     ) -> Result<()>;
     /// The first `n` rows back on the host.
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;

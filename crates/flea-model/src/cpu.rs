@@ -35,7 +35,7 @@ impl CpuAct {
     }
 }
 
-/// F16 K and V per layer, [position][kv_dim].
+/// F16 K and V per layer, [sequence slot][position][kv_dim].
 pub struct CpuKv {
     pub shape: KvShape,
     /// Per layer; a layer's cache is allocated when first written (a CPU that computes
@@ -46,7 +46,7 @@ pub struct CpuKv {
 
 impl CpuKv {
     fn per_layer(&self) -> usize {
-        self.shape.n_ctx * self.shape.n_head_kv * self.shape.head_dim
+        self.shape.n_seq * self.shape.n_ctx * self.shape.n_head_kv * self.shape.head_dim
     }
 
     /// Layer `layer`'s K and V caches, allocated on first use.
@@ -71,6 +71,9 @@ pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
 }
+
+/// Weight bytes per row tile when a matmul runs several segments (fits L2 with room).
+const SEGMENT_TILE_BYTES: usize = 128 * 1024;
 
 thread_local! {
     /// Per-thread output block for batched matmuls, reused across calls.
@@ -217,6 +220,24 @@ impl Backend for CpuBackend {
     }
 
     fn matmuls(&self, n: usize, x: &CpuAct, jobs: &mut [(&Weight, &mut CpuAct)]) -> Result<()> {
+        self.matmuls_segmented(&[n], x, jobs)
+    }
+
+    /// Each segment goes through the kernels on its own (one row: the one-row kernel, as a
+    /// single-sequence decode does; more: tiles of 4 from the segment's first row, as that
+    /// sequence's own prompt pass does), so its results are bit-identical to an unbatched
+    /// pass. The weight chunk a task owns is read from memory once and reused from cache
+    /// for every segment.
+    fn matmuls_segmented(
+        &self,
+        segments: &[usize],
+        x: &CpuAct,
+        jobs: &mut [(&Weight, &mut CpuAct)],
+    ) -> Result<()> {
+        let n: usize = segments.iter().sum();
+        if n == 0 || segments.contains(&0) {
+            return Err(ModelError::Backend("matmul: empty segment".into()));
+        }
         let xs = x.rows(n)?;
         // Quantize the input once per activation format (q/k/v usually share one).
         let mut quantized: Vec<(flea_quant::GgmlType, Vec<u8>)> = Vec::new();
@@ -276,21 +297,44 @@ impl Backend for CpuBackend {
             let r0 = (t - p.first_task) * p.chunk_rows;
             let r1 = (r0 + p.chunk_rows).min(w.rows);
             let wr = &w.data[r0 * rb..r1 * rb];
-            if n == 1 {
-                // SAFETY: each task owns rows r0..r1 of the single output row.
-                let dst = unsafe { p.out.range(r0, r1 - r0) };
-                flea_quant::matvec(w.ty, w.cols, wr, p.acts, dst);
+            let act_rb = p.acts.len() / n;
+            // With several segments, walk the task's rows in L2-sized tiles and run every
+            // segment over a tile before the next: each weight byte comes from memory once
+            // per pass, not once per sequence. Tiles start at even offsets from r0, so the
+            // kernels pair rows exactly as over the whole chunk (same bits).
+            let tile_rows = if segments.len() > 1 {
+                ((SEGMENT_TILE_BYTES / rb.max(1)) & !7).max(8)
             } else {
-                BLOCK.with(|b| {
-                    let mut b = b.borrow_mut();
-                    b.resize(n * (r1 - r0), 0.0);
-                    flea_quant::matmul(w.ty, w.cols, wr, p.acts, n, &mut b);
-                    for (tok, src) in b.chunks_exact(r1 - r0).enumerate() {
+                r1 - r0
+            };
+            let mut a = r0;
+            while a < r1 {
+                let b_end = (a + tile_rows).min(r1);
+                let wt = &wr[(a - r0) * rb..(b_end - r0) * rb];
+                let m = b_end - a;
+                let mut t0 = 0;
+                for &len in segments {
+                    let acts = &p.acts[t0 * act_rb..(t0 + len) * act_rb];
+                    if len == 1 {
                         // SAFETY: each task owns columns r0..r1 of every token's output row.
-                        let dst = unsafe { p.out.range(tok * w.rows + r0, r1 - r0) };
-                        dst.copy_from_slice(src);
+                        let dst = unsafe { p.out.range(t0 * w.rows + a, m) };
+                        flea_quant::matvec(w.ty, w.cols, wt, acts, dst);
+                    } else {
+                        BLOCK.with(|blk| {
+                            let mut blk = blk.borrow_mut();
+                            blk.resize(len * m, 0.0);
+                            flea_quant::matmul(w.ty, w.cols, wt, acts, len, &mut blk);
+                            for (tok, src) in blk.chunks_exact(m).enumerate() {
+                                // SAFETY: each task owns columns r0..r1 of every token's
+                                // output row.
+                                let dst = unsafe { p.out.range((t0 + tok) * w.rows + a, m) };
+                                dst.copy_from_slice(src);
+                            }
+                        });
                     }
-                });
+                    t0 += len;
+                }
+                a = b_end;
             }
         };
         self.pool.run(n_tasks, &task);
@@ -318,8 +362,11 @@ impl Backend for CpuBackend {
         // multiplication in f32.
         let theta_scale = p.base.powf(-2.0 / nd as f32);
         let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
-        for (t, row) in x.rows_mut(n)?.chunks_exact_mut(p.n_heads * hd).enumerate() {
-            let mut theta = (p.pos0 + t) as f32;
+        if p.rows.len() != n {
+            return Err(ModelError::Backend("rope: row count mismatch".into()));
+        }
+        for (row, r) in x.rows_mut(n)?.chunks_exact_mut(p.n_heads * hd).zip(p.rows) {
+            let mut theta = r.pos as f32;
             for c in cs.iter_mut() {
                 *c = (theta.cos(), theta.sin());
                 theta *= theta_scale;
@@ -359,8 +406,14 @@ impl Backend for CpuBackend {
             return Err(ModelError::Backend("attention: shape mismatch".into()));
         }
         let (kc, vc) = kv.layer_mut(p.layer)?;
-        kc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(k.rows(n)?);
-        vc[p.pos0 * kvd..(p.pos0 + n) * kvd].convert_from_f32_slice(v.rows(n)?);
+        // Row r's slot: sequence r.seq's block of n_ctx positions (check_fits bounds both).
+        let slot = |r: &crate::backend::Row| (r.seq * shape.n_ctx + r.pos) * kvd;
+        let (ks, vs) = (k.rows(n)?, v.rows(n)?);
+        for (t, r) in p.rows.iter().enumerate() {
+            let o = slot(r);
+            kc[o..o + kvd].convert_from_f32_slice(&ks[t * kvd..(t + 1) * kvd]);
+            vc[o..o + kvd].convert_from_f32_slice(&vs[t * kvd..(t + 1) * kvd]);
+        }
         let kc: &[f16] = kc;
         let vc: &[f16] = vc;
         let group = p.n_head / p.n_head_kv;
@@ -374,7 +427,11 @@ impl Backend for CpuBackend {
                 let t = idx / p.n_head;
                 let h = idx % p.n_head;
                 let kh = h / group;
-                let pos = p.pos0 + t;
+                let Some(row) = p.rows.get(t) else { return };
+                let pos = row.pos;
+                // Positions of this row's own sequence: its slot of the cache.
+                let base = row.seq * shape.n_ctx * kvd;
+                let (kc, vc) = (&kc[base..], &vc[base..]);
                 let lo = match p.window {
                     Some(w) => (pos + 1).saturating_sub(w),
                     None => 0,
@@ -457,6 +514,23 @@ impl Backend for CpuBackend {
         }
         let s = src.rows(src_row + n)?;
         dst.rows_mut(n)?.copy_from_slice(&s[src_row * w..]);
+        Ok(())
+    }
+
+    fn copy_rows_to(
+        &self,
+        src: &CpuAct,
+        src_row: usize,
+        n: usize,
+        dst: &mut CpuAct,
+        dst_row: usize,
+    ) -> Result<()> {
+        let w = src.width;
+        if dst.width != w {
+            return Err(ModelError::Backend("copy_rows_to: width mismatch".into()));
+        }
+        let s = src.rows(src_row + n)?;
+        dst.rows_mut(dst_row + n)?[dst_row * w..].copy_from_slice(&s[src_row * w..]);
         Ok(())
     }
 

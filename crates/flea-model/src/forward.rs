@@ -4,7 +4,7 @@
 //! with a residual connection), normalise, project to logits. Where the architectures differ
 //! the code says so inline.
 
-use crate::backend::{AttnParams, Backend, RopeParams};
+use crate::backend::{AttnParams, Backend, RopeParams, Row};
 use crate::config::ModelConfig;
 use crate::weights::{LayerWeights, Weight};
 use crate::Result;
@@ -30,10 +30,15 @@ pub struct Scratch<B: Backend> {
     head_in: B::Act,
     logits: B::Act,
     logits_width: usize,
+    /// The head's rows belong to different sequences (set by `head_norm_rows`).
+    head_rows_independent: bool,
 }
 
 /// Rows projected to logits per output matmul when every position's logits are wanted.
 pub const LOGIT_CHUNK: usize = 32;
+
+/// Segments of one row each, for a head of independent rows.
+const ONES: [usize; LOGIT_CHUNK] = [1; LOGIT_CHUNK];
 
 impl<B: Backend> Scratch<B> {
     /// Bytes of f32 activations a scratch of `capacity` rows takes (the planner's estimate
@@ -77,6 +82,7 @@ impl<B: Backend> Scratch<B> {
             head_in: b.alloc_act(LOGIT_CHUNK, d)?,
             logits: b.alloc_act(LOGIT_CHUNK, logits_width)?,
             logits_width,
+            head_rows_independent: false,
         })
     }
 }
@@ -101,26 +107,30 @@ pub fn embed<B: Backend>(
     b.embed(&w.token_embd, tokens, cfg.embd_scale, &mut s.x)
 }
 
-/// Step 2, once per layer: one transformer block over the batch of `n` tokens at positions
-/// `pos0..pos0+n`, updating the residual stream in place.
-#[allow(clippy::too_many_arguments)] // the block's inputs, spelled out
+/// Step 2, once per layer: one transformer block over a batch of rows (each row one token
+/// of some sequence at some position; see [`Row`]), updating the residual stream in place.
+/// The matmuls run over all rows at once; RoPE and attention use each row's own position
+/// and sequence.
 pub fn block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     il: usize,
     w: &LayerWeights,
-    n: usize,
-    pos0: usize,
+    rows: &[Row],
     kv: &mut B::Kv,
     s: &mut Scratch<B>,
 ) -> Result<()> {
+    let n = rows.len();
     check_batch(n, s)?;
     let eps = cfg.rms_eps;
+    // Each sequence's consecutive rows form one segment of the matmuls.
+    let segments = segments(rows);
+    let segs: &[usize] = &segments;
 
     // --- attention ---
     b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
-    b.matmuls(
-        n,
+    b.matmuls_segmented(
+        segs,
         &s.xn,
         &mut [(&w.wq, &mut s.q), (&w.wk, &mut s.k), (&w.wv, &mut s.v)],
     )?;
@@ -139,7 +149,7 @@ pub fn block<B: Backend>(
     }
     let swa = cfg.is_swa_layer(il);
     let rope = RopeParams {
-        pos0,
+        rows,
         n_heads: cfg.n_head,
         head_dim: cfg.head_dim,
         rope_dims: cfg.rope_dims,
@@ -161,7 +171,7 @@ pub fn block<B: Backend>(
     )?;
     let attn = AttnParams {
         layer: il,
-        pos0,
+        rows,
         n_head: cfg.n_head,
         n_head_kv: cfg.n_head_kv,
         head_dim: cfg.head_dim,
@@ -169,7 +179,7 @@ pub fn block<B: Backend>(
         scale: cfg.attn_scale,
     };
     b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
-    b.matmul(n, &w.wo, &s.attn, &mut s.proj)?;
+    b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
     // Gemma 3: norm of the attention output before the residual add.
     if let Some(pn) = &w.attn_post_norm {
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
@@ -180,13 +190,13 @@ pub fn block<B: Backend>(
 
     // --- feed-forward ---
     b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
-    b.matmuls(
-        n,
+    b.matmuls_segmented(
+        segs,
         &s.xn,
         &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
     )?;
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
-    b.matmul(n, &w.w_down, &s.ffn, &mut s.proj)?;
+    b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
     // Gemma 3: norm of the FFN output before the residual add.
     if let Some(pn) = &w.ffn_post_norm {
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
@@ -195,6 +205,22 @@ pub fn block<B: Backend>(
         b.add(n, &mut s.x, &s.proj)?;
     }
     Ok(())
+}
+
+/// Lengths of the runs of consecutive positions of one sequence in `rows`.
+fn segments(rows: &[Row]) -> Vec<usize> {
+    let mut segs: Vec<usize> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let continues = i > 0 && {
+            let p = rows[i - 1];
+            p.seq == r.seq && p.pos + 1 == r.pos
+        };
+        match segs.last_mut() {
+            Some(last) if continues => *last += 1,
+            _ => segs.push(1),
+        }
+    }
+    segs
 }
 
 /// Which positions of a batch need logits.
@@ -238,7 +264,34 @@ pub fn head_norm<B: Backend>(
     };
     b.copy_rows(&s.x, first, rows, &mut s.proj)?;
     b.rms_norm(rows, &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    s.head_rows_independent = false;
     Ok(rows)
+}
+
+/// Step 3a for a batch of several sequences: normalise rows `rows` (indices into the batch,
+/// e.g. each sequence's last row) into the head's input buffer. None wanted: returns 0.
+pub fn head_norm_rows<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    norm: &Weight,
+    n: usize,
+    rows: &[usize],
+    s: &mut Scratch<B>,
+) -> Result<usize> {
+    check_batch(n, s)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    if rows.len() > n || rows.iter().any(|&r| r >= n) {
+        return Err(crate::ModelError::Input(format!(
+            "logits wanted for rows {rows:?} of a batch of {n}"
+        )));
+    }
+    b.gather_rows(&s.x, rows, &mut s.proj)?;
+    b.rms_norm(rows.len(), &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    // Each row is a different sequence's: project them one by one (as its own pass would).
+    s.head_rows_independent = true;
+    Ok(rows.len())
 }
 
 /// Step 3b: logits of output rows `row0 .. row0 + w.rows` (the whole output matrix, or one
@@ -267,7 +320,11 @@ pub fn head_project<B: Backend>(
     while t < rows {
         let m = (rows - t).min(LOGIT_CHUNK);
         b.copy_rows(&s.head_norm, t, m, &mut s.head_in)?;
-        b.matmul(m, w, &s.head_in, &mut s.logits)?;
+        if s.head_rows_independent {
+            b.matmuls_segmented(&ONES[..m], &s.head_in, &mut [(w, &mut s.logits)])?;
+        } else {
+            b.matmul(m, w, &s.head_in, &mut s.logits)?;
+        }
         let part = b.read(m, &s.logits)?;
         for (i, src) in part.chunks_exact(w.rows).enumerate() {
             let dst = (t + i) * vocab + row0;

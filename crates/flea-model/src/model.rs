@@ -1,6 +1,6 @@
 //! A loaded model (file, config, tensor layout, tokenizer) and an inference session.
 
-use crate::backend::{Backend, KvShape};
+use crate::backend::{Backend, KvShape, Row};
 use crate::config::ModelConfig;
 use crate::forward::{self, HeadWeights, Logits, Scratch};
 use crate::weights::{LayerWeights, ModelLayout};
@@ -60,6 +60,8 @@ pub struct Session<'m, B: Backend> {
     kv: B::Kv,
     scratch: Scratch<B>,
     pub n_ctx: usize,
+    /// Sequence slots of the KV cache.
+    pub n_seq: usize,
     /// Tokens already in the KV cache.
     pub pos: usize,
 }
@@ -67,23 +69,41 @@ pub struct Session<'m, B: Backend> {
 impl<'m, B: Backend> Session<'m, B> {
     /// `max_batch`: the most prompt tokens evaluated per weight pass.
     pub fn new(model: &'m Model, backend: &'m B, n_ctx: usize, max_batch: usize) -> Result<Self> {
+        Self::with_seqs(model, backend, n_ctx, max_batch, 1)
+    }
+
+    /// As `new`, with a KV cache of `n_seq` sequence slots of `n_ctx` positions each, for
+    /// [`Session::step`] (`eval` uses slot 0).
+    pub fn with_seqs(
+        model: &'m Model,
+        backend: &'m B,
+        n_ctx: usize,
+        max_batch: usize,
+        n_seq: usize,
+    ) -> Result<Self> {
         let cfg = &model.cfg;
-        if n_ctx == 0 {
-            return Err(ModelError::Input("context size must be at least 1".into()));
+        if n_ctx == 0 || n_seq == 0 {
+            return Err(ModelError::Input(
+                "context size and sequence count must be at least 1".into(),
+            ));
         }
         let kv = backend.alloc_kv(KvShape {
             n_layers: cfg.n_layers,
             n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
+            n_seq,
         })?;
-        let scratch = Scratch::new(backend, cfg, max_batch.clamp(1, n_ctx))?;
+        // Every sequence's decode row fits one step.
+        let rows = max_batch.clamp(1, n_ctx * n_seq).max(n_seq);
+        let scratch = Scratch::new(backend, cfg, rows)?;
         Ok(Session {
             model,
             backend,
             kv,
             scratch,
             n_ctx,
+            n_seq,
             pos: 0,
         })
     }
@@ -125,8 +145,7 @@ impl<'m, B: Backend> Session<'m, B> {
                     cfg,
                     il,
                     &w,
-                    n,
-                    self.pos,
+                    &Row::consecutive(0, self.pos, n),
                     &mut self.kv,
                     &mut self.scratch,
                 )?;
@@ -150,5 +169,61 @@ impl<'m, B: Backend> Session<'m, B> {
             }
         }
         Ok(out)
+    }
+
+    /// Rows a single `step` may hold.
+    pub fn capacity(&self) -> usize {
+        self.scratch.capacity
+    }
+
+    /// One weight pass over a batch that may mix sequences: `tokens[i]` goes to `rows[i]`
+    /// (sequence slot and position). Returns the logits of the rows `logit_rows` (indices
+    /// into the batch; may be empty), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
+    pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
+        if tokens.is_empty() || tokens.len() != rows.len() {
+            return Err(ModelError::Input(format!(
+                "a step of {} tokens with {} rows",
+                tokens.len(),
+                rows.len()
+            )));
+        }
+        let m = self.model;
+        let cfg = &m.cfg;
+        let head = m.head_weights()?;
+        forward::embed(self.backend, cfg, &head, tokens, &mut self.scratch)?;
+        for il in 0..cfg.n_layers {
+            let w = m.layer_weights(il)?;
+            forward::block(
+                self.backend,
+                cfg,
+                il,
+                &w,
+                rows,
+                &mut self.kv,
+                &mut self.scratch,
+            )?;
+        }
+        let n_out = forward::head_norm_rows(
+            self.backend,
+            cfg,
+            &head.output_norm,
+            rows.len(),
+            logit_rows,
+            &mut self.scratch,
+        )?;
+        let mut logits = vec![0.0f32; n_out * cfg.n_vocab];
+        if n_out == 0 {
+            return Ok(logits);
+        }
+        forward::head_project(
+            self.backend,
+            cfg,
+            n_out,
+            &head.output,
+            0,
+            &mut logits,
+            &mut self.scratch,
+        )?;
+        Ok(logits)
     }
 }

@@ -18,7 +18,7 @@ use crate::plan::{Plan, Tier, UnitKind};
 use crate::trace::{Lane, Trace};
 use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
-use flea_model::backend::{Backend, KvShape, UnitStaging};
+use flea_model::backend::{Backend, KvShape, Row, UnitStaging};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
@@ -216,6 +216,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
+            n_seq: plan.n_seq.max(1),
         })?;
         fixed.push(device.reserve(plan.act_bytes, "activations")?);
         let out_rows = plan.output_rows_per_unit.min(model.layout.output.rows);
@@ -390,6 +391,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 "hybrid execution needs a backend with its own memory".into(),
             ));
         }
+        if self.plan.n_seq > 1 {
+            return Err(RuntimeError::Config(
+                "hybrid execution runs one sequence at a time".into(),
+            ));
+        }
         let Some(h2d) = self.plan.links.host_to_device else {
             return Ok(None);
         };
@@ -466,6 +472,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         }
         let shape = KvShape {
             n_layers: cfg.n_layers,
+            n_seq: 1,
             n_ctx: self.n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
@@ -594,8 +601,16 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 Logits::Last if ci + 1 == n_chunks => Some(Logits::Last),
                 Logits::Last => None,
             };
-            match self.pass(chunk, want) {
-                Ok(l) => out.extend(l),
+            let rows = Row::consecutive(0, self.pos, chunk.len());
+            let want = match want {
+                Some(w) => Want::Which(w),
+                None => Want::Nothing,
+            };
+            match self.pass(chunk, &rows, want) {
+                Ok(l) => {
+                    self.pos += chunk.len();
+                    out.extend(l)
+                }
                 Err(e) => {
                     self.poisoned = Some(e.to_string());
                     return Err(e);
@@ -605,8 +620,40 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         Ok(out)
     }
 
+    /// Rows a single `step` may hold.
+    pub fn capacity(&self) -> usize {
+        self.batch
+    }
+
+    /// One weight pass for a batch that may mix sequences (continuous batching): `tokens[i]`
+    /// goes to `rows[i]` (KV sequence slot and position). Every streamed unit is read once
+    /// and applied to all rows. Returns the logits of the rows `logit_rows` (indices into the
+    /// batch), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
+    pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
+        if let Some(p) = &self.poisoned {
+            return Err(RuntimeError::Stream(format!(
+                "an earlier streaming error left the ring unusable: {p}"
+            )));
+        }
+        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
+            return Err(RuntimeError::Input(format!(
+                "a step of {} tokens with {} rows (capacity {})",
+                tokens.len(),
+                rows.len(),
+                self.batch
+            )));
+        }
+        let want = if logit_rows.is_empty() {
+            Want::Nothing
+        } else {
+            Want::Rows(logit_rows)
+        };
+        self.pass(tokens, rows, want)
+            .inspect_err(|e| self.poisoned = Some(e.to_string()))
+    }
+
     /// One forward pass over all units for a batch of tokens.
-    fn pass(&mut self, tokens: &[u32], want: Option<Logits>) -> Result<Vec<f32>> {
+    fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
         let b = self.backend;
@@ -654,7 +701,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let mut rows = 0;
         // Hybrid: the CPU takes its layers for decode-sized batches; `x_on_cpu` says which
         // side holds the residual stream.
-        let use_cpu = self.cpu_side.is_some() && n <= HYBRID_MAX_BATCH;
+        // (One sequence only: the hand-over of KV rows assumes slot 0, consecutive positions.)
+        let pos0 = batch_rows.first().map_or(0, |r| r.pos);
+        let use_cpu = self.cpu_side.is_some()
+            && n <= HYBRID_MAX_BATCH
+            && batch_rows.iter().all(|r| r.seq == 0);
         let mut x_on_cpu = false;
         self.prestage_next = 0;
         for ui in 0..self.plan.units.len() {
@@ -682,8 +733,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     x_on_cpu = true;
                 }
                 let valid = &mut self.kv_valid[il];
-                if valid[1] < self.pos {
-                    let (k, v) = b.kv_rows(&self.kv, il, valid[1], self.pos - valid[1])?;
+                if valid[1] < pos0 {
+                    let (k, v) = b.kv_rows(&self.kv, il, valid[1], pos0 - valid[1])?;
                     cs.cpu.set_kv_rows(&mut cs.kv, il, valid[1], &k, &v)?;
                 }
                 let Some(Holding::Host(h)) = &self.held[ui] else {
@@ -692,17 +743,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     )));
                 };
                 let w = m.layout.layers[il].views(&h.buf.as_slice()[h.range.clone()], offset)?;
-                forward::block(
-                    cs.cpu,
-                    cfg,
-                    il,
-                    &w,
-                    n,
-                    self.pos,
-                    &mut cs.kv,
-                    &mut cs.scratch,
-                )?;
-                valid[1] = self.pos + n;
+                forward::block(cs.cpu, cfg, il, &w, batch_rows, &mut cs.kv, &mut cs.scratch)?;
+                valid[1] = pos0 + n;
                 self.stats.bytes_host_cpu += self.plan.units[ui].bytes;
                 let t1 = Instant::now();
                 self.stats.compute_seconds += (t1 - t0).as_secs_f64();
@@ -720,11 +762,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 // A layer the CPU computed before (decode) now runs here (a prompt): bring
                 // its KV cache up to date.
                 let valid = &mut self.kv_valid[*il];
-                if valid[0] < self.pos {
-                    let (k, v) = cs.cpu.kv_rows(&cs.kv, *il, valid[0], self.pos - valid[0])?;
+                if valid[0] < pos0 {
+                    let (k, v) = cs.cpu.kv_rows(&cs.kv, *il, valid[0], pos0 - valid[0])?;
                     b.set_kv_rows(&mut self.kv, *il, valid[0], &k, &v)?;
                 }
-                valid[0] = self.pos + n;
+                valid[0] = pos0 + n;
             }
             // Get the unit's bytes: held, or the next slot from the ring.
             // A streamed unit's bytes arrive in the next ring slot; held units are read in place.
@@ -800,12 +842,19 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             match kind {
                 UnitKind::Layer(il) => {
                     let w = m.layout.layers[il].views(bytes, offset)?;
-                    forward::block(b, cfg, il, &w, n, self.pos, &mut self.kv, &mut self.scratch)?;
+                    forward::block(b, cfg, il, &w, batch_rows, &mut self.kv, &mut self.scratch)?;
                 }
                 UnitKind::Output { start, end } => {
-                    if let Some(which) = want {
+                    if !matches!(want, Want::Nothing) {
                         if start == 0 {
-                            rows = forward::head_norm(b, cfg, &norm, n, which, &mut self.scratch)?;
+                            let sc = &mut self.scratch;
+                            rows = match want {
+                                Want::Which(which) => {
+                                    forward::head_norm(b, cfg, &norm, n, which, sc)?
+                                }
+                                Want::Rows(r) => forward::head_norm_rows(b, cfg, &norm, n, r, sc)?,
+                                Want::Nothing => 0,
+                            };
                             logits = vec![0.0f32; rows * cfg.n_vocab];
                         }
                         let out = &m.layout.output;
@@ -842,7 +891,6 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 }
             }
         }
-        self.pos += n;
         self.stats.passes += 1;
         if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
             let above = used.saturating_sub(base);
@@ -926,6 +974,16 @@ fn prestage<B: UnitStaging>(
     }
     *next = j;
     Ok(())
+}
+
+/// Which logits a pass computes.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    Nothing,
+    /// The last row's or every row's (one sequence).
+    Which(Logits),
+    /// These rows' (several sequences).
+    Rows(&'a [usize]),
 }
 
 /// The I/O thread: walk the streamed units in a cycle, one free slot at a time.

@@ -83,8 +83,10 @@ pub struct PlanRequest {
     pub vram_budget: u64,
     pub ram_budget: u64,
     pub n_ctx: usize,
-    /// Most tokens per forward pass (prompt batch).
+    /// Most tokens per forward pass (prompt batch; with several sequences, all their rows).
     pub batch: usize,
+    /// Sequences whose KV cache is held at once (1 for a single run; the server's slots).
+    pub n_seq: usize,
     /// Ring depth; None lets the planner choose.
     pub ring_depth: Option<usize>,
     pub links: Links,
@@ -102,6 +104,8 @@ pub struct Plan {
     /// Capacity of each ring slot (aligned superset of the largest streamed unit).
     pub slot_bytes: u64,
     pub kv_bytes: u64,
+    /// Sequence slots the KV cache holds (`kv_bytes` covers all of them).
+    pub n_seq: usize,
     pub act_bytes: u64,
     /// Small always-resident pieces: output norm, embedding rows of a batch.
     pub misc_bytes: u64,
@@ -129,12 +133,15 @@ impl Plan {
     pub fn build(model: &Model, req: &PlanRequest) -> Result<Plan> {
         let cfg = &model.cfg;
         let layout = &model.layout;
-        let batch = req.batch.clamp(1, req.n_ctx.max(1));
+        let n_seq = req.n_seq.max(1);
+        // Rows per pass: up to n_ctx per sequence (prompt chunks), at least one per sequence.
+        let batch = req.batch.clamp(1, (req.n_ctx * n_seq).max(1)).max(n_seq);
         let kv_bytes = flea_model::backend::KvShape {
             n_layers: cfg.n_layers,
             n_ctx: req.n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
+            n_seq,
         }
         .bytes() as u64;
         let emb = &layout.token_embd;
@@ -206,7 +213,7 @@ impl Plan {
                     budget: req.vram_budget,
                     minimum: min,
                     detail: format!(
-                        "KV cache {} + activations {} + other {} + one ring slot {}",
+                        "KV cache {} ({n_seq} sequences) + activations {} + other {} + one ring slot {}",
                         fmt_size(kv_bytes),
                         fmt_size(act_bytes),
                         fmt_size(misc_bytes),
@@ -268,6 +275,7 @@ impl Plan {
             ring_depth,
             slot_bytes,
             kv_bytes,
+            n_seq,
             act_bytes,
             misc_bytes,
             vram_budget: req.vram_budget,

@@ -140,6 +140,16 @@ impl Backend for Staging {
     fn copy_rows(&self, s: &Self::Act, r: usize, n: usize, d: &mut Self::Act) -> Result<()> {
         self.cpu.copy_rows(s, r, n, d)
     }
+    fn copy_rows_to(
+        &self,
+        s: &Self::Act,
+        r: usize,
+        n: usize,
+        d: &mut Self::Act,
+        dr: usize,
+    ) -> Result<()> {
+        self.cpu.copy_rows_to(s, r, n, d, dr)
+    }
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>> {
         self.cpu.read(n, x)
     }
@@ -220,6 +230,7 @@ fn request(vram: u64, stages: bool, cpu_share: bool) -> PlanRequest {
         ram_budget: 1 << 40,
         n_ctx: 64,
         batch: 16,
+        n_seq: 1,
         ring_depth: if vram < 1 << 40 { Some(2) } else { None },
         links: Links {
             host_to_device: Some(50e9),
@@ -319,9 +330,16 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         // The measured choice (whichever it is on this machine) gives the same bits.
         let p = Plan::build(&model, &request(small, true, false)).unwrap();
         let mut s2 = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
-        let report = s2.attach_cpu(&cpu, None).unwrap().expect("a measured choice");
+        let report = s2
+            .attach_cpu(&cpu, None)
+            .unwrap()
+            .expect("a measured choice");
         assert!(report.cpu_alone > 0.0 && report.copy_contended > 0.0);
-        assert!(script(&mut s2, vocab) == want, "{}: measured hybrid differs", preset.name());
+        assert!(
+            script(&mut s2, vocab) == want,
+            "{}: measured hybrid differs",
+            preset.name()
+        );
         println!("{}: measured choice {:?}", preset.name(), report.choice);
         println!(
             "{}: {on_cpu} layers on the CPU, at most {} units staged at once: bit-identical",

@@ -55,6 +55,7 @@ fn request(vram: u64, ram: u64, n_ctx: usize, batch: usize, depth: Option<usize>
         ram_budget: ram,
         n_ctx,
         batch,
+        n_seq: 1,
         ring_depth: depth,
         links: Links::default(),
         stages_units: false,

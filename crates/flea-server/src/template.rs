@@ -1,7 +1,17 @@
 //! Chat templates: the Jinja template stored in the GGUF, rendered with minijinja.
 
-use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
+
+/// A chat template that cannot be parsed or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("reading the chat template: {0}")]
+    Metadata(#[from] flea_gguf::GgufError),
+    #[error("chat template: {0}")]
+    Render(String),
+}
+
+type Result<T> = std::result::Result<T, TemplateError>;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Message {
@@ -51,17 +61,17 @@ impl ChatTemplate {
             },
         );
         env.add_template("chat", &self.source)
-            .context("parsing the chat template")?;
+            .map_err(|e| TemplateError::Render(format!("parsing: {e}")))?;
         let t = env
             .get_template("chat")
-            .map_err(|e| anyhow!("chat template: {e}"))?;
+            .map_err(|e| TemplateError::Render(e.to_string()))?;
         t.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos,
             eos_token => self.eos,
         })
-        .map_err(|e| anyhow!("rendering the chat template: {e}"))
+        .map_err(|e| TemplateError::Render(format!("rendering: {e}")))
     }
 }
 

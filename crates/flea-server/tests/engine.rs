@@ -1,0 +1,151 @@
+//! The engine without HTTP: concurrent requests share passes and each gets its own
+//! separate run's tokens; a dropped receiver frees its slot; a full queue refuses at once;
+//! context overflow is an error event; shutdown refuses new work.
+
+use flea_model::sampling::argmax;
+use flea_model::{CpuBackend, Logits, Model, SamplerConfig, Session};
+use flea_server::{Engine, EngineOptions, Event, FinishReason, GenRequest, Prompt, ServerError};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn greedy(prompt: &str, max_tokens: usize) -> GenRequest {
+    GenRequest {
+        prompt: Prompt::Text(prompt.into()),
+        max_tokens: Some(max_tokens),
+        sampling: SamplerConfig::greedy(),
+        stop: Vec::new(),
+    }
+}
+
+/// A prompt's greedy text, computed alone.
+fn alone(model: &Model, backend: &CpuBackend, prompt: &str, n: usize) -> String {
+    let tok = &model.tokenizer;
+    let ids = tok.encode(prompt, true, true);
+    let mut s = Session::new(model, backend, 128, 64).unwrap();
+    let mut logits = s.eval(&ids, Logits::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = argmax(&logits) as u32;
+        if tok.is_eog(t) {
+            break;
+        }
+        out.push(t);
+        logits = s.eval(&[t], Logits::Last).unwrap();
+    }
+    tok.decode(&out)
+}
+
+/// Text and finish reason of a request's events.
+fn collect(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> Result<(String, FinishReason), String> {
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv() {
+            Some(Event::Started { .. }) => {}
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Done { finish_reason, .. }) => return Ok((text, finish_reason)),
+            Some(Event::Error(e)) => return Err(e.to_string()),
+            None => return Err("channel closed".into()),
+        }
+    }
+}
+
+#[test]
+fn concurrent_requests_get_their_own_outputs_and_slots_are_reused() {
+    let Some(path) = flea_gguf::model_or_skip(SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let prompts = [
+        "Once upon a time",
+        "The capital of France is",
+        "1, 2, 3, 4,",
+        "def fibonacci(n):",
+        "Monday, Tuesday,",
+        "The quick brown fox",
+    ];
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| alone(&model, &backend, p, 12))
+        .collect();
+
+    // 4 slots for 6 concurrent requests: two wait in the queue for a free slot.
+    let mut sess = Session::with_seqs(&model, &backend, 128, 64 + 4, 4).unwrap();
+    let (engine, handle) = Engine::new(&mut sess, &model.tokenizer, None, EngineOptions::default());
+    let results = std::thread::scope(|scope| {
+        let h = handle.clone();
+        let client = scope.spawn(move || {
+            let mut rxs: Vec<_> = prompts
+                .iter()
+                .map(|p| h.submit(greedy(p, 12)).unwrap())
+                .collect();
+            // One more that goes away right after admission: its slot must come back.
+            let dropped = h.submit(greedy("A very long story begins", 100)).unwrap();
+            drop(dropped);
+            let out: Vec<_> = rxs.iter_mut().map(collect).collect();
+            // Errors come back as events, never as a dead engine.
+            let mut over = h.submit(greedy("Hello", 1_000)).unwrap();
+            let overflow = collect(&mut over);
+            h.shutdown();
+            (out, overflow)
+        });
+        engine.run();
+        client.join().unwrap()
+    });
+    let (outs, overflow) = results;
+    for ((p, got), want) in prompts.iter().zip(outs).zip(&want) {
+        let (text, _) = got.unwrap();
+        assert_eq!(
+            &text, want,
+            "prompt {p:?}: batched output differs from its own run"
+        );
+    }
+    let err = overflow.unwrap_err();
+    assert!(err.contains("context"), "{err}");
+    let m = &handle.metrics;
+    assert_eq!(m.active_sequences.load(Ordering::Relaxed), 0);
+    assert_eq!(m.queue_depth.load(Ordering::Relaxed), 0);
+    assert!(m.generated_tokens_total.load(Ordering::Relaxed) >= 6);
+    // After shutdown nothing new is accepted.
+    assert!(matches!(
+        handle.submit(greedy("x", 1)),
+        Err(ServerError::ShuttingDown)
+    ));
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let Some(path) = flea_gguf::model_or_skip(SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let mut sess = Session::with_seqs(&model, &backend, 64, 16, 1).unwrap();
+    let (engine, handle) = Engine::new(
+        &mut sess,
+        &model.tokenizer,
+        None,
+        EngineOptions {
+            queue_capacity: 2,
+            shutdown_grace: Duration::from_secs(0),
+        },
+    );
+    // The engine is not running yet: the queue fills.
+    let a = handle.submit(greedy("a", 2)).unwrap();
+    let b = handle.submit(greedy("b", 2)).unwrap();
+    assert!(matches!(
+        handle.submit(greedy("c", 2)),
+        Err(ServerError::QueueFull)
+    ));
+    assert_eq!(handle.metrics.requests_rejected.load(Ordering::Relaxed), 1);
+    // Shut down with work queued: the queued requests are refused cleanly, run returns.
+    handle.shutdown();
+    drop(handle);
+    engine.run();
+    for mut rx in [a, b] {
+        let e = collect(&mut rx).unwrap_err();
+        assert!(e.contains("shutting down"), "{e}");
+    }
+}
