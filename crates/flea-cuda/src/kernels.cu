@@ -680,9 +680,10 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
 // __dp4a, one float scale per sub-block. Same integers as the CPU's dots; only the float
 // summation order differs.
 //
-// Activation scratch for n tokens of `cols` (a multiple of the block size):
-//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: i32 [n*cols/16] sums of each
-//   16 consecutive quants (Q8_K's bsums; only act_q8k writes them).
+// Activation scratch for n tokens of `cols` (a multiple of the block size QK):
+//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: act_q8k writes i32
+//   [n*cols/16] sums of each 16 consecutive quants (Q8_K's bsums), act_q8_0 f32 [n*cols/32]
+//   Q8_1 block sums (as int bits). F16 / BF16 weights read f32 activations from xq instead.
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
