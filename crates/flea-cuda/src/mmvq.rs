@@ -177,7 +177,8 @@ impl CudaBackend {
         let Some((name, align, fmt)) = kernel_for(w.ty) else {
             return Ok(false);
         };
-        if !enabled() {
+        // n == 0 keeps the old path's behaviour (nothing here launches an empty grid).
+        if !enabled() || n == 0 {
             return Ok(false);
         }
         if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align) {
