@@ -1134,35 +1134,43 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
-// block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
-// steps' loads in flight before their dots. Each block of threads handles tokens
+// y[t][row] = W[row] . x[t] with int8 activations: one warp per NR rows (4 warps per
+// 128-thread block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp
+// step, two steps' loads in flight before their dots. Each block of threads handles tokens
 // t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
-// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
+// grid = (ceil(rows / (4 * NR)), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
 // bytes per activation, 1 for int8, 4 for the f32 of F16/BF16), xd + t*(cols/QK),
 // xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
-template <class K, class Raw, int NT>
+template <class K, class Raw, int NT, int NR>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
                                           int rows, int cols, long long row_bytes, int n) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * 4 + warp;
+    // NR rows per warp share each activation load (the compiler sees the same addresses).
+    const int row0 = (blockIdx.x * 4 + warp) * NR;
     const int t0 = blockIdx.y * NT;
-    if (row >= rows) return;
+    if (row0 >= rows) return;
     const int nt = min(NT, n - t0);
-    const u8* wr = W + (long long)row * row_bytes;
+    const u8* wr[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * row_bytes;
     const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
-    float acc[NT];
+    float acc[NT][NR];
 #pragma unroll
-    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
     int blk = lane / K::LPB;
     for (; blk + step < nb; blk += 2 * step) {
-        Raw r0, r1;
-        K::load(wr, blk, p, r0);
-        K::load(wr, blk + step, p, r1);
+        Raw r0[NR], r1[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            K::load(wr[r], blk, p, r0[r]);
+            K::load(wr[r], blk + step, p, r1[r]);
+        }
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
@@ -1170,50 +1178,61 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                 const i8* xqt = xq + tt * cols * K::XB;
                 const float* xdt = xd + tt * (cols / K::QK);
                 const int* xst = xs + tt * (cols / K::XS);
-                acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
-                          K::dot(r1, blk + step, p, xqt, xdt, xst);
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    acc[t][r] += K::dot(r0[r], blk, p, xqt, xdt, xst) +
+                                 K::dot(r1[r], blk + step, p, xqt, xdt, xst);
             }
         }
     }
     if (blk < nb) {
-        Raw r0;
-        K::load(wr, blk, p, r0);
+        Raw r0[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) K::load(wr[r], blk, p, r0[r]);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 const long long tt = t0 + t;
-                acc[t] += K::dot(r0, blk, p, xq + tt * cols * K::XB, xd + tt * (cols / K::QK),
-                                 xs + tt * (cols / K::XS));
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
+                                        xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-        const float v = warp_sum(acc[t]);
-        if (lane == 0 && t < nt) y[(long long)(t0 + t) * rows + row] = v;
-    }
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float v = warp_sum(acc[t][r]);
+            if (lane == 0 && t < nt && row0 + r < rows)
+                y[(long long)(t0 + t) * rows + row0 + r] = v;
+        }
 }
 
-// mmvq_<type>: one token per block of threads (decode); mmvq8_<type>: up to 8 tokens.
-// LB: the decode kernel's launch bounds (a minimum of resident blocks caps its registers).
+// mmvq_<type>: one token, one row per warp (decode); mmvq2_<type>: one token, two rows per
+// warp (half the activation loads per weight byte, half the warps; the host picks one, see
+// mmvq.rs); mmvq8_<type>: up to 8 tokens, one row per warp.
+// LB: the decode kernel's launch bounds.
 #define LB_DEFAULT __launch_bounds__(128)
-#define LB_10 __launch_bounds__(128, 10)
+#define MMVQ_ARGS                                                                              \
+    const u8* __restrict__ W, const i8* __restrict__ xq, const float* __restrict__ xd,         \
+        const int* __restrict__ xs, float* __restrict__ y, int rows, int cols,                 \
+        long long row_bytes, int n
 #define MMVQ(name, K, Raw, LB)                                                                 \
-    extern "C" __global__ void LB                                                              \
-        mmvq_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,       \
-                    int rows, int cols, long long row_bytes, int n) {                          \
-        mmvq_impl<K, Raw, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    extern "C" __global__ void LB mmvq_##name(MMVQ_ARGS) {                                     \
+        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
-        mmvq8_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,      \
-                     int rows, int cols, long long row_bytes, int n) {                         \
-        mmvq_impl<K, Raw, 8>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    extern "C" __global__ void __launch_bounds__(128) mmvq2_##name(MMVQ_ARGS) {                \
+        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) mmvq8_##name(MMVQ_ARGS) {                \
+        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
     }
 
-// Q4_K: 10 blocks (48 registers, no spills; 56 without the bound) make one wave of a
-// 5120-row matrix on 132 SMs. The others keep their natural register counts (a bound of 10
-// spills Q5_K/Q6_K; a bound of 1 lets the compiler take more).
-MMVQ(q4_k, Q4K, Q4KRaw, LB_10)
+// All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of
+// 10 resident blocks spills Q4_K/Q5_K/Q6_K, a bound of 1 lets the compiler take more.
+MMVQ(q4_k, Q4K, Q4KRaw, LB_DEFAULT)
 MMVQ(q5_k, Q5K, Q5KRaw, LB_DEFAULT)
 MMVQ(q6_k, Q6K, Q6KRaw, LB_DEFAULT)
 MMVQ(q8_0, Q80, Q80Raw, LB_DEFAULT)

@@ -340,7 +340,7 @@ impl CudaBackend {
             .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
         let mut funcs = HashMap::new();
         let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
-        names.extend(mmvq::KERNELS.iter().map(|s| s.to_string()));
+        names.extend(mmvq::kernel_names());
         for s in TYPE_SUFFIXES {
             for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
                 names.push(format!("{k}_{s}"));

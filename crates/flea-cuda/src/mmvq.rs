@@ -15,32 +15,21 @@ use flea_gguf::GgmlType;
 use flea_model::weights::Weight;
 use flea_model::Result;
 
-/// Kernels of this module, loaded with the others: the activation quantizers, and per type
-/// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
-pub(crate) const KERNELS: [&str; 22] = [
-    "act_q8k",
-    "act_q8_0",
-    "mmvq_q4_k",
-    "mmvq_q5_k",
-    "mmvq_q6_k",
-    "mmvq_q8_0",
-    "mmvq_q4_0",
-    "mmvq_q5_0",
-    "mmvq_q4_1",
-    "mmvq_q5_1",
-    "mmvq_f16",
-    "mmvq_bf16",
-    "mmvq8_q4_k",
-    "mmvq8_q5_k",
-    "mmvq8_q6_k",
-    "mmvq8_q8_0",
-    "mmvq8_q4_0",
-    "mmvq8_q5_0",
-    "mmvq8_q4_1",
-    "mmvq8_q5_1",
-    "mmvq8_f16",
-    "mmvq8_bf16",
+/// Weight types with an mmvq kernel, as the kernels' name suffixes.
+const SUFFIXES: [&str; 10] = [
+    "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "f16", "bf16",
 ];
+
+/// Kernels of this module, loaded with the others: the activation quantizers, and per type
+/// `mmvq_*` (one token, one row per warp), `mmvq2_*` (one token, two rows per warp) and
+/// `mmvq8_*` (up to [`MAX_TOKENS`] tokens).
+pub(crate) fn kernel_names() -> Vec<String> {
+    let mut v = vec!["act_q8k".to_string(), "act_q8_0".to_string()];
+    for pre in ["mmvq", "mmvq2", "mmvq8"] {
+        v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
+    }
+    v
+}
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
 /// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
@@ -113,6 +102,25 @@ static MISALIGNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 /// 0: not decided yet (read FLEA_CUDA_NO_MMVQ), 1: on, 2: off.
 static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// Rows per warp of the one-token kernels: 0 not decided yet (read FLEA_CUDA_MMVQ_ROWS,
+/// default 1), else 1 (`mmvq_*`) or 2 (`mmvq2_*`).
+static ROWS_PER_WARP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn rows_per_warp() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match ROWS_PER_WARP.load(Relaxed) {
+        0 => {
+            let r = match std::env::var("FLEA_CUDA_MMVQ_ROWS").as_deref() {
+                Ok("2") => 2,
+                _ => 1,
+            };
+            ROWS_PER_WARP.store(r, Relaxed);
+            r as usize
+        }
+        r => r as usize,
+    }
+}
+
 fn enabled() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     match STATE.load(Relaxed) {
@@ -160,6 +168,14 @@ impl CudaBackend {
         STATE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Rows per warp of the one-token mmvq kernels: 1 (default; FLEA_CUDA_MMVQ_ROWS=2 sets 2)
+    /// or 2 (each activation load serves two rows; half as many warps). Process-wide; other
+    /// values are taken as 1.
+    pub fn set_mmvq_rows(&self, rows_per_warp: usize) {
+        let r = if rows_per_warp == 2 { 2 } else { 1 };
+        ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
     /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
     /// into `scratch` unless `quantized` says this matmul group already did so.
@@ -198,13 +214,18 @@ impl CudaBackend {
         } else {
             self.quantize_int8(fmt, total, x, scratch, quantized)?
         };
-        let (kname, groups) = if n == 1 {
-            (name.to_string(), n)
-        } else {
-            (name.replacen("mmvq_", "mmvq8_", 1), n.div_ceil(MAX_TOKENS))
+        // Each 128-thread block has 4 warps of `rows_per_block / 4` rows.
+        let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
+            (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
+            (1, _) => (name.to_string(), 4, 1),
+            _ => (
+                name.replacen("mmvq_", "mmvq8_", 1),
+                4,
+                n.div_ceil(MAX_TOKENS),
+            ),
         };
         let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(4) as u32, groups as u32, 1),
+            grid_dim: (w.rows.div_ceil(rows_per_block) as u32, groups as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -687,6 +708,31 @@ mod tests {
             let cq: Vec<i8> = c[4..36].iter().map(|&v| v as i8).collect();
             assert_eq!(q, cq, "quants");
         }
+    }
+
+    /// Every kernel the host may launch is in the list loaded at start.
+    #[test]
+    fn routed_kernels_are_loaded() {
+        let names = kernel_names();
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_1,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
+            let (name, _, _) = kernel_for(ty).unwrap();
+            for pre in ["mmvq_", "mmvq2_", "mmvq8_"] {
+                let k = name.replacen("mmvq_", pre, 1);
+                assert!(names.contains(&k), "{k} not loaded");
+            }
+        }
+        assert!(kernel_for(GgmlType::Q2_K).is_none() && kernel_for(GgmlType::F32).is_none());
     }
 
     #[test]
