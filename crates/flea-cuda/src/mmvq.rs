@@ -710,6 +710,23 @@ mod tests {
         }
     }
 
+    /// The kernel source compiles with NVRTC and lib.rs's options (no GPU needed: NVRTC is a
+    /// plain library). Skips when libnvrtc is not found, unless FLEA_REQUIRE_NVRTC is set
+    /// (scripts/test.sh installs NVRTC from pip and sets it).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        if !crate::libraries().nvrtc {
+            assert!(
+                std::env::var_os("FLEA_REQUIRE_NVRTC").is_none(),
+                "FLEA_REQUIRE_NVRTC is set but libnvrtc was not found"
+            );
+            println!("SKIP: no libnvrtc");
+            return;
+        }
+        let cubin = crate::nvrtc_compile(crate::KERNELS, "sm_90").unwrap();
+        assert!(!cubin.is_empty());
+    }
+
     /// Every kernel the host may launch is in the list loaded at start.
     #[test]
     fn routed_kernels_are_loaded() {
