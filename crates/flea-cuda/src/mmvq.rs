@@ -7,7 +7,10 @@
 //! structure with 16-byte weight loads against f32 activations rounded as the CPU rounds
 //! them. Other types (F32, Q2_K, Q3_K) keep the dequantizing `matvec_*` kernels.
 //!
-//! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
+//! Kernels per type: `mmvq_*` (one token, one warp per row: decode), `mmvq2_*` (one token, two
+//! rows per warp, sharing each activation load; FLEA_CUDA_MMVQ_ROWS=2 or `set_mmvq_rows(2)`)
+//! and `mmvq8_*` (up to 8 tokens per weight load). Set FLEA_CUDA_NO_MMVQ=1 (or
+//! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
