@@ -682,7 +682,9 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
 //
 // Activation scratch for n tokens of `cols` (a multiple of the block size QK):
 //   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: act_q8k writes i32
-//   [n*cols/16] sums of each 16 consecutive quants (Q8_K's bsums), act_q8_0 f32 [n*cols/32]
+//   [n*cols/16] sums of each 16 consecutive quants (Q8_K's bsums; within a 256-block, group
+//   g = 4a + 2b + c is stored at 4a + 2c + b, so that the two groups a Q4_K/Q5_K lane needs,
+//   4j + h and 4j + 2 + h, are adjacent at 4j + 2h), act_q8_0 f32 [n*cols/32]
 //   Q8_1 block sums (as int bits). F16 / BF16 weights read f32 activations from xq instead.
 // ---------------------------------------------------------------------------------------------
 
@@ -735,9 +737,10 @@ extern "C" __global__ void __launch_bounds__(128)
         }
     }
     *(uint2*)(xq + blk * 256 + lane * 8) = make_uint2(packed[0], packed[1]);
-    // Sums of 16: lanes 2g and 2g+1 hold group g.
+    // Sums of 16: lanes 2g and 2g+1 hold group g, stored at g with bits 0 and 1 swapped.
     sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    if ((lane & 1) == 0) xs[blk * 16 + (lane >> 1)] = sum;
+    const int g = lane >> 1;
+    if ((lane & 1) == 0) xs[blk * 16 + ((g & 12) | ((g & 1) << 1) | ((g >> 1) & 1))] = sum;
     if (lane == 0) xd[blk] = d;
 }
 
@@ -784,8 +787,8 @@ struct Q4K {
         const i8* a = xq + blk * 256 + 64 * j + 16 * h;
         const int4 alo = *(const int4*)a;
         const int4 ahi = *(const int4*)(a + 32);
-        const int slo = xs[blk * 16 + 4 * j + h];
-        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
+        const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];
         const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
         const int al[4] = {alo.x, alo.y, alo.z, alo.w};
@@ -900,8 +903,8 @@ struct Q5K {
         const i8* a = xq + blk * 256 + 64 * j + 16 * h;
         const int4 alo = *(const int4*)a;
         const int4 ahi = *(const int4*)(a + 32);
-        const int slo = xs[blk * 16 + 4 * j + h];
-        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
+        const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];
         const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
         const u32 qh[4] = {r.qh.x, r.qh.y, r.qh.z, r.qh.w};

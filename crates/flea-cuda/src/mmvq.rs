@@ -310,7 +310,17 @@ mod tests {
         flea_quant::f16_to_f32(h)
     }
 
-    /// act_q8k: (quants, d, sums of 16) of one 256-element block, lane by lane.
+    /// act_q8k's sums as stored: group g = 4a + 2b + c at 4a + 2c + b.
+    fn stored_sums(sums: &[i32]) -> Vec<i32> {
+        let mut out = vec![0; 16];
+        for (g, &s) in sums.iter().enumerate() {
+            out[(g & 12) | ((g & 1) << 1) | ((g >> 1) & 1)] = s;
+        }
+        out
+    }
+
+    /// act_q8k: (quants, d, sums of 16 in element order) of one 256-element block, lane by
+    /// lane.
     fn act_q8k(x: &[f32]) -> (Vec<i8>, f32, Vec<i32>) {
         let (mut amax, mut mx, mut first) = (0f32, 0f32, 1usize << 30);
         let mut lanes = Vec::new();
@@ -384,7 +394,7 @@ mod tests {
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
-        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let (slo, shi) = (xs[2 * p], xs[2 * p + 1]);
         let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
         let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
         d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
@@ -460,7 +470,7 @@ mod tests {
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
-        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let (slo, shi) = (xs[2 * p], xs[2 * p + 1]);
         let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
         let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
         d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
@@ -631,7 +641,7 @@ mod tests {
                 let xb = &x[qk * b..qk * (b + 1)];
                 let (q, d, sums, ys) = if qk == 256 {
                     let (q, d, sums) = act_q8k(xb);
-                    (q, d, sums, 0.0)
+                    (q, d, stored_sums(&sums), 0.0)
                 } else {
                     let (q, d, ys) = act_q8_0(xb);
                     (q, d, Vec::new(), ys)
