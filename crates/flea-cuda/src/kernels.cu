@@ -681,7 +681,10 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
 // summation order differs.
 //
 // Activation scratch for n tokens of `cols` (a multiple of the block size QK):
-//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: act_q8k writes i32
+//   xq: i8 [n*cols] quants (act_q8k: within a 256-block, element e = 64j + 32s + 16h + i,
+//   i < 16, is stored at 128s + 32j + 16h + i, so that each 16-byte load of a Q4_K/Q5_K lane
+//   and each 8-byte load of a Q6_K lane reads one 128-byte line per block, not two); xd: f32
+//   [n*cols/QK] block scales; xs: act_q8k writes i32
 //   [n*cols/16] sums of each 16 consecutive quants (Q8_K's bsums; within a 256-block, group
 //   g = 4a + 2b + c is stored at 4a + 2c + b, so that the two groups a Q4_K/Q5_K lane needs,
 //   4j + h and 4j + 2 + h, are adjacent at 4j + 2h), act_q8_0 f32 [n*cols/32]
@@ -736,7 +739,11 @@ extern "C" __global__ void __launch_bounds__(128)
             packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
         }
     }
-    *(uint2*)(xq + blk * 256 + lane * 8) = make_uint2(packed[0], packed[1]);
+    // Elements 8*lane .. +8: j = lane >> 3, s = (lane >> 2) & 1, h = (lane >> 1) & 1, then the
+    // lane's half of the 16 (see the scratch layout above).
+    const int st =
+        128 * ((lane >> 2) & 1) + 32 * (lane >> 3) + 16 * ((lane >> 1) & 1) + 8 * (lane & 1);
+    *(uint2*)(xq + blk * 256 + st) = make_uint2(packed[0], packed[1]);
     // Sums of 16: lanes 2g and 2g+1 hold group g, stored at g with bits 0 and 1 swapped.
     sum += __shfl_xor_sync(0xffffffff, sum, 1);
     const int g = lane >> 1;
@@ -783,10 +790,11 @@ struct Q4K {
                                                 const i8* __restrict__ xq,
                                                 const float* __restrict__ xd,
                                                 const int* __restrict__ xs) {
-        const int j = p >> 1, h = p & 1;
-        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int j = p >> 1;  // p = 2j + h
+        // Elements 64j + 16h + i and 64j + 32 + 16h + i are stored at 16p + i and 128 + 16p + i.
+        const i8* a = xq + blk * 256 + 16 * p;
         const int4 alo = *(const int4*)a;
-        const int4 ahi = *(const int4*)(a + 32);
+        const int4 ahi = *(const int4*)(a + 128);
         const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
         const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];
@@ -854,11 +862,12 @@ struct Q6K {
                                                 const int* __restrict__ xs) {
         const int n = p >> 2, l0 = 8 * (p & 3);
         const int g = l0 >= 16 ? 8 : 0;  // bit offset of our scale byte in each u16
-        const i8* a = xq + blk * 256 + 128 * n + l0;
+        // Element 128n + 32c + l0 + i is stored at 128(c & 1) + 64n + 32(c >> 1) + l0 + i.
+        const i8* a = xq + blk * 256 + 64 * n + l0;
         const int2 a0 = *(const int2*)a;
-        const int2 a1 = *(const int2*)(a + 32);
-        const int2 a2 = *(const int2*)(a + 64);
-        const int2 a3 = *(const int2*)(a + 96);
+        const int2 a1 = *(const int2*)(a + 128);
+        const int2 a2 = *(const int2*)(a + 32);
+        const int2 a3 = *(const int2*)(a + 160);
         const float yd = xd[blk];
         const u32 A0 = r.a0, A1 = r.a1, B0 = r.b0, B1 = r.b1, H0 = r.h0, H1 = r.h1;
         const u32 M4 = 0x0f0f0f0fu, M2 = 0x03030303u;
@@ -899,10 +908,11 @@ struct Q5K {
                                                 const i8* __restrict__ xq,
                                                 const float* __restrict__ xd,
                                                 const int* __restrict__ xs) {
-        const int j = p >> 1, h = p & 1;
-        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int j = p >> 1;  // p = 2j + h
+        // Elements 64j + 16h + i and 64j + 32 + 16h + i are stored at 16p + i and 128 + 16p + i.
+        const i8* a = xq + blk * 256 + 16 * p;
         const int4 alo = *(const int4*)a;
-        const int4 ahi = *(const int4*)(a + 32);
+        const int4 ahi = *(const int4*)(a + 128);
         const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
         const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];

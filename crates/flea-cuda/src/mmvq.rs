@@ -310,6 +310,20 @@ mod tests {
         flea_quant::f16_to_f32(h)
     }
 
+    /// act_q8k's quants as stored: element 64j + 32s + 16h + i (i < 16) at 128s + 32j + 16h + i,
+    /// written the kernel's way (lane = 8 elements, one 8-byte store at `st`).
+    fn stored_quants(q: &[i8]) -> Vec<i8> {
+        let mut out = vec![0i8; 256];
+        for lane in 0..32 {
+            let st = 128 * ((lane >> 2) & 1)
+                + 32 * (lane >> 3)
+                + 16 * ((lane >> 1) & 1)
+                + 8 * (lane & 1);
+            out[st..st + 8].copy_from_slice(&q[8 * lane..8 * lane + 8]);
+        }
+        out
+    }
+
     /// act_q8k's sums as stored: group g = 4a + 2b + c at 4a + 2c + b.
     fn stored_sums(sums: &[i32]) -> Vec<i32> {
         let mut out = vec![0; 16];
@@ -371,7 +385,7 @@ mod tests {
 
     /// Q4K::dot for one block and lane part p.
     fn q4k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
-        let (j, h) = (p >> 1, p & 1);
+        let j = p >> 1;
         let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
         let scale_min = |s: usize| -> (i32, i32) {
             let sh = 8 * (s & 3);
@@ -388,9 +402,9 @@ mod tests {
         let (mut dlo, mut dhi) = (0, 0);
         for k in 0..4 {
             let qw = word(b, 16 + 16 * p + 4 * k);
-            let a = 64 * j + 16 * h + 4 * k;
+            let a = 16 * p + 4 * k;
             dlo = dp4a(qw & 0x0f0f0f0f, q8(q, a), dlo);
-            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 32), dhi);
+            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 128), dhi);
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
@@ -415,9 +429,11 @@ mod tests {
         let (h0, h1) = (word(b, qh), word(b, qh + 4));
         let q6 = |lo4: u32, hi2: u32| ((lo4 | (hi2 << 4)).wrapping_add(0x60606060)) ^ 0x80808080;
         let (m4, m2) = (0x0f0f0f0fu32, 0x03030303u32);
-        let a = 128 * n + l0;
+        // Stored offsets of c = 0..3: a, a + 128, a + 32, a + 160.
+        let a = 64 * n + l0;
         let dd = |w0: u32, w1: u32, c: usize| {
-            dp4a(w0, q8(q, a + 32 * c), dp4a(w1, q8(q, a + 32 * c + 4), 0))
+            let o = a + [0, 128, 32, 160][c];
+            dp4a(w0, q8(q, o), dp4a(w1, q8(q, o + 4), 0))
         };
         let d0 = dd(q6(a0 & m4, h0 & m2), q6(a1 & m4, h1 & m2), 0);
         let d1 = dd(q6(b0 & m4, (h0 >> 2) & m2), q6(b1 & m4, (h1 >> 2) & m2), 1);
@@ -464,9 +480,9 @@ mod tests {
             let hw = word(b, 16 + 16 * h + 4 * k);
             let blo = ((hw >> (2 * j)) & 0x01010101) << 4;
             let bhi = ((hw >> (2 * j + 1)) & 0x01010101) << 4;
-            let a = 64 * j + 16 * h + 4 * k;
+            let a = 16 * p + 4 * k;
             dlo = dp4a((qw & 0x0f0f0f0f) | blo, q8(q, a), dlo);
-            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 32), dhi);
+            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 128), dhi);
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
@@ -641,7 +657,7 @@ mod tests {
                 let xb = &x[qk * b..qk * (b + 1)];
                 let (q, d, sums, ys) = if qk == 256 {
                     let (q, d, sums) = act_q8k(xb);
-                    (q, d, stored_sums(&sums), 0.0)
+                    (stored_quants(&q), d, stored_sums(&sums), 0.0)
                 } else {
                     let (q, d, ys) = act_q8_0(xb);
                     (q, d, Vec::new(), ys)
