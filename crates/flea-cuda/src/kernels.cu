@@ -699,6 +699,22 @@ __device__ __forceinline__ int ld_a2(const u8* p) {
     return (int)((u32)__ldg(h) | ((u32)__ldg(h + 1) << 16));
 }
 
+// 8 bytes at a 2-byte aligned address as two words, from two 8-byte aligned loads and funnel
+// shifts (half the load instructions of four u16 loads). Reads [p & ~7, (p & ~7) + 16): the
+// caller makes sure that stays inside the weight.
+__device__ __forceinline__ void ld8_a2(const u8* p, int& r0, int& r1) {
+    const unsigned long long a = (unsigned long long)p;
+    const uint2* q = (const uint2*)(a & ~7ull);
+    const uint2 w0 = __ldg(q), w1 = __ldg(q + 1);
+    const int m = (int)(a & 7);  // 0, 2, 4 or 6
+    const u32 x0 = m >= 4 ? w0.y : w0.x;
+    const u32 x1 = m >= 4 ? w1.x : w0.y;
+    const u32 x2 = m >= 4 ? w1.y : w1.x;
+    const u32 sh = (u32)(m & 3) * 8;  // 0 or 16
+    r0 = (int)__funnelshift_r(x0, x1, sh);
+    r1 = (int)__funnelshift_r(x1, x2, sh);
+}
+
 // Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
 // element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
 // rint(iscale*x)), d = 1/iscale. One warp per block; lane owns elements 8*lane .. 8*lane+7.
@@ -816,7 +832,8 @@ struct Q4K {
     }
 };
 
-// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so weights are read as u16 pairs:
+// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so quants are read with ld8_a2 and
+// scales and d as u16:
 //   [0,128) ql | [128,192) qh | [192,208) scales i8, one per 16 elements | [208,210) d f16.
 //   For half n (0..2), c (0..4), l (0..32): element 128n + 32c + l has low 4 bits
 //   (ql[64n + 32(c & 1) + l] >> 4(c >> 1)) & 15, high 2 bits (qh[32n + l] >> 2c) & 3;
@@ -837,12 +854,12 @@ struct Q6K {
         const int n = p >> 2, l0 = 8 * (p & 3);
         const u8* ql = b + 64 * n + l0;
         const u8* qh = b + 128 + 32 * n + l0;
-        r.a0 = ld_a2(ql);
-        r.a1 = ld_a2(ql + 4);
-        r.b0 = ld_a2(ql + 32);
-        r.b1 = ld_a2(ql + 36);
-        r.h0 = ld_a2(qh);
-        r.h1 = ld_a2(qh + 4);
+        // ld8_a2 reads up to 6 bytes before and 8 after each 8-byte segment: the segments
+        // end by byte 192 of the 210-byte block, and the tensor start is 8-aligned (host
+        // check), so the first block's reads start at the tensor.
+        ld8_a2(ql, r.a0, r.a1);
+        ld8_a2(ql + 32, r.b0, r.b1);
+        ld8_a2(qh, r.h0, r.h1);
         // Scales 8n + 2c + g (g = l0 >= 16) for c = 0..3: bytes 192 + 8n + g + {0, 2, 4, 6}.
         // Load the u16 words at 192 + 8n + {0, 2} and {4, 6}; byte g of each word is ours.
         const u8* s = b + 192 + 8 * n;

@@ -62,13 +62,14 @@ impl ActFmt {
 }
 
 /// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
-/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; the others, whose blocks may be
-/// only 2-aligned, as 2-byte words), and its activation format.
+/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; Q6_K's quants as aligned 8-byte
+/// words around each 2-aligned segment, which must not start before the tensor; the others,
+/// whose blocks may be only 2-aligned, as 2-byte words), and its activation format.
 pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
     Some(match ty {
         GgmlType::Q4_K => ("mmvq_q4_k", 16, ActFmt::Q8K),
         GgmlType::Q5_K => ("mmvq_q5_k", 16, ActFmt::Q8K),
-        GgmlType::Q6_K => ("mmvq_q6_k", 2, ActFmt::Q8K),
+        GgmlType::Q6_K => ("mmvq_q6_k", 8, ActFmt::Q8K),
         GgmlType::Q8_0 => ("mmvq_q8_0", 2, ActFmt::Q8_0),
         GgmlType::Q4_0 => ("mmvq_q4_0", 2, ActFmt::Q8_0),
         GgmlType::Q5_0 => ("mmvq_q5_0", 2, ActFmt::Q8_0),
@@ -200,7 +201,9 @@ impl CudaBackend {
         if !enabled() || n == 0 {
             return Ok(false);
         }
-        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align) {
+        // Row starts need the blocks' alignment; Q6_K's blocks need 2, its tensor start 8.
+        let row_align = if w.ty == GgmlType::Q6_K { 2 } else { align };
+        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(row_align) {
             MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
@@ -560,6 +563,33 @@ mod tests {
             dp4a(q4((q1 >> 4) & m4), q8(q, a + 20), s),
         );
         s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
+    /// ld8_a2: 8 bytes at a 2-aligned offset from two 8-aligned 8-byte loads.
+    fn ld8_a2(mem: &[u8], a: usize) -> (u32, u32) {
+        let base = a & !7;
+        let w = |o: usize| word(mem, base + o);
+        let m = a & 7;
+        let (x0, x1, x2) = if m >= 4 {
+            (w(4), w(8), w(12))
+        } else {
+            (w(0), w(4), w(8))
+        };
+        let sh = ((m & 3) * 8) as u32;
+        let funnel = |lo: u32, hi: u32| ((((hi as u64) << 32) | lo as u64) >> sh) as u32;
+        (funnel(x0, x1), funnel(x1, x2))
+    }
+
+    #[test]
+    fn ld8_a2_reads_the_8_bytes_at_every_even_offset() {
+        let mem: Vec<u8> = (0..64u8).map(|v| v.wrapping_mul(37) ^ 0x5a).collect();
+        for a in (0..40).step_by(2) {
+            assert_eq!(
+                ld8_a2(&mem, a),
+                (word(&mem, a), word(&mem, a + 4)),
+                "offset {a}"
+            );
+        }
     }
 
     /// Deterministic pseudo-random bytes (xorshift64*).
