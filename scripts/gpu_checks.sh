@@ -8,8 +8,11 @@
 #                              --no-run --message-format=json lists their paths)
 #   CARRY_DIR/flea-cuda-bench  target/release/flea-cuda-bench
 #   CARRY_DIR/flea             target/release/flea (for `flea synth`)
-# Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, parity.jsonl, synth.log, bench.log, bench.json,
-# summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512).
+#   CARRY_DIR/mmvq_bench       optional: target/release/examples/mmvq_bench
+#                              (cargo build --release -p flea-cuda --example mmvq_bench)
+# Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
+# synth.log, bench.log, bench.json, mmvq_bench.log, summary.txt. Environment: PRESETS (default
+# "7b 13b"), TOKENS (128), PROMPT (512), MMVQ_VARIANTS (1; 0 skips step 1c).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
@@ -50,6 +53,17 @@ for t in "$CARRY"/tests/*; do
     >> "$OUT/tests_scalar.log" 2>&1 || echo "FAILED (scalar CPU reference): $(basename "$t")" >> "$OUT/tests_scalar.log"
 done
 
+# 1c. The mmvq kernel variants the default run does not reach: two rows per warp
+# (FLEA_CUDA_MMVQ_ROWS=2), and 8-token groups for whole prompts (FLEA_CUDA_NO_CUBLAS=1).
+: > "$OUT/tests_mmvq.log"
+for t in "$CARRY"/tests/*; do
+  [ -x "$t" ] && [ "${MMVQ_VARIANTS:-1}" != 0 ] || continue
+  FLEA_CUDA_MMVQ_ROWS=2 "$t" --nocapture --test-threads=1 ops_match_cpu every_type_matches_cpu \
+    >> "$OUT/tests_mmvq.log" 2>&1 || { status=1; echo "FAILED (FLEA_CUDA_MMVQ_ROWS=2): $(basename "$t")" >> "$OUT/tests_mmvq.log"; }
+  FLEA_CUDA_NO_CUBLAS=1 "$t" --nocapture --test-threads=1 ops_match_cpu every_type_matches_cpu \
+    >> "$OUT/tests_mmvq.log" 2>&1 || { status=1; echo "FAILED (FLEA_CUDA_NO_CUBLAS=1): $(basename "$t")" >> "$OUT/tests_mmvq.log"; }
+done
+
 # 2. Synthetic models for the benchmark, generated on this machine.
 models=()
 : > "$OUT/synth.log"
@@ -67,13 +81,21 @@ if [ ${#models[@]} -gt 0 ]; then
     "${models[@]}" > "$OUT/bench.log" 2>&1 || status=1
 fi
 
+# 4. Decode mat-vec GB/s per weight type, mmvq (1 and 2 rows per warp) vs matvec.
+if [ -x "$CARRY/mmvq_bench" ]; then
+  "$CARRY/mmvq_bench" 100 > "$OUT/mmvq_bench.log" 2>&1 || status=1
+fi
+
 {
   echo "exit status: $status"
   grep -h -E "^(PARITY|OP|SKIP|test |device:|  diag)|FAILED|panicked" "$OUT/tests.log"
   echo "--- scalar CPU reference"
   grep -h -E "^(PARITY|SKIP|test )|FAIL|ERROR|panicked|  diag" "$OUT/tests_scalar.log"
+  echo "--- mmvq variants (FLEA_CUDA_MMVQ_ROWS=2, FLEA_CUDA_NO_CUBLAS=1)"
+  grep -h -E "^(PARITY|OP|SKIP|test )|FAIL|ERROR|panicked|  diag" "$OUT/tests_mmvq.log"
   echo
   cat "$OUT/bench.log" 2>/dev/null
+  cat "$OUT/mmvq_bench.log" 2>/dev/null
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
 exit $status

@@ -1,9 +1,13 @@
-//! Decode mat-vec throughput per weight type on one CUDA device: the mmvq kernels against the
-//! dequantizing matvec (`set_mmvq(false)`), on the matrix shapes of a 13B llama (and the
-//! output head), one token, weights resident. Each timing is `reps` back-to-back
-//! `Backend::matmul` calls (activation quantization included) between two synchronizations;
-//! GB/s counts weight bytes only. Weights are random bytes with sane f16 scales (speed does
-//! not depend on the values).
+//! Decode mat-vec throughput per weight type on one CUDA device: the mmvq kernels (one and two
+//! rows per warp, `set_mmvq_rows`) against the dequantizing matvec (`set_mmvq(false)`), on the
+//! matrix shapes of a 13B llama (and the output head), one token, weights resident. Each
+//! timing is `reps` back-to-back `Backend::matmul` calls (activation quantization included)
+//! between two synchronizations; GB/s counts weight bytes only. Weights are random bytes with
+//! sane f16 scales (speed does not depend on the values).
+//!
+//! Also prints each mmvq result's relative difference from the matvec's: both round
+//! activations as the CPU does, so ~1e-6 is expected (Q4_1 ~1e-4: the matvec kernel applies
+//! its min without rounding Q8_1's block sum to f16, as the CPU and mmvq do).
 //!
 //! usage: mmvq_bench [REPS]    (cargo build --release -p flea-cuda --example mmvq_bench)
 use flea_cuda::CudaBackend;
@@ -57,8 +61,8 @@ fn time_matmul(
     x: &flea_cuda::CudaAct,
     out: &mut flea_cuda::CudaAct,
     reps: usize,
-) -> f64 {
-    // Warm-up: uploads the weight, compiles nothing (kernels are loaded at start).
+) -> (f64, Vec<f32>) {
+    // Warm-up: uploads the weight (kernels were loaded at start).
     for _ in 0..3 {
         cuda.matmul(1, w, x, out).expect("matmul");
     }
@@ -68,7 +72,18 @@ fn time_matmul(
         cuda.matmul(1, w, x, out).expect("matmul");
     }
     cuda.synchronize().expect("sync");
-    t.elapsed().as_secs_f64() / reps as f64
+    let secs = t.elapsed().as_secs_f64() / reps as f64;
+    (secs, cuda.read(1, out).expect("read"))
+}
+
+/// ||a - b|| / ||b||.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += ((x - y) as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
 }
 
 fn main() {
@@ -84,6 +99,7 @@ fn main() {
         }
     };
     println!("device: {}  reps: {reps}", cuda.name());
+    println!("GB/s = weight bytes / time per matmul; err = ||mmvq - matvec|| / ||matvec||");
     let shapes = [
         (5120usize, 5120usize, "attn q/k/v/o"),
         (13824, 5120, "ffn gate/up"),
@@ -101,8 +117,18 @@ fn main() {
         GgmlType::F16,
     ];
     println!(
-        "{:<6} {:>6} x {:<6} {:<13} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "type", "rows", "cols", "tensor", "MB", "mmvq us", "GB/s", "old GB/s", "speedup"
+        "{:<5} {:>5}x{:<5} {:<12} {:>7} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "type",
+        "rows",
+        "cols",
+        "tensor",
+        "MB",
+        "1row us",
+        "GB/s",
+        "2row",
+        "old",
+        "err 1row",
+        "err 2row"
     );
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for ty in types {
@@ -121,22 +147,29 @@ fn main() {
             cuda.upload(&x, &xs).expect("upload");
             let mut out = cuda.alloc_act(1, rows).expect("alloc");
             cuda.set_mmvq(true);
-            let t_new = time_matmul(&cuda, &w, &x, &mut out, reps);
+            cuda.set_mmvq_rows(1);
+            let (t1, y1) = time_matmul(&cuda, &w, &x, &mut out, reps);
+            cuda.set_mmvq_rows(2);
+            let (t2, y2) = time_matmul(&cuda, &w, &x, &mut out, reps);
+            cuda.set_mmvq_rows(1);
             cuda.set_mmvq(false);
-            let t_old = time_matmul(&cuda, &w, &x, &mut out, reps);
+            let (t_old, y_old) = time_matmul(&cuda, &w, &x, &mut out, reps);
             cuda.set_mmvq(true);
             let mb = data.len() as f64 / 1e6;
+            let gbs = |t: f64| mb / 1e3 / t;
             println!(
-                "{:<6} {:>6} x {:<6} {:<13} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>7.2}",
+                "{:<5} {:>5}x{:<5} {:<12} {:>7.1} {:>8.1} {:>7.0} {:>7.0} {:>7.0} {:>8.1e} {:>8.1e}",
                 ty.to_string(),
                 rows,
                 cols,
                 what,
                 mb,
-                t_new * 1e6,
-                mb / 1e3 / t_new,
-                mb / 1e3 / t_old,
-                t_old / t_new
+                t1 * 1e6,
+                gbs(t1),
+                gbs(t2),
+                gbs(t_old),
+                rel_err(&y1, &y_old),
+                rel_err(&y2, &y_old)
             );
             cuda.clear_weights();
         }

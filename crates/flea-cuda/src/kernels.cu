@@ -691,9 +691,15 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
 // __dp4a, one float scale per sub-block. Same integers as the CPU's dots; only the float
 // summation order differs.
 //
-// Activation scratch for n tokens of `cols` (a multiple of the block size):
-//   xq: i8 [n*cols] quants; xd: f32 [n*cols/QK] block scales; xs: i32 [n*cols/16] sums of each
-//   16 consecutive quants (Q8_K's bsums; only act_q8k writes them).
+// Activation scratch for n tokens of `cols` (a multiple of the block size QK):
+//   xq: i8 [n*cols] quants (act_q8k: within a 256-block, element e = 64j + 32s + 16h + i,
+//   i < 16, is stored at 128s + 32j + 16h + i, so that each 16-byte load of a Q4_K/Q5_K lane
+//   and each 8-byte load of a Q6_K lane reads one 128-byte line per block, not two); xd: f32
+//   [n*cols/QK] block scales; xs: act_q8k writes i32
+//   [n*cols/16] sums of each 16 consecutive quants (Q8_K's bsums; within a 256-block, group
+//   g = 4a + 2b + c is stored at 4a + 2c + b, so that the two groups a Q4_K/Q5_K lane needs,
+//   4j + h and 4j + 2 + h, are adjacent at 4j + 2h), act_q8_0 f32 [n*cols/32]
+//   Q8_1 block sums (as int bits). F16 / BF16 weights read f32 activations from xq instead.
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
@@ -702,6 +708,22 @@ __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c
 __device__ __forceinline__ int ld_a2(const u8* p) {
     const u16* h = (const u16*)p;
     return (int)((u32)__ldg(h) | ((u32)__ldg(h + 1) << 16));
+}
+
+// 8 bytes at a 2-byte aligned address as two words, from two 8-byte aligned loads and funnel
+// shifts (half the load instructions of four u16 loads). Reads [p & ~7, (p & ~7) + 16): the
+// caller makes sure that stays inside the weight.
+__device__ __forceinline__ void ld8_a2(const u8* p, int& r0, int& r1) {
+    const unsigned long long a = (unsigned long long)p;
+    const uint2* q = (const uint2*)(a & ~7ull);
+    const uint2 w0 = __ldg(q), w1 = __ldg(q + 1);
+    const int m = (int)(a & 7);  // 0, 2, 4 or 6
+    const u32 x0 = m >= 4 ? w0.y : w0.x;
+    const u32 x1 = m >= 4 ? w1.x : w0.y;
+    const u32 x2 = m >= 4 ? w1.y : w1.x;
+    const u32 sh = (u32)(m & 3) * 8;  // 0 or 16
+    r0 = (int)__funnelshift_r(x0, x1, sh);
+    r1 = (int)__funnelshift_r(x1, x2, sh);
 }
 
 // Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
@@ -744,10 +766,15 @@ extern "C" __global__ void __launch_bounds__(128)
             packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
         }
     }
-    *(uint2*)(xq + blk * 256 + lane * 8) = make_uint2(packed[0], packed[1]);
-    // Sums of 16: lanes 2g and 2g+1 hold group g.
+    // Elements 8*lane .. +8: j = lane >> 3, s = (lane >> 2) & 1, h = (lane >> 1) & 1, then the
+    // lane's half of the 16 (see the scratch layout above).
+    const int st =
+        128 * ((lane >> 2) & 1) + 32 * (lane >> 3) + 16 * ((lane >> 1) & 1) + 8 * (lane & 1);
+    *(uint2*)(xq + blk * 256 + st) = make_uint2(packed[0], packed[1]);
+    // Sums of 16: lanes 2g and 2g+1 hold group g, stored at g with bits 0 and 1 swapped.
     sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    if ((lane & 1) == 0) xs[blk * 16 + (lane >> 1)] = sum;
+    const int g = lane >> 1;
+    if ((lane & 1) == 0) xs[blk * 16 + ((g & 12) | ((g & 1) << 1) | ((g >> 1) & 1))] = sum;
     if (lane == 0) xd[blk] = d;
 }
 
@@ -790,12 +817,13 @@ struct Q4K {
                                                 const i8* __restrict__ xq,
                                                 const float* __restrict__ xd,
                                                 const int* __restrict__ xs) {
-        const int j = p >> 1, h = p & 1;
-        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int j = p >> 1;  // p = 2j + h
+        // Elements 64j + 16h + i and 64j + 32 + 16h + i are stored at 16p + i and 128 + 16p + i.
+        const i8* a = xq + blk * 256 + 16 * p;
         const int4 alo = *(const int4*)a;
-        const int4 ahi = *(const int4*)(a + 32);
-        const int slo = xs[blk * 16 + 4 * j + h];
-        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const int4 ahi = *(const int4*)(a + 128);
+        const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
+        const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];
         const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
         const int al[4] = {alo.x, alo.y, alo.z, alo.w};
@@ -815,7 +843,8 @@ struct Q4K {
     }
 };
 
-// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so weights are read as u16 pairs:
+// Q6_K block, 210 bytes; only 2-aligned (210 = 2*105), so quants are read with ld8_a2 and
+// scales and d as u16:
 //   [0,128) ql | [128,192) qh | [192,208) scales i8, one per 16 elements | [208,210) d f16.
 //   For half n (0..2), c (0..4), l (0..32): element 128n + 32c + l has low 4 bits
 //   (ql[64n + 32(c & 1) + l] >> 4(c >> 1)) & 15, high 2 bits (qh[32n + l] >> 2c) & 3;
@@ -836,12 +865,12 @@ struct Q6K {
         const int n = p >> 2, l0 = 8 * (p & 3);
         const u8* ql = b + 64 * n + l0;
         const u8* qh = b + 128 + 32 * n + l0;
-        r.a0 = ld_a2(ql);
-        r.a1 = ld_a2(ql + 4);
-        r.b0 = ld_a2(ql + 32);
-        r.b1 = ld_a2(ql + 36);
-        r.h0 = ld_a2(qh);
-        r.h1 = ld_a2(qh + 4);
+        // ld8_a2 reads up to 6 bytes before and 8 after each 8-byte segment: the segments
+        // end by byte 192 of the 210-byte block, and the tensor start is 8-aligned (host
+        // check), so the first block's reads start at the tensor.
+        ld8_a2(ql, r.a0, r.a1);
+        ld8_a2(ql + 32, r.b0, r.b1);
+        ld8_a2(qh, r.h0, r.h1);
         // Scales 8n + 2c + g (g = l0 >= 16) for c = 0..3: bytes 192 + 8n + g + {0, 2, 4, 6}.
         // Load the u16 words at 192 + 8n + {0, 2} and {4, 6}; byte g of each word is ours.
         const u8* s = b + 192 + 8 * n;
@@ -861,11 +890,12 @@ struct Q6K {
                                                 const int* __restrict__ xs) {
         const int n = p >> 2, l0 = 8 * (p & 3);
         const int g = l0 >= 16 ? 8 : 0;  // bit offset of our scale byte in each u16
-        const i8* a = xq + blk * 256 + 128 * n + l0;
+        // Element 128n + 32c + l0 + i is stored at 128(c & 1) + 64n + 32(c >> 1) + l0 + i.
+        const i8* a = xq + blk * 256 + 64 * n + l0;
         const int2 a0 = *(const int2*)a;
-        const int2 a1 = *(const int2*)(a + 32);
-        const int2 a2 = *(const int2*)(a + 64);
-        const int2 a3 = *(const int2*)(a + 96);
+        const int2 a1 = *(const int2*)(a + 128);
+        const int2 a2 = *(const int2*)(a + 32);
+        const int2 a3 = *(const int2*)(a + 160);
         const float yd = xd[blk];
         const u32 A0 = r.a0, A1 = r.a1, B0 = r.b0, B1 = r.b1, H0 = r.h0, H1 = r.h1;
         const u32 M4 = 0x0f0f0f0fu, M2 = 0x03030303u;
@@ -906,12 +936,13 @@ struct Q5K {
                                                 const i8* __restrict__ xq,
                                                 const float* __restrict__ xd,
                                                 const int* __restrict__ xs) {
-        const int j = p >> 1, h = p & 1;
-        const i8* a = xq + blk * 256 + 64 * j + 16 * h;
+        const int j = p >> 1;  // p = 2j + h
+        // Elements 64j + 16h + i and 64j + 32 + 16h + i are stored at 16p + i and 128 + 16p + i.
+        const i8* a = xq + blk * 256 + 16 * p;
         const int4 alo = *(const int4*)a;
-        const int4 ahi = *(const int4*)(a + 32);
-        const int slo = xs[blk * 16 + 4 * j + h];
-        const int shi = xs[blk * 16 + 4 * j + 2 + h];
+        const int4 ahi = *(const int4*)(a + 128);
+        const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
+        const int slo = sums.x, shi = sums.y;
         const float yd = xd[blk];
         const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
         const u32 qh[4] = {r.qh.x, r.qh.y, r.qh.z, r.qh.w};
@@ -1144,35 +1175,43 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// y[t][row] = W[row] . x[t] with int8 activations: one warp per row (4 rows per 128-thread
-// block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp step, two
-// steps' loads in flight before their dots. Each block of threads handles tokens
+// y[t][row] = W[row] . x[t] with int8 activations: one warp per NR rows (4 warps per
+// 128-thread block), K::LPB lanes per weight block of K::QK elements, 32 / LPB blocks per warp
+// step, two steps' loads in flight before their dots. Each block of threads handles tokens
 // t0 = blockIdx.y * NT .. t0 + NT (those < n), reusing each weight load for all of them.
-// grid = (ceil(rows / 4), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
+// grid = (ceil(rows / (4 * NR)), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
 // bytes per activation, 1 for int8, 4 for the f32 of F16/BF16), xd + t*(cols/QK),
 // xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
-template <class K, class Raw, int NT>
+template <class K, class Raw, int NT, int NR>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
                                           int rows, int cols, long long row_bytes, int n) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int row = blockIdx.x * 4 + warp;
+    // NR rows per warp share each activation load (the compiler sees the same addresses).
+    const int row0 = (blockIdx.x * 4 + warp) * NR;
     const int t0 = blockIdx.y * NT;
-    if (row >= rows) return;
+    if (row0 >= rows) return;
     const int nt = min(NT, n - t0);
-    const u8* wr = W + (long long)row * row_bytes;
+    const u8* wr[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * row_bytes;
     const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
-    float acc[NT];
+    float acc[NT][NR];
 #pragma unroll
-    for (int t = 0; t < NT; t++) acc[t] = 0.f;
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
     int blk = lane / K::LPB;
     for (; blk + step < nb; blk += 2 * step) {
-        Raw r0, r1;
-        K::load(wr, blk, p, r0);
-        K::load(wr, blk + step, p, r1);
+        Raw r0[NR], r1[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            K::load(wr[r], blk, p, r0[r]);
+            K::load(wr[r], blk + step, p, r1[r]);
+        }
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
@@ -1180,50 +1219,61 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                 const i8* xqt = xq + tt * cols * K::XB;
                 const float* xdt = xd + tt * (cols / K::QK);
                 const int* xst = xs + tt * (cols / K::XS);
-                acc[t] += K::dot(r0, blk, p, xqt, xdt, xst) +
-                          K::dot(r1, blk + step, p, xqt, xdt, xst);
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    acc[t][r] += K::dot(r0[r], blk, p, xqt, xdt, xst) +
+                                 K::dot(r1[r], blk + step, p, xqt, xdt, xst);
             }
         }
     }
     if (blk < nb) {
-        Raw r0;
-        K::load(wr, blk, p, r0);
+        Raw r0[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) K::load(wr[r], blk, p, r0[r]);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 const long long tt = t0 + t;
-                acc[t] += K::dot(r0, blk, p, xq + tt * cols * K::XB, xd + tt * (cols / K::QK),
-                                 xs + tt * (cols / K::XS));
+#pragma unroll
+                for (int r = 0; r < NR; r++)
+                    acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
+                                        xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-        const float v = warp_sum(acc[t]);
-        if (lane == 0 && t < nt) y[(long long)(t0 + t) * rows + row] = v;
-    }
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float v = warp_sum(acc[t][r]);
+            if (lane == 0 && t < nt && row0 + r < rows)
+                y[(long long)(t0 + t) * rows + row0 + r] = v;
+        }
 }
 
-// mmvq_<type>: one token per block of threads (decode); mmvq8_<type>: up to 8 tokens.
-// LB: the decode kernel's launch bounds (a minimum of resident blocks caps its registers).
+// mmvq_<type>: one token, one row per warp (decode); mmvq2_<type>: one token, two rows per
+// warp (half the activation loads per weight byte, half the warps; the host picks one, see
+// mmvq.rs); mmvq8_<type>: up to 8 tokens, one row per warp.
+// LB: the decode kernel's launch bounds.
 #define LB_DEFAULT __launch_bounds__(128)
-#define LB_10 __launch_bounds__(128, 10)
+#define MMVQ_ARGS                                                                              \
+    const u8* __restrict__ W, const i8* __restrict__ xq, const float* __restrict__ xd,         \
+        const int* __restrict__ xs, float* __restrict__ y, int rows, int cols,                 \
+        long long row_bytes, int n
 #define MMVQ(name, K, Raw, LB)                                                                 \
-    extern "C" __global__ void LB                                                              \
-        mmvq_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,       \
-                    int rows, int cols, long long row_bytes, int n) {                          \
-        mmvq_impl<K, Raw, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    extern "C" __global__ void LB mmvq_##name(MMVQ_ARGS) {                                     \
+        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                          \
-        mmvq8_##name(const u8* W, const i8* xq, const float* xd, const int* xs, float* y,      \
-                     int rows, int cols, long long row_bytes, int n) {                         \
-        mmvq_impl<K, Raw, 8>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                      \
+    extern "C" __global__ void __launch_bounds__(128) mmvq2_##name(MMVQ_ARGS) {                \
+        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) mmvq8_##name(MMVQ_ARGS) {                \
+        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
     }
 
-// Q4_K: 10 blocks (48 registers, no spills; 56 without the bound) make one wave of a
-// 5120-row matrix on 132 SMs. The others keep their natural register counts (a bound of 10
-// spills Q5_K/Q6_K; a bound of 1 lets the compiler take more).
-MMVQ(q4_k, Q4K, Q4KRaw, LB_10)
+// All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of
+// 10 resident blocks spills Q4_K/Q5_K/Q6_K, a bound of 1 lets the compiler take more.
+MMVQ(q4_k, Q4K, Q4KRaw, LB_DEFAULT)
 MMVQ(q5_k, Q5K, Q5KRaw, LB_DEFAULT)
 MMVQ(q6_k, Q6K, Q6KRaw, LB_DEFAULT)
 MMVQ(q8_0, Q80, Q80Raw, LB_DEFAULT)

@@ -13,10 +13,10 @@
 //! * Matmuls: up to 8 tokens → wide-load kernels (`mmvq.rs`; int8 `__dp4a` on activations
 //!   quantized like the CPU's for Q4_K Q5_K Q6_K Q8_0 Q4_0 Q5_0 Q4_1 Q5_1, f32 FMA for F16
 //!   and BF16); for other types a warp-per-row matvec that dequantizes on the fly; more
-//!   tokens → the weight is dequantized to F16 into
-//!   a scratch buffer and multiplied with cuBLAS (F16 × F16 → F32). Activations are rounded
-//!   the way the CPU backend quantizes them for its dot products (Q8_0 / Q8_K / F16 / BF16),
-//!   so both backends compute the same function up to summation order.
+//!   tokens → the weight is dequantized to F16 into a scratch buffer and multiplied with
+//!   cuBLAS (F16 × F16 → F32). Activations are rounded the way the CPU backend quantizes them
+//!   for its dot products (Q8_0 / Q8_K / F16 / BF16), so both backends compute the same
+//!   function up to summation order.
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -379,7 +379,7 @@ impl CudaBackend {
             .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
         let mut funcs = HashMap::new();
         let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
-        names.extend(mmvq::KERNELS.iter().map(|s| s.to_string()));
+        names.extend(mmvq::kernel_names());
         for s in TYPE_SUFFIXES {
             for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
                 names.push(format!("{k}_{s}"));
@@ -1003,7 +1003,7 @@ impl Backend for CudaBackend {
         for (w, out) in jobs.iter_mut() {
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
-            // Int8 kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
+            // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
             if (!use_blas || n <= mmvq::MAX_TOKENS)
                 && self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)?
             {

@@ -7,7 +7,10 @@
 //! structure with 16-byte weight loads against f32 activations rounded as the CPU rounds
 //! them. Other types (F32, Q2_K, Q3_K) keep the dequantizing `matvec_*` kernels.
 //!
-//! Set FLEA_CUDA_NO_MMVQ=1 to use `matvec_*` for every type (A/B comparisons).
+//! Kernels per type: `mmvq_*` (one token, one warp per row: decode), `mmvq2_*` (one token, two
+//! rows per warp, sharing each activation load; FLEA_CUDA_MMVQ_ROWS=2 or `set_mmvq_rows(2)`)
+//! and `mmvq8_*` (up to 8 tokens per weight load). Set FLEA_CUDA_NO_MMVQ=1 (or
+//! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -15,32 +18,21 @@ use flea_gguf::GgmlType;
 use flea_model::weights::Weight;
 use flea_model::Result;
 
-/// Kernels of this module, loaded with the others: the activation quantizers, and per type
-/// `mmvq_*` (one token per thread block) and `mmvq8_*` (up to [`MAX_TOKENS`]).
-pub(crate) const KERNELS: [&str; 22] = [
-    "act_q8k",
-    "act_q8_0",
-    "mmvq_q4_k",
-    "mmvq_q5_k",
-    "mmvq_q6_k",
-    "mmvq_q8_0",
-    "mmvq_q4_0",
-    "mmvq_q5_0",
-    "mmvq_q4_1",
-    "mmvq_q5_1",
-    "mmvq_f16",
-    "mmvq_bf16",
-    "mmvq8_q4_k",
-    "mmvq8_q5_k",
-    "mmvq8_q6_k",
-    "mmvq8_q8_0",
-    "mmvq8_q4_0",
-    "mmvq8_q5_0",
-    "mmvq8_q4_1",
-    "mmvq8_q5_1",
-    "mmvq8_f16",
-    "mmvq8_bf16",
+/// Weight types with an mmvq kernel, as the kernels' name suffixes.
+const SUFFIXES: [&str; 10] = [
+    "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "f16", "bf16",
 ];
+
+/// Kernels of this module, loaded with the others: the activation quantizers, and per type
+/// `mmvq_*` (one token, one row per warp), `mmvq2_*` (one token, two rows per warp) and
+/// `mmvq8_*` (up to [`MAX_TOKENS`] tokens).
+pub(crate) fn kernel_names() -> Vec<String> {
+    let mut v = vec!["act_q8k".to_string(), "act_q8_0".to_string()];
+    for pre in ["mmvq", "mmvq2", "mmvq8"] {
+        v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
+    }
+    v
+}
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
 /// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
@@ -70,13 +62,14 @@ impl ActFmt {
 }
 
 /// The fast kernel for a weight type, the byte alignment its weight pointer needs (Q4_K and
-/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; the others, whose blocks may be
-/// only 2-aligned, as 2-byte words), and its activation format.
+/// Q5_K blocks and F16 / BF16 rows are read as 16-byte words; Q6_K's quants as aligned 8-byte
+/// words around each 2-aligned segment, which must not start before the tensor; the others,
+/// whose blocks may be only 2-aligned, as 2-byte words), and its activation format.
 pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
     Some(match ty {
         GgmlType::Q4_K => ("mmvq_q4_k", 16, ActFmt::Q8K),
         GgmlType::Q5_K => ("mmvq_q5_k", 16, ActFmt::Q8K),
-        GgmlType::Q6_K => ("mmvq_q6_k", 2, ActFmt::Q8K),
+        GgmlType::Q6_K => ("mmvq_q6_k", 8, ActFmt::Q8K),
         GgmlType::Q8_0 => ("mmvq_q8_0", 2, ActFmt::Q8_0),
         GgmlType::Q4_0 => ("mmvq_q4_0", 2, ActFmt::Q8_0),
         GgmlType::Q5_0 => ("mmvq_q5_0", 2, ActFmt::Q8_0),
@@ -112,6 +105,25 @@ static MISALIGNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 
 /// 0: not decided yet (read FLEA_CUDA_NO_MMVQ), 1: on, 2: off.
 static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Rows per warp of the one-token kernels: 0 not decided yet (read FLEA_CUDA_MMVQ_ROWS,
+/// default 1), else 1 (`mmvq_*`) or 2 (`mmvq2_*`).
+static ROWS_PER_WARP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn rows_per_warp() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match ROWS_PER_WARP.load(Relaxed) {
+        0 => {
+            let r = match std::env::var("FLEA_CUDA_MMVQ_ROWS").as_deref() {
+                Ok("2") => 2,
+                _ => 1,
+            };
+            ROWS_PER_WARP.store(r, Relaxed);
+            r as usize
+        }
+        r => r as usize,
+    }
+}
 
 fn enabled() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
@@ -160,6 +172,14 @@ impl CudaBackend {
         STATE.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Rows per warp of the one-token mmvq kernels: 1 (default; FLEA_CUDA_MMVQ_ROWS=2 sets 2)
+    /// or 2 (each activation load serves two rows; half as many warps). Process-wide; other
+    /// values are taken as 1.
+    pub fn set_mmvq_rows(&self, rows_per_warp: usize) {
+        let r = if rows_per_warp == 2 { 2 } else { 1 };
+        ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
     /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
     /// into `scratch` unless `quantized` says this matmul group already did so.
@@ -177,10 +197,13 @@ impl CudaBackend {
         let Some((name, align, fmt)) = kernel_for(w.ty) else {
             return Ok(false);
         };
-        if !enabled() {
+        // n == 0 keeps the old path's behaviour (nothing here launches an empty grid).
+        if !enabled() || n == 0 {
             return Ok(false);
         }
-        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(align) {
+        // Row starts need the blocks' alignment; Q6_K's blocks need 2, its tensor start 8.
+        let row_align = if w.ty == GgmlType::Q6_K { 2 } else { align };
+        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(row_align) {
             MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
@@ -197,13 +220,18 @@ impl CudaBackend {
         } else {
             self.quantize_int8(fmt, total, x, scratch, quantized)?
         };
-        let (kname, groups) = if n == 1 {
-            (name.to_string(), n)
-        } else {
-            (name.replacen("mmvq_", "mmvq8_", 1), n.div_ceil(MAX_TOKENS))
+        // Each 128-thread block has 4 warps of `rows_per_block / 4` rows.
+        let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
+            (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
+            (1, _) => (name.to_string(), 4, 1),
+            _ => (
+                name.replacen("mmvq_", "mmvq8_", 1),
+                4,
+                n.div_ceil(MAX_TOKENS),
+            ),
         };
         let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(4) as u32, groups as u32, 1),
+            grid_dim: (w.rows.div_ceil(rows_per_block) as u32, groups as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -285,7 +313,31 @@ mod tests {
         flea_quant::f16_to_f32(h)
     }
 
-    /// act_q8k: (quants, d, sums of 16) of one 256-element block, lane by lane.
+    /// act_q8k's quants as stored: element 64j + 32s + 16h + i (i < 16) at 128s + 32j + 16h + i,
+    /// written the kernel's way (lane = 8 elements, one 8-byte store at `st`).
+    fn stored_quants(q: &[i8]) -> Vec<i8> {
+        let mut out = vec![0i8; 256];
+        for lane in 0..32 {
+            let st = 128 * ((lane >> 2) & 1)
+                + 32 * (lane >> 3)
+                + 16 * ((lane >> 1) & 1)
+                + 8 * (lane & 1);
+            out[st..st + 8].copy_from_slice(&q[8 * lane..8 * lane + 8]);
+        }
+        out
+    }
+
+    /// act_q8k's sums as stored: group g = 4a + 2b + c at 4a + 2c + b.
+    fn stored_sums(sums: &[i32]) -> Vec<i32> {
+        let mut out = vec![0; 16];
+        for (g, &s) in sums.iter().enumerate() {
+            out[(g & 12) | ((g & 1) << 1) | ((g >> 1) & 1)] = s;
+        }
+        out
+    }
+
+    /// act_q8k: (quants, d, sums of 16 in element order) of one 256-element block, lane by
+    /// lane.
     fn act_q8k(x: &[f32]) -> (Vec<i8>, f32, Vec<i32>) {
         let (mut amax, mut mx, mut first) = (0f32, 0f32, 1usize << 30);
         let mut lanes = Vec::new();
@@ -336,7 +388,7 @@ mod tests {
 
     /// Q4K::dot for one block and lane part p.
     fn q4k_lane(b: &[u8], p: usize, q: &[i8], yd: f32, xs: &[i32]) -> f32 {
-        let (j, h) = (p >> 1, p & 1);
+        let j = p >> 1;
         let (y, z, w) = (word(b, 4), word(b, 8), word(b, 12));
         let scale_min = |s: usize| -> (i32, i32) {
             let sh = 8 * (s & 3);
@@ -353,13 +405,13 @@ mod tests {
         let (mut dlo, mut dhi) = (0, 0);
         for k in 0..4 {
             let qw = word(b, 16 + 16 * p + 4 * k);
-            let a = 64 * j + 16 * h + 4 * k;
+            let a = 16 * p + 4 * k;
             dlo = dp4a(qw & 0x0f0f0f0f, q8(q, a), dlo);
-            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 32), dhi);
+            dhi = dp4a((qw >> 4) & 0x0f0f0f0f, q8(q, a + 128), dhi);
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
-        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let (slo, shi) = (xs[2 * p], xs[2 * p + 1]);
         let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
         let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
         d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
@@ -380,9 +432,11 @@ mod tests {
         let (h0, h1) = (word(b, qh), word(b, qh + 4));
         let q6 = |lo4: u32, hi2: u32| ((lo4 | (hi2 << 4)).wrapping_add(0x60606060)) ^ 0x80808080;
         let (m4, m2) = (0x0f0f0f0fu32, 0x03030303u32);
-        let a = 128 * n + l0;
+        // Stored offsets of c = 0..3: a, a + 128, a + 32, a + 160.
+        let a = 64 * n + l0;
         let dd = |w0: u32, w1: u32, c: usize| {
-            dp4a(w0, q8(q, a + 32 * c), dp4a(w1, q8(q, a + 32 * c + 4), 0))
+            let o = a + [0, 128, 32, 160][c];
+            dp4a(w0, q8(q, o), dp4a(w1, q8(q, o + 4), 0))
         };
         let d0 = dd(q6(a0 & m4, h0 & m2), q6(a1 & m4, h1 & m2), 0);
         let d1 = dd(q6(b0 & m4, (h0 >> 2) & m2), q6(b1 & m4, (h1 >> 2) & m2), 1);
@@ -429,13 +483,13 @@ mod tests {
             let hw = word(b, 16 + 16 * h + 4 * k);
             let blo = ((hw >> (2 * j)) & 0x01010101) << 4;
             let bhi = ((hw >> (2 * j + 1)) & 0x01010101) << 4;
-            let a = 64 * j + 16 * h + 4 * k;
+            let a = 16 * p + 4 * k;
             dlo = dp4a((qw & 0x0f0f0f0f) | blo, q8(q, a), dlo);
-            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 32), dhi);
+            dhi = dp4a(((qw >> 4) & 0x0f0f0f0f) | bhi, q8(q, a + 128), dhi);
         }
         let (sc0, m0) = scale_min(2 * j);
         let (sc1, m1) = scale_min(2 * j + 1);
-        let (slo, shi) = (xs[4 * j + h], xs[4 * j + 2 + h]);
+        let (slo, shi) = (xs[2 * p], xs[2 * p + 1]);
         let d = h2f(u16::from_le_bytes([b[0], b[1]])) * yd;
         let dmin = h2f(u16::from_le_bytes([b[2], b[3]])) * yd;
         d * (sc0 * dlo + sc1 * dhi) as f32 - dmin * (m0 * slo + m1 * shi) as f32
@@ -509,6 +563,33 @@ mod tests {
             dp4a(q4((q1 >> 4) & m4), q8(q, a + 20), s),
         );
         s as f32 * (h2f(u16::from_le_bytes([b[0], b[1]])) * yd)
+    }
+
+    /// ld8_a2: 8 bytes at a 2-aligned offset from two 8-aligned 8-byte loads.
+    fn ld8_a2(mem: &[u8], a: usize) -> (u32, u32) {
+        let base = a & !7;
+        let w = |o: usize| word(mem, base + o);
+        let m = a & 7;
+        let (x0, x1, x2) = if m >= 4 {
+            (w(4), w(8), w(12))
+        } else {
+            (w(0), w(4), w(8))
+        };
+        let sh = ((m & 3) * 8) as u32;
+        let funnel = |lo: u32, hi: u32| ((((hi as u64) << 32) | lo as u64) >> sh) as u32;
+        (funnel(x0, x1), funnel(x1, x2))
+    }
+
+    #[test]
+    fn ld8_a2_reads_the_8_bytes_at_every_even_offset() {
+        let mem: Vec<u8> = (0..64u8).map(|v| v.wrapping_mul(37) ^ 0x5a).collect();
+        for a in (0..40).step_by(2) {
+            assert_eq!(
+                ld8_a2(&mem, a),
+                (word(&mem, a), word(&mem, a + 4)),
+                "offset {a}"
+            );
+        }
     }
 
     /// Deterministic pseudo-random bytes (xorshift64*).
@@ -606,7 +687,7 @@ mod tests {
                 let xb = &x[qk * b..qk * (b + 1)];
                 let (q, d, sums, ys) = if qk == 256 {
                     let (q, d, sums) = act_q8k(xb);
-                    (q, d, sums, 0.0)
+                    (stored_quants(&q), d, stored_sums(&sums), 0.0)
                 } else {
                     let (q, d, ys) = act_q8_0(xb);
                     (q, d, Vec::new(), ys)
@@ -686,6 +767,48 @@ mod tests {
             let cq: Vec<i8> = c[4..36].iter().map(|&v| v as i8).collect();
             assert_eq!(q, cq, "quants");
         }
+    }
+
+    /// The kernel source compiles with NVRTC and lib.rs's options (no GPU needed: NVRTC is a
+    /// plain library). Skips when libnvrtc is not found, unless FLEA_REQUIRE_NVRTC is set
+    /// (scripts/test.sh installs NVRTC from pip and sets it).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        if !crate::libraries().nvrtc {
+            assert!(
+                std::env::var_os("FLEA_REQUIRE_NVRTC").is_none(),
+                "FLEA_REQUIRE_NVRTC is set but libnvrtc was not found"
+            );
+            println!("SKIP: no libnvrtc");
+            return;
+        }
+        let cubin = crate::nvrtc_compile(crate::KERNELS, "sm_90").unwrap();
+        assert!(!cubin.is_empty());
+    }
+
+    /// Every kernel the host may launch is in the list loaded at start.
+    #[test]
+    fn routed_kernels_are_loaded() {
+        let names = kernel_names();
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_1,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
+            let (name, _, _) = kernel_for(ty).unwrap();
+            for pre in ["mmvq_", "mmvq2_", "mmvq8_"] {
+                let k = name.replacen("mmvq_", pre, 1);
+                assert!(names.contains(&k), "{k} not loaded");
+            }
+        }
+        assert!(kernel_for(GgmlType::Q2_K).is_none() && kernel_for(GgmlType::F32).is_none());
     }
 
     #[test]

@@ -168,9 +168,10 @@ fn main() {
         }
         let roof = bw / bytes as f64;
         eprintln!(
-            "{path}: first prompt pass {first_prompt:.2} s (uploads {:.2} GiB), {}",
+            "{path}: first prompt pass {first_prompt:.2} s (uploads {:.2} GiB), {}, mmvq alignment fallbacks {}",
             cuda.uploaded_bytes() as f64 / (1u64 << 30) as f64,
-            cuda.kernel_cache()
+            cuda.kernel_cache(),
+            cuda.mmvq_misaligned()
         );
         rows.push(serde_json::json!({
             "model": path,
