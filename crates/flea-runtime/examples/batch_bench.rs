@@ -9,11 +9,8 @@
 //! bytes streamed per pass. Greedy tokens; nothing here is a test.
 
 use flea_io::{IoBackend, IoOptions};
-use flea_model::backend::Row;
-use flea_model::sampling::argmax;
 use flea_model::{CpuBackend, Model};
 use flea_runtime::{Links, Plan, PlanRequest, StreamedModel};
-use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -73,48 +70,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n_ctx,
         max_b * prompt_len,
     )?;
-    let vocab = model.cfg.n_vocab;
-    println!("batch  tok/s   s/pass  streamed/pass");
-    for &b in &batches {
-        // Prompts: token ids 1.. differing per sequence.
-        let mut tokens = Vec::new();
-        let mut rows = Vec::new();
-        let mut last = Vec::new();
-        for seq in 0..b {
-            for p in 0..prompt_len {
-                tokens.push((1 + (seq * 7 + p * 13) % (vocab - 1)) as u32);
-                rows.push(Row { seq, pos: p });
-            }
-            last.push(rows.len() - 1);
-        }
-        let logits = s.step(&tokens, &rows, &last)?;
-        let mut next: Vec<u32> = logits
-            .chunks_exact(vocab)
-            .map(|l| argmax(l) as u32)
-            .collect();
-        let bytes0 = s.stats.bytes_streamed;
-        let t0 = Instant::now();
-        for k in 0..steps {
-            let rows: Vec<Row> = (0..b)
-                .map(|seq| Row {
-                    seq,
-                    pos: prompt_len + k,
-                })
-                .collect();
-            let want: Vec<usize> = (0..b).collect();
-            let logits = s.step(&next, &rows, &want)?;
-            next = logits
-                .chunks_exact(vocab)
-                .map(|l| argmax(l) as u32)
-                .collect();
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let per_pass = (s.stats.bytes_streamed - bytes0) / steps.max(1) as u64;
+    println!("batch  tok/s   s/pass  moved/pass");
+    for r in flea_runtime::batch_bench::batched_decode(&mut s, &batches, steps, prompt_len)? {
         println!(
-            "{b:>5}  {:>6.2}  {:>6.3}  {:>8.1} MiB",
-            (b * steps) as f64 / secs,
-            secs / steps as f64,
-            per_pass as f64 / (1 << 20) as f64
+            "{:>5}  {:>6.2}  {:>6.3}  {:>8.1} MiB",
+            r.batch,
+            r.tokens_per_sec,
+            r.seconds_per_pass,
+            r.bytes_per_pass as f64 / (1 << 20) as f64
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! Transient residency: memory budgets, the layer planner and the streaming executor.
 
+pub mod batch_bench;
 pub mod budget;
 pub mod executor;
 pub mod plan;
