@@ -158,6 +158,10 @@ struct Scratch {
     rowbase: Option<CudaSlice<i32>>,
     /// Cache row each row of k/v is stored to.
     rowkv: Option<CudaSlice<i32>>,
+    /// What each of rowpos / rowbase / rowkv holds now: every layer of a pass uses the same
+    /// rows, so they are uploaded once per pass, not before every kernel (a pageable upload
+    /// stalls the host and breaks the queue of launches).
+    rows_on_device: [Vec<i32>; 3],
 }
 
 /// Which per-row buffer of the scratch an upload fills.
@@ -749,18 +753,25 @@ impl CudaBackend {
             .scratch
             .lock()
             .map_err(|_| be("scratch lock poisoned"))?;
-        let buf = match which {
-            RowBuf::Pos => &mut sc.rowpos,
-            RowBuf::Base => &mut sc.rowbase,
-            RowBuf::Kv => &mut sc.rowkv,
+        let sc = &mut *sc;
+        let (buf, held) = match which {
+            RowBuf::Pos => (&mut sc.rowpos, &mut sc.rows_on_device[0]),
+            RowBuf::Base => (&mut sc.rowbase, &mut sc.rows_on_device[1]),
+            RowBuf::Kv => (&mut sc.rowkv, &mut sc.rows_on_device[2]),
         };
+        let grown = buf.as_ref().is_none_or(|b| b.len() < data.len());
         let ptr = self.grow(buf, data.len())?;
+        if !grown && held.as_slice() == data {
+            return Ok(ptr);
+        }
+        held.clear();
         if let Some(dst) = buf.as_mut() {
             let mut view = dst.slice_mut(0..data.len());
             self.stream
                 .memcpy_htod(data, &mut view)
                 .map_err(|e| be(format!("uploading row positions: {e:?}")))?;
         }
+        held.extend_from_slice(data);
         Ok(ptr)
     }
 
