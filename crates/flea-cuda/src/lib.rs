@@ -211,7 +211,6 @@ pub struct CudaBackend {
     ring: Mutex<Option<staging::DeviceRing>>,
     /// Set once an executor places units: every weight must then be mapped.
     staging: std::sync::atomic::AtomicBool,
-    pinned_bytes: AtomicU64,
     /// Mapped pinned host memory through which `write` hands the hidden state over.
     handover: Mutex<Option<Handover>>,
     /// Host-to-device copies of streamed units, beside the compute stream.
@@ -413,7 +412,6 @@ impl CudaBackend {
             resident: Mutex::new(Vec::new()),
             ring: Mutex::new(None),
             staging: std::sync::atomic::AtomicBool::new(false),
-            pinned_bytes: AtomicU64::new(0),
             handover: Mutex::new(None),
             copy_stream,
             vectors: Mutex::new(HashMap::new()),
@@ -466,11 +464,6 @@ impl CudaBackend {
             .mem_get_info()
             .map_err(|e| CudaError(format!("mem info: {e:?}")))
     }
-    /// Bytes of host memory page-locked for copies.
-    pub fn pinned_bytes(&self) -> u64 {
-        self.pinned_bytes.load(Ordering::Relaxed)
-    }
-
     /// Make this context current on the calling thread.
     fn bind(&self) -> Result<()> {
         self.ctx

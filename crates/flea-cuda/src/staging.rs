@@ -93,8 +93,6 @@ impl UnitStaging for CudaBackend {
                 .result()
         }
         .map_err(|e| be(format!("pinning {} bytes of host memory: {e:?}", buf.len())))?;
-        self.pinned_bytes
-            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -139,6 +139,9 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     /// Units staged ahead (in pass order) while the CPU computes, and where staging resumes.
     prestaged: std::collections::VecDeque<(usize, B::Staged)>,
     prestage_next: usize,
+    /// Most units staged ahead: the ring depth, or 0 with FLEA_PRESTAGE=0 (a diagnostic:
+    /// copies then never overlap the CPU's layers). Read once, in `attach_cpu`.
+    prestage_depth: usize,
     /// Host buffers page-locked for the backend's copies: (address, length).
     pinned: Vec<(usize, usize)>,
     ring: Option<Ring>,
@@ -353,6 +356,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             kv_valid: vec![[0, 0]; cfg.n_layers],
             prestaged: std::collections::VecDeque::new(),
             prestage_next: 0,
+            prestage_depth: 0,
             pinned,
             ring,
             embed_reader,
@@ -465,6 +469,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             }
         }
         self.hybrid = Some(report);
+        self.prestage_depth = match std::env::var("FLEA_PRESTAGE").as_deref() {
+            Ok("0") => 0,
+            _ => self.plan.ring_depth.max(1),
+        };
         let cfg = &self.model.cfg;
         let cpu_layers = self.plan.units.iter().filter(|u| u.on_cpu).count();
         if cpu_layers == 0 {
@@ -723,8 +731,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     m,
                     &self.plan,
                     &self.held,
-                    &mut self.prestaged,
-                    &mut self.prestage_next,
+                    (
+                        &mut self.prestaged,
+                        &mut self.prestage_next,
+                        self.prestage_depth,
+                    ),
                     ui,
                 )?;
                 if !x_on_cpu {
@@ -939,24 +950,24 @@ impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     }
 }
 
+/// The units staged ahead, where staging resumes, and the most staged at once.
+type Prestage<'a, S> = (
+    &'a mut std::collections::VecDeque<(usize, S)>,
+    &'a mut usize,
+    usize,
+);
+
 /// Stage the host-cached GPU units after unit `after`, in pass order, while fewer than
-/// `ring_depth` are staged (each staged unit holds a device slot until its compute is
-/// issued). Stops at a unit streamed from disk: its bytes arrive at its turn.
+/// `depth` (at most the ring depth) are staged (each staged unit holds a device slot until
+/// its compute is issued). Stops at a unit streamed from disk: its bytes arrive at its turn.
 fn prestage<B: UnitStaging>(
     b: &B,
     m: &Model,
     plan: &Plan,
     held: &[Option<Holding>],
-    prestaged: &mut std::collections::VecDeque<(usize, B::Staged)>,
-    next: &mut usize,
+    (prestaged, next, depth): Prestage<'_, B::Staged>,
     after: usize,
 ) -> Result<()> {
-    // FLEA_PRESTAGE=0 turns staging ahead off (a diagnostic: copies then never overlap the
-    // CPU's layers).
-    let depth = match std::env::var("FLEA_PRESTAGE").as_deref() {
-        Ok("0") => 0,
-        _ => plan.ring_depth.max(1),
-    };
     let mut j = (*next).max(after + 1);
     while prestaged.len() < depth && j < plan.units.len() {
         let u = &plan.units[j];
