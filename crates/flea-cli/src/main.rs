@@ -304,6 +304,18 @@ impl Engine {
         self.backend.name()
     }
 
+    /// With FLEA_CUDA_PROFILE set on a CUDA run: per-kernel GPU time since the last call.
+    fn print_gpu_profile(&self, phase: &str) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(c) = &self.cuda {
+            if let Some(r) = c.profile_report().map_err(|e| anyhow!("{e}"))? {
+                eprint!("{phase}: {r}");
+            }
+        }
+        let _ = phase;
+        Ok(())
+    }
+
     /// The model under the residency flags, with a KV cache of `n_seq` sequence slots.
     fn runner(&self, a: &EngineArgs, n_seq: usize) -> Result<Runner<'_>> {
         #[cfg(feature = "cuda")]
@@ -361,6 +373,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut logits = sess.eval(&prompt, Logits::Last)?;
     let prompt_s = t0.elapsed().as_secs_f64();
+    eng.print_gpu_profile("prompt")?;
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -385,6 +398,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     }
     writeln!(out, "{}", text.finish())?;
     let decode_s = t1.elapsed().as_secs_f64();
+    eng.print_gpu_profile("decode")?;
     let rss = peak_rss_bytes().unwrap_or(0);
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     eprintln!(

@@ -433,6 +433,43 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < g; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
+// As rms_norm for g % 4 == 0 and g <= 16 * blockDim.x: 16-byte loads, each thread keeps its
+// (at most 4) float4s in registers, so the row is read once and every load is in flight at
+// the same time (the plain kernel's strided loop is latency-bound on one 4096-wide row).
+extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
+                                     float4* __restrict__ out, int g4, float eps) {
+    const float4* xr = x + (long long)blockIdx.x * g4;
+    float4* o = out + (long long)blockIdx.x * g4;
+    float4 v[4];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < g4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    __shared__ float red[32];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float r = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+        r = warp_sum(r);
+        if (threadIdx.x == 0) red[0] = r;
+    }
+    __syncthreads();
+    const float inv = 1.f / sqrtf(red[0] / (float)(4 * g4) + eps);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < g4) {
+            const float4 ww = w[i];
+            o[i] = make_float4(v[k].x * inv * ww.x, v[k].y * inv * ww.y, v[k].z * inv * ww.z,
+                               v[k].w * inv * ww.w);
+        }
+    }
+}
+
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += b[i % width];
@@ -675,6 +712,168 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
         float v = 0.f;
         for (int gg = 0; gg < G; gg++) v += part[gg * hd32 + threadIdx.x];
         out[(long long)t * qd + h * hd + threadIdx.x] = v;
+    }
+}
+
+// Decode attention split over the keys ("flash decoding"), for few rows: one block of 128
+// threads per (head, row, chunk of ATT_CHUNK keys), so a 500-key context keeps ~10x more SMs
+// busy than one block per (head, row). Three launches keep the CPU's arithmetic (scores,
+// global max, probabilities rounded to f16, P.V) and a fixed summation order (no atomics:
+// results do not change from run to run):
+//   attn_split_scores: scores of the chunk (16-byte K loads), the chunk's max and sum of exp;
+//   attn_split_pv:     global max and sum from all chunks' stats, f16 probabilities, the
+//                      chunk's partial P.V;
+//   attn_split_reduce: partials of the chunks added in chunk order.
+// hd % 4 == 0 and hd <= 256 (checked by the host). Scratch strides: `maxk` keys and `maxc`
+// chunks per (row, head).
+#define ATT_CHUNK 64
+__device__ __forceinline__ void att_window(const int* rowpos, int t, int window, int* lo, int* nk) {
+    const int pos = rowpos[t];
+    *lo = window > 0 ? max(0, pos + 1 - window) : 0;
+    *nk = pos + 1 - *lo;
+}
+__device__ __forceinline__ float4 h4f(uint2 raw) {
+    return make_float4(h2f((u16)(raw.x & 0xffff)), h2f((u16)(raw.x >> 16)),
+                       h2f((u16)(raw.y & 0xffff)), h2f((u16)(raw.y >> 16)));
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split_scores(const float* __restrict__ q, const u16* __restrict__ kc,
+                      float* __restrict__ scores, float* __restrict__ stats, int n_head,
+                      int group, int hd, int kvd, const int* __restrict__ rowpos,
+                      const int* __restrict__ rowbase, int window, float scale, int maxk,
+                      int maxc) {
+    __shared__ float qs[256];
+    __shared__ float sm[ATT_CHUNK];
+    __shared__ float red[4];
+    const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int lo, nk;
+    att_window(rowpos, t, window, &lo, &nk);
+    const int j0 = c * ATT_CHUNK;
+    if (j0 >= nk) return;
+    const int len = min(ATT_CHUNK, nk - j0);
+    const int qd = n_head * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x)
+        qs[d] = h2f(f2h(q[(long long)t * qd + h * hd + d]));
+    __syncthreads();
+    const u16* kb = kc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
+    // Each warp scores 4 keys at a time; lane l reads dims 4l..4l+3 (+128, ...).
+    for (int jj = warp * 4; jj < len; jj += 16) {
+        float dot[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int d = lane * 4; d < hd; d += 128) {
+            const float4 qv = make_float4(qs[d], qs[d + 1], qs[d + 2], qs[d + 3]);
+            // Keys past the chunk re-read its last key (no branch; their scores are dropped).
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int j = min(jj + k, len - 1);
+                const float4 kv = h4f(*(const uint2*)(kb + (long long)j * kvd + d));
+                dot[k] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float v = warp_sum(dot[k]);
+            if (lane == 0 && jj + k < len) sm[jj + k] = v * scale;
+        }
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sm[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    float l = 0.f;
+    float* srow = scores + ((long long)t * n_head + h) * maxk + j0;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        srow[j] = sm[j];
+        l += expf(sm[j] - m);
+    }
+    l = warp_sum(l);
+    if (lane == 0) red[warp] = l;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float* st = stats + (((long long)t * n_head + h) * maxc + c) * 2;
+        st[0] = m;
+        st[1] = (red[0] + red[1]) + (red[2] + red[3]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split_pv(const u16* __restrict__ vc, const float* __restrict__ scores,
+                  const float* __restrict__ stats, float* __restrict__ part, int n_head,
+                  int group, int hd, int kvd, const int* __restrict__ rowpos,
+                  const int* __restrict__ rowbase, int window, int maxk, int maxc) {
+    __shared__ float p[ATT_CHUNK];
+    __shared__ float4 acc4[128];
+    const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
+    int lo, nk;
+    att_window(rowpos, t, window, &lo, &nk);
+    const int j0 = c * ATT_CHUNK;
+    if (j0 >= nk) return;
+    const int len = min(ATT_CHUNK, nk - j0);
+    const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+    // The global max and sum from every chunk's stats, in chunk order (each block the same).
+    const float* st = stats + ((long long)t * n_head + h) * maxc * 2;
+    float m = NEG_INF;
+    for (int i = 0; i < nch; i++) m = fmaxf(m, st[2 * i]);
+    float tot = 0.f;
+    for (int i = 0; i < nch; i++) tot += st[2 * i + 1] * expf(st[2 * i] - m);
+    const float inv = 1.f / tot;
+    const float* srow = scores + ((long long)t * n_head + h) * maxk + j0;
+    // Probabilities rounded to f16, as the CPU does.
+    for (int j = threadIdx.x; j < len; j += blockDim.x) p[j] = h2f(f2h(expf(srow[j] - m) * inv));
+    __syncthreads();
+    // Thread i: dims 4*(i % q4)..+3 of keys i / q4, + G, + 2G, ... (q4 = hd/4, G = 128/q4).
+    const int q4 = hd >> 2;
+    const int G = 128 / q4;
+    const int g = threadIdx.x / q4, d = (threadIdx.x - g * q4) * 4;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (g < G) {
+        const u16* vb = vc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd + d;
+        for (int j = g; j < len; j += G) {
+            const float4 v = h4f(*(const uint2*)(vb + (long long)j * kvd));
+            const float pj = p[j];
+            a.x += pj * v.x;
+            a.y += pj * v.y;
+            a.z += pj * v.z;
+            a.w += pj * v.w;
+        }
+    }
+    acc4[threadIdx.x] = a;
+    __syncthreads();
+    // Group 0 adds the other groups' sums in group order.
+    if (threadIdx.x < q4 && g == 0) {
+        float4 s = acc4[threadIdx.x];
+        for (int gg = 1; gg < G; gg++) {
+            const float4 o = acc4[gg * q4 + threadIdx.x];
+            s.x += o.x;
+            s.y += o.y;
+            s.z += o.z;
+            s.w += o.w;
+        }
+        float* dst = part + ((((long long)t * n_head + h) * maxc + c) * hd) + 4 * threadIdx.x;
+        dst[0] = s.x;
+        dst[1] = s.y;
+        dst[2] = s.z;
+        dst[3] = s.w;
+    }
+}
+
+extern "C" __global__ void attn_split_reduce(const float* __restrict__ part, float* __restrict__ out,
+                                             int n_head, int hd, const int* __restrict__ rowpos,
+                                             int window, int maxc) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    int lo, nk;
+    att_window(rowpos, t, window, &lo, &nk);
+    const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+    const float* src = part + ((long long)t * n_head + h) * maxc * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.f;
+        for (int c = 0; c < nch; c++) v += src[(long long)c * hd + d];
+        out[(long long)t * n_head * hd + h * hd + d] = v;
     }
 }
 

@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex};
 
 mod mmvq;
 pub mod probe;
+mod profile;
+pub use profile::{KernelTime, ProfileReport};
 mod staging;
 pub use staging::CudaStaged;
 
@@ -44,6 +46,21 @@ pub struct CudaError(pub String);
 
 fn be(msg: impl Into<String>) -> ModelError {
     ModelError::Backend(msg.into())
+}
+
+/// Launches kernel `name` on the compute stream with the listed arguments (profile marks
+/// and the error check included).
+macro_rules! launch {
+    ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
+        let name: &str = $name;
+        let f = $s.func(name)?;
+        let mut b = $s.stream.launch_builder(f);
+        $( b.arg(&$arg); )*
+        // SAFETY: every caller checks its buffers' shapes against the kernel's indexing
+        // (check_rows, the weight's byte count) before launching.
+        unsafe { b.launch($cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
+        $s.after_launch(name)
+    }};
 }
 
 /// Which CUDA libraries can be loaded here (checked without touching cudarc's panicking
@@ -102,9 +119,13 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 10] = [
+const PLAIN_KERNELS: [&str; 14] = [
     "act_round",
     "rms_norm",
+    "rms_norm4",
+    "attn_split_scores",
+    "attn_split_pv",
+    "attn_split_reduce",
     "add_bias",
     "add",
     "glu",
@@ -158,6 +179,8 @@ struct Scratch {
     rowbase: Option<CudaSlice<i32>>,
     /// Cache row each row of k/v is stored to.
     rowkv: Option<CudaSlice<i32>>,
+    /// Split attention's scores, chunk stats and partial outputs (at most ATTN_SPLIT_MAX_BYTES).
+    attn_split: Option<CudaSlice<f32>>,
     /// What each of rowpos / rowbase / rowkv holds now: every layer of a pass uses the same
     /// rows, so they are uploaded once per pass, not before every kernel (a pageable upload
     /// stalls the host and breaks the queue of launches).
@@ -221,6 +244,10 @@ pub struct CudaBackend {
     device_name: String,
     cc: (i32, i32),
     sync_each: bool,
+    /// FLEA_CUDA_ATTN=single: one block per (head, row) even for decode (for comparisons).
+    single_block_attention: bool,
+    /// Per-kernel timing events (FLEA_CUDA_PROFILE), None when off.
+    profile: Option<Mutex<profile::KernelProfile>>,
     precise_gemm: std::sync::atomic::AtomicBool,
     uploaded: AtomicU64,
     kernel_cache: String,
@@ -420,6 +447,10 @@ impl CudaBackend {
             device_name,
             cc,
             sync_each: std::env::var_os("FLEA_CUDA_SYNC").is_some(),
+            single_block_attention: std::env::var("FLEA_CUDA_ATTN").as_deref() == Ok("single"),
+            profile: std::env::var_os("FLEA_CUDA_PROFILE")
+                .is_some_and(|v| v != "0")
+                .then(|| Mutex::new(profile::KernelProfile::default())),
             precise_gemm: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_GEMM").as_deref() == Ok("f32"),
             ),
@@ -640,13 +671,43 @@ impl CudaBackend {
             .map_err(|e| be(format!("handover record: {e:?}")))
     }
 
+    /// The kernel `name`, looked up just before its launch (so the profile's start mark
+    /// goes here).
     fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs
+        let f = self
+            .funcs
             .get(name)
-            .ok_or_else(|| be(format!("kernel {name} not loaded")))
+            .ok_or_else(|| be(format!("kernel {name} not loaded")))?;
+        if let Some(p) = &self.profile {
+            p.lock()
+                .map_err(|_| be("profile lock poisoned"))?
+                .before(&self.ctx, &self.stream)
+                .map_err(be)?;
+        }
+        Ok(f)
+    }
+
+    /// With FLEA_CUDA_PROFILE set: what each kernel took on the GPU since the last report
+    /// (waits for the stream). None when profiling is off.
+    pub fn profile_report(&self) -> Result<Option<ProfileReport>> {
+        let Some(p) = &self.profile else {
+            return Ok(None);
+        };
+        let r = p
+            .lock()
+            .map_err(|_| be("profile lock poisoned"))?
+            .report()
+            .map_err(be)?;
+        Ok(Some(r))
     }
 
     fn after_launch(&self, name: &str) -> Result<()> {
+        if let Some(p) = &self.profile {
+            p.lock()
+                .map_err(|_| be("profile lock poisoned"))?
+                .after(name, &self.ctx, &self.stream)
+                .map_err(be)?;
+        }
         if self.sync_each {
             self.stream
                 .synchronize()
@@ -768,6 +829,59 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Attention split over the keys (see `attn_split_*` in kernels.cu): scores and chunk
+    /// stats, then probabilities times V per chunk, then the chunks added in order.
+    #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
+    fn attention_split(
+        &self,
+        s: &AttnSplit,
+        p: &AttnParams,
+        q: &CudaAct,
+        kc: u64,
+        vc: u64,
+        (posp, basep): (u64, u64),
+        window: i32,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let base = {
+            let mut sc = self
+                .scratch
+                .lock()
+                .map_err(|_| be("scratch lock poisoned"))?;
+            self.grow(&mut sc.attn_split, s.floats())?
+        };
+        let (scores, stats, part) = (
+            base,
+            base + 4 * s.scores_floats() as u64,
+            base + 4 * (s.scores_floats() + s.stats_floats()) as u64,
+        );
+        let grid = (p.n_head as u32, s.rows as u32, s.maxc as u32);
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, nh, group, hdi, kvdi, scale, maxk, maxc) = (
+            q.ptr,
+            p.n_head as i32,
+            (p.n_head / p.n_head_kv) as i32,
+            s.hd as i32,
+            (p.n_head_kv * s.hd) as i32,
+            p.scale,
+            s.maxk as i32,
+            s.maxc as i32,
+        );
+        launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
+        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, s.rows as u32, 1),
+            block_dim: (s.hd.next_multiple_of(32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let op = out.ptr;
+        launch!(self, "attn_split_reduce", cfg; part, op, nh, hdi, posp, window, maxc)
+    }
+
     fn check_weight(w: &Weight) -> Result<()> {
         if type_info(w.ty).is_none() {
             return Err(be(format!(
@@ -818,6 +932,50 @@ impl CudaBackend {
     }
 }
 
+/// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
+const ATTN_CHUNK: usize = 64;
+/// The split attention's scratch stays within this (part of the arena's fixed scratch
+/// allowance); bigger batches use the one-block-per-row kernels.
+const ATTN_SPLIT_MAX_BYTES: usize = 16 << 20;
+
+/// Shape of one split attention launch: `rows` rows × heads × `maxc` chunks of keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AttnSplit {
+    rows: usize,
+    n_head: usize,
+    hd: usize,
+    /// Score slots per (row, head): the most keys any row sees.
+    maxk: usize,
+    maxc: usize,
+}
+
+impl AttnSplit {
+    /// The split shape, or None where the one-block kernels apply: head dims the 8-byte
+    /// loads cannot take, scratch past the limit, or `single` asked for.
+    fn plan(rows: usize, n_head: usize, hd: usize, max_keys: usize, single: bool) -> Option<Self> {
+        if single || hd == 0 || !hd.is_multiple_of(4) || hd > 256 || rows == 0 || max_keys == 0 {
+            return None;
+        }
+        let s = AttnSplit {
+            rows,
+            n_head,
+            hd,
+            maxk: max_keys,
+            maxc: max_keys.div_ceil(ATTN_CHUNK),
+        };
+        (s.floats() * 4 <= ATTN_SPLIT_MAX_BYTES).then_some(s)
+    }
+    fn scores_floats(&self) -> usize {
+        self.rows * self.n_head * self.maxk
+    }
+    fn stats_floats(&self) -> usize {
+        self.rows * self.n_head * self.maxc * 2
+    }
+    fn floats(&self) -> usize {
+        self.scores_floats() + self.stats_floats() + self.rows * self.n_head * self.maxc * self.hd
+    }
+}
+
 fn check_rows(a: &CudaAct, n: usize, what: &str) -> Result<()> {
     if n > a.rows {
         return Err(be(format!(
@@ -826,17 +984,6 @@ fn check_rows(a: &CudaAct, n: usize, what: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-macro_rules! launch {
-    ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
-        let name: &str = $name;
-        let f = $s.func(name)?;
-        let mut b = $s.stream.launch_builder(f);
-        $( b.arg(&$arg); )*
-        unsafe { b.launch($cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
-        $s.after_launch(name)
-    }};
 }
 
 impl Backend for CudaBackend {
@@ -972,6 +1119,18 @@ impl Backend for CudaBackend {
             return Err(be("rms_norm: width mismatch"));
         }
         let groups = total / g;
+        // Rows of float4s up to 4 per thread of a 1024-thread block: the vector kernel.
+        let g4 = g / 4;
+        if g.is_multiple_of(4) && g4 <= 4 * 1024 {
+            let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+            let cfg = LaunchConfig {
+                grid_dim: (groups as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
+            return launch!(self, "rms_norm4", cfg; xp, wp, op, g4i, eps);
+        }
         let cfg = LaunchConfig {
             grid_dim: (groups as u32, 1, 1),
             block_dim: (if g >= 256 { 256 } else { 64 }, 1, 1),
@@ -1159,6 +1318,11 @@ impl Backend for CudaBackend {
             Some(w) => last.min(w.max(1)),
             None => last,
         };
+        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+        if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
+        {
+            return self.attention_split(&split, p, q, kc, vc, (posp, basep), window, out);
+        }
         let smem = max_keys * 4;
         let use_smem = smem <= 44 * 1024;
         let cfg = LaunchConfig {
@@ -1171,7 +1335,6 @@ impl Backend for CudaBackend {
         } else {
             "attention"
         };
-        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
         let (qp, op, nh, group, hdi, kvdi, scale) = (
             q.ptr,
             out.ptr,
@@ -1429,4 +1592,26 @@ fn gemm(
         )
     }
     .map_err(|e| be(format!("cublasGemmEx ({m}x{k} · {k}x{n}): {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_attention_plan() {
+        // Decode row, 530 keys, 128-dim heads: 9 chunks of 64.
+        let s = AttnSplit::plan(1, 32, 128, 530, false).unwrap();
+        assert_eq!((s.maxk, s.maxc), (530, 9));
+        assert_eq!(s.floats(), 32 * 530 + 32 * 9 * 2 + 32 * 9 * 128);
+        // Forced off, odd head sizes, too big, empty: the one-block kernels.
+        assert!(AttnSplit::plan(1, 32, 128, 530, true).is_none());
+        assert!(AttnSplit::plan(1, 32, 66, 530, false).is_none());
+        assert!(AttnSplit::plan(1, 32, 512, 530, false).is_none());
+        assert!(AttnSplit::plan(512, 32, 128, 4096, false).is_none());
+        assert!(AttnSplit::plan(0, 32, 128, 10, false).is_none());
+        // The scratch bound holds at the edge.
+        let big = AttnSplit::plan(64, 8, 128, 2048, false).unwrap();
+        assert!(big.floats() * 4 <= ATTN_SPLIT_MAX_BYTES);
+    }
 }

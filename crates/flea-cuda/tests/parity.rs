@@ -362,3 +362,99 @@ fn ops_match_cpu() {
     }
     assert!(bad.is_empty(), "op failures: {bad:#?}");
 }
+
+/// Attention alone, CUDA vs CPU, over a cache long enough for several 64-key chunks of the
+/// split decode kernels: two sequences filled by prompt batches, then one decode row each
+/// (different positions), with and without a sliding window, for several head sizes and
+/// grouped heads.
+#[test]
+fn attention_matches_cpu() {
+    use flea_model::backend::{AttnParams, KvShape, Row};
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    for (hd, n_head, n_head_kv) in [
+        (64usize, 8usize, 2usize),
+        (128, 4, 4),
+        (256, 4, 1),
+        (80, 2, 1),
+    ] {
+        for window in [None, Some(70usize)] {
+            let shape = KvShape {
+                n_layers: 1,
+                n_ctx: 320,
+                n_head_kv,
+                head_dim: hd,
+                n_seq: 2,
+            };
+            let mut kc = cpu.alloc_kv(shape).unwrap();
+            let mut kg = cuda.alloc_kv(shape).unwrap();
+            let (qd, kvd) = (n_head * hd, n_head_kv * hd);
+            let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
+                (0..n * w)
+                    .map(|i| ((i as f32 * 0.37 + salt).sin() * 1.7) + ((i % 5) as f32 - 2.0) * 0.05)
+                    .collect()
+            };
+            // Prompts of 230 and 150 rows, then one decode row for each sequence.
+            let batches: Vec<Vec<Row>> = vec![
+                Row::consecutive(0, 0, 230),
+                Row::consecutive(1, 0, 150),
+                vec![Row { seq: 1, pos: 150 }, Row { seq: 0, pos: 230 }],
+            ];
+            for (bi, rows) in batches.iter().enumerate() {
+                let n = rows.len();
+                let (q, k, v) = (
+                    data(n, qd, bi as f32),
+                    data(n, kvd, 10.0 + bi as f32),
+                    data(n, kvd, 20.0 + bi as f32),
+                );
+                let p = AttnParams {
+                    layer: 0,
+                    rows,
+                    n_head,
+                    n_head_kv,
+                    head_dim: hd,
+                    window,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                let mut cq = cpu.alloc_act(n, qd).unwrap();
+                let mut ck = cpu.alloc_act(n, kvd).unwrap();
+                let mut cv = cpu.alloc_act(n, kvd).unwrap();
+                cq.data.copy_from_slice(&q);
+                ck.data.copy_from_slice(&k);
+                cv.data.copy_from_slice(&v);
+                let mut co = cpu.alloc_act(n, qd).unwrap();
+                cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
+                    .unwrap();
+                let (gq, gk, gv) = (
+                    cuda.alloc_act(n, qd).unwrap(),
+                    cuda.alloc_act(n, kvd).unwrap(),
+                    cuda.alloc_act(n, kvd).unwrap(),
+                );
+                cuda.upload(&gq, &q).unwrap();
+                cuda.upload(&gk, &k).unwrap();
+                cuda.upload(&gv, &v).unwrap();
+                let mut go = cuda.alloc_act(n, qd).unwrap();
+                let g = cuda
+                    .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                let case = format!(
+                    "hd={hd} heads={n_head}/{n_head_kv} window={window:?} batch={bi} rows={n}"
+                );
+                match g {
+                    Ok(g) => {
+                        let e = rel_err(&g, &co.data);
+                        let ok = e <= 1e-3;
+                        println!("ATTN {case} rel={e:.3e} {}", if ok { "OK" } else { "FAIL" });
+                        if !ok {
+                            bad.push(format!("{case}: {e:.3e}"));
+                        }
+                    }
+                    Err(e) => bad.push(format!("{case}: {e}")),
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "attention failures: {bad:#?}");
+}

@@ -271,8 +271,18 @@ fn run_child(mut cmd: Command, timeout: Duration, watch_gpus: bool) -> Result<Ch
     let _ = std::fs::remove_file(&out_path);
     let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
     let mut stderr_tail: String = tail.into_iter().rev().collect::<Vec<_>>().join(" / ");
-    if status.is_none() {
-        stderr_tail = format!("killed after {} s; {stderr_tail}", timeout.as_secs());
+    match status {
+        None => stderr_tail = format!("killed after {} s; {stderr_tail}", timeout.as_secs()),
+        // A child killed by a signal (a crash, the OOM killer) often writes nothing: say how
+        // it ended rather than leave the reason empty.
+        Some(s) if !s.success() => {
+            stderr_tail = if stderr_tail.is_empty() {
+                format!("{s}, no output on stderr")
+            } else {
+                format!("{s}: {stderr_tail}")
+            }
+        }
+        Some(_) => {}
     }
     Ok(ChildRun {
         ok: status.is_some_and(|s| s.success()),
