@@ -13,8 +13,8 @@
          logits, then N-1 single-token decode steps (what decode tok/s measures)
   python3 scripts/bench_llama.py check --model M --prompt-ids FILE --gen-ids FILE --threads T \
           --n-ctx C --n-gpu-layers L
-      -> teacher-forced check of another engine's greedy tokens: evaluates prompt + tokens once
-         with logits for every position and counts where llama.cpp's argmax is the same token
+      -> teacher-forced check of another engine's greedy tokens: evaluates the prompt, then the
+         tokens one at a time, and counts where llama.cpp's argmax is the same token
 
 Token ids come from files (JSON lists) so both engines see the very same prompt tokens.
 """
@@ -121,23 +121,38 @@ def run(args) -> dict:
 
 
 def check(args) -> dict:
+    # llama_cpp before numpy, as in run(): on the GPU machine the other order segfaults.
+    import llama_cpp  # noqa: F401
     import numpy as np
 
-    llm, _ = load(args, logits_all=True)
+    # Without logits_all: llama-cpp-python 0.3.36's CUDA build segfaults with it (seen on the
+    # GPU machine even at n_gpu_layers=0). The last position's logits after each eval are all
+    # the check needs: the prompt once, then the other engine's tokens one at a time.
+    llm, _ = load(args, logits_all=False)
     prompt = ids_from(args.prompt_ids)
     gen = ids_from(args.gen_ids)
     if not prompt or not gen:
         raise SystemExit("check needs a prompt and at least one generated token")
     if len(prompt) + len(gen) > args.n_ctx:
         raise SystemExit("prompt + generated tokens do not fit n_ctx")
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float32, copy=True)
+
     # Position p's logits predict token p+1: the last prompt position predicts gen[0], and so on.
-    llm.eval(prompt + gen[:-1])
-    scores = np.asarray(llm.scores[: len(prompt) + len(gen) - 1], dtype=np.float32)
+    llm.eval(prompt)
+    rows = [last_logits()]
+    for tok in gen[:-1]:
+        llm.eval([tok])
+        rows.append(last_logits())
+    scores = np.stack(rows)
     agree = 0
     worst_margin = 0.0
     first_disagreement = None
     for k, tok in enumerate(gen):
-        row = scores[len(prompt) - 1 + k]
+        row = scores[k]
         top = int(np.argmax(row))
         if top == tok:
             agree += 1
