@@ -504,12 +504,10 @@ extern "C" __global__ void glu(const float* gate, const float* up, float* out, l
 
 // RoPE: one thread per rotated pair. theta_i = pos * theta_scale^i by repeated multiplication.
 // Row t of the batch is at position rowpos[t] of its sequence.
-extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, const int* rowpos,
-                                float theta_scale, int neox) {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    int half = nd / 2;
-    long long total = (long long)n * n_heads * half;
-    if (idx >= total) return;
+__device__ __forceinline__ void rope_pair(float* x, int n_heads, int hd, int nd,
+                                          const int* rowpos, float theta_scale, int neox,
+                                          long long idx) {
+    const int half = nd / 2;
     int i = (int)(idx % half);
     long long th = idx / half;
     int t = (int)(th / n_heads);
@@ -522,6 +520,27 @@ extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, co
     float x0 = head[a], x1 = head[b];
     head[a] = x0 * c - x1 * s;
     head[b] = x0 * s + x1 * c;
+}
+
+extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, const int* rowpos,
+                                float theta_scale, int neox) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long total = (long long)n * n_heads * (nd / 2);
+    if (idx >= total) return;
+    rope_pair(x, n_heads, hd, nd, rowpos, theta_scale, neox, idx);
+}
+
+// RoPE of q (nq heads) and k (nk heads) of the same rows in one launch: the first n*nq*nd/2
+// threads rotate q's pairs, the rest k's.
+extern "C" __global__ void rope_qk(float* q, float* k, int n, int nq, int nk, int hd, int nd,
+                                   const int* rowpos, float theta_scale, int neox) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long tq = (long long)n * nq * (nd / 2), tk = (long long)n * nk * (nd / 2);
+    if (idx < tq) {
+        rope_pair(q, nq, hd, nd, rowpos, theta_scale, neox, idx);
+    } else if (idx < tq + tk) {
+        rope_pair(k, nk, hd, nd, rowpos, theta_scale, neox, idx - tq);
+    }
 }
 
 // Store n rows of k and v (f32) into the f16 cache at element offset off.
@@ -929,12 +948,11 @@ __device__ __forceinline__ void ld8_a2(const u8* p, int& r0, int& r1) {
 // element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
 // rint(iscale*x)), d = 1/iscale. One warp per block; lane owns elements 8*lane .. 8*lane+7.
 // grid.x * 4 warps cover nblk blocks.
-extern "C" __global__ void __launch_bounds__(128)
-    act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
-            int* __restrict__ xs, long long nblk) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long blk = (long long)blockIdx.x * 4 + warp;
-    if (blk >= nblk) return;
+// One warp quantizes block `blk` (256 values from x + 256*blk). x is read with plain loads:
+// rms_norm_q8k calls this on values its own block has just written.
+__device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
+                                          float* __restrict__ xd, int* __restrict__ xs,
+                                          long long blk, int lane) {
     const float* xb = x + blk * 256 + lane * 8;
     float v[8];
     float amax = 0.f, mx = 0.f;
@@ -975,6 +993,59 @@ extern "C" __global__ void __launch_bounds__(128)
     const int g = lane >> 1;
     if ((lane & 1) == 0) xs[blk * 16 + ((g & 12) | ((g & 1) << 1) | ((g >> 1) & 1))] = sum;
     if (lane == 0) xd[blk] = d;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
+            int* __restrict__ xs, long long nblk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    q8k_block(x, xq, xd, xs, blk, lane);
+}
+
+// rms_norm4 followed by act_q8k of the normalised row, in one launch (decode: the norm's
+// output feeds int8 mat-vecs, which would quantise it next). Row r's 256-blocks are blocks
+// r*g/256 .. of the Q8_K scratch, as act_q8k over all rows would number them. g % 256 == 0.
+extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const float4* __restrict__ w,
+                                        float4* out, int g4, float eps, i8* __restrict__ xq,
+                                        float* __restrict__ xd, int* __restrict__ xs) {
+    const float4* xr = x + (long long)blockIdx.x * g4;
+    float4* o = out + (long long)blockIdx.x * g4;
+    float4 v[4];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < g4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    }
+    __shared__ float red[32];
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float r = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+        r = warp_sum(r);
+        if (threadIdx.x == 0) red[0] = r;
+    }
+    __syncthreads();
+    const float inv = 1.f / sqrtf(red[0] / (float)(4 * g4) + eps);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < g4) {
+            const float4 ww = w[i];
+            o[i] = make_float4(v[k].x * inv * ww.x, v[k].y * inv * ww.y, v[k].z * inv * ww.z,
+                               v[k].w * inv * ww.w);
+        }
+    }
+    // The block's writes are visible to all its threads after the barrier.
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int per_row = g4 / 64;
+    for (int b = warp; b < per_row; b += nw)
+        q8k_block((const float*)out, xq, xd, xs, (long long)blockIdx.x * per_row + b, lane);
 }
 
 // Q4_K block, 144 bytes; 16-aligned when the row start is (144 = 9*16; the host checks the
@@ -1385,7 +1456,8 @@ template <class K, class Raw, int NT, int NR>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
-                                          int rows, int cols, long long row_bytes, int n) {
+                                          int rows, int cols, long long row_bytes, int n,
+                                          int accumulate) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // NR rows per warp share each activation load (the compiler sees the same addresses).
     const int row0 = (blockIdx.x * 4 + warp) * NR;
@@ -1445,8 +1517,11 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 #pragma unroll
         for (int r = 0; r < NR; r++) {
             const float v = warp_sum(acc[t][r]);
-            if (lane == 0 && t < nt && row0 + r < rows)
-                y[(long long)(t0 + t) * rows + row0 + r] = v;
+            if (lane == 0 && t < nt && row0 + r < rows) {
+                // accumulate: add into y (the residual stream), no separate add kernel.
+                float* yo = y + (long long)(t0 + t) * rows + row0 + r;
+                *yo = accumulate ? *yo + v : v;
+            }
         }
 }
 
@@ -1458,16 +1533,16 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 #define MMVQ_ARGS                                                                              \
     const u8* __restrict__ W, const i8* __restrict__ xq, const float* __restrict__ xd,         \
         const int* __restrict__ xs, float* __restrict__ y, int rows, int cols,                 \
-        long long row_bytes, int n
+        long long row_bytes, int n, int accumulate
 #define MMVQ(name, K, Raw, LB)                                                                 \
     extern "C" __global__ void LB mmvq_##name(MMVQ_ARGS) {                                     \
-        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
+        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvq2_##name(MMVQ_ARGS) {                \
-        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
+        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvq8_##name(MMVQ_ARGS) {                \
-        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n);                   \
+        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
     }
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of

@@ -119,10 +119,11 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 14] = [
+const PLAIN_KERNELS: [&str; 16] = [
     "act_round",
     "rms_norm",
     "rms_norm4",
+    "rms_norm_q8k",
     "attn_split_scores",
     "attn_split_pv",
     "attn_split_reduce",
@@ -130,6 +131,7 @@ const PLAIN_KERNELS: [&str; 14] = [
     "add",
     "glu",
     "rope",
+    "rope_qk",
     "kv_store",
     "attention",
     "attention_smem",
@@ -244,6 +246,14 @@ pub struct CudaBackend {
     device_name: String,
     cc: (i32, i32),
     sync_each: bool,
+    /// Fused decode kernels (norm + Q8_K quantisation, RoPE of q and k in one launch, mat-vec
+    /// adding into the residual); FLEA_CUDA_FUSE=0 turns them off for comparisons.
+    fusion: std::sync::atomic::AtomicBool,
+    /// Counts launches (and host writes into activations): a fused norm's quantisation is
+    /// reused only if nothing ran between it and the mat-vec.
+    launch_serial: AtomicU64,
+    /// What the last rms_norm_q8k left in the Q8_K scratch.
+    prequant: Mutex<Option<Prequant>>,
     /// FLEA_CUDA_ATTN=single: one block per (head, row) even for decode (for comparisons).
     single_block_attention: bool,
     /// Per-kernel timing events (FLEA_CUDA_PROFILE), None when off.
@@ -448,6 +458,11 @@ impl CudaBackend {
             cc,
             sync_each: std::env::var_os("FLEA_CUDA_SYNC").is_some(),
             single_block_attention: std::env::var("FLEA_CUDA_ATTN").as_deref() == Ok("single"),
+            fusion: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
+            ),
+            launch_serial: AtomicU64::new(0),
+            prequant: Mutex::new(None),
             profile: std::env::var_os("FLEA_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
                 .then(|| Mutex::new(profile::KernelProfile::default())),
@@ -520,6 +535,8 @@ impl CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        // New activation values: no earlier fused quantisation describes them any more.
+        self.launch_serial.fetch_add(1, Ordering::Relaxed);
         // SAFETY: x.ptr is a live device allocation of at least data.len() f32.
         unsafe { cudarc::driver::result::memcpy_htod_async(x.ptr, data, self.stream.cu_stream()) }
             .map_err(|e| be(format!("upload: {e:?}")))?;
@@ -701,7 +718,28 @@ impl CudaBackend {
         Ok(Some(r))
     }
 
+    /// Fused decode kernels on or off (default on; FLEA_CUDA_FUSE=0). Results are the same
+    /// either way, bit for bit; only the number of launches differs.
+    pub fn set_fusion(&self, on: bool) {
+        self.fusion.store(on, Ordering::Relaxed);
+    }
+    fn fusion(&self) -> bool {
+        self.fusion.load(Ordering::Relaxed)
+    }
+
+    /// Whether the Q8_K scratch at `base` holds the quantisation of the `total` values at `x`,
+    /// written by rms_norm_q8k with no launch or activation upload since.
+    pub(crate) fn prequantized(&self, x: u64, total: usize, base: u64) -> bool {
+        let serial = self.launch_serial.load(Ordering::Relaxed);
+        self.prequant.lock().is_ok_and(|p| {
+            p.as_ref().is_some_and(|p| {
+                p.x == x && p.total == total && p.base == base && p.serial == serial
+            })
+        })
+    }
+
     fn after_launch(&self, name: &str) -> Result<()> {
+        self.launch_serial.fetch_add(1, Ordering::Relaxed);
         if let Some(p) = &self.profile {
             p.lock()
                 .map_err(|_| be("profile lock poisoned"))?
@@ -932,6 +970,16 @@ impl CudaBackend {
     }
 }
 
+/// The Q8_K scratch at `base` holds the quantisation of `total` f32 at `x`, written when the
+/// launch counter stood at `serial`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Prequant {
+    x: u64,
+    total: usize,
+    base: u64,
+    serial: u64,
+}
+
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
 const ATTN_CHUNK: usize = 64;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
@@ -1123,6 +1171,39 @@ impl Backend for CudaBackend {
         let g4 = g / 4;
         if g.is_multiple_of(4) && g4 <= 4 * 1024 {
             let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+            // Decode rows feeding int8 mat-vecs: quantise them in the same launch.
+            if self.fusion()
+                && g == x.width
+                && g.is_multiple_of(256)
+                && n <= mmvq::MAX_TOKENS
+                && mmvq::enabled()
+            {
+                let (xq, xd, xs) = {
+                    let mut sc = self
+                        .scratch
+                        .lock()
+                        .map_err(|_| be("scratch lock poisoned"))?;
+                    self.q8k_scratch(&mut sc.xq, total)?
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (groups as u32, 1, 1),
+                    block_dim: (threads as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
+                launch!(self, "rms_norm_q8k", cfg; xp, wp, op, g4i, eps, xq, xd, xs)?;
+                let p = Prequant {
+                    x: out.ptr,
+                    total,
+                    base: xq,
+                    serial: self.launch_serial.load(Ordering::Relaxed),
+                };
+                *self
+                    .prequant
+                    .lock()
+                    .map_err(|_| be("prequant lock poisoned"))? = Some(p);
+                return Ok(());
+            }
             let cfg = LaunchConfig {
                 grid_dim: (groups as u32, 1, 1),
                 block_dim: (threads as u32, 1, 1),
@@ -1168,7 +1249,7 @@ impl Backend for CudaBackend {
             let wp = self.weight_ptr(w)?;
             // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
             if (!use_blas || n <= mmvq::MAX_TOKENS)
-                && self.try_mmvq(n, w, wp, x.ptr, out.ptr, &mut sc.xq, &mut quantized)?
+                && self.try_mmvq(n, w, wp, x.ptr, out.ptr, false, &mut sc.xq, &mut quantized)?
             {
                 continue;
             }
@@ -1257,6 +1338,94 @@ impl Backend for CudaBackend {
         let posp = self.upload_rows(RowBuf::Pos, &pos)?;
         let (xp, ni, nh, hdi, ndi) = (x.ptr, n as i32, p.n_heads as i32, hd as i32, nd as i32);
         launch!(self, "rope", cfg; xp, ni, nh, hdi, ndi, posp, theta_scale, neox)
+    }
+
+    fn rope_qk(
+        &self,
+        n: usize,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        pq: &RopeParams,
+        pk: &RopeParams,
+    ) -> Result<()> {
+        // One launch when both share everything but the head count (as the forward pass
+        // builds them); otherwise one each.
+        let same = pq.head_dim == pk.head_dim
+            && pq.rope_dims == pk.rope_dims
+            && pq.base == pk.base
+            && pq.style == pk.style
+            && pq.rows == pk.rows;
+        let (hd, nd) = (pq.head_dim, pq.rope_dims);
+        if !self.fusion() || !same || nd == 0 || nd > hd || !nd.is_multiple_of(2) {
+            self.rope(n, q, pq)?;
+            return self.rope(n, k, pk);
+        }
+        check_rows(q, n, "rope")?;
+        check_rows(k, n, "rope")?;
+        if q.width != pq.n_heads * hd || k.width != pk.n_heads * hd || pq.rows.len() != n {
+            return Err(be("rope: shape mismatch"));
+        }
+        let theta_scale = pq.base.powf(-2.0 / nd as f32);
+        let total = n * (pq.n_heads + pk.n_heads) * nd / 2;
+        let (cfg, _) = self.launch_1d("rope_qk", total)?;
+        let neox: i32 = matches!(pq.style, RopeStyle::Neox) as i32;
+        let pos: Vec<i32> = pq.rows.iter().map(|r| r.pos as i32).collect();
+        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let (qp, kp, ni, nq, nk, hdi, ndi) = (
+            q.ptr,
+            k.ptr,
+            n as i32,
+            pq.n_heads as i32,
+            pk.n_heads as i32,
+            hd as i32,
+            nd as i32,
+        );
+        launch!(self, "rope_qk", cfg; qp, kp, ni, nq, nk, hdi, ndi, posp, theta_scale, neox)
+    }
+
+    fn matmul_residual(
+        &self,
+        segments: &[usize],
+        w: &Weight,
+        x: &CudaAct,
+        residual: &mut CudaAct,
+        scratch: &mut CudaAct,
+    ) -> Result<()> {
+        let n: usize = segments.iter().sum();
+        let use_blas = n > 1 && self.blas.is_some();
+        // The int8 kernels add their dot products into the residual stream themselves
+        // (the same f32 addition the add kernel would make, one launch less).
+        if self.fusion() && (!use_blas || n <= mmvq::MAX_TOKENS) {
+            Self::check_weight(w)?;
+            check_rows(x, n, "matmul")?;
+            check_rows(residual, n, "matmul")?;
+            if x.width != w.cols || residual.width != w.rows {
+                return Err(be(format!(
+                    "matmul: {}x{} weight with input width {} and residual width {}",
+                    w.rows, w.cols, x.width, residual.width
+                )));
+            }
+            let wp = self.weight_ptr(w)?;
+            let mut sc = self
+                .scratch
+                .lock()
+                .map_err(|_| be("scratch lock poisoned"))?;
+            let mut quantized = mmvq::Quantized::default();
+            if self.try_mmvq(
+                n,
+                w,
+                wp,
+                x.ptr,
+                residual.ptr,
+                true,
+                &mut sc.xq,
+                &mut quantized,
+            )? {
+                return Ok(());
+            }
+        }
+        self.matmuls(n, x, &mut [(w, scratch)])?;
+        self.add(n, residual, scratch)
     }
 
     fn attention(
@@ -1452,6 +1621,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        self.launch_serial.fetch_add(1, Ordering::Relaxed);
         if data.len().is_multiple_of(4) && data.len() * 4 <= HANDOVER_BYTES {
             return self.write_mapped(data, x);
         }

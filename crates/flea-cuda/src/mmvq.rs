@@ -125,7 +125,7 @@ fn rows_per_warp() -> usize {
     }
 }
 
-fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     match STATE.load(Relaxed) {
         0 => {
@@ -180,9 +180,10 @@ impl CudaBackend {
         ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// `out[t] = w . x[t]` for t < n with the fast kernel, when `w`'s type has one and its
-    /// bytes are aligned for it. Returns false (nothing launched) otherwise. `x` is quantized
-    /// into `scratch` unless `quantized` says this matmul group already did so.
+    /// `out[t] = w . x[t]` (with `acc`: `out[t] += w . x[t]`) for t < n with the fast
+    /// kernel, when `w`'s type has one and its bytes are aligned for it. Returns false
+    /// (nothing launched) otherwise. `x` is quantized into `scratch` unless `quantized` says
+    /// this matmul group already did so.
     #[allow(clippy::too_many_arguments)] // the matmul's operands and its group's scratch
     pub(crate) fn try_mmvq(
         &self,
@@ -191,6 +192,7 @@ impl CudaBackend {
         wp: u64,
         x: u64,
         out: u64,
+        acc: bool,
         scratch: &mut ActScratch,
         quantized: &mut Quantized,
     ) -> Result<bool> {
@@ -235,8 +237,13 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_i, cols_i, rb, n_i) =
-            (w.rows as i32, w.cols as i32, w.row_bytes() as i64, n as i32);
+        let (rows_i, cols_i, rb, n_i, acc_i) = (
+            w.rows as i32,
+            w.cols as i32,
+            w.row_bytes() as i64,
+            n as i32,
+            acc as i32,
+        );
         let f = self.func(&kname)?;
         let mut b = self.stream.launch_builder(f);
         b.arg(&wp)
@@ -247,12 +254,24 @@ impl CudaBackend {
             .arg(&rows_i)
             .arg(&cols_i)
             .arg(&rb)
-            .arg(&n_i);
+            .arg(&n_i)
+            .arg(&acc_i);
         // SAFETY: wp holds rows*row_bytes bytes (check_weight), out holds n*rows f32
         // (check_rows), the activation scratch was sized and filled above.
         unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
         self.after_launch(&kname)?;
         Ok(true)
+    }
+
+    /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
+    pub(crate) fn q8k_scratch(
+        &self,
+        scratch: &mut ActScratch,
+        total: usize,
+    ) -> Result<(u64, u64, u64)> {
+        let lay = act_layout(total, ActFmt::Q8K.block());
+        let base = self.grow(&mut scratch.q8k, lay.bytes)?;
+        Ok((base, base + lay.d_off as u64, base + lay.s_off as u64))
     }
 
     /// Quantize `total` activations at `x` to the int8 format `fmt` (Q8K or Q8_0) in its
@@ -273,6 +292,10 @@ impl CudaBackend {
         };
         let base = self.grow(buf, lay.bytes)?;
         let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
+        // rms_norm_q8k may have quantized exactly these values already (and nothing ran since).
+        if !*done && fmt == ActFmt::Q8K && self.prequantized(x, total, base) {
+            *done = true;
+        }
         if !*done {
             let nblk = (total / fmt.block()) as i64;
             let cfg = LaunchConfig {

@@ -163,6 +163,18 @@ pub trait Backend {
     fn add_bias(&self, n: usize, x: &mut Self::Act, b: &Weight) -> Result<()>;
     /// Rotate the first `rope_dims` dims of every head of the first `n` rows.
     fn rope(&self, n: usize, x: &mut Self::Act, p: &RopeParams) -> Result<()>;
+    /// RoPE of q and k of the same rows (a backend may do both in one go).
+    fn rope_qk(
+        &self,
+        n: usize,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        pq: &RopeParams,
+        pk: &RopeParams,
+    ) -> Result<()> {
+        self.rope(n, q, pq)?;
+        self.rope(n, k, pk)
+    }
     /// Store k and v of the `n` rows into the cache (each at its sequence slot and
     /// position), then attend: each row sees its own sequence's cached keys at positions ≤
     /// its own (within the window).
@@ -188,6 +200,19 @@ pub trait Backend {
     ) -> Result<()>;
     /// x += y
     fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// `residual += w · x` over the rows of `segments` (as `matmuls_segmented`); `scratch`
+    /// (as wide as `residual`) may hold `w · x` on the way. A backend may add in place.
+    fn matmul_residual(
+        &self,
+        segments: &[usize],
+        w: &Weight,
+        x: &Self::Act,
+        residual: &mut Self::Act,
+        scratch: &mut Self::Act,
+    ) -> Result<()> {
+        self.matmuls_segmented(segments, x, &mut [(w, scratch)])?;
+        self.add(segments.iter().sum(), residual, scratch)
+    }
     /// Copy rows `src_row..src_row + n` of `src` into the first `n` rows of `dst`.
     fn copy_rows(
         &self,

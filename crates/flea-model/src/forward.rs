@@ -160,15 +160,11 @@ pub fn block<B: Backend>(
         },
         style: cfg.rope_style,
     };
-    b.rope(n, &mut s.q, &rope)?;
-    b.rope(
-        n,
-        &mut s.k,
-        &RopeParams {
-            n_heads: cfg.n_head_kv,
-            ..rope
-        },
-    )?;
+    let rope_k = RopeParams {
+        n_heads: cfg.n_head_kv,
+        ..rope
+    };
+    b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
     let attn = AttnParams {
         layer: il,
         rows,
@@ -179,13 +175,13 @@ pub fn block<B: Backend>(
         scale: cfg.attn_scale,
     };
     b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
-    b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
     // Gemma 3: norm of the attention output before the residual add.
     if let Some(pn) = &w.attn_post_norm {
+        b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
         b.add(n, &mut s.x, &s.xn)?;
     } else {
-        b.add(n, &mut s.x, &s.proj)?;
+        b.matmul_residual(segs, &w.wo, &s.attn, &mut s.x, &mut s.proj)?;
     }
 
     // --- feed-forward ---
@@ -196,13 +192,13 @@ pub fn block<B: Backend>(
         &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
     )?;
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
-    b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
     // Gemma 3: norm of the FFN output before the residual add.
     if let Some(pn) = &w.ffn_post_norm {
+        b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
         b.add(n, &mut s.x, &s.xn)?;
     } else {
-        b.add(n, &mut s.x, &s.proj)?;
+        b.matmul_residual(segs, &w.w_down, &s.ffn, &mut s.x, &mut s.proj)?;
     }
     Ok(())
 }
