@@ -436,8 +436,9 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // As rms_norm for g % 4 == 0 and g <= 16 * blockDim.x: 16-byte loads, each thread keeps its
 // (at most 4) float4s in registers, so the row is read once and every load is in flight at
 // the same time (the plain kernel's strided loop is latency-bound on one 4096-wide row).
-extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
-                                     float4* __restrict__ out, int g4, float eps) {
+__device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
+                                              const float4* __restrict__ w, float4* out,
+                                              int g4, float eps) {
     const float4* xr = x + (long long)blockIdx.x * g4;
     float4* o = out + (long long)blockIdx.x * g4;
     float4 v[4];
@@ -468,6 +469,11 @@ extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4*
                                v[k].w * inv * ww.w);
         }
     }
+}
+
+extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
+                                     float4* __restrict__ out, int g4, float eps) {
+    rms_norm4_row(x, w, out, g4, eps);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
@@ -1010,36 +1016,7 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const float4* __restrict__ w,
                                         float4* out, int g4, float eps, i8* __restrict__ xq,
                                         float* __restrict__ xd, int* __restrict__ xs) {
-    const float4* xr = x + (long long)blockIdx.x * g4;
-    float4* o = out + (long long)blockIdx.x * g4;
-    float4 v[4];
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const int i = threadIdx.x + k * blockDim.x;
-        v[k] = i < g4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-    }
-    __shared__ float red[32];
-    ss = warp_sum(ss);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float r = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-        r = warp_sum(r);
-        if (threadIdx.x == 0) red[0] = r;
-    }
-    __syncthreads();
-    const float inv = 1.f / sqrtf(red[0] / (float)(4 * g4) + eps);
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        const int i = threadIdx.x + k * blockDim.x;
-        if (i < g4) {
-            const float4 ww = w[i];
-            o[i] = make_float4(v[k].x * inv * ww.x, v[k].y * inv * ww.y, v[k].z * inv * ww.z,
-                               v[k].w * inv * ww.w);
-        }
-    }
+    rms_norm4_row(x, w, out, g4, eps);
     // The block's writes are visible to all its threads after the barrier.
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
