@@ -90,12 +90,12 @@ impl KernelProfile {
     /// Waits for the marked work, sums it up and starts over.
     pub(crate) fn report(&mut self) -> Result<ProfileReport, String> {
         let marks = std::mem::take(&mut self.marks);
-        let mut out = ProfileReport {
-            untimed: std::mem::take(&mut self.untimed),
-            ..Default::default()
-        };
+        let untimed = std::mem::take(&mut self.untimed);
         let Some((_, first)) = marks.first() else {
-            return Ok(out);
+            return Ok(ProfileReport {
+                untimed,
+                ..Default::default()
+            });
         };
         let mut times = Vec::with_capacity(marks.len());
         for (_, e) in &marks {
@@ -105,40 +105,66 @@ impl KernelProfile {
                     .map_err(|e| format!("profile elapsed: {e:?}"))?,
             ));
         }
-        let mut by_name: HashMap<String, (u64, f64)> = HashMap::new();
-        // Where the previous kernel ended (for idle time) and the last mark's time.
-        let mut prev_end: Option<f64> = None;
-        let mut prev_mark: Option<(bool, f64)> = None; // (was a Before, time)
-        for ((m, _), &t) in marks.iter().zip(&times) {
-            match m {
-                Mark::Before => {
-                    if let Some(end) = prev_end {
-                        out.idle_ms += (t - end).max(0.0);
-                    }
-                    prev_mark = Some((true, t));
-                }
-                Mark::After(name) => {
-                    // Launches without a Before mark (library calls) get the time since the
-                    // previous mark.
-                    let start = prev_mark.map_or(t, |(_, s)| s);
-                    let entry = by_name.entry(name.clone()).or_default();
-                    entry.0 += 1;
-                    entry.1 += (t - start).max(0.0);
-                    prev_end = Some(t);
-                    prev_mark = Some((false, t));
-                }
-            }
-        }
-        out.span_ms = times.last().copied().unwrap_or(0.0);
-        out.kernels = by_name
-            .into_iter()
-            .map(|(name, (calls, ms))| KernelTime { name, calls, ms })
+        let timed: Vec<(Option<&str>, f64)> = marks
+            .iter()
+            .zip(&times)
+            .map(|((m, _), &t)| match m {
+                Mark::Before => (None, t),
+                Mark::After(name) => (Some(name.as_str()), t),
+            })
             .collect();
-        out.kernels
-            .sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.name.cmp(&b.name)));
+        let mut out = aggregate(&timed);
+        out.untimed = untimed;
         self.pool.extend(marks.into_iter().map(|(_, e)| e));
         Ok(out)
     }
+}
+
+/// Sums marks in stream order — `(None, t)` a kernel about to start, `(Some(name), t)` one
+/// that ended, `t` in ms — into per-name GPU time and the idle time between kernels.
+fn aggregate(marks: &[(Option<&str>, f64)]) -> ProfileReport {
+    let mut out = ProfileReport::default();
+    let mut by_name: HashMap<&str, (u64, f64)> = HashMap::new();
+    // Where the previous kernel ended (for idle time) and the time of the latest mark.
+    let mut prev_end: Option<f64> = None;
+    let mut prev_mark: Option<f64> = None;
+    for &(m, t) in marks {
+        match m {
+            None => {
+                // Only the first start mark after a kernel ended counts the gap (a launch
+                // may be marked twice, e.g. when its config was built by a helper).
+                if let Some(end) = prev_end.take() {
+                    out.idle_ms += (t - end).max(0.0);
+                }
+                prev_mark = Some(t);
+            }
+            Some(name) => {
+                // Launches without a start mark (library calls) get the time since the
+                // previous mark.
+                let start = prev_mark.unwrap_or(t);
+                let entry = by_name.entry(name).or_default();
+                entry.0 += 1;
+                entry.1 += (t - start).max(0.0);
+                prev_end = Some(t);
+                prev_mark = Some(t);
+            }
+        }
+    }
+    out.span_ms = match (marks.first(), marks.last()) {
+        (Some(a), Some(b)) => b.1 - a.1,
+        _ => 0.0,
+    };
+    out.kernels = by_name
+        .into_iter()
+        .map(|(name, (calls, ms))| KernelTime {
+            name: name.to_string(),
+            calls,
+            ms,
+        })
+        .collect();
+    out.kernels
+        .sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.name.cmp(&b.name)));
+    out
 }
 
 impl std::fmt::Display for ProfileReport {
@@ -174,5 +200,39 @@ impl std::fmt::Display for ProfileReport {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_time_idle_time_and_unmarked_calls() {
+        let marks = [
+            (None, 0.0),
+            (Some("a"), 2.0),    // a: 2 ms
+            (None, 3.0),         // idle 1 ms
+            (Some("b"), 7.0),    // b: 4 ms
+            (Some("gemm"), 8.0), // no start mark: 1 ms since b ended
+            (None, 8.5),         // idle 0.5 ms
+            (None, 8.5),         // marked twice: no second idle
+            (Some("a"), 9.5),    // a again: 1 ms
+        ];
+        let r = aggregate(&marks);
+        assert_eq!(r.span_ms, 9.5);
+        assert!((r.idle_ms - 1.5).abs() < 1e-9);
+        let get = |n: &str| r.kernels.iter().find(|k| k.name == n).cloned().unwrap();
+        assert_eq!((get("a").calls, get("a").ms), (2, 3.0));
+        assert_eq!((get("b").calls, get("b").ms), (1, 4.0));
+        assert_eq!((get("gemm").calls, get("gemm").ms), (1, 1.0));
+        // Largest first.
+        assert_eq!(r.kernels[0].name, "b");
+        let text = r.to_string();
+        assert!(
+            text.contains("9.500 ms span") && text.contains("1.500 ms idle"),
+            "{text}"
+        );
+        assert!(aggregate(&[]).kernels.is_empty());
     }
 }
