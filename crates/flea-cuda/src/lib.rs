@@ -672,7 +672,7 @@ impl CudaBackend {
         unsafe { std::slice::from_raw_parts_mut(h.host as *mut f32, data.len()) }
             .copy_from_slice(data);
         let n4 = (data.len() / 4) as i64;
-        let (cfg, _) = self.launch_1d("copy_f4", data.len() / 4)?;
+        let cfg = Self::launch_1d(data.len() / 4);
         let (src, dst) = (h.dev, x.ptr);
         {
             let f = self.func("copy_f4")?;
@@ -960,13 +960,22 @@ impl CudaBackend {
         self.after_launch("act_round")
     }
 
-    fn launch_1d(&self, name: &str, total: usize) -> Result<(LaunchConfig, &CudaFunction)> {
-        let cfg = LaunchConfig {
+    /// The rope kernels' shared arguments: the frequency ratio, the NeoX flag and the rows'
+    /// positions on the device.
+    fn rope_args(&self, p: &RopeParams) -> Result<(f32, i32, u64)> {
+        let theta_scale = p.base.powf(-2.0 / p.rope_dims as f32);
+        let neox = matches!(p.style, RopeStyle::Neox) as i32;
+        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
+        Ok((theta_scale, neox, self.upload_rows(RowBuf::Pos, &pos)?))
+    }
+
+    /// One thread per element, 256 per block.
+    fn launch_1d(total: usize) -> LaunchConfig {
+        LaunchConfig {
             grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
-        };
-        Ok((cfg, self.func(name)?))
+        }
     }
 }
 
@@ -1022,6 +1031,21 @@ impl AttnSplit {
     fn floats(&self) -> usize {
         self.scores_floats() + self.stats_floats() + self.rows * self.n_head * self.maxc * self.hd
     }
+}
+
+/// `out = w · x` over `n` rows fits: a weight the kernels take, both buffers `n` rows deep
+/// and as wide as the weight's columns and rows.
+fn check_matmul(n: usize, w: &Weight, x: &CudaAct, out: &CudaAct) -> Result<()> {
+    CudaBackend::check_weight(w)?;
+    check_rows(x, n, "matmul")?;
+    check_rows(out, n, "matmul")?;
+    if x.width != w.cols || out.width != w.rows {
+        return Err(be(format!(
+            "matmul: {}x{} weight with input width {} and output width {}",
+            w.rows, w.cols, x.width, out.width
+        )));
+    }
+    Ok(())
 }
 
 fn check_rows(a: &CudaAct, n: usize, what: &str) -> Result<()> {
@@ -1141,7 +1165,7 @@ impl Backend for CudaBackend {
         }
         let (suffix, _) = type_info(table.ty).unwrap();
         let units = n * table.cols / 8;
-        let (cfg, _) = self.launch_1d("add", units)?;
+        let cfg = Self::launch_1d(units);
         let (op, n_i, cols, rb) = (
             out.ptr,
             n as i32,
@@ -1171,6 +1195,12 @@ impl Backend for CudaBackend {
         let g4 = g / 4;
         if g.is_multiple_of(4) && g4 <= 4 * 1024 {
             let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+            let cfg = LaunchConfig {
+                grid_dim: (groups as u32, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
             // Decode rows feeding int8 mat-vecs: quantise them in the same launch.
             if self.fusion()
                 && g == x.width
@@ -1185,12 +1215,6 @@ impl Backend for CudaBackend {
                         .map_err(|_| be("scratch lock poisoned"))?;
                     self.q8k_scratch(&mut sc.xq, total)?
                 };
-                let cfg = LaunchConfig {
-                    grid_dim: (groups as u32, 1, 1),
-                    block_dim: (threads as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
                 launch!(self, "rms_norm_q8k", cfg; xp, wp, op, g4i, eps, xq, xd, xs)?;
                 let p = Prequant {
                     x: out.ptr,
@@ -1204,12 +1228,6 @@ impl Backend for CudaBackend {
                     .map_err(|_| be("prequant lock poisoned"))? = Some(p);
                 return Ok(());
             }
-            let cfg = LaunchConfig {
-                grid_dim: (groups as u32, 1, 1),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
             return launch!(self, "rms_norm4", cfg; xp, wp, op, g4i, eps);
         }
         let cfg = LaunchConfig {
@@ -1228,14 +1246,7 @@ impl Backend for CudaBackend {
     fn matmuls(&self, n: usize, x: &CudaAct, jobs: &mut [(&Weight, &mut CudaAct)]) -> Result<()> {
         check_rows(x, n, "matmul")?;
         for (w, out) in jobs.iter() {
-            Self::check_weight(w)?;
-            check_rows(out, n, "matmul")?;
-            if x.width != w.cols || out.width != w.rows {
-                return Err(be(format!(
-                    "matmul: {}x{} weight with input width {} and output width {}",
-                    w.rows, w.cols, x.width, out.width
-                )));
-            }
+            check_matmul(n, w, x, out)?;
         }
         let cols = x.width;
         let total = n * cols;
@@ -1261,7 +1272,7 @@ impl Backend for CudaBackend {
                 }
                 let wf = self.grow(&mut sc.wf, w.rows * w.cols)?;
                 let units = w.rows * w.cols / 8;
-                let (cfg, _) = self.launch_1d("add", units)?;
+                let cfg = Self::launch_1d(units);
                 let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
                 launch!(self, &format!("deq_f32_{suffix}"), cfg; wp, wf, rows_i, cols_i, rb)?;
                 let blas = self.blas.as_ref().unwrap();
@@ -1275,7 +1286,7 @@ impl Backend for CudaBackend {
                 }
                 let wh = self.grow(&mut sc.wh, w.rows * w.cols)?;
                 let units = w.rows * w.cols / 8;
-                let (cfg, _) = self.launch_1d("add", units)?;
+                let cfg = Self::launch_1d(units);
                 let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
                 launch!(self, &format!("deq_f16_{suffix}"), cfg; wp, wh, rows_i, cols_i, rb)?;
                 let blas = self.blas.as_ref().unwrap();
@@ -1312,7 +1323,7 @@ impl Backend for CudaBackend {
             return Err(be("add_bias: width mismatch"));
         }
         let total = n * x.width;
-        let (cfg, _) = self.launch_1d("add_bias", total)?;
+        let cfg = Self::launch_1d(total);
         let (xp, wi, ti) = (x.ptr, x.width as i32, total as i64);
         launch!(self, "add_bias", cfg; xp, bp, wi, ti)
     }
@@ -1327,15 +1338,11 @@ impl Backend for CudaBackend {
         if nd == 0 {
             return Ok(());
         }
-        let theta_scale = p.base.powf(-2.0 / nd as f32);
-        let total = n * p.n_heads * nd / 2;
-        let (cfg, _) = self.launch_1d("rope", total)?;
-        let neox: i32 = matches!(p.style, RopeStyle::Neox) as i32;
         if p.rows.len() != n {
             return Err(be("rope: row count mismatch"));
         }
-        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
-        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let (theta_scale, neox, posp) = self.rope_args(p)?;
+        let cfg = Self::launch_1d(n * p.n_heads * nd / 2);
         let (xp, ni, nh, hdi, ndi) = (x.ptr, n as i32, p.n_heads as i32, hd as i32, nd as i32);
         launch!(self, "rope", cfg; xp, ni, nh, hdi, ndi, posp, theta_scale, neox)
     }
@@ -1365,12 +1372,8 @@ impl Backend for CudaBackend {
         if q.width != pq.n_heads * hd || k.width != pk.n_heads * hd || pq.rows.len() != n {
             return Err(be("rope: shape mismatch"));
         }
-        let theta_scale = pq.base.powf(-2.0 / nd as f32);
-        let total = n * (pq.n_heads + pk.n_heads) * nd / 2;
-        let (cfg, _) = self.launch_1d("rope_qk", total)?;
-        let neox: i32 = matches!(pq.style, RopeStyle::Neox) as i32;
-        let pos: Vec<i32> = pq.rows.iter().map(|r| r.pos as i32).collect();
-        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let (theta_scale, neox, posp) = self.rope_args(pq)?;
+        let cfg = Self::launch_1d(n * (pq.n_heads + pk.n_heads) * nd / 2);
         let (qp, kp, ni, nq, nk, hdi, ndi) = (
             q.ptr,
             k.ptr,
@@ -1396,15 +1399,7 @@ impl Backend for CudaBackend {
         // The int8 kernels add their dot products into the residual stream themselves
         // (the same f32 addition the add kernel would make, one launch less).
         if self.fusion() && (!use_blas || n <= mmvq::MAX_TOKENS) {
-            Self::check_weight(w)?;
-            check_rows(x, n, "matmul")?;
-            check_rows(residual, n, "matmul")?;
-            if x.width != w.cols || residual.width != w.rows {
-                return Err(be(format!(
-                    "matmul: {}x{} weight with input width {} and residual width {}",
-                    w.rows, w.cols, x.width, residual.width
-                )));
-            }
+            check_matmul(n, w, x, residual)?;
             let wp = self.weight_ptr(w)?;
             let mut sc = self
                 .scratch
@@ -1475,7 +1470,7 @@ impl Backend for CudaBackend {
             .map(|r| (r.seq * shape.n_ctx + r.pos) as i32)
             .collect();
         let total = n * kvd;
-        let (cfg, _) = self.launch_1d("kv_store", total)?;
+        let cfg = Self::launch_1d(total);
         let kvrowp = self.upload_rows(RowBuf::Kv, &kvrow)?;
         let (kp, vp, ti, kvdi) = (k.ptr, v.ptr, total as i64, kvd as i32);
         launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, kvrowp, kvdi)?;
@@ -1532,7 +1527,7 @@ impl Backend for CudaBackend {
             return Err(be("glu: shape mismatch"));
         }
         let total = n * gate.width;
-        let (cfg, _) = self.launch_1d("glu", total)?;
+        let cfg = Self::launch_1d(total);
         let a: i32 = match act {
             FfnActivation::SwiGlu => 0,
             FfnActivation::GeGlu => 1,
@@ -1548,7 +1543,7 @@ impl Backend for CudaBackend {
             return Err(be("add: shape mismatch"));
         }
         let total = n * x.width;
-        let (cfg, _) = self.launch_1d("add", total)?;
+        let cfg = Self::launch_1d(total);
         let (xp, yp, ti) = (x.ptr, y.ptr, total as i64);
         launch!(self, "add", cfg; xp, yp, ti)
     }
