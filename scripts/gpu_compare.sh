@@ -35,7 +35,8 @@ for b in $BUDGETS; do
     [ "$b" = all ] && [ "$mode" = hybrid ] && continue
     extra=(${FLEA_ARGS:-})
     [ "$b" != all ] && extra+=(--vram-budget "$b")
-    [ "$mode" = hybrid ] && [ "$b" != all ] && extra+=(--hybrid)
+    [ "$mode" = hybrid ] && [ "$b" != all ] && extra+=(--hybrid on)
+    [ "$mode" = stream ] && extra+=(--hybrid off)
     name=flea-$PRESET-$b-$mode${TAG:-}
     "$CARRY/flea" run -m "$M" -p "$PROMPT" -n "$GEN" --temp 0 --ignore-eos -t "$THREADS" --ctx 768 \
       --device cuda --stats-json "$OUT/$name.json" "${extra[@]}" > /dev/null 2> "$OUT/$name.err"

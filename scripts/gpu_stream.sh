@@ -69,16 +69,16 @@ for p in $PRESETS; do
   if has budget; then
     B=${BUDGET[$p]:-4GiB}
     run "$p-budget-hybrid" "$m" -n 32 --ctx 1024 --vram-budget "$B" --hybrid --trace "$OUT/$p-hybrid.svg"
-    run "$p-budget-stream" "$m" -n 32 --ctx 1024 --vram-budget "$B"
+    run "$p-budget-stream" "$m" -n 32 --ctx 1024 --vram-budget "$B" --hybrid off
   fi
   if has nores; then
     # No room for resident layers: every layer copied from the pinned host cache each token.
-    PROMPT=$SHORT run "$p-nores" "$m" -n 32 --ctx 256 -b 64 --vram-budget 1GiB --trace "$OUT/$p-nores.svg"
+    PROMPT=$SHORT run "$p-nores" "$m" -n 32 --ctx 256 -b 64 --vram-budget 1GiB --hybrid off --trace "$OUT/$p-nores.svg"
   fi
   if has cold; then
     # Streamed from disk with the page cache dropped (RAM budget too small to cache).
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
-    PROMPT=$SHORT run "$p-cold" "$m" -n 3 --ctx 256 -b 64 --vram-budget 2GiB --ram-budget 1GiB --trace "$OUT/$p-cold.svg"
+    PROMPT=$SHORT run "$p-cold" "$m" -n 3 --ctx 256 -b 64 --vram-budget 2GiB --ram-budget 1GiB --hybrid off --trace "$OUT/$p-cold.svg"
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
     dd if="$m" of=/dev/null bs=4M iflag=direct count=1000 2> "$OUT/$p-dd.txt"
     echo "DD $p: $(tail -1 "$OUT/$p-dd.txt")"

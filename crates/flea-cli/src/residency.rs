@@ -8,6 +8,15 @@ use flea_model::{CpuBackend, Logits, Model, Session, UnitStaging};
 use flea_runtime::{fmt_size, parse_size, Plan, PlanRequest, StreamedModel, Tier};
 use std::path::{Path, PathBuf};
 
+/// Whether the CPU computes some host-cached layers beside a GPU (see `--hybrid`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HybridMode {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Args, Clone, Debug, Default)]
 pub struct ResidencyArgs {
     /// Device-tier budget (on the CPU backend: the arena compute reads from), e.g. 8GiB.
@@ -41,14 +50,14 @@ pub struct ResidencyArgs {
     /// Host-to-GPU copy bandwidth for the prediction, GB/s (default: measured at start).
     #[arg(long)]
     pub h2d_gbps: Option<f64>,
-    /// With a GPU: let the CPU compute host-cached layers in place while the copy engine
-    /// streams others, choosing stream / cpu-only / split from rates measured at start.
-    /// Off by default: on the lent H200 machine it measured slower than streaming alone
-    /// (docs/BENCHMARKS.md).
+    /// With a GPU and host-cached layers: let the CPU compute some of them in place while
+    /// the copy engine streams the others (decode of one sequence), choosing stream /
+    /// cpu-only / split from rates measured at start. auto (default): when it applies;
+    /// on (or bare --hybrid): an error when it cannot (several sequences); off: never.
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    pub hybrid: HybridMode,
+    /// Hybrid: split at this CPU rate, GB/s, instead of measuring.
     #[arg(long)]
-    pub hybrid: bool,
-    /// With --hybrid: force a split at this CPU rate, GB/s, instead of measuring.
-    #[arg(long, requires = "hybrid")]
     pub cpu_gbps: Option<f64>,
     /// Compute straight from the file's mmap, outside the budgets (no arenas, no executor).
     #[arg(long, conflicts_with_all = ["vram_budget", "ram_budget", "io", "ring_depth"])]
@@ -257,10 +266,14 @@ impl<'m> Runner<'m> {
         let plan = r.plan_cuda(model, cuda, n_ctx, batch, n_seq)?;
         let batch = batch.max(n_seq);
         let mut s = start_streaming(model, cuda, plan, path, r, n_ctx, batch)?;
-        if r.hybrid && n_seq > 1 {
+        if r.hybrid == HybridMode::On && n_seq > 1 {
             anyhow::bail!("--hybrid runs one sequence at a time (drop --hybrid to serve several)");
         }
-        if r.hybrid {
+        if r.hybrid == HybridMode::Off && r.cpu_gbps.is_some() {
+            anyhow::bail!("--cpu-gbps sets the hybrid split: it needs --hybrid on or auto");
+        }
+        let host_cached = s.plan.units.iter().any(|u| u.tier == Tier::HostCache);
+        if r.hybrid != HybridMode::Off && n_seq == 1 && host_cached {
             if let Some(h) = s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))? {
                 eprintln!(
                     "hybrid: {:?} (CPU {:.1} GB/s alone, {:.1} GB/s while copying; copy engine {:.1} GB/s meanwhile; predicted host-cached part {:.1} / {:.1} / {:.1} ms for stream / cpu-only / split)",

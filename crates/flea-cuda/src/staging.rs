@@ -2,8 +2,8 @@
 //! streamed units are copied into on a separate copy stream.
 //!
 //! ```text
-//!   copy stream:    wait computed[i] ─ copy host → slot i ─ record copied[i]
-//!   compute stream: wait copied[i] ─ the unit's kernels ─ record computed[i]
+//!   copy stream:    wait computed[i] ─ copy host → slot i ─ record copied[i]     (stage)
+//!   compute stream: wait copied[i] ─ the unit's kernels ─ record computed[i]   (begin … finish)
 //! ```
 //!
 //! The host never waits for the device inside the token loop except to hand a host ring
@@ -40,6 +40,7 @@ pub(crate) struct DeviceRing {
 pub struct CudaStaged {
     slot: usize,
     key: usize,
+    key_len: usize,
 }
 
 impl CudaBackend {
@@ -52,14 +53,13 @@ impl CudaBackend {
     }
 
     fn map(&self, key: &[u8], dev: u64) {
-        let host = key.as_ptr() as usize;
+        self.map_range(key.as_ptr() as usize, key.len(), dev)
+    }
+
+    fn map_range(&self, host: usize, len: usize, dev: u64) {
         let mut maps = self.mappings.lock().unwrap();
         maps.retain(|m| m.host != host);
-        maps.push(Mapping {
-            host,
-            len: key.len(),
-            dev,
-        });
+        maps.push(Mapping { host, len, dev });
     }
 
     fn unmap(&self, host: usize) {
@@ -200,14 +200,24 @@ impl UnitStaging for CudaBackend {
         ring.copied[i]
             .record(&self.copy_stream)
             .map_err(|e| err("record copy event", e))?;
-        self.stream
-            .wait(&ring.copied[i])
-            .map_err(|e| err("compute stream wait", e))?;
-        self.map(key, ring.ptrs[i]);
         Ok(CudaStaged {
             slot: i,
             key: key.as_ptr() as usize,
+            key_len: key.len(),
         })
+    }
+
+    fn begin(&self, st: &CudaStaged) -> Result<()> {
+        let guard = self.ring.lock().unwrap();
+        let ring = guard.as_ref().ok_or_else(|| be("begin: no device slots"))?;
+        // Only here, not in `stage`: a wait queued at stage time would hold back everything
+        // the compute stream is given before this unit, including the hidden-state read
+        // the CPU side of a hybrid pass is waiting for.
+        self.stream
+            .wait(&ring.copied[st.slot])
+            .map_err(|e| be(format!("compute stream wait: {e:?}")))?;
+        self.map_range(st.key, st.key_len, ring.ptrs[st.slot]);
+        Ok(())
     }
 
     fn finish(&self, st: CudaStaged, release_host: bool) -> Result<()> {
@@ -225,6 +235,20 @@ impl UnitStaging for CudaBackend {
                 .map_err(|e| be(format!("waiting for a unit's copy: {e:?}")))?;
         }
         Ok(())
+    }
+
+    fn release_units(&self) {
+        if self.bind().is_err() {
+            return;
+        }
+        // Kernels or copies may still read the units: drain both streams before freeing.
+        let _ = self.copy_stream.synchronize();
+        let _ = self.stream.synchronize();
+        self.mappings.lock().unwrap().clear();
+        self.resident.lock().unwrap().clear();
+        *self.ring.lock().unwrap() = None;
+        self.staging
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn wait_idle(&self) -> Result<()> {

@@ -1,11 +1,13 @@
 //! The residency executor on the GPU: weights streamed through pinned host slots and device
 //! slots give logits bit-identical to the same model fully resident in VRAM, for every
-//! architecture, every I/O backend, from disk and from the host cache. Without a CUDA
-//! device every test prints "SKIP" and passes.
+//! architecture, every I/O backend, from disk and from the host cache; hybrid decode (the
+//! CPU computing some host-cached layers while the copy engine streams the others) stays
+//! within the CPU-vs-GPU noise floor of the resident run. Without a CUDA device every test
+//! prints "SKIP" and passes.
 
 use flea_cuda::CudaBackend;
 use flea_io::{IoBackend, IoOptions};
-use flea_model::{Logits, Model};
+use flea_model::{CpuBackend, Logits, Model};
 use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::path::{Path, PathBuf};
@@ -43,6 +45,7 @@ fn run(cuda: &CudaBackend, model: &Model, path: &Path, plan: Plan, io: &IoOption
         next = argmax(&l);
         out.extend(l);
     }
+    assert_informative(&out);
     assert!(
         s.device.peak() <= s.device.budget,
         "device arena peak above budget"
@@ -52,6 +55,17 @@ fn run(cuda: &CudaBackend, model: &Model, path: &Path, plan: Plan, io: &IoOption
         "host arena peak above budget"
     );
     out.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Logits that two runs could agree on by accident (NaN, all zero) make a comparison
+/// meaningless: every value finite, and not all equal.
+fn assert_informative(logits: &[f32]) {
+    assert!(logits.iter().all(|x| x.is_finite()), "non-finite logits");
+    let first = logits.first().copied().unwrap_or(0.0);
+    assert!(
+        logits.iter().any(|&x| x != first),
+        "logits all equal ({first})"
+    );
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -164,4 +178,130 @@ fn too_small_vram_budget_is_refused() {
     let model = Model::load(&path).unwrap();
     let err = Plan::build(&model, &request(1 << 20, 1 << 30, None, 0)).unwrap_err();
     assert!(err.to_string().contains("budget"), "{err}");
+}
+
+/// Prompt logits at every position, then teacher-forced decode steps (fixed tokens, so a
+/// near-tie flipping one argmax cannot change what follows); with `cpu`, decode is hybrid.
+fn forced(
+    cuda: &CudaBackend,
+    model: &Model,
+    path: &Path,
+    plan: Plan,
+    cpu: Option<&CpuBackend>,
+) -> (Vec<f32>, Vec<Vec<f32>>, u64) {
+    let vocab = model.cfg.n_vocab as u32;
+    let mut s = StreamedModel::new(model, cuda, plan, path, &IoOptions::default(), 64, 32)
+        .expect("executor");
+    if let Some(cpu) = cpu {
+        s.attach_cpu(cpu, Some(50e9)).expect("attach the CPU");
+    }
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % vocab).collect();
+    let prompt_logits = s.eval(&prompt, Logits::All).expect("prompt");
+    let decode: Vec<Vec<f32>> = (0..6u32)
+        .map(|i| {
+            s.eval(&[(i * 53 + 7) % vocab], Logits::Last)
+                .expect("decode")
+        })
+        .collect();
+    assert!(s.device.peak() <= s.device.budget && s.host.peak() <= s.host.budget);
+    assert_informative(&prompt_logits);
+    decode.iter().for_each(|l: &Vec<f32>| assert_informative(l));
+    (prompt_logits, decode, s.stats.bytes_host_cpu)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// The bound tests/parity.rs holds quantized CPU-vs-GPU logits to (their noise floor).
+const HYBRID_TOL: f64 = 5e-2;
+
+#[test]
+fn hybrid_decode_matches_resident_on_gpu() {
+    let cuda = match CudaBackend::new(0) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIP: no CUDA device ({e})");
+            return;
+        }
+    };
+    let cpu = CpuBackend::new(4).expect("CPU backend");
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let path = std::env::temp_dir().join(format!(
+            "flea-cuda-hybrid-{}-{}.gguf",
+            preset.name(),
+            std::process::id()
+        ));
+        let _tmp = Tmp(path.clone());
+        let mut o = SynthOptions::new(preset);
+        o.quant = QuantMix::Q4_K_M;
+        o.seed = 11;
+        o.threads = 4;
+        write_synthetic(&path, &o).expect("write synthetic model");
+        let model = Model::load(&path).expect("load");
+        let scratch = cuda.scratch_bytes(&model, 32);
+        let resident = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
+        let fixed = resident.kv_bytes + resident.act_bytes + resident.misc_bytes;
+        let (want_prompt, want_decode, _) = forced(&cuda, &model, &path, resident.clone(), None);
+        // Two device slots and one resident unit: the rest lies in the host cache.
+        let mut req = request(fixed + 3 * resident.slot_bytes, 1 << 40, Some(2), scratch);
+        req.links.host_to_device = Some(50e9);
+        req.links.cpu_compute = Some(50e9);
+        let plan = Plan::build(&model, &req).unwrap();
+        let on_cpu = plan.units.iter().filter(|u| u.on_cpu).count();
+        assert!(
+            on_cpu > 0,
+            "{}: the split gave the CPU nothing",
+            preset.name()
+        );
+        let (prompt, decode, cpu_bytes) = forced(&cuda, &model, &path, plan, Some(&cpu));
+        assert!(cpu_bytes > 0, "{}: the CPU computed nothing", preset.name());
+        // Prompts run every layer on the GPU: bit-identical to resident.
+        assert!(
+            prompt
+                .iter()
+                .map(|x| x.to_bits())
+                .eq(want_prompt.iter().map(|x| x.to_bits())),
+            "{}: hybrid prompt logits differ from resident",
+            preset.name()
+        );
+        let per_step: Vec<f64> = decode
+            .iter()
+            .zip(&want_decode)
+            .map(|(g, w)| rel_err(g, w))
+            .collect();
+        let peak = |l: &[Vec<f32>]| l.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        println!(
+            "HYBRID {} per step {:?}, largest |logit| {} (resident {})",
+            preset.name(),
+            per_step
+                .iter()
+                .map(|e| format!("{e:.3e}"))
+                .collect::<Vec<_>>(),
+            peak(&decode),
+            peak(&want_decode)
+        );
+        // NaN-propagating maximum (f64::max would skip a NaN).
+        let worst = per_step.iter().copied().fold(0f64, |m, e| {
+            if e.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(e)
+            }
+        });
+        println!(
+            "HYBRID {}: {on_cpu} layers on the CPU, decode relative error vs resident {worst:.3e}",
+            preset.name()
+        );
+        assert!(
+            !worst.is_nan() && worst <= HYBRID_TOL,
+            "{}: hybrid decode logits differ from resident by {worst:.3e}",
+            preset.name()
+        );
+    }
 }

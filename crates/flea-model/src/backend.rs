@@ -297,13 +297,23 @@ pub trait UnitStaging: Backend {
         Ok(())
     }
 
-    /// Start moving a unit's bytes from `host` to where compute will read them; weight views
-    /// over `key` resolve to them until `finish`.
+    /// Start moving a unit's bytes from `host` to where compute will read them. Nothing
+    /// queued for compute waits on this copy yet: a unit staged ahead (hybrid decode stages
+    /// the GPU's next units while the CPU computes) must not hold back the work before it.
     fn stage(&self, key: &[u8], host: &[u8]) -> Result<Self::Staged>;
+
+    /// The staged unit's compute is issued next: order it after the unit's copy. From here
+    /// until `finish`, weight views over the unit's `key` resolve to the copy.
+    fn begin(&self, staged: &Self::Staged) -> Result<()>;
 
     /// The unit's compute has been issued. Its device slot becomes reusable once that compute
     /// has run; when `release_host` is set, returns only after `host` may be overwritten.
     fn finish(&self, staged: Self::Staged, release_host: bool) -> Result<()>;
+
+    /// Forget every unit placed so far (resident copies, device slots, mappings): the
+    /// executor that placed them is gone, and a later one — perhaps over another model
+    /// whose file is mapped at the same addresses — must not find them.
+    fn release_units(&self) {}
 
     /// Wait until every copy and computation queued so far has finished.
     fn wait_idle(&self) -> Result<()> {

@@ -604,6 +604,10 @@ impl crate::backend::UnitStaging for CpuBackend {
         Ok(())
     }
 
+    fn begin(&self, _staged: &()) -> Result<()> {
+        Ok(())
+    }
+
     fn finish(&self, _staged: (), _release_host: bool) -> Result<()> {
         Ok(())
     }

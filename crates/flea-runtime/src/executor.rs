@@ -81,6 +81,11 @@ pub struct StreamStats {
     pub read_seconds: f64,
     /// Time the I/O thread waited for a free slot (the ring was full).
     pub io_slot_wait_seconds: f64,
+    /// Hybrid: time the CPU's layers spent before their arithmetic (queueing the GPU's next
+    /// copies, waiting for the GPU's hidden state, bringing KV rows over).
+    pub cpu_handover_seconds: f64,
+    /// Hybrid: time the CPU's layers spent in their arithmetic.
+    pub cpu_block_seconds: f64,
 }
 
 /// How a decode step treats the host-cached layers beside a GPU.
@@ -456,7 +461,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             }
             HybridChoice::CpuOnly => {
                 // Every host-cached layer on the CPU (outputs stay on the GPU).
-                crate::plan::split_for_cpu(&mut self.plan.units, f64::MAX / 4.0, h2d);
+                crate::plan::split_for_cpu(&mut self.plan.units, f64::MAX / 4.0, h2d, 1);
                 self.plan.links.cpu_compute = Some(report.cpu_alone);
             }
             HybridChoice::Split => {
@@ -464,6 +469,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     &mut self.plan.units,
                     report.cpu_contended,
                     report.copy_contended,
+                    crate::plan::hybrid_run(self.plan.ring_depth),
                 );
                 self.plan.links.cpu_compute = Some(report.cpu_contended);
             }
@@ -754,10 +760,13 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     )));
                 };
                 let w = m.layout.layers[il].views(&h.buf.as_slice()[h.range.clone()], offset)?;
+                let t_block = Instant::now();
                 forward::block(cs.cpu, cfg, il, &w, batch_rows, &mut cs.kv, &mut cs.scratch)?;
                 valid[1] = pos0 + n;
                 self.stats.bytes_host_cpu += self.plan.units[ui].bytes;
                 let t1 = Instant::now();
+                self.stats.cpu_handover_seconds += (t_block - t0).as_secs_f64();
+                self.stats.cpu_block_seconds += (t1 - t_block).as_secs_f64();
                 self.stats.compute_seconds += (t1 - t0).as_secs_f64();
                 self.trace.span(Lane::Compute, ui, t0, t1);
                 continue;
@@ -850,6 +859,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     (None, None) => (key, None),
                 }
             };
+            if let Some(st) = &staged {
+                b.begin(st)?;
+            }
             match kind {
                 UnitKind::Layer(il) => {
                     let w = m.layout.layers[il].views(bytes, offset)?;
@@ -934,6 +946,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
 impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
+        self.backend.release_units();
         // Unlock pinned buffers while they are all still allocated (in the ring or held).
         for &(addr, len) in &self.pinned {
             self.backend.unpin(addr, len);

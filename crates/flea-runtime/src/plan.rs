@@ -268,7 +268,7 @@ impl Plan {
             req.links.cpu_compute,
             req.links.host_to_device,
         ) {
-            split_for_cpu(&mut units, cpu, h2d);
+            split_for_cpu(&mut units, cpu, h2d, hybrid_run(ring_depth));
         }
         Ok(Plan {
             units,
@@ -401,25 +401,118 @@ impl Plan {
 /// Hybrid split: give the CPU the share of the host-cached layers that balances its time
 /// against the copy engine's (C / B_cpu = G / B_h2d, so C = N · B_cpu / (B_cpu + B_h2d)),
 /// spread evenly through the pass so the CPU's layers alternate with streamed ones and each
-/// copy hides behind a CPU layer. Output slices stay on the GPU.
-pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64) {
+/// copy hides behind CPU work. The choice is made per run of `run` consecutive host-cached
+/// layers: every switch between CPU and GPU waits for the other side once (the GPU's layer
+/// must finish before the CPU can take the hidden state), so longer runs switch less, and
+/// a run of streamed layers can be copied ahead while the CPU computes as long as the ring
+/// has a slot for each (`run` ≤ ring depth − 1). Output slices stay on the GPU.
+pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64, run: usize) {
     units.iter_mut().for_each(|u| u.on_cpu = false);
     let share = cpu / (cpu + h2d);
-    let mut seen = 0u64;
-    let mut on_cpu = 0u64;
-    for u in units.iter_mut() {
-        if u.tier != Tier::HostCache {
-            continue;
+    let run = run.max(1);
+    let (mut seen, mut on_cpu) = (0u64, 0u64);
+    let mut chunk: Vec<usize> = Vec::with_capacity(run);
+    // Decide for the layers in `chunk` at once.
+    let mut decide = |units: &mut [Unit], chunk: &mut Vec<usize>, seen: &mut u64| {
+        let bytes: u64 = chunk.iter().map(|&i| units[i].bytes).sum();
+        *seen += bytes;
+        if (on_cpu + bytes) as f64 <= share * *seen as f64 + 0.5 * bytes as f64 {
+            chunk.iter().for_each(|&i| units[i].on_cpu = true);
+            on_cpu += bytes;
         }
-        seen += u.bytes;
-        let is_layer = matches!(u.kind, UnitKind::Layer(_));
-        if is_layer && (on_cpu + u.bytes) as f64 <= share * seen as f64 + 0.5 * u.bytes as f64 {
-            u.on_cpu = true;
-            on_cpu += u.bytes;
+        chunk.clear();
+    };
+    for i in 0..units.len() {
+        let (tier, bytes) = (units[i].tier, units[i].bytes);
+        let cached_layer = tier == Tier::HostCache && matches!(units[i].kind, UnitKind::Layer(_));
+        if !cached_layer && !chunk.is_empty() {
+            decide(units, &mut chunk, &mut seen);
+        }
+        if cached_layer {
+            chunk.push(i);
+            if chunk.len() == run {
+                decide(units, &mut chunk, &mut seen);
+            }
+        } else if tier == Tier::HostCache {
+            seen += bytes;
         }
     }
+    if !chunk.is_empty() {
+        decide(units, &mut chunk, &mut seen);
+    }
+}
+
+/// Consecutive host-cached layers the hybrid split keeps on one side: one fewer than the
+/// ring's slots (so a run of streamed layers can all be copied ahead), at least 1;
+/// `FLEA_HYBRID_RUN` overrides it (for comparisons).
+pub(crate) fn hybrid_run(ring_depth: usize) -> usize {
+    std::env::var("FLEA_HYBRID_RUN")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(ring_depth.saturating_sub(1))
+        .max(1)
 }
 
 /// Output-matrix slices are whole multiples of this many rows (kernels work on row pairs and
 /// threads on chunks of 8).
 const OUTPUT_ROW_ALIGN: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers(resident: usize, cached: usize) -> Vec<Unit> {
+        (0..resident + cached)
+            .map(|i| Unit {
+                kind: UnitKind::Layer(i),
+                offset: i as u64 * 100,
+                bytes: 100,
+                tier: if i < resident {
+                    Tier::Resident
+                } else {
+                    Tier::HostCache
+                },
+                on_cpu: false,
+            })
+            .chain(std::iter::once(Unit {
+                kind: UnitKind::Output { start: 0, end: 10 },
+                offset: 1 << 20,
+                bytes: 50,
+                tier: Tier::HostCache,
+                on_cpu: false,
+            }))
+            .collect()
+    }
+
+    fn pattern(units: &[Unit]) -> String {
+        units
+            .iter()
+            .map(|u| match (u.tier, u.on_cpu) {
+                (_, true) => 'C',
+                (Tier::HostCache, false) => 'G',
+                _ => 'r',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hybrid_split_balances_and_switches_per_run() {
+        let mut u = layers(2, 8);
+        split_for_cpu(&mut u, 1.0, 1.0, 1);
+        assert_eq!(pattern(&u), "rrCGCGCGCGG");
+        split_for_cpu(&mut u, 1.0, 1.0, 2);
+        assert_eq!(pattern(&u), "rrCCGGCCGGG");
+        // A CPU three times as fast as the link takes about three quarters.
+        split_for_cpu(&mut u, 3.0, 1.0, 1);
+        assert_eq!(u.iter().filter(|u| u.on_cpu).count(), 6);
+        // Never a resident unit or an output slice.
+        assert!(u
+            .iter()
+            .all(|u| !u.on_cpu
+                || (u.tier == Tier::HostCache && matches!(u.kind, UnitKind::Layer(_)))));
+        // A run cut short by the end of the layers is still decided.
+        let mut u = layers(0, 3);
+        split_for_cpu(&mut u, 1.0, 1.0, 2);
+        assert_eq!(pattern(&u), "CCGG");
+    }
+}

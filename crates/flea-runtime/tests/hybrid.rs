@@ -23,17 +23,24 @@ type Placed = (usize, usize, Arc<Vec<u8>>);
 /// in the file mapping (as on a GPU).
 struct Staging {
     cpu: CpuBackend,
+    /// The model file's mapping: a weight read from there must have been placed.
+    file: (usize, usize),
     mapped: Mutex<Vec<Placed>>,
+    /// Staged, not yet begun.
+    pending: Mutex<Vec<Placed>>,
     staged: Mutex<usize>,
     max_outstanding: Mutex<usize>,
     slots: Mutex<usize>,
 }
 
 impl Staging {
-    fn new() -> Staging {
+    fn new(model: &Model) -> Staging {
+        let file = model.file.bytes();
         Staging {
             cpu: CpuBackend::new(2).unwrap(),
+            file: (file.as_ptr() as usize, file.len()),
             mapped: Mutex::new(Vec::new()),
+            pending: Mutex::new(Vec::new()),
             staged: Mutex::new(0),
             max_outstanding: Mutex::new(0),
             slots: Mutex::new(0),
@@ -56,10 +63,10 @@ impl Staging {
                 data: &data[off..off + w.data.len()],
                 ..*w
             }),
-            // The executor's own small buffers (embedding rows, output norm) are host data.
-            None if w.data.len() < 64 << 10 => f(w),
+            // The executor's own buffers (embedding rows, output norm) are host data.
+            None if p < self.file.0 || p >= self.file.0 + self.file.1 => f(w),
             None => Err(flea_model::ModelError::Backend(format!(
-                "{}x{} weight not placed",
+                "{}x{} weight of the model file not placed (or staged but not begun)",
                 w.rows, w.cols
             ))),
         }
@@ -198,15 +205,35 @@ impl UnitStaging for Staging {
         );
         let mut m = self.max_outstanding.lock().unwrap();
         *m = (*m).max(*staged);
-        self.mapped.lock().unwrap().push((
+        // Readable only after `begin`, as on the GPU (where compute waits for the copy there).
+        self.pending.lock().unwrap().push((
             key.as_ptr() as usize,
             key.len(),
             Arc::new(host.to_vec()),
         ));
         Ok(key.as_ptr() as usize)
     }
+    fn begin(&self, key: &usize) -> Result<()> {
+        let mut pending = self.pending.lock().unwrap();
+        let i = pending
+            .iter()
+            .position(|(k, _, _)| k == key)
+            .expect("begin of an unstaged unit");
+        self.mapped.lock().unwrap().push(pending.remove(i));
+        Ok(())
+    }
+    fn release_units(&self) {
+        self.mapped.lock().unwrap().clear();
+        self.pending.lock().unwrap().clear();
+    }
     fn finish(&self, key: usize, _release_host: bool) -> Result<()> {
         *self.staged.lock().unwrap() -= 1;
+        // A unit staged but never begun (the CPU-rate measurement's copies) was not used.
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(i) = pending.iter().position(|(k, _, _)| *k == key) {
+            pending.remove(i);
+            return Ok(());
+        }
         let mut m = self.mapped.lock().unwrap();
         let i = m
             .iter()
@@ -290,13 +317,18 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         let fixed = plan.kv_bytes + plan.act_bytes + plan.misc_bytes;
         let small = fixed + 3 * plan.slot_bytes;
 
-        let dev = Staging::new();
+        let dev = Staging::new(&model);
+        // A dropped executor leaves nothing placed for the next one to find.
+        let released = |dev: &Staging| {
+            assert!(dev.mapped.lock().unwrap().is_empty() && dev.pending.lock().unwrap().is_empty())
+        };
         // Everything resident on the "device".
         let p = Plan::build(&model, &request(1 << 40, true, false)).unwrap();
         let got = script(
             &mut StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap(),
             vocab,
         );
+        released(&dev);
         assert!(got == want, "{}: resident staging differs", preset.name());
 
         // Streamed from the host cache through 2 device slots, no CPU share.
@@ -306,6 +338,7 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
             &mut StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap(),
             vocab,
         );
+        released(&dev);
         assert!(
             got == want,
             "{}: host-cache streaming differs",
@@ -327,8 +360,30 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         assert!(s.stats.bytes_host_cpu > 0, "the CPU computed nothing");
         assert!(got == want, "{}: hybrid differs", preset.name());
         assert!(s.host.peak() <= s.host.budget && s.device.peak() <= s.device.budget);
+        drop(s);
+        released(&dev);
+        // Three slots: the split switches sides every two layers, and two streamed layers
+        // are staged ahead while the CPU computes two.
+        let mut r = request(small + plan.slot_bytes, true, true);
+        r.ring_depth = Some(3);
+        let p = Plan::build(&model, &r).unwrap();
+        let runs = p
+            .units
+            .windows(2)
+            .filter(|w| w[0].on_cpu && w[1].on_cpu)
+            .count();
+        assert!(runs > 0, "{}: no run of two CPU layers", preset.name());
+        let mut s = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
+        s.attach_cpu(&cpu, Some(50e9)).unwrap();
+        assert!(
+            script(&mut s, vocab) == want,
+            "{}: hybrid in runs of two differs",
+            preset.name()
+        );
         // The measured choice (whichever it is on this machine) gives the same bits.
         let p = Plan::build(&model, &request(small, true, false)).unwrap();
+        drop(s);
+        released(&dev);
         let mut s2 = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
         let report = s2
             .attach_cpu(&cpu, None)
