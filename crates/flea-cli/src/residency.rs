@@ -384,12 +384,19 @@ fn summary_line<B: UnitStaging>(
     } else {
         0.0
     };
+    let rebalanced = match s.hybrid.and_then(|h| h.rebalanced) {
+        Some((rate, n)) => format!(
+            "; hybrid split re-balanced {n}x (the CPU's rate in the token loop: {:.1} GB/s)",
+            rate / 1e9
+        ),
+        None => String::new(),
+    };
     let driver = match s.driver_peak() {
         Some(p) => format!(" (driver saw {} more in use at peak)", fmt_size(p)),
         None => String::new(),
     };
     format!(
-        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor",
+        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor{rebalanced}",
         count(Tier::Resident),
         count(Tier::HostCache),
         s.plan.units.iter().filter(|u| u.on_cpu).count(),

@@ -1670,6 +1670,55 @@ impl Backend for CudaBackend {
         Ok((k, v))
     }
 
+    fn kv_dim(&self, kv: &CudaKv) -> usize {
+        kv.shape.n_head_kv * kv.shape.head_dim
+    }
+
+    fn kv_rows_into(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        pos0: usize,
+        k: &mut [u16],
+        v: &mut [u16],
+    ) -> Result<()> {
+        let kvd = self.kv_dim(kv).max(1);
+        let n = k.len() / kvd;
+        if layer >= kv.kp.len()
+            || k.len() != v.len()
+            || n * kvd != k.len()
+            || pos0 + n > kv.shape.n_ctx
+        {
+            return Err(be(format!(
+                "kv_rows_into: layer {layer} rows {pos0}+{n} out of range"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let off = (pos0 * kvd * 2) as u64;
+        // SAFETY: kp/vp[layer] hold n_ctx*kvd u16 and rows pos0..pos0+n lie inside (checked);
+        // k and v hold n*kvd u16 each and stay borrowed until the synchronize below.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                k,
+                kv.kp[layer] + off,
+                self.stream.cu_stream(),
+            )
+            .and_then(|_| {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    v,
+                    kv.vp[layer] + off,
+                    self.stream.cu_stream(),
+                )
+            })
+        }
+        .map_err(|e| be(format!("kv_rows_into: {e:?}")))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("kv_rows_into: {e:?}")))
+    }
+
     fn set_kv_rows(
         &self,
         kv: &mut CudaKv,

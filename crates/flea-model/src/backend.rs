@@ -250,6 +250,29 @@ pub trait Backend {
         pos0: usize,
         n: usize,
     ) -> Result<(Vec<u16>, Vec<u16>)>;
+    /// `kv_rows` into the caller's buffers (`k.len() / kv_dim` rows from `pos0`): a GPU
+    /// copies straight into them, at the link's full speed when they are pinned.
+    fn kv_rows_into(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        pos0: usize,
+        k: &mut [u16],
+        v: &mut [u16],
+    ) -> Result<()> {
+        let kvd = self.kv_dim(kv).max(1);
+        if k.len() != v.len() || !k.len().is_multiple_of(kvd) {
+            return Err(crate::ModelError::Backend(
+                "kv_rows_into: buffers are not whole rows".into(),
+            ));
+        }
+        let (kr, vr) = self.kv_rows(kv, layer, pos0, k.len() / kvd)?;
+        k.copy_from_slice(&kr);
+        v.copy_from_slice(&vr);
+        Ok(())
+    }
+    /// Values per cached row (KV heads × head dim).
+    fn kv_dim(&self, kv: &Self::Kv) -> usize;
     /// Store K and V rows (F16 bits) of `layer` at positions `pos0 ..`.
     fn set_kv_rows(
         &self,

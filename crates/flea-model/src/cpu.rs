@@ -45,6 +45,38 @@ pub struct CpuKv {
 }
 
 impl CpuKv {
+    /// K and V rows `pos0 .. pos0 + n` of sequence 0 in `layer`, as F16 bits to write into
+    /// (another backend's cache copied over in place).
+    pub fn rows_bits_mut(
+        &mut self,
+        layer: usize,
+        pos0: usize,
+        n: usize,
+    ) -> Result<(&mut [u16], &mut [u16])> {
+        use half::slice::HalfFloatSliceExt;
+        let kvd = self.shape.n_head_kv * self.shape.head_dim;
+        let (k, v) = self.layer_mut(layer)?;
+        let range = pos0 * kvd..(pos0 + n) * kvd;
+        match (k.get_mut(range.clone()), v.get_mut(range)) {
+            (Some(k), Some(v)) => Ok((k.reinterpret_cast_mut(), v.reinterpret_cast_mut())),
+            _ => Err(ModelError::Backend(format!(
+                "kv rows {pos0}+{n} of layer {layer} out of range"
+            ))),
+        }
+    }
+
+    /// Layer `layer`'s whole K and V caches as bytes (allocated now if not yet), e.g. to
+    /// page-lock them for copies. They never move afterwards.
+    pub fn layer_bytes_mut(&mut self, layer: usize) -> Result<(&mut [u8], &mut [u8])> {
+        let (k, v) = self.layer_mut(layer)?;
+        let bytes = |x: &mut Vec<f16>| {
+            // SAFETY: f16 is two plain bytes with no invalid bit patterns; the byte view
+            // covers exactly the vector's initialised elements and borrows it mutably.
+            unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), x.len() * 2) }
+        };
+        Ok((bytes(k), bytes(v)))
+    }
+
     fn per_layer(&self) -> usize {
         self.shape.n_seq * self.shape.n_ctx * self.shape.n_head_kv * self.shape.head_dim
     }
@@ -566,6 +598,10 @@ impl Backend for CpuBackend {
                 pos0 + n
             ))),
         }
+    }
+
+    fn kv_dim(&self, kv: &CpuKv) -> usize {
+        kv.shape.n_head_kv * kv.shape.head_dim
     }
 
     fn set_kv_rows(

@@ -111,7 +111,18 @@ pub struct HybridReport {
     pub copy_contended: f64,
     /// Predicted seconds per token of the host-cached part for stream, cpu-only, split.
     pub predicted_seconds: [f64; 3],
+    /// Whether decode re-balances the split to the CPU's observed rate (a measured split;
+    /// a rate given by the caller is kept).
+    pub adaptive: bool,
+    /// The CPU's rate (bytes of weights per second) last observed in the token loop once
+    /// it was off the split's, and how many times re-splitting moved layers.
+    pub rebalanced: Option<(f64, u32)>,
 }
+
+/// Decode passes between comparisons of the hybrid split with the CPU's observed rate.
+const REBALANCE_PASSES: u32 = 8;
+/// Re-split when the CPU's observed rate is further than this from the split's.
+const REBALANCE_TOLERANCE: f64 = 0.08;
 
 /// Batches of at most this many tokens run the plan's CPU layers on the CPU (hybrid decode);
 /// larger ones (prompts) are compute-bound and stream every layer to the GPU instead.
@@ -124,6 +135,13 @@ struct CpuSide<'m> {
     kv: <CpuBackend as Backend>::Kv,
     scratch: Scratch<CpuBackend>,
     _reservations: Vec<Reservation>,
+    /// Layers whose KV cache the CPU holds page-locked.
+    pinned_kv: Vec<bool>,
+    /// Layers a re-balanced split may give the CPU (its KV reservation covers them).
+    may_take: Vec<bool>,
+    /// Decode passes since the last re-balancing check: (CPU bytes, CPU arithmetic
+    /// seconds, passes).
+    window: (u64, f64, u32),
 }
 
 /// A model run under a residency plan, on any backend (the CPU by default).
@@ -405,6 +423,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 "hybrid execution runs one sequence at a time".into(),
             ));
         }
+        if self.cpu_side.is_some() {
+            return Err(RuntimeError::Config("a CPU is attached already".into()));
+        }
         let Some(h2d) = self.plan.links.host_to_device else {
             return Ok(None);
         };
@@ -415,6 +436,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 cpu_contended: r,
                 copy_contended: h2d,
                 predicted_seconds: [0.0; 3],
+                adaptive: false,
+                rebalanced: None,
             },
             None => {
                 let Some((alone, _)) = self.measure_cpu(cpu, false)? else {
@@ -450,6 +473,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     cpu_contended: contended,
                     copy_contended: copy,
                     predicted_seconds: predicted,
+                    adaptive: true,
+                    rebalanced: None,
                 }
             }
         };
@@ -492,9 +517,40 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             head_dim: cfg.head_dim,
         };
         let per_layer = (shape.bytes() / cfg.n_layers.max(1)) as u64;
+        let layers_of = |keep: &dyn Fn(&crate::plan::Unit) -> bool| {
+            let mut v = vec![false; cfg.n_layers];
+            for u in self.plan.units.iter().filter(|u| keep(u)) {
+                if let Some(x) = match u.kind {
+                    UnitKind::Layer(il) => v.get_mut(il),
+                    UnitKind::Output { .. } => None,
+                } {
+                    *x = true;
+                }
+            }
+            v
+        };
+        // KV room for every host-cached layer if the budget allows (so decode may re-balance
+        // the split), else for the layers the CPU has now.
+        let cached = layers_of(&|u| u.tier == Tier::HostCache);
+        let on_cpu = layers_of(&|u| u.on_cpu);
+        let count = |v: &[bool]| v.iter().filter(|&&x| x).count() as u64;
+        let (kv_res, may_take) = match self
+            .host
+            .reserve(per_layer * count(&cached), "CPU layers' KV cache")
+        {
+            Ok(r) => (r, cached),
+            Err(_) => {
+                if let Some(h) = self.hybrid.as_mut() {
+                    h.adaptive = false;
+                }
+                let r = self
+                    .host
+                    .reserve(per_layer * count(&on_cpu), "CPU layers' KV cache")?;
+                (r, on_cpu)
+            }
+        };
         let reservations = vec![
-            self.host
-                .reserve(per_layer * cpu_layers as u64, "CPU layers' KV cache")?,
+            kv_res,
             self.host.reserve(
                 Scratch::<CpuBackend>::bytes(cfg, HYBRID_MAX_BATCH, 1),
                 "CPU activations",
@@ -505,8 +561,96 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             kv: cpu.alloc_kv(shape)?,
             scratch: Scratch::with_logits_width(cpu, cfg, HYBRID_MAX_BATCH, 1)?,
             _reservations: reservations,
+            pinned_kv: vec![false; cfg.n_layers],
+            may_take,
+            window: (0, 0.0, 0),
         });
+        self.pin_cpu_kv()?;
         Ok(self.hybrid)
+    }
+
+    /// Let decode re-balance a hybrid split (on by default for a measured one, off for a
+    /// rate the caller gave) to the CPU's observed rate. No effect without a split.
+    pub fn adapt_hybrid(&mut self, on: bool) {
+        if let Some(h) = self.hybrid.as_mut() {
+            h.adaptive = on && h.choice == HybridChoice::Split;
+        }
+    }
+
+    /// Allocate and page-lock the KV caches of the layers the CPU computes, where not done
+    /// yet: the first decode step after a prompt copies the prompt's rows of each one over
+    /// from the GPU straight into them. Best effort: unpinned they are only slower to fill.
+    fn pin_cpu_kv(&mut self) -> Result<()> {
+        let Some(cs) = self.cpu_side.as_mut() else {
+            return Ok(());
+        };
+        for u in self.plan.units.iter().filter(|u| u.on_cpu) {
+            let UnitKind::Layer(il) = u.kind else {
+                continue;
+            };
+            if cs.pinned_kv.get(il) != Some(&false) {
+                continue;
+            }
+            let (k, v) = cs.kv.layer_bytes_mut(il)?;
+            for buf in [k, v] {
+                if self.backend.pin(buf).is_ok() {
+                    self.pinned.push((buf.as_ptr() as usize, buf.len()));
+                }
+            }
+            cs.pinned_kv[il] = true;
+        }
+        Ok(())
+    }
+
+    /// Hybrid decode: every `REBALANCE_PASSES` passes, compare the rate the CPU actually
+    /// computed its layers at (in the token loop: beside the copies, with attention over
+    /// the growing context) with the rate the split assumed, and re-split if they differ by
+    /// more than `REBALANCE_TOLERANCE`. The start-up measurement times matmuls alone.
+    fn rebalance_hybrid(&mut self, cpu_bytes: u64, cpu_seconds: f64) -> Result<()> {
+        let (Some(report), Some(cs)) = (self.hybrid.as_mut(), self.cpu_side.as_mut()) else {
+            return Ok(());
+        };
+        if !report.adaptive || report.choice != HybridChoice::Split || cpu_bytes == 0 {
+            return Ok(());
+        }
+        cs.window.0 += cpu_bytes;
+        cs.window.1 += cpu_seconds;
+        cs.window.2 += 1;
+        if cs.window.2 < REBALANCE_PASSES {
+            return Ok(());
+        }
+        let (bytes, seconds, _) = std::mem::take(&mut cs.window);
+        let observed = bytes as f64 / seconds.max(1e-9);
+        // The plan's links keep the start-up measurement (the floor is computed from it).
+        let assumed = report.rebalanced.map_or(report.cpu_contended, |(r, _)| r);
+        if (observed / assumed - 1.0).abs() <= REBALANCE_TOLERANCE {
+            return Ok(());
+        }
+        let mut units = self.plan.units.clone();
+        crate::plan::split_for_cpu(
+            &mut units,
+            observed,
+            report.copy_contended,
+            crate::plan::hybrid_run(self.plan.ring_depth),
+        );
+        // Only layers whose KV cache the CPU side has room for.
+        let fits = units.iter().all(|u| match (u.on_cpu, &u.kind) {
+            (true, UnitKind::Layer(il)) => cs.may_take.get(*il) == Some(&true),
+            _ => true,
+        });
+        if !fits {
+            report.adaptive = false;
+            return Ok(());
+        }
+        // Counted only when layers change sides; the rate is remembered either way.
+        let moved = units
+            .iter()
+            .zip(&self.plan.units)
+            .any(|(a, b)| a.on_cpu != b.on_cpu);
+        let n = report.rebalanced.map_or(0, |(_, n)| n) + u32::from(moved);
+        report.rebalanced = Some((observed, n));
+        self.plan.units = units;
+        self.pin_cpu_kv()
     }
 
     /// Bytes of weights per second the CPU multiplies through at batch 1, timed on the
@@ -722,6 +866,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             && batch_rows.iter().all(|r| r.seq == 0);
         let mut x_on_cpu = false;
         self.prestage_next = 0;
+        let cpu_before = (self.stats.bytes_host_cpu, self.stats.cpu_block_seconds);
         for ui in 0..self.plan.units.len() {
             let unit = &self.plan.units[ui];
             let (kind, tier, offset) = (unit.kind.clone(), unit.tier, unit.offset);
@@ -751,8 +896,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 }
                 let valid = &mut self.kv_valid[il];
                 if valid[1] < pos0 {
-                    let (k, v) = b.kv_rows(&self.kv, il, valid[1], pos0 - valid[1])?;
-                    cs.cpu.set_kv_rows(&mut cs.kv, il, valid[1], &k, &v)?;
+                    // Straight into the CPU's (pinned) cache rows.
+                    let (k, v) = cs.kv.rows_bits_mut(il, valid[1], pos0 - valid[1])?;
+                    b.kv_rows_into(&self.kv, il, valid[1], k, v)?;
                 }
                 let Some(Holding::Host(h)) = &self.held[ui] else {
                     return Err(RuntimeError::Stream(format!(
@@ -915,6 +1061,12 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             }
         }
         self.stats.passes += 1;
+        if use_cpu {
+            self.rebalance_hybrid(
+                self.stats.bytes_host_cpu - cpu_before.0,
+                self.stats.cpu_block_seconds - cpu_before.1,
+            )?;
+        }
         if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
             let above = used.saturating_sub(base);
             self.driver_peak = Some(self.driver_peak.unwrap_or(0).max(above));

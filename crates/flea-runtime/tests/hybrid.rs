@@ -166,6 +166,9 @@ impl Backend for Staging {
     fn kv_rows(&self, kv: &Self::Kv, l: usize, p: usize, n: usize) -> Result<(Vec<u16>, Vec<u16>)> {
         self.cpu.kv_rows(kv, l, p, n)
     }
+    fn kv_dim(&self, kv: &Self::Kv) -> usize {
+        self.cpu.kv_dim(kv)
+    }
     fn set_kv_rows(
         &self,
         kv: &mut Self::Kv,
@@ -378,6 +381,27 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         assert!(
             script(&mut s, vocab) == want,
             "{}: hybrid in runs of two differs",
+            preset.name()
+        );
+        drop(s);
+        released(&dev);
+        // A split far off the CPU's real rate, re-balanced during decode (layers move both
+        // ways, with their KV caches): still the same bits.
+        let p = Plan::build(&model, &request(small, true, false)).unwrap();
+        let mut s = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
+        s.attach_cpu(&cpu, Some(1e15)).unwrap();
+        s.adapt_hybrid(true);
+        let before: Vec<bool> = s.plan.units.iter().map(|u| u.on_cpu).collect();
+        assert!(
+            script(&mut s, vocab) == want,
+            "{}: re-balanced hybrid differs",
+            preset.name()
+        );
+        let after: Vec<bool> = s.plan.units.iter().map(|u| u.on_cpu).collect();
+        let report = s.hybrid.expect("a split");
+        assert!(
+            report.rebalanced.is_some() && before != after,
+            "{}: the split was not re-balanced",
             preset.name()
         );
         // The measured choice (whichever it is on this machine) gives the same bits.
