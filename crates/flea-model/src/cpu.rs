@@ -469,15 +469,24 @@ impl Backend for CpuBackend {
                     None => 0,
                 };
                 // q rounded to f16, as llama.cpp's F16 K x F32 Q matmul does.
-                let qrow: Vec<f32> = qs[t * qd + h * hd..t * qd + (h + 1) * hd]
+                let qrow: Vec<f16> = qs[t * qd + h * hd..t * qd + (h + 1) * hd]
                     .iter()
-                    .map(|&x| f16::from_f32(x).to_f32())
+                    .map(|&x| f16::from_f32(x))
                     .collect();
+                let qbits: &[u16] = qrow.reinterpret_cast();
                 let mut scores = Vec::with_capacity(pos + 1 - lo);
                 let mut kf = vec![0.0f32; hd];
                 for j in lo..=pos {
-                    kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].convert_to_f32_slice(&mut kf);
-                    let s: f32 = qrow.iter().zip(&kf).map(|(a, b)| a * b).sum();
+                    let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+                    // In llama.cpp's F16 matmul order where the head size allows (a multiple
+                    // of 16: every model here), else in plain order.
+                    let s = match flea_quant::dot_f16(key.reinterpret_cast(), qbits) {
+                        Some(s) => s,
+                        None => {
+                            key.convert_to_f32_slice(&mut kf);
+                            qrow.iter().zip(&kf).map(|(a, b)| a.to_f32() * b).sum()
+                        }
+                    };
                     scores.push(s * p.scale);
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -488,12 +497,12 @@ impl Backend for CpuBackend {
                 }
                 let inv = (1.0 / sum) as f32;
                 dst.iter_mut().for_each(|x| *x = 0.0);
-                let mut vf = vec![0.0f32; hd];
                 for (j, s) in (lo..=pos).zip(&scores) {
                     // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
                     let pj = f16::from_f32(s * inv).to_f32();
-                    vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].convert_to_f32_slice(&mut vf);
-                    dst.iter_mut().zip(&vf).for_each(|(d, v)| *d += pj * v);
+                    let v: &[u16] =
+                        vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast();
+                    flea_quant::axpy_f16(pj, v, dst);
                 }
             }
         });

@@ -256,6 +256,67 @@ pub fn best_isa() -> Isa {
     })
 }
 
+/// Dot product of two F16 rows (as bits) in the order of llama.cpp's CPU F16 matmul: 16
+/// lanes of fused multiply-adds, then a tree sum of the lanes (simd/f16dot.rs). The same bits
+/// on every instruction set. None unless the rows have one length, a multiple of 16.
+pub fn dot_f16(a: &[u16], b: &[u16]) -> Option<f32> {
+    dot_f16_isa(best_isa(), a, b)
+}
+
+/// [`dot_f16`] with a chosen instruction set (falls back to the best one available below it).
+pub fn dot_f16_isa(isa: Isa, a: &[u16], b: &[u16]) -> Option<f32> {
+    use simd::f16dot;
+    if a.len() != b.len() || !a.len().is_multiple_of(f16dot::LANES) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let have = detect();
+        if isa == Isa::Avx512 && have == Isa::Avx512 {
+            // SAFETY: AVX-512F (with F16C, FMA) detected; lengths checked above.
+            return Some(unsafe { f16dot::dot_avx512(a, b) });
+        }
+        if isa != Isa::Scalar && matches!(have, Isa::Avx2 | Isa::Avx512) {
+            // SAFETY: AVX2, FMA and F16C detected; lengths checked above.
+            return Some(unsafe { f16dot::dot_avx2(a, b) });
+        }
+    }
+    let _ = isa;
+    Some(f16dot::dot_scalar(a, b))
+}
+
+/// `dst[i] += p · v[i]` for an F16 row `v` (as bits): a multiply then an add per element,
+/// the bits of the plain loop on every instruction set. False (nothing done) unless
+/// `v.len() == dst.len()`.
+pub fn axpy_f16(p: f32, v: &[u16], dst: &mut [f32]) -> bool {
+    axpy_f16_isa(best_isa(), p, v, dst)
+}
+
+/// [`axpy_f16`] with a chosen instruction set (falls back to the best one available below it).
+pub fn axpy_f16_isa(isa: Isa, p: f32, v: &[u16], dst: &mut [f32]) -> bool {
+    use simd::f16dot;
+    if v.len() != dst.len() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let have = detect();
+        if isa == Isa::Avx512 && have == Isa::Avx512 {
+            // SAFETY: AVX-512F and F16C detected; lengths checked above.
+            unsafe { f16dot::axpy_avx512(p, v, dst) };
+            return true;
+        }
+        if isa != Isa::Scalar && matches!(have, Isa::Avx2 | Isa::Avx512) {
+            // SAFETY: AVX2 and F16C detected; lengths checked above.
+            unsafe { f16dot::axpy_avx2(p, v, dst) };
+            return true;
+        }
+    }
+    let _ = isa;
+    f16dot::axpy_scalar(p, v, dst);
+    true
+}
+
 /// A row-dot kernel: `(n, weight row ptr, activation row ptr) -> f32`.
 ///
 /// Unsafe to call: the pointers must be valid for the row sizes of `n` elements (weight

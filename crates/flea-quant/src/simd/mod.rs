@@ -7,6 +7,7 @@ use crate::{float, kquants, legacy, row_bytes, vec_dot_type, DotFn, GgmlType, Is
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub(crate) mod f16dot;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod multi_avx2;
 #[cfg(target_arch = "x86_64")]
