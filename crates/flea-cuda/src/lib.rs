@@ -1635,38 +1635,14 @@ impl Backend for CudaBackend {
         pos0: usize,
         n: usize,
     ) -> Result<(Vec<u16>, Vec<u16>)> {
-        let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
-        if layer >= kv.kp.len() || pos0 + n > kv.shape.n_ctx {
+        if n > kv.shape.n_ctx {
             return Err(be(format!(
                 "kv_rows: layer {layer} rows {pos0}+{n} out of range"
             )));
         }
-        let mut k = vec![0u16; n * kvd];
-        let mut v = vec![0u16; n * kvd];
-        if n == 0 {
-            return Ok((k, v));
-        }
-        let off = (pos0 * kvd * 2) as u64;
-        // SAFETY: kp/vp[layer] are live allocations of n_ctx*kvd u16; rows pos0..pos0+n lie
-        // inside; the host vectors hold n*kvd u16.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut k,
-                kv.kp[layer] + off,
-                self.stream.cu_stream(),
-            )
-            .and_then(|_| {
-                cudarc::driver::result::memcpy_dtoh_async(
-                    &mut v,
-                    kv.vp[layer] + off,
-                    self.stream.cu_stream(),
-                )
-            })
-        }
-        .map_err(|e| be(format!("kv_rows: {e:?}")))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| be(format!("kv_rows: {e:?}")))?;
+        let len = n * self.kv_dim(kv);
+        let (mut k, mut v) = (vec![0u16; len], vec![0u16; len]);
+        self.kv_rows_into(kv, layer, pos0, &mut k, &mut v)?;
         Ok((k, v))
     }
 

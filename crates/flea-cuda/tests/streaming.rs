@@ -78,19 +78,25 @@ fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-fn case(cuda: &CudaBackend, preset: Preset) {
+/// A synthetic Q4_K_M model of `preset` in a temporary file (removed when the guard drops).
+fn synth(preset: Preset, tag: &str) -> (Tmp, PathBuf, Model) {
     let path = std::env::temp_dir().join(format!(
-        "flea-cuda-stream-{}-{}.gguf",
+        "flea-cuda-{tag}-{}-{}.gguf",
         preset.name(),
         std::process::id()
     ));
-    let _tmp = Tmp(path.clone());
+    let tmp = Tmp(path.clone());
     let mut o = SynthOptions::new(preset);
     o.quant = QuantMix::Q4_K_M;
     o.seed = 11;
     o.threads = 4;
     write_synthetic(&path, &o).expect("write synthetic model");
     let model = Model::load(&path).expect("load");
+    (tmp, path, model)
+}
+
+fn case(cuda: &CudaBackend, preset: Preset) {
+    let (_tmp, path, model) = synth(preset, "stream");
     let scratch = cuda.scratch_bytes(&model, 32);
     let resident_plan = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
     assert!(resident_plan.units.iter().all(|u| u.tier == Tier::Resident));
@@ -232,18 +238,7 @@ fn hybrid_decode_matches_resident_on_gpu() {
     };
     let cpu = CpuBackend::new(4).expect("CPU backend");
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let path = std::env::temp_dir().join(format!(
-            "flea-cuda-hybrid-{}-{}.gguf",
-            preset.name(),
-            std::process::id()
-        ));
-        let _tmp = Tmp(path.clone());
-        let mut o = SynthOptions::new(preset);
-        o.quant = QuantMix::Q4_K_M;
-        o.seed = 11;
-        o.threads = 4;
-        write_synthetic(&path, &o).expect("write synthetic model");
-        let model = Model::load(&path).expect("load");
+        let (_tmp, path, model) = synth(preset, "hybrid");
         let scratch = cuda.scratch_bytes(&model, 32);
         let resident = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
         let fixed = resident.kv_bytes + resident.act_bytes + resident.misc_bytes;
