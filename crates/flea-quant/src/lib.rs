@@ -237,23 +237,27 @@ fn detect() -> Isa {
 pub fn best_isa() -> Isa {
     static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *BEST.get_or_init(|| {
-        let want = match std::env::var("FLEA_QUANT_ISA").as_deref() {
+        usable_isa(match std::env::var("FLEA_QUANT_ISA").as_deref() {
             Ok("scalar") => Isa::Scalar,
             Ok("avx2") => Isa::Avx2,
             _ => Isa::Avx512,
-        };
-        let have = detect();
-        let rank = |i: Isa| match i {
-            Isa::Scalar => 0,
-            Isa::Avx2 => 1,
-            Isa::Avx512 => 2,
-        };
-        if rank(want) < rank(have) {
-            want
-        } else {
-            have
-        }
+        })
     })
+}
+
+/// `isa`, or the best one this CPU has below it.
+fn usable_isa(isa: Isa) -> Isa {
+    let rank = |i: Isa| match i {
+        Isa::Scalar => 0,
+        Isa::Avx2 => 1,
+        Isa::Avx512 => 2,
+    };
+    let have = detect();
+    if rank(isa) < rank(have) {
+        isa
+    } else {
+        have
+    }
 }
 
 /// Dot product of two F16 rows (as bits) in the order of llama.cpp's CPU F16 matmul: 16
@@ -269,20 +273,15 @@ pub fn dot_f16_isa(isa: Isa, a: &[u16], b: &[u16]) -> Option<f32> {
     if a.len() != b.len() || !a.len().is_multiple_of(f16dot::LANES) {
         return None;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let have = detect();
-        if isa == Isa::Avx512 && have == Isa::Avx512 {
-            // SAFETY: AVX-512F (with F16C, FMA) detected; lengths checked above.
-            return Some(unsafe { f16dot::dot_avx512(a, b) });
-        }
-        if isa != Isa::Scalar && matches!(have, Isa::Avx2 | Isa::Avx512) {
-            // SAFETY: AVX2, FMA and F16C detected; lengths checked above.
-            return Some(unsafe { f16dot::dot_avx2(a, b) });
-        }
-    }
-    let _ = isa;
-    Some(f16dot::dot_scalar(a, b))
+    Some(match usable_isa(isa) {
+        // SAFETY: AVX-512F (with F16C, FMA) detected; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { f16dot::dot_avx512(a, b) },
+        // SAFETY: AVX2, FMA and F16C detected; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { f16dot::dot_avx2(a, b) },
+        _ => f16dot::dot_scalar(a, b),
+    })
 }
 
 /// `dst[i] += p · v[i]` for an F16 row `v` (as bits): a multiply then an add per element,
@@ -298,22 +297,15 @@ pub fn axpy_f16_isa(isa: Isa, p: f32, v: &[u16], dst: &mut [f32]) -> bool {
     if v.len() != dst.len() {
         return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let have = detect();
-        if isa == Isa::Avx512 && have == Isa::Avx512 {
-            // SAFETY: AVX-512F and F16C detected; lengths checked above.
-            unsafe { f16dot::axpy_avx512(p, v, dst) };
-            return true;
-        }
-        if isa != Isa::Scalar && matches!(have, Isa::Avx2 | Isa::Avx512) {
-            // SAFETY: AVX2 and F16C detected; lengths checked above.
-            unsafe { f16dot::axpy_avx2(p, v, dst) };
-            return true;
-        }
+    match usable_isa(isa) {
+        // SAFETY: AVX-512F and F16C detected; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { f16dot::axpy_avx512(p, v, dst) },
+        // SAFETY: AVX2 and F16C detected; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { f16dot::axpy_avx2(p, v, dst) },
+        _ => f16dot::axpy_scalar(p, v, dst),
     }
-    let _ = isa;
-    f16dot::axpy_scalar(p, v, dst);
     true
 }
 

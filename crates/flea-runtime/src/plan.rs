@@ -410,35 +410,34 @@ pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64, run: usize) 
     units.iter_mut().for_each(|u| u.on_cpu = false);
     let share = cpu / (cpu + h2d);
     let run = run.max(1);
-    let (mut seen, mut on_cpu) = (0u64, 0u64);
-    let mut chunk: Vec<usize> = Vec::with_capacity(run);
-    // Decide for the layers in `chunk` at once.
-    let mut decide = |units: &mut [Unit], chunk: &mut Vec<usize>, seen: &mut u64| {
-        let bytes: u64 = chunk.iter().map(|&i| units[i].bytes).sum();
-        *seen += bytes;
-        if (on_cpu + bytes) as f64 <= share * *seen as f64 + 0.5 * bytes as f64 {
-            chunk.iter().for_each(|&i| units[i].on_cpu = true);
-            on_cpu += bytes;
-        }
-        chunk.clear();
-    };
-    for i in 0..units.len() {
-        let (tier, bytes) = (units[i].tier, units[i].bytes);
-        let cached_layer = tier == Tier::HostCache && matches!(units[i].kind, UnitKind::Layer(_));
-        if !cached_layer && !chunk.is_empty() {
-            decide(units, &mut chunk, &mut seen);
-        }
-        if cached_layer {
-            chunk.push(i);
-            if chunk.len() == run {
-                decide(units, &mut chunk, &mut seen);
+    // Runs of up to `run` consecutive host-cached layers, in pass order; any other unit ends
+    // a run (a host-cached output slice still counts toward the bytes seen).
+    let mut runs: Vec<(Vec<usize>, u64)> = Vec::new();
+    let mut open = false;
+    for (i, u) in units.iter().enumerate() {
+        let cached = u.tier == Tier::HostCache;
+        if cached && matches!(u.kind, UnitKind::Layer(_)) {
+            match runs.last_mut() {
+                Some((layers, _)) if open && layers.len() < run => layers.push(i),
+                _ => runs.push((vec![i], 0)),
             }
-        } else if tier == Tier::HostCache {
-            seen += bytes;
+            open = true;
+        } else {
+            if cached {
+                runs.push((Vec::new(), u.bytes));
+            }
+            open = false;
         }
     }
-    if !chunk.is_empty() {
-        decide(units, &mut chunk, &mut seen);
+    let (mut seen, mut on_cpu) = (0u64, 0u64);
+    for (layers, other) in runs {
+        let bytes: u64 = layers.iter().map(|&i| units[i].bytes).sum();
+        seen += bytes + other;
+        if !layers.is_empty() && (on_cpu + bytes) as f64 <= share * seen as f64 + 0.5 * bytes as f64
+        {
+            layers.iter().for_each(|&i| units[i].on_cpu = true);
+            on_cpu += bytes;
+        }
     }
 }
 
