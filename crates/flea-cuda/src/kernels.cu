@@ -436,9 +436,11 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // As rms_norm for g % 4 == 0 and g <= 16 * blockDim.x: 16-byte loads, each thread keeps its
 // (at most 4) float4s in registers, so the row is read once and every load is in flight at
 // the same time (the plain kernel's strided loop is latency-bound on one 4096-wide row).
+// Writes only the float4s of 256-element chunks `part`, `part + nparts`, ... of the row (all of
+// them with nparts = 1); the sum of squares always covers the whole row in the same order.
 __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
                                               const float4* __restrict__ w, float4* out,
-                                              int g4, float eps) {
+                                              int g4, float eps, int part, int nparts) {
     const float4* xr = x + (long long)blockIdx.x * g4;
     float4* o = out + (long long)blockIdx.x * g4;
     float4 v[4];
@@ -463,7 +465,7 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         const int i = threadIdx.x + k * blockDim.x;
-        if (i < g4) {
+        if (i < g4 && (i >> 6) % nparts == part) {
             const float4 ww = w[i];
             o[i] = make_float4(v[k].x * inv * ww.x, v[k].y * inv * ww.y, v[k].z * inv * ww.z,
                                v[k].w * inv * ww.w);
@@ -473,7 +475,7 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
 
 extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
                                      float4* __restrict__ out, int g4, float eps) {
-    rms_norm4_row(x, w, out, g4, eps);
+    rms_norm4_row(x, w, out, g4, eps, 0, 1);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
@@ -747,8 +749,9 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
 // results do not change from run to run):
 //   attn_split_scores: scores of the chunk (16-byte K loads), the chunk's max and sum of exp;
 //   attn_split_pv:     global max and sum from all chunks' stats, f16 probabilities, the
-//                      chunk's partial P.V;
-//   attn_split_reduce: partials of the chunks added in chunk order.
+//                      chunk's partial P.V; the last chunk block of a (row, head) to finish
+//                      (a counter in `done`, left at 0 again for the next launch) adds the
+//                      partials of the chunks in chunk order.
 // hd % 4 == 0 and hd <= 256 (checked by the host). Scratch strides: `maxk` keys and `maxc`
 // chunks per (row, head).
 #define ATT_CHUNK 64
@@ -783,21 +786,29 @@ extern "C" __global__ void __launch_bounds__(128)
         qs[d] = h2f(f2h(q[(long long)t * qd + h * hd + d]));
     __syncthreads();
     const u16* kb = kc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
-    // Each warp scores 4 keys at a time; lane l reads dims 4l..4l+3 (+128, ...).
-    for (int jj = warp * 4; jj < len; jj += 16) {
-        float dot[4] = {0.f, 0.f, 0.f, 0.f};
+    // Each warp scores its ATT_CHUNK / 4 keys with all their loads in flight at once (a
+    // decode step is latency-bound here); lane l reads dims 4l..4l+3 (+128, ...).
+    {
+        constexpr int KW = ATT_CHUNK / 4;
+        const int jj = warp * KW;
+        float dot[KW];
+#pragma unroll
+        for (int k = 0; k < KW; k++) dot[k] = 0.f;
         for (int d = lane * 4; d < hd; d += 128) {
             const float4 qv = make_float4(qs[d], qs[d + 1], qs[d + 2], qs[d + 3]);
+            uint2 raw[KW];
             // Keys past the chunk re-read its last key (no branch; their scores are dropped).
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int j = min(jj + k, len - 1);
-                const float4 kv = h4f(*(const uint2*)(kb + (long long)j * kvd + d));
+            for (int k = 0; k < KW; k++)
+                raw[k] = *(const uint2*)(kb + (long long)min(jj + k, len - 1) * kvd + d);
+#pragma unroll
+            for (int k = 0; k < KW; k++) {
+                const float4 kv = h4f(raw[k]);
                 dot[k] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
             }
         }
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < KW; k++) {
             const float v = warp_sum(dot[k]);
             if (lane == 0 && jj + k < len) sm[jj + k] = v * scale;
         }
@@ -828,9 +839,9 @@ extern "C" __global__ void __launch_bounds__(128)
 
 extern "C" __global__ void __launch_bounds__(128)
     attn_split_pv(const u16* __restrict__ vc, const float* __restrict__ scores,
-                  const float* __restrict__ stats, float* __restrict__ part, int n_head,
-                  int group, int hd, int kvd, const int* __restrict__ rowpos,
-                  const int* __restrict__ rowbase, int window, int maxk, int maxc) {
+                  const float* __restrict__ stats, float* part, int n_head, int group, int hd,
+                  int kvd, const int* __restrict__ rowpos, const int* __restrict__ rowbase,
+                  int window, int maxk, int maxc, float* __restrict__ out, int* done) {
     __shared__ float p[ATT_CHUNK];
     __shared__ float4 acc4[128];
     const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
@@ -858,13 +869,23 @@ extern "C" __global__ void __launch_bounds__(128)
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
     if (g < G) {
         const u16* vb = vc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd + d;
-        for (int j = g; j < len; j += G) {
-            const float4 v = h4f(*(const uint2*)(vb + (long long)j * kvd));
-            const float pj = p[j];
-            a.x += pj * v.x;
-            a.y += pj * v.y;
-            a.z += pj * v.z;
-            a.w += pj * v.w;
+        // Keys g, g + G, ... in order; the loads of 8 of them in flight before their sums.
+        for (int j8 = g; j8 < len; j8 += 8 * G) {
+            uint2 raw[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                raw[k] = *(const uint2*)(vb + (long long)min(j8 + k * G, len - 1) * kvd);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if (j8 + k * G < len) {
+                    const float4 v = h4f(raw[k]);
+                    const float pj = p[j8 + k * G];
+                    a.x += pj * v.x;
+                    a.y += pj * v.y;
+                    a.z += pj * v.z;
+                    a.w += pj * v.w;
+                }
+            }
         }
     }
     acc4[threadIdx.x] = a;
@@ -885,19 +906,23 @@ extern "C" __global__ void __launch_bounds__(128)
         dst[2] = s.z;
         dst[3] = s.w;
     }
-}
-
-extern "C" __global__ void attn_split_reduce(const float* __restrict__ part, float* __restrict__ out,
-                                             int n_head, int hd, const int* __restrict__ rowpos,
-                                             int window, int maxc) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    int lo, nk;
-    att_window(rowpos, t, window, &lo, &nk);
-    const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
+    // Publish the partial, then count the chunk; the block that counts last adds them all.
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* cnt = done + (long long)t * n_head + h;
+        last = atomicAdd(cnt, 1) == nch - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
     const float* src = part + ((long long)t * n_head + h) * maxc * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float v = 0.f;
-        for (int c = 0; c < nch; c++) v += src[(long long)c * hd + d];
+        // L2 loads: other blocks wrote these; this SM's L1 must not answer.
+        for (int i = 0; i < nch; i++) v += __ldcg(src + (long long)i * hd + d);
         out[(long long)t * n_head * hd + h * hd + d] = v;
     }
 }
@@ -1013,15 +1038,18 @@ extern "C" __global__ void __launch_bounds__(128)
 // rms_norm4 followed by act_q8k of the normalised row, in one launch (decode: the norm's
 // output feeds int8 mat-vecs, which would quantise it next). Row r's 256-blocks are blocks
 // r*g/256 .. of the Q8_K scratch, as act_q8k over all rows would number them. g % 256 == 0.
+// grid = (rows, parts): block (r, p) sums the squares of the whole row r itself (same threads,
+// same order in every block, so the same bits) and normalises and quantises only the 256-blocks
+// p, p + parts, ...: one decode row spreads over `parts` SMs instead of waiting on one.
 extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const float4* __restrict__ w,
                                         float4* out, int g4, float eps, i8* __restrict__ xq,
                                         float* __restrict__ xd, int* __restrict__ xs) {
-    rms_norm4_row(x, w, out, g4, eps);
+    rms_norm4_row(x, w, out, g4, eps, blockIdx.y, gridDim.y);
     // The block's writes are visible to all its threads after the barrier.
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int per_row = g4 / 64;
-    for (int b = warp; b < per_row; b += nw)
+    for (int b = blockIdx.y + warp * gridDim.y; b < per_row; b += nw * gridDim.y)
         q8k_block((const float*)out, xq, xd, xs, (long long)blockIdx.x * per_row + b, lane);
 }
 
@@ -1507,19 +1535,31 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 // mmvq.rs); mmvq8_<type>: up to 8 tokens, one row per warp.
 // LB: the decode kernel's launch bounds.
 #define LB_DEFAULT __launch_bounds__(128)
+// Up to three matrices of one type and width on the same activations per launch (q/k/v,
+// gate/up): blockIdx.z picks the matrix; fewer launches, and one larger grid streams better
+// than three small ones. Each output row is computed exactly as in a launch of its own.
 #define MMVQ_ARGS                                                                              \
-    const u8* __restrict__ W, const i8* __restrict__ xq, const float* __restrict__ xd,         \
-        const int* __restrict__ xs, float* __restrict__ y, int rows, int cols,                 \
-        long long row_bytes, int n, int accumulate
+    const u8* __restrict__ W0, const u8* __restrict__ W1, const u8* __restrict__ W2,           \
+        const i8* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ xs,   \
+        float* __restrict__ y0, float* __restrict__ y1, float* __restrict__ y2, int rows0,     \
+        int rows1, int rows2, int cols, long long row_bytes, int n, int accumulate
+#define MMVQ_PICK                                                                              \
+    const int z = blockIdx.z;                                                                  \
+    const u8* W = z == 0 ? W0 : (z == 1 ? W1 : W2);                                            \
+    float* y = z == 0 ? y0 : (z == 1 ? y1 : y2);                                               \
+    const int rows = z == 0 ? rows0 : (z == 1 ? rows1 : rows2);
 #define MMVQ(name, K, Raw, LB)                                                                 \
     extern "C" __global__ void LB mmvq_##name(MMVQ_ARGS) {                                     \
-        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<K, Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);       \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvq2_##name(MMVQ_ARGS) {                \
-        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<K, Raw, 1, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);       \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvq8_##name(MMVQ_ARGS) {                \
-        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);                   \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);       \
     }
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of

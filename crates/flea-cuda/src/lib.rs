@@ -119,14 +119,13 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 16] = [
+const PLAIN_KERNELS: [&str; 15] = [
     "act_round",
     "rms_norm",
     "rms_norm4",
     "rms_norm_q8k",
     "attn_split_scores",
     "attn_split_pv",
-    "attn_split_reduce",
     "add_bias",
     "add",
     "glu",
@@ -183,6 +182,8 @@ struct Scratch {
     rowkv: Option<CudaSlice<i32>>,
     /// Split attention's scores, chunk stats and partial outputs (at most ATTN_SPLIT_MAX_BYTES).
     attn_split: Option<CudaSlice<f32>>,
+    /// Split attention's finished-chunk counter per (row, head): zero between launches.
+    attn_done: Option<CudaSlice<i32>>,
     /// What each of rowpos / rowbase / rowkv holds now: every layer of a pass uses the same
     /// rows, so they are uploaded once per pass, not before every kernel (a pageable upload
     /// stalls the host and breaks the queue of launches).
@@ -215,6 +216,14 @@ const HANDOVER_BYTES: usize = 4 << 20;
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        if std::env::var_os("FLEA_CUDA_WAIT").is_some() {
+            let n = self.reads.load(Ordering::Relaxed);
+            let ms = self.read_wait_ns.load(Ordering::Relaxed) as f64 * 1e-6;
+            eprintln!(
+                "cuda: the host waited {ms:.1} ms for results in {n} reads ({:.3} ms each)",
+                ms / n.max(1) as f64
+            );
+        }
         if let Some(h) = self.handover.get_mut().ok().and_then(|h| h.take()) {
             let _ = h.read.synchronize();
             // SAFETY: h.host came from malloc_host and no kernel reads it any more.
@@ -261,6 +270,10 @@ pub struct CudaBackend {
     precise_gemm: std::sync::atomic::AtomicBool,
     uploaded: AtomicU64,
     kernel_cache: String,
+    /// Reads of results (`read`) and the nanoseconds the host spent blocked in them: near
+    /// zero means the GPU waits for the host's launches, not the other way round.
+    reads: AtomicU64,
+    read_wait_ns: AtomicU64,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -470,6 +483,8 @@ impl CudaBackend {
                 std::env::var("FLEA_CUDA_GEMM").as_deref() == Ok("f32"),
             ),
             uploaded: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_wait_ns: AtomicU64::new(0),
             kernel_cache,
         })
     }
@@ -868,7 +883,8 @@ impl CudaBackend {
     }
 
     /// Attention split over the keys (see `attn_split_*` in kernels.cu): scores and chunk
-    /// stats, then probabilities times V per chunk, then the chunks added in order.
+    /// stats, then probabilities times V per chunk, the last chunk of each head adding all
+    /// the chunks in order.
     #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
     fn attention_split(
         &self,
@@ -881,12 +897,13 @@ impl CudaBackend {
         window: i32,
         out: &mut CudaAct,
     ) -> Result<()> {
-        let base = {
+        let (base, done) = {
             let mut sc = self
                 .scratch
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
-            self.grow(&mut sc.attn_split, s.floats())?
+            let base = self.grow(&mut sc.attn_split, s.floats())?;
+            (base, self.grow(&mut sc.attn_done, s.rows * p.n_head)?)
         };
         let (scores, stats, part) = (
             base,
@@ -910,14 +927,8 @@ impl CudaBackend {
             s.maxc as i32,
         );
         launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
-        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc)?;
-        let cfg = LaunchConfig {
-            grid_dim: (p.n_head as u32, s.rows as u32, 1),
-            block_dim: (s.hd.next_multiple_of(32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let op = out.ptr;
-        launch!(self, "attn_split_reduce", cfg; part, op, nh, hdi, posp, window, maxc)
+        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done)
     }
 
     fn check_weight(w: &Weight) -> Result<()> {
@@ -1215,6 +1226,11 @@ impl Backend for CudaBackend {
                         .map_err(|_| be("scratch lock poisoned"))?;
                     self.q8k_scratch(&mut sc.xq, total)?
                 };
+                // One block per 256-element chunk of each row (see the kernel).
+                let cfg = LaunchConfig {
+                    grid_dim: (groups as u32, (g / 256) as u32, 1),
+                    ..cfg
+                };
                 launch!(self, "rms_norm_q8k", cfg; xp, wp, op, g4i, eps, xq, xd, xs)?;
                 let p = Prequant {
                     x: out.ptr,
@@ -1255,15 +1271,61 @@ impl Backend for CudaBackend {
         // Rounded input per mode, computed once for all jobs.
         let mut done_mode: Option<i32> = None;
         let mut quantized = mmvq::Quantized::default();
-        for (w, out) in jobs.iter_mut() {
-            let (suffix, mode) = type_info(w.ty).unwrap();
-            let wp = self.weight_ptr(w)?;
-            // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS.
-            if (!use_blas || n <= mmvq::MAX_TOKENS)
-                && self.try_mmvq(n, w, wp, x.ptr, out.ptr, false, &mut sc.xq, &mut quantized)?
-            {
+        // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS; jobs of
+        // one weight type share a launch (q/k/v, gate/up). Bit i of `by_mmvq`: job i is done.
+        let mut by_mmvq = 0u64;
+        if !use_blas || n <= mmvq::MAX_TOKENS {
+            let count = jobs.len().min(64);
+            for i in 0..count {
+                if by_mmvq & (1 << i) != 0 {
+                    continue;
+                }
+                let w = jobs[i].0;
+                let wp = self.weight_ptr(w)?;
+                let Some(kernel) = self.mmvq_kernel(n, w, wp) else {
+                    continue;
+                };
+                let mut group = [mmvq::MmvqJob {
+                    wp,
+                    rows: w.rows,
+                    out: jobs[i].1.ptr,
+                }; mmvq::MAX_JOBS];
+                let mut len = 1;
+                by_mmvq |= 1 << i;
+                for j in i + 1..count {
+                    let wj = jobs[j].0;
+                    if len == mmvq::MAX_JOBS || by_mmvq & (1 << j) != 0 || wj.ty != w.ty {
+                        continue;
+                    }
+                    let wpj = self.weight_ptr(wj)?;
+                    if self.mmvq_kernel(n, wj, wpj).is_some() {
+                        group[len] = mmvq::MmvqJob {
+                            wp: wpj,
+                            rows: wj.rows,
+                            out: jobs[j].1.ptr,
+                        };
+                        len += 1;
+                        by_mmvq |= 1 << j;
+                    }
+                }
+                self.launch_mmvq(
+                    n,
+                    w,
+                    &group[..len],
+                    kernel,
+                    x.ptr,
+                    false,
+                    &mut sc.xq,
+                    &mut quantized,
+                )?;
+            }
+        }
+        for (i, (w, out)) in jobs.iter_mut().enumerate() {
+            if i < 64 && by_mmvq & (1 << i) != 0 {
                 continue;
             }
+            let (suffix, mode) = type_info(w.ty).unwrap();
+            let wp = self.weight_ptr(w)?;
             if use_blas && self.precise_gemm() {
                 let xr = self.grow(&mut sc.xr, total)?;
                 if done_mode != Some(mode) {
@@ -1599,6 +1661,7 @@ impl Backend for CudaBackend {
             return Ok(v);
         }
         let s = x.buf.slice(0..len);
+        let t = std::time::Instant::now();
         self.stream
             .memcpy_dtoh(&s, &mut v)
             .map_err(|e| be(format!("device error (read): {e:?}")))?;
@@ -1606,6 +1669,9 @@ impl Backend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| be(format!("device error: {e:?}")))?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.read_wait_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(v)
     }
 

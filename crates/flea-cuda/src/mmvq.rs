@@ -81,6 +81,17 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
     })
 }
 
+/// Most matrices one mmvq launch computes (the kernels' W0..W2).
+pub(crate) const MAX_JOBS: usize = 3;
+
+/// One matrix of a grouped mmvq launch: weight at `wp` (`rows` rows), output at `out`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MmvqJob {
+    pub wp: u64,
+    pub rows: usize,
+    pub out: u64,
+}
+
 /// Device scratch of the int8 activations, one buffer per format (a matmul group may use
 /// both, e.g. Q4_K and Q8_0 weights on the same input).
 #[derive(Default)]
@@ -180,6 +191,29 @@ impl CudaBackend {
         ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The int8 kernel and activation format for `w` at device address `wp` with `n` tokens,
+    /// or None (use another path) when its type has none, the kernels are off, or its bytes
+    /// are not aligned for it.
+    pub(crate) fn mmvq_kernel(
+        &self,
+        n: usize,
+        w: &Weight,
+        wp: u64,
+    ) -> Option<(&'static str, ActFmt)> {
+        let (name, align, fmt) = kernel_for(w.ty)?;
+        // n == 0 keeps the old path's behaviour (nothing here launches an empty grid).
+        if !enabled() || n == 0 {
+            return None;
+        }
+        // Row starts need the blocks' alignment; Q6_K's blocks need 2, its tensor start 8.
+        let row_align = if w.ty == GgmlType::Q6_K { 2 } else { align };
+        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(row_align) {
+            MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        Some((name, fmt))
+    }
+
     /// `out[t] = w . x[t]` (with `acc`: `out[t] += w . x[t]`) for t < n with the fast
     /// kernel, when `w`'s type has one and its bytes are aligned for it. Returns false
     /// (nothing launched) otherwise. `x` is quantized into `scratch` unless `quantized` says
@@ -196,20 +230,36 @@ impl CudaBackend {
         scratch: &mut ActScratch,
         quantized: &mut Quantized,
     ) -> Result<bool> {
-        let Some((name, align, fmt)) = kernel_for(w.ty) else {
+        let Some(kernel) = self.mmvq_kernel(n, w, wp) else {
             return Ok(false);
         };
-        // n == 0 keeps the old path's behaviour (nothing here launches an empty grid).
-        if !enabled() || n == 0 {
-            return Ok(false);
-        }
-        // Row starts need the blocks' alignment; Q6_K's blocks need 2, its tensor start 8.
-        let row_align = if w.ty == GgmlType::Q6_K { 2 } else { align };
-        if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(row_align) {
-            MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(false);
-        }
-        let total = n * w.cols;
+        let job = MmvqJob {
+            wp,
+            rows: w.rows,
+            out,
+        };
+        self.launch_mmvq(n, w, &[job], kernel, x, acc, scratch, quantized)?;
+        Ok(true)
+    }
+
+    /// One launch of `kernel` for up to [`MAX_JOBS`] matrices of `like`'s type and width on
+    /// the same `n` activation rows at `x` (each job checked by [`Self::mmvq_kernel`]).
+    #[allow(clippy::too_many_arguments)] // the group's operands and its scratch
+    pub(crate) fn launch_mmvq(
+        &self,
+        n: usize,
+        like: &Weight,
+        jobs: &[MmvqJob],
+        (name, fmt): (&'static str, ActFmt),
+        x: u64,
+        acc: bool,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<()> {
+        let (Some(first), true) = (jobs.first(), jobs.len() <= MAX_JOBS) else {
+            return Err(be(format!("mmvq: {} matrices in one launch", jobs.len())));
+        };
+        let total = n * like.cols;
         let (xqp, xdp, xsp) = if let ActFmt::F16 | ActFmt::BF16 = fmt {
             let base = self.grow(&mut scratch.half, total * 4)?;
             if quantized.half != Some(fmt) {
@@ -232,35 +282,51 @@ impl CudaBackend {
                 n.div_ceil(MAX_TOKENS),
             ),
         };
+        // Unused slots repeat the first job; blockIdx.z never reaches them.
+        let job = |i: usize| jobs.get(i).unwrap_or(first);
+        let most_rows = jobs.iter().map(|j| j.rows).max().unwrap_or(0);
         let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(rows_per_block) as u32, groups as u32, 1),
+            grid_dim: (
+                most_rows.div_ceil(rows_per_block) as u32,
+                groups as u32,
+                jobs.len() as u32,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_i, cols_i, rb, n_i, acc_i) = (
-            w.rows as i32,
-            w.cols as i32,
-            w.row_bytes() as i64,
+        let (w0, w1, w2) = (job(0).wp, job(1).wp, job(2).wp);
+        let (y0, y1, y2) = (job(0).out, job(1).out, job(2).out);
+        let (r0, r1, r2) = (job(0).rows as i32, job(1).rows as i32, job(2).rows as i32);
+        let (cols_i, rb, n_i, acc_i) = (
+            like.cols as i32,
+            like.row_bytes() as i64,
             n as i32,
             acc as i32,
         );
         let f = self.func(&kname)?;
         let mut b = self.stream.launch_builder(f);
-        b.arg(&wp)
+        b.arg(&w0)
+            .arg(&w1)
+            .arg(&w2)
             .arg(&xqp)
             .arg(&xdp)
             .arg(&xsp)
-            .arg(&out)
-            .arg(&rows_i)
+            .arg(&y0)
+            .arg(&y1)
+            .arg(&y2)
+            .arg(&r0)
+            .arg(&r1)
+            .arg(&r2)
             .arg(&cols_i)
             .arg(&rb)
             .arg(&n_i)
             .arg(&acc_i);
-        // SAFETY: wp holds rows*row_bytes bytes (check_weight), out holds n*rows f32
-        // (check_rows), the activation scratch was sized and filled above.
+        // SAFETY: each job's wp holds rows*row_bytes bytes of `like`'s type and width
+        // (check_weight, same type and width checked by the caller), its out holds n*rows f32
+        // (check_rows); the activation scratch was sized and filled above.
         unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
         self.after_launch(&kname)?;
-        Ok(true)
+        Ok(())
     }
 
     /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
