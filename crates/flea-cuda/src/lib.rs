@@ -1292,8 +1292,7 @@ impl Backend for CudaBackend {
                 }; mmvq::MAX_JOBS];
                 let mut len = 1;
                 by_mmvq |= 1 << i;
-                for j in i + 1..count {
-                    let wj = jobs[j].0;
+                for (j, (wj, outj)) in jobs.iter().enumerate().take(count).skip(i + 1) {
                     if len == mmvq::MAX_JOBS || by_mmvq & (1 << j) != 0 || wj.ty != w.ty {
                         continue;
                     }
@@ -1302,7 +1301,7 @@ impl Backend for CudaBackend {
                         group[len] = mmvq::MmvqJob {
                             wp: wpj,
                             rows: wj.rows,
-                            out: jobs[j].1.ptr,
+                            out: outj.ptr,
                         };
                         len += 1;
                         by_mmvq |= 1 << j;
