@@ -42,6 +42,18 @@ __device__ __forceinline__ float round_bf16(float f) {
 }
 __device__ __forceinline__ float ldh(const u8* p) { return h2f((u16)p[0] | ((u16)p[1] << 8)); }
 
+// Programmatic dependent launch (sm_90+; the host launches with the attribute): a kernel may
+// start while the one before it in the stream still runs. Every kernel calls pdl_enter()
+// before it reads what an earlier kernel wrote or writes anything: it waits there until the
+// previous kernel has finished and its writes are visible, then lets the next kernel start
+// its own blocks early. Without the attribute (or before sm_90) both are no-ops.
+__device__ __forceinline__ void pdl_enter() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -318,19 +330,19 @@ __device__ void embed_impl(const u8* __restrict__ W, const int* __restrict__ tok
 #define INSTANTIATE(name, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(128)                                          \
         matvec_##name(const u8* W, const float* x, float* y, int rows, int cols,               \
-                      long long row_bytes) {                                                   \
+                      long long row_bytes) { pdl_enter(); \
         matvec_impl<T>(W, x, y, rows, cols, row_bytes);                                        \
     }                                                                                          \
     extern "C" __global__ void deq_f16_##name(const u8* W, u16* out, int rows, int cols,       \
-                                              long long row_bytes) {                           \
+                                              long long row_bytes) { pdl_enter(); \
         deq_f16_impl<T>(W, out, rows, cols, row_bytes);                                        \
     }                                                                                          \
     extern "C" __global__ void deq_f32_##name(const u8* W, float* out, int rows, int cols,     \
-                                              long long row_bytes) {                           \
+                                              long long row_bytes) { pdl_enter(); \
         deq_f32_impl<T>(W, out, rows, cols, row_bytes);                                        \
     }                                                                                          \
     extern "C" __global__ void embed_##name(const u8* W, const int* tokens, float* out, int n, \
-                                            int cols, long long row_bytes, float scale) {      \
+                                            int cols, long long row_bytes, float scale) { pdl_enter(); \
         embed_impl<T>(W, tokens, out, n, cols, row_bytes, scale);                              \
     }
 
@@ -356,6 +368,7 @@ INSTANTIATE(q6_k, TY_Q6_K)
 // One warp per 32 (mode 1, 0, 3, 4) or 256 (mode 2) elements; grid.x * 4 warps.
 extern "C" __global__ void act_round(const float* __restrict__ x, float* __restrict__ yf,
                                      u16* __restrict__ yh, long long n, int mode) {
+    pdl_enter();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long long blk = (long long)blockIdx.x * 4 + warp;
     if (mode == 2) {
@@ -415,6 +428,7 @@ extern "C" __global__ void act_round(const float* __restrict__ x, float* __restr
 // RMS norm of each group of g values: out = x / sqrt(mean(x^2) + eps) * w. One block per group.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, int g, float eps) {
+    pdl_enter();
     const float* xr = x + (long long)blockIdx.x * g;
     float* o = out + (long long)blockIdx.x * g;
     float ss = 0.f;
@@ -475,15 +489,18 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
 
 extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
                                      float4* __restrict__ out, int g4, float eps) {
+    pdl_enter();
     rms_norm4_row(x, w, out, g4, eps, 0, 1);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
+    pdl_enter();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += b[i % width];
 }
 
 extern "C" __global__ void add(float* x, const float* y, long long total) {
+    pdl_enter();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += y[i];
 }
@@ -492,6 +509,7 @@ extern "C" __global__ void add(float* x, const float* y, long long total) {
 // the CPU backend's table does).
 extern "C" __global__ void glu(const float* gate, const float* up, float* out, long long total,
                                int act) {
+    pdl_enter();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     float g = gate[i];
@@ -532,6 +550,7 @@ __device__ __forceinline__ void rope_pair(float* x, int n_heads, int hd, int nd,
 
 extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, const int* rowpos,
                                 float theta_scale, int neox) {
+    pdl_enter();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long total = (long long)n * n_heads * (nd / 2);
     if (idx >= total) return;
@@ -542,6 +561,7 @@ extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, co
 // threads rotate q's pairs, the rest k's.
 extern "C" __global__ void rope_qk(float* q, float* k, int n, int nq, int nk, int hd, int nd,
                                    const int* rowpos, float theta_scale, int neox) {
+    pdl_enter();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long tq = (long long)n * nq * (nd / 2), tk = (long long)n * nk * (nd / 2);
     if (idx < tq) {
@@ -555,6 +575,7 @@ extern "C" __global__ void rope_qk(float* q, float* k, int n, int nq, int nk, in
 // Row t of k/v goes to cache row kvrow[t] (its sequence slot's base + its position).
 extern "C" __global__ void kv_store(const float* k, const float* v, u16* kc, u16* vc,
                                     long long total, const int* kvrow, int kvd) {
+    pdl_enter();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     long long t = i / kvd, d = i - t * kvd;
@@ -574,6 +595,7 @@ extern "C" __global__ void __launch_bounds__(128)
               float* __restrict__ out, int n_head, int group, int hd, int kvd,
               const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
               float scale) {
+    pdl_enter();
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kh = h / group;
@@ -660,6 +682,7 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
                    const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
                    int hd, int kvd, const int* __restrict__ rowpos,
                    const int* __restrict__ rowbase, int window, float scale) {
+    pdl_enter();
     extern __shared__ float sc[];
     __shared__ float red[ATT2_WARPS];
     __shared__ float qs[256];
@@ -771,6 +794,7 @@ extern "C" __global__ void __launch_bounds__(128)
                       int group, int hd, int kvd, const int* __restrict__ rowpos,
                       const int* __restrict__ rowbase, int window, float scale, int maxk,
                       int maxc) {
+    pdl_enter();
     __shared__ float qs[256];
     __shared__ float sm[ATT_CHUNK];
     __shared__ float red[4];
@@ -842,6 +866,7 @@ extern "C" __global__ void __launch_bounds__(128)
                   const float* __restrict__ stats, float* part, int n_head, int group, int hd,
                   int kvd, const int* __restrict__ rowpos, const int* __restrict__ rowbase,
                   int window, int maxk, int maxc, float* __restrict__ out, int* done) {
+    pdl_enter();
     __shared__ float p[ATT_CHUNK];
     __shared__ float4 acc4[128];
     const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
@@ -929,6 +954,7 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // Device-to-device bandwidth probe helper: y = x (float4 copy).
 extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
+    pdl_enter();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long stride = (long long)gridDim.x * blockDim.x;
     for (; i < n4; i += stride) y[i] = x[i];
@@ -1029,6 +1055,7 @@ __device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
 extern "C" __global__ void __launch_bounds__(128)
     act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
             int* __restrict__ xs, long long nblk) {
+    pdl_enter();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long blk = (long long)blockIdx.x * 4 + warp;
     if (blk >= nblk) return;
@@ -1044,6 +1071,7 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const float4* __restrict__ w,
                                         float4* out, int g4, float eps, i8* __restrict__ xq,
                                         float* __restrict__ xd, int* __restrict__ xs) {
+    pdl_enter();
     rms_norm4_row(x, w, out, g4, eps, blockIdx.y, gridDim.y);
     // The block's writes are visible to all its threads after the barrier.
     __syncthreads();
@@ -1432,6 +1460,7 @@ typedef Half8<true> BF16K;
 extern "C" __global__ void __launch_bounds__(128)
     act_q8_0(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
              int* __restrict__ xs, long long nblk) {
+    pdl_enter();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long blk = (long long)blockIdx.x * 4 + warp;
     if (blk >= nblk) return;
@@ -1472,6 +1501,13 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     const u8* wr[NR];
 #pragma unroll
     for (int r = 0; r < NR; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * row_bytes;
+    // Weights are never written by kernels: pull the start of this warp's rows toward L2
+    // while the previous kernel (which writes our activations) may still be running.
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+        if ((long long)lane * 128 < row_bytes)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
+    pdl_enter();
     const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;

@@ -53,13 +53,11 @@ fn be(msg: impl Into<String>) -> ModelError {
 macro_rules! launch {
     ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
         let name: &str = $name;
-        let f = $s.func(name)?;
-        let mut b = $s.stream.launch_builder(f);
-        $( b.arg(&$arg); )*
+        let mut params = [$( &$arg as *const _ as *mut std::ffi::c_void ),*];
         // SAFETY: every caller checks its buffers' shapes against the kernel's indexing
-        // (check_rows, the weight's byte count) before launching.
-        unsafe { b.launch($cfg) }.map_err(|e| be(format!("kernel {name}: {e:?}")))?;
-        $s.after_launch(name)
+        // (check_rows, the weight's byte count) before launching; `params` points at
+        // locals of the kernel's parameter types, alive for the call.
+        unsafe { $s.launch_kernel(name, $cfg, &mut params) }
     }};
 }
 
@@ -255,6 +253,8 @@ pub struct CudaBackend {
     device_name: String,
     cc: (i32, i32),
     sync_each: bool,
+    /// Programmatic dependent launch: sm_90 or later, unless FLEA_CUDA_PDL=0.
+    pdl: bool,
     /// Fused decode kernels (norm + Q8_K quantisation, RoPE of q and k in one launch, mat-vec
     /// adding into the residual); FLEA_CUDA_FUSE=0 turns them off for comparisons.
     fusion: std::sync::atomic::AtomicBool,
@@ -470,6 +470,7 @@ impl CudaBackend {
             device_name,
             cc,
             sync_each: std::env::var_os("FLEA_CUDA_SYNC").is_some(),
+            pdl: cc.0 >= 9 && std::env::var("FLEA_CUDA_PDL").as_deref() != Ok("0"),
             single_block_attention: std::env::var("FLEA_CUDA_ATTN").as_deref() == Ok("single"),
             fusion: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
@@ -751,6 +752,57 @@ impl CudaBackend {
                 p.x == x && p.total == total && p.base == base && p.serial == serial
             })
         })
+    }
+
+    /// Launch kernel `name` on the compute stream. With programmatic dependent launch (sm_90
+    /// and later, unless FLEA_CUDA_PDL=0) the kernel may start while the previous one still
+    /// runs: every kernel in kernels.cu waits for it in `pdl_enter()` before touching shared
+    /// memory, and the mat-vecs prefetch their weights before that wait.
+    ///
+    /// # Safety
+    /// `params` must point at one value of each of the kernel's parameter types, in order,
+    /// and the buffers they address must be large enough for `cfg`'s grid.
+    pub(crate) unsafe fn launch_kernel(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let f = self.func(name)?;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        self.bind()?;
+        // SAFETY: the caller's contract covers the parameters; `config` and `attr` live
+        // through the call, and the function belongs to this context's module.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
+        }
+        .map_err(|e| be(format!("kernel {name}: {e:?}")))?;
+        self.after_launch(name)
     }
 
     fn after_launch(&self, name: &str) -> Result<()> {

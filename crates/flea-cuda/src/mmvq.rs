@@ -13,7 +13,7 @@
 //! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use flea_gguf::GgmlType;
 use flea_model::weights::Weight;
 use flea_model::Result;
@@ -303,30 +303,29 @@ impl CudaBackend {
             n as i32,
             acc as i32,
         );
-        let f = self.func(&kname)?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&w0)
-            .arg(&w1)
-            .arg(&w2)
-            .arg(&xqp)
-            .arg(&xdp)
-            .arg(&xsp)
-            .arg(&y0)
-            .arg(&y1)
-            .arg(&y2)
-            .arg(&r0)
-            .arg(&r1)
-            .arg(&r2)
-            .arg(&cols_i)
-            .arg(&rb)
-            .arg(&n_i)
-            .arg(&acc_i);
-        // SAFETY: each job's wp holds rows*row_bytes bytes of `like`'s type and width
-        // (check_weight, same type and width checked by the caller), its out holds n*rows f32
-        // (check_rows); the activation scratch was sized and filled above.
-        unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {kname}: {e:?}")))?;
-        self.after_launch(&kname)?;
-        Ok(())
+        let mut params = [
+            &w0 as *const u64 as *mut std::ffi::c_void,
+            &w1 as *const u64 as *mut _,
+            &w2 as *const u64 as *mut _,
+            &xqp as *const u64 as *mut _,
+            &xdp as *const u64 as *mut _,
+            &xsp as *const u64 as *mut _,
+            &y0 as *const u64 as *mut _,
+            &y1 as *const u64 as *mut _,
+            &y2 as *const u64 as *mut _,
+            &r0 as *const i32 as *mut _,
+            &r1 as *const i32 as *mut _,
+            &r2 as *const i32 as *mut _,
+            &cols_i as *const i32 as *mut _,
+            &rb as *const i64 as *mut _,
+            &n_i as *const i32 as *mut _,
+            &acc_i as *const i32 as *mut _,
+        ];
+        // SAFETY: the parameters are MMVQ_ARGS in order; each job's wp holds rows*row_bytes
+        // bytes of `like`'s type and width (check_weight, same type and width checked by the
+        // caller), its out holds n*rows f32 (check_rows); the activation scratch was sized
+        // and filled above.
+        unsafe { self.launch_kernel(&kname, cfg, &mut params) }
     }
 
     /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
@@ -369,12 +368,16 @@ impl CudaBackend {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let f = self.func(qname)?;
-            let mut b = self.stream.launch_builder(f);
-            b.arg(&x).arg(&xqp).arg(&xdp).arg(&xsp).arg(&nblk);
-            // SAFETY: x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
-            unsafe { b.launch(cfg) }.map_err(|e| be(format!("kernel {qname}: {e:?}")))?;
-            self.after_launch(qname)?;
+            let mut params = [
+                &x as *const u64 as *mut std::ffi::c_void,
+                &xqp as *const u64 as *mut _,
+                &xdp as *const u64 as *mut _,
+                &xsp as *const u64 as *mut _,
+                &nblk as *const i64 as *mut _,
+            ];
+            // SAFETY: the parameters are act_q8k's / act_q8_0's in order; x holds `total`
+            // f32 (checked by matmuls); the scratch holds lay.bytes.
+            unsafe { self.launch_kernel(qname, cfg, &mut params) }?;
             *done = true;
         }
         Ok((xqp, xdp, xsp))
