@@ -215,19 +215,25 @@ template <> __device__ __forceinline__ void deq8<TY_Q5_K>(const u8* b, int u, fl
         y[i] = d1 * (float)q - m1;
     }
 }
-template <> __device__ __forceinline__ void deq8<TY_Q6_K>(const u8* b, int u, float* y) {
+// Unit u of a Q6_K block whose fields lie at ql (128 B), qh (64 B), sc (16 B) and d (2 B):
+// contiguous in GGML's block, or in the repacked layout of resident weights (Q6KS below).
+__device__ __forceinline__ void q6k_deq8(const u8* qlb, const u8* qhb, const u8* scb,
+                                         const u8* db, int u, float* y) {
     int e = u * 8;
     int n = e >> 7, r = e & 127, quarter = r >> 5, l = r & 31;
-    const u8* ql = b + n * 64 + l + (quarter & 1) * 32;
-    const u8* qh = b + 128 + n * 32 + l;
+    const u8* ql = qlb + n * 64 + l + (quarter & 1) * 32;
+    const u8* qh = qhb + n * 32 + l;
     int lsh = (quarter >> 1) * 4;
     int hsh = quarter * 2;
-    float dl = ldh(b + 208) * (float)((const i8*)(b + 192))[e >> 4];
+    float dl = ldh(db) * (float)((const i8*)scb)[e >> 4];
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         int q = (((ql[i] >> lsh) & 15) | (((qh[i] >> hsh) & 3) << 4)) - 32;
         y[i] = dl * (float)q;
     }
+}
+template <> __device__ __forceinline__ void deq8<TY_Q6_K>(const u8* b, int u, float* y) {
+    q6k_deq8(b, b + 128, b + 192, b + 208, u, y);
 }
 
 // y[t][row] = W[row] . x[t]: one warp per row, lanes stride over the row's 8-element units.
@@ -359,6 +365,41 @@ INSTANTIATE(q3_k, TY_Q3_K)
 INSTANTIATE(q4_k, TY_Q4_K)
 INSTANTIATE(q5_k, TY_Q5_K)
 INSTANTIATE(q6_k, TY_Q6_K)
+
+// Q6_K in the repacked layout of resident weights (Q6KS): the same values as deq8<TY_Q6_K>,
+// for the prompt GEMM. One thread per 8-element unit, as deq_f16_impl / deq_f32_impl.
+__device__ __forceinline__ bool q6ks_unit(const u8* W, int rows, int cols, long long idx,
+                                          float* w) {
+    const int units = cols / 8;
+    if (idx >= (long long)rows * units) return false;
+    const int row = (int)(idx / units), u = (int)(idx - (long long)row * units);
+    const int nb = cols / 256;
+    const long long NB = (long long)rows * nb, B = (long long)row * nb + u / 32;
+    q6k_deq8(W + B * 128, W + NB * 128 + B * 64, W + NB * 192 + B * 16, W + NB * 208 + B * 2,
+             u % 32, w);
+    return true;
+}
+extern "C" __global__ void deq_f16_q6_k_soa(const u8* W, u16* out, int rows, int cols,
+                                            long long row_bytes) {
+    pdl_enter();
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    float w[8];
+    if (!q6ks_unit(W, rows, cols, idx, w)) return;
+    u32 p[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[i] = (u32)f2h(w[2 * i]) | ((u32)f2h(w[2 * i + 1]) << 16);
+    *(uint4*)(out + idx * 8) = make_uint4(p[0], p[1], p[2], p[3]);
+}
+extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, int cols,
+                                            long long row_bytes) {
+    pdl_enter();
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    float w[8];
+    if (!q6ks_unit(W, rows, cols, idx, w)) return;
+    float4* o = (float4*)(out + idx * 8);
+    o[0] = make_float4(w[0], w[1], w[2], w[3]);
+    o[1] = make_float4(w[4], w[5], w[6], w[7]);
+}
 
 // Round activations the way the CPU backend quantizes them for its dot products (so both
 // backends see the same inputs), writing f32 (yf) and/or f16 (yh, may be null).
@@ -1219,6 +1260,41 @@ struct Q6K {
     }
 };
 
+// Q6_K repacked for resident weights (staging.rs, `repack_q6k`): a tensor of NB blocks is
+// stored as all blocks' ql (128 B each) | all qh (64 B) | all scales (16 B) | all d (2 B) —
+// the same bytes, each field aligned, so a lane's quants come in three 8-byte loads instead
+// of six unaligned ones. Same lane mapping and arithmetic as Q6K, so the same bits.
+struct Q6KS {
+    enum { LPB = 8, QK = 256, XS = 16, XB = 1 };
+    // B: the block's index in the tensor (row * blocks per row + block).
+    __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
+                                                long long B, int p, Q6KRaw& r) {
+        const int n = p >> 2, l0 = 8 * (p & 3);
+        const uint2 a = __ldg((const uint2*)(W + B * 128 + 64 * n + l0));
+        const uint2 b = __ldg((const uint2*)(W + B * 128 + 64 * n + 32 + l0));
+        const uint2 h = __ldg((const uint2*)(W + NB * 128 + B * 64 + 32 * n + l0));
+        const uint2 sc = __ldg((const uint2*)(W + NB * 192 + B * 16 + 8 * n));
+        r.a0 = (int)a.x;
+        r.a1 = (int)a.y;
+        r.b0 = (int)b.x;
+        r.b1 = (int)b.y;
+        r.h0 = (int)h.x;
+        r.h1 = (int)h.y;
+        r.sc01 = (int)sc.x;
+        r.sc23 = (int)sc.y;
+        r.d = __ldg((const u16*)(W + NB * 208) + B);
+    }
+    __device__ static __forceinline__ float dot(const Q6KRaw& r, int blk, int p,
+                                                const i8* __restrict__ xq,
+                                                const float* __restrict__ xd,
+                                                const int* __restrict__ xs) {
+        return Q6K::dot(r, blk, p, xq, xd, xs);
+    }
+};
+// Kernels reading a repacked layout address blocks by tensor-wide index (see mmvq_impl).
+template <class K> struct Repacked { enum { v = 0 }; };
+template <> struct Repacked<Q6KS> { enum { v = 1 }; };
+
 // Q5_K block, 176 bytes; 16-aligned when the row start is (176 = 11*16):
 //   [0,16) as Q4_K (d, dmin, scales) | [16,48) qh: bit 2j of qh[l] is the 5th bit of element
 //   64j + l, bit 2j+1 that of element 64j + 32 + l | [48,176) qs, laid out as Q4_K's.
@@ -1486,6 +1562,18 @@ extern "C" __global__ void __launch_bounds__(128)
 // grid = (ceil(rows / (4 * NR)), ceil(n / NT)). The activation row t starts at xq + t*cols*XB (XB:
 // bytes per activation, 1 for int8, 4 for the f32 of F16/BF16), xd + t*(cols/QK),
 // xs + t*(cols/XS) (XS = 16: Q8_K's sums of 16; 32: Q8_1's block sums).
+// Block blk of a row: at wr (raw layouts) or at tensor-wide index row_blk0 + blk of NB
+// (repacked ones).
+template <class K, class Raw>
+__device__ __forceinline__ void load_block(const u8* __restrict__ W, const u8* __restrict__ wr,
+                                           long long row_blk0, long long NB, int blk, int p,
+                                           Raw& raw) {
+    if constexpr (Repacked<K>::v)
+        K::load(W, NB, row_blk0 + blk, p, raw);
+    else
+        K::load(wr, blk, p, raw);
+}
+
 template <class K, class Raw, int NT, int NR>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
@@ -1498,17 +1586,24 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     const int t0 = blockIdx.y * NT;
     if (row0 >= rows) return;
     const int nt = min(NT, n - t0);
+    const int nb = cols / K::QK;
+    // Raw layouts: wr[r] is row r's bytes. Repacked ones: blocks are found by tensor-wide
+    // index (rowi[r] * nb + blk of NB); wr[r] is the row's first field, for the prefetch.
+    const long long NB = (long long)rows * nb;
     const u8* wr[NR];
+    long long rowi[NR];
 #pragma unroll
-    for (int r = 0; r < NR; r++) wr[r] = W + (long long)min(row0 + r, rows - 1) * row_bytes;
+    for (int r = 0; r < NR; r++) {
+        rowi[r] = min(row0 + r, rows - 1);
+        wr[r] = Repacked<K>::v ? W + rowi[r] * nb * 128 : W + rowi[r] * row_bytes;
+    }
     // Weights are never written by kernels: pull the start of this warp's rows toward L2
     // while the previous kernel (which writes our activations) may still be running.
 #pragma unroll
     for (int r = 0; r < NR; r++)
-        if ((long long)lane * 128 < row_bytes)
+        if ((long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
     pdl_enter();
-    const int nb = cols / K::QK;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
     float acc[NT][NR];
@@ -1521,8 +1616,8 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         Raw r0[NR], r1[NR];
 #pragma unroll
         for (int r = 0; r < NR; r++) {
-            K::load(wr[r], blk, p, r0[r]);
-            K::load(wr[r], blk + step, p, r1[r]);
+            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
+            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + step, p, r1[r]);
         }
 #pragma unroll
         for (int t = 0; t < NT; t++) {
@@ -1541,7 +1636,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     if (blk < nb) {
         Raw r0[NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++) K::load(wr[r], blk, p, r0[r]);
+        for (int r = 0; r < NR; r++) load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
@@ -1603,6 +1698,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 MMVQ(q4_k, Q4K, Q4KRaw, LB_DEFAULT)
 MMVQ(q5_k, Q5K, Q5KRaw, LB_DEFAULT)
 MMVQ(q6_k, Q6K, Q6KRaw, LB_DEFAULT)
+MMVQ(q6_k_soa, Q6KS, Q6KRaw, LB_DEFAULT)
 MMVQ(q8_0, Q80, Q80Raw, LB_DEFAULT)
 MMVQ(q4_0, Q40, Q40Raw, LB_DEFAULT)
 MMVQ(q5_0, Q50, Q50Raw, LB_DEFAULT)

@@ -117,8 +117,10 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 15] = [
+const PLAIN_KERNELS: [&str; 17] = [
     "act_round",
+    "deq_f16_q6_k_soa",
+    "deq_f32_q6_k_soa",
     "rms_norm",
     "rms_norm4",
     "rms_norm_q8k",
@@ -240,6 +242,9 @@ pub struct CudaBackend {
     /// Host ranges the executor has placed in device memory (see staging.rs).
     mappings: Mutex<Vec<staging::Mapping>>,
     resident: Mutex<Vec<CudaSlice<u8>>>,
+    /// Device addresses of resident Q6_K weights stored in the repacked layout (Q6KS in
+    /// kernels.cu, `staging::repack_q6k`).
+    repacked: Mutex<std::collections::HashSet<u64>>,
     ring: Mutex<Option<staging::DeviceRing>>,
     /// Set once an executor places units: every weight must then be mapped.
     staging: std::sync::atomic::AtomicBool,
@@ -460,6 +465,7 @@ impl CudaBackend {
             weights: Mutex::new(HashMap::new()),
             mappings: Mutex::new(Vec::new()),
             resident: Mutex::new(Vec::new()),
+            repacked: Mutex::new(std::collections::HashSet::new()),
             ring: Mutex::new(None),
             staging: std::sync::atomic::AtomicBool::new(false),
             handover: Mutex::new(None),
@@ -803,6 +809,12 @@ impl CudaBackend {
         }
         .map_err(|e| be(format!("kernel {name}: {e:?}")))?;
         self.after_launch(name)
+    }
+
+    /// Whether the weight at device address `wp` is a resident Q6_K tensor in the repacked
+    /// layout.
+    pub(crate) fn is_repacked(&self, wp: u64) -> bool {
+        self.repacked.lock().is_ok_and(|r| r.contains(&wp))
     }
 
     fn after_launch(&self, name: &str) -> Result<()> {
@@ -1349,7 +1361,7 @@ impl Backend for CudaBackend {
                         continue;
                     }
                     let wpj = self.weight_ptr(wj)?;
-                    if self.mmvq_kernel(n, wj, wpj).is_some() {
+                    if self.mmvq_kernel(n, wj, wpj) == Some(kernel) {
                         group[len] = mmvq::MmvqJob {
                             wp: wpj,
                             rows: wj.rows,
@@ -1377,6 +1389,8 @@ impl Backend for CudaBackend {
             }
             let (suffix, mode) = type_info(w.ty).unwrap();
             let wp = self.weight_ptr(w)?;
+            let repacked = self.is_repacked(wp);
+            let suffix = if repacked { "q6_k_soa" } else { suffix };
             if use_blas && self.precise_gemm() {
                 let xr = self.grow(&mut sc.xr, total)?;
                 if done_mode != Some(mode) {
@@ -1405,6 +1419,10 @@ impl Backend for CudaBackend {
                 let blas = self.blas.as_ref().unwrap();
                 gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
                 self.after_launch("cublasGemmEx")?;
+            } else if repacked {
+                return Err(be(
+                    "a repacked Q6_K weight needs the mmvq kernels (FLEA_CUDA_NO_MMVQ was set after loading)",
+                ));
             } else {
                 let xin = if mode == 0 {
                     x.ptr

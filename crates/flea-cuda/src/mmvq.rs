@@ -19,8 +19,8 @@ use flea_model::weights::Weight;
 use flea_model::Result;
 
 /// Weight types with an mmvq kernel, as the kernels' name suffixes.
-const SUFFIXES: [&str; 10] = [
-    "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "f16", "bf16",
+const SUFFIXES: [&str; 11] = [
+    "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "f16", "bf16", "q6_k_soa",
 ];
 
 /// Kernels of this module, loaded with the others: the activation quantizers, and per type
@@ -210,6 +210,9 @@ impl CudaBackend {
         if !wp.is_multiple_of(align) || !(w.row_bytes() as u64).is_multiple_of(row_align) {
             MISALIGNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return None;
+        }
+        if w.ty == GgmlType::Q6_K && self.is_repacked(wp) {
+            return Some(("mmvq_q6_k_soa", fmt));
         }
         Some((name, fmt))
     }

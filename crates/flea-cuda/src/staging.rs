@@ -13,7 +13,8 @@
 
 use crate::{be, dptr, CudaBackend};
 use cudarc::driver::{CudaEvent, CudaSlice};
-use flea_model::backend::UnitStaging;
+use flea_gguf::GgmlType;
+use flea_model::backend::{UnitStaging, UnitWeight};
 use flea_model::Result;
 
 /// A host address range resolved to device memory.
@@ -71,6 +72,28 @@ impl CudaBackend {
     pub(crate) fn staging_active(&self) -> bool {
         self.staging.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// Bytes of a GGML Q6_K block: ql 128 | qh 64 | scales 16 | d 2.
+const Q6K_BLOCK: usize = 210;
+
+/// GGML Q6_K blocks → the layout of `Q6KS` in kernels.cu: every block's ql, then every qh,
+/// every scales, every d. Same bytes, same size; `t` holds whole blocks.
+pub(crate) fn repack_q6k(t: &mut [u8]) {
+    let nb = t.len() / Q6K_BLOCK;
+    let mut out = vec![0u8; nb * Q6K_BLOCK];
+    {
+        let (ql, rest) = out.split_at_mut(nb * 128);
+        let (qh, rest) = rest.split_at_mut(nb * 64);
+        let (sc, d) = rest.split_at_mut(nb * 16);
+        for (b, blk) in t.chunks_exact(Q6K_BLOCK).enumerate() {
+            ql[b * 128..][..128].copy_from_slice(&blk[..128]);
+            qh[b * 64..][..64].copy_from_slice(&blk[128..192]);
+            sc[b * 16..][..16].copy_from_slice(&blk[192..208]);
+            d[b * 2..][..2].copy_from_slice(&blk[208..]);
+        }
+    }
+    t[..out.len()].copy_from_slice(&out);
 }
 
 impl UnitStaging for CudaBackend {
@@ -167,6 +190,46 @@ impl UnitStaging for CudaBackend {
         Ok(())
     }
 
+    fn make_resident_weights(
+        &self,
+        key: &[u8],
+        host: &[u8],
+        matmul_weights: &[UnitWeight],
+    ) -> Result<()> {
+        // Q6_K weights the repacked kernels can take: whole blocks, 8-aligned in the unit
+        // (whose device copy starts 256-aligned), inside it.
+        let q6k = |w: &&UnitWeight| {
+            w.ty == GgmlType::Q6_K
+                && w.cols.is_multiple_of(256)
+                && w.bytes == w.rows * (w.cols / 256) * Q6K_BLOCK
+                && w.offset.is_multiple_of(8)
+                && w.offset
+                    .checked_add(w.bytes)
+                    .is_some_and(|end| end <= host.len())
+        };
+        let repack = crate::mmvq::enabled()
+            && std::env::var_os("FLEA_CUDA_NO_REPACK").is_none()
+            && matmul_weights.iter().any(|w| q6k(&w));
+        if !repack {
+            return self.make_resident(key, host);
+        }
+        let mut bytes = host.to_vec();
+        for w in matmul_weights.iter().filter(q6k) {
+            if let Some(t) = bytes.get_mut(w.offset..w.offset + w.bytes) {
+                repack_q6k(t);
+            }
+        }
+        self.make_resident(key, &bytes)?;
+        let mut set = self.repacked.lock().unwrap();
+        for w in matmul_weights.iter().filter(q6k) {
+            let dev = self
+                .mapped(key.as_ptr() as usize + w.offset, w.bytes)
+                .ok_or_else(|| be("make_resident_weights: a weight outside its unit"))?;
+            set.insert(dev);
+        }
+        Ok(())
+    }
+
     fn stage(&self, key: &[u8], host: &[u8]) -> Result<CudaStaged> {
         let mut guard = self.ring.lock().unwrap();
         let ring = guard
@@ -246,6 +309,7 @@ impl UnitStaging for CudaBackend {
         let _ = self.stream.synchronize();
         self.mappings.lock().unwrap().clear();
         self.resident.lock().unwrap().clear();
+        self.repacked.lock().unwrap().clear();
         *self.ring.lock().unwrap() = None;
         self.staging
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -259,5 +323,28 @@ impl UnitStaging for CudaBackend {
         self.mem_info()
             .ok()
             .map(|(free, total)| ((total - free) as u64, total as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repack_q6k_moves_each_field_to_its_array() {
+        // Three blocks whose every byte names its block and position.
+        let nb = 3;
+        let mut t: Vec<u8> = (0..nb * Q6K_BLOCK)
+            .map(|i| ((i / Q6K_BLOCK) * 70 + (i % Q6K_BLOCK) / 3) as u8)
+            .collect();
+        let raw = t.clone();
+        repack_q6k(&mut t);
+        for b in 0..nb {
+            let blk = &raw[b * Q6K_BLOCK..(b + 1) * Q6K_BLOCK];
+            assert_eq!(&t[b * 128..b * 128 + 128], &blk[..128]);
+            assert_eq!(&t[nb * 128 + b * 64..][..64], &blk[128..192]);
+            assert_eq!(&t[nb * 192 + b * 16..][..16], &blk[192..208]);
+            assert_eq!(&t[nb * 208 + b * 2..][..2], &blk[208..]);
+        }
     }
 }

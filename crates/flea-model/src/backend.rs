@@ -292,6 +292,16 @@ pub trait Backend {
 /// weight views over the unit's bytes in the *file mapping* (never read, only used as the
 /// unit's address) and the backend maps that address range to wherever the bytes are on
 /// the device — a resident copy, or a ring slot filled by an asynchronous copy.
+/// A matmul weight inside a unit: its bytes at `offset..offset + bytes` of the unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitWeight {
+    pub offset: usize,
+    pub bytes: usize,
+    pub ty: flea_gguf::GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
 pub trait UnitStaging: Backend {
     /// A unit in flight between `stage` and `finish`.
     type Staged;
@@ -318,6 +328,18 @@ pub trait UnitStaging: Backend {
     /// copied from `host`.
     fn make_resident(&self, _key: &[u8], _host: &[u8]) -> Result<()> {
         Ok(())
+    }
+
+    /// `make_resident`, told where the unit's matmul weights lie (only ever multiplied,
+    /// never gathered as embeddings), so a backend may store them in a layout its kernels
+    /// read faster. By default the bytes are kept as they are.
+    fn make_resident_weights(
+        &self,
+        key: &[u8],
+        host: &[u8],
+        _matmul_weights: &[UnitWeight],
+    ) -> Result<()> {
+        self.make_resident(key, host)
     }
 
     /// Start moving a unit's bytes from `host` to where compute will read them. Nothing

@@ -24,6 +24,10 @@ struct Shared {
     finished: AtomicUsize,
     panicked: AtomicBool,
     shutdown: AtomicBool,
+    /// Spins before an idle worker starts yielding (FLEA_POOL_SPIN overrides SPIN_LIMIT:
+    /// hybrid decode leaves the CPU idle for milliseconds while the GPU computes, and a
+    /// worker that went to sleep joins the next CPU layer late).
+    spin_limit: u32,
 }
 
 // SAFETY: `job` is only written by the thread that owns the pool while no job is running
@@ -54,6 +58,10 @@ impl ThreadPool {
             finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            spin_limit: std::env::var("FLEA_POOL_SPIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(SPIN_LIMIT),
         });
         let mut workers = Vec::new();
         for i in 1..threads.max(1) {
@@ -137,9 +145,9 @@ fn worker(s: &Shared) {
                 break;
             }
             idle = idle.saturating_add(1);
-            if idle < SPIN_LIMIT {
+            if idle < s.spin_limit {
                 std::hint::spin_loop();
-            } else if idle < SPIN_LIMIT + YIELD_LIMIT {
+            } else if idle < s.spin_limit.saturating_add(YIELD_LIMIT) {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(IDLE_SLEEP);

@@ -18,7 +18,7 @@ use crate::plan::{Plan, Tier, UnitKind};
 use crate::trace::{Lane, Trace};
 use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
-use flea_model::backend::{Backend, KvShape, Row, UnitStaging};
+use flea_model::backend::{Backend, KvShape, Row, UnitStaging, UnitWeight};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
@@ -201,6 +201,33 @@ fn unit_key(model: &Model, offset: u64, bytes: u64) -> Result<&[u8]> {
         })
 }
 
+/// The matmul weights (layer projections, an untied output head) lying wholly inside the
+/// unit at file offset `offset` (`bytes` long), as offsets into the unit. The token
+/// embedding is left out: it is also gathered row by row.
+fn unit_matmul_weights(model: &Model, offset: u64, bytes: u64) -> Vec<UnitWeight> {
+    let layout = &model.layout;
+    let mut slots: Vec<&flea_model::weights::TensorSlot> = Vec::new();
+    for l in &layout.layers {
+        slots.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+    }
+    if !layout.output_is_tied {
+        slots.push(&layout.output);
+    }
+    slots
+        .into_iter()
+        .filter(|t| t.file_offset >= offset && t.file_offset + t.size as u64 <= offset + bytes)
+        .filter_map(|t| {
+            Some(UnitWeight {
+                offset: usize::try_from(t.file_offset - offset).ok()?,
+                bytes: t.size,
+                ty: t.ty,
+                rows: t.rows,
+                cols: t.cols,
+            })
+        })
+        .collect()
+}
+
 fn read_unit(
     reader: &mut dyn RangeReader,
     offset: u64,
@@ -286,7 +313,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         AlignedBuf::new(flea_io::required_capacity(u.offset, u.bytes as usize))?;
                     let r = reader.read(u.offset, u.bytes as usize, &mut tmp)?;
                     let key = unit_key(model, u.offset, u.bytes)?;
-                    backend.make_resident(key, &tmp.as_slice()[r])?;
+                    let weights = unit_matmul_weights(model, u.offset, u.bytes);
+                    backend.make_resident_weights(key, &tmp.as_slice()[r], &weights)?;
                     Some(Holding::Device {
                         _budget: reservation,
                     })
