@@ -281,6 +281,19 @@ __device__ void matvec_impl(const u8* __restrict__ W, const float* __restrict__ 
     if (lane == 0) y[(long long)t * rows + row] = acc;
 }
 
+// Unit idx's 8 dequantized values to the f16 / f32 matrix a GEMM reads.
+__device__ __forceinline__ void store8_f16(u16* out, long long idx, const float* w) {
+    u32 p[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[i] = (u32)f2h(w[2 * i]) | ((u32)f2h(w[2 * i + 1]) << 16);
+    *(uint4*)(out + idx * 8) = make_uint4(p[0], p[1], p[2], p[3]);
+}
+__device__ __forceinline__ void store8_f32(float* out, long long idx, const float* w) {
+    float4* o = (float4*)(out + idx * 8);
+    o[0] = make_float4(w[0], w[1], w[2], w[3]);
+    o[1] = make_float4(w[4], w[5], w[6], w[7]);
+}
+
 // Dequantize a whole matrix to f16 (for cuBLAS). One thread per unit.
 template <int T>
 __device__ void deq_f16_impl(const u8* __restrict__ W, u16* __restrict__ out, int rows, int cols,
@@ -293,10 +306,7 @@ __device__ void deq_f16_impl(const u8* __restrict__ W, u16* __restrict__ out, in
     int blk = u / upb, sub = u - blk * upb;
     float w[8];
     deq8<T>(W + (long long)row * row_bytes + (long long)blk * Fmt<T>::BB, sub, w);
-    u32 p[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) p[i] = (u32)f2h(w[2 * i]) | ((u32)f2h(w[2 * i + 1]) << 16);
-    *(uint4*)(out + idx * 8) = make_uint4(p[0], p[1], p[2], p[3]);
+    store8_f16(out, idx, w);
 }
 
 // Dequantize a whole matrix to f32 (for the precise cuBLAS path). One thread per unit.
@@ -311,9 +321,7 @@ __device__ void deq_f32_impl(const u8* __restrict__ W, float* __restrict__ out, 
     int blk = u / upb, sub = u - blk * upb;
     float w[8];
     deq8<T>(W + (long long)row * row_bytes + (long long)blk * Fmt<T>::BB, sub, w);
-    float4* o = (float4*)(out + idx * 8);
-    o[0] = make_float4(w[0], w[1], w[2], w[3]);
-    o[1] = make_float4(w[4], w[5], w[6], w[7]);
+    store8_f32(out, idx, w);
 }
 
 // out[t] = table[tokens[t]] * scale. One thread per unit.
@@ -384,21 +392,14 @@ extern "C" __global__ void deq_f16_q6_k_soa(const u8* W, u16* out, int rows, int
     pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     float w[8];
-    if (!q6ks_unit(W, rows, cols, idx, w)) return;
-    u32 p[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) p[i] = (u32)f2h(w[2 * i]) | ((u32)f2h(w[2 * i + 1]) << 16);
-    *(uint4*)(out + idx * 8) = make_uint4(p[0], p[1], p[2], p[3]);
+    if (q6ks_unit(W, rows, cols, idx, w)) store8_f16(out, idx, w);
 }
 extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, int cols,
                                             long long row_bytes) {
     pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     float w[8];
-    if (!q6ks_unit(W, rows, cols, idx, w)) return;
-    float4* o = (float4*)(out + idx * 8);
-    o[0] = make_float4(w[0], w[1], w[2], w[3]);
-    o[1] = make_float4(w[4], w[5], w[6], w[7]);
+    if (q6ks_unit(W, rows, cols, idx, w)) store8_f32(out, idx, w);
 }
 
 // Round activations the way the CPU backend quantizes them for its dot products (so both

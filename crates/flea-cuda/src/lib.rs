@@ -30,6 +30,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Launches kernel `name` on the compute stream with the listed arguments (profile marks
+/// and the error check included). Defined before the modules so mmvq.rs can use it.
+macro_rules! launch {
+    ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
+        let name: &str = $name;
+        let mut params = [$( &$arg as *const _ as *mut std::ffi::c_void ),*];
+        // SAFETY: every caller checks its buffers' shapes against the kernel's indexing
+        // (check_rows, the weight's byte count) before launching; `params` points at
+        // locals of the kernel's parameter types, alive for the call.
+        unsafe { $s.launch_kernel(name, $cfg, &mut params) }
+    }};
+}
+
 mod mmvq;
 pub mod probe;
 mod profile;
@@ -46,19 +59,6 @@ pub struct CudaError(pub String);
 
 fn be(msg: impl Into<String>) -> ModelError {
     ModelError::Backend(msg.into())
-}
-
-/// Launches kernel `name` on the compute stream with the listed arguments (profile marks
-/// and the error check included).
-macro_rules! launch {
-    ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
-        let name: &str = $name;
-        let mut params = [$( &$arg as *const _ as *mut std::ffi::c_void ),*];
-        // SAFETY: every caller checks its buffers' shapes against the kernel's indexing
-        // (check_rows, the weight's byte count) before launching; `params` points at
-        // locals of the kernel's parameter types, alive for the call.
-        unsafe { $s.launch_kernel(name, $cfg, &mut params) }
-    }};
 }
 
 /// Which CUDA libraries can be loaded here (checked without touching cudarc's panicking

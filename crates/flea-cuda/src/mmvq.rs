@@ -306,29 +306,11 @@ impl CudaBackend {
             n as i32,
             acc as i32,
         );
-        let mut params = [
-            &w0 as *const u64 as *mut std::ffi::c_void,
-            &w1 as *const u64 as *mut _,
-            &w2 as *const u64 as *mut _,
-            &xqp as *const u64 as *mut _,
-            &xdp as *const u64 as *mut _,
-            &xsp as *const u64 as *mut _,
-            &y0 as *const u64 as *mut _,
-            &y1 as *const u64 as *mut _,
-            &y2 as *const u64 as *mut _,
-            &r0 as *const i32 as *mut _,
-            &r1 as *const i32 as *mut _,
-            &r2 as *const i32 as *mut _,
-            &cols_i as *const i32 as *mut _,
-            &rb as *const i64 as *mut _,
-            &n_i as *const i32 as *mut _,
-            &acc_i as *const i32 as *mut _,
-        ];
-        // SAFETY: the parameters are MMVQ_ARGS in order; each job's wp holds rows*row_bytes
-        // bytes of `like`'s type and width (check_weight, same type and width checked by the
-        // caller), its out holds n*rows f32 (check_rows); the activation scratch was sized
-        // and filled above.
-        unsafe { self.launch_kernel(&kname, cfg, &mut params) }
+        // The parameters are MMVQ_ARGS in order; each job's wp holds rows*row_bytes bytes of
+        // `like`'s type and width (check_weight, same type and width checked by the caller),
+        // its out holds n*rows f32 (check_rows); the activation scratch was sized and filled
+        // above.
+        launch!(self, &kname, cfg; w0, w1, w2, xqp, xdp, xsp, y0, y1, y2, r0, r1, r2, cols_i, rb, n_i, acc_i)
     }
 
     /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
@@ -371,16 +353,8 @@ impl CudaBackend {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut params = [
-                &x as *const u64 as *mut std::ffi::c_void,
-                &xqp as *const u64 as *mut _,
-                &xdp as *const u64 as *mut _,
-                &xsp as *const u64 as *mut _,
-                &nblk as *const i64 as *mut _,
-            ];
-            // SAFETY: the parameters are act_q8k's / act_q8_0's in order; x holds `total`
-            // f32 (checked by matmuls); the scratch holds lay.bytes.
-            unsafe { self.launch_kernel(qname, cfg, &mut params) }?;
+            // x holds `total` f32 (checked by matmuls); the scratch holds lay.bytes.
+            launch!(self, qname, cfg; x, xqp, xdp, xsp, nblk)?;
             *done = true;
         }
         Ok((xqp, xdp, xsp))
