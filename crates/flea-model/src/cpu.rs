@@ -236,8 +236,9 @@ impl Backend for CpuBackend {
             return Err(ModelError::Backend("rms_norm: width mismatch".into()));
         }
         for (s, d) in src.chunks_exact(g).zip(dst.chunks_exact_mut(g)) {
-            // Sum in f64 like ggml does.
-            let ss: f64 = s.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            // Sum in f64 like ggml does, of the squares rounded to f32 (ggml squares in
+            // float, then widens).
+            let ss: f64 = s.iter().map(|&v| (v * v) as f64).sum();
             let mean = (ss / g as f64) as f32;
             let inv = 1.0 / (mean + eps).sqrt();
             for ((d, &s), &wi) in d.iter_mut().zip(s).zip(&wv) {
@@ -403,6 +404,8 @@ impl Backend for CpuBackend {
                 *c = (theta.cos(), theta.sin());
                 theta *= theta_scale;
             }
+            // The fused multiply-adds of ggml's compiled rope (gcc contracts its
+            // `x0*cos - x1*sin` and `x0*sin + x1*cos`; checked bit for bit on its output).
             for head in row.chunks_exact_mut(hd) {
                 for (i, &(c, s)) in cs.iter().enumerate() {
                     let (a, b) = match p.style {
@@ -411,8 +414,8 @@ impl Backend for CpuBackend {
                     };
                     let x0 = head[a];
                     let x1 = head[b];
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
+                    head[a] = x0.mul_add(c, -(x1 * s));
+                    head[b] = x0.mul_add(s, x1 * c);
                 }
             }
         }
@@ -490,19 +493,23 @@ impl Backend for CpuBackend {
                     scores.push(s * p.scale);
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f64;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s as f64;
-                }
+                // ggml's exp and its order of the sum (ggml_vec_soft_max_f32).
+                let sum = flea_quant::ggml_math::softmax_exp(&mut scores, lo, max);
                 let inv = (1.0 / sum) as f32;
-                dst.iter_mut().for_each(|x| *x = 0.0);
+                // V x probabilities as llama.cpp's F16 matmul (tinyBLAS) sums it: 16 lanes
+                // by cache position, fused multiply-adds, then the lanes' tree sum.
+                let mut lanes = vec![0.0f32; 16 * hd];
                 for (j, s) in (lo..=pos).zip(&scores) {
                     // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
                     let pj = f16::from_f32(s * inv).to_f32();
                     let v: &[u16] =
                         vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast();
-                    flea_quant::axpy_f16(pj, v, dst);
+                    let l = j % 16;
+                    flea_quant::ggml_math::fma_f16(pj, v, &mut lanes[l * hd..(l + 1) * hd]);
+                }
+                for (d, out) in dst.iter_mut().enumerate() {
+                    let v: [f32; 16] = std::array::from_fn(|l| lanes[l * hd + d]);
+                    *out = flea_quant::ggml_math::reduce16(&v);
                 }
             }
         });
@@ -525,8 +532,10 @@ impl Backend for CpuBackend {
         }
         match act {
             FfnActivation::SwiGlu => {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                // Row by row: ggml's 16-element chunks restart at each row.
+                let w = gate.width;
+                for ((o, g), u) in o.chunks_mut(w).zip(g.chunks(w)).zip(u.chunks(w)) {
+                    flea_quant::ggml_math::swiglu(g, u, o);
                 }
             }
             FfnActivation::GeGlu => {

@@ -19,6 +19,7 @@
 pub use flea_gguf::GgmlType;
 
 mod float;
+pub mod ggml_math;
 pub mod kquants;
 pub mod legacy;
 mod simd;
@@ -152,9 +153,10 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 /// Convert f32 activations to `fmt` (one of F32, F16, BF16, Q8_0, Q8_1, Q8_K), appending to
 /// `out` after clearing it. `x.len()` must be a whole number of `fmt` blocks.
 ///
-/// Rounding follows ggml's reference quantizers (`quantize_row_q8_0_ref` etc.): Q8_0/Q8_1
-/// use `roundf(x / d)` with d = amax/127; Q8_K uses ggml's sign convention (see
-/// [`kquants`]) and round-half-even `nearest_int`.
+/// Rounding follows the quantizers llama.cpp's x86 CPU backend runs: Q8_0/Q8_1 use
+/// round-half-even of `x * (127/amax)` (ggml's AVX2 `quantize_row_q8_0`, not the `_ref`
+/// one); Q8_K uses ggml's sign convention (see [`kquants`]) and round-half-even
+/// `nearest_int`.
 pub fn quantize_activations(fmt: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
     quantize_activations_isa(best_isa(), fmt, x, out)
 }

@@ -208,20 +208,28 @@ fn q8_k_sign_convention() {
 }
 
 #[test]
-fn q8_0_rounding_matches_reference() {
-    // amax = 127 -> d = 1, q = roundf(x): halves round away from zero.
+fn q8_0_rounding_matches_ggml_x86() {
+    // amax = 127 -> 127/amax = 1, q = round-half-even(x), as ggml's AVX2 quantize_row_q8_0
+    // (the `_ref` quantizer would round halves away from zero: 3 and -3).
     let mut x = vec![0f32; 32];
     x[0] = 127.0;
     x[1] = 2.5;
     x[2] = -2.5;
     x[3] = 0.49;
+    x[4] = 3.5;
     let mut q = Vec::new();
-    quantize_activations(GgmlType::Q8_0, &x, &mut q).unwrap();
-    assert_eq!(&q[..2], &f32_to_f16(1.0).to_le_bytes());
-    assert_eq!(q[2] as i8, 127);
-    assert_eq!(q[3] as i8, 3);
-    assert_eq!(q[4] as i8, -3);
-    assert_eq!(q[5] as i8, 0);
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        if !isa_available(isa) {
+            continue;
+        }
+        quantize_activations_isa(isa, GgmlType::Q8_0, &x, &mut q).unwrap();
+        assert_eq!(&q[..2], &f32_to_f16(1.0).to_le_bytes());
+        assert_eq!(q[2] as i8, 127);
+        assert_eq!(q[3] as i8, 2, "{isa:?}");
+        assert_eq!(q[4] as i8, -2, "{isa:?}");
+        assert_eq!(q[5] as i8, 0);
+        assert_eq!(q[6] as i8, 4, "{isa:?}");
+    }
 }
 
 /// Σ|w_i * a_i| over the dequantized values: the scale of rounding errors in a dot.

@@ -451,38 +451,26 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
 }
 
+/// In ggml's order (see `legacy::vec_dot_q4_1`): one block per step into one 8-lane
+/// accumulator, the min terms in a scalar fused chain.
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: called only from dot_q4_1 (same features) on whole blocks.
-        unsafe {
-            let (d, ms) = dm_pair(x, y);
-            (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), ms)
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    // SAFETY: every block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(20 * b), a.add(36 * b));
+            summs = ld_f16(x.add(2)).mul_add(ld_f16(y.add(2)), summs);
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
+            let p = dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
     }
-    /// Blocks b and b+1 side by side (see `dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: called only from dot_q4_1 on two whole consecutive blocks.
-        unsafe {
-            let (d, ms) = d_pair2(x, y, 20, 36);
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(4), x.add(24));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let pa = _mm256_maddubs_epi16(lo, ld2x128(y.add(4), y.add(40)));
-            let pb = _mm256_maddubs_epi16(hi, ld2x128(y.add(20), y.add(56)));
-            // |products| <= 15*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p, ms)
-        }
-    }
-    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
+    hsum_ps(acc) + summs
 }
 
 /// # Safety

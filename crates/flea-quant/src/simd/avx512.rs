@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bits_to_bytes, bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
+    bits_to_bytes, bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16,
     ld_f16x8, ld_f32, ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
@@ -89,43 +89,26 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
 }
 
+/// In ggml's order (see `legacy::vec_dot_q4_1`), as ggml's AVX-512 VNNI build runs it.
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: x and y point at whole blocks (20 / 36 bytes).
-        unsafe {
-            let (d, ms) = dm_pair(x, y);
-            let p =
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(x.add(4)), ld256(y.add(4)));
-            (d, p, ms)
-        }
-    }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: x and y point at two whole consecutive blocks (20 / 36 bytes each).
-        unsafe {
-            let (d, ms) = d_pair2(x, y, 20, 36);
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(4), x.add(24));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let ya = ld2x128(y.add(4), y.add(40));
-            let yb = ld2x128(y.add(20), y.add(56));
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0.0f32;
+    // SAFETY: every block b < n/32 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let (x, y) = (w.add(20 * b), a.add(36 * b));
+            summs = ld_f16(x.add(2)).mul_add(ld_f16(y.add(2)), summs);
+            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
             let z = _mm256_setzero_si256();
-            (
-                d,
-                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb),
-                ms,
-            )
+            let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(4)), ld256(y.add(4)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
         }
     }
-    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
+    hsum_ps(acc) + summs
 }
 
 /// # Safety
@@ -496,7 +479,6 @@ pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
     Some(match weight {
         Q4_0 => (pack::<L_Q4_0>, ptile_q4_0),
         Q5_0 => (pack::<L_Q5_0>, ptile_q5_0),
-        Q4_1 => (pack::<L_Q4_1>, ptile_q4_1),
         Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
         Q8_0 => (pack::<L_Q8_0>, ptile_q8_0),
         _ => return None,
@@ -727,22 +709,6 @@ unsafe fn ptile_q5_0(
 ) {
     // SAFETY: same contract, same features.
     unsafe { ptile::<L_Q5_0>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q4_1(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q4_1>(n, w, ws, p, ps, out, os) }
 }
 
 /// # Safety
