@@ -135,18 +135,39 @@ pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<u8>) {
 
 // Scalar dots: integer dot per block, then scaled, accumulated in f32 like ggml's generic code.
 
+/// In the order of ggml's x86 kernels (see [`dot_lanes`]).
 pub(crate) fn vec_dot_q4_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(18).zip(a.chunks_exact(34)).take(n / QK) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let v0 = (x[2 + j] & 15) as i32 - 8;
-            let v1 = (x[2 + j] >> 4) as i32 - 8;
-            sumi += v0 * (y[2 + j] as i8 as i32) + v1 * (y[18 + j] as i8 as i32);
+    dot_lanes(
+        w.chunks_exact(18)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let p = std::array::from_fn(|e| {
+                    let q = if e < 16 {
+                        x[2 + e] & 15
+                    } else {
+                        x[2 + e - 16] >> 4
+                    };
+                    (q as i32 - 8) * (y[2 + e] as i8 as i32)
+                });
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
+}
+
+/// ggml's x86 order for the 32-element formats without a min (its AVX2
+/// `ggml_vec_dot_q{4,5,8}_0_q8_0` and llamafile's tinyBLAS, which agree): 8 lanes, lane j
+/// the integer dot of elements 4j..4j+4; per block `acc = fma(dx*dy, lane, acc)`; then the
+/// lanes' tree sum. `blocks` yields each block's dx*dy and its 32 element products.
+fn dot_lanes(blocks: impl Iterator<Item = (f32, [i32; 32])>) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (d, p) in blocks {
+        for (j, l) in acc.iter_mut().enumerate() {
+            let s: i32 = p[4 * j..4 * j + 4].iter().sum();
+            *l = d.mul_add(s as f32, *l);
         }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
-    sumf
+    hsum8(acc)
 }
 
 /// In the order of ggml's x86 `ggml_vec_dot_q4_1_q8_1` (what llama.cpp's CPU backend runs
@@ -185,16 +206,16 @@ pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
 }
 
 pub(crate) fn vec_dot_q5_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)).take(n / QK) {
-        let v = q5_values(u32_at(x, 2), &x[6..22]);
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (v[j] as i32 - 16) * (y[2 + j] as i8 as i32);
-        }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
+    dot_lanes(
+        w.chunks_exact(22)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let v = q5_values(u32_at(x, 2), &x[6..22]);
+                let p = std::array::from_fn(|e| (v[e] as i32 - 16) * (y[2 + e] as i8 as i32));
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
 }
 
 pub(crate) fn vec_dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -211,13 +232,13 @@ pub(crate) fn vec_dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 pub(crate) fn vec_dot_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)).take(n / QK) {
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (x[2 + j] as i8 as i32) * (y[2 + j] as i8 as i32);
-        }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
+    dot_lanes(
+        w.chunks_exact(34)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let p = std::array::from_fn(|e| (x[2 + e] as i8 as i32) * (y[2 + e] as i8 as i32));
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
 }

@@ -233,32 +233,25 @@ unsafe fn dot_bf16(n: usize, w: *const u8, a: *const u8) -> f32 {
 
 // ---- legacy 32-element blocks ----
 
-/// Drive a 32-element-block kernel over a row, two blocks per step into two accumulators
-/// (hides the FMA latency). `$blk(x, y)` returns the block's scale product (all lanes) and
-/// its 8 partial integer sums. In the `min` form it also returns a vector whose lane 1
-/// holds the block's Q8_1 min term m * s (see [`dm_pair`]); those are summed separately.
+/// Drive a 32-element-block kernel over a row in the order of ggml's x86 kernels (its
+/// `ggml_vec_dot_q{4,5,8}_0_q8_0` and llamafile's tinyBLAS for these types): one block
+/// per step into one accumulator, `acc = fma(dx*dy, lanes, acc)`, then the tree sum of
+/// the 8 lanes. `$blk(x, y)` returns the block's scale product (all lanes) and its 8
+/// integer lane sums (lane j: elements 4j..4j+4). In the `min` form it also returns a
+/// vector whose lane 1 holds the block's Q8_1 min term m * s (see [`dm_pair`]); those are
+/// summed separately.
 macro_rules! legacy_dot {
     ($n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
         let (n, w, a) = ($n, $w, $a);
-        let nb = n / 32;
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut b = 0;
-        // SAFETY (loop): blocks b, b+1 < n/32 lie inside both rows (DotFn contract).
+        let mut acc = _mm256_setzero_ps();
+        // SAFETY (loop): block b < n/32 lies inside both rows (DotFn contract).
         unsafe {
-            while b + 2 <= nb {
-                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
-                let (d1, p1) = $blk(w.add($wbytes * (b + 1)), a.add($abytes * (b + 1)));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                b += 2;
-            }
-            if b < nb {
-                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+            for b in 0..n / 32 {
+                let (d, p) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
             }
         }
-        hsum_ps(_mm256_add_ps(acc0, acc1))
+        hsum_ps(acc)
     }};
     (min $n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
         let (n, w, a) = ($n, $w, $a);
@@ -426,29 +419,7 @@ pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    /// Blocks b and b+1 side by side: low nibbles of both (elements 0..16) in one vector,
-    /// high nibbles (16..32) in another, against the matching activation halves.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q4_0 on two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 18, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let eight = _mm256_set1_epi8(8);
-            let q = ld2x128(x.add(2), x.add(20));
-            let lo = _mm256_sub_epi8(_mm256_and_si256(q, m4), eight);
-            let hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), eight);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
-            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
-            // |products| <= 8*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p)
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
+    legacy_dot!(n, w, a, 18, 34, blk)
 }
 
 /// In ggml's order (see `legacy::vec_dot_q4_1`): one block per step into one 8-lane
@@ -490,35 +461,7 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, dot_i8i8(qx, ld256(y.add(2))))
         }
     }
-    /// Blocks b and b+1 side by side (see `dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q5_0 on two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 22, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let f0 = _mm256_set1_epi8(0xF0u8 as i8);
-            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
-            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
-            let hb_lo = bits_to_bytes((h0 & 0xffff) | (h1 << 16));
-            let hb_hi = bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000));
-            let q = ld2x128(x.add(6), x.add(28));
-            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_andnot_si256(hb_lo, f0));
-            let hi = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
-                _mm256_andnot_si256(hb_hi, f0),
-            );
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
-            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
-            // |products| <= 16*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p)
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
+    legacy_dot!(n, w, a, 22, 34, blk)
 }
 
 /// # Safety

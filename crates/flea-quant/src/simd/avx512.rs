@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bits_to_bytes, bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16,
+    bits_to_bytes, bsums_madd, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16,
     ld_f16x8, ld_f32, ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
@@ -66,27 +66,7 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, _mm256_sub_epi32(p, o))
         }
     }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 18, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(2), x.add(20));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
-            let eight = _mm256_set1_epi8(8);
-            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, eight, ya), eight, yb);
-            (d, _mm256_sub_epi32(p, o))
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
+    legacy_dot!(n, w, a, 18, 34, blk)
 }
 
 /// In ggml's order (see `legacy::vec_dot_q4_1`), as ggml's AVX-512 VNNI build runs it.
@@ -132,32 +112,7 @@ unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
             (d, _mm256_sub_epi32(p, o))
         }
     }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q5_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at two whole consecutive blocks (22 / 34 bytes each).
-        unsafe {
-            let d = d_pair2(x, y, 22, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let b4 = _mm256_set1_epi8(0x10);
-            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
-            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
-            let hb_lo = _mm256_and_si256(bits_to_bytes((h0 & 0xffff) | (h1 << 16)), b4);
-            let hb_hi = _mm256_and_si256(bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000)), b4);
-            let q = ld2x128(x.add(6), x.add(28));
-            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), hb_lo);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), hb_hi);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
-            let sixteen = _mm256_set1_epi8(16);
-            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, sixteen, ya), sixteen, yb);
-            (d, _mm256_sub_epi32(p, o))
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
+    legacy_dot!(n, w, a, 22, 34, blk)
 }
 
 /// # Safety
@@ -477,10 +432,9 @@ pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *
 pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
     use GgmlType::*;
     Some(match weight {
-        Q4_0 => (pack::<L_Q4_0>, ptile_q4_0),
-        Q5_0 => (pack::<L_Q5_0>, ptile_q5_0),
+        // Q4_0, Q4_1, Q5_0 and Q8_0 have no tile here: the tiles sum two blocks per lane,
+        // which is not llama.cpp's order (their 4-token AVX2 kernels are).
         Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
-        Q8_0 => (pack::<L_Q8_0>, ptile_q8_0),
         _ => return None,
     })
 }
@@ -682,38 +636,6 @@ unsafe fn ptile<const K: u8>(
 /// # Safety
 /// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q4_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q4_0>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q5_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q5_0>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn ptile_q5_1(
     n: usize,
     w: *const u8,
@@ -725,20 +647,4 @@ unsafe fn ptile_q5_1(
 ) {
     // SAFETY: same contract, same features.
     unsafe { ptile::<L_Q5_1>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q8_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q8_0>(n, w, ws, p, ps, out, os) }
 }
