@@ -455,6 +455,8 @@ impl Backend for CpuBackend {
         let qd = p.n_head * hd;
         let qs = q.rows(n)?;
         let o = Disjoint::new(out.rows_mut(n)?);
+        // llama.cpp's F16 matmuls take another kernel (another order) for one token.
+        let single = n == 1;
         self.pool.run(n * p.n_head, &|idx| {
             {
                 // SAFETY: task idx owns head h of token t: elements idx*hd .. (idx+1)*hd.
@@ -481,9 +483,15 @@ impl Backend for CpuBackend {
                 let mut kf = vec![0.0f32; hd];
                 for j in lo..=pos {
                     let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-                    // In llama.cpp's F16 matmul order where the head size allows (a multiple
-                    // of 16: every model here), else in plain order.
-                    let s = match flea_quant::dot_f16(key.reinterpret_cast(), qbits) {
+                    // In the order of llama.cpp's F16 matmul: ggml_vec_dot_f16 for a batch of
+                    // one token, tinyBLAS for more (where the head size is a multiple of 16:
+                    // every model here; else in plain order).
+                    let s = if single {
+                        flea_quant::ggml_math::dot_f16_vec(key.reinterpret_cast(), qbits)
+                    } else {
+                        flea_quant::dot_f16(key.reinterpret_cast(), qbits)
+                    };
+                    let s = match s {
                         Some(s) => s,
                         None => {
                             key.convert_to_f32_slice(&mut kf);
@@ -496,20 +504,28 @@ impl Backend for CpuBackend {
                 // ggml's exp and its order of the sum (ggml_vec_soft_max_f32).
                 let sum = flea_quant::ggml_math::softmax_exp(&mut scores, lo, max);
                 let inv = (1.0 / sum) as f32;
-                // V x probabilities as llama.cpp's F16 matmul (tinyBLAS) sums it: 16 lanes
-                // by cache position, fused multiply-adds, then the lanes' tree sum.
-                let mut lanes = vec![0.0f32; 16 * hd];
+                // V x probabilities as llama.cpp's F16 matmul sums it over the cache
+                // positions (a multiple of 64 of them, the unused ones adding exact zeros):
+                // lanes by position, fused multiply-adds, then the lanes' tree sum — 16
+                // lanes in tinyBLAS, 64 in ggml_vec_dot_f16 (a batch of one token).
+                let nl = if single { 64 } else { 16 };
+                let mut lanes = vec![0.0f32; nl * hd];
                 for (j, s) in (lo..=pos).zip(&scores) {
                     // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
                     let pj = f16::from_f32(s * inv).to_f32();
                     let v: &[u16] =
                         vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast();
-                    let l = j % 16;
+                    let l = j % nl;
                     flea_quant::ggml_math::fma_f16(pj, v, &mut lanes[l * hd..(l + 1) * hd]);
                 }
                 for (d, out) in dst.iter_mut().enumerate() {
-                    let v: [f32; 16] = std::array::from_fn(|l| lanes[l * hd + d]);
-                    *out = flea_quant::ggml_math::reduce16(&v);
+                    *out = if single {
+                        let v: [f32; 64] = std::array::from_fn(|l| lanes[l * hd + d]);
+                        flea_quant::ggml_math::reduce64(&v)
+                    } else {
+                        let v: [f32; 16] = std::array::from_fn(|l| lanes[l * hd + d]);
+                        flea_quant::ggml_math::reduce16(&v)
+                    };
                 }
             }
         });

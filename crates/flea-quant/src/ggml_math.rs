@@ -141,6 +141,57 @@ fn chunk_sum(x: &[f32], first: usize) -> f64 {
     sum
 }
 
+/// Combine 64 lane sums as `ggml_vec_dot_f16` (AVX-512 build) does: its four 16-lane
+/// accumulators (lanes j % 64, by 16) are added (0 + 2) + (1 + 3), then the 16 lanes as
+/// `_mm512_reduce_add_ps`.
+#[inline(always)]
+pub fn reduce64(a: &[f32; 64]) -> f32 {
+    let v: [f32; 16] = std::array::from_fn(|l| (a[l] + a[32 + l]) + (a[16 + l] + a[48 + l]));
+    reduce16(&v)
+}
+
+/// F16 dot product in the order of `ggml_vec_dot_f16` (what llama.cpp's F16 matmul runs
+/// for a batch of one token, instead of tinyBLAS): element i into lane i % 64 by fused
+/// multiply-adds over whole 64-element steps, [`reduce64`], then the leftover products
+/// (rounded to f32) added in f64. `a.len()` must equal `b.len()` (else None).
+pub fn dot_f16_vec(a: &[u16], b: &[u16]) -> Option<f32> {
+    if a.len() != b.len() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: FMA and F16C are part of every non-scalar Isa (checked); lengths equal.
+        return Some(unsafe { dot_f16_vec_fma(a, b) });
+    }
+    Some(dot_f16_vec_impl(a, b))
+}
+
+/// [`dot_f16_vec_impl`] compiled with FMA instructions.
+///
+/// # Safety
+/// The CPU must have FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,f16c")]
+unsafe fn dot_f16_vec_fma(a: &[u16], b: &[u16]) -> f32 {
+    dot_f16_vec_impl(a, b)
+}
+
+#[inline(always)]
+fn dot_f16_vec_impl(a: &[u16], b: &[u16]) -> f32 {
+    let np = a.len() / 64 * 64;
+    let mut acc = [0.0f32; 64];
+    for (ca, cb) in a[..np].chunks_exact(64).zip(b[..np].chunks_exact(64)) {
+        for l in 0..64 {
+            acc[l] = f16_to_f32(ca[l]).mul_add(f16_to_f32(cb[l]), acc[l]);
+        }
+    }
+    let mut sum = reduce64(&acc) as f64;
+    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
+        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    }
+    sum as f32
+}
+
 /// `acc[i] = fma(f16 v[i], p, acc[i])`: one position's step of the F16 matmul's lane
 /// accumulation (llama.cpp's V·softmax product). False (nothing done) unless the lengths
 /// match.
