@@ -332,6 +332,33 @@ fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
     }
 }
 
+/// Where llama.cpp's CPU matmul of `n_tokens` tokens sums in another order than its
+/// one-token kernel: the kernel in that order and the number of leading tokens it covers.
+/// Q6_K: the tiled K-quant matmul (ggml-cpu/tiled) from 8 tokens on, for all of them.
+/// Q4_K (repacked into 8-row groups): the 4-token gemm for the whole groups of 4 tokens,
+/// the gemv (the one-token order) for the rest.
+fn batch_kernel(isa: Isa, weight: GgmlType, n_tokens: usize) -> Option<(DotFn, usize)> {
+    let scalar = isa == Isa::Scalar || cfg!(not(target_arch = "x86_64"));
+    match weight {
+        GgmlType::Q6_K if n_tokens >= 8 => {
+            #[cfg(target_arch = "x86_64")]
+            if !scalar {
+                return Some((simd::avx2::dot_q6_k_tiled as DotFn, n_tokens));
+            }
+            Some((simd::scalar_kernel_tiled(weight)?, n_tokens))
+        }
+        GgmlType::Q4_K if n_tokens >= 4 => {
+            let split = n_tokens - n_tokens % 4;
+            #[cfg(target_arch = "x86_64")]
+            if !scalar {
+                return Some((simd::avx2::dot_q4_k_gemm as DotFn, split));
+            }
+            Some((simd::scalar_kernel_tiled(weight)?, split))
+        }
+        _ => None,
+    }
+}
+
 /// [`kernel`] for `best_isa()`, looked up once per type (the hot path skips the dispatch).
 #[inline]
 fn best_kernel(weight: GgmlType) -> Option<DotFn> {
@@ -477,12 +504,15 @@ pub fn matmul_isa(
 ) {
     assert!(isa_available(isa), "instruction set {isa:?} not available");
     assert_eq!(n_cols % weight.block_size(), 0, "{weight}: partial block");
+    // llama.cpp's kernels for some K-quants depend on the batch: tokens before `split` go
+    // through `k_main`, the rest through `k`.
     let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
+    let (k_main, split) = batch_kernel(isa, weight, n_tokens).unwrap_or((k, n_tokens));
     #[cfg(target_arch = "x86_64")]
     let k4 = match isa {
         Isa::Scalar => None,
         Isa::Avx2 => simd::multi_avx2::kernel(weight),
-        Isa::Avx512 => simd::avx512::kernel4(weight).or_else(|| simd::multi_avx2::kernel(weight)),
+        Isa::Avx512 => simd::multi_avx2::kernel(weight),
     };
     let (wb, ab) = sizes(weight, n_cols);
     if wb == 0 || n_tokens == 0 {
@@ -539,6 +569,8 @@ pub fn matmul_isa(
         for t in t..t1 {
             // SAFETY: isa available (asserted); r < rows and t < n_tokens (asserted), whose
             // byte ranges were checked above.
+            let k = if t < split { k_main } else { k };
+            // SAFETY: as above; `k_main` has the same contract and instruction set as `k`.
             unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
         }
     };

@@ -40,6 +40,16 @@ pub(crate) fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Sum of 8 i32 lanes (exact, wrapping like the SIMD adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
 /// The f16 at `p`, converted and broadcast to 8 f32 lanes.
 ///
 /// A broadcast load has no input register, unlike `_mm_cvtsi32_si128`, which LLVM turns
@@ -741,12 +751,81 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
     hsum_ps(_mm256_sub_ps(acc, mins))
 }
 
+/// Per 64 elements of a Q4_K × Q8_K super-block: Σ scale · q · y (exact), and the 8 lanes
+/// Σ min · bsum of each 32 elements (`kquants::q4k_pairs`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (144 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_pairs(x: *const u8, y: *const u8) -> ([i32; 4], __m256i) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    // SAFETY: x and y are whole blocks (caller).
+    unsafe {
+        let sm = k4_scales_mins_v(x.add(4));
+        // Each min covers two 16-element bsums: repeat every byte, widen to i16.
+        let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+        let mins = bsums_madd(y, m16);
+        let s8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        let mut is = [0i32; 4];
+        for (j, i) in is.iter_mut().enumerate() {
+            let qs = ld256(x.add(16 + 32 * j));
+            let lo = _mm256_and_si256(qs, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+            let pl = _mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j)));
+            let ph = _mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j)));
+            let pl = _mm256_madd_epi16(pl, bcast_i16(s8, 2 * j));
+            let ph = _mm256_madd_epi16(ph, bcast_i16(s8, 2 * j + 1));
+            *i = hsum_epi32(_mm256_add_epi32(pl, ph));
+        }
+        (is, mins)
+    }
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemv (`kquants::vec_dot_q4_k`).
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    // SAFETY: same contract, same features.
-    unsafe { dot_q45_k::<false>(n, w, a) }
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (is, mins) = q4k_pairs(x, y);
+            let yd = ld_f32(y);
+            let i: i32 = is.iter().sum();
+            acc = (i as f32).mul_add(ld_f16(x) * yd, acc);
+            accm = (hsum_epi32(mins) as f32).mul_add(ld_f16(x.add(2)) * yd, accm);
+        }
+    }
+    acc - accm
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemm (`kquants::vec_dot_q4_k_gemm`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k_gemm(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (is, mins) = q4k_pairs(x, y);
+            let mut ml = [0i32; 8];
+            _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            let yd = ld_f32(y);
+            let (d, dmin) = (ld_f16(x) * yd, ld_f16(x.add(2)) * yd);
+            for (j, &i) in is.iter().enumerate() {
+                acc = (i as f32).mul_add(d, acc);
+                accm = ((ml[2 * j] + ml[2 * j + 1]) as f32).mul_add(dmin, accm);
+            }
+        }
+    }
+    acc - accm
 }
 
 /// # Safety
@@ -757,52 +836,86 @@ unsafe fn dot_q5_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe { dot_q45_k::<true>(n, w, a) }
 }
 
+/// One Q6_K × Q8_K super-block's 8 integer lanes, in ggml's AVX2 grouping
+/// (`kquants::vec_dot_q6_k`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (210 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_sumi(x: *const u8, y: *const u8) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY: x and y are whole blocks (caller).
+    unsafe {
+        let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+        // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+        let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let ql0 = ld256(x.add(64 * h));
+            let ql1 = ld256(x.add(64 * h + 32));
+            let qh = ld256(x.add(128 + 32 * h));
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+                ),
+            ];
+            for (k, q) in q.into_iter().enumerate() {
+                let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * k)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, k)));
+            }
+        }
+        _mm256_sub_epi32(sumi, offset)
+    }
+}
+
+/// In the order of ggml's x86 `ggml_vec_dot_q6_K_q8_K` (`kquants::vec_dot_q6_k`).
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(3);
     // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(210 * b), a.add(292 * b));
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
-            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-            let mut sumi = _mm256_setzero_si256();
-            for h in 0..2 {
-                let ql0 = ld256(x.add(64 * h));
-                let ql1 = ld256(x.add(64 * h + 32));
-                let qh = ld256(x.add(128 + 32 * h));
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
-                    ),
-                ];
-                for (k, q) in q.into_iter().enumerate() {
-                    let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * k)));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, k)));
-                }
-            }
-            let sumi = _mm256_sub_epi32(sumi, offset);
+            let sumi = q6k_sumi(x, y);
             let d = _mm256_mul_ps(ld_f16x8(x.add(208)), _mm256_set1_ps(ld_f32(y)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }
     hsum_ps(acc)
+}
+
+/// In the order of llama.cpp's tiled K-quant matmul (`kquants::vec_dot_q6_k_tiled`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k_tiled(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = 0.0f32;
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(210 * b), a.add(292 * b));
+            let s = hsum_epi32(q6k_sumi(x, y));
+            acc = (s as f32 * ld_f16(x.add(208))).mul_add(ld_f32(y), acc);
+        }
+    }
+    acc
 }

@@ -1,17 +1,15 @@
-//! AVX-512 (F + BW + VL + VNNI) kernels for the hottest types: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K
-//! and Q6_K. Other types use their AVX2 kernel.
+//! AVX-512 (F + BW + VL + VNNI) kernels for Q4_0, Q4_1, Q5_0 and Q8_0, and packed tiles for
+//! Q5_1. Other types use their AVX2 kernel: the K-quants' 512-bit kernels summed in another
+//! order than llama.cpp's and were dropped for bit-identical results.
 //!
 //! Same [`DotFn`] contract as the AVX2 kernels; `detect()` only reports `Isa::Avx512` when
 //! all these features and the AVX2 set are present. The 32-element formats use 256-bit
-//! VNNI `vpdpbusd` (u8 × i8, summed in groups of 4 into i32 without saturation); Q4_K and
-//! Q6_K process 64 elements per 512-bit vector.
+//! VNNI `vpdpbusd` (u8 × i8, summed in groups of 4 into i32 without saturation), one block
+//! per step in llama.cpp's order (its AVX-512 VNNI build runs the same instructions).
 
 use std::arch::x86_64::*;
 
-use super::avx2::{
-    bits_to_bytes, bsums_madd, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16,
-    ld_f16x8, ld_f32, ld_u32, nibbles32,
-};
+use super::avx2::{bits_to_bytes, dm_pair, hsum_ps, ld256, ld2x128, ld_f16, ld_u32, nibbles32};
 use crate::{DotFn, GgmlType};
 
 pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
@@ -21,26 +19,8 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
         Q4_1 => dot_q4_1,
         Q5_0 => dot_q5_0,
         Q8_0 => dot_q8_0,
-        Q4_K => dot_q4_k,
-        Q6_K => dot_q6_k,
         _ => return None,
     })
-}
-
-/// `[a | b]` as one 512-bit vector.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn join(a: __m256i, b: __m256i) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
-}
-
-/// # Safety
-/// `p` must be valid for 64 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ld512(p: *const u8) -> __m512i {
-    // SAFETY: caller guarantees 64 readable bytes; loadu has no alignment requirement.
-    unsafe { _mm512_loadu_si512(p as *const __m512i) }
 }
 
 // The 32-element formats stay 256 bits wide: their 18/34-byte blocks need several shuffles
@@ -136,216 +116,6 @@ unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
         }
     }
     legacy_dot!(n, w, a, 34, 34, blk)
-}
-
-/// 16-bit lane index vector for `_mm512_permutexvar_epi16`: lanes 0..16 take `i0`, lanes
-/// 16..32 take `i1`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn idx2(i0: i16, i1: i16) -> __m512i {
-    join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1))
-}
-
-/// 16-bit lane index vector: 128-bit lane k (8 i16) takes index `base + k`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn idx4(base: i16) -> __m512i {
-    join(
-        _mm256_set_m128i(_mm_set1_epi16(base + 1), _mm_set1_epi16(base)),
-        _mm256_set_m128i(_mm_set1_epi16(base + 3), _mm_set1_epi16(base + 2)),
-    )
-}
-
-/// # Safety
-/// [`DotFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut mins = _mm256_setzero_ps();
-    let m4 = _mm512_set1_epi8(0x0f);
-    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let (x, y) = (w.add(144 * b), a.add(292 * b));
-            let yd = _mm256_set1_ps(ld_f32(y));
-            let sm = k4_scales_mins_v(x.add(4));
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
-            let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(2)));
-            mins = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(bsums_madd(y, m16)), mins);
-            // 8 scales as i16 in the low 128 bits (the permutes below read only those).
-            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-            let mut sumi = _mm512_setzero_si512();
-            for j in 0..4 {
-                // 32 bytes of nibbles = elements 64j..64j+64: low nibbles, then high.
-                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
-                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
-                let q = _mm512_and_si512(qb, m4);
-                let p = _mm512_maddubs_epi16(q, ld512(y.add(4 + 64 * j)));
-                let sc = _mm512_permutexvar_epi16(idx2(2 * j as i16, 2 * j as i16 + 1), s);
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, sc));
-            }
-            let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(ld_f16x8(x)));
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
-        }
-    }
-    _mm512_reduce_add_ps(acc) - hsum_ps(mins)
-}
-
-/// # Safety
-/// [`DotFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let m4 = _mm512_set1_epi8(0x0f);
-    let m3 = _mm512_set1_epi8(3);
-    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let (x, y) = (w.add(210 * b), a.add(292 * b));
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
-            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-            // The permutes below read only the low 16 lanes.
-            let s = _mm512_castsi256_si512(s16);
-            let mut sumi = _mm512_setzero_si512();
-            for h in 0..2 {
-                // ql[64h..64h+64]: low nibbles = elements 128h+0..64, high = +64..128.
-                let ql = ld512(x.add(64 * h));
-                // qh bits 0-1 / 2-3 go with the first / second 32 low nibbles; bits 4-5 /
-                // 6-7 with the high nibbles: shift the upper copy by 2 to line them up.
-                let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
-                let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
-                );
-                let pa = _mm512_maddubs_epi16(qa, ld512(y.add(4 + 128 * h)));
-                let pb = _mm512_maddubs_epi16(qb, ld512(y.add(68 + 128 * h)));
-                let base = 8 * h as i16;
-                let sa = _mm512_permutexvar_epi16(idx4(base), s);
-                let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, sa));
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, sb));
-            }
-            let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(offset));
-            let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(ld_f16x8(x.add(208))));
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
-        }
-    }
-    _mm512_reduce_add_ps(acc)
-}
-
-// ---- 4-token kernels for batched matmul (see `multi_avx2`) ----
-
-use super::multi_avx2::{Dot4Fn, T};
-
-pub(crate) fn kernel4(weight: GgmlType) -> Option<Dot4Fn> {
-    use GgmlType::*;
-    Some(match weight {
-        Q4_K => dot4_q4_k,
-        Q6_K => dot4_q6_k,
-        _ => return None,
-    })
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    let mut acc = [_mm512_setzero_ps(); T];
-    let mut mins = [_mm256_setzero_ps(); T];
-    let m4 = _mm512_set1_epi8(0x0f);
-    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
-    // activation row; out holds T results at stride os (Dot4Fn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let x = w.add(144 * b);
-            let sm = k4_scales_mins_v(x.add(4));
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
-            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-            let mut sumi = [_mm512_setzero_si512(); T];
-            for j in 0..4 {
-                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
-                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
-                let q = _mm512_and_si512(qb, m4);
-                let sc = _mm512_permutexvar_epi16(idx2(2 * j as i16, 2 * j as i16 + 1), s);
-                for (t, si) in sumi.iter_mut().enumerate() {
-                    let y = a.add(t * st + 292 * b);
-                    let p = _mm512_maddubs_epi16(q, ld512(y.add(4 + 64 * j)));
-                    *si = _mm512_add_epi32(*si, _mm512_madd_epi16(p, sc));
-                }
-            }
-            let (dx, dmx) = (ld_f16x8(x), ld_f16x8(x.add(2)));
-            for t in 0..T {
-                let y = a.add(t * st + 292 * b);
-                let yd = _mm256_set1_ps(ld_f32(y));
-                let mm = _mm256_cvtepi32_ps(bsums_madd(y, m16));
-                mins[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dmx), mm, mins[t]);
-                let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(dx));
-                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[t]), acc[t]);
-            }
-        }
-        for t in 0..T {
-            *out.add(t * os) = _mm512_reduce_add_ps(acc[t]) - hsum_ps(mins[t]);
-        }
-    }
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    let mut acc = [_mm512_setzero_ps(); T];
-    let m4 = _mm512_set1_epi8(0x0f);
-    let m3 = _mm512_set1_epi8(3);
-    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
-    // activation row; out holds T results at stride os (Dot4Fn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let x = w.add(210 * b);
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            let s = _mm512_castsi256_si512(s16);
-            let mut sumi = [_mm512_setzero_si512(); T];
-            for h in 0..2 {
-                let ql = ld512(x.add(64 * h));
-                let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
-                let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
-                );
-                let base = 8 * h as i16;
-                let sa = _mm512_permutexvar_epi16(idx4(base), s);
-                let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
-                for (t, si) in sumi.iter_mut().enumerate() {
-                    let y = a.add(t * st + 292 * b + 128 * h);
-                    let pa = _mm512_madd_epi16(_mm512_maddubs_epi16(qa, ld512(y.add(4))), sa);
-                    let pb = _mm512_madd_epi16(_mm512_maddubs_epi16(qb, ld512(y.add(68))), sb);
-                    *si = _mm512_add_epi32(*si, _mm512_add_epi32(pa, pb));
-                }
-            }
-            let dx = _mm256_cvtss_f32(ld_f16x8(x.add(208)));
-            for t in 0..T {
-                let y = a.add(t * st + 292 * b);
-                // Quants were used +32: subtract 32 * Σ scale * bsum.
-                let off = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-                let si = _mm512_sub_epi32(sumi[t], _mm512_zextsi256_si512(off));
-                let d = _mm512_set1_ps(ld_f32(y) * dx);
-                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(si), acc[t]);
-            }
-        }
-        for (t, a) in acc.into_iter().enumerate() {
-            *out.add(t * os) = _mm512_reduce_add_ps(a);
-        }
-    }
 }
 
 // ---- 2-row x 4-token tiles for batched matmul of the 32-element formats ----
