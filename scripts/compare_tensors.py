@@ -28,12 +28,15 @@ TAPS = [
     ("Krope", "Kcur-{l}#2"),
     ("kqv_out", "kqv_out-{l}"),
     ("attn_out", "attn_out-{l}"),
+    ("attn_post_norm", "attn_post_norm-{l}"),
     ("ffn_inp", "ffn_inp-{l}"),
     ("ffn_norm", "ffn_norm-{l}"),
     ("ffn_gate", "ffn_gate-{l}"),
     ("ffn_up", "ffn_up-{l}"),
     ("ffn_swiglu", "ffn_swiglu-{l}"),
+    ("ffn_geglu", "ffn_geglu-{l}"),
     ("ffn_out", "ffn_out-{l}"),
+    ("ffn_post_norm", "ffn_post_norm-{l}"),
     ("l_out", "l_out-{l}"),
 ]
 

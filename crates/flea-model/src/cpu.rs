@@ -157,7 +157,9 @@ fn gelu_f16_table() -> &'static [f16] {
                 let x = f16::from_bits(bits).to_f32();
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 const GELU_COEF_A: f32 = 0.044715;
-                let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+                // gcc fuses ggml's `1.0f + GELU_COEF_A*x*x` (checked against its table).
+                let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+                let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
                 f16::from_f32(g)
             })
             .collect()
@@ -556,11 +558,17 @@ impl Backend for CpuBackend {
             }
             FfnActivation::GeGlu => {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = gelu(g) * u;
+                    // ggml writes a plain +0 below -10 (no product, so no -0).
+                    *o = if g <= -10.0 { 0.0 } else { gelu(g) * u };
                 }
             }
         }
         Ok(())
+    }
+
+    fn scale_rows(&self, n: usize, x: &mut CpuAct, s: f32) -> Result<bool> {
+        x.rows_mut(n)?.iter_mut().for_each(|v| *v *= s);
+        Ok(true)
     }
 
     fn add(&self, n: usize, x: &mut CpuAct, y: &CpuAct) -> Result<()> {
