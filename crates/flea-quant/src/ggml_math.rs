@@ -265,13 +265,11 @@ mod tests {
 
     #[test]
     fn expf_is_close_to_exp_and_saturates_like_ggml() {
-        for i in -2000..=2000 {
+        // Normal results (ggml's polynomial is within 2 ulp there).
+        for i in -1740..=1760 {
             let x = i as f32 * 0.05;
             let (got, want) = (expf(x) as f64, (x as f64).exp());
-            assert!(
-                (got - want).abs() <= 4e-7 * want + 1e-44,
-                "{x}: {got} vs {want}"
-            );
+            assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
         }
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(expf(-200.0), 0.0);

@@ -317,6 +317,27 @@ pub fn axpy_f16_isa(isa: Isa, p: f32, v: &[u16], dst: &mut [f32]) -> bool {
 /// type / its vec-dot type), and the CPU must support the kernel's instruction set.
 pub(crate) type DotFn = unsafe fn(usize, *const u8, *const u8) -> f32;
 
+/// A four-row kernel: `(n, first weight row, weight row stride in bytes, activation row,
+/// out)` writes `out[r]` = dot(weight row r, activation row) for r < 4, with the same bits
+/// as the type's [`DotFn`] (several rows only interleave independent chains).
+///
+/// Unsafe to call: the four weight rows and the activation row must hold `n` elements,
+/// `out` four f32, and the CPU must support the kernel's instruction set.
+pub(crate) type RowsFn = unsafe fn(usize, *const u8, usize, *const u8, *mut f32);
+
+/// The four-row kernel for `weight` on `isa`, where there is one.
+fn rows_kernel(isa: Isa, weight: GgmlType) -> Option<RowsFn> {
+    match isa {
+        Isa::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => simd::avx512::rows_kernel(weight),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => simd::avx2::rows_kernel(weight),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => None,
+    }
+}
+
 /// The kernel for `weight` on `isa` (which the caller has verified is available).
 fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
     match isa {
@@ -349,6 +370,10 @@ fn batch_kernel(isa: Isa, weight: GgmlType, n_tokens: usize) -> Option<(DotFn, u
         }
         GgmlType::Q4_K if n_tokens >= 4 => {
             let split = n_tokens - n_tokens % 4;
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                return Some((simd::avx512::dot_q4_k_gemm as DotFn, split));
+            }
             #[cfg(target_arch = "x86_64")]
             if !scalar {
                 return Some((simd::avx2::dot_q4_k_gemm as DotFn, split));
@@ -462,7 +487,16 @@ pub fn matvec_isa(
     );
     let w = w_rows.as_ptr();
     let a = act.as_ptr();
-    for (r, o) in out.iter_mut().enumerate() {
+    let mut r0 = 0;
+    if let Some(k4) = rows_kernel(isa, weight) {
+        while r0 + 4 <= out.len() {
+            // SAFETY: isa available (asserted); rows r0..r0+4 lie inside w_rows, act holds
+            // a full row and out[r0..r0+4] exists (asserted above / loop bound).
+            unsafe { k4(n_cols, w.add(r0 * wb), wb, a, out.as_mut_ptr().add(r0)) };
+            r0 += 4;
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate().skip(r0) {
         // SAFETY: isa available (asserted); row r lies inside w_rows and act holds a full
         // row (both asserted above).
         *o = unsafe { k(n_cols, w.add(r * wb), a) };
@@ -507,7 +541,11 @@ pub fn matmul_isa(
     // llama.cpp's kernels for some K-quants depend on the batch: tokens before `split` go
     // through `k_main`, the rest through `k`.
     let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
-    let (k_main, split) = batch_kernel(isa, weight, n_tokens).unwrap_or((k, n_tokens));
+    let batch = batch_kernel(isa, weight, n_tokens);
+    let (k_main, split) = batch.unwrap_or((k, n_tokens));
+    // The four-row kernels have `k`'s order: only where no batch kernel replaces it.
+    #[cfg(target_arch = "x86_64")]
+    let rows_k = rows_kernel(isa, weight).filter(|_| batch.is_none());
     #[cfg(target_arch = "x86_64")]
     let k4 = match isa {
         Isa::Scalar => None,
@@ -612,6 +650,33 @@ pub fn matmul_isa(
                 }
                 for r in r0..r1 {
                     rest(r, t, t1);
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let (true, Some(kr)) = (k4.is_none() || t1 - t0 < simd::multi_avx2::T, rows_k) {
+                // Four rows per call, token by token (types without a 4-token kernel, or
+                // fewer tokens than it takes).
+                for t in t0..t1 {
+                    let mut r = r0;
+                    while r + 4 <= r1 {
+                        // SAFETY: isa available (asserted; rows_k comes from it); rows
+                        // r..r+4 < rows and token t < n_tokens lie inside the slices
+                        // checked above, and outputs t*rows + r .. +4 inside out.
+                        unsafe {
+                            kr(
+                                n_cols,
+                                w.add(r * wb),
+                                wb,
+                                a.add(t * ab),
+                                o.add(t * rows + r),
+                            )
+                        };
+                        r += 4;
+                    }
+                    for r in r..r1 {
+                        rest(r, t, t + 1);
+                    }
                 }
                 continue;
             }

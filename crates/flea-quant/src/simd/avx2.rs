@@ -293,6 +293,31 @@ macro_rules! legacy_dot {
     }};
 }
 
+/// Four rows at once of a `legacy_dot!` kernel (rows `ws` bytes apart, one activation
+/// row): each row keeps its own accumulator and block order, so every row's bits equal
+/// the one-row kernel's; the four independent chains hide the FMA latency that one
+/// accumulator per row would expose.
+macro_rules! legacy_rows {
+    ($n:expr, $w:expr, $ws:expr, $a:expr, $out:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
+        let (n, w, ws, a, out) = ($n, $w, $ws, $a, $out);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+        // four weight rows; out holds four f32 (RowsFn contract).
+        unsafe {
+            for b in 0..n / 32 {
+                let y = a.add($abytes * b);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (d, p) = $blk(w.add(r * ws + $wbytes * b), y);
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+            for (r, acc) in acc.into_iter().enumerate() {
+                *out.add(r) = hsum_ps(acc);
+            }
+        }
+    }};
+}
+
 /// Scales of a block `x` against an activation block `y`, both starting with an f16 d.
 /// One 4-byte broadcast and conversion each (a 4-byte broadcast load needs no shuffle
 /// port, unlike a 2-byte one) gives [dx, u, dx, u, ...] * [dy, v, dy, v, ...]. Returns dx*dy
@@ -415,63 +440,146 @@ pub(crate) unsafe fn ld2x128(lo: *const u8, hi: *const u8) -> __m256i {
     unsafe { _mm256_loadu2_m128i(hi as *const __m128i, lo as *const __m128i) }
 }
 
+/// One block of `dot_q4_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q4_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
+        (d, dot_i8i8(qx, ld256(y.add(2))))
+    }
+}
+
+/// Four rows of `dot_q4_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 18, 34, blk_q4_0)
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
-            (d, dot_i8i8(qx, ld256(y.add(2))))
-        }
+    legacy_dot!(n, w, a, 18, 34, blk_q4_0)
+}
+
+/// One Q4_1 block against a Q8_1 block: dx*dy (all lanes), the 8 integer lane sums, and
+/// the converted scale pairs `[dx, mx, ..]`, `[dy, sy, ..]` (lane 1 of their fused product
+/// is the block's step of ggml's `summs = fma(m, s, summs)` chain).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (20 / 36 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q4_1(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256, __m256) {
+    // SAFETY: whole blocks (caller); 4-byte broadcast loads need no shuffle (see dm_pair).
+    unsafe {
+        let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+        let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+        let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+        (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), fx, fy)
     }
-    legacy_dot!(n, w, a, 18, 34, blk)
+}
+
+/// `n` rows (1 ≤ R ≤ 4) of Q4_1 in ggml's order (see `legacy::vec_dot_q4_1`): per row one
+/// 8-lane accumulator and one fused min chain (lane 1 of `ms`).
+macro_rules! q4_1_rows {
+    ($R:expr, $n:expr, $w:expr, $ws:expr, $a:expr, $out:expr, $blk:expr) => {{
+        let (n, w, ws, a, out) = ($n, $w, $ws, $a, $out);
+        let mut acc = [_mm256_setzero_ps(); $R];
+        let mut ms = [_mm256_setzero_ps(); $R];
+        // SAFETY (whole body): block b < n/32 lies inside the activation row and each
+        // weight row; out holds R f32 (DotFn / RowsFn contract).
+        unsafe {
+            for b in 0..n / 32 {
+                let y = a.add(36 * b);
+                for r in 0..$R {
+                    let (d, p, fx, fy) = $blk(w.add(r * ws + 20 * b), y);
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+                    ms[r] = _mm256_fmadd_ps(fx, fy, ms[r]);
+                }
+            }
+            for r in 0..$R {
+                let summs = _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(ms[r])));
+                *out.add(r) = hsum_ps(acc[r]) + summs;
+            }
+        }
+    }};
 }
 
 /// In ggml's order (see `legacy::vec_dot_q4_1`): one block per step into one 8-lane
-/// accumulator, the min terms in a scalar fused chain.
+/// accumulator, the min terms in their own fused chain.
 ///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
-    // SAFETY: every block b < n/32 lies inside both rows (DotFn contract).
+    let mut out = 0.0f32;
+    q4_1_rows!(1, n, w, 0, a, &mut out as *mut f32, blk_q4_1);
+    out
+}
+
+/// Four rows of [`dot_q4_1`] (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    q4_1_rows!(4, n, w, ws, a, out, blk_q4_1)
+}
+
+/// The four-row kernels (`RowsFn`), where a type has one.
+pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows_q4_0,
+        Q4_1 => rows_q4_1,
+        Q5_0 => rows_q5_0,
+        Q8_0 => rows_q8_0,
+        _ => return None,
+    })
+}
+
+/// One block of `dot_q5_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
     unsafe {
-        for b in 0..n / 32 {
-            let (x, y) = (w.add(20 * b), a.add(36 * b));
-            summs = ld_f16(x.add(2)).mul_add(ld_f16(y.add(2)), summs);
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
-            let p = dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-        }
+        let d = dm_pair(x, y).0;
+        let qh = ld_u32(x.add(2));
+        // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
+        let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
+        (d, dot_i8i8(qx, ld256(y.add(2))))
     }
-    hsum_ps(acc) + summs
+}
+
+/// Four rows of `dot_q5_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 22, 34, blk_q5_0)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let qh = ld_u32(x.add(2));
-            // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
-            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-            let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
-            (d, dot_i8i8(qx, ld256(y.add(2))))
-        }
-    }
-    legacy_dot!(n, w, a, 22, 34, blk)
+    legacy_dot!(n, w, a, 22, 34, blk_q5_0)
 }
 
 /// # Safety
@@ -518,20 +626,34 @@ unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     legacy_dot_pairs!(min n, w, a, 24, 36, pair, blk)
 }
 
+/// One block of `dot_q8_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q8_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
+    }
+}
+
+/// Four rows of `dot_q8_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 34, 34, blk_q8_0)
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
-        }
-    }
-    legacy_dot!(n, w, a, 34, 34, blk)
+    legacy_dot!(n, w, a, 34, 34, blk_q8_0)
 }
 
 // ---- K-quants (activations Q8_K: d f32 @0, qs i8[256] @4, bsums i16[16] @260) ----

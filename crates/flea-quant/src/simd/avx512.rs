@@ -9,7 +9,10 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{bits_to_bytes, dm_pair, hsum_ps, ld256, ld2x128, ld_f16, ld_u32, nibbles32};
+use super::avx2::{
+    bits_to_bytes, bsums_madd, dm_pair, hsum_epi32, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
+    ld_f16, ld_f32, ld_u32, nibbles32,
+};
 use crate::{DotFn, GgmlType};
 
 pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
@@ -19,6 +22,7 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
         Q4_1 => dot_q4_1,
         Q5_0 => dot_q5_0,
         Q8_0 => dot_q8_0,
+        Q4_K => dot_q4_k,
         _ => return None,
     })
 }
@@ -28,25 +32,81 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
 // 512-bit version measured slower. What pays off is VNNI: `vpdpbusd` replaces the
 // maddubs + madd pair (and for Q4_0 the -8 bias).
 
+/// One block of `dot_q4_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q4_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole blocks (18 / 34 bytes).
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let q8 = ld256(y.add(2));
+        // Σ (q - 8) * y = Σ q * y - Σ 8 * y (q unsigned, as vpdpbusd wants).
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(2)), q8);
+        let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8);
+        (d, _mm256_sub_epi32(p, o))
+    }
+}
+
+/// Four rows of `dot_q4_0` against one activation row (the same bits per row: the same
+/// integer sums, scale product and fused accumulation; the activation's half of the work,
+/// -8·Σy and its scale, is done once for the four rows).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let z = _mm256_setzero_si256();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // four weight rows; out holds four f32 (RowsFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let y = a.add(34 * b);
+            let q8 = ld256(y.add(2));
+            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8));
+            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = w.add(r * ws + 18 * b);
+                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+                let q = nibbles32(x.add(2));
+                let p = _mm256_dpbusd_epi32(neg, q, q8);
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            *out.add(r) = hsum_ps(acc);
+        }
+    }
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole blocks (18 / 34 bytes).
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let q8 = ld256(y.add(2));
-            // Σ (q - 8) * y = Σ q * y - Σ 8 * y (q unsigned, as vpdpbusd wants).
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(2)), q8);
-            let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8);
-            (d, _mm256_sub_epi32(p, o))
-        }
+    legacy_dot!(n, w, a, 18, 34, blk_q4_0)
+}
+
+/// One Q4_1 block as `avx2::blk_q4_1`, the integer sums with VNNI.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (20 / 36 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q4_1(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256, __m256) {
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+        let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+        let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(4)), ld256(y.add(4)));
+        (d, p, fx, fy)
     }
-    legacy_dot!(n, w, a, 18, 34, blk)
 }
 
 /// In ggml's order (see `legacy::vec_dot_q4_1`), as ggml's AVX-512 VNNI build runs it.
@@ -55,20 +115,86 @@ unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0.0f32;
-    // SAFETY: every block b < n/32 lies inside both rows (DotFn contract).
+    let mut out = 0.0f32;
+    q4_1_rows!(1, n, w, 0, a, &mut out as *mut f32, blk_q4_1);
+    out
+}
+
+/// Four rows of [`dot_q4_1`] (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    q4_1_rows!(4, n, w, ws, a, out, blk_q4_1)
+}
+
+/// The four-row kernels (`RowsFn`), where a type has one.
+pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows_q4_0,
+        Q4_1 => rows_q4_1,
+        Q5_0 => rows_q5_0,
+        Q8_0 => rows_q8_0,
+        _ => return None,
+    })
+}
+
+/// One block of `dot_q5_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole blocks (22 / 34 bytes).
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
+        let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
+        let q8 = ld256(y.add(2));
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, q, q8);
+        let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8);
+        (d, _mm256_sub_epi32(p, o))
+    }
+}
+
+/// Four rows of `dot_q5_0` against one activation row (the same bits per row: the same
+/// integer sums, scale product and fused accumulation; the activation's half of the work,
+/// -16·Σy and its scale, is done once for the four rows).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let z = _mm256_setzero_si256();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // four weight rows; out holds four f32 (RowsFn contract).
     unsafe {
         for b in 0..n / 32 {
-            let (x, y) = (w.add(20 * b), a.add(36 * b));
-            summs = ld_f16(x.add(2)).mul_add(ld_f16(y.add(2)), summs);
-            let d = _mm256_set1_ps(ld_f16(x) * ld_f16(y));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(4)), ld256(y.add(4)));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+            let y = a.add(34 * b);
+            let q8 = ld256(y.add(2));
+            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8));
+            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = w.add(r * ws + 22 * b);
+                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+                let q = _mm256_or_si256(
+                    nibbles32(x.add(6)),
+                    _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10)),
+                );
+                let p = _mm256_dpbusd_epi32(neg, q, q8);
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            *out.add(r) = hsum_ps(acc);
         }
     }
-    hsum_ps(acc) + summs
 }
 
 /// # Safety
@@ -77,45 +203,44 @@ unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
 unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     // The 5-bit values (0..=31) are unsigned, as `vpdpbusd` wants; the -16 bias comes off as
     // Σ 16 * y, like Q4_0's -8.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole blocks (22 / 34 bytes).
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
-            let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
-            let q8 = ld256(y.add(2));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(z, q, q8);
-            let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8);
-            (d, _mm256_sub_epi32(p, o))
-        }
+    legacy_dot!(n, w, a, 22, 34, blk_q5_0)
+}
+
+/// One block of `dot_q8_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q8_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole 34-byte blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let (qx, qy) = (ld256(x.add(2)), ld256(y.add(2)));
+        // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
+        let p = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(qx, qx),
+            _mm256_sign_epi8(qy, qx),
+        );
+        (d, p)
     }
-    legacy_dot!(n, w, a, 22, 34, blk)
+}
+
+/// Four rows of `dot_q8_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 34, 34, blk_q8_0)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole 34-byte blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let (qx, qy) = (ld256(x.add(2)), ld256(y.add(2)));
-            // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
-            let p = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_sign_epi8(qx, qx),
-                _mm256_sign_epi8(qy, qx),
-            );
-            (d, p)
-        }
-    }
-    legacy_dot!(n, w, a, 34, 34, blk)
+    legacy_dot!(n, w, a, 34, 34, blk_q8_0)
 }
 
 // ---- 2-row x 4-token tiles for batched matmul of the 32-element formats ----
@@ -202,12 +327,138 @@ pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *
 pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
     use GgmlType::*;
     Some(match weight {
-        // Q4_0, Q4_1, Q5_0 and Q8_0 have no tile here: the tiles sum two blocks per lane,
-        // which is not llama.cpp's order (their 4-token AVX2 kernels are).
+        // Q4_0, Q4_1, Q5_0 and Q8_0 in llama.cpp's order (`gtile`): one block per step.
+        Q4_0 => (pack_raw::<34>, gtile_q4_0),
+        Q4_1 => (pack_raw::<36>, gtile_q4_1),
+        Q5_0 => (pack_raw::<34>, gtile_q5_0),
+        Q8_0 => (pack_raw::<34>, gtile_q8_0),
         Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
         _ => return None,
     })
 }
+
+/// "Packing" for [`gtile`]: the activation row as it is (`AB`-byte Q8_0 / Q8_1 blocks),
+/// which fits in `packed_bytes(n)`.
+///
+/// # Safety
+/// [`PackFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pack_raw<const AB: usize>(n: usize, y: *const u8, dst: *mut u8) {
+    // SAFETY: the row holds n/32 blocks of AB bytes, and dst packed_bytes(n) ≥ that many.
+    unsafe { std::ptr::copy_nonoverlapping(y, dst, n / 32 * AB) };
+}
+
+/// A TILE_R × TILE_T tile of the 32-element formats in llama.cpp's order — for every
+/// (row, token) exactly the operations of the one-row kernel (`legacy::vec_dot_*`): per
+/// block `acc = fma(dx*dy, lanes, acc)` (and for Q4_1 the fused min chain in lane 1 of
+/// `ms`), then the lanes' tree sum. Only the loads and the activation's bias term are
+/// shared across the tile. `K` selects the format; activations are raw rows (`pack_raw`).
+///
+/// # Safety
+/// [`PTileFn`] contract.
+#[inline]
+#[allow(clippy::needless_range_loop)] // r and t index several arrays at once
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gtile<const K: u8>(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    p: *const u8,
+    ps: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let (wbytes, qs_off, qh_off, bias, min) = legacy_params(K);
+    let abytes = if min { 36 } else { 34 };
+    let z = _mm256_setzero_si256();
+    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let mut ms = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    // SAFETY (whole body): block b < n/32 lies inside every weight row of the tile and
+    // every activation row (PTileFn contract; raw rows from pack_raw).
+    unsafe {
+        for b in 0..n / 32 {
+            let mut fx = [_mm256_setzero_ps(); TILE_R];
+            let mut dx = [_mm256_setzero_ps(); TILE_R];
+            let mut qx = [z; TILE_R];
+            for r in 0..TILE_R {
+                let x = w.add(r * ws + wbytes * b);
+                fx[r] = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                dx[r] = _mm256_permute_ps::<0>(fx[r]);
+                qx[r] = if K == L_Q8_0 {
+                    ld256(x.add(qs_off))
+                } else if qh_off != 0 {
+                    let hb = bits_to_bytes(ld_u32(x.add(qh_off)));
+                    _mm256_or_si256(
+                        nibbles32(x.add(qs_off)),
+                        _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
+                    )
+                } else {
+                    nibbles32(x.add(qs_off))
+                };
+            }
+            for t in 0..TILE_T {
+                let y = p.add(t * ps + abytes * b);
+                let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+                let dy = _mm256_permute_ps::<0>(fy);
+                let q8 = ld256(y.add(abytes - 32));
+                // -bias · Σ y: the unsigned quants' offset (0 for Q4_1 and Q8_0).
+                let start = if bias != 0 && K != L_Q8_0 {
+                    _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(bias as i8), q8))
+                } else {
+                    z
+                };
+                for r in 0..TILE_R {
+                    // dx*dy in every lane (the one-row kernel's lane-0 product, broadcast).
+                    let d = _mm256_mul_ps(dx[r], dy);
+                    let s = if K == L_Q8_0 {
+                        let ax = _mm256_sign_epi8(qx[r], qx[r]);
+                        _mm256_dpbusd_epi32(z, ax, _mm256_sign_epi8(q8, qx[r]))
+                    } else {
+                        _mm256_dpbusd_epi32(start, qx[r], q8)
+                    };
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
+                    if min {
+                        ms[r][t] = _mm256_fmadd_ps(fx[r], fy, ms[r][t]);
+                    }
+                }
+            }
+        }
+        for r in 0..TILE_R {
+            for t in 0..TILE_T {
+                let mut v = hsum_ps(acc[r][t]);
+                if min {
+                    v += _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(ms[r][t])));
+                }
+                // SAFETY: out holds TILE_R x TILE_T results at these offsets.
+                *out.add(t * os + r) = v;
+            }
+        }
+    }
+}
+
+macro_rules! gtile_fn {
+    ($name:ident, $k:expr) => {
+        /// # Safety
+        /// [`PTileFn`] contract.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $name(
+            n: usize,
+            w: *const u8,
+            ws: usize,
+            p: *const u8,
+            ps: usize,
+            out: *mut f32,
+            os: usize,
+        ) {
+            // SAFETY: same contract, same features.
+            unsafe { gtile::<{ $k }>(n, w, ws, p, ps, out, os) }
+        }
+    };
+}
+gtile_fn!(gtile_q4_0, L_Q4_0);
+gtile_fn!(gtile_q4_1, L_Q4_1);
+gtile_fn!(gtile_q5_0, L_Q5_0);
+gtile_fn!(gtile_q8_0, L_Q8_0);
 
 /// (weight block bytes, qs offset, qh offset or 0, bias, has min) of format `k`.
 const fn legacy_params(k: u8) -> (usize, usize, usize, u8, bool) {
@@ -417,4 +668,90 @@ unsafe fn ptile_q5_1(
 ) {
     // SAFETY: same contract, same features.
     unsafe { ptile::<L_Q5_1>(n, w, ws, p, ps, out, os) }
+}
+
+/// `[a | b]` as one 512-bit vector.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn join(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+}
+
+/// Q4_K × Q8_K per 64 elements j: Σ scale · q · y as 16 i32 lanes (their sum is exact),
+/// 64 elements per 512-bit step; and the 8 lanes of Σ min · bsum (`avx2::q4k_pairs`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (144 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_parts(x: *const u8, y: *const u8) -> ([__m512i; 4], __m256i) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        let sm = k4_scales_mins_v(x.add(4));
+        let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+        let mins = bsums_madd(y, m16);
+        // 8 scales as i16 in the low 128 bits (the permutes below read only those).
+        let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+        let parts = std::array::from_fn(|j| {
+            // 32 bytes of nibbles = elements 64j..64j+64: low nibbles, then high.
+            let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
+            let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
+            let q = _mm512_and_si512(qb, m4);
+            let yv = _mm512_loadu_si512(y.add(4 + 64 * j) as *const __m512i);
+            let p = _mm512_maddubs_epi16(q, yv);
+            let (i0, i1) = (2 * j as i16, 2 * j as i16 + 1);
+            let sc =
+                _mm512_permutexvar_epi16(join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1)), s);
+            _mm512_madd_epi16(p, sc)
+        });
+        (parts, mins)
+    }
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemv (`kquants::vec_dot_q4_k`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (p, mins) = q4k_parts(x, y);
+            let sum = _mm512_add_epi32(_mm512_add_epi32(p[0], p[1]), _mm512_add_epi32(p[2], p[3]));
+            let i = _mm512_reduce_add_epi32(sum);
+            let yd = ld_f32(y);
+            acc = (i as f32).mul_add(ld_f16(x) * yd, acc);
+            accm = (hsum_epi32(mins) as f32).mul_add(ld_f16(x.add(2)) * yd, accm);
+        }
+    }
+    acc - accm
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemm (`kquants::vec_dot_q4_k_gemm`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k_gemm(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (p, mins) = q4k_parts(x, y);
+            let mut ml = [0i32; 8];
+            _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            let yd = ld_f32(y);
+            let (d, dmin) = (ld_f16(x) * yd, ld_f16(x.add(2)) * yd);
+            for (j, p) in p.into_iter().enumerate() {
+                acc = (_mm512_reduce_add_epi32(p) as f32).mul_add(d, acc);
+                accm = ((ml[2 * j] + ml[2 * j + 1]) as f32).mul_add(dmin, accm);
+            }
+        }
+    }
+    acc - accm
 }
