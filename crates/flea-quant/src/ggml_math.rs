@@ -159,11 +159,51 @@ pub fn dot_f16_vec(a: &[u16], b: &[u16]) -> Option<f32> {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (with F16C and FMA) detected; lengths equal.
+        return Some(unsafe { dot_f16_vec_avx512(a, b) });
+    }
+    #[cfg(target_arch = "x86_64")]
     if fma_available() {
         // SAFETY: FMA and F16C are part of every non-scalar Isa (checked); lengths equal.
         return Some(unsafe { dot_f16_vec_fma(a, b) });
     }
     Some(dot_f16_vec_impl(a, b))
+}
+
+/// [`dot_f16_vec_impl`] with four 16-lane accumulators, as ggml holds them.
+///
+/// # Safety
+/// AVX-512F, F16C and FMA available; `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn dot_f16_vec_avx512(a: &[u16], b: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let np = a.len() / 64 * 64;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for i in (0..np).step_by(64) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 16j + 16 ≤ np ≤ both lengths; unaligned loads.
+            unsafe {
+                let ld = |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let (x, y) = (
+                    ld(a.as_ptr().add(i + 16 * j)),
+                    ld(b.as_ptr().add(i + 16 * j)),
+                );
+                *acc = _mm512_fmadd_ps(x, y, *acc);
+            }
+        }
+    }
+    let mut l = [0f32; 64];
+    for (j, acc) in acc.into_iter().enumerate() {
+        // SAFETY: l holds 64 f32; one unaligned 16-float store per accumulator.
+        unsafe { _mm512_storeu_ps(l.as_mut_ptr().add(16 * j), acc) };
+    }
+    let mut sum = reduce64(&l) as f64;
+    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
+        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    }
+    sum as f32
 }
 
 /// [`dot_f16_vec_impl`] compiled with FMA instructions.
@@ -297,6 +337,22 @@ mod tests {
             .collect();
         assert!(fma_f16(0.37, &v, &mut a));
         assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn dot_f16_vec_paths_agree() {
+        for n in [16usize, 64, 100, 256] {
+            let a: Vec<u16> = (0..n)
+                .map(|i| crate::f32_to_f16((i as f32 * 0.37).sin()))
+                .collect();
+            let b: Vec<u16> = (0..n)
+                .map(|i| crate::f32_to_f16((i as f32 * 0.11).cos() * 3.0))
+                .collect();
+            let want = dot_f16_vec_impl(&a, &b);
+            let got = dot_f16_vec(&a, &b).unwrap_or(f32::NAN);
+            assert_eq!(got.to_bits(), want.to_bits(), "n {n}");
+        }
+        assert_eq!(dot_f16_vec(&[0; 3], &[0; 4]), None);
     }
 
     #[test]
