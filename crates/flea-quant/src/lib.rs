@@ -363,6 +363,10 @@ fn batch_kernel(isa: Isa, weight: GgmlType, n_tokens: usize) -> Option<(DotFn, u
     match weight {
         GgmlType::Q6_K if n_tokens >= 8 => {
             #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                return Some((simd::avx512::dot_q6_k_tiled as DotFn, n_tokens));
+            }
+            #[cfg(target_arch = "x86_64")]
             if !scalar {
                 return Some((simd::avx2::dot_q6_k_tiled as DotFn, n_tokens));
             }
@@ -380,6 +384,16 @@ fn batch_kernel(isa: Isa, weight: GgmlType, n_tokens: usize) -> Option<(DotFn, u
             }
             Some((simd::scalar_kernel_tiled(weight)?, split))
         }
+        _ => None,
+    }
+}
+
+/// The 4-token kernel in the order of [`batch_kernel`]'s, where there is one.
+#[cfg(target_arch = "x86_64")]
+fn batch_kernel4(isa: Isa, weight: GgmlType) -> Option<simd::multi_avx2::Dot4Fn> {
+    match (isa, weight) {
+        (Isa::Avx512, GgmlType::Q6_K) => Some(simd::avx512::dot4_q6_k_tiled),
+        (Isa::Avx512, GgmlType::Q4_K) => Some(simd::avx512::dot4_q4_k_gemm),
         _ => None,
     }
 }
@@ -547,10 +561,11 @@ pub fn matmul_isa(
     #[cfg(target_arch = "x86_64")]
     let rows_k = rows_kernel(isa, weight).filter(|_| batch.is_none());
     #[cfg(target_arch = "x86_64")]
-    let k4 = match isa {
-        Isa::Scalar => None,
-        Isa::Avx2 => simd::multi_avx2::kernel(weight),
-        Isa::Avx512 => simd::multi_avx2::kernel(weight),
+    let k4 = match (isa, batch) {
+        (Isa::Scalar, _) => None,
+        // Tokens before `split` only (whole groups of 4: split is a multiple of 4).
+        (_, Some(_)) => batch_kernel4(isa, weight),
+        (_, None) => simd::multi_avx2::kernel(weight),
     };
     let (wb, ab) = sizes(weight, n_cols);
     if wb == 0 || n_tokens == 0 {
@@ -595,7 +610,7 @@ pub fn matmul_isa(
         let mut t = t0;
         #[cfg(target_arch = "x86_64")]
         if let Some(k4) = k4 {
-            while t + simd::multi_avx2::T <= t1 {
+            while t + simd::multi_avx2::T <= t1.min(split) {
                 // SAFETY: the kernel's ISA is available (asserted; AVX-512 kernels only
                 // when isa is Avx512, AVX2 ones for Avx2 or Avx512); row r and tokens
                 // t..t+4 lie inside the slices checked above (asserted); outputs

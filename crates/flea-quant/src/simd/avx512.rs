@@ -747,11 +747,192 @@ pub(crate) unsafe fn dot_q4_k_gemm(n: usize, w: *const u8, a: *const u8) -> f32 
             _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
             let yd = ld_f32(y);
             let (d, dmin) = (ld_f16(x) * yd, ld_f16(x.add(2)) * yd);
-            for (j, p) in p.into_iter().enumerate() {
-                acc = (_mm512_reduce_add_epi32(p) as f32).mul_add(d, acc);
+            for (j, i) in reduce4_epi32(p).into_iter().enumerate() {
+                acc = (i as f32).mul_add(d, acc);
                 accm = ((ml[2 * j] + ml[2 * j + 1]) as f32).mul_add(dmin, accm);
             }
         }
     }
     acc - accm
+}
+
+// ---- 4-token kernels for batched matmul (see `multi_avx2`), in llama.cpp's batch orders ----
+
+use super::multi_avx2::T;
+
+/// Four tokens of [`dot_q4_k_gemm`] (the same bits per token), unpacking the weight row once.
+///
+/// # Safety
+/// [`Dot4Fn`](super::multi_avx2::Dot4Fn) contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot4_q4_k_gemm(
+    n: usize,
+    w: *const u8,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let mut acc = [0.0f32; T];
+    let mut accm = [0.0f32; T];
+    let m4 = _mm512_set1_epi8(0x0f);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(144 * b);
+            let sm = k4_scales_mins_v(x.add(4));
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+            let (dx, dmx) = (ld_f16(x), ld_f16(x.add(2)));
+            let mut ml = [[0i32; 8]; T];
+            for (t, ml) in ml.iter_mut().enumerate() {
+                let mins = bsums_madd(a.add(t * st + 292 * b), m16);
+                _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            }
+            let mut parts = [[_mm512_setzero_si512(); 4]; T];
+            for j in 0..4 {
+                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
+                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
+                let q = _mm512_and_si512(qb, m4);
+                let (i0, i1) = (2 * j as i16, 2 * j as i16 + 1);
+                let sc =
+                    _mm512_permutexvar_epi16(join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1)), s);
+                for (t, parts) in parts.iter_mut().enumerate() {
+                    let y = a.add(t * st + 292 * b);
+                    let yv = _mm512_loadu_si512(y.add(4 + 64 * j) as *const __m512i);
+                    parts[j] = _mm512_madd_epi16(_mm512_maddubs_epi16(q, yv), sc);
+                }
+            }
+            for t in 0..T {
+                let yd = ld_f32(a.add(t * st + 292 * b));
+                for (j, i) in reduce4_epi32(parts[t]).into_iter().enumerate() {
+                    acc[t] = (i as f32).mul_add(dx * yd, acc[t]);
+                    let mj = ml[t][2 * j] + ml[t][2 * j + 1];
+                    accm[t] = (mj as f32).mul_add(dmx * yd, accm[t]);
+                }
+            }
+        }
+        for t in 0..T {
+            *out.add(t * os) = acc[t] - accm[t];
+        }
+    }
+}
+
+/// The lane sums of four vectors of 16 i32 (exact), folded together.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn reduce4_epi32(v: [__m512i; 4]) -> [i32; 4] {
+    let h = v.map(|v| {
+        let s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s))
+    });
+    let ab = _mm_hadd_epi32(h[0], h[1]);
+    let cd = _mm_hadd_epi32(h[2], h[3]);
+    let r = _mm_hadd_epi32(ab, cd);
+    let mut out = [0i32; 4];
+    // SAFETY: out holds four i32; one unaligned 16-byte store.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, r) };
+    out
+}
+
+/// Q6_K × Q8_K: the exact integer sum of one super-block (64 elements per 512-bit step).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (210 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_sum(x: *const u8, y: *const u8, s16: __m256i) -> i32 {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let m3 = _mm512_set1_epi8(3);
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+        let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+        let s = _mm512_castsi256_si512(s16);
+        let idx4 = |base: i16| {
+            join(
+                _mm256_set_m128i(_mm_set1_epi16(base + 1), _mm_set1_epi16(base)),
+                _mm256_set_m128i(_mm_set1_epi16(base + 3), _mm_set1_epi16(base + 2)),
+            )
+        };
+        let mut sumi = _mm512_setzero_si512();
+        for h in 0..2 {
+            let ld = |p: *const u8| _mm512_loadu_si512(p as *const __m512i);
+            // ql[64h..64h+64]: low nibbles = elements 128h+0..64, high = +64..128; qh bits
+            // 0-1 / 2-3 go with the first / second 32 low nibbles, bits 4-5 / 6-7 with the
+            // high ones: the upper copy shifted by 2 lines them up.
+            let ql = ld(x.add(64 * h));
+            let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
+            let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
+            let qa = _mm512_or_si512(
+                _mm512_and_si512(ql, m4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
+            );
+            let qb = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
+            );
+            let pa = _mm512_maddubs_epi16(qa, ld(y.add(4 + 128 * h)));
+            let pb = _mm512_maddubs_epi16(qb, ld(y.add(68 + 128 * h)));
+            let base = 8 * h as i16;
+            let sa = _mm512_permutexvar_epi16(idx4(base), s);
+            let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, sa));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, sb));
+        }
+        _mm512_reduce_add_epi32(sumi) - hsum_epi32(offset)
+    }
+}
+
+/// In the order of llama.cpp's tiled K-quant matmul (`kquants::vec_dot_q6_k_tiled`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k_tiled(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = 0.0f32;
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(210 * b), a.add(292 * b));
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let s = q6k_sum(x, y, s16);
+            acc = (s as f32 * ld_f16(x.add(208))).mul_add(ld_f32(y), acc);
+        }
+    }
+    acc
+}
+
+/// Four tokens of [`dot_q6_k_tiled`] (the same bits per token).
+///
+/// # Safety
+/// [`Dot4Fn`](super::multi_avx2::Dot4Fn) contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot4_q6_k_tiled(
+    n: usize,
+    w: *const u8,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let mut acc = [0.0f32; T];
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(210 * b);
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let dx = ld_f16(x.add(208));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 292 * b);
+                let s = q6k_sum(x, y, s16);
+                *acc = (s as f32 * dx).mul_add(ld_f32(y), *acc);
+            }
+        }
+        for (t, acc) in acc.into_iter().enumerate() {
+            *out.add(t * os) = acc;
+        }
+    }
 }
