@@ -457,8 +457,15 @@ impl Backend for CpuBackend {
         let qd = p.n_head * hd;
         let qs = q.rows(n)?;
         let o = Disjoint::new(out.rows_mut(n)?);
-        // llama.cpp's F16 matmuls take another kernel (another order) for one token.
-        let single = n == 1;
+        // llama.cpp's F16 matmuls take another kernel (another order) for a batch of one
+        // token. Per sequence: a row batched with other sequences' rows sums as its own
+        // pass would (check_fits bounds every row's seq by n_seq).
+        let mut rows_of_seq = vec![0usize; shape.n_seq];
+        for r in p.rows {
+            if let Some(c) = rows_of_seq.get_mut(r.seq) {
+                *c += 1;
+            }
+        }
         self.pool.run(n * p.n_head, &|idx| {
             {
                 // SAFETY: task idx owns head h of token t: elements idx*hd .. (idx+1)*hd.
@@ -467,6 +474,7 @@ impl Backend for CpuBackend {
                 let h = idx % p.n_head;
                 let kh = h / group;
                 let Some(row) = p.rows.get(t) else { return };
+                let single = rows_of_seq.get(row.seq) == Some(&1);
                 let pos = row.pos;
                 // Positions of this row's own sequence: its slot of the cache.
                 let base = row.seq * shape.n_ctx * kvd;

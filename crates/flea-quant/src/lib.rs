@@ -523,10 +523,14 @@ pub fn matvec_isa(
 ///
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
 /// and reused, from cache, for every token. With AVX2, one weight row is dotted with 4
-/// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-/// Q6_K). With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token tiles on
-/// activations repacked once per token and row tile, Q4_K and Q6_K 512-bit 4-token
-/// kernels. Those results equal [`vec_dot`]'s up to float summation order.
+/// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K); Q4_1 goes
+/// four rows at a time. With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token
+/// tiles, Q4_K and Q6_K 4-token kernels.
+///
+/// For Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K every path sums in llama.cpp's x86 order,
+/// including its batch rules: the results equal [`vec_dot`]'s bit for bit, except Q6_K
+/// from 8 tokens on (llama.cpp's tiled matmul order) and Q4_K for each whole group of 4
+/// tokens (its repacked gemm order). Other types equal [`vec_dot`] up to summation order.
 ///
 /// Panics if the type is unsupported or the slices are too short.
 pub fn matmul(

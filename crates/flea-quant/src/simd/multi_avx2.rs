@@ -2,8 +2,8 @@
 //! matmul (prompt processing). Unpacking the weight block (nibbles, scales) is the costly
 //! part of a quantized dot; doing it once for 4 tokens saves about a third of the work.
 //!
-//! Results equal the single-row kernels up to float summation order (one accumulator per
-//! token here instead of two).
+//! Q4_0, Q5_0 and Q8_0 give the single-row kernels' bits (one accumulator per token, one
+//! block per step: llama.cpp's order); Q5_1 and Q5_K equal them up to summation order.
 
 use std::arch::x86_64::*;
 
@@ -106,8 +106,8 @@ unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
-/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2). Only Q5_0 and Q5_1 use it: for Q4_1
-/// the single-row kernel, which takes two blocks per vector, measured faster.
+/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2). Only Q5_0 and Q5_1 use it: Q4_1 must
+/// keep llama.cpp's separate fused min chain, which the lane-1 trick below does not.
 ///
 /// Q5_0 quants are unpacked once per block to signed bytes (-16..=15) and used with the
 /// sign trick, like `dot4_q4_0`. Q4_1 / Q5_1 quants are unsigned (0..=15 / 0..=31) and go
