@@ -200,6 +200,12 @@ pub trait Backend {
     ) -> Result<()>;
     /// x += y
     fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// `x *= s` on the first `n` rows, where the backend implements it (returns whether it
+    /// did). llama.cpp scales Gemma 3's q before its KQ product instead of scaling the
+    /// scores; a backend that matches llama.cpp bit for bit (the CPU one) does the same.
+    fn scale_rows(&self, _n: usize, _x: &mut Self::Act, _s: f32) -> Result<bool> {
+        Ok(false)
+    }
     /// `residual += w · x` over the rows of `segments` (as `matmuls_segmented`); `scratch`
     /// (as wide as `residual`) may hold `w · x` on the way. A backend may add in place.
     fn matmul_residual(

@@ -157,7 +157,9 @@ fn gelu_f16_table() -> &'static [f16] {
                 let x = f16::from_bits(bits).to_f32();
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 const GELU_COEF_A: f32 = 0.044715;
-                let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh());
+                // gcc fuses ggml's `1.0f + GELU_COEF_A*x*x` (checked against its table).
+                let inner = (GELU_COEF_A * x).mul_add(x, 1.0);
+                let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
                 f16::from_f32(g)
             })
             .collect()
@@ -236,8 +238,9 @@ impl Backend for CpuBackend {
             return Err(ModelError::Backend("rms_norm: width mismatch".into()));
         }
         for (s, d) in src.chunks_exact(g).zip(dst.chunks_exact_mut(g)) {
-            // Sum in f64 like ggml does.
-            let ss: f64 = s.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            // Sum in f64 like ggml does, of the squares rounded to f32 (ggml squares in
+            // float, then widens).
+            let ss: f64 = s.iter().map(|&v| (v * v) as f64).sum();
             let mean = (ss / g as f64) as f32;
             let inv = 1.0 / (mean + eps).sqrt();
             for ((d, &s), &wi) in d.iter_mut().zip(s).zip(&wv) {
@@ -403,6 +406,8 @@ impl Backend for CpuBackend {
                 *c = (theta.cos(), theta.sin());
                 theta *= theta_scale;
             }
+            // The fused multiply-adds of ggml's compiled rope (gcc contracts its
+            // `x0*cos - x1*sin` and `x0*sin + x1*cos`; checked bit for bit on its output).
             for head in row.chunks_exact_mut(hd) {
                 for (i, &(c, s)) in cs.iter().enumerate() {
                     let (a, b) = match p.style {
@@ -411,8 +416,8 @@ impl Backend for CpuBackend {
                     };
                     let x0 = head[a];
                     let x1 = head[b];
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
+                    head[a] = x0.mul_add(c, -(x1 * s));
+                    head[b] = x0.mul_add(s, x1 * c);
                 }
             }
         }
@@ -452,6 +457,15 @@ impl Backend for CpuBackend {
         let qd = p.n_head * hd;
         let qs = q.rows(n)?;
         let o = Disjoint::new(out.rows_mut(n)?);
+        // llama.cpp's F16 matmuls take another kernel (another order) for a batch of one
+        // token. Per sequence: a row batched with other sequences' rows sums as its own
+        // pass would (check_fits bounds every row's seq by n_seq).
+        let mut rows_of_seq = vec![0usize; shape.n_seq];
+        for r in p.rows {
+            if let Some(c) = rows_of_seq.get_mut(r.seq) {
+                *c += 1;
+            }
+        }
         self.pool.run(n * p.n_head, &|idx| {
             {
                 // SAFETY: task idx owns head h of token t: elements idx*hd .. (idx+1)*hd.
@@ -460,6 +474,7 @@ impl Backend for CpuBackend {
                 let h = idx % p.n_head;
                 let kh = h / group;
                 let Some(row) = p.rows.get(t) else { return };
+                let single = rows_of_seq.get(row.seq) == Some(&1);
                 let pos = row.pos;
                 // Positions of this row's own sequence: its slot of the cache.
                 let base = row.seq * shape.n_ctx * kvd;
@@ -478,9 +493,15 @@ impl Backend for CpuBackend {
                 let mut kf = vec![0.0f32; hd];
                 for j in lo..=pos {
                     let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-                    // In llama.cpp's F16 matmul order where the head size allows (a multiple
-                    // of 16: every model here), else in plain order.
-                    let s = match flea_quant::dot_f16(key.reinterpret_cast(), qbits) {
+                    // In the order of llama.cpp's F16 matmul: ggml_vec_dot_f16 for a batch of
+                    // one token, tinyBLAS for more (where the head size is a multiple of 16:
+                    // every model here; else in plain order).
+                    let s = if single {
+                        flea_quant::ggml_math::dot_f16_vec(key.reinterpret_cast(), qbits)
+                    } else {
+                        flea_quant::dot_f16(key.reinterpret_cast(), qbits)
+                    };
+                    let s = match s {
                         Some(s) => s,
                         None => {
                             key.convert_to_f32_slice(&mut kf);
@@ -490,19 +511,31 @@ impl Backend for CpuBackend {
                     scores.push(s * p.scale);
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f64;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s as f64;
-                }
+                // ggml's exp and its order of the sum (ggml_vec_soft_max_f32).
+                let sum = flea_quant::ggml_math::softmax_exp(&mut scores, lo, max);
                 let inv = (1.0 / sum) as f32;
-                dst.iter_mut().for_each(|x| *x = 0.0);
+                // V x probabilities as llama.cpp's F16 matmul sums it over the cache
+                // positions (a multiple of 64 of them, the unused ones adding exact zeros):
+                // lanes by position, fused multiply-adds, then the lanes' tree sum — 16
+                // lanes in tinyBLAS, 64 in ggml_vec_dot_f16 (a batch of one token).
+                let nl = if single { 64 } else { 16 };
+                let mut lanes = vec![0.0f32; nl * hd];
                 for (j, s) in (lo..=pos).zip(&scores) {
                     // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
                     let pj = f16::from_f32(s * inv).to_f32();
                     let v: &[u16] =
                         vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast();
-                    flea_quant::axpy_f16(pj, v, dst);
+                    let l = j % nl;
+                    flea_quant::ggml_math::fma_f16(pj, v, &mut lanes[l * hd..(l + 1) * hd]);
+                }
+                for (d, out) in dst.iter_mut().enumerate() {
+                    *out = if single {
+                        let v: [f32; 64] = std::array::from_fn(|l| lanes[l * hd + d]);
+                        flea_quant::ggml_math::reduce64(&v)
+                    } else {
+                        let v: [f32; 16] = std::array::from_fn(|l| lanes[l * hd + d]);
+                        flea_quant::ggml_math::reduce16(&v)
+                    };
                 }
             }
         });
@@ -525,17 +558,25 @@ impl Backend for CpuBackend {
         }
         match act {
             FfnActivation::SwiGlu => {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                // Row by row: ggml's 16-element chunks restart at each row.
+                let w = gate.width;
+                for ((o, g), u) in o.chunks_mut(w).zip(g.chunks(w)).zip(u.chunks(w)) {
+                    flea_quant::ggml_math::swiglu(g, u, o);
                 }
             }
             FfnActivation::GeGlu => {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = gelu(g) * u;
+                    // ggml writes a plain +0 below -10 (no product, so no -0).
+                    *o = if g <= -10.0 { 0.0 } else { gelu(g) * u };
                 }
             }
         }
         Ok(())
+    }
+
+    fn scale_rows(&self, n: usize, x: &mut CpuAct, s: f32) -> Result<bool> {
+        x.rows_mut(n)?.iter_mut().for_each(|v| *v *= s);
+        Ok(true)
     }
 
     fn add(&self, n: usize, x: &mut CpuAct, y: &CpuAct) -> Result<()> {

@@ -6,6 +6,7 @@
 
 use crate::backend::{AttnParams, Backend, RopeParams, Row};
 use crate::config::ModelConfig;
+use crate::debug::tap;
 use crate::weights::{LayerWeights, Weight};
 use crate::Result;
 
@@ -128,12 +129,17 @@ pub fn block<B: Backend>(
     let segs: &[usize] = &segments;
 
     // --- attention ---
+    tap(b, "inp", il, n, &mut s.x)?;
     b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
+    tap(b, "attn_norm", il, n, &mut s.xn)?;
     b.matmuls_segmented(
         segs,
         &s.xn,
         &mut [(&w.wq, &mut s.q), (&w.wk, &mut s.k), (&w.wv, &mut s.v)],
     )?;
+    tap(b, "Qcur", il, n, &mut s.q)?;
+    tap(b, "Kcur", il, n, &mut s.k)?;
+    tap(b, "Vcur", il, n, &mut s.v)?;
     // Qwen2: Q/K/V biases.
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
         b.add_bias(n, &mut s.q, bq)?;
@@ -165,6 +171,13 @@ pub fn block<B: Backend>(
         ..rope
     };
     b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
+    tap(b, "Qrope", il, n, &mut s.q)?;
+    tap(b, "Krope", il, n, &mut s.k)?;
+    // Gemma 3: llama.cpp scales q (in f32, before its F16 rounding) rather than q·k.
+    let mut scale = cfg.attn_scale;
+    if cfg.arch == crate::config::Arch::Gemma3 && b.scale_rows(n, &mut s.q, scale)? {
+        scale = 1.0;
+    }
     let attn = AttnParams {
         layer: il,
         rows,
@@ -172,34 +185,51 @@ pub fn block<B: Backend>(
         n_head_kv: cfg.n_head_kv,
         head_dim: cfg.head_dim,
         window: if swa { cfg.sliding_window } else { None },
-        scale: cfg.attn_scale,
+        scale,
     };
     b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
+    tap(b, "kqv_out", il, n, &mut s.attn)?;
     // Gemma 3: norm of the attention output before the residual add.
     if let Some(pn) = &w.attn_post_norm {
         b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
+        tap(b, "attn_out", il, n, &mut s.proj)?;
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+        tap(b, "attn_post_norm", il, n, &mut s.xn)?;
         b.add(n, &mut s.x, &s.xn)?;
     } else {
         b.matmul_residual(segs, &w.wo, &s.attn, &mut s.x, &mut s.proj)?;
+        tap(b, "attn_out", il, n, &mut s.proj)?;
     }
+    tap(b, "ffn_inp", il, n, &mut s.x)?;
 
     // --- feed-forward ---
     b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
+    tap(b, "ffn_norm", il, n, &mut s.xn)?;
     b.matmuls_segmented(
         segs,
         &s.xn,
         &mut [(&w.w_gate, &mut s.gate), (&w.w_up, &mut s.up)],
     )?;
+    tap(b, "ffn_gate", il, n, &mut s.gate)?;
+    tap(b, "ffn_up", il, n, &mut s.up)?;
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
+    let glu_name = match cfg.ffn {
+        crate::config::FfnActivation::SwiGlu => "ffn_swiglu",
+        crate::config::FfnActivation::GeGlu => "ffn_geglu",
+    };
+    tap(b, glu_name, il, n, &mut s.ffn)?;
     // Gemma 3: norm of the FFN output before the residual add.
     if let Some(pn) = &w.ffn_post_norm {
         b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
+        tap(b, "ffn_out", il, n, &mut s.proj)?;
         b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+        tap(b, "ffn_post_norm", il, n, &mut s.xn)?;
         b.add(n, &mut s.x, &s.xn)?;
     } else {
         b.matmul_residual(segs, &w.w_down, &s.ffn, &mut s.x, &mut s.proj)?;
+        tap(b, "ffn_out", il, n, &mut s.proj)?;
     }
+    tap(b, "l_out", il, n, &mut s.x)?;
     Ok(())
 }
 
@@ -260,6 +290,7 @@ pub fn head_norm<B: Backend>(
     };
     b.copy_rows(&s.x, first, rows, &mut s.proj)?;
     b.rms_norm(rows, &s.proj, norm, cfg.rms_eps, &mut s.head_norm)?;
+    tap(b, "result_norm", 0, rows, &mut s.head_norm)?;
     s.head_rows_independent = false;
     Ok(rows)
 }

@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod config;
 pub mod cpu;
+pub mod debug;
 pub mod forward;
 pub mod model;
 pub mod pool;

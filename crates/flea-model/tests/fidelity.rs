@@ -5,13 +5,13 @@
 //! in (teacher forcing) the next-token distributions are compared (top-1 agreement, mean
 //! KL(llama.cpp ‖ flea)); greedy 32-token continuations are compared with llama.cpp's.
 //!
-//! The bounds asserted here are the noise floor of two implementations that are not
-//! bit-identical, not the project's targets (top-1 ≥ 99%, KL ≤ 0.01, see docs/FIDELITY.md):
-//! flea rounds activations to 8 bits exactly as llama.cpp does, but its float sums run in a
-//! different order, and on these real models a one-ulp difference flips a few 8-bit roundings
-//! per layer and grows over the layers — flea against itself with one-ulp perturbations
-//! differs by as much as flea against llama.cpp. A real bug (wrong RoPE, norm, mask, layer
-//! order) moves KL by orders of magnitude above these bounds.
+//! flea's CPU backend computes what llama.cpp's CPU backend (x86, AVX-512 build, the
+//! fixtures' build) computes, operation for operation in the same order, so its logits are
+//! bit-identical to llama.cpp's on every fixture prompt of the three models (see
+//! docs/FIDELITY.md). The bounds below leave a little margin under that (top-1 100%, KL 0,
+//! greedy identical everywhere as measured) so that a machine where some libm function
+//! rounds differently still passes, while an order change like the ones before this
+//! (per-prompt KL 2e-4 … 1e-2, top-1 93–100%) fails.
 
 use flea_model::{CpuBackend, Logits, Model, Session};
 use serde::Deserialize;
@@ -74,11 +74,14 @@ fn kl_topk(pos: &Position, flea_lp: &[f64]) -> f64 {
     kl
 }
 
-/// Per-prompt bounds (see the module comment for why they are not the targets).
-const MIN_TOP1_PER_PROMPT: f64 = 0.90;
-const MAX_MEAN_KL_PER_PROMPT: f64 = 0.02;
+/// Per-prompt bounds (the project's targets are top-1 ≥ 99% and KL ≤ 0.01; measured: 100%
+/// and 0).
+const MIN_TOP1_PER_PROMPT: f64 = 0.99;
+const MAX_MEAN_KL_PER_PROMPT: f64 = 1e-4;
 /// Over all positions of all prompts of a model.
-const MIN_TOP1_OVERALL: f64 = 0.94;
+const MIN_TOP1_OVERALL: f64 = 0.995;
+/// Prompts (of 5 per model) whose 32 greedy tokens must equal llama.cpp's (measured: 5).
+const MIN_GREEDY_IDENTICAL: usize = 4;
 
 struct Outcome {
     greedy_identical: usize,
@@ -184,38 +187,36 @@ fn check_model(short: &str, file: &str) -> Option<Outcome> {
     })
 }
 
+fn check_greedy(short: &str, o: Outcome) {
+    eprintln!(
+        "{short}: greedy identical on {} of {} prompts",
+        o.greedy_identical, o.prompts
+    );
+    assert!(
+        o.greedy_identical >= MIN_GREEDY_IDENTICAL,
+        "{short}: greedy identical on {} of {} prompts (need ≥ {MIN_GREEDY_IDENTICAL})",
+        o.greedy_identical,
+        o.prompts
+    );
+}
+
 #[test]
 fn smollm2_matches_llama_cpp() {
     if let Some(o) = check_model("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf") {
-        eprintln!(
-            "smollm2: greedy identical on {} of {} prompts",
-            o.greedy_identical, o.prompts
-        );
-        assert!(
-            o.greedy_identical >= 3,
-            "greedy identical on {} of {} prompts (need ≥ 3)",
-            o.greedy_identical,
-            o.prompts
-        );
+        check_greedy("smollm2", o);
     }
 }
 
 #[test]
 fn qwen2_matches_llama_cpp() {
     if let Some(o) = check_model("qwen2", "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf") {
-        eprintln!(
-            "qwen2: greedy identical on {} of {} prompts",
-            o.greedy_identical, o.prompts
-        );
+        check_greedy("qwen2", o);
     }
 }
 
 #[test]
 fn gemma3_matches_llama_cpp() {
     if let Some(o) = check_model("gemma3", "gemma-3-270m.Q4_K_M.gguf") {
-        eprintln!(
-            "gemma3: greedy identical on {} of {} prompts",
-            o.greedy_identical, o.prompts
-        );
+        check_greedy("gemma3", o);
     }
 }

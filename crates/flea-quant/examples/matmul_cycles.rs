@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! cargo build --release -p flea-quant --example matmul_cycles
-//! perf stat -e cycles:u,instructions:u target/release/examples/matmul_cycles Q5_0 [ISA] [REPS]
+//! perf stat -e cycles:u,instructions:u target/release/examples/matmul_cycles Q5_0 [ISA] [REPS] [TOKENS]
 //! ```
-//! `ISA` is `scalar`, `avx2` or `avx512` (default: best available); shape 1024 x 4096 x 32.
+//! `ISA` is `scalar`, `avx2` or `avx512` (default: best available); shape 1024 x 4096 x
+//! TOKENS (default 32; 1 times the one-token kernel, as in decode).
 
 use flea_quant::*;
 
@@ -23,7 +24,8 @@ fn main() {
         _ => best_isa(),
     };
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50);
-    let (rows, cols, tokens) = (1024usize, 4096usize, 32usize);
+    let tokens: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(32);
+    let (rows, cols) = (1024usize, 4096usize);
     let mut seed = 0x1234_5678_9abc_def1u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -65,7 +67,7 @@ fn main() {
     let s = t.elapsed().as_secs_f64();
     let macs = (rows * cols * tokens * reps) as f64;
     println!(
-        "{ty} {isa:?}: {:.2} ms per matmul, {:.1} GMAC/s wall (checksum {})",
+        "{ty} {isa:?}: {:.4} ms per matmul, {:.1} GMAC/s wall (checksum {})",
         s * 1e3 / reps as f64,
         macs / s / 1e9,
         out.iter().sum::<f32>()

@@ -292,12 +292,49 @@ fn vec_dot_q45k(x: &[u8], qh: Option<&[u8]>, qs: &[u8], y: &[u8]) -> f32 {
     d * isum as f32 - dmin * summs as f32
 }
 
+/// In the order of llama.cpp's x86 kernel for Q4_K, which it repacks into 8-row groups
+/// (REPACK, `ggml_gemv_q4_K_8x8_q8_K`; also what it runs for the last `n % 4` tokens of a
+/// batch): per super-block `acc = fma(f32(Σ scale·q·y), dx*dy, acc)` and
+/// `accm = fma(f32(Σ min·bsum), dmin*dy, accm)`, then `acc - accm`.
 pub(crate) fn vec_dot_q4_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
     for (x, y) in w.chunks_exact(144).zip(a.chunks_exact(292)).take(n / QK_K) {
-        sumf += vec_dot_q45k(x, None, &x[16..144], y);
+        let (i, m) = q4k_pairs(x, y);
+        let yd = f32_at(y, 0);
+        let (i, m): (i32, i32) = (i.iter().sum(), m.iter().sum());
+        acc = (i as f32).mul_add(f16_at(x, 0) * yd, acc);
+        accm = (m as f32).mul_add(f16_at(x, 2) * yd, accm);
     }
-    sumf
+    acc - accm
+}
+
+/// As [`vec_dot_q4_k`] in the order of `ggml_gemm_q4_K_8x8_q8_K` (llama.cpp's kernel for
+/// each whole group of 4 tokens of a batch): the fused accumulations go per 64 elements.
+pub(crate) fn vec_dot_q4_k_gemm(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    for (x, y) in w.chunks_exact(144).zip(a.chunks_exact(292)).take(n / QK_K) {
+        let (i, m) = q4k_pairs(x, y);
+        let yd = f32_at(y, 0);
+        for (&i, &m) in i.iter().zip(&m) {
+            acc = (i as f32).mul_add(f16_at(x, 0) * yd, acc);
+            accm = (m as f32).mul_add(f16_at(x, 2) * yd, accm);
+        }
+    }
+    acc - accm
+}
+
+/// Per 64 elements of a Q4_K × Q8_K super-block: Σ scale · q · y and Σ min · bsum (exact).
+fn q4k_pairs(x: &[u8], y: &[u8]) -> ([i32; 4], [i32; 4]) {
+    let (_, q8, bsums) = q8k_parts(y);
+    let q = q45k_quants(&x[16..144], None);
+    let mut is = [0i32; 4];
+    let mut ms = [0i32; 4];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &x[4..16]);
+        ms[j / 2] += (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32) * m as i32;
+        is[j / 2] += sc as i32 * dot16(&q[j * 32..j * 32 + 32], &q8[j * 32..]);
+    }
+    (is, ms)
 }
 
 pub(crate) fn vec_dot_q5_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -308,16 +345,47 @@ pub(crate) fn vec_dot_q5_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     sumf
 }
 
+/// In the order of ggml's x86 `ggml_vec_dot_q6_K_q8_K` (llama.cpp's kernel for batches of
+/// fewer than 8 tokens): per super-block 8 integer lanes — lane m takes the elements e with
+/// `e % 32 / 4 == m`, times their scale, with quants 0..=63, minus 32 · (bsums · scales)
+/// of groups 2m and 2m+1 — then `acc = fma(dx*dy, lane, acc)`, then the lanes' tree sum.
 pub(crate) fn vec_dot_q6_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
+    let mut acc = [0.0f32; 8];
     for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)).take(n / QK_K) {
-        let (yd, q8, _) = q8k_parts(y);
-        let q = q6k_quants(&x[0..128], &x[128..192]);
-        let mut isum = 0i32;
-        for i in 0..16 {
-            isum += (x[192 + i] as i8) as i32 * dot16(&q[i * 16..i * 16 + 16], &q8[i * 16..]);
+        let lanes = q6k_lanes(x, y);
+        let d = f32_at(y, 0) * f16_at(x, 208);
+        for (l, &v) in acc.iter_mut().zip(&lanes) {
+            *l = d.mul_add(v as f32, *l);
         }
-        sumf += f16_at(x, 208) * yd * isum as f32;
     }
-    sumf
+    crate::legacy::hsum8(acc)
+}
+
+/// The 8 integer lanes of one Q6_K × Q8_K super-block in ggml's AVX2 grouping (see
+/// [`vec_dot_q6_k`]); their sum is the exact integer dot Σ scale · (q - 32) · y.
+fn q6k_lanes(x: &[u8], y: &[u8]) -> [i32; 8] {
+    let (_, q8, bsums) = q8k_parts(y);
+    let q = q6k_quants(&x[0..128], &x[128..192]);
+    let sc = |i: usize| (x[192 + i] as i8) as i32;
+    std::array::from_fn(|m| {
+        let mut v = 0i32;
+        for c in 0..8 {
+            for e in 32 * c + 4 * m..32 * c + 4 * m + 4 {
+                v += sc(e / 16) * (q[e] as i32 + 32) * (q8[e] as i8 as i32);
+            }
+        }
+        v - 32 * (bsums[2 * m] as i32 * sc(2 * m) + bsums[2 * m + 1] as i32 * sc(2 * m + 1))
+    })
+}
+
+/// In the order of llama.cpp's tiled K-quant matmul (ggml-cpu/tiled, what it runs for
+/// batches of 8 or more tokens): per super-block the exact integer dot s, then
+/// `acc = fma(f32(s) * dx, dy, acc)` (gcc fuses its multiply and add).
+pub(crate) fn vec_dot_q6_k_tiled(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = 0.0f32;
+    for (x, y) in w.chunks_exact(210).zip(a.chunks_exact(292)).take(n / QK_K) {
+        let s: i32 = q6k_lanes(x, y).iter().sum();
+        acc = (s as f32 * f16_at(x, 208)).mul_add(f32_at(y, 0), acc);
+    }
+    acc
 }

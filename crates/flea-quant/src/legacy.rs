@@ -17,12 +17,6 @@ use crate::float::f32_to_f16;
 
 pub(crate) const QK: usize = 32;
 
-/// Round half away from zero, like C `roundf` (what ggml's reference Q8_0/Q8_1 use).
-#[inline(always)]
-fn roundf(x: f32) -> f32 {
-    x.round()
-}
-
 #[inline(always)]
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
@@ -103,32 +97,34 @@ pub(crate) fn dequant_q8_1(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref`: d = amax/127 (stored as f16), q = roundf(x * (1/d)).
-/// Note the quants use the f32 d, not the f16-rounded one, exactly like ggml.
+/// ggml's x86 `quantize_row_q8_0` (what llama.cpp's CPU backend runs, not the `_ref` one):
+/// d = amax/127 (stored as f16), q = round-half-even(x * (127/amax)). The reference code's
+/// `1/d` and round-half-away differ from it by one step on some elements, which is enough
+/// to move a logit. The quants use the f32 scale, not the f16-rounded d, like ggml.
 pub(crate) fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
     out.reserve(x.len() / QK * 34);
     for blk in x.chunks_exact(QK) {
         let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
         for &v in blk {
-            out.push(roundf(v * id) as i8 as u8);
+            out.push((v * id).round_ties_even() as i8 as u8);
         }
     }
 }
 
-/// ggml's `quantize_row_q8_1_ref`: as Q8_0, plus s = d * sum(q) stored as f16.
+/// ggml's x86 `quantize_row_q8_1`: as [`quantize_q8_0`], plus s = d * sum(q) stored as f16.
 pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<u8>) {
     out.reserve(x.len() / QK * 36);
     for blk in x.chunks_exact(QK) {
         let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut q = [0i8; QK];
         let mut sum = 0i32;
         for (qi, &v) in q.iter_mut().zip(blk) {
-            *qi = roundf(v * id) as i8;
+            *qi = (v * id).round_ties_even() as i8;
             sum += *qi as i32;
         }
         out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
@@ -139,45 +135,87 @@ pub(crate) fn quantize_q8_1(x: &[f32], out: &mut Vec<u8>) {
 
 // Scalar dots: integer dot per block, then scaled, accumulated in f32 like ggml's generic code.
 
+/// In the order of ggml's x86 kernels (see [`dot_lanes`]).
 pub(crate) fn vec_dot_q4_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(18).zip(a.chunks_exact(34)).take(n / QK) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let v0 = (x[2 + j] & 15) as i32 - 8;
-            let v1 = (x[2 + j] >> 4) as i32 - 8;
-            sumi += v0 * (y[2 + j] as i8 as i32) + v1 * (y[18 + j] as i8 as i32);
-        }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
+    dot_lanes(
+        w.chunks_exact(18)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let p = std::array::from_fn(|e| {
+                    let q = if e < 16 {
+                        x[2 + e] & 15
+                    } else {
+                        x[2 + e - 16] >> 4
+                    };
+                    (q as i32 - 8) * (y[2 + e] as i8 as i32)
+                });
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
 }
 
-pub(crate) fn vec_dot_q4_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)).take(n / QK) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let v0 = (x[4 + j] & 15) as i32;
-            let v1 = (x[4 + j] >> 4) as i32;
-            sumi += v0 * (y[4 + j] as i8 as i32) + v1 * (y[20 + j] as i8 as i32);
+/// ggml's x86 order for the 32-element formats without a min (its AVX2
+/// `ggml_vec_dot_q{4,5,8}_0_q8_0` and llamafile's tinyBLAS, which agree): 8 lanes, lane j
+/// the integer dot of elements 4j..4j+4; per block `acc = fma(dx*dy, lane, acc)`; then the
+/// lanes' tree sum. `blocks` yields each block's dx*dy and its 32 element products.
+fn dot_lanes(blocks: impl Iterator<Item = (f32, [i32; 32])>) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (d, p) in blocks {
+        for (j, l) in acc.iter_mut().enumerate() {
+            let s: i32 = p[4 * j..4 * j + 4].iter().sum();
+            *l = d.mul_add(s as f32, *l);
         }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
     }
-    sumf
+    hsum8(acc)
+}
+
+/// In the order of ggml's x86 `ggml_vec_dot_q4_1_q8_1` (what llama.cpp's CPU backend runs
+/// for every batch size), so that the bits match: 8 lanes, lane j < 4 holding the integer
+/// dot of elements 4j..4j+4 and lane j >= 4 of elements 16+4(j-4)..; per block each lane
+/// does `acc = fma(dx*dy, lane, acc)`; the min terms run in their own fused chain
+/// `summs = fma(m, s, summs)`; the result is the lanes' tree sum plus `summs`.
+pub(crate) fn vec_dot_q4_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut summs = 0.0f32;
+    for (x, y) in w.chunks_exact(20).zip(a.chunks_exact(36)).take(n / QK) {
+        summs = f16_at(x, 2).mul_add(f16_at(y, 2), summs);
+        let d = f16_at(x, 0) * f16_at(y, 0);
+        for (j, l) in acc.iter_mut().enumerate() {
+            let mut sumi = 0i32;
+            for e in 4 * j..4 * j + 4 {
+                // Element e of the block: e < 16 is a low nibble, else a high one.
+                let q = if e < 16 {
+                    x[4 + e] & 15
+                } else {
+                    x[4 + e - 16] >> 4
+                };
+                sumi += q as i32 * (y[4 + e] as i8 as i32);
+            }
+            *l = d.mul_add(sumi as f32, *l);
+        }
+    }
+    hsum8(acc) + summs
+}
+
+/// ggml's `hsum_float_8`: upper half plus lower half, then the same fold twice.
+#[inline(always)]
+pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
+    let r = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 pub(crate) fn vec_dot_q5_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(22).zip(a.chunks_exact(34)).take(n / QK) {
-        let v = q5_values(u32_at(x, 2), &x[6..22]);
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (v[j] as i32 - 16) * (y[2 + j] as i8 as i32);
-        }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
+    dot_lanes(
+        w.chunks_exact(22)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let v = q5_values(u32_at(x, 2), &x[6..22]);
+                let p = std::array::from_fn(|e| (v[e] as i32 - 16) * (y[2 + e] as i8 as i32));
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
 }
 
 pub(crate) fn vec_dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
@@ -194,13 +232,13 @@ pub(crate) fn vec_dot_q5_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 pub(crate) fn vec_dot_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (x, y) in w.chunks_exact(34).zip(a.chunks_exact(34)).take(n / QK) {
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (x[2 + j] as i8 as i32) * (y[2 + j] as i8 as i32);
-        }
-        sumf += sumi as f32 * (f16_at(x, 0) * f16_at(y, 0));
-    }
-    sumf
+    dot_lanes(
+        w.chunks_exact(34)
+            .zip(a.chunks_exact(34))
+            .take(n / QK)
+            .map(|(x, y)| {
+                let p = std::array::from_fn(|e| (x[2 + e] as i8 as i32) * (y[2 + e] as i8 as i32));
+                (f16_at(x, 0) * f16_at(y, 0), p)
+            }),
+    )
 }

@@ -19,6 +19,7 @@
 pub use flea_gguf::GgmlType;
 
 mod float;
+pub mod ggml_math;
 pub mod kquants;
 pub mod legacy;
 mod simd;
@@ -152,9 +153,10 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 /// Convert f32 activations to `fmt` (one of F32, F16, BF16, Q8_0, Q8_1, Q8_K), appending to
 /// `out` after clearing it. `x.len()` must be a whole number of `fmt` blocks.
 ///
-/// Rounding follows ggml's reference quantizers (`quantize_row_q8_0_ref` etc.): Q8_0/Q8_1
-/// use `roundf(x / d)` with d = amax/127; Q8_K uses ggml's sign convention (see
-/// [`kquants`]) and round-half-even `nearest_int`.
+/// Rounding follows the quantizers llama.cpp's x86 CPU backend runs: Q8_0/Q8_1 use
+/// round-half-even of `x * (127/amax)` (ggml's AVX2 `quantize_row_q8_0`, not the `_ref`
+/// one); Q8_K uses ggml's sign convention (see [`kquants`]) and round-half-even
+/// `nearest_int`.
 pub fn quantize_activations(fmt: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
     quantize_activations_isa(best_isa(), fmt, x, out)
 }
@@ -315,6 +317,27 @@ pub fn axpy_f16_isa(isa: Isa, p: f32, v: &[u16], dst: &mut [f32]) -> bool {
 /// type / its vec-dot type), and the CPU must support the kernel's instruction set.
 pub(crate) type DotFn = unsafe fn(usize, *const u8, *const u8) -> f32;
 
+/// A four-row kernel: `(n, first weight row, weight row stride in bytes, activation row,
+/// out)` writes `out[r]` = dot(weight row r, activation row) for r < 4, with the same bits
+/// as the type's [`DotFn`] (several rows only interleave independent chains).
+///
+/// Unsafe to call: the four weight rows and the activation row must hold `n` elements,
+/// `out` four f32, and the CPU must support the kernel's instruction set.
+pub(crate) type RowsFn = unsafe fn(usize, *const u8, usize, *const u8, *mut f32);
+
+/// The four-row kernel for `weight` on `isa`, where there is one.
+fn rows_kernel(isa: Isa, weight: GgmlType) -> Option<RowsFn> {
+    match isa {
+        Isa::Scalar => None,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => simd::avx512::rows_kernel(weight),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => simd::avx2::rows_kernel(weight),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => None,
+    }
+}
+
 /// The kernel for `weight` on `isa` (which the caller has verified is available).
 fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
     match isa {
@@ -327,6 +350,51 @@ fn kernel(isa: Isa, weight: GgmlType) -> Option<DotFn> {
         Isa::Avx2 => simd::avx2::kernel(weight).or_else(|| simd::scalar_kernel(weight)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => simd::scalar_kernel(weight),
+    }
+}
+
+/// Where llama.cpp's CPU matmul of `n_tokens` tokens sums in another order than its
+/// one-token kernel: the kernel in that order and the number of leading tokens it covers.
+/// Q6_K: the tiled K-quant matmul (ggml-cpu/tiled) from 8 tokens on, for all of them.
+/// Q4_K (repacked into 8-row groups): the 4-token gemm for the whole groups of 4 tokens,
+/// the gemv (the one-token order) for the rest.
+fn batch_kernel(isa: Isa, weight: GgmlType, n_tokens: usize) -> Option<(DotFn, usize)> {
+    let scalar = isa == Isa::Scalar || cfg!(not(target_arch = "x86_64"));
+    match weight {
+        GgmlType::Q6_K if n_tokens >= 8 => {
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                return Some((simd::avx512::dot_q6_k_tiled as DotFn, n_tokens));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if !scalar {
+                return Some((simd::avx2::dot_q6_k_tiled as DotFn, n_tokens));
+            }
+            Some((simd::scalar_kernel_tiled(weight)?, n_tokens))
+        }
+        GgmlType::Q4_K if n_tokens >= 4 => {
+            let split = n_tokens - n_tokens % 4;
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                return Some((simd::avx512::dot_q4_k_gemm as DotFn, split));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if !scalar {
+                return Some((simd::avx2::dot_q4_k_gemm as DotFn, split));
+            }
+            Some((simd::scalar_kernel_tiled(weight)?, split))
+        }
+        _ => None,
+    }
+}
+
+/// The 4-token kernel in the order of [`batch_kernel`]'s, where there is one.
+#[cfg(target_arch = "x86_64")]
+fn batch_kernel4(isa: Isa, weight: GgmlType) -> Option<simd::multi_avx2::Dot4Fn> {
+    match (isa, weight) {
+        (Isa::Avx512, GgmlType::Q6_K) => Some(simd::avx512::dot4_q6_k_tiled),
+        (Isa::Avx512, GgmlType::Q4_K) => Some(simd::avx512::dot4_q4_k_gemm),
+        _ => None,
     }
 }
 
@@ -433,7 +501,16 @@ pub fn matvec_isa(
     );
     let w = w_rows.as_ptr();
     let a = act.as_ptr();
-    for (r, o) in out.iter_mut().enumerate() {
+    let mut r0 = 0;
+    if let Some(k4) = rows_kernel(isa, weight) {
+        while r0 + 4 <= out.len() {
+            // SAFETY: isa available (asserted); rows r0..r0+4 lie inside w_rows, act holds
+            // a full row and out[r0..r0+4] exists (asserted above / loop bound).
+            unsafe { k4(n_cols, w.add(r0 * wb), wb, a, out.as_mut_ptr().add(r0)) };
+            r0 += 4;
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate().skip(r0) {
         // SAFETY: isa available (asserted); row r lies inside w_rows and act holds a full
         // row (both asserted above).
         *o = unsafe { k(n_cols, w.add(r * wb), a) };
@@ -446,10 +523,14 @@ pub fn matvec_isa(
 ///
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
 /// and reused, from cache, for every token. With AVX2, one weight row is dotted with 4
-/// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
-/// Q6_K). With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token tiles on
-/// activations repacked once per token and row tile, Q4_K and Q6_K 512-bit 4-token
-/// kernels. Those results equal [`vec_dot`]'s up to float summation order.
+/// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K); Q4_1 goes
+/// four rows at a time. With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token
+/// tiles, Q4_K and Q6_K 4-token kernels.
+///
+/// For Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K every path sums in llama.cpp's x86 order,
+/// including its batch rules: the results equal [`vec_dot`]'s bit for bit, except Q6_K
+/// from 8 tokens on (llama.cpp's tiled matmul order) and Q4_K for each whole group of 4
+/// tokens (its repacked gemm order). Other types equal [`vec_dot`] up to summation order.
 ///
 /// Panics if the type is unsupported or the slices are too short.
 pub fn matmul(
@@ -475,12 +556,20 @@ pub fn matmul_isa(
 ) {
     assert!(isa_available(isa), "instruction set {isa:?} not available");
     assert_eq!(n_cols % weight.block_size(), 0, "{weight}: partial block");
+    // llama.cpp's kernels for some K-quants depend on the batch: tokens before `split` go
+    // through `k_main`, the rest through `k`.
     let k = kernel(isa, weight).unwrap_or_else(|| unsupported(weight));
+    let batch = batch_kernel(isa, weight, n_tokens);
+    let (k_main, split) = batch.unwrap_or((k, n_tokens));
+    // The four-row kernels have `k`'s order: only where no batch kernel replaces it.
     #[cfg(target_arch = "x86_64")]
-    let k4 = match isa {
-        Isa::Scalar => None,
-        Isa::Avx2 => simd::multi_avx2::kernel(weight),
-        Isa::Avx512 => simd::avx512::kernel4(weight).or_else(|| simd::multi_avx2::kernel(weight)),
+    let rows_k = rows_kernel(isa, weight).filter(|_| batch.is_none());
+    #[cfg(target_arch = "x86_64")]
+    let k4 = match (isa, batch) {
+        (Isa::Scalar, _) => None,
+        // Tokens before `split` only (whole groups of 4: split is a multiple of 4).
+        (_, Some(_)) => batch_kernel4(isa, weight),
+        (_, None) => simd::multi_avx2::kernel(weight),
     };
     let (wb, ab) = sizes(weight, n_cols);
     if wb == 0 || n_tokens == 0 {
@@ -525,7 +614,7 @@ pub fn matmul_isa(
         let mut t = t0;
         #[cfg(target_arch = "x86_64")]
         if let Some(k4) = k4 {
-            while t + simd::multi_avx2::T <= t1 {
+            while t + simd::multi_avx2::T <= t1.min(split) {
                 // SAFETY: the kernel's ISA is available (asserted; AVX-512 kernels only
                 // when isa is Avx512, AVX2 ones for Avx2 or Avx512); row r and tokens
                 // t..t+4 lie inside the slices checked above (asserted); outputs
@@ -537,6 +626,8 @@ pub fn matmul_isa(
         for t in t..t1 {
             // SAFETY: isa available (asserted); r < rows and t < n_tokens (asserted), whose
             // byte ranges were checked above.
+            let k = if t < split { k_main } else { k };
+            // SAFETY: as above; `k_main` has the same contract and instruction set as `k`.
             unsafe { *o.add(t * rows + r) = k(n_cols, wr, a.add(t * ab)) };
         }
     };
@@ -578,6 +669,33 @@ pub fn matmul_isa(
                 }
                 for r in r0..r1 {
                     rest(r, t, t1);
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if let (true, Some(kr)) = (k4.is_none() || t1 - t0 < simd::multi_avx2::T, rows_k) {
+                // Four rows per call, token by token (types without a 4-token kernel, or
+                // fewer tokens than it takes).
+                for t in t0..t1 {
+                    let mut r = r0;
+                    while r + 4 <= r1 {
+                        // SAFETY: isa available (asserted; rows_k comes from it); rows
+                        // r..r+4 < rows and token t < n_tokens lie inside the slices
+                        // checked above, and outputs t*rows + r .. +4 inside out.
+                        unsafe {
+                            kr(
+                                n_cols,
+                                w.add(r * wb),
+                                wb,
+                                a.add(t * ab),
+                                o.add(t * rows + r),
+                            )
+                        };
+                        r += 4;
+                    }
+                    for r in r..r1 {
+                        rest(r, t, t + 1);
+                    }
                 }
                 continue;
             }

@@ -208,20 +208,28 @@ fn q8_k_sign_convention() {
 }
 
 #[test]
-fn q8_0_rounding_matches_reference() {
-    // amax = 127 -> d = 1, q = roundf(x): halves round away from zero.
+fn q8_0_rounding_matches_ggml_x86() {
+    // amax = 127 -> 127/amax = 1, q = round-half-even(x), as ggml's AVX2 quantize_row_q8_0
+    // (the `_ref` quantizer would round halves away from zero: 3 and -3).
     let mut x = vec![0f32; 32];
     x[0] = 127.0;
     x[1] = 2.5;
     x[2] = -2.5;
     x[3] = 0.49;
+    x[4] = 3.5;
     let mut q = Vec::new();
-    quantize_activations(GgmlType::Q8_0, &x, &mut q).unwrap();
-    assert_eq!(&q[..2], &f32_to_f16(1.0).to_le_bytes());
-    assert_eq!(q[2] as i8, 127);
-    assert_eq!(q[3] as i8, 3);
-    assert_eq!(q[4] as i8, -3);
-    assert_eq!(q[5] as i8, 0);
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        if !isa_available(isa) {
+            continue;
+        }
+        quantize_activations_isa(isa, GgmlType::Q8_0, &x, &mut q).unwrap();
+        assert_eq!(&q[..2], &f32_to_f16(1.0).to_le_bytes());
+        assert_eq!(q[2] as i8, 127);
+        assert_eq!(q[3] as i8, 2, "{isa:?}");
+        assert_eq!(q[4] as i8, -2, "{isa:?}");
+        assert_eq!(q[5] as i8, 0);
+        assert_eq!(q[6] as i8, 4, "{isa:?}");
+    }
 }
 
 /// Σ|w_i * a_i| over the dequantized values: the scale of rounding errors in a dot.
@@ -594,5 +602,73 @@ fn ggml_type_all_is_in_declaration_order() {
     // enum's declaration order.
     for (i, t) in GgmlType::ALL.iter().enumerate() {
         assert_eq!(*t as usize, i, "{t}");
+    }
+}
+
+/// The types whose kernels follow llama.cpp's x86 summation order are bit-identical on
+/// every instruction set and in every batched path: matvec, the four-row and tile
+/// kernels, the 4-token kernels. Batched results follow llama.cpp's batch rules: Q6_K sums
+/// in its tiled order from 8 tokens on, Q4_K in its 4-token gemm order for whole groups of
+/// 4 tokens (the rest as one token).
+#[test]
+fn llama_cpp_ordered_types_are_bit_identical_everywhere() {
+    let mut r = Rng(13);
+    let ordered = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+    for ty in ordered {
+        let fmt = vec_dot_type(ty).unwrap();
+        let n = if ty.block_size() == 256 { 512 } else { 160 };
+        let wb = row_bytes(ty, n);
+        let ab = act_row_bytes(fmt, n);
+        let rows = 11;
+        let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+        for tokens in [1usize, 2, 3, 4, 5, 8, 9, 13] {
+            let mut acts = Vec::new();
+            for _ in 0..tokens {
+                let mut a = Vec::new();
+                quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+                acts.extend_from_slice(&a);
+            }
+            let mut want = vec![0f32; rows * tokens];
+            matmul_isa(Isa::Scalar, ty, n, &w, &acts, tokens, &mut want);
+            for isa in available_isas() {
+                let mut got = vec![f32::NAN; rows * tokens];
+                matmul_isa(isa, ty, n, &w, &acts, tokens, &mut got);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{ty} {isa:?} tokens {tokens} #{i}"
+                    );
+                }
+                for t in 0..tokens {
+                    let a = &acts[t * ab..(t + 1) * ab];
+                    let mut mv = vec![f32::NAN; rows];
+                    matvec_isa(isa, ty, n, &w, a, &mut mv);
+                    for row in 0..rows {
+                        let one =
+                            vec_dot_checked(Isa::Scalar, ty, n, &w[row * wb..][..wb], a).unwrap();
+                        assert_eq!(mv[row].to_bits(), one.to_bits(), "{ty} {isa:?} matvec");
+                        // Batched = one-token order, except where llama.cpp's batch
+                        // kernels sum otherwise.
+                        let batched = match ty {
+                            GgmlType::Q6_K => tokens >= 8,
+                            GgmlType::Q4_K => t < tokens - tokens % 4,
+                            _ => false,
+                        };
+                        if !batched {
+                            let b = want[t * rows + row];
+                            assert_eq!(b.to_bits(), one.to_bits(), "{ty} tokens {tokens} t {t}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

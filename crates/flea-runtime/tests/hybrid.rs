@@ -144,6 +144,9 @@ impl Backend for Staging {
     fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act) -> Result<()> {
         self.cpu.add(n, x, y)
     }
+    fn scale_rows(&self, n: usize, x: &mut Self::Act, s: f32) -> Result<bool> {
+        self.cpu.scale_rows(n, x, s)
+    }
     fn copy_rows(&self, s: &Self::Act, r: usize, n: usize, d: &mut Self::Act) -> Result<()> {
         self.cpu.copy_rows(s, r, n, d)
     }

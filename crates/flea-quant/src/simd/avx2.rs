@@ -40,6 +40,16 @@ pub(crate) fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// Sum of 8 i32 lanes (exact, wrapping like the SIMD adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
 /// The f16 at `p`, converted and broadcast to 8 f32 lanes.
 ///
 /// A broadcast load has no input register, unlike `_mm_cvtsi32_si128`, which LLVM turns
@@ -233,32 +243,25 @@ unsafe fn dot_bf16(n: usize, w: *const u8, a: *const u8) -> f32 {
 
 // ---- legacy 32-element blocks ----
 
-/// Drive a 32-element-block kernel over a row, two blocks per step into two accumulators
-/// (hides the FMA latency). `$blk(x, y)` returns the block's scale product (all lanes) and
-/// its 8 partial integer sums. In the `min` form it also returns a vector whose lane 1
-/// holds the block's Q8_1 min term m * s (see [`dm_pair`]); those are summed separately.
+/// Drive a 32-element-block kernel over a row in the order of ggml's x86 kernels (its
+/// `ggml_vec_dot_q{4,5,8}_0_q8_0` and llamafile's tinyBLAS for these types): one block
+/// per step into one accumulator, `acc = fma(dx*dy, lanes, acc)`, then the tree sum of
+/// the 8 lanes. `$blk(x, y)` returns the block's scale product (all lanes) and its 8
+/// integer lane sums (lane j: elements 4j..4j+4). In the `min` form it also returns a
+/// vector whose lane 1 holds the block's Q8_1 min term m * s (see [`dm_pair`]); those are
+/// summed separately.
 macro_rules! legacy_dot {
     ($n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
         let (n, w, a) = ($n, $w, $a);
-        let nb = n / 32;
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut b = 0;
-        // SAFETY (loop): blocks b, b+1 < n/32 lie inside both rows (DotFn contract).
+        let mut acc = _mm256_setzero_ps();
+        // SAFETY (loop): block b < n/32 lies inside both rows (DotFn contract).
         unsafe {
-            while b + 2 <= nb {
-                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
-                let (d1, p1) = $blk(w.add($wbytes * (b + 1)), a.add($abytes * (b + 1)));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
-                acc1 = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(p1), acc1);
-                b += 2;
-            }
-            if b < nb {
-                let (d0, p0) = $blk(w.add($wbytes * b), a.add($abytes * b));
-                acc0 = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(p0), acc0);
+            for b in 0..n / 32 {
+                let (d, p) = $blk(w.add($wbytes * b), a.add($abytes * b));
+                acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
             }
         }
-        hsum_ps(_mm256_add_ps(acc0, acc1))
+        hsum_ps(acc)
     }};
     (min $n:expr, $w:expr, $a:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
         let (n, w, a) = ($n, $w, $a);
@@ -287,6 +290,31 @@ macro_rules! legacy_dot {
         }
         let ms = _mm256_castps256_ps128(_mm256_add_ps(ms0, ms1));
         hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(ms))
+    }};
+}
+
+/// Four rows at once of a `legacy_dot!` kernel (rows `ws` bytes apart, one activation
+/// row): each row keeps its own accumulator and block order, so every row's bits equal
+/// the one-row kernel's; the four independent chains hide the FMA latency that one
+/// accumulator per row would expose.
+macro_rules! legacy_rows {
+    ($n:expr, $w:expr, $ws:expr, $a:expr, $out:expr, $wbytes:expr, $abytes:expr, $blk:expr) => {{
+        let (n, w, ws, a, out) = ($n, $w, $ws, $a, $out);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+        // four weight rows; out holds four f32 (RowsFn contract).
+        unsafe {
+            for b in 0..n / 32 {
+                let y = a.add($abytes * b);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let (d, p) = $blk(w.add(r * ws + $wbytes * b), y);
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+            for (r, acc) in acc.into_iter().enumerate() {
+                *out.add(r) = hsum_ps(acc);
+            }
+        }
     }};
 }
 
@@ -412,125 +440,146 @@ pub(crate) unsafe fn ld2x128(lo: *const u8, hi: *const u8) -> __m256i {
     unsafe { _mm256_loadu2_m128i(hi as *const __m128i, lo as *const __m128i) }
 }
 
+/// One block of `dot_q4_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
 /// # Safety
-/// [`DotFn`] contract.
+/// `x` and `y` must point at whole blocks.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
-            (d, dot_i8i8(qx, ld256(y.add(2))))
-        }
+unsafe fn blk_q4_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q4_0 (same features) on whole blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let qx = _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8));
+        (d, dot_i8i8(qx, ld256(y.add(2))))
     }
-    /// Blocks b and b+1 side by side: low nibbles of both (elements 0..16) in one vector,
-    /// high nibbles (16..32) in another, against the matching activation halves.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q4_0 on two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 18, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let eight = _mm256_set1_epi8(8);
-            let q = ld2x128(x.add(2), x.add(20));
-            let lo = _mm256_sub_epi8(_mm256_and_si256(q, m4), eight);
-            let hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), eight);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
-            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
-            // |products| <= 8*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p)
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
+}
+
+/// Four rows of `dot_q4_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 18, 34, blk_q4_0)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    legacy_dot!(n, w, a, 18, 34, blk_q4_0)
+}
+
+/// One Q4_1 block against a Q8_1 block: dx*dy (all lanes), the 8 integer lane sums, and
+/// the converted scale pairs `[dx, mx, ..]`, `[dy, sy, ..]` (lane 1 of their fused product
+/// is the block's step of ggml's `summs = fma(m, s, summs)` chain).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (20 / 36 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q4_1(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256, __m256) {
+    // SAFETY: whole blocks (caller); 4-byte broadcast loads need no shuffle (see dm_pair).
+    unsafe {
+        let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+        let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+        let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+        (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), fx, fy)
+    }
+}
+
+/// `n` rows (1 ≤ R ≤ 4) of Q4_1 in ggml's order (see `legacy::vec_dot_q4_1`): per row one
+/// 8-lane accumulator and one fused min chain (lane 1 of `ms`).
+macro_rules! q4_1_rows {
+    ($R:expr, $n:expr, $w:expr, $ws:expr, $a:expr, $out:expr, $blk:expr) => {{
+        let (n, w, ws, a, out) = ($n, $w, $ws, $a, $out);
+        let mut acc = [_mm256_setzero_ps(); $R];
+        let mut ms = [_mm256_setzero_ps(); $R];
+        // SAFETY (whole body): block b < n/32 lies inside the activation row and each
+        // weight row; out holds R f32 (DotFn / RowsFn contract).
+        unsafe {
+            for b in 0..n / 32 {
+                let y = a.add(36 * b);
+                for r in 0..$R {
+                    let (d, p, fx, fy) = $blk(w.add(r * ws + 20 * b), y);
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r]);
+                    ms[r] = _mm256_fmadd_ps(fx, fy, ms[r]);
+                }
+            }
+            for r in 0..$R {
+                let summs = _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(ms[r])));
+                *out.add(r) = hsum_ps(acc[r]) + summs;
+            }
+        }
+    }};
+}
+
+/// In ggml's order (see `legacy::vec_dot_q4_1`): one block per step into one 8-lane
+/// accumulator, the min terms in their own fused chain.
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: called only from dot_q4_1 (same features) on whole blocks.
-        unsafe {
-            let (d, ms) = dm_pair(x, y);
-            (d, dot_u8i8(nibbles32(x.add(4)), ld256(y.add(4))), ms)
-        }
+    let mut out = 0.0f32;
+    q4_1_rows!(1, n, w, 0, a, &mut out as *mut f32, blk_q4_1);
+    out
+}
+
+/// Four rows of [`dot_q4_1`] (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    q4_1_rows!(4, n, w, ws, a, out, blk_q4_1)
+}
+
+/// The four-row kernels (`RowsFn`), where a type has one.
+pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows_q4_0,
+        Q4_1 => rows_q4_1,
+        Q5_0 => rows_q5_0,
+        Q8_0 => rows_q8_0,
+        _ => return None,
+    })
+}
+
+/// One block of `dot_q5_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let qh = ld_u32(x.add(2));
+        // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
+        let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
+        (d, dot_i8i8(qx, ld256(y.add(2))))
     }
-    /// Blocks b and b+1 side by side (see `dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: called only from dot_q4_1 on two whole consecutive blocks.
-        unsafe {
-            let (d, ms) = d_pair2(x, y, 20, 36);
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(4), x.add(24));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let pa = _mm256_maddubs_epi16(lo, ld2x128(y.add(4), y.add(40)));
-            let pb = _mm256_maddubs_epi16(hi, ld2x128(y.add(20), y.add(56)));
-            // |products| <= 15*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p, ms)
-        }
-    }
-    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
+}
+
+/// Four rows of `dot_q5_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 22, 34, blk_q5_0)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q5_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let qh = ld_u32(x.add(2));
-            // value - 16 == nibble | 0xF0 (as i8) when the 5th bit is clear, else nibble.
-            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-            let qx = _mm256_or_si256(nibbles32(x.add(6)), hi);
-            (d, dot_i8i8(qx, ld256(y.add(2))))
-        }
-    }
-    /// Blocks b and b+1 side by side (see `dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q5_0 on two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 22, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let f0 = _mm256_set1_epi8(0xF0u8 as i8);
-            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
-            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
-            let hb_lo = bits_to_bytes((h0 & 0xffff) | (h1 << 16));
-            let hb_hi = bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000));
-            let q = ld2x128(x.add(6), x.add(28));
-            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_andnot_si256(hb_lo, f0));
-            let hi = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
-                _mm256_andnot_si256(hb_hi, f0),
-            );
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let pa = _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(ya, lo));
-            let pb = _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(yb, hi));
-            // |products| <= 16*127*2 per i16, so the sum of two fits.
-            let p = _mm256_madd_epi16(_mm256_add_epi16(pa, pb), _mm256_set1_epi16(1));
-            (d, p)
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
+    legacy_dot!(n, w, a, 22, 34, blk_q5_0)
 }
 
 /// # Safety
@@ -577,20 +626,34 @@ unsafe fn dot_q5_1(n: usize, w: *const u8, a: *const u8) -> f32 {
     legacy_dot_pairs!(min n, w, a, 24, 36, pair, blk)
 }
 
+/// One block of `dot_q8_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn blk_q8_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
+    }
+}
+
+/// Four rows of `dot_q8_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 34, 34, blk_q8_0)
+}
+
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: called only from dot_q8_0 (same features) on whole blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            (d, dot_i8i8(ld256(x.add(2)), ld256(y.add(2))))
-        }
-    }
-    legacy_dot!(n, w, a, 34, 34, blk)
+    legacy_dot!(n, w, a, 34, 34, blk_q8_0)
 }
 
 // ---- K-quants (activations Q8_K: d f32 @0, qs i8[256] @4, bsums i16[16] @260) ----
@@ -810,12 +873,81 @@ unsafe fn dot_q45_k<const HIGH: bool>(n: usize, w: *const u8, a: *const u8) -> f
     hsum_ps(_mm256_sub_ps(acc, mins))
 }
 
+/// Per 64 elements of a Q4_K × Q8_K super-block: Σ scale · q · y (exact), and the 8 lanes
+/// Σ min · bsum of each 32 elements (`kquants::q4k_pairs`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (144 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_pairs(x: *const u8, y: *const u8) -> ([i32; 4], __m256i) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    // SAFETY: x and y are whole blocks (caller).
+    unsafe {
+        let sm = k4_scales_mins_v(x.add(4));
+        // Each min covers two 16-element bsums: repeat every byte, widen to i16.
+        let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+        let mins = bsums_madd(y, m16);
+        let s8 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+        let mut is = [0i32; 4];
+        for (j, i) in is.iter_mut().enumerate() {
+            let qs = ld256(x.add(16 + 32 * j));
+            let lo = _mm256_and_si256(qs, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+            let pl = _mm256_maddubs_epi16(lo, ld256(y.add(4 + 64 * j)));
+            let ph = _mm256_maddubs_epi16(hi, ld256(y.add(36 + 64 * j)));
+            let pl = _mm256_madd_epi16(pl, bcast_i16(s8, 2 * j));
+            let ph = _mm256_madd_epi16(ph, bcast_i16(s8, 2 * j + 1));
+            *i = hsum_epi32(_mm256_add_epi32(pl, ph));
+        }
+        (is, mins)
+    }
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemv (`kquants::vec_dot_q4_k`).
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    // SAFETY: same contract, same features.
-    unsafe { dot_q45_k::<false>(n, w, a) }
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (is, mins) = q4k_pairs(x, y);
+            let yd = ld_f32(y);
+            let i: i32 = is.iter().sum();
+            acc = (i as f32).mul_add(ld_f16(x) * yd, acc);
+            accm = (hsum_epi32(mins) as f32).mul_add(ld_f16(x.add(2)) * yd, accm);
+        }
+    }
+    acc - accm
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemm (`kquants::vec_dot_q4_k_gemm`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k_gemm(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (is, mins) = q4k_pairs(x, y);
+            let mut ml = [0i32; 8];
+            _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            let yd = ld_f32(y);
+            let (d, dmin) = (ld_f16(x) * yd, ld_f16(x.add(2)) * yd);
+            for (j, &i) in is.iter().enumerate() {
+                acc = (i as f32).mul_add(d, acc);
+                accm = ((ml[2 * j] + ml[2 * j + 1]) as f32).mul_add(dmin, accm);
+            }
+        }
+    }
+    acc - accm
 }
 
 /// # Safety
@@ -826,52 +958,86 @@ unsafe fn dot_q5_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     unsafe { dot_q45_k::<true>(n, w, a) }
 }
 
+/// One Q6_K × Q8_K super-block's 8 integer lanes, in ggml's AVX2 grouping
+/// (`kquants::vec_dot_q6_k`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (210 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_sumi(x: *const u8, y: *const u8) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY: x and y are whole blocks (caller).
+    unsafe {
+        let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+        // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+        let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let ql0 = ld256(x.add(64 * h));
+            let ql1 = ld256(x.add(64 * h + 32));
+            let qh = ld256(x.add(128 + 32 * h));
+            let q = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
+                ),
+            ];
+            for (k, q) in q.into_iter().enumerate() {
+                let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * k)));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, k)));
+            }
+        }
+        _mm256_sub_epi32(sumi, offset)
+    }
+}
+
+/// In the order of ggml's x86 `ggml_vec_dot_q6_K_q8_K` (`kquants::vec_dot_q6_k`).
+///
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(3);
     // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
     unsafe {
         for b in 0..n / 256 {
             let (x, y) = (w.add(210 * b), a.add(292 * b));
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
-            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-            let mut sumi = _mm256_setzero_si256();
-            for h in 0..2 {
-                let ql0 = ld256(x.add(64 * h));
-                let ql1 = ld256(x.add(64 * h + 32));
-                let qh = ld256(x.add(128 + 32 * h));
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4),
-                    ),
-                ];
-                for (k, q) in q.into_iter().enumerate() {
-                    let p = _mm256_maddubs_epi16(q, ld256(y.add(4 + 128 * h + 32 * k)));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scale_pair(s16, h, k)));
-                }
-            }
-            let sumi = _mm256_sub_epi32(sumi, offset);
+            let sumi = q6k_sumi(x, y);
             let d = _mm256_mul_ps(ld_f16x8(x.add(208)), _mm256_set1_ps(ld_f32(y)));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
         }
     }
     hsum_ps(acc)
+}
+
+/// In the order of llama.cpp's tiled K-quant matmul (`kquants::vec_dot_q6_k_tiled`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k_tiled(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = 0.0f32;
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(210 * b), a.add(292 * b));
+            let s = hsum_epi32(q6k_sumi(x, y));
+            acc = (s as f32 * ld_f16(x.add(208))).mul_add(ld_f32(y), acc);
+        }
+    }
+    acc
 }

@@ -1,16 +1,17 @@
-//! AVX-512 (F + BW + VL + VNNI) kernels for the hottest types: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K
-//! and Q6_K. Other types use their AVX2 kernel.
+//! AVX-512 (F + BW + VL + VNNI) kernels for Q4_0, Q4_1, Q5_0 and Q8_0, and packed tiles for
+//! Q5_1. Other types use their AVX2 kernel: the K-quants' 512-bit kernels summed in another
+//! order than llama.cpp's and were dropped for bit-identical results.
 //!
 //! Same [`DotFn`] contract as the AVX2 kernels; `detect()` only reports `Isa::Avx512` when
 //! all these features and the AVX2 set are present. The 32-element formats use 256-bit
-//! VNNI `vpdpbusd` (u8 × i8, summed in groups of 4 into i32 without saturation); Q4_K and
-//! Q6_K process 64 elements per 512-bit vector.
+//! VNNI `vpdpbusd` (u8 × i8, summed in groups of 4 into i32 without saturation), one block
+//! per step in llama.cpp's order (its AVX-512 VNNI build runs the same instructions).
 
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bits_to_bytes, bsums_madd, d_pair2, dm_pair, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
-    ld_f16x8, ld_f32, ld_u32, nibbles32,
+    bits_to_bytes, bsums_madd, dm_pair, hsum_epi32, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
+    ld_f16, ld_f32, ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
 
@@ -22,25 +23,8 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<DotFn> {
         Q5_0 => dot_q5_0,
         Q8_0 => dot_q8_0,
         Q4_K => dot_q4_k,
-        Q6_K => dot_q6_k,
         _ => return None,
     })
-}
-
-/// `[a | b]` as one 512-bit vector.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn join(a: __m256i, b: __m256i) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
-}
-
-/// # Safety
-/// `p` must be valid for 64 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ld512(p: *const u8) -> __m512i {
-    // SAFETY: caller guarantees 64 readable bytes; loadu has no alignment requirement.
-    unsafe { _mm512_loadu_si512(p as *const __m512i) }
 }
 
 // The 32-element formats stay 256 bits wide: their 18/34-byte blocks need several shuffles
@@ -48,84 +32,169 @@ unsafe fn ld512(p: *const u8) -> __m512i {
 // 512-bit version measured slower. What pays off is VNNI: `vpdpbusd` replaces the
 // maddubs + madd pair (and for Q4_0 the -8 bias).
 
+/// One block of `dot_q4_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
 /// # Safety
-/// [`DotFn`] contract.
+/// `x` and `y` must point at whole blocks.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole blocks (18 / 34 bytes).
-        unsafe {
-            let d = dm_pair(x, y).0;
+unsafe fn blk_q4_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole blocks (18 / 34 bytes).
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let q8 = ld256(y.add(2));
+        // Σ (q - 8) * y = Σ q * y - Σ 8 * y (q unsigned, as vpdpbusd wants).
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(2)), q8);
+        let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8);
+        (d, _mm256_sub_epi32(p, o))
+    }
+}
+
+/// Four rows of `dot_q4_0` against one activation row (the same bits per row: the same
+/// integer sums, scale product and fused accumulation; the activation's half of the work,
+/// -8·Σy and its scale, is done once for the four rows).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let z = _mm256_setzero_si256();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // four weight rows; out holds four f32 (RowsFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let y = a.add(34 * b);
             let q8 = ld256(y.add(2));
-            // Σ (q - 8) * y = Σ q * y - Σ 8 * y (q unsigned, as vpdpbusd wants).
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(2)), q8);
-            let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8);
-            (d, _mm256_sub_epi32(p, o))
+            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8));
+            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = w.add(r * ws + 18 * b);
+                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+                let q = nibbles32(x.add(2));
+                let p = _mm256_dpbusd_epi32(neg, q, q8);
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            *out.add(r) = hsum_ps(acc);
         }
     }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at two whole consecutive blocks.
-        unsafe {
-            let d = d_pair2(x, y, 18, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(2), x.add(20));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
-            let eight = _mm256_set1_epi8(8);
-            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, eight, ya), eight, yb);
-            (d, _mm256_sub_epi32(p, o))
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 18, 34, pair, blk)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_q4_0(n: usize, w: *const u8, a: *const u8) -> f32 {
+    legacy_dot!(n, w, a, 18, 34, blk_q4_0)
+}
+
+/// One Q4_1 block as `avx2::blk_q4_1`, the integer sums with VNNI.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (20 / 36 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q4_1(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256, __m256) {
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+        let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+        let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, nibbles32(x.add(4)), ld256(y.add(4)));
+        (d, p, fx, fy)
+    }
+}
+
+/// In ggml's order (see `legacy::vec_dot_q4_1`), as ggml's AVX-512 VNNI build runs it.
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: x and y point at whole blocks (20 / 36 bytes).
-        unsafe {
-            let (d, ms) = dm_pair(x, y);
-            let p =
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(x.add(4)), ld256(y.add(4)));
-            (d, p, ms)
+    let mut out = 0.0f32;
+    q4_1_rows!(1, n, w, 0, a, &mut out as *mut f32, blk_q4_1);
+    out
+}
+
+/// Four rows of [`dot_q4_1`] (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    q4_1_rows!(4, n, w, ws, a, out, blk_q4_1)
+}
+
+/// The four-row kernels (`RowsFn`), where a type has one.
+pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows_q4_0,
+        Q4_1 => rows_q4_1,
+        Q5_0 => rows_q5_0,
+        Q8_0 => rows_q8_0,
+        _ => return None,
+    })
+}
+
+/// One block of `dot_q5_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole blocks (22 / 34 bytes).
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
+        let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
+        let q8 = ld256(y.add(2));
+        let z = _mm256_setzero_si256();
+        let p = _mm256_dpbusd_epi32(z, q, q8);
+        let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8);
+        (d, _mm256_sub_epi32(p, o))
+    }
+}
+
+/// Four rows of `dot_q5_0` against one activation row (the same bits per row: the same
+/// integer sums, scale product and fused accumulation; the activation's half of the work,
+/// -16·Σy and its scale, is done once for the four rows).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let z = _mm256_setzero_si256();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // four weight rows; out holds four f32 (RowsFn contract).
+    unsafe {
+        for b in 0..n / 32 {
+            let y = a.add(34 * b);
+            let q8 = ld256(y.add(2));
+            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8));
+            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = w.add(r * ws + 22 * b);
+                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+                let q = _mm256_or_si256(
+                    nibbles32(x.add(6)),
+                    _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10)),
+                );
+                let p = _mm256_dpbusd_epi32(neg, q, q8);
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            *out.add(r) = hsum_ps(acc);
         }
     }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q4_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i, __m256) {
-        // SAFETY: x and y point at two whole consecutive blocks (20 / 36 bytes each).
-        unsafe {
-            let (d, ms) = d_pair2(x, y, 20, 36);
-            let m4 = _mm256_set1_epi8(0x0f);
-            let q = ld2x128(x.add(4), x.add(24));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let ya = ld2x128(y.add(4), y.add(40));
-            let yb = ld2x128(y.add(20), y.add(56));
-            let z = _mm256_setzero_si256();
-            (
-                d,
-                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb),
-                ms,
-            )
-        }
-    }
-    legacy_dot_pairs!(min n, w, a, 20, 36, pair, blk)
 }
 
 /// # Safety
@@ -134,280 +203,44 @@ unsafe fn dot_q4_1(n: usize, w: *const u8, a: *const u8) -> f32 {
 unsafe fn dot_q5_0(n: usize, w: *const u8, a: *const u8) -> f32 {
     // The 5-bit values (0..=31) are unsigned, as `vpdpbusd` wants; the -16 bias comes off as
     // Σ 16 * y, like Q4_0's -8.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole blocks (22 / 34 bytes).
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
-            let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
-            let q8 = ld256(y.add(2));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(z, q, q8);
-            let o = _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8);
-            (d, _mm256_sub_epi32(p, o))
-        }
+    legacy_dot!(n, w, a, 22, 34, blk_q5_0)
+}
+
+/// One block of `dot_q8_0`: the scale product (all lanes) and the 8 integer lane sums.
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn blk_q8_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
+    // SAFETY: x and y point at whole 34-byte blocks.
+    unsafe {
+        let d = dm_pair(x, y).0;
+        let (qx, qy) = (ld256(x.add(2)), ld256(y.add(2)));
+        // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
+        let p = _mm256_dpbusd_epi32(
+            _mm256_setzero_si256(),
+            _mm256_sign_epi8(qx, qx),
+            _mm256_sign_epi8(qy, qx),
+        );
+        (d, p)
     }
-    /// Blocks b and b+1 side by side (see `avx2::dot_q5_0`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pair(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at two whole consecutive blocks (22 / 34 bytes each).
-        unsafe {
-            let d = d_pair2(x, y, 22, 34).0;
-            let m4 = _mm256_set1_epi8(0x0f);
-            let b4 = _mm256_set1_epi8(0x10);
-            let (h0, h1) = (ld_u32(x.add(2)), ld_u32(x.add(24)));
-            // 5th bits of elements 0..16 of both blocks, then of elements 16..32.
-            let hb_lo = _mm256_and_si256(bits_to_bytes((h0 & 0xffff) | (h1 << 16)), b4);
-            let hb_hi = _mm256_and_si256(bits_to_bytes((h0 >> 16) | (h1 & 0xffff_0000)), b4);
-            let q = ld2x128(x.add(6), x.add(28));
-            let lo = _mm256_or_si256(_mm256_and_si256(q, m4), hb_lo);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), hb_hi);
-            let ya = ld2x128(y.add(2), y.add(36));
-            let yb = ld2x128(y.add(18), y.add(52));
-            let z = _mm256_setzero_si256();
-            let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, lo, ya), hi, yb);
-            let sixteen = _mm256_set1_epi8(16);
-            let o = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, sixteen, ya), sixteen, yb);
-            (d, _mm256_sub_epi32(p, o))
-        }
-    }
-    legacy_dot_pairs!(n, w, a, 22, 34, pair, blk)
+}
+
+/// Four rows of `dot_q8_0` against one activation row (the same bits per row).
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    legacy_rows!(n, w, ws, a, out, 34, 34, blk_q8_0)
 }
 
 /// # Safety
 /// [`DotFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_q8_0(n: usize, w: *const u8, a: *const u8) -> f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn blk(x: *const u8, y: *const u8) -> (__m256, __m256i) {
-        // SAFETY: x and y point at whole 34-byte blocks.
-        unsafe {
-            let d = dm_pair(x, y).0;
-            let (qx, qy) = (ld256(x.add(2)), ld256(y.add(2)));
-            // |x| · (y with x's sign): unsigned × signed for vpdpbusd.
-            let p = _mm256_dpbusd_epi32(
-                _mm256_setzero_si256(),
-                _mm256_sign_epi8(qx, qx),
-                _mm256_sign_epi8(qy, qx),
-            );
-            (d, p)
-        }
-    }
-    legacy_dot!(n, w, a, 34, 34, blk)
-}
-
-/// 16-bit lane index vector for `_mm512_permutexvar_epi16`: lanes 0..16 take `i0`, lanes
-/// 16..32 take `i1`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn idx2(i0: i16, i1: i16) -> __m512i {
-    join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1))
-}
-
-/// 16-bit lane index vector: 128-bit lane k (8 i16) takes index `base + k`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn idx4(base: i16) -> __m512i {
-    join(
-        _mm256_set_m128i(_mm_set1_epi16(base + 1), _mm_set1_epi16(base)),
-        _mm256_set_m128i(_mm_set1_epi16(base + 3), _mm_set1_epi16(base + 2)),
-    )
-}
-
-/// # Safety
-/// [`DotFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut mins = _mm256_setzero_ps();
-    let m4 = _mm512_set1_epi8(0x0f);
-    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let (x, y) = (w.add(144 * b), a.add(292 * b));
-            let yd = _mm256_set1_ps(ld_f32(y));
-            let sm = k4_scales_mins_v(x.add(4));
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
-            let dmin = _mm256_mul_ps(yd, ld_f16x8(x.add(2)));
-            mins = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(bsums_madd(y, m16)), mins);
-            // 8 scales as i16 in the low 128 bits (the permutes below read only those).
-            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-            let mut sumi = _mm512_setzero_si512();
-            for j in 0..4 {
-                // 32 bytes of nibbles = elements 64j..64j+64: low nibbles, then high.
-                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
-                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
-                let q = _mm512_and_si512(qb, m4);
-                let p = _mm512_maddubs_epi16(q, ld512(y.add(4 + 64 * j)));
-                let sc = _mm512_permutexvar_epi16(idx2(2 * j as i16, 2 * j as i16 + 1), s);
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, sc));
-            }
-            let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(ld_f16x8(x)));
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
-        }
-    }
-    _mm512_reduce_add_ps(acc) - hsum_ps(mins)
-}
-
-/// # Safety
-/// [`DotFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot_q6_k(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let m4 = _mm512_set1_epi8(0x0f);
-    let m3 = _mm512_set1_epi8(3);
-    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let (x, y) = (w.add(210 * b), a.add(292 * b));
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
-            let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-            // The permutes below read only the low 16 lanes.
-            let s = _mm512_castsi256_si512(s16);
-            let mut sumi = _mm512_setzero_si512();
-            for h in 0..2 {
-                // ql[64h..64h+64]: low nibbles = elements 128h+0..64, high = +64..128.
-                let ql = ld512(x.add(64 * h));
-                // qh bits 0-1 / 2-3 go with the first / second 32 low nibbles; bits 4-5 /
-                // 6-7 with the high nibbles: shift the upper copy by 2 to line them up.
-                let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
-                let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
-                );
-                let pa = _mm512_maddubs_epi16(qa, ld512(y.add(4 + 128 * h)));
-                let pb = _mm512_maddubs_epi16(qb, ld512(y.add(68 + 128 * h)));
-                let base = 8 * h as i16;
-                let sa = _mm512_permutexvar_epi16(idx4(base), s);
-                let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, sa));
-                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, sb));
-            }
-            let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(offset));
-            let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(ld_f16x8(x.add(208))));
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
-        }
-    }
-    _mm512_reduce_add_ps(acc)
-}
-
-// ---- 4-token kernels for batched matmul (see `multi_avx2`) ----
-
-use super::multi_avx2::{Dot4Fn, T};
-
-pub(crate) fn kernel4(weight: GgmlType) -> Option<Dot4Fn> {
-    use GgmlType::*;
-    Some(match weight {
-        Q4_K => dot4_q4_k,
-        Q6_K => dot4_q6_k,
-        _ => return None,
-    })
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    let mut acc = [_mm512_setzero_ps(); T];
-    let mut mins = [_mm256_setzero_ps(); T];
-    let m4 = _mm512_set1_epi8(0x0f);
-    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
-    // activation row; out holds T results at stride os (Dot4Fn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let x = w.add(144 * b);
-            let sm = k4_scales_mins_v(x.add(4));
-            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
-            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-            let mut sumi = [_mm512_setzero_si512(); T];
-            for j in 0..4 {
-                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
-                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
-                let q = _mm512_and_si512(qb, m4);
-                let sc = _mm512_permutexvar_epi16(idx2(2 * j as i16, 2 * j as i16 + 1), s);
-                for (t, si) in sumi.iter_mut().enumerate() {
-                    let y = a.add(t * st + 292 * b);
-                    let p = _mm512_maddubs_epi16(q, ld512(y.add(4 + 64 * j)));
-                    *si = _mm512_add_epi32(*si, _mm512_madd_epi16(p, sc));
-                }
-            }
-            let (dx, dmx) = (ld_f16x8(x), ld_f16x8(x.add(2)));
-            for t in 0..T {
-                let y = a.add(t * st + 292 * b);
-                let yd = _mm256_set1_ps(ld_f32(y));
-                let mm = _mm256_cvtepi32_ps(bsums_madd(y, m16));
-                mins[t] = _mm256_fmadd_ps(_mm256_mul_ps(yd, dmx), mm, mins[t]);
-                let d = _mm512_set1_ps(ld_f32(y) * _mm256_cvtss_f32(dx));
-                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi[t]), acc[t]);
-            }
-        }
-        for t in 0..T {
-            *out.add(t * os) = _mm512_reduce_add_ps(acc[t]) - hsum_ps(mins[t]);
-        }
-    }
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract, and the CPU has the AVX-512 set above.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    let mut acc = [_mm512_setzero_ps(); T];
-    let m4 = _mm512_set1_epi8(0x0f);
-    let m3 = _mm512_set1_epi8(3);
-    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
-    // activation row; out holds T results at stride os (Dot4Fn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let x = w.add(210 * b);
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            let s = _mm512_castsi256_si512(s16);
-            let mut sumi = [_mm512_setzero_si512(); T];
-            for h in 0..2 {
-                let ql = ld512(x.add(64 * h));
-                let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
-                let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
-                let qa = _mm512_or_si512(
-                    _mm512_and_si512(ql, m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
-                );
-                let qb = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
-                );
-                let base = 8 * h as i16;
-                let sa = _mm512_permutexvar_epi16(idx4(base), s);
-                let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
-                for (t, si) in sumi.iter_mut().enumerate() {
-                    let y = a.add(t * st + 292 * b + 128 * h);
-                    let pa = _mm512_madd_epi16(_mm512_maddubs_epi16(qa, ld512(y.add(4))), sa);
-                    let pb = _mm512_madd_epi16(_mm512_maddubs_epi16(qb, ld512(y.add(68))), sb);
-                    *si = _mm512_add_epi32(*si, _mm512_add_epi32(pa, pb));
-                }
-            }
-            let dx = _mm256_cvtss_f32(ld_f16x8(x.add(208)));
-            for t in 0..T {
-                let y = a.add(t * st + 292 * b);
-                // Quants were used +32: subtract 32 * Σ scale * bsum.
-                let off = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-                let si = _mm512_sub_epi32(sumi[t], _mm512_zextsi256_si512(off));
-                let d = _mm512_set1_ps(ld_f32(y) * dx);
-                acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(si), acc[t]);
-            }
-        }
-        for (t, a) in acc.into_iter().enumerate() {
-            *out.add(t * os) = _mm512_reduce_add_ps(a);
-        }
-    }
+    legacy_dot!(n, w, a, 34, 34, blk_q8_0)
 }
 
 // ---- 2-row x 4-token tiles for batched matmul of the 32-element formats ----
@@ -494,14 +327,138 @@ pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *
 pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
     use GgmlType::*;
     Some(match weight {
-        Q4_0 => (pack::<L_Q4_0>, ptile_q4_0),
-        Q5_0 => (pack::<L_Q5_0>, ptile_q5_0),
-        Q4_1 => (pack::<L_Q4_1>, ptile_q4_1),
+        // Q4_0, Q4_1, Q5_0 and Q8_0 in llama.cpp's order (`gtile`): one block per step.
+        Q4_0 => (pack_raw::<34>, gtile_q4_0),
+        Q4_1 => (pack_raw::<36>, gtile_q4_1),
+        Q5_0 => (pack_raw::<34>, gtile_q5_0),
+        Q8_0 => (pack_raw::<34>, gtile_q8_0),
         Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
-        Q8_0 => (pack::<L_Q8_0>, ptile_q8_0),
         _ => return None,
     })
 }
+
+/// "Packing" for [`gtile`]: the activation row as it is (`AB`-byte Q8_0 / Q8_1 blocks),
+/// which fits in `packed_bytes(n)`.
+///
+/// # Safety
+/// [`PackFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pack_raw<const AB: usize>(n: usize, y: *const u8, dst: *mut u8) {
+    // SAFETY: the row holds n/32 blocks of AB bytes, and dst packed_bytes(n) ≥ that many.
+    unsafe { std::ptr::copy_nonoverlapping(y, dst, n / 32 * AB) };
+}
+
+/// A TILE_R × TILE_T tile of the 32-element formats in llama.cpp's order — for every
+/// (row, token) exactly the operations of the one-row kernel (`legacy::vec_dot_*`): per
+/// block `acc = fma(dx*dy, lanes, acc)` (and for Q4_1 the fused min chain in lane 1 of
+/// `ms`), then the lanes' tree sum. Only the loads and the activation's bias term are
+/// shared across the tile. `K` selects the format; activations are raw rows (`pack_raw`).
+///
+/// # Safety
+/// [`PTileFn`] contract.
+#[inline]
+#[allow(clippy::needless_range_loop)] // r and t index several arrays at once
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gtile<const K: u8>(
+    n: usize,
+    w: *const u8,
+    ws: usize,
+    p: *const u8,
+    ps: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let (wbytes, qs_off, qh_off, bias, min) = legacy_params(K);
+    let abytes = if min { 36 } else { 34 };
+    let z = _mm256_setzero_si256();
+    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let mut ms = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    // SAFETY (whole body): block b < n/32 lies inside every weight row of the tile and
+    // every activation row (PTileFn contract; raw rows from pack_raw).
+    unsafe {
+        for b in 0..n / 32 {
+            let mut fx = [_mm256_setzero_ps(); TILE_R];
+            let mut dx = [_mm256_setzero_ps(); TILE_R];
+            let mut qx = [z; TILE_R];
+            for r in 0..TILE_R {
+                let x = w.add(r * ws + wbytes * b);
+                fx[r] = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                dx[r] = _mm256_permute_ps::<0>(fx[r]);
+                qx[r] = if K == L_Q8_0 {
+                    ld256(x.add(qs_off))
+                } else if qh_off != 0 {
+                    let hb = bits_to_bytes(ld_u32(x.add(qh_off)));
+                    _mm256_or_si256(
+                        nibbles32(x.add(qs_off)),
+                        _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
+                    )
+                } else {
+                    nibbles32(x.add(qs_off))
+                };
+            }
+            for t in 0..TILE_T {
+                let y = p.add(t * ps + abytes * b);
+                let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+                let dy = _mm256_permute_ps::<0>(fy);
+                let q8 = ld256(y.add(abytes - 32));
+                // -bias · Σ y: the unsigned quants' offset (0 for Q4_1 and Q8_0).
+                let start = if bias != 0 && K != L_Q8_0 {
+                    _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(bias as i8), q8))
+                } else {
+                    z
+                };
+                for r in 0..TILE_R {
+                    // dx*dy in every lane (the one-row kernel's lane-0 product, broadcast).
+                    let d = _mm256_mul_ps(dx[r], dy);
+                    let s = if K == L_Q8_0 {
+                        let ax = _mm256_sign_epi8(qx[r], qx[r]);
+                        _mm256_dpbusd_epi32(z, ax, _mm256_sign_epi8(q8, qx[r]))
+                    } else {
+                        _mm256_dpbusd_epi32(start, qx[r], q8)
+                    };
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
+                    if min {
+                        ms[r][t] = _mm256_fmadd_ps(fx[r], fy, ms[r][t]);
+                    }
+                }
+            }
+        }
+        for r in 0..TILE_R {
+            for t in 0..TILE_T {
+                let mut v = hsum_ps(acc[r][t]);
+                if min {
+                    v += _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(ms[r][t])));
+                }
+                // SAFETY: out holds TILE_R x TILE_T results at these offsets.
+                *out.add(t * os + r) = v;
+            }
+        }
+    }
+}
+
+macro_rules! gtile_fn {
+    ($name:ident, $k:expr) => {
+        /// # Safety
+        /// [`PTileFn`] contract.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        unsafe fn $name(
+            n: usize,
+            w: *const u8,
+            ws: usize,
+            p: *const u8,
+            ps: usize,
+            out: *mut f32,
+            os: usize,
+        ) {
+            // SAFETY: same contract, same features.
+            unsafe { gtile::<{ $k }>(n, w, ws, p, ps, out, os) }
+        }
+    };
+}
+gtile_fn!(gtile_q4_0, L_Q4_0);
+gtile_fn!(gtile_q4_1, L_Q4_1);
+gtile_fn!(gtile_q5_0, L_Q5_0);
+gtile_fn!(gtile_q8_0, L_Q8_0);
 
 /// (weight block bytes, qs offset, qh offset or 0, bias, has min) of format `k`.
 const fn legacy_params(k: u8) -> (usize, usize, usize, u8, bool) {
@@ -700,54 +657,6 @@ unsafe fn ptile<const K: u8>(
 /// # Safety
 /// [`PTileFn`] contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q4_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q4_0>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q5_0(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q5_0>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q4_1(
-    n: usize,
-    w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q4_1>(n, w, ws, p, ps, out, os) }
-}
-
-/// # Safety
-/// [`PTileFn`] contract.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn ptile_q5_1(
     n: usize,
     w: *const u8,
@@ -761,18 +670,269 @@ unsafe fn ptile_q5_1(
     unsafe { ptile::<L_Q5_1>(n, w, ws, p, ps, out, os) }
 }
 
-/// # Safety
-/// [`PTileFn`] contract.
+/// `[a | b]` as one 512-bit vector.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn ptile_q8_0(
+fn join(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+}
+
+/// Q4_K × Q8_K per 64 elements j: Σ scale · q · y as 16 i32 lanes (their sum is exact),
+/// 64 elements per 512-bit step; and the 8 lanes of Σ min · bsum (`avx2::q4k_pairs`).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (144 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4k_parts(x: *const u8, y: *const u8) -> ([__m512i; 4], __m256i) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        let sm = k4_scales_mins_v(x.add(4));
+        let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+        let mins = bsums_madd(y, m16);
+        // 8 scales as i16 in the low 128 bits (the permutes below read only those).
+        let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+        let parts = std::array::from_fn(|j| {
+            // 32 bytes of nibbles = elements 64j..64j+64: low nibbles, then high.
+            let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
+            let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
+            let q = _mm512_and_si512(qb, m4);
+            let yv = _mm512_loadu_si512(y.add(4 + 64 * j) as *const __m512i);
+            let p = _mm512_maddubs_epi16(q, yv);
+            let (i0, i1) = (2 * j as i16, 2 * j as i16 + 1);
+            let sc =
+                _mm512_permutexvar_epi16(join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1)), s);
+            _mm512_madd_epi16(p, sc)
+        });
+        (parts, mins)
+    }
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemv (`kquants::vec_dot_q4_k`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (p, mins) = q4k_parts(x, y);
+            let sum = _mm512_add_epi32(_mm512_add_epi32(p[0], p[1]), _mm512_add_epi32(p[2], p[3]));
+            let i = _mm512_reduce_add_epi32(sum);
+            let yd = ld_f32(y);
+            acc = (i as f32).mul_add(ld_f16(x) * yd, acc);
+            accm = (hsum_epi32(mins) as f32).mul_add(ld_f16(x.add(2)) * yd, accm);
+        }
+    }
+    acc - accm
+}
+
+/// In the order of llama.cpp's repacked Q4_K gemm (`kquants::vec_dot_q4_k_gemm`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_k_gemm(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let (mut acc, mut accm) = (0.0f32, 0.0f32);
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(144 * b), a.add(292 * b));
+            let (p, mins) = q4k_parts(x, y);
+            let mut ml = [0i32; 8];
+            _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            let yd = ld_f32(y);
+            let (d, dmin) = (ld_f16(x) * yd, ld_f16(x.add(2)) * yd);
+            for (j, i) in reduce4_epi32(p).into_iter().enumerate() {
+                acc = (i as f32).mul_add(d, acc);
+                accm = ((ml[2 * j] + ml[2 * j + 1]) as f32).mul_add(dmin, accm);
+            }
+        }
+    }
+    acc - accm
+}
+
+// ---- 4-token kernels for batched matmul (see `multi_avx2`), in llama.cpp's batch orders ----
+
+use super::multi_avx2::T;
+
+/// Four tokens of [`dot_q4_k_gemm`] (the same bits per token), unpacking the weight row once.
+///
+/// # Safety
+/// [`Dot4Fn`](super::multi_avx2::Dot4Fn) contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot4_q4_k_gemm(
     n: usize,
     w: *const u8,
-    ws: usize,
-    p: *const u8,
-    ps: usize,
+    a: *const u8,
+    st: usize,
     out: *mut f32,
     os: usize,
 ) {
-    // SAFETY: same contract, same features.
-    unsafe { ptile::<L_Q8_0>(n, w, ws, p, ps, out, os) }
+    let mut acc = [0.0f32; T];
+    let mut accm = [0.0f32; T];
+    let m4 = _mm512_set1_epi8(0x0f);
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(144 * b);
+            let sm = k4_scales_mins_v(x.add(4));
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
+            let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+            let (dx, dmx) = (ld_f16(x), ld_f16(x.add(2)));
+            let mut ml = [[0i32; 8]; T];
+            for (t, ml) in ml.iter_mut().enumerate() {
+                let mins = bsums_madd(a.add(t * st + 292 * b), m16);
+                _mm256_storeu_si256(ml.as_mut_ptr() as *mut __m256i, mins);
+            }
+            let mut parts = [[_mm512_setzero_si512(); 4]; T];
+            for j in 0..4 {
+                let qb = _mm512_broadcast_i64x4(ld256(x.add(16 + 32 * j)));
+                let qb = _mm512_mask_srli_epi16::<4>(qb, 0xFFFF_0000, qb);
+                let q = _mm512_and_si512(qb, m4);
+                let (i0, i1) = (2 * j as i16, 2 * j as i16 + 1);
+                let sc =
+                    _mm512_permutexvar_epi16(join(_mm256_set1_epi16(i0), _mm256_set1_epi16(i1)), s);
+                for (t, parts) in parts.iter_mut().enumerate() {
+                    let y = a.add(t * st + 292 * b);
+                    let yv = _mm512_loadu_si512(y.add(4 + 64 * j) as *const __m512i);
+                    parts[j] = _mm512_madd_epi16(_mm512_maddubs_epi16(q, yv), sc);
+                }
+            }
+            for t in 0..T {
+                let yd = ld_f32(a.add(t * st + 292 * b));
+                for (j, i) in reduce4_epi32(parts[t]).into_iter().enumerate() {
+                    acc[t] = (i as f32).mul_add(dx * yd, acc[t]);
+                    let mj = ml[t][2 * j] + ml[t][2 * j + 1];
+                    accm[t] = (mj as f32).mul_add(dmx * yd, accm[t]);
+                }
+            }
+        }
+        for t in 0..T {
+            *out.add(t * os) = acc[t] - accm[t];
+        }
+    }
+}
+
+/// The lane sums of four vectors of 16 i32 (exact), folded together.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn reduce4_epi32(v: [__m512i; 4]) -> [i32; 4] {
+    let h = v.map(|v| {
+        let s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s))
+    });
+    let ab = _mm_hadd_epi32(h[0], h[1]);
+    let cd = _mm_hadd_epi32(h[2], h[3]);
+    let r = _mm_hadd_epi32(ab, cd);
+    let mut out = [0i32; 4];
+    // SAFETY: out holds four i32; one unaligned 16-byte store.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, r) };
+    out
+}
+
+/// Q6_K × Q8_K: the exact integer sum of one super-block (64 elements per 512-bit step).
+///
+/// # Safety
+/// `x` and `y` must point at whole blocks (210 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_sum(x: *const u8, y: *const u8, s16: __m256i) -> i32 {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let m3 = _mm512_set1_epi8(3);
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+        let offset = _mm256_slli_epi32(bsums_madd(y, s16), 5);
+        let s = _mm512_castsi256_si512(s16);
+        let idx4 = |base: i16| {
+            join(
+                _mm256_set_m128i(_mm_set1_epi16(base + 1), _mm_set1_epi16(base)),
+                _mm256_set_m128i(_mm_set1_epi16(base + 3), _mm_set1_epi16(base + 2)),
+            )
+        };
+        let mut sumi = _mm512_setzero_si512();
+        for h in 0..2 {
+            let ld = |p: *const u8| _mm512_loadu_si512(p as *const __m512i);
+            // ql[64h..64h+64]: low nibbles = elements 128h+0..64, high = +64..128; qh bits
+            // 0-1 / 2-3 go with the first / second 32 low nibbles, bits 4-5 / 6-7 with the
+            // high ones: the upper copy shifted by 2 lines them up.
+            let ql = ld(x.add(64 * h));
+            let qh = _mm512_broadcast_i64x4(ld256(x.add(128 + 32 * h)));
+            let qh = _mm512_mask_srli_epi16::<2>(qh, 0xFFFF_0000, qh);
+            let qa = _mm512_or_si512(
+                _mm512_and_si512(ql, m4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
+            );
+            let qb = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
+            );
+            let pa = _mm512_maddubs_epi16(qa, ld(y.add(4 + 128 * h)));
+            let pb = _mm512_maddubs_epi16(qb, ld(y.add(68 + 128 * h)));
+            let base = 8 * h as i16;
+            let sa = _mm512_permutexvar_epi16(idx4(base), s);
+            let sb = _mm512_permutexvar_epi16(idx4(base + 4), s);
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pa, sa));
+            sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(pb, sb));
+        }
+        _mm512_reduce_add_epi32(sumi) - hsum_epi32(offset)
+    }
+}
+
+/// In the order of llama.cpp's tiled K-quant matmul (`kquants::vec_dot_q6_k_tiled`).
+///
+/// # Safety
+/// [`DotFn`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q6_k_tiled(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let mut acc = 0.0f32;
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows (DotFn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let (x, y) = (w.add(210 * b), a.add(292 * b));
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let s = q6k_sum(x, y, s16);
+            acc = (s as f32 * ld_f16(x.add(208))).mul_add(ld_f32(y), acc);
+        }
+    }
+    acc
+}
+
+/// Four tokens of [`dot_q6_k_tiled`] (the same bits per token).
+///
+/// # Safety
+/// [`Dot4Fn`](super::multi_avx2::Dot4Fn) contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot4_q6_k_tiled(
+    n: usize,
+    w: *const u8,
+    a: *const u8,
+    st: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let mut acc = [0.0f32; T];
+    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
+    // activation row; out holds T results at stride os (Dot4Fn contract).
+    unsafe {
+        for b in 0..n / 256 {
+            let x = w.add(210 * b);
+            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
+            let dx = ld_f16(x.add(208));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let y = a.add(t * st + 292 * b);
+                let s = q6k_sum(x, y, s16);
+                *acc = (s as f32 * dx).mul_add(ld_f32(y), *acc);
+            }
+        }
+        for (t, acc) in acc.into_iter().enumerate() {
+            *out.add(t * os) = acc;
+        }
+    }
 }

@@ -72,3 +72,12 @@ pub(crate) fn scalar_kernel(weight: GgmlType) -> Option<DotFn> {
         _ => None,
     }
 }
+
+/// Scalar kernels in the order of llama.cpp's tiled K-quant matmul (see `tiled_kernel`).
+pub(crate) fn scalar_kernel_tiled(weight: GgmlType) -> Option<DotFn> {
+    match weight {
+        GgmlType::Q6_K => scalar!(GgmlType::Q6_K, kquants::vec_dot_q6_k_tiled),
+        GgmlType::Q4_K => scalar!(GgmlType::Q4_K, kquants::vec_dot_q4_k_gemm),
+        _ => None,
+    }
+}

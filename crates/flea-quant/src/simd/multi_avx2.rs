@@ -2,14 +2,14 @@
 //! matmul (prompt processing). Unpacking the weight block (nibbles, scales) is the costly
 //! part of a quantized dot; doing it once for 4 tokens saves about a third of the work.
 //!
-//! Results equal the single-row kernels up to float summation order (one accumulator per
-//! token here instead of two).
+//! Q4_0, Q5_0 and Q8_0 give the single-row kernels' bits (one accumulator per token, one
+//! block per step: llama.cpp's order); Q5_1 and Q5_K equal them up to summation order.
 
 use std::arch::x86_64::*;
 
 use super::avx2::{
     bcast_i16, bits_to_bytes, bsums_madd, dot_u8i8, hsum_ps, k4_scales_mins_v, ld256, ld_f16x8,
-    ld_f32, ld_u32, nibbles32, scale_pair,
+    ld_f32, ld_u32, nibbles32,
 };
 use crate::GgmlType;
 
@@ -31,9 +31,7 @@ pub(crate) fn kernel(weight: GgmlType) -> Option<Dot4Fn> {
         Q8_0 => dot4_q8_0,
         Q5_0 => dot4_q5_0,
         Q5_1 => dot4_q5_1,
-        Q4_K => dot4_q4_k,
         Q5_K => dot4_q5_k,
-        Q6_K => dot4_q6_k,
         _ => return None,
     })
 }
@@ -108,8 +106,8 @@ unsafe fn dot4_q8_0(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f
     }
 }
 
-/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2). Only Q5_0 and Q5_1 use it: for Q4_1
-/// the single-row kernel, which takes two blocks per vector, measured faster.
+/// Shared Q5_0 / Q4_1 / Q5_1 kernel (`K`: 0, 1, 2). Only Q5_0 and Q5_1 use it: Q4_1 must
+/// keep llama.cpp's separate fused min chain, which the lane-1 trick below does not.
 ///
 /// Q5_0 quants are unpacked once per block to signed bytes (-16..=15) and used with the
 /// sign trick, like `dot4_q4_0`. Q4_1 / Q5_1 quants are unsigned (0..=15 / 0..=31) and go
@@ -264,64 +262,7 @@ unsafe fn dot4_q45_k<const HIGH: bool>(
 /// # Safety
 /// [`Dot4Fn`] contract.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q4_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    // SAFETY: same contract, same features.
-    unsafe { dot4_q45_k::<false>(n, w, a, st, out, os) }
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract.
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_q5_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
     // SAFETY: same contract, same features.
     unsafe { dot4_q45_k::<true>(n, w, a, st, out, os) }
-}
-
-/// # Safety
-/// [`Dot4Fn`] contract.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_q6_k(n: usize, w: *const u8, a: *const u8, st: usize, out: *mut f32, os: usize) {
-    let mut acc = [_mm256_setzero_ps(); T];
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m3 = _mm256_set1_epi8(3);
-    // SAFETY (whole body): super-block b < n/256 lies inside the weight row and every
-    // activation row (Dot4Fn contract).
-    unsafe {
-        for b in 0..n / 256 {
-            let x = w.add(210 * b);
-            let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.add(192) as *const __m128i));
-            let mut sumi = [_mm256_setzero_si256(); T];
-            for h in 0..2 {
-                for k in 0..4 {
-                    // Quant vector k of this half: low/high nibbles of ql, 2 bits of qh.
-                    let ql = ld256(x.add(64 * h + 32 * (k & 1)));
-                    let ql = if k < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
-                    let qh = _mm256_srl_epi16(
-                        ld256(x.add(128 + 32 * h)),
-                        _mm_cvtsi32_si128(2 * k as i32),
-                    );
-                    let q = _mm256_or_si256(
-                        _mm256_and_si256(ql, m4),
-                        _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4),
-                    );
-                    let sc = scale_pair(s16, h, k);
-                    for (t, s) in sumi.iter_mut().enumerate() {
-                        let y = a.add(t * st + 292 * b + 4 + 128 * h + 32 * k);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, ld256(y)), sc);
-                        *s = _mm256_add_epi32(*s, p);
-                    }
-                }
-            }
-            let dx = ld_f16x8(x.add(208));
-            for (t, acc) in acc.iter_mut().enumerate() {
-                let y = a.add(t * st + 292 * b);
-                // Quants were used +32: subtract 32 * Σ scale * bsum.
-                let off = _mm256_slli_epi32(bsums_madd(y, s16), 5);
-                let si = _mm256_sub_epi32(sumi[t], off);
-                let d = _mm256_mul_ps(dx, _mm256_set1_ps(ld_f32(y)));
-                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(si), *acc);
-            }
-        }
-        store(acc, out, os);
-    }
 }

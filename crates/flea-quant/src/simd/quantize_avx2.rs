@@ -6,19 +6,6 @@
 
 use std::arch::x86_64::*;
 
-/// Round half away from zero (C `roundf`), exactly: trunc, then step away from zero when
-/// the (exactly computed) fraction is at least one half.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn roundf_ps(v: __m256) -> __m256 {
-    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    let neg0 = _mm256_set1_ps(-0.0);
-    let frac = _mm256_andnot_ps(neg0, _mm256_sub_ps(v, t));
-    let step = _mm256_or_ps(_mm256_set1_ps(1.0), _mm256_and_ps(v, neg0));
-    let m = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, _mm256_set1_ps(0.5));
-    _mm256_add_ps(t, _mm256_and_ps(m, step))
-}
-
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn abs_ps(v: __m256) -> __m256 {
@@ -79,8 +66,12 @@ pub(crate) unsafe fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>, with_sum: bool)
             );
             let amax = hmax_ps(m);
             let d = amax / 127.0;
-            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-            let q = v.map(|v| _mm256_cvtps_epi32(roundf_ps(_mm256_mul_ps(v, id))));
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = v.map(|v| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(_mm256_mul_ps(v, id)))
+            });
             (o as *mut u16).write_unaligned(crate::f32_to_f16(d));
             let qo = if with_sum {
                 let s = hsum_epi32(_mm256_add_epi32(

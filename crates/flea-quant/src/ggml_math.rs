@@ -1,0 +1,366 @@
+//! Float kernels with the exact arithmetic of llama.cpp's x86 CPU backend (AVX-512 build),
+//! so that flea's activations can be bit-identical to llama.cpp's:
+//!
+//! * [`expf`]: ggml's `ggml_v_expf` (a polynomial, not libm's `expf`), used by its softmax
+//!   and SiLU;
+//! * [`swiglu`]: `ggml_vec_swiglu_f32` (16-element chunks through `ggml_v_silu`, the tail
+//!   through libm);
+//! * [`softmax_exp`]: the exponentials and the sum of `ggml_vec_soft_max_f32`;
+//! * [`fma_f16`]: one step of the F16 matmul's (tinyBLAS) fused lane accumulation.
+//!
+//! Every path (scalar, AVX2, AVX-512) gives the same bits: the operations are the same per
+//! element, only the number of elements per instruction differs.
+
+use crate::float::f16_to_f32;
+use crate::{best_isa, Isa};
+
+const R: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23: rounds to an integer
+const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b);
+const LN2_LO: f32 = f32::from_bits(0x35bf_be8e);
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
+const C5: f32 = f32::from_bits(0x3c07_2010);
+const C4: f32 = f32::from_bits(0x3d2b_9f17);
+const C3: f32 = f32::from_bits(0x3e2a_af33);
+const C2: f32 = f32::from_bits(0x3eff_fedb);
+const C1: f32 = f32::from_bits(0x3f7f_fff6);
+
+/// `j * 2^n` for an integral `n` with |n| ≤ 192, rounded once (as `vscalefps`).
+#[inline(always)]
+fn scalef(j: f32, n: f32) -> f32 {
+    if (-126.0..=127.0).contains(&n) {
+        j * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    } else {
+        // The exact product in f64, then one rounding (to a subnormal or infinity).
+        (j as f64 * 2f64.powi(n as i32)) as f32
+    }
+}
+
+/// ggml's `ggml_v_expf` for one element (its AVX-512 form: the same fused operations).
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let z = x.mul_add(LOG2E, R);
+    let n = z - R;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let j = C5
+        .mul_add(b, C4)
+        .mul_add(u, C3.mul_add(b, C2))
+        .mul_add(u, C1.mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    scalef(j, n)
+}
+
+/// [`expf`] compiled with FMA instructions (`mul_add` is otherwise a libm call).
+///
+/// # Safety
+/// The CPU must have FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn expf_fma(x: f32) -> f32 {
+    expf(x)
+}
+
+/// ggml's `ggml_v_silu`: `x / (1 + expf(0 - x))`.
+#[inline(always)]
+fn silu(x: f32, exp: impl Fn(f32) -> f32) -> f32 {
+    x / (1.0 + exp(0.0 - x))
+}
+
+fn fma_available() -> bool {
+    best_isa() != Isa::Scalar
+}
+
+/// `out[i] = silu(gate[i]) * up[i]`, as `ggml_vec_swiglu_f32`: whole chunks of 16 with
+/// [`expf`], the rest with libm's `expf` (as ggml's scalar tail). Lengths must match.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = out.len().min(gate.len()).min(up.len());
+    let n16 = n / 16 * 16;
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        for i in 0..n16 {
+            // SAFETY: FMA is part of every non-scalar Isa (checked by fma_available).
+            out[i] = silu(gate[i], |v| unsafe { expf_fma(v) }) * up[i];
+        }
+        for i in n16..n {
+            out[i] = silu(gate[i], f32::exp) * up[i];
+        }
+        return;
+    }
+    for i in 0..n16 {
+        out[i] = silu(gate[i], expf) * up[i];
+    }
+    for i in n16..n {
+        out[i] = silu(gate[i], f32::exp) * up[i];
+    }
+}
+
+/// `_mm512_reduce_add_ps`'s tree over 16 values.
+#[inline(always)]
+pub fn reduce16(v: &[f32; 16]) -> f32 {
+    let t: [f32; 8] = std::array::from_fn(|i| v[8 + i] + v[i]);
+    let u: [f32; 4] = std::array::from_fn(|i| t[4 + i] + t[i]);
+    (u[0] + u[2]) + (u[1] + u[3])
+}
+
+/// The softmax numerators and denominator of `ggml_vec_soft_max_f32` (AVX-512 build) for
+/// one row of scores: `x[i] = expf(x[i] - max)` and the sum of the results, taken as
+/// ggml takes it over its full row of cache positions — per aligned chunk of 16 positions
+/// the tree sum of the chunk in f32 (masked positions are 0), each chunk then added in f64.
+/// `x[0]` belongs to cache position `first`.
+pub fn softmax_exp(x: &mut [f32], first: usize, max: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        for v in x.iter_mut() {
+            // SAFETY: FMA is part of every non-scalar Isa (checked by fma_available).
+            *v = unsafe { expf_fma(*v - max) };
+        }
+        return chunk_sum(x, first);
+    }
+    for v in x.iter_mut() {
+        *v = expf(*v - max);
+    }
+    chunk_sum(x, first)
+}
+
+fn chunk_sum(x: &[f32], first: usize) -> f64 {
+    let mut sum = 0.0f64;
+    let mut pos = first;
+    let mut i = 0;
+    while i < x.len() {
+        // Positions pos .. the end of pos's chunk.
+        let off = pos % 16;
+        let take = (16 - off).min(x.len() - i);
+        let mut c = [0f32; 16];
+        c[off..off + take].copy_from_slice(&x[i..i + take]);
+        sum += reduce16(&c) as f64;
+        i += take;
+        pos += take;
+    }
+    sum
+}
+
+/// Combine 64 lane sums as `ggml_vec_dot_f16` (AVX-512 build) does: its four 16-lane
+/// accumulators (lanes j % 64, by 16) are added (0 + 2) + (1 + 3), then the 16 lanes as
+/// `_mm512_reduce_add_ps`.
+#[inline(always)]
+pub fn reduce64(a: &[f32; 64]) -> f32 {
+    let v: [f32; 16] = std::array::from_fn(|l| (a[l] + a[32 + l]) + (a[16 + l] + a[48 + l]));
+    reduce16(&v)
+}
+
+/// F16 dot product in the order of `ggml_vec_dot_f16` (what llama.cpp's F16 matmul runs
+/// for a batch of one token, instead of tinyBLAS): element i into lane i % 64 by fused
+/// multiply-adds over whole 64-element steps, [`reduce64`], then the leftover products
+/// (rounded to f32) added in f64. `a.len()` must equal `b.len()` (else None).
+pub fn dot_f16_vec(a: &[u16], b: &[u16]) -> Option<f32> {
+    if a.len() != b.len() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (with F16C and FMA) detected; lengths equal.
+        return Some(unsafe { dot_f16_vec_avx512(a, b) });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: FMA and F16C are part of every non-scalar Isa (checked); lengths equal.
+        return Some(unsafe { dot_f16_vec_fma(a, b) });
+    }
+    Some(dot_f16_vec_impl(a, b))
+}
+
+/// [`dot_f16_vec_impl`] with four 16-lane accumulators, as ggml holds them.
+///
+/// # Safety
+/// AVX-512F, F16C and FMA available; `a.len() == b.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn dot_f16_vec_avx512(a: &[u16], b: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let np = a.len() / 64 * 64;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for i in (0..np).step_by(64) {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 16j + 16 ≤ np ≤ both lengths; unaligned loads.
+            unsafe {
+                let ld = |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()));
+                let (x, y) = (
+                    ld(a.as_ptr().add(i + 16 * j)),
+                    ld(b.as_ptr().add(i + 16 * j)),
+                );
+                *acc = _mm512_fmadd_ps(x, y, *acc);
+            }
+        }
+    }
+    let mut l = [0f32; 64];
+    for (j, acc) in acc.into_iter().enumerate() {
+        // SAFETY: l holds 64 f32; one unaligned 16-float store per accumulator.
+        unsafe { _mm512_storeu_ps(l.as_mut_ptr().add(16 * j), acc) };
+    }
+    let mut sum = reduce64(&l) as f64;
+    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
+        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    }
+    sum as f32
+}
+
+/// [`dot_f16_vec_impl`] compiled with FMA instructions.
+///
+/// # Safety
+/// The CPU must have FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,f16c")]
+unsafe fn dot_f16_vec_fma(a: &[u16], b: &[u16]) -> f32 {
+    dot_f16_vec_impl(a, b)
+}
+
+#[inline(always)]
+fn dot_f16_vec_impl(a: &[u16], b: &[u16]) -> f32 {
+    let np = a.len() / 64 * 64;
+    let mut acc = [0.0f32; 64];
+    for (ca, cb) in a[..np].chunks_exact(64).zip(b[..np].chunks_exact(64)) {
+        for l in 0..64 {
+            acc[l] = f16_to_f32(ca[l]).mul_add(f16_to_f32(cb[l]), acc[l]);
+        }
+    }
+    let mut sum = reduce64(&acc) as f64;
+    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
+        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    }
+    sum as f32
+}
+
+/// `acc[i] = fma(f16 v[i], p, acc[i])`: one position's step of the F16 matmul's lane
+/// accumulation (llama.cpp's V·softmax product). False (nothing done) unless the lengths
+/// match.
+pub fn fma_f16(p: f32, v: &[u16], acc: &mut [f32]) -> bool {
+    if v.len() != acc.len() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (and F16C, FMA with it) detected; lengths checked above.
+        unsafe { fma_f16_avx512(p, v, acc) };
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: AVX2, FMA and F16C detected; lengths checked above.
+        unsafe { fma_f16_avx2(p, v, acc) };
+        return true;
+    }
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = f16_to_f32(x).mul_add(p, *a);
+    }
+    true
+}
+
+/// # Safety
+/// AVX-512F, F16C and FMA available; `v.len() == acc.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn fma_f16_avx512(p: f32, v: &[u16], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let pv = _mm512_set1_ps(p);
+    let n16 = v.len() / 16 * 16;
+    for i in (0..n16).step_by(16) {
+        // SAFETY: i + 16 ≤ n16 ≤ both lengths; unaligned loads and stores.
+        unsafe {
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i).cast()));
+            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
+            _mm512_storeu_ps(acc.as_mut_ptr().add(i), _mm512_fmadd_ps(x, pv, a));
+        }
+    }
+    for (a, &x) in acc[n16..].iter_mut().zip(&v[n16..]) {
+        *a = f16_to_f32(x).mul_add(p, *a);
+    }
+}
+
+/// # Safety
+/// AVX2, F16C and FMA available; `v.len() == acc.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c,fma")]
+unsafe fn fma_f16_avx2(p: f32, v: &[u16], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let pv = _mm256_set1_ps(p);
+    let n8 = v.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        // SAFETY: i + 8 ≤ n8 ≤ both lengths; unaligned loads and stores.
+        unsafe {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(x, pv, a));
+        }
+    }
+    for (a, &x) in acc[n8..].iter_mut().zip(&v[n8..]) {
+        *a = f16_to_f32(x).mul_add(p, *a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_close_to_exp_and_saturates_like_ggml() {
+        // Normal results (ggml's polynomial is within 2 ulp there).
+        for i in -1740..=1760 {
+            let x = i as f32 * 0.05;
+            let (got, want) = (expf(x) as f64, (x as f64).exp());
+            assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
+        }
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(200.0), f32::INFINITY);
+        // Subnormal results round once.
+        assert!(expf(-100.0) > 0.0 && expf(-100.0) < f32::MIN_POSITIVE);
+    }
+
+    #[test]
+    fn fma_and_fused_paths_agree() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 700.0) * 0.173).collect();
+        for &x in &xs {
+            #[cfg(target_arch = "x86_64")]
+            if fma_available() {
+                // SAFETY: FMA available (checked).
+                assert_eq!(unsafe { expf_fma(x) }.to_bits(), expf(x).to_bits(), "{x}");
+            }
+        }
+        let v: Vec<u16> = xs.iter().map(|&x| crate::f32_to_f16(x * 0.01)).collect();
+        let mut a: Vec<f32> = xs.iter().map(|&x| x * 0.3).collect();
+        let want: Vec<f32> = a
+            .iter()
+            .zip(&v)
+            .map(|(&a, &x)| f16_to_f32(x).mul_add(0.37, a))
+            .collect();
+        assert!(fma_f16(0.37, &v, &mut a));
+        assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn dot_f16_vec_paths_agree() {
+        for n in [16usize, 64, 100, 256] {
+            let a: Vec<u16> = (0..n)
+                .map(|i| crate::f32_to_f16((i as f32 * 0.37).sin()))
+                .collect();
+            let b: Vec<u16> = (0..n)
+                .map(|i| crate::f32_to_f16((i as f32 * 0.11).cos() * 3.0))
+                .collect();
+            let want = dot_f16_vec_impl(&a, &b);
+            let got = dot_f16_vec(&a, &b).unwrap_or(f32::NAN);
+            assert_eq!(got.to_bits(), want.to_bits(), "n {n}");
+        }
+        assert_eq!(dot_f16_vec(&[0; 3], &[0; 4]), None);
+    }
+
+    #[test]
+    fn softmax_sum_goes_by_aligned_chunks() {
+        let mut x = vec![0.0f32; 20];
+        // Positions 14..34: chunks 14..16, 16..32, 32..34.
+        let s = softmax_exp(&mut x, 14, 0.0);
+        assert_eq!(s, 20.0);
+        assert!(x.iter().all(|&v| v == 1.0));
+    }
+}
