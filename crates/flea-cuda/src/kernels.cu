@@ -404,7 +404,7 @@ extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, i
 
 // Round activations the way the CPU backend quantizes them for its dot products (so both
 // backends see the same inputs), writing f32 (yf) and/or f16 (yh, may be null).
-// mode 1: Q8_0/Q8_1 blocks of 32 (d = amax/127 as f16, q = roundf(x/d));
+// mode 1: Q8_0/Q8_1 blocks of 32 (d = amax/127 as f16, q = rint(x * 127/amax));
 // mode 2: Q8_K blocks of 256 (iscale = -127/max, q = min(127, rint(iscale*x)), d = 1/iscale);
 // mode 3: round to f16; mode 4: round to bf16; mode 0: copy.
 // One warp per 32 (mode 1, 0, 3, 4) or 256 (mode 2) elements; grid.x * 4 warps.
@@ -454,8 +454,8 @@ extern "C" __global__ void act_round(const float* __restrict__ x, float* __restr
     if (mode == 1) {
         float amax = warp_max(fabsf(v));
         float d = amax / 127.f;
-        float id = d != 0.f ? 1.f / d : 0.f;
-        r = roundf(v * id) * h2f(f2h(d));
+        float id = amax != 0.f ? 127.f / amax : 0.f;
+        r = rintf(v * id) * h2f(f2h(d));
     } else if (mode == 3) {
         r = h2f(f2h(v));
     } else if (mode == 4) {
@@ -1530,8 +1530,9 @@ template <bool BF> struct Half8 {
 typedef Half8<false> F16K;
 typedef Half8<true> BF16K;
 
-// Q8_0 quantization of activations, as the CPU's quantize_q8_0: per 32 elements d = amax/127,
-// q = roundf(x / d) (0 when d == 0); the scale is stored as the f16-rounded d, in f32; xs[blk]
+// Q8_0 quantization of activations, as the CPU's quantize_q8_0 (ggml's x86 one): per 32
+// elements d = amax/127, q = round-half-even(x * (127/amax)) (0 when amax == 0); the scale is
+// stored as the f16-rounded d, in f32; xs[blk]
 // gets Q8_1's s = f16(d * sum of q), as f32 bits. One warp per block, lane = element; grid.x * 4
 // warps cover nblk blocks.
 extern "C" __global__ void __launch_bounds__(128)
@@ -1544,8 +1545,8 @@ extern "C" __global__ void __launch_bounds__(128)
     const float v = x[blk * 32 + lane];
     const float amax = warp_max(fabsf(v));
     const float d = amax / 127.f;
-    const float id = d != 0.f ? 1.f / d : 0.f;
-    const int q = (int)roundf(v * id);
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    const int q = (int)rintf(v * id);
     xq[blk * 32 + lane] = (i8)q;
     int sum = q;  // shuffles, not __reduce_add_sync: that needs sm_80
 #pragma unroll

@@ -568,8 +568,11 @@ mod tests {
     fn act_q8_0(x: &[f32]) -> (Vec<i8>, f32, f32) {
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let q: Vec<i8> = x.iter().map(|&v| (v * id).round() as i32 as i8).collect();
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let q: Vec<i8> = x
+            .iter()
+            .map(|&v| (v * id).round_ties_even() as i32 as i8)
+            .collect();
         let sum: i32 = q.iter().map(|&v| v as i32).sum();
         let s = h2f(flea_quant::f32_to_f16(sum as f32 * d));
         (q, h2f(flea_quant::f32_to_f16(d)), s)
@@ -717,6 +720,15 @@ mod tests {
         // Exact halves, where roundf (away from zero) and rint (to even) differ.
         for (i, v) in x[64..96].iter_mut().enumerate() {
             *v = (i as f32 - 16.0) * 0.5;
+        }
+        // amax 127, so x * 127/amax is x itself: exact halves that round to even (2.5 -> 2),
+        // where the `roundf(x / d)` of llama.cpp's reference and CUDA quantizers gives 3.
+        for (i, v) in x[96..128].iter_mut().enumerate() {
+            *v = if i == 0 {
+                127.0
+            } else {
+                (i as f32 - 16.0) + 0.5
+            };
         }
         let mut cpu = Vec::new();
         flea_quant::quantize_activations(GgmlType::Q8_0, &x, &mut cpu).unwrap();
