@@ -10,8 +10,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    bits_to_bytes, bsums_madd, dm_pair, hsum_epi32, hsum_ps, k4_scales_mins_v, ld256, ld2x128,
-    ld_f16, ld_f32, ld_u32, nibbles32,
+    bsums_madd, dm_pair, hsum_epi32, hsum_ps, k4_scales_mins_v, ld256, ld2x128, ld_f16, ld_f32,
+    ld_u32, nibbles32,
 };
 use crate::{DotFn, GgmlType};
 
@@ -141,6 +141,22 @@ pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
     })
 }
 
+/// A Q5_0 block's 32 unsigned 5-bit quants (0..=31): the nibbles, plus 16 where the block's
+/// high-bit word has the element's bit set. The word goes straight into a mask register
+/// (one masked add instead of the AVX2 shuffle/compare expansion: the same integers).
+///
+/// # Safety
+/// `x` must point at a whole 22-byte block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_0_quants(x: *const u8) -> __m256i {
+    // SAFETY: x points at a whole block: the high bits at 2..6, the nibbles at 6..22.
+    unsafe {
+        let nib = nibbles32(x.add(6));
+        _mm256_mask_add_epi8(nib, ld_u32(x.add(2)), nib, _mm256_set1_epi8(16))
+    }
+}
+
 /// One block of `dot_q5_0`: the scale product (all lanes) and the 8 integer lane sums.
 ///
 /// # Safety
@@ -151,8 +167,7 @@ unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
     // SAFETY: x and y point at whole blocks (22 / 34 bytes).
     unsafe {
         let d = dm_pair(x, y).0;
-        let hb = _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10));
-        let q = _mm256_or_si256(nibbles32(x.add(6)), hb);
+        let q = q5_0_quants(x);
         let q8 = ld256(y.add(2));
         let z = _mm256_setzero_si256();
         let p = _mm256_dpbusd_epi32(z, q, q8);
@@ -183,10 +198,7 @@ pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, 
                 let x = w.add(r * ws + 22 * b);
                 let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
                 let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
-                let q = _mm256_or_si256(
-                    nibbles32(x.add(6)),
-                    _mm256_and_si256(bits_to_bytes(ld_u32(x.add(2))), _mm256_set1_epi8(0x10)),
-                );
+                let q = q5_0_quants(x);
                 let p = _mm256_dpbusd_epi32(neg, q, q8);
                 *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
             }
@@ -387,11 +399,9 @@ unsafe fn gtile<const K: u8>(
                 qx[r] = if K == L_Q8_0 {
                     ld256(x.add(qs_off))
                 } else if qh_off != 0 {
-                    let hb = bits_to_bytes(ld_u32(x.add(qh_off)));
-                    _mm256_or_si256(
-                        nibbles32(x.add(qs_off)),
-                        _mm256_and_si256(hb, _mm256_set1_epi8(0x10)),
-                    )
+                    // The high bits through a mask register, as `q5_0_quants`.
+                    let nib = nibbles32(x.add(qs_off));
+                    _mm256_mask_add_epi8(nib, ld_u32(x.add(qh_off)), nib, _mm256_set1_epi8(16))
                 } else {
                     nibbles32(x.add(qs_off))
                 };
