@@ -193,11 +193,12 @@ impl UnitStaging for CudaBackend {
     fn make_resident_weights(
         &self,
         key: &[u8],
-        host: &[u8],
+        host: &mut [u8],
         matmul_weights: &[UnitWeight],
     ) -> Result<()> {
         // Q6_K weights the repacked kernels can take: whole blocks, 8-aligned in the unit
         // (whose device copy starts 256-aligned), inside it.
+        let unit_len = host.len();
         let q6k = |w: &&UnitWeight| {
             w.ty == GgmlType::Q6_K
                 && w.cols.is_multiple_of(256)
@@ -205,7 +206,7 @@ impl UnitStaging for CudaBackend {
                 && w.offset.is_multiple_of(8)
                 && w.offset
                     .checked_add(w.bytes)
-                    .is_some_and(|end| end <= host.len())
+                    .is_some_and(|end| end <= unit_len)
         };
         let repack = crate::mmvq::enabled()
             && std::env::var_os("FLEA_CUDA_NO_REPACK").is_none()
@@ -213,13 +214,13 @@ impl UnitStaging for CudaBackend {
         if !repack {
             return self.make_resident(key, host);
         }
-        let mut bytes = host.to_vec();
+        // `host` is the executor's scratch read of the unit: rearranged in place.
         for w in matmul_weights.iter().filter(q6k) {
-            if let Some(t) = bytes.get_mut(w.offset..w.offset + w.bytes) {
+            if let Some(t) = host.get_mut(w.offset..w.offset + w.bytes) {
                 repack_q6k(t);
             }
         }
-        self.make_resident(key, &bytes)?;
+        self.make_resident(key, host)?;
         let mut set = self.repacked.lock().unwrap();
         for w in matmul_weights.iter().filter(q6k) {
             let dev = self

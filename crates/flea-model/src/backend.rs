@@ -338,11 +338,12 @@ pub trait UnitStaging: Backend {
 
     /// `make_resident`, told where the unit's matmul weights lie (only ever multiplied,
     /// never gathered as embeddings), so a backend may store them in a layout its kernels
-    /// read faster. By default the bytes are kept as they are.
+    /// read faster; `host` is a scratch copy it may rearrange in place. By default the bytes
+    /// are kept as they are.
     fn make_resident_weights(
         &self,
         key: &[u8],
-        host: &[u8],
+        host: &mut [u8],
         _matmul_weights: &[UnitWeight],
     ) -> Result<()> {
         self.make_resident(key, host)

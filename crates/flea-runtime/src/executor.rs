@@ -316,7 +316,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     let r = reader.read(u.offset, u.bytes as usize, &mut tmp)?;
                     let key = unit_key(model, u.offset, u.bytes)?;
                     let weights = unit_matmul_weights(model, u.offset, u.bytes);
-                    backend.make_resident_weights(key, &tmp.as_slice()[r], &weights)?;
+                    backend.make_resident_weights(key, &mut tmp.as_mut_slice()[r], &weights)?;
                     Some(Holding::Device {
                         _budget: reservation,
                     })

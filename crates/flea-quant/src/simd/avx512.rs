@@ -51,37 +51,57 @@ unsafe fn blk_q4_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
     }
 }
 
-/// Four rows of `dot_q4_0` against one activation row (the same bits per row: the same
-/// integer sums, scale product and fused accumulation; the activation's half of the work,
-/// -8·Σy and its scale, is done once for the four rows).
+/// Four rows of a 32-element format with unsigned quants and a fixed bias (Q4_0: 8,
+/// Q5_0: 16) against one activation row, each row with the same bits as its one-row dot
+/// (the same integer sums, scale product and fused accumulation); the activation's half of
+/// the work, -bias·Σy and its scale, is done once for the four rows. `$quants(x)` gives a
+/// block's 32 unsigned quants.
+macro_rules! biased_rows {
+    ($n:expr, $w:expr, $ws:expr, $a:expr, $out:expr, $bytes:expr, $bias:expr, $quants:path) => {{
+        let (n, w, ws, a, out) = ($n, $w, $ws, $a, $out);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let z = _mm256_setzero_si256();
+        // SAFETY (whole body): block b < n/32 lies inside the activation row and each of
+        // the four weight rows; out holds four f32 (RowsFn contract).
+        unsafe {
+            for b in 0..n / 32 {
+                let y = a.add(34 * b);
+                let q8 = ld256(y.add(2));
+                let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8($bias), q8));
+                let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = w.add(r * ws + $bytes * b);
+                    let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
+                    let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
+                    let p = _mm256_dpbusd_epi32(neg, $quants(x), q8);
+                    *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
+                }
+            }
+            for (r, acc) in acc.into_iter().enumerate() {
+                *out.add(r) = hsum_ps(acc);
+            }
+        }
+    }};
+}
+
+/// A Q4_0 block's 32 unsigned quants (0..=15).
+///
+/// # Safety
+/// `x` must point at a whole 18-byte block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_0_quants(x: *const u8) -> __m256i {
+    // SAFETY: the nibbles are bytes 2..18 of the block.
+    unsafe { nibbles32(x.add(2)) }
+}
+
+/// Four rows of `dot_q4_0` (see `biased_rows!`).
 ///
 /// # Safety
 /// [`RowsFn`](crate::RowsFn) contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let z = _mm256_setzero_si256();
-    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
-    // four weight rows; out holds four f32 (RowsFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let y = a.add(34 * b);
-            let q8 = ld256(y.add(2));
-            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), q8));
-            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = w.add(r * ws + 18 * b);
-                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
-                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
-                let q = nibbles32(x.add(2));
-                let p = _mm256_dpbusd_epi32(neg, q, q8);
-                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
-            }
-        }
-        for (r, acc) in acc.into_iter().enumerate() {
-            *out.add(r) = hsum_ps(acc);
-        }
-    }
+    biased_rows!(n, w, ws, a, out, 18, 8, q4_0_quants)
 }
 
 /// # Safety
@@ -176,37 +196,13 @@ unsafe fn blk_q5_0(x: *const u8, y: *const u8) -> (__m256, __m256i) {
     }
 }
 
-/// Four rows of `dot_q5_0` against one activation row (the same bits per row: the same
-/// integer sums, scale product and fused accumulation; the activation's half of the work,
-/// -16·Σy and its scale, is done once for the four rows).
+/// Four rows of `dot_q5_0` (see `biased_rows!`).
 ///
 /// # Safety
 /// [`RowsFn`](crate::RowsFn) contract.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn rows_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let z = _mm256_setzero_si256();
-    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
-    // four weight rows; out holds four f32 (RowsFn contract).
-    unsafe {
-        for b in 0..n / 32 {
-            let y = a.add(34 * b);
-            let q8 = ld256(y.add(2));
-            let neg = _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(16), q8));
-            let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = w.add(r * ws + 22 * b);
-                let fx = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
-                let d = _mm256_permute_ps::<0>(_mm256_mul_ps(fx, fy));
-                let q = q5_0_quants(x);
-                let p = _mm256_dpbusd_epi32(neg, q, q8);
-                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *acc);
-            }
-        }
-        for (r, acc) in acc.into_iter().enumerate() {
-            *out.add(r) = hsum_ps(acc);
-        }
-    }
+    biased_rows!(n, w, ws, a, out, 22, 16, q5_0_quants)
 }
 
 /// # Safety
