@@ -528,15 +528,11 @@ impl Backend for CpuBackend {
                     let l = j % nl;
                     flea_quant::ggml_math::fma_f16(pj, v, &mut lanes[l * hd..(l + 1) * hd]);
                 }
-                for (d, out) in dst.iter_mut().enumerate() {
-                    *out = if single {
-                        let v: [f32; 64] = std::array::from_fn(|l| lanes[l * hd + d]);
-                        flea_quant::ggml_math::reduce64(&v)
-                    } else {
-                        let v: [f32; 16] = std::array::from_fn(|l| lanes[l * hd + d]);
-                        flea_quant::ggml_math::reduce16(&v)
-                    };
-                }
+                // The lanes' tree sum per output element (reduce64 / reduce16), all of the
+                // head's elements at once.
+                let folded = flea_quant::ggml_math::fold_lanes(&mut lanes, hd, nl);
+                debug_assert!(folded, "lanes sized nl * hd above");
+                dst.copy_from_slice(&lanes[..hd]);
             }
         });
         Ok(())

@@ -150,6 +150,48 @@ pub fn reduce64(a: &[f32; 64]) -> f32 {
     reduce16(&v)
 }
 
+/// The lane sums of a `nl × width` block of lane accumulators (`lanes[l * width + d]`, lane
+/// l of output d), tree-summed per column in place as [`reduce64`] (`nl` = 64) or
+/// [`reduce16`] (`nl` = 16) sums one column: both trees are repeated halvings (row l plus
+/// row l + half), so whole rows are added at once, vectorised, with the same pairings.
+/// The sums end in row 0 (`lanes[..width]`). False (nothing done) unless `nl` is 16 or 64
+/// and `lanes.len() == nl * width`.
+pub fn fold_lanes(lanes: &mut [f32], width: usize, nl: usize) -> bool {
+    if !(nl == 16 || nl == 64) || Some(lanes.len()) != nl.checked_mul(width) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F detected; the sizes were checked above.
+        unsafe { fold_lanes_avx512(lanes, width, nl) };
+        return true;
+    }
+    fold_lanes_impl(lanes, width, nl);
+    true
+}
+
+/// [`fold_lanes_impl`] compiled for AVX-512 (the row additions vectorise 16 wide).
+///
+/// # Safety
+/// AVX-512F available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fold_lanes_avx512(lanes: &mut [f32], width: usize, nl: usize) {
+    fold_lanes_impl(lanes, width, nl)
+}
+
+#[inline(always)]
+fn fold_lanes_impl(lanes: &mut [f32], width: usize, nl: usize) {
+    let mut half = nl / 2;
+    while half >= 1 {
+        let (lo, hi) = lanes.split_at_mut(half * width);
+        for (a, b) in lo.iter_mut().zip(&hi[..half * width]) {
+            *a += *b;
+        }
+        half /= 2;
+    }
+}
+
 /// F16 dot product in the order of `ggml_vec_dot_f16` (what llama.cpp's F16 matmul runs
 /// for a batch of one token, instead of tinyBLAS): element i into lane i % 64 by fused
 /// multiply-adds over whole 64-element steps, [`reduce64`], then the leftover products
@@ -194,12 +236,16 @@ unsafe fn dot_f16_vec_avx512(a: &[u16], b: &[u16]) -> f32 {
             }
         }
     }
-    let mut l = [0f32; 64];
-    for (j, acc) in acc.into_iter().enumerate() {
-        // SAFETY: l holds 64 f32; one unaligned 16-float store per accumulator.
-        unsafe { _mm512_storeu_ps(l.as_mut_ptr().add(16 * j), acc) };
-    }
-    let mut sum = reduce64(&l) as f64;
+    // reduce64's tree in registers: (acc0 + acc2) + (acc1 + acc3), then reduce16's halvings
+    // (lane i with lane i + 8, then i + 4, then (0 + 2) + (1 + 3)).
+    let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+    // The upper 8 floats through the 64-bit extract (AVX-512F; the f32 one needs DQ).
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let t = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+    let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+    let r = _mm_add_ss(w, _mm_shuffle_ps::<0b01>(w, w));
+    let mut sum = _mm_cvtss_f32(r) as f64;
     for (&x, &y) in a[np..].iter().zip(&b[np..]) {
         sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
     }
@@ -341,7 +387,7 @@ mod tests {
 
     #[test]
     fn dot_f16_vec_paths_agree() {
-        for n in [16usize, 64, 100, 256] {
+        for n in [16usize, 64, 100, 128, 256, 1000] {
             let a: Vec<u16> = (0..n)
                 .map(|i| crate::f32_to_f16((i as f32 * 0.37).sin()))
                 .collect();
@@ -353,6 +399,40 @@ mod tests {
             assert_eq!(got.to_bits(), want.to_bits(), "n {n}");
         }
         assert_eq!(dot_f16_vec(&[0; 3], &[0; 4]), None);
+    }
+
+    #[test]
+    fn fold_lanes_sums_each_column_as_reduce64_and_reduce16() {
+        for (nl, width) in [(64usize, 128usize), (64, 72), (16, 64), (16, 5)] {
+            let lanes: Vec<f32> = (0..nl * width)
+                // Mixed signs and magnitudes, so that the order of the additions shows.
+                .map(|i| (i as f32 * 0.7311).sin() * 10f32.powi(i as i32 % 7 - 3))
+                .collect();
+            let want: Vec<f32> = (0..width)
+                .map(|d| {
+                    if nl == 64 {
+                        reduce64(&std::array::from_fn(|l| lanes[l * width + d]))
+                    } else {
+                        reduce16(&std::array::from_fn(|l| lanes[l * width + d]))
+                    }
+                })
+                .collect();
+            let mut got = lanes.clone();
+            assert!(fold_lanes(&mut got, width, nl));
+            for d in 0..width {
+                assert_eq!(
+                    got[d].to_bits(),
+                    want[d].to_bits(),
+                    "nl {nl} width {width} d {d}"
+                );
+            }
+            let mut generic = lanes.clone();
+            fold_lanes_impl(&mut generic, width, nl);
+            assert!(generic[..width].iter().all(|v| v.is_finite()));
+            assert_eq!(generic[..width], got[..width]);
+        }
+        assert!(!fold_lanes(&mut [0.0; 32], 1, 32));
+        assert!(!fold_lanes(&mut [0.0; 63], 1, 64));
     }
 
     #[test]
