@@ -304,7 +304,8 @@ impl Engine {
         self.backend.name()
     }
 
-    /// With FLEA_CUDA_PROFILE set on a CUDA run: per-kernel GPU time since the last call.
+    /// Per-kernel GPU time (FLEA_CUDA_PROFILE set, a CUDA run) and per-operation CPU time
+    /// (FLEA_CPU_PROFILE set: a CPU run, or a hybrid run's CPU layers) since the last call.
     fn print_gpu_profile(&self, phase: &str) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Some(c) = &self.cuda {
@@ -312,7 +313,9 @@ impl Engine {
                 eprint!("{phase}: {r}");
             }
         }
-        let _ = phase;
+        if let Some(r) = self.backend.profile_report() {
+            eprint!("{phase}: {r}");
+        }
         Ok(())
     }
 

@@ -102,6 +102,40 @@ impl CpuKv {
 pub struct CpuBackend {
     pool: ThreadPool,
     threads: usize,
+    /// Per-operation wall time (`FLEA_CPU_PROFILE=1`), None when off.
+    profile: Option<OpProfile>,
+}
+
+/// Calls and wall time per backend operation since the last report: where a CPU pass goes
+/// besides the matmuls (the single-threaded element-wise operations, attention over the
+/// context), with the same names on every run.
+#[derive(Default)]
+struct OpProfile {
+    ops: std::sync::Mutex<Vec<(&'static str, u64, f64)>>,
+}
+
+/// Adds its lifetime to `name`'s entry when dropped (a no-op without a profile).
+struct OpTimer<'a> {
+    profile: Option<&'a OpProfile>,
+    name: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        let Some(p) = self.profile else { return };
+        let dt = self.start.elapsed().as_secs_f64();
+        // A poisoned lock only loses profile entries.
+        if let Ok(mut ops) = p.ops.lock() {
+            match ops.iter_mut().find(|e| e.0 == self.name) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += dt;
+                }
+                None => ops.push((self.name, 1, dt)),
+            }
+        }
+    }
 }
 
 /// Weight bytes per row tile when a matmul runs several segments (fits L2 with room).
@@ -126,7 +160,48 @@ impl CpuBackend {
         let threads = threads.max(1);
         let pool = ThreadPool::new(threads)
             .map_err(|e| ModelError::Backend(format!("thread pool: {e}")))?;
-        Ok(CpuBackend { pool, threads })
+        let profile = std::env::var_os("FLEA_CPU_PROFILE")
+            .is_some_and(|v| v != "0")
+            .then(OpProfile::default);
+        Ok(CpuBackend {
+            pool,
+            threads,
+            profile,
+        })
+    }
+
+    fn timer(&self, name: &'static str) -> OpTimer<'_> {
+        OpTimer {
+            profile: self.profile.as_ref(),
+            name,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// With `FLEA_CPU_PROFILE` set: calls and wall time per operation since the last report,
+    /// as a table (largest first); None when profiling is off or nothing ran.
+    pub fn profile_report(&self) -> Option<String> {
+        let p = self.profile.as_ref()?;
+        let mut ops = std::mem::take(&mut *p.ops.lock().ok()?);
+        if ops.is_empty() {
+            return None;
+        }
+        ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let total: f64 = ops.iter().map(|e| e.2).sum();
+        let mut out = format!(
+            "CPU profile: {:.3} ms in operations ({} threads)\n  operation            calls    total ms    mean us      %\n",
+            total * 1e3,
+            self.threads
+        );
+        for (name, calls, secs) in ops {
+            out += &format!(
+                "  {name:<18} {calls:>7} {:>11.3} {:>10.2} {:>6.1}\n",
+                secs * 1e3,
+                secs * 1e6 / calls.max(1) as f64,
+                100.0 * secs / total.max(1e-12)
+            );
+        }
+        Some(out)
     }
 
     pub fn threads(&self) -> usize {
@@ -207,6 +282,7 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut CpuAct) -> Result<()> {
+        let _t = self.timer("embed");
         check_weight(table)?;
         let rb = table.row_bytes();
         let d = table.cols;
@@ -230,6 +306,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, n: usize, x: &CpuAct, w: &Weight, eps: f32, out: &mut CpuAct) -> Result<()> {
+        let _t = self.timer("rms_norm");
         let wv = w.as_f32();
         let g = wv.len();
         let src = x.rows(n)?;
@@ -269,6 +346,7 @@ impl Backend for CpuBackend {
         x: &CpuAct,
         jobs: &mut [(&Weight, &mut CpuAct)],
     ) -> Result<()> {
+        let quantize_timer = self.timer("matmul_quantize");
         let n: usize = segments.iter().sum();
         if n == 0 || segments.contains(&0) {
             return Err(ModelError::Backend("matmul: empty segment".into()));
@@ -296,6 +374,8 @@ impl Backend for CpuBackend {
                 quantized.push((fmt, acts));
             }
         }
+        drop(quantize_timer);
+        let _t = self.timer("matmul");
         let mut parts = Vec::with_capacity(jobs.len());
         let mut n_tasks = 0;
         for (w, out) in jobs.iter_mut() {
@@ -377,6 +457,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&self, n: usize, x: &mut CpuAct, b: &Weight) -> Result<()> {
+        let _t = self.timer("add_bias");
         let bv = b.as_f32();
         if bv.len() != x.width {
             return Err(ModelError::Backend("add_bias: width mismatch".into()));
@@ -388,6 +469,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, n: usize, x: &mut CpuAct, p: &RopeParams) -> Result<()> {
+        let _t = self.timer("rope");
         let hd = p.head_dim;
         let nd = p.rope_dims;
         if x.width != p.n_heads * hd || nd > hd || !nd.is_multiple_of(2) {
@@ -435,6 +517,7 @@ impl Backend for CpuBackend {
         p: &AttnParams,
         out: &mut CpuAct,
     ) -> Result<()> {
+        let _t = self.timer("attention");
         let hd = p.head_dim;
         let kvd = p.n_head_kv * hd;
         let shape = kv.shape;
@@ -489,27 +572,36 @@ impl Backend for CpuBackend {
                     .map(|&x| f16::from_f32(x))
                     .collect();
                 let qbits: &[u16] = qrow.reinterpret_cast();
-                let mut scores = Vec::with_capacity(pos + 1 - lo);
-                let mut kf = vec![0.0f32; hd];
-                for j in lo..=pos {
-                    let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-                    // In the order of llama.cpp's F16 matmul: ggml_vec_dot_f16 for a batch of
-                    // one token, tinyBLAS for more (where the head size is a multiple of 16:
-                    // every model here; else in plain order).
-                    let s = if single {
-                        flea_quant::ggml_math::dot_f16_vec(key.reinterpret_cast(), qbits)
-                    } else {
-                        flea_quant::dot_f16(key.reinterpret_cast(), qbits)
-                    };
-                    let s = match s {
-                        Some(s) => s,
-                        None => {
-                            key.convert_to_f32_slice(&mut kf);
-                            qrow.iter().zip(&kf).map(|(a, b)| a.to_f32() * b).sum()
-                        }
-                    };
-                    scores.push(s * p.scale);
+                let mut scores = vec![0.0f32; pos + 1 - lo];
+                // This head's keys / values: position j at j * kvd (cache rows are kvd wide).
+                let (keys, vals): (&[u16], &[u16]) = (
+                    kc[kh * hd..].reinterpret_cast(),
+                    vc[kh * hd..].reinterpret_cast(),
+                );
+                // In the order of llama.cpp's F16 matmul: ggml_vec_dot_f16 for a batch of
+                // one token, tinyBLAS for more (where the head size is a multiple of 16:
+                // every model here; else in plain order).
+                if !(single
+                    && flea_quant::ggml_math::scores_f16_vec(qbits, keys, kvd, lo, &mut scores))
+                {
+                    let mut kf = vec![0.0f32; hd];
+                    for (j, s) in (lo..=pos).zip(scores.iter_mut()) {
+                        let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+                        let d = if single {
+                            flea_quant::ggml_math::dot_f16_vec(key.reinterpret_cast(), qbits)
+                        } else {
+                            flea_quant::dot_f16(key.reinterpret_cast(), qbits)
+                        };
+                        *s = match d {
+                            Some(d) => d,
+                            None => {
+                                key.convert_to_f32_slice(&mut kf);
+                                qrow.iter().zip(&kf).map(|(a, b)| a.to_f32() * b).sum()
+                            }
+                        };
+                    }
                 }
+                scores.iter_mut().for_each(|s| *s *= p.scale);
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 // ggml's exp and its order of the sum (ggml_vec_soft_max_f32).
                 let sum = flea_quant::ggml_math::softmax_exp(&mut scores, lo, max);
@@ -519,15 +611,17 @@ impl Backend for CpuBackend {
                 // lanes by position, fused multiply-adds, then the lanes' tree sum — 16
                 // lanes in tinyBLAS, 64 in ggml_vec_dot_f16 (a batch of one token).
                 let nl = if single { 64 } else { 16 };
-                let mut lanes = vec![0.0f32; nl * hd];
-                for (j, s) in (lo..=pos).zip(&scores) {
-                    // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
-                    let pj = f16::from_f32(s * inv).to_f32();
-                    let v: &[u16] =
-                        vc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast();
-                    let l = j % nl;
-                    flea_quant::ggml_math::fma_f16(pj, v, &mut lanes[l * hd..(l + 1) * hd]);
+                // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
+                for s in scores.iter_mut() {
+                    *s = f16::from_f32(*s * inv).to_f32();
                 }
+                let mut lanes = vec![0.0f32; nl * hd];
+                let summed =
+                    flea_quant::ggml_math::pv_lanes_f16(&scores, vals, kvd, lo, nl, &mut lanes);
+                debug_assert!(
+                    summed,
+                    "every cache row of the window lies inside the layer"
+                );
                 // The lanes' tree sum per output element (reduce64 / reduce16), all of the
                 // head's elements at once.
                 let folded = flea_quant::ggml_math::fold_lanes(&mut lanes, hd, nl);
@@ -546,36 +640,63 @@ impl Backend for CpuBackend {
         act: FfnActivation,
         out: &mut CpuAct,
     ) -> Result<()> {
+        let _t = self.timer("glu");
         let g = gate.rows(n)?;
         let u = up.rows(n)?;
         let o = out.rows_mut(n)?;
         if g.len() != u.len() || g.len() != o.len() {
             return Err(ModelError::Backend("glu: shape mismatch".into()));
         }
-        match act {
-            FfnActivation::SwiGlu => {
-                // Row by row: ggml's 16-element chunks restart at each row.
-                let w = gate.width;
-                for ((o, g), u) in o.chunks_mut(w).zip(g.chunks(w)).zip(u.chunks(w)) {
-                    flea_quant::ggml_math::swiglu(g, u, o);
-                }
-            }
-            FfnActivation::GeGlu => {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    // ggml writes a plain +0 below -10 (no product, so no -0).
-                    *o = if g <= -10.0 { 0.0 } else { gelu(g) * u };
-                }
-            }
+        let w = gate.width;
+        if w == 0 || g.len() % w != 0 {
+            return Err(ModelError::Backend("glu: width mismatch".into()));
         }
+        // Pieces of whole 16-element chunks from each row's start (ggml's SwiGLU chunks
+        // restart at each row, and a row's tail goes through libm's exp: it stays with the
+        // row's last piece), so spreading a wide FFN over the pool keeps every bit. Small
+        // ones stay on this thread.
+        let chunks = w / 16;
+        let piece = if n * w >= 8192 {
+            chunks.div_ceil(self.threads).max(64)
+        } else {
+            chunks.max(1)
+        };
+        let per_row = chunks.div_ceil(piece).max(1);
+        let out = Disjoint::new(o);
+        self.pool.run(n * per_row, &|t| {
+            let (r, k) = (t / per_row, t % per_row);
+            let a = r * w + k * piece * 16;
+            let b = if k + 1 == per_row {
+                (r + 1) * w
+            } else {
+                a + piece * 16
+            };
+            let (Some(g), Some(u)) = (g.get(a..b), u.get(a..b)) else {
+                return;
+            };
+            // SAFETY: task t alone owns elements a..b of the output (rows r, piece k).
+            let o = unsafe { out.range(a, b - a) };
+            match act {
+                FfnActivation::SwiGlu => flea_quant::ggml_math::swiglu(g, u, o),
+                FfnActivation::GeGlu => {
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        // ggml writes a plain +0 below -10 (no product, so no -0).
+                        *o = if g <= -10.0 { 0.0 } else { gelu(g) * u };
+                    }
+                }
+            }
+        });
         Ok(())
     }
 
     fn scale_rows(&self, n: usize, x: &mut CpuAct, s: f32) -> Result<bool> {
+        let _t = self.timer("scale_rows");
         x.rows_mut(n)?.iter_mut().for_each(|v| *v *= s);
         Ok(true)
     }
 
     fn add(&self, n: usize, x: &mut CpuAct, y: &CpuAct) -> Result<()> {
+        let _t = self.timer("add");
         let ys = y.rows(n)?;
         let xs = x.rows_mut(n)?;
         if xs.len() != ys.len() {
@@ -586,6 +707,7 @@ impl Backend for CpuBackend {
     }
 
     fn copy_rows(&self, src: &CpuAct, src_row: usize, n: usize, dst: &mut CpuAct) -> Result<()> {
+        let _t = self.timer("copy_rows");
         let w = src.width;
         if dst.width != w {
             return Err(ModelError::Backend("copy_rows: width mismatch".into()));
@@ -603,6 +725,7 @@ impl Backend for CpuBackend {
         dst: &mut CpuAct,
         dst_row: usize,
     ) -> Result<()> {
+        let _t = self.timer("copy_rows_to");
         let w = src.width;
         if dst.width != w {
             return Err(ModelError::Backend("copy_rows_to: width mismatch".into()));
@@ -632,6 +755,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         n: usize,
     ) -> Result<(Vec<u16>, Vec<u16>)> {
+        let _t = self.timer("kv_rows");
         let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
         let range = pos0 * kvd..(pos0 + n) * kvd;
         match (kv.k.get(layer), kv.v.get(layer)) {
@@ -658,6 +782,7 @@ impl Backend for CpuBackend {
         k: &[u16],
         v: &[u16],
     ) -> Result<()> {
+        let _t = self.timer("set_kv_rows");
         let kvd = kv.shape.n_head_kv * kv.shape.head_dim;
         let (kc, vc) = kv.layer_mut(layer)?;
         let end = pos0 * kvd + k.len();

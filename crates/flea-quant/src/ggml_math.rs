@@ -236,20 +236,235 @@ unsafe fn dot_f16_vec_avx512(a: &[u16], b: &[u16]) -> f32 {
             }
         }
     }
-    // reduce64's tree in registers: (acc0 + acc2) + (acc1 + acc3), then reduce16's halvings
-    // (lane i with lane i + 8, then i + 4, then (0 + 2) + (1 + 3)).
+    let mut sum = reduce_acc4(acc) as f64;
+    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
+        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    }
+    sum as f32
+}
+
+/// One head's attention scores for a batch of one token, in `ggml_vec_dot_f16`'s order:
+/// `out[i]` = [`dot_f16_vec`]`(q, keys[(first + i) * stride ..][..q.len()])` for each i <
+/// `out.len()` (the same bits), with q converted once for all keys. False (nothing done)
+/// unless every key lies inside `keys`.
+pub fn scores_f16_vec(
+    q: &[u16],
+    keys: &[u16],
+    stride: usize,
+    first: usize,
+    out: &mut [f32],
+) -> bool {
+    let hd = q.len();
+    if !rows_inside(keys.len(), stride, first, out.len(), hd) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 && hd.is_multiple_of(64) && hd <= 256 {
+        // SAFETY: AVX-512F (F16C, FMA) detected; every key lies inside `keys` (checked).
+        unsafe { scores_avx512(q, keys, stride, first, out) };
+        return true;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let k0 = (first + i) * stride;
+        *o = dot_f16_vec(q, &keys[k0..k0 + hd]).unwrap_or(0.0);
+    }
+    true
+}
+
+/// Rows `first .. first + n` of `width` elements at `stride` lie inside `len` elements.
+fn rows_inside(len: usize, stride: usize, first: usize, n: usize, width: usize) -> bool {
+    if n == 0 {
+        return true;
+    }
+    (first + n - 1)
+        .checked_mul(stride)
+        .and_then(|s| s.checked_add(width))
+        .is_some_and(|end| end <= len)
+}
+
+/// # Safety
+/// AVX-512F, F16C and FMA available; `q.len()` a multiple of 64, at most 256; every key
+/// `(first + i) * stride .. + q.len()` inside `keys`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn scores_avx512(q: &[u16], keys: &[u16], stride: usize, first: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let mut qf = [_mm512_setzero_ps(); 16];
+    for (c, qf) in qf.iter_mut().enumerate().take(hd / 16) {
+        // SAFETY: 16c + 16 <= hd = q.len().
+        *qf = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(q.as_ptr().add(16 * c).cast())) };
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        // SAFETY: key (first + i) lies inside `keys` (caller).
+        let k = unsafe { keys.as_ptr().add((first + i) * stride) };
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for step in 0..hd / 64 {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let c = 4 * step + j;
+                // SAFETY: 16c + 16 <= hd: inside the key.
+                let x = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(k.add(16 * c).cast())) };
+                *acc = _mm512_fmadd_ps(x, qf[c], *acc);
+            }
+        }
+        *o = reduce_acc4(acc);
+    }
+}
+
+/// [`reduce64`] of four 16-lane accumulators (lanes 16j..16j+16 in `acc[j]`), in registers:
+/// (acc0 + acc2) + (acc1 + acc3), then [`reduce16`]'s halvings (lane i with lane i + 8,
+/// then i + 4, then (0 + 2) + (1 + 3)).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,f16c,fma")]
+fn reduce_acc4(acc: [std::arch::x86_64::__m512; 4]) -> f32 {
+    use std::arch::x86_64::*;
     let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
     // The upper 8 floats through the 64-bit extract (AVX-512F; the f32 one needs DQ).
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
     let t = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
     let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
     let w = _mm_add_ps(u, _mm_movehl_ps(u, u));
-    let r = _mm_add_ss(w, _mm_shuffle_ps::<0b01>(w, w));
-    let mut sum = _mm_cvtss_f32(r) as f64;
-    for (&x, &y) in a[np..].iter().zip(&b[np..]) {
-        sum += (f16_to_f32(x) * f16_to_f32(y)) as f64;
+    _mm_cvtss_f32(_mm_add_ss(w, _mm_shuffle_ps::<0b01>(w, w)))
+}
+
+/// One head's V·probabilities as lane accumulators, the way llama.cpp's F16 matmul sums
+/// over cache positions: position j (from `first`) goes to lane `j % nl`, and each lane of
+/// each output element is a chain of fused multiply-adds in position order, as repeated
+/// [`fma_f16`] calls make it: `lanes[l * hd + d]` = the chain over j ≡ l of
+/// `f16(vals[j * stride + d]) · probs[j - first]`, zero for a lane no position reaches
+/// (`hd = lanes.len() / nl`; fold with [`fold_lanes`] afterwards). Here each lane's chain
+/// stays in registers instead of going through memory at every position. False (nothing
+/// done) on inconsistent sizes.
+pub fn pv_lanes_f16(
+    probs: &[f32],
+    vals: &[u16],
+    stride: usize,
+    first: usize,
+    nl: usize,
+    lanes: &mut [f32],
+) -> bool {
+    if nl == 0 || !lanes.len().is_multiple_of(nl) {
+        return false;
     }
-    sum as f32
+    let hd = lanes.len() / nl;
+    if !rows_inside(vals.len(), stride, first, probs.len(), hd) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 && hd.is_multiple_of(16) {
+        // SAFETY: AVX-512F (F16C, FMA) detected; every value row lies inside `vals`
+        // (checked) and lanes holds nl rows of hd.
+        unsafe { pv_lanes_avx512(probs, vals, stride, first, nl, lanes) };
+        return true;
+    }
+    lanes.iter_mut().for_each(|x| *x = 0.0);
+    for (i, &pj) in probs.iter().enumerate() {
+        let j = first + i;
+        let l = j % nl;
+        fma_f16(
+            pj,
+            &vals[j * stride..j * stride + hd],
+            &mut lanes[l * hd..(l + 1) * hd],
+        );
+    }
+    true
+}
+
+/// # Safety
+/// AVX-512F, F16C and FMA available; `lanes.len() = nl * hd` with hd a multiple of 16;
+/// every row `j * stride .. + hd` for j in first .. first + probs.len() inside `vals`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+unsafe fn pv_lanes_avx512(
+    probs: &[f32],
+    vals: &[u16],
+    stride: usize,
+    first: usize,
+    nl: usize,
+    lanes: &mut [f32],
+) {
+    let hd = lanes.len() / nl;
+    for l in 0..nl {
+        // The first position of lane l at or after `first`.
+        let j0 = first + (l + nl - first % nl) % nl;
+        let mut d0 = 0;
+        while d0 < hd {
+            let w = (hd - d0).min(128) / 16;
+            let dst = &mut lanes[l * hd + d0..l * hd + d0 + 16 * w];
+            let chain = PvChain {
+                probs,
+                vals,
+                stride,
+                first,
+                j0,
+                nl,
+                d0,
+            };
+            // SAFETY (each arm): as this function's contract; columns d0 .. d0 + 16w lie
+            // inside every value row, and dst holds 16w floats.
+            unsafe {
+                match w {
+                    8 => chain.run::<8>(dst),
+                    7 => chain.run::<7>(dst),
+                    6 => chain.run::<6>(dst),
+                    5 => chain.run::<5>(dst),
+                    4 => chain.run::<4>(dst),
+                    3 => chain.run::<3>(dst),
+                    2 => chain.run::<2>(dst),
+                    _ => chain.run::<1>(dst),
+                }
+            }
+            d0 += 16 * w;
+        }
+    }
+}
+
+/// One lane's chains over a range of columns (see [`pv_lanes_avx512`]).
+#[cfg(target_arch = "x86_64")]
+struct PvChain<'a> {
+    probs: &'a [f32],
+    vals: &'a [u16],
+    stride: usize,
+    first: usize,
+    /// The lane's first position.
+    j0: usize,
+    nl: usize,
+    /// The first column.
+    d0: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PvChain<'_> {
+    /// Positions j0, j0 + nl, … (< first + probs.len()) over 16·R columns from d0,
+    /// accumulated in R registers, then stored to `dst` (16·R floats).
+    ///
+    /// # Safety
+    /// AVX-512F, F16C and FMA available; `dst.len() == 16 * R`; columns d0 .. d0 + 16R of
+    /// every row j lie inside `vals`.
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    unsafe fn run<const R: usize>(&self, dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut j = self.j0;
+        let end = self.first + self.probs.len();
+        while j < end {
+            let pv = _mm512_set1_ps(self.probs[j - self.first]);
+            // SAFETY: row j, columns d0 .. d0 + 16R, lies inside `vals` (caller).
+            let row = unsafe { self.vals.as_ptr().add(j * self.stride + self.d0) };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                let x = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * r).cast())) };
+                *acc = _mm512_fmadd_ps(x, pv, *acc);
+            }
+            j += self.nl;
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            // SAFETY: dst holds 16R floats (caller).
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(16 * r), acc) };
+        }
+    }
 }
 
 /// [`dot_f16_vec_impl`] compiled with FMA instructions.
@@ -433,6 +648,77 @@ mod tests {
         }
         assert!(!fold_lanes(&mut [0.0; 32], 1, 32));
         assert!(!fold_lanes(&mut [0.0; 63], 1, 64));
+    }
+
+    /// A head's keys / values in a cache of `n` rows `stride` wide, the head at column `off`.
+    fn cache(n: usize, stride: usize, seed: usize) -> Vec<u16> {
+        (0..n * stride)
+            .map(|i| crate::f32_to_f16(((i * 7919 + seed) % 2003) as f32 / 1001.0 - 1.0))
+            .collect()
+    }
+
+    #[test]
+    fn head_scores_equal_per_key_dots() {
+        for hd in [64usize, 128, 256, 80] {
+            let (stride, off, n) = (3 * hd + 16, hd + 16, 150);
+            let c = cache(n, stride, hd);
+            let q: Vec<u16> = (0..hd)
+                .map(|i| crate::f32_to_f16((i as f32 * 0.37).sin() * 2.0))
+                .collect();
+            for first in [0usize, 5, 64] {
+                let mut got = vec![f32::NAN; n - first];
+                assert!(scores_f16_vec(&q, &c[off..], stride, first, &mut got));
+                for (i, g) in got.iter().enumerate() {
+                    let k0 = off + (first + i) * stride;
+                    let want = dot_f16_vec(&q, &c[k0..k0 + hd]).unwrap_or(f32::NAN);
+                    assert_eq!(g.to_bits(), want.to_bits(), "hd {hd} first {first} key {i}");
+                }
+            }
+            // A key past the end is refused.
+            let mut too_many = vec![0.0; n + 1];
+            assert!(!scores_f16_vec(&q, &c[off..], stride, 0, &mut too_many));
+        }
+    }
+
+    #[test]
+    fn head_lanes_equal_fma_steps() {
+        for (hd, nl) in [
+            (128usize, 64usize),
+            (64, 16),
+            (256, 64),
+            (144, 16),
+            (40, 16),
+        ] {
+            let (stride, off, n) = (2 * hd + 8, hd + 8, 200);
+            let c = cache(n, stride, nl + hd);
+            for first in [0usize, 3, 70] {
+                let probs: Vec<f32> = (first..n)
+                    .map(|j| crate::f16_to_f32(crate::f32_to_f16(1.0 / (1 + j % 13) as f32)))
+                    .collect();
+                let mut want = vec![0.0f32; nl * hd];
+                for (i, &p) in probs.iter().enumerate() {
+                    let j = first + i;
+                    let (l, r) = (j % nl, off + j * stride);
+                    assert!(fma_f16(p, &c[r..r + hd], &mut want[l * hd..(l + 1) * hd]));
+                }
+                let mut got = vec![f32::NAN; nl * hd];
+                assert!(pv_lanes_f16(&probs, &c[off..], stride, first, nl, &mut got));
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "hd {hd} nl {nl} first {first}");
+            }
+            let mut lanes = vec![0.0f32; nl * hd];
+            assert!(!pv_lanes_f16(
+                &[0.0; 201],
+                &c[off..],
+                stride,
+                0,
+                nl,
+                &mut lanes
+            ));
+        }
     }
 
     #[test]
