@@ -549,12 +549,7 @@ extern "C" __global__ void add(float* x, const float* y, long long total) {
 
 // act 0: SwiGLU, 1: GeGLU (tanh approximation on f16-rounded input, result rounded to f16, as
 // the CPU backend's table does).
-extern "C" __global__ void glu(const float* gate, const float* up, float* out, long long total,
-                               int act) {
-    pdl_enter();
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    float g = gate[i];
+__device__ __forceinline__ float glu_one(float g, float u, int act) {
     float a;
     if (act == 0) {
         a = g / (1.f + expf(-g));
@@ -567,7 +562,15 @@ extern "C" __global__ void glu(const float* gate, const float* up, float* out, l
         float t = tanhf(0.7978846f * xh * (1.f + 0.044715f * xh * xh));
         a = h2f(f2h(0.5f * xh * (1.f + t)));
     }
-    out[i] = a * up[i];
+    return a * u;
+}
+
+extern "C" __global__ void glu(const float* gate, const float* up, float* out, long long total,
+                               int act) {
+    pdl_enter();
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    out[i] = glu_one(gate[i], up[i], act);
 }
 
 // RoPE: one thread per rotated pair. theta_i = pos * theta_scale^i by repeated multiplication.
@@ -1102,6 +1105,22 @@ extern "C" __global__ void __launch_bounds__(128)
     const long long blk = (long long)blockIdx.x * 4 + warp;
     if (blk >= nblk) return;
     q8k_block(x, xq, xd, xs, blk, lane);
+}
+
+// glu followed by act_q8k of its output, in one launch (decode: the output feeds the int8
+// ffn_down mat-vec, which would quantise it next). One warp per 256-block as act_q8k; each
+// lane computes the 8 values it then quantises (q8k_block reads back only its own writes).
+extern "C" __global__ void __launch_bounds__(128)
+    glu_q8k(const float* __restrict__ gate, const float* __restrict__ up, float* out, int act,
+            i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs, long long nblk) {
+    pdl_enter();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const long long e = blk * 256 + lane * 8;
+#pragma unroll
+    for (int i = 0; i < 8; i++) out[e + i] = glu_one(gate[e + i], up[e + i], act);
+    q8k_block(out, xq, xd, xs, blk, lane);
 }
 
 // rms_norm4 followed by act_q8k of the normalised row, in one launch (decode: the norm's

@@ -117,7 +117,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 17] = [
+const PLAIN_KERNELS: [&str; 18] = [
     "act_round",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -129,6 +129,7 @@ const PLAIN_KERNELS: [&str; 17] = [
     "add_bias",
     "add",
     "glu",
+    "glu_q8k",
     "rope",
     "rope_qk",
     "kv_store",
@@ -749,8 +750,24 @@ impl CudaBackend {
         self.fusion.load(Ordering::Relaxed)
     }
 
+    /// Record that the launch just made left the Q8_K quantisation of the `total` values at
+    /// `x` in the scratch at `base` (valid until the next launch or upload).
+    fn note_prequant(&self, x: u64, total: usize, base: u64) -> Result<()> {
+        let p = Prequant {
+            x,
+            total,
+            base,
+            serial: self.launch_serial.load(Ordering::Relaxed),
+        };
+        *self
+            .prequant
+            .lock()
+            .map_err(|_| be("prequant lock poisoned"))? = Some(p);
+        Ok(())
+    }
+
     /// Whether the Q8_K scratch at `base` holds the quantisation of the `total` values at `x`,
-    /// written by rms_norm_q8k with no launch or activation upload since.
+    /// written by rms_norm_q8k or glu_q8k with no launch or activation upload since.
     pub(crate) fn prequantized(&self, x: u64, total: usize, base: u64) -> bool {
         let serial = self.launch_serial.load(Ordering::Relaxed);
         self.prequant.lock().is_ok_and(|p| {
@@ -1296,17 +1313,7 @@ impl Backend for CudaBackend {
                     ..cfg
                 };
                 launch!(self, "rms_norm_q8k", cfg; xp, wp, op, g4i, eps, xq, xd, xs)?;
-                let p = Prequant {
-                    x: out.ptr,
-                    total,
-                    base: xq,
-                    serial: self.launch_serial.load(Ordering::Relaxed),
-                };
-                *self
-                    .prequant
-                    .lock()
-                    .map_err(|_| be("prequant lock poisoned"))? = Some(p);
-                return Ok(());
+                return self.note_prequant(out.ptr, total, xq);
             }
             return launch!(self, "rms_norm4", cfg; xp, wp, op, g4i, eps);
         }
@@ -1664,6 +1671,30 @@ impl Backend for CudaBackend {
             FfnActivation::GeGlu => 1,
         };
         let (gp, upp, op, ti) = (gate.ptr, up.ptr, out.ptr, total as i64);
+        // Decode rows feeding the int8 ffn_down mat-vec: quantise them in the same launch
+        // (as rms_norm_q8k does for the norms).
+        if self.fusion()
+            && gate.width.is_multiple_of(256)
+            && n <= mmvq::MAX_TOKENS
+            && mmvq::enabled()
+        {
+            let (xq, xd, xs) = {
+                let mut sc = self
+                    .scratch
+                    .lock()
+                    .map_err(|_| be("scratch lock poisoned"))?;
+                self.q8k_scratch(&mut sc.xq, total)?
+            };
+            let nblk = total / 256;
+            let cfg = LaunchConfig {
+                grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let nb = nblk as i64;
+            launch!(self, "glu_q8k", cfg; gp, upp, op, a, xq, xd, xs, nb)?;
+            return self.note_prequant(out.ptr, total, xq);
+        }
         launch!(self, "glu", cfg; gp, upp, op, ti, a)
     }
 
