@@ -376,30 +376,32 @@ INSTANTIATE(q6_k, TY_Q6_K)
 
 // Q6_K in the repacked layout of resident weights (Q6KS): the same values as deq8<TY_Q6_K>,
 // for the prompt GEMM. One thread per 8-element unit, as deq_f16_impl / deq_f32_impl.
-__device__ __forceinline__ bool q6ks_unit(const u8* W, int rows, int cols, long long idx,
-                                          float* w) {
+// Rows row0 .. row0 + rows of a tensor of `all` rows (a GEMM may take it in row chunks);
+// idx counts units from the chunk's start.
+__device__ __forceinline__ bool q6ks_unit(const u8* W, int rows, int cols, int row0, int all,
+                                          long long idx, float* w) {
     const int units = cols / 8;
     if (idx >= (long long)rows * units) return false;
     const int row = (int)(idx / units), u = (int)(idx - (long long)row * units);
     const int nb = cols / 256;
-    const long long NB = (long long)rows * nb, B = (long long)row * nb + u / 32;
+    const long long NB = (long long)all * nb, B = (long long)(row0 + row) * nb + u / 32;
     q6k_deq8(W + B * 128, W + NB * 128 + B * 64, W + NB * 192 + B * 16, W + NB * 208 + B * 2,
              u % 32, w);
     return true;
 }
 extern "C" __global__ void deq_f16_q6_k_soa(const u8* W, u16* out, int rows, int cols,
-                                            long long row_bytes) {
+                                            long long row_bytes, int row0, int all) {
     pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     float w[8];
-    if (q6ks_unit(W, rows, cols, idx, w)) store8_f16(out, idx, w);
+    if (q6ks_unit(W, rows, cols, row0, all, idx, w)) store8_f16(out, idx, w);
 }
 extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, int cols,
-                                            long long row_bytes) {
+                                            long long row_bytes, int row0, int all) {
     pdl_enter();
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     float w[8];
-    if (q6ks_unit(W, rows, cols, idx, w)) store8_f32(out, idx, w);
+    if (q6ks_unit(W, rows, cols, row0, all, idx, w)) store8_f32(out, idx, w);
 }
 
 // Round activations the way the CPU backend quantizes them for its dot products (so both

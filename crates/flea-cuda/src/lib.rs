@@ -27,7 +27,7 @@ use flea_model::config::{FfnActivation, RopeStyle};
 use flea_model::weights::Weight;
 use flea_model::{ModelError, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Launches kernel `name` on the compute stream with the listed arguments (profile marks
@@ -269,6 +269,9 @@ pub struct CudaBackend {
     launch_serial: AtomicU64,
     /// What the last rms_norm_q8k left in the Q8_K scratch.
     prequant: Mutex<Option<Prequant>>,
+    /// Most weight elements one cuBLAS pass dequantizes (the scratch the planner reserved:
+    /// set by `scratch_bytes`); larger matrices go in row chunks. 0: no limit.
+    gemm_cap: AtomicUsize,
     /// FLEA_CUDA_ATTN=single: one block per (head, row) even for decode (for comparisons).
     single_block_attention: bool,
     /// Per-kernel timing events (FLEA_CUDA_PROFILE), None when off.
@@ -484,6 +487,7 @@ impl CudaBackend {
             ),
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
+            gemm_cap: AtomicUsize::new(0),
             profile: std::env::var_os("FLEA_CUDA_PROFILE")
                 .is_some_and(|v| v != "0")
                 .then(|| Mutex::new(profile::KernelProfile::default())),
@@ -628,19 +632,22 @@ impl CudaBackend {
     /// Device memory the backend allocates for itself beside activations when evaluating
     /// batches of up to `batch` tokens of `model`: the dequantized weight and rounded
     /// inputs of a cuBLAS GEMM, embedding rows, token ids, and an allowance for cuBLAS's
-    /// workspace.
+    /// workspace. The GEMM scratch holds the largest layer matrix; from now on a larger one
+    /// (the output matrix, for all-position logits, when the vocabulary outgrows the
+    /// layers) is multiplied in row chunks of that size instead of needing its own room.
     pub fn scratch_bytes(&self, model: &flea_model::Model, batch: usize) -> u64 {
         let lay = &model.layout;
         let mut max_elems = 0usize;
-        let mut max_cols = 0usize;
+        let mut max_cols = lay.output.cols;
         for l in &lay.layers {
             for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
                 max_elems = max_elems.max(t.rows * t.cols);
                 max_cols = max_cols.max(t.cols);
             }
         }
-        // All-position logits multiply several rows by the output matrix too.
-        max_elems = max_elems.max(lay.output.rows * lay.output.cols);
+        // At least a few rows of the output matrix per pass.
+        max_elems = max_elems.max(64 * lay.output.cols);
+        self.gemm_cap.store(max_elems, Ordering::Relaxed);
         let emb = lay.token_embd.size / lay.token_embd.rows.max(1);
         let gemm = if batch > 1 {
             // The weight dequantized to F32 (precise mode) or F16, inputs as f32 and f16.
@@ -743,6 +750,12 @@ impl CudaBackend {
 
     /// Fused decode kernels on or off (default on; FLEA_CUDA_FUSE=0). Results are the same
     /// either way, bit for bit; only the number of launches differs.
+    /// Most weight elements one cuBLAS pass dequantizes (0: no limit); `scratch_bytes` sets
+    /// it to what it reserves. Tests compare chunked passes with whole ones.
+    pub fn set_gemm_cap(&self, elems: usize) {
+        self.gemm_cap.store(elems, Ordering::Relaxed);
+    }
+
     pub fn set_fusion(&self, on: bool) {
         self.fusion.store(on, Ordering::Relaxed);
     }
@@ -1398,34 +1411,54 @@ impl Backend for CudaBackend {
             let wp = self.weight_ptr(w)?;
             let repacked = self.is_repacked(wp);
             let suffix = if repacked { "q6_k_soa" } else { suffix };
-            if use_blas && self.precise_gemm() {
-                let xr = self.grow(&mut sc.xr, total)?;
+            if use_blas {
+                // cuBLAS on the weight dequantized to F32 (precise mode) or F16, with the
+                // inputs rounded as the CPU rounds them and stored in the same precision.
+                let precise = self.precise_gemm();
+                let xin = if precise {
+                    self.grow(&mut sc.xr, total)?
+                } else {
+                    self.grow(&mut sc.xh, total)?
+                };
                 if done_mode != Some(mode) {
-                    self.round_acts(x.ptr, total, mode, xr, 0)?;
+                    let (yf, yh) = if precise { (xin, 0) } else { (0, xin) };
+                    self.round_acts(x.ptr, total, mode, yf, yh)?;
                     done_mode = Some(mode);
                 }
-                let wf = self.grow(&mut sc.wf, w.rows * w.cols)?;
-                let units = w.rows * w.cols / 8;
-                let cfg = Self::launch_1d(units);
-                let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
-                launch!(self, &format!("deq_f32_{suffix}"), cfg; wp, wf, rows_i, cols_i, rb)?;
-                let blas = self.blas.as_ref().unwrap();
-                gemm(blas, w.rows, n, w.cols, wf, xr, out.ptr, true)?;
-                self.after_launch("cublasGemmEx")?;
-            } else if use_blas {
-                let xh = self.grow(&mut sc.xh, total)?;
-                if done_mode != Some(mode) {
-                    self.round_acts(x.ptr, total, mode, 0, xh)?;
-                    done_mode = Some(mode);
+                // Row chunks that fit the scratch the planner reserved (see scratch_bytes).
+                let cap = self.gemm_cap.load(Ordering::Relaxed);
+                let chunk = if cap >= w.cols && w.rows * w.cols > cap {
+                    cap / w.cols
+                } else {
+                    w.rows
+                };
+                let wbuf = if precise {
+                    self.grow(&mut sc.wf, chunk * w.cols)?
+                } else {
+                    self.grow(&mut sc.wh, chunk * w.cols)?
+                };
+                let name = format!("deq_{}_{suffix}", if precise { "f32" } else { "f16" });
+                let blas = self.blas.as_ref().ok_or_else(|| be("no cuBLAS handle"))?;
+                let rb = w.row_bytes();
+                let mut r0 = 0;
+                while r0 < w.rows {
+                    let rows = chunk.min(w.rows - r0);
+                    let cfg = Self::launch_1d(rows * w.cols / 8);
+                    let (rows_i, cols_i, rb_i) = (rows as i32, w.cols as i32, rb as i64);
+                    if repacked {
+                        // The repacked layout addresses blocks tensor-wide: the kernel takes
+                        // the chunk's first row and the tensor's row count.
+                        let (r0_i, all_i) = (r0 as i32, w.rows as i32);
+                        launch!(self, &name, cfg; wp, wbuf, rows_i, cols_i, rb_i, r0_i, all_i)?;
+                    } else {
+                        let wr = wp + (r0 * rb) as u64;
+                        launch!(self, &name, cfg; wr, wbuf, rows_i, cols_i, rb_i)?;
+                    }
+                    let out_r0 = out.ptr + 4 * r0 as u64;
+                    gemm(blas, (rows, n, w.cols), w.rows, wbuf, xin, out_r0, precise)?;
+                    self.after_launch("cublasGemmEx")?;
+                    r0 += rows;
                 }
-                let wh = self.grow(&mut sc.wh, w.rows * w.cols)?;
-                let units = w.rows * w.cols / 8;
-                let cfg = Self::launch_1d(units);
-                let (rows_i, cols_i, rb) = (w.rows as i32, w.cols as i32, w.row_bytes() as i64);
-                launch!(self, &format!("deq_f16_{suffix}"), cfg; wp, wh, rows_i, cols_i, rb)?;
-                let blas = self.blas.as_ref().unwrap();
-                gemm(blas, w.rows, n, w.cols, wh, xh, out.ptr, false)?;
-                self.after_launch("cublasGemmEx")?;
             } else if repacked {
                 return Err(be(
                     "a repacked Q6_K weight needs the mmvq kernels (FLEA_CUDA_NO_MMVQ was set after loading)",
@@ -1905,9 +1938,8 @@ impl Backend for CudaBackend {
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     blas: &cudarc::cublas::CudaBlas,
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
+    ldc: usize,
     w: u64,
     x: u64,
     out: u64,
@@ -1922,8 +1954,8 @@ fn gemm(
     use std::ffi::c_void;
     let alpha = 1.0f32;
     let beta = 0.0f32;
-    // Column-major view: C (m × n, ldc m) = op(A) B with A = W seen as k × m (lda k),
-    // transposed, and B = X seen as k × n (ldb k).
+    // Column-major view: C (m × n, ldc ≥ m: rows of a larger output) = op(A) B with A = W
+    // seen as k × m (lda k), transposed, and B = X seen as k × n (ldb k).
     unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
@@ -1942,7 +1974,7 @@ fn gemm(
             &beta as *const f32 as *const c_void,
             out as *mut c_void,
             sys::cudaDataType::CUDA_R_32F,
-            m as i32,
+            ldc as i32,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
