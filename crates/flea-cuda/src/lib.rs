@@ -763,6 +763,30 @@ impl CudaBackend {
         self.fusion.load(Ordering::Relaxed)
     }
 
+    /// Where a kernel producing `n` rows of `width` values (in groups of `group`) may also
+    /// quantise them to Q8_K for the int8 mat-vec that follows (decode-sized batches, whole
+    /// rows of whole 256-blocks, fusion and mmvq on): the scratch's (quants, scales, sums).
+    fn fused_q8k_scratch(
+        &self,
+        n: usize,
+        group: usize,
+        width: usize,
+    ) -> Result<Option<(u64, u64, u64)>> {
+        if !(self.fusion()
+            && group == width
+            && width.is_multiple_of(256)
+            && n <= mmvq::MAX_TOKENS
+            && mmvq::enabled())
+        {
+            return Ok(None);
+        }
+        let mut sc = self
+            .scratch
+            .lock()
+            .map_err(|_| be("scratch lock poisoned"))?;
+        self.q8k_scratch(&mut sc.xq, n * width).map(Some)
+    }
+
     /// Record that the launch just made left the Q8_K quantisation of the `total` values at
     /// `x` in the scratch at `base` (valid until the next launch or upload).
     fn note_prequant(&self, x: u64, total: usize, base: u64) -> Result<()> {
@@ -1307,19 +1331,7 @@ impl Backend for CudaBackend {
             };
             let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
             // Decode rows feeding int8 mat-vecs: quantise them in the same launch.
-            if self.fusion()
-                && g == x.width
-                && g.is_multiple_of(256)
-                && n <= mmvq::MAX_TOKENS
-                && mmvq::enabled()
-            {
-                let (xq, xd, xs) = {
-                    let mut sc = self
-                        .scratch
-                        .lock()
-                        .map_err(|_| be("scratch lock poisoned"))?;
-                    self.q8k_scratch(&mut sc.xq, total)?
-                };
+            if let Some((xq, xd, xs)) = self.fused_q8k_scratch(n, g, x.width)? {
                 // One block per 256-element chunk of each row (see the kernel).
                 let cfg = LaunchConfig {
                     grid_dim: (groups as u32, (g / 256) as u32, 1),
@@ -1706,18 +1718,7 @@ impl Backend for CudaBackend {
         let (gp, upp, op, ti) = (gate.ptr, up.ptr, out.ptr, total as i64);
         // Decode rows feeding the int8 ffn_down mat-vec: quantise them in the same launch
         // (as rms_norm_q8k does for the norms).
-        if self.fusion()
-            && gate.width.is_multiple_of(256)
-            && n <= mmvq::MAX_TOKENS
-            && mmvq::enabled()
-        {
-            let (xq, xd, xs) = {
-                let mut sc = self
-                    .scratch
-                    .lock()
-                    .map_err(|_| be("scratch lock poisoned"))?;
-                self.q8k_scratch(&mut sc.xq, total)?
-            };
+        if let Some((xq, xd, xs)) = self.fused_q8k_scratch(n, gate.width, gate.width)? {
             let nblk = total / 256;
             let cfg = LaunchConfig {
                 grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
