@@ -502,6 +502,19 @@ pub fn matvec_isa(
     let w = w_rows.as_ptr();
     let a = act.as_ptr();
     let mut r0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Some(k8)) = (isa, simd::avx512::rows8_kernel(weight)) {
+        // The eight-row kernel gathers the rows' headers with i32 offsets up to 7 rows.
+        if wb.checked_mul(7).is_some_and(|o| o <= i32::MAX as usize) {
+            while r0 + 8 <= out.len() {
+                // SAFETY: isa is Avx512 (asserted available); rows r0..r0+8 lie inside
+                // w_rows, act holds a full row and out[r0..r0+8] exists (asserted above /
+                // loop bound); 7 * wb fits in i32 (checked).
+                unsafe { k8(n_cols, w.add(r0 * wb), wb, a, out.as_mut_ptr().add(r0)) };
+                r0 += 8;
+            }
+        }
+    }
     if let Some(k4) = rows_kernel(isa, weight) {
         while r0 + 4 <= out.len() {
             // SAFETY: isa available (asserted); rows r0..r0+4 lie inside w_rows, act holds

@@ -161,6 +161,157 @@ pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
     })
 }
 
+/// The eight-row kernels (the [`RowsFn`](crate::RowsFn) signature, eight rows: see
+/// [`rows8`]), where a type has one.
+pub(crate) fn rows8_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows8_q4_0,
+        Q4_1 => rows8_q4_1,
+        Q5_0 => rows8_q5_0,
+        Q8_0 => rows8_q8_0,
+        _ => return None,
+    })
+}
+
+/// Eight rows of a 32-element format against one activation row (decode), each row with
+/// the bits of its one-row kernel.
+///
+/// Those kernels spend most of their instructions on work whose order does not matter:
+/// unpacking quants, converting f16 scales, broadcasting the scale product. Here two rows
+/// share each 512-bit vector (row 2k in lanes 0..8, row 2k+1 in lanes 8..16), so the
+/// integer dot, its conversion and the fused accumulation of both rows are one
+/// instruction each, lane for lane the same operations as the 8-lane one-row kernel, block
+/// after block. The eight rows' f16 headers come in with one gather per block and are
+/// converted and multiplied by the activation's at once (d_x·d_y: the same single
+/// rounding); each row pair takes its two products with one permute. Q4_1's min terms,
+/// one fused chain per row, run as one chain per lane (lane 2r+1 = row r).
+///
+/// The integers per lane are the one-row kernel's (exact sums, freely reordered): Q4_0 /
+/// Q5_0 start from -bias·Σy; Q8_0's signed quants go in +128 (unsigned, as `vpdpbusd`
+/// wants) from -128·Σy.
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract for eight rows (eight weight rows `ws` bytes
+/// apart, `out` holds eight f32), and `7 * ws` fits in an i32 (the gather's offsets).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let (wbytes, qs_off, qh_off, bias, min) = legacy_params(K);
+    let (abytes, y_off) = if min { (36, 4) } else { (34, 2) };
+    let ws32 = ws as i32;
+    let gidx = _mm256_mullo_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(ws32),
+    );
+    // Product lanes 4k and 4k+2 (rows 2k and 2k+1), each over one 256-bit half.
+    let perm: [__m512i; 4] = std::array::from_fn(|k| {
+        join(
+            _mm256_set1_epi32(4 * k as i32),
+            _mm256_set1_epi32(4 * k as i32 + 2),
+        )
+    });
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut ms = _mm512_setzero_ps();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // eight weight rows, whose offsets from the first fit in i32 (caller); out holds
+    // eight f32.
+    unsafe {
+        for b in 0..n / 32 {
+            let y = a.add(abytes * b);
+            let yq = _mm512_broadcast_i64x4(ld256(y.add(y_off)));
+            // [dy, sy] (Q8_1) or [dy, junk] (Q8_0), repeated.
+            let fy = _mm512_cvtph_ps(_mm256_set1_epi32(ld_u32(y) as i32));
+            let start = if bias != 0 {
+                let z = _mm512_setzero_si512();
+                _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(bias as i8), yq))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let xb = w.add(wbytes * b);
+            // Lanes 2r / 2r+1: row r's d and its m (Q4_1) or the next two bytes (junk).
+            let fx = _mm512_cvtph_ps(_mm256_i32gather_epi32::<1>(xb as *const i32, gidx));
+            let p = _mm512_mul_ps(fx, fy);
+            if min {
+                ms = _mm512_fmadd_ps(fx, fy, ms);
+            }
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let x0 = xb.add(2 * k * ws);
+                let x1 = x0.add(ws);
+                let q = if K == L_Q8_0 {
+                    let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
+                    _mm512_xor_si512(v, _mm512_set1_epi8(-128))
+                } else {
+                    // Each row's 16 nibble bytes twice, the second copy shifted down: low
+                    // nibbles (elements 0..16), then high (16..32).
+                    let bc = |p: *const u8| {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
+                    };
+                    let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
+                    let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+                    let q = _mm512_and_si512(v, m4);
+                    if qh_off != 0 {
+                        let h =
+                            ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
+                        _mm512_mask_add_epi8(q, h, q, _mm512_set1_epi8(16))
+                    } else {
+                        q
+                    }
+                };
+                let s = _mm512_dpbusd_epi32(start, q, yq);
+                let d = _mm512_permutexvar_ps(perm[k], p);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *acc);
+            }
+        }
+        let mut m = [0f32; 16];
+        _mm512_storeu_ps(m.as_mut_ptr(), ms);
+        for (k, acc) in acc.into_iter().enumerate() {
+            let lo = _mm512_castps512_ps256(acc);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let (mut r0, mut r1) = (hsum_ps(lo), hsum_ps(hi));
+            if min {
+                r0 += m[4 * k + 1];
+                r1 += m[4 * k + 3];
+            }
+            *out.add(2 * k) = r0;
+            *out.add(2 * k + 1) = r1;
+        }
+    }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q4_0>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q4_1>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q5_0>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q8_0>(n, w, ws, a, out) }
+}
+
 /// A Q5_0 block's 32 unsigned 5-bit quants (0..=31): the nibbles, plus 16 where the block's
 /// high-bit word has the element's bit set. The word goes straight into a mask register
 /// (one masked add instead of the AVX2 shuffle/compare expansion: the same integers).
