@@ -218,7 +218,19 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
     // eight weight rows, whose offsets from the first fit in i32 (caller); out holds
     // eight f32.
     unsafe {
-        for b in 0..n / 32 {
+        let nb = n / 32;
+        // The headers one block ahead: the gather waits for every row's line, and the
+        // block's other work should not wait behind it (the last block gathers itself
+        // again).
+        let gather = |b: usize| _mm256_i32gather_epi32::<1>(w.add(wbytes * b) as *const i32, gidx);
+        let mut h_next = if nb > 0 {
+            gather(0)
+        } else {
+            _mm256_setzero_si256()
+        };
+        for b in 0..nb {
+            let h = h_next;
+            h_next = gather((b + 1).min(nb - 1));
             let y = a.add(abytes * b);
             let yq = _mm512_broadcast_i64x4(ld256(y.add(y_off)));
             // [dy, sy] (Q8_1) or [dy, junk] (Q8_0), repeated.
@@ -231,7 +243,7 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
             };
             let xb = w.add(wbytes * b);
             // Lanes 2r / 2r+1: row r's d and its m (Q4_1) or the next two bytes (junk).
-            let fx = _mm512_cvtph_ps(_mm256_i32gather_epi32::<1>(xb as *const i32, gidx));
+            let fx = _mm512_cvtph_ps(h);
             let p = _mm512_mul_ps(fx, fy);
             if min {
                 ms = _mm512_fmadd_ps(fx, fy, ms);
