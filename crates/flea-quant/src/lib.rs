@@ -602,10 +602,10 @@ pub fn matmul_isa(
         out.len()
     );
     // ~128 KiB of weights and ~128 KiB of activations per tile: both stay in L2. Whole
-    // multi-row / multi-token kernel steps per tile (2 rows, 4 tokens), so that only the
-    // matrix edges take the narrower kernels.
+    // multi-row / multi-token kernel steps per tile (up to 8 rows, 4 tokens), so that only
+    // the matrix edges take the narrower kernels.
     const TILE: usize = 128 * 1024;
-    let row_tile = ((TILE / wb) & !1).max(1);
+    let row_tile = ((TILE / wb) & !7).max(8);
     let tok_tile = ((TILE / ab.max(1)) & !3).max(4);
     #[cfg(target_arch = "x86_64")]
     let packed = if isa == Isa::Avx512 {
@@ -649,8 +649,8 @@ pub fn matmul_isa(
         for t0 in (0..n_tokens).step_by(tok_tile) {
             let t1 = (t0 + tok_tile).min(n_tokens);
             #[cfg(target_arch = "x86_64")]
-            if let Some((pack, ptile)) = packed {
-                use simd::avx512::{packed_bytes, TILE_R, TILE_T};
+            if let Some((pack, ptile, tile_r)) = packed {
+                use simd::avx512::{packed_bytes, TILE_T};
                 let pb = packed_bytes(n_cols);
                 let mut t = t0;
                 while t + TILE_T <= t1 {
@@ -664,14 +664,14 @@ pub fn matmul_isa(
                         unsafe { pack(n_cols, a.add((t + j) * ab), p.add(j * pb)) };
                     }
                     let mut r = r0;
-                    while r + TILE_R <= r1 {
-                        // SAFETY: isa is Avx512; rows r..r+TILE_R lie inside w_rows, the
+                    while r + tile_r <= r1 {
+                        // SAFETY: isa is Avx512; rows r..r+tile_r lie inside w_rows, the
                         // packed rows inside scratch, and outputs (t+TILE_T-1)*rows +
-                        // r+TILE_R-1 < rows * n_tokens <= out.len() (checked above).
+                        // r+tile_r-1 < rows * n_tokens <= out.len() (checked above).
                         unsafe {
                             ptile(n_cols, w.add(r * wb), wb, p, pb, o.add(t * rows + r), rows)
                         };
-                        r += TILE_R;
+                        r += tile_r;
                     }
                     // An odd last row, then tokens that make no whole tile: 4-token
                     // and single-token kernels.

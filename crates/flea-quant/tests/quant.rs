@@ -714,3 +714,49 @@ fn matvec_row_tails_are_bit_identical() {
         }
     }
 }
+
+/// matmul (the prompt path: 8-row × 4-token tiles, then the narrower kernels at the
+/// edges) equals the scalar one-row dot bit for bit, for row counts around the tile sizes.
+#[test]
+fn matmul_row_tails_are_bit_identical() {
+    let mut r = Rng(31);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+    ] {
+        let fmt = vec_dot_type(ty).unwrap();
+        for nb in [1usize, 3, 28] {
+            let n = 32 * nb;
+            let (wb, ab) = (row_bytes(ty, n), act_row_bytes(fmt, n));
+            let rows = 21;
+            let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+            let tokens = 9;
+            let mut acts = Vec::new();
+            for _ in 0..tokens {
+                let mut a = Vec::new();
+                quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+                acts.extend_from_slice(&a);
+            }
+            for isa in available_isas() {
+                for m in [1usize, 4, 7, 8, 9, 15, 16, 17, 21] {
+                    let mut got = vec![f32::NAN; m * tokens];
+                    matmul_isa(isa, ty, n, &w[..m * wb], &acts, tokens, &mut got);
+                    for t in 0..tokens {
+                        for row in 0..m {
+                            let a = &acts[t * ab..(t + 1) * ab];
+                            let want = vec_dot_checked(Isa::Scalar, ty, n, &w[row * wb..][..wb], a)
+                                .unwrap();
+                            assert_eq!(
+                                got[t * m + row].to_bits(),
+                                want.to_bits(),
+                                "{ty} {isa:?} {nb} blocks, {m} rows: token {t} row {row}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
