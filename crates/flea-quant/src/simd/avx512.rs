@@ -231,6 +231,13 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
         for b in 0..nb {
             let h = h_next;
             h_next = gather((b + 1).min(nb - 1));
+            // The next eight rows (the caller's next call), a block's worth of them per
+            // block here: else the first gather of that call waits for all of its lines
+            // from L3 or memory. A prefetch past the matrix is harmless (it never faults).
+            let pf = w.wrapping_add(8 * ws + 8 * wbytes * b);
+            for i in 0..(8 * wbytes).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
+            }
             let y = a.add(abytes * b);
             let yq = _mm512_broadcast_i64x4(ld256(y.add(y_off)));
             // [dy, sy] (Q8_1) or [dy, junk] (Q8_0), repeated.
