@@ -564,6 +564,11 @@ unsafe fn ztile<const K: u8, const P: usize>(
     // every activation row (PTileFn contract; raw rows from pack_raw).
     unsafe {
         for b in 0..n / 32 {
+            // The next tile's rows, as in `rows8` (harmless past the matrix).
+            let pf = w.wrapping_add(2 * P * ws + 2 * P * wbytes * b);
+            for i in 0..(2 * P * wbytes).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
+            }
             let mut fx = [_mm512_setzero_ps(); P];
             let mut dx = [_mm512_setzero_ps(); P];
             let mut qx = [z; P];
