@@ -4,10 +4,12 @@
 //!
 //! ```text
 //! cargo build --release -p flea-quant --example matmul_cycles
-//! perf stat -e cycles:u,instructions:u target/release/examples/matmul_cycles Q5_0 [ISA] [REPS] [TOKENS]
+//! perf stat -e cycles:u,instructions:u target/release/examples/matmul_cycles Q5_0 [ISA] [REPS] [TOKENS] [mv|mm] [ROWS] [COLS]
 //! ```
 //! `ISA` is `scalar`, `avx2` or `avx512` (default: best available); shape 1024 x 4096 x
-//! TOKENS (default 32; 1 times the one-token kernel, as in decode).
+//! TOKENS (default 32; 1 times the one-token kernel). `mv` times `matvec` instead (one
+//! token, the multi-row kernels: the path decode takes). Two more arguments set the shape
+//! (ROWS COLS, default 1024 4096).
 
 use flea_quant::*;
 
@@ -25,7 +27,8 @@ fn main() {
     };
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50);
     let tokens: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(32);
-    let (rows, cols) = (1024usize, 4096usize);
+    let rows: usize = args.get(6).and_then(|s| s.parse().ok()).unwrap_or(1024);
+    let cols: usize = args.get(7).and_then(|s| s.parse().ok()).unwrap_or(4096);
     let mut seed = 0x1234_5678_9abc_def1u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -60,9 +63,17 @@ fn main() {
         acts.extend_from_slice(&a);
     }
     let mut out = vec![0f32; rows * tokens];
+    let mv = args.get(5).is_some_and(|s| s == "mv");
+    let ab = act_row_bytes(fmt, cols);
     let t = std::time::Instant::now();
     for _ in 0..reps {
-        matmul_isa(isa, ty, cols, &w, &acts, tokens, &mut out);
+        if mv {
+            for (tok, o) in out.chunks_exact_mut(rows).enumerate() {
+                matvec_isa(isa, ty, cols, &w, &acts[tok * ab..][..ab], o);
+            }
+        } else {
+            matmul_isa(isa, ty, cols, &w, &acts, tokens, &mut out);
+        }
     }
     let s = t.elapsed().as_secs_f64();
     let macs = (rows * cols * tokens * reps) as f64;

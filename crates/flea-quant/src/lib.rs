@@ -502,6 +502,19 @@ pub fn matvec_isa(
     let w = w_rows.as_ptr();
     let a = act.as_ptr();
     let mut r0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, Some(k8)) = (isa, simd::avx512::rows8_kernel(weight)) {
+        // The eight-row kernel gathers the rows' headers with i32 offsets up to 7 rows.
+        if wb.checked_mul(7).is_some_and(|o| o <= i32::MAX as usize) {
+            while r0 + 8 <= out.len() {
+                // SAFETY: isa is Avx512 (asserted available); rows r0..r0+8 lie inside
+                // w_rows, act holds a full row and out[r0..r0+8] exists (asserted above /
+                // loop bound); 7 * wb fits in i32 (checked).
+                unsafe { k8(n_cols, w.add(r0 * wb), wb, a, out.as_mut_ptr().add(r0)) };
+                r0 += 8;
+            }
+        }
+    }
     if let Some(k4) = rows_kernel(isa, weight) {
         while r0 + 4 <= out.len() {
             // SAFETY: isa available (asserted); rows r0..r0+4 lie inside w_rows, act holds
@@ -524,8 +537,9 @@ pub fn matvec_isa(
 /// Rows are processed in cache-sized tiles so each weight row is fetched from memory once
 /// and reused, from cache, for every token. With AVX2, one weight row is dotted with 4
 /// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K); Q4_1 goes
-/// four rows at a time. With AVX-512, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 use 2-row x 4-token
-/// tiles, Q4_K and Q6_K 4-token kernels.
+/// four rows at a time. With AVX-512, Q4_0, Q4_1, Q5_0 and Q8_0 use 8-row x 4-token tiles,
+/// Q5_1 2-row x 4-token tiles, Q4_K and Q6_K 4-token kernels; one token (`matvec`) takes
+/// eight rows at a time for Q4_0, Q4_1, Q5_0 and Q8_0.
 ///
 /// For Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K every path sums in llama.cpp's x86 order,
 /// including its batch rules: the results equal [`vec_dot`]'s bit for bit, except Q6_K
@@ -589,10 +603,10 @@ pub fn matmul_isa(
         out.len()
     );
     // ~128 KiB of weights and ~128 KiB of activations per tile: both stay in L2. Whole
-    // multi-row / multi-token kernel steps per tile (2 rows, 4 tokens), so that only the
-    // matrix edges take the narrower kernels.
+    // multi-row / multi-token kernel steps per tile (up to 8 rows, 4 tokens), so that only
+    // the matrix edges take the narrower kernels.
     const TILE: usize = 128 * 1024;
-    let row_tile = ((TILE / wb) & !1).max(1);
+    let row_tile = ((TILE / wb) & !7).max(8);
     let tok_tile = ((TILE / ab.max(1)) & !3).max(4);
     #[cfg(target_arch = "x86_64")]
     let packed = if isa == Isa::Avx512 {
@@ -636,8 +650,8 @@ pub fn matmul_isa(
         for t0 in (0..n_tokens).step_by(tok_tile) {
             let t1 = (t0 + tok_tile).min(n_tokens);
             #[cfg(target_arch = "x86_64")]
-            if let Some((pack, ptile)) = packed {
-                use simd::avx512::{packed_bytes, TILE_R, TILE_T};
+            if let Some((pack, ptile, tile_r)) = packed {
+                use simd::avx512::{packed_bytes, TILE_T};
                 let pb = packed_bytes(n_cols);
                 let mut t = t0;
                 while t + TILE_T <= t1 {
@@ -651,14 +665,14 @@ pub fn matmul_isa(
                         unsafe { pack(n_cols, a.add((t + j) * ab), p.add(j * pb)) };
                     }
                     let mut r = r0;
-                    while r + TILE_R <= r1 {
-                        // SAFETY: isa is Avx512; rows r..r+TILE_R lie inside w_rows, the
+                    while r + tile_r <= r1 {
+                        // SAFETY: isa is Avx512; rows r..r+tile_r lie inside w_rows, the
                         // packed rows inside scratch, and outputs (t+TILE_T-1)*rows +
-                        // r+TILE_R-1 < rows * n_tokens <= out.len() (checked above).
+                        // r+tile_r-1 < rows * n_tokens <= out.len() (checked above).
                         unsafe {
                             ptile(n_cols, w.add(r * wb), wb, p, pb, o.add(t * rows + r), rows)
                         };
-                        r += TILE_R;
+                        r += tile_r;
                     }
                     // An odd last row, then tokens that make no whole tile: 4-token
                     // and single-token kernels.

@@ -672,3 +672,91 @@ fn llama_cpp_ordered_types_are_bit_identical_everywhere() {
         }
     }
 }
+
+/// matvec (the decode path: eight-, four- and one-row kernels) equals the scalar one-row
+/// dot bit for bit on every instruction set, for row counts that leave every kind of tail
+/// and block counts from 1 up.
+#[test]
+fn matvec_row_tails_are_bit_identical() {
+    let mut r = Rng(29);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+    ] {
+        let fmt = vec_dot_type(ty).unwrap();
+        for nb in [1usize, 2, 3, 7, 18, 28] {
+            let n = 32 * nb;
+            let wb = row_bytes(ty, n);
+            let rows = 27;
+            let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+            let mut a = Vec::new();
+            quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+            let want: Vec<f32> = (0..rows)
+                .map(|row| vec_dot_checked(Isa::Scalar, ty, n, &w[row * wb..][..wb], &a).unwrap())
+                .collect();
+            for isa in available_isas() {
+                for m in 1..=rows {
+                    // Every start row too: the kernels read rows from the slice's start.
+                    let s = (rows - m) / 2;
+                    let mut got = vec![f32::NAN; m];
+                    matvec_isa(isa, ty, n, &w[s * wb..(s + m) * wb], &a, &mut got);
+                    for (i, g) in got.iter().enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            want[s + i].to_bits(),
+                            "{ty} {isa:?} {nb} blocks, {m} rows from {s}: row {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// matmul (the prompt path: 8-row × 4-token tiles, then the narrower kernels at the
+/// edges) equals the scalar one-row dot bit for bit, for row counts around the tile sizes.
+#[test]
+fn matmul_row_tails_are_bit_identical() {
+    let mut r = Rng(31);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+    ] {
+        let fmt = vec_dot_type(ty).unwrap();
+        for nb in [1usize, 3, 28] {
+            let n = 32 * nb;
+            let (wb, ab) = (row_bytes(ty, n), act_row_bytes(fmt, n));
+            let rows = 21;
+            let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();
+            let tokens = 9;
+            let mut acts = Vec::new();
+            for _ in 0..tokens {
+                let mut a = Vec::new();
+                quantize_activations(fmt, &random_acts(&mut r, n), &mut a).unwrap();
+                acts.extend_from_slice(&a);
+            }
+            for isa in available_isas() {
+                for m in [1usize, 4, 7, 8, 9, 15, 16, 17, 21] {
+                    let mut got = vec![f32::NAN; m * tokens];
+                    matmul_isa(isa, ty, n, &w[..m * wb], &acts, tokens, &mut got);
+                    for t in 0..tokens {
+                        for row in 0..m {
+                            let a = &acts[t * ab..(t + 1) * ab];
+                            let want = vec_dot_checked(Isa::Scalar, ty, n, &w[row * wb..][..wb], a)
+                                .unwrap();
+                            assert_eq!(
+                                got[t * m + row].to_bits(),
+                                want.to_bits(),
+                                "{ty} {isa:?} {nb} blocks, {m} rows: token {t} row {row}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -161,6 +161,176 @@ pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
     })
 }
 
+/// The eight-row kernels (the [`RowsFn`](crate::RowsFn) signature, eight rows: see
+/// [`rows8`]), where a type has one.
+pub(crate) fn rows8_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
+    use GgmlType::*;
+    Some(match weight {
+        Q4_0 => rows8_q4_0,
+        Q4_1 => rows8_q4_1,
+        Q5_0 => rows8_q5_0,
+        Q8_0 => rows8_q8_0,
+        _ => return None,
+    })
+}
+
+/// Eight rows of a 32-element format against one activation row (decode), each row with
+/// the bits of its one-row kernel.
+///
+/// Those kernels spend most of their instructions on work whose order does not matter:
+/// unpacking quants, converting f16 scales, broadcasting the scale product. Here two rows
+/// share each 512-bit vector (row 2k in lanes 0..8, row 2k+1 in lanes 8..16), so the
+/// integer dot, its conversion and the fused accumulation of both rows are one
+/// instruction each, lane for lane the same operations as the 8-lane one-row kernel, block
+/// after block. The eight rows' f16 headers come in with one gather per block and are
+/// converted and multiplied by the activation's at once (d_x·d_y: the same single
+/// rounding); each row pair takes its two products with one permute. Q4_1's min terms,
+/// one fused chain per row, run as one chain per lane (lane 2r+1 = row r).
+///
+/// The integers per lane are the one-row kernel's (exact sums, freely reordered): Q4_0 /
+/// Q5_0 start from -bias·Σy; Q8_0's signed quants go in +128 (unsigned, as `vpdpbusd`
+/// wants) from -128·Σy.
+///
+/// # Safety
+/// [`RowsFn`](crate::RowsFn) contract for eight rows (eight weight rows `ws` bytes
+/// apart, `out` holds eight f32), and `7 * ws` fits in an i32 (the gather's offsets).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let (wbytes, qs_off, qh_off, bias, min) = legacy_params(K);
+    let (abytes, y_off) = if min { (36, 4) } else { (34, 2) };
+    let ws32 = ws as i32;
+    let gidx = _mm256_mullo_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(ws32),
+    );
+    // Product lanes 4k and 4k+2 (rows 2k and 2k+1), each over one 256-bit half.
+    let perm: [__m512i; 4] = std::array::from_fn(|k| {
+        join(
+            _mm256_set1_epi32(4 * k as i32),
+            _mm256_set1_epi32(4 * k as i32 + 2),
+        )
+    });
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut ms = _mm512_setzero_ps();
+    // SAFETY (whole body): block b < n/32 lies inside the activation row and each of the
+    // eight weight rows, whose offsets from the first fit in i32 (caller); out holds
+    // eight f32.
+    unsafe {
+        let nb = n / 32;
+        // The headers one block ahead: the gather waits for every row's line, and the
+        // block's other work should not wait behind it (the last block gathers itself
+        // again).
+        let gather = |b: usize| _mm256_i32gather_epi32::<1>(w.add(wbytes * b) as *const i32, gidx);
+        let mut h_next = if nb > 0 {
+            gather(0)
+        } else {
+            _mm256_setzero_si256()
+        };
+        for b in 0..nb {
+            let h = h_next;
+            h_next = gather((b + 1).min(nb - 1));
+            // The next eight rows (the caller's next call), a block's worth of them per
+            // block here: else the first gather of that call waits for all of its lines
+            // from L3 or memory. A prefetch past the matrix is harmless (it never faults).
+            let pf = w.wrapping_add(8 * ws + 8 * wbytes * b);
+            for i in 0..(8 * wbytes).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
+            }
+            let y = a.add(abytes * b);
+            let yq = _mm512_broadcast_i64x4(ld256(y.add(y_off)));
+            // [dy, sy] (Q8_1) or [dy, junk] (Q8_0), repeated.
+            let fy = _mm512_cvtph_ps(_mm256_set1_epi32(ld_u32(y) as i32));
+            let start = if bias != 0 {
+                let z = _mm512_setzero_si512();
+                _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(bias as i8), yq))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let xb = w.add(wbytes * b);
+            // Lanes 2r / 2r+1: row r's d and its m (Q4_1) or the next two bytes (junk).
+            let fx = _mm512_cvtph_ps(h);
+            let p = _mm512_mul_ps(fx, fy);
+            if min {
+                ms = _mm512_fmadd_ps(fx, fy, ms);
+            }
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let x0 = xb.add(2 * k * ws);
+                let x1 = x0.add(ws);
+                let q = if K == L_Q8_0 {
+                    let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
+                    _mm512_xor_si512(v, _mm512_set1_epi8(-128))
+                } else {
+                    // Each row's 16 nibble bytes twice, the second copy shifted down: low
+                    // nibbles (elements 0..16), then high (16..32).
+                    let bc = |p: *const u8| {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
+                    };
+                    let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
+                    let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+                    let q = _mm512_and_si512(v, m4);
+                    if qh_off != 0 {
+                        let h =
+                            ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
+                        _mm512_mask_add_epi8(q, h, q, _mm512_set1_epi8(16))
+                    } else {
+                        q
+                    }
+                };
+                let s = _mm512_dpbusd_epi32(start, q, yq);
+                let d = _mm512_permutexvar_ps(perm[k], p);
+                *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *acc);
+            }
+        }
+        let mut m = [0f32; 16];
+        _mm512_storeu_ps(m.as_mut_ptr(), ms);
+        for (k, acc) in acc.into_iter().enumerate() {
+            let lo = _mm512_castps512_ps256(acc);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let (mut r0, mut r1) = (hsum_ps(lo), hsum_ps(hi));
+            if min {
+                r0 += m[4 * k + 1];
+                r1 += m[4 * k + 3];
+            }
+            *out.add(2 * k) = r0;
+            *out.add(2 * k + 1) = r1;
+        }
+    }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q4_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q4_0>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q4_1(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q4_1>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q5_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q5_0>(n, w, ws, a, out) }
+}
+
+/// # Safety
+/// [`rows8`] contract.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q8_0(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: same contract, same features.
+    unsafe { rows8::<L_Q8_0>(n, w, ws, a, out) }
+}
+
 /// A Q5_0 block's 32 unsigned 5-bit quants (0..=31): the nibbles, plus 16 where the block's
 /// high-bit word has the element's bit set. The word goes straight into a mask register
 /// (one masked add instead of the AVX2 shuffle/compare expansion: the same integers).
@@ -331,21 +501,22 @@ pub(crate) type PackFn = unsafe fn(usize, *const u8, *mut u8);
 /// must have the AVX-512 set of this module.
 pub(crate) type PTileFn = unsafe fn(usize, *const u8, usize, *const u8, usize, *mut f32, usize);
 
-/// The packing and tile kernels for `weight`, where it has them.
-pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn)> {
+/// The packing and tile kernels for `weight`, where it has them, and the tile's rows
+/// (its tokens: always `TILE_T`).
+pub(crate) fn packed_kernel(weight: GgmlType) -> Option<(PackFn, PTileFn, usize)> {
     use GgmlType::*;
     Some(match weight {
-        // Q4_0, Q4_1, Q5_0 and Q8_0 in llama.cpp's order (`gtile`): one block per step.
-        Q4_0 => (pack_raw::<34>, gtile_q4_0),
-        Q4_1 => (pack_raw::<36>, gtile_q4_1),
-        Q5_0 => (pack_raw::<34>, gtile_q5_0),
-        Q8_0 => (pack_raw::<34>, gtile_q8_0),
-        Q5_1 => (pack::<L_Q5_1>, ptile_q5_1),
+        // Q4_0, Q4_1, Q5_0 and Q8_0 in llama.cpp's order (`ztile`): one block per step.
+        Q4_0 => (pack_raw::<34>, ztile_q4_0, 2 * ZTILE_P),
+        Q4_1 => (pack_raw::<36>, ztile_q4_1, 2 * ZTILE_P),
+        Q5_0 => (pack_raw::<34>, ztile_q5_0, 2 * ZTILE_P),
+        Q8_0 => (pack_raw::<34>, ztile_q8_0, 2 * ZTILE_P),
+        Q5_1 => (pack::<L_Q5_1>, ptile_q5_1, TILE_R),
         _ => return None,
     })
 }
 
-/// "Packing" for [`gtile`]: the activation row as it is (`AB`-byte Q8_0 / Q8_1 blocks),
+/// "Packing" for [`ztile`]: the activation row as it is (`AB`-byte Q8_0 / Q8_1 blocks),
 /// which fits in `packed_bytes(n)`.
 ///
 /// # Safety
@@ -356,18 +527,25 @@ unsafe fn pack_raw<const AB: usize>(n: usize, y: *const u8, dst: *mut u8) {
     unsafe { std::ptr::copy_nonoverlapping(y, dst, n / 32 * AB) };
 }
 
-/// A TILE_R × TILE_T tile of the 32-element formats in llama.cpp's order — for every
-/// (row, token) exactly the operations of the one-row kernel (`legacy::vec_dot_*`): per
+/// Row pairs per [`ztile`] (Q4_1 with 2 measured no faster, though its min chains
+/// double the accumulators).
+const ZTILE_P: usize = 4;
+
+/// A `2P` × `TILE_T` tile of the 32-element formats in llama.cpp's order: for every
+/// (row, token) exactly the operations of the one-row kernel (`legacy::vec_dot_*`), per
 /// block `acc = fma(dx*dy, lanes, acc)` (and for Q4_1 the fused min chain in lane 1 of
-/// `ms`), then the lanes' tree sum. Only the loads and the activation's bias term are
-/// shared across the tile. `K` selects the format; activations are raw rows (`pack_raw`).
+/// `ms`), then the lanes' tree sum. Two rows share each 512-bit vector (as in [`rows8`]:
+/// row 2k in lanes 0..8, row 2k+1 in 8..16), so the scale product, the integer dot, its
+/// conversion and the fused accumulation are one instruction per row pair and token; the
+/// tokens' block preparation (their scale, the -bias·Σy start) is shared by `2P` rows.
+/// `K` selects the format; activations are raw rows (`pack_raw`).
 ///
 /// # Safety
-/// [`PTileFn`] contract.
+/// [`PTileFn`] contract with `2P` rows.
 #[inline]
-#[allow(clippy::needless_range_loop)] // r and t index several arrays at once
+#[allow(clippy::needless_range_loop)] // k and t index several arrays at once
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn gtile<const K: u8>(
+unsafe fn ztile<const K: u8, const P: usize>(
     n: usize,
     w: *const u8,
     ws: usize,
@@ -378,74 +556,98 @@ unsafe fn gtile<const K: u8>(
 ) {
     let (wbytes, qs_off, qh_off, bias, min) = legacy_params(K);
     let abytes = if min { 36 } else { 34 };
-    let z = _mm256_setzero_si256();
-    let mut acc = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
-    let mut ms = [[_mm256_setzero_ps(); TILE_T]; TILE_R];
+    let z = _mm512_setzero_si512();
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); TILE_T]; P];
+    let mut ms = [[_mm512_setzero_ps(); TILE_T]; P];
     // SAFETY (whole body): block b < n/32 lies inside every weight row of the tile and
     // every activation row (PTileFn contract; raw rows from pack_raw).
     unsafe {
         for b in 0..n / 32 {
-            let mut fx = [_mm256_setzero_ps(); TILE_R];
-            let mut dx = [_mm256_setzero_ps(); TILE_R];
-            let mut qx = [z; TILE_R];
-            for r in 0..TILE_R {
-                let x = w.add(r * ws + wbytes * b);
-                fx[r] = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(x) as i32));
-                dx[r] = _mm256_permute_ps::<0>(fx[r]);
-                qx[r] = if K == L_Q8_0 {
-                    ld256(x.add(qs_off))
-                } else if qh_off != 0 {
-                    // The high bits through a mask register, as `q5_0_quants`.
-                    let nib = nibbles32(x.add(qs_off));
-                    _mm256_mask_add_epi8(nib, ld_u32(x.add(qh_off)), nib, _mm256_set1_epi8(16))
+            // The next tile's rows, as in `rows8` (harmless past the matrix).
+            let pf = w.wrapping_add(2 * P * ws + 2 * P * wbytes * b);
+            for i in 0..(2 * P * wbytes).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
+            }
+            let mut fx = [_mm512_setzero_ps(); P];
+            let mut dx = [_mm512_setzero_ps(); P];
+            let mut qx = [z; P];
+            for k in 0..P {
+                let x0 = w.add(2 * k * ws + wbytes * b);
+                let x1 = x0.add(ws);
+                // [d, m or junk] of each row, repeated over its half.
+                let h = _mm256_set_m128i(
+                    _mm_set1_epi32(ld_u32(x1) as i32),
+                    _mm_set1_epi32(ld_u32(x0) as i32),
+                );
+                fx[k] = _mm512_cvtph_ps(h);
+                dx[k] = _mm512_permute_ps::<0>(fx[k]);
+                qx[k] = if K == L_Q8_0 {
+                    // i8 + 128: unsigned, from -128·Σy (same integers as |x|·sign(y, x)).
+                    let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
+                    _mm512_xor_si512(v, _mm512_set1_epi8(-128))
                 } else {
-                    nibbles32(x.add(qs_off))
+                    let bc = |p: *const u8| {
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
+                    };
+                    let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
+                    let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+                    let q = _mm512_and_si512(v, m4);
+                    if qh_off != 0 {
+                        let hb =
+                            ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
+                        _mm512_mask_add_epi8(q, hb, q, _mm512_set1_epi8(16))
+                    } else {
+                        q
+                    }
                 };
             }
             for t in 0..TILE_T {
                 let y = p.add(t * ps + abytes * b);
-                let fy = _mm256_cvtph_ps(_mm_set1_epi32(ld_u32(y) as i32));
-                let dy = _mm256_permute_ps::<0>(fy);
-                let q8 = ld256(y.add(abytes - 32));
-                // -bias · Σ y: the unsigned quants' offset (0 for Q4_1 and Q8_0).
-                let start = if bias != 0 && K != L_Q8_0 {
-                    _mm256_sub_epi32(z, _mm256_dpbusd_epi32(z, _mm256_set1_epi8(bias as i8), q8))
+                let fy = _mm512_cvtph_ps(_mm256_set1_epi32(ld_u32(y) as i32));
+                let dy = _mm512_permute_ps::<0>(fy);
+                let yq = _mm512_broadcast_i64x4(ld256(y.add(abytes - 32)));
+                // -bias · Σ y: the unsigned quants' offset (none for Q4_1).
+                let start = if bias != 0 {
+                    _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(bias as i8), yq))
                 } else {
                     z
                 };
-                for r in 0..TILE_R {
-                    // dx*dy in every lane (the one-row kernel's lane-0 product, broadcast).
-                    let d = _mm256_mul_ps(dx[r], dy);
-                    let s = if K == L_Q8_0 {
-                        let ax = _mm256_sign_epi8(qx[r], qx[r]);
-                        _mm256_dpbusd_epi32(z, ax, _mm256_sign_epi8(q8, qx[r]))
-                    } else {
-                        _mm256_dpbusd_epi32(start, qx[r], q8)
-                    };
-                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r][t]);
+                for k in 0..P {
+                    let d = _mm512_mul_ps(dx[k], dy);
+                    let s = _mm512_dpbusd_epi32(start, qx[k], yq);
+                    acc[k][t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[k][t]);
                     if min {
-                        ms[r][t] = _mm256_fmadd_ps(fx[r], fy, ms[r][t]);
+                        ms[k][t] = _mm512_fmadd_ps(fx[k], fy, ms[k][t]);
                     }
                 }
             }
         }
-        for r in 0..TILE_R {
+        for k in 0..P {
             for t in 0..TILE_T {
-                let mut v = hsum_ps(acc[r][t]);
+                let (a, m) = (acc[k][t], ms[k][t]);
+                let hi =
+                    |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                let mut v0 = hsum_ps(_mm512_castps512_ps256(a));
+                let mut v1 = hsum_ps(hi(a));
                 if min {
-                    v += _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(ms[r][t])));
+                    let lane1 =
+                        |v: __m256| _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(v)));
+                    v0 += lane1(_mm512_castps512_ps256(m));
+                    v1 += lane1(hi(m));
                 }
-                // SAFETY: out holds TILE_R x TILE_T results at these offsets.
-                *out.add(t * os + r) = v;
+                // SAFETY: out holds 2P x TILE_T results at these offsets.
+                *out.add(t * os + 2 * k) = v0;
+                *out.add(t * os + 2 * k + 1) = v1;
             }
         }
     }
 }
 
-macro_rules! gtile_fn {
-    ($name:ident, $k:expr) => {
+macro_rules! ztile_fn {
+    ($name:ident, $k:expr, $p:expr) => {
         /// # Safety
-        /// [`PTileFn`] contract.
+        /// [`PTileFn`] contract with `2 * $p` rows.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         unsafe fn $name(
             n: usize,
@@ -457,14 +659,14 @@ macro_rules! gtile_fn {
             os: usize,
         ) {
             // SAFETY: same contract, same features.
-            unsafe { gtile::<{ $k }>(n, w, ws, p, ps, out, os) }
+            unsafe { ztile::<{ $k }, { $p }>(n, w, ws, p, ps, out, os) }
         }
     };
 }
-gtile_fn!(gtile_q4_0, L_Q4_0);
-gtile_fn!(gtile_q4_1, L_Q4_1);
-gtile_fn!(gtile_q5_0, L_Q5_0);
-gtile_fn!(gtile_q8_0, L_Q8_0);
+ztile_fn!(ztile_q4_0, L_Q4_0, ZTILE_P);
+ztile_fn!(ztile_q4_1, L_Q4_1, ZTILE_P);
+ztile_fn!(ztile_q5_0, L_Q5_0, ZTILE_P);
+ztile_fn!(ztile_q8_0, L_Q8_0, ZTILE_P);
 
 /// (weight block bytes, qs offset, qh offset or 0, bias, has min) of format `k`.
 const fn legacy_params(k: u8) -> (usize, usize, usize, u8, bool) {
