@@ -157,6 +157,7 @@ pub(crate) fn rows_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
         Q4_1 => rows_q4_1,
         Q5_0 => rows_q5_0,
         Q8_0 => rows_q8_0,
+        Q6_K => rows_q6_k,
         _ => return None,
     })
 }
@@ -1141,6 +1142,131 @@ pub(crate) unsafe fn dot4_q6_k_tiled(
         }
         for (t, acc) in acc.into_iter().enumerate() {
             *out.add(t * os) = acc;
+        }
+    }
+}
+
+// ---- Q6_K one-token rows: two rows per 512-bit vector, in the AVX2 kernel's order ----
+
+/// Two Q6_K rows' `avx2::q6k_sumi` at once: row `xa` in the low 256 bits, row `xb` in the
+/// high ones. Every step is the AVX2 kernel's, lane for lane (byte and word operations stay
+/// within 128-bit lanes; the one cross-lane step, the scale lane broadcast, stays within
+/// each row's half), so each half holds exactly that row's 8 lane sums.
+///
+/// # Safety
+/// `xa`, `xb` and `y` must point at whole blocks (210 / 210 / 292 bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6k_sumi2(xa: *const u8, xb: *const u8, y: *const u8) -> __m512i {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let m3 = _mm512_set1_epi8(3);
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        let pair = |off: usize| join(ld256(xa.add(off)), ld256(xb.add(off)));
+        let s16 = join(
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(xa.add(192) as *const __m128i)),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(xb.add(192) as *const __m128i)),
+        );
+        // Quants are used +32 (0..=63); subtract 32 * Σ scale * bsum afterwards.
+        let bsums = _mm512_broadcast_i64x4(ld256(y.add(260)));
+        let offset = _mm512_slli_epi32::<5>(_mm512_madd_epi16(bsums, s16));
+        let mut sumi = _mm512_setzero_si512();
+        for h in 0..2 {
+            let ql0 = pair(64 * h);
+            let ql1 = pair(64 * h + 32);
+            let qh = pair(128 + 32 * h);
+            let q = [
+                _mm512_or_si512(
+                    _mm512_and_si512(ql0, m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m3)),
+                ),
+                _mm512_or_si512(
+                    _mm512_and_si512(ql1, m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<2>(qh), m3)),
+                ),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql0), m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<4>(qh), m3)),
+                ),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql1), m4),
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srli_epi16::<6>(qh), m3)),
+                ),
+            ];
+            // avx2::scale_pair per half: the half's 128-bit lane h of its scales in both of
+            // its lanes, then the i16 pairs 4k, 4k+1 (low lane) / 4k+2, 4k+3 (high lane).
+            let lane = if h == 0 {
+                _mm512_shuffle_i64x2::<0xA0>(s16, s16)
+            } else {
+                _mm512_shuffle_i64x2::<0xF5>(s16, s16)
+            };
+            for (k, q) in q.into_iter().enumerate() {
+                let yv = _mm512_broadcast_i64x4(ld256(y.add(4 + 128 * h + 32 * k)));
+                let p = _mm512_maddubs_epi16(q, yv);
+                let (b0, b1) = (4 * k as i16, 4 * k as i16 + 2);
+                let c = _mm256_set_m128i(
+                    _mm_set1_epi16(b1 | ((b1 + 1) << 8)),
+                    _mm_set1_epi16(b0 | ((b0 + 1) << 8)),
+                );
+                let sc = _mm512_shuffle_epi8(lane, _mm512_broadcast_i64x4(c));
+                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(p, sc));
+            }
+        }
+        _mm512_sub_epi32(sumi, offset)
+    }
+}
+
+/// Two rows of `avx2::dot_q6_k` (llama.cpp's one-token Q6_K order): row 2k's 8-lane float
+/// accumulator in the low half, row 2k+1's in the high half, each updated exactly as there.
+///
+/// # Safety
+/// [`DotFn`] contract for both rows `wa`, `wb`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dot2_q6_k(n: usize, wa: *const u8, wb: *const u8, a: *const u8) -> (f32, f32) {
+    let mut acc = _mm512_setzero_ps();
+    // SAFETY (whole body): super-block b < n/256 lies inside both rows and the activations.
+    unsafe {
+        for b in 0..n / 256 {
+            let (xa, xb, y) = (wa.add(210 * b), wb.add(210 * b), a.add(292 * b));
+            let sumi = q6k_sumi2(xa, xb, y);
+            // [d_a; 8] ++ [d_b; 8], each times y's d: the AVX2 kernel's one rounding.
+            let dx = _mm512_castps_si512(join_ps(
+                _mm256_cvtph_ps(_mm_set1_epi16((xa.add(208) as *const i16).read_unaligned())),
+                _mm256_cvtph_ps(_mm_set1_epi16((xb.add(208) as *const i16).read_unaligned())),
+            ));
+            let d = _mm512_mul_ps(_mm512_castsi512_ps(dx), _mm512_set1_ps(ld_f32(y)));
+            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
+        }
+    }
+    let lo = _mm512_castps512_ps256(acc);
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    (hsum_ps(lo), hsum_ps(hi))
+}
+
+/// Two 8-float halves as one 512-bit vector (AVX-512F only: the f32x8 insert needs DQ).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn join_ps(lo: __m256, hi: __m256) -> __m512 {
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+        _mm256_castps_pd(hi),
+    ))
+}
+
+/// Four rows of Q6_K one-token dots ([`crate::RowsFn`]), two per 512-bit vector; the same
+/// bits as `avx2::dot_q6_k` per row.
+///
+/// # Safety
+/// [`crate::RowsFn`] contract, and the CPU has the AVX-512 set above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn rows_q6_k(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    // SAFETY: rows 0..4 at stride ws and out[0..4] exist (RowsFn contract).
+    unsafe {
+        for p in 0..2 {
+            let (r0, r1) = dot2_q6_k(n, w.add(2 * p * ws), w.add((2 * p + 1) * ws), a);
+            *out.add(2 * p) = r0;
+            *out.add(2 * p + 1) = r1;
         }
     }
 }
