@@ -259,26 +259,7 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
             for (k, acc) in acc.iter_mut().enumerate() {
                 let x0 = xb.add(2 * k * ws);
                 let x1 = x0.add(ws);
-                let q = if K == L_Q8_0 {
-                    let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
-                    _mm512_xor_si512(v, _mm512_set1_epi8(-128))
-                } else {
-                    // Each row's 16 nibble bytes twice, the second copy shifted down: low
-                    // nibbles (elements 0..16), then high (16..32).
-                    let bc = |p: *const u8| {
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
-                    };
-                    let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
-                    let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
-                    let q = _mm512_and_si512(v, m4);
-                    if qh_off != 0 {
-                        let h =
-                            ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
-                        _mm512_mask_add_epi8(q, h, q, _mm512_set1_epi8(16))
-                    } else {
-                        q
-                    }
-                };
+                let q = pair_quants::<K>(x0, x1, qs_off, qh_off, m4);
                 let s = _mm512_dpbusd_epi32(start, q, yq);
                 let d = _mm512_permutexvar_ps(perm[k], p);
                 *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *acc);
@@ -449,6 +430,43 @@ unsafe fn tile_store(acc: [[__m256; TILE_T]; TILE_R], out: *mut f32, os: usize) 
 }
 
 /// Formats of the packed-activation tiles below.
+/// The quants of one block of two rows (`x0` in the low half, `x1` in the high half) as the
+/// unsigned bytes `vpdpbusd` takes: Q8_0's i8 + 128 (from -128·Σy: the same integers as
+/// |x|·sign(y, x)), or the nibbles (each row's 16 bytes twice, the second copy shifted
+/// down: low nibbles for elements 0..16, then high for 16..32) plus 16 where Q5's high-bit
+/// word has the element's bit.
+///
+/// # Safety
+/// `x0` and `x1` must point at whole blocks of the layout `K` (quants at `qs_off`, high
+/// bits at `qh_off` when nonzero).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pair_quants<const K: u8>(
+    x0: *const u8,
+    x1: *const u8,
+    qs_off: usize,
+    qh_off: usize,
+    m4: __m512i,
+) -> __m512i {
+    // SAFETY: whole blocks (caller).
+    unsafe {
+        if K == L_Q8_0 {
+            let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
+            return _mm512_xor_si512(v, _mm512_set1_epi8(-128));
+        }
+        let bc = |p: *const u8| _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+        let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
+        let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
+        let q = _mm512_and_si512(v, m4);
+        if qh_off != 0 {
+            let h = ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
+            _mm512_mask_add_epi8(q, h, q, _mm512_set1_epi8(16))
+        } else {
+            q
+        }
+    }
+}
+
 const L_Q4_0: u8 = 0;
 const L_Q5_0: u8 = 1;
 const L_Q4_1: u8 = 2;
@@ -583,25 +601,7 @@ unsafe fn ztile<const K: u8, const P: usize>(
                 );
                 fx[k] = _mm512_cvtph_ps(h);
                 dx[k] = _mm512_permute_ps::<0>(fx[k]);
-                qx[k] = if K == L_Q8_0 {
-                    // i8 + 128: unsigned, from -128·Σy (same integers as |x|·sign(y, x)).
-                    let v = join(ld256(x0.add(qs_off)), ld256(x1.add(qs_off)));
-                    _mm512_xor_si512(v, _mm512_set1_epi8(-128))
-                } else {
-                    let bc = |p: *const u8| {
-                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
-                    };
-                    let v = join(bc(x0.add(qs_off)), bc(x1.add(qs_off)));
-                    let v = _mm512_mask_srli_epi16::<4>(v, 0xFF00_FF00, v);
-                    let q = _mm512_and_si512(v, m4);
-                    if qh_off != 0 {
-                        let hb =
-                            ld_u32(x0.add(qh_off)) as u64 | (ld_u32(x1.add(qh_off)) as u64) << 32;
-                        _mm512_mask_add_epi8(q, hb, q, _mm512_set1_epi8(16))
-                    } else {
-                        q
-                    }
-                };
+                qx[k] = pair_quants::<K>(x0, x1, qs_off, qh_off, m4);
             }
             for t in 0..TILE_T {
                 let y = p.add(t * ps + abytes * b);
