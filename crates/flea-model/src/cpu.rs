@@ -116,15 +116,17 @@ struct OpProfile {
 
 /// Adds its lifetime to `name`'s entry when dropped (a no-op without a profile).
 struct OpTimer<'a> {
-    profile: Option<&'a OpProfile>,
+    /// The profile and when the operation began; None when profiling is off (no clock read).
+    started: Option<(&'a OpProfile, std::time::Instant)>,
     name: &'static str,
-    start: std::time::Instant,
 }
 
 impl Drop for OpTimer<'_> {
     fn drop(&mut self) {
-        let Some(p) = self.profile else { return };
-        let dt = self.start.elapsed().as_secs_f64();
+        let Some((p, start)) = self.started else {
+            return;
+        };
+        let dt = start.elapsed().as_secs_f64();
         // A poisoned lock only loses profile entries.
         if let Ok(mut ops) = p.ops.lock() {
             match ops.iter_mut().find(|e| e.0 == self.name) {
@@ -172,9 +174,11 @@ impl CpuBackend {
 
     fn timer(&self, name: &'static str) -> OpTimer<'_> {
         OpTimer {
-            profile: self.profile.as_ref(),
+            started: self
+                .profile
+                .as_ref()
+                .map(|p| (p, std::time::Instant::now())),
             name,
-            start: std::time::Instant::now(),
         }
     }
 

@@ -286,31 +286,6 @@ pub fn dot_f16_isa(isa: Isa, a: &[u16], b: &[u16]) -> Option<f32> {
     })
 }
 
-/// `dst[i] += p · v[i]` for an F16 row `v` (as bits): a multiply then an add per element,
-/// the bits of the plain loop on every instruction set. False (nothing done) unless
-/// `v.len() == dst.len()`.
-pub fn axpy_f16(p: f32, v: &[u16], dst: &mut [f32]) -> bool {
-    axpy_f16_isa(best_isa(), p, v, dst)
-}
-
-/// [`axpy_f16`] with a chosen instruction set (falls back to the best one available below it).
-pub fn axpy_f16_isa(isa: Isa, p: f32, v: &[u16], dst: &mut [f32]) -> bool {
-    use simd::f16dot;
-    if v.len() != dst.len() {
-        return false;
-    }
-    match usable_isa(isa) {
-        // SAFETY: AVX-512F and F16C detected; lengths checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { f16dot::axpy_avx512(p, v, dst) },
-        // SAFETY: AVX2 and F16C detected; lengths checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { f16dot::axpy_avx2(p, v, dst) },
-        _ => f16dot::axpy_scalar(p, v, dst),
-    }
-    true
-}
-
 /// A row-dot kernel: `(n, weight row ptr, activation row ptr) -> f32`.
 ///
 /// Unsafe to call: the pointers must be valid for the row sizes of `n` elements (weight

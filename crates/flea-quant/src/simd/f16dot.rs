@@ -76,58 +76,6 @@ pub(crate) unsafe fn dot_avx512(a: &[u16], b: &[u16]) -> f32 {
     reduce(&l)
 }
 
-/// `dst[i] += p · v[i]` for F16 `v`, a multiply then an add (two roundings, as plain Rust
-/// does them), so every path gives the bits of the scalar loop.
-pub(crate) fn axpy_scalar(p: f32, v: &[u16], dst: &mut [f32]) {
-    for (d, &x) in dst.iter_mut().zip(v) {
-        *d += p * f16_bits_to_f32(x);
-    }
-}
-
-/// # Safety
-/// The CPU has AVX2 and F16C; `v.len() == dst.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-pub(crate) unsafe fn axpy_avx2(p: f32, v: &[u16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let pv = _mm256_set1_ps(p);
-    let n8 = v.len() / 8 * 8;
-    for i in (0..n8).step_by(8) {
-        // SAFETY: i + 8 ≤ n8 ≤ len of both; unaligned loads and stores.
-        unsafe {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i).cast()));
-            let d = _mm256_loadu_ps(dst.as_ptr().add(i));
-            _mm256_storeu_ps(
-                dst.as_mut_ptr().add(i),
-                _mm256_add_ps(d, _mm256_mul_ps(pv, x)),
-            );
-        }
-    }
-    axpy_scalar(p, &v[n8..], &mut dst[n8..]);
-}
-
-/// # Safety
-/// The CPU has AVX-512F; `v.len() == dst.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,f16c")]
-pub(crate) unsafe fn axpy_avx512(p: f32, v: &[u16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let pv = _mm512_set1_ps(p);
-    let n16 = v.len() / 16 * 16;
-    for i in (0..n16).step_by(16) {
-        // SAFETY: i + 16 ≤ n16 ≤ len of both; unaligned loads and stores.
-        unsafe {
-            let x = _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(i).cast()));
-            let d = _mm512_loadu_ps(dst.as_ptr().add(i));
-            _mm512_storeu_ps(
-                dst.as_mut_ptr().add(i),
-                _mm512_add_ps(d, _mm512_mul_ps(pv, x)),
-            );
-        }
-    }
-    axpy_scalar(p, &v[n16..], &mut dst[n16..]);
-}
-
 #[cfg(test)]
 mod tests {
     use crate::{dot_f16_isa, f32_to_f16, isa_available, Isa};
@@ -173,39 +121,5 @@ mod tests {
         // (2048 + 1) first in f32, then + 1: exact here, so just a sanity check of the sum.
         assert_eq!(dot_f16_isa(Isa::Scalar, &a, &b), Some(2050.0));
         assert_eq!(dot_f16_isa(Isa::Scalar, &a[..15], &b[..15]), None);
-    }
-
-    #[test]
-    fn axpy_f16_gives_the_scalar_bits_on_every_isa() {
-        use crate::axpy_f16_isa;
-        let mut state = 0x9e3779b97f4a7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        for n in [1usize, 7, 8, 15, 16, 17, 64, 130, 256] {
-            let v: Vec<u16> = (0..n).map(|_| f32_to_f16(next() * 4.0)).collect();
-            let base: Vec<f32> = (0..n).map(|_| next()).collect();
-            let p = next();
-            let mut want = base.clone();
-            for (d, &x) in want.iter_mut().zip(&v) {
-                *d += p * crate::f16_to_f32(x);
-            }
-            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
-                if isa_available(isa) {
-                    let mut got = base.clone();
-                    assert!(axpy_f16_isa(isa, p, &v, &mut got));
-                    assert!(
-                        got.iter()
-                            .map(|x| x.to_bits())
-                            .eq(want.iter().map(|x| x.to_bits())),
-                        "{isa:?} n {n}"
-                    );
-                }
-            }
-        }
-        assert!(!axpy_f16_isa(Isa::Scalar, 1.0, &[0], &mut [0.0, 0.0]));
     }
 }
