@@ -514,7 +514,7 @@ pub fn matvec_isa(
 /// tokens at a time, unpacking its blocks once (Q4_0, Q5_0, Q5_1, Q8_0, Q5_K); Q4_1 goes
 /// four rows at a time. With AVX-512, Q4_0, Q4_1, Q5_0 and Q8_0 use 8-row x 4-token tiles,
 /// Q5_1 2-row x 4-token tiles, Q4_K and Q6_K 4-token kernels; one token (`matvec`) takes
-/// eight rows at a time for Q4_0, Q4_1, Q5_0 and Q8_0.
+/// eight rows at a time for Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K, four for Q6_K (two per vector).
 ///
 /// For Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K every path sums in llama.cpp's x86 order,
 /// including its batch rules: the results equal [`vec_dot`]'s bit for bit, except Q6_K

@@ -684,10 +684,12 @@ fn matvec_row_tails_are_bit_identical() {
         GgmlType::Q4_1,
         GgmlType::Q5_0,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
     ] {
         let fmt = vec_dot_type(ty).unwrap();
         for nb in [1usize, 2, 3, 7, 18, 28] {
-            let n = 32 * nb;
+            let n = ty.block_size() * nb;
             let wb = row_bytes(ty, n);
             let rows = 27;
             let w: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut r, ty, n)).collect();

@@ -1,6 +1,7 @@
-//! AVX-512 (F + BW + VL + VNNI) kernels for Q4_0, Q4_1, Q5_0 and Q8_0, and packed tiles for
-//! Q5_1. Other types use their AVX2 kernel: the K-quants' 512-bit kernels summed in another
-//! order than llama.cpp's and were dropped for bit-identical results.
+//! AVX-512 (F + BW + VL + VNNI) kernels for Q4_0, Q4_1, Q5_0 and Q8_0, packed tiles for
+//! Q5_1, and for Q4_K and Q6_K kernels that keep llama.cpp's summation order per row (one
+//! token: eight Q4_K rows at a time, Q6_K rows two per vector; batches: 4 tokens). Other
+//! types use their AVX2 kernel.
 //!
 //! Same [`DotFn`] contract as the AVX2 kernels; `detect()` only reports `Isa::Avx512` when
 //! all these features and the AVX2 set are present. The 32-element formats use 256-bit
@@ -171,6 +172,7 @@ pub(crate) fn rows8_kernel(weight: GgmlType) -> Option<crate::RowsFn> {
         Q4_1 => rows8_q4_1,
         Q5_0 => rows8_q5_0,
         Q8_0 => rows8_q8_0,
+        Q4_K => rows8_q4_k,
         _ => return None,
     })
 }
@@ -940,6 +942,108 @@ unsafe fn dot_q4_k(n: usize, w: *const u8, a: *const u8) -> f32 {
     acc - accm
 }
 
+/// Eight rows of [`dot_q4_k`] (one token), row r's chains in lane r.
+///
+/// The one-row kernel ends each super-block with two horizontal integer sums and two
+/// scalar fused multiply-adds, about as much work as the block's dot product itself. Here
+/// the eight rows' integer sums (exact, so any order) fold into one 8-lane vector each for
+/// the scales and the mins, the rows' f16 headers come in with one gather, and both
+/// accumulations are one 8-lane fused multiply-add: lane r does row r's scalar
+/// operations (`fma(Σ, d·dy, acc)`, one rounding for `d·dy`), so each row keeps its bits.
+/// The activation's quants and bsums are loaded once per super-block for all eight rows.
+///
+/// # Safety
+/// [`rows8`] contract (eight rows `ws` bytes apart, `out` holds eight f32, `7 * ws` fits
+/// in an i32).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows8_q4_k(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let gidx = _mm256_mullo_epi32(
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        _mm256_set1_epi32(ws as i32),
+    );
+    // 64 bytes of quants (sub-blocks 2i and 2i+1 of 64 elements) give their four
+    // 32-element groups as two vectors: low nibbles (groups 4i, 4i+2) and high nibbles
+    // (4i+1, 4i+3). The scale index of each i16 product lane, per vector.
+    let sidx: [__m512i; 4] = std::array::from_fn(|v| {
+        let g = 4 * (v / 2) as i16 + (v % 2) as i16;
+        join(_mm256_set1_epi16(g), _mm256_set1_epi16(g + 2))
+    });
+    let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // SAFETY (whole body): super-block b < n/256 lies inside the activation row and each
+    // of the eight weight rows, whose offsets from the first fit in i32 (caller); out
+    // holds eight f32.
+    unsafe {
+        for b in 0..n / 256 {
+            // The next eight rows (the caller's next call; contiguous), a super-block's
+            // share of them per super-block, as `rows8` does: from memory, the hardware
+            // prefetcher alone keeps too few of eight rows' lines in flight.
+            let pf = w.wrapping_add(8 * ws + 8 * 144 * b);
+            for i in 0..(8 * 144) / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
+            }
+            let y = a.add(292 * b);
+            // The activation's quants in the same group order, once for all eight rows.
+            let yv: [__m512i; 4] = std::array::from_fn(|v| {
+                let g = 4 * (v / 2) + v % 2;
+                join(ld256(y.add(4 + 32 * g)), ld256(y.add(4 + 32 * (g + 2))))
+            });
+            let bsums = ld256(y.add(260));
+            let xb = w.add(144 * b);
+            let mut sums = [_mm256_setzero_si256(); 8];
+            let mut mins = [_mm256_setzero_si256(); 8];
+            for r in 0..8 {
+                let x = xb.add(r * ws);
+                let sm = k4_scales_mins_v(x.add(4));
+                mins[r] = _mm256_madd_epi16(bsums, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)));
+                let s = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+                let mut t = _mm512_setzero_si512();
+                for i in 0..2 {
+                    let qb = _mm512_loadu_si512(x.add(16 + 64 * i) as *const __m512i);
+                    let q = [
+                        _mm512_and_si512(qb, m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4),
+                    ];
+                    for (h, q) in q.into_iter().enumerate() {
+                        let p = _mm512_maddubs_epi16(q, yv[2 * i + h]);
+                        let sc = _mm512_permutexvar_epi16(sidx[2 * i + h], s);
+                        t = _mm512_dpwssd_epi32(t, p, sc);
+                    }
+                }
+                sums[r] =
+                    _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64::<1>(t));
+            }
+            // Each row's header [d, dmin] (two f16) as one i32 per lane, from lines the
+            // loop above has just read.
+            let h = _mm256_i32gather_epi32::<1>(xb as *const i32, gidx);
+            let d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_and_si256(
+                h,
+                _mm256_set1_epi32(0xffff),
+            )));
+            let dmin = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32::<16>(h)));
+            let yd = _mm256_set1_ps(ld_f32(y));
+            let is = _mm256_cvtepi32_ps(sum8_lanes(sums));
+            let ms = _mm256_cvtepi32_ps(sum8_lanes(mins));
+            acc = _mm256_fmadd_ps(is, _mm256_mul_ps(d, yd), acc);
+            accm = _mm256_fmadd_ps(ms, _mm256_mul_ps(dmin, yd), accm);
+        }
+        _mm256_storeu_ps(out, _mm256_sub_ps(acc, accm));
+    }
+}
+
+/// Lane r = the sum of `v[r]`'s eight i32 lanes (exact; any order).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn sum8_lanes(v: [__m256i; 8]) -> __m256i {
+    // Within each 128-bit half: [v0, v1, v2, v3] partial sums, then the halves added.
+    let a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(a, b),
+        _mm256_permute2x128_si256::<0x31>(a, b),
+    )
+}
+
 /// In the order of llama.cpp's repacked Q4_K gemm (`kquants::vec_dot_q4_k_gemm`).
 ///
 /// # Safety
@@ -1223,11 +1327,23 @@ unsafe fn q6k_sumi2(xa: *const u8, xb: *const u8, y: *const u8) -> __m512i {
 /// [`DotFn`] contract for both rows `wa`, `wb`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dot2_q6_k(n: usize, wa: *const u8, wb: *const u8, a: *const u8) -> (f32, f32) {
+unsafe fn dot2_q6_k(
+    n: usize,
+    wa: *const u8,
+    wb: *const u8,
+    a: *const u8,
+    pf: *const u8,
+) -> (f32, f32) {
     let mut acc = _mm512_setzero_ps();
     // SAFETY (whole body): super-block b < n/256 lies inside both rows and the activations.
     unsafe {
         for b in 0..n / 256 {
+            // 420 bytes of the caller's next rows per super-block (a prefetch never
+            // faults, so `pf` may point past the matrix).
+            let p = pf.wrapping_add(420 * b);
+            for i in 0..7 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * i) as *const i8);
+            }
             let (xa, xb, y) = (wa.add(210 * b), wb.add(210 * b), a.add(292 * b));
             let sumi = q6k_sumi2(xa, xb, y);
             // [d_a; 8] ++ [d_b; 8], each times y's d: the AVX2 kernel's one rounding.
@@ -1263,8 +1379,12 @@ fn join_ps(lo: __m256, hi: __m256) -> __m512 {
 pub(crate) unsafe fn rows_q6_k(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut f32) {
     // SAFETY: rows 0..4 at stride ws and out[0..4] exist (RowsFn contract).
     unsafe {
+        // The next four rows (contiguous, the caller's next call), half per pair: from
+        // memory the hardware prefetcher alone keeps too few lines in flight.
+        let next = w.wrapping_add(4 * ws);
         for p in 0..2 {
-            let (r0, r1) = dot2_q6_k(n, w.add(2 * p * ws), w.add((2 * p + 1) * ws), a);
+            let pf = next.wrapping_add(p * 2 * ws);
+            let (r0, r1) = dot2_q6_k(n, w.add(2 * p * ws), w.add((2 * p + 1) * ws), a, pf);
             *out.add(2 * p) = r0;
             *out.add(2 * p + 1) = r1;
         }
