@@ -86,6 +86,10 @@ pub struct StreamStats {
     pub cpu_handover_seconds: f64,
     /// Hybrid: time the CPU's layers spent in their arithmetic.
     pub cpu_block_seconds: f64,
+    /// Hybrid: units staged during one decode pass for the next and used there; and
+    /// staged so but let go (the next pass was a prompt, or the split had moved).
+    pub units_carried_over: u64,
+    pub units_carried_dropped: u64,
 }
 
 /// How a decode step treats the host-cached layers beside a GPU.
@@ -854,12 +858,52 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             .inspect_err(|e| self.poisoned = Some(e.to_string()))
     }
 
+    /// At the start of a pass: keep the units the previous decode pass staged for this one
+    /// (hybrid decode stages past the end of a pass, so the copy engine works through the
+    /// pass's tail, the sampling and the resident layers too) when this pass uses the CPU
+    /// and they are still, in order, the first units it copies to the GPU; else let them go
+    /// (their slots are reused; the copies were wasted, as after a prompt or a re-split).
+    fn take_carried_prestage(&mut self, use_cpu: bool) -> Result<()> {
+        let n = self.plan.units.len();
+        let carried = self.prestage_next.checked_sub(n);
+        // Units this pass hands to the GPU that are not resident, in pass order: staged
+        // ones must be exactly the first of them (a disk-streamed one ends staging).
+        let mut gpu_copied = self
+            .plan
+            .units
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.tier != Tier::Resident && !(use_cpu && u.on_cpu))
+            .map(|(i, _)| i);
+        let keep = use_cpu
+            && carried.is_some()
+            && self
+                .prestaged
+                .iter()
+                .all(|(j, _)| gpu_copied.next() == Some(*j));
+        if keep {
+            self.stats.units_carried_over += self.prestaged.len() as u64;
+            self.prestage_next = carried.unwrap_or(0);
+            return Ok(());
+        }
+        self.prestage_next = 0;
+        while let Some((_, st)) = self.prestaged.pop_front() {
+            self.stats.units_carried_dropped += 1;
+            self.backend.finish(st, false)?;
+        }
+        Ok(())
+    }
+
     /// One forward pass over all units for a batch of tokens.
     fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
         let b = self.backend;
         let n = tokens.len();
+        let use_cpu = self.cpu_side.is_some()
+            && n <= HYBRID_MAX_BATCH
+            && batch_rows.iter().all(|r| r.seq == 0);
+        self.take_carried_prestage(use_cpu)?;
 
         // Embedding rows of this batch, read straight from the file.
         let emb = &m.layout.token_embd;
@@ -905,11 +949,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         // side holds the residual stream.
         // (One sequence only: the hand-over of KV rows assumes slot 0, consecutive positions.)
         let pos0 = batch_rows.first().map_or(0, |r| r.pos);
-        let use_cpu = self.cpu_side.is_some()
-            && n <= HYBRID_MAX_BATCH
-            && batch_rows.iter().all(|r| r.seq == 0);
         let mut x_on_cpu = false;
-        self.prestage_next = 0;
         let cpu_before = (self.stats.bytes_host_cpu, self.stats.cpu_block_seconds);
         for ui in 0..self.plan.units.len() {
             let unit = &self.plan.units[ui];
@@ -1037,6 +1077,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             } else {
                 let key = unit_key(m, offset, unit_bytes)?;
                 match (host, self.prestaged.front()) {
+                    // Resident: read in place (units staged ahead wait for their turn).
+                    (None, _) => (key, None),
                     (_, Some((j, _))) if *j == ui => {
                         (key, self.prestaged.pop_front().map(|(_, st)| st))
                     }
@@ -1046,7 +1088,6 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         )))
                     }
                     (Some(h), None) => (key, Some(b.stage(key, h)?)),
-                    (None, None) => (key, None),
                 }
             };
             if let Some(st) = &staged {
@@ -1110,6 +1151,22 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 self.stats.bytes_host_cpu - cpu_before.0,
                 self.stats.cpu_block_seconds - cpu_before.1,
             )?;
+            // The next decode pass's first GPU units, copied while this token is sampled and
+            // the next one's resident layers run (the next pass keeps them only if it is a
+            // decode pass with this split).
+            let last = self.plan.units.len().saturating_sub(1);
+            prestage(
+                b,
+                m,
+                &self.plan,
+                &self.held,
+                (
+                    &mut self.prestaged,
+                    &mut self.prestage_next,
+                    self.prestage_depth,
+                ),
+                last,
+            )?;
         }
         if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
             let above = used.saturating_sub(base);
@@ -1142,6 +1199,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
 impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
+        // Units staged for a pass that never came: their slots go back first.
+        while let Some((_, st)) = self.prestaged.pop_front() {
+            let _ = self.backend.finish(st, false);
+        }
         self.backend.release_units();
         // Unlock pinned buffers while they are all still allocated (in the ring or held).
         for &(addr, len) in &self.pinned {
@@ -1169,6 +1230,9 @@ type Prestage<'a, S> = (
 /// Stage the host-cached GPU units after unit `after`, in pass order, while fewer than
 /// `depth` (at most the ring depth) are staged (each staged unit holds a device slot until
 /// its compute is issued). Stops at a unit streamed from disk: its bytes arrive at its turn.
+/// Past the last unit it goes on with the next pass's units (positions `n..2n` in `next`,
+/// unit indices as they are), which that pass keeps or lets go
+/// ([`StreamedModel::take_carried_prestage`]).
 fn prestage<B: UnitStaging>(
     b: &B,
     m: &Model,
@@ -1177,16 +1241,18 @@ fn prestage<B: UnitStaging>(
     (prestaged, next, depth): Prestage<'_, B::Staged>,
     after: usize,
 ) -> Result<()> {
+    let n = plan.units.len();
     let mut j = (*next).max(after + 1);
-    while prestaged.len() < depth && j < plan.units.len() {
-        let u = &plan.units[j];
-        match (u.tier, &held[j]) {
+    while prestaged.len() < depth && j < 2 * n {
+        let k = j % n;
+        let u = &plan.units[k];
+        match (u.tier, &held[k]) {
             (Tier::Resident, _) => {}
             (Tier::HostCache, _) if u.on_cpu => {}
             (Tier::HostCache, Some(Holding::Host(h))) => {
                 let key = unit_key(m, u.offset, u.bytes)?;
                 let st = b.stage(key, &h.buf.as_slice()[h.range.clone()])?;
-                prestaged.push_back((j, st));
+                prestaged.push_back((k, st));
             }
             _ => break,
         }

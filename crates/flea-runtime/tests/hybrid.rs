@@ -364,6 +364,15 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
 
         let got = script(&mut s, vocab);
         assert!(s.stats.bytes_host_cpu > 0, "the CPU computed nothing");
+        // Decode passes stage the next one's first GPU units; the multi-token turn
+        // after decode lets them go.
+        assert!(
+            s.stats.units_carried_over > 0 && s.stats.units_carried_dropped > 0,
+            "{}: carried {} / dropped {}",
+            preset.name(),
+            s.stats.units_carried_over,
+            s.stats.units_carried_dropped
+        );
         assert!(got == want, "{}: hybrid differs", preset.name());
         assert!(s.host.peak() <= s.host.budget && s.device.peak() <= s.device.budget);
         drop(s);
