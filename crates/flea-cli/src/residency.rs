@@ -183,7 +183,7 @@ impl ResidencyArgs {
             (n_ctx, batch, n_seq),
             default_vram,
             avail / 2,
-            links.clone(),
+            links,
             true,
             scratch,
         )?;
