@@ -1,7 +1,10 @@
 //! One decode row's CPU attention over a long context, 13b-shaped by default (40 heads of
 //! 128, no grouping), for timing the attention path alone:
 //!
-//! cargo run --release -p flea-model --example attn_speed -- [CONTEXT] [THREADS] [HEADS] [KV_HEADS] [HEAD_DIM]
+//! cargo run --release -p flea-model --example attn_speed -- [CONTEXT] [THREADS] [HEADS] [KV_HEADS] [HEAD_DIM] [LAYERS]
+//!
+//! With LAYERS > 1 each call reads the next layer's cache, so a cache larger than the CPU's
+//! caches is read from memory, as in a decode step.
 
 use flea_model::backend::{AttnParams, Backend, KvShape, Row};
 use flea_model::CpuBackend;
@@ -12,9 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (ctx, threads, n_head, n_head_kv, hd) =
         (arg(1, 540), arg(2, 1), arg(3, 40), arg(4, 40), arg(5, 128));
+    let n_layers = arg(6, 1).max(1);
     let b = CpuBackend::new(threads)?;
     let shape = KvShape {
-        n_layers: 1,
+        n_layers,
         n_ctx: ctx + 1,
         n_head_kv,
         head_dim: hd,
@@ -34,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let qvals: Vec<f32> = (0..ctx * n_head * hd).map(|i| val(i + 17)).collect();
     b.write(&qvals, &mut q)?;
     let mut out = b.alloc_act(ctx, n_head * hd)?;
-    let p = AttnParams {
+    let mut p = AttnParams {
         layer: 0,
         rows: &rows,
         n_head,
@@ -43,10 +47,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         window: None,
         scale: 0.088,
     };
-    b.attention(ctx, &q, &k, &v, &mut kv, &p, &mut out)?;
+    for layer in 0..n_layers {
+        p.layer = layer;
+        b.attention(ctx, &q, &k, &v, &mut kv, &p, &mut out)?;
+    }
     // Now one decode row at the last position, repeatedly.
     let row = [Row { seq: 0, pos: ctx }];
-    let p1 = AttnParams { rows: &row, ..p };
+    let mut p1 = AttnParams { rows: &row, ..p };
     let (q1, k1, v1) = (
         b.alloc_act(1, n_head * hd)?,
         b.alloc_act(1, kvd)?,
@@ -55,7 +62,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut o1 = b.alloc_act(1, n_head * hd)?;
     let reps = 200;
     let t = Instant::now();
-    for _ in 0..reps {
+    for r in 0..reps {
+        p1.layer = r % n_layers;
         b.attention(1, &q1, &k1, &v1, &mut kv, &p1, &mut o1)?;
     }
     let s = t.elapsed().as_secs_f64() / reps as f64;

@@ -586,7 +586,14 @@ impl Backend for CpuBackend {
                 // one token, tinyBLAS for more (where the head size is a multiple of 16:
                 // every model here; else in plain order).
                 if !(single
-                    && flea_quant::ggml_math::scores_f16_vec(qbits, keys, kvd, lo, &mut scores))
+                    && flea_quant::ggml_math::scores_f16_vec(
+                        qbits,
+                        keys,
+                        vals,
+                        kvd,
+                        lo,
+                        &mut scores,
+                    ))
                 {
                     let mut kf = vec![0.0f32; hd];
                     for (j, s) in (lo..=pos).zip(scores.iter_mut()) {

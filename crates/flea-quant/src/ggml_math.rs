@@ -246,10 +246,13 @@ unsafe fn dot_f16_vec_avx512(a: &[u16], b: &[u16]) -> f32 {
 /// One head's attention scores for a batch of one token, in `ggml_vec_dot_f16`'s order:
 /// `out[i]` = [`dot_f16_vec`]`(q, keys[(first + i) * stride ..][..q.len()])` for each i <
 /// `out.len()` (the same bits), with q converted once for all keys. False (nothing done)
-/// unless every key lies inside `keys`.
+/// unless every key lies inside `keys`. `vals` (may be empty) is the head's values at the
+/// same positions and stride: each position's row is requested into L2 as its key is
+/// read, for the V·P product that follows (it reads them in another order).
 pub fn scores_f16_vec(
     q: &[u16],
     keys: &[u16],
+    vals: &[u16],
     stride: usize,
     first: usize,
     out: &mut [f32],
@@ -260,8 +263,9 @@ pub fn scores_f16_vec(
     }
     #[cfg(target_arch = "x86_64")]
     if best_isa() == Isa::Avx512 && hd.is_multiple_of(64) && hd <= 256 {
+        let warm = rows_inside(vals.len(), stride, first, out.len(), hd).then_some(vals);
         // SAFETY: AVX-512F (F16C, FMA) detected; every key lies inside `keys` (checked).
-        unsafe { scores_avx512(q, keys, stride, first, out) };
+        unsafe { scores_avx512(q, keys, warm, stride, first, out) };
         return true;
     }
     for (i, o) in out.iter_mut().enumerate() {
@@ -287,7 +291,14 @@ fn rows_inside(len: usize, stride: usize, first: usize, n: usize, width: usize) 
 /// `(first + i) * stride .. + q.len()` inside `keys`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c,fma")]
-unsafe fn scores_avx512(q: &[u16], keys: &[u16], stride: usize, first: usize, out: &mut [f32]) {
+unsafe fn scores_avx512(
+    q: &[u16],
+    keys: &[u16],
+    vals: Option<&[u16]>,
+    stride: usize,
+    first: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let hd = q.len();
     let mut qf = [_mm512_setzero_ps(); 16];
@@ -295,9 +306,24 @@ unsafe fn scores_avx512(q: &[u16], keys: &[u16], stride: usize, first: usize, ou
         // SAFETY: 16c + 16 <= hd = q.len().
         *qf = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(q.as_ptr().add(16 * c).cast())) };
     }
+    // Cache rows lie `stride` elements apart (several KiB): the hardware prefetchers do
+    // not follow such a stride across pages, and one key's four lines per step leave the
+    // core waiting on memory. So the key PREFETCH_ROWS ahead is requested now (a prefetch
+    // never faults: addresses past the cache are harmless).
+    const PREFETCH_ROWS: usize = 8;
     for (i, o) in out.iter_mut().enumerate() {
         // SAFETY: key (first + i) lies inside `keys` (caller).
         let k = unsafe { keys.as_ptr().add((first + i) * stride) };
+        let ahead = k.wrapping_add(PREFETCH_ROWS * stride) as *const i8;
+        for line in 0..(2 * hd).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+        if let Some(v) = vals {
+            let row = v.as_ptr().wrapping_add((first + i) * stride) as *const i8;
+            for line in 0..(2 * hd).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(64 * line));
+            }
+        }
         let mut acc = [_mm512_setzero_ps(); 4];
         for step in 0..hd / 64 {
             for (j, acc) in acc.iter_mut().enumerate() {
@@ -667,7 +693,14 @@ mod tests {
                 .collect();
             for first in [0usize, 5, 64] {
                 let mut got = vec![f32::NAN; n - first];
-                assert!(scores_f16_vec(&q, &c[off..], stride, first, &mut got));
+                assert!(scores_f16_vec(
+                    &q,
+                    &c[off..],
+                    &c[off..],
+                    stride,
+                    first,
+                    &mut got
+                ));
                 for (i, g) in got.iter().enumerate() {
                     let k0 = off + (first + i) * stride;
                     let want = dot_f16_vec(&q, &c[k0..k0 + hd]).unwrap_or(f32::NAN);
@@ -676,7 +709,14 @@ mod tests {
             }
             // A key past the end is refused.
             let mut too_many = vec![0.0; n + 1];
-            assert!(!scores_f16_vec(&q, &c[off..], stride, 0, &mut too_many));
+            assert!(!scores_f16_vec(
+                &q,
+                &c[off..],
+                &[],
+                stride,
+                0,
+                &mut too_many
+            ));
         }
     }
 
