@@ -178,27 +178,8 @@ impl ResidencyArgs {
         });
         let scratch = cuda.scratch_bytes(model, batch);
         let default_vram = (free as u64).saturating_sub(1 << 30);
-        let plan = self.plan_with(
-            model,
-            (n_ctx, batch, n_seq),
-            default_vram,
-            avail / 2,
-            links,
-            true,
-            scratch,
-        )?;
-        // Hybrid decode (one sequence, host-cached layers) needs only two ring slots: its
-        // copies are staged ahead while the CPU computes, across the pass boundary too, so
-        // a third slot's VRAM is better spent on one more resident layer (13b at 4979 MiB on
-        // the H200: 17 → 18 resident units, decode 21.7 → 23.8 tok/s, 2026-11-27).
-        let hybrid_may_run = self.hybrid != HybridMode::Off && n_seq == 1;
-        let host_cached = plan.units.iter().any(|u| u.tier == Tier::HostCache);
-        if self.ring_depth.is_none() && hybrid_may_run && host_cached && plan.ring_depth > 2 {
-            let two = ResidencyArgs {
-                ring_depth: Some(2),
-                ..self.clone()
-            };
-            return two.plan_with(
+        let plan_for = |r: &ResidencyArgs| {
+            r.plan_with(
                 model,
                 (n_ctx, batch, n_seq),
                 default_vram,
@@ -206,7 +187,20 @@ impl ResidencyArgs {
                 links,
                 true,
                 scratch,
-            );
+            )
+        };
+        let plan = plan_for(self)?;
+        // Hybrid decode (one sequence, host-cached layers) needs only two ring slots: its
+        // copies are staged ahead while the CPU computes, across the pass boundary too, so
+        // a third slot's VRAM is better spent on one more resident layer (13b at 4979 MiB on
+        // the H200: 17 → 18 resident units, decode 21.7 → 23.8 tok/s, 2026-11-27).
+        let hybrid_may_run = self.hybrid != HybridMode::Off && n_seq == 1;
+        let host_cached = plan.units.iter().any(|u| u.tier == Tier::HostCache);
+        if self.ring_depth.is_none() && hybrid_may_run && host_cached && plan.ring_depth > 2 {
+            return plan_for(&ResidencyArgs {
+                ring_depth: Some(2),
+                ..self.clone()
+            });
         }
         Ok(plan)
     }

@@ -165,12 +165,8 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     /// Per layer, how many positions of its KV cache are valid on [the device, the CPU]
     /// (a layer computed on both sides copies the missing rows before it runs).
     kv_valid: Vec<[usize; 2]>,
-    /// Units staged ahead (in pass order) while the CPU computes, and where staging resumes.
-    prestaged: std::collections::VecDeque<(usize, B::Staged)>,
-    prestage_next: usize,
-    /// Most units staged ahead: the ring depth, or 0 with FLEA_PRESTAGE=0 (a diagnostic:
-    /// copies then never overlap the CPU's layers). Read once, in `attach_cpu`.
-    prestage_depth: usize,
+    /// Units staged ahead (in pass order) while the CPU computes.
+    ahead: StagedAhead<B::Staged>,
     /// Host buffers page-locked for the backend's copies: (address, length).
     pinned: Vec<(usize, usize)>,
     ring: Option<Ring>,
@@ -411,9 +407,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             cpu_side: None,
             hybrid: None,
             kv_valid: vec![[0, 0]; cfg.n_layers],
-            prestaged: std::collections::VecDeque::new(),
-            prestage_next: 0,
-            prestage_depth: 0,
+            ahead: StagedAhead {
+                units: std::collections::VecDeque::new(),
+                next: 0,
+                depth: 0,
+            },
             pinned,
             ring,
             embed_reader,
@@ -548,7 +546,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             }
         }
         self.hybrid = Some(report);
-        self.prestage_depth = match std::env::var("FLEA_PRESTAGE").as_deref() {
+        self.ahead.depth = match std::env::var("FLEA_PRESTAGE").as_deref() {
             Ok("0") => 0,
             _ => self.plan.ring_depth.max(1),
         };
@@ -865,7 +863,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     /// (their slots are reused; the copies were wasted, as after a prompt or a re-split).
     fn take_carried_prestage(&mut self, use_cpu: bool) -> Result<()> {
         let n = self.plan.units.len();
-        let carried = self.prestage_next.checked_sub(n);
+        let carried = self.ahead.next.checked_sub(n);
         // Units this pass hands to the GPU that are not resident, in pass order: staged
         // ones must be exactly the first of them (a disk-streamed one ends staging).
         let mut gpu_copied = self
@@ -878,16 +876,17 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let keep = use_cpu
             && carried.is_some()
             && self
-                .prestaged
+                .ahead
+                .units
                 .iter()
                 .all(|(j, _)| gpu_copied.next() == Some(*j));
         if keep {
-            self.stats.units_carried_over += self.prestaged.len() as u64;
-            self.prestage_next = carried.unwrap_or(0);
+            self.stats.units_carried_over += self.ahead.units.len() as u64;
+            self.ahead.next = carried.unwrap_or(0);
             return Ok(());
         }
-        self.prestage_next = 0;
-        while let Some((_, st)) = self.prestaged.pop_front() {
+        self.ahead.next = 0;
+        while let Some((_, st)) = self.ahead.units.pop_front() {
             self.stats.units_carried_dropped += 1;
             self.backend.finish(st, false)?;
         }
@@ -961,18 +960,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 let t0 = Instant::now();
                 // Start the copies of the GPU units that follow, so they run while the CPU
                 // computes this layer.
-                prestage(
-                    b,
-                    m,
-                    &self.plan,
-                    &self.held,
-                    (
-                        &mut self.prestaged,
-                        &mut self.prestage_next,
-                        self.prestage_depth,
-                    ),
-                    ui,
-                )?;
+                self.ahead.stage_after(b, m, &self.plan, &self.held, ui)?;
                 if !x_on_cpu {
                     let x = forward::residual(b, n, &self.scratch)?;
                     forward::set_residual(cs.cpu, &x, &mut cs.scratch)?;
@@ -1076,11 +1064,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 (h, None)
             } else {
                 let key = unit_key(m, offset, unit_bytes)?;
-                match (host, self.prestaged.front()) {
+                match (host, self.ahead.units.front()) {
                     // Resident: read in place (units staged ahead wait for their turn).
                     (None, _) => (key, None),
                     (_, Some((j, _))) if *j == ui => {
-                        (key, self.prestaged.pop_front().map(|(_, st)| st))
+                        (key, self.ahead.units.pop_front().map(|(_, st)| st))
                     }
                     (_, Some((j, _))) => {
                         return Err(RuntimeError::Stream(format!(
@@ -1155,18 +1143,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             // the next one's resident layers run (the next pass keeps them only if it is a
             // decode pass with this split).
             let last = self.plan.units.len().saturating_sub(1);
-            prestage(
-                b,
-                m,
-                &self.plan,
-                &self.held,
-                (
-                    &mut self.prestaged,
-                    &mut self.prestage_next,
-                    self.prestage_depth,
-                ),
-                last,
-            )?;
+            self.ahead.stage_after(b, m, &self.plan, &self.held, last)?;
         }
         if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
             let above = used.saturating_sub(base);
@@ -1200,7 +1177,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
         // Units staged for a pass that never came: their slots go back first.
-        while let Some((_, st)) = self.prestaged.pop_front() {
+        while let Some((_, st)) = self.ahead.units.pop_front() {
             let _ = self.backend.finish(st, false);
         }
         self.backend.release_units();
@@ -1220,46 +1197,50 @@ impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     }
 }
 
-/// The units staged ahead, where staging resumes, and the most staged at once.
-type Prestage<'a, S> = (
-    &'a mut std::collections::VecDeque<(usize, S)>,
-    &'a mut usize,
-    usize,
-);
+/// Units staged ahead of their turn (each holds a device slot until its compute is issued).
+struct StagedAhead<S> {
+    /// In pass order: (unit index, staged unit).
+    units: std::collections::VecDeque<(usize, S)>,
+    /// Where staging resumes: a position in this pass (`0..n`) or the next (`n..2n`).
+    next: usize,
+    /// Most units staged at once: the ring depth, or 0 with FLEA_PRESTAGE=0 (a diagnostic:
+    /// copies then never overlap the CPU's layers). Set in `attach_cpu`.
+    depth: usize,
+}
 
-/// Stage the host-cached GPU units after unit `after`, in pass order, while fewer than
-/// `depth` (at most the ring depth) are staged (each staged unit holds a device slot until
-/// its compute is issued). Stops at a unit streamed from disk: its bytes arrive at its turn.
-/// Past the last unit it goes on with the next pass's units (positions `n..2n` in `next`,
-/// unit indices as they are), which that pass keeps or lets go
-/// ([`StreamedModel::take_carried_prestage`]).
-fn prestage<B: UnitStaging>(
-    b: &B,
-    m: &Model,
-    plan: &Plan,
-    held: &[Option<Holding>],
-    (prestaged, next, depth): Prestage<'_, B::Staged>,
-    after: usize,
-) -> Result<()> {
-    let n = plan.units.len();
-    let mut j = (*next).max(after + 1);
-    while prestaged.len() < depth && j < 2 * n {
-        let k = j % n;
-        let u = &plan.units[k];
-        match (u.tier, &held[k]) {
-            (Tier::Resident, _) => {}
-            (Tier::HostCache, _) if u.on_cpu => {}
-            (Tier::HostCache, Some(Holding::Host(h))) => {
-                let key = unit_key(m, u.offset, u.bytes)?;
-                let st = b.stage(key, &h.buf.as_slice()[h.range.clone()])?;
-                prestaged.push_back((k, st));
+impl<S> StagedAhead<S> {
+    /// Stage the host-cached GPU units after unit `after`, in pass order, while fewer than
+    /// `depth` are staged. Stops at a unit streamed from disk: its bytes arrive at its turn.
+    /// Past the last unit it goes on with the next pass's units (unit indices as they are),
+    /// which that pass keeps or lets go ([`StreamedModel::take_carried_prestage`]).
+    fn stage_after<B: UnitStaging<Staged = S>>(
+        &mut self,
+        b: &B,
+        m: &Model,
+        plan: &Plan,
+        held: &[Option<Holding>],
+        after: usize,
+    ) -> Result<()> {
+        let n = plan.units.len();
+        let mut j = self.next.max(after + 1);
+        while self.units.len() < self.depth && j < 2 * n {
+            let k = j % n;
+            let u = &plan.units[k];
+            match (u.tier, &held[k]) {
+                (Tier::Resident, _) => {}
+                (Tier::HostCache, _) if u.on_cpu => {}
+                (Tier::HostCache, Some(Holding::Host(h))) => {
+                    let key = unit_key(m, u.offset, u.bytes)?;
+                    let st = b.stage(key, &h.buf.as_slice()[h.range.clone()])?;
+                    self.units.push_back((k, st));
+                }
+                _ => break,
             }
-            _ => break,
+            j += 1;
         }
-        j += 1;
+        self.next = j;
+        Ok(())
     }
-    *next = j;
-    Ok(())
 }
 
 /// Which logits a pass computes.
