@@ -306,7 +306,7 @@ impl Engine {
 
     /// Per-kernel GPU time (FLEA_CUDA_PROFILE set, a CUDA run) and per-operation CPU time
     /// (FLEA_CPU_PROFILE set: a CPU run, or a hybrid run's CPU layers) since the last call.
-    fn print_gpu_profile(&self, phase: &str) -> Result<()> {
+    fn print_profiles(&self, phase: &str) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Some(c) = &self.cuda {
             if let Some(r) = c.profile_report().map_err(|e| anyhow!("{e}"))? {
@@ -376,7 +376,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut logits = sess.eval(&prompt, Logits::Last)?;
     let prompt_s = t0.elapsed().as_secs_f64();
-    eng.print_gpu_profile("prompt")?;
+    eng.print_profiles("prompt")?;
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -401,7 +401,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     }
     writeln!(out, "{}", text.finish())?;
     let decode_s = t1.elapsed().as_secs_f64();
-    eng.print_gpu_profile("decode")?;
+    eng.print_profiles("decode")?;
     let rss = peak_rss_bytes().unwrap_or(0);
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     eprintln!(

@@ -748,14 +748,14 @@ impl CudaBackend {
         Ok(Some(r))
     }
 
-    /// Fused decode kernels on or off (default on; FLEA_CUDA_FUSE=0). Results are the same
-    /// either way, bit for bit; only the number of launches differs.
     /// Most weight elements one cuBLAS pass dequantizes (0: no limit); `scratch_bytes` sets
     /// it to what it reserves. Tests compare chunked passes with whole ones.
     pub fn set_gemm_cap(&self, elems: usize) {
         self.gemm_cap.store(elems, Ordering::Relaxed);
     }
 
+    /// Fused decode kernels on or off (default on; FLEA_CUDA_FUSE=0). Results are the same
+    /// either way, bit for bit; only the number of launches differs.
     pub fn set_fusion(&self, on: bool) {
         self.fusion.store(on, Ordering::Relaxed);
     }
@@ -1936,7 +1936,6 @@ impl Backend for CudaBackend {
 
 /// out (n × m, row-major) = X (n × k) · Wᵀ, W m × k row-major, W and X F16 (or F32 when
 /// `f32`), f32 out, FP32 accumulation.
-#[allow(clippy::too_many_arguments)]
 fn gemm(
     blas: &cudarc::cublas::CudaBlas,
     (m, n, k): (usize, usize, usize),

@@ -885,11 +885,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             self.ahead.next = carried.unwrap_or(0);
             return Ok(());
         }
-        self.ahead.next = 0;
-        while let Some((_, st)) = self.ahead.units.pop_front() {
-            self.stats.units_carried_dropped += 1;
-            self.backend.finish(st, false)?;
-        }
+        self.stats.units_carried_dropped += self.ahead.let_go(self.backend)?;
         Ok(())
     }
 
@@ -1177,9 +1173,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
         // Units staged for a pass that never came: their slots go back first.
-        while let Some((_, st)) = self.ahead.units.pop_front() {
-            let _ = self.backend.finish(st, false);
-        }
+        let _ = self.ahead.let_go(self.backend);
         self.backend.release_units();
         // Unlock pinned buffers while they are all still allocated (in the ring or held).
         for &(addr, len) in &self.pinned {
@@ -1240,6 +1234,18 @@ impl<S> StagedAhead<S> {
         }
         self.next = j;
         Ok(())
+    }
+
+    /// Give back every unit staged ahead (never begun: its slot is simply reusable) and
+    /// start the next staging from the pass's beginning; how many there were.
+    fn let_go<B: UnitStaging<Staged = S>>(&mut self, b: &B) -> Result<u64> {
+        self.next = 0;
+        let mut n = 0;
+        while let Some((_, st)) = self.units.pop_front() {
+            b.finish(st, false)?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 

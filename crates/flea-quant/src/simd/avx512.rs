@@ -237,10 +237,7 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
             // The next eight rows (the caller's next call), a block's worth of them per
             // block here: else the first gather of that call waits for all of its lines
             // from L3 or memory. A prefetch past the matrix is harmless (it never faults).
-            let pf = w.wrapping_add(8 * ws + 8 * wbytes * b);
-            for i in 0..(8 * wbytes).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
-            }
+            prefetch_lines(w.wrapping_add(8 * ws + 8 * wbytes * b), 8 * wbytes);
             let y = a.add(abytes * b);
             let yq = _mm512_broadcast_i64x4(ld256(y.add(y_off)));
             // [dy, sy] (Q8_1) or [dy, junk] (Q8_0), repeated.
@@ -270,8 +267,7 @@ unsafe fn rows8<const K: u8>(n: usize, w: *const u8, ws: usize, a: *const u8, ou
         let mut m = [0f32; 16];
         _mm512_storeu_ps(m.as_mut_ptr(), ms);
         for (k, acc) in acc.into_iter().enumerate() {
-            let lo = _mm512_castps512_ps256(acc);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let (lo, hi) = halves_ps(acc);
             let (mut r0, mut r1) = (hsum_ps(lo), hsum_ps(hi));
             if min {
                 r0 += m[4 * k + 1];
@@ -431,7 +427,6 @@ unsafe fn tile_store(acc: [[__m256; TILE_T]; TILE_R], out: *mut f32, os: usize) 
     }
 }
 
-/// Formats of the packed-activation tiles below.
 /// The quants of one block of two rows (`x0` in the low half, `x1` in the high half) as the
 /// unsigned bytes `vpdpbusd` takes: Q8_0's i8 + 128 (from -128·Σy: the same integers as
 /// |x|·sign(y, x)), or the nibbles (each row's 16 bytes twice, the second copy shifted
@@ -469,6 +464,7 @@ unsafe fn pair_quants<const K: u8>(
     }
 }
 
+/// Formats of the packed-activation tiles below.
 const L_Q4_0: u8 = 0;
 const L_Q5_0: u8 = 1;
 const L_Q4_1: u8 = 2;
@@ -586,10 +582,10 @@ unsafe fn ztile<const K: u8, const P: usize>(
     unsafe {
         for b in 0..n / 32 {
             // The next tile's rows, as in `rows8` (harmless past the matrix).
-            let pf = w.wrapping_add(2 * P * ws + 2 * P * wbytes * b);
-            for i in 0..(2 * P * wbytes).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
-            }
+            prefetch_lines(
+                w.wrapping_add(2 * P * ws + 2 * P * wbytes * b),
+                2 * P * wbytes,
+            );
             let mut fx = [_mm512_setzero_ps(); P];
             let mut dx = [_mm512_setzero_ps(); P];
             let mut qx = [z; P];
@@ -628,16 +624,14 @@ unsafe fn ztile<const K: u8, const P: usize>(
         }
         for k in 0..P {
             for t in 0..TILE_T {
-                let (a, m) = (acc[k][t], ms[k][t]);
-                let hi =
-                    |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                let mut v0 = hsum_ps(_mm512_castps512_ps256(a));
-                let mut v1 = hsum_ps(hi(a));
+                let (a0, a1) = halves_ps(acc[k][t]);
+                let (mut v0, mut v1) = (hsum_ps(a0), hsum_ps(a1));
                 if min {
                     let lane1 =
                         |v: __m256| _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(v)));
-                    v0 += lane1(_mm512_castps512_ps256(m));
-                    v1 += lane1(hi(m));
+                    let (m0, m1) = halves_ps(ms[k][t]);
+                    v0 += lane1(m0);
+                    v1 += lane1(m1);
                 }
                 // SAFETY: out holds 2P x TILE_T results at these offsets.
                 *out.add(t * os + 2 * k) = v0;
@@ -978,10 +972,7 @@ unsafe fn rows8_q4_k(n: usize, w: *const u8, ws: usize, a: *const u8, out: *mut 
             // The next eight rows (the caller's next call; contiguous), a super-block's
             // share of them per super-block, as `rows8` does: from memory, the hardware
             // prefetcher alone keeps too few of eight rows' lines in flight.
-            let pf = w.wrapping_add(8 * ws + 8 * 144 * b);
-            for i in 0..(8 * 144) / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * i) as *const i8);
-            }
+            prefetch_lines(w.wrapping_add(8 * ws + 8 * 144 * b), 8 * 144);
             let y = a.add(292 * b);
             // The activation's quants in the same group order, once for all eight rows.
             let yv: [__m512i; 4] = std::array::from_fn(|v| {
@@ -1340,10 +1331,7 @@ unsafe fn dot2_q6_k(
         for b in 0..n / 256 {
             // 420 bytes of the caller's next rows per super-block (a prefetch never
             // faults, so `pf` may point past the matrix).
-            let p = pf.wrapping_add(420 * b);
-            for i in 0..7 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * i) as *const i8);
-            }
+            prefetch_lines(pf.wrapping_add(420 * b), 420);
             let (xa, xb, y) = (wa.add(210 * b), wb.add(210 * b), a.add(292 * b));
             let sumi = q6k_sumi2(xa, xb, y);
             // [d_a; 8] ++ [d_b; 8], each times y's d: the AVX2 kernel's one rounding.
@@ -1355,8 +1343,7 @@ unsafe fn dot2_q6_k(
             acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
         }
     }
-    let lo = _mm512_castps512_ps256(acc);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    let (lo, hi) = halves_ps(acc);
     (hsum_ps(lo), hsum_ps(hi))
 }
 
@@ -1368,6 +1355,26 @@ fn join_ps(lo: __m256, hi: __m256) -> __m512 {
         _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
         _mm256_castps_pd(hi),
     ))
+}
+
+/// The two 8-float halves of a 512-bit vector (the f32x8 extract needs DQ: through f64x4).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn halves_ps(v: __m512) -> (__m256, __m256) {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    (_mm512_castps512_ps256(v), hi)
+}
+
+/// Prefetch (into L1) the lines of `bytes` bytes from `p`: the rows a multi-row kernel's
+/// caller takes next, a share per block, since from memory the hardware prefetcher alone
+/// keeps too few of several rows' lines in flight. A prefetch never faults, so `p` may
+/// point past the matrix.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn prefetch_lines(p: *const u8, bytes: usize) {
+    for i in 0..bytes.div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * i) as *const i8);
+    }
 }
 
 /// Four rows of Q6_K one-token dots ([`crate::RowsFn`]), two per 512-bit vector; the same
