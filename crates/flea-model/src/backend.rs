@@ -189,6 +189,23 @@ pub trait Backend {
         p: &AttnParams,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// RoPE of q and k (`rope_qk`), then `attention`. A backend may rotate k and store it
+    /// in the cache in one pass; q and k end up rotated either way.
+    #[allow(clippy::too_many_arguments)] // rope_qk's and attention's arguments together
+    fn rope_attention(
+        &self,
+        n: usize,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &Self::Act,
+        kv: &mut Self::Kv,
+        (pq, pk): (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.rope_qk(n, q, k, pq, pk)?;
+        self.attention(n, q, k, v, kv, p, out)
+    }
     /// out = act(gate) * up
     fn glu(
         &self,

@@ -29,6 +29,12 @@ fn dirs() -> Option<&'static Dirs> {
     .as_ref()
 }
 
+/// Whether taps dump or replace activations (then the forward pass keeps every tapped
+/// activation on its own, unfused).
+pub fn taps_active() -> bool {
+    dirs().is_some()
+}
+
 /// Dump and/or replace activation `x` (its first `n` rows) under `name-layer`.
 pub fn tap<B: Backend>(b: &B, name: &str, layer: usize, n: usize, x: &mut B::Act) -> Result<()> {
     let Some(d) = dirs() else { return Ok(()) };

@@ -170,24 +170,31 @@ pub fn block<B: Backend>(
         n_heads: cfg.n_head_kv,
         ..rope
     };
-    b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
-    tap(b, "Qrope", il, n, &mut s.q)?;
-    tap(b, "Krope", il, n, &mut s.k)?;
-    // Gemma 3: llama.cpp scales q (in f32, before its F16 rounding) rather than q·k.
-    let mut scale = cfg.attn_scale;
-    if cfg.arch == crate::config::Arch::Gemma3 && b.scale_rows(n, &mut s.q, scale)? {
-        scale = 1.0;
-    }
-    let attn = AttnParams {
+    let mut attn = AttnParams {
         layer: il,
         rows,
         n_head: cfg.n_head,
         n_head_kv: cfg.n_head_kv,
         head_dim: cfg.head_dim,
         window: if swa { cfg.sliding_window } else { None },
-        scale,
+        scale: cfg.attn_scale,
     };
-    b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
+    // Gemma 3 scales q between RoPE and attention, and taps may replace q and k there;
+    // otherwise the backend may store the rotated k into the cache as it rotates it.
+    let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
+    if gemma3 || crate::debug::taps_active() {
+        b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
+        tap(b, "Qrope", il, n, &mut s.q)?;
+        tap(b, "Krope", il, n, &mut s.k)?;
+        // Gemma 3: llama.cpp scales q (in f32, before its F16 rounding) rather than q·k.
+        if gemma3 && b.scale_rows(n, &mut s.q, attn.scale)? {
+            attn.scale = 1.0;
+        }
+        b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
+    } else {
+        let ropes = (&rope, &rope_k);
+        b.rope_attention(n, &mut s.q, &mut s.k, &s.v, kv, ropes, &attn, &mut s.attn)?;
+    }
     tap(b, "kqv_out", il, n, &mut s.attn)?;
     // Gemma 3: norm of the attention output before the residual add.
     if let Some(pn) = &w.attn_post_norm {
