@@ -496,9 +496,20 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // the same time (the plain kernel's strided loop is latency-bound on one 4096-wide row).
 // Writes only the float4s of 256-element chunks `part`, `part + nparts`, ... of the row (all of
 // them with nparts = 1); the sum of squares always covers the whole row in the same order.
+// The norm weight's float4s a thread of rms_norm4_row writes, loaded before pdl_enter: norm
+// weights are uploaded before any launch that reads them and never written by kernels.
+__device__ __forceinline__ void rms_norm4_weights(const float4* __restrict__ w, int g4,
+                                                  int part, int nparts, float4 (&ww)[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        ww[k] = i < g4 && (i >> 6) % nparts == part ? w[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
 __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
-                                              const float4* __restrict__ w, float4* out,
-                                              int g4, float eps, int part, int nparts) {
+                                              const float4 (&ww)[4], float4* out, int g4,
+                                              float eps, int part, int nparts) {
     const float4* xr = x + (long long)blockIdx.x * g4;
     float4* o = out + (long long)blockIdx.x * g4;
     float4 v[4];
@@ -524,17 +535,18 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
     for (int k = 0; k < 4; k++) {
         const int i = threadIdx.x + k * blockDim.x;
         if (i < g4 && (i >> 6) % nparts == part) {
-            const float4 ww = w[i];
-            o[i] = make_float4(v[k].x * inv * ww.x, v[k].y * inv * ww.y, v[k].z * inv * ww.z,
-                               v[k].w * inv * ww.w);
+            o[i] = make_float4(v[k].x * inv * ww[k].x, v[k].y * inv * ww[k].y,
+                               v[k].z * inv * ww[k].z, v[k].w * inv * ww[k].w);
         }
     }
 }
 
 extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
                                      float4* __restrict__ out, int g4, float eps) {
+    float4 ww[4];
+    rms_norm4_weights(w, g4, 0, 1, ww);
     pdl_enter();
-    rms_norm4_row(x, w, out, g4, eps, 0, 1);
+    rms_norm4_row(x, ww, out, g4, eps, 0, 1);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
@@ -577,45 +589,56 @@ extern "C" __global__ void glu(const float* gate, const float* up, float* out, l
 
 // RoPE: one thread per rotated pair. theta_i = pos * theta_scale^i by repeated multiplication.
 // Row t of the batch is at position rowpos[t] of its sequence.
-__device__ __forceinline__ void rope_pair(float* x, int n_heads, int hd, int nd,
-                                          const int* rowpos, float theta_scale, int neox,
-                                          long long idx) {
+// Pair idx: its elements' offsets in x (ea, eb) and its angle's cos and sin. Reads only the
+// positions (uploaded before the token's first launch), so kernels compute it before
+// pdl_enter, while the previous kernel still runs.
+struct RopeAt {
+    long long ea, eb;
+    float c, s;
+};
+__device__ __forceinline__ RopeAt rope_at(int n_heads, int hd, int nd, const int* rowpos,
+                                          float theta_scale, int neox, long long idx) {
     const int half = nd / 2;
-    int i = (int)(idx % half);
-    long long th = idx / half;
-    int t = (int)(th / n_heads);
+    const int i = (int)(idx % half);
+    const long long th = idx / half;
+    const int t = (int)(th / n_heads);
     float theta = (float)rowpos[t];
     for (int k = 0; k < i; k++) theta *= theta_scale;
-    float c = cosf(theta), s = sinf(theta);
-    float* head = x + th * hd;
-    int a = neox ? i : 2 * i;
-    int b = neox ? i + half : 2 * i + 1;
-    float x0 = head[a], x1 = head[b];
-    head[a] = x0 * c - x1 * s;
-    head[b] = x0 * s + x1 * c;
+    RopeAt r;
+    r.c = cosf(theta);
+    r.s = sinf(theta);
+    r.ea = th * hd + (neox ? i : 2 * i);
+    r.eb = th * hd + (neox ? i + half : 2 * i + 1);
+    return r;
+}
+__device__ __forceinline__ void rope_apply(float* x, const RopeAt& r) {
+    const float x0 = x[r.ea], x1 = x[r.eb];
+    x[r.ea] = x0 * r.c - x1 * r.s;
+    x[r.eb] = x0 * r.s + x1 * r.c;
 }
 
 extern "C" __global__ void rope(float* x, int n, int n_heads, int hd, int nd, const int* rowpos,
                                 float theta_scale, int neox) {
-    pdl_enter();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     long long total = (long long)n * n_heads * (nd / 2);
     if (idx >= total) return;
-    rope_pair(x, n_heads, hd, nd, rowpos, theta_scale, neox, idx);
+    const RopeAt r = rope_at(n_heads, hd, nd, rowpos, theta_scale, neox, idx);
+    pdl_enter();
+    rope_apply(x, r);
 }
 
 // RoPE of q (nq heads) and k (nk heads) of the same rows in one launch: the first n*nq*nd/2
 // threads rotate q's pairs, the rest k's.
 extern "C" __global__ void rope_qk(float* q, float* k, int n, int nq, int nk, int hd, int nd,
                                    const int* rowpos, float theta_scale, int neox) {
-    pdl_enter();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long tq = (long long)n * nq * (nd / 2), tk = (long long)n * nk * (nd / 2);
-    if (idx < tq) {
-        rope_pair(q, nq, hd, nd, rowpos, theta_scale, neox, idx);
-    } else if (idx < tq + tk) {
-        rope_pair(k, nk, hd, nd, rowpos, theta_scale, neox, idx - tq);
-    }
+    if (idx >= tq + tk) return;
+    const bool isq = idx < tq;
+    const RopeAt r = isq ? rope_at(nq, hd, nd, rowpos, theta_scale, neox, idx)
+                         : rope_at(nk, hd, nd, rowpos, theta_scale, neox, idx - tq);
+    pdl_enter();
+    rope_apply(isq ? q : k, r);
 }
 
 // Store n rows of k and v (f32) into the f16 cache at element offset off.
@@ -812,6 +835,59 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
     }
 }
 
+// Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
+// element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
+// rint(iscale*x)), d = 1/iscale. Lane owns elements 8*lane .. 8*lane+7; output layout: see
+// the mat-vec section below.
+// One warp quantizes block `blk` (256 values from x + 256*blk). x is read with plain loads
+// (rms_norm_q8k calls this on values its own block has just written), or from L2 with
+// FROM_L2 (values other blocks of the same launch wrote).
+template <bool FROM_L2 = false>
+__device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
+                                          float* __restrict__ xd, int* __restrict__ xs,
+                                          long long blk, int lane) {
+    const float* xb = x + blk * 256 + lane * 8;
+    float v[8];
+    float amax = 0.f, mx = 0.f;
+    int first = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        v[i] = FROM_L2 ? __ldcg(xb + i) : xb[i];
+        // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
+        if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float a2 = __shfl_xor_sync(0xffffffff, amax, o);
+        float m2 = __shfl_xor_sync(0xffffffff, mx, o);
+        int f2 = __shfl_xor_sync(0xffffffff, first, o);
+        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
+    }
+    u32 packed[2] = {0u, 0u};
+    int sum = 0;
+    float d = 0.f;
+    if (amax != 0.f) {
+        const float iscale = -127.f / mx;
+        d = 1.f / iscale;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int q = (int)fminf(127.f, rintf(iscale * v[i]));
+            sum += q;
+            packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
+        }
+    }
+    // Elements 8*lane .. +8: j = lane >> 3, s = (lane >> 2) & 1, h = (lane >> 1) & 1, then the
+    // lane's half of the 16 (see the scratch layout in the mat-vec section below).
+    const int st =
+        128 * ((lane >> 2) & 1) + 32 * (lane >> 3) + 16 * ((lane >> 1) & 1) + 8 * (lane & 1);
+    *(uint2*)(xq + blk * 256 + st) = make_uint2(packed[0], packed[1]);
+    // Sums of 16: lanes 2g and 2g+1 hold group g, stored at g with bits 0 and 1 swapped.
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    const int g = lane >> 1;
+    if ((lane & 1) == 0) xs[blk * 16 + ((g & 12) | ((g & 1) << 1) | ((g >> 1) & 1))] = sum;
+    if (lane == 0) xd[blk] = d;
+}
+
 // Decode attention split over the keys ("flash decoding"), for few rows: one block of 128
 // threads per (head, row, chunk of ATT_CHUNK keys), so a 500-key context keeps ~10x more SMs
 // busy than one block per (head, row). Three launches keep the CPU's arithmetic (scores,
@@ -835,14 +911,25 @@ __device__ __forceinline__ float4 h4f(uint2 raw) {
                        h2f((u16)(raw.y & 0xffff)), h2f((u16)(raw.y >> 16)));
 }
 
+// Pull `len` cache rows (hd f16 each, kvd apart) toward L2, one 128-byte line per thread and
+// step. Called before pdl_enter: the rows were written at least one launch earlier (or by
+// the launch just before, still running), and a prefetch into L2, the coherent level, only
+// brings lines closer: the loads after the wait still see every write.
+__device__ __forceinline__ void prefetch_rows(const u16* rows, int len, int kvd, int hd) {
+    const int lines = (hd * 2 + 127) / 128;
+    for (int i = threadIdx.x; i < len * lines; i += blockDim.x)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(rows + (long long)(i / lines) * kvd +
+                                                      (i % lines) * 64));
+}
+
+// Both split kernels read the rows' positions before pdl_enter: they were uploaded before
+// this token's first launch (a copy the stream finishes before any later kernel starts).
 extern "C" __global__ void __launch_bounds__(128)
     attn_split_scores(const float* __restrict__ q, const u16* __restrict__ kc,
                       float* __restrict__ scores, float* __restrict__ stats, int n_head,
                       int group, int hd, int kvd, const int* __restrict__ rowpos,
                       const int* __restrict__ rowbase, int window, float scale, int maxk,
                       int maxc) {
-    pdl_enter();
-    __shared__ float qs[256];
     __shared__ float sm[ATT_CHUNK];
     __shared__ float red[4];
     const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
@@ -852,13 +939,13 @@ extern "C" __global__ void __launch_bounds__(128)
     const int j0 = c * ATT_CHUNK;
     if (j0 >= nk) return;
     const int len = min(ATT_CHUNK, nk - j0);
-    const int qd = n_head * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x)
-        qs[d] = h2f(f2h(q[(long long)t * qd + h * hd + d]));
-    __syncthreads();
     const u16* kb = kc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
+    prefetch_rows(kb, len, kvd, hd);
+    pdl_enter();
+    const float* qrow = q + (long long)t * n_head * hd + h * hd;
     // Each warp scores its ATT_CHUNK / 4 keys with all their loads in flight at once (a
-    // decode step is latency-bound here); lane l reads dims 4l..4l+3 (+128, ...).
+    // decode step is latency-bound here); lane l reads dims 4l..4l+3 (+128, ...) of q and
+    // of the keys. q is rounded to f16, as the CPU's dot with the f16 cache does.
     {
         constexpr int KW = ATT_CHUNK / 4;
         const int jj = warp * KW;
@@ -866,7 +953,9 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int k = 0; k < KW; k++) dot[k] = 0.f;
         for (int d = lane * 4; d < hd; d += 128) {
-            const float4 qv = make_float4(qs[d], qs[d + 1], qs[d + 2], qs[d + 3]);
+            const float4 q4 = *(const float4*)(qrow + d);
+            const float4 qv = make_float4(h2f(f2h(q4.x)), h2f(f2h(q4.y)), h2f(f2h(q4.z)),
+                                          h2f(f2h(q4.w)));
             uint2 raw[KW];
             // Keys past the chunk re-read its last key (no branch; their scores are dropped).
 #pragma unroll
@@ -908,14 +997,19 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
+// xq/xd/xs: null, or the Q8_K scratch of the int8 mat-vec the output feeds (256 % hd == 0
+// and whole 256-blocks per row, checked by the host): then the output's 256-blocks are
+// quantised here too, each by the last of its 256 / hd heads to be written (a second counter
+// per 256-block in `done`, after the rows' per-head ones).
 extern "C" __global__ void __launch_bounds__(128)
     attn_split_pv(const u16* __restrict__ vc, const float* __restrict__ scores,
                   const float* __restrict__ stats, float* part, int n_head, int group, int hd,
                   int kvd, const int* __restrict__ rowpos, const int* __restrict__ rowbase,
-                  int window, int maxk, int maxc, float* __restrict__ out, int* done) {
-    pdl_enter();
+                  int window, int maxk, int maxc, float* __restrict__ out, int* done,
+                  i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs) {
     __shared__ float p[ATT_CHUNK];
     __shared__ float4 acc4[128];
+    __shared__ int last;
     const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
     int lo, nk;
     att_window(rowpos, t, window, &lo, &nk);
@@ -923,11 +1017,17 @@ extern "C" __global__ void __launch_bounds__(128)
     if (j0 >= nk) return;
     const int len = min(ATT_CHUNK, nk - j0);
     const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
-    // The global max and sum from every chunk's stats, in chunk order (each block the same).
+    const u16* vrows = vc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
+    prefetch_rows(vrows, len, kvd, hd);
+    pdl_enter();
+    // The global max and sum from every chunk's stats, in chunk order (each block the same);
+    // unrolled so that the loads go out together.
     const float* st = stats + ((long long)t * n_head + h) * maxc * 2;
     float m = NEG_INF;
+#pragma unroll 8
     for (int i = 0; i < nch; i++) m = fmaxf(m, st[2 * i]);
     float tot = 0.f;
+#pragma unroll 8
     for (int i = 0; i < nch; i++) tot += st[2 * i + 1] * expf(st[2 * i] - m);
     const float inv = 1.f / tot;
     const float* srow = scores + ((long long)t * n_head + h) * maxk + j0;
@@ -940,7 +1040,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int g = threadIdx.x / q4, d = (threadIdx.x - g * q4) * 4;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
     if (g < G) {
-        const u16* vb = vc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd + d;
+        const u16* vb = vrows + d;
         // Keys g, g + G, ... in order; the loads of 8 of them in flight before their sums.
         for (int j8 = g; j8 < len; j8 += 8 * G) {
             uint2 raw[8];
@@ -979,7 +1079,6 @@ extern "C" __global__ void __launch_bounds__(128)
         dst[3] = s.w;
     }
     // Publish the partial, then count the chunk; the block that counts last adds them all.
-    __shared__ int last;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -994,8 +1093,70 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float v = 0.f;
         // L2 loads: other blocks wrote these; this SM's L1 must not answer.
+#pragma unroll 8
         for (int i = 0; i < nch; i++) v += __ldcg(src + (long long)i * hd + d);
         out[(long long)t * n_head * hd + h * hd + d] = v;
+    }
+    if (xq == nullptr) return;
+    // This head's output is written: count it in its 256-block; the last head quantises it.
+    __threadfence();
+    __syncthreads();
+    const long long qblk = ((long long)t * n_head * hd + h * hd) / 256;
+    if (threadIdx.x == 0) {
+        int* cnt = done + (long long)gridDim.y * n_head + qblk;
+        last = atomicAdd(cnt, 1) == 256 / hd - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last || threadIdx.x >= 32) return;
+    __threadfence();
+    q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
+}
+
+// RoPE of q and k as rope_qk, and the rotated k and the v of each row stored into the f16
+// cache as kv_store does, in one launch (decode: saves a launch per layer; the same values).
+// Threads: q's pairs | k's pairs (rotated, written back and stored) | k's unrotated dims
+// (nd < hd) | v's elements. Row t goes to cache row kvrow[t].
+extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__ v,
+                                   u16* __restrict__ kc, u16* __restrict__ vc, int n, int nq,
+                                   int nk, int hd, int nd, const int* rowpos, float theta_scale,
+                                   int neox, const int* __restrict__ kvrow) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int half = nd / 2, kvd = nk * hd;
+    const long long tq = (long long)n * nq * half, tk = (long long)n * nk * half;
+    const long long tu = (long long)n * nk * (hd - nd), tv = (long long)n * kvd;
+    // Angles and cache rows (positions and rows uploaded before the token's first launch)
+    // before the wait; the activations after it.
+    if (idx < tq) {
+        const RopeAt r = rope_at(nq, hd, nd, rowpos, theta_scale, neox, idx);
+        pdl_enter();
+        rope_apply(q, r);
+        return;
+    }
+    idx -= tq;
+    if (idx < tk) {
+        const RopeAt r = rope_at(nk, hd, nd, rowpos, theta_scale, neox, idx);
+        const long long t = r.ea / kvd, row = (long long)kvrow[t] * kvd - t * kvd;
+        pdl_enter();
+        rope_apply(k, r);
+        kc[row + r.ea] = f2h(k[r.ea]);
+        kc[row + r.eb] = f2h(k[r.eb]);
+        return;
+    }
+    idx -= tk;
+    if (idx < tu) {
+        const long long th = idx / (hd - nd);
+        const long long e = th * hd + nd + (idx - th * (hd - nd));
+        const long long t = e / kvd, dst = (long long)kvrow[t] * kvd + e - t * kvd;
+        pdl_enter();
+        kc[dst] = f2h(k[e]);
+        return;
+    }
+    idx -= tu;
+    if (idx < tv) {
+        const long long t = idx / kvd, dst = (long long)kvrow[t] * kvd + idx - t * kvd;
+        pdl_enter();
+        vc[dst] = f2h(v[idx]);
     }
 }
 
@@ -1048,57 +1209,7 @@ __device__ __forceinline__ void ld8_a2(const u8* p, int& r0, int& r1) {
     r1 = (int)__funnelshift_r(x1, x2, sh);
 }
 
-// Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
-// element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
-// rint(iscale*x)), d = 1/iscale. One warp per block; lane owns elements 8*lane .. 8*lane+7.
-// grid.x * 4 warps cover nblk blocks.
-// One warp quantizes block `blk` (256 values from x + 256*blk). x is read with plain loads:
-// rms_norm_q8k calls this on values its own block has just written.
-__device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
-                                          float* __restrict__ xd, int* __restrict__ xs,
-                                          long long blk, int lane) {
-    const float* xb = x + blk * 256 + lane * 8;
-    float v[8];
-    float amax = 0.f, mx = 0.f;
-    int first = 1 << 30;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        v[i] = xb[i];
-        // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
-        if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float a2 = __shfl_xor_sync(0xffffffff, amax, o);
-        float m2 = __shfl_xor_sync(0xffffffff, mx, o);
-        int f2 = __shfl_xor_sync(0xffffffff, first, o);
-        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
-    }
-    u32 packed[2] = {0u, 0u};
-    int sum = 0;
-    float d = 0.f;
-    if (amax != 0.f) {
-        const float iscale = -127.f / mx;
-        d = 1.f / iscale;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            int q = (int)fminf(127.f, rintf(iscale * v[i]));
-            sum += q;
-            packed[i >> 2] |= ((u32)q & 0xffu) << (8 * (i & 3));
-        }
-    }
-    // Elements 8*lane .. +8: j = lane >> 3, s = (lane >> 2) & 1, h = (lane >> 1) & 1, then the
-    // lane's half of the 16 (see the scratch layout above).
-    const int st =
-        128 * ((lane >> 2) & 1) + 32 * (lane >> 3) + 16 * ((lane >> 1) & 1) + 8 * (lane & 1);
-    *(uint2*)(xq + blk * 256 + st) = make_uint2(packed[0], packed[1]);
-    // Sums of 16: lanes 2g and 2g+1 hold group g, stored at g with bits 0 and 1 swapped.
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    const int g = lane >> 1;
-    if ((lane & 1) == 0) xs[blk * 16 + ((g & 12) | ((g & 1) << 1) | ((g >> 1) & 1))] = sum;
-    if (lane == 0) xd[blk] = d;
-}
-
+// Q8_K quantization of nblk 256-blocks: one warp per block, grid.x * 4 warps.
 extern "C" __global__ void __launch_bounds__(128)
     act_q8k(const float* __restrict__ x, i8* __restrict__ xq, float* __restrict__ xd,
             int* __restrict__ xs, long long nblk) {
@@ -1134,8 +1245,10 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const float4* __restrict__ w,
                                         float4* out, int g4, float eps, i8* __restrict__ xq,
                                         float* __restrict__ xd, int* __restrict__ xs) {
+    float4 ww[4];
+    rms_norm4_weights(w, g4, blockIdx.y, gridDim.y, ww);
     pdl_enter();
-    rms_norm4_row(x, w, out, g4, eps, blockIdx.y, gridDim.y);
+    rms_norm4_row(x, ww, out, g4, eps, blockIdx.y, gridDim.y);
     // The block's writes are visible to all its threads after the barrier.
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
@@ -1597,6 +1710,13 @@ __device__ __forceinline__ void load_block(const u8* __restrict__ W, const u8* _
         K::load(wr, blk, p, raw);
 }
 
+// Weight steps each warp of a one-token kernel keeps in flight: 3 for Q6_K (both layouts,
+// so that streamed and resident weights sum in the same order; a 13824-wide ffn_down row is
+// 7 rounds of 2), 2 for the others and for every several-token kernel (registers).
+template <class K> struct Q6Steps { enum { v = 2 }; };
+template <> struct Q6Steps<Q6K> { enum { v = 3 }; };
+template <> struct Q6Steps<Q6KS> { enum { v = 3 }; };
+
 template <class K, class Raw, int NT, int NR>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
@@ -1627,21 +1747,31 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         if ((long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
     pdl_enter();
+    // One token: the residual this warp adds into, loaded now so that its latency hides
+    // behind the dot products instead of following them.
+    float prior[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+        prior[r] = NT == 1 && accumulate && lane == 0 && nt > 0 && row0 + r < rows
+                       ? y[(long long)t0 * rows + row0 + r]
+                       : 0.f;
     const int step = 32 / K::LPB;
     const int p = lane % K::LPB;
+    constexpr int S = NT == 1 ? (int)Q6Steps<K>::v : 2;
     float acc[NT][NR];
 #pragma unroll
     for (int t = 0; t < NT; t++)
 #pragma unroll
         for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
     int blk = lane / K::LPB;
-    for (; blk + step < nb; blk += 2 * step) {
-        Raw r0[NR], r1[NR];
+    // S steps' loads in flight, then their dots, added up in step order.
+    for (; blk + (S - 1) * step < nb; blk += S * step) {
+        Raw raw[S][NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++) {
-            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
-            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + step, p, r1[r]);
-        }
+        for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int k = 0; k < S; k++)
+                load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
@@ -1650,13 +1780,17 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                 const float* xdt = xd + tt * (cols / K::QK);
                 const int* xst = xs + tt * (cols / K::XS);
 #pragma unroll
-                for (int r = 0; r < NR; r++)
-                    acc[t][r] += K::dot(r0[r], blk, p, xqt, xdt, xst) +
-                                 K::dot(r1[r], blk + step, p, xqt, xdt, xst);
+                for (int r = 0; r < NR; r++) {
+                    float d = K::dot(raw[0][r], blk, p, xqt, xdt, xst);
+#pragma unroll
+                    for (int k = 1; k < S; k++)
+                        d += K::dot(raw[k][r], blk + k * step, p, xqt, xdt, xst);
+                    acc[t][r] += d;
+                }
             }
         }
     }
-    if (blk < nb) {
+    for (; blk < nb; blk += step) {
         Raw r0[NR];
 #pragma unroll
         for (int r = 0; r < NR; r++) load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
@@ -1679,7 +1813,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             if (lane == 0 && t < nt && row0 + r < rows) {
                 // accumulate: add into y (the residual stream), no separate add kernel.
                 float* yo = y + (long long)(t0 + t) * rows + row0 + r;
-                *yo = accumulate ? *yo + v : v;
+                *yo = accumulate ? (NT == 1 ? prior[r] : *yo) + v : v;
             }
         }
 }
@@ -1696,7 +1830,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     const u8* __restrict__ W0, const u8* __restrict__ W1, const u8* __restrict__ W2,           \
         const i8* __restrict__ xq, const float* __restrict__ xd, const int* __restrict__ xs,   \
         float* __restrict__ y0, float* __restrict__ y1, float* __restrict__ y2, int rows0,     \
-        int rows1, int rows2, int cols, long long row_bytes, int n, int accumulate
+        int rows1, int rows2, int cols, long long row_bytes, int n, int accumulate, int z2
 #define MMVQ_PICK                                                                              \
     const int z = blockIdx.z;                                                                  \
     const u8* W = z == 0 ? W0 : (z == 1 ? W1 : W2);                                            \
@@ -1715,6 +1849,18 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         MMVQ_PICK                                                                              \
         mmvq_impl<K, Raw, 8, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);       \
     }
+
+// Matrices of two types on the same Q8_K activations in one launch (decode: Q4_K_M's q/k
+// with its Q6_K v): blockIdx.z < z2 picks a Q4_K matrix, the rest are resident Q6_K ones
+// (repacked; row_bytes is the Q4_K rows'). Every row is computed as its own type's kernel
+// computes it. Single-type kernels ignore z2.
+extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) {
+    MMVQ_PICK
+    if (z < z2)
+        mmvq_impl<Q4K, Q4KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+    else
+        mmvq_impl<Q6KS, Q6KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+}
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of
 // 10 resident blocks spills Q4_K/Q5_K/Q6_K, a bound of 1 lets the compiler take more.

@@ -117,7 +117,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 18] = [
+const PLAIN_KERNELS: [&str; 19] = [
     "act_round",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -133,6 +133,7 @@ const PLAIN_KERNELS: [&str; 18] = [
     "rope",
     "rope_qk",
     "kv_store",
+    "rope_kv",
     "attention",
     "attention_smem",
     "copy_f4",
@@ -264,6 +265,8 @@ pub struct CudaBackend {
     /// Fused decode kernels (norm + Q8_K quantisation, RoPE of q and k in one launch, mat-vec
     /// adding into the residual); FLEA_CUDA_FUSE=0 turns them off for comparisons.
     fusion: std::sync::atomic::AtomicBool,
+    /// Single fusions turned off for A/B comparisons (FLEA_CUDA_FUSE_OFF, see `FusionsOff`).
+    fusions_off: FusionsOff,
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
     launch_serial: AtomicU64,
@@ -485,6 +488,7 @@ impl CudaBackend {
             fusion: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
             ),
+            fusions_off: FusionsOff::from_env(),
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
             gemm_cap: AtomicUsize::new(0),
@@ -1000,6 +1004,122 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Checks an attention call's shapes; its layer's cache and each row's cache row.
+    #[allow(clippy::too_many_arguments)] // the attention's buffers, as `attention` takes them
+    fn attention_cache(
+        &self,
+        n: usize,
+        q: &CudaAct,
+        k: &CudaAct,
+        v: &CudaAct,
+        kv: &CudaKv,
+        p: &AttnParams,
+        out: &CudaAct,
+    ) -> Result<LayerCache> {
+        let hd = p.head_dim;
+        let kvd = p.n_head_kv * hd;
+        let shape = kv.shape;
+        p.check_fits(n, &shape)?;
+        for a in [q, k, v] {
+            check_rows(a, n, "attention")?;
+        }
+        check_rows(out, n, "attention")?;
+        if k.width != kvd
+            || v.width != kvd
+            || q.width != p.n_head * hd
+            || out.width != q.width
+            || kvd != shape.n_head_kv * shape.head_dim
+            || p.n_head_kv == 0
+            || !p.n_head.is_multiple_of(p.n_head_kv)
+        {
+            return Err(be("attention: shape mismatch"));
+        }
+        if hd > 256 {
+            return Err(be(format!("attention: head_dim {hd} > 256 not supported")));
+        }
+        let (Some(&kc), Some(&vc)) = (kv.kp.get(p.layer), kv.vp.get(p.layer)) else {
+            return Err(be(format!("attention: no cache for layer {}", p.layer)));
+        };
+        // check_fits bounded every row by the cache shape, which alloc_kv keeps within i32.
+        let kvrow = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * shape.n_ctx + r.pos) as i32)
+            .collect();
+        Ok(LayerCache {
+            kc,
+            vc,
+            n_ctx: shape.n_ctx,
+            kvrow,
+        })
+    }
+
+    /// Attention of the `n` rows of q over the layer's cache, their own k and v already
+    /// stored in it.
+    fn attend(
+        &self,
+        n: usize,
+        q: &CudaAct,
+        cache: &LayerCache,
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let (kc, vc) = (cache.kc, cache.vc);
+        let hd = p.head_dim;
+        let kvd = p.n_head_kv * hd;
+        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
+        let base: Vec<i32> = p
+            .rows
+            .iter()
+            .map(|r| (r.seq * cache.n_ctx) as i32)
+            .collect();
+        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
+        let basep = self.upload_rows(RowBuf::Base, &base)?;
+        // Most keys any row of the batch sees.
+        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
+        let max_keys = match p.window {
+            Some(w) => last.min(w.max(1)),
+            None => last,
+        };
+        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+        if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
+        {
+            return self.attention_split(&split, p, q, kc, vc, (posp, basep), window, out);
+        }
+        let smem = max_keys * 4;
+        let use_smem = smem <= 44 * 1024;
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, n as u32, 1),
+            block_dim: (if use_smem { 256 } else { 128 }, 1, 1),
+            shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
+        };
+        let kname = if use_smem {
+            "attention_smem"
+        } else {
+            "attention"
+        };
+        let (qp, op, nh, group, hdi, kvdi, scale) = (
+            q.ptr,
+            out.ptr,
+            p.n_head as i32,
+            (p.n_head / p.n_head_kv) as i32,
+            hd as i32,
+            kvd as i32,
+            p.scale,
+        );
+        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
+    }
+
+    /// Whether q's and k's RoPE share everything but the head count (as the forward pass
+    /// builds them), so one launch can rotate both.
+    fn rope_pair_fits(pq: &RopeParams, pk: &RopeParams) -> bool {
+        pq.head_dim == pk.head_dim
+            && pq.rope_dims == pk.rope_dims
+            && pq.base == pk.base
+            && pq.style == pk.style
+            && pq.rows == pk.rows
+    }
+
     /// Attention split over the keys (see `attn_split_*` in kernels.cu): scores and chunk
     /// stats, then probabilities times V per chunk, the last chunk of each head adding all
     /// the chunks in order.
@@ -1015,13 +1135,23 @@ impl CudaBackend {
         window: i32,
         out: &mut CudaAct,
     ) -> Result<()> {
+        // Output rows feeding an int8 mat-vec are quantised by the P.V kernel as each
+        // 256-block's last head is written (whole heads per 256-block only).
+        let width = out.width;
+        let q8k = if 256 % s.hd == 0 && !self.fusions_off.attn_q8k {
+            self.fused_q8k_scratch(s.rows, width, width)?
+        } else {
+            None
+        };
         let (base, done) = {
             let mut sc = self
                 .scratch
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
             let base = self.grow(&mut sc.attn_split, s.floats())?;
-            (base, self.grow(&mut sc.attn_done, s.rows * p.n_head)?)
+            // Counters: one per (row, head), then one per 256-block of the output.
+            let counters = s.rows * p.n_head + (s.rows * width).div_ceil(256);
+            (base, self.grow(&mut sc.attn_done, counters)?)
         };
         let (scores, stats, part) = (
             base,
@@ -1046,7 +1176,12 @@ impl CudaBackend {
         );
         launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
         let op = out.ptr;
-        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done)
+        let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
+        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done, xq, xd, xs)?;
+        match q8k {
+            Some((xq, ..)) => self.note_prequant(op, s.rows * width, xq),
+            None => Ok(()),
+        }
     }
 
     fn check_weight(w: &Weight) -> Result<()> {
@@ -1116,6 +1251,39 @@ struct Prequant {
     total: usize,
     base: u64,
     serial: u64,
+}
+
+/// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
+/// one, for measuring each (all of them compute the same bits as the separate launches):
+/// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
+/// quantises its output for the next mat-vec), `mixed` (Q4_K and Q6_K matrices of one input
+/// in one mat-vec launch).
+#[derive(Clone, Copy, Debug, Default)]
+struct FusionsOff {
+    rope_kv: bool,
+    attn_q8k: bool,
+    mixed: bool,
+}
+
+impl FusionsOff {
+    fn from_env() -> Self {
+        let v = std::env::var("FLEA_CUDA_FUSE_OFF").unwrap_or_default();
+        let has = |name: &str| v.split(',').any(|s| s.trim() == name);
+        FusionsOff {
+            rope_kv: has("rope_kv"),
+            attn_q8k: has("attn_q8k"),
+            mixed: has("mixed"),
+        }
+    }
+}
+
+/// One layer's cache as an attention call sees it: the K and V arrays' device addresses, the
+/// positions per sequence slot, and each row's cache row.
+struct LayerCache {
+    kc: u64,
+    vc: u64,
+    n_ctx: usize,
+    kvrow: Vec<i32>,
 }
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
@@ -1385,6 +1553,7 @@ impl Backend for CudaBackend {
                     wp,
                     rows: w.rows,
                     out: jobs[i].1.ptr,
+                    second: false,
                 }; mmvq::MAX_JOBS];
                 let mut len = 1;
                 by_mmvq |= 1 << i;
@@ -1398,6 +1567,30 @@ impl Backend for CudaBackend {
                             wp: wpj,
                             rows: wj.rows,
                             out: outj.ptr,
+                            second: false,
+                        };
+                        len += 1;
+                        by_mmvq |= 1 << j;
+                    }
+                }
+                // Decode: resident Q6_K matrices join Q4_K ones in the mixed kernel (one
+                // launch for Q4_K_M's q, k and v).
+                let mixes = n == 1
+                    && self.fusion()
+                    && !self.fusions_off.mixed
+                    && mmvq::rows_per_warp() == 1
+                    && kernel.0 == mmvq::MIXED.0;
+                for (j, (wj, outj)) in jobs.iter().enumerate().take(count).skip(i + 1) {
+                    if !mixes || len == mmvq::MAX_JOBS || by_mmvq & (1 << j) != 0 {
+                        continue;
+                    }
+                    let wpj = self.weight_ptr(wj)?;
+                    if self.mmvq_kernel(n, wj, wpj).map(|k| k.0) == Some(mmvq::MIXED.1) {
+                        group[len] = mmvq::MmvqJob {
+                            wp: wpj,
+                            rows: wj.rows,
+                            out: outj.ptr,
+                            second: true,
                         };
                         len += 1;
                         by_mmvq |= 1 << j;
@@ -1538,15 +1731,14 @@ impl Backend for CudaBackend {
         pq: &RopeParams,
         pk: &RopeParams,
     ) -> Result<()> {
-        // One launch when both share everything but the head count (as the forward pass
-        // builds them); otherwise one each.
-        let same = pq.head_dim == pk.head_dim
-            && pq.rope_dims == pk.rope_dims
-            && pq.base == pk.base
-            && pq.style == pk.style
-            && pq.rows == pk.rows;
+        // One launch when both share everything but the head count; otherwise one each.
         let (hd, nd) = (pq.head_dim, pq.rope_dims);
-        if !self.fusion() || !same || nd == 0 || nd > hd || !nd.is_multiple_of(2) {
+        if !self.fusion()
+            || !Self::rope_pair_fits(pq, pk)
+            || nd == 0
+            || nd > hd
+            || !nd.is_multiple_of(2)
+        {
             self.rope(n, q, pq)?;
             return self.rope(n, k, pk);
         }
@@ -1616,82 +1808,50 @@ impl Backend for CudaBackend {
         p: &AttnParams,
         out: &mut CudaAct,
     ) -> Result<()> {
-        let hd = p.head_dim;
-        let kvd = p.n_head_kv * hd;
-        let shape = kv.shape;
-        p.check_fits(n, &shape)?;
-        for a in [q, k, v] {
-            check_rows(a, n, "attention")?;
-        }
-        check_rows(out, n, "attention")?;
-        if k.width != kvd
-            || v.width != kvd
-            || q.width != p.n_head * hd
-            || out.width != q.width
-            || kvd != shape.n_head_kv * shape.head_dim
-            || p.n_head_kv == 0
-            || !p.n_head.is_multiple_of(p.n_head_kv)
-        {
-            return Err(be("attention: shape mismatch"));
-        }
-        if hd > 256 {
-            return Err(be(format!("attention: head_dim {hd} > 256 not supported")));
-        }
-        let (Some(&kc), Some(&vc)) = (kv.kp.get(p.layer), kv.vp.get(p.layer)) else {
-            return Err(be(format!("attention: no cache for layer {}", p.layer)));
-        };
-        // check_fits bounded every row by the cache shape, which alloc_kv keeps within i32.
-        let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
-        let base: Vec<i32> = p
-            .rows
-            .iter()
-            .map(|r| (r.seq * shape.n_ctx) as i32)
-            .collect();
-        let kvrow: Vec<i32> = p
-            .rows
-            .iter()
-            .map(|r| (r.seq * shape.n_ctx + r.pos) as i32)
-            .collect();
+        let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
+        let kvd = p.n_head_kv * p.head_dim;
         let total = n * kvd;
         let cfg = Self::launch_1d(total);
-        let kvrowp = self.upload_rows(RowBuf::Kv, &kvrow)?;
-        let (kp, vp, ti, kvdi) = (k.ptr, v.ptr, total as i64, kvd as i32);
+        let (kp, vp, kc, vc, ti, kvdi) =
+            (k.ptr, v.ptr, cache.kc, cache.vc, total as i64, kvd as i32);
         launch!(self, "kv_store", cfg; kp, vp, kc, vc, ti, kvrowp, kvdi)?;
-        let posp = self.upload_rows(RowBuf::Pos, &pos)?;
-        let basep = self.upload_rows(RowBuf::Base, &base)?;
-        // Most keys any row of the batch sees.
-        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
-        let max_keys = match p.window {
-            Some(w) => last.min(w.max(1)),
-            None => last,
-        };
-        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
-        if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
-        {
-            return self.attention_split(&split, p, q, kc, vc, (posp, basep), window, out);
+        self.attend(n, q, &cache, p, out)
+    }
+
+    fn rope_attention(
+        &self,
+        n: usize,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        v: &CudaAct,
+        kv: &mut CudaKv,
+        (pq, pk): (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let (hd, nd) = (pq.head_dim, pq.rope_dims);
+        let fits = self.fusion()
+            && !self.fusions_off.rope_kv
+            && Self::rope_pair_fits(pq, pk)
+            && pq.rows == p.rows
+            && hd == p.head_dim
+            && pq.n_heads == p.n_head
+            && pk.n_heads == p.n_head_kv;
+        if !fits || nd == 0 || nd > hd || !nd.is_multiple_of(2) {
+            self.rope_qk(n, q, k, pq, pk)?;
+            return self.attention(n, q, k, v, kv, p, out);
         }
-        let smem = max_keys * 4;
-        let use_smem = smem <= 44 * 1024;
-        let cfg = LaunchConfig {
-            grid_dim: (p.n_head as u32, n as u32, 1),
-            block_dim: (if use_smem { 256 } else { 128 }, 1, 1),
-            shared_mem_bytes: if use_smem { smem as u32 } else { 0 },
-        };
-        let kname = if use_smem {
-            "attention_smem"
-        } else {
-            "attention"
-        };
-        let (qp, op, nh, group, hdi, kvdi, scale) = (
-            q.ptr,
-            out.ptr,
-            p.n_head as i32,
-            (p.n_head / p.n_head_kv) as i32,
-            hd as i32,
-            kvd as i32,
-            p.scale,
-        );
-        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
+        let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
+        let (theta_scale, neox, posp) = self.rope_args(pq)?;
+        let (nq, nk) = (pq.n_heads, pk.n_heads);
+        let threads = n * (nq + nk) * nd / 2 + n * nk * (hd - nd) + n * nk * hd;
+        let cfg = Self::launch_1d(threads);
+        let (qp, kp, vp, kc, vc) = (q.ptr, k.ptr, v.ptr, cache.kc, cache.vc);
+        let (ni, nqi, nki, hdi, ndi) = (n as i32, nq as i32, nk as i32, hd as i32, nd as i32);
+        launch!(self, "rope_kv", cfg; qp, kp, vp, kc, vc, ni, nqi, nki, hdi, ndi, posp, theta_scale, neox, kvrowp)?;
+        self.attend(n, q, &cache, p, out)
     }
 
     fn glu(

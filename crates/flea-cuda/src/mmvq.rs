@@ -27,7 +27,11 @@ const SUFFIXES: [&str; 11] = [
 /// `mmvq_*` (one token, one row per warp), `mmvq2_*` (one token, two rows per warp) and
 /// `mmvq8_*` (up to [`MAX_TOKENS`] tokens).
 pub(crate) fn kernel_names() -> Vec<String> {
-    let mut v = vec!["act_q8k".to_string(), "act_q8_0".to_string()];
+    let mut v = vec![
+        "act_q8k".to_string(),
+        "act_q8_0".to_string(),
+        MIXED.2.to_string(),
+    ];
     for pre in ["mmvq", "mmvq2", "mmvq8"] {
         v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
     }
@@ -85,12 +89,19 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
 pub(crate) const MAX_JOBS: usize = 3;
 
 /// One matrix of a grouped mmvq launch: weight at `wp` (`rows` rows), output at `out`.
+/// `second`: a resident Q6_K matrix in a launch with Q4_K ones ([`MIXED`]); such jobs come
+/// after the group's Q4_K ones.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MmvqJob {
     pub wp: u64,
     pub rows: usize,
     pub out: u64,
+    pub second: bool,
 }
+
+/// The one-token kernel for Q4_K matrices and resident (repacked) Q6_K ones on the same
+/// input in one launch (Q4_K_M's q/k and v): the kernels it joins.
+pub(crate) const MIXED: (&str, &str, &str) = ("mmvq_q4_k", "mmvq_q6_k_soa", "mmvq_q4_k_q6_k_soa");
 
 /// Device scratch of the int8 activations, one buffer per format (a matmul group may use
 /// both, e.g. Q4_K and Q8_0 weights on the same input).
@@ -121,7 +132,7 @@ static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 /// default 1), else 1 (`mmvq_*`) or 2 (`mmvq2_*`).
 static ROWS_PER_WARP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-fn rows_per_warp() -> usize {
+pub(crate) fn rows_per_warp() -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     match ROWS_PER_WARP.load(Relaxed) {
         0 => {
@@ -240,6 +251,7 @@ impl CudaBackend {
             wp,
             rows: w.rows,
             out,
+            second: false,
         };
         self.launch_mmvq(n, w, &[job], kernel, x, acc, scratch, quantized)?;
         Ok(true)
@@ -275,8 +287,18 @@ impl CudaBackend {
         } else {
             self.quantize_int8(fmt, total, x, scratch, quantized)?
         };
+        // Jobs before z2 are of `like`'s type; the rest (if any) are the mixed kernel's
+        // second type.
+        let z2 = jobs.iter().position(|j| j.second).unwrap_or(jobs.len());
+        let mixed = z2 < jobs.len();
+        if mixed && (n != 1 || rows_per_warp() != 1 || name != MIXED.0) {
+            return Err(be(format!(
+                "mmvq: {name} cannot share a launch with other types"
+            )));
+        }
         // Each 128-thread block has 4 warps of `rows_per_block / 4` rows.
         let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
+            (1, _) if mixed => (MIXED.2.to_string(), 4, 1),
             (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
             (1, _) => (name.to_string(), 4, 1),
             _ => (
@@ -300,17 +322,18 @@ impl CudaBackend {
         let (w0, w1, w2) = (job(0).wp, job(1).wp, job(2).wp);
         let (y0, y1, y2) = (job(0).out, job(1).out, job(2).out);
         let (r0, r1, r2) = (job(0).rows as i32, job(1).rows as i32, job(2).rows as i32);
-        let (cols_i, rb, n_i, acc_i) = (
+        let (cols_i, rb, n_i, acc_i, z2_i) = (
             like.cols as i32,
             like.row_bytes() as i64,
             n as i32,
             acc as i32,
+            z2 as i32,
         );
         // The parameters are MMVQ_ARGS in order; each job's wp holds rows*row_bytes bytes of
         // `like`'s type and width (check_weight, same type and width checked by the caller),
         // its out holds n*rows f32 (check_rows); the activation scratch was sized and filled
         // above.
-        launch!(self, &kname, cfg; w0, w1, w2, xqp, xdp, xsp, y0, y1, y2, r0, r1, r2, cols_i, rb, n_i, acc_i)
+        launch!(self, &kname, cfg; w0, w1, w2, xqp, xdp, xsp, y0, y1, y2, r0, r1, r2, cols_i, rb, n_i, acc_i, z2_i)
     }
 
     /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
