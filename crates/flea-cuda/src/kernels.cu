@@ -922,30 +922,40 @@ __device__ __forceinline__ void prefetch_rows(const u16* rows, int len, int kvd,
                                                       (i % lines) * 64));
 }
 
-// Both split kernels read the rows' positions before pdl_enter: they were uploaded before
+// The split kernels read the rows' positions before pdl_enter: they were uploaded before
 // this token's first launch (a copy the stream finishes before any later kernel starts).
-extern "C" __global__ void __launch_bounds__(128)
-    attn_split_scores(const float* __restrict__ q, const u16* __restrict__ kc,
-                      float* __restrict__ scores, float* __restrict__ stats, int n_head,
-                      int group, int hd, int kvd, const int* __restrict__ rowpos,
-                      const int* __restrict__ rowbase, int window, float scale, int maxk,
-                      int maxc) {
-    __shared__ float sm[ATT_CHUNK];
-    __shared__ float red[4];
-    const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
+// Each block handles chunk c of the keys of head h of row t: keys j0 .. j0 + len of the
+// window [lo, lo + nk) of its sequence's cache rows.
+struct AttChunk {
+    int h, t, c, lo, nk, j0, len, nch;
+};
+// The chunk this block handles, or false if it lies past the row's keys.
+__device__ __forceinline__ bool att_chunk(const int* rowpos, int window, AttChunk& a) {
+    a.h = blockIdx.x;
+    a.t = blockIdx.y;
+    a.c = blockIdx.z;
+    att_window(rowpos, a.t, window, &a.lo, &a.nk);
+    a.j0 = a.c * ATT_CHUNK;
+    a.len = min(ATT_CHUNK, a.nk - a.j0);
+    a.nch = (a.nk + ATT_CHUNK - 1) / ATT_CHUNK;
+    return a.j0 < a.nk;
+}
+// The chunk's first cache row of the head's kv head (K or V array at `cache`).
+__device__ __forceinline__ const u16* att_rows(const u16* cache, const int* rowbase,
+                                               const AttChunk& a, int group, int hd, int kvd) {
+    return cache + ((long long)rowbase[a.t] + a.lo + a.j0) * kvd + (a.h / group) * hd;
+}
+
+// Scores of the chunk's keys (scaled) into sm[0 .. len); returns the chunk's max (m) and sum of
+// exp(score - m) (l), the same in every thread. Each warp scores its ATT_CHUNK / 4 keys with
+// all their loads in flight at once (a decode step is latency-bound here); lane l reads dims
+// 4l..4l+3 (+128, ...) of q and of the keys. q is rounded to f16, as the CPU's dot with the
+// f16 cache does.
+__device__ __forceinline__ void att_chunk_scores(const float* __restrict__ qrow,
+                                                 const u16* __restrict__ kb, int kvd, int hd,
+                                                 int len, float scale, float* sm, float* red,
+                                                 float& m, float& l) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int lo, nk;
-    att_window(rowpos, t, window, &lo, &nk);
-    const int j0 = c * ATT_CHUNK;
-    if (j0 >= nk) return;
-    const int len = min(ATT_CHUNK, nk - j0);
-    const u16* kb = kc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
-    prefetch_rows(kb, len, kvd, hd);
-    pdl_enter();
-    const float* qrow = q + (long long)t * n_head * hd + h * hd;
-    // Each warp scores its ATT_CHUNK / 4 keys with all their loads in flight at once (a
-    // decode step is latency-bound here); lane l reads dims 4l..4l+3 (+128, ...) of q and
-    // of the keys. q is rounded to f16, as the CPU's dot with the f16 cache does.
     {
         constexpr int KW = ATT_CHUNK / 4;
         const int jj = warp * KW;
@@ -974,143 +984,224 @@ extern "C" __global__ void __launch_bounds__(128)
         }
     }
     __syncthreads();
-    float m = NEG_INF;
+    m = NEG_INF;
     for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sm[j]);
     m = warp_max(m);
     if (lane == 0) red[warp] = m;
     __syncthreads();
     m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
     __syncthreads();
-    float l = 0.f;
-    float* srow = scores + ((long long)t * n_head + h) * maxk + j0;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
-        srow[j] = sm[j];
-        l += expf(sm[j] - m);
-    }
+    l = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) l += expf(sm[j] - m);
     l = warp_sum(l);
     if (lane == 0) red[warp] = l;
     __syncthreads();
+    l = (red[0] + red[1]) + (red[2] + red[3]);
+}
+
+// The chunks' stats of one (row, head) at st (max, sum of exp per chunk), combined in chunk
+// order (every block the same): the global max and the total. L2 loads: other blocks of
+// this launch may have written them. Unrolled so that the loads go out together.
+__device__ __forceinline__ void att_total(const float* st, int nch, float& m, float& tot) {
+    m = NEG_INF;
+#pragma unroll 8
+    for (int i = 0; i < nch; i++) m = fmaxf(m, __ldcg(st + 2 * i));
+    tot = 0.f;
+#pragma unroll 8
+    for (int i = 0; i < nch; i++) tot += __ldcg(st + 2 * i + 1) * expf(__ldcg(st + 2 * i) - m);
+}
+
+// The chunk's probabilities (scores s[0 .. len), rounded to f16 as the CPU does) times its V
+// rows into part; the last chunk block of the (row, head) to finish (a counter in `done`,
+// left at 0 again) adds all chunks' partials in chunk order into out and, with xq, quantises
+// each 256-block of the output to Q8_K once its last head is written (a second counter per
+// 256-block, after the (row, head) ones). Returns whether this block was that last one.
+__device__ __forceinline__ bool att_chunk_pv(const float* s, float m, float tot,
+                                             const u16* __restrict__ vrows, int kvd, int hd,
+                                             int n_head, int maxc, const AttChunk& a,
+                                             float* part, float* __restrict__ out, int* done,
+                                             i8* __restrict__ xq, float* __restrict__ xd,
+                                             int* __restrict__ xs) {
+    __shared__ float p[ATT_CHUNK];
+    __shared__ float4 acc4[128];
+    __shared__ int last;
+    const float inv = 1.f / tot;
+    for (int j = threadIdx.x; j < a.len; j += blockDim.x) p[j] = h2f(f2h(expf(s[j] - m) * inv));
+    __syncthreads();
+    // Thread i: dims 4*(i % q4)..+3 of keys i / q4, + G, + 2G, ... (q4 = hd/4, G = 128/q4).
+    const int q4 = hd >> 2;
+    const int G = 128 / q4;
+    const int g = threadIdx.x / q4, d = (threadIdx.x - g * q4) * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (g < G) {
+        const u16* vb = vrows + d;
+        // Keys g, g + G, ... in order; the loads of 8 of them in flight before their sums.
+        for (int j8 = g; j8 < a.len; j8 += 8 * G) {
+            uint2 raw[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                raw[k] = *(const uint2*)(vb + (long long)min(j8 + k * G, a.len - 1) * kvd);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if (j8 + k * G < a.len) {
+                    const float4 v = h4f(raw[k]);
+                    const float pj = p[j8 + k * G];
+                    acc.x += pj * v.x;
+                    acc.y += pj * v.y;
+                    acc.z += pj * v.z;
+                    acc.w += pj * v.w;
+                }
+            }
+        }
+    }
+    acc4[threadIdx.x] = acc;
+    __syncthreads();
+    // Group 0 adds the other groups' sums in group order.
+    const long long th = (long long)a.t * n_head + a.h;
+    if (threadIdx.x < q4 && g == 0) {
+        float4 sum = acc4[threadIdx.x];
+        for (int gg = 1; gg < G; gg++) {
+            const float4 o = acc4[gg * q4 + threadIdx.x];
+            sum.x += o.x;
+            sum.y += o.y;
+            sum.z += o.z;
+            sum.w += o.w;
+        }
+        float* dst = part + (th * maxc + a.c) * hd + 4 * threadIdx.x;
+        dst[0] = sum.x;
+        dst[1] = sum.y;
+        dst[2] = sum.z;
+        dst[3] = sum.w;
+    }
+    // Publish the partial, then count the chunk; the block that counts last adds them all.
+    __threadfence();
+    __syncthreads();
     if (threadIdx.x == 0) {
-        float* st = stats + (((long long)t * n_head + h) * maxc + c) * 2;
+        int* cnt = done + th;
+        last = atomicAdd(cnt, 1) == a.nch - 1;
+        if (last) *cnt = 0;
+    }
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    const float* src = part + th * maxc * hd;
+    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
+        float v = 0.f;
+        // L2 loads: other blocks wrote these; this SM's L1 must not answer.
+#pragma unroll 8
+        for (int i = 0; i < a.nch; i++) v += __ldcg(src + (long long)i * hd + dd);
+        out[th * hd + dd] = v;
+    }
+    if (xq == nullptr) return true;
+    // This head's output is written: count it in its 256-block; the last head quantises it.
+    __threadfence();
+    __syncthreads();
+    const long long qblk = th * hd / 256;
+    __shared__ int last_head;
+    if (threadIdx.x == 0) {
+        int* cnt = done + (long long)gridDim.y * n_head + qblk;
+        last_head = atomicAdd(cnt, 1) == 256 / hd - 1;
+        if (last_head) *cnt = 0;
+    }
+    __syncthreads();
+    if (last_head && threadIdx.x < 32) {
+        __threadfence();
+        q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
+    }
+    return true;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split_scores(const float* __restrict__ q, const u16* __restrict__ kc,
+                      float* __restrict__ scores, float* __restrict__ stats, int n_head,
+                      int group, int hd, int kvd, const int* __restrict__ rowpos,
+                      const int* __restrict__ rowbase, int window, float scale, int maxk,
+                      int maxc) {
+    __shared__ float sm[ATT_CHUNK];
+    __shared__ float red[4];
+    AttChunk a;
+    if (!att_chunk(rowpos, window, a)) return;
+    const u16* kb = att_rows(kc, rowbase, a, group, hd, kvd);
+    prefetch_rows(kb, a.len, kvd, hd);
+    pdl_enter();
+    const long long th = (long long)a.t * n_head + a.h;
+    float m, l;
+    att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm, red, m, l);
+    float* srow = scores + th * maxk + a.j0;
+    for (int j = threadIdx.x; j < a.len; j += blockDim.x) srow[j] = sm[j];
+    if (threadIdx.x == 0) {
+        float* st = stats + (th * maxc + a.c) * 2;
         st[0] = m;
-        st[1] = (red[0] + red[1]) + (red[2] + red[3]);
+        st[1] = l;
     }
 }
 
 // xq/xd/xs: null, or the Q8_K scratch of the int8 mat-vec the output feeds (256 % hd == 0
-// and whole 256-blocks per row, checked by the host): then the output's 256-blocks are
-// quantised here too, each by the last of its 256 / hd heads to be written (a second counter
-// per 256-block in `done`, after the rows' per-head ones).
+// and whole 256-blocks per row, checked by the host; see att_chunk_pv).
 extern "C" __global__ void __launch_bounds__(128)
     attn_split_pv(const u16* __restrict__ vc, const float* __restrict__ scores,
                   const float* __restrict__ stats, float* part, int n_head, int group, int hd,
                   int kvd, const int* __restrict__ rowpos, const int* __restrict__ rowbase,
                   int window, int maxk, int maxc, float* __restrict__ out, int* done,
                   i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs) {
-    __shared__ float p[ATT_CHUNK];
-    __shared__ float4 acc4[128];
-    __shared__ int last;
-    const int h = blockIdx.x, t = blockIdx.y, c = blockIdx.z;
-    int lo, nk;
-    att_window(rowpos, t, window, &lo, &nk);
-    const int j0 = c * ATT_CHUNK;
-    if (j0 >= nk) return;
-    const int len = min(ATT_CHUNK, nk - j0);
-    const int nch = (nk + ATT_CHUNK - 1) / ATT_CHUNK;
-    const u16* vrows = vc + ((long long)rowbase[t] + lo + j0) * kvd + (h / group) * hd;
-    prefetch_rows(vrows, len, kvd, hd);
+    AttChunk a;
+    if (!att_chunk(rowpos, window, a)) return;
+    const u16* vrows = att_rows(vc, rowbase, a, group, hd, kvd);
+    prefetch_rows(vrows, a.len, kvd, hd);
     pdl_enter();
-    // The global max and sum from every chunk's stats, in chunk order (each block the same);
-    // unrolled so that the loads go out together.
-    const float* st = stats + ((long long)t * n_head + h) * maxc * 2;
-    float m = NEG_INF;
-#pragma unroll 8
-    for (int i = 0; i < nch; i++) m = fmaxf(m, st[2 * i]);
-    float tot = 0.f;
-#pragma unroll 8
-    for (int i = 0; i < nch; i++) tot += st[2 * i + 1] * expf(st[2 * i] - m);
-    const float inv = 1.f / tot;
-    const float* srow = scores + ((long long)t * n_head + h) * maxk + j0;
-    // Probabilities rounded to f16, as the CPU does.
-    for (int j = threadIdx.x; j < len; j += blockDim.x) p[j] = h2f(f2h(expf(srow[j] - m) * inv));
-    __syncthreads();
-    // Thread i: dims 4*(i % q4)..+3 of keys i / q4, + G, + 2G, ... (q4 = hd/4, G = 128/q4).
-    const int q4 = hd >> 2;
-    const int G = 128 / q4;
-    const int g = threadIdx.x / q4, d = (threadIdx.x - g * q4) * 4;
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (g < G) {
-        const u16* vb = vrows + d;
-        // Keys g, g + G, ... in order; the loads of 8 of them in flight before their sums.
-        for (int j8 = g; j8 < len; j8 += 8 * G) {
-            uint2 raw[8];
-#pragma unroll
-            for (int k = 0; k < 8; k++)
-                raw[k] = *(const uint2*)(vb + (long long)min(j8 + k * G, len - 1) * kvd);
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                if (j8 + k * G < len) {
-                    const float4 v = h4f(raw[k]);
-                    const float pj = p[j8 + k * G];
-                    a.x += pj * v.x;
-                    a.y += pj * v.y;
-                    a.z += pj * v.z;
-                    a.w += pj * v.w;
-                }
-            }
-        }
-    }
-    acc4[threadIdx.x] = a;
-    __syncthreads();
-    // Group 0 adds the other groups' sums in group order.
-    if (threadIdx.x < q4 && g == 0) {
-        float4 s = acc4[threadIdx.x];
-        for (int gg = 1; gg < G; gg++) {
-            const float4 o = acc4[gg * q4 + threadIdx.x];
-            s.x += o.x;
-            s.y += o.y;
-            s.z += o.z;
-            s.w += o.w;
-        }
-        float* dst = part + ((((long long)t * n_head + h) * maxc + c) * hd) + 4 * threadIdx.x;
-        dst[0] = s.x;
-        dst[1] = s.y;
-        dst[2] = s.z;
-        dst[3] = s.w;
-    }
-    // Publish the partial, then count the chunk; the block that counts last adds them all.
-    __threadfence();
-    __syncthreads();
+    const long long th = (long long)a.t * n_head + a.h;
+    float m, tot;
+    att_total(stats + th * maxc * 2, a.nch, m, tot);
+    att_chunk_pv(scores + th * maxk + a.j0, m, tot, vrows, kvd, hd, n_head, maxc, a, part, out,
+                 done, xq, xd, xs);
+}
+
+// Both halves in one launch, for grids the device holds at once (the host checks the block
+// count against the occupancy): each block scores its chunk, publishes its stats and counts
+// itself in `arrived` (one counter per (row, head)), waits until every chunk of its (row,
+// head) has, then computes its P.V from the scores it kept in shared memory, as attn_split_pv
+// would (the same arithmetic, so the same bits). The block that adds the partials resets the
+// (row, head)'s counter: every block of it has passed the wait by then. The wait is bounded:
+// past ~1 s it traps (a launch error) instead of hanging.
+extern "C" __global__ void __launch_bounds__(128)
+    attn_split_fused(const float* __restrict__ q, const u16* __restrict__ kc,
+                     const u16* __restrict__ vc, float* __restrict__ stats, float* part,
+                     int n_head, int group, int hd, int kvd, const int* __restrict__ rowpos,
+                     const int* __restrict__ rowbase, int window, float scale, int maxc,
+                     float* __restrict__ out, int* done, int* arrived, i8* __restrict__ xq,
+                     float* __restrict__ xd, int* __restrict__ xs) {
+    __shared__ float sm[ATT_CHUNK];
+    __shared__ float red[4];
+    AttChunk a;
+    if (!att_chunk(rowpos, window, a)) return;
+    const u16* kb = att_rows(kc, rowbase, a, group, hd, kvd);
+    const u16* vrows = att_rows(vc, rowbase, a, group, hd, kvd);
+    prefetch_rows(kb, a.len, kvd, hd);
+    prefetch_rows(vrows, a.len, kvd, hd);
+    pdl_enter();
+    const long long th = (long long)a.t * n_head + a.h;
+    float m, l;
+    att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm, red, m, l);
     if (threadIdx.x == 0) {
-        int* cnt = done + (long long)t * n_head + h;
-        last = atomicAdd(cnt, 1) == nch - 1;
-        if (last) *cnt = 0;
+        float* st = stats + (th * maxc + a.c) * 2;
+        st[0] = m;
+        st[1] = l;
+        __threadfence();
+        atomicAdd(arrived + th, 1);
+        for (long long spin = 0; atomicAdd(arrived + th, 0) < a.nch; spin++) {
+            if (spin > (1ll << 24)) asm volatile("trap;");
+#if __CUDA_ARCH__ >= 700
+            __nanosleep(64);
+#endif
+        }
+        __threadfence();
     }
     __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const float* src = part + ((long long)t * n_head + h) * maxc * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float v = 0.f;
-        // L2 loads: other blocks wrote these; this SM's L1 must not answer.
-#pragma unroll 8
-        for (int i = 0; i < nch; i++) v += __ldcg(src + (long long)i * hd + d);
-        out[(long long)t * n_head * hd + h * hd + d] = v;
-    }
-    if (xq == nullptr) return;
-    // This head's output is written: count it in its 256-block; the last head quantises it.
-    __threadfence();
-    __syncthreads();
-    const long long qblk = ((long long)t * n_head * hd + h * hd) / 256;
-    if (threadIdx.x == 0) {
-        int* cnt = done + (long long)gridDim.y * n_head + qblk;
-        last = atomicAdd(cnt, 1) == 256 / hd - 1;
-        if (last) *cnt = 0;
-    }
-    __syncthreads();
-    if (!last || threadIdx.x >= 32) return;
-    __threadfence();
-    q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
+    float tot;
+    att_total(stats + th * maxc * 2, a.nch, m, tot);
+    if (att_chunk_pv(sm, m, tot, vrows, kvd, hd, n_head, maxc, a, part, out, done, xq, xd, xs) &&
+        threadIdx.x == 0)
+        arrived[th] = 0;
 }
 
 // RoPE of q and k as rope_qk, and the rotated k and the v of each row stored into the f16

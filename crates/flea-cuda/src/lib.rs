@@ -117,7 +117,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 19] = [
+const PLAIN_KERNELS: [&str; 20] = [
     "act_round",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -126,6 +126,7 @@ const PLAIN_KERNELS: [&str; 19] = [
     "rms_norm_q8k",
     "attn_split_scores",
     "attn_split_pv",
+    "attn_split_fused",
     "add_bias",
     "add",
     "glu",
@@ -267,6 +268,8 @@ pub struct CudaBackend {
     fusion: std::sync::atomic::AtomicBool,
     /// Single fusions turned off for A/B comparisons (FLEA_CUDA_FUSE_OFF, see `FusionsOff`).
     fusions_off: FusionsOff,
+    /// Most blocks of `attn_split_fused` resident at once on this device.
+    fused_attention_blocks: usize,
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
     launch_serial: AtomicU64,
@@ -456,6 +459,20 @@ impl CudaBackend {
                 .map_err(|e| CudaError(format!("kernel {n}: {e:?}")))?;
             funcs.insert(n, f);
         }
+        // Blocks of the one-launch split attention the device holds at once (its blocks
+        // wait for each other, so a grid must fit; 0 if the query fails: never used then).
+        let fused_attention_blocks = {
+            let per_sm = funcs.get("attn_split_fused").map_or(0, |f| {
+                f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                    .unwrap_or(0)
+            });
+            let sms = ctx
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .unwrap_or(0);
+            per_sm as usize * sms.max(0) as usize
+        };
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -489,6 +506,7 @@ impl CudaBackend {
                 std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
             ),
             fusions_off: FusionsOff::from_env(),
+            fused_attention_blocks,
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
             gemm_cap: AtomicUsize::new(0),
@@ -1149,10 +1167,12 @@ impl CudaBackend {
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
             let base = self.grow(&mut sc.attn_split, s.floats())?;
-            // Counters: one per (row, head), then one per 256-block of the output.
-            let counters = s.rows * p.n_head + (s.rows * width).div_ceil(256);
+            // Counters: one per (row, head), one per 256-block of the output, then the one-
+            // launch kernel's arrivals, one per (row, head).
+            let counters = 2 * s.rows * p.n_head + (s.rows * width).div_ceil(256);
             (base, self.grow(&mut sc.attn_done, counters)?)
         };
+        let arrived = done + 4 * (s.rows * p.n_head + (s.rows * width).div_ceil(256)) as u64;
         let (scores, stats, part) = (
             base,
             base + 4 * s.scores_floats() as u64,
@@ -1174,10 +1194,15 @@ impl CudaBackend {
             s.maxk as i32,
             s.maxc as i32,
         );
-        launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
         let op = out.ptr;
         let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
-        launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done, xq, xd, xs)?;
+        let blocks = s.rows * p.n_head * s.maxc;
+        if self.fusion() && !self.fusions_off.attn_one && blocks <= self.fused_attention_blocks {
+            launch!(self, "attn_split_fused", cfg; qp, kc, vc, stats, part, nh, group, hdi, kvdi, posp, basep, window, scale, maxc, op, done, arrived, xq, xd, xs)?;
+        } else {
+            launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
+            launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done, xq, xd, xs)?;
+        }
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, s.rows * width, xq),
             None => Ok(()),
@@ -1256,12 +1281,13 @@ struct Prequant {
 /// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
 /// one, for measuring each (all of them compute the same bits as the separate launches):
 /// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
-/// quantises its output for the next mat-vec), `mixed` (Q4_K and Q6_K matrices of one input
-/// in one mat-vec launch).
+/// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
+/// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch).
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
     attn_q8k: bool,
+    attn_one: bool,
     mixed: bool,
 }
 
@@ -1272,6 +1298,7 @@ impl FusionsOff {
         FusionsOff {
             rope_kv: has("rope_kv"),
             attn_q8k: has("attn_q8k"),
+            attn_one: has("attn_one"),
             mixed: has("mixed"),
         }
     }
