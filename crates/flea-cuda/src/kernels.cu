@@ -946,6 +946,33 @@ __device__ __forceinline__ const u16* att_rows(const u16* cache, const int* rowb
     return cache + ((long long)rowbase[a.t] + a.lo + a.j0) * kvd + (a.h / group) * hd;
 }
 
+// The block's chunk (false: past its row's keys) and the chunk's K rows (kc non-null) and V
+// rows (vc non-null), prefetched into L2; then the dependent-launch wait.
+__device__ __forceinline__ bool att_begin(const int* rowpos, const int* rowbase, int window,
+                                          int group, int hd, int kvd, const u16* kc,
+                                          const u16* vc, AttChunk& a, const u16*& kb,
+                                          const u16*& vb) {
+    if (!att_chunk(rowpos, window, a)) return false;
+    if (kc) {
+        kb = att_rows(kc, rowbase, a, group, hd, kvd);
+        prefetch_rows(kb, a.len, kvd, hd);
+    }
+    if (vc) {
+        vb = att_rows(vc, rowbase, a, group, hd, kvd);
+        prefetch_rows(vb, a.len, kvd, hd);
+    }
+    pdl_enter();
+    return true;
+}
+
+// The chunk's max and sum of exp, where the P.V side reads them (att_total).
+__device__ __forceinline__ void att_publish(float* stats, long long th, int maxc,
+                                            const AttChunk& a, float m, float l) {
+    float* st = stats + (th * maxc + a.c) * 2;
+    st[0] = m;
+    st[1] = l;
+}
+
 // Scores of the chunk's keys (scaled) into sm[0 .. len); returns the chunk's max (m) and sum of
 // exp(score - m) (l), the same in every thread. Each warp scores its ATT_CHUNK / 4 keys with
 // all their loads in flight at once (a decode step is latency-bound here); lane l reads dims
@@ -1120,20 +1147,14 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float sm[ATT_CHUNK];
     __shared__ float red[4];
     AttChunk a;
-    if (!att_chunk(rowpos, window, a)) return;
-    const u16* kb = att_rows(kc, rowbase, a, group, hd, kvd);
-    prefetch_rows(kb, a.len, kvd, hd);
-    pdl_enter();
+    const u16 *kb = nullptr, *vb = nullptr;
+    if (!att_begin(rowpos, rowbase, window, group, hd, kvd, kc, nullptr, a, kb, vb)) return;
     const long long th = (long long)a.t * n_head + a.h;
     float m, l;
     att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm, red, m, l);
     float* srow = scores + th * maxk + a.j0;
     for (int j = threadIdx.x; j < a.len; j += blockDim.x) srow[j] = sm[j];
-    if (threadIdx.x == 0) {
-        float* st = stats + (th * maxc + a.c) * 2;
-        st[0] = m;
-        st[1] = l;
-    }
+    if (threadIdx.x == 0) att_publish(stats, th, maxc, a, m, l);
 }
 
 // xq/xd/xs: null, or the Q8_K scratch of the int8 mat-vec the output feeds (256 % hd == 0
@@ -1145,10 +1166,8 @@ extern "C" __global__ void __launch_bounds__(128)
                   int window, int maxk, int maxc, float* __restrict__ out, int* done,
                   i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs) {
     AttChunk a;
-    if (!att_chunk(rowpos, window, a)) return;
-    const u16* vrows = att_rows(vc, rowbase, a, group, hd, kvd);
-    prefetch_rows(vrows, a.len, kvd, hd);
-    pdl_enter();
+    const u16 *kb = nullptr, *vrows = nullptr;
+    if (!att_begin(rowpos, rowbase, window, group, hd, kvd, nullptr, vc, a, kb, vrows)) return;
     const long long th = (long long)a.t * n_head + a.h;
     float m, tot;
     att_total(stats + th * maxc * 2, a.nch, m, tot);
@@ -1173,19 +1192,13 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float sm[ATT_CHUNK];
     __shared__ float red[4];
     AttChunk a;
-    if (!att_chunk(rowpos, window, a)) return;
-    const u16* kb = att_rows(kc, rowbase, a, group, hd, kvd);
-    const u16* vrows = att_rows(vc, rowbase, a, group, hd, kvd);
-    prefetch_rows(kb, a.len, kvd, hd);
-    prefetch_rows(vrows, a.len, kvd, hd);
-    pdl_enter();
+    const u16 *kb = nullptr, *vrows = nullptr;
+    if (!att_begin(rowpos, rowbase, window, group, hd, kvd, kc, vc, a, kb, vrows)) return;
     const long long th = (long long)a.t * n_head + a.h;
     float m, l;
     att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm, red, m, l);
     if (threadIdx.x == 0) {
-        float* st = stats + (th * maxc + a.c) * 2;
-        st[0] = m;
-        st[1] = l;
+        att_publish(stats, th, maxc, a, m, l);
         __threadfence();
         atomicAdd(arrived + th, 1);
         for (long long spin = 0; atomicAdd(arrived + th, 0) < a.nch; spin++) {
