@@ -929,11 +929,11 @@ __device__ __forceinline__ void prefetch_rows(const u16* rows, int len, int kvd,
 struct AttChunk {
     int h, t, c, lo, nk, j0, len, nch;
 };
-// The chunk this block handles, or false if it lies past the row's keys.
-__device__ __forceinline__ bool att_chunk(const int* rowpos, int window, AttChunk& a) {
+// Chunk c of this block's (head, row), or false if it lies past the row's keys.
+__device__ __forceinline__ bool att_chunk(const int* rowpos, int window, int c, AttChunk& a) {
     a.h = blockIdx.x;
     a.t = blockIdx.y;
-    a.c = blockIdx.z;
+    a.c = c;
     att_window(rowpos, a.t, window, &a.lo, &a.nk);
     a.j0 = a.c * ATT_CHUNK;
     a.len = min(ATT_CHUNK, a.nk - a.j0);
@@ -952,7 +952,7 @@ __device__ __forceinline__ bool att_begin(const int* rowpos, const int* rowbase,
                                           int group, int hd, int kvd, const u16* kc,
                                           const u16* vc, AttChunk& a, const u16*& kb,
                                           const u16*& vb) {
-    if (!att_chunk(rowpos, window, a)) return false;
+    if (!att_chunk(rowpos, window, blockIdx.z, a)) return false;
     if (kc) {
         kb = att_rows(kc, rowbase, a, group, hd, kvd);
         prefetch_rows(kb, a.len, kvd, hd);
@@ -1176,31 +1176,46 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // Both halves in one launch, for grids the device holds at once (the host checks the block
-// count against the occupancy): each block scores its chunk, publishes its stats and counts
-// itself in `arrived` (one counter per (row, head)), waits until every chunk of its (row,
-// head) has, then computes its P.V from the scores it kept in shared memory, as attn_split_pv
-// would (the same arithmetic, so the same bits). The block that adds the partials resets the
-// (row, head)'s counter: every block of it has passed the wait by then. The wait is bounded:
-// past ~1 s it traps (a launch error) instead of hanging.
-extern "C" __global__ void __launch_bounds__(128)
-    attn_split_fused(const float* __restrict__ q, const u16* __restrict__ kc,
-                     const u16* __restrict__ vc, float* __restrict__ stats, float* part,
-                     int n_head, int group, int hd, int kvd, const int* __restrict__ rowpos,
-                     const int* __restrict__ rowbase, int window, float scale, int maxc,
-                     float* __restrict__ out, int* done, int* arrived, i8* __restrict__ xq,
-                     float* __restrict__ xd, int* __restrict__ xs) {
-    __shared__ float sm[ATT_CHUNK];
+// count against the occupancy): each block takes `cpb` consecutive chunks of its (row, head)
+// (at most ATT_MAX_CPB; more chunks per block fit longer contexts into the grid), scores
+// them, publishes their stats and counts them in `arrived` (one counter per (row, head)),
+// waits until every chunk of its (row, head) is counted, then computes each chunk's P.V from
+// the scores it kept in shared memory, as attn_split_pv would (the same arithmetic, so the
+// same bits). The block that adds the partials resets the (row, head)'s counter: every block
+// of it has passed the wait by then. The wait is bounded: past ~1 s it traps (a launch
+// error) instead of hanging.
+#define ATT_MAX_CPB 8
+#define ATT_FUSED_ARGS                                                                          \
+    const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,       \
+        float* __restrict__ stats, float* part, int n_head, int group, int hd, int kvd,        \
+        const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,           \
+        float scale, int maxc, int cpb, float* __restrict__ out, int* done, int* arrived,      \
+        i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs
+// CPB: the most chunks per block this instance takes (cpb <= CPB).
+template <int CPB> __device__ __forceinline__ void att_fused(ATT_FUSED_ARGS) {
+    __shared__ float sm[CPB][ATT_CHUNK];
     __shared__ float red[4];
+    const int c0 = blockIdx.z * cpb;
     AttChunk a;
-    const u16 *kb = nullptr, *vrows = nullptr;
-    if (!att_begin(rowpos, rowbase, window, group, hd, kvd, kc, vc, a, kb, vrows)) return;
+    if (!att_chunk(rowpos, window, c0, a)) return;
+    const int mine = min(min(cpb, CPB), a.nch - c0);
+    for (int i = 0; i < CPB && i < mine; i++) {
+        att_chunk(rowpos, window, c0 + i, a);
+        prefetch_rows(att_rows(kc, rowbase, a, group, hd, kvd), a.len, kvd, hd);
+        prefetch_rows(att_rows(vc, rowbase, a, group, hd, kvd), a.len, kvd, hd);
+    }
+    pdl_enter();
     const long long th = (long long)a.t * n_head + a.h;
     float m, l;
-    att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm, red, m, l);
+    for (int i = 0; i < CPB && i < mine; i++) {
+        att_chunk(rowpos, window, c0 + i, a);
+        const u16* kb = att_rows(kc, rowbase, a, group, hd, kvd);
+        att_chunk_scores(q + th * hd, kb, kvd, hd, a.len, scale, sm[i], red, m, l);
+        if (threadIdx.x == 0) att_publish(stats, th, maxc, a, m, l);
+    }
     if (threadIdx.x == 0) {
-        att_publish(stats, th, maxc, a, m, l);
         __threadfence();
-        atomicAdd(arrived + th, 1);
+        atomicAdd(arrived + th, mine);
         for (long long spin = 0; atomicAdd(arrived + th, 0) < a.nch; spin++) {
             if (spin > (1ll << 24)) asm volatile("trap;");
 #if __CUDA_ARCH__ >= 700
@@ -1212,9 +1227,24 @@ extern "C" __global__ void __launch_bounds__(128)
     __syncthreads();
     float tot;
     att_total(stats + th * maxc * 2, a.nch, m, tot);
-    if (att_chunk_pv(sm, m, tot, vrows, kvd, hd, n_head, maxc, a, part, out, done, xq, xd, xs) &&
-        threadIdx.x == 0)
-        arrived[th] = 0;
+    bool added = false;
+    for (int i = 0; i < CPB && i < mine; i++) {
+        att_chunk(rowpos, window, c0 + i, a);
+        const u16* vrows = att_rows(vc, rowbase, a, group, hd, kvd);
+        added |= att_chunk_pv(sm[i], m, tot, vrows, kvd, hd, n_head, maxc, a, part, out, done,
+                              xq, xd, xs);
+    }
+    if (added && threadIdx.x == 0) arrived[th] = 0;
+}
+// One chunk per block (cpb = 1; fewer registers, more blocks resident), and up to
+// ATT_MAX_CPB for contexts whose one-chunk grid the device cannot hold.
+extern "C" __global__ void __launch_bounds__(128) attn_split_fused(ATT_FUSED_ARGS) {
+    att_fused<1>(q, kc, vc, stats, part, n_head, group, hd, kvd, rowpos, rowbase, window, scale,
+                 maxc, cpb, out, done, arrived, xq, xd, xs);
+}
+extern "C" __global__ void __launch_bounds__(128, 6) attn_split_fused8(ATT_FUSED_ARGS) {
+    att_fused<ATT_MAX_CPB>(q, kc, vc, stats, part, n_head, group, hd, kvd, rowpos, rowbase,
+                           window, scale, maxc, cpb, out, done, arrived, xq, xd, xs);
 }
 
 // RoPE of q and k as rope_qk, and the rotated k and the v of each row stored into the f16

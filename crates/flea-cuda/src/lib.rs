@@ -117,7 +117,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 20] = [
+const PLAIN_KERNELS: [&str; 21] = [
     "act_round",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -127,6 +127,7 @@ const PLAIN_KERNELS: [&str; 20] = [
     "attn_split_scores",
     "attn_split_pv",
     "attn_split_fused",
+    "attn_split_fused8",
     "add_bias",
     "add",
     "glu",
@@ -268,8 +269,11 @@ pub struct CudaBackend {
     fusion: std::sync::atomic::AtomicBool,
     /// Single fusions turned off for A/B comparisons (FLEA_CUDA_FUSE_OFF, see `FusionsOff`).
     fusions_off: FusionsOff,
-    /// Most blocks of `attn_split_fused` resident at once on this device.
-    fused_attention_blocks: usize,
+    /// Most blocks of `attn_split_fused` (one chunk per block) and `attn_split_fused8` (up to
+    /// ATTN_MAX_CPB) resident at once on this device, and the numbers the launches assume
+    /// (at most those; tests lower them).
+    fused_attention_cap: [usize; 2],
+    fused_attention_blocks: [AtomicUsize; 2],
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
     launch_serial: AtomicU64,
@@ -459,20 +463,22 @@ impl CudaBackend {
                 .map_err(|e| CudaError(format!("kernel {n}: {e:?}")))?;
             funcs.insert(n, f);
         }
-        // Blocks of the one-launch split attention the device holds at once (its blocks
-        // wait for each other, so a grid must fit; 0 if the query fails: never used then).
-        let fused_attention_blocks = {
-            let per_sm = funcs.get("attn_split_fused").map_or(0, |f| {
+        // Blocks of each one-launch split attention kernel the device holds at once (their
+        // blocks wait for each other, so a grid must fit; 0 if a query fails: never used).
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(0)
+            .max(0) as usize;
+        let resident = |name: &str| {
+            let per_sm = funcs.get(name).map_or(0, |f| {
                 f.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
                     .unwrap_or(0)
             });
-            let sms = ctx
-                .attribute(
-                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                )
-                .unwrap_or(0);
-            per_sm as usize * sms.max(0) as usize
+            per_sm as usize * sms
         };
+        let fused_attention_cap = [resident("attn_split_fused"), resident("attn_split_fused8")];
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -506,7 +512,8 @@ impl CudaBackend {
                 std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
             ),
             fusions_off: FusionsOff::from_env(),
-            fused_attention_blocks,
+            fused_attention_cap,
+            fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
             gemm_cap: AtomicUsize::new(0),
@@ -887,6 +894,20 @@ impl CudaBackend {
         self.after_launch(name)
     }
 
+    /// The most blocks of the one-launch split attention taken as resident at once: at most
+    /// (and by default) the device's occupancy for it × its SMs, since its blocks wait for
+    /// each other. Tests lower it to exercise several chunks per block (0: the two-launch
+    /// kernels).
+    pub fn set_fused_attention_blocks(&self, blocks: usize) {
+        for (assumed, cap) in self
+            .fused_attention_blocks
+            .iter()
+            .zip(self.fused_attention_cap)
+        {
+            assumed.store(blocks.min(cap), Ordering::Relaxed);
+        }
+    }
+
     /// Whether the weight at device address `wp` is a resident Q6_K tensor in the repacked
     /// layout.
     pub(crate) fn is_repacked(&self, wp: u64) -> bool {
@@ -1196,9 +1217,29 @@ impl CudaBackend {
         );
         let op = out.ptr;
         let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
-        let blocks = s.rows * p.n_head * s.maxc;
-        if self.fusion() && !self.fusions_off.attn_one && blocks <= self.fused_attention_blocks {
-            launch!(self, "attn_split_fused", cfg; qp, kc, vc, stats, part, nh, group, hdi, kvdi, posp, basep, window, scale, maxc, op, done, arrived, xq, xd, xs)?;
+        // The one-launch kernels' blocks wait for each other: the whole grid must be
+        // resident. One chunk per block where that fits, else up to ATTN_MAX_CPB.
+        let [cap1, cap8] = self
+            .fused_attention_blocks
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed));
+        let fits = |cpb: usize, cap: usize| s.rows * p.n_head * s.maxc.div_ceil(cpb) <= cap;
+        let one_launch = if fits(1, cap1) {
+            Some(("attn_split_fused", 1))
+        } else {
+            (2..=ATTN_MAX_CPB)
+                .find(|&c| fits(c, cap8))
+                .map(|c| ("attn_split_fused8", c))
+        };
+        if let (true, Some((kname, cpb))) =
+            (self.fusion() && !self.fusions_off.attn_one, one_launch)
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (grid.0, grid.1, s.maxc.div_ceil(cpb) as u32),
+                ..cfg
+            };
+            let cpbi = cpb as i32;
+            launch!(self, kname, cfg; qp, kc, vc, stats, part, nh, group, hdi, kvdi, posp, basep, window, scale, maxc, cpbi, op, done, arrived, xq, xd, xs)?;
         } else {
             launch!(self, "attn_split_scores", cfg; qp, kc, scores, stats, nh, group, hdi, kvdi, posp, basep, window, scale, maxk, maxc)?;
             launch!(self, "attn_split_pv", cfg; vc, scores, stats, part, nh, group, hdi, kvdi, posp, basep, window, maxk, maxc, op, done, xq, xd, xs)?;
@@ -1315,6 +1356,8 @@ struct LayerCache {
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
 const ATTN_CHUNK: usize = 64;
+/// Most chunks one block of the one-launch split attention takes (ATT_MAX_CPB).
+const ATTN_MAX_CPB: usize = 8;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
 /// allowance); bigger batches use the one-block-per-row kernels.
 const ATTN_SPLIT_MAX_BYTES: usize = 16 << 20;
