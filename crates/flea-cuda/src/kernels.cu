@@ -59,6 +59,18 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
 }
+// Warp arg-max of |value|: every lane ends with the largest magnitude (amax), its signed
+// value (mx) and its index (first), the smallest index on ties (as the CPU's scan keeps the
+// first).
+__device__ __forceinline__ void warp_argmax_abs(float& amax, float& mx, int& first) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float a2 = __shfl_xor_sync(0xffffffff, amax, o);
+        const float m2 = __shfl_xor_sync(0xffffffff, mx, o);
+        const int f2 = __shfl_xor_sync(0xffffffff, first, o);
+        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
+    }
+}
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
@@ -427,14 +439,7 @@ extern "C" __global__ void act_round(const float* __restrict__ x, float* __restr
             v[i] = x[base + e];
             if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = e; }
         }
-        // Warp arg-max of |v| keeping the first index on ties (as the CPU's scan does).
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float a2 = __shfl_xor_sync(0xffffffff, amax, o);
-            float m2 = __shfl_xor_sync(0xffffffff, mx, o);
-            int f2 = __shfl_xor_sync(0xffffffff, first, o);
-            if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
-        }
+        warp_argmax_abs(amax, mx, first);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             float r = 0.f;
@@ -856,13 +861,7 @@ __device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
         // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
         if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float a2 = __shfl_xor_sync(0xffffffff, amax, o);
-        float m2 = __shfl_xor_sync(0xffffffff, mx, o);
-        int f2 = __shfl_xor_sync(0xffffffff, first, o);
-        if (a2 > amax || (a2 == amax && f2 < first)) { amax = a2; mx = m2; first = f2; }
-    }
+    warp_argmax_abs(amax, mx, first);
     u32 packed[2] = {0u, 0u};
     int sum = 0;
     float d = 0.f;
