@@ -889,9 +889,10 @@ __device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
 
 // Decode attention split over the keys ("flash decoding"), for few rows: one block of 128
 // threads per (head, row, chunk of ATT_CHUNK keys), so a 500-key context keeps ~10x more SMs
-// busy than one block per (head, row). Three launches keep the CPU's arithmetic (scores,
-// global max, probabilities rounded to f16, P.V) and a fixed summation order (no atomics:
-// results do not change from run to run):
+// busy than one block per (head, row). Two launches keep the CPU's arithmetic (scores,
+// global max, probabilities rounded to f16, P.V) and a fixed summation order (atomics only
+// count, never sum: results do not change from run to run); attn_split_fused* below do the
+// same in one launch where the device holds the whole grid:
 //   attn_split_scores: scores of the chunk (16-byte K loads), the chunk's max and sum of exp;
 //   attn_split_pv:     global max and sum from all chunks' stats, f16 probabilities, the
 //                      chunk's partial P.V; the last chunk block of a (row, head) to finish

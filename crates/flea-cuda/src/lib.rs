@@ -1182,18 +1182,21 @@ impl CudaBackend {
         } else {
             None
         };
+        // Counters: one per (row, head), one per 256-block of the output, then the one-
+        // launch kernels' arrivals, one per (row, head).
+        let arrivals_at = s.rows * p.n_head + (s.rows * width).div_ceil(256);
         let (base, done) = {
             let mut sc = self
                 .scratch
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
             let base = self.grow(&mut sc.attn_split, s.floats())?;
-            // Counters: one per (row, head), one per 256-block of the output, then the one-
-            // launch kernel's arrivals, one per (row, head).
-            let counters = 2 * s.rows * p.n_head + (s.rows * width).div_ceil(256);
-            (base, self.grow(&mut sc.attn_done, counters)?)
+            (
+                base,
+                self.grow(&mut sc.attn_done, arrivals_at + s.rows * p.n_head)?,
+            )
         };
-        let arrived = done + 4 * (s.rows * p.n_head + (s.rows * width).div_ceil(256)) as u64;
+        let arrived = done + 4 * arrivals_at as u64;
         let (scores, stats, part) = (
             base,
             base + 4 * s.scores_floats() as u64,
