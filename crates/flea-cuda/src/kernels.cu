@@ -840,6 +840,124 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
     }
 }
 
+// Causal attention for prompts: one block of 256 threads per (head, tile of up to ATT_TQ
+// consecutive rows of one sequence: rows tiles[y] .. tiles[y + 1]). Every K and V row the
+// tile sees is read once for all its rows, staged through shared memory, instead of once per
+// row as in attention_smem (which re-reads the whole visible cache for each of a prompt's
+// rows). Per row the same steps as attention_smem: q rounded to f16, scores in f32, max and
+// sum of exp over the row's keys, probabilities rounded to f16 times V (sums in another
+// order). hd in {32, 64, 128, 256}; dynamic shared memory ATT_TQ x span floats, span = the
+// most keys a tile's rows see together (both checked by the host).
+#define ATT_TQ 16
+#define ATT_TK 32
+// Words (two f16) of key rows kk = 0 .. jn of a K or V tile into kt (rows padded to 129
+// words: lanes reading one word of 32 different rows hit 32 banks).
+__device__ __forceinline__ void att_tile_load(u32 (*kt)[129], const u16* __restrict__ rows,
+                                              int jn, int hw, int kvd) {
+    for (int i = threadIdx.x; i < jn * hw; i += blockDim.x) {
+        const int kk = i / hw, w = i - kk * hw;
+        kt[kk][w] = *(const u32*)(rows + (long long)kk * kvd + 2 * w);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256)
+    attention_tiled(const float* __restrict__ q, const u16* __restrict__ kc,
+                    const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
+                    int hd, int kvd, const int* __restrict__ rowpos,
+                    const int* __restrict__ rowbase, const int* __restrict__ tiles, int window,
+                    float scale, int span) {
+    extern __shared__ float sc[];
+    __shared__ float qs[ATT_TQ][256];
+    __shared__ u32 kt[ATT_TK][129];
+    __shared__ int rlo[ATT_TQ], rhi[ATT_TQ];
+    const int h = blockIdx.x, t0 = tiles[blockIdx.y], rows = tiles[blockIdx.y + 1] - t0;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    // Positions, uploaded before the token's first launch: read before the wait. Rows past
+    // the tile get an empty key range.
+    if (tid < ATT_TQ) {
+        int lo = 1 << 30, hi = -1;
+        if (tid < rows) {
+            hi = rowpos[t0 + tid];
+            lo = window > 0 ? max(0, hi + 1 - window) : 0;
+        }
+        rlo[tid] = lo;
+        rhi[tid] = hi;
+    }
+    __syncthreads();
+    int klo = 1 << 30, khi = -1;
+    for (int r = 0; r < rows; r++) {
+        klo = min(klo, rlo[r]);
+        khi = max(khi, rhi[r]);
+    }
+    const int kh = h / group, qd = n_head * hd, hw = hd / 2;
+    const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
+    pdl_enter();
+    for (int i = tid; i < ATT_TQ * hd; i += blockDim.x) {
+        const int r = i / hd, d = i - r * hd;
+        qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
+    }
+    // Scores: warp w takes rows 2w and 2w + 1, lane kk the tile's key kk. Keys outside a
+    // row's range are scored too and zeroed below.
+    const int r0 = 2 * warp, r1 = r0 + 1;
+    for (int j0 = 0; j0 <= khi - klo; j0 += ATT_TK) {
+        const int jn = min(ATT_TK, khi - klo + 1 - j0);
+        __syncthreads();
+        att_tile_load(kt, kc + base + (long long)j0 * kvd, jn, hw, kvd);
+        __syncthreads();
+        if (lane < jn && r0 < rows) {
+            float d0 = 0.f, d1 = 0.f;
+            for (int w = 0; w < hw; w++) {
+                const u32 kw = kt[lane][w];
+                const float k0 = h2f((u16)(kw & 0xffff)), k1 = h2f((u16)(kw >> 16));
+                d0 += qs[r0][2 * w] * k0 + qs[r0][2 * w + 1] * k1;
+                d1 += qs[r1][2 * w] * k0 + qs[r1][2 * w + 1] * k1;
+            }
+            sc[r0 * span + j0 + lane] = d0 * scale;
+            if (r1 < rows) sc[r1 * span + j0 + lane] = d1 * scale;
+        }
+    }
+    // Each warp's rows (scored by its own lanes): max and sum of exp over the row's own
+    // keys, then f16 probabilities (0 for keys the row does not see: no mask in P.V).
+    __syncwarp();
+    for (int r = r0; r <= r1 && r < rows; r++) {
+        float* srow = sc + r * span;
+        const int a = rlo[r] - klo, b = rhi[r] - klo;
+        float m = NEG_INF;
+        for (int j = a + lane; j <= b; j += 32) m = fmaxf(m, srow[j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = a + lane; j <= b; j += 32) l += expf(srow[j] - m);
+        l = warp_sum(l);
+        const float inv = 1.f / l;
+        for (int j = lane; j <= khi - klo; j += 32)
+            srow[j] = j >= a && j <= b ? h2f(f2h(expf(srow[j] - m) * inv)) : 0.f;
+    }
+    // P.V: thread (g, d) owns dim d of rows g*rt .. +rt, adding keys in order.
+    const int G = blockDim.x / hd, rt = ATT_TQ / G;
+    const int g = tid / hd, d = tid - g * hd;
+    float acc[ATT_TQ];
+#pragma unroll
+    for (int i = 0; i < ATT_TQ; i++) acc[i] = 0.f;
+    for (int j0 = 0; j0 <= khi - klo; j0 += ATT_TK) {
+        const int jn = min(ATT_TK, khi - klo + 1 - j0);
+        __syncthreads();
+        att_tile_load(kt, vc + base + (long long)j0 * kvd, jn, hw, kvd);
+        __syncthreads();
+        const float* p = sc + (g * rt) * span + j0;
+        for (int kk = 0; kk < jn; kk++) {
+            const u32 vw = kt[kk][d >> 1];
+            const float v = h2f((u16)((d & 1) ? (vw >> 16) : (vw & 0xffff)));
+#pragma unroll
+            for (int i = 0; i < ATT_TQ; i++)
+                if (i < rt) acc[i] += p[i * span + kk] * v;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_TQ; i++) {
+        const int r = g * rt + i;
+        if (i < rt && r < rows) out[(long long)(t0 + r) * qd + h * hd + d] = acc[i];
+    }
+}
+
 // Q8_K quantization of activations, as the CPU's quantize_q8_k: per 256-element block the
 // element of largest magnitude (first on ties) gives iscale = -127/max, q = min(127,
 // rint(iscale*x)), d = 1/iscale. Lane owns elements 8*lane .. 8*lane+7; output layout: see

@@ -117,7 +117,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 21] = [
+const PLAIN_KERNELS: [&str; 22] = [
     "act_round",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -137,6 +137,7 @@ const PLAIN_KERNELS: [&str; 21] = [
     "kv_store",
     "rope_kv",
     "attention",
+    "attention_tiled",
     "attention_smem",
     "copy_f4",
 ];
@@ -184,6 +185,8 @@ struct Scratch {
     rowbase: Option<CudaSlice<i32>>,
     /// Cache row each row of k/v is stored to.
     rowkv: Option<CudaSlice<i32>>,
+    /// Tile starts of `attention_tiled` (RowBuf::Tiles).
+    rowtiles: Option<CudaSlice<i32>>,
     /// Split attention's scores, chunk stats and partial outputs (at most ATTN_SPLIT_MAX_BYTES).
     attn_split: Option<CudaSlice<f32>>,
     /// Split attention's finished-chunk counter per (row, head): zero between launches.
@@ -191,7 +194,7 @@ struct Scratch {
     /// What each of rowpos / rowbase / rowkv holds now: every layer of a pass uses the same
     /// rows, so they are uploaded once per pass, not before every kernel (a pageable upload
     /// stalls the host and breaks the queue of launches).
-    rows_on_device: [Vec<i32>; 3],
+    rows_on_device: [Vec<i32>; 4],
 }
 
 /// Which per-row buffer of the scratch an upload fills.
@@ -200,6 +203,8 @@ enum RowBuf {
     Pos,
     Base,
     Kv,
+    /// First row of each tile of `attention_tiled`, then the row count.
+    Tiles,
 }
 
 /// Uploaded host slices: (address, length) → (content fingerprint, device copy).
@@ -273,6 +278,9 @@ pub struct CudaBackend {
     /// ATTN_MAX_CPB) resident at once on this device, and the numbers the launches assume
     /// (at most those; tests lower them).
     fused_attention_cap: [usize; 2],
+    /// Most keys one `attention_tiled` tile may see (its shared memory per block, opted in
+    /// at start; 0: never used).
+    tiled_attention_max_span: usize,
     fused_attention_blocks: [AtomicUsize; 2],
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
@@ -301,6 +309,27 @@ fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 }
 
 /// FNV-1a, stable across Rust versions (names the on-disk kernel cache).
+/// Opts `attention_tiled` into the device's largest shared memory per block and returns the
+/// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
+fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
+    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+    let optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .unwrap_or(0);
+    let fixed = f
+        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .unwrap_or(i32::MAX);
+    let dynamic = optin.saturating_sub(fixed).max(0);
+    let set = f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        dynamic,
+    );
+    match set {
+        Ok(()) => dynamic as usize / (ATTN_TQ * 4),
+        Err(_) => 0,
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf29ce484222325u64;
     for &b in bytes {
@@ -479,6 +508,9 @@ impl CudaBackend {
             per_sm as usize * sms
         };
         let fused_attention_cap = [resident("attn_split_fused"), resident("attn_split_fused8")];
+        let tiled_attention_max_span = funcs
+            .get("attention_tiled")
+            .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -513,6 +545,7 @@ impl CudaBackend {
             ),
             fusions_off: FusionsOff::from_env(),
             fused_attention_cap,
+            tiled_attention_max_span,
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
@@ -1026,6 +1059,7 @@ impl CudaBackend {
             RowBuf::Pos => (&mut sc.rowpos, &mut sc.rows_on_device[0]),
             RowBuf::Base => (&mut sc.rowbase, &mut sc.rows_on_device[1]),
             RowBuf::Kv => (&mut sc.rowkv, &mut sc.rows_on_device[2]),
+            RowBuf::Tiles => (&mut sc.rowtiles, &mut sc.rows_on_device[3]),
         };
         let grown = buf.as_ref().is_none_or(|b| b.len() < data.len());
         let ptr = self.grow(buf, data.len())?;
@@ -1121,6 +1155,11 @@ impl CudaBackend {
             None => last,
         };
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+        if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled {
+            if let Some(tiled) = attention_tiles(p, self.tiled_attention_max_span) {
+                return self.attention_tiled(&tiled, p, q, (kc, vc), (posp, basep), window, out);
+            }
+        }
         if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
         {
             return self.attention_split(&split, p, q, kc, vc, (posp, basep), window, out);
@@ -1147,6 +1186,37 @@ impl CudaBackend {
             p.scale,
         );
         launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
+    }
+
+    /// Prompt attention in tiles of rows that share their K/V loads (`attention_tiled`).
+    #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
+    fn attention_tiled(
+        &self,
+        t: &AttnTiles,
+        p: &AttnParams,
+        q: &CudaAct,
+        (kc, vc): (u64, u64),
+        (posp, basep): (u64, u64),
+        window: i32,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let tilesp = self.upload_rows(RowBuf::Tiles, &t.starts)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, (t.starts.len() - 1) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (ATTN_TQ * t.span * 4) as u32,
+        };
+        let (qp, op, nh, group, hdi, kvdi, scale, span) = (
+            q.ptr,
+            out.ptr,
+            p.n_head as i32,
+            (p.n_head / p.n_head_kv) as i32,
+            p.head_dim as i32,
+            (p.n_head_kv * p.head_dim) as i32,
+            p.scale,
+            t.span as i32,
+        );
+        launch!(self, "attention_tiled", cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, tilesp, window, scale, span)
     }
 
     /// Whether q's and k's RoPE share everything but the head count (as the forward pass
@@ -1326,13 +1396,15 @@ struct Prequant {
 /// one, for measuring each (all of them compute the same bits as the separate launches):
 /// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
 /// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
-/// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch).
+/// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
+/// `attn_tiled` (prompt rows in tiles sharing their K/V loads) changes the summation order.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
     attn_q8k: bool,
     attn_one: bool,
     mixed: bool,
+    attn_tiled: bool,
 }
 
 impl FusionsOff {
@@ -1344,6 +1416,7 @@ impl FusionsOff {
             attn_q8k: has("attn_q8k"),
             attn_one: has("attn_one"),
             mixed: has("mixed"),
+            attn_tiled: has("attn_tiled"),
         }
     }
 }
@@ -1355,6 +1428,48 @@ struct LayerCache {
     vc: u64,
     n_ctx: usize,
     kvrow: Vec<i32>,
+}
+
+/// Rows per tile of `attention_tiled` (ATT_TQ in kernels.cu), and the fewest rows a batch
+/// has for it (fewer rows: the split attention spreads them over more blocks).
+const ATTN_TQ: usize = 16;
+const ATTN_TILED_MIN_ROWS: usize = 32;
+
+/// Tiles of `attention_tiled`: up to ATTN_TQ consecutive rows of one sequence each; `starts`
+/// holds each tile's first row, then the row count. `span`: the most keys (cache positions)
+/// one tile's rows see together, the shared memory each block takes per row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AttnTiles {
+    starts: Vec<i32>,
+    span: usize,
+}
+
+/// The tiles of a batch, or None where `attention_tiled` does not apply: a head size other
+/// than 32, 64, 128 or 256, or a tile seeing more than `max_span` keys.
+fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
+    if ![32, 64, 128, 256].contains(&p.head_dim) || p.rows.is_empty() {
+        return None;
+    }
+    let lo = |r: &Row| p.window.map_or(0, |w| (r.pos + 1).saturating_sub(w.max(1)));
+    let mut starts = Vec::with_capacity(p.rows.len() / ATTN_TQ + 2);
+    let mut span = 0;
+    let mut start = 0;
+    while start < p.rows.len() {
+        let seq = p.rows[start].seq;
+        let len = p.rows[start..]
+            .iter()
+            .take(ATTN_TQ)
+            .take_while(|r| r.seq == seq)
+            .count();
+        let tile = &p.rows[start..start + len];
+        let first = tile.iter().map(lo).min()?;
+        let last = tile.iter().map(|r| r.pos).max()?;
+        span = span.max(last + 1 - first);
+        starts.push(i32::try_from(start).ok()?);
+        start += len;
+    }
+    starts.push(i32::try_from(p.rows.len()).ok()?);
+    (span <= max_span).then_some(AttnTiles { starts, span })
 }
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
@@ -2234,5 +2349,35 @@ mod tests {
         // The scratch bound holds at the edge.
         let big = AttnSplit::plan(64, 8, 128, 2048, false).unwrap();
         assert!(big.floats() * 4 <= ATTN_SPLIT_MAX_BYTES);
+    }
+
+    #[test]
+    fn attention_tiles_follow_sequences() {
+        let params = |rows: &'static [Row], head_dim, window| AttnParams {
+            layer: 0,
+            rows,
+            n_head: 4,
+            n_head_kv: 4,
+            head_dim,
+            window,
+            scale: 1.0,
+        };
+        // A 40-row prompt: tiles of 16, 16, 8; the last sees positions 0..=39.
+        let prompt: &'static [Row] = Row::consecutive(0, 0, 40).leak();
+        let t = attention_tiles(&params(prompt, 128, None), 4096).unwrap();
+        assert_eq!((t.starts, t.span), (vec![0, 16, 32, 40], 40));
+        // A window of 10: a tile of 16 rows sees 16 + 10 - 1 keys at most.
+        let t = attention_tiles(&params(prompt, 64, Some(10)), 4096).unwrap();
+        assert_eq!(t.span, 25);
+        // Two sequences in one batch (20 rows at 100.., then 20 at 0..): no tile mixes them.
+        let mut two = Row::consecutive(0, 100, 20);
+        two.extend(Row::consecutive(1, 0, 20));
+        let two: &'static [Row] = two.leak();
+        let t = attention_tiles(&params(two, 32, None), 4096).unwrap();
+        assert_eq!((t.starts, t.span), (vec![0, 16, 20, 36, 40], 120));
+        // Head sizes the kernel does not take, spans past the shared memory: None.
+        assert!(attention_tiles(&params(prompt, 80, None), 4096).is_none());
+        assert!(attention_tiles(&params(two, 32, None), 119).is_none());
+        assert!(attention_tiles(&params(&[], 128, None), 4096).is_none());
     }
 }

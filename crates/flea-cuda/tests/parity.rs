@@ -103,8 +103,9 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
     let cpu = CpuBackend::new(4).unwrap();
     let mut sc = Session::new(&model, &cpu, 64, 32).unwrap();
     let mut sg = Session::new(&model, cuda, 64, 32).unwrap();
-    // 20 prompt tokens: longer than Gemma 3's sliding window (16) in the tiny preset.
-    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    // 40 prompt tokens: longer than Gemma 3's sliding window (16) in the tiny preset, and a
+    // first batch of 32 rows, enough for the tiled prompt attention.
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
     let lc = sc.eval(&prompt, Logits::All).unwrap();
     let lg = sg.eval(&prompt, Logits::All).unwrap();
     let prompt_rel = rel_err(&lg, &lc);
@@ -396,11 +397,14 @@ fn attention_matches_cpu() {
                     .map(|i| ((i as f32 * 0.37 + salt).sin() * 1.7) + ((i % 5) as f32 - 2.0) * 0.05)
                     .collect()
             };
-            // Prompts of 230 and 150 rows, then one decode row for each sequence.
+            // Prompts of 230 and 150 rows, then one decode row for each sequence, then 40
+            // more prompt rows of each in one batch (prompts: rows in tiles, none mixing
+            // the sequences).
             let batches: Vec<Vec<Row>> = vec![
                 Row::consecutive(0, 0, 230),
                 Row::consecutive(1, 0, 150),
                 vec![Row { seq: 1, pos: 150 }, Row { seq: 0, pos: 230 }],
+                [Row::consecutive(0, 231, 40), Row::consecutive(1, 151, 40)].concat(),
             ];
             for (bi, rows) in batches.iter().enumerate() {
                 let n = rows.len();
