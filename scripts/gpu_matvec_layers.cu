@@ -2,10 +2,12 @@
 // Q6_K v, Q4_K output, Q4_K gate/up, Q6_K down; 8.14 GB of random weights, so L2 serves none
 // of it), launched back to back as flea launches them (128-thread blocks, one warp per row,
 // programmatic dependent launch, weights prefetched before the wait), from a stream and as a
-// CUDA graph; also with a plain read of the same bytes in the same grids, and variants.
+// CUDA graph; also with a plain read of the same bytes in the same grids, and variants (`tma`:
+// each block's Q4_K rows fetched into shared memory by one bulk copy, checked against the
+// register kernel's outputs first).
 // The kernels restate flea's (crates/flea-cuda/src/kernels.cu) compactly; Q6_K in the
 // repacked layout of resident weights. Numbers: docs/BENCHMARKS.md ("fewer dependent round
-// trips per layer").
+// trips per layer"; "prompt attention in tiles; two decode ideas that did not pay").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o matvec_layers scripts/gpu_matvec_layers.cu && ./matvec_layers
 #include <cstdio>
 #include <cstdlib>
@@ -73,6 +75,30 @@ template<int NS> __global__ void __launch_bounds__(128) p4all(KARGS){
 #pragma unroll
  for(int s=0;s<NS;s++) acc+=q4k_dot(r[s],b0+4*s,p,xq,xd,xs);
  const float v=warp_sum(acc); if(lane==0) y[row]=v;}
+// Q4_K with the block's 4 rows fetched into shared memory by one bulk (TMA) copy issued
+// before the dependent-launch wait, then the same lane mapping and sums as p4base.
+__device__ __forceinline__ u32 smem_u32(const void* p){ return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void q4k_load_s(const u8* wr,int blk,int p,Q4KRaw&r){
+ const uint4* b=(const uint4*)(wr+blk*144); r.hdr=b[0]; r.qs=b[1+p];}
+__global__ void __launch_bounds__(128) p4tma(KARGS){
+ extern __shared__ __align__(128) u8 sw[];
+ __shared__ __align__(8) unsigned long long bar;
+ const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int row0=blockIdx.x*4; const int nb=cols/256; const int rb=nb*144;
+ const u32 bytes=(u32)(min(4,rows-row0)*rb); const u32 sb=smem_u32(&bar);
+ if(threadIdx.x==0){
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(sb));
+  asm volatile("fence.mbarrier_init.release.cluster;":::"memory");
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;"::"r"(sb),"r"(bytes):"memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"::"r"(smem_u32(sw)),"l"(W+(long long)row0*rb),"r"(bytes),"r"(sb):"memory");
+ }
+ __syncthreads();
+ pdl_enter();
+ {u32 done=0; while(!done){ asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0,1,0,p;}":"=r"(done):"r"(sb):"memory"); }}
+ const int row=row0+warp; if(row>=rows) return;
+ const u8* wr=sw+warp*rb; const int p=lane&7; float acc=0.f; int blk=lane>>3;
+ for(;blk+4<nb;blk+=8){Q4KRaw r0,r1; q4k_load_s(wr,blk,p,r0); q4k_load_s(wr,blk+4,p,r1); acc+=q4k_dot(r0,blk,p,xq,xd,xs)+q4k_dot(r1,blk+4,p,xq,xd,xs);}
+ if(blk<nb){Q4KRaw r0; q4k_load_s(wr,blk,p,r0); acc+=q4k_dot(r0,blk,p,xq,xd,xs);}
+ const float v=warp_sum(acc); if(lane==0) y[row]=v;}
 // Q6_K soa, S steps of 4 blocks in flight per round
 template<int S> __global__ void __launch_bounds__(128) p6(KARGS){
  const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int row=blockIdx.x*4+warp; if(row>=rows) return; const int nb=cols/256; const long long NB=(long long)rows*nb;
@@ -92,14 +118,15 @@ __global__ void __launch_bounds__(128) pread(KARGS){
 struct Mat{int ty,rows,cols; u8* w; size_t bytes;};
 typedef void(*KF)(const u8*,const i8*,const float*,const int*,float*,int,int);
 static bool g_pdl=true;
-static void L(KF f,int grid,cudaStream_t st,const u8* w,const i8* xq,const float* xd,const int* xs,float* y,int rows,int cols){
- cudaLaunchConfig_t c={}; c.gridDim=dim3(grid); c.blockDim=dim3(128); c.stream=st; cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeProgrammaticStreamSerialization; a[0].val.programmaticStreamSerializationAllowed=1; c.attrs=a; c.numAttrs=g_pdl?1:0;
+static void L(KF f,int grid,cudaStream_t st,const u8* w,const i8* xq,const float* xd,const int* xs,float* y,int rows,int cols,int smem=0){
+ cudaLaunchConfig_t c={}; c.gridDim=dim3(grid); c.blockDim=dim3(128); c.stream=st; c.dynamicSmemBytes=smem; cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeProgrammaticStreamSerialization; a[0].val.programmaticStreamSerializationAllowed=1; c.attrs=a; c.numAttrs=g_pdl?1:0;
  CK(cudaLaunchKernelEx(&c,f,w,xq,xd,xs,y,rows,cols));}
-enum {V_BASE=0,V_READ=1,V_ALL=2,V_Q6S3=3,V_Q6S4=4};
+enum {V_BASE=0,V_READ=1,V_ALL=2,V_Q6S3=3,V_Q6S4=4,V_TMA=5};
 static void launch(const Mat& m,int var,const i8* xq,const float* xd,const int* xs,float* y,cudaStream_t st){
  int grid=(m.rows+3)/4;
  if(var==V_READ){ L(pread,grid,st,m.w,xq,xd,xs,y,m.rows,(int)(m.bytes/m.rows)); return; }
- if(m.ty==6){ KF f=p6<2>; if(var==V_ALL) f=(m.cols==5120?(KF)p6<5>:(KF)p6<4>); if(var==V_Q6S3) f=p6<3>; if(var==V_Q6S4) f=p6<4>; L(f,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols); return; }
+ if(m.ty==6){ KF f=p6<2>; if(var==V_ALL) f=(m.cols==5120?(KF)p6<5>:(KF)p6<4>); if(var==V_Q6S3||var==V_TMA) f=p6<3>; if(var==V_Q6S4) f=p6<4>; L(f,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols); return; }
+ if(var==V_TMA){ L(p4tma,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols,4*(m.cols/256)*144); return; }
  if(var==V_ALL && m.cols==5120){ L(p4all<5>,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols); return; }
  L(p4base,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols);}
 int main(int argc,char**argv){
@@ -110,9 +137,21 @@ int main(int argc,char**argv){
  printf("weights %.2f GB in %zu matrices\n",total/1e9,mats.size());
  const int MAXC=32768; i8* xq; float* xd; int* xs; float *y; CK(cudaMalloc(&xq,MAXC)); CK(cudaMalloc(&xd,MAXC/256*4)); CK(cudaMalloc(&xs,MAXC/16*4)); CK(cudaMalloc(&y,65536*4));
  CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4));
- cudaStream_t st; CK(cudaStreamCreateWithFlags(&st,cudaStreamNonBlocking)); cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
- const char* vn[]={"base","read","all","q6s3","q6s4"};
- for(int pass=0;pass<2;pass++) for(int var=0;var<5;var++){
+ cudaStream_t st; CK(cudaStreamCreateWithFlags(&st,cudaStreamNonBlocking));
+ { // p4tma against p4base on hashed bytes: the same sums, so bit for bit the same outputs
+  const Mat& m=mats[2]; std::vector<u8> hw(m.bytes); for(size_t i=0;i<hw.size();i++){u32 h=(u32)i*2654435761u; h^=h>>15; hw[i]=(u8)h;}
+  for(size_t b=0;b<hw.size();b+=144){hw[b+1]&=0x3b; hw[b+3]&=0x3b;} // finite f16 d and dmin
+  CK(cudaMemcpy(m.w,hw.data(),m.bytes,cudaMemcpyHostToDevice));
+  std::vector<i8> hq(MAXC); for(int i=0;i<MAXC;i++) hq[i]=(i8)((i*37)%255-127); std::vector<float> hd(MAXC/256,0.01f); std::vector<int> hs(MAXC/16); for(int i=0;i<MAXC/16;i++) hs[i]=i%97-48;
+  CK(cudaMemcpy(xq,hq.data(),MAXC,cudaMemcpyHostToDevice)); CK(cudaMemcpy(xd,hd.data(),hd.size()*4,cudaMemcpyHostToDevice)); CK(cudaMemcpy(xs,hs.data(),hs.size()*4,cudaMemcpyHostToDevice));
+  std::vector<float> a(m.rows),b(m.rows);
+  launch(m,V_BASE,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(a.data(),y,m.rows*4,cudaMemcpyDeviceToHost));
+  CK(cudaMemset(y,0,m.rows*4)); launch(m,V_TMA,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(b.data(),y,m.rows*4,cudaMemcpyDeviceToHost));
+  int ndiff=0; double md=0; for(int i=0;i<m.rows;i++) if(memcmp(&a[i],&b[i],4)){ndiff++; md=fmax(md,fabs((double)a[i]-b[i])/fmax(1e-30,fabs((double)a[i])));}
+  printf("p4tma vs p4base on %d rows: %d rows differ, largest relative difference %.3g (row 0: %.9g vs %.9g)\n",m.rows,ndiff,md,a[0],b[0]);
+  CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); CK(cudaMemset(m.w,0x11,m.bytes)); } cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+ const char* vn[]={"base","read","all","q6s3","q6s4","tma"};
+ for(int pass=0;pass<2;pass++) for(int var=0;var<6;var++){
   g_pdl = pass==0 ? true : false; if(pass==1 && var!=0) continue;
   auto tok=[&](){ for(auto&m:mats) launch(m,var,xq,xd,xs,y,st); };
   tok(); CK(cudaStreamSynchronize(st));
