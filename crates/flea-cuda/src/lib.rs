@@ -1139,7 +1139,6 @@ impl CudaBackend {
     ) -> Result<()> {
         let (kc, vc) = (cache.kc, cache.vc);
         let hd = p.head_dim;
-        let kvd = p.n_head_kv * hd;
         let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
         let base: Vec<i32> = p
             .rows
@@ -1176,15 +1175,8 @@ impl CudaBackend {
         } else {
             "attention"
         };
-        let (qp, op, nh, group, hdi, kvdi, scale) = (
-            q.ptr,
-            out.ptr,
-            p.n_head as i32,
-            (p.n_head / p.n_head_kv) as i32,
-            hd as i32,
-            kvd as i32,
-            p.scale,
-        );
+        let (qp, op) = (q.ptr, out.ptr);
+        let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
         launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
     }
 
@@ -1206,16 +1198,8 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: (ATTN_TQ * t.span * 4) as u32,
         };
-        let (qp, op, nh, group, hdi, kvdi, scale, span) = (
-            q.ptr,
-            out.ptr,
-            p.n_head as i32,
-            (p.n_head / p.n_head_kv) as i32,
-            p.head_dim as i32,
-            (p.n_head_kv * p.head_dim) as i32,
-            p.scale,
-            t.span as i32,
-        );
+        let (qp, op, span) = (q.ptr, out.ptr, t.span as i32);
+        let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
         launch!(self, "attention_tiled", cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, tilesp, window, scale, span)
     }
 
@@ -1278,16 +1262,8 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (qp, nh, group, hdi, kvdi, scale, maxk, maxc) = (
-            q.ptr,
-            p.n_head as i32,
-            (p.n_head / p.n_head_kv) as i32,
-            s.hd as i32,
-            (p.n_head_kv * s.hd) as i32,
-            p.scale,
-            s.maxk as i32,
-            s.maxc as i32,
-        );
+        let (qp, maxk, maxc) = (q.ptr, s.maxk as i32, s.maxc as i32);
+        let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
         let op = out.ptr;
         let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
         // The one-launch kernels' blocks wait for each other: the whole grid must be
@@ -1428,6 +1404,22 @@ struct LayerCache {
     vc: u64,
     n_ctx: usize,
     kvrow: Vec<i32>,
+}
+
+/// The attention kernels' shape arguments: heads, heads per KV head, head size, KV row
+/// width, score scale (all within i32: `attention_cache` checked the shapes).
+struct AttnArgs(i32, i32, i32, i32, f32);
+
+impl AttnArgs {
+    fn of(p: &AttnParams) -> AttnArgs {
+        AttnArgs(
+            p.n_head as i32,
+            (p.n_head / p.n_head_kv.max(1)) as i32,
+            p.head_dim as i32,
+            (p.n_head_kv * p.head_dim) as i32,
+            p.scale,
+        )
+    }
 }
 
 /// Rows per tile of `attention_tiled` (ATT_TQ in kernels.cu), and the fewest rows a batch
