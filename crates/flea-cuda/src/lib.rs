@@ -1426,6 +1426,9 @@ impl AttnArgs {
 /// has for it (fewer rows: the split attention spreads them over more blocks).
 const ATTN_TQ: usize = 16;
 const ATTN_TILED_MIN_ROWS: usize = 32;
+/// Fewest rows per tile on average for `attention_tiled`: a batch of mostly one-row
+/// sequences (concurrent decodes) shares no loads and goes to the split attention.
+const ATTN_TILED_MIN_FILL: usize = 8;
 
 /// Tiles of `attention_tiled`: up to ATTN_TQ consecutive rows of one sequence each; `starts`
 /// holds each tile's first row, then the row count. `span`: the most keys (cache positions)
@@ -1437,7 +1440,8 @@ struct AttnTiles {
 }
 
 /// The tiles of a batch, or None where `attention_tiled` does not apply: a head size other
-/// than 32, 64, 128 or 256, or a tile seeing more than `max_span` keys.
+/// than 32, 64, 128 or 256, tiles holding fewer than ATTN_TILED_MIN_FILL rows on average,
+/// or a tile seeing more than `max_span` keys.
 fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
     if ![32, 64, 128, 256].contains(&p.head_dim) || p.rows.is_empty() {
         return None;
@@ -1460,8 +1464,10 @@ fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
         starts.push(i32::try_from(start).ok()?);
         start += len;
     }
+    let tiles = starts.len();
     starts.push(i32::try_from(p.rows.len()).ok()?);
-    (span <= max_span).then_some(AttnTiles { starts, span })
+    let filled = tiles * ATTN_TILED_MIN_FILL <= p.rows.len();
+    (filled && span <= max_span).then_some(AttnTiles { starts, span })
 }
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
@@ -2367,6 +2373,12 @@ mod tests {
         let two: &'static [Row] = two.leak();
         let t = attention_tiles(&params(two, 32, None), 4096).unwrap();
         assert_eq!((t.starts, t.span), (vec![0, 16, 20, 36, 40], 120));
+        // One row per sequence (a batch of decodes): tiles of one row share nothing.
+        let decodes: &'static [Row] = (0..40)
+            .map(|seq| Row { seq, pos: 90 })
+            .collect::<Vec<_>>()
+            .leak();
+        assert!(attention_tiles(&params(decodes, 128, None), 4096).is_none());
         // Head sizes the kernel does not take, spans past the shared memory: None.
         assert!(attention_tiles(&params(prompt, 80, None), 4096).is_none());
         assert!(attention_tiles(&params(two, 32, None), 119).is_none());
