@@ -191,9 +191,9 @@ struct Scratch {
     attn_split: Option<CudaSlice<f32>>,
     /// Split attention's finished-chunk counter per (row, head): zero between launches.
     attn_done: Option<CudaSlice<i32>>,
-    /// What each of rowpos / rowbase / rowkv holds now: every layer of a pass uses the same
-    /// rows, so they are uploaded once per pass, not before every kernel (a pageable upload
-    /// stalls the host and breaks the queue of launches).
+    /// What each of rowpos / rowbase / rowkv / rowtiles holds now: every layer of a pass
+    /// uses the same rows, so they are uploaded once per pass, not before every kernel (a
+    /// pageable upload stalls the host and breaks the queue of launches).
     rows_on_device: [Vec<i32>; 4],
 }
 
@@ -308,7 +308,6 @@ fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
-/// FNV-1a, stable across Rust versions (names the on-disk kernel cache).
 /// Opts `attention_tiled` into the device's largest shared memory per block and returns the
 /// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
 fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
@@ -330,6 +329,7 @@ fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
     }
 }
 
+/// FNV-1a, stable across Rust versions (names the on-disk kernel cache).
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf29ce484222325u64;
     for &b in bytes {
