@@ -1154,7 +1154,9 @@ impl CudaBackend {
             None => last,
         };
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
-        if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled {
+        // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
+        if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
+        {
             if let Some(tiled) = attention_tiles(p, self.tiled_attention_max_span) {
                 return self.attention_tiled(&tiled, p, q, (kc, vc), (posp, basep), window, out);
             }
