@@ -275,6 +275,10 @@ impl<'m> Runner<'m> {
         batch: usize,
         n_seq: usize,
     ) -> Result<Runner<'m>> {
+        // cuBLAS chooses and loads its kernels before the plan reads the free memory (its
+        // workspace is then already counted) and before the first prompt is timed.
+        cuda.warm_up_gemms(model, batch.max(n_seq))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if !r.streaming() {
             return Ok(Runner::CudaInPlace(Box::new(Session::with_seqs(
                 model, cuda, n_ctx, batch, n_seq,

@@ -721,6 +721,62 @@ impl CudaBackend {
         (gemm + batch * emb + 4 * batch + (64 << 20)) as u64
     }
 
+    /// Run one cuBLAS GEMM of every layer-matrix shape of `model` for batches of `batch`,
+    /// `batch / 2`, … down to the mat-vec kernels' limit, on zeroed temporary buffers that
+    /// are freed again. cuBLAS picks its kernel per shape on the first call and the driver
+    /// loads that kernel's module on first use (lazy loading): tens of milliseconds that
+    /// otherwise land inside the first prompt. Returns the milliseconds spent; 0 without
+    /// cuBLAS, for batches the mat-vec kernels take, or when the device has no room for the
+    /// temporary buffers (then the first prompt pays as before), or with FLEA_CUDA_WARMUP=0
+    /// (for comparisons).
+    pub fn warm_up_gemms(&self, model: &flea_model::Model, batch: usize) -> Result<f64> {
+        let Some(blas) = self.blas.as_ref() else {
+            return Ok(0.0);
+        };
+        if batch <= mmvq::MAX_TOKENS || std::env::var("FLEA_CUDA_WARMUP").as_deref() == Ok("0") {
+            return Ok(0.0);
+        }
+        let t = std::time::Instant::now();
+        let mut shapes = std::collections::BTreeSet::new();
+        for l in &model.layout.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                shapes.insert((m.rows, m.cols));
+            }
+        }
+        let max_elems = shapes.iter().map(|&(r, c)| r * c).max().unwrap_or(0);
+        let max_rows = shapes.iter().map(|&(r, _)| r).max().unwrap_or(0);
+        let max_cols = shapes.iter().map(|&(_, c)| c).max().unwrap_or(0);
+        if max_elems == 0 {
+            return Ok(0.0);
+        }
+        let precise = self.precise_gemm();
+        let elem = if precise { 4 } else { 2 };
+        // Weights and inputs as raw bytes: their values do not matter, only the shapes.
+        let alloc = |bytes: usize| self.stream.alloc_zeros::<u8>(bytes).ok();
+        let (Some(w), Some(x), Some(out)) = (
+            alloc(elem * max_elems),
+            alloc(elem * batch * max_cols),
+            alloc(4 * batch * max_rows),
+        ) else {
+            return Ok(0.0);
+        };
+        let (wp, xp, op) = (
+            dptr(&w, &self.stream),
+            dptr(&x, &self.stream),
+            dptr(&out, &self.stream),
+        );
+        let mut n = batch;
+        while n > mmvq::MAX_TOKENS {
+            for &(rows, cols) in &shapes {
+                gemm(blas, (rows, n, cols), rows, wp, xp, op, precise)?;
+            }
+            n /= 2;
+        }
+        self.synchronize()?;
+        drop((w, x, out));
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
     /// `write` through the mapped handover buffer: the CPU stores the values, a kernel on
     /// the compute stream loads them over PCIe.
     fn write_mapped(&self, data: &[f32], x: &CudaAct) -> Result<()> {

@@ -573,3 +573,57 @@ fn chunked_gemm_matches_one_pass() {
         "chunked output GEMM differs: rel {rel:.3e}, {flips} flips"
     );
 }
+
+/// The cuBLAS warm-up (one GEMM per layer shape and batch size before the first prompt)
+/// runs on temporary buffers: it takes time, leaves the prompt's logits bit for bit as they
+/// were, and gives the device memory back.
+#[test]
+fn gemm_warm_up_changes_nothing() {
+    let Some(cuda) = backend() else { return };
+    let path = std::env::temp_dir().join(format!("flea-cuda-warmup-{}.gguf", std::process::id()));
+    let _tmp = Tmp(path.clone());
+    let mut o = SynthOptions::new(flea_synth::Preset::Tiny);
+    o.quant = QuantMix::Q4_K_M;
+    o.seed = 9;
+    o.threads = 4;
+    write_synthetic(&path, &o).unwrap();
+    let model = Model::load(&path).unwrap();
+    let vocab = model.cfg.n_vocab;
+    let run = || -> Vec<f32> {
+        let mut s = Session::new(&model, &cuda, 64, 32).unwrap();
+        let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % vocab as u32).collect();
+        s.eval(&prompt, Logits::All).unwrap()
+    };
+    let before = run();
+    cuda.synchronize().unwrap();
+    let (free_before, _) = cuda.mem_info().unwrap();
+    let ms = cuda.warm_up_gemms(&model, 32).unwrap();
+    let (free_after, _) = cuda.mem_info().unwrap();
+    let after = run();
+    println!(
+        "WARM-UP {ms:.2} ms, free memory {} -> {} MiB",
+        free_before >> 20,
+        free_after >> 20
+    );
+    assert!(ms > 0.0, "the warm-up ran no GEMM");
+    assert_eq!(
+        cuda.warm_up_gemms(&model, 8).unwrap(),
+        0.0,
+        "n <= 8 is the mat-vec's"
+    );
+    // cuBLAS may keep a workspace; the temporary buffers themselves are freed.
+    assert!(
+        free_after + (64 << 20) >= free_before,
+        "the warm-up kept its buffers"
+    );
+    let same = before.len() == after.len()
+        && before
+            .iter()
+            .zip(&after)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        same,
+        "logits changed after the warm-up: rel {:.3e}",
+        rel_err(&before, &after)
+    );
+}
