@@ -4,7 +4,10 @@
 //! before it (when the stream reaches it) and one after. Kernel time is the difference; the
 //! time from one kernel's end to the next one's start is the GPU waiting for the host (or for
 //! the copy stream). Events come from a pool reused between reports, so a long run does not
-//! create one event per launch.
+//! create one event per launch. Library calls (cuBLAS) get no start mark: their time runs from
+//! the previous mark and so also holds any time the GPU waited for the host inside the call
+//! (cuBLAS choosing and loading a kernel on a shape's first call: ~50 ms per process before
+//! `warm_up_gemms`).
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use std::collections::HashMap;
