@@ -850,13 +850,38 @@ extern "C" __global__ void __launch_bounds__(ATT2_THREADS)
 // most keys a tile's rows see together (both checked by the host).
 #define ATT_TQ 16
 #define ATT_TK 32
-// Words (two f16) of key rows kk = 0 .. jn of a K or V tile into kt (rows padded to 129
-// words: lanes reading one word of 32 different rows hit 32 banks).
-__device__ __forceinline__ void att_tile_load(u32 (*kt)[129], const u16* __restrict__ rows,
-                                              int jn, int hw, int kvd) {
-    for (int i = threadIdx.x; i < jn * hw; i += blockDim.x) {
-        const int kk = i / hw, w = i - kk * hw;
-        kt[kk][w] = *(const u32*)(rows + (long long)kk * kvd + 2 * w);
+// A K or V tile (key rows kk = 0 .. jn, hd f16 each) moves global -> registers -> shared in
+// two steps, so that the next tile's loads are in flight while the block computes on the
+// current one (one load per thread and step used to wait out a round trip each, up to 8 per
+// tile). Thread i holds 8-byte pieces i, i + 256, ... (AttTile::N of them: a 32 x 256 tile).
+// kt's rows are padded to 129 words (lanes reading one word of 32 different rows hit 32
+// banks), so the pieces go in as two words. hd % 4 == 0: the pieces are 8-byte aligned.
+struct AttTile {
+    enum { N = ATT_TK * 256 / 4 / 256 };
+    uint2 v[N];
+};
+__device__ __forceinline__ void att_tile_fetch(AttTile& t, const u16* __restrict__ rows, int jn,
+                                               int hd, int kvd) {
+    const int hq = hd >> 2, total = jn * hq;
+#pragma unroll
+    for (int k = 0; k < AttTile::N; k++) {
+        const int i = threadIdx.x + k * 256;
+        if (i < total) {
+            const int kk = i / hq, w2 = i - kk * hq;
+            t.v[k] = *(const uint2*)(rows + (long long)kk * kvd + 4 * w2);
+        }
+    }
+}
+__device__ __forceinline__ void att_tile_store(u32 (*kt)[129], const AttTile& t, int jn, int hd) {
+    const int hq = hd >> 2, total = jn * hq;
+#pragma unroll
+    for (int k = 0; k < AttTile::N; k++) {
+        const int i = threadIdx.x + k * 256;
+        if (i < total) {
+            const int kk = i / hq, w2 = i - kk * hq;
+            kt[kk][2 * w2] = t.v[k].x;
+            kt[kk][2 * w2 + 1] = t.v[k].y;
+        }
     }
 }
 extern "C" __global__ void __launch_bounds__(256)
@@ -890,7 +915,11 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     const int kh = h / group, qd = n_head * hd, hw = hd / 2;
     const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
+    const int nkeys = khi - klo + 1;
     pdl_enter();
+    // The first K tile's loads go out together with q's.
+    AttTile next;
+    if (nkeys > 0) att_tile_fetch(next, kc + base, min(ATT_TK, nkeys), hd, kvd);
     for (int i = tid; i < ATT_TQ * hd; i += blockDim.x) {
         const int r = i / hd, d = i - r * hd;
         qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
@@ -898,11 +927,14 @@ extern "C" __global__ void __launch_bounds__(256)
     // Scores: warp w takes rows 2w and 2w + 1, lane kk the tile's key kk. Keys outside a
     // row's range are scored too and zeroed below.
     const int r0 = 2 * warp, r1 = r0 + 1;
-    for (int j0 = 0; j0 <= khi - klo; j0 += ATT_TK) {
-        const int jn = min(ATT_TK, khi - klo + 1 - j0);
+    for (int j0 = 0; j0 < nkeys; j0 += ATT_TK) {
+        const int jn = min(ATT_TK, nkeys - j0);
         __syncthreads();
-        att_tile_load(kt, kc + base + (long long)j0 * kvd, jn, hw, kvd);
+        att_tile_store(kt, next, jn, hd);
         __syncthreads();
+        if (j0 + ATT_TK < nkeys)
+            att_tile_fetch(next, kc + base + (long long)(j0 + ATT_TK) * kvd,
+                           min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
         if (lane < jn && r0 < rows) {
             float d0 = 0.f, d1 = 0.f;
             for (int w = 0; w < hw; w++) {
@@ -915,6 +947,8 @@ extern "C" __global__ void __launch_bounds__(256)
             if (r1 < rows) sc[r1 * span + j0 + lane] = d1 * scale;
         }
     }
+    // The first V tile's loads go out now, to arrive during the softmax.
+    if (nkeys > 0) att_tile_fetch(next, vc + base, min(ATT_TK, nkeys), hd, kvd);
     // Each warp's rows (scored by its own lanes): max and sum of exp over the row's own
     // keys, then f16 probabilities (0 for keys the row does not see: no mask in P.V).
     __syncwarp();
@@ -928,7 +962,7 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int j = a + lane; j <= b; j += 32) l += expf(srow[j] - m);
         l = warp_sum(l);
         const float inv = 1.f / l;
-        for (int j = lane; j <= khi - klo; j += 32)
+        for (int j = lane; j < nkeys; j += 32)
             srow[j] = j >= a && j <= b ? h2f(f2h(expf(srow[j] - m) * inv)) : 0.f;
     }
     // P.V: thread (g, d) owns dim d of rows g*rt .. +rt, adding keys in order.
@@ -937,11 +971,14 @@ extern "C" __global__ void __launch_bounds__(256)
     float acc[ATT_TQ];
 #pragma unroll
     for (int i = 0; i < ATT_TQ; i++) acc[i] = 0.f;
-    for (int j0 = 0; j0 <= khi - klo; j0 += ATT_TK) {
-        const int jn = min(ATT_TK, khi - klo + 1 - j0);
+    for (int j0 = 0; j0 < nkeys; j0 += ATT_TK) {
+        const int jn = min(ATT_TK, nkeys - j0);
         __syncthreads();
-        att_tile_load(kt, vc + base + (long long)j0 * kvd, jn, hw, kvd);
+        att_tile_store(kt, next, jn, hd);
         __syncthreads();
+        if (j0 + ATT_TK < nkeys)
+            att_tile_fetch(next, vc + base + (long long)(j0 + ATT_TK) * kvd,
+                           min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
         const float* p = sc + (g * rt) * span + j0;
         for (int kk = 0; kk < jn; kk++) {
             const u32 vw = kt[kk][d >> 1];
