@@ -860,29 +860,29 @@ struct AttTile {
     enum { N = ATT_TK * 256 / 4 / 256 };
     uint2 v[N];
 };
-__device__ __forceinline__ void att_tile_fetch(AttTile& t, const u16* __restrict__ rows, int jn,
-                                               int hd, int kvd) {
+// f(k, kk, w2) for each of this thread's pieces k of a tile of jn rows: piece w2 of row kk.
+template <class F> __device__ __forceinline__ void att_tile_pieces(int jn, int hd, F f) {
     const int hq = hd >> 2, total = jn * hq;
 #pragma unroll
     for (int k = 0; k < AttTile::N; k++) {
         const int i = threadIdx.x + k * 256;
         if (i < total) {
-            const int kk = i / hq, w2 = i - kk * hq;
-            t.v[k] = *(const uint2*)(rows + (long long)kk * kvd + 4 * w2);
+            const int kk = i / hq;
+            f(k, kk, i - kk * hq);
         }
     }
 }
+__device__ __forceinline__ void att_tile_fetch(AttTile& t, const u16* __restrict__ rows, int jn,
+                                               int hd, int kvd) {
+    att_tile_pieces(jn, hd, [&](int k, int kk, int w2) {
+        t.v[k] = *(const uint2*)(rows + (long long)kk * kvd + 4 * w2);
+    });
+}
 __device__ __forceinline__ void att_tile_store(u32 (*kt)[129], const AttTile& t, int jn, int hd) {
-    const int hq = hd >> 2, total = jn * hq;
-#pragma unroll
-    for (int k = 0; k < AttTile::N; k++) {
-        const int i = threadIdx.x + k * 256;
-        if (i < total) {
-            const int kk = i / hq, w2 = i - kk * hq;
-            kt[kk][2 * w2] = t.v[k].x;
-            kt[kk][2 * w2 + 1] = t.v[k].y;
-        }
-    }
+    att_tile_pieces(jn, hd, [&](int k, int kk, int w2) {
+        kt[kk][2 * w2] = t.v[k].x;
+        kt[kk][2 * w2 + 1] = t.v[k].y;
+    });
 }
 extern "C" __global__ void __launch_bounds__(256)
     attention_tiled(const float* __restrict__ q, const u16* __restrict__ kc,

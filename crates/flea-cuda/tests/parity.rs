@@ -50,6 +50,19 @@ impl Drop for Tmp {
     }
 }
 
+/// A synthetic Q4_K_M model of `preset` written to a temporary file (`name` and the process
+/// id in its name; removed when the returned guard drops) and loaded.
+fn q4km_model(name: &str, preset: Preset, seed: u64) -> (Tmp, Model) {
+    let path = std::env::temp_dir().join(format!("flea-cuda-{name}-{}.gguf", std::process::id()));
+    let tmp = Tmp(path.clone());
+    let mut o = SynthOptions::new(preset);
+    o.quant = QuantMix::Q4_K_M;
+    o.seed = seed;
+    o.threads = 4;
+    write_synthetic(&path, &o).unwrap();
+    (tmp, Model::load(&path).unwrap())
+}
+
 fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
@@ -488,18 +501,7 @@ fn fusion_changes_nothing() {
     let Some(cuda) = backend() else { return };
     let mut bad = Vec::new();
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let path = std::env::temp_dir().join(format!(
-            "flea-cuda-fusion-{}-{}.gguf",
-            preset.name(),
-            std::process::id()
-        ));
-        let _tmp = Tmp(path.clone());
-        let mut o = SynthOptions::new(preset);
-        o.quant = QuantMix::Q4_K_M;
-        o.seed = 11;
-        o.threads = 4;
-        write_synthetic(&path, &o).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_tmp, model) = q4km_model(&format!("fusion-{}", preset.name()), preset, 11);
         let vocab = model.cfg.n_vocab;
         let run = |fused: bool| -> Vec<f32> {
             cuda.clear_weights();
@@ -538,14 +540,7 @@ fn fusion_changes_nothing() {
 #[test]
 fn chunked_gemm_matches_one_pass() {
     let Some(cuda) = backend() else { return };
-    let path = std::env::temp_dir().join(format!("flea-cuda-chunks-{}.gguf", std::process::id()));
-    let _tmp = Tmp(path.clone());
-    let mut o = SynthOptions::new(flea_synth::Preset::Tiny);
-    o.quant = QuantMix::Q4_K_M;
-    o.seed = 5;
-    o.threads = 4;
-    write_synthetic(&path, &o).unwrap();
-    let model = Model::load(&path).unwrap();
+    let (_tmp, model) = q4km_model("chunks", Preset::Tiny, 5);
     let vocab = model.cfg.n_vocab;
     let cols = model.cfg.n_embd;
     let run = |cap: usize| -> Vec<f32> {
@@ -580,14 +575,7 @@ fn chunked_gemm_matches_one_pass() {
 #[test]
 fn gemm_warm_up_changes_nothing() {
     let Some(cuda) = backend() else { return };
-    let path = std::env::temp_dir().join(format!("flea-cuda-warmup-{}.gguf", std::process::id()));
-    let _tmp = Tmp(path.clone());
-    let mut o = SynthOptions::new(flea_synth::Preset::Tiny);
-    o.quant = QuantMix::Q4_K_M;
-    o.seed = 9;
-    o.threads = 4;
-    write_synthetic(&path, &o).unwrap();
-    let model = Model::load(&path).unwrap();
+    let (_tmp, model) = q4km_model("warmup", Preset::Tiny, 9);
     let vocab = model.cfg.n_vocab;
     let run = || -> Vec<f32> {
         let mut s = Session::new(&model, &cuda, 64, 32).unwrap();
