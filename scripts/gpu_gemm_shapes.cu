@@ -1,9 +1,10 @@
 // Stand-alone benchmark: cuBLAS settings for flea's prompt GEMMs. out (n x m) = X (n x k) . W^T
 // with W m x k row-major F16 and X F16, for the layer shapes of the synthetic 13b and 7b at a
-// 504-token prompt (and one at 512): flea's call (cublasGemmEx, F16 x F16 -> F32, FP32 accumulation), F16 output,
-// FP16 accumulation, cuBLASLt's first 8 heuristic algorithms with a 64 MiB workspace, and the
-// call with an explicit workspace; a device copy of W's bytes for scale. Each timed over 20 calls
-// after 3 warm-up calls. Numbers: docs/BENCHMARKS.md ("cuBLAS warmed up before the first prompt").
+// 504-token prompt (and one at 512): flea's call (cublasGemmEx, F16 x F16 -> F32, FP32
+// accumulation), F16 output, FP16 accumulation, cuBLASLt's first 8 heuristic algorithms with a
+// 64 MiB workspace, and the call with an explicit workspace; a device copy of W's bytes for
+// scale. Each timed over 20 calls after 3 warm-up calls. Numbers: docs/BENCHMARKS.md ("cuBLAS
+// warmed up before the first prompt").
 //   nvcc -O2 -std=c++17 -arch=sm_90 -o gemm_shapes scripts/gpu_gemm_shapes.cu -lcublasLt -lcublas
 #include <cublasLt.h>
 #include <cublas_v2.h>
