@@ -884,6 +884,22 @@ __device__ __forceinline__ void att_tile_store(u32 (*kt)[129], const AttTile& t,
         kt[kk][2 * w2 + 1] = t.v[k].y;
     });
 }
+// One step of a tile loop over keys j0 .. j0 + ATT_TK of rows (K or V of the tile's kv head):
+// the fetched tile goes into kt once every thread is done with the previous one, then the
+// next tile's loads go out (they arrive while the block computes on this one). Returns the
+// keys in this tile.
+__device__ __forceinline__ int att_tile_step(u32 (*kt)[129], AttTile& next,
+                                             const u16* __restrict__ rows, int j0, int nkeys,
+                                             int hd, int kvd) {
+    const int jn = min(ATT_TK, nkeys - j0);
+    __syncthreads();
+    att_tile_store(kt, next, jn, hd);
+    __syncthreads();
+    if (j0 + ATT_TK < nkeys)
+        att_tile_fetch(next, rows + (long long)(j0 + ATT_TK) * kvd,
+                       min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
+    return jn;
+}
 extern "C" __global__ void __launch_bounds__(256)
     attention_tiled(const float* __restrict__ q, const u16* __restrict__ kc,
                     const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
@@ -928,13 +944,7 @@ extern "C" __global__ void __launch_bounds__(256)
     // row's range are scored too and zeroed below.
     const int r0 = 2 * warp, r1 = r0 + 1;
     for (int j0 = 0; j0 < nkeys; j0 += ATT_TK) {
-        const int jn = min(ATT_TK, nkeys - j0);
-        __syncthreads();
-        att_tile_store(kt, next, jn, hd);
-        __syncthreads();
-        if (j0 + ATT_TK < nkeys)
-            att_tile_fetch(next, kc + base + (long long)(j0 + ATT_TK) * kvd,
-                           min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
+        const int jn = att_tile_step(kt, next, kc + base, j0, nkeys, hd, kvd);
         if (lane < jn && r0 < rows) {
             float d0 = 0.f, d1 = 0.f;
             for (int w = 0; w < hw; w++) {
@@ -972,13 +982,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int i = 0; i < ATT_TQ; i++) acc[i] = 0.f;
     for (int j0 = 0; j0 < nkeys; j0 += ATT_TK) {
-        const int jn = min(ATT_TK, nkeys - j0);
-        __syncthreads();
-        att_tile_store(kt, next, jn, hd);
-        __syncthreads();
-        if (j0 + ATT_TK < nkeys)
-            att_tile_fetch(next, vc + base + (long long)(j0 + ATT_TK) * kvd,
-                           min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
+        const int jn = att_tile_step(kt, next, vc + base, j0, nkeys, hd, kvd);
         const float* p = sc + (g * rt) * span + j0;
         for (int kk = 0; kk < jn; kk++) {
             const u32 vw = kt[kk][d >> 1];

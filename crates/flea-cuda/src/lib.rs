@@ -702,7 +702,7 @@ impl CudaBackend {
         let mut max_elems = 0usize;
         let mut max_cols = lay.output.cols;
         for l in &lay.layers {
-            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+            for t in l.matrices() {
                 max_elems = max_elems.max(t.rows * t.cols);
                 max_cols = max_cols.max(t.cols);
             }
@@ -739,7 +739,7 @@ impl CudaBackend {
         let t = std::time::Instant::now();
         let mut shapes = std::collections::BTreeSet::new();
         for l in &model.layout.layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+            for m in l.matrices() {
                 shapes.insert((m.rows, m.cols));
             }
         }

@@ -89,6 +89,19 @@ pub struct LayerSlots {
 }
 
 impl LayerSlots {
+    /// The seven projection matrices (what matmuls read): q, k, v, output, gate, up, down.
+    pub fn matrices(&self) -> [&TensorSlot; 7] {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+
     fn all(&self) -> impl Iterator<Item = &TensorSlot> {
         [
             Some(&self.attn_norm),

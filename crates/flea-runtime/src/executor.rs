@@ -210,7 +210,7 @@ fn unit_matmul_weights(model: &Model, offset: u64, bytes: u64) -> Vec<UnitWeight
     let layout = &model.layout;
     let mut slots: Vec<&flea_model::weights::TensorSlot> = Vec::new();
     for l in &layout.layers {
-        slots.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        slots.extend(l.matrices());
     }
     if !layout.output_is_tied {
         slots.push(&layout.output);
