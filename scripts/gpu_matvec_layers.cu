@@ -14,6 +14,7 @@
 #include <cstring>
 #include <cmath>
 #include <vector>
+#include <algorithm>
 #include <cuda_runtime.h>
 typedef unsigned char u8; typedef signed char i8; typedef unsigned short u16; typedef unsigned int u32;
 #define CK(x) do{cudaError_t e=(x); if(e!=cudaSuccess){printf("CUDA %s at %d\n",cudaGetErrorString(e),__LINE__); exit(1);}}while(0)
@@ -38,6 +39,22 @@ struct Q4KRaw { uint4 hdr, qs; };
 __device__ __forceinline__ void scale_min(int s,u32 y,u32 z,u32 w,int&sc,int&m){
  const int sh=8*(s&3); const int by=(y>>sh)&0xff,bz=(z>>sh)&0xff,bw=(w>>sh)&0xff;
  if(s<4){sc=by&63;m=bz&63;}else{sc=(bw&15)|((by>>6)<<4);m=(bw>>4)|((bz>>6)<<4);} }
+// The same values without a branch (lanes of one warp take both sides of scale_min's).
+__device__ __forceinline__ void scale_min_sel(int s,u32 y,u32 z,u32 w,int&sc,int&m){
+ const int sh=8*(s&3); const int by=(y>>sh)&0xff,bz=(z>>sh)&0xff,bw=(w>>sh)&0xff; const bool hi=s>=4;
+ sc=hi?((bw&15)|((by>>6)<<4)):(by&63); m=hi?((bw>>4)|((bz>>6)<<4)):(bz&63); }
+template<bool SEL> __device__ __forceinline__ float q4k_dot_t(const Q4KRaw&r,int blk,int p,const i8*__restrict__ xq,const float*__restrict__ xd,const int*__restrict__ xs){
+ const int j=p>>1; const i8* a=xq+blk*256+16*p; const int4 alo=*(const int4*)a; const int4 ahi=*(const int4*)(a+128);
+ const int2 sums=*(const int2*)(xs+blk*16+2*p); const float yd=xd[blk];
+ const u32 q[4]={r.qs.x,r.qs.y,r.qs.z,r.qs.w}; const int al[4]={alo.x,alo.y,alo.z,alo.w}; const int ah[4]={ahi.x,ahi.y,ahi.z,ahi.w};
+ int dlo=0,dhi=0;
+#pragma unroll
+ for(int k=0;k<4;k++){dlo=dp4a((int)(q[k]&0x0f0f0f0fu),al[k],dlo); dhi=dp4a((int)((q[k]>>4)&0x0f0f0f0fu),ah[k],dhi);}
+ int sc0,m0,sc1,m1;
+ if(SEL){ scale_min_sel(2*j,r.hdr.y,r.hdr.z,r.hdr.w,sc0,m0); scale_min_sel(2*j+1,r.hdr.y,r.hdr.z,r.hdr.w,sc1,m1); }
+ else { scale_min(2*j,r.hdr.y,r.hdr.z,r.hdr.w,sc0,m0); scale_min(2*j+1,r.hdr.y,r.hdr.z,r.hdr.w,sc1,m1); }
+ const float d=h2f((u16)(r.hdr.x&0xffff))*yd; const float dmin=h2f((u16)(r.hdr.x>>16))*yd;
+ return d*(float)(sc0*dlo+sc1*dhi)-dmin*(float)(m0*sums.x+m1*sums.y);}
 __device__ __forceinline__ void q4k_load(const u8* __restrict__ wr,int blk,int p,Q4KRaw&r){
  const uint4* b=(const uint4*)(wr+(long long)blk*144); r.hdr=__ldg(b); r.qs=__ldg(b+1+p);}
 __device__ __forceinline__ float q4k_dot(const Q4KRaw&r,int blk,int p,const i8*__restrict__ xq,const float*__restrict__ xd,const int*__restrict__ xs){
@@ -115,6 +132,141 @@ __global__ void __launch_bounds__(128) pread(KARGS){
  const u32* w=(const u32*)(W+(long long)row*rowbytes); pf((const u8*)w,rowbytes,lane); pdl_enter(); const int n=rowbytes/4; u32 acc=0;
  for(int i=lane;i<n;i+=128){u32 a=__ldg(w+i); u32 b=i+32<n?__ldg(w+i+32):0; u32 c=i+64<n?__ldg(w+i+64):0; u32 d=i+96<n?__ldg(w+i+96):0; acc^=a^b^c^d;}
  if(lane==0) y[row]=(float)acc;}
+
+// ---- ring: the token's mat-vecs in ONE persistent launch --------------------------------------
+// One block per SM. A producer warp streams the block's row chunks (every matrix of the token in
+// order; chunk g of the token goes to block g % grid) into a RING_STAGES-deep shared-memory ring
+// by bulk (TMA) copies; NW consumer warps compute them. A chunk of C rows is C * WPR tasks (WPR
+// slices of each row); consumer warp w takes the block's tasks w, w + NW, ... counted across
+// chunks, so a warp with nothing in one chunk moves on to the next. Slices use the launch kernels'
+// lane mapping and sums (WPR = 1 gives their bits); a row's slices are added in slice order by
+// whichever warp finishes the row's last one. A grid barrier between matrices stands where a
+// layer's other work would go: weights never wait on it, so the producer keeps streaming.
+#define RING_BYTES (192 * 1024)
+#define RING_XQ (14 * 1024)
+#define RING_MAXC 16
+#define RING_MAXW 8
+#define RING_MAXST 8
+#define RING_SMEM (RING_BYTES + RING_XQ + 256 + 3584 + RING_MAXST * RING_MAXC * (RING_MAXW + 1) * 4 + 2 * RING_MAXST * 8)
+struct RingMat { const u8* w; float* y; int ty, rows, cols, crows, wpr, rpt; int chunk0, nch, lwpr; };
+__device__ __forceinline__ void mb_wait(u32 bar, u32 parity){
+ for(long long spin=0;;spin++){ u32 done; asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0,1,0,p;}":"=r"(done):"r"(bar),"r"(parity):"memory"); if(done) return; if(spin>(1ll<<26)) __trap(); } }
+// The producer's wait: a warp spinning on try_wait takes issue slots from the consumers on its
+// scheduler, so it backs off after a few tries.
+__device__ __forceinline__ void mb_wait_backoff(u32 bar, u32 parity){
+ for(long long spin=0;;spin++){ u32 done; asm volatile("{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0,1,0,p;}":"=r"(done):"r"(bar),"r"(parity):"memory"); if(done) return; if(spin>4) __nanosleep(128); if(spin>(1ll<<24)) __trap(); } }
+__device__ __forceinline__ int dp4a_us(u32 a,int b,int c){ int d; asm("dp4a.u32.s32 %0, %1, %2, %3;":"=r"(d):"r"(a),"r"(b),"r"(c)); return d; }
+// Q4_K dot for the ring: high nibbles multiplied in place (q & 0xf0 = 16 * nibble, unsigned)
+// and the sum divided by 16 (exact): no shifts. Branch-free scales. Same value as q4k_dot.
+// Q4_K dot for the ring: high nibbles multiplied in place (q & 0xf0 = 16 * nibble, unsigned)
+// and the sum divided by 16 (exact): no shifts. The lane's two sub-blocks' 6-bit scales and mins
+// come out as byte pairs (branch-free) and meet the two 16-bit dot sums in one dp2a each. The
+// integers are the ones q4k_dot computes, so the value is the same.
+__device__ __forceinline__ int dp2a_lo(int a,u32 b,int c){ int d; asm("dp2a.lo.s32.u32 %0, %1, %2, %3;":"=r"(d):"r"(a),"r"(b),"r"(c)); return d; }
+__device__ __forceinline__ int pack16(int lo,int hi){ return (int)__byte_perm((u32)lo,(u32)hi,0x5410); }
+// Per-lane masks picking the scale bits: sub-blocks < 4 (lanes j < 2) take 6 bits of Y/Z; the
+// others 4 bits of W (low / high nibble) and the top 2 bits of Y/Z. Loop-invariant, so no branch.
+struct Q4Masks { u32 y, w, y2; };
+__device__ __forceinline__ Q4Masks q4_masks(int j){ return j<2 ? Q4Masks{0x3f3fu,0u,0u} : Q4Masks{0u,0x0f0fu,0x3030u}; }
+__device__ __forceinline__ float q4k_ring_dot(const Q4KRaw&r,const int4&alo,const int4&ahi,int2 sums,float yd,int j,const Q4Masks&mk){
+ const u32 q[4]={r.qs.x,r.qs.y,r.qs.z,r.qs.w}; const int al[4]={alo.x,alo.y,alo.z,alo.w}; const int ah[4]={ahi.x,ahi.y,ahi.z,ahi.w};
+ int lo=0,hi16=0;
+#pragma unroll
+ for(int k=0;k<4;k++){ lo=dp4a((int)(q[k]&0x0f0f0f0fu),al[k],lo); hi16=dp4a_us(q[k]&0xf0f0f0f0u,ah[k],hi16); }
+ const int sh=16*(j&1); const u32 Y=r.hdr.y>>sh, Z=r.hdr.z>>sh, W=r.hdr.w>>sh;
+ const u32 S=(Y&mk.y)|(W&mk.w)|((Y>>2)&mk.y2), M=(Z&mk.y)|((W>>4)&mk.w)|((Z>>2)&mk.y2);
+ const int isum=dp2a_lo(pack16(lo,hi16>>4),S,0), msum=dp2a_lo(pack16(sums.x,sums.y),M,0);
+ const float d=h2f((u16)(r.hdr.x&0xffff))*yd; const float dmin=h2f((u16)(r.hdr.x>>16))*yd;
+ return d*(float)isum-dmin*(float)msum;}
+// One lane's part of blocks blk of rows wr0 (and wr1 when TWO): activations loaded once.
+template<bool TWO> __device__ __forceinline__ void q4k_ring_step(const u8* wr0,const u8* wr1,int blk,int p,const i8* sxq,const float* sxd,const int* sxs,float& acc0,float& acc1,const Q4Masks& mk){
+ Q4KRaw r0,r1; q4k_load_s(wr0,blk,p,r0); if(TWO) q4k_load_s(wr1,blk,p,r1);
+ const i8* a=sxq+blk*256+16*p; const int4 alo=*(const int4*)a; const int4 ahi=*(const int4*)(a+128);
+ const int2 sums=*(const int2*)(sxs+blk*16+2*p); const float yd=sxd[blk]; const int j=p>>1;
+ acc0+=q4k_ring_dot(r0,alo,ahi,sums,yd,j,mk); if(TWO) acc1+=q4k_ring_dot(r1,alo,ahi,sums,yd,j,mk); }
+__device__ __forceinline__ void bulk_g2s(u32 dst,const void* src,u32 bytes,u32 bar){
+ asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"::"r"(dst),"l"(src),"r"(bytes),"r"(bar):"memory"); }
+template<int NW> __device__ __forceinline__ void consumers_sync(){ asm volatile("bar.sync 1, %0;"::"n"(NW*32):"memory"); }
+// Q6_K repacked rows in the ring: ql | qh | scales of the chunk's nbk blocks; d from global (dg).
+__device__ __forceinline__ void q6s_load_s(const u8* st,const u16* dg,int nbk,int B,int p,Q6KRaw&r){
+ const int n=p>>2,l0=8*(p&3); const uint2 a=*(const uint2*)(st+B*128+64*n+l0); const uint2 b=*(const uint2*)(st+B*128+64*n+32+l0);
+ const uint2 h=*(const uint2*)(st+nbk*128+B*64+32*n+l0); const uint2 sc=*(const uint2*)(st+nbk*192+B*16+8*n);
+ r.a0=a.x;r.a1=a.y;r.b0=b.x;r.b1=b.y;r.h0=h.x;r.h1=h.y;r.sc01=sc.x;r.sc23=sc.y; r.d=__ldg(dg+B);}
+__device__ __forceinline__ int ring_nch(const RingMat& m){ return m.nch; }
+template<int NW,int RING_STAGES,int COMPUTE> __global__ void __launch_bounds__((NW+1)*32,1)
+ ring_token(const RingMat* __restrict__ mats,int nmats,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier){
+ constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
+ extern __shared__ __align__(128) u8 sm[];
+ u8* ring=sm; i8* sxq=(i8*)(sm+RING_BYTES); float* sxd=(float*)(sxq+RING_XQ); int* sxs=(int*)((u8*)sxd+256);
+ float* part=(float*)((u8*)sxs+3584); int* rcnt=(int*)(part+RING_STAGES*RING_MAXC*RING_MAXW);
+ unsigned long long* mbar=(unsigned long long*)(rcnt+RING_STAGES*RING_MAXC);
+ const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int G=gridDim.x, b=blockIdx.x;
+ const u32 full0=smem_u32(mbar), empty0=smem_u32(mbar+RING_STAGES);
+ for(int i=threadIdx.x;i<RING_STAGES*RING_MAXC;i+=blockDim.x) rcnt[i]=0;
+ if(threadIdx.x==0){ for(int s=0;s<RING_STAGES;s++){ asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(full0+8*s)); asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"::"r"(empty0+8*s),"r"(NW)); }
+  asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
+ __syncthreads();
+ const RingMat last=mats[nmats-1]; const int total=last.chunk0+ring_nch(last);
+ if(warp==NW){ // producer
+  if(lane!=0) return;
+  int m=0; u32 it=0;
+  for(int g=b; g<total; g+=G, it++){
+   while(g>=mats[m].chunk0+ring_nch(mats[m])) m++;
+   const RingMat M=mats[m]; const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
+   mb_wait_backoff(empty0+8*s,ph^1);
+   const int nb=M.cols/256; const long long row0=(long long)(g-M.chunk0)*M.crows; const int nr=(int)min((long long)M.crows,M.rows-row0);
+   const u32 dst=smem_u32(ring+s*RING_STAGE_BYTES), fb=full0+8*s;
+   if(M.ty==4){ const u32 bytes=(u32)(nr*nb*144); asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(bytes):"memory"); bulk_g2s(dst,M.w+row0*nb*144,bytes,fb); }
+   else { const long long NB=(long long)M.rows*nb, B0=row0*nb; const u32 nbk=(u32)(nr*nb);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(nbk*208):"memory");
+    bulk_g2s(dst,M.w+B0*128,nbk*128,fb); bulk_g2s(dst+nbk*128,M.w+NB*128+B0*64,nbk*64,fb); bulk_g2s(dst+nbk*192,M.w+NB*192+B0*16,nbk*16,fb); }
+  }
+  return;
+ }
+ // consumers
+ int g=b, tw=warp; u32 it=0; const int ct=threadIdx.x;
+ for(int m=0;m<nmats;m++){
+  const RingMat M=mats[m]; const int nb=M.cols/256;
+  if(m>0){ consumers_sync<NW>(); if(ct==0){ __threadfence(); atomicAdd(gbar,1u);
+    if(barrier){ const unsigned target=(unsigned)(m*G); for(long long spin=0;;spin++){ unsigned v; asm volatile("ld.acquire.gpu.u32 %0, [%1];":"=r"(v):"l"(gbar):"memory"); if(v>=target) break; if(spin>8) __nanosleep(64); if(spin>(1ll<<24)) __trap(); } } }
+   consumers_sync<NW>(); }
+  if(COMPUTE){ for(int i=ct;i<M.cols/16;i+=NW*32){ ((int4*)sxq)[i]=__ldcg((const int4*)xq+i); sxs[i]=__ldcg(xs+i);} for(int i=ct;i<nb;i+=NW*32) sxd[i]=__ldcg(xd+i); consumers_sync<NW>(); }
+  const int C=M.crows, WPR=M.wpr, LW=M.lwpr, RPT=M.rpt, T=(C/RPT)*WPR, p=lane&7, stp=4*WPR, gend=M.chunk0+M.nch;
+  for(; g<gend; g+=G, it++){
+   const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
+   mb_wait(full0+8*s,ph);
+   const int row0=(g-M.chunk0)*C; const int nr=min(C,M.rows-row0);
+   const u8* st=ring+s*RING_STAGE_BYTES;
+   // this warp's tasks tw, tw + NW, ... of the chunk; tw carries over to the next chunk
+   for(; tw<T; tw+=NW){ if(!COMPUTE) continue; const int t=tw;
+    const int r=(t>>LW)*RPT, k=t&(WPR-1); if(r>=nr) continue;
+    float acc=0.f, acc1=0.f; int blk=(lane>>3)+4*k;
+    if(M.ty==4){ const u8* wr=st+r*nb*144; const Q4Masks mk=q4_masks(p>>1);
+     if(RPT==2) for(;blk<nb;blk+=stp) q4k_ring_step<true>(wr,wr+nb*144,blk,p,sxq,sxd,sxs,acc,acc1,mk);
+     else for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); }
+    else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
+     for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
+#pragma unroll
+      for(int u=0;u<3;u++) q6s_load_s(st,dg,nbk,B+blk+u*stp,p,q[u]);
+#pragma unroll
+      for(int u=0;u<3;u++) acc+=q6_dot(q[u],blk+u*stp,p,sxq,sxd);}
+     for(;blk<nb;blk+=stp){Q6KRaw q0; q6s_load_s(st,dg,nbk,B+blk,p,q0); acc+=q6_dot(q0,blk,p,sxq,sxd);} }
+#pragma unroll
+    for(int rr=0;rr<2;rr++){ if(rr>=RPT) break; const float v=warp_sum(rr?acc1:acc); const int row=r+rr;
+     if(lane==0 && row<nr){
+      if(WPR==1) M.y[row0+row]=v;
+      else { float* pr=part+(s*RING_MAXC+row)*RING_MAXW; pr[k]=v; __threadfence_block();
+       if(atomicAdd(rcnt+s*RING_MAXC+row,1)==WPR-1){ __threadfence_block(); float tot=pr[0]; for(int q=1;q<WPR;q++) tot+=pr[q]; M.y[row0+row]=tot; rcnt[s*RING_MAXC+row]=0; } } } }
+   }
+   tw-=T;
+   __syncwarp();
+   if(lane==0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"::"r"(empty0+8*s):"memory");
+  }
+ }
+}
+// Random weight bytes (timing on a constant pattern could flatter the memory system).
+__global__ void fill_words(u32* w,size_t n,u32 seed){ for(size_t i=blockIdx.x*(size_t)blockDim.x+threadIdx.x;i<n;i+=(size_t)gridDim.x*blockDim.x){ u32 h=(u32)i*2654435761u^seed*0x9e3779b9u; h^=h>>15; h*=0x85ebca6bu; h^=h>>13; w[i]=h;} }
+static void fill_random(u8* w,size_t bytes,u32 seed){ fill_words<<<1024,256>>>((u32*)w,bytes/4,seed); CK(cudaGetLastError()); CK(cudaDeviceSynchronize()); }
 struct Mat{int ty,rows,cols; u8* w; size_t bytes;};
 typedef void(*KF)(const u8*,const i8*,const float*,const int*,float*,int,int);
 static bool g_pdl=true;
@@ -129,11 +281,43 @@ static void launch(const Mat& m,int var,const i8* xq,const float* xd,const int* 
  if(var==V_TMA){ L(p4tma,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols,4*(m.cols/256)*144); return; }
  if(var==V_ALL && m.cols==5120){ L(p4all<5>,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols); return; }
  L(p4base,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols);}
+// Chunk rows C: the most of 16, 8, 4, 2, 1 whose bytes fit a stage; WPR slices per row so that
+// a chunk has at least 16 tasks (up to RING_MAXW).
+static int g_rpt=1, g_split=1;
+static std::vector<RingMat> ring_table(const std::vector<Mat>& mats,size_t n,float* yr,bool own_y,int stage_bytes){
+ std::vector<RingMat> rm; long long c0=0;
+ for(size_t i=0;i<n;i++){ const Mat& q=mats[i]; const int nb=q.cols/256, rb=nb*(q.ty==4?144:208); int cr=16; while(cr>1 && cr*rb>stage_bytes) cr/=2;
+  const int rpt=q.ty==4&&cr>=2?g_rpt:1; int wp=1, lw=0; while(g_split && (cr/rpt)*wp<16 && wp<RING_MAXW && 4*wp*2<=nb){ wp*=2; lw++; }
+  const int nch=(q.rows+cr-1)/cr; rm.push_back(RingMat{q.w,yr+(own_y?i:i%5)*32768,q.ty,q.rows,q.cols,cr,wp,rpt,(int)c0,nch,lw}); c0+=nch; }
+ return rm; }
+template<int NW,int ST,int COMPUTE> static void ring_launch(const RingMat* drm,int n,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier,int sms,cudaStream_t st){
+ CK(cudaMemsetAsync(gbar,0,4,st)); cudaLaunchConfig_t c={}; c.gridDim=dim3(sms); c.blockDim=dim3((NW+1)*32); c.dynamicSmemBytes=RING_SMEM; c.stream=st;
+ cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeCooperative; a[0].val.cooperative=1; c.attrs=a; c.numAttrs=1;
+ CK(cudaLaunchKernelEx(&c,ring_token<NW,ST,COMPUTE>,drm,n,xq,xd,xs,gbar,barrier)); }
+template<int NW,int ST> static void ring_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
+ CK(cudaFuncSetAttribute(ring_token<NW,ST,1>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ CK(cudaFuncSetAttribute(ring_token<NW,ST,0>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ float* yr; CK(cudaMalloc(&yr,5*32768*4)); CK(cudaMemset(yr,0xff,5*32768*4)); unsigned* gbar; CK(cudaMalloc(&gbar,4));
+ std::vector<RingMat> rm=ring_table(mats,5,yr,true,RING_BYTES/ST); RingMat* drm; CK(cudaMalloc(&drm,mats.size()*sizeof(RingMat)));
+ CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
+ ring_launch<NW,ST,1>(drm,5,xq,xd,xs,gbar,1,sms,st); CK(cudaStreamSynchronize(st));
+ for(int i=0;i<5;i++){ const Mat& q=mats[i]; std::vector<float> rb(q.rows); CK(cudaMemcpy(rb.data(),yr+i*32768,q.rows*4,cudaMemcpyDeviceToHost)); const std::vector<float>& ra=ref[i];
+  int nd=0,nan=0; double md=0,num=0,den=0; for(int j=0;j<q.rows;j++){ if(!(rb[j]==rb[j])) nan++; if(memcmp(&ra[j],&rb[j],4)) nd++; double d=(double)ra[j]-rb[j]; num+=d*d; den+=(double)ra[j]*ra[j]; md=fmax(md,fabs(d)/fmax(1e-30,fabs((double)ra[j]))); }
+  printf("ring<%d,%d> rpt %d split %d vs launch-per-matrix, Q%d_K %dx%d: %d of %d rows differ, %d unwritten/NaN, |diff|/|ref| %.3g, largest row rel %.3g\n",NW,ST,g_rpt,g_split,q.ty,q.rows,q.cols,nd,q.rows,nan,sqrt(num/fmax(den,1e-300)),md); }
+ rm=ring_table(mats,mats.size(),yr,false,RING_BYTES/ST); CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
+ cudaEvent_t f0,f1; CK(cudaEventCreate(&f0)); CK(cudaEventCreate(&f1));
+ const char* rn[]={"barrier per matrix","no barrier","copies only, barrier"};
+ for(int v=0;v<3;v++){ if(v==2 && !(NW==16 && ST==4)) continue;
+  auto go=[&](){ if(v==2) ring_launch<NW,ST,0>(drm,(int)rm.size(),xq,xd,xs,gbar,1,sms,st); else ring_launch<NW,ST,1>(drm,(int)rm.size(),xq,xd,xs,gbar,v==0?1:0,sms,st); };
+  go(); CK(cudaStreamSynchronize(st)); std::vector<float> ts;
+  for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); go(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
+  std::sort(ts.begin(),ts.end()); printf("ring<%d,%d> rpt %d split %d %-22s token: median %.3f ms (%.2f TB/s), best %.3f, worst %.3f\n",NW,ST,g_rpt,g_split,rn[v],ts[4],total/(ts[4]*1e-3)/1e12,ts[0],ts[8]); fflush(stdout); }
+ CK(cudaFree(yr)); CK(cudaFree(gbar)); CK(cudaFree(drm)); }
 int main(int argc,char**argv){
  cudaDeviceProp pr; CK(cudaGetDeviceProperties(&pr,0)); printf("device %s, %d SMs, L2 %d MB\n",pr.name,pr.multiProcessorCount,pr.l2CacheSize>>20);
  const int LY=40; std::vector<Mat> mats; size_t total=0;
  int shapes[5][3]={{4,10240,5120},{6,5120,5120},{4,5120,5120},{4,27648,5120},{6,5120,13824}};
- for(int l=0;l<LY;l++) for(auto&s:shapes){Mat m{s[0],s[1],s[2],nullptr,0}; m.bytes=(size_t)m.rows*(m.cols/256)*(m.ty==6?210:144); CK(cudaMalloc(&m.w,m.bytes)); CK(cudaMemset(m.w,0x11,m.bytes)); total+=m.bytes; mats.push_back(m);}
+ for(int l=0;l<LY;l++) for(auto&s:shapes){Mat m{s[0],s[1],s[2],nullptr,0}; m.bytes=(size_t)m.rows*(m.cols/256)*(m.ty==6?210:144); CK(cudaMalloc(&m.w,m.bytes)); fill_random(m.w,m.bytes,(u32)mats.size()); total+=m.bytes; mats.push_back(m);}
  printf("weights %.2f GB in %zu matrices\n",total/1e9,mats.size());
  const int MAXC=32768; i8* xq; float* xd; int* xs; float *y; CK(cudaMalloc(&xq,MAXC)); CK(cudaMalloc(&xd,MAXC/256*4)); CK(cudaMalloc(&xs,MAXC/16*4)); CK(cudaMalloc(&y,65536*4));
  CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4));
@@ -149,7 +333,18 @@ int main(int argc,char**argv){
   CK(cudaMemset(y,0,m.rows*4)); launch(m,V_TMA,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(b.data(),y,m.rows*4,cudaMemcpyDeviceToHost));
   int ndiff=0; double md=0; for(int i=0;i<m.rows;i++) if(memcmp(&a[i],&b[i],4)){ndiff++; md=fmax(md,fabs((double)a[i]-b[i])/fmax(1e-30,fabs((double)a[i])));}
   printf("p4tma vs p4base on %d rows: %d rows differ, largest relative difference %.3g (row 0: %.9g vs %.9g)\n",m.rows,ndiff,md,a[0],b[0]);
-  CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); CK(cudaMemset(m.w,0x11,m.bytes)); } cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+  // ring_token on layer 0's five matrices (hashed weights) against the launch-per-matrix kernels,
+  // then the whole token (200 matrices) as one ring launch, for several consumer warp counts
+  for(int i=0;i<5;i++){ const Mat& q=mats[i]; std::vector<u8> hb(q.bytes); for(size_t j=0;j<hb.size();j++){u32 h=(u32)(j+7*i)*2654435761u; h^=h>>13; h*=0x85ebca6bu; h^=h>>16; hb[j]=(u8)h;}
+   if(q.ty==4) for(size_t j=0;j<hb.size();j+=144){hb[j+1]&=0x3b; hb[j+3]&=0x3b;}
+   else { const size_t NB=(size_t)q.rows*(q.cols/256); for(size_t j=0;j<NB;j++) hb[NB*208+2*j+1]&=0x3b; }
+   CK(cudaMemcpy(q.w,hb.data(),q.bytes,cudaMemcpyHostToDevice)); }
+  std::vector<std::vector<float>> ref(5); for(int i=0;i<5;i++){ const Mat& q=mats[i]; ref[i].resize(q.rows); launch(q,V_Q6S3,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(ref[i].data(),y,q.rows*4,cudaMemcpyDeviceToHost)); }
+  g_rpt=1; g_split=1; ring_runs<16,4>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  if(argc>1) return 0;
+  CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); for(int i=0;i<5;i++) fill_random(mats[i].w,mats[i].bytes,(u32)i);
+  }
+ cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
  const char* vn[]={"base","read","all","q6s3","q6s4","tma"};
  for(int pass=0;pass<2;pass++) for(int var=0;var<6;var++){
   g_pdl = pass==0 ? true : false; if(pass==1 && var!=0) continue;

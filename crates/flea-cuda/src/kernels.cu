@@ -1006,17 +1006,27 @@ extern "C" __global__ void __launch_bounds__(256)
 // One warp quantizes block `blk` (256 values from x + 256*blk). x is read with plain loads
 // (rms_norm_q8k calls this on values its own block has just written), or from L2 with
 // FROM_L2 (values other blocks of the same launch wrote).
+// q8k_vals: the same from the lane's 8 values (elements 8 * lane ..) already in registers.
+__device__ __forceinline__ void q8k_vals(const float (&v)[8], i8* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs,
+                                         long long blk, int lane);
 template <bool FROM_L2 = false>
 __device__ __forceinline__ void q8k_block(const float* x, i8* __restrict__ xq,
                                           float* __restrict__ xd, int* __restrict__ xs,
                                           long long blk, int lane) {
     const float* xb = x + blk * 256 + lane * 8;
     float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = FROM_L2 ? __ldcg(xb + i) : xb[i];
+    q8k_vals(v, xq, xd, xs, blk, lane);
+}
+__device__ __forceinline__ void q8k_vals(const float (&v)[8], i8* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs,
+                                         long long blk, int lane) {
     float amax = 0.f, mx = 0.f;
     int first = 1 << 30;
 #pragma unroll
     for (int i = 0; i < 8; i++) {
-        v[i] = FROM_L2 ? __ldcg(xb + i) : xb[i];
         // Strict '>' keeps the first of equal magnitudes within the lane (elements ascend).
         if (fabsf(v[i]) > amax) { amax = fabsf(v[i]); mx = v[i]; first = lane * 8 + i; }
     }
@@ -2168,3 +2178,647 @@ MMVQ(q4_1, Q41, Q41Raw, LB_DEFAULT)
 MMVQ(q5_1, Q51, Q51RawT, LB_DEFAULT)
 MMVQ(f16, F16K, HalfRaw, LB_DEFAULT)
 MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
+
+// ---------------------------------------------------------------------------------------------
+// Fused resident decode: every layer of one token in ONE launch (fd_decode).
+//
+// Why: a token of a resident 13B is ~280 launches; each mat-vec's start and tail and each
+// small kernel between them leave device memory idle (a stand-alone harness,
+// scripts/gpu_matvec_layers.cu, reads the same bytes at 2.6 ms as launches and at 2.0 ms —
+// the device-copy floor — as one persistent stream). Here one block per SM stays resident
+// for the whole token:
+//   * a producer warp streams the block's share of every weight matrix of every layer, in
+//     order, into a FD_STAGES-deep shared-memory ring by bulk (TMA) copies. Weights do not
+//     depend on activations, so it runs ahead through everything below;
+//   * FD_NW consumer warps do the layer's work phase by phase; a grid barrier (a counter in
+//     global memory) separates phases whose inputs other blocks write.
+// Phases of a layer: [rms norm + Q8_K of x, per block into shared memory] q/k/v mat-vecs |
+// attention scores (RoPE of q, and of k at the new position, stored into the f16 cache) |
+// softmax, P.V, per-head combine and Q8_K of the output | output mat-vec into x | [norm of x]
+// gate/up mat-vecs | [GLU + Q8_K] down mat-vec into x. Six barriers per layer.
+// Matrices: Q4_K rows, or resident Q6_K in the repacked layout (ql | qh | scales in the
+// ring, d read from global memory). Chunk g of the token's chunks (C rows of one matrix)
+// belongs to block g % gridDim.x; a chunk is C * WPR tasks (WPR slices of each row) taken by
+// the consumer warps in turn; a row's slices are added in slice order by the warp finishing
+// its last one. The host (lib.rs, `FusedDecode`) checks every shape and builds the tables.
+// sm_90+ (bulk copies, mbarriers); a trap instead of a hang if a wait runs past ~1 s.
+// ---------------------------------------------------------------------------------------------
+#define FD_NW 16
+#define FD_STAGES 4
+#define FD_STAGE_BYTES (46 * 1024)
+#define FD_XMAX 16384
+#define FD_MAXC 16
+#define FD_MAXW 8
+#define FD_TRACE 15
+#define FD_NORM_MAX 8192
+// Shared memory: ring | Q8_K activations (quants, scales, sums) | row partials and their
+// counters | reduction | attention scratch (q, new k, reductions, scores) | mbarriers.
+#define FD_OFF_XQ (FD_STAGES * FD_STAGE_BYTES)
+#define FD_OFF_XD (FD_OFF_XQ + FD_XMAX)
+#define FD_OFF_XS (FD_OFF_XD + FD_XMAX / 256 * 4)
+#define FD_OFF_PART (FD_OFF_XS + FD_XMAX / 16 * 4)
+#define FD_OFF_RCNT (FD_OFF_PART + FD_STAGES * FD_MAXC * FD_MAXW * 4)
+#define FD_OFF_RED (FD_OFF_RCNT + FD_STAGES * FD_MAXC * 4)
+#define FD_OFF_ATT (FD_OFF_RED + 32 * 4)
+#define FD_ATT_KEYS 3840
+#define FD_ATT_FLOATS (320 + FD_ATT_KEYS)
+#define FD_OFF_MBAR (FD_OFF_ATT + FD_ATT_FLOATS * 4)
+#define FD_SMEM (FD_OFF_MBAR + 2 * FD_STAGES * 8)
+
+struct FdMat {
+    const u8* w;     // Q4_K rows, or Q6_K repacked (ql | qh | scales | d)
+    float* y;        // output, rows wide
+    int ty;          // 0: Q4_K, 1: Q6_K repacked
+    int rows, cols;  // cols % 256 == 0
+    int crows;       // rows per chunk (power of two <= FD_MAXC)
+    int lwpr;        // log2 of the slices per row
+    int chunk0, nch; // first chunk of the token's sequence, and how many
+    int accumulate;  // add into y (the residual stream)
+};
+struct FdLayer {
+    const float* attn_norm;
+    const float* ffn_norm;
+    u16* kc;  // this layer's K / V cache (f16, [row][kvd])
+    u16* vc;
+    int mat0; // its q, k, v, output, gate, up, down matrices: mat0 .. mat0 + 6
+};
+struct FdArgs {
+    const FdMat* mats;
+    const FdLayer* layers;
+    int n_layers, n_mats;
+    float *x, *q, *k, *v, *att, *gate, *up;
+    unsigned* gbar;               // grid barrier counter, zero at launch
+    unsigned long long* trace;    // null, or FD_TRACE timestamps per layer (block 0, FLEA_CUDA_FUSED_TRACE)
+    int n_embd, n_ff, n_head, n_head_kv, hd, act;
+    int kv_base, pos;             // the sequence's first cache row; this token's position
+    float theta_scale, eps, attn_scale;
+    int neox;
+};
+
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 fd_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ bool fd_try_wait(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile(
+        "{.reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0,1,0,p;}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// Consumers wait without sleeping (the data is usually there); the producer sleeps a little
+// between tries (its spinning would take issue slots from the consumers of its scheduler).
+__device__ __forceinline__ void fd_wait(u32 bar, u32 parity, bool sleep) {
+    for (long long spin = 0; !fd_try_wait(bar, parity); spin++) {
+        if (sleep && spin > 4) __nanosleep(128);
+        if (spin > (1ll << 26)) asm volatile("trap;");
+    }
+}
+// Weights are read once per token: their bulk copies mark the lines first to evict from L2,
+// so that they do not push out the KV-cache rows attention prefetched (evict_last).
+__device__ __forceinline__ unsigned long long fd_evict_first() {
+    unsigned long long pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    return pol;
+}
+__device__ __forceinline__ void fd_bulk(u32 dst, const void* src, u32 bytes, u32 bar,
+                                        unsigned long long pol) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar), "l"(pol)
+        : "memory");
+}
+// The K and V rows of positions 0 .. pos - 1 that this block's heads attend over, toward L2
+// (evict_last), at the start of a layer: the attention phase then waits on L2, not on a
+// device memory busy with the weight stream.
+__device__ __forceinline__ void fd_prefetch_kv(const FdArgs& A, const FdLayer& L) {
+    const int hd = A.hd, kvd = A.n_head_kv * hd, group = A.n_head / A.n_head_kv;
+    const int lines = hd * 2 / 128; // 128-byte lines per row and head (1 or 2)
+    for (int h = blockIdx.x; h < A.n_head; h += gridDim.x) {
+        const int kvh = h / group;
+        const long long base = (long long)A.kv_base * kvd + kvh * hd;
+        for (int i = threadIdx.x; i < A.pos * lines; i += FD_NW * 32) {
+            const long long off = base + (long long)(i / lines) * kvd + (i % lines) * 64;
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(L.kc + off));
+            asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(L.vc + off));
+        }
+    }
+}
+__device__ __forceinline__ void fd_prefetch(const void* src, u32 bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void fd_sync() { asm volatile("bar.sync 1, %0;" ::"n"(FD_NW * 32) : "memory"); }
+// Grid barrier number `idx` (0, 1, ...) among the consumers of every block.
+__device__ __forceinline__ void fd_grid_sync(unsigned* gbar, unsigned idx) {
+    fd_sync();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(gbar, 1u);
+        const unsigned target = (idx + 1) * gridDim.x;
+        for (long long spin = 0;; spin++) {
+            unsigned v;
+            asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(gbar) : "memory");
+            if (v >= target) break;
+            if (spin > 8) __nanosleep(32);
+            if (spin > (1ll << 25)) asm volatile("trap;");
+        }
+        __threadfence();
+    }
+    fd_sync();
+}
+
+// Q4_K from the ring: the high nibbles multiplied in place (q & 0xf0 = 16 * nibble, unsigned
+// bytes) and the sum divided by 16 (exact); the lane's two 6-bit scales and mins as byte
+// pairs (masks per lane: no branch) meet the two 16-bit sums in one dp2a each. The integers
+// are Q4K::dot's, so each block's value is too.
+struct FdQ4Masks {
+    u32 y, w, y2;
+};
+__device__ __forceinline__ FdQ4Masks fd_q4_masks(int j) {
+    return j < 2 ? FdQ4Masks{0x3f3fu, 0u, 0u} : FdQ4Masks{0u, 0x0f0fu, 0x3030u};
+}
+__device__ __forceinline__ int fd_dp4a_us(u32 a, int b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ int fd_dp2a_lo(int a, u32 b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ float fd_q4k_dot(const u8* wr, int blk, int p, const i8* xq,
+                                            const float* xd, const int* xs, const FdQ4Masks& mk) {
+    const uint4* b = (const uint4*)(wr + blk * 144);
+    const uint4 hdr = b[0], qs = b[1 + p];
+    const int j = p >> 1;
+    const i8* a = xq + blk * 256 + 16 * p;
+    const int4 alo = *(const int4*)a, ahi = *(const int4*)(a + 128);
+    const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);
+    const float yd = xd[blk];
+    const u32 q[4] = {qs.x, qs.y, qs.z, qs.w};
+    const int al[4] = {alo.x, alo.y, alo.z, alo.w}, ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+    int lo = 0, hi16 = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        lo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], lo);
+        hi16 = fd_dp4a_us(q[k] & 0xf0f0f0f0u, ah[k], hi16);
+    }
+    const int sh = 16 * (j & 1);
+    const u32 Y = hdr.y >> sh, Z = hdr.z >> sh, W = hdr.w >> sh;
+    const u32 S = (Y & mk.y) | (W & mk.w) | ((Y >> 2) & mk.y2);
+    const u32 M = (Z & mk.y) | ((W >> 4) & mk.w) | ((Z >> 2) & mk.y2);
+    const int isum = fd_dp2a_lo((int)__byte_perm((u32)lo, (u32)(hi16 >> 4), 0x5410), S, 0);
+    const int msum = fd_dp2a_lo((int)__byte_perm((u32)sums.x, (u32)sums.y, 0x5410), M, 0);
+    const float d = h2f((u16)(hdr.x & 0xffff)) * yd, dmin = h2f((u16)(hdr.x >> 16)) * yd;
+    return d * (float)isum - dmin * (float)msum;
+}
+// Q6_K repacked from the ring (ql | qh | scales of the chunk's nbk blocks; d from global dg):
+// Q6KS's lane mapping and arithmetic.
+__device__ __forceinline__ void fd_q6_load(const u8* st, const u16* dg, int nbk, int B, int p,
+                                           Q6KRaw& r) {
+    const int n = p >> 2, l0 = 8 * (p & 3);
+    const uint2 a = *(const uint2*)(st + B * 128 + 64 * n + l0);
+    const uint2 b = *(const uint2*)(st + B * 128 + 64 * n + 32 + l0);
+    const uint2 h = *(const uint2*)(st + nbk * 128 + B * 64 + 32 * n + l0);
+    const uint2 sc = *(const uint2*)(st + nbk * 192 + B * 16 + 8 * n);
+    r.a0 = (int)a.x;
+    r.a1 = (int)a.y;
+    r.b0 = (int)b.x;
+    r.b1 = (int)b.y;
+    r.h0 = (int)h.x;
+    r.h1 = (int)h.y;
+    r.sc01 = (int)sc.x;
+    r.sc23 = (int)sc.y;
+    r.d = __ldg(dg + B);
+}
+
+// RMS norm of x (n values, written by other blocks: L2 loads) times w, quantised to Q8_K into
+// shared memory; every block computes all of it (cheaper than another barrier).
+__device__ void fd_norm_q8k(const float* x, const float* __restrict__ w, int n, float eps,
+                            i8* sxq, float* sxd, int* sxs, float* red) {
+    // Warp w takes 256-blocks w, w + FD_NW (n <= FD_NORM_MAX, host-checked): its x and w
+    // values are loaded in one round and kept for the quantisation after the block's sum.
+    constexpr int R = FD_NORM_MAX / 256 / FD_NW;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nblk = n / 256;
+    float4 xv[R][2], wv[R][2];
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < R; u++) {
+        const int blk = warp + u * FD_NW, e = blk * 256 + lane * 8;
+        const bool ok = blk < nblk;
+        const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+        xv[u][0] = ok ? __ldcg((const float4*)(x + e)) : z;
+        xv[u][1] = ok ? __ldcg((const float4*)(x + e + 4)) : z;
+        wv[u][0] = ok ? __ldg((const float4*)(w + e)) : z;
+        wv[u][1] = ok ? __ldg((const float4*)(w + e + 4)) : z;
+    }
+#pragma unroll
+    for (int u = 0; u < R; u++)
+#pragma unroll
+        for (int k = 0; k < 2; k++)
+            ss += xv[u][k].x * xv[u][k].x + xv[u][k].y * xv[u][k].y + xv[u][k].z * xv[u][k].z +
+                  xv[u][k].w * xv[u][k].w;
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    fd_sync();
+    float tot = 0.f;
+#pragma unroll
+    for (int i = 0; i < FD_NW; i++) tot += red[i];
+    const float inv = 1.f / sqrtf(tot / (float)n + eps);
+#pragma unroll
+    for (int u = 0; u < R; u++) {
+        const int blk = warp + u * FD_NW;
+        if (blk >= nblk) break;
+        const float4 x0 = xv[u][0], x1 = xv[u][1], w0 = wv[u][0], w1 = wv[u][1];
+        const float v[8] = {x0.x * inv * w0.x, x0.y * inv * w0.y, x0.z * inv * w0.z,
+                            x0.w * inv * w0.w, x1.x * inv * w1.x, x1.y * inv * w1.y,
+                            x1.z * inv * w1.z, x1.w * inv * w1.w};
+        q8k_vals(v, sxq, sxd, sxs, blk, lane);
+    }
+    fd_sync();
+}
+
+// GLU of gate and up (n values, other blocks': L2 loads), quantised to Q8_K in shared memory.
+__device__ void fd_glu_q8k(const float* gate, const float* up, int n, int act, i8* sxq,
+                           float* sxd, int* sxs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // Two 256-blocks per warp and round: their loads in flight together.
+    for (int b0 = warp; b0 < n / 256; b0 += 2 * FD_NW) {
+        float4 gv[2][2], uv[2][2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int blk = b0 + u * FD_NW, e = blk * 256 + lane * 8;
+            const bool ok = blk < n / 256;
+            const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+            gv[u][0] = ok ? __ldcg((const float4*)(gate + e)) : z;
+            gv[u][1] = ok ? __ldcg((const float4*)(gate + e + 4)) : z;
+            uv[u][0] = ok ? __ldcg((const float4*)(up + e)) : z;
+            uv[u][1] = ok ? __ldcg((const float4*)(up + e + 4)) : z;
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int blk = b0 + u * FD_NW;
+            if (blk >= n / 256) break;
+            const float4 g0 = gv[u][0], g1 = gv[u][1], u0 = uv[u][0], u1 = uv[u][1];
+            const float v[8] = {glu_one(g0.x, u0.x, act), glu_one(g0.y, u0.y, act),
+                                glu_one(g0.z, u0.z, act), glu_one(g0.w, u0.w, act),
+                                glu_one(g1.x, u1.x, act), glu_one(g1.y, u1.y, act),
+                                glu_one(g1.z, u1.z, act), glu_one(g1.w, u1.w, act)};
+            q8k_vals(v, sxq, sxd, sxs, blk, lane);
+        }
+    }
+    fd_sync();
+}
+
+// The consumers' side of matrices m0 .. m1 (one phase: the same activations in shared
+// memory). g: this block's next chunk of the token; it: its ring position; tw: the warp's next
+// task, counted from the current chunk's first.
+__device__ void fd_matvecs(const FdArgs& A, int m0, int m1, u8* ring, const i8* sxq,
+                           const float* sxd, const int* sxs, float* part, int* rcnt, u32 full0,
+                           u32 empty0, int& g, u32& it, int& tw) {
+    const int lane = threadIdx.x & 31, p = lane & 7;
+    const FdQ4Masks mk = fd_q4_masks(p >> 1);
+    for (int m = m0; m < m1; m++) {
+        const FdMat M = A.mats[m];
+        const int nb = M.cols / 256, C = M.crows, WPR = 1 << M.lwpr, T = C * WPR;
+        const int stp = 4 * WPR, gend = M.chunk0 + M.nch;
+        for (; g < gend; g += gridDim.x, it++) {
+            const int s = (int)(it % FD_STAGES);
+            fd_wait(full0 + 8 * s, (it / FD_STAGES) & 1, false);
+            const int row0 = (g - M.chunk0) * C, nr = min(C, M.rows - row0);
+            const u8* st = ring + s * FD_STAGE_BYTES;
+            for (; tw < T; tw += FD_NW) {
+                const int r = tw >> M.lwpr, k = tw & (WPR - 1);
+                if (r >= nr) continue;
+                float acc = 0.f;
+                int blk = (lane >> 3) + 4 * k;
+                if (M.ty == 0) {
+                    const u8* wr = st + r * nb * 144;
+                    for (; blk < nb; blk += stp) acc += fd_q4k_dot(wr, blk, p, sxq, sxd, sxs, mk);
+                } else {
+                    const int nbk = nr * nb, B = r * nb;
+                    const u16* dg = (const u16*)(M.w + (long long)M.rows * nb * 208) + (long long)row0 * nb;
+                    for (; blk + 2 * stp < nb; blk += 3 * stp) {
+                        Q6KRaw q[3];
+#pragma unroll
+                        for (int u = 0; u < 3; u++) fd_q6_load(st, dg, nbk, B + blk + u * stp, p, q[u]);
+#pragma unroll
+                        for (int u = 0; u < 3; u++) acc += Q6K::dot(q[u], blk + u * stp, p, sxq, sxd, sxs);
+                    }
+                    for (; blk < nb; blk += stp) {
+                        Q6KRaw q0;
+                        fd_q6_load(st, dg, nbk, B + blk, p, q0);
+                        acc += Q6K::dot(q0, blk, p, sxq, sxd, sxs);
+                    }
+                }
+                const float v = warp_sum(acc);
+                if (lane == 0) {
+                    float tot = v;
+                    bool out = WPR == 1;
+                    if (!out) {
+                        float* pr = part + (s * FD_MAXC + r) * FD_MAXW;
+                        pr[k] = v;
+                        __threadfence_block();
+                        if (atomicAdd(rcnt + s * FD_MAXC + r, 1) == WPR - 1) {
+                            __threadfence_block();
+                            tot = pr[0];
+                            for (int q = 1; q < WPR; q++) tot += pr[q];
+                            rcnt[s * FD_MAXC + r] = 0;
+                            out = true;
+                        }
+                    }
+                    if (out) {
+                        float* yo = M.y + row0 + r;
+                        *yo = M.accumulate ? __ldcg(yo) + tot : tot;
+                    }
+                }
+            }
+            tw -= T;
+            __syncwarp();
+            if (lane == 0)
+                asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(empty0 + 8 * s) : "memory");
+        }
+    }
+}
+
+// The rotated pair i of a head's row x (hd values; RoPE as rope_at / rope_apply).
+__device__ __forceinline__ void fd_rope_pair(const float* x, float* out, int i, int hd, int pos,
+                                             float theta_scale, int neox) {
+    const int half = hd / 2;
+    float theta = (float)pos;
+    for (int k = 0; k < i; k++) theta *= theta_scale;
+    const float c = cosf(theta), s = sinf(theta);
+    const int ea = neox ? i : 2 * i, eb = neox ? i + half : 2 * i + 1;
+    const float x0 = __ldcg(x + ea), x1 = __ldcg(x + eb);
+    out[ea] = x0 * c - x1 * s;
+    out[eb] = x0 * s + x1 * c;
+}
+
+// One head's attention for the new position, by one block (heads h = blockIdx.x, + grid):
+// warp 0 rotates q (rounded to f16, as the cache's dot does), warp 1 rotates k (rounded to
+// f16, as the cache holds it) and, for the first head of each kv group, stores k and v into
+// the cache. Scores: lane = key (keys warp * 32 + lane + 512 r), the K row's loads 8 at a time
+// in flight, kept in shared memory; block max and total (in warp order); probabilities
+// rounded to f16 as the CPU does; P.V with the keys split over the warps in order (lane: hd/32
+// dims, 16 keys' loads in flight), the warps' partials added in warp order into att.
+// at: shared scratch (FD_ATT_FLOATS); part: FD_NW * hd floats of shared scratch.
+template <int DPL>
+__device__ __forceinline__ void fd_pv_keys(const u16* vb, int kvd, int len, const float* pj,
+                                           float (&acc)[4]) {
+    for (int jb = 0; jb < len; jb += 16) {
+        uint2 raw[16];
+#pragma unroll
+        for (int u = 0; u < 16; u++) {
+            raw[u] = make_uint2(0u, 0u);
+            if (jb + u < len) {
+                const u16* p = vb + (long long)(jb + u) * kvd;
+                if (DPL == 4) raw[u] = __ldcg((const uint2*)p);
+                else raw[u].x = __ldcg((const unsigned int*)p);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 16; u++) {
+            if (jb + u < len) {
+                const float pv = pj[jb + u];
+                acc[0] += pv * h2f((u16)(raw[u].x & 0xffff));
+                acc[1] += pv * h2f((u16)(raw[u].x >> 16));
+                if (DPL == 4) {
+                    acc[2] += pv * h2f((u16)(raw[u].y & 0xffff));
+                    acc[3] += pv * h2f((u16)(raw[u].y >> 16));
+                }
+            }
+        }
+    }
+}
+__device__ void fd_attention(const FdArgs& A, const FdLayer& L, float* at, float* part) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hd = A.hd, kvd = A.n_head_kv * hd, group = A.n_head / A.n_head_kv;
+    const int nk = A.pos + 1, dpl = hd / 32;
+    float* qs = at;
+    float* ks = at + 128;
+    float* red = at + 256;
+    float* sc = at + 320;
+    for (int h = blockIdx.x; h < A.n_head; h += gridDim.x) {
+        const int kvh = h / group;
+        if (warp == 0) {
+            for (int i = lane; i < hd / 2; i += 32)
+                fd_rope_pair(A.q + h * hd, qs, i, hd, A.pos, A.theta_scale, A.neox);
+            __syncwarp();
+            for (int d = lane; d < hd; d += 32) qs[d] = h2f(f2h(qs[d]));
+        } else if (warp == 1) {
+            for (int i = lane; i < hd / 2; i += 32)
+                fd_rope_pair(A.k + kvh * hd, ks, i, hd, A.pos, A.theta_scale, A.neox);
+            __syncwarp();
+            for (int d = lane; d < hd; d += 32) {
+                const u16 kh = f2h(ks[d]);
+                ks[d] = h2f(kh);
+                if (h % group == 0) {
+                    const long long row = (long long)(A.kv_base + A.pos) * kvd + kvh * hd + d;
+                    L.kc[row] = kh;
+                    L.vc[row] = f2h(__ldcg(A.v + kvh * hd + d));
+                }
+            }
+        }
+        fd_sync();
+        float m = NEG_INF;
+        for (int j0 = warp * 32; j0 < nk; j0 += FD_NW * 32) {
+            const int j = j0 + lane;
+            if (j >= nk) continue;
+            float dot = 0.f;
+            if (j == A.pos) {
+                for (int d = 0; d < hd; d++) dot += qs[d] * ks[d];
+            } else {
+                const uint4* kr = (const uint4*)(L.kc + (long long)(A.kv_base + j) * kvd + kvh * hd);
+                for (int r0 = 0; r0 < hd / 8; r0 += 8) {
+                    uint4 raw[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) raw[u] = __ldcg(kr + r0 + u);
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        const float* qd = qs + (r0 + u) * 8;
+                        const float4 a = h4f(make_uint2(raw[u].x, raw[u].y));
+                        const float4 b = h4f(make_uint2(raw[u].z, raw[u].w));
+                        dot += qd[0] * a.x + qd[1] * a.y + qd[2] * a.z + qd[3] * a.w;
+                        dot += qd[4] * b.x + qd[5] * b.y + qd[6] * b.z + qd[7] * b.w;
+                    }
+                }
+            }
+            dot *= A.attn_scale;
+            sc[j] = dot;
+            m = fmaxf(m, dot);
+        }
+        m = warp_max(m);
+        if (lane == 0) red[warp] = m;
+        fd_sync();
+        m = red[0];
+#pragma unroll
+        for (int i = 1; i < FD_NW; i++) m = fmaxf(m, red[i]);
+        float l = 0.f;
+        for (int j = warp * 32 + lane; j < nk; j += FD_NW * 32) l += expf(sc[j] - m);
+        l = warp_sum(l);
+        if (lane == 0) red[32 + warp] = l;
+        fd_sync();
+        float tot = 0.f;
+#pragma unroll
+        for (int i = 0; i < FD_NW; i++) tot += red[32 + i];
+        const float inv = 1.f / tot;
+        for (int j = warp * 32 + lane; j < nk; j += FD_NW * 32) sc[j] = h2f(f2h(expf(sc[j] - m) * inv));
+        fd_sync();
+        // Keys [k0, k0 + len) for this warp.
+        const int per = (nk + FD_NW - 1) / FD_NW, k0 = min(nk, warp * per), len = min(nk, k0 + per) - k0;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const u16* vb = L.vc + (long long)(A.kv_base + k0) * kvd + kvh * hd + lane * dpl;
+        if (dpl == 4) fd_pv_keys<4>(vb, kvd, len, sc + k0, acc);
+        else fd_pv_keys<2>(vb, kvd, len, sc + k0, acc);
+        for (int e = 0; e < dpl; e++) part[warp * hd + lane * dpl + e] = acc[e];
+        fd_sync();
+        for (int d = threadIdx.x; d < hd; d += FD_NW * 32) {
+            float v = part[d];
+#pragma unroll
+            for (int w = 1; w < FD_NW; w++) v += part[w * hd + d];
+            A.att[h * hd + d] = v;
+        }
+        fd_sync();
+    }
+}
+
+// The attention output (qd values, other blocks': L2 loads) to Q8_K in shared memory.
+__device__ void fd_vec_q8k(const float* x, int n, i8* sxq, float* sxd, int* sxs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int blk = warp; blk < n / 256; blk += FD_NW) {
+        const int e = blk * 256 + lane * 8;
+        const float4 x0 = __ldcg((const float4*)(x + e)), x1 = __ldcg((const float4*)(x + e + 4));
+        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        q8k_vals(v, sxq, sxd, sxs, blk, lane);
+    }
+    fd_sync();
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(const FdArgs A) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(128) u8 fsm[];
+    u8* ring = fsm;
+    i8* sxq = (i8*)(fsm + FD_OFF_XQ);
+    float* sxd = (float*)(fsm + FD_OFF_XD);
+    int* sxs = (int*)(fsm + FD_OFF_XS);
+    float* part = (float*)(fsm + FD_OFF_PART);
+    int* rcnt = (int*)(fsm + FD_OFF_RCNT);
+    float* red = (float*)(fsm + FD_OFF_RED);
+    float* att = (float*)(fsm + FD_OFF_ATT);
+    unsigned long long* mbar = (unsigned long long*)(fsm + FD_OFF_MBAR);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 full0 = fd_smem(mbar), empty0 = fd_smem(mbar + FD_STAGES);
+    for (int i = threadIdx.x; i < FD_STAGES * FD_MAXC; i += blockDim.x) rcnt[i] = 0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < FD_STAGES; s++) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full0 + 8 * s));
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(empty0 + 8 * s), "r"(FD_NW));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    // Launched without dependent launch: the previous kernel (the embedding) is done.
+    if (warp == FD_NW) {
+        // Producer: every chunk of this block, in order; a stage is refilled once all
+        // consumer warps have arrived on its `empty` barrier.
+        if (lane != 0) return;
+        const FdMat last = A.mats[A.n_mats - 1];
+        const int total = last.chunk0 + last.nch;
+        const unsigned long long pol = fd_evict_first();
+        int m = 0;
+        u32 it = 0;
+        for (int g = blockIdx.x; g < total; g += gridDim.x, it++) {
+            while (g >= A.mats[m].chunk0 + A.mats[m].nch) m++;
+            const FdMat M = A.mats[m];
+            const int s = (int)(it % FD_STAGES);
+            fd_wait(empty0 + 8 * s, ((it / FD_STAGES) & 1) ^ 1, true);
+            const int nb = M.cols / 256;
+            const long long row0 = (long long)(g - M.chunk0) * M.crows;
+            const int nr = (int)min((long long)M.crows, M.rows - row0);
+            const u32 dst = fd_smem(ring + s * FD_STAGE_BYTES), fb = full0 + 8 * s;
+            // Pull the chunk FD_STAGES places further on toward L2 now: while the consumers
+            // are in a phase without mat-vecs the ring fills in a few microseconds; the
+            // prefetched chunks keep device memory busy beyond that.
+            {
+                const int ga = g + FD_STAGES * gridDim.x;
+                int ma = m;
+                while (ma < A.n_mats && ga >= A.mats[ma].chunk0 + A.mats[ma].nch) ma++;
+                if (ma < A.n_mats) {
+                    const FdMat P = A.mats[ma];
+                    const int pnb = P.cols / 256;
+                    const long long pr0 = (long long)(ga - P.chunk0) * P.crows;
+                    const int pnr = (int)min((long long)P.crows, P.rows - pr0);
+                    if (P.ty == 0) {
+                        fd_prefetch(P.w + pr0 * pnb * 144, (u32)(pnr * pnb * 144));
+                    } else {
+                        const long long NB = (long long)P.rows * pnb, B0 = pr0 * pnb;
+                        const u32 nbk = (u32)(pnr * pnb);
+                        fd_prefetch(P.w + B0 * 128, nbk * 128);
+                        fd_prefetch(P.w + NB * 128 + B0 * 64, nbk * 64);
+                        fd_prefetch(P.w + NB * 192 + B0 * 16, nbk * 16);
+                    }
+                }
+            }
+            if (M.ty == 0) {
+                const u32 bytes = (u32)(nr * nb * 144);
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(bytes) : "memory");
+                fd_bulk(dst, M.w + row0 * nb * 144, bytes, fb, pol);
+            } else {
+                const long long NB = (long long)M.rows * nb, B0 = row0 * nb;
+                const u32 nbk = (u32)(nr * nb);
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(nbk * 208) : "memory");
+                fd_bulk(dst, M.w + B0 * 128, nbk * 128, fb, pol);
+                fd_bulk(dst + nbk * 128, M.w + NB * 128 + B0 * 64, nbk * 64, fb, pol);
+                fd_bulk(dst + nbk * 192, M.w + NB * 192 + B0 * 16, nbk * 16, fb, pol);
+            }
+        }
+        return;
+    }
+    int g = blockIdx.x, tw = warp;
+    u32 it = 0, bar = 0;
+    // With a trace buffer, block 0 stamps the global timer between steps (FD_TRACE per layer).
+    unsigned long long* trace = blockIdx.x == 0 && threadIdx.x == 0 ? A.trace : nullptr;
+#define FD_STAMP(k)                                                                           \
+    if (trace) {                                                                              \
+        unsigned long long t;                                                                 \
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));                                  \
+        trace[il * FD_TRACE + (k)] = t;                                                              \
+    }
+    for (int il = 0; il < A.n_layers; il++) {
+        const FdLayer L = A.layers[il];
+        FD_STAMP(0)
+        fd_prefetch_kv(A, L);
+        fd_norm_q8k(A.x, L.attn_norm, A.n_embd, A.eps, sxq, sxd, sxs, red);
+        FD_STAMP(1)
+        fd_matvecs(A, L.mat0, L.mat0 + 3, ring, sxq, sxd, sxs, part, rcnt, full0, empty0, g, it, tw);
+        FD_STAMP(2)
+        fd_grid_sync(A.gbar, bar++);
+        FD_STAMP(3)
+        fd_attention(A, L, att, (float*)sxq);
+        FD_STAMP(4)
+        fd_grid_sync(A.gbar, bar++);
+        FD_STAMP(5)
+        fd_vec_q8k(A.att, A.n_head * A.hd, sxq, sxd, sxs);
+        FD_STAMP(6)
+        fd_matvecs(A, L.mat0 + 3, L.mat0 + 4, ring, sxq, sxd, sxs, part, rcnt, full0, empty0, g, it, tw);
+        FD_STAMP(7)
+        fd_grid_sync(A.gbar, bar++);
+        FD_STAMP(8)
+        fd_norm_q8k(A.x, L.ffn_norm, A.n_embd, A.eps, sxq, sxd, sxs, red);
+        FD_STAMP(9)
+        fd_matvecs(A, L.mat0 + 4, L.mat0 + 6, ring, sxq, sxd, sxs, part, rcnt, full0, empty0, g, it, tw);
+        FD_STAMP(10)
+        fd_grid_sync(A.gbar, bar++);
+        FD_STAMP(11)
+        fd_glu_q8k(A.gate, A.up, A.n_ff, A.act, sxq, sxd, sxs);
+        FD_STAMP(12)
+        fd_matvecs(A, L.mat0 + 6, L.mat0 + 7, ring, sxq, sxd, sxs, part, rcnt, full0, empty0, g, it, tw);
+        FD_STAMP(13)
+        fd_grid_sync(A.gbar, bar++);
+        FD_STAMP(14)
+    }
+#undef FD_STAMP
+#endif
+}

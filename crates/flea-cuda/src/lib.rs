@@ -43,6 +43,7 @@ macro_rules! launch {
     }};
 }
 
+mod fused;
 mod mmvq;
 pub mod probe;
 mod profile;
@@ -117,8 +118,9 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 22] = [
+const PLAIN_KERNELS: [&str; 23] = [
     "act_round",
+    "fd_decode",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
     "rms_norm",
@@ -233,6 +235,9 @@ impl Drop for CudaBackend {
                 ms / n.max(1) as f64
             );
         }
+        if let Some(t) = self.fused_trace.as_ref().and_then(|t| t.lock().ok()) {
+            eprint!("{}", t.report());
+        }
         if let Some(h) = self.handover.get_mut().ok().and_then(|h| h.take()) {
             let _ = h.read.synchronize();
             // SAFETY: h.host came from malloc_host and no kernel reads it any more.
@@ -292,6 +297,17 @@ pub struct CudaBackend {
     gemm_cap: AtomicUsize,
     /// FLEA_CUDA_ATTN=single: one block per (head, row) even for decode (for comparisons).
     single_block_attention: bool,
+    /// The fused resident decode (fused.rs): off unless FLEA_CUDA_FUSED_DECODE=1; whether
+    /// this device can run it (sm_90+, its shared memory opted in, one block per SM
+    /// resident); its tables for the current model; the SM count (its grid).
+    fused_decode: std::sync::atomic::AtomicBool,
+    fused_decode_fits: bool,
+    fused: Mutex<Option<fused::FusedDecode>>,
+    sms: usize,
+    /// Decode steps run through the fused decode (tests check it was taken).
+    fused_steps: AtomicU64,
+    /// FLEA_CUDA_FUSED_TRACE: per-phase times of the fused decode, printed at exit.
+    fused_trace: Option<Mutex<fused::FusedTrace>>,
     /// Per-kernel timing events (FLEA_CUDA_PROFILE), None when off.
     profile: Option<Mutex<profile::KernelProfile>>,
     precise_gemm: std::sync::atomic::AtomicBool,
@@ -508,6 +524,11 @@ impl CudaBackend {
             per_sm as usize * sms
         };
         let fused_attention_cap = [resident("attn_split_fused"), resident("attn_split_fused8")];
+        let fused_decode_fits = cc.0 >= 9
+            && sms > 0
+            && funcs
+                .get("fd_decode")
+                .is_some_and(|f| fused::opt_in(&ctx, f));
         let tiled_attention_max_span = funcs
             .get("attention_tiled")
             .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
@@ -547,6 +568,16 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
+            fused_decode: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLEA_CUDA_FUSED_DECODE").as_deref() == Ok("1"),
+            ),
+            fused_decode_fits,
+            fused: Mutex::new(None),
+            sms,
+            fused_steps: AtomicU64::new(0),
+            fused_trace: std::env::var_os("FLEA_CUDA_FUSED_TRACE")
+                .is_some_and(|v| v != "0")
+                .then(|| Mutex::new(fused::FusedTrace::default())),
             launch_serial: AtomicU64::new(0),
             prequant: Mutex::new(None),
             gemm_cap: AtomicUsize::new(0),
@@ -2096,6 +2127,17 @@ impl Backend for CudaBackend {
         let (ni, nqi, nki, hdi, ndi) = (n as i32, nq as i32, nk as i32, hd as i32, nd as i32);
         launch!(self, "rope_kv", cfg; qp, kp, vp, kc, vc, ni, nqi, nki, hdi, ndi, posp, theta_scale, neox, kvrowp)?;
         self.attend(n, q, &cache, p, out)
+    }
+
+    fn decode_layers(
+        &self,
+        cfg: &flea_model::ModelConfig,
+        layers: &[flea_model::weights::LayerWeights],
+        row: Row,
+        kv: &mut CudaKv,
+        acts: flea_model::backend::LayerActs<'_, CudaAct>,
+    ) -> Result<bool> {
+        self.decode_layers_fused(cfg, layers, row, kv, acts)
     }
 
     fn glu(

@@ -169,9 +169,97 @@ fn streamed_equals_resident_on_gpu() {
             return;
         }
     };
+    // The resident runs decode layer by layer here, as the streamed ones do (the fused
+    // decode sums in another order; `fused_decode_matches_layer_by_layer` covers it).
+    cuda.set_fused_decode(false);
     for p in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
         case(&cuda, p);
     }
+}
+
+/// The fused resident decode against layer-by-layer decode of the same model: within the
+/// quantized GPU-vs-CPU noise floor (a different summation order can move one int8 activation
+/// by one step, and that moves the logits by ~1e-2 in these random-weight models), and no
+/// farther from the CPU's logits than the layer-by-layer ones are (20% + 1e-3 of slack).
+const FUSED_TOL: f64 = HYBRID_TOL;
+
+/// The fused resident decode (every layer in one launch) against layer-by-layer decode on
+/// fully resident models it covers: a Llama-shaped model with head size 64 and grouped KV
+/// heads (Preset::Tiny), and one with head size 128 and a 13824-wide FFN row (so down
+/// rows are split across warps): the same prompt logits (prompts do not use it), each
+/// decode step within FUSED_TOL with the same argmax, and the fused kernel really ran.
+#[test]
+fn fused_decode_matches_layer_by_layer() {
+    let cuda = match CudaBackend::new(0) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIP: no CUDA device ({e})");
+            return;
+        }
+    };
+    let mut wide = Preset::Tiny.shape();
+    wide.name = "flea-synth wide".into();
+    wide.n_embd = 512;
+    wide.n_head = 4;
+    wide.n_head_kv = 4;
+    wide.head_dim = 128;
+    wide.n_ff = 13824;
+    wide.n_layers = 3;
+    let mut failures = Vec::new();
+    for (tag, shape) in [("tiny", Preset::Tiny.shape()), ("wide", wide)] {
+        let path =
+            std::env::temp_dir().join(format!("flea-cuda-fused-{tag}-{}.gguf", std::process::id()));
+        let _tmp = Tmp(path.clone());
+        let mut o = SynthOptions::new(Preset::Tiny);
+        o.shape = shape;
+        o.quant = QuantMix::Q4_K_M;
+        o.seed = 23;
+        o.threads = 4;
+        write_synthetic(&path, &o).expect("write synthetic model");
+        let model = Model::load(&path).expect("load");
+        let scratch = cuda.scratch_bytes(&model, 32);
+        let plan = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
+        assert!(plan.units.iter().all(|u| u.tier == Tier::Resident));
+        let mut runs = Vec::new();
+        for on in [false, true] {
+            cuda.set_fused_decode(on);
+            let before = cuda.fused_decode_steps();
+            let out = forced(&cuda, &model, &path, plan.clone(), None);
+            let steps = cuda.fused_decode_steps() - before;
+            assert_eq!(
+                steps,
+                if on { 6 } else { 0 },
+                "{tag}: fused decode steps (fused {on})"
+            );
+            runs.push(out);
+        }
+        // The CPU's logits for the same tokens: which side moved, where they differ.
+        let cpu = CpuBackend::new(4).unwrap();
+        let mut sc = flea_model::Session::new(&model, &cpu, 64, 32).unwrap();
+        let vocab = model.cfg.n_vocab as u32;
+        let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % vocab).collect();
+        sc.eval(&prompt, Logits::Last).unwrap();
+        let dc: Vec<Vec<f32>> = (0..6u32)
+            .map(|i| sc.eval(&[(i * 53 + 7) % vocab], Logits::Last).unwrap())
+            .collect();
+        let ((p0, d0, _), (p1, d1, _)) = (&runs[0], &runs[1]);
+        assert!(p0 == p1, "{tag}: prompt logits changed");
+        for (i, (a, b)) in d1.iter().zip(d0).enumerate() {
+            let rel = rel_err(a, b);
+            let same = argmax(a) == argmax(b);
+            let (fc, lc) = (rel_err(a, &dc[i]), rel_err(b, &dc[i]));
+            println!(
+                "FUSED {tag} step {i}: rel {rel:.3e}, same argmax {same}; vs CPU: fused {fc:.3e}, layer by layer {lc:.3e}"
+            );
+            if !(rel <= FUSED_TOL && same && fc <= 1.2 * lc + 1e-3) {
+                failures.push(format!(
+                    "{tag} step {i}: rel {rel:.3e}, same argmax {same}, vs CPU {fc:.3e} / {lc:.3e}"
+                ));
+            }
+        }
+    }
+    cuda.set_fused_decode(false);
+    assert!(failures.is_empty(), "fused decode differs: {failures:?}");
 }
 
 #[test]

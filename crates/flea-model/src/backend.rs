@@ -5,8 +5,8 @@
 //! backend can read directly (the CPU reads them in place, a GPU backend from its own
 //! memory).
 
-use crate::config::{FfnActivation, RopeStyle};
-use crate::weights::Weight;
+use crate::config::{FfnActivation, ModelConfig, RopeStyle};
+use crate::weights::{LayerWeights, Weight};
 use crate::Result;
 
 /// Geometry of the attention cache: `n_seq` independent sequence slots of `n_ctx` positions.
@@ -106,6 +106,19 @@ pub struct RopeParams<'a> {
     pub rope_dims: usize,
     pub base: f32,
     pub style: RopeStyle,
+}
+
+/// The activation buffers one token's pass through every layer uses (the forward pass's
+/// scratch), for [`Backend::decode_layers`].
+pub struct LayerActs<'a, A> {
+    /// The residual stream: the embedding on entry, the last layer's output on return.
+    pub x: &'a mut A,
+    pub q: &'a mut A,
+    pub k: &'a mut A,
+    pub v: &'a mut A,
+    pub attn: &'a mut A,
+    pub gate: &'a mut A,
+    pub up: &'a mut A,
 }
 
 /// A compute backend. Every activation buffer holds up to `capacity` rows of a fixed width;
@@ -305,6 +318,21 @@ pub trait Backend {
         k: &[u16],
         v: &[u16],
     ) -> Result<()>;
+
+    /// Every layer of one decode token (`row`) at once, where the backend has a fused path
+    /// for this model (the CUDA backend: all layers' weights resident, shapes it supports).
+    /// Returns false, having done nothing, where it has none; the caller then runs the
+    /// layers one by one with [`crate::forward::block`].
+    fn decode_layers(
+        &self,
+        _cfg: &ModelConfig,
+        _layers: &[LayerWeights],
+        _row: Row,
+        _kv: &mut Self::Kv,
+        _acts: LayerActs<'_, Self::Act>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// How a backend gets at a unit of weights (a layer, a slice of the output matrix) that the

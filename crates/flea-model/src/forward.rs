@@ -4,7 +4,7 @@
 //! with a residual connection), normalise, project to logits. Where the architectures differ
 //! the code says so inline.
 
-use crate::backend::{AttnParams, Backend, RopeParams, Row};
+use crate::backend::{AttnParams, Backend, LayerActs, RopeParams, Row};
 use crate::config::ModelConfig;
 use crate::debug::tap;
 use crate::weights::{LayerWeights, Weight};
@@ -238,6 +238,34 @@ pub fn block<B: Backend>(
     }
     tap(b, "l_out", il, n, &mut s.x)?;
     Ok(())
+}
+
+/// Step 2 for every layer at once, for a batch of one decode row, where the backend fuses
+/// the layers (see [`Backend::decode_layers`]); not while debug taps are on (they read
+/// every layer's intermediates). Returns false, having done nothing, otherwise.
+pub fn blocks_fused<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    layers: &[LayerWeights],
+    rows: &[Row],
+    kv: &mut B::Kv,
+    s: &mut Scratch<B>,
+) -> Result<bool> {
+    let [row] = rows else { return Ok(false) };
+    if layers.len() != cfg.n_layers || crate::debug::taps_active() {
+        return Ok(false);
+    }
+    check_batch(1, s)?;
+    let acts = LayerActs {
+        x: &mut s.x,
+        q: &mut s.q,
+        k: &mut s.k,
+        v: &mut s.v,
+        attn: &mut s.attn,
+        gate: &mut s.gate,
+        up: &mut s.up,
+    };
+    b.decode_layers(cfg, layers, *row, kv, acts)
 }
 
 /// Lengths of the runs of consecutive positions of one sequence in `rows`.

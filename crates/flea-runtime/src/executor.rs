@@ -890,6 +890,38 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     }
 
     /// One forward pass over all units for a batch of tokens.
+    /// Every layer of this one-row pass through the backend's fused decode, if each layer is
+    /// held in device memory and the backend takes the model (false: nothing ran).
+    fn fused_decode(&mut self, batch_rows: &[Row]) -> Result<bool> {
+        let m = self.model;
+        let mut layers = Vec::with_capacity(m.cfg.n_layers);
+        for (ui, unit) in self.plan.units.iter().enumerate() {
+            let UnitKind::Layer(il) = unit.kind else {
+                continue;
+            };
+            if !matches!(self.held[ui], Some(Holding::Device { .. })) || il != layers.len() {
+                return Ok(false);
+            }
+            let key = unit_key(m, unit.offset, unit.bytes)?;
+            layers.push(m.layout.layers[il].views(key, unit.offset)?);
+        }
+        let t0 = Instant::now();
+        let b = self.backend;
+        let done = forward::blocks_fused(
+            b,
+            &m.cfg,
+            &layers,
+            batch_rows,
+            &mut self.kv,
+            &mut self.scratch,
+        )?;
+        if done {
+            let t1 = Instant::now();
+            self.stats.compute_seconds += (t1 - t0).as_secs_f64();
+        }
+        Ok(done)
+    }
+
     fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
@@ -925,18 +957,28 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             data: &self.embed_rows,
         };
         let local: Vec<u32> = (0..n as u32).collect();
+        {
+            // (embed reads only the table)
+            let head = HeadWeights {
+                token_embd: table,
+                output_norm: table,
+                output: table,
+            };
+            forward::embed(b, cfg, &head, &local, &mut self.scratch)?;
+        }
+
+        // One decode row with every layer in device memory: the backend may run all layers
+        // in one go (the CUDA backend's fused decode); the loop below then skips them.
+        let fused_layers = n == 1
+            && self.cpu_side.is_none()
+            && !b.computes_in_place()
+            && self.fused_decode(batch_rows)?;
         let norm = Weight {
             ty: m.layout.output_norm.ty,
             rows: 1,
             cols: cfg.n_embd,
             data: &self.output_norm,
         };
-        let head = HeadWeights {
-            token_embd: table,
-            output_norm: norm,
-            output: table,
-        };
-        forward::embed(b, cfg, &head, &local, &mut self.scratch)?;
 
         let mut logits = Vec::new();
         let mut rows = 0;
@@ -949,6 +991,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         for ui in 0..self.plan.units.len() {
             let unit = &self.plan.units[ui];
             let (kind, tier, offset) = (unit.kind.clone(), unit.tier, unit.offset);
+            if fused_layers && matches!(kind, UnitKind::Layer(_)) {
+                self.stats.bytes_resident += unit.bytes;
+                continue;
+            }
             if let (true, true, UnitKind::Layer(il), Some(cs)) =
                 (use_cpu, unit.on_cpu, &kind, self.cpu_side.as_mut())
             {
