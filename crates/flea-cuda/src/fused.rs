@@ -14,7 +14,7 @@
 //! FFN up to 16384), positions below 3840, sm_90 or later; anything else runs layer by layer.
 //!
 //! **Off by default** (`FLEA_CUDA_FUSED_DECODE=1` turns it on): measured on an H200 it is
-//! still slower than layer-by-layer decode (13B: 190 vs 244 tok/s). Its mat-vec phases
+//! still slower than layer-by-layer decode (13B: 190 vs 233–242 tok/s). Its mat-vec phases
 //! stream at ~3.3 TB/s, but every phase between them — attention, norms, GLU, the grid
 //! barriers — waits on loads that queue behind the weight stream (~2 µs a round trip), ~60 µs
 //! a layer in all (`FLEA_CUDA_FUSED_TRACE=1` prints the split; docs/BENCHMARKS.md).
