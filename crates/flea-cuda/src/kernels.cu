@@ -1489,6 +1489,18 @@ extern "C" __global__ void copy_f4(const float4* x, float4* y, long long n4) {
 // ---------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+// Unsigned bytes of a times signed bytes of b, plus c.
+__device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// The two signed 16-bit halves of a times bytes 0 and 1 of b (unsigned), plus c.
+__device__ __forceinline__ int dp2a_lo(int a, u32 b, int c) {
+    int d;
+    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
 
 // 4 bytes from a 2-byte aligned address (Q6_K / Q4_0 / Q8_0 blocks are only 2-aligned).
 __device__ __forceinline__ int ld_a2(const u8* p) {
@@ -1570,6 +1582,38 @@ extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const floa
 // header (16 B) and qs[32j + 16h .. +16) (16 B), covering elements 64j + 16h + i (sub-block
 // 2j, Q8_K 16-group 4j + h) and 64j + 32 + 16h + i (sub-block 2j + 1, 16-group 4j + 2 + h),
 // i in 0..16.
+// A Q4_K lane's part of a block (header hdr, its 16 quant bytes qs: low nibbles in sub-block
+// 2j, high nibbles in 2j + 1) against its activations (alo, ahi) and their two 16-sums: the
+// high nibbles are multiplied in place (q & 0xf0 = 16 * nibble, unsigned bytes; the sum divided
+// by 16 after, exactly); the two 6-bit scales and mins come out of the header as byte pairs
+// (masks by lane, no branch: lanes of one warp have j both below and above 2) and meet the
+// two sums in one dp2a each (|dlo|, |dhi| <= 16 * 15 * 128 and |16-sum| <= 16 * 128 fit 16
+// bits). The integers are those of `scale_min` and the sums of products, so the value is too.
+__device__ __forceinline__ float q4k_lane_dot(uint4 hdr, uint4 qs, int4 alo, int4 ahi, int2 sums,
+                                              float yd, int j) {
+    const u32 q[4] = {qs.x, qs.y, qs.z, qs.w};
+    const int al[4] = {alo.x, alo.y, alo.z, alo.w}, ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+    int lo = 0, hi16 = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        lo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], lo);
+        hi16 = dp4a_us(q[k] & 0xf0f0f0f0u, ah[k], hi16);
+    }
+    // Sub-blocks 2j and 2j + 1: bytes 2(j & 1) and 2(j & 1) + 1 of the scale words; 6 bits of
+    // y (scales) and z (mins) below sub-block 4, else 4 bits of w and the top 2 of y / z.
+    const int sh = 16 * (j & 1);
+    const u32 Y = hdr.y >> sh, Z = hdr.z >> sh, W = hdr.w >> sh;
+    const bool hi = j >= 2;
+    const u32 my = hi ? 0u : 0x3f3fu, mw = hi ? 0x0f0fu : 0u, my2 = hi ? 0x3030u : 0u;
+    const u32 S = (Y & my) | (W & mw) | ((Y >> 2) & my2);
+    const u32 M = (Z & my) | ((W >> 4) & mw) | ((Z >> 2) & my2);
+    const int isum = dp2a_lo((int)__byte_perm((u32)lo, (u32)(hi16 >> 4), 0x5410), S, 0);
+    const int msum = dp2a_lo((int)__byte_perm((u32)sums.x, (u32)sums.y, 0x5410), M, 0);
+    const float d = h2f((u16)(hdr.x & 0xffff)) * yd;
+    const float dmin = h2f((u16)(hdr.x >> 16)) * yd;
+    return d * (float)isum - dmin * (float)msum;
+}
+
 struct Q4KRaw {
     uint4 hdr, qs;
 };
@@ -1599,29 +1643,12 @@ struct Q4K {
                                                 const i8* __restrict__ xq,
                                                 const float* __restrict__ xd,
                                                 const int* __restrict__ xs) {
-        const int j = p >> 1;  // p = 2j + h
         // Elements 64j + 16h + i and 64j + 32 + 16h + i are stored at 16p + i and 128 + 16p + i.
         const i8* a = xq + blk * 256 + 16 * p;
         const int4 alo = *(const int4*)a;
         const int4 ahi = *(const int4*)(a + 128);
         const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);  // groups 4j + h, 4j + 2 + h
-        const int slo = sums.x, shi = sums.y;
-        const float yd = xd[blk];
-        const u32 q[4] = {r.qs.x, r.qs.y, r.qs.z, r.qs.w};
-        const int al[4] = {alo.x, alo.y, alo.z, alo.w};
-        const int ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
-        int dlo = 0, dhi = 0;
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            dlo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], dlo);
-            dhi = dp4a((int)((q[k] >> 4) & 0x0f0f0f0fu), ah[k], dhi);
-        }
-        int sc0, m0, sc1, m1;
-        scale_min(2 * j, r.hdr.y, r.hdr.z, r.hdr.w, sc0, m0);
-        scale_min(2 * j + 1, r.hdr.y, r.hdr.z, r.hdr.w, sc1, m1);
-        const float d = h2f((u16)(r.hdr.x & 0xffff)) * yd;
-        const float dmin = h2f((u16)(r.hdr.x >> 16)) * yd;
-        return d * (float)(sc0 * dlo + sc1 * dhi) - dmin * (float)(m0 * slo + m1 * shi);
+        return q4k_lane_dot(r.hdr, r.qs, alo, ahi, sums, xd[blk], p >> 1);
     }
 };
 
@@ -2327,51 +2354,13 @@ __device__ __forceinline__ void fd_grid_sync(unsigned* gbar, unsigned idx) {
     fd_sync();
 }
 
-// Q4_K from the ring: the high nibbles multiplied in place (q & 0xf0 = 16 * nibble, unsigned
-// bytes) and the sum divided by 16 (exact); the lane's two 6-bit scales and mins as byte
-// pairs (masks per lane: no branch) meet the two 16-bit sums in one dp2a each. The integers
-// are Q4K::dot's, so each block's value is too.
-struct FdQ4Masks {
-    u32 y, w, y2;
-};
-__device__ __forceinline__ FdQ4Masks fd_q4_masks(int j) {
-    return j < 2 ? FdQ4Masks{0x3f3fu, 0u, 0u} : FdQ4Masks{0u, 0x0f0fu, 0x3030u};
-}
-__device__ __forceinline__ int fd_dp4a_us(u32 a, int b, int c) {
-    int d;
-    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-__device__ __forceinline__ int fd_dp2a_lo(int a, u32 b, int c) {
-    int d;
-    asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
+// Q4_K from the ring: the launch kernels' lane mapping and q4k_lane_dot.
 __device__ __forceinline__ float fd_q4k_dot(const u8* wr, int blk, int p, const i8* xq,
-                                            const float* xd, const int* xs, const FdQ4Masks& mk) {
+                                            const float* xd, const int* xs) {
     const uint4* b = (const uint4*)(wr + blk * 144);
-    const uint4 hdr = b[0], qs = b[1 + p];
-    const int j = p >> 1;
     const i8* a = xq + blk * 256 + 16 * p;
-    const int4 alo = *(const int4*)a, ahi = *(const int4*)(a + 128);
-    const int2 sums = *(const int2*)(xs + blk * 16 + 2 * p);
-    const float yd = xd[blk];
-    const u32 q[4] = {qs.x, qs.y, qs.z, qs.w};
-    const int al[4] = {alo.x, alo.y, alo.z, alo.w}, ah[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
-    int lo = 0, hi16 = 0;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        lo = dp4a((int)(q[k] & 0x0f0f0f0fu), al[k], lo);
-        hi16 = fd_dp4a_us(q[k] & 0xf0f0f0f0u, ah[k], hi16);
-    }
-    const int sh = 16 * (j & 1);
-    const u32 Y = hdr.y >> sh, Z = hdr.z >> sh, W = hdr.w >> sh;
-    const u32 S = (Y & mk.y) | (W & mk.w) | ((Y >> 2) & mk.y2);
-    const u32 M = (Z & mk.y) | ((W >> 4) & mk.w) | ((Z >> 2) & mk.y2);
-    const int isum = fd_dp2a_lo((int)__byte_perm((u32)lo, (u32)(hi16 >> 4), 0x5410), S, 0);
-    const int msum = fd_dp2a_lo((int)__byte_perm((u32)sums.x, (u32)sums.y, 0x5410), M, 0);
-    const float d = h2f((u16)(hdr.x & 0xffff)) * yd, dmin = h2f((u16)(hdr.x >> 16)) * yd;
-    return d * (float)isum - dmin * (float)msum;
+    return q4k_lane_dot(b[0], b[1 + p], *(const int4*)a, *(const int4*)(a + 128),
+                        *(const int2*)(xs + blk * 16 + 2 * p), xd[blk], p >> 1);
 }
 // Q6_K repacked from the ring (ql | qh | scales of the chunk's nbk blocks; d from global dg):
 // Q6KS's lane mapping and arithmetic.
@@ -2478,7 +2467,6 @@ __device__ void fd_matvecs(const FdArgs& A, int m0, int m1, u8* ring, const i8* 
                            const float* sxd, const int* sxs, float* part, int* rcnt, u32 full0,
                            u32 empty0, int& g, u32& it, int& tw) {
     const int lane = threadIdx.x & 31, p = lane & 7;
-    const FdQ4Masks mk = fd_q4_masks(p >> 1);
     for (int m = m0; m < m1; m++) {
         const FdMat M = A.mats[m];
         const int nb = M.cols / 256, C = M.crows, WPR = 1 << M.lwpr, T = C * WPR;
@@ -2495,7 +2483,7 @@ __device__ void fd_matvecs(const FdArgs& A, int m0, int m1, u8* ring, const i8* 
                 int blk = (lane >> 3) + 4 * k;
                 if (M.ty == 0) {
                     const u8* wr = st + r * nb * 144;
-                    for (; blk < nb; blk += stp) acc += fd_q4k_dot(wr, blk, p, sxq, sxd, sxs, mk);
+                    for (; blk < nb; blk += stp) acc += fd_q4k_dot(wr, blk, p, sxq, sxd, sxs);
                 } else {
                     const int nbk = nr * nb, B = r * nb;
                     const u16* dg = (const u16*)(M.w + (long long)M.rows * nb * 208) + (long long)row0 * nb;
