@@ -39,22 +39,6 @@ struct Q4KRaw { uint4 hdr, qs; };
 __device__ __forceinline__ void scale_min(int s,u32 y,u32 z,u32 w,int&sc,int&m){
  const int sh=8*(s&3); const int by=(y>>sh)&0xff,bz=(z>>sh)&0xff,bw=(w>>sh)&0xff;
  if(s<4){sc=by&63;m=bz&63;}else{sc=(bw&15)|((by>>6)<<4);m=(bw>>4)|((bz>>6)<<4);} }
-// The same values without a branch (lanes of one warp take both sides of scale_min's).
-__device__ __forceinline__ void scale_min_sel(int s,u32 y,u32 z,u32 w,int&sc,int&m){
- const int sh=8*(s&3); const int by=(y>>sh)&0xff,bz=(z>>sh)&0xff,bw=(w>>sh)&0xff; const bool hi=s>=4;
- sc=hi?((bw&15)|((by>>6)<<4)):(by&63); m=hi?((bw>>4)|((bz>>6)<<4)):(bz&63); }
-template<bool SEL> __device__ __forceinline__ float q4k_dot_t(const Q4KRaw&r,int blk,int p,const i8*__restrict__ xq,const float*__restrict__ xd,const int*__restrict__ xs){
- const int j=p>>1; const i8* a=xq+blk*256+16*p; const int4 alo=*(const int4*)a; const int4 ahi=*(const int4*)(a+128);
- const int2 sums=*(const int2*)(xs+blk*16+2*p); const float yd=xd[blk];
- const u32 q[4]={r.qs.x,r.qs.y,r.qs.z,r.qs.w}; const int al[4]={alo.x,alo.y,alo.z,alo.w}; const int ah[4]={ahi.x,ahi.y,ahi.z,ahi.w};
- int dlo=0,dhi=0;
-#pragma unroll
- for(int k=0;k<4;k++){dlo=dp4a((int)(q[k]&0x0f0f0f0fu),al[k],dlo); dhi=dp4a((int)((q[k]>>4)&0x0f0f0f0fu),ah[k],dhi);}
- int sc0,m0,sc1,m1;
- if(SEL){ scale_min_sel(2*j,r.hdr.y,r.hdr.z,r.hdr.w,sc0,m0); scale_min_sel(2*j+1,r.hdr.y,r.hdr.z,r.hdr.w,sc1,m1); }
- else { scale_min(2*j,r.hdr.y,r.hdr.z,r.hdr.w,sc0,m0); scale_min(2*j+1,r.hdr.y,r.hdr.z,r.hdr.w,sc1,m1); }
- const float d=h2f((u16)(r.hdr.x&0xffff))*yd; const float dmin=h2f((u16)(r.hdr.x>>16))*yd;
- return d*(float)(sc0*dlo+sc1*dhi)-dmin*(float)(m0*sums.x+m1*sums.y);}
 __device__ __forceinline__ void q4k_load(const u8* __restrict__ wr,int blk,int p,Q4KRaw&r){
  const uint4* b=(const uint4*)(wr+(long long)blk*144); r.hdr=__ldg(b); r.qs=__ldg(b+1+p);}
 __device__ __forceinline__ float q4k_dot(const Q4KRaw&r,int blk,int p,const i8*__restrict__ xq,const float*__restrict__ xd,const int*__restrict__ xs){

@@ -260,14 +260,8 @@ impl FusedTrace {
 /// Opts `fd_decode` into FD_SMEM of shared memory and checks that one block of it fits an
 /// SM (the cooperative launch needs every block resident). False: never used.
 pub(crate) fn opt_in(ctx: &cudarc::driver::CudaContext, f: &cudarc::driver::CudaFunction) -> bool {
-    use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-    let optin = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .unwrap_or(0);
-    let fixed = f
-        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-        .unwrap_or(i32::MAX);
-    if optin < 0 || fixed < 0 || (optin as i64) < FD_SMEM as i64 + fixed as i64 {
+    use cudarc::driver::sys::CUfunction_attribute;
+    if (crate::dynamic_smem_room(ctx, f) as usize) < FD_SMEM {
         return false;
     }
     let set = f.set_attribute(
@@ -539,40 +533,22 @@ impl CudaBackend {
         // ordered on the compute stream before the launch that reads it.
         unsafe { sys::cuMemsetD32Async(gbar, 0, 1, self.stream.cu_stream()).result() }
             .map_err(|e| be(format!("fused decode barrier reset: {e:?}")))?;
-        let f = self.func("fd_decode")?;
-        let mut attr = sys::CUlaunchAttribute {
+        let attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue { cooperative: 1 },
         };
-        let config = sys::CUlaunchConfig {
-            gridDimX: self.sms as u32,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: FD_THREADS,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: FD_SMEM as u32,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (self.sms as u32, 1, 1),
+            block_dim: (FD_THREADS, 1, 1),
+            shared_mem_bytes: FD_SMEM as u32,
         };
         let mut a = *args;
         let mut params = [&mut a as *mut FdArgs as *mut std::ffi::c_void];
         // SAFETY: the kernel takes one FdArgs by value (same repr(C) layout as kernels.cu);
         // every pointer in it addresses a live device buffer sized by `fused_tables` and the
-        // checks above; `config`, `attr` and `a` live through the call.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &config,
-                f.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-            .result()
-        }
-        .map_err(|e| be(format!("kernel fd_decode: {e:?}")))?;
-        self.after_launch("fd_decode")
+        // checks above; `a` lives through the call.
+        unsafe { self.launch_with("fd_decode", cfg, Some(attr), &mut params) }
     }
 }
 

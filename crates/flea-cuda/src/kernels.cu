@@ -1734,20 +1734,31 @@ struct Q6KS {
     // B: the block's index in the tensor (row * blocks per row + block).
     __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
                                                 long long B, int p, Q6KRaw& r) {
+        load_fields<true>(W, W + NB * 128, W + NB * 192, (const u16*)(W + NB * 208), B, p, r);
+    }
+    // Block B's lane part from the repacked fields (ql 128, qh 64, scales 16 bytes a block;
+    // d); GLOBAL: read-only global loads, else plain ones (the fused decode's shared-memory
+    // ring holds ql | qh | scales of a chunk).
+    template <bool GLOBAL>
+    __device__ static __forceinline__ void load_fields(const u8* ql, const u8* qh, const u8* sc,
+                                                       const u16* d, long long B, int p,
+                                                       Q6KRaw& r) {
         const int n = p >> 2, l0 = 8 * (p & 3);
-        const uint2 a = __ldg((const uint2*)(W + B * 128 + 64 * n + l0));
-        const uint2 b = __ldg((const uint2*)(W + B * 128 + 64 * n + 32 + l0));
-        const uint2 h = __ldg((const uint2*)(W + NB * 128 + B * 64 + 32 * n + l0));
-        const uint2 sc = __ldg((const uint2*)(W + NB * 192 + B * 16 + 8 * n));
+        const uint2* pa = (const uint2*)(ql + B * 128 + 64 * n + l0);
+        const uint2* pb = (const uint2*)(ql + B * 128 + 64 * n + 32 + l0);
+        const uint2* ph = (const uint2*)(qh + B * 64 + 32 * n + l0);
+        const uint2* ps = (const uint2*)(sc + B * 16 + 8 * n);
+        const uint2 a = GLOBAL ? __ldg(pa) : *pa, b = GLOBAL ? __ldg(pb) : *pb;
+        const uint2 h = GLOBAL ? __ldg(ph) : *ph, s = GLOBAL ? __ldg(ps) : *ps;
         r.a0 = (int)a.x;
         r.a1 = (int)a.y;
         r.b0 = (int)b.x;
         r.b1 = (int)b.y;
         r.h0 = (int)h.x;
         r.h1 = (int)h.y;
-        r.sc01 = (int)sc.x;
-        r.sc23 = (int)sc.y;
-        r.d = __ldg((const u16*)(W + NB * 208) + B);
+        r.sc01 = (int)s.x;
+        r.sc23 = (int)s.y;
+        r.d = __ldg(d + B);
     }
     __device__ static __forceinline__ float dot(const Q6KRaw& r, int blk, int p,
                                                 const i8* __restrict__ xq,
@@ -2362,24 +2373,10 @@ __device__ __forceinline__ float fd_q4k_dot(const u8* wr, int blk, int p, const 
     return q4k_lane_dot(b[0], b[1 + p], *(const int4*)a, *(const int4*)(a + 128),
                         *(const int2*)(xs + blk * 16 + 2 * p), xd[blk], p >> 1);
 }
-// Q6_K repacked from the ring (ql | qh | scales of the chunk's nbk blocks; d from global dg):
-// Q6KS's lane mapping and arithmetic.
+// Q6_K repacked from the ring (ql | qh | scales of the chunk's nbk blocks; d from global dg).
 __device__ __forceinline__ void fd_q6_load(const u8* st, const u16* dg, int nbk, int B, int p,
                                            Q6KRaw& r) {
-    const int n = p >> 2, l0 = 8 * (p & 3);
-    const uint2 a = *(const uint2*)(st + B * 128 + 64 * n + l0);
-    const uint2 b = *(const uint2*)(st + B * 128 + 64 * n + 32 + l0);
-    const uint2 h = *(const uint2*)(st + nbk * 128 + B * 64 + 32 * n + l0);
-    const uint2 sc = *(const uint2*)(st + nbk * 192 + B * 16 + 8 * n);
-    r.a0 = (int)a.x;
-    r.a1 = (int)a.y;
-    r.b0 = (int)b.x;
-    r.b1 = (int)b.y;
-    r.h0 = (int)h.x;
-    r.h1 = (int)h.y;
-    r.sc01 = (int)sc.x;
-    r.sc23 = (int)sc.y;
-    r.d = __ldg(dg + B);
+    Q6KS::load_fields<false>(st, st + nbk * 128, st + nbk * 192, dg, B, p, r);
 }
 
 // RMS norm of x (n values, written by other blocks: L2 loads) times w, quantised to Q8_K into

@@ -324,9 +324,9 @@ fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
-/// Opts `attention_tiled` into the device's largest shared memory per block and returns the
-/// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
-fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
+/// Dynamic shared memory a block of `f` may opt into: the device's opt-in limit less the
+/// kernel's static shared memory (0 if a query fails).
+fn dynamic_smem_room(ctx: &CudaContext, f: &CudaFunction) -> i32 {
     use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
     let optin = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -334,7 +334,14 @@ fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
     let fixed = f
         .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
         .unwrap_or(i32::MAX);
-    let dynamic = optin.saturating_sub(fixed).max(0);
+    optin.saturating_sub(fixed).max(0)
+}
+
+/// Opts `attention_tiled` into the device's largest shared memory per block and returns the
+/// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
+fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
+    use cudarc::driver::sys::CUfunction_attribute;
+    let dynamic = dynamic_smem_room(ctx, f);
     let set = f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         dynamic,
@@ -978,14 +985,38 @@ impl CudaBackend {
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
         use cudarc::driver::sys;
-        let f = self.func(name)?;
-        let mut attr = sys::CUlaunchAttribute {
+        let attr = self.pdl.then_some(sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue {
                 programmaticStreamSerializationAllowed: 1,
             },
-        };
+        });
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_with(name, cfg, attr, params) }
+    }
+
+    /// `launch_kernel` with one launch attribute of the caller's (or none).
+    ///
+    /// # Safety
+    /// As `launch_kernel`.
+    pub(crate) unsafe fn launch_with(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        attr: Option<cudarc::driver::sys::CUlaunchAttribute>,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let f = self.func(name)?;
+        // No heap allocation per launch: one attribute slot, counted only when given.
+        let mut one = attr.unwrap_or(sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 0,
+            },
+        });
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -995,11 +1026,11 @@ impl CudaBackend {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(self.pdl),
+            attrs: &mut one,
+            numAttrs: u32::from(attr.is_some()),
         };
         self.bind()?;
-        // SAFETY: the caller's contract covers the parameters; `config` and `attr` live
+        // SAFETY: the caller's contract covers the parameters; `config` and `one` live
         // through the call, and the function belongs to this context's module.
         unsafe {
             sys::cuLaunchKernelEx(

@@ -12,6 +12,17 @@ use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::path::{Path, PathBuf};
 
+/// Device 0, or None after printing SKIP (no CUDA device here).
+fn device() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            println!("SKIP: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
 struct Tmp(PathBuf);
 impl Drop for Tmp {
     fn drop(&mut self) {
@@ -162,13 +173,7 @@ fn case(cuda: &CudaBackend, preset: Preset) {
 
 #[test]
 fn streamed_equals_resident_on_gpu() {
-    let cuda = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(cuda) = device() else { return };
     // The resident runs decode layer by layer here, as the streamed ones do (the fused
     // decode sums in another order; `fused_decode_matches_layer_by_layer` covers it).
     cuda.set_fused_decode(false);
@@ -190,13 +195,7 @@ const FUSED_TOL: f64 = HYBRID_TOL;
 /// decode step within FUSED_TOL with the same argmax, and the fused kernel really ran.
 #[test]
 fn fused_decode_matches_layer_by_layer() {
-    let cuda = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(cuda) = device() else { return };
     let mut wide = Preset::Tiny.shape();
     wide.name = "flea-synth wide".into();
     wide.n_embd = 512;
@@ -317,13 +316,7 @@ const HYBRID_TOL: f64 = 5e-2;
 
 #[test]
 fn hybrid_decode_matches_resident_on_gpu() {
-    let cuda = match CudaBackend::new(0) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(cuda) = device() else { return };
     let cpu = CpuBackend::new(4).expect("CPU backend");
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
         let (_tmp, path, model) = synth(preset, "hybrid");
