@@ -379,11 +379,14 @@ impl CudaBackend {
                     accumulate,
                 });
             }
+            let (Some(&kc), Some(&vc)) = (kv.kp.get(il), kv.vp.get(il)) else {
+                return Ok(None);
+            };
             fl.push(FdLayer {
                 attn_norm: an,
                 ffn_norm: fnorm,
-                kc: kv.kp[il],
-                vc: kv.vp[il],
+                kc,
+                vc,
                 mat0,
                 _pad: 0,
             });
@@ -456,6 +459,8 @@ impl CudaBackend {
             key.push(a.ptr);
         }
         key.push(kv.shape.n_ctx as u64);
+        // Device addresses come from the mappings: any change to them rebuilds the tables.
+        key.push(self.map_generation.load(Ordering::Relaxed));
         let mut slot = self
             .fused
             .lock()

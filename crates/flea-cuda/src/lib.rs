@@ -253,8 +253,10 @@ pub struct CudaBackend {
     blas: Option<cudarc::cublas::CudaBlas>,
     funcs: HashMap<String, CudaFunction>,
     weights: Mutex<DeviceCache<u8>>,
-    /// Host ranges the executor has placed in device memory (see staging.rs).
+    /// Host ranges the executor has placed in device memory (see staging.rs), and how many
+    /// times they changed.
     mappings: Mutex<Vec<staging::Mapping>>,
+    map_generation: AtomicU64,
     resident: Mutex<Vec<CudaSlice<u8>>>,
     /// Device addresses of resident Q6_K weights stored in the repacked layout (Q6KS in
     /// kernels.cu, `staging::repack_q6k`).
@@ -554,6 +556,7 @@ impl CudaBackend {
             funcs,
             weights: Mutex::new(HashMap::new()),
             mappings: Mutex::new(Vec::new()),
+            map_generation: AtomicU64::new(0),
             resident: Mutex::new(Vec::new()),
             repacked: Mutex::new(std::collections::HashSet::new()),
             ring: Mutex::new(None),
@@ -1087,6 +1090,7 @@ impl CudaBackend {
     pub fn clear_weights(&self) {
         self.weights.lock().unwrap().clear();
         self.vectors.lock().unwrap().clear();
+        self.note_remap();
     }
 
     /// Device pointer of a weight's bytes, uploading them on first use.

@@ -61,10 +61,19 @@ impl CudaBackend {
         let mut maps = self.mappings.lock().unwrap();
         maps.retain(|m| m.host != host);
         maps.push(Mapping { host, len, dev });
+        self.note_remap();
     }
 
     fn unmap(&self, host: usize) {
         self.mappings.lock().unwrap().retain(|m| m.host != host);
+        self.note_remap();
+    }
+
+    /// Count a change of the host → device mappings (tables built from them, the fused
+    /// decode's, are rebuilt).
+    pub(crate) fn note_remap(&self) {
+        self.map_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether units are being placed by an executor (then an unmapped weight is an error,
@@ -309,6 +318,7 @@ impl UnitStaging for CudaBackend {
         let _ = self.copy_stream.synchronize();
         let _ = self.stream.synchronize();
         self.mappings.lock().unwrap().clear();
+        self.note_remap();
         self.resident.lock().unwrap().clear();
         self.repacked.lock().unwrap().clear();
         *self.ring.lock().unwrap() = None;

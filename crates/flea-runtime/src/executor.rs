@@ -889,7 +889,6 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         Ok(())
     }
 
-    /// One forward pass over all units for a batch of tokens.
     /// Every layer of this one-row pass through the backend's fused decode, if each layer is
     /// held in device memory and the backend takes the model (false: nothing ran).
     fn fused_decode(&mut self, batch_rows: &[Row]) -> Result<bool> {
@@ -922,6 +921,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         Ok(done)
     }
 
+    /// One forward pass over all units for a batch of tokens.
     fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
