@@ -2542,8 +2542,7 @@ __device__ __forceinline__ void fd_rope_pair(const float* x, float* out, int i, 
 
 // One head's attention for the new position, by one block (heads h = blockIdx.x, + grid):
 // warp 0 rotates q (rounded to f16, as the cache's dot does), warp 1 rotates k (rounded to
-// f16, as the cache holds it) and, for the first head of each kv group, stores k and v into
-// the cache. Scores: lane = key (keys warp * 32 + lane + 512 r), the K row's loads 8 at a time
+// f16, as the cache holds it) and stores k and v into the cache. Scores: lane = key (keys warp * 32 + lane + 512 r), the K row's loads 8 at a time
 // in flight, kept in shared memory; block max and total (in warp order); probabilities
 // rounded to f16 as the CPU does; P.V with the keys split over the warps in order (lane: hd/32
 // dims, 16 keys' loads in flight), the warps' partials added in warp order into att.
@@ -2598,11 +2597,11 @@ __device__ void fd_attention(const FdArgs& A, const FdLayer& L, float* at, float
             for (int d = lane; d < hd; d += 32) {
                 const u16 kh = f2h(ks[d]);
                 ks[d] = h2f(kh);
-                if (h % group == 0) {
-                    const long long row = (long long)(A.kv_base + A.pos) * kvd + kvh * hd + d;
-                    L.kc[row] = kh;
-                    L.vc[row] = f2h(__ldcg(A.v + kvh * hd + d));
-                }
+                // Every head of a kv group stores the same row: each block's P.V below then
+                // reads its own store of v (another head's block may not have run yet).
+                const long long row = (long long)(A.kv_base + A.pos) * kvd + kvh * hd + d;
+                L.kc[row] = kh;
+                L.vc[row] = f2h(__ldcg(A.v + kvh * hd + d));
             }
         }
         fd_sync();
