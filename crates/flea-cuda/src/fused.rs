@@ -24,7 +24,7 @@
 use crate::{be, dptr, CudaAct, CudaBackend, CudaKv};
 use cudarc::driver::CudaSlice;
 use flea_gguf::GgmlType;
-use flea_model::backend::{LayerActs, Row};
+use flea_model::backend::{Backend, LayerActs, Row};
 use flea_model::config::{Arch, FfnActivation};
 use flea_model::weights::{LayerWeights, Weight};
 use flea_model::{ModelConfig, Result};
@@ -422,9 +422,7 @@ impl CudaBackend {
         kv: &mut CudaKv,
         acts: LayerActs<'_, CudaAct>,
     ) -> Result<bool> {
-        if !self.fused_decode.load(Ordering::Relaxed)
-            || !self.fused_decode_fits
-            || !self.fusion()
+        if !self.fuses_decode()
             || layers.len() != cfg.n_layers
             || row.seq >= kv.shape.n_seq
             || row.pos >= kv.shape.n_ctx

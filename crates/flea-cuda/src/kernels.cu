@@ -2231,9 +2231,9 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 //   * FD_NW consumer warps do the layer's work phase by phase; a grid barrier (a counter in
 //     global memory) separates phases whose inputs other blocks write.
 // Phases of a layer: [rms norm + Q8_K of x, per block into shared memory] q/k/v mat-vecs |
-// attention scores (RoPE of q, and of k at the new position, stored into the f16 cache) |
-// softmax, P.V, per-head combine and Q8_K of the output | output mat-vec into x | [norm of x]
-// gate/up mat-vecs | [GLU + Q8_K] down mat-vec into x. Six barriers per layer.
+// attention, a head per block (RoPE of q and of k at the new position, k/v stored into the
+// f16 cache, softmax, P.V) | [Q8_K of the attention output] output mat-vec into x | [norm of
+// x] gate/up mat-vecs | [GLU + Q8_K] down mat-vec into x. Five barriers per layer.
 // Matrices: Q4_K rows, or resident Q6_K in the repacked layout (ql | qh | scales in the
 // ring, d read from global memory). Chunk g of the token's chunks (C rows of one matrix)
 // belongs to block g % gridDim.x; a chunk is C * WPR tasks (WPR slices of each row) taken by
@@ -2344,6 +2344,43 @@ __device__ __forceinline__ void fd_prefetch_kv(const FdArgs& A, const FdLayer& L
 }
 __device__ __forceinline__ void fd_prefetch(const void* src, u32 bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+// The matrix holding chunk g, searching on from matrix m (n_mats: past the last).
+__device__ __forceinline__ int fd_mat_of(const FdArgs& A, int m, int g) {
+    while (m < A.n_mats && g >= A.mats[m].chunk0 + A.mats[m].nch) m++;
+    return m;
+}
+// Where chunk g of matrix M lies: Q4_K rows are one range; repacked Q6_K rows three (their
+// ql, qh and scales; d is read from global memory), laid out in that order in the ring.
+struct FdPieces {
+    const u8* src[3];
+    u32 bytes[3];
+    int n;
+    u32 total;
+};
+__device__ __forceinline__ FdPieces fd_chunk(const FdMat& M, int g) {
+    const int nb = M.cols / 256;
+    const long long row0 = (long long)(g - M.chunk0) * M.crows;
+    const int nr = (int)min((long long)M.crows, M.rows - row0);
+    FdPieces P;
+    if (M.ty == 0) {
+        P.n = 1;
+        P.src[0] = M.w + row0 * nb * 144;
+        P.bytes[0] = (u32)(nr * nb * 144);
+    } else {
+        const long long NB = (long long)M.rows * nb, B0 = row0 * nb;
+        const u32 nbk = (u32)(nr * nb);
+        P.n = 3;
+        P.src[0] = M.w + B0 * 128;
+        P.bytes[0] = nbk * 128;
+        P.src[1] = M.w + NB * 128 + B0 * 64;
+        P.bytes[1] = nbk * 64;
+        P.src[2] = M.w + NB * 192 + B0 * 16;
+        P.bytes[2] = nbk * 16;
+    }
+    P.total = 0;
+    for (int i = 0; i < P.n; i++) P.total += P.bytes[i];
+    return P;
 }
 __device__ __forceinline__ void fd_sync() { asm volatile("bar.sync 1, %0;" ::"n"(FD_NW * 32) : "memory"); }
 // Grid barrier number `idx` (0, 1, ...) among the consumers of every block.
@@ -2714,48 +2751,25 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
         int m = 0;
         u32 it = 0;
         for (int g = blockIdx.x; g < total; g += gridDim.x, it++) {
-            while (g >= A.mats[m].chunk0 + A.mats[m].nch) m++;
-            const FdMat M = A.mats[m];
+            m = fd_mat_of(A, m, g);
             const int s = (int)(it % FD_STAGES);
             fd_wait(empty0 + 8 * s, ((it / FD_STAGES) & 1) ^ 1, true);
-            const int nb = M.cols / 256;
-            const long long row0 = (long long)(g - M.chunk0) * M.crows;
-            const int nr = (int)min((long long)M.crows, M.rows - row0);
-            const u32 dst = fd_smem(ring + s * FD_STAGE_BYTES), fb = full0 + 8 * s;
             // Pull the chunk FD_STAGES places further on toward L2 now: while the consumers
             // are in a phase without mat-vecs the ring fills in a few microseconds; the
             // prefetched chunks keep device memory busy beyond that.
-            {
-                const int ga = g + FD_STAGES * gridDim.x;
-                int ma = m;
-                while (ma < A.n_mats && ga >= A.mats[ma].chunk0 + A.mats[ma].nch) ma++;
-                if (ma < A.n_mats) {
-                    const FdMat P = A.mats[ma];
-                    const int pnb = P.cols / 256;
-                    const long long pr0 = (long long)(ga - P.chunk0) * P.crows;
-                    const int pnr = (int)min((long long)P.crows, P.rows - pr0);
-                    if (P.ty == 0) {
-                        fd_prefetch(P.w + pr0 * pnb * 144, (u32)(pnr * pnb * 144));
-                    } else {
-                        const long long NB = (long long)P.rows * pnb, B0 = pr0 * pnb;
-                        const u32 nbk = (u32)(pnr * pnb);
-                        fd_prefetch(P.w + B0 * 128, nbk * 128);
-                        fd_prefetch(P.w + NB * 128 + B0 * 64, nbk * 64);
-                        fd_prefetch(P.w + NB * 192 + B0 * 16, nbk * 16);
-                    }
-                }
+            const int ga = g + FD_STAGES * gridDim.x;
+            const int ma = fd_mat_of(A, m, ga);
+            if (ma < A.n_mats) {
+                const FdPieces P = fd_chunk(A.mats[ma], ga);
+                for (int i = 0; i < P.n; i++) fd_prefetch(P.src[i], P.bytes[i]);
             }
-            if (M.ty == 0) {
-                const u32 bytes = (u32)(nr * nb * 144);
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(bytes) : "memory");
-                fd_bulk(dst, M.w + row0 * nb * 144, bytes, fb, pol);
-            } else {
-                const long long NB = (long long)M.rows * nb, B0 = row0 * nb;
-                const u32 nbk = (u32)(nr * nb);
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(nbk * 208) : "memory");
-                fd_bulk(dst, M.w + B0 * 128, nbk * 128, fb, pol);
-                fd_bulk(dst + nbk * 128, M.w + NB * 128 + B0 * 64, nbk * 64, fb, pol);
-                fd_bulk(dst + nbk * 192, M.w + NB * 192 + B0 * 16, nbk * 16, fb, pol);
+            const FdPieces C = fd_chunk(A.mats[m], g);
+            u32 dst = fd_smem(ring + s * FD_STAGE_BYTES);
+            const u32 fb = full0 + 8 * s;
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(C.total) : "memory");
+            for (int i = 0; i < C.n; i++) {
+                fd_bulk(dst, C.src[i], C.bytes[i], fb, pol);
+                dst += C.bytes[i];
             }
         }
         return;

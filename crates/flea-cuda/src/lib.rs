@@ -2164,6 +2164,10 @@ impl Backend for CudaBackend {
         self.attend(n, q, &cache, p, out)
     }
 
+    fn fuses_decode(&self) -> bool {
+        self.fused_decode.load(Ordering::Relaxed) && self.fused_decode_fits && self.fusion()
+    }
+
     fn decode_layers(
         &self,
         cfg: &flea_model::ModelConfig,

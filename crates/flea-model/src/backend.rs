@@ -319,6 +319,12 @@ pub trait Backend {
         v: &[u16],
     ) -> Result<()>;
 
+    /// Whether `decode_layers` may run at all (cheap: callers skip preparing its arguments
+    /// otherwise).
+    fn fuses_decode(&self) -> bool {
+        false
+    }
+
     /// Every layer of one decode token (`row`) at once, where the backend has a fused path
     /// for this model (the CUDA backend: all layers' weights resident, shapes it supports).
     /// Returns false, having done nothing, where it has none; the caller then runs the

@@ -971,7 +971,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         // in one go (the CUDA backend's fused decode); the loop below then skips them.
         let fused_layers = n == 1
             && self.cpu_side.is_none()
-            && !b.computes_in_place()
+            && b.fuses_decode()
             && self.fused_decode(batch_rows)?;
         let norm = Weight {
             ty: m.layout.output_norm.ty,
