@@ -4,10 +4,13 @@
 // programmatic dependent launch, weights prefetched before the wait), from a stream and as a
 // CUDA graph; also with a plain read of the same bytes in the same grids, and variants (`tma`:
 // each block's Q4_K rows fetched into shared memory by one bulk copy, checked against the
-// register kernel's outputs first).
+// register kernel's outputs first). `./matvec_layers ring`: the whole token as ONE persistent
+// launch (a shared-memory ring fed by bulk copies; consumer loads batched U steps at a time);
+// `./matvec_layers ring1`: the same ring as one launch per matrix with dependent launch.
 // The kernels restate flea's (crates/flea-cuda/src/kernels.cu) compactly; Q6_K in the
 // repacked layout of resident weights. Numbers: docs/BENCHMARKS.md ("fewer dependent round
-// trips per layer"; "prompt attention in tiles; two decode ideas that did not pay").
+// trips per layer"; "prompt attention in tiles; two decode ideas that did not pay"; "the fused
+// resident decode"; "three more tries at the roofline").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o matvec_layers scripts/gpu_matvec_layers.cu && ./matvec_layers
 #include <cstdio>
 #include <cstdlib>
@@ -177,7 +180,7 @@ __device__ __forceinline__ void q6s_load_s(const u8* st,const u16* dg,int nbk,in
  const uint2 h=*(const uint2*)(st+nbk*128+B*64+32*n+l0); const uint2 sc=*(const uint2*)(st+nbk*192+B*16+8*n);
  r.a0=a.x;r.a1=a.y;r.b0=b.x;r.b1=b.y;r.h0=h.x;r.h1=h.y;r.sc01=sc.x;r.sc23=sc.y; r.d=__ldg(dg+B);}
 __device__ __forceinline__ int ring_nch(const RingMat& m){ return m.nch; }
-template<int NW,int RING_STAGES,int COMPUTE> __global__ void __launch_bounds__((NW+1)*32,1)
+template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_bounds__((NW+1)*32,1)
  ring_token(const RingMat* __restrict__ mats,int nmats,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier){
  constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
  extern __shared__ __align__(128) u8 sm[];
@@ -227,7 +230,13 @@ template<int NW,int RING_STAGES,int COMPUTE> __global__ void __launch_bounds__((
     float acc=0.f, acc1=0.f; int blk=(lane>>3)+4*k;
     if(M.ty==4){ const u8* wr=st+r*nb*144; const Q4Masks mk=q4_masks(p>>1);
      if(RPT==2) for(;blk<nb;blk+=stp) q4k_ring_step<true>(wr,wr+nb*144,blk,p,sxq,sxd,sxs,acc,acc1,mk);
-     else for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); }
+     else { // U steps' loads issued together, then their dots in order (the same sum)
+      for(;blk+(U-1)*stp<nb;blk+=U*stp){ Q4KRaw rq[U]; int4 alo[U],ahi[U]; int2 sm2[U]; float yd[U];
+#pragma unroll
+       for(int u=0;u<U;u++){ const int bk=blk+u*stp; q4k_load_s(wr,bk,p,rq[u]); const i8* a=sxq+bk*256+16*p; alo[u]=*(const int4*)a; ahi[u]=*(const int4*)(a+128); sm2[u]=*(const int2*)(sxs+bk*16+2*p); yd[u]=sxd[bk]; }
+#pragma unroll
+       for(int u=0;u<U;u++) acc+=q4k_ring_dot(rq[u],alo[u],ahi[u],sm2[u],yd[u],p>>1,mk); }
+      for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); } }
     else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
      for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
 #pragma unroll
@@ -246,6 +255,73 @@ template<int NW,int RING_STAGES,int COMPUTE> __global__ void __launch_bounds__((
    __syncwarp();
    if(lane==0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"::"r"(empty0+8*s):"memory");
   }
+ }
+}
+// ---- ring1: the same ring, ONE matrix per launch, with dependent launch ---------------------
+// Weights never depend on the previous kernel, so the producer starts streaming this block's
+// chunks as soon as the block is resident (the previous kernel's block on this SM has exited),
+// before the dependent-launch wait; the consumers wait for the previous grid (its writes are
+// the activations), load the activations, then compute as ring_token does. Whether the
+// per-launch start and tail cost what a grid barrier costs the one-launch ring.
+template<int NW,int RING_STAGES> __global__ void __launch_bounds__((NW+1)*32,1)
+ ring_one(const RingMat M,const i8* xq,const float* xd,const int* xs){
+ constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
+ extern __shared__ __align__(128) u8 sm[];
+ u8* ring=sm; i8* sxq=(i8*)(sm+RING_BYTES); float* sxd=(float*)(sxq+RING_XQ); int* sxs=(int*)((u8*)sxd+256);
+ float* part=(float*)((u8*)sxs+3584); int* rcnt=(int*)(part+RING_STAGES*RING_MAXC*RING_MAXW);
+ unsigned long long* mbar=(unsigned long long*)(rcnt+RING_STAGES*RING_MAXC);
+ const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int G=gridDim.x, b=blockIdx.x;
+ const u32 full0=smem_u32(mbar), empty0=smem_u32(mbar+RING_STAGES);
+ for(int i=threadIdx.x;i<RING_STAGES*RING_MAXC;i+=blockDim.x) rcnt[i]=0;
+ if(threadIdx.x==0){ for(int s=0;s<RING_STAGES;s++){ asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(full0+8*s)); asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"::"r"(empty0+8*s),"r"(NW)); }
+  asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
+ __syncthreads();
+ const int nb=M.cols/256;
+ if(warp==NW){ // producer
+  if(lane!=0) return;
+  asm volatile("griddepcontrol.launch_dependents;":::"memory");
+  u32 it=0;
+  for(int g=b; g<M.nch; g+=G, it++){
+   const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
+   mb_wait_backoff(empty0+8*s,ph^1);
+   const long long row0=(long long)g*M.crows; const int nr=(int)min((long long)M.crows,M.rows-row0);
+   const u32 dst=smem_u32(ring+s*RING_STAGE_BYTES), fb=full0+8*s;
+   if(M.ty==4){ const u32 bytes=(u32)(nr*nb*144); asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(bytes):"memory"); bulk_g2s(dst,M.w+row0*nb*144,bytes,fb); }
+   else { const long long NB=(long long)M.rows*nb, B0=row0*nb; const u32 nbk=(u32)(nr*nb);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(nbk*208):"memory");
+    bulk_g2s(dst,M.w+B0*128,nbk*128,fb); bulk_g2s(dst+nbk*128,M.w+NB*128+B0*64,nbk*64,fb); bulk_g2s(dst+nbk*192,M.w+NB*192+B0*16,nbk*16,fb); }
+  }
+  return;
+ }
+ pdl_enter();
+ const int ct=threadIdx.x;
+ for(int i=ct;i<M.cols/16;i+=NW*32){ ((int4*)sxq)[i]=__ldcg((const int4*)xq+i); sxs[i]=__ldcg(xs+i);} for(int i=ct;i<nb;i+=NW*32) sxd[i]=__ldcg(xd+i);
+ consumers_sync<NW>();
+ int tw=warp; u32 it=0;
+ const int C=M.crows, WPR=M.wpr, LW=M.lwpr, T=C*WPR, p=lane&7, stp=4*WPR;
+ for(int g=b; g<M.nch; g+=G, it++){
+  const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
+  mb_wait(full0+8*s,ph);
+  const int row0=g*C; const int nr=min(C,M.rows-row0);
+  const u8* st=ring+s*RING_STAGE_BYTES;
+  for(; tw<T; tw+=NW){ const int r=tw>>LW, k=tw&(WPR-1); if(r>=nr) continue;
+   float acc=0.f, acc1=0.f; int blk=(lane>>3)+4*k;
+   if(M.ty==4){ const u8* wr=st+r*nb*144; const Q4Masks mk=q4_masks(p>>1); for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); }
+   else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
+    for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
+#pragma unroll
+     for(int u=0;u<3;u++) q6s_load_s(st,dg,nbk,B+blk+u*stp,p,q[u]);
+#pragma unroll
+     for(int u=0;u<3;u++) acc+=q6_dot(q[u],blk+u*stp,p,sxq,sxd);}
+    for(;blk<nb;blk+=stp){Q6KRaw q0; q6s_load_s(st,dg,nbk,B+blk,p,q0); acc+=q6_dot(q0,blk,p,sxq,sxd);} }
+   const float v=warp_sum(acc);
+   if(lane==0){ if(WPR==1) M.y[row0+r]=v;
+    else { float* pr=part+(s*RING_MAXC+r)*RING_MAXW; pr[k]=v; __threadfence_block();
+     if(atomicAdd(rcnt+s*RING_MAXC+r,1)==WPR-1){ __threadfence_block(); float tot=pr[0]; for(int q=1;q<WPR;q++) tot+=pr[q]; M.y[row0+r]=tot; rcnt[s*RING_MAXC+r]=0; } } }
+  }
+  tw-=T;
+  __syncwarp();
+  if(lane==0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];"::"r"(empty0+8*s):"memory");
  }
 }
 // Random weight bytes (timing on a constant pattern could flatter the memory system).
@@ -274,29 +350,50 @@ static std::vector<RingMat> ring_table(const std::vector<Mat>& mats,size_t n,flo
   const int rpt=q.ty==4&&cr>=2?g_rpt:1; int wp=1, lw=0; while(g_split && (cr/rpt)*wp<16 && wp<RING_MAXW && 4*wp*2<=nb){ wp*=2; lw++; }
   const int nch=(q.rows+cr-1)/cr; rm.push_back(RingMat{q.w,yr+(own_y?i:i%5)*32768,q.ty,q.rows,q.cols,cr,wp,rpt,(int)c0,nch,lw}); c0+=nch; }
  return rm; }
-template<int NW,int ST,int COMPUTE> static void ring_launch(const RingMat* drm,int n,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier,int sms,cudaStream_t st){
+template<int NW,int ST,int COMPUTE,int U> static void ring_launch(const RingMat* drm,int n,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier,int sms,cudaStream_t st){
  CK(cudaMemsetAsync(gbar,0,4,st)); cudaLaunchConfig_t c={}; c.gridDim=dim3(sms); c.blockDim=dim3((NW+1)*32); c.dynamicSmemBytes=RING_SMEM; c.stream=st;
  cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeCooperative; a[0].val.cooperative=1; c.attrs=a; c.numAttrs=1;
- CK(cudaLaunchKernelEx(&c,ring_token<NW,ST,COMPUTE>,drm,n,xq,xd,xs,gbar,barrier)); }
-template<int NW,int ST> static void ring_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
- CK(cudaFuncSetAttribute(ring_token<NW,ST,1>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
- CK(cudaFuncSetAttribute(ring_token<NW,ST,0>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ CK(cudaLaunchKernelEx(&c,ring_token<NW,ST,COMPUTE,U>,drm,n,xq,xd,xs,gbar,barrier)); }
+template<int NW,int ST,int U> static void ring_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
+ CK(cudaFuncSetAttribute(ring_token<NW,ST,1,U>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ CK(cudaFuncSetAttribute(ring_token<NW,ST,0,U>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
  float* yr; CK(cudaMalloc(&yr,5*32768*4)); CK(cudaMemset(yr,0xff,5*32768*4)); unsigned* gbar; CK(cudaMalloc(&gbar,4));
  std::vector<RingMat> rm=ring_table(mats,5,yr,true,RING_BYTES/ST); RingMat* drm; CK(cudaMalloc(&drm,mats.size()*sizeof(RingMat)));
  CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
- ring_launch<NW,ST,1>(drm,5,xq,xd,xs,gbar,1,sms,st); CK(cudaStreamSynchronize(st));
+ ring_launch<NW,ST,1,U>(drm,5,xq,xd,xs,gbar,1,sms,st); CK(cudaStreamSynchronize(st));
  for(int i=0;i<5;i++){ const Mat& q=mats[i]; std::vector<float> rb(q.rows); CK(cudaMemcpy(rb.data(),yr+i*32768,q.rows*4,cudaMemcpyDeviceToHost)); const std::vector<float>& ra=ref[i];
   int nd=0,nan=0; double md=0,num=0,den=0; for(int j=0;j<q.rows;j++){ if(!(rb[j]==rb[j])) nan++; if(memcmp(&ra[j],&rb[j],4)) nd++; double d=(double)ra[j]-rb[j]; num+=d*d; den+=(double)ra[j]*ra[j]; md=fmax(md,fabs(d)/fmax(1e-30,fabs((double)ra[j]))); }
-  printf("ring<%d,%d> rpt %d split %d vs launch-per-matrix, Q%d_K %dx%d: %d of %d rows differ, %d unwritten/NaN, |diff|/|ref| %.3g, largest row rel %.3g\n",NW,ST,g_rpt,g_split,q.ty,q.rows,q.cols,nd,q.rows,nan,sqrt(num/fmax(den,1e-300)),md); }
+  printf("ring<%d,%d> U%d rpt %d split %d vs launch-per-matrix, Q%d_K %dx%d: %d of %d rows differ, %d unwritten/NaN, |diff|/|ref| %.3g, largest row rel %.3g\n",NW,ST,U,g_rpt,g_split,q.ty,q.rows,q.cols,nd,q.rows,nan,sqrt(num/fmax(den,1e-300)),md); }
  rm=ring_table(mats,mats.size(),yr,false,RING_BYTES/ST); CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
  cudaEvent_t f0,f1; CK(cudaEventCreate(&f0)); CK(cudaEventCreate(&f1));
  const char* rn[]={"barrier per matrix","no barrier","copies only, barrier"};
- for(int v=0;v<3;v++){ if(v==2 && !(NW==16 && ST==4)) continue;
-  auto go=[&](){ if(v==2) ring_launch<NW,ST,0>(drm,(int)rm.size(),xq,xd,xs,gbar,1,sms,st); else ring_launch<NW,ST,1>(drm,(int)rm.size(),xq,xd,xs,gbar,v==0?1:0,sms,st); };
+ for(int v=0;v<3;v++){ if(v==2 && !(NW==16 && ST==4 && U==1)) continue;
+  auto go=[&](){ if(v==2) ring_launch<NW,ST,0,U>(drm,(int)rm.size(),xq,xd,xs,gbar,1,sms,st); else ring_launch<NW,ST,1,U>(drm,(int)rm.size(),xq,xd,xs,gbar,v==0?1:0,sms,st); };
   go(); CK(cudaStreamSynchronize(st)); std::vector<float> ts;
   for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); go(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
-  std::sort(ts.begin(),ts.end()); printf("ring<%d,%d> rpt %d split %d %-22s token: median %.3f ms (%.2f TB/s), best %.3f, worst %.3f\n",NW,ST,g_rpt,g_split,rn[v],ts[4],total/(ts[4]*1e-3)/1e12,ts[0],ts[8]); fflush(stdout); }
+  std::sort(ts.begin(),ts.end()); printf("ring<%d,%d> U%d rpt %d split %d %-22s token: median %.3f ms (%.2f TB/s), best %.3f, worst %.3f\n",NW,ST,U,g_rpt,g_split,rn[v],ts[4],total/(ts[4]*1e-3)/1e12,ts[0],ts[8]); fflush(stdout); }
  CK(cudaFree(yr)); CK(cudaFree(gbar)); CK(cudaFree(drm)); }
+static void ring1_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
+ CK(cudaFuncSetAttribute(ring_one<16,4>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ float* yr; CK(cudaMalloc(&yr,5*32768*4)); CK(cudaMemset(yr,0xff,5*32768*4));
+ std::vector<RingMat> rm=ring_table(mats,mats.size(),yr,false,RING_BYTES/4); for(size_t i=0;i<rm.size();i++){ rm[i].chunk0=0; if(i<5) rm[i].y=yr+i*32768; }
+ auto one=[&](const RingMat& m){ cudaLaunchConfig_t c={}; c.gridDim=dim3(sms); c.blockDim=dim3(17*32); c.dynamicSmemBytes=RING_SMEM; c.stream=st;
+  cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeProgrammaticStreamSerialization; a[0].val.programmaticStreamSerializationAllowed=1; c.attrs=a; c.numAttrs=1;
+  CK(cudaLaunchKernelEx(&c,ring_one<16,4>,m,xq,xd,xs)); };
+ for(int i=0;i<5;i++) one(rm[i]); CK(cudaStreamSynchronize(st));
+ for(int i=0;i<5;i++){ const Mat& q=mats[i]; std::vector<float> rb(q.rows); CK(cudaMemcpy(rb.data(),yr+i*32768,q.rows*4,cudaMemcpyDeviceToHost)); const std::vector<float>& ra=ref[i];
+  int nd=0,nan=0; double md=0; for(int j=0;j<q.rows;j++){ if(!(rb[j]==rb[j])) nan++; if(memcmp(&ra[j],&rb[j],4)) nd++; double d=(double)ra[j]-rb[j]; md=fmax(md,fabs(d)/fmax(1e-30,fabs((double)ra[j]))); }
+  printf("ring1 vs launch-per-matrix, Q%d_K %dx%d: %d of %d rows differ, %d unwritten/NaN, largest row rel %.3g\n",q.ty,q.rows,q.cols,nd,q.rows,nan,md); }
+ for(size_t i=0;i<5;i++) rm[i].y=yr+i*32768;
+ cudaEvent_t f0,f1; CK(cudaEventCreate(&f0)); CK(cudaEventCreate(&f1));
+ auto tok=[&](){ for(auto& m:rm) one(m); };
+ tok(); CK(cudaStreamSynchronize(st)); std::vector<float> ts;
+ for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); tok(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
+ std::sort(ts.begin(),ts.end()); printf("ring1 (a launch per matrix, PDL) token from a stream: median %.3f ms (%.2f TB/s), best %.3f\n",ts[4],total/(ts[4]*1e-3)/1e12,ts[0]);
+ cudaGraph_t g; cudaGraphExec_t ge; CK(cudaStreamBeginCapture(st,cudaStreamCaptureModeGlobal)); tok(); CK(cudaStreamEndCapture(st,&g)); CK(cudaGraphInstantiate(&ge,g,0)); CK(cudaGraphLaunch(ge,st)); CK(cudaStreamSynchronize(st));
+ ts.clear(); for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); CK(cudaGraphLaunch(ge,st)); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
+ std::sort(ts.begin(),ts.end()); printf("ring1 token as a graph: median %.3f ms (%.2f TB/s), best %.3f\n",ts[4],total/(ts[4]*1e-3)/1e12,ts[0]); fflush(stdout);
+ CK(cudaFree(yr)); }
 int main(int argc,char**argv){
  cudaDeviceProp pr; CK(cudaGetDeviceProperties(&pr,0)); printf("device %s, %d SMs, L2 %d MB\n",pr.name,pr.multiProcessorCount,pr.l2CacheSize>>20);
  const int LY=40; std::vector<Mat> mats; size_t total=0;
@@ -324,7 +421,18 @@ int main(int argc,char**argv){
    else { const size_t NB=(size_t)q.rows*(q.cols/256); for(size_t j=0;j<NB;j++) hb[NB*208+2*j+1]&=0x3b; }
    CK(cudaMemcpy(q.w,hb.data(),q.bytes,cudaMemcpyHostToDevice)); }
   std::vector<std::vector<float>> ref(5); for(int i=0;i<5;i++){ const Mat& q=mats[i]; ref[i].resize(q.rows); launch(q,V_Q6S3,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(ref[i].data(),y,q.rows*4,cudaMemcpyDeviceToHost)); }
-  g_rpt=1; g_split=1; ring_runs<16,4>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  g_rpt=1; g_split=1;
+  if(argc>1 && !strcmp(argv[1],"ring1")){ ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+   CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); for(int i=0;i<5;i++) fill_random(mats[i].w,mats[i].bytes,(u32)i);
+   ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+   for(int var=0;var<6;var+=3){ auto tok=[&](){ for(auto&m:mats) launch(m,var,xq,xd,xs,y,st); }; tok(); CK(cudaStreamSynchronize(st)); cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+    float best=1e9; for(int r=0;r<5;r++){CK(cudaEventRecord(e0,st)); tok(); CK(cudaEventRecord(e1,st)); CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms,e0,e1)); best=fminf(best,ms);}
+    printf("launch per matrix (%s) token from a stream: best %.3f ms (%.2f TB/s)\n",var==0?"base":"q6s3",best,total/(best*1e-3)/1e12); }
+   return 0; }
+  ring_runs<16,4,1>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  ring_runs<16,4,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  ring_runs<16,4,4>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  ring_runs<12,4,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
   if(argc>1) return 0;
   CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); for(int i=0;i<5;i++) fill_random(mats[i].w,mats[i].bytes,(u32)i);
   }
