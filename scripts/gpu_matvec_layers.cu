@@ -171,6 +171,26 @@ template<bool TWO> __device__ __forceinline__ void q4k_ring_step(const u8* wr0,c
  const i8* a=sxq+blk*256+16*p; const int4 alo=*(const int4*)a; const int4 ahi=*(const int4*)(a+128);
  const int2 sums=*(const int2*)(sxs+blk*16+2*p); const float yd=sxd[blk]; const int j=p>>1;
  acc0+=q4k_ring_dot(r0,alo,ahi,sums,yd,j,mk); if(TWO) acc1+=q4k_ring_dot(r1,alo,ahi,sums,yd,j,mk); }
+// Q4_K by 4 lanes a block (U = 0 in ring_token): lane q takes the block's quant bytes
+// 32q .. 32q + 31 (sub-blocks 2q and 2q + 1, the work of the 8-lane mapping's lanes 2q and
+// 2q + 1), so the header, scales and address work is paid once per 64 weights instead of 32.
+// The same integers as q4k_ring_dot's two lanes, added before the float scaling.
+__device__ __forceinline__ float q4k_half_step(const u8* wr,int blk,int q,const i8* sxq,const float* sxd,const int* sxs,const Q4Masks& mk){
+ const uint4* b=(const uint4*)(wr+blk*144); const uint4 hdr=b[0], q0=b[1+2*q], q1=b[2+2*q];
+ const i8* a=sxq+blk*256+32*q; const int4 l0=*(const int4*)a, l1=*(const int4*)(a+16), h0=*(const int4*)(a+128), h1=*(const int4*)(a+144);
+ const int4 sm4=*(const int4*)(sxs+blk*16+4*q); const float yd=sxd[blk];
+ const u32 w0[4]={q0.x,q0.y,q0.z,q0.w}, w1[4]={q1.x,q1.y,q1.z,q1.w};
+ const int al0[4]={l0.x,l0.y,l0.z,l0.w}, al1[4]={l1.x,l1.y,l1.z,l1.w}, ah0[4]={h0.x,h0.y,h0.z,h0.w}, ah1[4]={h1.x,h1.y,h1.z,h1.w};
+ int lo0=0,hi0=0,lo1=0,hi1=0;
+#pragma unroll
+ for(int k=0;k<4;k++){ lo0=dp4a((int)(w0[k]&0x0f0f0f0fu),al0[k],lo0); hi0=dp4a_us(w0[k]&0xf0f0f0f0u,ah0[k],hi0);
+  lo1=dp4a((int)(w1[k]&0x0f0f0f0fu),al1[k],lo1); hi1=dp4a_us(w1[k]&0xf0f0f0f0u,ah1[k],hi1); }
+ const int sh=16*(q&1); const u32 Y=hdr.y>>sh, Z=hdr.z>>sh, W=hdr.w>>sh;
+ const u32 S=(Y&mk.y)|(W&mk.w)|((Y>>2)&mk.y2), M=(Z&mk.y)|((W>>4)&mk.w)|((Z>>2)&mk.y2);
+ const int isum=dp2a_lo(pack16(lo0,hi0>>4),S,dp2a_lo(pack16(lo1,hi1>>4),S,0));
+ const int msum=dp2a_lo(pack16(sm4.x,sm4.y),M,dp2a_lo(pack16(sm4.z,sm4.w),M,0));
+ const float d=h2f((u16)(hdr.x&0xffff))*yd; const float dmin=h2f((u16)(hdr.x>>16))*yd;
+ return d*(float)isum-dmin*(float)msum;}
 __device__ __forceinline__ void bulk_g2s(u32 dst,const void* src,u32 bytes,u32 bar){
  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"::"r"(dst),"l"(src),"r"(bytes),"r"(bar):"memory"); }
 template<int NW> __device__ __forceinline__ void consumers_sync(){ asm volatile("bar.sync 1, %0;"::"n"(NW*32):"memory"); }
@@ -194,8 +214,8 @@ template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_boun
   asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
  __syncthreads();
  const RingMat last=mats[nmats-1]; const int total=last.chunk0+ring_nch(last);
- if(warp==NW){ // producer
-  if(lane!=0) return;
+ if(warp==NW){ // producer (none with COMPUTE 2: the consumers then time their own work alone)
+  if(lane!=0 || COMPUTE==2) return;
   int m=0; u32 it=0;
   for(int g=b; g<total; g+=G, it++){
    while(g>=mats[m].chunk0+ring_nch(mats[m])) m++;
@@ -215,27 +235,37 @@ template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_boun
  for(int m=0;m<nmats;m++){
   const RingMat M=mats[m]; const int nb=M.cols/256;
   if(m>0){ consumers_sync<NW>(); if(ct==0){ __threadfence(); atomicAdd(gbar,1u);
-    if(barrier){ const unsigned target=(unsigned)(m*G); for(long long spin=0;;spin++){ unsigned v; asm volatile("ld.acquire.gpu.u32 %0, [%1];":"=r"(v):"l"(gbar):"memory"); if(v>=target) break; if(spin>8) __nanosleep(64); if(spin>(1ll<<24)) __trap(); } } }
+    if(barrier&1){ const unsigned target=(unsigned)(m*G); for(long long spin=0;;spin++){ unsigned v; asm volatile("ld.acquire.gpu.u32 %0, [%1];":"=r"(v):"l"(gbar):"memory"); if(v>=target) break; if(spin>8) __nanosleep(64); if(spin>(1ll<<24)) __trap(); } } }
    consumers_sync<NW>(); }
   if(COMPUTE){ for(int i=ct;i<M.cols/16;i+=NW*32){ ((int4*)sxq)[i]=__ldcg((const int4*)xq+i); sxs[i]=__ldcg(xs+i);} for(int i=ct;i<nb;i+=NW*32) sxd[i]=__ldcg(xd+i); consumers_sync<NW>(); }
   const int C=M.crows, WPR=M.wpr, LW=M.lwpr, RPT=M.rpt, T=(C/RPT)*WPR, p=lane&7, stp=4*WPR, gend=M.chunk0+M.nch;
   for(; g<gend; g+=G, it++){
    const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
-   mb_wait(full0+8*s,ph);
+   if(COMPUTE!=2) mb_wait(full0+8*s,ph);
    const int row0=(g-M.chunk0)*C; const int nr=min(C,M.rows-row0);
    const u8* st=ring+s*RING_STAGE_BYTES;
    // this warp's tasks tw, tw + NW, ... of the chunk; tw carries over to the next chunk
    for(; tw<T; tw+=NW){ if(!COMPUTE) continue; const int t=tw;
     const int r=(t>>LW)*RPT, k=t&(WPR-1); if(r>=nr) continue;
+    if((barrier&2) && M.ty==6) continue; // dots-only timing of one type (barrier bit 1: skip Q6_K, bit 2: skip Q4_K)
+    if((barrier&4) && M.ty==4) continue;
+    if(U==0 && M.ty==4){ // half-warp rows: lanes 0-15 row r, 16-31 row r + 1 (RPT 2, WPR 1)
+     const int hr=r+(lane>>4), q=lane&3; float acc=0.f;
+     if(hr<nr){ const u8* wr=st+hr*nb*144; const Q4Masks mk=q4_masks(q); for(int blk=(lane>>2)&3;blk<nb;blk+=4) acc+=q4k_half_step(wr,blk,q,sxq,sxd,sxs,mk); }
+#pragma unroll
+     for(int o=8;o>0;o>>=1) acc+=__shfl_xor_sync(0xffffffffu,acc,o);
+     if((lane&15)==0 && hr<nr) M.y[row0+hr]=acc;
+     continue; }
     float acc=0.f, acc1=0.f; int blk=(lane>>3)+4*k;
     if(M.ty==4){ const u8* wr=st+r*nb*144; const Q4Masks mk=q4_masks(p>>1);
      if(RPT==2) for(;blk<nb;blk+=stp) q4k_ring_step<true>(wr,wr+nb*144,blk,p,sxq,sxd,sxs,acc,acc1,mk);
      else { // U steps' loads issued together, then their dots in order (the same sum)
-      for(;blk+(U-1)*stp<nb;blk+=U*stp){ Q4KRaw rq[U]; int4 alo[U],ahi[U]; int2 sm2[U]; float yd[U];
+      constexpr int UU=U>0?U:1;
+      for(;blk+(UU-1)*stp<nb;blk+=UU*stp){ Q4KRaw rq[UU]; int4 alo[UU],ahi[UU]; int2 sm2[UU]; float yd[UU];
 #pragma unroll
-       for(int u=0;u<U;u++){ const int bk=blk+u*stp; q4k_load_s(wr,bk,p,rq[u]); const i8* a=sxq+bk*256+16*p; alo[u]=*(const int4*)a; ahi[u]=*(const int4*)(a+128); sm2[u]=*(const int2*)(sxs+bk*16+2*p); yd[u]=sxd[bk]; }
+       for(int u=0;u<UU;u++){ const int bk=blk+u*stp; q4k_load_s(wr,bk,p,rq[u]); const i8* a=sxq+bk*256+16*p; alo[u]=*(const int4*)a; ahi[u]=*(const int4*)(a+128); sm2[u]=*(const int2*)(sxs+bk*16+2*p); yd[u]=sxd[bk]; }
 #pragma unroll
-       for(int u=0;u<U;u++) acc+=q4k_ring_dot(rq[u],alo[u],ahi[u],sm2[u],yd[u],p>>1,mk); }
+       for(int u=0;u<UU;u++) acc+=q4k_ring_dot(rq[u],alo[u],ahi[u],sm2[u],yd[u],p>>1,mk); }
       for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); } }
     else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
      for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
@@ -343,11 +373,11 @@ static void launch(const Mat& m,int var,const i8* xq,const float* xd,const int* 
  L(p4base,grid,st,m.w,xq,xd,xs,y,m.rows,m.cols);}
 // Chunk rows C: the most of 16, 8, 4, 2, 1 whose bytes fit a stage; WPR slices per row so that
 // a chunk has at least 16 tasks (up to RING_MAXW).
-static int g_rpt=1, g_split=1;
+static int g_rpt=1, g_split=1, g_half=0, g_dots=0;
 static std::vector<RingMat> ring_table(const std::vector<Mat>& mats,size_t n,float* yr,bool own_y,int stage_bytes){
  std::vector<RingMat> rm; long long c0=0;
  for(size_t i=0;i<n;i++){ const Mat& q=mats[i]; const int nb=q.cols/256, rb=nb*(q.ty==4?144:208); int cr=16; while(cr>1 && cr*rb>stage_bytes) cr/=2;
-  const int rpt=q.ty==4&&cr>=2?g_rpt:1; int wp=1, lw=0; while(g_split && (cr/rpt)*wp<16 && wp<RING_MAXW && 4*wp*2<=nb){ wp*=2; lw++; }
+  const bool half=g_half && q.ty==4; const int rpt=half?2:(q.ty==4&&cr>=2?g_rpt:1); int wp=1, lw=0; while(!half && g_split && (cr/rpt)*wp<16 && wp<RING_MAXW && 4*wp*2<=nb){ wp*=2; lw++; }
   const int nch=(q.rows+cr-1)/cr; rm.push_back(RingMat{q.w,yr+(own_y?i:i%5)*32768,q.ty,q.rows,q.cols,cr,wp,rpt,(int)c0,nch,lw}); c0+=nch; }
  return rm; }
 template<int NW,int ST,int COMPUTE,int U> static void ring_launch(const RingMat* drm,int n,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier,int sms,cudaStream_t st){
@@ -357,6 +387,7 @@ template<int NW,int ST,int COMPUTE,int U> static void ring_launch(const RingMat*
 template<int NW,int ST,int U> static void ring_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
  CK(cudaFuncSetAttribute(ring_token<NW,ST,1,U>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
  CK(cudaFuncSetAttribute(ring_token<NW,ST,0,U>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+ CK(cudaFuncSetAttribute(ring_token<NW,ST,2,U>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
  float* yr; CK(cudaMalloc(&yr,5*32768*4)); CK(cudaMemset(yr,0xff,5*32768*4)); unsigned* gbar; CK(cudaMalloc(&gbar,4));
  std::vector<RingMat> rm=ring_table(mats,5,yr,true,RING_BYTES/ST); RingMat* drm; CK(cudaMalloc(&drm,mats.size()*sizeof(RingMat)));
  CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
@@ -366,9 +397,9 @@ template<int NW,int ST,int U> static void ring_runs(const std::vector<Mat>& mats
   printf("ring<%d,%d> U%d rpt %d split %d vs launch-per-matrix, Q%d_K %dx%d: %d of %d rows differ, %d unwritten/NaN, |diff|/|ref| %.3g, largest row rel %.3g\n",NW,ST,U,g_rpt,g_split,q.ty,q.rows,q.cols,nd,q.rows,nan,sqrt(num/fmax(den,1e-300)),md); }
  rm=ring_table(mats,mats.size(),yr,false,RING_BYTES/ST); CK(cudaMemcpy(drm,rm.data(),rm.size()*sizeof(RingMat),cudaMemcpyHostToDevice));
  cudaEvent_t f0,f1; CK(cudaEventCreate(&f0)); CK(cudaEventCreate(&f1));
- const char* rn[]={"barrier per matrix","no barrier","copies only, barrier"};
- for(int v=0;v<3;v++){ if(v==2 && !(NW==16 && ST==4 && U==1)) continue;
-  auto go=[&](){ if(v==2) ring_launch<NW,ST,0,U>(drm,(int)rm.size(),xq,xd,xs,gbar,1,sms,st); else ring_launch<NW,ST,1,U>(drm,(int)rm.size(),xq,xd,xs,gbar,v==0?1:0,sms,st); };
+ const char* rn[]={"barrier per matrix","no barrier","copies only, barrier","dots only (no copies)","dots only, Q4_K only","dots only, Q6_K only"};
+ for(int v=0;v<6;v++){ if(v==2 && !(NW==16 && ST==4 && U==1)) continue; if(v>=3 && !g_dots) continue;
+  auto go=[&](){ if(v>=3) ring_launch<NW,ST,2,U>(drm,(int)rm.size(),xq,xd,xs,gbar,v==3?0:v==4?2:4,sms,st); else if(v==2) ring_launch<NW,ST,0,U>(drm,(int)rm.size(),xq,xd,xs,gbar,1,sms,st); else ring_launch<NW,ST,1,U>(drm,(int)rm.size(),xq,xd,xs,gbar,v==0?1:0,sms,st); };
   go(); CK(cudaStreamSynchronize(st)); std::vector<float> ts;
   for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); go(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
   std::sort(ts.begin(),ts.end()); printf("ring<%d,%d> U%d rpt %d split %d %-22s token: median %.3f ms (%.2f TB/s), best %.3f, worst %.3f\n",NW,ST,U,g_rpt,g_split,rn[v],ts[4],total/(ts[4]*1e-3)/1e12,ts[0],ts[8]); fflush(stdout); }
@@ -429,7 +460,9 @@ int main(int argc,char**argv){
     float best=1e9; for(int r=0;r<5;r++){CK(cudaEventRecord(e0,st)); tok(); CK(cudaEventRecord(e1,st)); CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms,e0,e1)); best=fminf(best,ms);}
     printf("launch per matrix (%s) token from a stream: best %.3f ms (%.2f TB/s)\n",var==0?"base":"q6s3",best,total/(best*1e-3)/1e12); }
    return 0; }
+  g_dots=argc>1 && !strcmp(argv[1],"half");
   ring_runs<16,4,1>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  if(argc>1 && !strcmp(argv[1],"half")){ g_half=1; ring_runs<16,4,0>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total); g_half=0; return 0; }
   ring_runs<16,4,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
   ring_runs<16,4,4>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
   ring_runs<12,4,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
