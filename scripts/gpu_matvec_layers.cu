@@ -200,19 +200,51 @@ __device__ __forceinline__ void q6s_load_s(const u8* st,const u16* dg,int nbk,in
  const uint2 h=*(const uint2*)(st+nbk*128+B*64+32*n+l0); const uint2 sc=*(const uint2*)(st+nbk*192+B*16+8*n);
  r.a0=a.x;r.a1=a.y;r.b0=b.x;r.b1=b.y;r.h0=h.x;r.h1=h.y;r.sc01=sc.x;r.sc23=sc.y; r.d=__ldg(dg+B);}
 __device__ __forceinline__ int ring_nch(const RingMat& m){ return m.nch; }
+// Chunk gl of matrix M (C rows) into the stage at dst, counted on its full barrier fb: Q4_K rows
+// as one range, repacked Q6_K as three (ql | qh | scales).
+__device__ __forceinline__ void ring_copy_chunk(const RingMat& M,int gl,u32 dst,u32 fb){
+ const int nb=M.cols/256; const long long row0=(long long)gl*M.crows; const int nr=(int)min((long long)M.crows,M.rows-row0);
+ if(M.ty==4){ const u32 bytes=(u32)(nr*nb*144); asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(bytes):"memory"); bulk_g2s(dst,M.w+row0*nb*144,bytes,fb); }
+ else { const long long NB=(long long)M.rows*nb, B0=row0*nb; const u32 nbk=(u32)(nr*nb);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(nbk*208):"memory");
+  bulk_g2s(dst,M.w+B0*128,nbk*128,fb); bulk_g2s(dst+nbk*128,M.w+NB*128+B0*64,nbk*64,fb); bulk_g2s(dst+nbk*192,M.w+NB*192+B0*16,nbk*16,fb); } }
+// A lane's part of row r's Q6_K slice (blocks blk, blk + stp, ...) from the stage st; 3 steps'
+// loads in flight.
+__device__ __forceinline__ float ring_q6_task(const RingMat& M,const u8* st,int row0,int nr,int r,int blk,int stp,int p,const i8* sxq,const float* sxd){
+ const int nb=M.cols/256, nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb; float acc=0.f;
+ for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
+#pragma unroll
+  for(int u=0;u<3;u++) q6s_load_s(st,dg,nbk,B+blk+u*stp,p,q[u]);
+#pragma unroll
+  for(int u=0;u<3;u++) acc+=q6_dot(q[u],blk+u*stp,p,sxq,sxd);}
+ for(;blk<nb;blk+=stp){Q6KRaw q0; q6s_load_s(st,dg,nbk,B+blk,p,q0); acc+=q6_dot(q0,blk,p,sxq,sxd);}
+ return acc; }
+// Lane 0's slice k (of WPR) of row `row` of the chunk in stage s: written out directly, or kept
+// in shared memory until the row's last slice, which adds them in slice order.
+__device__ __forceinline__ void ring_row_out(const RingMat& M,int s,int row0,int row,int k,int WPR,float v,float* part,int* rcnt){
+ if(WPR==1){ M.y[row0+row]=v; return; }
+ float* pr=part+(s*RING_MAXC+row)*RING_MAXW; pr[k]=v; __threadfence_block();
+ if(atomicAdd(rcnt+s*RING_MAXC+row,1)==WPR-1){ __threadfence_block(); float tot=pr[0]; for(int q=1;q<WPR;q++) tot+=pr[q]; M.y[row0+row]=tot; rcnt[s*RING_MAXC+row]=0; } }
+// The ring kernels' shared memory: ring | activations (quants, scales, sums) | row partials and
+// their counters | full and empty mbarriers per stage (initialised here, the block synced).
+struct RingSmem { u8* ring; i8* sxq; float* sxd; int* sxs; float* part; int* rcnt; u32 full0, empty0; };
+template<int NW,int RING_STAGES> __device__ __forceinline__ RingSmem ring_smem_init(u8* sm){
+ RingSmem r; r.ring=sm; r.sxq=(i8*)(sm+RING_BYTES); r.sxd=(float*)(r.sxq+RING_XQ); r.sxs=(int*)((u8*)r.sxd+256);
+ r.part=(float*)((u8*)r.sxs+3584); r.rcnt=(int*)(r.part+RING_STAGES*RING_MAXC*RING_MAXW);
+ unsigned long long* mbar=(unsigned long long*)(r.rcnt+RING_STAGES*RING_MAXC);
+ r.full0=smem_u32(mbar); r.empty0=smem_u32(mbar+RING_STAGES);
+ for(int i=threadIdx.x;i<RING_STAGES*RING_MAXC;i+=blockDim.x) r.rcnt[i]=0;
+ if(threadIdx.x==0){ for(int s=0;s<RING_STAGES;s++){ asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(r.full0+8*s)); asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"::"r"(r.empty0+8*s),"r"(NW)); }
+  asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
+ __syncthreads();
+ return r; }
 template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_bounds__((NW+1)*32,1)
  ring_token(const RingMat* __restrict__ mats,int nmats,const i8* xq,const float* xd,const int* xs,unsigned* gbar,int barrier){
  constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
  extern __shared__ __align__(128) u8 sm[];
- u8* ring=sm; i8* sxq=(i8*)(sm+RING_BYTES); float* sxd=(float*)(sxq+RING_XQ); int* sxs=(int*)((u8*)sxd+256);
- float* part=(float*)((u8*)sxs+3584); int* rcnt=(int*)(part+RING_STAGES*RING_MAXC*RING_MAXW);
- unsigned long long* mbar=(unsigned long long*)(rcnt+RING_STAGES*RING_MAXC);
+ const RingSmem R=ring_smem_init<NW,RING_STAGES>(sm);
+ u8* ring=R.ring; i8* sxq=R.sxq; float* sxd=R.sxd; int* sxs=R.sxs; float* part=R.part; int* rcnt=R.rcnt; const u32 full0=R.full0, empty0=R.empty0;
  const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int G=gridDim.x, b=blockIdx.x;
- const u32 full0=smem_u32(mbar), empty0=smem_u32(mbar+RING_STAGES);
- for(int i=threadIdx.x;i<RING_STAGES*RING_MAXC;i+=blockDim.x) rcnt[i]=0;
- if(threadIdx.x==0){ for(int s=0;s<RING_STAGES;s++){ asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(full0+8*s)); asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"::"r"(empty0+8*s),"r"(NW)); }
-  asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
- __syncthreads();
  const RingMat last=mats[nmats-1]; const int total=last.chunk0+ring_nch(last);
  if(warp==NW){ // producer (none with COMPUTE 2: the consumers then time their own work alone)
   if(lane!=0 || COMPUTE==2) return;
@@ -221,12 +253,7 @@ template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_boun
    while(g>=mats[m].chunk0+ring_nch(mats[m])) m++;
    const RingMat M=mats[m]; const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
    mb_wait_backoff(empty0+8*s,ph^1);
-   const int nb=M.cols/256; const long long row0=(long long)(g-M.chunk0)*M.crows; const int nr=(int)min((long long)M.crows,M.rows-row0);
-   const u32 dst=smem_u32(ring+s*RING_STAGE_BYTES), fb=full0+8*s;
-   if(M.ty==4){ const u32 bytes=(u32)(nr*nb*144); asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(bytes):"memory"); bulk_g2s(dst,M.w+row0*nb*144,bytes,fb); }
-   else { const long long NB=(long long)M.rows*nb, B0=row0*nb; const u32 nbk=(u32)(nr*nb);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(nbk*208):"memory");
-    bulk_g2s(dst,M.w+B0*128,nbk*128,fb); bulk_g2s(dst+nbk*128,M.w+NB*128+B0*64,nbk*64,fb); bulk_g2s(dst+nbk*192,M.w+NB*192+B0*16,nbk*16,fb); }
+   ring_copy_chunk(M,g-M.chunk0,smem_u32(ring+s*RING_STAGE_BYTES),full0+8*s);
   }
   return;
  }
@@ -267,19 +294,10 @@ template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_boun
 #pragma unroll
        for(int u=0;u<UU;u++) acc+=q4k_ring_dot(rq[u],alo[u],ahi[u],sm2[u],yd[u],p>>1,mk); }
       for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); } }
-    else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
-     for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
-#pragma unroll
-      for(int u=0;u<3;u++) q6s_load_s(st,dg,nbk,B+blk+u*stp,p,q[u]);
-#pragma unroll
-      for(int u=0;u<3;u++) acc+=q6_dot(q[u],blk+u*stp,p,sxq,sxd);}
-     for(;blk<nb;blk+=stp){Q6KRaw q0; q6s_load_s(st,dg,nbk,B+blk,p,q0); acc+=q6_dot(q0,blk,p,sxq,sxd);} }
+    else acc=ring_q6_task(M,st,row0,nr,r,blk,stp,p,sxq,sxd);
 #pragma unroll
     for(int rr=0;rr<2;rr++){ if(rr>=RPT) break; const float v=warp_sum(rr?acc1:acc); const int row=r+rr;
-     if(lane==0 && row<nr){
-      if(WPR==1) M.y[row0+row]=v;
-      else { float* pr=part+(s*RING_MAXC+row)*RING_MAXW; pr[k]=v; __threadfence_block();
-       if(atomicAdd(rcnt+s*RING_MAXC+row,1)==WPR-1){ __threadfence_block(); float tot=pr[0]; for(int q=1;q<WPR;q++) tot+=pr[q]; M.y[row0+row]=tot; rcnt[s*RING_MAXC+row]=0; } } } }
+     if(lane==0 && row<nr) ring_row_out(M,s,row0,row,k,WPR,v,part,rcnt); }
    }
    tw-=T;
    __syncwarp();
@@ -297,15 +315,9 @@ template<int NW,int RING_STAGES> __global__ void __launch_bounds__((NW+1)*32,1)
  ring_one(const RingMat M,const i8* xq,const float* xd,const int* xs){
  constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
  extern __shared__ __align__(128) u8 sm[];
- u8* ring=sm; i8* sxq=(i8*)(sm+RING_BYTES); float* sxd=(float*)(sxq+RING_XQ); int* sxs=(int*)((u8*)sxd+256);
- float* part=(float*)((u8*)sxs+3584); int* rcnt=(int*)(part+RING_STAGES*RING_MAXC*RING_MAXW);
- unsigned long long* mbar=(unsigned long long*)(rcnt+RING_STAGES*RING_MAXC);
+ const RingSmem R=ring_smem_init<NW,RING_STAGES>(sm);
+ u8* ring=R.ring; i8* sxq=R.sxq; float* sxd=R.sxd; int* sxs=R.sxs; float* part=R.part; int* rcnt=R.rcnt; const u32 full0=R.full0, empty0=R.empty0;
  const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int G=gridDim.x, b=blockIdx.x;
- const u32 full0=smem_u32(mbar), empty0=smem_u32(mbar+RING_STAGES);
- for(int i=threadIdx.x;i<RING_STAGES*RING_MAXC;i+=blockDim.x) rcnt[i]=0;
- if(threadIdx.x==0){ for(int s=0;s<RING_STAGES;s++){ asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;"::"r"(full0+8*s)); asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;"::"r"(empty0+8*s),"r"(NW)); }
-  asm volatile("fence.mbarrier_init.release.cluster;":::"memory"); }
- __syncthreads();
  const int nb=M.cols/256;
  if(warp==NW){ // producer
   if(lane!=0) return;
@@ -314,12 +326,7 @@ template<int NW,int RING_STAGES> __global__ void __launch_bounds__((NW+1)*32,1)
   for(int g=b; g<M.nch; g+=G, it++){
    const int s=(int)(it%RING_STAGES); const u32 ph=(u32)((it/RING_STAGES)&1);
    mb_wait_backoff(empty0+8*s,ph^1);
-   const long long row0=(long long)g*M.crows; const int nr=(int)min((long long)M.crows,M.rows-row0);
-   const u32 dst=smem_u32(ring+s*RING_STAGE_BYTES), fb=full0+8*s;
-   if(M.ty==4){ const u32 bytes=(u32)(nr*nb*144); asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(bytes):"memory"); bulk_g2s(dst,M.w+row0*nb*144,bytes,fb); }
-   else { const long long NB=(long long)M.rows*nb, B0=row0*nb; const u32 nbk=(u32)(nr*nb);
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"::"r"(fb),"r"(nbk*208):"memory");
-    bulk_g2s(dst,M.w+B0*128,nbk*128,fb); bulk_g2s(dst+nbk*128,M.w+NB*128+B0*64,nbk*64,fb); bulk_g2s(dst+nbk*192,M.w+NB*192+B0*16,nbk*16,fb); }
+   ring_copy_chunk(M,g,smem_u32(ring+s*RING_STAGE_BYTES),full0+8*s);
   }
   return;
  }
@@ -337,17 +344,9 @@ template<int NW,int RING_STAGES> __global__ void __launch_bounds__((NW+1)*32,1)
   for(; tw<T; tw+=NW){ const int r=tw>>LW, k=tw&(WPR-1); if(r>=nr) continue;
    float acc=0.f, acc1=0.f; int blk=(lane>>3)+4*k;
    if(M.ty==4){ const u8* wr=st+r*nb*144; const Q4Masks mk=q4_masks(p>>1); for(;blk<nb;blk+=stp) q4k_ring_step<false>(wr,wr,blk,p,sxq,sxd,sxs,acc,acc1,mk); }
-   else { const int nbk=nr*nb, B=r*nb; const u16* dg=(const u16*)(M.w+(long long)M.rows*nb*208)+(long long)row0*nb;
-    for(;blk+2*stp<nb;blk+=3*stp){Q6KRaw q[3];
-#pragma unroll
-     for(int u=0;u<3;u++) q6s_load_s(st,dg,nbk,B+blk+u*stp,p,q[u]);
-#pragma unroll
-     for(int u=0;u<3;u++) acc+=q6_dot(q[u],blk+u*stp,p,sxq,sxd);}
-    for(;blk<nb;blk+=stp){Q6KRaw q0; q6s_load_s(st,dg,nbk,B+blk,p,q0); acc+=q6_dot(q0,blk,p,sxq,sxd);} }
+   else acc=ring_q6_task(M,st,row0,nr,r,blk,stp,p,sxq,sxd);
    const float v=warp_sum(acc);
-   if(lane==0){ if(WPR==1) M.y[row0+r]=v;
-    else { float* pr=part+(s*RING_MAXC+r)*RING_MAXW; pr[k]=v; __threadfence_block();
-     if(atomicAdd(rcnt+s*RING_MAXC+r,1)==WPR-1){ __threadfence_block(); float tot=pr[0]; for(int q=1;q<WPR;q++) tot+=pr[q]; M.y[row0+r]=tot; rcnt[s*RING_MAXC+r]=0; } } }
+   if(lane==0) ring_row_out(M,s,row0,r,k,WPR,v,part,rcnt);
   }
   tw-=T;
   __syncwarp();
