@@ -10,7 +10,7 @@
 // The kernels restate flea's (crates/flea-cuda/src/kernels.cu) compactly; Q6_K in the
 // repacked layout of resident weights. Numbers: docs/BENCHMARKS.md ("fewer dependent round
 // trips per layer"; "prompt attention in tiles; two decode ideas that did not pay"; "the fused
-// resident decode"; "three more tries at the roofline").
+// resident decode"; "four more tries at the 0.7 roofline").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o matvec_layers scripts/gpu_matvec_layers.cu && ./matvec_layers
 #include <cstdio>
 #include <cstdlib>

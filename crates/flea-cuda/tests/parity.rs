@@ -412,12 +412,15 @@ fn attention_matches_cpu() {
             };
             // Prompts of 230 and 150 rows, then one decode row for each sequence, then 40
             // more prompt rows of each in one batch (prompts: rows in tiles, none mixing
-            // the sequences).
+            // the sequences), then a batch of a single decode row for each (the usual decode
+            // step).
             let batches: Vec<Vec<Row>> = vec![
                 Row::consecutive(0, 0, 230),
                 Row::consecutive(1, 0, 150),
                 vec![Row { seq: 1, pos: 150 }, Row { seq: 0, pos: 230 }],
                 [Row::consecutive(0, 231, 40), Row::consecutive(1, 151, 40)].concat(),
+                vec![Row { seq: 0, pos: 271 }],
+                vec![Row { seq: 1, pos: 191 }],
             ];
             for (bi, rows) in batches.iter().enumerate() {
                 let n = rows.len();
