@@ -6,7 +6,9 @@
 // each block's Q4_K rows fetched into shared memory by one bulk copy, checked against the
 // register kernel's outputs first). `./matvec_layers ring`: the whole token as ONE persistent
 // launch (a shared-memory ring fed by bulk copies; consumer loads batched U steps at a time);
-// `./matvec_layers ring1`: the same ring as one launch per matrix with dependent launch.
+// `./matvec_layers ring1`: the same ring as one launch per matrix with dependent launch;
+// `./matvec_layers half`: Q4_K by 4 lanes a block, and each side of the ring timed alone;
+// `./matvec_layers ring rpt2|nosplit`: two rows per warp, or no row split over warps.
 // The kernels restate flea's (crates/flea-cuda/src/kernels.cu) compactly; Q6_K in the
 // repacked layout of resident weights. Numbers: docs/BENCHMARKS.md ("fewer dependent round
 // trips per layer"; "prompt attention in tiles; two decode ideas that did not pay"; "the fused
@@ -451,7 +453,9 @@ int main(int argc,char**argv){
    else { const size_t NB=(size_t)q.rows*(q.cols/256); for(size_t j=0;j<NB;j++) hb[NB*208+2*j+1]&=0x3b; }
    CK(cudaMemcpy(q.w,hb.data(),q.bytes,cudaMemcpyHostToDevice)); }
   std::vector<std::vector<float>> ref(5); for(int i=0;i<5;i++){ const Mat& q=mats[i]; ref[i].resize(q.rows); launch(q,V_Q6S3,xq,xd,xs,y,st); CK(cudaStreamSynchronize(st)); CK(cudaMemcpy(ref[i].data(),y,q.rows*4,cudaMemcpyDeviceToHost)); }
-  g_rpt=1; g_split=1;
+  // `ring rpt2`: two Q4_K rows per warp sharing activation loads; `ring nosplit`: rows never
+  // split over warps (the variants of the fused-decode section's table).
+  g_rpt=argc>2 && !strcmp(argv[2],"rpt2") ? 2 : 1; g_split=argc>2 && !strcmp(argv[2],"nosplit") ? 0 : 1;
   if(argc>1 && !strcmp(argv[1],"ring1")){ ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
    CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); for(int i=0;i<5;i++) fill_random(mats[i].w,mats[i].bytes,(u32)i);
    ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
