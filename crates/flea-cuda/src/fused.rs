@@ -536,11 +536,11 @@ impl CudaBackend {
         // ordered on the compute stream before the launch that reads it.
         unsafe { sys::cuMemsetD32Async(gbar, 0, 1, self.stream.cu_stream()).result() }
             .map_err(|e| be(format!("fused decode barrier reset: {e:?}")))?;
-        let attr = sys::CUlaunchAttribute {
+        let mut attrs = [sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue { cooperative: 1 },
-        };
+        }];
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (self.sms as u32, 1, 1),
             block_dim: (FD_THREADS, 1, 1),
@@ -551,7 +551,7 @@ impl CudaBackend {
         // SAFETY: the kernel takes one FdArgs by value (same repr(C) layout as kernels.cu);
         // every pointer in it addresses a live device buffer sized by `fused_tables` and the
         // checks above; `a` lives through the call.
-        unsafe { self.launch_with("fd_decode", cfg, Some(attr), &mut params) }
+        unsafe { self.launch_with("fd_decode", cfg, &mut attrs, &mut params) }
     }
 }
 

@@ -2820,3 +2820,276 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 #undef FD_STAMP
 #endif
 }
+
+// Decode attention of a batch of ONE row as thread-block clusters (sm_90+). A cluster of
+// ATC_CS blocks covers the HB = 256 / hd heads of one Q8_K block of the output, each head
+// split over S = ATC_CS / HB blocks by key range, so the split attention's exchanges through
+// global memory (chunk stats, a spin until every chunk of the head has published, partials
+// added by the last block to count, a second counter for the quantisation: ~10 dependent
+// round trips) become two cluster barriers and reads of the other blocks' shared memory.
+// Every K and V row but the newest was stored by an earlier token's launches, so the block's
+// rows are bulk-copied into its shared memory BEFORE the dependent-launch wait; after it only
+// q and the newest row (stored by the launch just before) are read. Arithmetic as the split
+// kernels: q rounded to f16, each block's max and sum of exp, the head's max and total from
+// its blocks' in block order, probabilities rounded to f16, P.V per block, the blocks'
+// partials added in block order; then block 0 of the cluster quantises the 256 outputs to
+// Q8_K (xq non-null). hd 64 or 128 (host-checked); `kps_max` keys per block at most (the
+// dynamic shared memory: K and V rows, then the scores).
+// With nd > 0 the kernel also does rope_kv's work for the row, so that it follows the q/k/v
+// mat-vec directly (one launch less, and its rows load while that mat-vec ends): q and the
+// newest k are read unrotated (k and v from knew / vnew), rotated as rope_at / rope_apply
+// do (angles before the wait), and the newest K/V row stored into the cache by one block of
+// its kv head (the others use their own copy); q and k are not written back.
+#define ATC_CS 8
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ u32 atc_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// All blocks of the cluster: shared-memory writes before it are visible to the others' reads
+// after it.
+__device__ __forceinline__ void atc_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+}
+// The address of this block's shared `p` in block `rank` of the cluster.
+__device__ __forceinline__ u32 atc_map(const void* p, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(fd_smem(p)), "r"(rank));
+    return a;
+}
+__device__ __forceinline__ float atc_ld(u32 a) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 atc_ld4(u32 a) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(a)
+                 : "memory");
+    return v;
+}
+#endif
+extern "C" __global__ void __launch_bounds__(128)
+    attn_cluster(const float* __restrict__ q, const u16* __restrict__ kc,
+                 const u16* __restrict__ vc, int group, int hd, int kvd,
+                 const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
+                 float scale, int kps_max, float* __restrict__ out, i8* __restrict__ xq,
+                 float* __restrict__ xd, int* __restrict__ xs, const float* __restrict__ knew,
+                 const float* __restrict__ vnew, int nd, float theta_scale, int neox) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(16) unsigned char atc_dyn[];
+    __shared__ __align__(8) unsigned long long bar;
+    __shared__ float red[4];
+    __shared__ float stat[2];
+    __shared__ __align__(16) float part[128];
+    __shared__ float4 acc4[128];
+    __shared__ __align__(16) float qs[128];
+    __shared__ float ks[128];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hb = 256 / hd, S = ATC_CS / hb;
+    const u32 rank = atc_rank();
+    const int cluster = blockIdx.x / ATC_CS;
+    const int hi = (int)rank / S, split = (int)rank % S;
+    const int h = cluster * hb + hi;
+    int lo, nk;
+    att_window(rowpos, 0, window, &lo, &nk);
+    const int kps = (nk + S - 1) / S;
+    const int j0 = min(nk, split * kps), len = min(nk, j0 + kps) - j0;
+    const bool newest = len > 0 && j0 + len == nk;
+    const int nold = newest ? len - 1 : len;
+    u16* Ks = (u16*)atc_dyn;
+    u16* Vs = Ks + (long long)kps_max * hd;
+    float* sc = (float*)(Vs + (long long)kps_max * hd);
+    const long long r0 = (long long)rowbase[0] + lo + j0;
+    const int col = (h / group) * hd;
+    const u32 rb = (u32)hd * 2, b = fd_smem(&bar);
+    if (threadIdx.x == 0) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
+                     "r"(2u * (u32)nold * rb)
+                     : "memory");
+    }
+    __syncthreads();
+    // One bulk copy per row (16-byte cp.async per thread measured the same).
+    for (int j = threadIdx.x; j < 2 * nold; j += blockDim.x) {
+        const int key = j >> 1;
+        const u16* src = ((j & 1) ? vc : kc) + (r0 + key) * kvd + col;
+        u16* dst = ((j & 1) ? Vs : Ks) + key * hd;
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                fd_smem(dst)),
+            "l"(src), "r"(rb), "r"(b)
+            : "memory");
+    }
+    // RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i.
+    const int t = threadIdx.x, half = nd / 2;
+    int pa = t, pb = t;
+    float rc = 1.f, rs = 0.f;
+    if (t < nd) {
+        const int i = neox ? t % half : t / 2;
+        pa = neox ? i : 2 * i;
+        pb = neox ? i + half : 2 * i + 1;
+        float theta = (float)rowpos[0];
+        for (int k = 0; k < i; k++) theta *= theta_scale;
+        rc = cosf(theta);
+        rs = sinf(theta);
+    }
+    pdl_enter();
+    const bool on = lane * 4 < hd;
+    if (nd > 0) {
+        const int kvh = h / group;
+        if (t < hd) {
+            qs[t] = q[(long long)h * hd + t];
+            if (newest) ks[t] = knew[(long long)kvh * hd + t];
+        }
+        __syncthreads();
+        float qr = 0.f;
+        if (t < hd) {
+            const float q0 = qs[pa], q1 = qs[pb];
+            qr = t >= nd ? q0 : t == pa ? q0 * rc - q1 * rs : q0 * rs + q1 * rc;
+            if (newest) {
+                const float k0 = ks[pa], k1 = ks[pb];
+                const u16 kh =
+                    f2h(t >= nd ? k0 : t == pa ? k0 * rc - k1 * rs : k0 * rs + k1 * rc);
+                const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
+                Ks[(len - 1) * hd + t] = kh;
+                Vs[(len - 1) * hd + t] = vh;
+                if (h % group == 0) {
+                    const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + col + t;
+                    ((u16*)kc)[row] = kh;
+                    ((u16*)vc)[row] = vh;
+                }
+            }
+        }
+        __syncthreads();
+        if (t < hd) qs[t] = qr;
+        __syncthreads();
+    }
+    float4 qv = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (on) {
+        const float4 q4 = nd > 0 ? *(const float4*)(qs + lane * 4)
+                                 : *(const float4*)(q + (long long)h * hd + lane * 4);
+        qv = make_float4(h2f(f2h(q4.x)), h2f(f2h(q4.y)), h2f(f2h(q4.z)), h2f(f2h(q4.w)));
+    }
+    if (nd == 0 && newest && warp == 0 && on) {
+        const long long rn = (r0 + len - 1) * kvd + col + lane * 4;
+        *(uint2*)(Ks + (len - 1) * hd + lane * 4) = __ldcg((const uint2*)(kc + rn));
+        *(uint2*)(Vs + (len - 1) * hd + lane * 4) = __ldcg((const uint2*)(vc + rn));
+    }
+    fd_wait(b, 0, false);
+    __syncthreads();
+    // Scores: warp w takes keys 4w .. 4w + 3, + 16, ...; lane l dims 4l .. 4l + 3.
+    for (int j = warp * 4; j < len; j += 16) {
+        float d[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            d[u] = 0.f;
+            if (on) {
+                const float4 kv = h4f(*(const uint2*)(Ks + min(j + u, len - 1) * hd + lane * 4));
+                d[u] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) d[u] = warp_sum(d[u]);
+        if (lane == 0)
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (j + u < len) sc[j + u] = d[u] * scale;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    float l = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) l += expf(sc[j] - m);
+    l = warp_sum(l);
+    if (lane == 0) red[warp] = l;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        stat[0] = m;
+        stat[1] = (red[0] + red[1]) + (red[2] + red[3]);
+    }
+    atc_sync();
+    // The head's max and total from its blocks, in block order (the same in each of them).
+    float mc[ATC_CS], lc[ATC_CS], M = NEG_INF, tot = 0.f;
+#pragma unroll
+    for (int c = 0; c < ATC_CS; c++) {
+        if (c < S) {
+            mc[c] = atc_ld(atc_map(&stat[0], hi * S + c));
+            lc[c] = atc_ld(atc_map(&stat[1], hi * S + c));
+            M = fmaxf(M, mc[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < ATC_CS; c++)
+        if (c < S && lc[c] > 0.f) tot += lc[c] * expf(mc[c] - M);
+    const float inv = 1.f / tot;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) sc[j] = h2f(f2h(expf(sc[j] - M) * inv));
+    __syncthreads();
+    // P.V: thread i takes dims 4 * (i % q4) .. + 3 of keys i / q4, + G, ... (q4 = hd / 4).
+    const int q4 = hd >> 2, G = 128 / q4, g = threadIdx.x / q4, d4 = (threadIdx.x - g * q4) * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = g; j < len; j += G) {
+        const float4 v = h4f(*(const uint2*)(Vs + j * hd + d4));
+        const float pj = sc[j];
+        acc.x += pj * v.x;
+        acc.y += pj * v.y;
+        acc.z += pj * v.z;
+        acc.w += pj * v.w;
+    }
+    acc4[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < q4) {
+        float4 sum = acc4[threadIdx.x];
+        for (int gg = 1; gg < G; gg++) {
+            const float4 o = acc4[gg * q4 + threadIdx.x];
+            sum.x += o.x;
+            sum.y += o.y;
+            sum.z += o.z;
+            sum.w += o.w;
+        }
+        *(float4*)(part + 4 * threadIdx.x) = sum;
+    }
+    atc_sync();
+    // Block 0: the 256 outputs, lane l elements 8l .. 8l + 7 (head 8l / hd), its heads'
+    // partials added in block order; stored, then quantised.
+    if (rank == 0 && warp == 0) {
+        const int e = 8 * lane, hh = e / hd, dd = e % hd;
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < ATC_CS; c++) {
+            if (c < S) {
+                const u32 a = atc_map(part + dd, hh * S + c);
+                const float4 x0 = atc_ld4(a), x1 = atc_ld4(a + 16);
+                v[0] += x0.x;
+                v[1] += x0.y;
+                v[2] += x0.z;
+                v[3] += x0.w;
+                v[4] += x1.x;
+                v[5] += x1.y;
+                v[6] += x1.z;
+                v[7] += x1.w;
+            }
+        }
+        float* o = out + (long long)cluster * 256 + e;
+        *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
+        if (xq != nullptr) q8k_vals(v, xq, xd, xs, cluster, lane);
+    }
+    // No block leaves while block 0 may still read its shared memory.
+    atc_sync();
+#else
+    asm volatile("trap;");
+#endif
+}

@@ -118,8 +118,9 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 23] = [
+const PLAIN_KERNELS: [&str; 24] = [
     "act_round",
+    "attn_cluster",
     "fd_decode",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -288,6 +289,13 @@ pub struct CudaBackend {
     /// Most keys one `attention_tiled` tile may see (its shared memory per block, opted in
     /// at start; 0: never used).
     tiled_attention_max_span: usize,
+    /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
+    /// sm_90 or if the opt-in fails: never used).
+    cluster_attention_room: usize,
+    /// Whether single decode rows may take `attn_cluster` (tests turn it off to check the
+    /// split kernels too), and its launches so far (tests check it was taken).
+    cluster_attention: std::sync::atomic::AtomicBool,
+    cluster_attention_calls: AtomicU64,
     fused_attention_blocks: [AtomicUsize; 2],
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
@@ -339,9 +347,9 @@ fn dynamic_smem_room(ctx: &CudaContext, f: &CudaFunction) -> i32 {
     optin.saturating_sub(fixed).max(0)
 }
 
-/// Opts `attention_tiled` into the device's largest shared memory per block and returns the
-/// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
-fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
+/// Opts `f` into the device's largest dynamic shared memory per block and returns it in
+/// bytes (0 if a query or the opt-in fails).
+fn opt_in_all(ctx: &CudaContext, f: &CudaFunction) -> usize {
     use cudarc::driver::sys::CUfunction_attribute;
     let dynamic = dynamic_smem_room(ctx, f);
     let set = f.set_attribute(
@@ -349,9 +357,15 @@ fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
         dynamic,
     );
     match set {
-        Ok(()) => dynamic as usize / (ATTN_TQ * 4),
+        Ok(()) => dynamic as usize,
         Err(_) => 0,
     }
+}
+
+/// Opts `attention_tiled` into the device's largest shared memory per block and returns the
+/// keys per tile that leaves room for (0 if a query or the opt-in fails: never used).
+fn tiled_attention_opt_in(ctx: &CudaContext, f: &CudaFunction) -> usize {
+    opt_in_all(ctx, f) / (ATTN_TQ * 4)
 }
 
 /// FNV-1a, stable across Rust versions (names the on-disk kernel cache).
@@ -541,6 +555,10 @@ impl CudaBackend {
         let tiled_attention_max_span = funcs
             .get("attention_tiled")
             .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
+        let cluster_attention_room = match funcs.get("attn_cluster") {
+            Some(f) if cc.0 >= 9 => opt_in_all(&ctx, f),
+            _ => 0,
+        };
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -577,6 +595,9 @@ impl CudaBackend {
             fusions_off: FusionsOff::from_env(),
             fused_attention_cap,
             tiled_attention_max_span,
+            cluster_attention_room,
+            cluster_attention: std::sync::atomic::AtomicBool::new(true),
+            cluster_attention_calls: AtomicU64::new(0),
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
             fused_decode: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_FUSED_DECODE").as_deref() == Ok("1"),
@@ -987,19 +1008,25 @@ impl CudaBackend {
         cfg: LaunchConfig,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
+        let mut attrs: Vec<_> = self.pdl_attr().into_iter().collect();
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_with(name, cfg, &mut attrs, params) }
+    }
+
+    /// The programmatic-dependent-launch attribute, if this backend launches that way.
+    fn pdl_attr(&self) -> Option<cudarc::driver::sys::CUlaunchAttribute> {
         use cudarc::driver::sys;
-        let attr = self.pdl.then_some(sys::CUlaunchAttribute {
+        self.pdl.then_some(sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue {
                 programmaticStreamSerializationAllowed: 1,
             },
-        });
-        // SAFETY: the caller's contract.
-        unsafe { self.launch_with(name, cfg, attr, params) }
+        })
     }
 
-    /// `launch_kernel` with one launch attribute of the caller's (or none).
+    /// `launch_kernel` with the caller's launch attributes (none, or any the driver takes
+    /// together).
     ///
     /// # Safety
     /// As `launch_kernel`.
@@ -1007,19 +1034,11 @@ impl CudaBackend {
         &self,
         name: &str,
         cfg: LaunchConfig,
-        attr: Option<cudarc::driver::sys::CUlaunchAttribute>,
+        attrs: &mut [cudarc::driver::sys::CUlaunchAttribute],
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.func(name)?;
-        // No heap allocation per launch: one attribute slot, counted only when given.
-        let mut one = attr.unwrap_or(sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 0,
-            },
-        });
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -1029,11 +1048,15 @@ impl CudaBackend {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut one,
-            numAttrs: u32::from(attr.is_some()),
+            attrs: if attrs.is_empty() {
+                std::ptr::null_mut()
+            } else {
+                attrs.as_mut_ptr()
+            },
+            numAttrs: attrs.len() as u32,
         };
         self.bind()?;
-        // SAFETY: the caller's contract covers the parameters; `config` and `one` live
+        // SAFETY: the caller's contract covers the parameters; `config` and `attrs` live
         // through the call, and the function belongs to this context's module.
         unsafe {
             sys::cuLaunchKernelEx(
@@ -1060,6 +1083,23 @@ impl CudaBackend {
         {
             assumed.store(blocks.min(cap), Ordering::Relaxed);
         }
+    }
+
+    /// Let single decode rows take the cluster attention (`attn_cluster`, the default where the
+    /// device has clusters) or keep them on the split kernels.
+    pub fn set_cluster_attention(&self, on: bool) {
+        self.cluster_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Launches of the cluster attention so far.
+    pub fn cluster_attention_calls(&self) -> u64 {
+        self.cluster_attention_calls.load(Ordering::Relaxed)
+    }
+
+    /// Whether this device can run the cluster attention at all (sm_90+, its shared memory
+    /// opted in).
+    pub fn has_cluster_attention(&self) -> bool {
+        self.cluster_attention_room > 0
     }
 
     /// Whether the weight at device address `wp` is a resident Q6_K tensor in the repacked
@@ -1269,12 +1309,7 @@ impl CudaBackend {
             .collect();
         let posp = self.upload_rows(RowBuf::Pos, &pos)?;
         let basep = self.upload_rows(RowBuf::Base, &base)?;
-        // Most keys any row of the batch sees.
-        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
-        let max_keys = match p.window {
-            Some(w) => last.min(w.max(1)),
-            None => last,
-        };
+        let max_keys = self.max_keys(p);
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
@@ -1282,6 +1317,10 @@ impl CudaBackend {
             if let Some(tiled) = attention_tiles(p, self.tiled_attention_max_span) {
                 return self.attention_tiled(&tiled, p, q, (kc, vc), (posp, basep), window, out);
             }
+        }
+        if let Some(kps_max) = self.cluster_attention_fits(n, p, max_keys) {
+            let rows = ((posp, basep), window, kps_max);
+            return self.attention_cluster(p, q, (kc, vc), rows, None, out);
         }
         if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
         {
@@ -1335,6 +1374,113 @@ impl CudaBackend {
             && pq.base == pk.base
             && pq.style == pk.style
             && pq.rows == pk.rows
+    }
+
+    /// Most keys any row of the batch sees.
+    fn max_keys(&self, p: &AttnParams) -> usize {
+        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
+        match p.window {
+            Some(w) => last.min(w.max(1)),
+            None => last,
+        }
+    }
+
+    /// Keys per block of `attn_cluster` for this batch (a single decode row, 64- or 128-dim
+    /// heads in whole Q8_K blocks, at most ATTN_CLUSTER_MAX_KEYS keys, its shared memory
+    /// within the opted-in room), or None: the split kernels take it.
+    fn cluster_attention_fits(&self, n: usize, p: &AttnParams, max_keys: usize) -> Option<usize> {
+        let on = self.fusion()
+            && self.cluster_attention.load(Ordering::Relaxed)
+            && !self.fusions_off.attn_cluster
+            && !self.single_block_attention;
+        if !on || n != 1 || p.rows.len() != 1 {
+            return None;
+        }
+        cluster_attention_plan(p, max_keys, self.cluster_attention_room)
+    }
+
+    /// Decode attention of one row in thread-block clusters (`attn_cluster`): a cluster per
+    /// 256 outputs, each head split over its blocks by key range; the output quantised to
+    /// Q8_K for the next mat-vec by the kernel.
+    #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
+    fn attention_cluster(
+        &self,
+        p: &AttnParams,
+        q: &CudaAct,
+        (kc, vc): (u64, u64),
+        ((posp, basep), window, kps_max): ((u64, u64), i32, usize),
+        rope: Option<ClusterRope>,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let width = out.width;
+        let q8k = if self.fusions_off.attn_q8k {
+            None
+        } else {
+            self.fused_q8k_scratch(1, width, width)?
+        };
+        let clusters = p.n_head / (256 / p.head_dim);
+        let cfg = LaunchConfig {
+            grid_dim: ((clusters * ATTN_CLUSTER_BLOCKS) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: cluster_attention_smem(kps_max, p.head_dim) as u32,
+        };
+        let mut attrs = vec![sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                    x: ATTN_CLUSTER_BLOCKS as u32,
+                    y: 1,
+                    z: 1,
+                },
+            },
+        }];
+        attrs.extend(self.pdl_attr());
+        let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
+        let (qp, op, kps) = (q.ptr, out.ptr, kps_max as i32);
+        let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
+        // Without RoPE nd = 0: k and v are never read (any valid pointer).
+        let r = rope.unwrap_or(ClusterRope {
+            k: qp,
+            v: qp,
+            nd: 0,
+            theta_scale: 1.0,
+            neox: 0,
+        });
+        let mut params = [
+            &qp as *const _ as *mut std::ffi::c_void,
+            &kc as *const _ as *mut _,
+            &vc as *const _ as *mut _,
+            &group as *const _ as *mut _,
+            &hdi as *const _ as *mut _,
+            &kvdi as *const _ as *mut _,
+            &posp as *const _ as *mut _,
+            &basep as *const _ as *mut _,
+            &window as *const _ as *mut _,
+            &scale as *const _ as *mut _,
+            &kps as *const _ as *mut _,
+            &op as *const _ as *mut _,
+            &xq as *const _ as *mut _,
+            &xd as *const _ as *mut _,
+            &xs as *const _ as *mut _,
+            &r.k as *const _ as *mut _,
+            &r.v as *const _ as *mut _,
+            &r.nd as *const _ as *mut _,
+            &r.theta_scale as *const _ as *mut _,
+            &r.neox as *const _ as *mut _,
+        ];
+        // SAFETY: the parameters are attn_cluster's, in order; q holds n_head * hd f32 (k and
+        // v n_head_kv * hd with RoPE), the caches hold every row the window reaches
+        // (attention_cache checked the row), out holds width f32, the Q8_K scratch width
+        // values; the grid is whole clusters and the shared memory within the opted-in room
+        // (cluster_attention_fits).
+        unsafe { self.launch_with("attn_cluster", cfg, &mut attrs, &mut params) }?;
+        self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
+        match q8k {
+            Some((xq, ..)) => self.note_prequant(op, width, xq),
+            None => Ok(()),
+        }
     }
 
     /// Attention split over the keys (see `attn_split_*` in kernels.cu): scores and chunk
@@ -1497,7 +1643,8 @@ struct Prequant {
 /// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
 /// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
-/// `attn_tiled` (prompt rows in tiles sharing their K/V loads) changes the summation order.
+/// `attn_tiled` (prompt rows in tiles sharing their K/V loads) and `attn_cluster` (a decode
+/// row's attention in thread-block clusters) change the summation order.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
@@ -1505,6 +1652,7 @@ struct FusionsOff {
     attn_one: bool,
     mixed: bool,
     attn_tiled: bool,
+    attn_cluster: bool,
 }
 
 impl FusionsOff {
@@ -1517,6 +1665,7 @@ impl FusionsOff {
             attn_one: has("attn_one"),
             mixed: has("mixed"),
             attn_tiled: has("attn_tiled"),
+            attn_cluster: has("attn_cluster"),
         }
     }
 }
@@ -1533,6 +1682,41 @@ struct LayerCache {
 /// The attention kernels' shape arguments: heads, heads per KV head, head size, KV row
 /// width, score scale (all within i32: `attention_cache` checked the shapes).
 struct AttnArgs(i32, i32, i32, i32, f32);
+
+/// What `attn_cluster` needs to do rope_kv's work too: the row's unrotated k and its v, the
+/// rotated dims (0: none, q already rotated and the row stored), the angle step and style.
+#[derive(Clone, Copy)]
+struct ClusterRope {
+    k: u64,
+    v: u64,
+    nd: i32,
+    theta_scale: f32,
+    neox: i32,
+}
+
+/// Keys per block of `attn_cluster` for a decode row seeing `max_keys` keys, or None where it
+/// does not apply: heads of 64 or 128 dims in whole Q8_K blocks of the output (a cluster
+/// covers one), whole kv-head groups, at most ATTN_CLUSTER_MAX_KEYS keys, and the block's
+/// shared memory within `room` (0: no clusters on this device).
+fn cluster_attention_plan(p: &AttnParams, max_keys: usize, room: usize) -> Option<usize> {
+    let hd = p.head_dim;
+    if !(hd == 64 || hd == 128)
+        || !p.n_head.is_multiple_of(256 / hd)
+        || p.n_head_kv == 0
+        || !p.n_head.is_multiple_of(p.n_head_kv)
+        || max_keys > ATTN_CLUSTER_MAX_KEYS
+    {
+        return None;
+    }
+    // A cluster holds 256 / hd heads, each over ATTN_CLUSTER_BLOCKS * hd / 256 blocks.
+    let kps_max = max_keys.div_ceil(ATTN_CLUSTER_BLOCKS * hd / 256).max(1);
+    (cluster_attention_smem(kps_max, hd) <= room).then_some(kps_max)
+}
+
+/// Dynamic shared memory of an `attn_cluster` block: K and V rows (f16), then scores.
+fn cluster_attention_smem(kps_max: usize, hd: usize) -> usize {
+    kps_max * hd * 2 * 2 + kps_max * 4
+}
 
 impl AttnArgs {
     fn of(p: &AttnParams) -> AttnArgs {
@@ -1596,6 +1780,10 @@ fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
 const ATTN_CHUNK: usize = 64;
+/// Blocks per cluster of `attn_cluster` (ATC_CS in kernels.cu) and the most keys it takes:
+/// 1024 keys of 128-dim heads over 4 blocks is 132 KB of K, V and scores per block.
+const ATTN_CLUSTER_BLOCKS: usize = 8;
+const ATTN_CLUSTER_MAX_KEYS: usize = 1024;
 /// Most chunks one block of the one-launch split attention takes (ATT_MAX_CPB).
 const ATTN_MAX_CPB: usize = 8;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
@@ -2153,6 +2341,26 @@ impl Backend for CudaBackend {
             return self.attention(n, q, k, v, kv, p, out);
         }
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        if let Some(kps_max) = self.cluster_attention_fits(n, p, self.max_keys(p)) {
+            // The cluster attention rotates q and the new k and stores the new K/V row itself.
+            let (theta_scale, neox, posp) = self.rope_args(pq)?;
+            let base: Vec<i32> = p
+                .rows
+                .iter()
+                .map(|r| (r.seq * cache.n_ctx) as i32)
+                .collect();
+            let basep = self.upload_rows(RowBuf::Base, &base)?;
+            let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+            let rope = ClusterRope {
+                k: k.ptr,
+                v: v.ptr,
+                nd: nd as i32,
+                theta_scale,
+                neox,
+            };
+            let rows = ((posp, basep), window, kps_max);
+            return self.attention_cluster(p, q, (cache.kc, cache.vc), rows, Some(rope), out);
+        }
         let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
         let (theta_scale, neox, posp) = self.rope_args(pq)?;
         let (nq, nk) = (pq.n_heads, pk.n_heads);
@@ -2470,6 +2678,38 @@ fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_attention_plan_bounds() {
+        let params = |n_head, n_head_kv, head_dim| AttnParams {
+            layer: 0,
+            rows: &[],
+            n_head,
+            n_head_kv,
+            head_dim,
+            window: None,
+            scale: 1.0,
+        };
+        let room = 227 * 1024;
+        // 13B shape, 568 keys: 2 heads a cluster, 4 blocks a head of 142 keys (73 KB).
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 568, room),
+            Some(142)
+        );
+        assert_eq!(cluster_attention_smem(142, 128), 142 * 516);
+        // 64-dim heads: 4 heads a cluster, 2 blocks a head; GQA groups whole.
+        assert_eq!(cluster_attention_plan(&params(8, 2, 64), 3, room), Some(2));
+        // The largest case fits the opt-in room of an H100/H200.
+        let big = cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room);
+        assert_eq!(big, Some(256));
+        // Out of range: head size, heads not filling Q8_K blocks, context, no room.
+        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room).is_none());
+        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room).is_none());
+        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024).is_none());
+    }
 
     #[test]
     fn split_attention_plan() {

@@ -413,7 +413,7 @@ fn attention_matches_cpu() {
             // Prompts of 230 and 150 rows, then one decode row for each sequence, then 40
             // more prompt rows of each in one batch (prompts: rows in tiles, none mixing
             // the sequences), then a batch of a single decode row for each (the usual decode
-            // step).
+            // step), and one at position 2 (3 keys: some cluster blocks get none).
             let batches: Vec<Vec<Row>> = vec![
                 Row::consecutive(0, 0, 230),
                 Row::consecutive(1, 0, 150),
@@ -421,6 +421,7 @@ fn attention_matches_cpu() {
                 [Row::consecutive(0, 231, 40), Row::consecutive(1, 151, 40)].concat(),
                 vec![Row { seq: 0, pos: 271 }],
                 vec![Row { seq: 1, pos: 191 }],
+                vec![Row { seq: 1, pos: 2 }],
             ];
             for (bi, rows) in batches.iter().enumerate() {
                 let n = rows.len();
@@ -459,10 +460,19 @@ fn attention_matches_cpu() {
                 let case = format!(
                     "hd={hd} heads={n_head}/{n_head_kv} window={window:?} batch={bi} rows={n}"
                 );
-                // The split attention as one launch with one chunk per block where the
+                // A single decode row of 64/128-dim heads takes the cluster kernel where the
+                // device has clusters (checked against the CPU on its own). Then, with it
+                // off: the split attention as one launch with one chunk per block where the
                 // device holds the grid (the default; usize::MAX is clamped to it), with
                 // every chunk of a (row, head) in one block, and as two launches: the same
                 // bits. Each run stores the same k/v rows again first.
+                let clustered = n == 1 && (hd == 64 || hd == 128) && cuda.has_cluster_attention();
+                let calls = cuda.cluster_attention_calls();
+                let cluster = cuda
+                    .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                let took = cuda.cluster_attention_calls() - calls;
+                cuda.set_cluster_attention(false);
                 let mut runs = Vec::new();
                 for blocks in [usize::MAX, n * n_head, 0] {
                     cuda.set_fused_attention_blocks(blocks);
@@ -472,22 +482,27 @@ fn attention_matches_cpu() {
                     );
                 }
                 cuda.set_fused_attention_blocks(usize::MAX);
-                match runs.into_iter().collect::<Result<Vec<_>, _>>() {
-                    Ok(g) => {
+                cuda.set_cluster_attention(true);
+                match (cluster, runs.into_iter().collect::<Result<Vec<_>, _>>()) {
+                    (Ok(c), Ok(g)) => {
                         let e = rel_err(&g[0], &co.data);
+                        let ec = rel_err(&c, &co.data);
                         let same = g
                             .iter()
                             .all(|r| r.iter().zip(&g[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
-                        let ok = e <= 1e-3 && same;
+                        let ok = e <= 1e-3 && same && ec <= 1e-3 && took == u64::from(clustered);
                         println!(
-                            "ATTN {case} rel={e:.3e} one/two launches identical={same} {}",
+                            "ATTN {case} rel={e:.3e} one/two launches identical={same} \
+                             cluster={took} rel={ec:.3e} {}",
                             if ok { "OK" } else { "FAIL" }
                         );
                         if !ok {
-                            bad.push(format!("{case}: {e:.3e}, identical={same}"));
+                            bad.push(format!(
+                                "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}"
+                            ));
                         }
                     }
-                    Err(e) => bad.push(format!("{case}: {e}")),
+                    (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
                 }
             }
         }
@@ -495,13 +510,121 @@ fn attention_matches_cpu() {
     assert!(bad.is_empty(), "attention failures: {bad:#?}");
 }
 
+/// RoPE and attention together (`rope_attention`) against the CPU's separate RoPE and
+/// attention: a 40-row prompt, then single decode rows, which take the cluster attention
+/// (RoPE of q and the new k and the new row's cache store inside it) where the device has
+/// clusters. Later rows read the rows earlier steps stored, so the store is checked too.
+#[test]
+fn rope_attention_matches_cpu() {
+    use flea_model::backend::{AttnParams, KvShape, RopeParams, Row};
+    use flea_model::config::RopeStyle;
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    for (hd, n_head, n_head_kv, rope_dims, style) in [
+        (64usize, 8usize, 2usize, 64usize, RopeStyle::Interleaved),
+        (64, 8, 2, 32, RopeStyle::Neox),
+        (128, 4, 4, 128, RopeStyle::Neox),
+        (128, 4, 4, 64, RopeStyle::Interleaved),
+    ] {
+        let shape = KvShape {
+            n_layers: 1,
+            n_ctx: 96,
+            n_head_kv,
+            head_dim: hd,
+            n_seq: 1,
+        };
+        let mut kc = cpu.alloc_kv(shape).unwrap();
+        let mut kg = cuda.alloc_kv(shape).unwrap();
+        let (qd, kvd) = (n_head * hd, n_head_kv * hd);
+        let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
+            (0..n * w)
+                .map(|i| ((i as f32 * 0.29 + salt).sin() * 1.3) + ((i % 7) as f32 - 3.0) * 0.04)
+                .collect()
+        };
+        let mut batches = vec![Row::consecutive(0, 0, 40)];
+        batches.extend((40..46).map(|pos| vec![Row { seq: 0, pos }]));
+        for (bi, rows) in batches.iter().enumerate() {
+            let n = rows.len();
+            let (q, k, v) = (
+                data(n, qd, bi as f32),
+                data(n, kvd, 10.0 + bi as f32),
+                data(n, kvd, 20.0 + bi as f32),
+            );
+            let rope = |n_heads| RopeParams {
+                rows,
+                n_heads,
+                head_dim: hd,
+                rope_dims,
+                base: 10000.0,
+                style,
+            };
+            let (rq, rk) = (rope(n_head), rope(n_head_kv));
+            let p = AttnParams {
+                layer: 0,
+                rows,
+                n_head,
+                n_head_kv,
+                head_dim: hd,
+                window: None,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let mut cq = cpu.alloc_act(n, qd).unwrap();
+            let mut ck = cpu.alloc_act(n, kvd).unwrap();
+            let mut cv = cpu.alloc_act(n, kvd).unwrap();
+            cq.data.copy_from_slice(&q);
+            ck.data.copy_from_slice(&k);
+            cv.data.copy_from_slice(&v);
+            let mut co = cpu.alloc_act(n, qd).unwrap();
+            cpu.rope_qk(n, &mut cq, &mut ck, &rq, &rk).unwrap();
+            cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
+                .unwrap();
+            let (mut gq, mut gk, gv) = (
+                cuda.alloc_act(n, qd).unwrap(),
+                cuda.alloc_act(n, kvd).unwrap(),
+                cuda.alloc_act(n, kvd).unwrap(),
+            );
+            cuda.upload(&gq, &q).unwrap();
+            cuda.upload(&gk, &k).unwrap();
+            cuda.upload(&gv, &v).unwrap();
+            let mut go = cuda.alloc_act(n, qd).unwrap();
+            let calls = cuda.cluster_attention_calls();
+            let got = cuda
+                .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
+                .and_then(|_| cuda.read(n, &go));
+            let took = cuda.cluster_attention_calls() - calls;
+            let expect = u64::from(n == 1 && cuda.has_cluster_attention());
+            let case =
+                format!("hd={hd} heads={n_head}/{n_head_kv} rope={rope_dims} {style:?} batch={bi}");
+            match got {
+                Ok(g) => {
+                    let e = rel_err(&g, &co.data);
+                    let ok = e <= 1e-3 && took == expect;
+                    println!(
+                        "ROPE-ATTN {case} rel={e:.3e} cluster={took} {}",
+                        if ok { "OK" } else { "FAIL" }
+                    );
+                    if !ok {
+                        bad.push(format!("{case}: {e:.3e}, cluster {took}"));
+                    }
+                }
+                Err(e) => bad.push(format!("{case}: {e}")),
+            }
+        }
+    }
+    assert!(bad.is_empty(), "rope + attention failures: {bad:#?}");
+}
+
 /// The fused decode kernels (norm + Q8_K quantisation, RoPE of q and k together, mat-vecs
 /// adding into the residual) compute the same numbers as the separate ones, bit for bit:
 /// a 5-token prompt (int8 kernels on several rows), then greedy decode steps, with fusion
-/// on and off, for each architecture.
+/// on and off, for each architecture. The cluster attention of decode rows adds in another
+/// order (checked against the CPU in `attention_matches_cpu`): kept off here.
 #[test]
 fn fusion_changes_nothing() {
     let Some(cuda) = backend() else { return };
+    cuda.set_cluster_attention(false);
     let mut bad = Vec::new();
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
         let (_tmp, model) = q4km_model(&format!("fusion-{}", preset.name()), preset, 11);
@@ -533,6 +656,7 @@ fn fusion_changes_nothing() {
         }
     }
     cuda.set_fusion(true);
+    cuda.set_cluster_attention(true);
     assert!(bad.is_empty(), "fusion changed the logits of {bad:?}");
 }
 

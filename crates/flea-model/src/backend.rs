@@ -203,7 +203,9 @@ pub trait Backend {
         out: &mut Self::Act,
     ) -> Result<()>;
     /// RoPE of q and k (`rope_qk`), then `attention`. A backend may rotate k and store it
-    /// in the cache in one pass; q and k end up rotated either way.
+    /// in the cache in one pass, or rotate inside its attention: q and k hold unspecified
+    /// values afterwards (the forward pass's taps, which read them, call `rope_qk` and
+    /// `attention` instead).
     #[allow(clippy::too_many_arguments)] // rope_qk's and attention's arguments together
     fn rope_attention(
         &self,
