@@ -1207,6 +1207,27 @@ __device__ __forceinline__ void att_total(const float* st, int nch, float& m, fl
     for (int i = 0; i < nch; i++) tot += __ldcg(st + 2 * i + 1) * expf(__ldcg(st + 2 * i) - m);
 }
 
+// a += p * v, per component (the P.V step of the decode attentions).
+__device__ __forceinline__ void att_axpy(float4& a, float p, const float4 v) {
+    a.x += p * v.x;
+    a.y += p * v.y;
+    a.z += p * v.z;
+    a.w += p * v.w;
+}
+// Thread i < q4 of a P.V block whose G groups of q4 threads left their sums in acc4: the sum of
+// dims 4i .. 4i + 3 over the groups, in group order.
+__device__ __forceinline__ float4 att_groups_sum(const float4* acc4, int q4, int G) {
+    float4 sum = acc4[threadIdx.x];
+    for (int gg = 1; gg < G; gg++) {
+        const float4 o = acc4[gg * q4 + threadIdx.x];
+        sum.x += o.x;
+        sum.y += o.y;
+        sum.z += o.z;
+        sum.w += o.w;
+    }
+    return sum;
+}
+
 // The chunk's probabilities (scores s[0 .. len), rounded to f16 as the CPU does) times its V
 // rows into part; the last chunk block of the (row, head) to finish (a counter in `done`,
 // left at 0 again) adds all chunks' partials in chunk order into out and, with xq, quantises
@@ -1239,14 +1260,7 @@ __device__ __forceinline__ bool att_chunk_pv(const float* s, float m, float tot,
                 raw[k] = *(const uint2*)(vb + (long long)min(j8 + k * G, a.len - 1) * kvd);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
-                if (j8 + k * G < a.len) {
-                    const float4 v = h4f(raw[k]);
-                    const float pj = p[j8 + k * G];
-                    acc.x += pj * v.x;
-                    acc.y += pj * v.y;
-                    acc.z += pj * v.z;
-                    acc.w += pj * v.w;
-                }
+                if (j8 + k * G < a.len) att_axpy(acc, p[j8 + k * G], h4f(raw[k]));
             }
         }
     }
@@ -1255,14 +1269,7 @@ __device__ __forceinline__ bool att_chunk_pv(const float* s, float m, float tot,
     // Group 0 adds the other groups' sums in group order.
     const long long th = (long long)a.t * n_head + a.h;
     if (threadIdx.x < q4 && g == 0) {
-        float4 sum = acc4[threadIdx.x];
-        for (int gg = 1; gg < G; gg++) {
-            const float4 o = acc4[gg * q4 + threadIdx.x];
-            sum.x += o.x;
-            sum.y += o.y;
-            sum.z += o.z;
-            sum.w += o.w;
-        }
+        const float4 sum = att_groups_sum(acc4, q4, G);
         float* dst = part + (th * maxc + a.c) * hd + 4 * threadIdx.x;
         dst[0] = sum.x;
         dst[1] = sum.y;
@@ -3038,27 +3045,10 @@ extern "C" __global__ void __launch_bounds__(128)
     // P.V: thread i takes dims 4 * (i % q4) .. + 3 of keys i / q4, + G, ... (q4 = hd / 4).
     const int q4 = hd >> 2, G = 128 / q4, g = threadIdx.x / q4, d4 = (threadIdx.x - g * q4) * 4;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j = g; j < len; j += G) {
-        const float4 v = h4f(*(const uint2*)(Vs + j * hd + d4));
-        const float pj = sc[j];
-        acc.x += pj * v.x;
-        acc.y += pj * v.y;
-        acc.z += pj * v.z;
-        acc.w += pj * v.w;
-    }
+    for (int j = g; j < len; j += G) att_axpy(acc, sc[j], h4f(*(const uint2*)(Vs + j * hd + d4)));
     acc4[threadIdx.x] = acc;
     __syncthreads();
-    if (threadIdx.x < q4) {
-        float4 sum = acc4[threadIdx.x];
-        for (int gg = 1; gg < G; gg++) {
-            const float4 o = acc4[gg * q4 + threadIdx.x];
-            sum.x += o.x;
-            sum.y += o.y;
-            sum.z += o.z;
-            sum.w += o.w;
-        }
-        *(float4*)(part + 4 * threadIdx.x) = sum;
-    }
+    if (threadIdx.x < q4) *(float4*)(part + 4 * threadIdx.x) = att_groups_sum(acc4, q4, G);
     atc_sync();
     // Block 0: the 256 outputs, lane l elements 8l .. 8l + 7 (head 8l / hd), its heads'
     // partials added in block order; stored, then quantised.

@@ -1302,13 +1302,8 @@ impl CudaBackend {
         let (kc, vc) = (cache.kc, cache.vc);
         let hd = p.head_dim;
         let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
-        let base: Vec<i32> = p
-            .rows
-            .iter()
-            .map(|r| (r.seq * cache.n_ctx) as i32)
-            .collect();
         let posp = self.upload_rows(RowBuf::Pos, &pos)?;
-        let basep = self.upload_rows(RowBuf::Base, &base)?;
+        let basep = self.upload_bases(p, cache.n_ctx)?;
         let max_keys = self.max_keys(p);
         let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
@@ -1374,6 +1369,12 @@ impl CudaBackend {
             && pq.base == pk.base
             && pq.style == pk.style
             && pq.rows == pk.rows
+    }
+
+    /// Each row's first cache row (its sequence's slot), uploaded for the attention kernels.
+    fn upload_bases(&self, p: &AttnParams, n_ctx: usize) -> Result<u64> {
+        let base: Vec<i32> = p.rows.iter().map(|r| (r.seq * n_ctx) as i32).collect();
+        self.upload_rows(RowBuf::Base, &base)
     }
 
     /// Most keys any row of the batch sees.
@@ -2344,12 +2345,7 @@ impl Backend for CudaBackend {
         if let Some(kps_max) = self.cluster_attention_fits(n, p, self.max_keys(p)) {
             // The cluster attention rotates q and the new k and stores the new K/V row itself.
             let (theta_scale, neox, posp) = self.rope_args(pq)?;
-            let base: Vec<i32> = p
-                .rows
-                .iter()
-                .map(|r| (r.seq * cache.n_ctx) as i32)
-                .collect();
-            let basep = self.upload_rows(RowBuf::Base, &base)?;
+            let basep = self.upload_bases(p, cache.n_ctx)?;
             let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
             let rope = ClusterRope {
                 k: k.ptr,
