@@ -2846,7 +2846,8 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 // mat-vec directly (one launch less, and its rows load while that mat-vec ends): q and the
 // newest k are read unrotated (k and v from knew / vnew), rotated as rope_at / rope_apply
 // do (angles before the wait), and the newest K/V row stored into the cache by one block of
-// its kv head (the others use their own copy); q and k are not written back.
+// its kv head (the others use their own copy; hence kc / vc are not const); q and k are not
+// written back.
 #define ATC_CS 8
 #if __CUDA_ARCH__ >= 900
 __device__ __forceinline__ u32 atc_rank() {
@@ -2881,8 +2882,7 @@ __device__ __forceinline__ float4 atc_ld4(u32 a) {
 }
 #endif
 extern "C" __global__ void __launch_bounds__(128)
-    attn_cluster(const float* __restrict__ q, const u16* __restrict__ kc,
-                 const u16* __restrict__ vc, int group, int hd, int kvd,
+    attn_cluster(const float* __restrict__ q, u16* kc, u16* vc, int group, int hd, int kvd,
                  const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
                  float scale, int kps_max, float* __restrict__ out, i8* __restrict__ xq,
                  float* __restrict__ xd, int* __restrict__ xs, const float* __restrict__ knew,
@@ -2968,8 +2968,8 @@ extern "C" __global__ void __launch_bounds__(128)
                 Vs[(len - 1) * hd + t] = vh;
                 if (h % group == 0) {
                     const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + col + t;
-                    ((u16*)kc)[row] = kh;
-                    ((u16*)vc)[row] = vh;
+                    kc[row] = kh;
+                    vc[row] = vh;
                 }
             }
         }
