@@ -1142,6 +1142,26 @@ __device__ __forceinline__ void att_publish(float* stats, long long th, int maxc
     st[1] = l;
 }
 
+// A 4-warp block's max (m) and sum of exp(score - m) (l) of the scores sm[0 .. len), the same
+// in every thread (red: 4 floats of scratch). Every thread of the block calls it.
+__device__ __forceinline__ void att_block_stats(const float* sm, int len, float* red, float& m,
+                                                float& l) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    m = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sm[j]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
+    __syncthreads();
+    l = 0.f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) l += expf(sm[j] - m);
+    l = warp_sum(l);
+    if (lane == 0) red[warp] = l;
+    __syncthreads();
+    l = (red[0] + red[1]) + (red[2] + red[3]);
+}
+
 // Scores of the chunk's keys (scaled) into sm[0 .. len); returns the chunk's max (m) and sum of
 // exp(score - m) (l), the same in every thread. Each warp scores its ATT_CHUNK / 4 keys with
 // all their loads in flight at once (a decode step is latency-bound here); lane l reads dims
@@ -1180,19 +1200,7 @@ __device__ __forceinline__ void att_chunk_scores(const float* __restrict__ qrow,
         }
     }
     __syncthreads();
-    m = NEG_INF;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sm[j]);
-    m = warp_max(m);
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-    __syncthreads();
-    l = 0.f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) l += expf(sm[j] - m);
-    l = warp_sum(l);
-    if (lane == 0) red[warp] = l;
-    __syncthreads();
-    l = (red[0] + red[1]) + (red[2] + red[3]);
+    att_block_stats(sm, len, red, m, l);
 }
 
 // The chunks' stats of one (row, head) at st (max, sum of exp per chunk), combined in chunk
@@ -2933,7 +2941,8 @@ extern "C" __global__ void __launch_bounds__(128)
             "l"(src), "r"(rb), "r"(b)
             : "memory");
     }
-    // RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i.
+    // RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i
+    // (pa, pb), as rope_apply computes them; dims past nd stay.
     const int t = threadIdx.x, half = nd / 2;
     int pa = t, pb = t;
     float rc = 1.f, rs = 0.f;
@@ -2955,14 +2964,15 @@ extern "C" __global__ void __launch_bounds__(128)
             if (newest) ks[t] = knew[(long long)kvh * hd + t];
         }
         __syncthreads();
+        const auto rotated = [&](const float* x) {
+            const float x0 = x[pa], x1 = x[pb];
+            return t >= nd ? x0 : t == pa ? x0 * rc - x1 * rs : x0 * rs + x1 * rc;
+        };
         float qr = 0.f;
         if (t < hd) {
-            const float q0 = qs[pa], q1 = qs[pb];
-            qr = t >= nd ? q0 : t == pa ? q0 * rc - q1 * rs : q0 * rs + q1 * rc;
+            qr = rotated(qs);
             if (newest) {
-                const float k0 = ks[pa], k1 = ks[pb];
-                const u16 kh =
-                    f2h(t >= nd ? k0 : t == pa ? k0 * rc - k1 * rs : k0 * rs + k1 * rc);
+                const u16 kh = f2h(rotated(ks));
                 const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
                 Ks[(len - 1) * hd + t] = kh;
                 Vs[(len - 1) * hd + t] = vh;
@@ -3009,21 +3019,11 @@ extern "C" __global__ void __launch_bounds__(128)
                 if (j + u < len) sc[j + u] = d[u] * scale;
     }
     __syncthreads();
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, sc[j]);
-    m = warp_max(m);
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-    __syncthreads();
-    float l = 0.f;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) l += expf(sc[j] - m);
-    l = warp_sum(l);
-    if (lane == 0) red[warp] = l;
-    __syncthreads();
+    float m, l;
+    att_block_stats(sc, len, red, m, l);
     if (threadIdx.x == 0) {
         stat[0] = m;
-        stat[1] = (red[0] + red[1]) + (red[2] + red[3]);
+        stat[1] = l;
     }
     atc_sync();
     // The head's max and total from its blocks, in block order (the same in each of them).

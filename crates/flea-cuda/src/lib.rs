@@ -33,6 +33,13 @@ use std::sync::{Arc, Mutex};
 /// Launches kernel `name` on the compute stream with the listed arguments (profile marks
 /// and the error check included). Defined before the modules so mmvq.rs can use it.
 macro_rules! launch {
+    // With launch attributes of the caller's (`launch_with`) instead of the default ones.
+    ($s:expr, $name:expr, $cfg:expr, $attrs:expr; $($arg:ident),*) => {{
+        let name: &str = $name;
+        let mut params = [$( &$arg as *const _ as *mut std::ffi::c_void ),*];
+        // SAFETY: as in the arm below (the callers check the buffers; params are locals).
+        unsafe { $s.launch_with(name, $cfg, $attrs, &mut params) }
+    }};
     ($s:expr, $name:expr, $cfg:expr; $($arg:ident),*) => {{
         let name: &str = $name;
         let mut params = [$( &$arg as *const _ as *mut std::ffi::c_void ),*];
@@ -1008,9 +1015,10 @@ impl CudaBackend {
         cfg: LaunchConfig,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
-        let mut attrs: Vec<_> = self.pdl_attr().into_iter().collect();
+        // No heap allocation per launch: the one optional attribute as a slice.
+        let mut pdl = self.pdl_attr();
         // SAFETY: the caller's contract.
-        unsafe { self.launch_with(name, cfg, &mut attrs, params) }
+        unsafe { self.launch_with(name, cfg, pdl.as_mut_slice(), params) }
     }
 
     /// The programmatic-dependent-launch attribute, if this backend launches that way.
@@ -1305,7 +1313,7 @@ impl CudaBackend {
         let posp = self.upload_rows(RowBuf::Pos, &pos)?;
         let basep = self.upload_bases(p, cache.n_ctx)?;
         let max_keys = self.max_keys(p);
-        let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+        let window = window_arg(p);
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
         {
@@ -1426,7 +1434,7 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: cluster_attention_smem(kps_max, p.head_dim) as u32,
         };
-        let mut attrs = vec![sys::CUlaunchAttribute {
+        let cluster = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue {
@@ -1436,47 +1444,31 @@ impl CudaBackend {
                     z: 1,
                 },
             },
-        }];
-        attrs.extend(self.pdl_attr());
+        };
+        let mut both = [cluster, self.pdl_attr().unwrap_or(cluster)];
+        let attrs = &mut both[..1 + usize::from(self.pdl)];
         let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
         let (qp, op, kps) = (q.ptr, out.ptr, kps_max as i32);
         let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
         // Without RoPE nd = 0: k and v are never read (any valid pointer).
-        let r = rope.unwrap_or(ClusterRope {
+        let ClusterRope {
+            k: kp,
+            v: vp,
+            nd,
+            theta_scale,
+            neox,
+        } = rope.unwrap_or(ClusterRope {
             k: qp,
             v: qp,
             nd: 0,
             theta_scale: 1.0,
             neox: 0,
         });
-        let mut params = [
-            &qp as *const _ as *mut std::ffi::c_void,
-            &kc as *const _ as *mut _,
-            &vc as *const _ as *mut _,
-            &group as *const _ as *mut _,
-            &hdi as *const _ as *mut _,
-            &kvdi as *const _ as *mut _,
-            &posp as *const _ as *mut _,
-            &basep as *const _ as *mut _,
-            &window as *const _ as *mut _,
-            &scale as *const _ as *mut _,
-            &kps as *const _ as *mut _,
-            &op as *const _ as *mut _,
-            &xq as *const _ as *mut _,
-            &xd as *const _ as *mut _,
-            &xs as *const _ as *mut _,
-            &r.k as *const _ as *mut _,
-            &r.v as *const _ as *mut _,
-            &r.nd as *const _ as *mut _,
-            &r.theta_scale as *const _ as *mut _,
-            &r.neox as *const _ as *mut _,
-        ];
-        // SAFETY: the parameters are attn_cluster's, in order; q holds n_head * hd f32 (k and
-        // v n_head_kv * hd with RoPE), the caches hold every row the window reaches
-        // (attention_cache checked the row), out holds width f32, the Q8_K scratch width
-        // values; the grid is whole clusters and the shared memory within the opted-in room
-        // (cluster_attention_fits).
-        unsafe { self.launch_with("attn_cluster", cfg, &mut attrs, &mut params) }?;
+        // q holds n_head * hd f32 (k and v n_head_kv * hd with RoPE), the caches every row
+        // the window reaches (attention_cache checked the row), out width f32, the Q8_K
+        // scratch width values; the grid is whole clusters and the shared memory within the
+        // opted-in room (cluster_attention_fits).
+        launch!(self, "attn_cluster", cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -1683,6 +1675,11 @@ struct LayerCache {
 /// The attention kernels' shape arguments: heads, heads per KV head, head size, KV row
 /// width, score scale (all within i32: `attention_cache` checked the shapes).
 struct AttnArgs(i32, i32, i32, i32, f32);
+
+/// The attention kernels' window argument: its size, or 0 for none.
+fn window_arg(p: &AttnParams) -> i32 {
+    p.window.map_or(0, |w| w.max(1) as i32)
+}
 
 /// What `attn_cluster` needs to do rope_kv's work too: the row's unrotated k and its v, the
 /// rotated dims (0: none, q already rotated and the row stored), the angle step and style.
@@ -2346,7 +2343,7 @@ impl Backend for CudaBackend {
             // The cluster attention rotates q and the new k and stores the new K/V row itself.
             let (theta_scale, neox, posp) = self.rope_args(pq)?;
             let basep = self.upload_bases(p, cache.n_ctx)?;
-            let window: i32 = p.window.map_or(0, |w| w.max(1) as i32);
+            let window = window_arg(p);
             let rope = ClusterRope {
                 k: k.ptr,
                 v: v.ptr,

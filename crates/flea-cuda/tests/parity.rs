@@ -381,6 +381,49 @@ fn ops_match_cpu() {
 /// split decode kernels: two sequences filled by prompt batches, then one decode row each
 /// (different positions), with and without a sliding window, for several head sizes and
 /// grouped heads; the split kernels' one-launch and two-launch forms agree bit for bit.
+/// The `n` rows of q, k and v (each `data` slice n rows wide) as CPU activations, and an
+/// output as wide as q.
+fn cpu_qkv(
+    cpu: &CpuBackend,
+    n: usize,
+    data: [&[f32]; 3],
+    qd: usize,
+) -> [<CpuBackend as flea_model::Backend>::Act; 4] {
+    use flea_model::Backend;
+    let act = |x: &[f32]| {
+        let mut a = cpu.alloc_act(n, x.len() / n).unwrap();
+        a.data.copy_from_slice(x);
+        a
+    };
+    [
+        act(data[0]),
+        act(data[1]),
+        act(data[2]),
+        cpu.alloc_act(n, qd).unwrap(),
+    ]
+}
+
+/// The same on the GPU.
+fn cuda_qkv(
+    cuda: &CudaBackend,
+    n: usize,
+    data: [&[f32]; 3],
+    qd: usize,
+) -> [<CudaBackend as flea_model::Backend>::Act; 4] {
+    use flea_model::Backend;
+    let act = |x: &[f32]| {
+        let a = cuda.alloc_act(n, x.len() / n).unwrap();
+        cuda.upload(&a, x).unwrap();
+        a
+    };
+    [
+        act(data[0]),
+        act(data[1]),
+        act(data[2]),
+        cuda.alloc_act(n, qd).unwrap(),
+    ]
+}
+
 #[test]
 fn attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, Row};
@@ -439,24 +482,10 @@ fn attention_matches_cpu() {
                     window,
                     scale: 1.0 / (hd as f32).sqrt(),
                 };
-                let mut cq = cpu.alloc_act(n, qd).unwrap();
-                let mut ck = cpu.alloc_act(n, kvd).unwrap();
-                let mut cv = cpu.alloc_act(n, kvd).unwrap();
-                cq.data.copy_from_slice(&q);
-                ck.data.copy_from_slice(&k);
-                cv.data.copy_from_slice(&v);
-                let mut co = cpu.alloc_act(n, qd).unwrap();
+                let [cq, ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
                 cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
                     .unwrap();
-                let (gq, gk, gv) = (
-                    cuda.alloc_act(n, qd).unwrap(),
-                    cuda.alloc_act(n, kvd).unwrap(),
-                    cuda.alloc_act(n, kvd).unwrap(),
-                );
-                cuda.upload(&gq, &q).unwrap();
-                cuda.upload(&gk, &k).unwrap();
-                cuda.upload(&gv, &v).unwrap();
-                let mut go = cuda.alloc_act(n, qd).unwrap();
+                let [gq, gk, gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
                 let case = format!(
                     "hd={hd} heads={n_head}/{n_head_kv} window={window:?} batch={bi} rows={n}"
                 );
@@ -570,25 +599,11 @@ fn rope_attention_matches_cpu() {
                 window: None,
                 scale: 1.0 / (hd as f32).sqrt(),
             };
-            let mut cq = cpu.alloc_act(n, qd).unwrap();
-            let mut ck = cpu.alloc_act(n, kvd).unwrap();
-            let mut cv = cpu.alloc_act(n, kvd).unwrap();
-            cq.data.copy_from_slice(&q);
-            ck.data.copy_from_slice(&k);
-            cv.data.copy_from_slice(&v);
-            let mut co = cpu.alloc_act(n, qd).unwrap();
+            let [mut cq, mut ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
             cpu.rope_qk(n, &mut cq, &mut ck, &rq, &rk).unwrap();
             cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
                 .unwrap();
-            let (mut gq, mut gk, gv) = (
-                cuda.alloc_act(n, qd).unwrap(),
-                cuda.alloc_act(n, kvd).unwrap(),
-                cuda.alloc_act(n, kvd).unwrap(),
-            );
-            cuda.upload(&gq, &q).unwrap();
-            cuda.upload(&gk, &k).unwrap();
-            cuda.upload(&gv, &v).unwrap();
-            let mut go = cuda.alloc_act(n, qd).unwrap();
+            let [mut gq, mut gk, gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
             let calls = cuda.cluster_attention_calls();
             let got = cuda
                 .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
