@@ -2841,7 +2841,10 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 // split over S = ATC_CS / HB blocks by key range, so the split attention's exchanges through
 // global memory (chunk stats, a spin until every chunk of the head has published, partials
 // added by the last block to count, a second counter for the quantisation: ~10 dependent
-// round trips) become two cluster barriers and reads of the other blocks' shared memory.
+// round trips) become two exchanges through the blocks' shared memory: each block sends its
+// max and sum to its head's blocks, and its P.V partial to block 0, by asynchronous stores
+// (st.async) that complete on the receiver's own mbarrier. (Cluster barriers did the same
+// 1 us slower a call, 3% of a 13b token: their release is a GPU-wide memory fence.)
 // Every K and V row but the newest was stored by an earlier token's launches, so the block's
 // rows are bulk-copied into its shared memory BEFORE the dependent-launch wait; after it only
 // q and the newest row (stored by the launch just before) are read. Arithmetic as the split
@@ -2863,30 +2866,27 @@ __device__ __forceinline__ u32 atc_rank() {
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
     return r;
 }
-// All blocks of the cluster: shared-memory writes before it are visible to the others' reads
-// after it.
-__device__ __forceinline__ void atc_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
-                     : "memory");
-}
 // The address of this block's shared `p` in block `rank` of the cluster.
 __device__ __forceinline__ u32 atc_map(const void* p, u32 rank) {
     u32 a;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(fd_smem(p)), "r"(rank));
     return a;
 }
-__device__ __forceinline__ float atc_ld(u32 a) {
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
-    return v;
+// Asynchronous stores into another block's shared memory (a: mapa address), counted as
+// bytes on the receiver's mbarrier (bar: mapa address of it).
+__device__ __forceinline__ void atc_send2(u32 a, float x, float y, u32 bar) {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(
+            a),
+        "f"(x), "f"(y), "r"(bar)
+        : "memory");
 }
-__device__ __forceinline__ float4 atc_ld4(u32 a) {
-    float4 v;
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(a)
-                 : "memory");
-    return v;
+__device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+        "[%5];" ::"r"(a),
+        "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+        : "memory");
 }
 #endif
 extern "C" __global__ void __launch_bounds__(128)
@@ -2899,11 +2899,16 @@ extern "C" __global__ void __launch_bounds__(128)
     extern __shared__ __align__(16) unsigned char atc_dyn[];
     __shared__ __align__(8) unsigned long long bar;
     __shared__ float red[4];
-    __shared__ float stat[2];
-    __shared__ __align__(16) float part[128];
     __shared__ float4 acc4[128];
     __shared__ __align__(16) float qs[128];
     __shared__ float ks[128];
+    // Blocks send their stats and partials into the receivers' shared memory (st.async),
+    // each receiver waiting on its own mbarrier ([0]: its head's stats, by split; [1], block
+    // 0 only: every block's partial, by rank) rather than on cluster barriers, whose release
+    // compiles to a GPU-wide memory fence.
+    __shared__ __align__(8) unsigned long long xbar[2];
+    __shared__ __align__(8) float2 stats_in[ATC_CS];
+    __shared__ __align__(16) float parts_in[ATC_CS * 128];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hb = 256 / hd, S = ATC_CS / hb;
     const u32 rank = atc_rank();
@@ -2924,12 +2929,26 @@ extern "C" __global__ void __launch_bounds__(128)
     const u32 rb = (u32)hd * 2, b = fd_smem(&bar);
     if (threadIdx.x == 0) {
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[0])));
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[1])));
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                         fd_smem(&xbar[0])),
+                     "r"((u32)S * 8u)
+                     : "memory");
+        if (rank == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                             fd_smem(&xbar[1])),
+                         "r"((u32)ATC_CS * (u32)hd * 4u)
+                         : "memory");
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
                      "r"(2u * (u32)nold * rb)
                      : "memory");
     }
     __syncthreads();
+    // Every block's mbarriers are initialised before any block sends to them (the wait is
+    // before the dependent-launch wait, so it overlaps the previous kernel).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     // One bulk copy per row (16-byte cp.async per thread measured the same).
     for (int j = threadIdx.x; j < 2 * nold; j += blockDim.x) {
         const int key = j >> 1;
@@ -2955,6 +2974,7 @@ extern "C" __global__ void __launch_bounds__(128)
         rc = cosf(theta);
         rs = sinf(theta);
     }
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
     pdl_enter();
     const bool on = lane * 4 < hd;
     if (nd > 0) {
@@ -3021,24 +3041,22 @@ extern "C" __global__ void __launch_bounds__(128)
     __syncthreads();
     float m, l;
     att_block_stats(sc, len, red, m, l);
-    if (threadIdx.x == 0) {
-        stat[0] = m;
-        stat[1] = l;
+    // Thread c sends (m, l) to the head's block c, into its slot `split`.
+    if (threadIdx.x < S) {
+        const u32 to = (u32)(hi * S + threadIdx.x);
+        atc_send2(atc_map(&stats_in[split], to), m, l, atc_map(&xbar[0], to));
     }
-    atc_sync();
+    fd_wait(fd_smem(&xbar[0]), 0, false);
     // The head's max and total from its blocks, in block order (the same in each of them).
-    float mc[ATC_CS], lc[ATC_CS], M = NEG_INF, tot = 0.f;
-#pragma unroll
-    for (int c = 0; c < ATC_CS; c++) {
-        if (c < S) {
-            mc[c] = atc_ld(atc_map(&stat[0], hi * S + c));
-            lc[c] = atc_ld(atc_map(&stat[1], hi * S + c));
-            M = fmaxf(M, mc[c]);
-        }
-    }
+    float M = NEG_INF, tot = 0.f;
 #pragma unroll
     for (int c = 0; c < ATC_CS; c++)
-        if (c < S && lc[c] > 0.f) tot += lc[c] * expf(mc[c] - M);
+        if (c < S) M = fmaxf(M, stats_in[c].x);
+#pragma unroll
+    for (int c = 0; c < ATC_CS; c++) {
+        const float2 st = c < S ? stats_in[c] : make_float2(0.f, 0.f);
+        if (st.y > 0.f) tot += st.y * expf(st.x - M);
+    }
     const float inv = 1.f / tot;
     for (int j = threadIdx.x; j < len; j += blockDim.x) sc[j] = h2f(f2h(expf(sc[j] - M) * inv));
     __syncthreads();
@@ -3048,11 +3066,13 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int j = g; j < len; j += G) att_axpy(acc, sc[j], h4f(*(const uint2*)(Vs + j * hd + d4)));
     acc4[threadIdx.x] = acc;
     __syncthreads();
-    if (threadIdx.x < q4) *(float4*)(part + 4 * threadIdx.x) = att_groups_sum(acc4, q4, G);
-    atc_sync();
+    if (threadIdx.x < q4)
+        atc_send4(atc_map(parts_in + rank * hd + 4 * threadIdx.x, 0),
+                  att_groups_sum(acc4, q4, G), atc_map(&xbar[1], 0));
     // Block 0: the 256 outputs, lane l elements 8l .. 8l + 7 (head 8l / hd), its heads'
     // partials added in block order; stored, then quantised.
     if (rank == 0 && warp == 0) {
+        fd_wait(fd_smem(&xbar[1]), 0, false);
         const int e = 8 * lane, hh = e / hd, dd = e % hd;
         float v[8];
 #pragma unroll
@@ -3060,8 +3080,8 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int c = 0; c < ATC_CS; c++) {
             if (c < S) {
-                const u32 a = atc_map(part + dd, hh * S + c);
-                const float4 x0 = atc_ld4(a), x1 = atc_ld4(a + 16);
+                const float* pc = parts_in + (hh * S + c) * hd + dd;
+                const float4 x0 = *(const float4*)pc, x1 = *(const float4*)(pc + 4);
                 v[0] += x0.x;
                 v[1] += x0.y;
                 v[2] += x0.z;
@@ -3077,8 +3097,8 @@ extern "C" __global__ void __launch_bounds__(128)
         *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
         if (xq != nullptr) q8k_vals(v, xq, xd, xs, cluster, lane);
     }
-    // No block leaves while block 0 may still read its shared memory.
-    atc_sync();
+    // No block reads another's shared memory, and every block a send goes to waits for it
+    // before it leaves: no barrier at the end.
 #else
     asm volatile("trap;");
 #endif
