@@ -3027,8 +3027,8 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int c = 0; c < 4; c++)
 #pragma unroll
         for (int i = 0; i < 8; i++) qd[8 * c + i] = h2f(f2h(qsrc[(sub + c * LK) * 8 + i]));
-    for (int j0 = warp * kpw; j0 < len; j0 += 4 * kpw) {
-        const int key = j0 + kl;
+    for (int jw = warp * kpw; jw < len; jw += 4 * kpw) {
+        const int key = jw + kl;
         const u16* kr = Ks + min(key, len - 1) * hd;
         float dc[4];
 #pragma unroll
