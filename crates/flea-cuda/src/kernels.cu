@@ -2854,8 +2854,8 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 // a key, each with four 8-dim chains: one warp scores 8 or 16 keys at once instead of one
 // key's 32 lanes meeting in 5 shuffles; 3.7 -> 1.9 us of a 13b call at 504 keys) and within a
 // thread's P.V (four keys' loads in flight, four sums); then block 0 of the cluster quantises
-// the 256 outputs to Q8_K (xq non-null). hd 64 or 128 (host-checked); `kps_max` keys per block at most (the
-// dynamic shared memory: K and V rows, then the scores).
+// the 256 outputs to Q8_K (xq non-null). hd 64 or 128 (host-checked); `kps_max` keys per
+// block at most (the dynamic shared memory: K and V rows, then the scores).
 // With nd > 0 the kernel also does rope_kv's work for the row, so that it follows the q/k/v
 // mat-vec directly (one launch less, and its rows load while that mat-vec ends): q and the
 // newest k are read unrotated (k and v from knew / vnew), rotated as rope_at / rope_apply
@@ -2905,10 +2905,8 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float4 acc4[128];
     __shared__ __align__(16) float qs[128];
     __shared__ float ks[128];
-    // Blocks send their stats and partials into the receivers' shared memory (st.async),
-    // each receiver waiting on its own mbarrier ([0]: its head's stats, by split; [1], block
-    // 0 only: every block's partial, by rank) rather than on cluster barriers, whose release
-    // compiles to a GPU-wide memory fence.
+    // What other blocks send here, and the mbarriers it arrives on ([0]: the head's stats,
+    // by split; [1], block 0 only: every block's partial, by rank).
     __shared__ __align__(8) unsigned long long xbar[2];
     __shared__ __align__(8) float2 stats_in[ATC_CS];
     __shared__ __align__(16) float parts_in[ATC_CS * 128];

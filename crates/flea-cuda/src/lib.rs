@@ -1312,7 +1312,7 @@ impl CudaBackend {
         let pos: Vec<i32> = p.rows.iter().map(|r| r.pos as i32).collect();
         let posp = self.upload_rows(RowBuf::Pos, &pos)?;
         let basep = self.upload_bases(p, cache.n_ctx)?;
-        let max_keys = self.max_keys(p);
+        let max_keys = max_keys(p);
         let window = window_arg(p);
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
@@ -1383,15 +1383,6 @@ impl CudaBackend {
     fn upload_bases(&self, p: &AttnParams, n_ctx: usize) -> Result<u64> {
         let base: Vec<i32> = p.rows.iter().map(|r| (r.seq * n_ctx) as i32).collect();
         self.upload_rows(RowBuf::Base, &base)
-    }
-
-    /// Most keys any row of the batch sees.
-    fn max_keys(&self, p: &AttnParams) -> usize {
-        let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
-        match p.window {
-            Some(w) => last.min(w.max(1)),
-            None => last,
-        }
     }
 
     /// Keys per block of `attn_cluster` for this batch (a single decode row, 64- or 128-dim
@@ -1675,6 +1666,15 @@ struct LayerCache {
 /// The attention kernels' shape arguments: heads, heads per KV head, head size, KV row
 /// width, score scale (all within i32: `attention_cache` checked the shapes).
 struct AttnArgs(i32, i32, i32, i32, f32);
+
+/// Most keys any row of the batch sees.
+fn max_keys(p: &AttnParams) -> usize {
+    let last = p.rows.iter().map(|r: &Row| r.pos + 1).max().unwrap_or(1);
+    match p.window {
+        Some(w) => last.min(w.max(1)),
+        None => last,
+    }
+}
 
 /// The attention kernels' window argument: its size, or 0 for none.
 fn window_arg(p: &AttnParams) -> i32 {
@@ -2339,7 +2339,7 @@ impl Backend for CudaBackend {
             return self.attention(n, q, k, v, kv, p, out);
         }
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
-        if let Some(kps_max) = self.cluster_attention_fits(n, p, self.max_keys(p)) {
+        if let Some(kps_max) = self.cluster_attention_fits(n, p, max_keys(p)) {
             // The cluster attention rotates q and the new k and stores the new K/V row itself.
             let (theta_scale, neox, posp) = self.rope_args(pq)?;
             let basep = self.upload_bases(p, cache.n_ctx)?;
