@@ -2073,17 +2073,62 @@ template <class K> struct Q6Steps { enum { v = 2 }; };
 template <> struct Q6Steps<Q6K> { enum { v = 3 }; };
 template <> struct Q6Steps<Q6KS> { enum { v = 3 }; };
 
-template <class K, class Raw, int NT, int NR>
+// Shared activations (SA, one token, Q8_K activations only): the block first copies the
+// token's quants, sums and scales into shared memory (cp.async, so the copy and the first
+// weight loads are in flight together) and its warps read them there, instead of each warp
+// re-reading them through L1, which the weight stream keeps evicting, from L2 (the mat-vecs
+// ran at ~74% of L2 throughput). Layout: quants [cols) | sums of 16 [cols / 4 bytes) |
+// scales [cols / 64 bytes), cols % 256 == 0 (the host's sa_bytes). Each thread passes one
+// barrier, right before its first dot (or after its loops if it has none): the non-aligned
+// barrier, since lanes of a warp may reach it from different iterations.
+__device__ __forceinline__ void sa_fill(u8* sa, const i8* xq, const float* xd, const int* xs,
+                                        int cols) {
+#if __CUDA_ARCH__ >= 800
+    const int nthr = blockDim.x;
+    const u32 base = (u32)__cvta_generic_to_shared(sa);
+    for (int c = threadIdx.x; c < cols / 16; c += nthr)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
+                     "l"(xq + 16 * c) : "memory");
+    for (int c = threadIdx.x; c < cols / 64; c += nthr)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + cols + 16 * c),
+                     "l"(xs + 4 * c) : "memory");
+    const u32 dbase = base + cols + cols / 4;
+    for (int c = threadIdx.x; c < cols / 256; c += nthr)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dbase + 4 * c), "l"(xd + c)
+                     : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) ((int*)sa)[c] = ((const int*)xq)[c];
+    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) ((int*)(sa + cols))[c] = xs[c];
+    for (int c = threadIdx.x; c < cols / 256; c += blockDim.x)
+        ((float*)(sa + cols + cols / 4))[c] = xd[c];
+#endif
+}
+__device__ __forceinline__ void sa_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+#if __CUDA_ARCH__ >= 700
+    asm volatile("barrier.sync 0;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+template <class K, class Raw, int NT, int NR, bool SA = false>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
                                           int rows, int cols, long long row_bytes, int n,
                                           int accumulate) {
+    static_assert(!SA || (NT == 1 && K::QK == 256 && K::XS == 16 && K::XB == 1),
+                  "shared activations: one token of Q8_K activations");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // NR rows per warp share each activation load (the compiler sees the same addresses).
     const int row0 = (blockIdx.x * 4 + warp) * NR;
     const int t0 = blockIdx.y * NT;
-    if (row0 >= rows) return;
+    // With SA every warp helps fill and passes the barrier, rows or not.
+    if (!SA && row0 >= rows) return;
     const int nt = min(NT, n - t0);
     const int nb = cols / K::QK;
     // Raw layouts: wr[r] is row r's bytes. Repacked ones: blocks are found by tensor-wide
@@ -2100,9 +2145,22 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     // while the previous kernel (which writes our activations) may still be running.
 #pragma unroll
     for (int r = 0; r < NR; r++)
-        if ((long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
+        if (row0 < rows &&
+            (long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
     pdl_enter();
+    bool filled = !SA;
+    if constexpr (SA) {
+        extern __shared__ __align__(16) u8 sa_buf[];
+        sa_fill(sa_buf, xq, xd, xs, cols);
+        if (row0 >= rows) {
+            sa_wait();
+            return;
+        }
+        xq = (const i8*)sa_buf;
+        xs = (const int*)(sa_buf + cols);
+        xd = (const float*)(sa_buf + cols + cols / 4);
+    }
     // One token: the residual this warp adds into, loaded now so that its latency hides
     // behind the dot products instead of following them.
     float prior[NR];
@@ -2120,6 +2178,34 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 #pragma unroll
         for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
     int blk = lane / K::LPB;
+    if constexpr (SA) {
+        // S steps' loads in flight (those inside the row), then their dots, added up in
+        // step order; one round for a row of at most S steps.
+        for (; blk < nb; blk += S * step) {
+            Raw raw[S][NR];
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+#pragma unroll
+                for (int k = 0; k < S; k++)
+                    if (blk + k * step < nb)
+                        load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+            if (!filled) {
+                sa_wait();
+                filled = true;
+            }
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                float d = K::dot(raw[0][r], blk, p, xq, xd, xs);
+#pragma unroll
+                for (int k = 1; k < S; k++)
+                    if (blk + k * step < nb)
+                        d += K::dot(raw[k][r], blk + k * step, p, xq, xd, xs);
+                acc[0][r] += d;
+            }
+        }
+        if (!filled) sa_wait();
+        blk = nb;  // the loops below have nothing left
+    }
     // S steps' loads in flight, then their dots, added up in step order.
     for (; blk + (S - 1) * step < nb; blk += S * step) {
         Raw raw[S][NR];
@@ -2216,6 +2302,26 @@ extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) 
         mmvq_impl<Q4K, Q4KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
     else
         mmvq_impl<Q6KS, Q6KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+}
+
+// One token with shared activations (see sa_fill): mmvqs_<type>.
+#define MMVQ_SA(name, K, Raw)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) mmvqs_##name(MMVQ_ARGS) {                \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<K, Raw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate); \
+    }
+MMVQ_SA(q4_k, Q4K, Q4KRaw)
+MMVQ_SA(q5_k, Q5K, Q5KRaw)
+MMVQ_SA(q6_k, Q6K, Q6KRaw)
+MMVQ_SA(q6_k_soa, Q6KS, Q6KRaw)
+extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS) {
+    MMVQ_PICK
+    if (z < z2)
+        mmvq_impl<Q4K, Q4KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                           accumulate);
+    else
+        mmvq_impl<Q6KS, Q6KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                            accumulate);
 }
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of

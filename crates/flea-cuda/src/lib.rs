@@ -1627,8 +1627,10 @@ struct Prequant {
 /// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
 /// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
-/// `attn_tiled` (prompt rows in tiles sharing their K/V loads) and `attn_cluster` (a decode
-/// row's attention in thread-block clusters) change the summation order.
+/// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
+/// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
+/// Q8_K activations from shared memory; a Q6_K row's last steps are added as one group)
+/// change the summation order.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
@@ -1637,6 +1639,7 @@ struct FusionsOff {
     mixed: bool,
     attn_tiled: bool,
     attn_cluster: bool,
+    pub(crate) mmvq_sa: bool,
 }
 
 impl FusionsOff {
@@ -1650,6 +1653,7 @@ impl FusionsOff {
             mixed: has("mixed"),
             attn_tiled: has("attn_tiled"),
             attn_cluster: has("attn_cluster"),
+            mmvq_sa: has("mmvq_sa"),
         }
     }
 }

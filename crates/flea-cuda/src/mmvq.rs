@@ -35,7 +35,20 @@ pub(crate) fn kernel_names() -> Vec<String> {
     for pre in ["mmvq", "mmvq2", "mmvq8"] {
         v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
     }
+    v.extend(SA_SUFFIXES.iter().map(|s| format!("mmvqs_{s}")));
     v
+}
+
+/// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: those that
+/// read Q8_K activations, and the mixed q/k/v kernel.
+const SA_SUFFIXES: [&str; 5] = ["q4_k", "q5_k", "q6_k", "q6_k_soa", "q4_k_q6_k_soa"];
+/// Shared memory one `mmvqs_*` block may take without the opt-in attribute.
+const SA_MAX_BYTES: usize = 48 * 1024;
+
+/// Shared memory of a `mmvqs_*` block for `cols` Q8_K activations: quants, sums of 16, scales
+/// (kernels.cu, `sa_fill`).
+fn sa_bytes(cols: usize) -> usize {
+    cols + cols / 4 + cols / 64
 }
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
@@ -296,11 +309,23 @@ impl CudaBackend {
                 "mmvq: {name} cannot share a launch with other types"
             )));
         }
+        // One token: the kernel reading its Q8_K activations from shared memory where they
+        // fit there (and FLEA_CUDA_FUSE_OFF does not name `mmvq_sa`).
+        let one = if mixed { MIXED.2 } else { name };
+        let shared = n == 1
+            && rows_per_warp() == 1
+            && !self.fusions_off.mmvq_sa
+            && fmt == ActFmt::Q8K
+            && like.cols.is_multiple_of(256)
+            && sa_bytes(like.cols) <= SA_MAX_BYTES
+            && one
+                .strip_prefix("mmvq_")
+                .is_some_and(|suffix| SA_SUFFIXES.contains(&suffix));
         // Each 128-thread block has 4 warps of `rows_per_block / 4` rows.
         let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
-            (1, _) if mixed => (MIXED.2.to_string(), 4, 1),
+            _ if shared => (one.replacen("mmvq_", "mmvqs_", 1), 4, 1),
             (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
-            (1, _) => (name.to_string(), 4, 1),
+            (1, _) => (one.to_string(), 4, 1),
             _ => (
                 name.replacen("mmvq_", "mmvq8_", 1),
                 4,
@@ -317,7 +342,11 @@ impl CudaBackend {
                 jobs.len() as u32,
             ),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if shared {
+                sa_bytes(like.cols) as u32
+            } else {
+                0
+            },
         };
         let (w0, w1, w2) = (job(0).wp, job(1).wp, job(2).wp);
         let (y0, y1, y2) = (job(0).out, job(1).out, job(2).out);
