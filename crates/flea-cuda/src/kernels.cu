@@ -2073,35 +2073,42 @@ template <class K> struct Q6Steps { enum { v = 2 }; };
 template <> struct Q6Steps<Q6K> { enum { v = 3 }; };
 template <> struct Q6Steps<Q6KS> { enum { v = 3 }; };
 
-// Shared activations (SA, one token, Q8_K activations only): the block first copies the
-// token's quants, sums and scales into shared memory (cp.async, so the copy and the first
-// weight loads are in flight together) and its warps read them there, instead of each warp
-// re-reading them through L1, which the weight stream keeps evicting, from L2 (the mat-vecs
-// ran at ~74% of L2 throughput). Layout: quants [cols) | sums of 16 [cols / 4 bytes) |
-// scales [cols / 64 bytes), cols % 256 == 0 (the host's sa_bytes). Each thread passes one
-// barrier, right before its first dot (or after its loops if it has none): the non-aligned
-// barrier, since lanes of a warp may reach it from different iterations.
+// Shared activations (SA, one token of int8 activations: Q8_K or Q8_0/Q8_1): the block first
+// copies the token's quants, sums and scales into shared memory (cp.async, so the copy and
+// the first weight loads are in flight together) and its warps read them there, instead of
+// each warp re-reading them through L1, which the weight stream keeps evicting, from L2 (the
+// mat-vecs ran at ~74% of L2 throughput). Layout: quants [cols) | ns sums (i32 or f32 bits) |
+// nd scales (f32), ns = cols / K::XS, nd = cols / K::QK (the host's sa_bytes). Each thread
+// passes one barrier, right before its first dot (or after its loops if it has none): the
+// non-aligned barrier, since lanes of a warp may reach it from different iterations.
 __device__ __forceinline__ void sa_fill(u8* sa, const i8* xq, const float* xd, const int* xs,
-                                        int cols) {
+                                        int cols, int ns, int nd) {
 #if __CUDA_ARCH__ >= 800
     const int nthr = blockDim.x;
     const u32 base = (u32)__cvta_generic_to_shared(sa);
     for (int c = threadIdx.x; c < cols / 16; c += nthr)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
                      "l"(xq + 16 * c) : "memory");
-    for (int c = threadIdx.x; c < cols / 64; c += nthr)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + cols + 16 * c),
-                     "l"(xs + 4 * c) : "memory");
-    const u32 dbase = base + cols + cols / 4;
-    for (int c = threadIdx.x; c < cols / 256; c += nthr)
+    const u32 sbase = base + cols, dbase = sbase + 4 * ns;
+    // cols % 32 == 0, so the sums start 16-aligned; 16-byte copies where they fill whole words.
+    if (ns % 4 == 0)
+        for (int c = threadIdx.x; c < ns / 4; c += nthr)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sbase + 16 * c),
+                         "l"(xs + 4 * c) : "memory");
+    else
+        for (int c = threadIdx.x; c < ns; c += nthr)
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sbase + 4 * c),
+                         "l"(xs + c) : "memory");
+    for (int c = threadIdx.x; c < nd; c += nthr)
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dbase + 4 * c), "l"(xd + c)
                      : "memory");
     asm volatile("cp.async.commit_group;" ::: "memory");
 #else
+    int* ss = (int*)(sa + cols);
+    float* sd = (float*)(sa + cols + 4 * ns);
     for (int c = threadIdx.x; c < cols / 4; c += blockDim.x) ((int*)sa)[c] = ((const int*)xq)[c];
-    for (int c = threadIdx.x; c < cols / 16; c += blockDim.x) ((int*)(sa + cols))[c] = xs[c];
-    for (int c = threadIdx.x; c < cols / 256; c += blockDim.x)
-        ((float*)(sa + cols + cols / 4))[c] = xd[c];
+    for (int c = threadIdx.x; c < ns; c += blockDim.x) ss[c] = xs[c];
+    for (int c = threadIdx.x; c < nd; c += blockDim.x) sd[c] = xd[c];
 #endif
 }
 __device__ __forceinline__ void sa_wait() {
@@ -2121,8 +2128,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                                           const int* __restrict__ xs, float* __restrict__ y,
                                           int rows, int cols, long long row_bytes, int n,
                                           int accumulate) {
-    static_assert(!SA || (NT == 1 && K::QK == 256 && K::XS == 16 && K::XB == 1),
-                  "shared activations: one token of Q8_K activations");
+    static_assert(!SA || (NT == 1 && K::XB == 1), "shared activations: one token, int8");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // NR rows per warp share each activation load (the compiler sees the same addresses).
     const int row0 = (blockIdx.x * 4 + warp) * NR;
@@ -2152,14 +2158,15 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     bool filled = !SA;
     if constexpr (SA) {
         extern __shared__ __align__(16) u8 sa_buf[];
-        sa_fill(sa_buf, xq, xd, xs, cols);
+        const int ns = cols / K::XS, nd = cols / K::QK;
+        sa_fill(sa_buf, xq, xd, xs, cols, ns, nd);
         if (row0 >= rows) {
             sa_wait();
             return;
         }
         xq = (const i8*)sa_buf;
         xs = (const int*)(sa_buf + cols);
-        xd = (const float*)(sa_buf + cols + cols / 4);
+        xd = (const float*)(sa_buf + cols + 4 * ns);
     }
     // One token: the residual this warp adds into, loaded now so that its latency hides
     // behind the dot products instead of following them.
@@ -2304,7 +2311,8 @@ extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) 
         mmvq_impl<Q6KS, Q6KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
 }
 
-// One token with shared activations (see sa_fill): mmvqs_<type>.
+// One token with shared activations (see sa_fill): mmvqs_<type>, for the types where it
+// measured faster (docs/BENCHMARKS.md: Q8_0, Q4_1 and Q5_1 rows were 2.5-8% slower with it).
 #define MMVQ_SA(name, K, Raw)                                                                  \
     extern "C" __global__ void __launch_bounds__(128) mmvqs_##name(MMVQ_ARGS) {                \
         MMVQ_PICK                                                                              \
@@ -2314,6 +2322,7 @@ MMVQ_SA(q4_k, Q4K, Q4KRaw)
 MMVQ_SA(q5_k, Q5K, Q5KRaw)
 MMVQ_SA(q6_k, Q6K, Q6KRaw)
 MMVQ_SA(q6_k_soa, Q6KS, Q6KRaw)
+MMVQ_SA(q4_0, Q40, Q40Raw)
 extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS) {
     MMVQ_PICK
     if (z < z2)

@@ -1629,7 +1629,7 @@ struct Prequant {
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
 /// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
 /// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
-/// Q8_K activations from shared memory; a Q6_K row's last steps are added as one group)
+/// int8 activations from shared memory; a Q6_K row's last steps are added as one group)
 /// change the summation order.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {

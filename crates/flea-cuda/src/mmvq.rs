@@ -39,16 +39,22 @@ pub(crate) fn kernel_names() -> Vec<String> {
     v
 }
 
-/// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: those that
-/// read Q8_K activations, and the mixed q/k/v kernel.
-const SA_SUFFIXES: [&str; 5] = ["q4_k", "q5_k", "q6_k", "q6_k_soa", "q4_k_q6_k_soa"];
+/// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: the K-quants
+/// (Q8_K activations), the mixed q/k/v kernel and Q4_0 (Q8_0 activations). Q8_0, Q4_1 and Q5_1
+/// rows measured slower with it (docs/BENCHMARKS.md), Q5_0 no different within the noise.
+const SA_SUFFIXES: [&str; 6] = ["q4_k", "q5_k", "q6_k", "q6_k_soa", "q4_k_q6_k_soa", "q4_0"];
 /// Shared memory one `mmvqs_*` block may take without the opt-in attribute.
 const SA_MAX_BYTES: usize = 48 * 1024;
 
-/// Shared memory of a `mmvqs_*` block for `cols` Q8_K activations: quants, sums of 16, scales
-/// (kernels.cu, `sa_fill`).
-fn sa_bytes(cols: usize) -> usize {
-    cols + cols / 4 + cols / 64
+/// Shared memory of a `mmvqs_*` block for `cols` int8 activations of `fmt` (Q8K or Q8_0):
+/// quants, sums (of 16 or of a 32-block), scales (kernels.cu, `sa_fill`).
+fn sa_bytes(cols: usize, fmt: ActFmt) -> usize {
+    let sums = if fmt == ActFmt::Q8K {
+        cols / 16
+    } else {
+        cols / 32
+    };
+    cols + 4 * sums + 4 * (cols / fmt.block())
 }
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
@@ -309,15 +315,15 @@ impl CudaBackend {
                 "mmvq: {name} cannot share a launch with other types"
             )));
         }
-        // One token: the kernel reading its Q8_K activations from shared memory where they
+        // One token: the kernel reading its int8 activations from shared memory where they
         // fit there (and FLEA_CUDA_FUSE_OFF does not name `mmvq_sa`).
         let one = if mixed { MIXED.2 } else { name };
         let shared = n == 1
             && rows_per_warp() == 1
             && !self.fusions_off.mmvq_sa
-            && fmt == ActFmt::Q8K
-            && like.cols.is_multiple_of(256)
-            && sa_bytes(like.cols) <= SA_MAX_BYTES
+            && matches!(fmt, ActFmt::Q8K | ActFmt::Q8_0)
+            && like.cols.is_multiple_of(fmt.block())
+            && sa_bytes(like.cols, fmt) <= SA_MAX_BYTES
             && one
                 .strip_prefix("mmvq_")
                 .is_some_and(|suffix| SA_SUFFIXES.contains(&suffix));
@@ -343,7 +349,7 @@ impl CudaBackend {
             ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: if shared {
-                sa_bytes(like.cols) as u32
+                sa_bytes(like.cols, fmt) as u32
             } else {
                 0
             },
