@@ -9,7 +9,9 @@
 //!
 //! Kernels per type: `mmvq_*` (one token, one warp per row: decode), `mmvq2_*` (one token, two
 //! rows per warp, sharing each activation load; FLEA_CUDA_MMVQ_ROWS=2 or `set_mmvq_rows(2)`)
-//! and `mmvq8_*` (up to 8 tokens per weight load). Set FLEA_CUDA_NO_MMVQ=1 (or
+//! and `mmvq8_*` (up to 8 tokens per weight load); `mmvqs_*` is `mmvq_*` with the block's
+//! activations copied into shared memory first (the K-quants and Q4_0, the default where the
+//! row fits 48 KiB; FLEA_CUDA_FUSE_OFF=mmvq_sa turns it off). Set FLEA_CUDA_NO_MMVQ=1 (or
 //! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
@@ -438,6 +440,17 @@ mod tests {
     }
     fn h2f(h: u16) -> f32 {
         flea_quant::f16_to_f32(h)
+    }
+
+    /// The shared-activation layout (kernels.cu `sa_fill`: quants, then cols / XS sums, then
+    /// cols / QK scales, 4 bytes each) and the widest rows of the presets (70B's 28672-wide
+    /// ffn_down) inside one block's default shared memory.
+    #[test]
+    fn shared_activation_bytes() {
+        assert_eq!(sa_bytes(5120, ActFmt::Q8K), 5120 + 4 * 320 + 4 * 20);
+        assert_eq!(sa_bytes(4096, ActFmt::Q8_0), 4096 + 4 * 128 + 4 * 128);
+        assert!(sa_bytes(28672, ActFmt::Q8K) <= SA_MAX_BYTES);
+        assert!(sa_bytes(28672, ActFmt::Q8_0) <= SA_MAX_BYTES);
     }
 
     /// act_q8k's quants as stored: element 64j + 32s + 16h + i (i < 16) at 128s + 32j + 16h + i,
