@@ -2155,7 +2155,6 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             (long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
     pdl_enter();
-    bool filled = !SA;
     if constexpr (SA) {
         extern __shared__ __align__(16) u8 sa_buf[];
         const int ns = cols / K::XS, nd = cols / K::QK;
@@ -2188,6 +2187,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     if constexpr (SA) {
         // S steps' loads in flight (those inside the row), then their dots, added up in
         // step order; one round for a row of at most S steps.
+        bool filled = false;
         for (; blk < nb; blk += S * step) {
             Raw raw[S][NR];
 #pragma unroll
@@ -2211,46 +2211,46 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             }
         }
         if (!filled) sa_wait();
-        blk = nb;  // the loops below have nothing left
-    }
-    // S steps' loads in flight, then their dots, added up in step order.
-    for (; blk + (S - 1) * step < nb; blk += S * step) {
-        Raw raw[S][NR];
+    } else {
+        // S steps' loads in flight, then their dots, added up in step order.
+        for (; blk + (S - 1) * step < nb; blk += S * step) {
+            Raw raw[S][NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++)
+            for (int r = 0; r < NR; r++)
 #pragma unroll
-            for (int k = 0; k < S; k++)
-                load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+                for (int k = 0; k < S; k++)
+                    load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            if (t < nt) {
-                const long long tt = t0 + t;
-                const i8* xqt = xq + tt * cols * K::XB;
-                const float* xdt = xd + tt * (cols / K::QK);
-                const int* xst = xs + tt * (cols / K::XS);
+            for (int t = 0; t < NT; t++) {
+                if (t < nt) {
+                    const long long tt = t0 + t;
+                    const i8* xqt = xq + tt * cols * K::XB;
+                    const float* xdt = xd + tt * (cols / K::QK);
+                    const int* xst = xs + tt * (cols / K::XS);
 #pragma unroll
-                for (int r = 0; r < NR; r++) {
-                    float d = K::dot(raw[0][r], blk, p, xqt, xdt, xst);
+                    for (int r = 0; r < NR; r++) {
+                        float d = K::dot(raw[0][r], blk, p, xqt, xdt, xst);
 #pragma unroll
-                    for (int k = 1; k < S; k++)
-                        d += K::dot(raw[k][r], blk + k * step, p, xqt, xdt, xst);
-                    acc[t][r] += d;
+                        for (int k = 1; k < S; k++)
+                            d += K::dot(raw[k][r], blk + k * step, p, xqt, xdt, xst);
+                        acc[t][r] += d;
+                    }
                 }
             }
         }
-    }
-    for (; blk < nb; blk += step) {
-        Raw r0[NR];
+        for (; blk < nb; blk += step) {
+            Raw r0[NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++) load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
+            for (int r = 0; r < NR; r++) load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            if (t < nt) {
-                const long long tt = t0 + t;
+            for (int t = 0; t < NT; t++) {
+                if (t < nt) {
+                    const long long tt = t0 + t;
 #pragma unroll
-                for (int r = 0; r < NR; r++)
-                    acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
-                                        xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
+                    for (int r = 0; r < NR; r++)
+                        acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
+                                            xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
+                }
             }
         }
     }
