@@ -1,0 +1,197 @@
+// Stand-alone harness: does a one-token mat-vec lose bandwidth when each warp reads from
+// several weight streams far apart in memory? Plain reads (no arithmetic beyond a checksum)
+// with the load pattern of flea's one-token kernels (crates/flea-cuda/src/kernels.cu):
+//   q6 soa      the resident Q6_K layout (staging.rs `repack_q6k`): all blocks' ql | all qh |
+//               all scales | all d, so a warp reads four streams up to 57 MB apart;
+//   q6 pairsoa  the same fields grouped per pair of rows (ql | qh | scales | d of 108 blocks,
+//               22680 bytes a pair): one stream;
+//   q4 zmajor   Q4_K gate and up rows (2880 bytes each) as flea launches them: blockIdx.z picks
+//               the matrix, so gate's blocks run before up's (one stream at a time);
+//   q4 paired   warps 0-1 of a block read gate rows, warps 2-3 the same up rows (two streams
+//               39.8 MB apart, the layout of the GLU epilogue tried 2026-11-28);
+//   q4 pairedoff  the same with up moved by 8 MB + 2304 bytes (not a multiple of 32 KiB).
+// Each launch reads a fresh copy of the weights (16 copies rotate), so L2 serves none of it.
+// Numbers: docs/BENCHMARKS.md ("the small launches folded into the mat-vecs' last blocks").
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o stream_layout scripts/gpu_stream_layout.cu && ./stream_layout
+#include <cstdio>
+#include <cstdlib>
+#include <cuda_runtime.h>
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+#define CK(x)                                                                          \
+    do {                                                                               \
+        cudaError_t e = (x);                                                           \
+        if (e != cudaSuccess) {                                                        \
+            printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                \
+            exit(1);                                                                   \
+        }                                                                              \
+    } while (0)
+
+// Q6_K, one warp per row, 8 lanes per 256-block, 3 steps of loads in flight (as Q6Steps).
+// PAIR = 0: tensor-wide fields; 1: fields per pair of rows.
+template <int PAIR>
+__global__ void __launch_bounds__(128) q6_read(const u8* __restrict__ W, int rows, int nb,
+                                               u32* out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 4 + warp;
+    if (row >= rows) return;
+    const long long NB = (long long)rows * nb;
+    const u8 *ql, *qh, *sc;
+    const u16* d;
+    long long b0;
+    if (PAIR) {
+        const u8* g = W + (long long)(row >> 1) * (2 * nb) * 210;
+        ql = g;
+        qh = g + 2 * nb * 128;
+        sc = g + 2 * nb * 192;
+        d = (const u16*)(g + 2 * nb * 208);
+        b0 = (long long)(row & 1) * nb;
+    } else {
+        ql = W;
+        qh = W + NB * 128;
+        sc = W + NB * 192;
+        d = (const u16*)(W + NB * 208);
+        b0 = (long long)row * nb;
+    }
+    const int p = lane & 7, n = p >> 2, l0 = 8 * (p & 3);
+    u32 acc = 0;
+    for (int blk = lane >> 3; blk < nb; blk += 12) {
+        uint2 a[3], b[3], h[3], s[3];
+        u16 dd[3];
+#pragma unroll
+        for (int k = 0; k < 3; k++) {
+            const int bk = blk + 4 * k;
+            if (bk < nb) {
+                const long long B = b0 + bk;
+                a[k] = __ldg((const uint2*)(ql + B * 128 + 64 * n + l0));
+                b[k] = __ldg((const uint2*)(ql + B * 128 + 64 * n + 32 + l0));
+                h[k] = __ldg((const uint2*)(qh + B * 64 + 32 * n + l0));
+                s[k] = __ldg((const uint2*)(sc + B * 16 + 8 * n));
+                dd[k] = __ldg(d + B);
+            } else {
+                a[k] = b[k] = h[k] = s[k] = make_uint2(0, 0);
+                dd[k] = 0;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 3; k++)
+            acc += a[k].x ^ a[k].y ^ b[k].x ^ b[k].y ^ h[k].x ^ h[k].y ^ s[k].x ^ s[k].y ^ dd[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[row] = acc;
+}
+
+// Q4_K rows of `rb` bytes (144-byte blocks), one warp per row, 8 lanes per block (a 16-byte
+// header and 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A)
+// or up (B), 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
+template <int MODE>
+__global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u8* __restrict__ B,
+                                               int rows, int nb, u32* out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row;
+    const u8* M;
+    if (MODE == 0) {
+        row = blockIdx.x * 4 + warp;
+        M = blockIdx.z ? B : A;
+    } else {
+        row = blockIdx.x * 2 + (warp & 1);
+        M = warp >= 2 ? B : A;
+    }
+    if (row >= rows) return;
+    const u8* wr = M + (long long)row * nb * 144;
+    const int p = lane & 7;
+    u32 acc = 0;
+    for (int blk = lane >> 3; blk < nb; blk += 8) {
+        uint4 hd[2], qs[2];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int bk = blk + 4 * k;
+            if (bk < nb) {
+                hd[k] = __ldg((const uint4*)(wr + bk * 144));
+                qs[k] = __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * (p & 7)));
+            } else {
+                hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 2; k++)
+            acc += hd[k].x ^ hd[k].w ^ qs[k].x ^ qs[k].y ^ qs[k].z ^ qs[k].w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[(MODE == 0 ? blockIdx.z * rows : 0) + row] ^= acc;
+}
+
+int main() {
+    const int copies = 16, iters = 48;
+    u32* out;
+    CK(cudaMalloc(&out, 1 << 20));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("%s, %d SMs\n", prop.name, prop.multiProcessorCount);
+
+    // 13b ffn_down: 5120 rows x 54 Q6_K blocks (210 bytes each).
+    {
+        const int rows = 5120, nb = 54;
+        const size_t bytes = (size_t)rows * nb * 210;
+        u8* W;
+        CK(cudaMalloc(&W, bytes * copies));
+        CK(cudaMemset(W, 0x5a, bytes * copies));
+        for (int pass = 0; pass < 2; pass++)
+            for (int layout = 0; layout < 2; layout++) {
+                CK(cudaEventRecord(e0));
+                for (int i = 0; i < iters; i++) {
+                    const u8* w = W + (size_t)(i % copies) * bytes;
+                    if (layout == 0)
+                        q6_read<0><<<rows / 4, 128>>>(w, rows, nb, out);
+                    else
+                        q6_read<1><<<rows / 4, 128>>>(w, rows, nb, out);
+                }
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                float ms;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                const double us = 1e3 * ms / iters;
+                printf("pass %d q6 %-8s %7.2f us  %.2f TB/s\n", pass, layout ? "pairsoa" : "soa", us,
+                       bytes / us / 1e6);
+            }
+        CK(cudaFree(W));
+    }
+    // 13b gate and up: 13824 rows x 20 Q4_K blocks each.
+    {
+        const int rows = 13824, nb = 20;
+        const size_t one = (size_t)rows * nb * 144, shift = (8u << 20) + 2304;
+        const size_t stride = 2 * one + shift;
+        u8* W;
+        CK(cudaMalloc(&W, stride * copies));
+        CK(cudaMemset(W, 0x33, stride * copies));
+        const char* names[3] = {"zmajor", "paired", "pairedoff"};
+        for (int pass = 0; pass < 2; pass++)
+            for (int mode = 0; mode < 3; mode++) {
+                CK(cudaEventRecord(e0));
+                for (int i = 0; i < iters; i++) {
+                    const u8* a = W + (size_t)(i % copies) * stride;
+                    const u8* b = a + one + (mode == 2 ? shift : 0);
+                    if (mode == 0)
+                        q4_read<0><<<dim3(rows / 4, 1, 2), 128>>>(a, b, rows, nb, out);
+                    else
+                        q4_read<1><<<rows / 2, 128>>>(a, b, rows, nb, out);
+                }
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                float ms;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                const double us = 1e3 * ms / iters;
+                printf("pass %d q4 %-9s %7.2f us  %.2f TB/s\n", pass, names[mode], us,
+                       2 * one / us / 1e6);
+            }
+        CK(cudaFree(W));
+    }
+    CK(cudaGetLastError());
+    return 0;
+}
