@@ -9,7 +9,12 @@
 //               the matrix, so gate's blocks run before up's (one stream at a time);
 //   q4 paired   warps 0-1 of a block read gate rows, warps 2-3 the same up rows (two streams
 //               39.8 MB apart, the layout of the GLU epilogue tried 2026-11-28);
-//   q4 pairedoff  the same with up moved by 8 MB + 2304 bytes (not a multiple of 32 KiB).
+//   q4 pairedoff  the same with up moved by 8 MB + 2304 bytes (not a multiple of 32 KiB);
+//   q4 hdronce  zmajor, but one lane of each 8 loads the block's 16-byte header (and shares it
+//               by shuffles) instead of all 8 loading it;
+//   copy pair   a device-to-device copy of the same bytes (what flea's floor measures).
+//   q4 flat     zmajor grids reading the same bytes as distinct consecutive 16-byte words
+//               (no header re-read): what a layout without shared headers could stream at.
 // Each launch reads a fresh copy of the weights (16 copies rotate), so L2 serves none of it.
 // Numbers: docs/BENCHMARKS.md ("the small launches folded into the mat-vecs' last blocks").
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o stream_layout scripts/gpu_stream_layout.cu && ./stream_layout
@@ -86,13 +91,14 @@ __global__ void __launch_bounds__(128) q6_read(const u8* __restrict__ W, int row
 // Q4_K rows of `rb` bytes (144-byte blocks), one warp per row, 8 lanes per block (a 16-byte
 // header and 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A)
 // or up (B), 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
+// MODE 2: as 0 with the header loaded by one lane of 8; MODE 3: as 0, flat 16-byte words.
 template <int MODE>
 __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u8* __restrict__ B,
                                                int rows, int nb, u32* out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int row;
     const u8* M;
-    if (MODE == 0) {
+    if (MODE != 1) {
         row = blockIdx.x * 4 + warp;
         M = blockIdx.z ? B : A;
     } else {
@@ -103,25 +109,42 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
     const u8* wr = M + (long long)row * nb * 144;
     const int p = lane & 7;
     u32 acc = 0;
+    if (MODE == 3) {
+        // nb * 9 words of 16 bytes a row, 2 steps of 32 lanes in flight.
+        const int words = nb * 9;
+        for (int w = lane; w < words; w += 64) {
+            const uint4 x = __ldg((const uint4*)(wr + 16 * w));
+            const uint4 y = w + 32 < words ? __ldg((const uint4*)(wr + 16 * (w + 32)))
+                                           : make_uint4(0, 0, 0, 0);
+            acc += x.x ^ x.w ^ y.x ^ y.w ^ x.y ^ y.z;
+        }
+    } else
     for (int blk = lane >> 3; blk < nb; blk += 8) {
         uint4 hd[2], qs[2];
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             const int bk = blk + 4 * k;
             if (bk < nb) {
-                hd[k] = __ldg((const uint4*)(wr + bk * 144));
+                hd[k] = MODE == 2 && p != 0 ? make_uint4(0, 0, 0, 0)
+                                            : __ldg((const uint4*)(wr + bk * 144));
                 qs[k] = __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * (p & 7)));
             } else {
                 hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
             }
         }
 #pragma unroll
-        for (int k = 0; k < 2; k++)
+        for (int k = 0; k < 2; k++) {
+            if (MODE == 2) {
+                const int src = lane & ~7;
+                hd[k].x = __shfl_sync(0xffffffffu, hd[k].x, src);
+                hd[k].w = __shfl_sync(0xffffffffu, hd[k].w, src);
+            }
             acc += hd[k].x ^ hd[k].w ^ qs[k].x ^ qs[k].y ^ qs[k].z ^ qs[k].w;
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) out[(MODE == 0 ? blockIdx.z * rows : 0) + row] ^= acc;
+    if (lane == 0) out[(MODE != 1 ? blockIdx.z * rows : 0) + row] ^= acc;
 }
 
 int main() {
@@ -170,15 +193,20 @@ int main() {
         u8* W;
         CK(cudaMalloc(&W, stride * copies));
         CK(cudaMemset(W, 0x33, stride * copies));
-        const char* names[3] = {"zmajor", "paired", "pairedoff"};
+        const char* names[5] = {"zmajor", "paired", "pairedoff", "hdronce", "flat"};
         for (int pass = 0; pass < 2; pass++)
-            for (int mode = 0; mode < 3; mode++) {
+            for (int mode = 0; mode < 5; mode++) {
                 CK(cudaEventRecord(e0));
                 for (int i = 0; i < iters; i++) {
                     const u8* a = W + (size_t)(i % copies) * stride;
                     const u8* b = a + one + (mode == 2 ? shift : 0);
+                    const dim3 zg(rows / 4, 1, 2);
                     if (mode == 0)
-                        q4_read<0><<<dim3(rows / 4, 1, 2), 128>>>(a, b, rows, nb, out);
+                        q4_read<0><<<zg, 128>>>(a, b, rows, nb, out);
+                    else if (mode == 3)
+                        q4_read<2><<<zg, 128>>>(a, b, rows, nb, out);
+                    else if (mode == 4)
+                        q4_read<3><<<zg, 128>>>(a, b, rows, nb, out);
                     else
                         q4_read<1><<<rows / 2, 128>>>(a, b, rows, nb, out);
                 }
@@ -190,6 +218,22 @@ int main() {
                 printf("pass %d q4 %-9s %7.2f us  %.2f TB/s\n", pass, names[mode], us,
                        2 * one / us / 1e6);
             }
+        // The floor's measure: a device-to-device copy of the pair (read + write bytes).
+        for (int pass = 0; pass < 2; pass++) {
+            CK(cudaEventRecord(e0));
+            for (int i = 0; i < iters; i++) {
+                const u8* a = W + (size_t)(i % copies) * stride;
+                u8* dst = W + (size_t)((i + copies / 2) % copies) * stride;
+                CK(cudaMemcpyAsync(dst, a, 2 * one, cudaMemcpyDeviceToDevice));
+            }
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            const double us = 1e3 * ms / iters;
+            printf("pass %d copy pair   %7.2f us  %.2f TB/s (read + write)\n", pass, us,
+                   4 * one / us / 1e6);
+        }
         CK(cudaFree(W));
     }
     CK(cudaGetLastError());
