@@ -12,6 +12,11 @@
 //   q4 pairedoff  the same with up moved by 8 MB + 2304 bytes (not a multiple of 32 KiB);
 //   q4 hdronce  zmajor, but one lane of each 8 loads the block's 16-byte header (and shares it
 //               by shuffles) instead of all 8 loading it;
+//   q4 safill   zmajor, each block first copying 6480 bytes of int8 activations (5120 quants,
+//               sums, scales) into shared memory by cp.async after its first weight loads, as
+//               flea's `mmvqs_*` do, and passing a block barrier before using them;
+//   q4 sadot    safill with dot products on them (dp4a of the quants against the shared
+//               activations, a float scale a block): roughly flea's one-token Q4_K kernel;
 //   copy pair   a device-to-device copy of the same bytes (what flea's floor measures).
 //   q4 flat     zmajor grids reading the same bytes as distinct consecutive 16-byte words
 //               (no header re-read): what a layout without shared headers could stream at.
@@ -91,10 +96,13 @@ __global__ void __launch_bounds__(128) q6_read(const u8* __restrict__ W, int row
 // Q4_K rows of `rb` bytes (144-byte blocks), one warp per row, 8 lanes per block (a 16-byte
 // header and 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A)
 // or up (B), 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
-// MODE 2: as 0 with the header loaded by one lane of 8; MODE 3: as 0, flat 16-byte words.
+// MODE 2: as 0 with the header loaded by one lane of 8; MODE 3: as 0, flat 16-byte words;
+// MODE 4: as 0 with the shared-activation fill (`act`, 6480 bytes); MODE 5: 4 with dots.
 template <int MODE>
 __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u8* __restrict__ B,
-                                               int rows, int nb, u32* out) {
+                                               int rows, int nb, u32* out,
+                                               const u8* __restrict__ act = nullptr) {
+    extern __shared__ __align__(16) u8 sa[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int row;
     const u8* M;
@@ -109,6 +117,8 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
     const u8* wr = M + (long long)row * nb * 144;
     const int p = lane & 7;
     u32 acc = 0;
+    float facc = 0.f;
+    bool filled = MODE < 4;
     if (MODE == 3) {
         // nb * 9 words of 16 bytes a row, 2 steps of 32 lanes in flight.
         const int words = nb * 9;
@@ -132,6 +142,37 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
                 hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
             }
         }
+        if (!filled) {
+            const u32 base = (u32)__cvta_generic_to_shared(sa);
+            for (int c = threadIdx.x; c < 6480 / 16; c += 128)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
+                             "l"(act + 16 * c) : "memory");
+            asm volatile("cp.async.commit_group;" ::: "memory");
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            asm volatile("barrier.sync 0;" ::: "memory");
+            filled = true;
+        }
+        if (MODE == 4) acc += ((const u32*)sa)[(blk * 64 + p) & 1023];
+        if (MODE == 5) {
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int bk = blk + 4 * k;
+                const uint4 a0 = *(const uint4*)(sa + ((bk * 256 + 16 * p) % 5120));
+                const uint4 a1 = *(const uint4*)(sa + ((bk * 256 + 128 + 16 * p) % 5120));
+                const int lo = __dp4a((int)(qs[k].x & 0x0f0f0f0fu), (int)a0.x,
+                               __dp4a((int)(qs[k].y & 0x0f0f0f0fu), (int)a0.y,
+                               __dp4a((int)(qs[k].z & 0x0f0f0f0fu), (int)a0.z,
+                               __dp4a((int)(qs[k].w & 0x0f0f0f0fu), (int)a0.w, 0))));
+                const int hi = __dp4a((int)((qs[k].x >> 4) & 0x0f0f0f0fu), (int)a1.x,
+                               __dp4a((int)((qs[k].y >> 4) & 0x0f0f0f0fu), (int)a1.y,
+                               __dp4a((int)((qs[k].z >> 4) & 0x0f0f0f0fu), (int)a1.z,
+                               __dp4a((int)((qs[k].w >> 4) & 0x0f0f0f0fu), (int)a1.w, 0))));
+                const float sd = ((const float*)(sa + 5120 + 1280))[bk % 20];
+                facc += sd * (float)(lo * (int)(hd[k].y & 0x3f) + hi * (int)((hd[k].y >> 8) & 0x3f)) -
+                        (float)(hd[k].z & 0xff) * (float)((const int*)(sa + 5120))[(bk * 16 + p) % 320];
+            }
+            continue;
+        }
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             if (MODE == 2) {
@@ -143,8 +184,56 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
         }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) out[(MODE != 1 ? blockIdx.z * rows : 0) + row] ^= acc;
+    for (int o = 16; o > 0; o >>= 1) {
+        acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        facc += __shfl_xor_sync(0xffffffffu, facc, o);
+    }
+    if (lane == 0) out[(MODE != 1 ? blockIdx.z * rows : 0) + row] ^= acc ^ __float_as_uint(facc);
+}
+
+// safill with each warp taking `rpw` rows one after another (row, row + 4 * gridDim.x, ...):
+// one fill per block for 4 * rpw rows.
+__global__ void __launch_bounds__(128) q4_safill_rows(const u8* __restrict__ A,
+                                                      const u8* __restrict__ B, int rows, int nb,
+                                                      u32* out, const u8* __restrict__ act) {
+    extern __shared__ __align__(16) u8 sa[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, p = lane & 7;
+    const u8* M = blockIdx.z ? B : A;
+    bool filled = false;
+    for (int row = blockIdx.x * 4 + warp; row < rows; row += 4 * gridDim.x) {
+        const u8* wr = M + (long long)row * nb * 144;
+        u32 acc = 0;
+        for (int blk = lane >> 3; blk < nb; blk += 8) {
+            uint4 hd[2], qs[2];
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int bk = blk + 4 * k;
+                if (bk < nb) {
+                    hd[k] = __ldg((const uint4*)(wr + bk * 144));
+                    qs[k] = __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * p));
+                } else {
+                    hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
+                }
+            }
+            if (!filled) {
+                const u32 base = (u32)__cvta_generic_to_shared(sa);
+                for (int c = threadIdx.x; c < 6480 / 16; c += 128)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
+                                 "l"(act + 16 * c) : "memory");
+                asm volatile("cp.async.commit_group;" ::: "memory");
+                asm volatile("cp.async.wait_all;" ::: "memory");
+                asm volatile("barrier.sync 0;" ::: "memory");
+                filled = true;
+            }
+            acc += ((const u32*)sa)[(blk * 64 + p) & 1023];
+#pragma unroll
+            for (int k = 0; k < 2; k++)
+                acc += hd[k].x ^ hd[k].w ^ qs[k].x ^ qs[k].y ^ qs[k].z ^ qs[k].w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) out[blockIdx.z * rows + row] ^= acc;
+    }
 }
 
 int main() {
@@ -193,9 +282,13 @@ int main() {
         u8* W;
         CK(cudaMalloc(&W, stride * copies));
         CK(cudaMemset(W, 0x33, stride * copies));
-        const char* names[5] = {"zmajor", "paired", "pairedoff", "hdronce", "flat"};
+        const char* names[10] = {"zmajor",  "paired",   "pairedoff", "hdronce",  "flat",
+                                 "safill",  "sadot",    "safill r2", "safill r4", "safill r8"};
+        u8* act;
+        CK(cudaMalloc(&act, 8192));
+        CK(cudaMemset(act, 0x11, 8192));
         for (int pass = 0; pass < 2; pass++)
-            for (int mode = 0; mode < 5; mode++) {
+            for (int mode = 0; mode < 10; mode++) {
                 CK(cudaEventRecord(e0));
                 for (int i = 0; i < iters; i++) {
                     const u8* a = W + (size_t)(i % copies) * stride;
@@ -207,6 +300,15 @@ int main() {
                         q4_read<2><<<zg, 128>>>(a, b, rows, nb, out);
                     else if (mode == 4)
                         q4_read<3><<<zg, 128>>>(a, b, rows, nb, out);
+                    else if (mode == 5)
+                        q4_read<4><<<zg, 128, 6480>>>(a, b, rows, nb, out, act);
+                    else if (mode == 6)
+                        q4_read<5><<<zg, 128, 6480>>>(a, b, rows, nb, out, act);
+                    else if (mode >= 7) {
+                        const int rpw = 1 << (mode - 6);
+                        const dim3 g(rows / (4 * rpw), 1, 2);
+                        q4_safill_rows<<<g, 128, 6480>>>(a, b, rows, nb, out, act);
+                    }
                     else
                         q4_read<1><<<rows / 2, 128>>>(a, b, rows, nb, out);
                 }
