@@ -17,6 +17,7 @@
 //               flea's `mmvqs_*` do, and passing a block barrier before using them;
 //   q4 sadot    safill with dot products on them (dp4a of the quants against the shared
 //               activations, a float scale a block): roughly flea's one-token Q4_K kernel;
+//   q4 safill rN  safill with each warp taking N rows one after another (one fill per 4N rows);
 //   copy pair   a device-to-device copy of the same bytes (what flea's floor measures).
 //   q4 flat     zmajor grids reading the same bytes as distinct consecutive 16-byte words
 //               (no header re-read): what a layout without shared headers could stream at.
