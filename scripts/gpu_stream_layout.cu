@@ -94,6 +94,33 @@ __global__ void __launch_bounds__(128) q6_read(const u8* __restrict__ W, int row
     if (lane == 0) out[row] = acc;
 }
 
+// The block's 6480 bytes of int8 activations into shared memory by cp.async, then the block
+// barrier (each thread passes it once, from whichever iteration: non-aligned), as flea's
+// `sa_fill` / `sa_wait`. Returns true (the caller's "filled").
+__device__ __forceinline__ bool sa_fill_wait(u8* sa, const u8* __restrict__ act) {
+    const u32 base = (u32)__cvta_generic_to_shared(sa);
+    for (int c = threadIdx.x; c < 6480 / 16; c += 128)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
+                     "l"(act + 16 * c) : "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    asm volatile("barrier.sync 0;" ::: "memory");
+    return true;
+}
+
+// A lane's two steps of Q4_K loads (blocks blk and blk + 4 of the row at wr): the block's
+// 16-byte header (if `header`, else zeros) and its 16 quant bytes of part p.
+__device__ __forceinline__ void q4_steps(const u8* __restrict__ wr, int blk, int nb, int p,
+                                         bool header, uint4 (&hd)[2], uint4 (&qs)[2]) {
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        const int bk = blk + 4 * k;
+        const bool in = bk < nb;
+        hd[k] = in && header ? __ldg((const uint4*)(wr + bk * 144)) : make_uint4(0, 0, 0, 0);
+        qs[k] = in ? __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * p)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // Q4_K rows of `rb` bytes (144-byte blocks), one warp per row, 8 lanes per block (a 16-byte
 // header and 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A)
 // or up (B), 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
@@ -132,27 +159,8 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
     } else
     for (int blk = lane >> 3; blk < nb; blk += 8) {
         uint4 hd[2], qs[2];
-#pragma unroll
-        for (int k = 0; k < 2; k++) {
-            const int bk = blk + 4 * k;
-            if (bk < nb) {
-                hd[k] = MODE == 2 && p != 0 ? make_uint4(0, 0, 0, 0)
-                                            : __ldg((const uint4*)(wr + bk * 144));
-                qs[k] = __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * (p & 7)));
-            } else {
-                hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
-            }
-        }
-        if (!filled) {
-            const u32 base = (u32)__cvta_generic_to_shared(sa);
-            for (int c = threadIdx.x; c < 6480 / 16; c += 128)
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
-                             "l"(act + 16 * c) : "memory");
-            asm volatile("cp.async.commit_group;" ::: "memory");
-            asm volatile("cp.async.wait_all;" ::: "memory");
-            asm volatile("barrier.sync 0;" ::: "memory");
-            filled = true;
-        }
+        q4_steps(wr, blk, nb, p, MODE != 2 || p == 0, hd, qs);
+        if (!filled) filled = sa_fill_wait(sa, act);
         if (MODE == 4) acc += ((const u32*)sa)[(blk * 64 + p) & 1023];
         if (MODE == 5) {
 #pragma unroll
@@ -206,26 +214,8 @@ __global__ void __launch_bounds__(128) q4_safill_rows(const u8* __restrict__ A,
         u32 acc = 0;
         for (int blk = lane >> 3; blk < nb; blk += 8) {
             uint4 hd[2], qs[2];
-#pragma unroll
-            for (int k = 0; k < 2; k++) {
-                const int bk = blk + 4 * k;
-                if (bk < nb) {
-                    hd[k] = __ldg((const uint4*)(wr + bk * 144));
-                    qs[k] = __ldg((const uint4*)(wr + bk * 144 + 16 + 16 * p));
-                } else {
-                    hd[k] = qs[k] = make_uint4(0, 0, 0, 0);
-                }
-            }
-            if (!filled) {
-                const u32 base = (u32)__cvta_generic_to_shared(sa);
-                for (int c = threadIdx.x; c < 6480 / 16; c += 128)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + 16 * c),
-                                 "l"(act + 16 * c) : "memory");
-                asm volatile("cp.async.commit_group;" ::: "memory");
-                asm volatile("cp.async.wait_all;" ::: "memory");
-                asm volatile("barrier.sync 0;" ::: "memory");
-                filled = true;
-            }
+            q4_steps(wr, blk, nb, p, true, hd, qs);
+            if (!filled) filled = sa_fill_wait(sa, act);
             acc += ((const u32*)sa)[(blk * 64 + p) & 1023];
 #pragma unroll
             for (int k = 0; k < 2; k++)
