@@ -121,11 +121,12 @@ __device__ __forceinline__ void q4_steps(const u8* __restrict__ wr, int blk, int
     }
 }
 
-// Q4_K rows of `rb` bytes (144-byte blocks), one warp per row, 8 lanes per block (a 16-byte
-// header and 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A)
-// or up (B), 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
+// Q4_K rows of nb 144-byte blocks, one warp per row, 8 lanes per block (a 16-byte header and
+// 16 bytes of quants each), 2 steps in flight. MODE 0: blockIdx.z picks gate (A) or up (B),
+// 4 rows a block; MODE 1: warps 0-1 read A rows 2b, 2b+1, warps 2-3 the same B rows.
 // MODE 2: as 0 with the header loaded by one lane of 8; MODE 3: as 0, flat 16-byte words;
-// MODE 4: as 0 with the shared-activation fill (`act`, 6480 bytes); MODE 5: 4 with dots.
+// MODE 5: as 0 with the shared-activation fill (`act`, 6480 bytes) and dot products on it
+// (the fill alone: q4_safill_rows).
 template <int MODE>
 __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u8* __restrict__ B,
                                                int rows, int nb, u32* out,
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
     const int p = lane & 7;
     u32 acc = 0;
     float facc = 0.f;
-    bool filled = MODE < 4;
+    bool filled = MODE != 5;
     if (MODE == 3) {
         // nb * 9 words of 16 bytes a row, 2 steps of 32 lanes in flight.
         const int words = nb * 9;
@@ -156,40 +157,40 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
                                            : make_uint4(0, 0, 0, 0);
             acc += x.x ^ x.w ^ y.x ^ y.w ^ x.y ^ y.z;
         }
-    } else
-    for (int blk = lane >> 3; blk < nb; blk += 8) {
-        uint4 hd[2], qs[2];
-        q4_steps(wr, blk, nb, p, MODE != 2 || p == 0, hd, qs);
-        if (!filled) filled = sa_fill_wait(sa, act);
-        if (MODE == 4) acc += ((const u32*)sa)[(blk * 64 + p) & 1023];
-        if (MODE == 5) {
+    } else {
+        for (int blk = lane >> 3; blk < nb; blk += 8) {
+            uint4 hd[2], qs[2];
+            q4_steps(wr, blk, nb, p, MODE != 2 || p == 0, hd, qs);
+            if (!filled) filled = sa_fill_wait(sa, act);
+            if (MODE == 5) {
 #pragma unroll
-            for (int k = 0; k < 2; k++) {
-                const int bk = blk + 4 * k;
-                const uint4 a0 = *(const uint4*)(sa + ((bk * 256 + 16 * p) % 5120));
-                const uint4 a1 = *(const uint4*)(sa + ((bk * 256 + 128 + 16 * p) % 5120));
-                const int lo = __dp4a((int)(qs[k].x & 0x0f0f0f0fu), (int)a0.x,
-                               __dp4a((int)(qs[k].y & 0x0f0f0f0fu), (int)a0.y,
-                               __dp4a((int)(qs[k].z & 0x0f0f0f0fu), (int)a0.z,
-                               __dp4a((int)(qs[k].w & 0x0f0f0f0fu), (int)a0.w, 0))));
-                const int hi = __dp4a((int)((qs[k].x >> 4) & 0x0f0f0f0fu), (int)a1.x,
-                               __dp4a((int)((qs[k].y >> 4) & 0x0f0f0f0fu), (int)a1.y,
-                               __dp4a((int)((qs[k].z >> 4) & 0x0f0f0f0fu), (int)a1.z,
-                               __dp4a((int)((qs[k].w >> 4) & 0x0f0f0f0fu), (int)a1.w, 0))));
-                const float sd = ((const float*)(sa + 5120 + 1280))[bk % 20];
-                facc += sd * (float)(lo * (int)(hd[k].y & 0x3f) + hi * (int)((hd[k].y >> 8) & 0x3f)) -
-                        (float)(hd[k].z & 0xff) * (float)((const int*)(sa + 5120))[(bk * 16 + p) % 320];
-            }
-            continue;
-        }
+                for (int k = 0; k < 2; k++) {
+                    const int bk = blk + 4 * k;
+                    const uint4 a0 = *(const uint4*)(sa + ((bk * 256 + 16 * p) % 5120));
+                    const uint4 a1 = *(const uint4*)(sa + ((bk * 256 + 128 + 16 * p) % 5120));
+                    const int lo = __dp4a((int)(qs[k].x & 0x0f0f0f0fu), (int)a0.x,
+                                   __dp4a((int)(qs[k].y & 0x0f0f0f0fu), (int)a0.y,
+                                   __dp4a((int)(qs[k].z & 0x0f0f0f0fu), (int)a0.z,
+                                   __dp4a((int)(qs[k].w & 0x0f0f0f0fu), (int)a0.w, 0))));
+                    const int hi = __dp4a((int)((qs[k].x >> 4) & 0x0f0f0f0fu), (int)a1.x,
+                                   __dp4a((int)((qs[k].y >> 4) & 0x0f0f0f0fu), (int)a1.y,
+                                   __dp4a((int)((qs[k].z >> 4) & 0x0f0f0f0fu), (int)a1.z,
+                                   __dp4a((int)((qs[k].w >> 4) & 0x0f0f0f0fu), (int)a1.w, 0))));
+                    const float sd = ((const float*)(sa + 5120 + 1280))[bk % 20];
+                    facc += sd * (float)(lo * (int)(hd[k].y & 0x3f) + hi * (int)((hd[k].y >> 8) & 0x3f)) -
+                            (float)(hd[k].z & 0xff) * (float)((const int*)(sa + 5120))[(bk * 16 + p) % 320];
+                }
+            } else {
 #pragma unroll
-        for (int k = 0; k < 2; k++) {
-            if (MODE == 2) {
-                const int src = lane & ~7;
-                hd[k].x = __shfl_sync(0xffffffffu, hd[k].x, src);
-                hd[k].w = __shfl_sync(0xffffffffu, hd[k].w, src);
+                for (int k = 0; k < 2; k++) {
+                    if (MODE == 2) {
+                        const int src = lane & ~7;
+                        hd[k].x = __shfl_sync(0xffffffffu, hd[k].x, src);
+                        hd[k].w = __shfl_sync(0xffffffffu, hd[k].w, src);
+                    }
+                    acc += hd[k].x ^ hd[k].w ^ qs[k].x ^ qs[k].y ^ qs[k].z ^ qs[k].w;
+                }
             }
-            acc += hd[k].x ^ hd[k].w ^ qs[k].x ^ qs[k].y ^ qs[k].z ^ qs[k].w;
         }
     }
 #pragma unroll
@@ -200,8 +201,9 @@ __global__ void __launch_bounds__(128) q4_read(const u8* __restrict__ A, const u
     if (lane == 0) out[(MODE != 1 ? blockIdx.z * rows : 0) + row] ^= acc ^ __float_as_uint(facc);
 }
 
-// safill with each warp taking `rpw` rows one after another (row, row + 4 * gridDim.x, ...):
-// one fill per block for 4 * rpw rows.
+// MODE 0 with the shared-activation fill, each warp taking rows row, row + 4 * gridDim.x, ...
+// (grid rows / 4: one row a warp, "safill"; rows / (4 N): N rows one after another, one fill
+// per block for 4 N rows, "safill rN").
 __global__ void __launch_bounds__(128) q4_safill_rows(const u8* __restrict__ A,
                                                       const u8* __restrict__ B, int rows, int nb,
                                                       u32* out, const u8* __restrict__ act) {
@@ -291,12 +293,10 @@ int main() {
                         q4_read<2><<<zg, 128>>>(a, b, rows, nb, out);
                     else if (mode == 4)
                         q4_read<3><<<zg, 128>>>(a, b, rows, nb, out);
-                    else if (mode == 5)
-                        q4_read<4><<<zg, 128, 6480>>>(a, b, rows, nb, out, act);
                     else if (mode == 6)
                         q4_read<5><<<zg, 128, 6480>>>(a, b, rows, nb, out, act);
-                    else if (mode >= 7) {
-                        const int rpw = 1 << (mode - 6);
+                    else if (mode == 5 || mode >= 7) {
+                        const int rpw = mode == 5 ? 1 : 1 << (mode - 6);
                         const dim3 g(rows / (4 * rpw), 1, 2);
                         q4_safill_rows<<<g, 128, 6480>>>(a, b, rows, nb, out, act);
                     }
