@@ -2122,16 +2122,20 @@ __device__ __forceinline__ void sa_wait() {
 #endif
 }
 
-template <class K, class Raw, int NT, int NR, bool SA = false>
+template <class K, class Raw, int NT, int NR, bool SA = false, int RS = 1>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
                                           int rows, int cols, long long row_bytes, int n,
                                           int accumulate) {
     static_assert(!SA || (NT == 1 && K::XB == 1), "shared activations: one token, int8");
+    static_assert(RS == 1 || SA, "rows in sequence: the shared-activation kernels only");
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // NR rows per warp share each activation load (the compiler sees the same addresses).
-    const int row0 = (blockIdx.x * 4 + warp) * NR;
+    // With RS > 1 the warp then takes the rows gridDim.x * 4 * NR further on, RS times: one
+    // shared-activation fill for RS times the rows.
+    int row0 = (blockIdx.x * 4 + warp) * NR;
+    const int row_stride = gridDim.x * 4 * NR;
     const int t0 = blockIdx.y * NT;
     // With SA every warp helps fill and passes the barrier, rows or not.
     if (!SA && row0 >= rows) return;
@@ -2140,6 +2144,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     // Raw layouts: wr[r] is row r's bytes. Repacked ones: blocks are found by tensor-wide
     // index (rowi[r] * nb + blk of NB); wr[r] is the row's first field, for the prefetch.
     const long long NB = (long long)rows * nb;
+    const long long row_len = Repacked<K>::v ? (long long)nb * 128 : row_bytes;
     const u8* wr[NR];
     long long rowi[NR];
 #pragma unroll
@@ -2154,6 +2159,15 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         if (row0 < rows &&
             (long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
+#pragma unroll
+    for (int s = 1; s < RS; s++)
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const int row = row0 + s * row_stride;
+            if (row < rows && (long long)lane * 128 < row_len)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(
+                    W + min(row + r, rows - 1) * row_len + lane * 128));
+        }
     pdl_enter();
     if constexpr (SA) {
         extern __shared__ __align__(16) u8 sa_buf[];
@@ -2167,104 +2181,122 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         xs = (const int*)(sa_buf + cols);
         xd = (const float*)(sa_buf + cols + 4 * ns);
     }
-    // One token: the residual this warp adds into, loaded now so that its latency hides
-    // behind the dot products instead of following them.
-    float prior[NR];
+    // SA: each thread passes the fill's barrier once, in its warp's first row.
+    bool filled = false;
+    for (int s = 0; s < RS; s++) {
+        if (s > 0) {
+            row0 += row_stride;
+            if (row0 >= rows) break;
 #pragma unroll
-    for (int r = 0; r < NR; r++)
-        prior[r] = NT == 1 && accumulate && lane == 0 && nt > 0 && row0 + r < rows
-                       ? y[(long long)t0 * rows + row0 + r]
-                       : 0.f;
-    const int step = 32 / K::LPB;
-    const int p = lane % K::LPB;
-    constexpr int S = NT == 1 ? (int)Q6Steps<K>::v : 2;
-    float acc[NT][NR];
+            for (int r = 0; r < NR; r++) {
+                rowi[r] = min(row0 + r, rows - 1);
+                wr[r] = W + rowi[r] * row_len;
+            }
+        }
+        // One token: the residual this warp adds into, loaded now so that its latency hides
+        // behind the dot products instead of following them.
+        float prior[NR];
 #pragma unroll
-    for (int t = 0; t < NT; t++)
+        for (int r = 0; r < NR; r++)
+            prior[r] = NT == 1 && accumulate && lane == 0 && nt > 0 && row0 + r < rows
+                           ? y[(long long)t0 * rows + row0 + r]
+                           : 0.f;
+        const int step = 32 / K::LPB;
+        const int p = lane % K::LPB;
+        constexpr int S = NT == 1 ? (int)Q6Steps<K>::v : 2;
+        float acc[NT][NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
-    int blk = lane / K::LPB;
-    if constexpr (SA) {
-        // S steps' loads in flight (those inside the row), then their dots, added up in
-        // step order; one round for a row of at most S steps.
-        bool filled = false;
-        for (; blk < nb; blk += S * step) {
-            Raw raw[S][NR];
+        for (int t = 0; t < NT; t++)
 #pragma unroll
-            for (int r = 0; r < NR; r++)
+            for (int r = 0; r < NR; r++) acc[t][r] = 0.f;
+        int blk = lane / K::LPB;
+        if constexpr (SA) {
+            // S steps' loads in flight (those inside the row), then their dots, added up in
+            // step order; one round for a row of at most S steps.
+            for (; blk < nb; blk += S * step) {
+                Raw raw[S][NR];
 #pragma unroll
-                for (int k = 0; k < S; k++)
-                    if (blk + k * step < nb)
-                        load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+                for (int r = 0; r < NR; r++)
+#pragma unroll
+                    for (int k = 0; k < S; k++)
+                        if (blk + k * step < nb)
+                            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+                if (!filled) {
+                    sa_wait();
+                    filled = true;
+                }
+#pragma unroll
+                for (int r = 0; r < NR; r++) {
+                    float d = K::dot(raw[0][r], blk, p, xq, xd, xs);
+#pragma unroll
+                    for (int k = 1; k < S; k++)
+                        if (blk + k * step < nb)
+                            d += K::dot(raw[k][r], blk + k * step, p, xq, xd, xs);
+                    acc[0][r] += d;
+                }
+            }
+            // Lanes with no block in this row pass the barrier before the row's warp shuffles
+            // (their warp's other lanes may be waiting at it).
             if (!filled) {
                 sa_wait();
                 filled = true;
             }
+        } else {
+            // S steps' loads in flight, then their dots, added up in step order.
+            for (; blk + (S - 1) * step < nb; blk += S * step) {
+                Raw raw[S][NR];
 #pragma unroll
-            for (int r = 0; r < NR; r++) {
-                float d = K::dot(raw[0][r], blk, p, xq, xd, xs);
+                for (int r = 0; r < NR; r++)
 #pragma unroll
-                for (int k = 1; k < S; k++)
-                    if (blk + k * step < nb)
-                        d += K::dot(raw[k][r], blk + k * step, p, xq, xd, xs);
-                acc[0][r] += d;
+                    for (int k = 0; k < S; k++)
+                        load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t < nt) {
+                        const long long tt = t0 + t;
+                        const i8* xqt = xq + tt * cols * K::XB;
+                        const float* xdt = xd + tt * (cols / K::QK);
+                        const int* xst = xs + tt * (cols / K::XS);
+#pragma unroll
+                        for (int r = 0; r < NR; r++) {
+                            float d = K::dot(raw[0][r], blk, p, xqt, xdt, xst);
+#pragma unroll
+                            for (int k = 1; k < S; k++)
+                                d += K::dot(raw[k][r], blk + k * step, p, xqt, xdt, xst);
+                            acc[t][r] += d;
+                        }
+                    }
+                }
             }
-        }
-        if (!filled) sa_wait();
-    } else {
-        // S steps' loads in flight, then their dots, added up in step order.
-        for (; blk + (S - 1) * step < nb; blk += S * step) {
-            Raw raw[S][NR];
+            for (; blk < nb; blk += step) {
+                Raw r0[NR];
 #pragma unroll
-            for (int r = 0; r < NR; r++)
+                for (int r = 0; r < NR; r++)
+                    load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
 #pragma unroll
-                for (int k = 0; k < S; k++)
-                    load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+                for (int t = 0; t < NT; t++) {
+                    if (t < nt) {
+                        const long long tt = t0 + t;
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const long long tt = t0 + t;
-                    const i8* xqt = xq + tt * cols * K::XB;
-                    const float* xdt = xd + tt * (cols / K::QK);
-                    const int* xst = xs + tt * (cols / K::XS);
-#pragma unroll
-                    for (int r = 0; r < NR; r++) {
-                        float d = K::dot(raw[0][r], blk, p, xqt, xdt, xst);
-#pragma unroll
-                        for (int k = 1; k < S; k++)
-                            d += K::dot(raw[k][r], blk + k * step, p, xqt, xdt, xst);
-                        acc[t][r] += d;
+                        for (int r = 0; r < NR; r++)
+                            acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
+                                                xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
                     }
                 }
             }
         }
-        for (; blk < nb; blk += step) {
-            Raw r0[NR];
 #pragma unroll
-            for (int r = 0; r < NR; r++) load_block<K>(W, wr[r], rowi[r] * nb, NB, blk, p, r0[r]);
+        for (int t = 0; t < NT; t++)
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const long long tt = t0 + t;
-#pragma unroll
-                    for (int r = 0; r < NR; r++)
-                        acc[t][r] += K::dot(r0[r], blk, p, xq + tt * cols * K::XB,
-                                            xd + tt * (cols / K::QK), xs + tt * (cols / K::XS));
+            for (int r = 0; r < NR; r++) {
+                const float v = warp_sum(acc[t][r]);
+                if (lane == 0 && t < nt && row0 + r < rows) {
+                    // accumulate: add into y (the residual stream), no separate add kernel.
+                    float* yo = y + (long long)(t0 + t) * rows + row0 + r;
+                    *yo = accumulate ? (NT == 1 ? prior[r] : *yo) + v : v;
                 }
             }
-        }
     }
-#pragma unroll
-    for (int t = 0; t < NT; t++)
-#pragma unroll
-        for (int r = 0; r < NR; r++) {
-            const float v = warp_sum(acc[t][r]);
-            if (lane == 0 && t < nt && row0 + r < rows) {
-                // accumulate: add into y (the residual stream), no separate add kernel.
-                float* yo = y + (long long)(t0 + t) * rows + row0 + r;
-                *yo = accumulate ? (NT == 1 ? prior[r] : *yo) + v : v;
-            }
-        }
 }
 
 // mmvq_<type>: one token, one row per warp (decode); mmvq2_<type>: one token, two rows per
@@ -2323,6 +2355,18 @@ MMVQ_SA(q5_k, Q5K, Q5KRaw)
 MMVQ_SA(q6_k, Q6K, Q6KRaw)
 MMVQ_SA(q6_k_soa, Q6KS, Q6KRaw)
 MMVQ_SA(q4_0, Q40, Q40Raw)
+// mmvqr_<type>: mmvqs_ with each warp taking two rows in sequence, so one shared-activation
+// fill serves 8 rows. For Q6_K only: its widest use, the FFN's down projection (13824 columns,
+// a 17.5 KB fill), went 29.2 -> 27.9 us a call on an H100 and the 13b token ~1% faster, while
+// Q4_K's matrices and the mixed q/k/v launch were slower this way (docs/BENCHMARKS.md).
+#define MMVQ_SA_ROWS(name, K, Raw)                                                             \
+    extern "C" __global__ void __launch_bounds__(128) mmvqr_##name(MMVQ_ARGS) {                \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<K, Raw, 1, 1, true, 2>(W, xq, xd, xs, y, rows, cols, row_bytes, n,           \
+                                         accumulate);                                          \
+    }
+MMVQ_SA_ROWS(q6_k, Q6K, Q6KRaw)
+MMVQ_SA_ROWS(q6_k_soa, Q6KS, Q6KRaw)
 extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS) {
     MMVQ_PICK
     if (z < z2)

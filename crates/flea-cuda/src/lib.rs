@@ -1630,7 +1630,8 @@ struct Prequant {
 /// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
 /// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
 /// int8 activations from shared memory; a Q6_K row's last steps are added as one group)
-/// change the summation order.
+/// change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
+/// rows a warp in sequence) does not.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
@@ -1640,6 +1641,7 @@ struct FusionsOff {
     attn_tiled: bool,
     attn_cluster: bool,
     pub(crate) mmvq_sa: bool,
+    pub(crate) mmvq_sa_rows: bool,
 }
 
 impl FusionsOff {
@@ -1654,6 +1656,7 @@ impl FusionsOff {
             attn_tiled: has("attn_tiled"),
             attn_cluster: has("attn_cluster"),
             mmvq_sa: has("mmvq_sa"),
+            mmvq_sa_rows: has("mmvq_sa_rows"),
         }
     }
 }

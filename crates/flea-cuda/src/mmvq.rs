@@ -11,7 +11,9 @@
 //! rows per warp, sharing each activation load; FLEA_CUDA_MMVQ_ROWS=2 or `set_mmvq_rows(2)`)
 //! and `mmvq8_*` (up to 8 tokens per weight load); `mmvqs_*` is `mmvq_*` with the block's
 //! activations copied into shared memory first (the K-quants and Q4_0, the default where the
-//! row fits 48 KiB; FLEA_CUDA_FUSE_OFF=mmvq_sa turns it off). Set FLEA_CUDA_NO_MMVQ=1 (or
+//! row fits 48 KiB; FLEA_CUDA_FUSE_OFF=mmvq_sa turns it off), and `mmvqr_*` the same with
+//! two rows a warp in sequence (Q6_K; FLEA_CUDA_FUSE_OFF=mmvq_sa_rows gives Q6_K `mmvqs_*`,
+//! the same bits). Set FLEA_CUDA_NO_MMVQ=1 (or
 //! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
@@ -27,7 +29,8 @@ const SUFFIXES: [&str; 11] = [
 
 /// Kernels of this module, loaded with the others: the activation quantizers, and per type
 /// `mmvq_*` (one token, one row per warp), `mmvq2_*` (one token, two rows per warp) and
-/// `mmvq8_*` (up to [`MAX_TOKENS`] tokens).
+/// `mmvq8_*` (up to [`MAX_TOKENS`] tokens); `mmvqs_*` and `mmvqr_*` (one token, activations in
+/// shared memory; one row a warp, or two in sequence).
 pub(crate) fn kernel_names() -> Vec<String> {
     let mut v = vec![
         "act_q8k".to_string(),
@@ -38,6 +41,7 @@ pub(crate) fn kernel_names() -> Vec<String> {
         v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
     }
     v.extend(SA_SUFFIXES.iter().map(|s| format!("mmvqs_{s}")));
+    v.extend(SA_ROWS_SUFFIXES.iter().map(|s| format!("mmvqr_{s}")));
     v
 }
 
@@ -45,6 +49,10 @@ pub(crate) fn kernel_names() -> Vec<String> {
 /// (Q8_K activations), the mixed q/k/v kernel and Q4_0 (Q8_0 activations). Q8_0, Q4_1 and Q5_1
 /// rows measured slower with it (docs/BENCHMARKS.md), Q5_0 no different within the noise.
 const SA_SUFFIXES: [&str; 6] = ["q4_k", "q5_k", "q6_k", "q6_k_soa", "q4_k_q6_k_soa", "q4_0"];
+/// Types whose shared-activation kernel takes two rows a warp in sequence (`mmvqr_*`, one fill
+/// per 8 rows): Q6_K, the FFN down projection's type in Q4_K_M, whose 13824-wide fill is the
+/// largest. Q4_K and the mixed q/k/v kernel measured slower that way (docs/BENCHMARKS.md).
+const SA_ROWS_SUFFIXES: [&str; 2] = ["q6_k", "q6_k_soa"];
 /// Shared memory one `mmvqs_*` block may take without the opt-in attribute.
 const SA_MAX_BYTES: usize = 48 * 1024;
 
@@ -329,9 +337,17 @@ impl CudaBackend {
             && one
                 .strip_prefix("mmvq_")
                 .is_some_and(|suffix| SA_SUFFIXES.contains(&suffix));
-        // Each 128-thread block has 4 warps of `rows_per_block / 4` rows.
+        // Each 128-thread block has 4 warps of `rows_per_block / 4` rows (mmvqr_: one after the
+        // other, the second gridDim.x * 4 rows on).
         let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
-            _ if shared => (one.replacen("mmvq_", "mmvqs_", 1), 4, 1),
+            _ if shared => {
+                let suffix = one.strip_prefix("mmvq_").unwrap_or(one);
+                if !self.fusions_off.mmvq_sa_rows && SA_ROWS_SUFFIXES.contains(&suffix) {
+                    (format!("mmvqr_{suffix}"), 8, 1)
+                } else {
+                    (format!("mmvqs_{suffix}"), 4, 1)
+                }
+            }
             (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
             (1, _) => (one.to_string(), 4, 1),
             _ => (
