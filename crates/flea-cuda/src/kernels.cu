@@ -2144,6 +2144,8 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     // Raw layouts: wr[r] is row r's bytes. Repacked ones: blocks are found by tensor-wide
     // index (rowi[r] * nb + blk of NB); wr[r] is the row's first field, for the prefetch.
     const long long NB = (long long)rows * nb;
+    // (The first row's pointers and prefetch keep their own spelling of this: row_len there
+    // changes the repacked Q6_K kernels' SASS, which were measured as they are.)
     const long long row_len = Repacked<K>::v ? (long long)nb * 128 : row_bytes;
     const u8* wr[NR];
     long long rowi[NR];
@@ -2357,8 +2359,9 @@ MMVQ_SA(q6_k_soa, Q6KS, Q6KRaw)
 MMVQ_SA(q4_0, Q40, Q40Raw)
 // mmvqr_<type>: mmvqs_ with each warp taking two rows in sequence, so one shared-activation
 // fill serves 8 rows. For Q6_K only: its widest use, the FFN's down projection (13824 columns,
-// a 17.5 KB fill), went 29.2 -> 27.9 us a call on an H100 and the 13b token ~1% faster, while
-// Q4_K's matrices and the mixed q/k/v launch were slower this way (docs/BENCHMARKS.md).
+// a 17.5 KB fill), went 29.2 -> 27.9 us a call on an H100 (the 13b token +0.6%, at the edge of
+// the noise), while Q4_K's matrices and the mixed q/k/v launch were slower this way
+// (docs/BENCHMARKS.md).
 #define MMVQ_SA_ROWS(name, K, Raw)                                                             \
     extern "C" __global__ void __launch_bounds__(128) mmvqr_##name(MMVQ_ARGS) {                \
         MMVQ_PICK                                                                              \

@@ -326,31 +326,32 @@ impl CudaBackend {
             )));
         }
         // One token: the kernel reading its int8 activations from shared memory where they
-        // fit there (and FLEA_CUDA_FUSE_OFF does not name `mmvq_sa`).
+        // fit there (and FLEA_CUDA_FUSE_OFF does not name `mmvq_sa`); Some(its type suffix).
         let one = if mixed { MIXED.2 } else { name };
-        let shared = n == 1
+        let shared_suffix = if n == 1
             && rows_per_warp() == 1
             && !self.fusions_off.mmvq_sa
             && matches!(fmt, ActFmt::Q8K | ActFmt::Q8_0)
             && like.cols.is_multiple_of(fmt.block())
             && sa_bytes(like.cols, fmt) <= SA_MAX_BYTES
-            && one
-                .strip_prefix("mmvq_")
-                .is_some_and(|suffix| SA_SUFFIXES.contains(&suffix));
+        {
+            one.strip_prefix("mmvq_")
+                .filter(|suffix| SA_SUFFIXES.contains(suffix))
+        } else {
+            None
+        };
         // Each 128-thread block has 4 warps of `rows_per_block / 4` rows (mmvqr_: one after the
         // other, the second gridDim.x * 4 rows on).
-        let (kname, rows_per_block, groups) = match (n, rows_per_warp()) {
-            _ if shared => {
-                let suffix = one.strip_prefix("mmvq_").unwrap_or(one);
-                if !self.fusions_off.mmvq_sa_rows && SA_ROWS_SUFFIXES.contains(&suffix) {
-                    (format!("mmvqr_{suffix}"), 8, 1)
-                } else {
-                    (format!("mmvqs_{suffix}"), 4, 1)
-                }
+        let (kname, rows_per_block, groups) = match (shared_suffix, n, rows_per_warp()) {
+            (Some(suffix), ..)
+                if !self.fusions_off.mmvq_sa_rows && SA_ROWS_SUFFIXES.contains(&suffix) =>
+            {
+                (format!("mmvqr_{suffix}"), 8, 1)
             }
-            (1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
-            (1, _) => (one.to_string(), 4, 1),
-            _ => (
+            (Some(suffix), ..) => (format!("mmvqs_{suffix}"), 4, 1),
+            (None, 1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
+            (None, 1, _) => (one.to_string(), 4, 1),
+            (None, ..) => (
                 name.replacen("mmvq_", "mmvq8_", 1),
                 4,
                 n.div_ceil(MAX_TOKENS),
@@ -366,7 +367,7 @@ impl CudaBackend {
                 jobs.len() as u32,
             ),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: if shared {
+            shared_mem_bytes: if shared_suffix.is_some() {
                 sa_bytes(like.cols, fmt) as u32
             } else {
                 0
