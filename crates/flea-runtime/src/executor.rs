@@ -279,10 +279,15 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         fixed.push(device.reserve(plan.misc_bytes, "embedding rows and output norm")?);
 
         let mut reader = flea_io::open_reader(path, io)?;
+        // Embedding rows are a few KB a token, and the same tokens come back: read them
+        // through the page cache. (With O_DIRECT each decode token waited on the disk for
+        // them, ~40 us here, before its first kernel: docs/BENCHMARKS.md.)
         let embed_reader = flea_io::open_reader(
             path,
             &IoOptions {
                 backend: flea_io::IoBackend::Pread,
+                direct: false,
+                drop_cache: false,
                 ..io.clone()
             },
         )?;
@@ -1187,17 +1192,30 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             let last = self.plan.units.len().saturating_sub(1);
             self.ahead.stage_after(b, m, &self.plan, &self.held, last)?;
         }
-        if let (Some(base), Some((used, _))) = (self.driver_base, b.driver_memory()) {
-            let above = used.saturating_sub(base);
-            self.driver_peak = Some(self.driver_peak.unwrap_or(0).max(above));
+        // The driver's reading costs tens of microseconds, which a decode token spends with
+        // the GPU idle: take it after every prompt, the first decode passes (where scratch
+        // buffers grow) and every 32nd after them; `driver_peak` takes one more.
+        let passes = self.stats.passes;
+        if n > 1 || passes <= 8 || passes.is_multiple_of(32) {
+            self.driver_peak = self.driver_above_base();
         }
         Ok(logits)
     }
 
+    /// The most of `driver_peak` so far and the driver's reading now.
+    fn driver_above_base(&self) -> Option<u64> {
+        match (self.driver_base, self.backend.driver_memory()) {
+            (Some(base), Some((used, _))) => {
+                Some(self.driver_peak.unwrap_or(0).max(used.saturating_sub(base)))
+            }
+            _ => self.driver_peak,
+        }
+    }
+
     /// Most device memory the driver reported in use above what was in use before this
-    /// executor started (None on the CPU).
+    /// executor started (None on the CPU), read after passes (see `pass`) and now.
     pub fn driver_peak(&self) -> Option<u64> {
-        self.driver_peak
+        self.driver_above_base()
     }
 
     /// Forget the sequence.
