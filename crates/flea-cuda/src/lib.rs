@@ -51,6 +51,7 @@ macro_rules! launch {
 }
 
 mod fused;
+mod gaps;
 mod mmvq;
 pub mod probe;
 mod profile;
@@ -235,6 +236,9 @@ const HANDOVER_BYTES: usize = 4 << 20;
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        if let Some(line) = self.gaps.as_ref().and_then(|g| g.report()) {
+            eprintln!("{line}");
+        }
         if std::env::var_os("FLEA_CUDA_WAIT").is_some() {
             let n = self.reads.load(Ordering::Relaxed);
             let ms = self.read_wait_ns.load(Ordering::Relaxed) as f64 * 1e-6;
@@ -334,6 +338,8 @@ pub struct CudaBackend {
     /// zero means the GPU waits for the host's launches, not the other way round.
     reads: AtomicU64,
     read_wait_ns: AtomicU64,
+    /// FLEA_CUDA_GAPS=1: the idle time between decode passes (gaps.rs).
+    gaps: Option<gaps::PassGaps>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -628,6 +634,7 @@ impl CudaBackend {
             uploaded: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             read_wait_ns: AtomicU64::new(0),
+            gaps: gaps::PassGaps::from_env(),
             kernel_cache,
         })
     }
@@ -1925,6 +1932,9 @@ impl Backend for CudaBackend {
         if out.width != table.cols {
             return Err(be("embed: width mismatch"));
         }
+        if let Some(g) = &self.gaps {
+            g.embed_begin(n).map_err(be)?;
+        }
         let mut toks = Vec::with_capacity(n);
         for &t in tokens {
             if t as usize >= table.rows {
@@ -1972,7 +1982,11 @@ impl Backend for CudaBackend {
             table.cols as i32,
             table.row_bytes() as i64,
         );
-        launch!(self, &format!("embed_{suffix}"), cfg; wp, tp, op, n_i, cols, rb, scale)
+        launch!(self, &format!("embed_{suffix}"), cfg; wp, tp, op, n_i, cols, rb, scale)?;
+        match &self.gaps {
+            Some(g) => g.embed_end(&self.ctx, &self.stream, n).map_err(be),
+            None => Ok(()),
+        }
     }
 
     fn rms_norm(
@@ -2489,6 +2503,10 @@ impl Backend for CudaBackend {
         }
         let s = x.buf.slice(0..len);
         let t = std::time::Instant::now();
+        let gap_end = match &self.gaps {
+            Some(g) => Some(g.before_read(&self.ctx, &self.stream).map_err(be)?),
+            None => None,
+        };
         self.stream
             .memcpy_dtoh(&s, &mut v)
             .map_err(|e| be(format!("device error (read): {e:?}")))?;
@@ -2496,6 +2514,9 @@ impl Backend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| be(format!("device error: {e:?}")))?;
+        if let (Some(g), Some(end)) = (&self.gaps, gap_end) {
+            g.after_read(end).map_err(be)?;
+        }
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.read_wait_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
