@@ -94,9 +94,11 @@ impl PassGaps {
     pub(crate) fn after_read(&self, end: CudaEvent) -> Result<(), String> {
         let mut g = self.state()?;
         if let Some(start) = g.start.take() {
-            if let Some(last) = &g.last_end {
-                let idle = last.elapsed_ms(&start).map_err(|e| format!("{e:?}"))?;
-                let span = start.elapsed_ms(&end).map_err(|e| format!("{e:?}"))?;
+            // (A pass whose events cannot be timed is left out rather than failing the run.)
+            let times = g.last_end.as_ref().and_then(|last| {
+                Some((last.elapsed_ms(&start).ok()?, start.elapsed_ms(&end).ok()?))
+            });
+            if let Some((idle, span)) = times {
                 g.idle_ms += f64::from(idle);
                 g.span_ms += f64::from(span);
                 g.passes += 1;
