@@ -2496,10 +2496,22 @@ impl Backend for CudaBackend {
 
     fn read(&self, n: usize, x: &CudaAct) -> Result<Vec<f32>> {
         check_rows(x, n, "read")?;
+        let mut v = vec![0.0f32; n * x.width];
+        self.read_into(n, x, &mut v)?;
+        Ok(v)
+    }
+
+    fn read_into(&self, n: usize, x: &CudaAct, v: &mut [f32]) -> Result<()> {
+        check_rows(x, n, "read")?;
         let len = n * x.width;
-        let mut v = vec![0.0f32; len];
+        if v.len() != len {
+            return Err(be(format!(
+                "read_into: {len} values for a slice of {}",
+                v.len()
+            )));
+        }
         if len == 0 {
-            return Ok(v);
+            return Ok(());
         }
         let s = x.buf.slice(0..len);
         let t = std::time::Instant::now();
@@ -2508,7 +2520,7 @@ impl Backend for CudaBackend {
             None => None,
         };
         self.stream
-            .memcpy_dtoh(&s, &mut v)
+            .memcpy_dtoh(&s, v)
             .map_err(|e| be(format!("device error (read): {e:?}")))?;
         // Only the compute stream: copies of units queued ahead keep running.
         self.stream
@@ -2520,7 +2532,7 @@ impl Backend for CudaBackend {
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.read_wait_ns
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(v)
+        Ok(())
     }
 
     fn write(&self, data: &[f32], x: &mut CudaAct) -> Result<()> {

@@ -277,6 +277,20 @@ pub trait Backend {
     ) -> Result<()>;
     /// The first `n` rows back on the host.
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;
+    /// The first `n` rows into `out` (exactly as many values), without a buffer of its own
+    /// where the backend can (the logits of a decode token, read back while the GPU waits).
+    fn read_into(&self, n: usize, x: &Self::Act, out: &mut [f32]) -> Result<()> {
+        let v = self.read(n, x)?;
+        if v.len() != out.len() {
+            return Err(crate::ModelError::Backend(format!(
+                "read_into: {} values for a slice of {}",
+                v.len(),
+                out.len()
+            )));
+        }
+        out.copy_from_slice(&v);
+        Ok(())
+    }
     /// Host values into the first rows of `x` (`data.len()` a multiple of its width).
     fn write(&self, data: &[f32], x: &mut Self::Act) -> Result<()>;
     /// Cached K and V rows `pos0 .. pos0 + n` of `layer`, as F16 bits (hands a layer's

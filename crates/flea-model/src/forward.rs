@@ -387,10 +387,15 @@ pub fn head_project<B: Backend>(
         } else {
             b.matmul(m, w, &s.head_in, &mut s.logits)?;
         }
-        let part = b.read(m, &s.logits)?;
-        for (i, src) in part.chunks_exact(w.rows).enumerate() {
-            let dst = (t + i) * vocab + row0;
-            logits[dst..dst + w.rows].copy_from_slice(src);
+        if w.rows == vocab {
+            // The whole vocabulary: the rows land in place.
+            b.read_into(m, &s.logits, &mut logits[t * vocab..(t + m) * vocab])?;
+        } else {
+            let part = b.read(m, &s.logits)?;
+            for (i, src) in part.chunks_exact(w.rows).enumerate() {
+                let dst = (t + i) * vocab + row0;
+                logits[dst..dst + w.rows].copy_from_slice(src);
+            }
         }
         t += m;
     }
