@@ -281,7 +281,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let mut reader = flea_io::open_reader(path, io)?;
         // Embedding rows are a few KB a token, and the same tokens come back: read them
         // through the page cache. (With O_DIRECT each decode token waited on the disk for
-        // them, ~40 us here, before its first kernel: docs/BENCHMARKS.md.)
+        // them, 40-45 us on the dev VM, before its first kernel: docs/BENCHMARKS.md.)
         let embed_reader = flea_io::open_reader(
             path,
             &IoOptions {
