@@ -372,6 +372,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut sess = eng.runner(&a.engine, 1)?;
     let mut sampler = Sampler::new(a.sampling.config());
     prompt.iter().for_each(|&t| sampler.accept(t));
+    // Greedy tokens chosen on the GPU, which then never waits for the host between tokens.
+    let chained = a.sampling.config().is_plain_greedy() && sess.prepare_chain()?;
 
     let t0 = Instant::now();
     let mut logits = sess.eval(&prompt, Logits::Last)?;
@@ -384,20 +386,44 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let t1 = Instant::now();
     let mut decoded = 0usize;
     let mut generated_ids: Vec<u32> = Vec::with_capacity(a.n_predict);
-    for i in 0..a.n_predict {
-        let next = sampler.sample(&mut logits);
-        sampler.accept(next);
+    // Takes a new token: false when generation stops at it.
+    let mut emit = |next: u32, out: &mut std::io::StdoutLock| -> Result<bool> {
         generated_ids.push(next);
         if tok.is_eog(next) && !a.ignore_eos {
-            break;
+            return Ok(false);
         }
         write!(out, "{}", text.push(&tok.token_bytes(next)))?;
         out.flush()?;
-        if i + 1 == a.n_predict {
-            break;
+        Ok(generated_ids.len() < a.n_predict)
+    };
+    if a.n_predict > 0 {
+        let first = sampler.sample(&mut logits);
+        sampler.accept(first);
+        if emit(first, &mut out)? {
+            if chained {
+                let mut failed = None;
+                decoded = sess.decode_greedy(first, a.n_predict - 1, &mut |t| {
+                    emit(t, &mut out).unwrap_or_else(|e| {
+                        failed = Some(e);
+                        false
+                    })
+                })?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            } else {
+                let mut next = first;
+                loop {
+                    logits = sess.eval(&[next], Logits::Last)?;
+                    decoded += 1;
+                    next = sampler.sample(&mut logits);
+                    sampler.accept(next);
+                    if !emit(next, &mut out)? {
+                        break;
+                    }
+                }
+            }
         }
-        logits = sess.eval(&[next], Logits::Last)?;
-        decoded += 1;
     }
     writeln!(out, "{}", text.finish())?;
     let decode_s = t1.elapsed().as_secs_f64();

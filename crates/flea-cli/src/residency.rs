@@ -322,6 +322,31 @@ impl<'m> Runner<'m> {
         })
     }
 
+    /// Whether greedy decode runs chained on the GPU (`StreamedModel::decode_greedy`):
+    /// a CUDA runner whose plan holds everything in device memory, unless FLEA_CHAIN=0.
+    /// The CPU computes each token anyway, so it samples on the host as before.
+    pub fn prepare_chain(&mut self) -> Result<bool> {
+        if std::env::var_os("FLEA_CHAIN").is_some_and(|v| v == "0") {
+            return Ok(false);
+        }
+        match self {
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(s) => Ok(s.prepare_chain()?),
+            _ => Ok(false),
+        }
+    }
+
+    /// See `StreamedModel::decode_greedy` (after `prepare_chain` said yes).
+    pub fn decode_greedy(
+        &mut self,
+        first: u32,
+        max: usize,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        with_streamed!(self, s => Ok(s.decode_greedy(first, max, on_token)?),
+            else anyhow::bail!("greedy decode chains only under the residency executor"))
+    }
+
     /// The model behind the runner, as the server's engine drives it.
     pub fn step_model(&mut self) -> &mut dyn flea_server::StepModel {
         match self {

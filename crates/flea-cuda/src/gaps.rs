@@ -4,17 +4,23 @@
 //! host's share of the idle time (outside the backend: sampling, printing, the executor's
 //! pass set-up; inside `embed`: the upload of the token's row). Two events a pass; passes of
 //! more than one row (prompts) are not counted. Meant for resident decode: the hybrid's
-//! read-backs of the hidden state inside a pass would end its span early.
+//! read-backs of the hidden state inside a pass would end its span early. A chained greedy
+//! decode (chain.rs) queues a pass before the host reads the one before: passes are matched
+//! to their reads in order, and a pass whose token is never read (queued past a stop) may
+//! be counted against the wrong read afterwards.
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Default)]
 struct State {
-    /// Recorded after this pass's embedding launch.
+    /// Recorded after the embedding launch of a pass whose end is not queued yet.
     start: Option<CudaEvent>,
-    /// Recorded before the previous pass's logits read-back.
+    /// Queued passes not yet read back: (start if a decode pass, end), oldest first.
+    queued: VecDeque<(Option<CudaEvent>, CudaEvent)>,
+    /// The end of the last pass read back.
     last_end: Option<CudaEvent>,
     host_read_end: Option<Instant>,
     embed_begin: Option<Instant>,
@@ -80,20 +86,32 @@ impl PassGaps {
         Ok(())
     }
 
-    /// Before a read-back: the pass's GPU work is all queued.
-    pub(crate) fn before_read(
+    /// The pass's GPU work is all queued (before its read-back is).
+    pub(crate) fn pass_end(
         &self,
         ctx: &Arc<CudaContext>,
         stream: &CudaStream,
-    ) -> Result<CudaEvent, String> {
-        timed_event(ctx, stream)
+    ) -> Result<(), String> {
+        let end = timed_event(ctx, stream)?;
+        let mut g = self.state()?;
+        let start = g.start.take();
+        g.queued.push_back((start, end));
+        Ok(())
     }
 
-    /// After the read-back waited for `end`: count the pass (if it had one row and a pass
-    /// came before it).
-    pub(crate) fn after_read(&self, end: CudaEvent) -> Result<(), String> {
+    /// After a read-back waited for the oldest queued pass: count it (if it had one row
+    /// and a pass came before it).
+    pub(crate) fn after_read(&self) -> Result<(), String> {
         let mut g = self.state()?;
-        if let Some(start) = g.start.take() {
+        // At most two passes are queued when one is read (a chained decode); more means a
+        // pass was never read: drop it.
+        while g.queued.len() > 2 {
+            g.queued.pop_front();
+        }
+        let Some((start, end)) = g.queued.pop_front() else {
+            return Ok(());
+        };
+        if let Some(start) = start {
             // (A pass whose events cannot be timed is left out rather than failing the run.)
             let times = g.last_end.as_ref().and_then(|last| {
                 Some((last.elapsed_ms(&start).ok()?, start.elapsed_ms(&end).ok()?))

@@ -422,6 +422,54 @@ extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, i
 // mode 2: Q8_K blocks of 256 (iscale = -127/max, q = min(127, rint(iscale*x)), d = 1/iscale);
 // mode 3: round to f16; mode 4: round to bf16; mode 0: copy.
 // One warp per 32 (mode 1, 0, 3, 4) or 256 (mode 2) elements; grid.x * 4 warps.
+// Greedy sampling kept on the device (a chained decode): the first index of the largest of
+// x[0..width), the logits col0.. of the vocabulary; NaN and -inf never win (as the host's
+// argmax). Each value becomes (order-preserving bits << 32 | ~index), so one unsigned maximum
+// picks the largest value and, among equal ones, the lowest index. *best carries the largest
+// across the chunks of one token; the last chunk writes the token to the device slot (the
+// next pass embeds from it) and to mapped host memory (the host reads it after an event).
+extern "C" __global__ void __launch_bounds__(1024)
+    argmax_slot(const float* __restrict__ x, int width, int col0, unsigned long long* best,
+                int first, int last, int* tok_dev, volatile int* tok_host) {
+    pdl_enter();
+    unsigned long long b = 0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = x[i];
+        if (v >= -3.40282347e+38f) {  // false for NaN and -inf
+            unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);  // -0 ties with +0
+            u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+            unsigned long long k =
+                ((unsigned long long)u << 32) | (unsigned long long)(~(unsigned int)(col0 + i));
+            b = k > b ? k : b;
+        }
+    }
+    __shared__ unsigned long long warp_best[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long other = __shfl_xor_sync(0xffffffff, b, o);
+        b = other > b ? other : b;
+    }
+    if ((threadIdx.x & 31) == 0) warp_best[threadIdx.x >> 5] = b;
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    b = threadIdx.x < (blockDim.x >> 5) ? warp_best[threadIdx.x] : 0ull;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        unsigned long long other = __shfl_xor_sync(0xffffffff, b, o);
+        b = other > b ? other : b;
+    }
+    if (threadIdx.x != 0) return;
+    if (!first) b = *best > b ? *best : b;
+    if (!last) {
+        *best = b;
+        return;
+    }
+    int t = b ? (int)~(unsigned int)(b & 0xffffffffull) : 0;  // nothing above -inf: 0
+    *tok_dev = t;
+    *tok_host = t;
+    __threadfence_system();
+}
+
 extern "C" __global__ void act_round(const float* __restrict__ x, float* __restrict__ yf,
                                      u16* __restrict__ yh, long long n, int mode) {
     pdl_enter();

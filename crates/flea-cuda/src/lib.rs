@@ -50,6 +50,7 @@ macro_rules! launch {
     }};
 }
 
+mod chain;
 mod fused;
 mod gaps;
 mod mmvq;
@@ -126,8 +127,9 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 24] = [
+const PLAIN_KERNELS: [&str; 25] = [
     "act_round",
+    "argmax_slot",
     "attn_cluster",
     "fd_decode",
     "deq_f16_q6_k_soa",
@@ -278,6 +280,10 @@ pub struct CudaBackend {
     staging: std::sync::atomic::AtomicBool,
     /// Mapped pinned host memory through which `write` hands the hidden state over.
     handover: Mutex<Option<Handover>>,
+    /// A chained greedy decode's token slots (chain.rs), made on first use.
+    token_slots: Mutex<Option<chain::TokenSlots>>,
+    /// Page-locked staging of a pass's row positions (chain.rs), made on first use.
+    small_uploads: Mutex<Option<chain::SmallUploads>>,
     /// Host-to-device copies of streamed units, beside the compute stream.
     copy_stream: Arc<CudaStream>,
     vectors: Mutex<DeviceCache<f32>>,
@@ -593,6 +599,8 @@ impl CudaBackend {
             ring: Mutex::new(None),
             staging: std::sync::atomic::AtomicBool::new(false),
             handover: Mutex::new(None),
+            token_slots: Mutex::new(None),
+            small_uploads: Mutex::new(None),
             copy_stream,
             vectors: Mutex::new(HashMap::new()),
             scratch: Mutex::new(Scratch::default()),
@@ -1244,7 +1252,21 @@ impl CudaBackend {
             return Ok(ptr);
         }
         held.clear();
-        if let Some(dst) = buf.as_mut() {
+        if std::mem::size_of_val(data) <= chain::SmallUploads::SLOT_BYTES {
+            // A decode pass's rows: from page-locked memory, so the host never waits here
+            // for the work queued before (chain.rs).
+            let mut up = self
+                .small_uploads
+                .lock()
+                .map_err(|_| be("upload staging lock poisoned"))?;
+            if up.is_none() {
+                *up = Some(chain::SmallUploads::new(&self.ctx).map_err(be)?);
+            }
+            if let Some(up) = up.as_mut() {
+                // grow() made the buffer at ptr at least data.len() long.
+                up.upload(data, ptr, &self.stream).map_err(be)?;
+            }
+        } else if let Some(dst) = buf.as_mut() {
             let mut view = dst.slice_mut(0..data.len());
             self.stream
                 .memcpy_htod(data, &mut view)
@@ -1610,6 +1632,33 @@ impl CudaBackend {
     }
 
     /// One thread per element, 256 per block.
+    /// The embedding kernel for `n` rows: `wp` the table on the device, `tp` its `n` token
+    /// ids there (checked below the table's rows by the caller).
+    fn launch_embed(
+        &self,
+        table: &Weight,
+        wp: u64,
+        tp: u64,
+        n: usize,
+        scale: f32,
+        out: &CudaAct,
+    ) -> Result<()> {
+        let (suffix, _) = type_info(table.ty).ok_or_else(|| be("embed: unsupported type"))?;
+        let units = n * table.cols / 8;
+        let cfg = Self::launch_1d(units);
+        let (op, n_i, cols, rb) = (
+            out.ptr,
+            n as i32,
+            table.cols as i32,
+            table.row_bytes() as i64,
+        );
+        launch!(self, &format!("embed_{suffix}"), cfg; wp, tp, op, n_i, cols, rb, scale)?;
+        match &self.gaps {
+            Some(g) => g.embed_end(&self.ctx, &self.stream, n).map_err(be),
+            None => Ok(()),
+        }
+    }
+
     fn launch_1d(total: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),
@@ -1973,20 +2022,8 @@ impl Backend for CudaBackend {
                 .memcpy_htod(&toks, &mut view)
                 .map_err(|e| be(format!("uploading tokens: {e:?}")))?;
         }
-        let (suffix, _) = type_info(table.ty).unwrap();
-        let units = n * table.cols / 8;
-        let cfg = Self::launch_1d(units);
-        let (op, n_i, cols, rb) = (
-            out.ptr,
-            n as i32,
-            table.cols as i32,
-            table.row_bytes() as i64,
-        );
-        launch!(self, &format!("embed_{suffix}"), cfg; wp, tp, op, n_i, cols, rb, scale)?;
-        match &self.gaps {
-            Some(g) => g.embed_end(&self.ctx, &self.stream, n).map_err(be),
-            None => Ok(()),
-        }
+        drop(sc);
+        self.launch_embed(table, wp, tp, n, scale, out)
     }
 
     fn rms_norm(
@@ -2515,10 +2552,9 @@ impl Backend for CudaBackend {
         }
         let s = x.buf.slice(0..len);
         let t = std::time::Instant::now();
-        let gap_end = match &self.gaps {
-            Some(g) => Some(g.before_read(&self.ctx, &self.stream).map_err(be)?),
-            None => None,
-        };
+        if let Some(g) = &self.gaps {
+            g.pass_end(&self.ctx, &self.stream).map_err(be)?;
+        }
         self.stream
             .memcpy_dtoh(&s, v)
             .map_err(|e| be(format!("device error (read): {e:?}")))?;
@@ -2526,8 +2562,8 @@ impl Backend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(|e| be(format!("device error: {e:?}")))?;
-        if let (Some(g), Some(end)) = (&self.gaps, gap_end) {
-            g.after_read(end).map_err(be)?;
+        if let Some(g) = &self.gaps {
+            g.after_read().map_err(be)?;
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
         self.read_wait_ns
@@ -2552,6 +2588,115 @@ impl Backend for CudaBackend {
         self.stream
             .memcpy_htod(data, &mut dst)
             .map_err(|e| be(format!("write: {e:?}")))
+    }
+
+    fn token_slots(&self) -> usize {
+        chain::TOKEN_SLOTS
+    }
+
+    fn argmax_to_slot(
+        &self,
+        logits: &CudaAct,
+        col0: usize,
+        width: usize,
+        n_vocab: usize,
+        slot: usize,
+    ) -> Result<()> {
+        check_rows(logits, 1, "argmax_to_slot")?;
+        if width == 0
+            || width > logits.width
+            || col0 + width > n_vocab
+            || slot >= chain::TOKEN_SLOTS
+        {
+            return Err(be(format!(
+                "argmax_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab} from a row of {}",
+                logits.width
+            )));
+        }
+        let last = col0 + width == n_vocab;
+        let mut guard = self
+            .token_slots
+            .lock()
+            .map_err(|_| be("token slots lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
+        }
+        let ts = guard.as_ref().ok_or_else(|| be("no token slots"))?;
+        let (xp, best) = (logits.ptr, dptr(&ts.best, &self.stream));
+        let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
+        let tok_host = ts.host_dev_ptr(slot);
+        let (w, c0) = (width as i32, col0 as i32);
+        let (first, last_i) = (i32::from(col0 == 0), i32::from(last));
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
+        if last {
+            if let Some(g) = &self.gaps {
+                g.pass_end(&self.ctx, &self.stream).map_err(be)?;
+            }
+            ts.mark_written(slot, &self.stream).map_err(be)?;
+        }
+        Ok(())
+    }
+
+    fn embed_from_slot(
+        &self,
+        table: &Weight,
+        slot: usize,
+        scale: f32,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        Self::check_weight(table)?;
+        check_rows(out, 1, "embed_from_slot")?;
+        if out.width != table.cols || slot >= chain::TOKEN_SLOTS {
+            return Err(be(format!(
+                "embed_from_slot: slot {slot}, width {} for a table of {} columns",
+                out.width, table.cols
+            )));
+        }
+        if let Some(g) = &self.gaps {
+            g.embed_begin(1).map_err(be)?;
+        }
+        let wp = self
+            .mapped(table.data.as_ptr() as usize, table.data.len())
+            .ok_or_else(|| be("embed_from_slot: the embedding table is not in device memory"))?;
+        let tp = {
+            let guard = self
+                .token_slots
+                .lock()
+                .map_err(|_| be("token slots lock poisoned"))?;
+            let ts = guard
+                .as_ref()
+                .ok_or_else(|| be("embed_from_slot: no token was put in a slot"))?;
+            dptr(&ts.dev, &self.stream) + 4 * slot as u64
+        };
+        // (Tokens from the argmax are below the vocabulary, which the table's rows cover:
+        // the executor checked that before chaining.)
+        self.launch_embed(table, wp, tp, 1, scale, out)
+    }
+
+    fn slot_token(&self, slot: usize) -> Result<u32> {
+        let t = std::time::Instant::now();
+        let token = {
+            let guard = self
+                .token_slots
+                .lock()
+                .map_err(|_| be("token slots lock poisoned"))?;
+            let ts = guard
+                .as_ref()
+                .ok_or_else(|| be("slot_token: no token was put in a slot"))?;
+            ts.read(slot).map_err(be)?
+        };
+        if let Some(g) = &self.gaps {
+            g.after_read().map_err(be)?;
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.read_wait_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(token)
     }
 
     fn kv_rows(

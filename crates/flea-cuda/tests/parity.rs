@@ -757,3 +757,81 @@ fn gemm_warm_up_changes_nothing() {
         rel_err(&before, &after)
     );
 }
+
+/// Greedy sampling on the device (`argmax_to_slot`, then `slot_token`) against the CPU
+/// backend's and the host's `argmax`: ties (the first index), NaNs and -inf (never win),
+/// nothing above -inf (0), -0 beside +0, and the vocabulary in one call or in chunks.
+#[test]
+fn argmax_to_slot_matches_the_host() {
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(2).unwrap();
+    let (nan, ninf) = (f32::NAN, f32::NEG_INFINITY);
+    let vocab = 5000;
+    let mut rng = 0x1234_5678u64;
+    let mut random = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 40) as f32 / (1u64 << 24) as f32 * 20.0 - 10.0
+    };
+    let mut cases: Vec<Vec<f32>> = vec![
+        (0..vocab).map(|_| random()).collect(),
+        vec![nan; vocab],
+        vec![ninf; vocab],
+        (0..vocab)
+            .map(|i| if i % 3 == 0 { nan } else { -1e30 })
+            .collect(),
+        (0..vocab)
+            .map(|i| if i == 4321 || i == 77 { 2.0 } else { 1.0 })
+            .collect(),
+        (0..vocab)
+            .map(|i| {
+                if i == 9 {
+                    -0.0
+                } else if i == 10 {
+                    0.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect(),
+        (0..vocab).map(|i| -(i as f32)).collect(),
+        (0..vocab).map(|i| i as f32).collect(),
+    ];
+    let mut last_max = vec![-5.0f32; vocab];
+    last_max[vocab - 1] = f32::MAX;
+    cases.push(last_max);
+    for (ci, logits) in cases.iter().enumerate() {
+        let want = flea_model::sampling::argmax(logits) as u32;
+        for chunk in [vocab, 1024, 999] {
+            let mut got = Vec::new();
+            for (name, slot) in [("cuda", ci % 4), ("cpu", (ci + 1) % 4)] {
+                for (k, part) in logits.chunks(chunk).enumerate() {
+                    let col0 = k * chunk;
+                    if name == "cuda" {
+                        let mut a = cuda.alloc_act(1, part.len()).unwrap();
+                        cuda.write(part, &mut a).unwrap();
+                        cuda.argmax_to_slot(&a, col0, part.len(), vocab, slot)
+                            .unwrap();
+                    } else {
+                        let mut a = cpu.alloc_act(1, part.len()).unwrap();
+                        cpu.write(part, &mut a).unwrap();
+                        cpu.argmax_to_slot(&a, col0, part.len(), vocab, slot)
+                            .unwrap();
+                    }
+                }
+                got.push(if name == "cuda" {
+                    cuda.slot_token(slot).unwrap()
+                } else {
+                    cpu.slot_token(slot).unwrap()
+                });
+            }
+            assert_eq!(got, vec![want, want], "case {ci}, chunks of {chunk}");
+        }
+    }
+    println!(
+        "ARGMAX {} cases x 3 chunkings: cuda = cpu = host",
+        cases.len()
+    );
+}

@@ -381,3 +381,90 @@ fn hybrid_decode_matches_resident_on_gpu() {
         );
     }
 }
+
+/// A greedy decode chained on the GPU (each token from `argmax_slot` straight into the next
+/// pass's embedding, the host reading tokens a pass behind) yields the host loop's tokens for
+/// every architecture (tied and untied embeddings); stopped early and resumed, the same; with
+/// streamed layers it declines.
+#[test]
+fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
+    let Some(cuda) = device() else { return };
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let (_tmp, path, model) = synth(preset, "chain");
+        let name = preset.name();
+        let scratch = cuda.scratch_bytes(&model, 32);
+        let plan = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
+        let io = IoOptions::default();
+        let vocab = model.cfg.n_vocab;
+        let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+        let n = 24;
+        let open =
+            |plan: Plan| StreamedModel::new(&model, &cuda, plan, &path, &io, 64, 32).unwrap();
+
+        let mut s = open(plan.clone());
+        let mut l = s.eval(&prompt, Logits::Last).unwrap();
+        let mut want = Vec::new();
+        for _ in 0..=n {
+            let t = flea_model::sampling::argmax(&l) as u32;
+            want.push(t);
+            l = s.eval(&[t], Logits::Last).unwrap();
+        }
+        drop(s);
+
+        let mut s = open(plan.clone());
+        assert!(
+            s.prepare_chain().unwrap(),
+            "{name}: a resident plan should chain"
+        );
+        s.eval(&prompt, Logits::Last).unwrap();
+        let mut got = vec![want[0]];
+        let passes = s
+            .decode_greedy(want[0], n, &mut |t| {
+                got.push(t);
+                true
+            })
+            .unwrap();
+        assert_eq!(passes, n, "{name}");
+        assert_eq!(
+            got, want,
+            "{name}: chained tokens differ from the host loop's"
+        );
+        drop(s);
+
+        let mut s = open(plan.clone());
+        s.eval(&prompt, Logits::Last).unwrap();
+        let mut got = vec![want[0]];
+        s.decode_greedy(want[0], n, &mut |t| {
+            got.push(t);
+            got.len() < 7
+        })
+        .unwrap();
+        assert_eq!(s.pos, prompt.len() + 6, "{name}");
+        let l = s.eval(&[got[6]], Logits::Last).unwrap();
+        got.push(flea_model::sampling::argmax(&l) as u32);
+        let (last, rest) = (got[got.len() - 1], n + 1 - got.len());
+        s.decode_greedy(last, rest, &mut |t| {
+            got.push(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            got, want,
+            "{name}: stopping and resuming changed the tokens"
+        );
+        drop(s);
+
+        let fixed = plan.kv_bytes + plan.act_bytes + plan.misc_bytes;
+        let tight = Plan::build(
+            &model,
+            &request(fixed + 3 * plan.slot_bytes, 8 << 20, Some(2), scratch),
+        )
+        .unwrap();
+        assert!(tight.units.iter().any(|u| u.tier != Tier::Resident));
+        assert!(
+            !open(tight).prepare_chain().unwrap(),
+            "{name}: streamed layers chained"
+        );
+        println!("CHAIN {name}: {n} tokens as the host loop's, stop and resume too");
+    }
+}

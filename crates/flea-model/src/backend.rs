@@ -293,6 +293,50 @@ pub trait Backend {
     }
     /// Host values into the first rows of `x` (`data.len()` a multiple of its width).
     fn write(&self, data: &[f32], x: &mut Self::Act) -> Result<()>;
+
+    /// Greedy decode chained on the backend: how many token slots it keeps (0: none; the
+    /// host then samples every token from logits it reads back). A slot holds a token that
+    /// [`Backend::argmax_to_slot`] chose and [`Backend::embed_from_slot`] embeds without the
+    /// host in between, so the next token's pass can be queued before the host has seen
+    /// this one (a GPU then never idles between decode tokens).
+    fn token_slots(&self) -> usize {
+        0
+    }
+    /// Greedy sampling on the backend: `logits` row 0 holds the logits `col0..col0 + width`
+    /// of a vocabulary of `n_vocab`; the calls of one token come in order (`col0` 0 first,
+    /// the last ending at `n_vocab`) and the largest so far is kept between them; the last
+    /// puts the first index of the largest (NaNs and -inf never win, as
+    /// [`crate::sampling::argmax`]) in `slot` and starts its way to the host.
+    fn argmax_to_slot(
+        &self,
+        _logits: &Self::Act,
+        _col0: usize,
+        _width: usize,
+        _n_vocab: usize,
+        _slot: usize,
+    ) -> Result<()> {
+        Err(crate::ModelError::Backend(
+            "this backend keeps no token slots".into(),
+        ))
+    }
+    /// out[0] = table[the token in `slot`] * scale.
+    fn embed_from_slot(
+        &self,
+        _table: &Weight,
+        _slot: usize,
+        _scale: f32,
+        _out: &mut Self::Act,
+    ) -> Result<()> {
+        Err(crate::ModelError::Backend(
+            "this backend keeps no token slots".into(),
+        ))
+    }
+    /// The token in `slot`, once it has reached the host (waits for it).
+    fn slot_token(&self, _slot: usize) -> Result<u32> {
+        Err(crate::ModelError::Backend(
+            "this backend keeps no token slots".into(),
+        ))
+    }
     /// Cached K and V rows `pos0 .. pos0 + n` of `layer`, as F16 bits (hands a layer's
     /// cache over to another backend).
     fn kv_rows(

@@ -104,6 +104,19 @@ pub struct CpuBackend {
     threads: usize,
     /// Per-operation wall time (`FLEA_CPU_PROFILE=1`), None when off.
     profile: Option<OpProfile>,
+    /// Greedy tokens of a chained decode (`Backend::token_slots`): the same contract as a
+    /// GPU's, so the executor's chaining is tested where no GPU is.
+    token_slots: std::sync::Mutex<TokenSlots>,
+}
+
+/// Number of token slots the CPU keeps.
+const CPU_TOKEN_SLOTS: usize = 4;
+
+#[derive(Default)]
+struct TokenSlots {
+    /// Largest logit and its index so far among the calls of one token.
+    best: Option<(f32, usize)>,
+    tokens: [u32; CPU_TOKEN_SLOTS],
 }
 
 /// Calls and wall time per backend operation since the last report: where a CPU pass goes
@@ -169,6 +182,7 @@ impl CpuBackend {
             pool,
             threads,
             profile,
+            token_slots: Default::default(),
         })
     }
 
@@ -757,6 +771,68 @@ impl Backend for CpuBackend {
         }
         x.rows_mut(n)?.copy_from_slice(data);
         Ok(())
+    }
+
+    fn token_slots(&self) -> usize {
+        CPU_TOKEN_SLOTS
+    }
+
+    fn argmax_to_slot(
+        &self,
+        logits: &CpuAct,
+        col0: usize,
+        width: usize,
+        n_vocab: usize,
+        slot: usize,
+    ) -> Result<()> {
+        let row = logits
+            .rows(1)?
+            .get(..width)
+            .ok_or_else(|| ModelError::Backend("argmax_to_slot: row narrower than width".into()))?;
+        if slot >= CPU_TOKEN_SLOTS || col0 + width > n_vocab {
+            return Err(ModelError::Backend(format!(
+                "argmax_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab}"
+            )));
+        }
+        let mut s = self
+            .token_slots
+            .lock()
+            .map_err(|_| ModelError::Backend("token slots lock poisoned".into()))?;
+        if col0 == 0 {
+            s.best = None;
+        }
+        let i = crate::sampling::argmax(row);
+        let v = row.get(i).copied().unwrap_or(f32::NAN);
+        // (argmax gives 0 when nothing beats -inf: then this chunk adds nothing.)
+        if v > f32::NEG_INFINITY && s.best.is_none_or(|(bv, _)| v > bv) {
+            s.best = Some((v, col0 + i));
+        }
+        if col0 + width == n_vocab {
+            s.tokens[slot] = s.best.map_or(0, |(_, i)| i as u32);
+        }
+        Ok(())
+    }
+
+    fn embed_from_slot(
+        &self,
+        table: &Weight,
+        slot: usize,
+        scale: f32,
+        out: &mut CpuAct,
+    ) -> Result<()> {
+        let token = self.slot_token(slot)?;
+        self.embed(table, &[token], scale, out)
+    }
+
+    fn slot_token(&self, slot: usize) -> Result<u32> {
+        let s = self
+            .token_slots
+            .lock()
+            .map_err(|_| ModelError::Backend("token slots lock poisoned".into()))?;
+        s.tokens
+            .get(slot)
+            .copied()
+            .ok_or_else(|| ModelError::Backend(format!("no token slot {slot}")))
     }
 
     fn kv_rows(

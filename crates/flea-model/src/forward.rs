@@ -108,6 +108,20 @@ pub fn embed<B: Backend>(
     b.embed(&w.token_embd, tokens, cfg.embd_scale, &mut s.x)
 }
 
+/// Step 1 of a chained greedy decode: the residual stream's row 0 from the token the
+/// backend holds in `slot` (put there by the previous token's [`head_argmax`]); `table` is the
+/// whole embedding table.
+pub fn embed_from_slot<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    table: &Weight,
+    slot: usize,
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    check_batch(1, s)?;
+    b.embed_from_slot(table, slot, cfg.embd_scale, &mut s.x)
+}
+
 /// Step 2, once per layer: one transformer block over a batch of rows (each row one token
 /// of some sequence at some position; see [`Row`]), updating the residual stream in place.
 /// The matmuls run over all rows at once; RoPE and attention use each row's own position
@@ -400,6 +414,32 @@ pub fn head_project<B: Backend>(
         t += m;
     }
     Ok(())
+}
+
+/// Step 3b of a chained greedy decode (after [`head_norm`] of one row): the logits of the
+/// output rows `row0..row0 + w.rows` stay on the backend, which keeps the largest so far
+/// and, with the vocabulary's last rows, puts the greedy token in `slot`.
+pub fn head_argmax<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &Weight,
+    row0: usize,
+    slot: usize,
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    let vocab = cfg.n_vocab;
+    if row0 + w.rows > vocab {
+        return Err(crate::ModelError::Backend(
+            "head_argmax: output rows out of range".into(),
+        ));
+    }
+    if s.logits_width != w.rows {
+        s.logits = b.alloc_act(LOGIT_CHUNK, w.rows)?;
+        s.logits_width = w.rows;
+    }
+    b.copy_rows(&s.head_norm, 0, 1, &mut s.head_in)?;
+    b.matmul(1, w, &s.head_in, &mut s.logits)?;
+    b.argmax_to_slot(&s.logits, row0, w.rows, vocab, slot)
 }
 
 /// The residual stream of the first `n` rows, on the host (hands the hidden state from one

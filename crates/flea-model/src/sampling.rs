@@ -117,6 +117,14 @@ pub fn argmax(xs: &[f32]) -> usize {
     }
 }
 
+impl SamplerConfig {
+    /// Whether `sample` is the plain arg-max of the logits (no temperature, no penalty
+    /// that depends on earlier tokens), which a backend can compute without the host.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && (self.repeat_penalty == 1.0 || self.repeat_last_n == 0)
+    }
+}
+
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
         let rng = Rng::new(cfg.seed);

@@ -29,6 +29,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+/// The embedding table a chained greedy decode embeds from (see `decode_greedy`).
+enum ChainTable {
+    /// It is the resident output unit (tied embeddings): nothing more held.
+    SharedWithOutput,
+    /// Placed in the backend's memory for the chain, charged to the device budget.
+    Placed { _budget: Reservation },
+    /// Read in place from the file mapping (a backend computing from host memory).
+    Mapped,
+    /// The plan or the budget leaves no way to chain (found once, not retried).
+    Unavailable,
+}
+
 /// A unit's bytes held for the whole run.
 struct Held {
     buf: AlignedBuf,
@@ -173,6 +185,9 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     embed_reader: Box<dyn RangeReader>,
     embed_buf: AlignedBuf,
     embed_rows: Vec<u8>,
+    /// The whole embedding table, held where the backend embeds from its token slots:
+    /// set up by the first chained greedy decode (None before, or when it cannot chain).
+    chain_table: Option<ChainTable>,
     output_norm: Vec<u8>,
     kv: B::Kv,
     scratch: Scratch<B>,
@@ -422,6 +437,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             embed_reader,
             embed_buf,
             embed_rows: Vec::new(),
+            chain_table: None,
             output_norm,
             kv,
             scratch,
@@ -815,7 +831,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 Some(w) => Want::Which(w),
                 None => Want::Nothing,
             };
-            match self.pass(chunk, &rows, want) {
+            match self.pass(PassInput::Tokens(chunk), &rows, want) {
                 Ok(l) => {
                     self.pos += chunk.len();
                     out.extend(l)
@@ -857,8 +873,158 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         } else {
             Want::Rows(logit_rows)
         };
-        self.pass(tokens, rows, want)
+        self.pass(PassInput::Tokens(tokens), rows, want)
             .inspect_err(|e| self.poisoned = Some(e.to_string()))
+    }
+
+    /// Whether greedy decode can run chained on the backend (`decode_greedy`): the backend
+    /// keeps token slots, no CPU side computes layers, every unit is held in device memory,
+    /// and the whole embedding table is there too — shared with a tied output unit, or
+    /// placed now if the device budget has room for it. Found once; later calls are free.
+    pub fn prepare_chain(&mut self) -> Result<bool> {
+        if self.chain_table.is_none() {
+            self.chain_table = Some(self.place_chain_table()?);
+        }
+        Ok(matches!(
+            self.chain_table,
+            Some(ChainTable::SharedWithOutput | ChainTable::Placed { .. } | ChainTable::Mapped)
+        ))
+    }
+
+    /// Greedy decode chained on the backend: evaluates `first` (sampled by the caller, not
+    /// yet evaluated) and then each token it yields, up to `max` passes, handing every new
+    /// token to `on_token` in order until it returns false. Each pass's token goes from the
+    /// backend's argmax straight into the next pass's embedding; the host reads tokens
+    /// [`CHAIN_AHEAD`] − 1 passes behind the queue, so the device never waits for the host
+    /// between tokens. Returns how many tokens went to `on_token` (each one a pass). A pass
+    /// queued past the stop is waited for and its cache position forgotten.
+    /// Needs `prepare_chain` to have said yes.
+    pub fn decode_greedy(
+        &mut self,
+        first: u32,
+        max: usize,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        if !self.prepare_chain()? {
+            return Err(RuntimeError::Input(
+                "greedy decode cannot be chained on this plan".into(),
+            ));
+        }
+        if let Some(p) = &self.poisoned {
+            return Err(RuntimeError::Stream(format!(
+                "an earlier streaming error left the ring unusable: {p}"
+            )));
+        }
+        if self.pos + max > self.n_ctx {
+            return Err(RuntimeError::Input(format!(
+                "context full: {} + {max} tokens exceed the context size {}",
+                self.pos, self.n_ctx
+            )));
+        }
+        let slots = self.backend.token_slots();
+        // A slot is rewritten CHAIN_AHEAD passes later at the soonest: only after the host
+        // has read it, and after the pass that embeds from it (queued in order before).
+        debug_assert!(slots >= CHAIN_AHEAD);
+        let pos0 = self.pos;
+        let (mut queued, mut delivered) = (0usize, 0usize);
+        let result: Result<()> = (|| {
+            while delivered < max {
+                while queued < max && queued < delivered + CHAIN_AHEAD {
+                    let input = match queued {
+                        0 => PassInput::Tokens(std::slice::from_ref(&first)),
+                        k => PassInput::Slot((k - 1) % slots),
+                    };
+                    let rows = Row::consecutive(0, pos0 + queued, 1);
+                    self.pass(input, &rows, Want::Slot(queued % slots))?;
+                    queued += 1;
+                }
+                let token = self.backend.slot_token(delivered % slots)?;
+                delivered += 1;
+                if !on_token(token) {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.poisoned = Some(e.to_string());
+            return Err(e);
+        }
+        // Invariants on the way out: every delivered token was a queued pass, and at most
+        // CHAIN_AHEAD - 1 passes ran past the stop.
+        debug_assert!(delivered <= queued && queued - delivered < CHAIN_AHEAD);
+        self.pos = pos0 + delivered;
+        if queued > delivered {
+            // Its cache row (at pos0 + delivered) is overwritten by whatever comes next;
+            // its work counts against the decode that queued it.
+            self.rewind(self.pos);
+            self.backend.wait_idle()?;
+        }
+        Ok(delivered)
+    }
+
+    fn place_chain_table(&mut self) -> Result<ChainTable> {
+        let m = self.model;
+        let b = self.backend;
+        let emb = &m.layout.token_embd;
+        let every_unit_held = self.plan.units.iter().all(|u| u.tier == Tier::Resident);
+        if b.token_slots() < CHAIN_AHEAD
+            || self.cpu_side.is_some()
+            || !every_unit_held
+            || emb.rows < m.cfg.n_vocab
+            || m.layout.output.rows != m.cfg.n_vocab
+        {
+            return Ok(ChainTable::Unavailable);
+        }
+        let whole_table_is_output_unit = m.layout.output_is_tied
+            && self.plan.units.iter().any(|u| {
+                matches!(u.kind, UnitKind::Output { start: 0, end } if end == m.cfg.n_vocab)
+                    && u.offset == emb.file_offset
+                    && u.bytes == emb.size as u64
+            });
+        if whole_table_is_output_unit {
+            return Ok(ChainTable::SharedWithOutput);
+        }
+        if b.computes_in_place() {
+            return Ok(ChainTable::Mapped);
+        }
+        let what = "embedding table (chained greedy decode)";
+        let held_bytes = flea_io::required_capacity(emb.file_offset, emb.size) as u64;
+        let reservation = match self.device.reserve(held_bytes, what) {
+            Ok(r) => r,
+            // No room beside the plan: decode samples on the host as before.
+            Err(RuntimeError::Budget { .. }) => return Ok(ChainTable::Unavailable),
+            Err(e) => return Err(e),
+        };
+        let mut buf = AlignedBuf::new(held_bytes as usize)?;
+        let range = self
+            .embed_reader
+            .read(emb.file_offset, emb.size, &mut buf)?;
+        let key = unit_key(m, emb.file_offset, emb.size as u64)?;
+        b.make_resident(key, &buf.as_slice()[range])?;
+        Ok(ChainTable::Placed {
+            _budget: reservation,
+        })
+    }
+
+    /// The whole embedding table as the backend embeds from it in a chained decode.
+    fn chain_table_weight(&self) -> Result<Weight<'m>> {
+        let m = self.model;
+        let emb = &m.layout.token_embd;
+        // (The weight's bytes are the table's address in the file mapping: read there in
+        // place, or resolved by the backend to its own copy.)
+        let data: &'m [u8] = match &self.chain_table {
+            Some(ChainTable::SharedWithOutput | ChainTable::Placed { .. } | ChainTable::Mapped) => {
+                unit_key(m, emb.file_offset, emb.size as u64)?
+            }
+            _ => return Err(RuntimeError::Stream("no table to chain from".into())),
+        };
+        Ok(Weight {
+            ty: emb.ty,
+            rows: emb.rows,
+            cols: emb.cols,
+            data,
+        })
     }
 
     /// At the start of a pass: keep the units the previous decode pass staged for this one
@@ -927,17 +1093,41 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     }
 
     /// One forward pass over all units for a batch of tokens.
-    fn pass(&mut self, tokens: &[u32], batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
+    fn pass(&mut self, input: PassInput, batch_rows: &[Row], want: Want) -> Result<Vec<f32>> {
         let m = self.model;
         let cfg = &m.cfg;
         let b = self.backend;
-        let n = tokens.len();
+        let n = batch_rows.len();
         let use_cpu = self.cpu_side.is_some()
             && n <= HYBRID_MAX_BATCH
             && batch_rows.iter().all(|r| r.seq == 0);
         self.take_carried_prestage(use_cpu)?;
+        match input {
+            PassInput::Tokens(tokens) if tokens.len() == n => self.embed_tokens(tokens)?,
+            PassInput::Slot(slot) if n == 1 => {
+                let table = self.chain_table_weight()?;
+                forward::embed_from_slot(b, cfg, &table, slot, &mut self.scratch)?;
+            }
+            _ => {
+                return Err(RuntimeError::Input(format!(
+                    "a pass of {n} rows given another number of tokens"
+                )))
+            }
+        }
 
-        // Embedding rows of this batch, read straight from the file.
+        // One decode row with every layer in device memory: the backend may run all layers
+        // in one go (the CUDA backend's fused decode); the loop below then skips them.
+        let fused_layers = n == 1
+            && self.cpu_side.is_none()
+            && b.fuses_decode()
+            && self.fused_decode(batch_rows)?;
+        self.pass_units(n, batch_rows, want, use_cpu, fused_layers)
+    }
+
+    /// A pass's embedding rows, read straight from the file.
+    fn embed_tokens(&mut self, tokens: &[u32]) -> Result<()> {
+        let m = self.model;
+        let n = tokens.len();
         let emb = &m.layout.token_embd;
         let row_bytes = emb.size / emb.rows.max(1);
         self.embed_rows.clear();
@@ -969,15 +1159,23 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 output_norm: table,
                 output: table,
             };
-            forward::embed(b, cfg, &head, &local, &mut self.scratch)?;
+            forward::embed(self.backend, &m.cfg, &head, &local, &mut self.scratch)?;
         }
+        Ok(())
+    }
 
-        // One decode row with every layer in device memory: the backend may run all layers
-        // in one go (the CUDA backend's fused decode); the loop below then skips them.
-        let fused_layers = n == 1
-            && self.cpu_side.is_none()
-            && b.fuses_decode()
-            && self.fused_decode(batch_rows)?;
+    /// The units of a pass after its embedding: the streaming loop.
+    fn pass_units(
+        &mut self,
+        n: usize,
+        batch_rows: &[Row],
+        want: Want,
+        use_cpu: bool,
+        fused_layers: bool,
+    ) -> Result<Vec<f32>> {
+        let m = self.model;
+        let cfg = &m.cfg;
+        let b = self.backend;
         let norm = Weight {
             ty: m.layout.output_norm.ty,
             rows: 1,
@@ -1142,9 +1340,14 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                                     forward::head_norm(b, cfg, &norm, n, which, sc)?
                                 }
                                 Want::Rows(r) => forward::head_norm_rows(b, cfg, &norm, n, r, sc)?,
+                                Want::Slot(_) => {
+                                    forward::head_norm(b, cfg, &norm, n, Logits::Last, sc)?
+                                }
                                 Want::Nothing => 0,
                             };
-                            logits = vec![0.0f32; rows * cfg.n_vocab];
+                            if !matches!(want, Want::Slot(_)) {
+                                logits = vec![0.0f32; rows * cfg.n_vocab];
+                            }
                         }
                         let out = &m.layout.output;
                         let w = Weight {
@@ -1153,15 +1356,19 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                             cols: out.cols,
                             data: bytes,
                         };
-                        forward::head_project(
-                            b,
-                            cfg,
-                            rows,
-                            &w,
-                            start,
-                            &mut logits,
-                            &mut self.scratch,
-                        )?;
+                        if let Want::Slot(slot) = want {
+                            forward::head_argmax(b, cfg, &w, start, slot, &mut self.scratch)?;
+                        } else {
+                            forward::head_project(
+                                b,
+                                cfg,
+                                rows,
+                                &w,
+                                start,
+                                &mut logits,
+                                &mut self.scratch,
+                            )?;
+                        }
                     }
                 }
             }
@@ -1321,7 +1528,22 @@ enum Want<'a> {
     Which(Logits),
     /// These rows' (several sequences).
     Rows(&'a [usize]),
+    /// None on the host: the backend keeps the last row's greedy token in this slot.
+    Slot(usize),
 }
+
+/// Where a pass's tokens come from.
+#[derive(Clone, Copy)]
+enum PassInput<'a> {
+    /// Token ids the host has.
+    Tokens(&'a [u32]),
+    /// One token the backend holds in this slot (a chained greedy decode).
+    Slot(usize),
+}
+
+/// Decode passes a chained greedy decode keeps queued ahead of the token the host reads:
+/// two, so the GPU has the next pass while the host takes this one's token.
+const CHAIN_AHEAD: usize = 2;
 
 /// The I/O thread: walk the streamed units in a cycle, one free slot at a time.
 fn io_loop(

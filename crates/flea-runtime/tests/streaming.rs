@@ -276,3 +276,101 @@ fn synthetic_models_of_every_architecture_stream_bit_identically() {
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
+
+/// Greedy tokens of a plain decode loop: `n` after the prompt, each from the host's argmax.
+fn host_greedy(s: &mut StreamedModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let vocab = s.model.cfg.n_vocab;
+    let mut logits = s.eval(prompt, Logits::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let t = flea_model::sampling::argmax(&logits[logits.len() - vocab..]) as u32;
+        out.push(t);
+        logits = s.eval(&[t], Logits::Last).unwrap();
+    }
+    out
+}
+
+#[test]
+fn chained_greedy_decode_yields_the_host_loops_tokens_and_stops_cleanly() {
+    use flea_synth::Preset;
+    for (preset, name) in [
+        (Preset::Tiny, "chain-llama"),
+        (Preset::TinyQwen2, "chain-qwen2"),
+        (Preset::TinyGemma3, "chain-gemma3"),
+    ] {
+        let path = synthetic(preset, name);
+        let model = Model::load(&path).unwrap();
+        let backend = CpuBackend::new(2).unwrap();
+        let prompt = model.tokenizer.encode("one two three four", true, true);
+        let (n_ctx, batch, n) = (96, 8, 12);
+        let open = |vram: u64| {
+            let plan = Plan::build(&model, &request(vram, 0, n_ctx, batch, None)).unwrap();
+            StreamedModel::new(
+                &model,
+                &backend,
+                plan,
+                &path,
+                &IoOptions::default(),
+                n_ctx,
+                batch,
+            )
+            .unwrap()
+        };
+        let want = host_greedy(&mut open(1 << 30), &prompt, n + 1);
+
+        // The whole run chained: the first token from the prompt's logits, then n passes.
+        let mut s = open(1 << 30);
+        assert!(
+            s.prepare_chain().unwrap(),
+            "{name}: everything resident should chain"
+        );
+        let logits = s.eval(&prompt, Logits::Last).unwrap();
+        let first = flea_model::sampling::argmax(&logits) as u32;
+        let mut got = vec![first];
+        let passes = s.decode_greedy(first, n, &mut |t| {
+            got.push(t);
+            true
+        });
+        assert_eq!(passes.unwrap(), n, "{name}");
+        assert_eq!(
+            got, want,
+            "{name}: chained tokens differ from the host loop's"
+        );
+        assert_eq!(s.pos, prompt.len() + n, "{name}");
+
+        // Stopped after 4 tokens (a pass was queued past the stop), then resumed by a plain
+        // pass and chained again: the same tokens, so the queued pass left nothing behind.
+        let mut s = open(1 << 30);
+        s.eval(&prompt, Logits::Last).unwrap();
+        let mut got = vec![first];
+        let passes = s
+            .decode_greedy(first, n, &mut |t| {
+                got.push(t);
+                got.len() < 5
+            })
+            .unwrap();
+        assert_eq!((passes, s.pos), (4, prompt.len() + 4), "{name}");
+        let logits = s.eval(&[got[4]], Logits::Last).unwrap();
+        got.push(flea_model::sampling::argmax(&logits) as u32);
+        let rest = n - got.len() + 1;
+        let last = got[got.len() - 1];
+        s.decode_greedy(last, rest, &mut |t| {
+            got.push(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            got, want,
+            "{name}: stopping and resuming changed the tokens"
+        );
+
+        // Streamed layers: no chaining, and saying so is not an error.
+        let mut s = open(tight_budget(&path));
+        assert!(
+            !s.prepare_chain().unwrap(),
+            "{name}: streamed layers cannot chain"
+        );
+        assert!(s.decode_greedy(first, 2, &mut |_| true).is_err());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

@@ -1,0 +1,192 @@
+//! A greedy decode chained on the GPU (`Backend::token_slots`): each pass's token goes from
+//! `argmax_slot` into a device slot the next pass's embedding reads, and into mapped host
+//! memory the host reads one pass behind, after the slot's event. Nothing the host does
+//! between tokens then leaves the GPU idle.
+//!
+//! Also the small uploads of a pass (row positions): from page-locked memory, because a copy
+//! from pageable memory may wait for the stream's queued work — in a chained decode, the
+//! whole pass before it.
+
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream};
+use std::sync::Arc;
+
+/// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
+/// rewritten only after the host has read it.
+pub(crate) const TOKEN_SLOTS: usize = 4;
+
+fn ce(what: &str, e: impl std::fmt::Debug) -> String {
+    format!("{what}: {e:?}")
+}
+
+/// Page-locked host memory the device may write (`CU_MEMHOSTALLOC_DEVICEMAP`), freed on drop
+/// after the events of its users (the owner waits for them first).
+struct MappedHost {
+    /// The host address (kept as an integer: the backend is shared between threads).
+    host: usize,
+    dev: u64,
+}
+
+impl MappedHost {
+    fn new(bytes: usize) -> Result<MappedHost, String> {
+        // SAFETY: a plain pinned, device-mapped host allocation; freed in Drop.
+        let host =
+            unsafe { cudarc::driver::result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+                .map_err(|e| ce("mapped host buffer", e))?;
+        let mut dev = 0u64;
+        // SAFETY: host is a live mapped allocation of the current context.
+        if let Err(e) = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0).result() } {
+            // SAFETY: allocated just above, never handed out.
+            let _ = unsafe { cudarc::driver::result::free_host(host) };
+            return Err(ce("mapped host buffer address", e));
+        }
+        Ok(MappedHost {
+            host: host as usize,
+            dev,
+        })
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        // SAFETY: from malloc_host; the owner has waited for every kernel and copy using it.
+        let _ = unsafe { cudarc::driver::result::free_host(self.host as *mut _) };
+    }
+}
+
+/// The token slots of a chained decode.
+pub(crate) struct TokenSlots {
+    /// Where `argmax_slot` writes each slot's token for the next pass's embedding.
+    pub(crate) dev: CudaSlice<i32>,
+    /// The largest logit so far among the chunks of one token's output rows.
+    pub(crate) best: CudaSlice<u64>,
+    /// The same tokens in host memory, written by the kernel.
+    host: MappedHost,
+    /// Recorded after the kernel that wrote each slot last.
+    written: Vec<CudaEvent>,
+}
+
+impl TokenSlots {
+    pub(crate) fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<TokenSlots, String> {
+        let dev = stream
+            .alloc_zeros::<i32>(TOKEN_SLOTS)
+            .map_err(|e| ce("token slots", e))?;
+        let best = stream
+            .alloc_zeros::<u64>(1)
+            .map_err(|e| ce("token slots' maximum", e))?;
+        let host = MappedHost::new(TOKEN_SLOTS * 4)?;
+        let written = (0..TOKEN_SLOTS)
+            .map(|_| ctx.new_event(None).map_err(|e| ce("token slot event", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TokenSlots {
+            dev,
+            best,
+            host,
+            written,
+        })
+    }
+
+    /// The device address the kernel writes slot `slot`'s host copy to.
+    pub(crate) fn host_dev_ptr(&self, slot: usize) -> u64 {
+        self.host.dev + 4 * slot as u64
+    }
+
+    /// After the kernel that writes `slot` is queued.
+    pub(crate) fn mark_written(&self, slot: usize, stream: &CudaStream) -> Result<(), String> {
+        let e = self
+            .written
+            .get(slot)
+            .ok_or_else(|| format!("no token slot {slot}"))?;
+        e.record(stream).map_err(|e| ce("token slot event", e))
+    }
+
+    /// The token in `slot`, once the kernel that wrote it has finished.
+    pub(crate) fn read(&self, slot: usize) -> Result<u32, String> {
+        let e = self
+            .written
+            .get(slot)
+            .ok_or_else(|| format!("no token slot {slot}"))?;
+        e.synchronize().map_err(|e| ce("token slot wait", e))?;
+        // SAFETY: slot < TOKEN_SLOTS (the event exists), so the 4 bytes lie inside the
+        // allocation; the kernel that wrote them has finished (the event), and volatile
+        // because the device, not this thread, stored them.
+        let t = unsafe { std::ptr::read_volatile((self.host.host as *const i32).add(slot)) };
+        u32::try_from(t).map_err(|_| format!("token slot {slot} holds {t}"))
+    }
+}
+
+impl Drop for TokenSlots {
+    fn drop(&mut self) {
+        // The mapped memory is freed only after the kernels writing it.
+        for e in &self.written {
+            let _ = e.synchronize();
+        }
+    }
+}
+
+/// Page-locked staging for a pass's small uploads: `SLOTS` slots of `SLOT_BYTES`, each
+/// reused only after the copy that read it last has run (its event).
+pub(crate) struct SmallUploads {
+    host: MappedHost,
+    done: Vec<CudaEvent>,
+    next: usize,
+}
+
+impl SmallUploads {
+    /// Largest upload staged here; larger ones (prompts' rows) go from pageable memory.
+    pub(crate) const SLOT_BYTES: usize = 4096;
+    const SLOTS: usize = 64;
+
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<SmallUploads, String> {
+        let host = MappedHost::new(Self::SLOTS * Self::SLOT_BYTES)?;
+        let done = (0..Self::SLOTS)
+            .map(|_| ctx.new_event(None).map_err(|e| ce("upload event", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SmallUploads {
+            host,
+            done,
+            next: 0,
+        })
+    }
+
+    /// Queue a copy of `data` to device address `dst` (which holds at least `data.len()`
+    /// values) on `stream`.
+    pub(crate) fn upload(
+        &mut self,
+        data: &[i32],
+        dst: u64,
+        stream: &CudaStream,
+    ) -> Result<(), String> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > Self::SLOT_BYTES {
+            return Err(format!("small upload of {bytes} bytes"));
+        }
+        let slot = self.next;
+        self.next = (self.next + 1) % Self::SLOTS;
+        let done = &self.done[slot];
+        // The copy that read this slot SLOTS uploads ago must have run.
+        done.synchronize().map_err(|e| ce("upload slot wait", e))?;
+        // SAFETY: slot < SLOTS, so the slot's SLOT_BYTES ≥ bytes lie inside the allocation,
+        // and no copy reads them any more (waited above).
+        let src = unsafe { (self.host.host as *mut u8).add(slot * Self::SLOT_BYTES) };
+        // SAFETY: as above; the source and `data` do not overlap (`data` is the caller's).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, src, bytes) };
+        // SAFETY: `dst` holds ≥ bytes (the caller's contract), `src` is page-locked and stays
+        // untouched until `done` says the copy has run.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src as *const _, bytes, stream.cu_stream()).result()
+        }
+        .map_err(|e| ce("small upload", e))?;
+        done.record(stream).map_err(|e| ce("upload event", e))
+    }
+}
+
+impl Drop for SmallUploads {
+    fn drop(&mut self) {
+        for e in &self.done {
+            let _ = e.synchronize();
+        }
+    }
+}
