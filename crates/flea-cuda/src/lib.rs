@@ -1632,6 +1632,22 @@ impl CudaBackend {
     }
 
     /// One thread per element, 256 per block.
+    /// `f` on the token slots of a chained decode, which `argmax_to_slot` made.
+    fn with_token_slots<R>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&chain::TokenSlots) -> Result<R>,
+    ) -> Result<R> {
+        let guard = self
+            .token_slots
+            .lock()
+            .map_err(|_| be("token slots lock poisoned"))?;
+        let ts = guard
+            .as_ref()
+            .ok_or_else(|| be(format!("{what}: no token was put in a slot")))?;
+        f(ts)
+    }
+
     /// The embedding kernel for `n` rows: `wp` the table on the device, `tp` its `n` token
     /// ids there (checked below the table's rows by the caller).
     fn launch_embed(
@@ -2663,16 +2679,9 @@ impl Backend for CudaBackend {
         let wp = self
             .mapped(table.data.as_ptr() as usize, table.data.len())
             .ok_or_else(|| be("embed_from_slot: the embedding table is not in device memory"))?;
-        let tp = {
-            let guard = self
-                .token_slots
-                .lock()
-                .map_err(|_| be("token slots lock poisoned"))?;
-            let ts = guard
-                .as_ref()
-                .ok_or_else(|| be("embed_from_slot: no token was put in a slot"))?;
-            dptr(&ts.dev, &self.stream) + 4 * slot as u64
-        };
+        let tp = self.with_token_slots("embed_from_slot", |ts| {
+            Ok(dptr(&ts.dev, &self.stream) + 4 * slot as u64)
+        })?;
         // (Tokens from the argmax are below the vocabulary, which the table's rows cover:
         // the executor checked that before chaining.)
         self.launch_embed(table, wp, tp, 1, scale, out)
@@ -2680,16 +2689,7 @@ impl Backend for CudaBackend {
 
     fn slot_token(&self, slot: usize) -> Result<u32> {
         let t = std::time::Instant::now();
-        let token = {
-            let guard = self
-                .token_slots
-                .lock()
-                .map_err(|_| be("token slots lock poisoned"))?;
-            let ts = guard
-                .as_ref()
-                .ok_or_else(|| be("slot_token: no token was put in a slot"))?;
-            ts.read(slot).map_err(be)?
-        };
+        let token = self.with_token_slots("slot_token", |ts| ts.read(slot).map_err(be))?;
         if let Some(g) = &self.gaps {
             g.after_read().map_err(be)?;
         }
