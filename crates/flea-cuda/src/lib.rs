@@ -1631,7 +1631,6 @@ impl CudaBackend {
         Ok((theta_scale, neox, self.upload_rows(RowBuf::Pos, &pos)?))
     }
 
-    /// One thread per element, 256 per block.
     /// `f` on the token slots of a chained decode, which `argmax_to_slot` made.
     fn with_token_slots<R>(
         &self,
@@ -1675,6 +1674,7 @@ impl CudaBackend {
         }
     }
 
+    /// One thread per element, 256 per block.
     fn launch_1d(total: usize) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),

@@ -387,10 +387,7 @@ pub fn head_project<B: Backend>(
             "head_project: output slice out of range".into(),
         ));
     }
-    if s.logits_width != w.rows {
-        s.logits = b.alloc_act(LOGIT_CHUNK, w.rows)?;
-        s.logits_width = w.rows;
-    }
+    fit_logits(b, w.rows, s)?;
     // A few rows at a time keeps the logits buffer small for large vocabularies.
     let mut t = 0;
     while t < rows {
@@ -416,6 +413,15 @@ pub fn head_project<B: Backend>(
     Ok(())
 }
 
+/// The logits buffer as wide as an output unit's `rows`.
+fn fit_logits<B: Backend>(b: &B, rows: usize, s: &mut Scratch<B>) -> Result<()> {
+    if s.logits_width != rows {
+        s.logits = b.alloc_act(LOGIT_CHUNK, rows)?;
+        s.logits_width = rows;
+    }
+    Ok(())
+}
+
 /// Step 3b of a chained greedy decode (after [`head_norm`] of one row): the logits of the
 /// output rows `row0..row0 + w.rows` stay on the backend, which keeps the largest so far
 /// and, with the vocabulary's last rows, puts the greedy token in `slot`.
@@ -433,10 +439,7 @@ pub fn head_argmax<B: Backend>(
             "head_argmax: output rows out of range".into(),
         ));
     }
-    if s.logits_width != w.rows {
-        s.logits = b.alloc_act(LOGIT_CHUNK, w.rows)?;
-        s.logits_width = w.rows;
-    }
+    fit_logits(b, w.rows, s)?;
     b.copy_rows(&s.head_norm, 0, 1, &mut s.head_in)?;
     b.matmul(1, w, &s.head_in, &mut s.logits)?;
     b.argmax_to_slot(&s.logits, row0, w.rows, vocab, slot)

@@ -41,6 +41,12 @@ enum ChainTable {
     Unavailable,
 }
 
+impl ChainTable {
+    fn usable(&self) -> bool {
+        !matches!(self, ChainTable::Unavailable)
+    }
+}
+
 /// A unit's bytes held for the whole run.
 struct Held {
     buf: AlignedBuf,
@@ -798,13 +804,19 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         Ok((seconds > 0.0).then(|| (bytes as f64 / seconds, copy_rate)))
     }
 
+    /// An error if an earlier streaming failure left the executor unusable.
+    fn check_not_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(p) => Err(RuntimeError::Stream(format!(
+                "an earlier streaming error left the ring unusable: {p}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Evaluate `tokens` after the cached ones; one pass over the weights per batch.
     pub fn eval(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        if let Some(p) = &self.poisoned {
-            return Err(RuntimeError::Stream(format!(
-                "an earlier streaming error left the ring unusable: {p}"
-            )));
-        }
+        self.check_not_poisoned()?;
         if tokens.is_empty() {
             return Err(RuntimeError::Input(
                 "nothing to evaluate (empty token list)".into(),
@@ -855,11 +867,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     /// and applied to all rows. Returns the logits of the rows `logit_rows` (indices into the
     /// batch), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
     pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
-        if let Some(p) = &self.poisoned {
-            return Err(RuntimeError::Stream(format!(
-                "an earlier streaming error left the ring unusable: {p}"
-            )));
-        }
+        self.check_not_poisoned()?;
         if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
             return Err(RuntimeError::Input(format!(
                 "a step of {} tokens with {} rows (capacity {})",
@@ -885,10 +893,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         if self.chain_table.is_none() {
             self.chain_table = Some(self.place_chain_table()?);
         }
-        Ok(matches!(
-            self.chain_table,
-            Some(ChainTable::SharedWithOutput | ChainTable::Placed { .. } | ChainTable::Mapped)
-        ))
+        Ok(self.chain_table.as_ref().is_some_and(ChainTable::usable))
     }
 
     /// Greedy decode chained on the backend: evaluates `first` (sampled by the caller, not
@@ -910,11 +915,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 "greedy decode cannot be chained on this plan".into(),
             ));
         }
-        if let Some(p) = &self.poisoned {
-            return Err(RuntimeError::Stream(format!(
-                "an earlier streaming error left the ring unusable: {p}"
-            )));
-        }
+        self.check_not_poisoned()?;
         if self.pos + max > self.n_ctx {
             return Err(RuntimeError::Input(format!(
                 "context full: {} + {max} tokens exceed the context size {}",
@@ -1013,17 +1014,14 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let emb = &m.layout.token_embd;
         // (The weight's bytes are the table's address in the file mapping: read there in
         // place, or resolved by the backend to its own copy.)
-        let data: &'m [u8] = match &self.chain_table {
-            Some(ChainTable::SharedWithOutput | ChainTable::Placed { .. } | ChainTable::Mapped) => {
-                unit_key(m, emb.file_offset, emb.size as u64)?
-            }
-            _ => return Err(RuntimeError::Stream("no table to chain from".into())),
-        };
+        if !self.chain_table.as_ref().is_some_and(ChainTable::usable) {
+            return Err(RuntimeError::Stream("no table to chain from".into()));
+        }
         Ok(Weight {
             ty: emb.ty,
             rows: emb.rows,
             cols: emb.cols,
-            data,
+            data: unit_key(m, emb.file_offset, emb.size as u64)?,
         })
     }
 
