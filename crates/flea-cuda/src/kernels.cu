@@ -3331,3 +3331,12 @@ extern "C" __global__ void __launch_bounds__(128)
     asm volatile("trap;");
 #endif
 }
+
+// A recorded decode pass (graph.rs) writes its few row positions with this kernel, the values
+// in its arguments: a graph replays arguments it is given anew each pass, where a copy from
+// host memory would replay whatever the recorded source address holds.
+extern "C" __global__ void store_i32x4(int* dst, int n, int v0, int v1, int v2, int v3) {
+    pdl_enter();
+    const int t = threadIdx.x;
+    if (t < n) dst[t] = t == 0 ? v0 : t == 1 ? v1 : t == 2 ? v2 : v3;
+}

@@ -53,6 +53,8 @@ macro_rules! launch {
 mod chain;
 mod fused;
 mod gaps;
+mod graph;
+pub use graph::GraphCounts;
 mod mmvq;
 pub mod probe;
 mod profile;
@@ -127,7 +129,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 25] = [
+const PLAIN_KERNELS: [&str; 26] = [
     "act_round",
     "argmax_slot",
     "attn_cluster",
@@ -153,6 +155,7 @@ const PLAIN_KERNELS: [&str; 25] = [
     "attention_tiled",
     "attention_smem",
     "copy_f4",
+    "store_i32x4",
 ];
 
 /// Weight types the CUDA backend can multiply with.
@@ -248,9 +251,18 @@ impl Drop for CudaBackend {
                 "cuda: the host waited {ms:.1} ms for results in {n} reads ({:.3} ms each)",
                 ms / n.max(1) as f64
             );
+            let g = self.graph_counts();
+            eprintln!(
+                "cuda: {} decode passes launched as graphs ({} instantiated, {} recordings failed)",
+                g.launched, g.instantiated, g.failed
+            );
         }
         if let Some(t) = self.fused_trace.as_ref().and_then(|t| t.lock().ok()) {
             eprint!("{}", t.report());
+        }
+        // Graph executables go while the context is sure to be alive.
+        if let Ok(g) = self.pass_graphs.get_mut() {
+            *g = graph::PassGraphs::default();
         }
         if let Some(h) = self.handover.get_mut().ok().and_then(|h| h.take()) {
             let _ = h.read.synchronize();
@@ -346,6 +358,10 @@ pub struct CudaBackend {
     read_wait_ns: AtomicU64,
     /// FLEA_CUDA_GAPS=1: the idle time between decode passes (gaps.rs).
     gaps: Option<gaps::PassGaps>,
+    /// Whether chained decode passes are recorded and launched as CUDA graphs
+    /// (FLEA_CUDA_GRAPH=0 turns it off), and their state (graph.rs).
+    pass_graphs_on: std::sync::atomic::AtomicBool,
+    pass_graphs: Mutex<graph::PassGraphs>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -643,6 +659,10 @@ impl CudaBackend {
             reads: AtomicU64::new(0),
             read_wait_ns: AtomicU64::new(0),
             gaps: gaps::PassGaps::from_env(),
+            pass_graphs_on: std::sync::atomic::AtomicBool::new(
+                std::env::var("FLEA_CUDA_GRAPH").as_deref() != Ok("0"),
+            ),
+            pass_graphs: Mutex::new(graph::PassGraphs::default()),
             kernel_cache,
         })
     }
@@ -1131,6 +1151,39 @@ impl CudaBackend {
         self.repacked.lock().is_ok_and(|r| r.contains(&wp))
     }
 
+    fn lock_pass_graphs(&self) -> Result<std::sync::MutexGuard<'_, graph::PassGraphs>> {
+        self.pass_graphs
+            .lock()
+            .map_err(|_| be("pass graphs lock poisoned"))
+    }
+
+    /// Whether a chained pass is being recorded as a graph (graph.rs).
+    fn recording(&self) -> bool {
+        self.pass_graphs.lock().is_ok_and(|g| g.recording())
+    }
+
+    /// Fails while a pass is recorded: `what` would allocate or copy from host memory, which
+    /// a graph cannot replay (the executor then runs the pass unrecorded).
+    fn check_not_recording(&self, what: &str) -> Result<()> {
+        if self.recording() {
+            return Err(be(format!("{what} inside a recorded pass")));
+        }
+        Ok(())
+    }
+
+    /// Chained decode passes recorded as CUDA graphs (default on; FLEA_CUDA_GRAPH=0 off).
+    pub fn set_pass_graphs(&self, on: bool) {
+        self.pass_graphs_on.store(on, Ordering::Relaxed);
+    }
+
+    /// What the recorded passes did so far.
+    pub fn graph_counts(&self) -> GraphCounts {
+        self.pass_graphs
+            .lock()
+            .map(|g| g.counts)
+            .unwrap_or_default()
+    }
+
     fn after_launch(&self, name: &str) -> Result<()> {
         self.launch_serial.fetch_add(1, Ordering::Relaxed);
         if let Some(p) = &self.profile {
@@ -1175,6 +1228,7 @@ impl CudaBackend {
                 return Ok(dptr(s, &self.stream));
             }
         }
+        self.check_not_recording("a weight upload")?;
         let s = self.stream.clone_htod(w.data).map_err(|e| {
             be(format!(
                 "uploading a {} weight ({} bytes): {e:?}",
@@ -1206,6 +1260,7 @@ impl CudaBackend {
                 return Ok((dptr(s, &self.stream), s.len()));
             }
         }
+        self.check_not_recording("a vector upload")?;
         let mut v = vec![0.0f32; w.rows * w.cols];
         flea_quant::dequantize(w.ty, w.data, &mut v)?;
         let s = self
@@ -1223,6 +1278,7 @@ impl CudaBackend {
         n: usize,
     ) -> Result<u64> {
         if slot.as_ref().is_none_or(|s| s.len() < n) {
+            self.check_not_recording("a scratch buffer grows")?;
             *slot = None;
             let s = self
                 .stream
@@ -1252,7 +1308,22 @@ impl CudaBackend {
             return Ok(ptr);
         }
         held.clear();
-        if std::mem::size_of_val(data) <= chain::SmallUploads::SLOT_BYTES {
+        if self.recording() {
+            // A recorded pass carries its rows as kernel arguments: a copy from host memory
+            // would replay the bytes the slot held when it was recorded.
+            let v = |i: usize| data.get(i).copied().unwrap_or(0);
+            let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
+            let n = data.len() as i32;
+            if data.len() > 4 {
+                return Err(be(format!("a recorded pass uploads {} rows", data.len())));
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "store_i32x4", cfg; ptr, n, v0, v1, v2, v3)?;
+        } else if std::mem::size_of_val(data) <= chain::SmallUploads::SLOT_BYTES {
             // A decode pass's rows: from page-locked memory, so the host never waits here
             // for the work queued before (chain.rs).
             let mut up = self
@@ -1946,6 +2017,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_act(&self, rows: usize, width: usize) -> Result<CudaAct> {
+        self.check_not_recording("an activation allocation")?;
         let buf = self
             .stream
             .alloc_zeros::<f32>((rows * width).max(1))
@@ -1960,6 +2032,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv> {
+        self.check_not_recording("a cache allocation")?;
         // Cache rows are addressed with i32 on the device.
         if shape.n_seq * shape.n_ctx > i32::MAX as usize {
             return Err(be("KV cache: too many sequence slots × positions"));
@@ -1992,6 +2065,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut CudaAct) -> Result<()> {
         Self::check_weight(table)?;
+        self.check_not_recording("an embedding of host tokens")?;
         let n = tokens.len();
         check_rows(out, n, "embed")?;
         if out.width != table.cols {
@@ -2594,6 +2668,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Ok(());
         }
+        self.check_not_recording("a write from the host")?;
         self.launch_serial.fetch_add(1, Ordering::Relaxed);
         if data.len().is_multiple_of(4) && data.len() * 4 <= HANDOVER_BYTES {
             return self.write_mapped(data, x);
@@ -2653,7 +2728,13 @@ impl Backend for CudaBackend {
             if let Some(g) = &self.gaps {
                 g.pass_end(&self.ctx, &self.stream).map_err(be)?;
             }
-            ts.mark_written(slot, &self.stream).map_err(be)?;
+            let mut graphs = self.lock_pass_graphs()?;
+            if graphs.recording() {
+                // Marked after the graph's launch (end_pass_recording).
+                graphs.marks.push(slot);
+            } else {
+                ts.mark_written(slot, &self.stream).map_err(be)?;
+            }
         }
         Ok(())
     }
@@ -2685,6 +2766,62 @@ impl Backend for CudaBackend {
         // (Tokens from the argmax are below the vocabulary, which the table's rows cover:
         // the executor checked that before chaining.)
         self.launch_embed(table, wp, tp, 1, scale, out)
+    }
+
+    fn begin_pass_recording(&self) -> Result<bool> {
+        // Recording leaves out the per-launch events of the profile and the gap probe, and
+        // the fused decode uploads its tables.
+        if !self.pass_graphs_on.load(Ordering::Relaxed)
+            || self.profile.is_some()
+            || self.gaps.is_some()
+            || self.sync_each
+            || self.fused_decode.load(Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        let mut g = self.lock_pass_graphs()?;
+        if g.gave_up() {
+            return Ok(false);
+        }
+        self.bind()?;
+        g.begin(self.stream.cu_stream()).map_err(be)?;
+        Ok(true)
+    }
+
+    fn end_pass_recording(&self, run: bool) -> Result<bool> {
+        // (The graphs' lock is let go before the token slots' and the scratch's are taken:
+        // those are held while `recording()` is asked.)
+        let (launched, marks, gave_up, failed) = {
+            let mut g = self.lock_pass_graphs()?;
+            let launched = g.end(self.stream.cu_stream(), run).map_err(be)?;
+            (
+                launched,
+                std::mem::take(&mut g.marks),
+                g.gave_up(),
+                g.counts.failed,
+            )
+        };
+        if launched {
+            self.launch_serial.fetch_add(1, Ordering::Relaxed);
+            self.with_token_slots("end_pass_recording", |ts| {
+                for &slot in &marks {
+                    ts.mark_written(slot, &self.stream).map_err(be)?;
+                }
+                Ok(())
+            })?;
+            return Ok(true);
+        }
+        // The rows recorded as uploaded never reached the device.
+        self.scratch
+            .lock()
+            .map_err(|_| be("scratch lock poisoned"))?
+            .rows_on_device
+            .iter_mut()
+            .for_each(Vec::clear);
+        if gave_up {
+            eprintln!("flea: CUDA graphs off for this run ({failed} recorded passes failed)");
+        }
+        Ok(false)
     }
 
     fn slot_token(&self, slot: usize) -> Result<u32> {

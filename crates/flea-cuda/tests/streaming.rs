@@ -411,25 +411,39 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
         }
         drop(s);
 
-        let mut s = open(plan.clone());
-        assert!(
-            s.prepare_chain().unwrap(),
-            "{name}: a resident plan should chain"
-        );
-        s.eval(&prompt, Logits::Last).unwrap();
-        let mut got = vec![want[0]];
-        let passes = s
-            .decode_greedy(want[0], n, &mut |t| {
-                got.push(t);
-                true
-            })
-            .unwrap();
-        assert_eq!(passes, n, "{name}");
-        assert_eq!(
-            got, want,
-            "{name}: chained tokens differ from the host loop's"
-        );
-        drop(s);
+        // Each pass launched directly, then (the default) recorded and launched as a graph.
+        for graphs in [false, true] {
+            cuda.set_pass_graphs(graphs);
+            let before = cuda.graph_counts();
+            let mut s = open(plan.clone());
+            assert!(
+                s.prepare_chain().unwrap(),
+                "{name}: a resident plan should chain"
+            );
+            s.eval(&prompt, Logits::Last).unwrap();
+            let mut got = vec![want[0]];
+            let passes = s
+                .decode_greedy(want[0], n, &mut |t| {
+                    got.push(t);
+                    true
+                })
+                .unwrap();
+            assert_eq!(passes, n, "{name}");
+            assert_eq!(
+                got, want,
+                "{name}: chained tokens (graphs {graphs}) differ from the host loop's"
+            );
+            drop(s);
+            let after = cuda.graph_counts();
+            let launched = after.launched - before.launched;
+            assert_eq!(after.failed, before.failed, "{name}: a recording failed");
+            if graphs {
+                // All but the first two passes (which size the scratch).
+                assert_eq!(launched, n as u64 - 2, "{name}: passes launched as graphs");
+            } else {
+                assert_eq!(launched, 0, "{name}: graphs launched while off");
+            }
+        }
 
         let mut s = open(plan.clone());
         s.eval(&prompt, Logits::Last).unwrap();
@@ -465,6 +479,9 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
             !open(tight).prepare_chain().unwrap(),
             "{name}: streamed layers chained"
         );
-        println!("CHAIN {name}: {n} tokens as the host loop's, stop and resume too");
+        let counts = cuda.graph_counts();
+        println!(
+            "CHAIN {name}: {n} tokens as the host loop's (also as graphs: {counts:?}), stop and resume too"
+        );
     }
 }

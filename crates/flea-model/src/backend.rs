@@ -337,6 +337,19 @@ pub trait Backend {
             "this backend keeps no token slots".into(),
         ))
     }
+    /// Record the device work of the pass that follows instead of running it, to replay it
+    /// as one unit in [`Backend::end_pass_recording`] (a CUDA graph). Ok(false): this
+    /// backend does not record, and the pass runs as usual.
+    fn begin_pass_recording(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// End a recording begun by [`Backend::begin_pass_recording`]. With `run` (the pass was
+    /// recorded without error) the recorded work is queued: Ok(true). Ok(false): nothing
+    /// of the pass ran (not `run`, or the recording failed), and the caller runs it again
+    /// without recording.
+    fn end_pass_recording(&self, _run: bool) -> Result<bool> {
+        Ok(false)
+    }
     /// Cached K and V rows `pos0 .. pos0 + n` of `layer`, as F16 bits (hands a layer's
     /// cache over to another backend).
     fn kv_rows(

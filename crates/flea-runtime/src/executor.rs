@@ -936,7 +936,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         k => PassInput::Slot((k - 1) % slots),
                     };
                     let rows = Row::consecutive(0, pos0 + queued, 1);
-                    self.pass(input, &rows, Want::Slot(queued % slots))?;
+                    // The first passes run as usual: they size the backend's scratch, which
+                    // a recorded pass may not grow.
+                    let record = queued >= RECORD_AFTER_PASSES;
+                    self.chained_pass(input, &rows, queued % slots, record)?;
                     queued += 1;
                 }
                 let token = self.backend.slot_token(delivered % slots)?;
@@ -962,6 +965,29 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             self.backend.wait_idle()?;
         }
         Ok(delivered)
+    }
+
+    /// One pass of a chained decode, recorded by the backend and replayed as one unit where
+    /// it can (`record`; a CUDA graph: its launches leave the host once, not one by one).
+    /// A recording that fails runs nothing, so the pass then runs again without one.
+    fn chained_pass(
+        &mut self,
+        input: PassInput,
+        rows: &[Row],
+        slot: usize,
+        record: bool,
+    ) -> Result<()> {
+        let b = self.backend;
+        if record && b.begin_pass_recording()? {
+            let stats = self.stats.clone();
+            let recorded = self.pass(input, rows, Want::Slot(slot));
+            if b.end_pass_recording(recorded.is_ok())? {
+                return recorded.map(drop);
+            }
+            // Nothing of it ran: count it once, when it does.
+            self.stats = stats;
+        }
+        self.pass(input, rows, Want::Slot(slot)).map(drop)
     }
 
     fn place_chain_table(&mut self) -> Result<ChainTable> {
@@ -1542,6 +1568,10 @@ enum PassInput<'a> {
 /// Decode passes a chained greedy decode keeps queued ahead of the token the host reads:
 /// two, so the GPU has the next pass while the host takes this one's token.
 const CHAIN_AHEAD: usize = 2;
+
+/// Passes of a chained decode that run before the backend may record them (the first
+/// embeds a token the host has; the second is the first from a slot).
+const RECORD_AFTER_PASSES: usize = 2;
 
 /// The I/O thread: walk the streamed units in a cycle, one free slot at a time.
 fn io_loop(
