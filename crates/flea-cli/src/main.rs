@@ -372,8 +372,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut sess = eng.runner(&a.engine, 1)?;
     let mut sampler = Sampler::new(a.sampling.config());
     prompt.iter().for_each(|&t| sampler.accept(t));
-    // Greedy tokens chosen on the GPU, which then never waits for the host between tokens.
-    let chained = a.sampling.config().is_plain_greedy() && sess.prepare_chain()?;
+    // Tokens chosen on the GPU (greedy or top-k sampled), which then never waits for the
+    // host between tokens.
+    let chained = sess.prepare_chain(&sampler)?;
 
     let t0 = Instant::now();
     let mut logits = sess.eval(&prompt, Logits::Last)?;
@@ -402,7 +403,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         if emit(first, &mut out)? {
             if chained {
                 let mut failed = None;
-                decoded = sess.decode_greedy(first, a.n_predict - 1, &mut |t| {
+                decoded = sess.decode_chained(first, a.n_predict - 1, &mut sampler, &mut |t| {
                     emit(t, &mut out).unwrap_or_else(|e| {
                         failed = Some(e);
                         false

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use flea_io::{IoBackend, IoOptions};
-use flea_model::{CpuBackend, Logits, Model, Session, UnitStaging};
+use flea_model::{CpuBackend, Logits, Model, Sampler, Session, UnitStaging};
 use flea_runtime::{fmt_size, parse_size, Plan, PlanRequest, StreamedModel, Tier};
 use std::path::{Path, PathBuf};
 
@@ -322,29 +322,34 @@ impl<'m> Runner<'m> {
         })
     }
 
-    /// Whether greedy decode runs chained on the GPU (`StreamedModel::decode_greedy`):
-    /// a CUDA runner whose plan holds everything in device memory, unless FLEA_CHAIN=0.
-    /// The CPU computes each token anyway, so it samples on the host as before.
-    pub fn prepare_chain(&mut self) -> Result<bool> {
+    /// Whether decode with `sampler` runs chained on the GPU (`StreamedModel::decode_sampled`:
+    /// greedy, or top-k sampling the GPU can do): a CUDA runner whose plan holds everything
+    /// in device memory, unless FLEA_CHAIN=0. The CPU computes each token anyway, so it
+    /// samples on the host as before.
+    pub fn prepare_chain(&mut self, sampler: &Sampler) -> Result<bool> {
         if std::env::var_os("FLEA_CHAIN").is_some_and(|v| v == "0") {
             return Ok(false);
         }
         match self {
             #[cfg(feature = "cuda")]
-            Runner::Cuda(s) => Ok(s.prepare_chain()?),
-            _ => Ok(false),
+            Runner::Cuda(s) => Ok(s.samples_on_backend(sampler) && s.prepare_chain()?),
+            _ => {
+                let _ = sampler;
+                Ok(false)
+            }
         }
     }
 
-    /// See `StreamedModel::decode_greedy` (after `prepare_chain` said yes).
-    pub fn decode_greedy(
+    /// See `StreamedModel::decode_sampled` (after `prepare_chain` said yes).
+    pub fn decode_chained(
         &mut self,
         first: u32,
         max: usize,
+        sampler: &mut Sampler,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<usize> {
-        with_streamed!(self, s => Ok(s.decode_greedy(first, max, on_token)?),
-            else anyhow::bail!("greedy decode chains only under the residency executor"))
+        with_streamed!(self, s => Ok(s.decode_sampled(first, max, sampler, on_token)?),
+            else anyhow::bail!("decode chains only under the residency executor"))
     }
 
     /// The model behind the runner, as the server's engine drives it.

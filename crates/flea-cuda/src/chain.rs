@@ -10,6 +10,9 @@
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream};
 use std::sync::Arc;
 
+/// Most candidates `topk_slot` keeps (TOPK_SLOT_MAX in kernels.cu).
+pub(crate) const TOP_K_MAX: usize = 64;
+
 /// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
 /// rewritten only after the host has read it.
 pub(crate) const TOKEN_SLOTS: usize = 4;
@@ -59,6 +62,8 @@ pub(crate) struct TokenSlots {
     pub(crate) dev: CudaSlice<i32>,
     /// The largest logit so far among the chunks of one token's output rows.
     pub(crate) best: CudaSlice<u64>,
+    /// The best candidates so far of a sampled token (`topk_slot`), then their count.
+    pub(crate) candidates: CudaSlice<u64>,
     /// The same tokens in host memory, written by the kernel.
     host: MappedHost,
     /// Recorded after the kernel that wrote each slot last.
@@ -76,6 +81,9 @@ impl TokenSlots {
         let best = stream
             .alloc_zeros::<u64>(1)
             .map_err(|e| ce("token slots' maximum", e))?;
+        let candidates = stream
+            .alloc_zeros::<u64>(TOP_K_MAX + 1)
+            .map_err(|e| ce("token slots' candidates", e))?;
         let host = MappedHost::new(TOKEN_SLOTS * 4)?;
         let written = (0..TOKEN_SLOTS)
             .map(|_| ctx.new_event(None).map_err(|e| ce("token slot event", e)))
@@ -83,6 +91,7 @@ impl TokenSlots {
         Ok(TokenSlots {
             dev,
             best,
+            candidates,
             host,
             written,
         })

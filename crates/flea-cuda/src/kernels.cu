@@ -470,6 +470,115 @@ extern "C" __global__ void __launch_bounds__(1024)
     __threadfence_system();
 }
 
+// Top-k sampling into a token slot (a chained decode; sampling.rs `choose_from_top` on the
+// host is the reference). Each logit becomes the same 64-bit key as argmax_slot's but without
+// folding -0 into +0 (the host ranks by f32::total_cmp, then the lower id): all keys differ.
+// cands[0..64) holds the best keys so far across the chunks of one token, best first, and
+// cands[64] their count. A tile of 1024 logits adds nothing unless one beats the k-th best;
+// then the list and the tile's winners are ranked (each counts the keys above it) and the k
+// best kept in order. The last chunk's thread 0 repeats the host's arithmetic in double
+// precision (exp of the differences to the best, sums in order): top-p, min-p, temperature,
+// then the host's uniform draw r picks the token.
+#define TOPK_SLOT_MAX 64
+__device__ __forceinline__ unsigned long long topk_key(float v, unsigned int id) {
+    unsigned int u = __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned long long)(~id);
+}
+__device__ __forceinline__ float topk_logit(unsigned long long key) {
+    unsigned int u = (unsigned int)(key >> 32);
+    return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    topk_slot(const float* __restrict__ x, int width, int col0, unsigned long long* cands,
+              int k, int first, int last, float temp, float top_p, float min_p, double r,
+              int* tok_dev, volatile int* tok_host) {
+    pdl_enter();
+    __shared__ unsigned long long list[TOPK_SLOT_MAX];
+    __shared__ unsigned long long pool[1024 + TOPK_SLOT_MAX];
+    __shared__ int list_n, pool_n;
+    const int tid = threadIdx.x;
+    if (k < 1) k = 1;
+    if (k > TOPK_SLOT_MAX) k = TOPK_SLOT_MAX;
+    if (tid == 0) list_n = first ? 0 : min((int)cands[TOPK_SLOT_MAX], k);
+    __syncthreads();
+    if (tid < list_n) list[tid] = cands[tid];
+    __syncthreads();
+    for (int base = 0; base < width; base += blockDim.x) {
+        const int i = base + tid;
+        unsigned long long key = 0ull;
+        bool hit = false;
+        if (i < width) {
+            key = topk_key(x[i], (unsigned int)(col0 + i));
+            hit = list_n < k || key > list[k - 1];
+        }
+        if (__syncthreads_count(hit) == 0) continue;
+        const int held = list_n;
+        if (tid < held) pool[tid] = list[tid];
+        if (tid == 0) pool_n = held;
+        __syncthreads();
+        if (hit) pool[atomicAdd(&pool_n, 1)] = key;
+        __syncthreads();
+        const int m = pool_n;
+        for (int j = tid; j < m; j += blockDim.x) {
+            const unsigned long long v = pool[j];
+            int rank = 0;
+            for (int q = 0; q < m; q++) rank += pool[q] > v;
+            if (rank < k) list[rank] = v;
+        }
+        __syncthreads();
+        if (tid == 0) list_n = min(m, k);
+        __syncthreads();
+    }
+    const int n = list_n;
+    if (!last) {
+        if (tid < n) cands[tid] = list[tid];
+        if (tid == 0) cands[TOPK_SLOT_MAX] = (unsigned long long)n;
+        return;
+    }
+    __shared__ double e_raw[TOPK_SLOT_MAX], e_hot[TOPK_SLOT_MAX];
+    if (tid < n) {
+        const float l = topk_logit(list[tid]), l0 = topk_logit(list[0]);
+        e_raw[tid] = exp((double)l - (double)l0);
+        e_hot[tid] = exp((double)(l / temp) - (double)(l0 / temp));
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    int t = 0;
+    if (n > 0) {
+        int nn = n;
+        if (top_p < 1.0f) {
+            double s = 0.0, acc = 0.0;
+            for (int j = 0; j < nn; j++) s += e_raw[j];
+            int keep = nn;
+            for (int j = 0; j < nn; j++) {
+                acc += e_raw[j] / s;
+                if (acc >= (double)top_p) { keep = j + 1; break; }
+            }
+            nn = keep;
+        }
+        if (min_p > 0.0f) {
+            double s = 0.0;
+            for (int j = 0; j < nn; j++) s += e_raw[j];
+            const double thr = (e_raw[0] / s) * (double)min_p;
+            int keep = 0;
+            while (keep < nn && e_raw[keep] / s >= thr) keep++;
+            nn = keep > 0 ? keep : 1;
+        }
+        double s = 0.0, acc = 0.0;
+        for (int j = 0; j < nn; j++) s += e_hot[j];
+        int pick = nn - 1;
+        for (int j = 0; j < nn; j++) {
+            acc += e_hot[j] / s;
+            if (r < acc) { pick = j; break; }
+        }
+        t = (int)~(unsigned int)(list[pick] & 0xffffffffull);
+    }
+    *tok_dev = t;
+    *tok_host = t;
+    __threadfence_system();
+}
+
 extern "C" __global__ void act_round(const float* __restrict__ x, float* __restrict__ yf,
                                      u16* __restrict__ yh, long long n, int mode) {
     pdl_enter();

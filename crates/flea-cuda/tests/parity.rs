@@ -762,6 +762,99 @@ fn gemm_warm_up_changes_nothing() {
 /// backend's and the host's `argmax`: ties (the first index), NaNs and -inf (never win),
 /// nothing above -inf (0), -0 beside +0, and the vocabulary in one call or in chunks.
 #[test]
+fn sample_to_slot_matches_the_host_sampler() {
+    use flea_model::sampling::{choose_from_top, top_candidates, TopKSampling};
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(2).unwrap();
+    assert_eq!(cuda.slot_top_k_max(), 64);
+    let mut rng = 0x2468_ace1u64;
+    let mut random = |scale: f32| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    };
+    let vocab = 5000;
+    let mut cases: Vec<Vec<f32>> = vec![
+        (0..vocab).map(|_| random(6.0)).collect(),
+        // Many equal logits: ties ranked by the lower id.
+        (0..vocab)
+            .map(|_| (random(4.0) * 2.0).round() / 2.0)
+            .collect(),
+        (0..vocab).map(|i| i as f32 * 1e-3).collect(),
+        (0..vocab)
+            .map(|i| match i {
+                9 => -0.0,
+                10 => 0.0,
+                11..=60 => -0.5,
+                _ => f32::NEG_INFINITY,
+            })
+            .collect(),
+    ];
+    // Qwen2's vocabulary size, in the head's largest chunks.
+    cases.push((0..151_936).map(|_| random(12.0)).collect());
+    let hows = [
+        (40, 0.95, 0.05, 0.8),
+        (1, 1.0, 0.0, 1.0),
+        (64, 1.0, 0.0, 1.5),
+        (5, 0.5, 0.2, 0.3),
+        (64, 0.9, 0.0, 0.7),
+    ]
+    .map(|(top_k, top_p, min_p, temperature)| TopKSampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+    });
+    let draws = [0.0, 0.31, 0.77, 0.999_999];
+    let mut distinct = std::collections::HashSet::new();
+    let mut checked = 0;
+    for (ci, logits) in cases.iter().enumerate() {
+        let n = logits.len();
+        for how in &hows {
+            let cand = top_candidates(logits, 0, how.top_k);
+            for (ri, &r) in draws.iter().enumerate() {
+                let want = choose_from_top(&cand, how, r);
+                for chunk in [n, 1024, 999, 32768] {
+                    if chunk > n || (n > vocab && chunk < 32768) {
+                        continue;
+                    }
+                    let slot = (ci + ri) % 4;
+                    for (k, part) in logits.chunks(chunk).enumerate() {
+                        let col0 = k * chunk;
+                        let mut a = cuda.alloc_act(1, part.len()).unwrap();
+                        cuda.write(part, &mut a).unwrap();
+                        cuda.sample_to_slot(&a, col0, part.len(), n, slot, how, r)
+                            .unwrap();
+                        let mut c = cpu.alloc_act(1, part.len()).unwrap();
+                        cpu.write(part, &mut c).unwrap();
+                        cpu.sample_to_slot(&c, col0, part.len(), n, slot, how, r)
+                            .unwrap();
+                    }
+                    let got = (
+                        cuda.slot_token(slot).unwrap(),
+                        cpu.slot_token(slot).unwrap(),
+                    );
+                    assert_eq!(
+                        got,
+                        (want, want),
+                        "case {ci}, {how:?}, draw {r}, chunks of {chunk}"
+                    );
+                    checked += 1;
+                }
+                if ci == 0 {
+                    distinct.insert(want);
+                }
+            }
+        }
+    }
+    // The draws and settings decide: the random case gave many tokens, not one.
+    assert!(distinct.len() > 5, "{distinct:?}");
+    println!("SAMPLE {checked} cases: cuda = cpu = host sampler");
+}
+
+#[test]
 fn argmax_to_slot_matches_the_host() {
     use flea_model::Backend;
     let Some(cuda) = backend() else { return };

@@ -445,6 +445,39 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
             }
         }
 
+        // Sampled on the GPU with the host sampler's draws: the host loop's tokens.
+        let cfg = flea_model::SamplerConfig {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            seed: 11,
+            ..Default::default()
+        };
+        let mut s = open(plan.clone());
+        let mut sampler = flea_model::Sampler::new(cfg.clone());
+        let mut l = s.eval(&prompt, Logits::Last).unwrap();
+        let mut sampled = Vec::new();
+        for _ in 0..=n {
+            let t = sampler.sample(&mut l);
+            sampled.push(t);
+            l = s.eval(&[t], Logits::Last).unwrap();
+        }
+        drop(s);
+        let mut s = open(plan.clone());
+        let mut sampler = flea_model::Sampler::new(cfg);
+        assert!(s.samples_on_backend(&sampler), "{name}");
+        let mut l = s.eval(&prompt, Logits::Last).unwrap();
+        let first = sampler.sample(&mut l);
+        let mut got = vec![first];
+        s.decode_sampled(first, n, &mut sampler, &mut |t| {
+            got.push(t);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, sampled, "{name}: sampled on the GPU, other tokens");
+        drop(s);
+
         let mut s = open(plan.clone());
         s.eval(&prompt, Logits::Last).unwrap();
         let mut got = vec![want[0]];
@@ -481,7 +514,7 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
         );
         let counts = cuda.graph_counts();
         println!(
-            "CHAIN {name}: {n} tokens as the host loop's (also as graphs: {counts:?}), stop and resume too"
+            "CHAIN {name}: {n} tokens as the host loop's (also as graphs: {counts:?}), sampled too, stop and resume"
         );
     }
 }

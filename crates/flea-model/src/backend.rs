@@ -319,6 +319,30 @@ pub trait Backend {
             "this backend keeps no token slots".into(),
         ))
     }
+    /// Most candidates [`Backend::sample_to_slot`] keeps (0: it does not sample; chained
+    /// decode then takes greedy tokens only).
+    fn slot_top_k_max(&self) -> usize {
+        0
+    }
+    /// Top-k sampling on the backend: as [`Backend::argmax_to_slot`] (chunks of one token's
+    /// logits in order), keeping the `how.top_k` best logits so far in
+    /// [`crate::sampling::candidate_key`]'s order; the last chunk puts the token
+    /// [`crate::sampling::choose_from_top`] picks with the host's draw `r` in `slot`.
+    #[allow(clippy::too_many_arguments)] // argmax_to_slot's, and how to sample
+    fn sample_to_slot(
+        &self,
+        _logits: &Self::Act,
+        _col0: usize,
+        _width: usize,
+        _n_vocab: usize,
+        _slot: usize,
+        _how: &crate::sampling::TopKSampling,
+        _r: f64,
+    ) -> Result<()> {
+        Err(crate::ModelError::Backend(
+            "this backend does not sample into token slots".into(),
+        ))
+    }
     /// out[0] = table[the token in `slot`] * scale.
     fn embed_from_slot(
         &self,

@@ -116,6 +116,8 @@ const CPU_TOKEN_SLOTS: usize = 4;
 struct TokenSlots {
     /// Largest logit and its index so far among the calls of one token.
     best: Option<(f32, usize)>,
+    /// The best candidates so far of a sampled token (sample_to_slot).
+    candidates: Vec<(u32, f32)>,
     tokens: [u32; CPU_TOKEN_SLOTS],
 }
 
@@ -809,6 +811,49 @@ impl Backend for CpuBackend {
         }
         if col0 + width == n_vocab {
             s.tokens[slot] = s.best.map_or(0, |(_, i)| i as u32);
+        }
+        Ok(())
+    }
+
+    fn slot_top_k_max(&self) -> usize {
+        crate::sampling::SLOT_TOP_K_MAX
+    }
+
+    fn sample_to_slot(
+        &self,
+        logits: &CpuAct,
+        col0: usize,
+        width: usize,
+        n_vocab: usize,
+        slot: usize,
+        how: &crate::sampling::TopKSampling,
+        r: f64,
+    ) -> Result<()> {
+        let row = logits
+            .rows(1)?
+            .get(..width)
+            .ok_or_else(|| ModelError::Backend("sample_to_slot: row narrower than width".into()))?;
+        if slot >= CPU_TOKEN_SLOTS
+            || col0 + width > n_vocab
+            || !(1..=crate::sampling::SLOT_TOP_K_MAX).contains(&how.top_k)
+        {
+            return Err(ModelError::Backend(format!(
+                "sample_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab}, top-k {}",
+                how.top_k
+            )));
+        }
+        let mut s = self
+            .token_slots
+            .lock()
+            .map_err(|_| ModelError::Backend("token slots lock poisoned".into()))?;
+        if col0 == 0 {
+            s.candidates.clear();
+        }
+        let chunk = crate::sampling::top_candidates(row, col0 as u32, how.top_k);
+        s.candidates.extend(chunk);
+        crate::sampling::merge_top_candidates(&mut s.candidates, how.top_k);
+        if col0 + width == n_vocab {
+            s.tokens[slot] = crate::sampling::choose_from_top(&s.candidates, how, r);
         }
         Ok(())
     }

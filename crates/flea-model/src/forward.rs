@@ -109,7 +109,7 @@ pub fn embed<B: Backend>(
 }
 
 /// Step 1 of a chained greedy decode: the residual stream's row 0 from the token the
-/// backend holds in `slot` (put there by the previous token's [`head_argmax`]); `table` is the
+/// backend holds in `slot` (put there by the previous token's [`head_to_slot`]); `table` is the
 /// whole embedding table.
 pub fn embed_from_slot<B: Backend>(
     b: &B,
@@ -422,27 +422,34 @@ fn fit_logits<B: Backend>(b: &B, rows: usize, s: &mut Scratch<B>) -> Result<()> 
     Ok(())
 }
 
-/// Step 3b of a chained greedy decode (after [`head_norm`] of one row): the logits of the
-/// output rows `row0..row0 + w.rows` stay on the backend, which keeps the largest so far
-/// and, with the vocabulary's last rows, puts the greedy token in `slot`.
-pub fn head_argmax<B: Backend>(
+/// Step 3b of a chained decode (after [`head_norm`] of one row): the logits of the output
+/// rows `row0..row0 + w.rows` stay on the backend, which keeps the largest so far (greedy)
+/// or the best candidates (sampled) and, with the vocabulary's last rows, puts the token
+/// `pick` says in `slot`.
+pub fn head_to_slot<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     w: &Weight,
     row0: usize,
     slot: usize,
+    pick: &crate::sampling::SlotPick,
     s: &mut Scratch<B>,
 ) -> Result<()> {
     let vocab = cfg.n_vocab;
     if row0 + w.rows > vocab {
         return Err(crate::ModelError::Backend(
-            "head_argmax: output rows out of range".into(),
+            "head_to_slot: output rows out of range".into(),
         ));
     }
     fit_logits(b, w.rows, s)?;
     b.copy_rows(&s.head_norm, 0, 1, &mut s.head_in)?;
     b.matmul(1, w, &s.head_in, &mut s.logits)?;
-    b.argmax_to_slot(&s.logits, row0, w.rows, vocab, slot)
+    match pick {
+        crate::sampling::SlotPick::Greedy => b.argmax_to_slot(&s.logits, row0, w.rows, vocab, slot),
+        crate::sampling::SlotPick::Sample(how, r) => {
+            b.sample_to_slot(&s.logits, row0, w.rows, vocab, slot, how, *r)
+        }
+    }
 }
 
 /// The residual stream of the first `n` rows, on the host (hands the hidden state from one

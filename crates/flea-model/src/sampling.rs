@@ -166,62 +166,157 @@ impl Sampler {
         if c.temperature <= 0.0 {
             return argmax(logits) as u32;
         }
-        // Candidates sorted by logit, descending.
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
-        let k = if c.top_k > 0 {
-            c.top_k.min(cand.len())
-        } else {
-            cand.len()
+        let k = if c.top_k > 0 { c.top_k } else { logits.len() };
+        let cand = top_candidates(logits, 0, k);
+        let how = TopKSampling {
+            temperature: c.temperature,
+            top_k: k,
+            top_p: c.top_p,
+            min_p: c.min_p,
         };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(k);
-        }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        let probs = |cand: &[(u32, f32)]| -> Vec<f64> {
-            let m = cand.first().map_or(0.0, |c| c.1) as f64;
-            let e: Vec<f64> = cand.iter().map(|c| (c.1 as f64 - m).exp()).collect();
-            let s: f64 = e.iter().sum();
-            e.into_iter().map(|x| x / s).collect()
-        };
-        if c.top_p < 1.0 {
-            let p = probs(&cand);
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, pi) in p.iter().enumerate() {
-                acc += pi;
-                if acc >= c.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep.max(1));
-        }
-        if c.min_p > 0.0 {
-            let p = probs(&cand);
-            let thr = p.first().copied().unwrap_or(0.0) * c.min_p as f64;
-            let keep = p.iter().take_while(|&&x| x >= thr).count().max(1);
-            cand.truncate(keep);
-        }
-        let t = c.temperature;
-        for x in cand.iter_mut() {
-            x.1 /= t;
-        }
-        let p = probs(&cand);
-        let r = self.rng.next_f64();
+        let r = self.draw();
+        choose_from_top(&cand, &how, r)
+    }
+
+    /// The uniform draw `sample` takes for a token (one per sampled token): a backend that
+    /// samples on the device is handed the same draw.
+    pub fn draw(&mut self) -> f64 {
+        self.rng.next_f64()
+    }
+
+    /// The random state, to put back what a chained decode drew for passes whose tokens
+    /// were never used (`set_rng`).
+    pub fn rng(&self) -> &Rng {
+        &self.rng
+    }
+    pub fn set_rng(&mut self, rng: Rng) {
+        self.rng = rng;
+    }
+}
+
+/// Most candidates a backend's top-k sampling keeps (`Backend::sample_to_slot`; the CUDA
+/// kernel's list lives in shared memory).
+pub const SLOT_TOP_K_MAX: usize = 64;
+
+/// How a chained decode pass picks its token on the backend.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SlotPick {
+    /// The first index of the largest logit.
+    Greedy,
+    /// Top-k sampling with the host's uniform draw for this token.
+    Sample(TopKSampling, f64),
+}
+
+/// Sampling from the `top_k` largest logits with top-p, min-p and temperature, without a
+/// penalty that depends on earlier tokens: what a backend may do on the device
+/// (`Backend::sample_to_slot`) given the host's draw.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopKSampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+}
+
+impl SamplerConfig {
+    /// This configuration as top-k sampling a backend can do on the device: Some when it
+    /// samples (temperature > 0) from at most `max_k` candidates with no repetition penalty.
+    pub fn top_k_sampling(&self, max_k: usize) -> Option<TopKSampling> {
+        let no_penalty = self.repeat_penalty == 1.0 || self.repeat_last_n == 0;
+        (self.temperature > 0.0 && no_penalty && (1..=max_k).contains(&self.top_k)).then_some(
+            TopKSampling {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+            },
+        )
+    }
+}
+
+/// The order candidates are ranked in: larger logit first (`f32::total_cmp`), then the
+/// smaller token id, so ties never depend on how the logits were scanned.
+pub fn candidate_key(id: u32, logit: f32) -> u64 {
+    let bits = logit.to_bits();
+    // total_cmp's order as an unsigned integer: negative values reversed below the positive.
+    let ordered = if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(ordered) << 32) | u64::from(u32::MAX - id)
+}
+
+/// The `k` best of `logits` (ids from `id0`), best first in [`candidate_key`]'s order.
+pub fn top_candidates(logits: &[f32], id0: u32, k: usize) -> Vec<(u32, f32)> {
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (id0.wrapping_add(i as u32), l))
+        .collect();
+    merge_top_candidates(&mut cand, k);
+    cand
+}
+
+/// Keep the `k` best of `cand` (any order), best first.
+pub fn merge_top_candidates(cand: &mut Vec<(u32, f32)>, k: usize) {
+    let by_key =
+        |a: &(u32, f32), b: &(u32, f32)| candidate_key(b.0, b.1).cmp(&candidate_key(a.0, a.1));
+    if k == 0 {
+        cand.clear();
+        return;
+    }
+    if k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, by_key);
+        cand.truncate(k);
+    }
+    cand.sort_unstable_by(by_key);
+}
+
+/// Softmax of the candidates' logits in f64, from the first (the largest).
+fn probs(logits: impl Iterator<Item = f32> + Clone) -> Vec<f64> {
+    let mut it = logits.clone();
+    let m = it.next().map_or(0.0, f64::from);
+    let e: Vec<f64> = logits.map(|l| (f64::from(l) - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+/// The token `sample` picks from the ranked candidates `cand` (best first) with the uniform
+/// draw `r`: top-p, then min-p, then temperature, in llama.cpp's order. A device sampler
+/// repeats this arithmetic exactly (kernels.cu `topk_slot`).
+pub fn choose_from_top(cand: &[(u32, f32)], how: &TopKSampling, r: f64) -> u32 {
+    let mut n = cand.len();
+    let logits = |n: usize| cand[..n].iter().map(|c| c.1);
+    if how.top_p < 1.0 {
+        let p = probs(logits(n));
         let mut acc = 0.0;
+        let mut keep = n;
         for (i, pi) in p.iter().enumerate() {
             acc += pi;
-            if r < acc {
-                return cand[i].0;
+            if acc >= f64::from(how.top_p) {
+                keep = i + 1;
+                break;
             }
         }
-        cand.last().map_or(0, |c| c.0)
+        n = keep.max(1).min(n);
     }
+    if how.min_p > 0.0 {
+        let p = probs(logits(n));
+        let thr = p.first().copied().unwrap_or(0.0) * f64::from(how.min_p);
+        let keep = p.iter().take_while(|&&x| x >= thr).count().max(1);
+        n = keep.min(n);
+    }
+    let t = how.temperature;
+    let p = probs(logits(n).map(|l| l / t));
+    let mut acc = 0.0;
+    for (i, pi) in p.iter().enumerate() {
+        acc += pi;
+        if r < acc {
+            return cand[i].0;
+        }
+    }
+    cand[..n].last().map_or(0, |c| c.0)
 }
 
 #[cfg(test)]
@@ -265,6 +360,51 @@ mod tests {
             assert_eq!(argmax(c), scan(c), "{c:?}");
         }
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn candidates_rank_by_total_cmp_then_the_lower_id() {
+        let xs = [
+            1.0,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            1.0,
+            -2.5,
+            f32::NAN,
+            1.0,
+            0.0,
+            -f32::NAN,
+        ];
+        let mut want: Vec<(u32, f32)> =
+            xs.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let bits = |c: &[(u32, f32)]| c.iter().map(|&(i, v)| (i, v.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&top_candidates(&xs, 0, xs.len())), bits(&want));
+        assert_eq!(bits(&top_candidates(&xs, 0, 4)), bits(&want[..4]));
+        // Chunks merged in any order give the same list, ids offset by each chunk's start.
+        let mut merged = top_candidates(&xs[5..], 5, 3);
+        merged.extend(top_candidates(&xs[..5], 0, 3));
+        merge_top_candidates(&mut merged, 3);
+        assert_eq!(bits(&merged), bits(&want[..3]));
+    }
+
+    #[test]
+    fn top_k_sampling_only_where_a_backend_can_sample() {
+        let base = SamplerConfig::default();
+        assert!(base.top_k_sampling(64).is_some());
+        assert!(base.top_k_sampling(39).is_none());
+        assert!(SamplerConfig::greedy().top_k_sampling(64).is_none());
+        let all = SamplerConfig {
+            top_k: 0,
+            ..base.clone()
+        };
+        assert!(all.top_k_sampling(64).is_none());
+        let penalty = SamplerConfig {
+            repeat_penalty: 1.1,
+            ..base
+        };
+        assert!(penalty.top_k_sampling(64).is_none());
     }
 
     #[test]

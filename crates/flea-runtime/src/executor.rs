@@ -20,6 +20,7 @@ use crate::{Result, RuntimeError};
 use flea_io::{AlignedBuf, IoOptions, RangeReader};
 use flea_model::backend::{Backend, KvShape, Row, UnitStaging, UnitWeight};
 use flea_model::forward::{self, HeadWeights, Logits, Scratch};
+use flea_model::sampling::{Sampler, SlotPick};
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Model};
 use std::ops::Range;
@@ -910,11 +911,54 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         max: usize,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<usize> {
+        self.decode_chained(first, max, None, on_token)
+    }
+
+    /// As [`Self::decode_greedy`], each token sampled on the backend as `sampler` would
+    /// sample it on the host (top-k sampling without a repetition penalty, at most
+    /// `Backend::slot_top_k_max` candidates): the host draws each pass's uniform number
+    /// when it queues the pass, and puts back the draws of passes queued past the stop, so
+    /// the sampler continues as if it had sampled exactly the tokens delivered.
+    pub fn decode_sampled(
+        &mut self,
+        first: u32,
+        max: usize,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        self.decode_chained(first, max, Some(sampler), on_token)
+    }
+
+    /// Whether `sampler` can sample on the backend in a chained decode.
+    pub fn samples_on_backend(&self, sampler: &Sampler) -> bool {
+        let max_k = self.backend.slot_top_k_max();
+        sampler.cfg.is_plain_greedy() || sampler.cfg.top_k_sampling(max_k).is_some()
+    }
+
+    fn decode_chained(
+        &mut self,
+        first: u32,
+        max: usize,
+        mut sampler: Option<&mut Sampler>,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
         if !self.prepare_chain()? {
             return Err(RuntimeError::Input(
-                "greedy decode cannot be chained on this plan".into(),
+                "decode cannot be chained on this plan".into(),
             ));
         }
+        let max_k = self.backend.slot_top_k_max();
+        let how = match sampler.as_deref() {
+            None => None,
+            Some(s) if s.cfg.is_plain_greedy() => None,
+            Some(s) => Some(s.cfg.top_k_sampling(max_k).ok_or_else(|| {
+                RuntimeError::Input(format!(
+                    "this sampling cannot run on the backend (top-k {} of at most {max_k}, \
+                     repetition penalty {})",
+                    s.cfg.top_k, s.cfg.repeat_penalty
+                ))
+            })?),
+        };
         self.check_not_poisoned()?;
         if self.pos + max > self.n_ctx {
             return Err(RuntimeError::Input(format!(
@@ -928,6 +972,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         debug_assert!(slots >= CHAIN_AHEAD);
         let pos0 = self.pos;
         let (mut queued, mut delivered) = (0usize, 0usize);
+        // The sampler's random state before each queued, undelivered pass drew (sampled).
+        let mut rng_before = std::collections::VecDeque::with_capacity(CHAIN_AHEAD);
         let result: Result<()> = (|| {
             while delivered < max {
                 while queued < max && queued < delivered + CHAIN_AHEAD {
@@ -935,15 +981,23 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         0 => PassInput::Tokens(std::slice::from_ref(&first)),
                         k => PassInput::Slot((k - 1) % slots),
                     };
+                    let pick = match (how, sampler.as_deref_mut()) {
+                        (Some(how), Some(s)) => {
+                            rng_before.push_back(s.rng().clone());
+                            SlotPick::Sample(how, s.draw())
+                        }
+                        _ => SlotPick::Greedy,
+                    };
                     let rows = Row::consecutive(0, pos0 + queued, 1);
                     // The first passes run as usual: they size the backend's scratch, which
                     // a recorded pass may not grow.
                     let record = queued >= RECORD_AFTER_PASSES;
-                    self.chained_pass(input, &rows, queued % slots, record)?;
+                    self.chained_pass(input, &rows, queued % slots, pick, record)?;
                     queued += 1;
                 }
                 let token = self.backend.slot_token(delivered % slots)?;
                 delivered += 1;
+                rng_before.pop_front();
                 if !on_token(token) {
                     break;
                 }
@@ -963,6 +1017,10 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             // its work counts against the decode that queued it.
             self.rewind(self.pos);
             self.backend.wait_idle()?;
+            // Its draw too: the sampler goes on as if it had sampled the delivered tokens.
+            if let (Some(rng), Some(s)) = (rng_before.pop_front(), sampler) {
+                s.set_rng(rng);
+            }
         }
         Ok(delivered)
     }
@@ -975,19 +1033,20 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         input: PassInput,
         rows: &[Row],
         slot: usize,
+        pick: SlotPick,
         record: bool,
     ) -> Result<()> {
         let b = self.backend;
         if record && b.begin_pass_recording()? {
             let stats = self.stats.clone();
-            let recorded = self.pass(input, rows, Want::Slot(slot));
+            let recorded = self.pass(input, rows, Want::Slot(slot, pick));
             if b.end_pass_recording(recorded.is_ok())? {
                 return recorded.map(drop);
             }
             // Nothing of it ran: count it once, when it does.
             self.stats = stats;
         }
-        self.pass(input, rows, Want::Slot(slot)).map(drop)
+        self.pass(input, rows, Want::Slot(slot, pick)).map(drop)
     }
 
     fn place_chain_table(&mut self) -> Result<ChainTable> {
@@ -1364,12 +1423,12 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                                     forward::head_norm(b, cfg, &norm, n, which, sc)?
                                 }
                                 Want::Rows(r) => forward::head_norm_rows(b, cfg, &norm, n, r, sc)?,
-                                Want::Slot(_) => {
+                                Want::Slot(..) => {
                                     forward::head_norm(b, cfg, &norm, n, Logits::Last, sc)?
                                 }
                                 Want::Nothing => 0,
                             };
-                            if !matches!(want, Want::Slot(_)) {
+                            if !matches!(want, Want::Slot(..)) {
                                 logits = vec![0.0f32; rows * cfg.n_vocab];
                             }
                         }
@@ -1380,8 +1439,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                             cols: out.cols,
                             data: bytes,
                         };
-                        if let Want::Slot(slot) = want {
-                            forward::head_argmax(b, cfg, &w, start, slot, &mut self.scratch)?;
+                        if let Want::Slot(slot, pick) = want {
+                            let sc = &mut self.scratch;
+                            forward::head_to_slot(b, cfg, &w, start, slot, &pick, sc)?;
                         } else {
                             forward::head_project(
                                 b,
@@ -1552,8 +1612,8 @@ enum Want<'a> {
     Which(Logits),
     /// These rows' (several sequences).
     Rows(&'a [usize]),
-    /// None on the host: the backend keeps the last row's greedy token in this slot.
-    Slot(usize),
+    /// None on the host: the backend picks the last row's token into this slot.
+    Slot(usize, SlotPick),
 }
 
 /// Where a pass's tokens come from.

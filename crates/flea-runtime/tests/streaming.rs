@@ -374,3 +374,106 @@ fn chained_greedy_decode_yields_the_host_loops_tokens_and_stops_cleanly() {
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
+
+/// Top-k sampling as `flea run` does it by default, but with a seed of the test's.
+fn sampling_config(seed: u64) -> flea_model::SamplerConfig {
+    flea_model::SamplerConfig {
+        temperature: 0.9,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        seed,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn chained_sampled_decode_draws_as_the_host_sampler_and_resumes_where_it_stopped() {
+    use flea_model::Sampler;
+    use flea_synth::Preset;
+    for (preset, name) in [
+        (Preset::Tiny, "chains-llama"),
+        (Preset::TinyGemma3, "chains-gemma3"),
+    ] {
+        let path = synthetic(preset, name);
+        let model = Model::load(&path).unwrap();
+        let backend = CpuBackend::new(2).unwrap();
+        let prompt = model.tokenizer.encode("one two three four", true, true);
+        let (n_ctx, batch, n) = (96, 8, 16);
+        let open = || {
+            let plan = Plan::build(&model, &request(1 << 30, 0, n_ctx, batch, None)).unwrap();
+            let io = IoOptions::default();
+            StreamedModel::new(&model, &backend, plan, &path, &io, n_ctx, batch).unwrap()
+        };
+        for seed in [7, 8] {
+            let cfg = sampling_config(seed);
+            // The host loop: logits back, sampled on the host.
+            let mut s = open();
+            let mut sampler = Sampler::new(cfg.clone());
+            let mut logits = s.eval(&prompt, Logits::Last).unwrap();
+            let mut want = Vec::new();
+            for _ in 0..=n {
+                let t = sampler.sample(&mut logits);
+                want.push(t);
+                logits = s.eval(&[t], Logits::Last).unwrap();
+            }
+            assert!(
+                want.iter().collect::<std::collections::HashSet<_>>().len() > 3,
+                "{name}: the draws should matter ({want:?})"
+            );
+
+            // Chained: the same sampler's draws, the token picked by the backend.
+            let mut s = open();
+            let mut sampler = Sampler::new(cfg.clone());
+            assert!(s.prepare_chain().unwrap() && s.samples_on_backend(&sampler));
+            let mut logits = s.eval(&prompt, Logits::Last).unwrap();
+            let first = sampler.sample(&mut logits);
+            let mut got = vec![first];
+            let passes = s
+                .decode_sampled(first, n, &mut sampler, &mut |t| {
+                    got.push(t);
+                    true
+                })
+                .unwrap();
+            assert_eq!(passes, n, "{name}");
+            assert_eq!(got, want, "{name} seed {seed}: chained sampling differs");
+
+            // Stopped after 5 tokens with a pass queued past the stop: its draw is put
+            // back, so a host step and a second chained run continue the host's sequence.
+            let mut s = open();
+            let mut sampler = Sampler::new(cfg.clone());
+            let mut logits = s.eval(&prompt, Logits::Last).unwrap();
+            let first = sampler.sample(&mut logits);
+            let mut got = vec![first];
+            s.decode_sampled(first, n, &mut sampler, &mut |t| {
+                got.push(t);
+                got.len() < 5
+            })
+            .unwrap();
+            let mut logits = s.eval(&[got[4]], Logits::Last).unwrap();
+            got.push(sampler.sample(&mut logits));
+            let (last, rest) = (got[got.len() - 1], n + 1 - got.len());
+            s.decode_sampled(last, rest, &mut sampler, &mut |t| {
+                got.push(t);
+                true
+            })
+            .unwrap();
+            assert_eq!(
+                got, want,
+                "{name} seed {seed}: stop and resume changed the draws"
+            );
+        }
+
+        // Sampling a backend cannot do (every candidate): not chained, and an error if asked.
+        let all = flea_model::SamplerConfig {
+            top_k: 0,
+            ..sampling_config(1)
+        };
+        let mut s = open();
+        let mut sampler = Sampler::new(all);
+        assert!(!s.samples_on_backend(&sampler));
+        s.eval(&prompt, Logits::Last).unwrap();
+        assert!(s.decode_sampled(1, 2, &mut sampler, &mut |_| true).is_err());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
