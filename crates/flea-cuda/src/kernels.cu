@@ -474,12 +474,19 @@ extern "C" __global__ void __launch_bounds__(1024)
 // host is the reference). Each logit becomes the same 64-bit key as argmax_slot's but without
 // folding -0 into +0 (the host ranks by f32::total_cmp, then the lower id): all keys differ.
 // cands[0..64) holds the best keys so far across the chunks of one token, best first, and
-// cands[64] their count. A tile of 1024 logits adds nothing unless one beats the k-th best;
-// then the list and the tile's winners are ranked (each counts the keys above it) and the k
-// best kept in order. The last chunk's thread 0 repeats the host's arithmetic in double
-// precision (exp of the differences to the best, sums in order): top-p, min-p, temperature,
-// then the host's uniform draw r picks the token.
+// cands[64] their count.
+//
+// A chunk goes in batches of TOPK_BATCH keys a thread. A batch's bar is the lowest of the
+// 64 keys that are the two best of each warp's share (so at least 64 keys of the batch reach
+// it: no key below it can be among the k best) and, once the list is full, its k-th key.
+// Keys at the bar or above go to a pool with the list; each pooled key counts the keys above
+// it, and the k best land in order. A pool that would overflow (keys nearly all alike) is
+// taken one tile of the batch at a time instead. The last chunk then repeats the host's
+// arithmetic in double precision (exp of the differences to the best, sums in order, the
+// divisions spread over threads): top-p, min-p, temperature, and the host's uniform draw r.
 #define TOPK_SLOT_MAX 64
+#define TOPK_BATCH 8
+#define TOPK_POOL 2048
 __device__ __forceinline__ unsigned long long topk_key(float v, unsigned int id) {
     unsigned int u = __float_as_uint(v);
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -489,46 +496,101 @@ __device__ __forceinline__ float topk_logit(unsigned long long key) {
     unsigned int u = (unsigned int)(key >> 32);
     return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
+// Merge the pool (pool[0..pool_n), the list's keys first) into list[0..k): every thread ranks
+// its pooled keys against all of them. Ends with a barrier.
+__device__ __forceinline__ void topk_rank(unsigned long long* list, const unsigned long long* pool,
+                                          int m, int k, int* list_n) {
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+        const unsigned long long v = pool[j];
+        int rank = 0;
+        for (int q = 0; q < m; q++) rank += pool[q] > v;
+        if (rank < k) list[rank] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *list_n = min(m, k);
+    __syncthreads();
+}
 extern "C" __global__ void __launch_bounds__(1024)
     topk_slot(const float* __restrict__ x, int width, int col0, unsigned long long* cands,
               int k, int first, int last, float temp, float top_p, float min_p, double r,
               int* tok_dev, volatile int* tok_host) {
     pdl_enter();
     __shared__ unsigned long long list[TOPK_SLOT_MAX];
-    __shared__ unsigned long long pool[1024 + TOPK_SLOT_MAX];
+    __shared__ unsigned long long pool[TOPK_POOL];
+    __shared__ unsigned long long warp_second[32];
     __shared__ int list_n, pool_n;
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     if (k < 1) k = 1;
     if (k > TOPK_SLOT_MAX) k = TOPK_SLOT_MAX;
     if (tid == 0) list_n = first ? 0 : min((int)cands[TOPK_SLOT_MAX], k);
     __syncthreads();
     if (tid < list_n) list[tid] = cands[tid];
     __syncthreads();
-    for (int base = 0; base < width; base += blockDim.x) {
-        const int i = base + tid;
-        unsigned long long key = 0ull;
-        bool hit = false;
-        if (i < width) {
-            key = topk_key(x[i], (unsigned int)(col0 + i));
-            hit = list_n < k || key > list[k - 1];
+    for (int base = 0; base < width; base += TOPK_BATCH * blockDim.x) {
+        unsigned long long keys[TOPK_BATCH];
+        unsigned long long b1 = 0ull, b2 = 0ull;  // this thread's two best (0: none)
+#pragma unroll
+        for (int u = 0; u < TOPK_BATCH; u++) {
+            const int i = base + u * blockDim.x + tid;
+            keys[u] = i < width ? topk_key(x[i], (unsigned int)(col0 + i)) : 0ull;
+            const unsigned long long v = keys[u];
+            if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
         }
-        if (__syncthreads_count(hit) == 0) continue;
-        const int held = list_n;
-        if (tid < held) pool[tid] = list[tid];
-        if (tid == 0) pool_n = held;
+        // The warp's two best.
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long o1 = __shfl_xor_sync(0xffffffff, b1, o);
+            const unsigned long long o2 = __shfl_xor_sync(0xffffffff, b2, o);
+            const unsigned long long hi = b1 > o1 ? b1 : o1, lo = b1 > o1 ? o1 : b1;
+            const unsigned long long sec = b1 > o1 ? (b2 > o1 ? b2 : o1) : (o2 > b1 ? o2 : b1);
+            b1 = hi;
+            b2 = sec;
+            (void)lo;
+        }
+        if (lane == 0) warp_second[warp] = b2;
+        if (tid == 0) pool_n = list_n;
         __syncthreads();
-        if (hit) pool[atomicAdd(&pool_n, 1)] = key;
+        // The bar: the lowest warp's second best (every warp's two best are at or above it);
+        // a key of 0 (no such key) makes every present key pass.
+        unsigned long long bar = ~0ull;
+        for (int w = 0; w < warps; w++) bar = min(bar, warp_second[w]);
+        if (warps * 2 < k) bar = 0ull;
+        const int held = list_n;
+        const bool full = held >= k;
+        const unsigned long long kth = full ? list[k - 1] : 0ull;
+        int mine = 0;
+#pragma unroll
+        for (int u = 0; u < TOPK_BATCH; u++)
+            mine += keys[u] != 0ull && keys[u] >= bar && (!full || keys[u] > kth);
+        const int hits = __syncthreads_count(mine > 0) > 0 ? 1 : 0;
+        if (!hits) continue;
+        if (tid < held) pool[tid] = list[tid];
+        int at = mine ? atomicAdd(&pool_n, mine) : 0;
         __syncthreads();
         const int m = pool_n;
-        for (int j = tid; j < m; j += blockDim.x) {
-            const unsigned long long v = pool[j];
-            int rank = 0;
-            for (int q = 0; q < m; q++) rank += pool[q] > v;
-            if (rank < k) list[rank] = v;
+        if (m <= TOPK_POOL) {
+#pragma unroll
+            for (int u = 0; u < TOPK_BATCH; u++)
+                if (keys[u] != 0ull && keys[u] >= bar && (!full || keys[u] > kth)) pool[at++] = keys[u];
+            __syncthreads();
+            topk_rank(list, pool, m, k, &list_n);
+            continue;
         }
+        // Too many alike: one tile at a time (each adds at most blockDim.x keys).
         __syncthreads();
-        if (tid == 0) list_n = min(m, k);
-        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < TOPK_BATCH; u++) {
+            const unsigned long long key = keys[u];
+            const bool hit = key != 0ull && (list_n < k || key > list[k - 1]);
+            if (__syncthreads_count(hit) == 0) continue;
+            const int h = list_n;
+            if (tid < h) pool[tid] = list[tid];
+            if (tid == 0) pool_n = h;
+            __syncthreads();
+            if (hit) pool[atomicAdd(&pool_n, 1)] = key;
+            __syncthreads();
+            topk_rank(list, pool, pool_n, k, &list_n);
+        }
     }
     const int n = list_n;
     if (!last) {
@@ -536,47 +598,64 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (tid == 0) cands[TOPK_SLOT_MAX] = (unsigned long long)n;
         return;
     }
-    __shared__ double e_raw[TOPK_SLOT_MAX], e_hot[TOPK_SLOT_MAX];
+    // The host's choose_from_top: e_raw for top-p and min-p, e_hot for the draw; each step's
+    // sum by thread 0 in order, its divisions by the candidates' threads.
+    __shared__ double e_raw[TOPK_SLOT_MAX], e_hot[TOPK_SLOT_MAX], p[TOPK_SLOT_MAX];
+    __shared__ double sum;
+    __shared__ int nn;
     if (tid < n) {
         const float l = topk_logit(list[tid]), l0 = topk_logit(list[0]);
         e_raw[tid] = exp((double)l - (double)l0);
         e_hot[tid] = exp((double)(l / temp) - (double)(l0 / temp));
     }
+    if (tid == 0) nn = n;
     __syncthreads();
-    if (tid != 0) return;
-    int t = 0;
-    if (n > 0) {
-        int nn = n;
-        if (top_p < 1.0f) {
-            double s = 0.0, acc = 0.0;
-            for (int j = 0; j < nn; j++) s += e_raw[j];
-            int keep = nn;
-            for (int j = 0; j < nn; j++) {
-                acc += e_raw[j] / s;
-                if (acc >= (double)top_p) { keep = j + 1; break; }
-            }
-            nn = keep;
-        }
-        if (min_p > 0.0f) {
+    for (int step = 0; step < 3; step++) {
+        const double* e = step == 2 ? e_hot : e_raw;
+        const bool wanted = step == 0 ? top_p < 1.0f : step == 1 ? min_p > 0.0f : true;
+        if (!wanted || n == 0) continue;  // uniform: kernel arguments
+        if (tid == 0) {
             double s = 0.0;
-            for (int j = 0; j < nn; j++) s += e_raw[j];
-            const double thr = (e_raw[0] / s) * (double)min_p;
-            int keep = 0;
-            while (keep < nn && e_raw[keep] / s >= thr) keep++;
-            nn = keep > 0 ? keep : 1;
+            for (int j = 0; j < nn; j++) s += e[j];
+            sum = s;
         }
-        double s = 0.0, acc = 0.0;
-        for (int j = 0; j < nn; j++) s += e_hot[j];
-        int pick = nn - 1;
-        for (int j = 0; j < nn; j++) {
-            acc += e_hot[j] / s;
-            if (r < acc) { pick = j; break; }
+        __syncthreads();
+        if (tid < nn) p[tid] = e[tid] / sum;
+        __syncthreads();
+        if (tid == 0) {
+            if (step == 0) {
+                double acc = 0.0;
+                int keep = nn;
+                for (int j = 0; j < nn; j++) {
+                    acc += p[j];
+                    if (acc >= (double)top_p) { keep = j + 1; break; }
+                }
+                nn = keep;
+            } else if (step == 1) {
+                const double thr = p[0] * (double)min_p;
+                int keep = 0;
+                while (keep < nn && p[keep] >= thr) keep++;
+                nn = keep > 0 ? keep : 1;
+            } else {
+                double acc = 0.0;
+                int pick = nn - 1;
+                for (int j = 0; j < nn; j++) {
+                    acc += p[j];
+                    if (r < acc) { pick = j; break; }
+                }
+                const int t = (int)~(unsigned int)(list[pick] & 0xffffffffull);
+                *tok_dev = t;
+                *tok_host = t;
+                __threadfence_system();
+            }
         }
-        t = (int)~(unsigned int)(list[pick] & 0xffffffffull);
+        __syncthreads();
     }
-    *tok_dev = t;
-    *tok_host = t;
-    __threadfence_system();
+    if (tid == 0 && n == 0) {
+        *tok_dev = 0;
+        *tok_host = 0;
+        __threadfence_system();
+    }
 }
 
 extern "C" __global__ void act_round(const float* __restrict__ x, float* __restrict__ yf,
