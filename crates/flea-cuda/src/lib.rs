@@ -1152,83 +1152,6 @@ impl CudaBackend {
         self.repacked.lock().is_ok_and(|r| r.contains(&wp))
     }
 
-    /// `argmax_slot` (greedy) or `topk_slot` (sampled) over one chunk of a token's logits
-    /// (Backend::argmax_to_slot, Backend::sample_to_slot); the last chunk marks the slot.
-    fn pick_to_slot(
-        &self,
-        logits: &CudaAct,
-        col0: usize,
-        width: usize,
-        n_vocab: usize,
-        slot: usize,
-        pick: &flea_model::sampling::SlotPick,
-    ) -> Result<()> {
-        use flea_model::sampling::SlotPick;
-        check_rows(logits, 1, "pick_to_slot")?;
-        if width == 0
-            || width > logits.width
-            || col0 + width > n_vocab
-            || slot >= chain::TOKEN_SLOTS
-        {
-            return Err(be(format!(
-                "pick_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab} from a row of {}",
-                logits.width
-            )));
-        }
-        let last = col0 + width == n_vocab;
-        let mut guard = self
-            .token_slots
-            .lock()
-            .map_err(|_| be("token slots lock poisoned"))?;
-        if guard.is_none() {
-            *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
-        }
-        let ts = guard.as_ref().ok_or_else(|| be("no token slots"))?;
-        let xp = logits.ptr;
-        let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
-        let tok_host = ts.host_dev_ptr(slot);
-        let (w, c0) = (width as i32, col0 as i32);
-        let (first, last_i) = (i32::from(col0 == 0), i32::from(last));
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        match *pick {
-            SlotPick::Greedy => {
-                let best = dptr(&ts.best, &self.stream);
-                launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
-            }
-            SlotPick::Sample(how, r) => {
-                if !(1..=chain::TOP_K_MAX).contains(&how.top_k) {
-                    return Err(be(format!(
-                        "sample_to_slot: top-k {} (1 to {})",
-                        how.top_k,
-                        chain::TOP_K_MAX
-                    )));
-                }
-                let cands = dptr(&ts.candidates, &self.stream);
-                let k = how.top_k as i32;
-                let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
-                launch!(self, "topk_slot", cfg;
-                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host)?;
-            }
-        }
-        if last {
-            if let Some(g) = &self.gaps {
-                g.pass_end(&self.ctx, &self.stream).map_err(be)?;
-            }
-            let mut graphs = self.lock_pass_graphs()?;
-            if graphs.recording() {
-                // Marked after the graph's launch (end_pass_recording).
-                graphs.marks.push(slot);
-            } else {
-                ts.mark_written(slot, &self.stream).map_err(be)?;
-            }
-        }
-        Ok(())
-    }
-
     fn lock_pass_graphs(&self) -> Result<std::sync::MutexGuard<'_, graph::PassGraphs>> {
         self.pass_graphs
             .lock()
@@ -1780,7 +1703,7 @@ impl CudaBackend {
         Ok((theta_scale, neox, self.upload_rows(RowBuf::Pos, &pos)?))
     }
 
-    /// `f` on the token slots of a chained decode, which `argmax_to_slot` made.
+    /// `f` on the token slots of a chained decode, which `pick_to_slot` made.
     fn with_token_slots<R>(
         &self,
         what: &str,
@@ -2763,34 +2686,85 @@ impl Backend for CudaBackend {
         chain::TOKEN_SLOTS
     }
 
-    fn argmax_to_slot(
-        &self,
-        logits: &CudaAct,
-        col0: usize,
-        width: usize,
-        n_vocab: usize,
-        slot: usize,
-    ) -> Result<()> {
-        let pick = flea_model::sampling::SlotPick::Greedy;
-        self.pick_to_slot(logits, col0, width, n_vocab, slot, &pick)
-    }
-
     fn slot_top_k_max(&self) -> usize {
         chain::TOP_K_MAX
     }
 
-    fn sample_to_slot(
+    // `argmax_slot` (greedy) or `topk_slot` (sampled) over one chunk of a token's logits;
+    // the last chunk marks the slot.
+    fn pick_to_slot(
         &self,
         logits: &CudaAct,
         col0: usize,
         width: usize,
         n_vocab: usize,
         slot: usize,
-        how: &flea_model::sampling::TopKSampling,
-        r: f64,
+        pick: &flea_model::sampling::SlotPick,
     ) -> Result<()> {
-        let pick = flea_model::sampling::SlotPick::Sample(*how, r);
-        self.pick_to_slot(logits, col0, width, n_vocab, slot, &pick)
+        use flea_model::sampling::SlotPick;
+        check_rows(logits, 1, "pick_to_slot")?;
+        if width == 0
+            || width > logits.width
+            || col0 + width > n_vocab
+            || slot >= chain::TOKEN_SLOTS
+        {
+            return Err(be(format!(
+                "pick_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab} from a row of {}",
+                logits.width
+            )));
+        }
+        let last = col0 + width == n_vocab;
+        let mut guard = self
+            .token_slots
+            .lock()
+            .map_err(|_| be("token slots lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
+        }
+        let ts = guard.as_ref().ok_or_else(|| be("no token slots"))?;
+        let xp = logits.ptr;
+        let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
+        let tok_host = ts.host_dev_ptr(slot);
+        let (w, c0) = (width as i32, col0 as i32);
+        let (first, last_i) = (i32::from(col0 == 0), i32::from(last));
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match *pick {
+            SlotPick::Greedy => {
+                let best = dptr(&ts.best, &self.stream);
+                launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
+            }
+            SlotPick::Sample(how, r) => {
+                if !(1..=chain::TOP_K_MAX).contains(&how.top_k) {
+                    return Err(be(format!(
+                        "pick_to_slot: top-k {} (1 to {})",
+                        how.top_k,
+                        chain::TOP_K_MAX
+                    )));
+                }
+                let cands = dptr(&ts.candidates, &self.stream);
+                let k = how.top_k as i32;
+                let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
+                launch!(self, "topk_slot", cfg;
+                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host)?;
+            }
+        }
+        if last {
+            if let Some(g) = &self.gaps {
+                g.pass_end(&self.ctx, &self.stream).map_err(be)?;
+            }
+            let mut graphs = self.lock_pass_graphs()?;
+            if graphs.recording() {
+                // Marked after the graph's launch (end_pass_recording).
+                graphs.marks.push(slot);
+            } else {
+                ts.mark_written(slot, &self.stream).map_err(be)?;
+            }
+        }
+        Ok(())
     }
 
     fn embed_from_slot(

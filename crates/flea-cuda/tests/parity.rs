@@ -758,12 +758,12 @@ fn gemm_warm_up_changes_nothing() {
     );
 }
 
-/// Greedy sampling on the device (`argmax_to_slot`, then `slot_token`) against the CPU
+/// Greedy sampling on the device (`pick_to_slot`, then `slot_token`) against the CPU
 /// backend's and the host's `argmax`: ties (the first index), NaNs and -inf (never win),
 /// nothing above -inf (0), -0 beside +0, and the vocabulary in one call or in chunks.
 #[test]
 fn sample_to_slot_matches_the_host_sampler() {
-    use flea_model::sampling::{choose_from_top, top_candidates, TopKSampling};
+    use flea_model::sampling::{choose_from_top, top_candidates, SlotPick, TopKSampling};
     use flea_model::Backend;
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(2).unwrap();
@@ -838,11 +838,18 @@ fn sample_to_slot_matches_the_host_sampler() {
                         let col0 = k * chunk;
                         let mut a = cuda.alloc_act(1, part.len()).unwrap();
                         cuda.write(part, &mut a).unwrap();
-                        cuda.sample_to_slot(&a, col0, part.len(), n, slot, how, r)
-                            .unwrap();
+                        cuda.pick_to_slot(
+                            &a,
+                            col0,
+                            part.len(),
+                            n,
+                            slot,
+                            &SlotPick::Sample(*how, r),
+                        )
+                        .unwrap();
                         let mut c = cpu.alloc_act(1, part.len()).unwrap();
                         cpu.write(part, &mut c).unwrap();
-                        cpu.sample_to_slot(&c, col0, part.len(), n, slot, how, r)
+                        cpu.pick_to_slot(&c, col0, part.len(), n, slot, &SlotPick::Sample(*how, r))
                             .unwrap();
                     }
                     let got = (
@@ -869,6 +876,7 @@ fn sample_to_slot_matches_the_host_sampler() {
 
 #[test]
 fn argmax_to_slot_matches_the_host() {
+    use flea_model::sampling::SlotPick;
     use flea_model::Backend;
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(2).unwrap();
@@ -918,12 +926,12 @@ fn argmax_to_slot_matches_the_host() {
                     if name == "cuda" {
                         let mut a = cuda.alloc_act(1, part.len()).unwrap();
                         cuda.write(part, &mut a).unwrap();
-                        cuda.argmax_to_slot(&a, col0, part.len(), vocab, slot)
+                        cuda.pick_to_slot(&a, col0, part.len(), vocab, slot, &SlotPick::Greedy)
                             .unwrap();
                     } else {
                         let mut a = cpu.alloc_act(1, part.len()).unwrap();
                         cpu.write(part, &mut a).unwrap();
-                        cpu.argmax_to_slot(&a, col0, part.len(), vocab, slot)
+                        cpu.pick_to_slot(&a, col0, part.len(), vocab, slot, &SlotPick::Greedy)
                             .unwrap();
                     }
                 }

@@ -294,53 +294,38 @@ pub trait Backend {
     /// Host values into the first rows of `x` (`data.len()` a multiple of its width).
     fn write(&self, data: &[f32], x: &mut Self::Act) -> Result<()>;
 
-    /// Greedy decode chained on the backend: how many token slots it keeps (0: none; the
-    /// host then samples every token from logits it reads back). A slot holds a token that
-    /// [`Backend::argmax_to_slot`] chose and [`Backend::embed_from_slot`] embeds without the
+    /// Decode chained on the backend: how many token slots it keeps (0: none; the host then
+    /// samples every token from logits it reads back). A slot holds a token that
+    /// [`Backend::pick_to_slot`] chose and [`Backend::embed_from_slot`] embeds without the
     /// host in between, so the next token's pass can be queued before the host has seen
     /// this one (a GPU then never idles between decode tokens).
     fn token_slots(&self) -> usize {
         0
     }
-    /// Greedy sampling on the backend: `logits` row 0 holds the logits `col0..col0 + width`
-    /// of a vocabulary of `n_vocab`; the calls of one token come in order (`col0` 0 first,
-    /// the last ending at `n_vocab`) and the largest so far is kept between them; the last
-    /// puts the first index of the largest (NaNs and -inf never win, as
-    /// [`crate::sampling::argmax`]) in `slot` and starts its way to the host.
-    fn argmax_to_slot(
-        &self,
-        _logits: &Self::Act,
-        _col0: usize,
-        _width: usize,
-        _n_vocab: usize,
-        _slot: usize,
-    ) -> Result<()> {
-        Err(crate::ModelError::Backend(
-            "this backend keeps no token slots".into(),
-        ))
-    }
-    /// Most candidates [`Backend::sample_to_slot`] keeps (0: it does not sample; chained
-    /// decode then takes greedy tokens only).
+    /// Most candidates [`Backend::pick_to_slot`] keeps for top-k sampling (0: it does not
+    /// sample; chained decode then takes greedy tokens only).
     fn slot_top_k_max(&self) -> usize {
         0
     }
-    /// Top-k sampling on the backend: as [`Backend::argmax_to_slot`] (chunks of one token's
-    /// logits in order), keeping the `how.top_k` best logits so far in
-    /// [`crate::sampling::candidate_key`]'s order; the last chunk puts the token
-    /// [`crate::sampling::choose_from_top`] picks with the host's draw `r` in `slot`.
-    #[allow(clippy::too_many_arguments)] // argmax_to_slot's, and how to sample
-    fn sample_to_slot(
+    /// A token chosen on the backend: `logits` row 0 holds the logits `col0..col0 + width`
+    /// of a vocabulary of `n_vocab`; the calls of one token come in order (`col0` 0 first,
+    /// the last ending at `n_vocab`) and what `pick` needs is kept between them — the
+    /// largest so far (greedy), or the `top_k` best in [`crate::sampling::candidate_key`]'s
+    /// order (sampled). The last call puts the token in `slot` and starts its way to the
+    /// host: the first index of the largest (NaNs and -inf never win, as
+    /// [`crate::sampling::argmax`]), or what [`crate::sampling::choose_from_top`] picks with
+    /// the host's draw.
+    fn pick_to_slot(
         &self,
         _logits: &Self::Act,
         _col0: usize,
         _width: usize,
         _n_vocab: usize,
         _slot: usize,
-        _how: &crate::sampling::TopKSampling,
-        _r: f64,
+        _pick: &crate::sampling::SlotPick,
     ) -> Result<()> {
         Err(crate::ModelError::Backend(
-            "this backend does not sample into token slots".into(),
+            "this backend keeps no token slots".into(),
         ))
     }
     /// out[0] = table[the token in `slot`] * scale.

@@ -116,7 +116,7 @@ const CPU_TOKEN_SLOTS: usize = 4;
 struct TokenSlots {
     /// Largest logit and its index so far among the calls of one token.
     best: Option<(f32, usize)>,
-    /// The best candidates so far of a sampled token (sample_to_slot).
+    /// The best candidates so far of a sampled token (pick_to_slot).
     candidates: Vec<(u32, f32)>,
     tokens: [u32; CPU_TOKEN_SLOTS],
 }
@@ -779,81 +779,64 @@ impl Backend for CpuBackend {
         CPU_TOKEN_SLOTS
     }
 
-    fn argmax_to_slot(
-        &self,
-        logits: &CpuAct,
-        col0: usize,
-        width: usize,
-        n_vocab: usize,
-        slot: usize,
-    ) -> Result<()> {
-        let row = logits
-            .rows(1)?
-            .get(..width)
-            .ok_or_else(|| ModelError::Backend("argmax_to_slot: row narrower than width".into()))?;
-        if slot >= CPU_TOKEN_SLOTS || col0 + width > n_vocab {
-            return Err(ModelError::Backend(format!(
-                "argmax_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab}"
-            )));
-        }
-        let mut s = self
-            .token_slots
-            .lock()
-            .map_err(|_| ModelError::Backend("token slots lock poisoned".into()))?;
-        if col0 == 0 {
-            s.best = None;
-        }
-        let i = crate::sampling::argmax(row);
-        let v = row.get(i).copied().unwrap_or(f32::NAN);
-        // (argmax gives 0 when nothing beats -inf: then this chunk adds nothing.)
-        if v > f32::NEG_INFINITY && s.best.is_none_or(|(bv, _)| v > bv) {
-            s.best = Some((v, col0 + i));
-        }
-        if col0 + width == n_vocab {
-            s.tokens[slot] = s.best.map_or(0, |(_, i)| i as u32);
-        }
-        Ok(())
-    }
-
     fn slot_top_k_max(&self) -> usize {
         crate::sampling::SLOT_TOP_K_MAX
     }
 
-    fn sample_to_slot(
+    fn pick_to_slot(
         &self,
         logits: &CpuAct,
         col0: usize,
         width: usize,
         n_vocab: usize,
         slot: usize,
-        how: &crate::sampling::TopKSampling,
-        r: f64,
+        pick: &crate::sampling::SlotPick,
     ) -> Result<()> {
+        use crate::sampling::{self, SlotPick};
         let row = logits
             .rows(1)?
             .get(..width)
-            .ok_or_else(|| ModelError::Backend("sample_to_slot: row narrower than width".into()))?;
-        if slot >= CPU_TOKEN_SLOTS
-            || col0 + width > n_vocab
-            || !(1..=crate::sampling::SLOT_TOP_K_MAX).contains(&how.top_k)
-        {
+            .ok_or_else(|| ModelError::Backend("pick_to_slot: row narrower than width".into()))?;
+        let top_k_fits = match pick {
+            SlotPick::Greedy => true,
+            SlotPick::Sample(how, _) => (1..=sampling::SLOT_TOP_K_MAX).contains(&how.top_k),
+        };
+        if slot >= CPU_TOKEN_SLOTS || col0 + width > n_vocab || !top_k_fits {
             return Err(ModelError::Backend(format!(
-                "sample_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab}, top-k {}",
-                how.top_k
+                "pick_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab}, {pick:?}"
             )));
         }
         let mut s = self
             .token_slots
             .lock()
             .map_err(|_| ModelError::Backend("token slots lock poisoned".into()))?;
-        if col0 == 0 {
-            s.candidates.clear();
-        }
-        let chunk = crate::sampling::top_candidates(row, col0 as u32, how.top_k);
-        s.candidates.extend(chunk);
-        crate::sampling::merge_top_candidates(&mut s.candidates, how.top_k);
-        if col0 + width == n_vocab {
-            s.tokens[slot] = crate::sampling::choose_from_top(&s.candidates, how, r);
+        let last = col0 + width == n_vocab;
+        match pick {
+            SlotPick::Greedy => {
+                if col0 == 0 {
+                    s.best = None;
+                }
+                let i = sampling::argmax(row);
+                let v = row.get(i).copied().unwrap_or(f32::NAN);
+                // (argmax gives 0 when nothing beats -inf: then this chunk adds nothing.)
+                if v > f32::NEG_INFINITY && s.best.is_none_or(|(bv, _)| v > bv) {
+                    s.best = Some((v, col0 + i));
+                }
+                if last {
+                    s.tokens[slot] = s.best.map_or(0, |(_, i)| i as u32);
+                }
+            }
+            SlotPick::Sample(how, r) => {
+                if col0 == 0 {
+                    s.candidates.clear();
+                }
+                let chunk = sampling::top_candidates(row, col0 as u32, how.top_k);
+                s.candidates.extend(chunk);
+                sampling::merge_top_candidates(&mut s.candidates, how.top_k);
+                if last {
+                    s.tokens[slot] = sampling::choose_from_top(&s.candidates, how, *r);
+                }
+            }
         }
         Ok(())
     }

@@ -108,7 +108,7 @@ pub fn embed<B: Backend>(
     b.embed(&w.token_embd, tokens, cfg.embd_scale, &mut s.x)
 }
 
-/// Step 1 of a chained greedy decode: the residual stream's row 0 from the token the
+/// Step 1 of a chained decode: the residual stream's row 0 from the token the
 /// backend holds in `slot` (put there by the previous token's [`head_to_slot`]); `table` is the
 /// whole embedding table.
 pub fn embed_from_slot<B: Backend>(
@@ -444,12 +444,7 @@ pub fn head_to_slot<B: Backend>(
     fit_logits(b, w.rows, s)?;
     b.copy_rows(&s.head_norm, 0, 1, &mut s.head_in)?;
     b.matmul(1, w, &s.head_in, &mut s.logits)?;
-    match pick {
-        crate::sampling::SlotPick::Greedy => b.argmax_to_slot(&s.logits, row0, w.rows, vocab, slot),
-        crate::sampling::SlotPick::Sample(how, r) => {
-            b.sample_to_slot(&s.logits, row0, w.rows, vocab, slot, how, *r)
-        }
-    }
+    b.pick_to_slot(&s.logits, row0, w.rows, vocab, slot, pick)
 }
 
 /// The residual stream of the first `n` rows, on the host (hands the hidden state from one

@@ -194,7 +194,7 @@ impl Sampler {
     }
 }
 
-/// Most candidates a backend's top-k sampling keeps (`Backend::sample_to_slot`; the CUDA
+/// Most candidates a backend's top-k sampling keeps (`Backend::pick_to_slot`; the CUDA
 /// kernel's list lives in shared memory).
 pub const SLOT_TOP_K_MAX: usize = 64;
 
@@ -209,7 +209,7 @@ pub enum SlotPick {
 
 /// Sampling from the `top_k` largest logits with top-p, min-p and temperature, without a
 /// penalty that depends on earlier tokens: what a backend may do on the device
-/// (`Backend::sample_to_slot`) given the host's draw.
+/// (`Backend::pick_to_slot`) given the host's draw.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TopKSampling {
     pub temperature: f32,
