@@ -487,11 +487,16 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         a.engine.model.display(),
         eng.backend_name()
     );
+    // Alone in the engine, the conversation's tokens are chosen on the GPU.
+    let chain_decode = runner.may_chain();
     let (engine, handle) = flea_server::Engine::new(
         runner.step_model(),
         &eng.model.tokenizer,
         Some(tmpl),
-        flea_server::EngineOptions::default(),
+        flea_server::EngineOptions {
+            chain_decode,
+            ..Default::default()
+        },
     );
     let sampling = a.sampling.config();
     let (system, n_predict) = (a.system, a.n_predict);
@@ -593,6 +598,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         eng.backend_name(),
         eng.n_ctx
     );
+    // A request running alone has its tokens chosen on the GPU.
+    let chain_decode = runner.may_chain();
     let (engine, handle) = flea_server::Engine::new(
         runner.step_model(),
         &eng.model.tokenizer,
@@ -600,6 +607,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         flea_server::EngineOptions {
             queue_capacity: a.queue.max(1),
             shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+            chain_decode,
         },
     );
     let opts = flea_server::ServeOptions {

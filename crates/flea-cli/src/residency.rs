@@ -322,12 +322,25 @@ impl<'m> Runner<'m> {
         })
     }
 
-    /// Whether decode with `sampler` runs chained on the GPU (`StreamedModel::decode_sampled`:
-    /// greedy, or top-k sampling the GPU can do): a CUDA runner whose plan holds everything
-    /// in device memory, unless FLEA_CHAIN=0. The CPU computes each token anyway, so it
-    /// samples on the host as before.
-    pub fn prepare_chain(&mut self, sampler: &Sampler) -> Result<bool> {
+    /// Whether decode may run chained on this runner's device: a CUDA runner under the
+    /// residency executor, unless FLEA_CHAIN=0. (On the CPU each token is computed by the
+    /// host anyway, so it samples there as before.)
+    pub fn may_chain(&self) -> bool {
         if std::env::var_os("FLEA_CHAIN").is_some_and(|v| v == "0") {
+            return false;
+        }
+        match self {
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether decode with `sampler` runs chained on the GPU (`StreamedModel::decode_sampled`:
+    /// greedy, or top-k sampling the GPU can do): `may_chain`, and a plan that holds
+    /// everything in device memory.
+    pub fn prepare_chain(&mut self, sampler: &Sampler) -> Result<bool> {
+        if !self.may_chain() {
             return Ok(false);
         }
         match self {

@@ -911,7 +911,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         max: usize,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<usize> {
-        self.decode_chained(first, max, None, on_token)
+        self.decode_chained_here(first, max, None, on_token)
     }
 
     /// As [`Self::decode_greedy`], each token sampled on the backend as `sampler` would
@@ -926,7 +926,46 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         sampler: &mut Sampler,
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<usize> {
-        self.decode_chained(first, max, Some(sampler), on_token)
+        self.decode_chained_here(first, max, Some(sampler), on_token)
+    }
+
+    /// `decode_sampled` for a caller of [`Self::step`] (the server): sequence slot `seq`,
+    /// `first` fed at `pos0`. Leaves `pos` (the `eval` sequence's position) alone; a pass
+    /// queued past the stop wrote the cache row at `pos0` + the returned count, which the
+    /// caller's next token overwrites.
+    pub fn decode_chained_at(
+        &mut self,
+        seq: usize,
+        pos0: usize,
+        first: u32,
+        max: usize,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        if seq >= self.plan.n_seq {
+            return Err(RuntimeError::Input(format!(
+                "sequence slot {seq} of {}",
+                self.plan.n_seq
+            )));
+        }
+        self.decode_chained(seq, pos0, first, max, Some(sampler), on_token)
+    }
+
+    /// A chained decode of the `eval` sequence at its position.
+    fn decode_chained_here(
+        &mut self,
+        first: u32,
+        max: usize,
+        sampler: Option<&mut Sampler>,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<usize> {
+        let pos0 = self.pos;
+        let delivered = self.decode_chained(0, pos0, first, max, sampler, on_token)?;
+        // A pass queued past the stop: its cache row (at the new position) is overwritten
+        // by whatever comes next.
+        self.pos = pos0 + delivered;
+        self.rewind(self.pos);
+        Ok(delivered)
     }
 
     /// Whether `sampler` can sample on the backend in a chained decode.
@@ -937,6 +976,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
     fn decode_chained(
         &mut self,
+        seq: usize,
+        pos0: usize,
         first: u32,
         max: usize,
         mut sampler: Option<&mut Sampler>,
@@ -960,17 +1001,16 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             })?),
         };
         self.check_not_poisoned()?;
-        if self.pos + max > self.n_ctx {
+        if pos0 + max > self.n_ctx {
             return Err(RuntimeError::Input(format!(
-                "context full: {} + {max} tokens exceed the context size {}",
-                self.pos, self.n_ctx
+                "context full: {pos0} + {max} tokens exceed the context size {}",
+                self.n_ctx
             )));
         }
         let slots = self.backend.token_slots();
         // A slot is rewritten CHAIN_AHEAD passes later at the soonest: only after the host
         // has read it, and after the pass that embeds from it (queued in order before).
         debug_assert!(slots >= CHAIN_AHEAD);
-        let pos0 = self.pos;
         let (mut queued, mut delivered) = (0usize, 0usize);
         // The sampler's random state before each queued, undelivered pass drew (sampled).
         let mut rng_before = std::collections::VecDeque::with_capacity(CHAIN_AHEAD);
@@ -988,7 +1028,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         }
                         _ => SlotPick::Greedy,
                     };
-                    let rows = Row::consecutive(0, pos0 + queued, 1);
+                    let rows = Row::consecutive(seq, pos0 + queued, 1);
                     // The first passes run as usual: they size the backend's scratch, which
                     // a recorded pass may not grow.
                     let record = queued >= RECORD_AFTER_PASSES;
@@ -1011,11 +1051,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         // Invariants on the way out: every delivered token was a queued pass, and at most
         // CHAIN_AHEAD - 1 passes ran past the stop.
         debug_assert!(delivered <= queued && queued - delivered < CHAIN_AHEAD);
-        self.pos = pos0 + delivered;
         if queued > delivered {
-            // Its cache row (at pos0 + delivered) is overwritten by whatever comes next;
-            // its work counts against the decode that queued it.
-            self.rewind(self.pos);
+            // Its work counts against the decode that queued it.
             self.backend.wait_idle()?;
             // Its draw too: the sampler goes on as if it had sampled the delivered tokens.
             if let (Some(rng), Some(s)) = (rng_before.pop_front(), sampler) {

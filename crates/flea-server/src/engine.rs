@@ -43,6 +43,21 @@ pub trait StepModel {
     fn usage(&self) -> ModelUsage {
         ModelUsage::default()
     }
+    /// Decode sequence slot `seq` with the tokens chosen on the device (see
+    /// `StreamedModel::decode_chained_at`): `first` fed at `pos`, each new token handed to
+    /// `on_token` until it returns false or `max` passes ran. Ok(None): this model cannot
+    /// (nothing ran); else how many tokens `on_token` got.
+    fn decode_chained(
+        &mut self,
+        _seq: usize,
+        _pos: usize,
+        _first: u32,
+        _max: usize,
+        _sampler: &mut Sampler,
+        _on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<usize>, String> {
+        Ok(None)
+    }
 }
 
 /// Cumulative bytes read per link and arena use.
@@ -69,6 +84,23 @@ impl<B: flea_model::UnitStaging> StepModel for flea_runtime::StreamedModel<'_, B
     }
     fn step(&mut self, t: &[u32], r: &[Row], l: &[usize]) -> Result<Vec<f32>, String> {
         flea_runtime::StreamedModel::step(self, t, r, l).map_err(|e| e.to_string())
+    }
+    fn decode_chained(
+        &mut self,
+        seq: usize,
+        pos: usize,
+        first: u32,
+        max: usize,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Option<usize>, String> {
+        let err = |e: flea_runtime::RuntimeError| e.to_string();
+        if !self.samples_on_backend(sampler) || !self.prepare_chain().map_err(err)? {
+            return Ok(None);
+        }
+        self.decode_chained_at(seq, pos, first, max, sampler, on_token)
+            .map(Some)
+            .map_err(err)
     }
     fn usage(&self) -> ModelUsage {
         ModelUsage {
@@ -166,6 +198,8 @@ pub struct Metrics {
     pub requests_cancelled: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub generated_tokens_total: AtomicU64,
+    /// Of those, the tokens chosen on the device in chained bursts.
+    pub chained_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub active_sequences: AtomicUsize,
@@ -234,6 +268,11 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// After shutdown starts, running sequences get this long to finish.
     pub shutdown_grace: Duration,
+    /// A sequence running alone decodes with its tokens chosen on the device
+    /// (`StepModel::decode_chained`), in bursts of up to [`CHAINED_BURST`] tokens that end
+    /// when another request waits. Off by default: worth it where a device would idle while
+    /// the host samples (a GPU).
+    pub chain_decode: bool,
 }
 
 impl Default for EngineOptions {
@@ -241,9 +280,14 @@ impl Default for EngineOptions {
         EngineOptions {
             queue_capacity: 256,
             shutdown_grace: Duration::from_secs(30),
+            chain_decode: false,
         }
     }
 }
+
+/// Most tokens of one chained burst: the engine looks at its queue and clients at least
+/// this often.
+pub const CHAINED_BURST: usize = 64;
 
 /// One running sequence.
 struct Seq {
@@ -503,6 +547,9 @@ impl<'a> Engine<'a> {
     /// One pass: every decoding sequence's pending token, then prompt chunks in admission
     /// order while capacity remains.
     fn step(&mut self) {
+        if self.opts.chain_decode && self.chained_burst() {
+            return;
+        }
         let cap = self.model.capacity().max(1);
         let mut tokens = Vec::with_capacity(cap);
         let mut rows = Vec::with_capacity(cap);
@@ -607,19 +654,100 @@ impl<'a> Engine<'a> {
         metrics
             .generated_tokens_total
             .fetch_add(generated_now as u64, Ordering::Relaxed);
-        self.recent.push_back((generated_now, secs));
-        if self.recent.len() > RECENT_STEPS {
-            self.recent.pop_front();
+        self.note_rate(generated_now, secs);
+        self.finish(finished);
+    }
+
+    /// Sample sequence `i`'s next token from `logits`, send its text; Some when finished.
+    fn advance(&mut self, i: usize, logits: &mut [f32]) -> Option<FinishReason> {
+        let n_ctx = self.model.n_ctx();
+        let s = &mut self.seqs[i];
+        let next = s.sampler.sample(logits);
+        take_token(s, self.tokenizer, n_ctx, next)
+    }
+
+    /// A lone decoding sequence with nothing waiting: its next tokens chosen on the device,
+    /// one burst. False: not taken (more than one sequence, a prompt to feed, a request
+    /// queued, or the model cannot), and the caller steps as usual.
+    fn chained_burst(&mut self) -> bool {
+        let n_ctx = self.model.n_ctx();
+        let [s] = self.seqs.as_mut_slice() else {
+            return false;
+        };
+        let Some(first) = s.pending else {
+            return false;
+        };
+        if self.metrics.queue_depth.load(Ordering::SeqCst) > 0 {
+            return false;
         }
-        let (n, t) = self
-            .recent
-            .iter()
-            .fold((0usize, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
-        let rate = if t > 0.0 { n as f64 / t } else { 0.0 };
-        metrics
-            .tokens_per_second
-            .store(rate.to_bits(), Ordering::Relaxed);
-        // Remove finished sequences, highest index first so indices stay valid.
+        // Passes that may run: the tokens still allowed, and the context's room.
+        let max = (s.max_new.saturating_sub(s.generated))
+            .min(n_ctx.saturating_sub(s.pos))
+            .min(CHAINED_BURST);
+        if max == 0 {
+            return false;
+        }
+        let (slot, pos0) = (s.slot, s.pos);
+        let tokenizer = self.tokenizer;
+        let metrics = self.metrics.clone();
+        let shutdown = self.shutdown.clone();
+        // (The sampler leaves the sequence for the burst: the callback holds the sequence.)
+        let greedy = Sampler::new(SamplerConfig::greedy());
+        let mut sampler = std::mem::replace(&mut s.sampler, greedy);
+        let mut finished = None;
+        let t0 = Instant::now();
+        let model = &mut *self.model;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.decode_chained(slot, pos0, first, max, &mut sampler, &mut |next| {
+                // The pass that chose `next` fed the pending token.
+                s.pending = None;
+                s.pos += 1;
+                if let Some(reason) = take_token(s, tokenizer, n_ctx, next) {
+                    finished = Some(reason);
+                    return false;
+                }
+                // Others wait, the client left or the server stops: back to the step loop.
+                metrics.queue_depth.load(Ordering::SeqCst) == 0
+                    && !s.tx.is_closed()
+                    && !shutdown.load(Ordering::SeqCst)
+            })
+        }));
+        s.sampler = sampler;
+        let secs = t0.elapsed().as_secs_f64();
+        let delivered = match result {
+            Ok(Ok(Some(n))) => n,
+            // Nothing ran: step as usual (and do not ask again).
+            Ok(Ok(None)) => {
+                self.opts.chain_decode = false;
+                return false;
+            }
+            Ok(Err(e)) => {
+                self.fail_all(&e);
+                return true;
+            }
+            Err(_) => {
+                self.fail_all("the forward pass panicked");
+                return true;
+            }
+        };
+        let m = &self.metrics;
+        m.steps_total.fetch_add(delivered as u64, Ordering::Relaxed);
+        m.last_batch_rows.store(1, Ordering::Relaxed);
+        m.last_batch_sequences.store(1, Ordering::Relaxed);
+        m.generated_tokens_total
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        m.chained_tokens_total
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        self.note_rate(delivered, secs);
+        if let Some(reason) = finished {
+            self.finish(vec![(0, reason)]);
+        }
+        true
+    }
+
+    /// Remove finished sequences (indices into `seqs`), send their last event, free slots.
+    fn finish(&mut self, mut finished: Vec<(usize, FinishReason)>) {
+        // Highest index first so indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let s = self.seqs.swap_remove(i);
@@ -631,40 +759,20 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Sample sequence `i`'s next token from `logits`, send its text; Some when finished.
-    fn advance(&mut self, i: usize, logits: &mut [f32]) -> Option<FinishReason> {
-        let tok = self.tokenizer;
-        let n_ctx = self.model.n_ctx();
-        let s = &mut self.seqs[i];
-        let next = s.sampler.sample(logits);
-        s.sampler.accept(next);
-        s.generated += 1;
-        if tok.is_eog(next) {
-            let rest = s.utf8.finish();
-            s.held.push_str(&rest);
-            let cut = find_stop(&s.held, &s.stop).unwrap_or(s.held.len());
-            flush(s, cut);
-            return Some(FinishReason::Stop);
+    /// The tokens/s gauge over the recent steps.
+    fn note_rate(&mut self, generated: usize, secs: f64) {
+        self.recent.push_back((generated, secs));
+        if self.recent.len() > RECENT_STEPS {
+            self.recent.pop_front();
         }
-        let piece = s.utf8.push(&tok.token_bytes(next));
-        s.held.push_str(&piece);
-        if let Some(cut) = find_stop(&s.held, &s.stop) {
-            flush(s, cut);
-            return Some(FinishReason::Stop);
-        }
-        // The token just sampled would be fed at `pos`: no room left means the end.
-        let at_limit = s.generated >= s.max_new || s.pos >= n_ctx;
-        if at_limit {
-            let rest = s.utf8.finish();
-            s.held.push_str(&rest);
-            let cut = find_stop(&s.held, &s.stop).unwrap_or(s.held.len());
-            flush(s, cut);
-            return Some(FinishReason::Length);
-        }
-        let safe = s.held.len() - stop_prefix_len(&s.held, &s.stop);
-        flush(s, safe);
-        s.pending = Some(next);
-        None
+        let (n, t) = self
+            .recent
+            .iter()
+            .fold((0usize, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
+        let rate = if t > 0.0 { n as f64 / t } else { 0.0 };
+        self.metrics
+            .tokens_per_second
+            .store(rate.to_bits(), Ordering::Relaxed);
     }
 
     fn fail_all(&mut self, why: &str) {
@@ -688,6 +796,39 @@ impl<'a> Engine<'a> {
 
 /// Steps the tokens/s gauge averages over.
 const RECENT_STEPS: usize = 32;
+
+/// Sequence `s` takes its new token `next` (sampled on the host or on the device): its
+/// text goes out unless it may begin a stop string; Some when the sequence is finished.
+fn take_token(s: &mut Seq, tok: &Tokenizer, n_ctx: usize, next: u32) -> Option<FinishReason> {
+    s.sampler.accept(next);
+    s.generated += 1;
+    if tok.is_eog(next) {
+        let rest = s.utf8.finish();
+        s.held.push_str(&rest);
+        let cut = find_stop(&s.held, &s.stop).unwrap_or(s.held.len());
+        flush(s, cut);
+        return Some(FinishReason::Stop);
+    }
+    let piece = s.utf8.push(&tok.token_bytes(next));
+    s.held.push_str(&piece);
+    if let Some(cut) = find_stop(&s.held, &s.stop) {
+        flush(s, cut);
+        return Some(FinishReason::Stop);
+    }
+    // The token just sampled would be fed at `pos`: no room left means the end.
+    let at_limit = s.generated >= s.max_new || s.pos >= n_ctx;
+    if at_limit {
+        let rest = s.utf8.finish();
+        s.held.push_str(&rest);
+        let cut = find_stop(&s.held, &s.stop).unwrap_or(s.held.len());
+        flush(s, cut);
+        return Some(FinishReason::Length);
+    }
+    let safe = s.held.len() - stop_prefix_len(&s.held, &s.stop);
+    flush(s, safe);
+    s.pending = Some(next);
+    None
+}
 
 /// Send the first `upto` bytes of the held text.
 fn flush(s: &mut Seq, upto: usize) {

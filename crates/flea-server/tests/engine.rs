@@ -130,6 +130,7 @@ fn a_full_queue_refuses_at_once() {
         EngineOptions {
             queue_capacity: 2,
             shutdown_grace: Duration::from_secs(0),
+            chain_decode: false,
         },
     );
     // The engine is not running yet: the queue fills.
@@ -148,4 +149,93 @@ fn a_full_queue_refuses_at_once() {
         let e = collect(&mut rx).unwrap_err();
         assert!(e.contains("shutting down"), "{e}");
     }
+}
+
+/// A request alone in the engine decodes in chained bursts (tokens chosen by the backend)
+/// and gets the text it gets step by step: greedy, seeded top-k sampling, a stop string, a
+/// length limit, and two requests at once (chained only while one runs alone).
+#[test]
+fn a_lone_request_decodes_chained_with_the_same_text() {
+    use flea_runtime::{Links, Plan, PlanRequest, StreamedModel};
+    let Some(path) = flea_gguf::model_or_skip(SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let sampled = |prompt: &str, max_tokens: usize, seed: u64| GenRequest {
+        prompt: Prompt::Text(prompt.into()),
+        max_tokens: Some(max_tokens),
+        sampling: SamplerConfig {
+            seed,
+            ..SamplerConfig::default()
+        },
+        stop: Vec::new(),
+    };
+    let mut stopped = greedy("1, 2, 3, 4,", 40);
+    stopped.stop = vec![" 9".into()];
+    let alone_requests = vec![
+        greedy("The capital of France is", 20),
+        sampled("Once upon a time", 70, 3),
+        sampled("Once upon a time", 30, 4),
+        stopped,
+        greedy("Hello", 1),
+    ];
+    let together = [
+        sampled("The quick brown fox", 40, 5),
+        greedy("def fibonacci(n):", 30),
+    ];
+    let (n_ctx, batch) = (160, 64);
+    let run = |chain: bool| {
+        let plan = Plan::build(
+            &model,
+            &PlanRequest {
+                vram_budget: 1 << 40,
+                ram_budget: 0,
+                n_ctx,
+                batch,
+                n_seq: 2,
+                ring_depth: None,
+                links: Links::default(),
+                stages_units: false,
+                device_scratch: 0,
+            },
+        )
+        .unwrap();
+        let io = flea_io::IoOptions::default();
+        let mut sm = StreamedModel::new(&model, &backend, plan, &path, &io, n_ctx, batch).unwrap();
+        let opts = EngineOptions {
+            chain_decode: chain,
+            ..EngineOptions::default()
+        };
+        let (engine, handle) = Engine::new(&mut sm, &model.tokenizer, None, opts);
+        let (reqs, both) = (alone_requests.clone(), together.clone());
+        let out = std::thread::scope(|scope| {
+            let h = handle.clone();
+            let client = scope.spawn(move || {
+                let mut out = Vec::new();
+                for r in reqs {
+                    let mut rx = h.submit(r).unwrap();
+                    out.push(collect(&mut rx).unwrap());
+                }
+                let mut rxs: Vec<_> = both.into_iter().map(|r| h.submit(r).unwrap()).collect();
+                out.extend(rxs.iter_mut().map(|rx| collect(rx).unwrap()));
+                h.shutdown();
+                out
+            });
+            engine.run();
+            client.join().unwrap()
+        });
+        (
+            out,
+            handle.metrics.chained_tokens_total.load(Ordering::Relaxed),
+        )
+    };
+    let (stepped, none) = run(false);
+    let (chained, tokens) = run(true);
+    assert_eq!(none, 0);
+    assert!(tokens > 100, "only {tokens} tokens chained");
+    assert_eq!(chained, stepped);
+    assert_eq!(stepped[3].1, FinishReason::Stop, "{:?}", stepped[3]);
+    // Another seed, another story.
+    assert!(!stepped[1].0.starts_with(&stepped[2].0), "{stepped:?}");
 }
