@@ -701,6 +701,12 @@ pub fn prometheus_text(m: &Metrics) -> String {
         &[("", ld(&m.generated_tokens_total))],
     );
     put(
+        "flea_chained_tokens_total",
+        "counter",
+        "Tokens chosen on the device in chained bursts (a request running alone on a GPU).",
+        &[("", ld(&m.chained_tokens_total))],
+    );
+    put(
         "flea_tokens_per_second",
         "gauge",
         "Generated tokens per second of step time over the last 32 steps.",
