@@ -112,6 +112,12 @@ check(streamed == whole, "streamed chat equals whole chat")
 a = client.completions.create(model=MODEL, prompt=p0, max_tokens=N, temperature=0.9, top_p=0.9, seed=7)
 b = client.completions.create(model=MODEL, prompt=p0, max_tokens=N, temperature=0.9, top_p=0.9, seed=7)
 check(a.choices[0].text == b.choices[0].text, "same seed, same sample")
+# top_k and min_p (extensions beside OpenAI's parameters) pass through: top_k=1 is greedy.
+g = client.completions.create(model=MODEL, prompt=p0, max_tokens=N, temperature=0)
+k1 = client.completions.create(
+    model=MODEL, prompt=p0, max_tokens=N, temperature=0.9, seed=3, extra_body={"top_k": 1, "min_p": 0.05}
+)
+check(k1.choices[0].text == g.choices[0].text, "top_k=1 samples the greedy text")
 full = EXPECTED[p0]
 cut = full.strip()[:3]
 if cut and cut in full:
@@ -162,6 +168,8 @@ st, body = raw("/v1/completions", {"model": MODEL, "prompt": p0, "n": 2})
 check(st == 400 and is_error_body(body), "n=2 is 400")
 st, body = raw("/v1/completions", {"model": MODEL, "prompt": p0, "temperature": 5})
 check(st == 400 and is_error_body(body), "temperature out of range is 400")
+st, body = raw("/v1/completions", {"model": MODEL, "prompt": p0, "min_p": 1.5})
+check(st == 400 and is_error_body(body), "min_p out of range is 400")
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     raise AssertionError("unknown model accepted")

@@ -247,30 +247,49 @@ pub fn candidate_key(id: u32, logit: f32) -> u64 {
     (u64::from(ordered) << 32) | u64::from(u32::MAX - id)
 }
 
+/// The logit and id a [`candidate_key`] was made from.
+fn from_candidate_key(key: u64) -> (u32, f32) {
+    let ordered = (key >> 32) as u32;
+    let bits = if ordered & 0x8000_0000 != 0 {
+        ordered & 0x7fff_ffff
+    } else {
+        !ordered
+    };
+    (u32::MAX - key as u32, f32::from_bits(bits))
+}
+
 /// The `k` best of `logits` (ids from `id0`), best first in [`candidate_key`]'s order.
 pub fn top_candidates(logits: &[f32], id0: u32, k: usize) -> Vec<(u32, f32)> {
-    let mut cand: Vec<(u32, f32)> = logits
+    // Ranked as plain integers: a whole vocabulary sorts in a fraction of the time a
+    // comparison of (id, logit) pairs takes.
+    let mut keys: Vec<u64> = logits
         .iter()
         .enumerate()
-        .map(|(i, &l)| (id0.wrapping_add(i as u32), l))
+        .map(|(i, &l)| candidate_key(id0.wrapping_add(i as u32), l))
         .collect();
-    merge_top_candidates(&mut cand, k);
-    cand
+    best_keys(&mut keys, k);
+    keys.into_iter().map(from_candidate_key).collect()
+}
+
+/// Keep the `k` largest of `keys`, largest first.
+fn best_keys(keys: &mut Vec<u64>, k: usize) {
+    if k == 0 {
+        keys.clear();
+        return;
+    }
+    if k < keys.len() {
+        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        keys.truncate(k);
+    }
+    keys.sort_unstable_by(|a, b| b.cmp(a));
 }
 
 /// Keep the `k` best of `cand` (any order), best first.
 pub fn merge_top_candidates(cand: &mut Vec<(u32, f32)>, k: usize) {
-    let by_key =
-        |a: &(u32, f32), b: &(u32, f32)| candidate_key(b.0, b.1).cmp(&candidate_key(a.0, a.1));
-    if k == 0 {
-        cand.clear();
-        return;
-    }
-    if k < cand.len() {
-        cand.select_nth_unstable_by(k - 1, by_key);
-        cand.truncate(k);
-    }
-    cand.sort_unstable_by(by_key);
+    let mut keys: Vec<u64> = cand.iter().map(|&(i, l)| candidate_key(i, l)).collect();
+    best_keys(&mut keys, k);
+    cand.clear();
+    cand.extend(keys.into_iter().map(from_candidate_key));
 }
 
 /// Softmax of the candidates' logits in f64, from the first (the largest).

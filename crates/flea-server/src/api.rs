@@ -262,6 +262,9 @@ struct Common {
     max_completion_tokens: Option<u64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    /// Extensions beside OpenAI's parameters (as llama.cpp's and vLLM's servers take them).
+    top_k: Option<u64>,
+    min_p: Option<f32>,
     seed: Option<u64>,
     n: Option<u64>,
     stop: Option<StringOrList>,
@@ -332,6 +335,14 @@ fn gen_request(st: &AppState, c: &Common, prompt: Prompt) -> Result<GenRequest, 
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad_request("top_p must be in (0, 1]"));
     }
+    // 0 (the default): the whole vocabulary, sampled on the host; 1 to 64 can be sampled on
+    // a GPU while the request runs alone.
+    let top_k = usize::try_from(c.top_k.unwrap_or(0))
+        .map_err(|_| bad_request("top_k must be at most the vocabulary"))?;
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(bad_request("min_p must be in [0, 1]"));
+    }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(bad_request("max_tokens must be at least 1"));
@@ -358,9 +369,9 @@ fn gen_request(st: &AppState, c: &Common, prompt: Prompt) -> Result<GenRequest, 
         max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         sampling: SamplerConfig {
             temperature,
-            top_k: 0,
+            top_k,
             top_p,
-            min_p: 0.0,
+            min_p,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
             seed,
