@@ -716,11 +716,9 @@ impl<'a> Engine<'a> {
         let secs = t0.elapsed().as_secs_f64();
         let delivered = match result {
             Ok(Ok(Some(n))) => n,
-            // Nothing ran: step as usual (and do not ask again).
-            Ok(Ok(None)) => {
-                self.opts.chain_decode = false;
-                return false;
-            }
+            // Nothing ran (this request's sampling, or a model that cannot): step as usual.
+            // (Asking every step is cheap: the executor keeps its answer for the model.)
+            Ok(Ok(None)) => return false,
             Ok(Err(e)) => {
                 self.fail_all(&e);
                 return true;
