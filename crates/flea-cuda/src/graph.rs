@@ -121,7 +121,16 @@ impl PassGraphs {
         let ended = unsafe { sys::cuStreamEndCapture(stream, &mut raw) }.result();
         let graph = (!raw.is_null()).then_some(Graph(raw));
         let launched = match (ended, graph) {
-            (Ok(()), Some(g)) if run => self.launch(&g, stream)?,
+            (Ok(()), Some(g)) if run => match self.launch(&g, stream) {
+                Ok(()) => true,
+                // Nothing of it ran: the pass runs directly; say why once.
+                Err(e) => {
+                    if self.counts.failed == 0 {
+                        eprintln!("flea: a recorded decode pass was not launched as a graph ({e})");
+                    }
+                    false
+                }
+            },
             _ => false,
         };
         if launched {
@@ -136,7 +145,7 @@ impl PassGraphs {
     }
 
     /// Put `g` into the next executable in rotation and launch it.
-    fn launch(&mut self, g: &Graph, stream: sys::CUstream) -> Result<bool, String> {
+    fn launch(&mut self, g: &Graph, stream: sys::CUstream) -> Result<(), String> {
         let slot = self.next;
         self.next = (self.next + 1) % EXECS;
         let updated = match &self.execs[slot] {
@@ -167,7 +176,6 @@ impl PassGraphs {
         // SAFETY: an instantiated graph of this context, launched on its stream.
         unsafe { sys::cuGraphLaunch(exec.0, stream) }
             .result()
-            .map_err(|e| ce("launch a pass graph", e))?;
-        Ok(true)
+            .map_err(|e| ce("launch a pass graph", e))
     }
 }
