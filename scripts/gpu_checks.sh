@@ -11,8 +11,9 @@
 #   CARRY_DIR/mmvq_bench       optional: target/release/examples/mmvq_bench
 #                              (cargo build --release -p flea-cuda --example mmvq_bench)
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
-# synth.log, bench.log, bench.json, mmvq_bench.log, summary.txt. Environment: PRESETS (default
-# "7b 13b"), TOKENS (128), PROMPT (512), MMVQ_VARIANTS (1; 0 skips step 1c).
+# synth.log, bench.log, bench.json, run.log (and each run's text and stderr), mmvq_bench.log,
+# summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
+# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, step 3b), DEVICE (cuda; cpu to try the script).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
@@ -91,6 +92,45 @@ if [ ${#models[@]} -gt 0 ]; then
     "${models[@]}" > "$OUT/bench.log" 2>&1 || status=1
 fi
 
+# 3b. `flea run` as users run it: decode chained on the GPU (greedy, and sampled with the
+# default top-k settings and a seed), beside the same with the host sampling (FLEA_CHAIN=0)
+# and without CUDA graphs (FLEA_CUDA_GRAPH=0), alternating, RUNS times each after a
+# discarded warm-up. Each line: the run's decode tok/s and its own efficiency against the
+# device-memory floor; the texts of a variant pair must match.
+if [ ${#models[@]} -gt 0 ]; then
+  words="the quick brown fox jumps over the lazy dog and"
+  text=$(for _ in $(seq 24); do printf '%s ' "$words"; done)
+  : > "$OUT/run.log"
+  for f in "${models[@]}"; do
+    run_variant() {  # label, env assignments..., then -- and sampling flags
+      local label=$1; shift
+      local envs=()
+      while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+      shift
+      local o="$OUT/run_$(basename "$f" .gguf)_${label// /_}"
+      env "${envs[@]}" "$CARRY/flea" run -m "$f" -p "$text" -n 64 "$@" --ignore-eos -t 16 \
+        --ctx 768 --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
+      printf '%s %-28s %s %s\n' "$(basename "$f")" "$label" \
+        "$(grep -o 'decode: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
+        "$(grep -o 'decode efficiency [0-9.]*' "$o.err" | tail -1)" >> "$OUT/run.log"
+    }
+    run_variant "warm-up" FLEA_CHAIN=1 -- --temp 0
+    for r in $(seq "${RUNS:-2}"); do
+      run_variant "greedy chained $r" FLEA_CHAIN=1 -- --temp 0
+      run_variant "greedy host $r" FLEA_CHAIN=0 -- --temp 0
+      run_variant "greedy no graphs $r" FLEA_CHAIN=1 FLEA_CUDA_GRAPH=0 -- --temp 0
+      run_variant "sampled chained $r" FLEA_CHAIN=1 -- --seed 5
+      run_variant "sampled host $r" FLEA_CHAIN=0 -- --seed 5
+    done
+    b="$OUT/run_$(basename "$f" .gguf)"
+    for pair in "greedy_chained_1 greedy_host_1" "greedy_chained_1 greedy_no_graphs_1" \
+                "sampled_chained_1 sampled_host_1"; do
+      set -- $pair
+      cmp -s "${b}_$1.txt" "${b}_$2.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") $1 $2" >> "$OUT/run.log"; }
+    done
+  done
+fi
+
 # 4. Decode mat-vec GB/s per weight type, mmvq (1 and 2 rows per warp) vs matvec.
 if [ -x "$CARRY/mmvq_bench" ]; then
   "$CARRY/mmvq_bench" 100 > "$OUT/mmvq_bench.log" 2>&1 || status=1
@@ -105,6 +145,8 @@ fi
   grep -h -E "^(PARITY|OP|SKIP|test )|FAIL|ERROR|panicked|  diag" "$OUT/tests_mmvq.log"
   echo
   cat "$OUT/bench.log" 2>/dev/null
+  echo "--- flea run decode (chained / host-sampled / without graphs)"
+  cat "$OUT/run.log" 2>/dev/null
   cat "$OUT/mmvq_bench.log" 2>/dev/null
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
