@@ -1312,12 +1312,12 @@ impl CudaBackend {
         if self.recording() {
             // A recorded pass carries its rows as kernel arguments: a copy from host memory
             // would replay the bytes the slot held when it was recorded.
-            let v = |i: usize| data.get(i).copied().unwrap_or(0);
-            let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
-            let n = data.len() as i32;
             if data.len() > 4 {
                 return Err(be(format!("a recorded pass uploads {} rows", data.len())));
             }
+            let v = |i: usize| data.get(i).copied().unwrap_or(0);
+            let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
+            let n = data.len() as i32;
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (32, 1, 1),

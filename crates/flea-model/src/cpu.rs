@@ -116,8 +116,8 @@ const CPU_TOKEN_SLOTS: usize = 4;
 struct TokenSlots {
     /// Largest logit and its index so far among the calls of one token.
     best: Option<(f32, usize)>,
-    /// The best candidates so far of a sampled token (pick_to_slot).
-    candidates: Vec<(u32, f32)>,
+    /// The best candidates so far of a sampled token, as `sampling::candidate_key`s.
+    candidates: Vec<u64>,
     tokens: [u32; CPU_TOKEN_SLOTS],
 }
 
@@ -830,11 +830,10 @@ impl Backend for CpuBackend {
                 if col0 == 0 {
                     s.candidates.clear();
                 }
-                let chunk = sampling::top_candidates(row, col0 as u32, how.top_k);
-                s.candidates.extend(chunk);
-                sampling::merge_top_candidates(&mut s.candidates, how.top_k);
+                sampling::add_candidates(&mut s.candidates, row, col0 as u32, how.top_k);
                 if last {
-                    s.tokens[slot] = sampling::choose_from_top(&s.candidates, how, *r);
+                    let cand = sampling::candidates_of(&s.candidates);
+                    s.tokens[slot] = sampling::choose_from_top(&cand, how, *r);
                 }
             }
         }

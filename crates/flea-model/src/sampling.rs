@@ -260,36 +260,35 @@ fn from_candidate_key(key: u64) -> (u32, f32) {
 
 /// The `k` best of `logits` (ids from `id0`), best first in [`candidate_key`]'s order.
 pub fn top_candidates(logits: &[f32], id0: u32, k: usize) -> Vec<(u32, f32)> {
-    // Ranked as plain integers: a whole vocabulary sorts in a fraction of the time a
-    // comparison of (id, logit) pairs takes.
-    let mut keys: Vec<u64> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| candidate_key(id0.wrapping_add(i as u32), l))
-        .collect();
-    best_keys(&mut keys, k);
-    keys.into_iter().map(from_candidate_key).collect()
+    let mut best = Vec::with_capacity(logits.len());
+    add_candidates(&mut best, logits, id0, k);
+    candidates_of(&best)
 }
 
-/// Keep the `k` largest of `keys`, largest first.
-fn best_keys(keys: &mut Vec<u64>, k: usize) {
+/// Merge a chunk of `logits` (ids from `id0`) into `best`, the [`candidate_key`]s kept so
+/// far: afterwards the `k` largest of both, largest first. Ranked as plain integers: a whole
+/// vocabulary sorts in a fraction of the time a comparison of (id, logit) pairs takes.
+pub fn add_candidates(best: &mut Vec<u64>, logits: &[f32], id0: u32, k: usize) {
+    best.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| candidate_key(id0.wrapping_add(i as u32), l)),
+    );
     if k == 0 {
-        keys.clear();
+        best.clear();
         return;
     }
-    if k < keys.len() {
-        keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
-        keys.truncate(k);
+    if k < best.len() {
+        best.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        best.truncate(k);
     }
-    keys.sort_unstable_by(|a, b| b.cmp(a));
+    best.sort_unstable_by(|a, b| b.cmp(a));
 }
 
-/// Keep the `k` best of `cand` (any order), best first.
-pub fn merge_top_candidates(cand: &mut Vec<(u32, f32)>, k: usize) {
-    let mut keys: Vec<u64> = cand.iter().map(|&(i, l)| candidate_key(i, l)).collect();
-    best_keys(&mut keys, k);
-    cand.clear();
-    cand.extend(keys.into_iter().map(from_candidate_key));
+/// The (id, logit) of each key, in order.
+pub fn candidates_of(keys: &[u64]) -> Vec<(u32, f32)> {
+    keys.iter().map(|&k| from_candidate_key(k)).collect()
 }
 
 /// Softmax of the candidates' logits in f64, from the first (the largest).
@@ -402,10 +401,10 @@ mod tests {
         assert_eq!(bits(&top_candidates(&xs, 0, xs.len())), bits(&want));
         assert_eq!(bits(&top_candidates(&xs, 0, 4)), bits(&want[..4]));
         // Chunks merged in any order give the same list, ids offset by each chunk's start.
-        let mut merged = top_candidates(&xs[5..], 5, 3);
-        merged.extend(top_candidates(&xs[..5], 0, 3));
-        merge_top_candidates(&mut merged, 3);
-        assert_eq!(bits(&merged), bits(&want[..3]));
+        let mut merged = Vec::new();
+        add_candidates(&mut merged, &xs[5..], 5, 3);
+        add_candidates(&mut merged, &xs[..5], 0, 3);
+        assert_eq!(bits(&candidates_of(&merged)), bits(&want[..3]));
     }
 
     #[test]
