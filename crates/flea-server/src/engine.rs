@@ -285,8 +285,8 @@ impl Default for EngineOptions {
     }
 }
 
-/// Most tokens of one chained burst: the engine looks at its queue and clients at least
-/// this often.
+/// Most tokens of one chained burst: the engine's loop (metrics, shutdown grace) comes round
+/// at least this often; the queue and the client are checked after every token.
 pub const CHAINED_BURST: usize = 64;
 
 /// One running sequence.
