@@ -5,8 +5,9 @@ usage: python3 scripts/serve_decode_rate.py http://HOST:PORT OUT.json
 Sends the 504-token benchmark prompt (24 x "the quick brown fox jumps over the lazy dog
 and") with max_tokens 1 and then 65 for each case below, and prints 64 / (t65 - t1) as the
 decode rate (the prompt is evaluated in both requests). Cases: greedy, OpenAI-style sampling
-(temperature 0.8, seed 5: the whole vocabulary, sampled on the host) and top-k sampling
-(top_k 40, min_p 0.05, top_p 0.95: chained on a GPU when the request runs alone). Prints
+(temperature 0.8, seed 5: the whole vocabulary; chained on a GPU when the request runs alone),
+the same with top_p 0.9 (the nucleus needs the host) and top-k sampling (top_k 40, min_p 0.05,
+top_p 0.95: chained on a GPU when the request runs alone). Prints
 flea_generated_tokens_total and flea_chained_tokens_total from /metrics; writes each case's
 text to OUT.json (compare two servers' files for the same text).
 """
@@ -31,7 +32,7 @@ def complete(temp, seed, n, extra=None):
     return out["choices"][0]["text"], time.time() - t, out.get("usage")
 res = {}
 TOPK = {"top_k": 40, "min_p": 0.05, "top_p": 0.95}
-for name, temp, seed, extra in [("warm", 0.0, 0, None), ("greedy", 0.0, 0, None), ("sampled", 0.8, 5, None), ("topk", 0.8, 5, TOPK), ("greedy2", 0.0, 0, None), ("topk2", 0.8, 6, TOPK)]:
+for name, temp, seed, extra in [("warm", 0.0, 0, None), ("greedy", 0.0, 0, None), ("sampled", 0.8, 5, None), ("nucleus", 0.8, 5, {"top_p": 0.9}), ("topk", 0.8, 5, TOPK), ("greedy2", 0.0, 0, None), ("topk2", 0.8, 6, TOPK)]:
     # a 1-token request first: its time is the prompt's; the 65-token one's minus it is 64 decode tokens
     _, t1, _ = complete(temp, seed, 1, extra)
     text, t, usage = complete(temp, seed, 65, extra)

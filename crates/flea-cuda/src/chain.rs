@@ -13,6 +13,11 @@ use std::sync::Arc;
 /// Most candidates `topk_slot` keeps (TOPK_SLOT_MAX in kernels.cu).
 pub(crate) const TOP_K_MAX: usize = 64;
 
+/// Blocks of `vocab_max` (VOCAB_PARTS in kernels.cu).
+pub(crate) const VOCAB_PARTS: usize = 128;
+/// Most tiles of 1024 logits `vocab_pick` walks (VOCAB_MAX_TILES): vocabularies up to 1 Mi.
+pub(crate) const VOCAB_MAX: usize = 1024 * 1024;
+
 /// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
 /// rewritten only after the host has read it.
 pub(crate) const TOKEN_SLOTS: usize = 4;
@@ -64,6 +69,11 @@ pub(crate) struct TokenSlots {
     pub(crate) best: CudaSlice<u64>,
     /// The best candidates so far of a sampled token (`topk_slot`), then their count.
     pub(crate) candidates: CudaSlice<u64>,
+    /// Whole-vocabulary sampling: `vocab_max`'s maxima, `vocab_tiles`' sums, and the logits
+    /// of a head computed in chunks, gathered (allocated at the first such token).
+    pub(crate) vocab_parts: CudaSlice<f32>,
+    pub(crate) vocab_tiles: CudaSlice<f64>,
+    pub(crate) vocab_stash: Option<CudaSlice<f32>>,
     /// The same tokens in host memory, written by the kernel.
     host: MappedHost,
     /// Recorded after the kernel that wrote each slot last.
@@ -84,6 +94,12 @@ impl TokenSlots {
         let candidates = stream
             .alloc_zeros::<u64>(TOP_K_MAX + 1)
             .map_err(|e| ce("token slots' candidates", e))?;
+        let vocab_parts = stream
+            .alloc_zeros::<f32>(VOCAB_PARTS)
+            .map_err(|e| ce("token slots' vocabulary maxima", e))?;
+        let vocab_tiles = stream
+            .alloc_zeros::<f64>(VOCAB_MAX / 1024)
+            .map_err(|e| ce("token slots' vocabulary sums", e))?;
         let host = MappedHost::new(TOKEN_SLOTS * 4)?;
         let written = (0..TOKEN_SLOTS)
             .map(|_| ctx.new_event(None).map_err(|e| ce("token slot event", e)))
@@ -92,6 +108,9 @@ impl TokenSlots {
             dev,
             best,
             candidates,
+            vocab_parts,
+            vocab_tiles,
+            vocab_stash: None,
             host,
             written,
         })

@@ -658,6 +658,170 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
+// Whole-vocabulary sampling into a token slot (a chained decode; sampling.rs `sample_vocab`
+// is the reference, without top-p). Three launches over the vocabulary's logits x[0..n):
+// vocab_max (a maximum per block), vocab_tiles (one warp per tile of VOCAB_TILE weights:
+// lane L sums segment 32 * tile + L's 32 weights in order, the tile adds the lanes' sums in
+// lane order) and vocab_pick (one warp walks the tiles, then the tile's segments, then the
+// segment's weights). Every sum is the host's, in the host's order, so only the last bits
+// of exp could differ. A head computed in chunks is first gathered (vocab_gather).
+#define VOCAB_TILE 1024
+#define VOCAB_PARTS 128
+#define NEG_INF __int_as_float(0xff800000)
+#define VOCAB_MAX_TILES 1024
+extern "C" __global__ void vocab_gather(const float* __restrict__ x, int width, int col0,
+                                        float* __restrict__ stash) {
+    pdl_enter();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < width; i += gridDim.x * blockDim.x)
+        stash[col0 + i] = x[i];
+}
+// The largest of v and x, NaN never taken (as the host's fold with `>`).
+__device__ __forceinline__ float vocab_larger(float m, float v) { return v > m ? v : m; }
+__device__ __forceinline__ float vocab_warp_max(float m) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = vocab_larger(m, __shfl_xor_sync(0xffffffff, m, o));
+    return m;
+}
+extern "C" __global__ void __launch_bounds__(256)
+    vocab_max(const float* __restrict__ x, int n, float* __restrict__ part_max) {
+    pdl_enter();
+    __shared__ float warp_m[8];
+    float m = NEG_INF;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        m = vocab_larger(m, x[i]);
+    m = vocab_warp_max(m);
+    if ((threadIdx.x & 31) == 0) warp_m[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    m = threadIdx.x < (blockDim.x >> 5) ? warp_m[threadIdx.x] : NEG_INF;
+    m = vocab_warp_max(m);
+    if (threadIdx.x == 0) part_max[blockIdx.x] = m;
+}
+// The largest logit, from vocab_max's parts (every lane of the warp gets it).
+__device__ __forceinline__ float vocab_m(const float* part_max, int parts) {
+    float m = NEG_INF;
+    for (int j = threadIdx.x & 31; j < parts; j += 32) m = vocab_larger(m, part_max[j]);
+    return vocab_warp_max(m);
+}
+// A token's weight: exp(l / t - m / t) if kept (not NaN; l == m or l - m >= ln(min_p)).
+__device__ __forceinline__ double vocab_weight(float l, float m, float t, double mt,
+                                               double ln_min_p) {
+    if (l != l) return 0.0;
+    if (!(l == m || __dsub_rn((double)l, (double)m) >= ln_min_p)) return 0.0;
+    return exp(__dsub_rn((double)(l / t), mt));
+}
+// Segment `seg`'s sum (its weights added in order from 0.0; 0 past the vocabulary).
+__device__ __forceinline__ double vocab_segment(const float* x, int n, int seg, float m, float t,
+                                                double mt, double ln_min_p) {
+    double s = 0.0;
+    const int i0 = seg * 32;
+    for (int j = 0; j < 32 && i0 + j < n; j++)
+        s = __dadd_rn(s, vocab_weight(x[i0 + j], m, t, mt, ln_min_p));
+    return s;
+}
+// The tile's sum: the lanes' segment sums added in lane order (every lane gets it).
+__device__ __forceinline__ double vocab_lanes_sum(double s) {
+    double sum = 0.0;
+    for (int l = 0; l < 32; l++) sum = __dadd_rn(sum, __shfl_sync(0xffffffff, s, l));
+    return sum;
+}
+extern "C" __global__ void __launch_bounds__(256)
+    vocab_tiles(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
+                float t, double ln_min_p, double* __restrict__ tile_sums) {
+    pdl_enter();
+    const float m = vocab_m(part_max, parts);
+    const double mt = (double)(m / t);
+    const int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (tile * VOCAB_TILE >= n) return;
+    const double s = vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p);
+    const double sum = vocab_lanes_sum(s);
+    if (lane == 0) tile_sums[tile] = sum;
+}
+// The host's `walk` by lane 0 over v (one value a lane, `count` of them): the first index
+// where the running sum passes `target` and what is left of it, else the last with weight
+// and +inf. The result in every lane.
+__device__ __forceinline__ int vocab_walk_lanes(double v, int count, double& target) {
+    int pick = -1, last = 0;
+    double acc = 0.0, left = 0.0;
+    for (int l = 0; l < count; l++) {
+        const double x = __shfl_sync(0xffffffff, v, l);
+        if (pick < 0) {
+            const double next = __dadd_rn(acc, x);
+            if (target < next) {
+                pick = l;
+                left = __dsub_rn(target, acc);
+            }
+            acc = next;
+        }
+        if (x > 0.0) last = l;
+    }
+    if (pick < 0) {
+        pick = last;
+        left = __longlong_as_double(0x7ff0000000000000ll);
+    }
+    target = left;
+    return pick;
+}
+extern "C" __global__ void __launch_bounds__(32)
+    vocab_pick(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
+               float t, double ln_min_p, const double* __restrict__ tile_sums, double r,
+               int* tok_dev, volatile int* tok_host) {
+    pdl_enter();
+    const int lane = threadIdx.x;
+    const float m = vocab_m(part_max, parts);
+    const float mtf = m / t;
+    int token = 0;
+    if (!isfinite(m) || !isfinite(mtf)) {
+        // The host's argmax: the first index holding the largest; 0 if nothing beats -inf.
+        if (m > NEG_INF)
+            for (int base = 0; base < n; base += 32) {
+                const unsigned hit = __ballot_sync(0xffffffff, base + lane < n && x[base + lane] == m);
+                if (hit) {
+                    token = base + __ffs(hit) - 1;
+                    break;
+                }
+            }
+    } else {
+        const double mt = (double)mtf;
+        const int tiles = (n + VOCAB_TILE - 1) / VOCAB_TILE;
+        // The total, then the tile: tile sums 32 at a time through the lanes.
+        double total = 0.0;
+        for (int j = 0; j < tiles; j++) total = __dadd_rn(total, tile_sums[j]);
+        double target = __dmul_rn(r, total);
+        int tile = -1, last = 0;
+        double acc = 0.0;
+        for (int j = 0; j < tiles && tile < 0; j++) {
+            const double v = tile_sums[j];
+            const double next = __dadd_rn(acc, v);
+            if (target < next) {
+                tile = j;
+                target = __dsub_rn(target, acc);
+            }
+            acc = next;
+        }
+        if (tile < 0) {
+            for (int j = 0; j < tiles; j++)
+                if (tile_sums[j] > 0.0) last = j;
+            tile = last;
+            target = __longlong_as_double(0x7ff0000000000000ll);
+        }
+        const int segs = min(32, (n + 31) / 32 - tile * 32);
+        const double s = lane < segs
+                             ? vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p)
+                             : 0.0;
+        const int seg = tile * 32 + vocab_walk_lanes(s, segs, target);
+        const int i = seg * 32 + lane;
+        const double w = i < n ? vocab_weight(x[i], m, t, mt, ln_min_p) : 0.0;
+        token = seg * 32 + vocab_walk_lanes(w, min(32, n - seg * 32), target);
+    }
+    if (lane == 0) {
+        *tok_dev = token;
+        *tok_host = token;
+        __threadfence_system();
+    }
+}
+
+
 extern "C" __global__ void act_round(const float* __restrict__ x, float* __restrict__ yf,
                                      u16* __restrict__ yh, long long n, int mode) {
     pdl_enter();

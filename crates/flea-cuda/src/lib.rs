@@ -129,10 +129,14 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 27] = [
+const PLAIN_KERNELS: [&str; 31] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
+    "vocab_gather",
+    "vocab_max",
+    "vocab_tiles",
+    "vocab_pick",
     "attn_cluster",
     "fd_decode",
     "deq_f16_q6_k_soa",
@@ -1165,6 +1169,88 @@ impl CudaBackend {
 
     /// Fails while a pass is recorded: `what` would allocate or copy from host memory, which
     /// a graph cannot replay (the executor then runs the pass unrecorded).
+    /// `pick_to_slot` for whole-vocabulary sampling (kernels.cu `vocab_*`): the logits
+    /// `col0..col0 + width` at `xp`; a head in chunks is gathered first, the last chunk
+    /// samples.
+    #[allow(clippy::too_many_arguments)]
+    fn vocab_to_slot(
+        &self,
+        ts: &mut chain::TokenSlots,
+        xp: u64,
+        col0: usize,
+        width: usize,
+        n_vocab: usize,
+        how: &flea_model::sampling::VocabSampling,
+        r: f64,
+        tok_dev: u64,
+        tok_host: u64,
+    ) -> Result<()> {
+        if how.top_p < 1.0 || n_vocab > chain::VOCAB_MAX || how.temperature <= 0.0 {
+            return Err(be(format!(
+                "pick_to_slot: whole-vocabulary sampling of {n_vocab} logits with {how:?} \
+                 (top-p off, at most {} logits)",
+                chain::VOCAB_MAX
+            )));
+        }
+        let threads = 256u32;
+        let grid =
+            |n: usize, per_block: usize, most: usize| (n.div_ceil(per_block).clamp(1, most)) as u32;
+        let src = if col0 == 0 && width == n_vocab {
+            xp
+        } else {
+            if ts.vocab_stash.as_ref().is_none_or(|v| v.len() < n_vocab) {
+                self.check_not_recording("the vocabulary's gathering buffer")?;
+                ts.vocab_stash = Some(
+                    self.stream
+                        .alloc_zeros::<f32>(n_vocab)
+                        .map_err(|e| be(format!("vocabulary gathering buffer: {e:?}")))?,
+                );
+            }
+            let stash = ts
+                .vocab_stash
+                .as_ref()
+                .map(|v| dptr(v, &self.stream))
+                .ok_or_else(|| be("no vocabulary gathering buffer"))?;
+            let cfg = LaunchConfig {
+                grid_dim: (grid(width, threads as usize, 1024), 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (w, c0) = (width as i32, col0 as i32);
+            launch!(self, "vocab_gather", cfg; xp, w, c0, stash)?;
+            if col0 + width < n_vocab {
+                return Ok(());
+            }
+            stash
+        };
+        let n = n_vocab as i32;
+        let parts_ptr = dptr(&ts.vocab_parts, &self.stream);
+        let tiles_ptr = dptr(&ts.vocab_tiles, &self.stream);
+        let parts = grid(n_vocab, 8 * threads as usize, chain::VOCAB_PARTS);
+        let cfg = LaunchConfig {
+            grid_dim: (parts, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "vocab_max", cfg; src, n, parts_ptr)?;
+        let parts = parts as i32;
+        let (t, ln_min_p) = (how.temperature, how.ln_min_p());
+        let warps = threads as usize / 32;
+        let cfg = LaunchConfig {
+            grid_dim: (grid(n_vocab, 1024 * warps, usize::MAX), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "vocab_tiles", cfg; src, n, parts_ptr, parts, t, ln_min_p, tiles_ptr)?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "vocab_pick", cfg;
+            src, n, parts_ptr, parts, t, ln_min_p, tiles_ptr, r, tok_dev, tok_host)
+    }
+
     fn check_not_recording(&self, what: &str) -> Result<()> {
         if self.recording() {
             return Err(be(format!("{what} inside a recorded pass")));
@@ -2690,6 +2776,11 @@ impl Backend for CudaBackend {
         chain::TOP_K_MAX
     }
 
+    // Top-p needs the best tokens' running sum in rank order: the host's.
+    fn slot_samples_vocab(&self, how: &flea_model::sampling::VocabSampling) -> bool {
+        how.top_p >= 1.0
+    }
+
     // `argmax_slot` (greedy) or `topk_slot` (sampled) over one chunk of a token's logits;
     // the last chunk marks the slot.
     fn pick_to_slot(
@@ -2721,7 +2812,7 @@ impl Backend for CudaBackend {
         if guard.is_none() {
             *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
         }
-        let ts = guard.as_ref().ok_or_else(|| be("no token slots"))?;
+        let ts = guard.as_mut().ok_or_else(|| be("no token slots"))?;
         let xp = logits.ptr;
         let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
         let tok_host = ts.host_dev_ptr(slot);
@@ -2750,6 +2841,9 @@ impl Backend for CudaBackend {
                 let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
                 launch!(self, "topk_slot", cfg;
                     xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host)?;
+            }
+            SlotPick::Vocab(how, r) => {
+                self.vocab_to_slot(ts, xp, col0, width, n_vocab, &how, r, tok_dev, tok_host)?;
             }
         }
         if last {

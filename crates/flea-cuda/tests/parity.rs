@@ -875,6 +875,139 @@ fn sample_to_slot_matches_the_host_sampler() {
 }
 
 #[test]
+fn vocab_sample_to_slot_matches_the_host_sampler() {
+    // Whole-vocabulary sampling (top-k off) on the device: the token of `sample_vocab`.
+    use flea_model::sampling::{sample_vocab, SlotPick, VocabSampling};
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(2).unwrap();
+    let mut rng = 0x1357_9bdfu64;
+    let mut random = |scale: f32| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    };
+    let nan = f32::NAN;
+    let mut cases: Vec<Vec<f32>> = vec![
+        (0..5000).map(|_| random(6.0)).collect(),
+        (0..5000)
+            .map(|_| (random(4.0) * 2.0).round() / 2.0)
+            .collect(),
+        (0..1000)
+            .map(|i| match i {
+                9 => -0.0,
+                10 => 0.0,
+                11..=60 => -0.5,
+                70 => nan,
+                _ => f32::NEG_INFINITY,
+            })
+            .collect(),
+        (0..37).map(|i| (i % 5) as f32).collect(),
+        vec![nan; 100],
+        (0..300)
+            .map(|i| {
+                if i == 17 || i == 200 {
+                    f32::INFINITY
+                } else {
+                    1.0
+                }
+            })
+            .collect(),
+        // A model's head: a few tokens far above a long tail.
+        (0..32000)
+            .map(|i| {
+                if i % 4999 == 3 {
+                    15.0 + random(2.0)
+                } else {
+                    random(8.0)
+                }
+            })
+            .collect(),
+    ];
+    // Qwen2's and Gemma 3's vocabulary sizes.
+    cases.push((0..151_936).map(|_| random(12.0)).collect());
+    cases.push((0..262_144).map(|_| random(3.0)).collect());
+    let hows = [
+        (0.8, 0.05),
+        (1.0, 0.0),
+        (1.5, 0.0),
+        (0.3, 0.2),
+        (1e-40, 0.0),
+    ]
+    .map(|(temperature, min_p)| VocabSampling {
+        temperature,
+        top_p: 1.0,
+        min_p,
+    });
+    let draws = [
+        0.0,
+        0.13,
+        0.31,
+        0.5,
+        0.77,
+        0.91,
+        0.999_999,
+        1.0 - f64::EPSILON / 2.0,
+    ];
+    let mut distinct = std::collections::HashSet::new();
+    let mut checked = 0;
+    for (ci, logits) in cases.iter().enumerate() {
+        let n = logits.len();
+        for how in &hows {
+            assert!(cuda.slot_samples_vocab(how));
+            for (ri, &r) in draws.iter().enumerate() {
+                let want = sample_vocab(logits, how, r);
+                for chunk in [n, 1024, 999, 32768] {
+                    if chunk > n || (n > 5000 && chunk < 32768) || (chunk < n && ri % 3 != 0) {
+                        continue;
+                    }
+                    let slot = (ci + ri) % 4;
+                    for (k, part) in logits.chunks(chunk).enumerate() {
+                        let col0 = k * chunk;
+                        let mut a = cuda.alloc_act(1, part.len()).unwrap();
+                        cuda.write(part, &mut a).unwrap();
+                        let pick = SlotPick::Vocab(*how, r);
+                        cuda.pick_to_slot(&a, col0, part.len(), n, slot, &pick)
+                            .unwrap();
+                        let mut c = cpu.alloc_act(1, part.len()).unwrap();
+                        cpu.write(part, &mut c).unwrap();
+                        cpu.pick_to_slot(&c, col0, part.len(), n, slot, &pick)
+                            .unwrap();
+                    }
+                    let got = (
+                        cuda.slot_token(slot).unwrap(),
+                        cpu.slot_token(slot).unwrap(),
+                    );
+                    assert_eq!(
+                        got,
+                        (want, want),
+                        "case {ci} ({n} logits), {how:?}, draw {r}, chunks of {chunk}"
+                    );
+                    checked += 1;
+                }
+                if ci == 0 || ci == 7 {
+                    distinct.insert((ci, want));
+                }
+            }
+        }
+    }
+    assert!(distinct.len() > 20, "{distinct:?}");
+    // Top-p needs the host's rank-order sums: declined, and an error if asked.
+    let nucleus = VocabSampling {
+        temperature: 1.0,
+        top_p: 0.9,
+        min_p: 0.0,
+    };
+    assert!(!cuda.slot_samples_vocab(&nucleus));
+    let a = cuda.alloc_act(1, 100).unwrap();
+    assert!(cuda
+        .pick_to_slot(&a, 0, 100, 100, 0, &SlotPick::Vocab(nucleus, 0.5))
+        .is_err());
+    println!("VOCAB {checked} cases: cuda = cpu = host sampler");
+}
+
+#[test]
 fn argmax_to_slot_matches_the_host() {
     use flea_model::sampling::SlotPick;
     use flea_model::Backend;

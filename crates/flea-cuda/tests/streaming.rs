@@ -445,8 +445,9 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
             }
         }
 
-        // Sampled on the GPU with the host sampler's draws: the host loop's tokens.
-        let cfg = flea_model::SamplerConfig {
+        // Sampled on the GPU with the host sampler's draws: the host loop's tokens. Top-k,
+        // then the whole vocabulary (top-k off).
+        let top_k = flea_model::SamplerConfig {
             temperature: 0.9,
             top_k: 40,
             top_p: 0.95,
@@ -454,29 +455,41 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
             seed: 11,
             ..Default::default()
         };
-        let mut s = open(plan.clone());
-        let mut sampler = flea_model::Sampler::new(cfg.clone());
-        let mut l = s.eval(&prompt, Logits::Last).unwrap();
-        let mut sampled = Vec::new();
-        for _ in 0..=n {
-            let t = sampler.sample(&mut l);
-            sampled.push(t);
-            l = s.eval(&[t], Logits::Last).unwrap();
+        let vocab = flea_model::SamplerConfig {
+            temperature: 1.2,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 12,
+            ..top_k.clone()
+        };
+        for cfg in [top_k, vocab] {
+            let mut s = open(plan.clone());
+            let mut sampler = flea_model::Sampler::new(cfg.clone());
+            let mut l = s.eval(&prompt, Logits::Last).unwrap();
+            let mut sampled = Vec::new();
+            for _ in 0..=n {
+                let t = sampler.sample(&mut l);
+                sampled.push(t);
+                l = s.eval(&[t], Logits::Last).unwrap();
+            }
+            drop(s);
+            let mut s = open(plan.clone());
+            let mut sampler = flea_model::Sampler::new(cfg.clone());
+            assert!(s.samples_on_backend(&sampler), "{name}");
+            let mut l = s.eval(&prompt, Logits::Last).unwrap();
+            let first = sampler.sample(&mut l);
+            let mut got = vec![first];
+            s.decode_sampled(first, n, &mut sampler, &mut |t| {
+                got.push(t);
+                true
+            })
+            .unwrap();
+            assert_eq!(
+                got, sampled,
+                "{name}: sampled on the GPU, other tokens ({cfg:?})"
+            );
+            drop(s);
         }
-        drop(s);
-        let mut s = open(plan.clone());
-        let mut sampler = flea_model::Sampler::new(cfg);
-        assert!(s.samples_on_backend(&sampler), "{name}");
-        let mut l = s.eval(&prompt, Logits::Last).unwrap();
-        let first = sampler.sample(&mut l);
-        let mut got = vec![first];
-        s.decode_sampled(first, n, &mut sampler, &mut |t| {
-            got.push(t);
-            true
-        })
-        .unwrap();
-        assert_eq!(got, sampled, "{name}: sampled on the GPU, other tokens");
-        drop(s);
 
         let mut s = open(plan.clone());
         s.eval(&prompt, Logits::Last).unwrap();

@@ -307,6 +307,11 @@ pub trait Backend {
     fn slot_top_k_max(&self) -> usize {
         0
     }
+    /// Whether [`Backend::pick_to_slot`] takes whole-vocabulary sampling `how`
+    /// ([`crate::sampling::sample_vocab`]).
+    fn slot_samples_vocab(&self, _how: &crate::sampling::VocabSampling) -> bool {
+        false
+    }
     /// A token chosen on the backend: `logits` row 0 holds the logits `col0..col0 + width`
     /// of a vocabulary of `n_vocab`; the calls of one token come in order (`col0` 0 first,
     /// the last ending at `n_vocab`) and what `pick` needs is kept between them — the
@@ -314,7 +319,7 @@ pub trait Backend {
     /// order (sampled). The last call puts the token in `slot` and starts its way to the
     /// host: the first index of the largest (NaNs and -inf never win, as
     /// [`crate::sampling::argmax`]), or what [`crate::sampling::choose_from_top`] picks with
-    /// the host's draw.
+    /// the host's draw, or what [`crate::sampling::sample_vocab`] picks (whole vocabulary).
     fn pick_to_slot(
         &self,
         _logits: &Self::Act,

@@ -118,6 +118,8 @@ struct TokenSlots {
     best: Option<(f32, usize)>,
     /// The best candidates so far of a sampled token, as `sampling::candidate_key`s.
     candidates: Vec<u64>,
+    /// The logits of a whole-vocabulary sampled token, gathered from its calls.
+    vocab: Vec<f32>,
     tokens: [u32; CPU_TOKEN_SLOTS],
 }
 
@@ -783,6 +785,10 @@ impl Backend for CpuBackend {
         crate::sampling::SLOT_TOP_K_MAX
     }
 
+    fn slot_samples_vocab(&self, _how: &crate::sampling::VocabSampling) -> bool {
+        true
+    }
+
     fn pick_to_slot(
         &self,
         logits: &CpuAct,
@@ -800,6 +806,7 @@ impl Backend for CpuBackend {
         let top_k_fits = match pick {
             SlotPick::Greedy => true,
             SlotPick::Sample(how, _) => (1..=sampling::SLOT_TOP_K_MAX).contains(&how.top_k),
+            SlotPick::Vocab(..) => true,
         };
         if slot >= CPU_TOKEN_SLOTS || col0 + width > n_vocab || !top_k_fits {
             return Err(ModelError::Backend(format!(
@@ -834,6 +841,19 @@ impl Backend for CpuBackend {
                 if last {
                     let cand = sampling::candidates_of(&s.candidates);
                     s.tokens[slot] = sampling::choose_from_top(&cand, how, *r);
+                }
+            }
+            SlotPick::Vocab(how, r) => {
+                if col0 == 0 {
+                    s.vocab.clear();
+                    s.vocab.resize(n_vocab, f32::NAN);
+                }
+                let dst = s.vocab.get_mut(col0..col0 + width).ok_or_else(|| {
+                    ModelError::Backend("pick_to_slot: vocabulary changed between calls".into())
+                })?;
+                dst.copy_from_slice(row);
+                if last {
+                    s.tokens[slot] = sampling::sample_vocab(&s.vocab, how, *r);
                 }
             }
         }

@@ -166,11 +166,19 @@ impl Sampler {
         if c.temperature <= 0.0 {
             return argmax(logits) as u32;
         }
-        let k = if c.top_k > 0 { c.top_k } else { logits.len() };
-        let cand = top_candidates(logits, 0, k);
+        if c.top_k == 0 {
+            let how = VocabSampling {
+                temperature: c.temperature,
+                top_p: c.top_p,
+                min_p: c.min_p,
+            };
+            let r = self.draw();
+            return sample_vocab(logits, &how, r);
+        }
+        let cand = top_candidates(logits, 0, c.top_k);
         let how = TopKSampling {
             temperature: c.temperature,
-            top_k: k,
+            top_k: c.top_k,
             top_p: c.top_p,
             min_p: c.min_p,
         };
@@ -205,6 +213,19 @@ pub enum SlotPick {
     Greedy,
     /// Top-k sampling with the host's uniform draw for this token.
     Sample(TopKSampling, f64),
+    /// Whole-vocabulary sampling ([`sample_vocab`]) with the host's draw for this token.
+    Vocab(VocabSampling, f64),
+}
+
+impl SlotPick {
+    /// The same pick with the draw `r` (greedy takes none).
+    pub fn with_draw(self, r: f64) -> SlotPick {
+        match self {
+            SlotPick::Greedy => SlotPick::Greedy,
+            SlotPick::Sample(how, _) => SlotPick::Sample(how, r),
+            SlotPick::Vocab(how, _) => SlotPick::Vocab(how, r),
+        }
+    }
 }
 
 /// Sampling from the `top_k` largest logits with top-p, min-p and temperature, without a
@@ -231,6 +252,19 @@ impl SamplerConfig {
                 min_p: self.min_p,
             },
         )
+    }
+}
+
+impl SamplerConfig {
+    /// This configuration as whole-vocabulary sampling (top-k off) a backend may do on the
+    /// device: Some when it samples (temperature > 0) with top-k 0 and no repetition penalty.
+    pub fn vocab_sampling(&self) -> Option<VocabSampling> {
+        let no_penalty = self.repeat_penalty == 1.0 || self.repeat_last_n == 0;
+        (self.temperature > 0.0 && no_penalty && self.top_k == 0).then_some(VocabSampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            min_p: self.min_p,
+        })
     }
 }
 
@@ -337,6 +371,192 @@ pub fn choose_from_top(cand: &[(u32, f32)], how: &TopKSampling, r: f64) -> u32 {
     cand[..n].last().map_or(0, |c| c.0)
 }
 
+/// Sampling from the whole vocabulary (top-k off: OpenAI's parameters), defined so that
+/// it needs no sort of the vocabulary and a device can repeat it exactly (kernels.cu
+/// `vocab_*`): with m the largest logit that is not NaN and t the temperature,
+/// - top-p (host only): the kept tokens are the smallest prefix, in [`candidate_key`]'s
+///   order, whose sum of exp(l - m) (added in that order) reaches top_p times the sum over
+///   the vocabulary (added in the draw's order below);
+/// - min-p: a token is kept if l equals m or l - m >= ln(min_p) (in f64);
+/// - the kept tokens weigh exp(l / t - m / t) (the divisions in f32, as the top-k path's),
+///   NaN logits nothing; the draw r in [0, 1) picks the token where the running sum of the
+///   weights, in token order, first passes r times their total.
+///
+/// The running sums are taken in a fixed tree so that a device computes the same bits in
+/// parallel: sums of [`DRAW_SEGMENT`] consecutive weights, sums of [`DRAW_TILE`] / 32 such
+/// segments, then the tiles, each level added in order from 0.0; the draw walks the tiles,
+/// then that tile's segments, then that segment's weights, with what is left of r × total.
+/// If the largest logit or m / t is not finite, the token is [`argmax`]'s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VocabSampling {
+    pub temperature: f32,
+    /// 1.0 (or more) disables.
+    pub top_p: f32,
+    /// 0.0 (or less) disables.
+    pub min_p: f32,
+}
+
+/// Consecutive weights summed first in a whole-vocabulary draw.
+pub const DRAW_SEGMENT: usize = 32;
+/// Consecutive weights (32 segments) summed next.
+pub const DRAW_TILE: usize = 32 * DRAW_SEGMENT;
+
+impl VocabSampling {
+    /// The min-p bound on l - m (f64; -inf when min-p is off), as the device is handed it.
+    pub fn ln_min_p(&self) -> f64 {
+        if self.min_p > 0.0 {
+            f64::from(self.min_p).ln()
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+}
+
+/// The largest logit that is not NaN (-inf if none).
+fn max_logit(logits: &[f32]) -> f32 {
+    logits
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m })
+}
+
+/// Sum of `w(i)` for i in `range`, in order from 0.0.
+fn ordered_sum(range: std::ops::Range<usize>, w: &impl Fn(usize) -> f64) -> f64 {
+    range.fold(0.0, |a, i| a + w(i))
+}
+
+/// The tree sums of [`VocabSampling`]: each segment's, then each tile's.
+fn segment_sum(n: usize, s: usize, w: &impl Fn(usize) -> f64) -> f64 {
+    ordered_sum(s * DRAW_SEGMENT..((s + 1) * DRAW_SEGMENT).min(n), w)
+}
+fn tile_sum(n: usize, t: usize, w: &impl Fn(usize) -> f64) -> f64 {
+    let segments = n.div_ceil(DRAW_SEGMENT);
+    let per_tile = DRAW_TILE / DRAW_SEGMENT;
+    ordered_sum(t * per_tile..((t + 1) * per_tile).min(segments), &|s| {
+        segment_sum(n, s, w)
+    })
+}
+
+/// The part of `parts` (sums) where a running sum from 0.0 first passes `target`, and what
+/// is left of the target inside it; if rounding leaves the target at or past the end, the
+/// last part with weight and an infinite remainder (so the levels below take their last too).
+fn walk(parts: &[f64], target: f64) -> (usize, f64) {
+    let mut acc = 0.0;
+    for (i, &x) in parts.iter().enumerate() {
+        let next = acc + x;
+        if target < next {
+            return (i, target - acc);
+        }
+        acc = next;
+    }
+    (
+        parts.iter().rposition(|&x| x > 0.0).unwrap_or(0),
+        f64::INFINITY,
+    )
+}
+
+/// The token index the draw `r` picks among `n` weights `w` (see [`VocabSampling`]).
+pub fn draw_in_token_order(n: usize, w: impl Fn(usize) -> f64, r: f64) -> usize {
+    let tiles: Vec<f64> = (0..n.div_ceil(DRAW_TILE))
+        .map(|t| tile_sum(n, t, &w))
+        .collect();
+    let total = tiles.iter().fold(0.0, |a, &x| a + x);
+    let (t, left) = walk(&tiles, r * total);
+    let per_tile = DRAW_TILE / DRAW_SEGMENT;
+    let s0 = t * per_tile;
+    let segments: Vec<f64> = (s0..(s0 + per_tile).min(n.div_ceil(DRAW_SEGMENT)))
+        .map(|s| segment_sum(n, s, &w))
+        .collect();
+    let (s, left) = walk(&segments, left);
+    let i0 = (s0 + s) * DRAW_SEGMENT;
+    let weights: Vec<f64> = (i0..(i0 + DRAW_SEGMENT).min(n)).map(&w).collect();
+    i0 + walk(&weights, left).0
+}
+
+/// The lowest [`candidate_key`] top-p keeps (see [`VocabSampling`]), without sorting the
+/// vocabulary: the keys are bucketed by their top 12 bits (the logit's sign, exponent and
+/// three more bits), the buckets' masses (each added in token order) are taken from the best
+/// bucket down until the goal is reached, and only that bucket's keys are sorted and added
+/// one by one. (Top-p sums thus differ from a plain sorted prefix sum in their last bits.)
+fn top_p_key(logits: &[f32], m: f32, top_p: f32) -> u64 {
+    const BUCKET_SHIFT: u32 = 52;
+    let e: Vec<f64> = logits
+        .iter()
+        .map(|&l| {
+            if l.is_nan() {
+                0.0
+            } else {
+                (f64::from(l) - f64::from(m)).exp()
+            }
+        })
+        .collect();
+    let weight = |i: usize| e.get(i).copied().unwrap_or(0.0);
+    let n = logits.len();
+    let total = (0..n.div_ceil(DRAW_TILE)).fold(0.0, |a, t| a + tile_sum(n, t, &weight));
+    let goal = f64::from(top_p) * total;
+    let keys = || {
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_nan())
+            .map(|(i, &l)| (candidate_key(i as u32, l), i))
+    };
+    let mut mass = vec![0.0f64; 1 << (64 - BUCKET_SHIFT)];
+    for (k, i) in keys() {
+        if let Some(b) = mass.get_mut((k >> BUCKET_SHIFT) as usize) {
+            *b += weight(i);
+        }
+    }
+    let mut acc = 0.0;
+    for (b, &bm) in mass.iter().enumerate().rev() {
+        let next = acc + bm;
+        if bm > 0.0 && next >= goal {
+            let mut inside: Vec<(u64, usize)> = keys()
+                .filter(|(k, _)| (k >> BUCKET_SHIFT) as usize == b)
+                .collect();
+            inside.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
+            for &(k, i) in &inside {
+                acc += weight(i);
+                if acc >= goal {
+                    return k;
+                }
+            }
+            // Added in another order, the bucket fell short of its mass: all of it.
+            return inside.last().map_or(0, |&(k, _)| k);
+        }
+        acc = next;
+    }
+    0
+}
+
+/// The token whole-vocabulary sampling `how` picks from `logits` with the draw `r` (see
+/// [`VocabSampling`]); ids are indices into `logits`.
+pub fn sample_vocab(logits: &[f32], how: &VocabSampling, r: f64) -> u32 {
+    let m = max_logit(logits);
+    let t = how.temperature;
+    let mt = m / t;
+    if !m.is_finite() || !mt.is_finite() {
+        return argmax(logits) as u32;
+    }
+    let keep_key = if how.top_p < 1.0 {
+        top_p_key(logits, m, how.top_p)
+    } else {
+        0
+    };
+    let ln_min_p = how.ln_min_p();
+    let (m64, mt64) = (f64::from(m), f64::from(mt));
+    let weight = |i: usize| match logits.get(i) {
+        Some(&l)
+            if !l.is_nan()
+                && (l == m || f64::from(l) - m64 >= ln_min_p)
+                && candidate_key(i as u32, l) >= keep_key =>
+        {
+            (f64::from(l / t) - mt64).exp()
+        }
+        _ => 0.0,
+    };
+    draw_in_token_order(logits.len(), weight, r) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,6 +643,182 @@ mod tests {
             ..base
         };
         assert!(penalty.top_k_sampling(64).is_none());
+        assert!(penalty.vocab_sampling().is_none());
+        assert!(base.vocab_sampling().is_none());
+        assert_eq!(
+            all.vocab_sampling(),
+            Some(VocabSampling {
+                temperature: 0.8,
+                top_p: 0.95,
+                min_p: 0.05
+            })
+        );
+        assert!(SamplerConfig {
+            top_k: 0,
+            ..SamplerConfig::greedy()
+        }
+        .vocab_sampling()
+        .is_none());
+    }
+
+    /// Logits like a model's: a few high ones over a wide low tail (xorshift, seeded).
+    fn model_like_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+                if x.is_multiple_of(97) {
+                    8.0 + 6.0 * u
+                } else {
+                    12.0 * u - 6.0
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vocab_draws_follow_the_softmax_in_token_order() {
+        // Draws on a fine grid of r: each token's share of the grid is its probability, and
+        // the token never goes down as r goes up (the draw walks the vocabulary in order).
+        let logits = [1.0f32, -0.5, 2.0, f32::NAN, 0.25, f32::NEG_INFINITY, 2.0];
+        for &(t, min_p) in &[(1.0f32, 0.0f32), (0.7, 0.0), (1.3, 0.3)] {
+            let how = VocabSampling {
+                temperature: t,
+                top_p: 1.0,
+                min_p,
+            };
+            let kept = |l: f32| l == 2.0 || f64::from(l) - 2.0 >= how.ln_min_p();
+            let w: Vec<f64> = logits
+                .iter()
+                .map(|&l| {
+                    if l.is_nan() || !kept(l) {
+                        0.0
+                    } else {
+                        (f64::from(l / t) - f64::from(2.0 / t)).exp()
+                    }
+                })
+                .collect();
+            let total: f64 = w.iter().sum();
+            let grid = 20000;
+            let mut counts = vec![0usize; logits.len()];
+            let mut prev = 0;
+            for j in 0..grid {
+                let tok = sample_vocab(&logits, &how, (j as f64 + 0.5) / grid as f64) as usize;
+                assert!(tok >= prev, "t {t}: token {tok} after {prev}");
+                prev = tok;
+                counts[tok] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                let want = w[i] / total;
+                let got = c as f64 / grid as f64;
+                assert!(
+                    (got - want).abs() <= 1.0 / grid as f64,
+                    "token {i}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vocab_draws_cross_tiles_and_segments_exactly() {
+        // Many tiles and a partial last one: the tree walk lands where a running sum of the
+        // same weights passes the target, give or take the sums' rounding (checked to 1e-12
+        // of the total), and r near 1 takes the last token with weight.
+        let logits = model_like_logits(5000, 3);
+        let how = VocabSampling {
+            temperature: 0.8,
+            top_p: 1.0,
+            min_p: 0.0,
+        };
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f64> = logits
+            .iter()
+            .map(|&l| (f64::from(l / 0.8) - f64::from(m / 0.8)).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        for j in 0..200 {
+            let r = (j as f64 * 0.618_033_988_7) % 1.0;
+            let tok = sample_vocab(&logits, &how, r) as usize;
+            let before: f64 = w[..tok].iter().sum();
+            let target = r * total;
+            assert!(before <= target + 1e-12 * total, "r {r}: token {tok}");
+            assert!(
+                before + w[tok] > target - 1e-12 * total,
+                "r {r}: token {tok}"
+            );
+        }
+        let last = sample_vocab(&logits, &how, 1.0 - f64::EPSILON / 2.0);
+        assert_eq!(last, 4999);
+        let mut cut = logits.clone();
+        cut[4000..].fill(f32::NEG_INFINITY);
+        assert_eq!(sample_vocab(&cut, &how, 1.0 - f64::EPSILON / 2.0), 3999);
+    }
+
+    #[test]
+    fn vocab_top_p_keeps_the_sorted_nucleus() {
+        // The bucketed top-p keeps exactly what a sort of the whole vocabulary keeps.
+        for (n, seed) in [(300usize, 1u64), (5000, 2), (40000, 9)] {
+            let mut logits = model_like_logits(n, seed);
+            logits[n / 3] = logits[n / 2]; // a tie, ranked by the lower id
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e = |l: f32| (f64::from(l) - f64::from(m)).exp();
+            let total: f64 = {
+                let w = |i: usize| e(logits[i]);
+                (0..n.div_ceil(DRAW_TILE)).fold(0.0, |a, t| a + tile_sum(n, t, &w))
+            };
+            let mut keys: Vec<u64> = (0..n).map(|i| candidate_key(i as u32, logits[i])).collect();
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            for top_p in [0.0f32, 0.3, 0.9, 0.95, 0.999] {
+                let goal = f64::from(top_p) * total;
+                let mut acc = 0.0;
+                let mut want = *keys.last().unwrap();
+                for &k in &keys {
+                    acc += e(from_candidate_key(k).1);
+                    if acc >= goal {
+                        want = k;
+                        break;
+                    }
+                }
+                assert_eq!(top_p_key(&logits, m, top_p), want, "n {n} top-p {top_p}");
+            }
+            // Sampled tokens come from the nucleus only.
+            let how = VocabSampling {
+                temperature: 1.5,
+                top_p: 0.3,
+                min_p: 0.0,
+            };
+            let thr = top_p_key(&logits, m, 0.3);
+            for j in 0..100 {
+                let tok = sample_vocab(&logits, &how, j as f64 / 100.0);
+                assert!(candidate_key(tok, logits[tok as usize]) >= thr);
+            }
+        }
+    }
+
+    #[test]
+    fn vocab_sampling_edge_cases_fall_back_to_argmax() {
+        let how = VocabSampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.0,
+        };
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        assert_eq!(sample_vocab(&[nan, nan, nan], &how, 0.5), 0);
+        assert_eq!(sample_vocab(&[f32::NEG_INFINITY; 4], &how, 0.9), 0);
+        assert_eq!(sample_vocab(&[1.0, inf, 3.0, inf], &how, 0.1), 1);
+        assert_eq!(sample_vocab(&[-1.0, nan, 5.0], &how, 0.999), 2);
+        let cold = VocabSampling {
+            temperature: 1e-40,
+            ..how
+        };
+        assert_eq!(sample_vocab(&[1.0, 3.0, 3.0, 2.0], &cold, 0.9), 1);
+        // min-p above 1 keeps only the largest.
+        let strict = VocabSampling { min_p: 2.0, ..how };
+        assert_eq!(sample_vocab(&[1.0, 3.0, 2.9, 2.0], &strict, 0.99), 1);
     }
 
     #[test]

@@ -915,8 +915,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     }
 
     /// As [`Self::decode_greedy`], each token sampled on the backend as `sampler` would
-    /// sample it on the host (top-k sampling without a repetition penalty, at most
-    /// `Backend::slot_top_k_max` candidates): the host draws each pass's uniform number
+    /// sample it on the host (without a repetition penalty: top-k sampling of at most
+    /// `Backend::slot_top_k_max` candidates, or whole-vocabulary sampling where
+    /// `Backend::slot_samples_vocab` takes it): the host draws each pass's uniform number
     /// when it queues the pass, and puts back the draws of passes queued past the stop, so
     /// the sampler continues as if it had sampled exactly the tokens delivered.
     pub fn decode_sampled(
@@ -970,8 +971,22 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
     /// Whether `sampler` can sample on the backend in a chained decode.
     pub fn samples_on_backend(&self, sampler: &Sampler) -> bool {
+        sampler.cfg.is_plain_greedy() || self.backend_sampling(sampler).is_some()
+    }
+
+    /// How the backend samples what `sampler` samples (top-k with at most
+    /// `Backend::slot_top_k_max` candidates, or the whole vocabulary where the backend takes
+    /// it), the draw to be filled in per pass; None if it cannot.
+    fn backend_sampling(&self, sampler: &Sampler) -> Option<SlotPick> {
         let max_k = self.backend.slot_top_k_max();
-        sampler.cfg.is_plain_greedy() || sampler.cfg.top_k_sampling(max_k).is_some()
+        if let Some(how) = sampler.cfg.top_k_sampling(max_k) {
+            return Some(SlotPick::Sample(how, 0.0));
+        }
+        sampler
+            .cfg
+            .vocab_sampling()
+            .filter(|how| self.backend.slot_samples_vocab(how))
+            .map(|how| SlotPick::Vocab(how, 0.0))
     }
 
     fn decode_chained(
@@ -988,15 +1003,17 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 "decode cannot be chained on this plan".into(),
             ));
         }
-        let max_k = self.backend.slot_top_k_max();
         let how = match sampler.as_deref() {
             None => None,
             Some(s) if s.cfg.is_plain_greedy() => None,
-            Some(s) => Some(s.cfg.top_k_sampling(max_k).ok_or_else(|| {
+            Some(s) => Some(self.backend_sampling(s).ok_or_else(|| {
                 RuntimeError::Input(format!(
-                    "this sampling cannot run on the backend (top-k {} of at most {max_k}, \
-                     repetition penalty {})",
-                    s.cfg.top_k, s.cfg.repeat_penalty
+                    "this sampling cannot run on the backend (top-k {} of at most {}, top-p \
+                     {}, repetition penalty {})",
+                    s.cfg.top_k,
+                    self.backend.slot_top_k_max(),
+                    s.cfg.top_p,
+                    s.cfg.repeat_penalty
                 ))
             })?),
         };
@@ -1024,7 +1041,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     let pick = match (how, sampler.as_deref_mut()) {
                         (Some(how), Some(s)) => {
                             rng_before.push_back(s.rng().clone());
-                            SlotPick::Sample(how, s.draw())
+                            how.with_draw(s.draw())
                         }
                         _ => SlotPick::Greedy,
                     };

@@ -405,8 +405,21 @@ fn chained_sampled_decode_draws_as_the_host_sampler_and_resumes_where_it_stopped
             let io = IoOptions::default();
             StreamedModel::new(&model, &backend, plan, &path, &io, n_ctx, batch).unwrap()
         };
-        for seed in [7, 8] {
-            let cfg = sampling_config(seed);
+        // Top-k sampling, then the whole vocabulary (top-k off: OpenAI's parameters) with
+        // and without top-p.
+        let vocab = |seed, top_p| flea_model::SamplerConfig {
+            top_k: 0,
+            top_p,
+            temperature: 1.1,
+            ..sampling_config(seed)
+        };
+        for cfg in [
+            sampling_config(7),
+            sampling_config(8),
+            vocab(9, 1.0),
+            vocab(10, 0.9),
+        ] {
+            let seed = cfg.seed;
             // The host loop: logits back, sampled on the host.
             let mut s = open();
             let mut sampler = Sampler::new(cfg.clone());
@@ -464,9 +477,10 @@ fn chained_sampled_decode_draws_as_the_host_sampler_and_resumes_where_it_stopped
             );
         }
 
-        // Sampling a backend cannot do (every candidate): not chained, and an error if asked.
+        // Sampling a backend cannot do (a repetition penalty): not chained, and an error if
+        // asked.
         let all = flea_model::SamplerConfig {
-            top_k: 0,
+            repeat_penalty: 1.1,
             ..sampling_config(1)
         };
         let mut s = open();

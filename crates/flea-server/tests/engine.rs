@@ -173,10 +173,16 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
     };
     let mut stopped = greedy("1, 2, 3, 4,", 40);
     stopped.stop = vec![" 9".into()];
-    // Sampling a whole vocabulary stays on the host; the requests after it chain anyway.
-    let mut every_token = sampled("Monday, Tuesday,", 12, 2);
+    // A repetition penalty stays on the host; the requests after it chain anyway.
+    let mut penalised = sampled("Monday, Tuesday,", 12, 2);
+    penalised.sampling.repeat_penalty = 1.1;
+    // OpenAI's parameters: the whole vocabulary (top-k off), chained too.
+    let mut every_token = sampled("Lists of colours: red,", 24, 6);
     every_token.sampling.top_k = 0;
+    every_token.sampling.top_p = 1.0;
+    every_token.sampling.min_p = 0.0;
     let alone_requests = vec![
+        penalised,
         every_token,
         greedy("The capital of France is", 20),
         sampled("Once upon a time", 70, 3),
@@ -189,7 +195,7 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
         greedy("def fibonacci(n):", 30),
     ];
     let (n_ctx, batch) = (160, 64);
-    let run = |chain: bool| {
+    let run = |chain: bool, alone: &[GenRequest], together: &[GenRequest]| {
         let plan = Plan::build(
             &model,
             &PlanRequest {
@@ -212,7 +218,7 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
             ..EngineOptions::default()
         };
         let (engine, handle) = Engine::new(&mut sm, &model.tokenizer, None, opts);
-        let (reqs, both) = (alone_requests.clone(), together.clone());
+        let (reqs, both) = (alone.to_vec(), together.to_vec());
         let out = std::thread::scope(|scope| {
             let h = handle.clone();
             let client = scope.spawn(move || {
@@ -234,12 +240,15 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
             handle.metrics.chained_tokens_total.load(Ordering::Relaxed),
         )
     };
-    let (stepped, none) = run(false);
-    let (chained, tokens) = run(true);
+    let (stepped, none) = run(false, &alone_requests, &together);
+    let (chained, tokens) = run(true, &alone_requests, &together);
     assert_eq!(none, 0);
     assert!(tokens > 100, "only {tokens} tokens chained");
+    // The whole-vocabulary request alone: every token after the first chained.
+    let (_, vocab_tokens) = run(true, &alone_requests[1..2], &[]);
+    assert_eq!(vocab_tokens, 23);
     assert_eq!(chained, stepped);
-    assert_eq!(stepped[4].1, FinishReason::Stop, "{:?}", stepped[4]);
+    assert_eq!(stepped[5].1, FinishReason::Stop, "{:?}", stepped[5]);
     // Another seed, another story.
-    assert!(!stepped[2].0.starts_with(&stepped[3].0), "{stepped:?}");
+    assert!(!stepped[3].0.starts_with(&stepped[4].0), "{stepped:?}");
 }
