@@ -92,8 +92,9 @@ if [ ${#models[@]} -gt 0 ]; then
     "${models[@]}" > "$OUT/bench.log" 2>&1 || status=1
 fi
 
-# 3b. `flea run` as users run it: decode chained on the GPU (greedy, and sampled with the
-# default top-k settings and a seed), beside the same with the host sampling (FLEA_CHAIN=0)
+# 3b. `flea run` as users run it: decode chained on the GPU (greedy, sampled with the
+# default top-k settings and a seed, and sampled from the whole vocabulary: --top-k 0, as
+# OpenAI's parameters), beside the same with the host sampling (FLEA_CHAIN=0)
 # and without CUDA graphs (FLEA_CUDA_GRAPH=0), alternating, RUNS times each after a
 # discarded warm-up. Each line: the run's decode tok/s and its own efficiency against the
 # device-memory floor; the texts of a variant pair must match.
@@ -121,10 +122,12 @@ if [ ${#models[@]} -gt 0 ]; then
       run_variant "greedy no graphs $r" FLEA_CHAIN=1 FLEA_CUDA_GRAPH=0 -- --temp 0
       run_variant "sampled chained $r" FLEA_CHAIN=1 -- --seed 5
       run_variant "sampled host $r" FLEA_CHAIN=0 -- --seed 5
+      run_variant "vocab chained $r" FLEA_CHAIN=1 -- --seed 5 --top-k 0 --top-p 1
+      run_variant "vocab host $r" FLEA_CHAIN=0 -- --seed 5 --top-k 0 --top-p 1
     done
     b="$OUT/run_$(basename "$f" .gguf)"
     for pair in "greedy_chained_1 greedy_host_1" "greedy_chained_1 greedy_no_graphs_1" \
-                "sampled_chained_1 sampled_host_1"; do
+                "sampled_chained_1 sampled_host_1" "vocab_chained_1 vocab_host_1"; do
       set -- $pair
       cmp -s "${b}_$1.txt" "${b}_$2.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") $1 $2" >> "$OUT/run.log"; }
     done

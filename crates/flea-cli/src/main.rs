@@ -182,6 +182,10 @@ struct ServeArgs {
     /// Requests that may wait for a slot; more get 503.
     #[arg(long, default_value_t = 256)]
     queue: usize,
+    /// Threads that sample a step's sequences (0: on a GPU half the cores, at most 8; on
+    /// the CPU 1, whose cores compute the next step).
+    #[arg(long, default_value_t = 0)]
+    sample_threads: usize,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
@@ -600,6 +604,14 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     );
     // A request running alone has its tokens chosen on the GPU.
     let chain_decode = runner.may_chain();
+    // On a GPU the device waits while the host samples a step's sequences.
+    let sample_threads = match a.sample_threads {
+        0 if runner.on_gpu() => std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .clamp(1, 8),
+        0 => 1,
+        n => n.min(flea_server::SAMPLE_THREADS_MAX),
+    };
     let (engine, handle) = flea_server::Engine::new(
         runner.step_model(),
         &eng.model.tokenizer,
@@ -608,6 +620,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             queue_capacity: a.queue.max(1),
             shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
             chain_decode,
+            sample_threads,
         },
     );
     let opts = flea_server::ServeOptions {

@@ -322,6 +322,15 @@ impl<'m> Runner<'m> {
         })
     }
 
+    /// Whether this runner computes on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(_) | Runner::CudaInPlace(_) => true,
+            _ => false,
+        }
+    }
+
     /// Whether decode may run chained on this runner's device: a CUDA runner under the
     /// residency executor, unless FLEA_CHAIN=0. (On the CPU each token is computed by the
     /// host anyway, so it samples there as before.)

@@ -69,7 +69,9 @@ fn sa_bytes(cols: usize, fmt: ActFmt) -> usize {
 
 /// Tokens one `mmvq8_*` thread block multiplies with each weight load. Up to this many
 /// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
-/// dequantizing it to f16 for a GEMM (and the sums are the CPU's integers).
+/// dequantizing it to f16 for a GEMM (and the sums are the CPU's integers). Not beyond: 16
+/// and 32 rows as two and four 8-token groups were slower than cuBLAS (H200, a 13b served to
+/// 16 / 32 clients: 587 vs 655 and 638 vs 1252 tok/s; docs/BENCHMARKS.md).
 pub(crate) const MAX_TOKENS: usize = 8;
 
 /// The grid activations are quantized to (the CPU's vec-dot format of the weight type).

@@ -13,6 +13,7 @@ pub mod template;
 pub use api::{serve, ServeOptions};
 pub use engine::{
     Engine, EngineHandle, EngineOptions, Event, FinishReason, GenRequest, Prompt, StepModel,
+    SAMPLE_THREADS_MAX,
 };
 
 /// Why a request or the server failed.
