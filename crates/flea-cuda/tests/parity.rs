@@ -761,6 +761,35 @@ fn gemm_warm_up_changes_nothing() {
 /// Greedy sampling on the device (`pick_to_slot`, then `slot_token`) against the CPU
 /// backend's and the host's `argmax`: ties (the first index), NaNs and -inf (never win),
 /// nothing above -inf (0), -0 beside +0, and the vocabulary in one call or in chunks.
+/// The token `pick` puts in `slot` for `logits` handed over in chunks of `chunk`: (CUDA, CPU
+/// backend).
+fn slot_picks(
+    cuda: &CudaBackend,
+    cpu: &CpuBackend,
+    logits: &[f32],
+    chunk: usize,
+    slot: usize,
+    pick: &flea_model::sampling::SlotPick,
+) -> (u32, u32) {
+    use flea_model::Backend;
+    let n = logits.len();
+    for (k, part) in logits.chunks(chunk).enumerate() {
+        let col0 = k * chunk;
+        let mut a = cuda.alloc_act(1, part.len()).unwrap();
+        cuda.write(part, &mut a).unwrap();
+        cuda.pick_to_slot(&a, col0, part.len(), n, slot, pick)
+            .unwrap();
+        let mut c = cpu.alloc_act(1, part.len()).unwrap();
+        cpu.write(part, &mut c).unwrap();
+        cpu.pick_to_slot(&c, col0, part.len(), n, slot, pick)
+            .unwrap();
+    }
+    (
+        cuda.slot_token(slot).unwrap(),
+        cpu.slot_token(slot).unwrap(),
+    )
+}
+
 #[test]
 fn sample_to_slot_matches_the_host_sampler() {
     use flea_model::sampling::{choose_from_top, top_candidates, SlotPick, TopKSampling};
@@ -833,29 +862,8 @@ fn sample_to_slot_matches_the_host_sampler() {
                     if chunk > n || (n > vocab && chunk < 32768) {
                         continue;
                     }
-                    let slot = (ci + ri) % 4;
-                    for (k, part) in logits.chunks(chunk).enumerate() {
-                        let col0 = k * chunk;
-                        let mut a = cuda.alloc_act(1, part.len()).unwrap();
-                        cuda.write(part, &mut a).unwrap();
-                        cuda.pick_to_slot(
-                            &a,
-                            col0,
-                            part.len(),
-                            n,
-                            slot,
-                            &SlotPick::Sample(*how, r),
-                        )
-                        .unwrap();
-                        let mut c = cpu.alloc_act(1, part.len()).unwrap();
-                        cpu.write(part, &mut c).unwrap();
-                        cpu.pick_to_slot(&c, col0, part.len(), n, slot, &SlotPick::Sample(*how, r))
-                            .unwrap();
-                    }
-                    let got = (
-                        cuda.slot_token(slot).unwrap(),
-                        cpu.slot_token(slot).unwrap(),
-                    );
+                    let pick = SlotPick::Sample(*how, r);
+                    let got = slot_picks(&cuda, &cpu, logits, chunk, (ci + ri) % 4, &pick);
                     assert_eq!(
                         got,
                         (want, want),
@@ -962,23 +970,8 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
                     if chunk > n || (n > 5000 && chunk < 32768) || (chunk < n && ri % 3 != 0) {
                         continue;
                     }
-                    let slot = (ci + ri) % 4;
-                    for (k, part) in logits.chunks(chunk).enumerate() {
-                        let col0 = k * chunk;
-                        let mut a = cuda.alloc_act(1, part.len()).unwrap();
-                        cuda.write(part, &mut a).unwrap();
-                        let pick = SlotPick::Vocab(*how, r);
-                        cuda.pick_to_slot(&a, col0, part.len(), n, slot, &pick)
-                            .unwrap();
-                        let mut c = cpu.alloc_act(1, part.len()).unwrap();
-                        cpu.write(part, &mut c).unwrap();
-                        cpu.pick_to_slot(&c, col0, part.len(), n, slot, &pick)
-                            .unwrap();
-                    }
-                    let got = (
-                        cuda.slot_token(slot).unwrap(),
-                        cpu.slot_token(slot).unwrap(),
-                    );
+                    let pick = SlotPick::Vocab(*how, r);
+                    let got = slot_picks(&cuda, &cpu, logits, chunk, (ci + ri) % 4, &pick);
                     assert_eq!(
                         got,
                         (want, want),
