@@ -376,7 +376,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut sess = eng.runner(&a.engine, 1)?;
     let mut sampler = Sampler::new(a.sampling.config());
     prompt.iter().for_each(|&t| sampler.accept(t));
-    // Tokens chosen on the GPU (greedy or top-k sampled), which then never waits for the
+    // Tokens chosen on the GPU (greedy, top-k or whole-vocabulary sampled), which then never waits for the
     // host between tokens.
     let chained = sess.prepare_chain(&sampler)?;
 

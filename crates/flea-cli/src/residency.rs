@@ -346,8 +346,8 @@ impl<'m> Runner<'m> {
     }
 
     /// Whether decode with `sampler` runs chained on the GPU (`StreamedModel::decode_sampled`:
-    /// greedy, or top-k sampling the GPU can do): `may_chain`, and a plan that holds
-    /// everything in device memory.
+    /// greedy, or top-k or whole-vocabulary sampling the GPU can do): `may_chain`, and a plan
+    /// that holds everything in device memory.
     pub fn prepare_chain(&mut self, sampler: &Sampler) -> Result<bool> {
         if !self.may_chain() {
             return Ok(false);

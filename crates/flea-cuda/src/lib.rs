@@ -1185,7 +1185,7 @@ impl CudaBackend {
         tok_dev: u64,
         tok_host: u64,
     ) -> Result<()> {
-        if how.top_p < 1.0 || n_vocab > chain::VOCAB_MAX || how.temperature <= 0.0 {
+        if !self.slot_samples_vocab(how) || n_vocab > chain::VOCAB_MAX || how.temperature <= 0.0 {
             return Err(be(format!(
                 "pick_to_slot: whole-vocabulary sampling of {n_vocab} logits with {how:?} \
                  (top-p off, at most {} logits)",

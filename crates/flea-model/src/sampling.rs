@@ -436,6 +436,15 @@ fn tile_sum(n: usize, t: usize, w: &impl Fn(usize) -> f64) -> f64 {
     })
 }
 
+/// Every tile's sum, and their total added in order (the tree's root).
+fn tile_sums(n: usize, w: &impl Fn(usize) -> f64) -> (Vec<f64>, f64) {
+    let tiles: Vec<f64> = (0..n.div_ceil(DRAW_TILE))
+        .map(|t| tile_sum(n, t, w))
+        .collect();
+    let total = tiles.iter().fold(0.0, |a, &x| a + x);
+    (tiles, total)
+}
+
 /// The part of `parts` (sums) where a running sum from 0.0 first passes `target`, and what
 /// is left of the target inside it; if rounding leaves the target at or past the end, the
 /// last part with weight and an infinite remainder (so the levels below take their last too).
@@ -456,10 +465,7 @@ fn walk(parts: &[f64], target: f64) -> (usize, f64) {
 
 /// The token index the draw `r` picks among `n` weights `w` (see [`VocabSampling`]).
 pub fn draw_in_token_order(n: usize, w: impl Fn(usize) -> f64, r: f64) -> usize {
-    let tiles: Vec<f64> = (0..n.div_ceil(DRAW_TILE))
-        .map(|t| tile_sum(n, t, &w))
-        .collect();
-    let total = tiles.iter().fold(0.0, |a, &x| a + x);
+    let (tiles, total) = tile_sums(n, &w);
     let (t, left) = walk(&tiles, r * total);
     let per_tile = DRAW_TILE / DRAW_SEGMENT;
     let s0 = t * per_tile;
@@ -491,7 +497,7 @@ fn top_p_key(logits: &[f32], m: f32, top_p: f32) -> u64 {
         .collect();
     let weight = |i: usize| e.get(i).copied().unwrap_or(0.0);
     let n = logits.len();
-    let total = (0..n.div_ceil(DRAW_TILE)).fold(0.0, |a, t| a + tile_sum(n, t, &weight));
+    let (_, total) = tile_sums(n, &weight);
     let goal = f64::from(top_p) * total;
     let keys = || {
         logits

@@ -629,7 +629,7 @@ impl<'a> Engine<'a> {
         metrics
             .last_batch_sequences
             .store(wants.len().max(1), Ordering::Relaxed);
-        let logits = match result {
+        let mut logits = match result {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return self.fail_all(&e),
             Err(_) => return self.fail_all("the forward pass panicked"),
@@ -648,7 +648,6 @@ impl<'a> Engine<'a> {
         } else {
             logits.len() / wants.len()
         };
-        let mut logits = logits;
         let Some(picked) = self.sample_rows(&wants, &mut logits, vocab) else {
             return self.fail_all("sampling panicked");
         };
