@@ -2795,6 +2795,500 @@ MMVQ(f16, F16K, HalfRaw, LB_DEFAULT)
 MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 
 // ---------------------------------------------------------------------------------------------
+// Tensor-core int8 matmul for a few tokens ("mmq", sm_80+): batched decode steps and short
+// prompts, 2..64 activation rows, against Q4_K or Q6_K weights (both Q6_K layouts). The same
+// integers as the CPU's dots (Q8_K activations from act_q8k, weights' quants and 6-bit /
+// 8-bit scales), formed with mma.sync instead of dp4a, so each weight byte is read once for
+// up to 32 tokens and the multiply-adds no longer bound the kernel (mmvq8_* ran at ~0.7 TB/s,
+// compute-bound, for 8 tokens; docs/BENCHMARKS.md). Only the float summation order differs.
+//
+// Shape: a block of MMQ_RG * MMQ_KP warps takes 16 * MMQ_RG rows and NT8 * 8 tokens
+// (blockIdx.y picks the token group). The columns go by in chunks of MMQ_KP super-blocks
+// (256 columns each); warp (rg, kp) takes rows 16 rg .. +16 of the block and super-block kp
+// of each chunk, so neighbouring warps read neighbouring weight blocks. The chunk's
+// activations (the block's tokens' quants, 16-sums and scales) are copied into shared memory
+// with cp.async while the previous chunk is multiplied (the mma operands then come from there,
+// not from L1, which the weight stream would evict); each warp keeps its next super-block's
+// weights in registers and has the MMQ_AHEAD after it pulled toward L2, the first loads made
+// before the dependent-launch wait (weights never depend on an earlier kernel). The MMQ_KP
+// partial sums meet in shared memory and are added in kp order: a row's value does not depend
+// on timing.
+//
+// mma fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 / m16n8k32 with integer type"),
+// lane = 4 g + q: A rows g and g + 8; B column (token) g; C rows g, g + 8, columns 2q, 2q + 1.
+// Any permutation of k applied to A and B alike leaves the product unchanged; lane q gets the
+// k that make its loads contiguous:
+//   Q4_K sub-block (32 elements, one scale): k 4q..4q+3 <-> elements 8q..8q+3, k 16+4q..
+//   16+4q+3 <-> elements 8q+4..8q+7 (one 8-byte load of weights, one of activations).
+//   Q6_K 16-group (one scale): k 4q..4q+3 <-> elements 4q..4q+3 of the group.
+// ---------------------------------------------------------------------------------------------
+#define MMQ_RG 2
+#define MMQ_KP 4
+#define MMQ_AHEAD 3
+#define MMQ_ARGS                                                                               \
+    const u8* __restrict__ W, long long NB, const i8* __restrict__ xq,                         \
+        const float* __restrict__ xd, const int* __restrict__ xs, float* __restrict__ y,       \
+        int rows, int cols, long long row_bytes, int n, int accumulate
+
+// c = a . b (16 x 8 of int32) for one 16 x 32 block of signed bytes a and 32 x 8 of b.
+__device__ __forceinline__ void mma_s8_k32(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                           u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%10, %10, %10, %10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+#else
+    __trap();
+#endif
+}
+// The same for 16 x 16 signed bytes (Q6_K's 16-element groups).
+__device__ __forceinline__ void mma_s8_k16(int (&c)[4], u32 a0, u32 a1, u32 b0) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%7, %7, %7, %7};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+#else
+    __trap();
+#endif
+}
+// Unsigned bytes a (Q4_K's 6-bit mins) times unsigned (U) or signed bytes b.
+template <bool U>
+__device__ __forceinline__ void mma_u8_k16(int (&c)[4], u32 a0, u32 a1, u32 b0) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (U)
+        asm("mma.sync.aligned.m16n8k16.row.col.s32.u8.u8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+            "{%7, %7, %7, %7};"
+            : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+            : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+            "{%7, %7, %7, %7};"
+            : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+            : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+#else
+    __trap();
+#endif
+}
+
+// Streamed weight words: read once, so not kept in L1 (which holds nothing else of use here).
+__device__ __forceinline__ uint4 ldw16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 ldw8(const void* p) {
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ldw4(const void* p) {
+    u32 v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ldw4_a2(const u8* p) {
+    u16 lo, hi;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(lo) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(hi) : "l"(p + 2));
+    return (u32)lo | ((u32)hi << 16);
+}
+
+// cp.async copies into shared memory (sm_80+), grouped per chunk.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// One chunk of a block's activations in shared memory, token-major: token i's quants of the
+// chunk's MMQ_KP super-blocks at q + i * QS (act_q8k's order within each super-block; QS
+// pads the 1024 bytes so that the lanes of one B-fragment load hit distinct banks), its
+// 16-sums at s + i * 16 * MMQ_KP, its scales at d + i * MMQ_KP.
+template <int QS>
+struct MmqChunk {
+    const i8* q;
+    const int* s;
+    const float* d;
+};
+template <int NT8, int QS>
+__host__ __device__ constexpr int mmq_chunk_bytes() {
+    return NT8 * 8 * (QS + 16 * MMQ_KP * 4 + MMQ_KP * 4);
+}
+
+// One super-block (256 columns) of a warp's 16 rows, as loaded: rows g (a) and g + 8 (b).
+struct MmqQ4KRaw {
+    uint4 ha, hb;       // d, dmin, the 12 scale bytes
+    uint2 qa[4], qb[4]; // qs[32j + 8q .. +8] for j = 0..3
+};
+struct MmqQ4K {
+    enum { QS = 1056 }; // half-warps' 8-byte loads at 32 g + 8 q: 16 distinct bank pairs
+    __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
+                                                long long row_bytes, int ra, int rb, int nb,
+                                                int sb, int q, MmqQ4KRaw& r) {
+        const u8* a = W + (long long)ra * row_bytes + (long long)sb * 144;
+        const u8* b = W + (long long)rb * row_bytes + (long long)sb * 144;
+        r.ha = ldw16(a);
+        r.hb = ldw16(b);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            r.qa[j] = ldw8(a + 16 + 32 * j + 8 * q);
+            r.qb[j] = ldw8(b + 16 + 32 * j + 8 * q);
+        }
+    }
+    // Pull super-block sb of the warp's 16 rows (first row r0) toward L2: a 144-byte block
+    // starting 16-aligned spans at most two 128-byte lines, so its first and last byte name them.
+    __device__ static __forceinline__ void prefetch(const u8* __restrict__ W, long long NB,
+                                                    long long row_bytes, int r0, int rows,
+                                                    int nb, int sb, int lane) {
+        const int r = min(r0 + (lane & 15), rows - 1);
+        const u8* p = W + (long long)r * row_bytes + (long long)sb * 144 + (lane >> 4) * 143;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+    // acc[t][i] += super-block kp of the chunk for rows (g, g + 8) and tile t's tokens
+    // (2q, 2q + 1).
+    template <int NT8>
+    __device__ static __forceinline__ void dot(const MmqQ4KRaw& r, const MmqChunk<QS>& x,
+                                               int kp, int g, int q, float (&acc)[NT8][4]) {
+        const u32 M4 = 0x0f0f0f0fu, M6 = 0x3f3f3f3fu, M2H = 0x30303030u;
+        // Scales (sc) and mins (m) of sub-blocks 0..3 and 4..7, one byte each (scale_min_k4).
+        const u32 sca_lo = r.ha.y & M6, sca_hi = (r.ha.w & M4) | ((r.ha.y >> 2) & M2H);
+        const u32 scb_lo = r.hb.y & M6, scb_hi = (r.hb.w & M4) | ((r.hb.y >> 2) & M2H);
+        const u32 ma_lo = r.ha.z & M6, ma_hi = ((r.ha.w >> 4) & M4) | ((r.ha.z >> 2) & M2H);
+        const u32 mb_lo = r.hb.z & M6, mb_hi = ((r.hb.w >> 4) & M4) | ((r.hb.z >> 2) & M2H);
+        int isum[NT8][4];
+#pragma unroll
+        for (int t = 0; t < NT8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) isum[t][i] = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles).
+            const u32 la = r.qa[j].x, ha = r.qa[j].y, lb = r.qb[j].x, hb = r.qb[j].y;
+            const u32 wsa = j < 2 ? sca_lo : sca_hi, wsb = j < 2 ? scb_lo : scb_hi;
+            const int sh = 16 * (j & 1);
+            const int sa0 = (wsa >> sh) & 0xff, sa1 = (wsa >> (sh + 8)) & 0xff;
+            const int sb0 = (wsb >> sh) & 0xff, sb1 = (wsb >> (sh + 8)) & 0xff;
+#pragma unroll
+            for (int t = 0; t < NT8; t++) {
+                // Sub-block 2j of the activations is stored at 32j, 2j + 1 at 128 + 32j.
+                const i8* xt = x.q + (8 * t + g) * QS + kp * 256 + 32 * j + 8 * q;
+                const uint2 x0 = *(const uint2*)xt;
+                const uint2 x1 = *(const uint2*)(xt + 128);
+                int c[4];
+                mma_s8_k32(c, la & M4, lb & M4, ha & M4, hb & M4, x0.x, x0.y);
+                isum[t][0] += c[0] * sa0;
+                isum[t][1] += c[1] * sa0;
+                isum[t][2] += c[2] * sb0;
+                isum[t][3] += c[3] * sb0;
+                mma_s8_k32(c, (la >> 4) & M4, (lb >> 4) & M4, (ha >> 4) & M4, (hb >> 4) & M4,
+                           x1.x, x1.y);
+                isum[t][0] += c[0] * sa1;
+                isum[t][1] += c[1] * sa1;
+                isum[t][2] += c[2] * sb1;
+                isum[t][3] += c[3] * sb1;
+            }
+        }
+        // The mins' part, sum over sub-blocks s of m_s * (sum of the token's 32 quants of s),
+        // as one more mma: k = s (0..7, lanes q = 0, 1; k 8..15 zero), the sums split into a
+        // low unsigned and a high signed byte (|sum| <= 32 * 128 fits 16 bits).
+        const u32 mA0 = q == 0 ? ma_lo : (q == 1 ? ma_hi : 0u);
+        const u32 mA1 = q == 0 ? mb_lo : (q == 1 ? mb_hi : 0u);
+        const float da = h2f((u16)(r.ha.x & 0xffff)), dmina = h2f((u16)(r.ha.x >> 16));
+        const float db = h2f((u16)(r.hb.x & 0xffff)), dminb = h2f((u16)(r.hb.x >> 16));
+#pragma unroll
+        for (int t = 0; t < NT8; t++) {
+            u32 lo = 0, hi = 0;
+            if (q < 2) {
+                // The token's 16-sums of this super-block from 8q on: sub-block s = 2j + h is
+                // groups 4j + h and 4j + 2 + h (act_q8k's order).
+                const int* st = x.s + (8 * t + g) * 16 * MMQ_KP + kp * 16 + 8 * q;
+                const int4 u0 = *(const int4*)st;
+                const int4 u1 = *(const int4*)(st + 4);
+                const u32 s0 = (u32)(u0.x + u0.z), s1 = (u32)(u0.y + u0.w);
+                const u32 s2 = (u32)(u1.x + u1.z), s3 = (u32)(u1.y + u1.w);
+                lo = __byte_perm(__byte_perm(s0, s1, 0x0040), __byte_perm(s2, s3, 0x0040),
+                                 0x5410);
+                hi = __byte_perm(__byte_perm(s0, s1, 0x0051), __byte_perm(s2, s3, 0x0051),
+                                 0x5410);
+            }
+            int clo[4], chi[4];
+            mma_u8_k16<true>(clo, mA0, mA1, lo);
+            mma_u8_k16<false>(chi, mA0, mA1, hi);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int msum = clo[i] + chi[i] * 256;
+                const float d = i < 2 ? da : db, dmin = i < 2 ? dmina : dminb;
+                const float dx = x.d[(8 * t + 2 * q + (i & 1)) * MMQ_KP + kp];
+                acc[t][i] += dx * (d * (float)isum[t][i] - dmin * (float)msum);
+            }
+        }
+    }
+};
+
+// Q6_K: the repacked layout of resident weights (Q6KS: block B = row * nb + sb has ql at
+// 128 B, qh at NB * 128 + 64 B, scales at NB * 192 + 16 B, d at NB * 208 + 2 B), or GGML's
+// own (MmqQ6KPlain below). Element 128n + 32c + 16h + l (l < 16): low 4 bits in
+// ql[64n + 32(c & 1) + 16h + l] >> 4(c >> 1), high 2 in qh[32n + 16h + l] >> 2c; 16-group
+// G = 8n + 2c + h; stored by act_q8k at 128(c & 1) + 64n + 32(c >> 1) + 16h + l.
+struct MmqQ6KRaw {
+    u32 la[8], lb[8]; // ql[16i + 4q .. +4], i = 4n + 2(c & 1) + h
+    u32 ha[4], hb[4]; // qh[16i + 4q .. +4], i = 2n + h
+    uint2 sa[2], sb[2];
+    u16 da, db;
+};
+struct MmqQ6K {
+    enum { QS = 1040 }; // a warp's 4-byte loads at g * QS + 4q: 32 distinct banks
+    __device__ static __forceinline__ void load_row(const u8* __restrict__ W, long long NB,
+                                                    long long B, int q, u32 (&l)[8],
+                                                    u32 (&h)[4], uint2 (&s)[2], u16& d) {
+        const u8* ql = W + B * 128 + 4 * q;
+        const u8* qh = W + NB * 128 + B * 64 + 4 * q;
+#pragma unroll
+        for (int i = 0; i < 8; i++) l[i] = ldw4(ql + 16 * i);
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = ldw4(qh + 16 * i);
+        const u8* sc = W + NB * 192 + B * 16;
+        s[0] = ldw8(sc);
+        s[1] = ldw8(sc + 8);
+        d = __ldg((const u16*)(W + NB * 208) + B);
+    }
+    __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
+                                                long long row_bytes, int ra, int rb, int nb,
+                                                int sb, int q, MmqQ6KRaw& r) {
+        load_row(W, NB, (long long)ra * nb + sb, q, r.la, r.ha, r.sa, r.da);
+        load_row(W, NB, (long long)rb * nb + sb, q, r.lb, r.hb, r.sb, r.db);
+    }
+    // ql (128 B) of 16 rows by lanes 0..15, qh (64 B) by lanes 16..31.
+    __device__ static __forceinline__ void prefetch(const u8* __restrict__ W, long long NB,
+                                                    long long row_bytes, int r0, int rows,
+                                                    int nb, int sb, int lane) {
+        const long long B = (long long)min(r0 + (lane & 15), rows - 1) * nb + sb;
+        const u8* p = lane < 16 ? W + B * 128 : W + NB * 128 + B * 64;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+    // GGML's own layout (streamed weights): the same fields inside each 210-byte block,
+    // which is only 2-aligned, read two bytes at a time; the same values, so the same sums as
+    // the repacked layout's (a streamed layer equals its resident self bit for bit).
+    __device__ static __forceinline__ void load_plain_row(const u8* __restrict__ b, int q,
+                                                          u32 (&l)[8], u32 (&h)[4],
+                                                          uint2 (&s)[2], u16& d) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) l[i] = ldw4_a2(b + 4 * q + 16 * i);
+#pragma unroll
+        for (int i = 0; i < 4; i++) h[i] = ldw4_a2(b + 128 + 4 * q + 16 * i);
+        s[0] = make_uint2(ldw4_a2(b + 192), ldw4_a2(b + 196));
+        s[1] = make_uint2(ldw4_a2(b + 200), ldw4_a2(b + 204));
+        d = __ldg((const u16*)(b + 208));
+    }
+    __device__ static __forceinline__ int scale(const uint2 (&s)[2], int G) {
+        const u32 w = G < 4 ? s[0].x : (G < 8 ? s[0].y : (G < 12 ? s[1].x : s[1].y));
+        return (int)(i8)((w >> (8 * (G & 3))) & 0xff);
+    }
+    template <int NT8>
+    __device__ static __forceinline__ void dot(const MmqQ6KRaw& r, const MmqChunk<QS>& x,
+                                               int kp, int g, int q, float (&acc)[NT8][4]) {
+        const u32 M4 = 0x0f0f0f0fu, M2 = 0x03030303u;
+        int isum[NT8][4];
+#pragma unroll
+        for (int t = 0; t < NT8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) isum[t][i] = 0;
+#pragma unroll
+        for (int nn = 0; nn < 2; nn++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int li = 4 * nn + 2 * (c & 1) + h, hi = 2 * nn + h;
+                    const int s4 = 4 * (c >> 1), s2 = 2 * c;
+                    const u32 a0 = (u32)Q6K::q6((r.la[li] >> s4) & M4, (r.ha[hi] >> s2) & M2);
+                    const u32 a1 = (u32)Q6K::q6((r.lb[li] >> s4) & M4, (r.hb[hi] >> s2) & M2);
+                    const int G = 8 * nn + 2 * c + h;
+                    const int sca = scale(r.sa, G), scb = scale(r.sb, G);
+                    const int off =
+                        kp * 256 + 128 * (c & 1) + 64 * nn + 32 * (c >> 1) + 16 * h + 4 * q;
+#pragma unroll
+                    for (int t = 0; t < NT8; t++) {
+                        int cc[4];
+                        mma_s8_k16(cc, a0, a1, *(const u32*)(x.q + (8 * t + g) * QS + off));
+                        isum[t][0] += cc[0] * sca;
+                        isum[t][1] += cc[1] * sca;
+                        isum[t][2] += cc[2] * scb;
+                        isum[t][3] += cc[3] * scb;
+                    }
+                }
+        const float da = h2f(r.da), db = h2f(r.db);
+#pragma unroll
+        for (int t = 0; t < NT8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                acc[t][i] += x.d[(8 * t + 2 * q + (i & 1)) * MMQ_KP + kp] *
+                             ((i < 2 ? da : db) * (float)isum[t][i]);
+    }
+};
+struct MmqQ6KPlain : MmqQ6K {
+    __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
+                                                long long row_bytes, int ra, int rb, int nb,
+                                                int sb, int q, MmqQ6KRaw& r) {
+        load_plain_row(W + (long long)ra * row_bytes + (long long)sb * 210, q, r.la, r.ha, r.sa,
+                       r.da);
+        load_plain_row(W + (long long)rb * row_bytes + (long long)sb * 210, q, r.lb, r.hb, r.sb,
+                       r.db);
+    }
+    // A 210-byte block spans at most three 128-byte lines: bytes 0, 105 and 209 name them.
+    __device__ static __forceinline__ void prefetch(const u8* __restrict__ W, long long NB,
+                                                    long long row_bytes, int r0, int rows,
+                                                    int nb, int sb, int lane) {
+        const int r = min(r0 + (lane & 15), rows - 1);
+        const u8* b = W + (long long)r * row_bytes + (long long)sb * 210;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(b + (lane < 16 ? 0 : 105)));
+        if (lane < 16) asm volatile("prefetch.global.L2 [%0];" ::"l"(b + 209));
+    }
+};
+
+// Copy chunk c (super-blocks MMQ_KP c ..) of tokens t0 .. t0 + NT8 * 8 (those < n) into the
+// shared buffer `buf` (layout MmqChunk), as cp.async work of the whole block.
+template <int NT8, int QS>
+__device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
+                                         const float* __restrict__ xd,
+                                         const int* __restrict__ xs, int cols, int nb, int t0,
+                                         int n, int c) {
+    const int nt = min(NT8 * 8, n - t0);
+    const int sb0 = c * MMQ_KP, nsb = min(MMQ_KP, nb - sb0);
+    i8* q = (i8*)buf;
+    int* s = (int*)(buf + NT8 * 8 * QS);
+    float* d = (float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4));
+    // Quants and sums in 16-byte pieces: 16 per super-block of a token's quants, 4 of sums.
+    const int per_tok = nsb * 20;
+    for (int i = threadIdx.x; i < nt * per_tok; i += blockDim.x) {
+        const int tok = i / per_tok, k = i - tok * per_tok;
+        const long long row = (long long)(t0 + tok);
+        if (k < nsb * 16)
+            cp_async16(q + tok * QS + 16 * k, xq + row * cols + sb0 * 256 + 16 * k);
+        else
+            cp_async16(s + tok * 16 * MMQ_KP + 4 * (k - nsb * 16),
+                       xs + row * (cols / 16) + sb0 * 16 + 4 * (k - nsb * 16));
+    }
+    for (int i = threadIdx.x; i < nt * nsb; i += blockDim.x) {
+        const int tok = i / nsb, k = i - tok * nsb;
+        cp_async4(d + tok * MMQ_KP + k, xd + (long long)(t0 + tok) * nb + sb0 + k);
+    }
+    cp_async_commit();
+}
+
+// y[t][row] (+)= W[row] . x[t] for the block's rows and tokens; see the section comment.
+// Dynamic shared memory: two chunk buffers (mmq_chunk_bytes), reused for the partial sums.
+template <class K, class Raw, int NT8>
+__device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
+    extern __shared__ __align__(16) u8 mmq_smem[];
+    constexpr int QS = K::QS, CB = mmq_chunk_bytes<NT8, QS>();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
+    const int g = lane >> 2, q = lane & 3;
+    const int r0 = (blockIdx.x * MMQ_RG + rg) * 16;
+    // Rows past the matrix read its last row; their sums are never written. So do tokens past
+    // n (their shared rows are never filled; each C column depends on its own B column only).
+    const int ra = min(r0 + g, rows - 1), rb = min(r0 + g + 8, rows - 1);
+    const int nb = cols / 256, chunks = (nb + MMQ_KP - 1) / MMQ_KP;
+    const int t0 = blockIdx.y * NT8 * 8;
+    float acc[NT8][4];
+#pragma unroll
+    for (int t = 0; t < NT8; t++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[t][i] = 0.f;
+    Raw cur;
+    if (kp < nb) K::load(W, NB, row_bytes, ra, rb, nb, kp, q, cur);
+#pragma unroll
+    for (int a = 1; a <= MMQ_AHEAD; a++)
+        if (kp + a * MMQ_KP < nb)
+            K::prefetch(W, NB, row_bytes, r0, rows, nb, kp + a * MMQ_KP, lane);
+    pdl_enter();
+    mmq_fill<NT8, QS>(mmq_smem, xq, xd, xs, cols, nb, t0, n, 0);
+    for (int c = 0; c < chunks; c++) {
+        cp_async_wait_all();
+        // Chunk c is in place for every thread; everyone is done with the other buffer.
+        __syncthreads();
+        if (c + 1 < chunks)
+            mmq_fill<NT8, QS>(mmq_smem + ((c + 1) & 1) * CB, xq, xd, xs, cols, nb, t0, n, c + 1);
+        const u8* buf = mmq_smem + (c & 1) * CB;
+        const MmqChunk<QS> x{(const i8*)buf, (const int*)(buf + NT8 * 8 * QS),
+                             (const float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4))};
+        const int sb = c * MMQ_KP + kp;
+        if (sb < nb) {
+            Raw next;
+            const bool more = sb + MMQ_KP < nb;
+            if (more) K::load(W, NB, row_bytes, ra, rb, nb, sb + MMQ_KP, q, next);
+            if (sb + (MMQ_AHEAD + 1) * MMQ_KP < nb)
+                K::prefetch(W, NB, row_bytes, r0, rows, nb, sb + (MMQ_AHEAD + 1) * MMQ_KP, lane);
+            K::template dot<NT8>(cur, x, kp, g, q, acc);
+            if (more) cur = next;
+        }
+    }
+    // The partial sums of warps kp > 0 through the (now idle) chunk buffers.
+    __syncthreads();
+    float* part = (float*)mmq_smem; // [MMQ_KP - 1][MMQ_RG][NT8 * 4][32]
+    if (kp > 0) {
+#pragma unroll
+        for (int t = 0; t < NT8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                part[(((kp - 1) * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane] = acc[t][i];
+    }
+    __syncthreads();
+    if (kp != 0) return;
+#pragma unroll
+    for (int t = 0; t < NT8; t++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float v = acc[t][i];
+#pragma unroll
+            for (int k = 0; k < MMQ_KP - 1; k++)
+                v += part[((k * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane];
+            const int row = r0 + g + (i < 2 ? 0 : 8), tok = t0 + 8 * t + 2 * q + (i & 1);
+            if (row < rows && tok < n) {
+                float* p = y + (long long)tok * rows + row;
+                *p = accumulate ? *p + v : v;
+            }
+        }
+}
+
+#define MMQ(name, K, Raw, NT8)                                                                 \
+    extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, 2)                     \
+        mmq_##name##_##NT8(MMQ_ARGS) {                                                         \
+        mmq_impl<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);     \
+    }
+MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 1)
+MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 2)
+MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 4)
+MMQ(q6_k_soa, MmqQ6K, MmqQ6KRaw, 1)
+MMQ(q6_k_soa, MmqQ6K, MmqQ6KRaw, 2)
+MMQ(q6_k_soa, MmqQ6K, MmqQ6KRaw, 4)
+MMQ(q6_k, MmqQ6KPlain, MmqQ6KRaw, 1)
+MMQ(q6_k, MmqQ6KPlain, MmqQ6KRaw, 2)
+MMQ(q6_k, MmqQ6KPlain, MmqQ6KRaw, 4)
+
+// ---------------------------------------------------------------------------------------------
 // Fused resident decode: every layer of one token in ONE launch (fd_decode).
 //
 // Why: a token of a resident 13B is ~280 launches; each mat-vec's start and tail and each

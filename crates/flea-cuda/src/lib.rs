@@ -326,6 +326,8 @@ pub struct CudaBackend {
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
+    /// Dynamic shared memory every `mmq_*` kernel was opted into (0: not on this device).
+    pub(crate) mmq_smem_room: usize,
     /// Whether single decode rows may take `attn_cluster` (tests turn it off to check the
     /// split kernels too), and its launches so far (tests check it was taken).
     cluster_attention: std::sync::atomic::AtomicBool,
@@ -595,6 +597,16 @@ impl CudaBackend {
         let tiled_attention_max_span = funcs
             .get("attention_tiled")
             .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
+        // The few-token tensor-core kernels take up to ~85 KB of shared memory (mmvq.rs).
+        let mmq_smem_room = if cc.0 >= 8 {
+            mmvq::mmq_kernel_names()
+                .iter()
+                .map(|n| funcs.get(n).map_or(0, |f| opt_in_all(&ctx, f)))
+                .min()
+                .unwrap_or(0)
+        } else {
+            0
+        };
         let cluster_attention_room = match funcs.get("attn_cluster") {
             Some(f) if cc.0 >= 9 => opt_in_all(&ctx, f),
             _ => 0,
@@ -638,6 +650,7 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
+            mmq_smem_room,
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
@@ -1002,7 +1015,7 @@ impl CudaBackend {
         if !(self.fusion()
             && group == width
             && width.is_multiple_of(256)
-            && n <= mmvq::MAX_TOKENS
+            && n <= mmvq::q8k_tokens_max()
             && mmvq::enabled())
         {
             return Ok(None);
@@ -2269,6 +2282,17 @@ impl Backend for CudaBackend {
         // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS; jobs of
         // one weight type share a launch (q/k/v, gate/up). Bit i of `by_mmvq`: job i is done.
         let mut by_mmvq = 0u64;
+        // Tensor-core int8 kernels for 2..=64 tokens (mmvq.rs, `mmq_*`): each weight read
+        // once for up to 32 tokens, where a GEMM would first dequantize it.
+        if (2..=mmvq::MMQ_MAX_TOKENS).contains(&n) {
+            for (i, (w, out)) in jobs.iter().enumerate().take(64) {
+                let wp = self.weight_ptr(w)?;
+                let (xp, op) = (x.ptr, out.ptr);
+                if self.try_mmq(n, w, wp, xp, op, false, &mut sc.xq, &mut quantized)? {
+                    by_mmvq |= 1 << i;
+                }
+            }
+        }
         if !use_blas || n <= mmvq::MAX_TOKENS {
             let count = jobs.len().min(64);
             for i in 0..count {
@@ -2504,7 +2528,7 @@ impl Backend for CudaBackend {
         let use_blas = n > 1 && self.blas.is_some();
         // The int8 kernels add their dot products into the residual stream themselves
         // (the same f32 addition the add kernel would make, one launch less).
-        if self.fusion() && (!use_blas || n <= mmvq::MAX_TOKENS) {
+        if self.fusion() && (!use_blas || n <= mmvq::MMQ_MAX_TOKENS) {
             check_matmul(n, w, x, residual)?;
             let wp = self.weight_ptr(w)?;
             let mut sc = self
@@ -2512,7 +2536,12 @@ impl Backend for CudaBackend {
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
             let mut quantized = mmvq::Quantized::default();
-            if self.try_mmvq(
+            let (xp, rp) = (x.ptr, residual.ptr);
+            if self.try_mmq(n, w, wp, xp, rp, true, &mut sc.xq, &mut quantized)? {
+                return Ok(());
+            }
+            if (!use_blas || n <= mmvq::MAX_TOKENS)
+                && self.try_mmvq(
                 n,
                 w,
                 wp,

@@ -42,8 +42,37 @@ pub(crate) fn kernel_names() -> Vec<String> {
     }
     v.extend(SA_SUFFIXES.iter().map(|s| format!("mmvqs_{s}")));
     v.extend(SA_ROWS_SUFFIXES.iter().map(|s| format!("mmvqr_{s}")));
+    v.extend(mmq_kernel_names());
     v
 }
+
+/// The tensor-core kernels `mmq_<type>_<tiles>`.
+pub(crate) fn mmq_kernel_names() -> Vec<String> {
+    let mut v = Vec::new();
+    for s in MMQ_SUFFIXES {
+        v.extend(MMQ_TILES.iter().map(|t| format!("mmq_{s}_{t}")));
+    }
+    v
+}
+
+/// Dynamic shared memory of an `mmq_*` block: two chunk buffers (kernels.cu
+/// `mmq_chunk_bytes`: per token the quants of 4 super-blocks padded to `qs` bytes, their
+/// 64 sums and 4 scales).
+fn mmq_smem_bytes(tiles: usize, qs: usize) -> usize {
+    2 * tiles * 8 * (qs + 16 * 4 * 4 + 4 * 4)
+}
+
+/// Weight types with a tensor-core `mmq_*` kernel: Q4_K_M's two, Q4_K and Q6_K (GGML's layout
+/// for streamed weights, the repacked one for resident ones; the same sums).
+const MMQ_SUFFIXES: [&str; 3] = ["q4_k", "q6_k", "q6_k_soa"];
+/// Tiles of 8 tokens one `mmq_*` block takes (kernels `mmq_<type>_<tiles>`).
+const MMQ_TILES: [usize; 3] = [1, 2, 4];
+/// Rows of one `mmq_*` block (kernels.cu: MMQ_RG * 16) and its threads (MMQ_RG * MMQ_KP warps).
+const MMQ_BLOCK_ROWS: usize = 32;
+const MMQ_BLOCK_THREADS: u32 = 256;
+/// Most tokens a matmul gives the `mmq_*` kernels (blocks of up to 32 tokens each; above, the
+/// cuBLAS GEMM on the dequantized weight, which reads the weight once for the whole batch).
+pub(crate) const MMQ_MAX_TOKENS: usize = 64;
 
 /// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: the K-quants
 /// (Q8_K activations), the mixed q/k/v kernel and Q4_0 (Q8_0 activations). Q8_0, Q4_1 and Q5_1
@@ -163,6 +192,63 @@ static STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 /// default 1), else 1 (`mmvq_*`) or 2 (`mmvq2_*`).
 static ROWS_PER_WARP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// `mmq_*` launches made (process-wide), for tests that must know the kernels ran.
+static MMQ_LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The `mmq_*` kernels: 0 not decided yet (read FLEA_CUDA_NO_MMQ), 1 on, 2 off.
+static MMQ_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// Fewest tokens a matmul gives the `mmq_*` kernels (below: `mmvq*`); 0: not decided yet
+/// (FLEA_CUDA_MMQ_MIN, default 2).
+static MMQ_MIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn mmq_enabled() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match MMQ_STATE.load(Relaxed) {
+        0 => {
+            let on = std::env::var_os("FLEA_CUDA_NO_MMQ").is_none();
+            MMQ_STATE.store(if on { 1 } else { 2 }, Relaxed);
+            on
+        }
+        s => s == 1,
+    }
+}
+
+fn mmq_min_tokens() -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    match MMQ_MIN.load(Relaxed) {
+        0 => {
+            let m = std::env::var("FLEA_CUDA_MMQ_MIN")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(2)
+                .max(2);
+            MMQ_MIN.store(m, Relaxed);
+            m
+        }
+        m => m,
+    }
+}
+
+/// Most tokens whose matmuls may read Q8_K activations (`mmvq8_*`, or `mmq_*` when on): up to
+/// this many, norms and GLUs quantize their output as they write it.
+pub(crate) fn q8k_tokens_max() -> usize {
+    if mmq_enabled() {
+        MMQ_MAX_TOKENS
+    } else {
+        MAX_TOKENS
+    }
+}
+
+/// Tiles of 8 tokens per `mmq_*` block for `n` tokens: the fewest that hold them, at most 4
+/// (more tokens take more blocks along the grid's y).
+fn mmq_tiles(n: usize) -> usize {
+    MMQ_TILES
+        .iter()
+        .copied()
+        .find(|&t| n <= 8 * t)
+        .unwrap_or(MMQ_TILES[MMQ_TILES.len() - 1])
+}
+
 pub(crate) fn rows_per_warp() -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     match ROWS_PER_WARP.load(Relaxed) {
@@ -231,6 +317,105 @@ impl CudaBackend {
     pub fn set_mmvq_rows(&self, rows_per_warp: usize) {
         let r = if rows_per_warp == 2 { 2 } else { 1 };
         ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Use the tensor-core `mmq_*` kernels for 2..=64 tokens where they apply (default,
+    /// unless FLEA_CUDA_NO_MMQ is set), and from how many tokens on (at least 2;
+    /// FLEA_CUDA_MMQ_MIN). Process-wide; for A/B comparisons and tests.
+    pub fn set_mmq(&self, on: bool, min_tokens: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        MMQ_STATE.store(if on { 1 } else { 2 }, Relaxed);
+        MMQ_MIN.store(min_tokens.max(2), Relaxed);
+    }
+
+    /// Whether the `mmq_*` kernels are on, and from how many tokens (see [`Self::set_mmq`]).
+    pub fn mmq_settings(&self) -> (bool, usize) {
+        (mmq_enabled(), mmq_min_tokens())
+    }
+
+    /// `mmq_*` launches made so far (process-wide).
+    pub fn mmq_launches(&self) -> u64 {
+        MMQ_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The `mmq_*` kernel for `w` at `wp` with `n` tokens and the shared memory its block
+    /// takes, or None (another path) for other types, token counts outside the kernels' range,
+    /// a device without int8 `mma.sync` (before sm_80) or that much shared memory, or weights
+    /// not aligned for their loads.
+    pub(crate) fn mmq_kernel(&self, n: usize, w: &Weight, wp: u64) -> Option<(String, usize)> {
+        if !(enabled() && mmq_enabled())
+            || n < mmq_min_tokens()
+            || n > MMQ_MAX_TOKENS
+            || self.compute_capability().0 < 8
+            || !w.cols.is_multiple_of(256)
+            || w.rows == 0
+        {
+            return None;
+        }
+        // Q4_K: 16-byte header and 8-byte quant loads (rows of 144-byte blocks keep a 16-aligned
+        // start 16-aligned); repacked Q6_K: 4- and 8-byte loads from its 8-aligned fields;
+        // GGML's Q6_K: 2-byte loads (its 210-byte blocks are 2-aligned).
+        // (Padded token rows in shared memory: kernels.cu MmqQ4K::QS, MmqQ6K::QS.)
+        let (suffix, qs) = match w.ty {
+            GgmlType::Q4_K if wp.is_multiple_of(16) => ("q4_k", 1056),
+            GgmlType::Q6_K if self.is_repacked(wp) => {
+                if !wp.is_multiple_of(8) {
+                    return None;
+                }
+                ("q6_k_soa", 1040)
+            }
+            GgmlType::Q6_K if wp.is_multiple_of(2) => ("q6_k", 1040),
+            _ => return None,
+        };
+        let tiles = mmq_tiles(n);
+        let smem = mmq_smem_bytes(tiles, qs);
+        (smem <= self.mmq_smem_room).then(|| (format!("mmq_{suffix}_{tiles}"), smem))
+    }
+
+    /// `out[t] (+)= w . x[t]` for t < n with an `mmq_*` kernel when [`Self::mmq_kernel`] has
+    /// one; returns false (nothing launched) otherwise. `x` is quantized to Q8_K into
+    /// `scratch` unless `quantized` says this matmul group already did so.
+    #[allow(clippy::too_many_arguments)] // the matmul's operands and its group's scratch
+    pub(crate) fn try_mmq(
+        &self,
+        n: usize,
+        w: &Weight,
+        wp: u64,
+        x: u64,
+        out: u64,
+        acc: bool,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<bool> {
+        let Some((name, smem)) = self.mmq_kernel(n, w, wp) else {
+            return Ok(false);
+        };
+        let tiles = mmq_tiles(n);
+        let (xqp, xdp, xsp) = self.quantize_int8(ActFmt::Q8K, n * w.cols, x, scratch, quantized)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                w.rows.div_ceil(MMQ_BLOCK_ROWS) as u32,
+                n.div_ceil(8 * tiles) as u32,
+                1,
+            ),
+            block_dim: (MMQ_BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // The repacked layout addresses its fields by the tensor's block count.
+        let nb_all = (w.rows * (w.cols / 256)) as i64;
+        let (rows_i, cols_i, rb, n_i, acc_i) = (
+            w.rows as i32,
+            w.cols as i32,
+            w.row_bytes() as i64,
+            n as i32,
+            acc as i32,
+        );
+        // MMQ_ARGS in order: wp holds rows * row_bytes bytes of the checked type and width
+        // (check_weight, mmq_kernel), out holds n * rows f32 (the callers' check_matmul), the
+        // Q8_K scratch n * cols quants with their scales and sums (quantize_int8).
+        launch!(self, &name, cfg; wp, nb_all, xqp, xdp, xsp, out, rows_i, cols_i, rb, n_i, acc_i)?;
+        MMQ_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The int8 kernel and activation format for `w` at device address `wp` with `n` tokens,

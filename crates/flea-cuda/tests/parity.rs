@@ -5,7 +5,8 @@
 //! position) and a few greedy decode steps (the matvec path).
 //!
 //! Criteria:
-//! * `ops_match_cpu`: every matmul (n = 1 and n = 5, every weight type) and embedding, one op
+//! * `ops_match_cpu`: every matmul (n = 1 and n = 5, every weight type; Q4_K and Q6_K also
+//!   n = 12 and 33, the tensor-core `mmq_*` kernels' tile sizes) and embedding, one op
 //!   at a time: relative error <= 1e-4 (1e-3 for Q4_1/Q5_1, whose CPU dot applies the min
 //!   through an f16-rounded block sum). This is the kernel-correctness check; measured on an
 //!   H200: <= 3.3e-7 for every type, 1.6e-4 for Q4_1/Q5_1.
@@ -311,7 +312,12 @@ fn ops_match_cpu() {
             ("output", h.output),
         ];
         for (name, w) in ws {
-            for n in [1usize, 5] {
+            // Q4_K and Q6_K also at 12 and 33 rows: the tensor-core kernels' 2- and 4-tile
+            // blocks, the latter over two token groups (n = 5: one tile).
+            let mmq_type = matches!(w.ty, flea_gguf::GgmlType::Q4_K | flea_gguf::GgmlType::Q6_K);
+            let ns: &[usize] = if mmq_type { &[1, 5, 12, 33] } else { &[1, 5] };
+            for &n in ns {
+                let mmq_before = cuda.mmq_launches();
                 let xs: Vec<f32> = (0..n * w.cols)
                     .map(|i| (i as f32 * 0.7311).sin() * 1.3 + ((i % 7) as f32 - 3.0) * 0.1)
                     .collect();
@@ -325,6 +331,11 @@ fn ops_match_cpu() {
                 let r = cuda
                     .matmul(n, &w, &xg, &mut og)
                     .and_then(|_| cuda.read(n, &og));
+                // On sm_80+ the few-token Q4_K / Q6_K matmuls must have taken those kernels.
+                let mmq_ran = cuda.mmq_launches() > mmq_before;
+                if mmq_type && n > 1 && cuda.compute_capability().0 >= 8 && !mmq_ran {
+                    bad.push(format!("{q:?} {name} n={n}: no mmq launch"));
+                }
                 match r {
                     Ok(g) => {
                         let e = rel_err(&g, &oc.data);
@@ -340,8 +351,9 @@ fn ops_match_cpu() {
                         };
                         let ok = e <= tol;
                         println!(
-                            "OP mix={q:?} {name} {} n={n} rel={e:.3e} {}",
+                            "OP mix={q:?} {name} {} n={n} rel={e:.3e}{} {}",
                             w.ty,
+                            if mmq_ran { " mmq" } else { "" },
                             if ok { "OK" } else { "FAIL" }
                         );
                         if !ok {
@@ -682,6 +694,9 @@ fn fusion_changes_nothing() {
 #[test]
 fn chunked_gemm_matches_one_pass() {
     let Some(cuda) = backend() else { return };
+    // A 20-row prompt of Q4_K / Q6_K weights would take the tensor-core kernels instead.
+    let mmq = cuda.mmq_settings();
+    cuda.set_mmq(false, mmq.1);
     let (_tmp, model) = q4km_model("chunks", Preset::Tiny, 5);
     let vocab = model.cfg.n_vocab;
     let cols = model.cfg.n_embd;
@@ -696,6 +711,7 @@ fn chunked_gemm_matches_one_pass() {
     // 300 rows per pass: chunks of 300, 300, 300 and the rest.
     let chunked = run(300 * cols);
     cuda.set_gemm_cap(0);
+    cuda.set_mmq(mmq.0, mmq.1);
     let rel = rel_err(&chunked, &whole);
     let flips = whole
         .chunks(vocab)
