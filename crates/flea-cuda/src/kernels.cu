@@ -2796,11 +2796,16 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core int8 matmul for a few tokens ("mmq", sm_80+): batched decode steps and short
-// prompts, 2..64 activation rows, against Q4_K or Q6_K weights (both Q6_K layouts). The same
-// integers as the CPU's dots (Q8_K activations from act_q8k, weights' quants and 6-bit /
-// 8-bit scales), formed with mma.sync instead of dp4a, so each weight byte is read once for
-// up to 32 tokens and the multiply-adds no longer bound the kernel (mmvq8_* ran at ~0.7 TB/s,
-// compute-bound, for 8 tokens; docs/BENCHMARKS.md). Only the float summation order differs.
+// prompt passes, 2..32 activation rows (the host's limit; a launch takes more in groups of 32
+// along the grid's y), against Q4_K or Q6_K weights (both Q6_K layouts). The same integers as
+// the CPU's dots (Q8_K activations from act_q8k, weights' quants and 6-bit / 8-bit scales),
+// formed with mma.sync instead of dp4a, so each weight byte is read once for up to 32 tokens
+// where mmvq8_* (compute-bound at ~0.7 TB/s for 8 tokens) or a dequantize-then-GEMM pass would
+// run. Only the float summation order differs. Measured (H200, docs/BENCHMARKS.md) it is not
+// at the weight stream's floor either: ~0.9 TB/s of weights for 16 tokens, ~0.6 for 32, with
+// few instructions issued per cycle: latency-bound (one super-block of weights a warp in
+// flight, a block barrier per chunk); a deeper shared-memory pipeline for the weights is the
+// next step.
 //
 // Shape: a block of MMQ_RG * MMQ_KP warps takes 16 * MMQ_RG rows and NT8 * 8 tokens
 // (blockIdx.y picks the token group). The columns go by in chunks of MMQ_KP super-blocks
@@ -3179,20 +3184,26 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
     i8* q = (i8*)buf;
     int* s = (int*)(buf + NT8 * 8 * QS);
     float* d = (float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4));
-    // Quants and sums in 16-byte pieces: 16 per super-block of a token's quants, 4 of sums.
-    const int per_tok = nsb * 20;
-    for (int i = threadIdx.x; i < nt * per_tok; i += blockDim.x) {
-        const int tok = i / per_tok, k = i - tok * per_tok;
+    // Quants and sums in 16-byte pieces: 16 per super-block of a token's quants, 4 of its
+    // sums; then the scales. Per token the pieces of all MMQ_KP super-blocks are numbered (a
+    // constant divisor), those of super-blocks past the row skipped.
+    constexpr int PER_TOK = MMQ_KP * 20;
+    for (int i = threadIdx.x; i < NT8 * 8 * PER_TOK; i += blockDim.x) {
+        const int tok = i / PER_TOK, k = i - tok * PER_TOK;
         const long long row = (long long)(t0 + tok);
-        if (k < nsb * 16)
-            cp_async16(q + tok * QS + 16 * k, xq + row * cols + sb0 * 256 + 16 * k);
-        else
-            cp_async16(s + tok * 16 * MMQ_KP + 4 * (k - nsb * 16),
-                       xs + row * (cols / 16) + sb0 * 16 + 4 * (k - nsb * 16));
+        if (tok >= nt) break;
+        if (k < MMQ_KP * 16) {
+            if (k < nsb * 16)
+                cp_async16(q + tok * QS + 16 * k, xq + row * cols + sb0 * 256 + 16 * k);
+        } else if (k - MMQ_KP * 16 < nsb * 4) {
+            const int e = 4 * (k - MMQ_KP * 16);
+            cp_async16(s + tok * 16 * MMQ_KP + e, xs + row * (cols / 16) + sb0 * 16 + e);
+        }
     }
-    for (int i = threadIdx.x; i < nt * nsb; i += blockDim.x) {
-        const int tok = i / nsb, k = i - tok * nsb;
-        cp_async4(d + tok * MMQ_KP + k, xd + (long long)(t0 + tok) * nb + sb0 + k);
+    if (threadIdx.x < NT8 * 8 * MMQ_KP) {
+        const int tok = threadIdx.x / MMQ_KP, k = threadIdx.x % MMQ_KP;
+        if (tok < nt && k < nsb)
+            cp_async4(d + tok * MMQ_KP + k, xd + (long long)(t0 + tok) * nb + sb0 + k);
     }
     cp_async_commit();
 }
@@ -3273,6 +3284,9 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
         }
 }
 
+// Two blocks an SM (at most 128 registers a thread; 4 tiles spill a few words): one block an
+// SM with the registers it wants was slower (H200: 16 rows 26.4 -> 26.5 us a Q4_K call,
+// Q6_K 51.6 -> 63.0; 32 rows 39.6 -> 50.1 and 76.1 -> 85.7).
 #define MMQ(name, K, Raw, NT8)                                                                 \
     extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, 2)                     \
         mmq_##name##_##NT8(MMQ_ARGS) {                                                         \

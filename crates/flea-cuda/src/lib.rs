@@ -2282,8 +2282,8 @@ impl Backend for CudaBackend {
         // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS; jobs of
         // one weight type share a launch (q/k/v, gate/up). Bit i of `by_mmvq`: job i is done.
         let mut by_mmvq = 0u64;
-        // Tensor-core int8 kernels for 2..=64 tokens (mmvq.rs, `mmq_*`): each weight read
-        // once for up to 32 tokens, where a GEMM would first dequantize it.
+        // Tensor-core int8 kernels for 2..=32 tokens (mmvq.rs, `mmq_*`): each weight read
+        // once for all of them, where a GEMM would first dequantize it.
         if (2..=mmvq::MMQ_MAX_TOKENS).contains(&n) {
             for (i, (w, out)) in jobs.iter().enumerate().take(64) {
                 let wp = self.weight_ptr(w)?;
@@ -2542,15 +2542,16 @@ impl Backend for CudaBackend {
             }
             if (!use_blas || n <= mmvq::MAX_TOKENS)
                 && self.try_mmvq(
-                n,
-                w,
-                wp,
-                x.ptr,
-                residual.ptr,
-                true,
-                &mut sc.xq,
-                &mut quantized,
-            )? {
+                    n,
+                    w,
+                    wp,
+                    x.ptr,
+                    residual.ptr,
+                    true,
+                    &mut sc.xq,
+                    &mut quantized,
+                )?
+            {
                 return Ok(());
             }
         }

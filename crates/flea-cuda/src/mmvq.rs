@@ -70,9 +70,12 @@ const MMQ_TILES: [usize; 3] = [1, 2, 4];
 /// Rows of one `mmq_*` block (kernels.cu: MMQ_RG * 16) and its threads (MMQ_RG * MMQ_KP warps).
 const MMQ_BLOCK_ROWS: usize = 32;
 const MMQ_BLOCK_THREADS: u32 = 256;
-/// Most tokens a matmul gives the `mmq_*` kernels (blocks of up to 32 tokens each; above, the
-/// cuBLAS GEMM on the dequantized weight, which reads the weight once for the whole batch).
-pub(crate) const MMQ_MAX_TOKENS: usize = 64;
+/// Most tokens a matmul gives the `mmq_*` kernels: one block's 32 (four tiles). Above, the
+/// cuBLAS GEMM on the dequantized weight, which reads the weight once for the whole batch and
+/// costs about the same from 8 to 64 rows; the kernels would read it once per 32 tokens. H200,
+/// a 13b's 504-token prompt in passes of 32 / 64 rows: 1857 / 2293 tok/s with them, 1281 /
+/// 2404 with cuBLAS (docs/BENCHMARKS.md).
+pub(crate) const MMQ_MAX_TOKENS: usize = 32;
 
 /// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: the K-quants
 /// (Q8_K activations), the mixed q/k/v kernel and Q4_0 (Q8_0 activations). Q8_0, Q4_1 and Q5_1
@@ -319,7 +322,7 @@ impl CudaBackend {
         ROWS_PER_WARP.store(r, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Use the tensor-core `mmq_*` kernels for 2..=64 tokens where they apply (default,
+    /// Use the tensor-core `mmq_*` kernels for 2..=32 tokens where they apply (default,
     /// unless FLEA_CUDA_NO_MMQ is set), and from how many tokens on (at least 2;
     /// FLEA_CUDA_MMQ_MIN). Process-wide; for A/B comparisons and tests.
     pub fn set_mmq(&self, on: bool, min_tokens: usize) {
@@ -331,6 +334,12 @@ impl CudaBackend {
     /// Whether the `mmq_*` kernels are on, and from how many tokens (see [`Self::set_mmq`]).
     pub fn mmq_settings(&self) -> (bool, usize) {
         (mmq_enabled(), mmq_min_tokens())
+    }
+
+    /// Whether few-token matmuls of Q4_K / Q6_K weights take the `mmq_*` kernels here: the
+    /// int8 kernels and these on, a device with int8 `mma.sync` and their shared memory.
+    pub fn mmq_on(&self) -> bool {
+        enabled() && mmq_enabled() && self.compute_capability().0 >= 8 && self.mmq_smem_room > 0
     }
 
     /// `mmq_*` launches made so far (process-wide).
@@ -1140,6 +1149,35 @@ mod tests {
         }
         let cubin = crate::nvrtc_compile(crate::KERNELS, "sm_90").unwrap();
         assert!(!cubin.is_empty());
+    }
+
+    /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
+    /// up to the host's limit) and shared memory: two chunk buffers under an sm_80+ opt-in,
+    /// large enough for the partial sums of the three warps that hand theirs over (kernels.cu
+    /// `mmq_impl`), and every routed kernel name loaded at start.
+    #[test]
+    fn mmq_tiles_shared_memory_and_names() {
+        let tiles: Vec<usize> = [2, 8, 9, 16, 17, 32]
+            .iter()
+            .map(|&n| mmq_tiles(n))
+            .collect();
+        assert_eq!(tiles, [1, 1, 2, 2, 4, 4]);
+        assert!(MMQ_MAX_TOKENS <= 8 * MMQ_TILES[MMQ_TILES.len() - 1]);
+        for &t in &MMQ_TILES {
+            for qs in [1040, 1056] {
+                let smem = mmq_smem_bytes(t, qs);
+                assert!(smem <= 99 * 1024, "{t} tiles: {smem} bytes");
+                let partials = 3 * (MMQ_BLOCK_ROWS / 16) * t * 4 * 32 * 4;
+                assert!(partials <= smem);
+            }
+        }
+        assert_eq!(mmq_smem_bytes(4, 1056), 2 * 32 * (1056 + 256 + 16));
+        let names = kernel_names();
+        for s in MMQ_SUFFIXES {
+            for t in MMQ_TILES {
+                assert!(names.contains(&format!("mmq_{s}_{t}")), "mmq_{s}_{t}");
+            }
+        }
     }
 
     /// Every kernel the host may launch is in the list loaded at start.
