@@ -2847,31 +2847,28 @@ __device__ __forceinline__ void mma_s8_k32(int (&c)[4], u32 a0, u32 a1, u32 a2, 
     __trap();
 #endif
 }
-// The same for 16 x 16 signed bytes (Q6_K's 16-element groups).
+// 16 x 16 bytes times 16 x 8, with the operand types TYPES ("s8.s8": Q6_K's 16-element
+// groups; "u8.u8" / "u8.s8": Q4_K's 6-bit mins against a sum's low / high byte).
+#define MMA_K16(TYPES, c, a0, a1, b0)                                                          \
+    asm("mma.sync.aligned.m16n8k16.row.col.s32." TYPES ".s32 {%0, %1, %2, %3}, {%4, %5}, "      \
+        "{%6}, {%7, %7, %7, %7};"                                                              \
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])                                       \
+        : "r"(a0), "r"(a1), "r"(b0), "r"(0))
 __device__ __forceinline__ void mma_s8_k16(int (&c)[4], u32 a0, u32 a1, u32 b0) {
 #if __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-        "{%7, %7, %7, %7};"
-        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-        : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+    MMA_K16("s8.s8", c, a0, a1, b0);
 #else
     __trap();
 #endif
 }
-// Unsigned bytes a (Q4_K's 6-bit mins) times unsigned (U) or signed bytes b.
+// Unsigned bytes a times unsigned (U) or signed bytes b.
 template <bool U>
 __device__ __forceinline__ void mma_u8_k16(int (&c)[4], u32 a0, u32 a1, u32 b0) {
 #if __CUDA_ARCH__ >= 800
     if constexpr (U)
-        asm("mma.sync.aligned.m16n8k16.row.col.s32.u8.u8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-            "{%7, %7, %7, %7};"
-            : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-            : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+        MMA_K16("u8.u8", c, a0, a1, b0);
     else
-        asm("mma.sync.aligned.m16n8k16.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
-            "{%7, %7, %7, %7};"
-            : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-            : "r"(a0), "r"(a1), "r"(b0), "r"(0));
+        MMA_K16("u8.s8", c, a0, a1, b0);
 #else
     __trap();
 #endif

@@ -103,7 +103,9 @@ fn sa_bytes(cols: usize, fmt: ActFmt) -> usize {
 /// tokens, matmuls use these kernels even when cuBLAS is there: reading the weight once beats
 /// dequantizing it to f16 for a GEMM (and the sums are the CPU's integers). Not beyond: 16
 /// and 32 rows as two and four 8-token groups were slower than cuBLAS (H200, a 13b served to
-/// 16 / 32 clients: 587 vs 655 and 638 vs 1252 tok/s; docs/BENCHMARKS.md).
+/// 16 / 32 clients: 587 vs 655 and 638 vs 1252 tok/s; docs/BENCHMARKS.md). Q4_K and Q6_K
+/// weights take the tensor-core `mmq_*` kernels from 2 rows instead (faster at 4 and 8 rows
+/// too: a 13b's prompt in passes of 8 rows 940 vs 559 tok/s).
 pub(crate) const MAX_TOKENS: usize = 8;
 
 /// The grid activations are quantized to (the CPU's vec-dot format of the weight type).
