@@ -1080,6 +1080,246 @@ mod tests {
         }
     }
 
+    /// One warp's `mma.sync` with int8 operands as the PTX ISA lays out its fragments (lane
+    /// = 4g + q): A reg r holds row g + 8(r & 1), k 4q + 16(r >> 1) + i (k = 16: regs 0, 1
+    /// only); B reg r holds k 4q + 16r + i of column g; C c holds row g + 8(c >> 1), column
+    /// 2q + (c & 1). `ua` / `ub`: unsigned bytes.
+    fn mma(k: usize, a: &[[u32; 4]; 32], b: &[[u32; 2]; 32], ua: bool, ub: bool) -> [[i32; 4]; 32] {
+        let byte = |w: u32, i: usize, u: bool| -> i32 {
+            let v = (w >> (8 * i)) as u8;
+            if u {
+                v as i32
+            } else {
+                v as i8 as i32
+            }
+        };
+        let (mut am, mut bm) = ([[0i32; 32]; 16], [[0i32; 8]; 32]);
+        for lane in 0..32 {
+            let (g, q) = (lane / 4, lane % 4);
+            for r in 0..k / 8 {
+                for i in 0..4 {
+                    am[g + 8 * (r & 1)][4 * q + 16 * (r >> 1) + i] = byte(a[lane][r], i, ua);
+                }
+            }
+            for r in 0..k / 16 {
+                for i in 0..4 {
+                    bm[4 * q + 16 * r + i][g] = byte(b[lane][r], i, ub);
+                }
+            }
+        }
+        let mut c = [[0i32; 4]; 32];
+        for (lane, cl) in c.iter_mut().enumerate() {
+            let (g, q) = (lane / 4, lane % 4);
+            for (e, v) in cl.iter_mut().enumerate() {
+                let (m, n) = (g + 8 * (e >> 1), 2 * q + (e & 1));
+                *v = (0..k).map(|kk| am[m][kk] * bm[kk][n]).sum();
+            }
+        }
+        c
+    }
+
+    /// kernels.cu `MmqQ4K::dot` / `MmqQ6K::dot` for one warp — 16 rows of `w` (row_bytes
+    /// `rb`) against 8 tokens, super-block by super-block, lanes' registers built as the
+    /// kernels build them and multiplied by [`mma`] — against flea-quant's dot of each row
+    /// and token: pins the fragment, nibble and scale index math that only a GPU runs.
+    #[allow(clippy::needless_range_loop)] // indices spelled as the kernel's (sb, lane, e)
+    fn check_mmq(ty: GgmlType) {
+        let mut rng = Rng(0x6d6d_7121 ^ ty as u64);
+        let (bb, f16_at): (usize, &[usize]) = match ty {
+            GgmlType::Q4_K => (144, &[0, 2]),
+            _ => (210, &[208]),
+        };
+        let nb = 3;
+        let cols = 256 * nb;
+        let rb = bb * nb;
+        let mut w: Vec<u8> = (0..16 * rb).map(|_| rng.next() as u8).collect();
+        for blk in 0..16 * nb {
+            for &o in f16_at {
+                let h = flea_quant::f32_to_f16(rng.f32() * 0.01 + 0.02);
+                w[blk * bb + o..blk * bb + o + 2].copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        // Token t's activations: act_q8k's stored quants, scales and sums per super-block.
+        let mut toks = Vec::new();
+        let mut cpu = Vec::new();
+        for _ in 0..8 {
+            let x = acts(&mut rng, cols);
+            let mut a = Vec::new();
+            flea_quant::quantize_activations(GgmlType::Q8_K, &x, &mut a).unwrap();
+            cpu.push(a);
+            toks.push(
+                x.chunks(256)
+                    .map(|xb| {
+                        let (q, d, sums) = act_q8k(xb);
+                        (stored_quants(&q), d, stored_sums(&sums))
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let u64_at = |p: usize| (word(&w, p), word(&w, p + 4));
+        // Each lane's sums and the sum of their terms' magnitudes (the float tolerance's scale).
+        let (mut acc, mut mag) = ([[0f32; 4]; 32], [[0f32; 4]; 32]);
+        for sb in 0..nb {
+            let blk = |row: usize| row * rb + sb * bb;
+            let mut isum = [[0i32; 4]; 32];
+            if ty == GgmlType::Q4_K {
+                // Sub-blocks 2j, 2j + 1: lane q's qs bytes 32j + 8q .. +8 of rows g, g + 8.
+                let (m4, m6, m2h) = (0x0f0f_0f0fu32, 0x3f3f_3f3fu32, 0x3030_3030u32);
+                let sc = |row: usize| {
+                    let (y, z, ww) = (
+                        word(&w, blk(row) + 4),
+                        word(&w, blk(row) + 8),
+                        word(&w, blk(row) + 12),
+                    );
+                    (
+                        [y & m6, (ww & m4) | ((y >> 2) & m2h)],
+                        [z & m6, ((ww >> 4) & m4) | ((z >> 2) & m2h)],
+                    )
+                };
+                for j in 0..4 {
+                    for half in 0..2 {
+                        let mut a = [[0u32; 4]; 32];
+                        let mut b = [[0u32; 2]; 32];
+                        for lane in 0..32 {
+                            let (g, q) = (lane / 4, lane % 4);
+                            let (la, ha) = u64_at(blk(g) + 16 + 32 * j + 8 * q);
+                            let (lb, hb) = u64_at(blk(g + 8) + 16 + 32 * j + 8 * q);
+                            let sh = 4 * half as u32;
+                            a[lane] = [
+                                (la >> sh) & m4,
+                                (lb >> sh) & m4,
+                                (ha >> sh) & m4,
+                                (hb >> sh) & m4,
+                            ];
+                            let xq = &toks[g][sb].0;
+                            let o = 128 * half + 32 * j + 8 * q;
+                            b[lane] = [q8(xq, o), q8(xq, o + 4)];
+                        }
+                        let c = mma(32, &a, &b, false, false);
+                        let s = 2 * j + half;
+                        for lane in 0..32 {
+                            let g = lane / 4;
+                            for e in 0..4 {
+                                let row = g + 8 * (e >> 1);
+                                let (scw, _) = sc(row);
+                                let scale = (scw[s / 4] >> (8 * (s % 4))) & 0xff;
+                                isum[lane][e] += c[lane][e] * scale as i32;
+                            }
+                        }
+                    }
+                }
+                // The mins' mma: k = sub-block, sums split into low (u8) and high (s8) bytes.
+                let mut a = [[0u32; 4]; 32];
+                let (mut blo, mut bhi) = ([[0u32; 2]; 32], [[0u32; 2]; 32]);
+                for lane in 0..32 {
+                    let (g, q) = (lane / 4, lane % 4);
+                    if q < 2 {
+                        a[lane][0] = sc(g).1[q];
+                        a[lane][1] = sc(g + 8).1[q];
+                        let u = &toks[g][sb].2[8 * q..8 * q + 8];
+                        // Sub-block 4q + i: stored 16-groups 4(i / 2) + i % 2 and that + 2.
+                        let s: Vec<u32> = (0..4)
+                            .map(|i| (u[4 * (i / 2) + i % 2] + u[4 * (i / 2) + i % 2 + 2]) as u32)
+                            .collect();
+                        blo[lane][0] =
+                            u32::from_le_bytes([s[0] as u8, s[1] as u8, s[2] as u8, s[3] as u8]);
+                        bhi[lane][0] = u32::from_le_bytes([
+                            (s[0] >> 8) as u8,
+                            (s[1] >> 8) as u8,
+                            (s[2] >> 8) as u8,
+                            (s[3] >> 8) as u8,
+                        ]);
+                    }
+                }
+                let (clo, chi) = (
+                    mma(16, &a, &blo, true, true),
+                    mma(16, &a, &bhi, true, false),
+                );
+                for lane in 0..32 {
+                    let (g, q) = (lane / 4, lane % 4);
+                    for e in 0..4 {
+                        let row = g + 8 * (e >> 1);
+                        let msum = clo[lane][e] + chi[lane][e] * 256;
+                        let d = h2f(u16::from_le_bytes([w[blk(row)], w[blk(row) + 1]]));
+                        let dmin = h2f(u16::from_le_bytes([w[blk(row) + 2], w[blk(row) + 3]]));
+                        let dx = toks[2 * q + (e & 1)][sb].1;
+                        let term = dx * (d * isum[lane][e] as f32 - dmin * msum as f32);
+                        acc[lane][e] += term;
+                        mag[lane][e] += term.abs();
+                    }
+                }
+            } else {
+                let (m4, m2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+                let q6 =
+                    |lo: u32, hi: u32| ((lo | (hi << 4)).wrapping_add(0x6060_6060)) ^ 0x8080_8080;
+                for nn in 0..2 {
+                    for c4 in 0..4 {
+                        for h in 0..2 {
+                            let g16 = 8 * nn + 2 * c4 + h;
+                            let mut a = [[0u32; 4]; 32];
+                            let mut b = [[0u32; 2]; 32];
+                            for lane in 0..32 {
+                                let (g, q) = (lane / 4, lane % 4);
+                                for (r, row) in [g, g + 8].into_iter().enumerate() {
+                                    let ql = word(
+                                        &w,
+                                        blk(row) + 64 * nn + 32 * (c4 & 1) + 16 * h + 4 * q,
+                                    );
+                                    let qh = word(&w, blk(row) + 128 + 32 * nn + 16 * h + 4 * q);
+                                    a[lane][r] =
+                                        q6((ql >> (4 * (c4 >> 1))) & m4, (qh >> (2 * c4)) & m2);
+                                }
+                                let o = 128 * (c4 & 1) + 64 * nn + 32 * (c4 >> 1) + 16 * h + 4 * q;
+                                b[lane][0] = q8(&toks[g][sb].0, o);
+                            }
+                            let c = mma(16, &a, &b, false, false);
+                            for lane in 0..32 {
+                                let g = lane / 4;
+                                for e in 0..4 {
+                                    let row = g + 8 * (e >> 1);
+                                    isum[lane][e] +=
+                                        c[lane][e] * (w[blk(row) + 192 + g16] as i8 as i32);
+                                }
+                            }
+                        }
+                    }
+                }
+                for lane in 0..32 {
+                    let (g, q) = (lane / 4, lane % 4);
+                    for e in 0..4 {
+                        let row = g + 8 * (e >> 1);
+                        let d = h2f(u16::from_le_bytes([w[blk(row) + 208], w[blk(row) + 209]]));
+                        let term = toks[2 * q + (e & 1)][sb].1 * (d * isum[lane][e] as f32);
+                        acc[lane][e] += term;
+                        mag[lane][e] += term.abs();
+                    }
+                }
+            }
+        }
+        for lane in 0..32 {
+            let (g, q) = (lane / 4, lane % 4);
+            for e in 0..4 {
+                let (row, tok) = (g + 8 * (e >> 1), 2 * q + (e & 1));
+                let want = flea_quant::vec_dot(ty, cols, &w[row * rb..(row + 1) * rb], &cpu[tok]);
+                let got = acc[lane][e];
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag[lane][e].max(1e-30),
+                    "{ty} row {row} token {tok}: mma mirror {got} vs cpu {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mmq_q4k_fragment_math_matches_cpu_dot() {
+        check_mmq(GgmlType::Q4_K);
+    }
+
+    #[test]
+    fn mmq_q6k_fragment_math_matches_cpu_dot() {
+        check_mmq(GgmlType::Q6_K);
+    }
+
     #[test]
     fn q4k_lane_math_matches_cpu_dot() {
         check_type(GgmlType::Q4_K, 144, &[0, 2]);
