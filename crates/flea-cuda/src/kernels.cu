@@ -2938,6 +2938,15 @@ __host__ __device__ constexpr int mmq_chunk_bytes() {
     return NT8 * 8 * (QS + 16 * MMQ_KP * 4 + MMQ_KP * 4);
 }
 
+// isum += an mma's C fragment times its rows' scales: sa for row g (c0, c1), sb for g + 8.
+__device__ __forceinline__ void mmq_add_scaled(int (&isum)[4], const int (&c)[4], int sa,
+                                               int sb) {
+    isum[0] += c[0] * sa;
+    isum[1] += c[1] * sa;
+    isum[2] += c[2] * sb;
+    isum[3] += c[3] * sb;
+}
+
 // One super-block (256 columns) of a warp's 16 rows, as loaded: rows g (a) and g + 8 (b).
 struct MmqQ4KRaw {
     uint4 ha, hb;       // d, dmin, the 12 scale bytes
@@ -2999,16 +3008,10 @@ struct MmqQ4K {
                 const uint2 x1 = *(const uint2*)(xt + 128);
                 int c[4];
                 mma_s8_k32(c, la & M4, lb & M4, ha & M4, hb & M4, x0.x, x0.y);
-                isum[t][0] += c[0] * sa0;
-                isum[t][1] += c[1] * sa0;
-                isum[t][2] += c[2] * sb0;
-                isum[t][3] += c[3] * sb0;
+                mmq_add_scaled(isum[t], c, sa0, sb0);
                 mma_s8_k32(c, (la >> 4) & M4, (lb >> 4) & M4, (ha >> 4) & M4, (hb >> 4) & M4,
                            x1.x, x1.y);
-                isum[t][0] += c[0] * sa1;
-                isum[t][1] += c[1] * sa1;
-                isum[t][2] += c[2] * sb1;
-                isum[t][3] += c[3] * sb1;
+                mmq_add_scaled(isum[t], c, sa1, sb1);
             }
         }
         // The mins' part, sum over sub-blocks s of m_s * (sum of the token's 32 quants of s),
@@ -3134,10 +3137,7 @@ struct MmqQ6K {
                     for (int t = 0; t < NT8; t++) {
                         int cc[4];
                         mma_s8_k16(cc, a0, a1, *(const u32*)(x.q + (8 * t + g) * QS + off));
-                        isum[t][0] += cc[0] * sca;
-                        isum[t][1] += cc[1] * sca;
-                        isum[t][2] += cc[2] * scb;
-                        isum[t][3] += cc[3] * scb;
+                        mmq_add_scaled(isum[t], cc, sca, scb);
                     }
                 }
         const float da = h2f(r.da), db = h2f(r.db);

@@ -339,9 +339,10 @@ impl CudaBackend {
     }
 
     /// Whether few-token matmuls of Q4_K / Q6_K weights take the `mmq_*` kernels here: the
-    /// int8 kernels and these on, a device with int8 `mma.sync` and their shared memory.
+    /// int8 kernels and these on, and their shared memory opted into (only on sm_80+, which
+    /// has int8 `mma.sync`).
     pub fn mmq_on(&self) -> bool {
-        enabled() && mmq_enabled() && self.compute_capability().0 >= 8 && self.mmq_smem_room > 0
+        enabled() && mmq_enabled() && self.mmq_smem_room > 0
     }
 
     /// `mmq_*` launches made so far (process-wide).
@@ -349,15 +350,19 @@ impl CudaBackend {
         MMQ_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The `mmq_*` kernel for `w` at `wp` with `n` tokens and the shared memory its block
-    /// takes, or None (another path) for other types, token counts outside the kernels' range,
-    /// a device without int8 `mma.sync` (before sm_80) or that much shared memory, or weights
+    /// The `mmq_*` kernel for `w` at `wp` with `n` tokens, its tiles of 8 tokens and the
+    /// shared memory its block takes, or None (another path) where they are off
+    /// ([`Self::mmq_on`]), for other types, token counts outside the kernels' range, or weights
     /// not aligned for their loads.
-    pub(crate) fn mmq_kernel(&self, n: usize, w: &Weight, wp: u64) -> Option<(String, usize)> {
-        if !(enabled() && mmq_enabled())
+    pub(crate) fn mmq_kernel(
+        &self,
+        n: usize,
+        w: &Weight,
+        wp: u64,
+    ) -> Option<(String, usize, usize)> {
+        if !self.mmq_on()
             || n < mmq_min_tokens()
             || n > MMQ_MAX_TOKENS
-            || self.compute_capability().0 < 8
             || !w.cols.is_multiple_of(256)
             || w.rows == 0
         {
@@ -380,7 +385,7 @@ impl CudaBackend {
         };
         let tiles = mmq_tiles(n);
         let smem = mmq_smem_bytes(tiles, qs);
-        (smem <= self.mmq_smem_room).then(|| (format!("mmq_{suffix}_{tiles}"), smem))
+        (smem <= self.mmq_smem_room).then(|| (format!("mmq_{suffix}_{tiles}"), tiles, smem))
     }
 
     /// `out[t] (+)= w . x[t]` for t < n with an `mmq_*` kernel when [`Self::mmq_kernel`] has
@@ -398,10 +403,9 @@ impl CudaBackend {
         scratch: &mut ActScratch,
         quantized: &mut Quantized,
     ) -> Result<bool> {
-        let Some((name, smem)) = self.mmq_kernel(n, w, wp) else {
+        let Some((name, tiles, smem)) = self.mmq_kernel(n, w, wp) else {
             return Ok(false);
         };
-        let tiles = mmq_tiles(n);
         let (xqp, xdp, xsp) = self.quantize_int8(ActFmt::Q8K, n * w.cols, x, scratch, quantized)?;
         let cfg = LaunchConfig {
             grid_dim: (
