@@ -2833,7 +2833,8 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 #define MMQ_ARGS                                                                               \
     const u8* __restrict__ W, long long NB, const i8* __restrict__ xq,                         \
         const float* __restrict__ xd, const int* __restrict__ xs, float* __restrict__ y,       \
-        int rows, int cols, long long row_bytes, int n, int accumulate
+        int rows, int cols, long long row_bytes, int n, int accumulate,                       \
+        float* __restrict__ part, unsigned* __restrict__ arrivals
 
 // c = a . b (16 x 8 of int32) for one 16 x 32 block of signed bytes a and 32 x 8 of b.
 __device__ __forceinline__ void mma_s8_k32(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
@@ -3205,47 +3206,60 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
     cp_async_commit();
 }
 
-// y[t][row] (+)= W[row] . x[t] for the block's rows and tokens; see the section comment.
-// Dynamic shared memory: two chunk buffers (mmq_chunk_bytes), reused for the partial sums.
+// Stream-K split of the work (rows in blocks of 32, columns in chunks of MMQ_KP super-blocks;
+// unit u = row block * chunks + chunk): block b of G takes units [start(b), start(b + 1)).
+// With G = the row blocks each block takes one whole row block (the plain launch); the host
+// picks G = a multiple of the SMs, so that small matrices (160 row blocks of a 5120-row
+// projection on 132 SMs) keep every SM busy for the same time. mmvq.rs mirrors these two.
+__device__ __forceinline__ int mmq_unit_start(int b, int units, int G) {
+    return (int)((long long)b * units / G);
+}
+// The block whose units hold unit u: the last b with start(b) <= u (never an empty block).
+__device__ __forceinline__ int mmq_block_of(int u, int units, int G) {
+    return (int)(((long long)(u + 1) * G - 1) / units);
+}
+
+// acc += the block's rows' dot products over chunks c0 .. c1 of row block `blk`, as warp
+// (rg, kp)'s share (see the section comment). `first`: the block's first segment, which makes
+// its first weight loads before the dependent-launch wait (weights never depend on an earlier
+// kernel) and then waits.
 template <class K, class Raw, int NT8>
-__device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
+__device__ __forceinline__ void mmq_segment(MMQ_ARGS, int blk, int c0, int c1, bool first,
+                                            float (&acc)[NT8][4]) {
     extern __shared__ __align__(16) u8 mmq_smem[];
     constexpr int QS = K::QS, CB = mmq_chunk_bytes<NT8, QS>();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
     const int g = lane >> 2, q = lane & 3;
-    const int r0 = (blockIdx.x * MMQ_RG + rg) * 16;
+    const int r0 = (blk * MMQ_RG + rg) * 16;
     // Rows past the matrix read its last row; their sums are never written. So do tokens past
     // n (their shared rows are never filled; each C column depends on its own B column only).
     const int ra = min(r0 + g, rows - 1), rb = min(r0 + g + 8, rows - 1);
-    const int nb = cols / 256, chunks = (nb + MMQ_KP - 1) / MMQ_KP;
+    const int nb = cols / 256;
     const int t0 = blockIdx.y * NT8 * 8;
-    float acc[NT8][4];
-#pragma unroll
-    for (int t = 0; t < NT8; t++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) acc[t][i] = 0.f;
     Raw cur;
-    if (kp < nb) K::load(W, NB, row_bytes, ra, rb, nb, kp, q, cur);
+    const int sb0 = c0 * MMQ_KP + kp;
+    if (sb0 < nb) K::load(W, NB, row_bytes, ra, rb, nb, sb0, q, cur);
 #pragma unroll
     for (int a = 1; a <= MMQ_AHEAD; a++)
-        if (kp + a * MMQ_KP < nb)
-            K::prefetch(W, NB, row_bytes, r0, rows, nb, kp + a * MMQ_KP, lane);
-    pdl_enter();
-    mmq_fill<NT8, QS>(mmq_smem, xq, xd, xs, cols, nb, t0, n, 0);
-    for (int c = 0; c < chunks; c++) {
+        if (sb0 + a * MMQ_KP < nb)
+            K::prefetch(W, NB, row_bytes, r0, rows, nb, sb0 + a * MMQ_KP, lane);
+    if (first) pdl_enter();
+    mmq_fill<NT8, QS>(mmq_smem, xq, xd, xs, cols, nb, t0, n, c0);
+    for (int c = c0; c < c1; c++) {
         cp_async_wait_all();
         // Chunk c is in place for every thread; everyone is done with the other buffer.
         __syncthreads();
-        if (c + 1 < chunks)
-            mmq_fill<NT8, QS>(mmq_smem + ((c + 1) & 1) * CB, xq, xd, xs, cols, nb, t0, n, c + 1);
-        const u8* buf = mmq_smem + (c & 1) * CB;
+        if (c + 1 < c1)
+            mmq_fill<NT8, QS>(mmq_smem + ((c + 1 - c0) & 1) * CB, xq, xd, xs, cols, nb, t0, n,
+                              c + 1);
+        const u8* buf = mmq_smem + ((c - c0) & 1) * CB;
         const MmqChunk<QS> x{(const i8*)buf, (const int*)(buf + NT8 * 8 * QS),
                              (const float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4))};
         const int sb = c * MMQ_KP + kp;
         if (sb < nb) {
             Raw next;
-            const bool more = sb + MMQ_KP < nb;
+            const bool more = c + 1 < c1 && sb + MMQ_KP < nb;
             if (more) K::load(W, NB, row_bytes, ra, rb, nb, sb + MMQ_KP, q, next);
             if (sb + (MMQ_AHEAD + 1) * MMQ_KP < nb)
                 K::prefetch(W, NB, row_bytes, r0, rows, nb, sb + (MMQ_AHEAD + 1) * MMQ_KP, lane);
@@ -3253,32 +3267,122 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
             if (more) cur = next;
         }
     }
-    // The partial sums of warps kp > 0 through the (now idle) chunk buffers.
-    __syncthreads();
-    float* part = (float*)mmq_smem; // [MMQ_KP - 1][MMQ_RG][NT8 * 4][32]
-    if (kp > 0) {
+}
+
+// y[t][row] (+)= W[row] . x[t] for the block's units; see the section comment. Dynamic shared
+// memory: two chunk buffers (mmq_chunk_bytes), reused for the warps' partial sums. A row
+// block split between blocks meets in `part` (two slots of MMQ_RG * NT8 * 128 floats a block:
+// its first segment's and its last's; the segments between are whole row blocks) and the
+// block that arrives last (`arrivals`, one counter a row block and token group, zero between
+// launches) adds the segments in block order: a row's value does not depend on timing.
+template <class K, class Raw, int NT8>
+__device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
+    extern __shared__ __align__(16) u8 mmq_smem[];
+    __shared__ int mmq_last;
+    constexpr int FR = MMQ_RG * NT8 * 4; // floats a lane of the kp == 0 warps holds
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
+    const int g = lane >> 2, q = lane & 3;
+    const int nb = cols / 256, chunks = (nb + MMQ_KP - 1) / MMQ_KP;
+    const int blocks = (rows + 16 * MMQ_RG - 1) / (16 * MMQ_RG), units = blocks * chunks;
+    const int G = gridDim.x, b = blockIdx.x;
+    const int u_end = mmq_unit_start(b + 1, units, G);
+    const int t0 = blockIdx.y * NT8 * 8;
+    bool first = true;
+    for (int u = mmq_unit_start(b, units, G); u < u_end;) {
+        const int blk = u / chunks, c0 = u - blk * chunks, c1 = min(chunks, c0 + (u_end - u));
+        float acc[NT8][4];
 #pragma unroll
         for (int t = 0; t < NT8; t++)
 #pragma unroll
-            for (int i = 0; i < 4; i++)
-                part[(((kp - 1) * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane] = acc[t][i];
-    }
-    __syncthreads();
-    if (kp != 0) return;
+            for (int i = 0; i < 4; i++) acc[t][i] = 0.f;
+        mmq_segment<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate,
+                                 part, arrivals, blk, c0, c1, first, acc);
+        // The partial sums of warps kp > 0 through the (now idle) chunk buffers, added in kp
+        // order by the kp == 0 warps.
+        __syncthreads();
+        float* wpart = (float*)mmq_smem; // [MMQ_KP - 1][MMQ_RG][NT8 * 4][32]
+        if (kp > 0) {
 #pragma unroll
-    for (int t = 0; t < NT8; t++)
+            for (int t = 0; t < NT8; t++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float v = acc[t][i];
+                for (int i = 0; i < 4; i++)
+                    wpart[(((kp - 1) * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane] =
+                        acc[t][i];
+        }
+        __syncthreads();
+        if (kp == 0) {
 #pragma unroll
-            for (int k = 0; k < MMQ_KP - 1; k++)
-                v += part[((k * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane];
-            const int row = r0 + g + (i < 2 ? 0 : 8), tok = t0 + 8 * t + 2 * q + (i & 1);
-            if (row < rows && tok < n) {
-                float* p = y + (long long)tok * rows + row;
-                *p = accumulate ? *p + v : v;
+            for (int t = 0; t < NT8; t++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int k = 0; k < MMQ_KP - 1; k++)
+                        acc[t][i] += wpart[((k * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane];
+        }
+        bool write = kp == 0;
+        if (c0 != 0 || c1 != chunks) {
+            // A share of the row block: leave it in this block's slot; the last to arrive adds.
+            const int slot = 2 * b + (first ? 0 : 1);
+            if (kp == 0) {
+#pragma unroll
+                for (int t = 0; t < NT8; t++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        part[((long long)slot * FR + rg * NT8 * 4 + 4 * t + i) * 32 + lane] =
+                            acc[t][i];
+                __threadfence();
+            }
+            const int bf = mmq_block_of(blk * chunks, units, G);
+            const int bl = mmq_block_of(blk * chunks + chunks - 1, units, G);
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                unsigned* arrived = arrivals + (long long)blockIdx.y * blocks + blk;
+                const unsigned seen = atomicAdd(arrived, 1u);
+                mmq_last = seen == (unsigned)(bl - bf);
+                if (mmq_last) *arrived = 0u; // every segment is in: ready for the next launch
+            }
+            __syncthreads();
+            write = write && mmq_last;
+            if (write) {
+                __threadfence();
+#pragma unroll
+                for (int t = 0; t < NT8; t++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) acc[t][i] = 0.f;
+                for (int bb = bf; bb <= bl; bb++) {
+                    // Block bb's share of this row block is its first segment when it starts
+                    // inside the row block, else its last.
+                    const int sl =
+                        2 * bb + (mmq_unit_start(bb, units, G) >= blk * chunks ? 0 : 1);
+#pragma unroll
+                    for (int t = 0; t < NT8; t++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++)
+                            acc[t][i] += __ldcg(
+                                part + ((long long)sl * FR + rg * NT8 * 4 + 4 * t + i) * 32 +
+                                lane);
+                }
             }
         }
+        if (write) {
+            const int r0 = (blk * MMQ_RG + rg) * 16;
+#pragma unroll
+            for (int t = 0; t < NT8; t++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int row = r0 + g + (i < 2 ? 0 : 8), tok = t0 + 8 * t + 2 * q + (i & 1);
+                    if (row < rows && tok < n) {
+                        float* p = y + (long long)tok * rows + row;
+                        *p = accumulate ? *p + acc[t][i] : acc[t][i];
+                    }
+                }
+        }
+        u += c1 - c0;
+        first = false;
+        // The next segment's fill reuses the buffers just read.
+        __syncthreads();
+    }
 }
 
 // Two blocks an SM (at most 128 registers a thread; 4 tiles spill a few words): one block an
@@ -3287,7 +3391,8 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
 #define MMQ(name, K, Raw, NT8)                                                                 \
     extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, 2)                     \
         mmq_##name##_##NT8(MMQ_ARGS) {                                                         \
-        mmq_impl<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);     \
+        mmq_impl<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate, part, \
+                              arrivals);                                                       \
     }
 MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 1)
 MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 2)

@@ -56,6 +56,7 @@ mod gaps;
 mod graph;
 pub use graph::GraphCounts;
 mod mmvq;
+pub use mmvq::MmqGrid;
 pub mod probe;
 mod profile;
 pub use profile::{KernelTime, ProfileReport};

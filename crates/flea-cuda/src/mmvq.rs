@@ -70,6 +70,10 @@ const MMQ_TILES: [usize; 3] = [1, 2, 4];
 /// Rows of one `mmq_*` block (kernels.cu: MMQ_RG * 16) and its threads (MMQ_RG * MMQ_KP warps).
 const MMQ_BLOCK_ROWS: usize = 32;
 const MMQ_BLOCK_THREADS: u32 = 256;
+/// `mmq_*` blocks an SM holds at once (kernels.cu: `__launch_bounds__(256, 2)`).
+const MMQ_BLOCKS_PER_SM: usize = 2;
+/// Floats of one block's slot of partial sums: 32 rows times its tokens (kernels.cu `FR` * 32).
+const MMQ_SLOT_FLOATS: usize = MMQ_BLOCK_ROWS * 32;
 /// Most tokens a matmul gives the `mmq_*` kernels: one block's 32 (four tiles). Above, the
 /// cuBLAS GEMM on the dequantized weight, which reads the weight once for the whole batch and
 /// costs about the same from 8 to 64 rows; the kernels would read it once per 32 tokens. H200,
@@ -175,6 +179,10 @@ pub(crate) struct ActScratch {
     q8k: Option<CudaSlice<u8>>,
     q8_0: Option<CudaSlice<u8>>,
     half: Option<CudaSlice<u8>>,
+    /// `mmq_*` row blocks split between blocks: two slots of partial sums a block, and one
+    /// arrival counter a row block (zero between launches).
+    mmq_part: Option<CudaSlice<f32>>,
+    mmq_arrivals: Option<CudaSlice<u32>>,
 }
 
 /// Which formats already hold the current matmul group's input.
@@ -205,6 +213,61 @@ static MMQ_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new
 /// Fewest tokens a matmul gives the `mmq_*` kernels (below: `mmvq*`); 0: not decided yet
 /// (FLEA_CUDA_MMQ_MIN, default 2).
 static MMQ_MIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How an `mmq_*` launch splits its work between blocks (kernels.cu, `mmq_unit_start`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmqGrid {
+    /// One block a row block of 32 rows, each over all the columns.
+    RowBlocks,
+    /// This many blocks an SM (at most the row blocks' chunks), the chunks of 4 super-blocks
+    /// shared out evenly: a row block may be split between blocks.
+    PerSm(usize),
+    /// Exactly this many blocks (at most the chunks), shared out the same way; for tests.
+    Fixed(usize),
+}
+
+/// The split of `mmq_*` launches; None: not decided yet (FLEA_CUDA_MMQ_GRID: `rows`, `sm:K`
+/// or a block count; default two blocks an SM, as many as the kernels' launch bounds hold).
+static MMQ_GRID: std::sync::Mutex<Option<MmqGrid>> = std::sync::Mutex::new(None);
+
+fn mmq_grid_setting() -> MmqGrid {
+    let mut g = MMQ_GRID.lock().unwrap_or_else(|e| e.into_inner());
+    *g.get_or_insert_with(|| {
+        let v = std::env::var("FLEA_CUDA_MMQ_GRID").unwrap_or_default();
+        if v == "rows" {
+            MmqGrid::RowBlocks
+        } else if let Some(k) = v.strip_prefix("sm:").and_then(|k| k.parse().ok()) {
+            MmqGrid::PerSm(k)
+        } else if let Ok(b) = v.parse() {
+            MmqGrid::Fixed(b)
+        } else {
+            MmqGrid::PerSm(MMQ_BLOCKS_PER_SM)
+        }
+    })
+}
+
+/// Blocks of an `mmq_*` launch with `blocks` row blocks of `chunks` chunks each on `sms` SMs.
+fn mmq_grid(grid: MmqGrid, blocks: usize, chunks: usize, sms: usize) -> usize {
+    let units = blocks * chunks;
+    match grid {
+        MmqGrid::PerSm(k) if k > 0 && sms > 0 => (k * sms).min(units),
+        MmqGrid::Fixed(b) if b > 0 => b.min(units),
+        _ => blocks,
+    }
+}
+
+/// kernels.cu `mmq_unit_start`: the first unit (row block * chunks + chunk) of block `b` of
+/// `grid` sharing `units`.
+#[cfg(test)]
+fn mmq_unit_start(b: usize, units: usize, grid: usize) -> usize {
+    b * units / grid
+}
+
+/// kernels.cu `mmq_block_of`: the block of `grid` whose units hold unit `u`.
+#[cfg(test)]
+fn mmq_block_of(u: usize, units: usize, grid: usize) -> usize {
+    ((u + 1) * grid - 1) / units
+}
 
 fn mmq_enabled() -> bool {
     use std::sync::atomic::Ordering::Relaxed;
@@ -345,6 +408,17 @@ impl CudaBackend {
         enabled() && mmq_enabled() && self.mmq_smem_room > 0
     }
 
+    /// How `mmq_*` launches split their work between blocks (process-wide; for A/B
+    /// comparisons and tests: results differ only in the float summation order).
+    pub fn set_mmq_grid(&self, grid: MmqGrid) {
+        *MMQ_GRID.lock().unwrap_or_else(|e| e.into_inner()) = Some(grid);
+    }
+
+    /// The split `mmq_*` launches use now (see [`Self::set_mmq_grid`]).
+    pub fn mmq_grid(&self) -> MmqGrid {
+        mmq_grid_setting()
+    }
+
     /// `mmq_*` launches made so far (process-wide).
     pub fn mmq_launches(&self) -> u64 {
         MMQ_LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
@@ -407,12 +481,20 @@ impl CudaBackend {
             return Ok(false);
         };
         let (xqp, xdp, xsp) = self.quantize_int8(ActFmt::Q8K, n * w.cols, x, scratch, quantized)?;
+        let (blocks, groups) = (w.rows.div_ceil(MMQ_BLOCK_ROWS), n.div_ceil(8 * tiles));
+        let chunks = (w.cols / 256).div_ceil(4);
+        let grid = mmq_grid(mmq_grid_setting(), blocks, chunks, self.sms);
+        // Partial sums and arrival counters, only touched where a row block is split.
+        let (part, arrivals) = if grid == blocks {
+            (0u64, 0u64)
+        } else {
+            (
+                self.grow(&mut scratch.mmq_part, 2 * grid * MMQ_SLOT_FLOATS)?,
+                self.grow(&mut scratch.mmq_arrivals, groups * blocks)?,
+            )
+        };
         let cfg = LaunchConfig {
-            grid_dim: (
-                w.rows.div_ceil(MMQ_BLOCK_ROWS) as u32,
-                n.div_ceil(8 * tiles) as u32,
-                1,
-            ),
+            grid_dim: (grid as u32, groups as u32, 1),
             block_dim: (MMQ_BLOCK_THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -428,7 +510,7 @@ impl CudaBackend {
         // MMQ_ARGS in order: wp holds rows * row_bytes bytes of the checked type and width
         // (check_weight, mmq_kernel), out holds n * rows f32 (the callers' check_matmul), the
         // Q8_K scratch n * cols quants with their scales and sums (quantize_int8).
-        launch!(self, &name, cfg; wp, nb_all, xqp, xdp, xsp, out, rows_i, cols_i, rb, n_i, acc_i)?;
+        launch!(self, &name, cfg; wp, nb_all, xqp, xdp, xsp, out, rows_i, cols_i, rb, n_i, acc_i, part, arrivals)?;
         MMQ_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
     }
@@ -1395,6 +1477,67 @@ mod tests {
         }
         let cubin = crate::nvrtc_compile(crate::KERNELS, "sm_90").unwrap();
         assert!(!cubin.is_empty());
+    }
+
+    #[test]
+    fn mmq_split_covers_each_unit_once_and_meets_in_block_order() {
+        // The kernels' stream-K split, walked as each block walks it (mmq_impl): every unit
+        // once; a split row block's segments in the slots the last block reads, in block
+        // order; never more than two partial slots a block.
+        for blocks in 1..=9 {
+            for chunks in 1..=7 {
+                let units = blocks * chunks;
+                for want in 1..=units + 2 {
+                    let grid = mmq_grid(MmqGrid::Fixed(want), blocks, chunks, 132);
+                    assert!(grid >= 1 && grid <= units);
+                    let mut covered = vec![0; units];
+                    let mut written: Vec<Vec<(usize, usize)>> = vec![Vec::new(); blocks];
+                    let mut slots = std::collections::HashSet::new();
+                    for b in 0..grid {
+                        let (mut u, end) = (
+                            mmq_unit_start(b, units, grid),
+                            mmq_unit_start(b + 1, units, grid),
+                        );
+                        let mut first = true;
+                        while u < end {
+                            let (blk, c0) = (u / chunks, u % chunks);
+                            let c1 = chunks.min(c0 + (end - u));
+                            for c in c0..c1 {
+                                covered[blk * chunks + c] += 1;
+                            }
+                            if c0 != 0 || c1 != chunks {
+                                let slot = 2 * b + usize::from(!first);
+                                assert!(slots.insert(slot), "slot {slot} written twice");
+                                written[blk].push((b, slot));
+                            }
+                            u += c1 - c0;
+                            first = false;
+                        }
+                    }
+                    assert!(covered.iter().all(|&c| c == 1), "{blocks} {chunks} {grid}");
+                    for (blk, segs) in written.iter().enumerate() {
+                        let bf = mmq_block_of(blk * chunks, units, grid);
+                        let bl = mmq_block_of(blk * chunks + chunks - 1, units, grid);
+                        if segs.is_empty() {
+                            assert_eq!(bf, bl);
+                            continue;
+                        }
+                        let read: Vec<(usize, usize)> = (bf..=bl)
+                            .map(|bb| {
+                                let own = mmq_unit_start(bb, units, grid) >= blk * chunks;
+                                (bb, 2 * bb + usize::from(!own))
+                            })
+                            .collect();
+                        assert_eq!(segs, &read, "{blocks} {chunks} {grid} {blk}");
+                    }
+                }
+            }
+        }
+        // One block a row block is the plain launch; per SM caps at the units.
+        assert_eq!(mmq_grid(MmqGrid::RowBlocks, 160, 5, 132), 160);
+        assert_eq!(mmq_grid(MmqGrid::PerSm(2), 160, 5, 132), 264);
+        assert_eq!(mmq_grid(MmqGrid::PerSm(2), 3, 2, 132), 6);
+        assert_eq!(mmq_grid(MmqGrid::PerSm(2), 160, 5, 0), 160);
     }
 
     /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block

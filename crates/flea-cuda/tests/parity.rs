@@ -687,6 +687,117 @@ fn fusion_changes_nothing() {
     assert!(bad.is_empty(), "fusion changed the logits of {bad:?}");
 }
 
+/// The tensor-core kernels' split of a matrix's work between blocks (`MmqGrid`): row blocks
+/// whole, the default (blocks an SM), and block counts that cut row blocks in two or three
+/// (segments that end mid-row-block and begin mid-row-block in one block), for Q4_K and Q6_K
+/// matrices of 3 and 7 row blocks (the last short) and 10 and 21 super-blocks a row (the
+/// last chunk short), 5, 12 and 32 tokens, written and added to a residual: the CPU's values
+/// every time.
+#[test]
+fn mmq_split_matches_cpu() {
+    use flea_cuda::MmqGrid;
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    if !cuda.mmq_on() {
+        println!("mmq kernels not on this device: skipped");
+        return;
+    }
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    let mut cases = 0;
+    let setting = cuda.mmq_grid();
+    for (ty, block) in [
+        (flea_gguf::GgmlType::Q4_K, 144),
+        (flea_gguf::GgmlType::Q6_K, 210),
+    ] {
+        for (rows, cols) in [(96usize, 2560usize), (200, 5376)] {
+            // Random quants and scales; f16 scales set to small normal values.
+            let nb = rows * cols / 256;
+            let mut data = vec![0u8; nb * block];
+            let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (rows * cols) as u64;
+            for b in data.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = (state >> 24) as u8;
+            }
+            for (i, blk) in data.chunks_mut(block).enumerate() {
+                let d = half::f16::from_f32(0.002 + (i % 13) as f32 * 1e-4).to_le_bytes();
+                if block == 144 {
+                    blk[0..2].copy_from_slice(&d);
+                    blk[2..4].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+                } else {
+                    blk[208..210].copy_from_slice(&d);
+                }
+            }
+            let w = Weight {
+                ty,
+                rows,
+                cols,
+                data: &data,
+            };
+            let blocks = rows.div_ceil(32);
+            let units = blocks * (cols / 256).div_ceil(4);
+            for grid in [
+                MmqGrid::RowBlocks,
+                MmqGrid::PerSm(2),
+                MmqGrid::Fixed(2),
+                MmqGrid::Fixed(5),
+                MmqGrid::Fixed(blocks + 1),
+                MmqGrid::Fixed(units),
+            ] {
+                cuda.set_mmq_grid(grid);
+                for n in [5usize, 12, 32] {
+                    let xs: Vec<f32> = (0..n * cols)
+                        .map(|i| (i as f32 * 0.377).sin() * 1.1 + ((i % 5) as f32 - 2.0) * 0.2)
+                        .collect();
+                    let res: Vec<f32> = (0..n * rows).map(|i| (i as f32 * 0.13).cos()).collect();
+                    let mut xc = cpu.alloc_act(n, cols).unwrap();
+                    xc.data.copy_from_slice(&xs);
+                    let mut oc = cpu.alloc_act(n, rows).unwrap();
+                    cpu.matmul(n, &w, &xc, &mut oc).unwrap();
+                    let want_acc: Vec<f32> = res.iter().zip(&oc.data).map(|(r, o)| r + o).collect();
+                    let xg = cuda.alloc_act(n, cols).unwrap();
+                    cuda.upload(&xg, &xs).unwrap();
+                    let mut og = cuda.alloc_act(n, rows).unwrap();
+                    let before = cuda.mmq_launches();
+                    let got = cuda
+                        .matmul(n, &w, &xg, &mut og)
+                        .and_then(|_| cuda.read(n, &og));
+                    let mut rg = cuda.alloc_act(n, rows).unwrap();
+                    cuda.upload(&rg, &res).unwrap();
+                    let mut sg = cuda.alloc_act(n, rows).unwrap();
+                    let got_acc = cuda
+                        .matmul_residual(&[n], &w, &xg, &mut rg, &mut sg)
+                        .and_then(|_| cuda.read(n, &rg));
+                    let ran = cuda.mmq_launches() - before;
+                    cases += 1;
+                    let (e, ea) = match (got, got_acc) {
+                        (Ok(g), Ok(ga)) => (rel_err(&g, &oc.data), rel_err(&ga, &want_acc)),
+                        (g, ga) => {
+                            bad.push(format!("{ty} {rows}x{cols} {grid:?} n={n}: {g:?} {ga:?}"));
+                            continue;
+                        }
+                    };
+                    let ok = e <= 1e-4 && ea <= 1e-4 && ran == 2;
+                    println!(
+                        "MMQ SPLIT {ty} {rows}x{cols} {grid:?} n={n} rel={e:.3e} acc={ea:.3e} launches={ran} {}",
+                        if ok { "OK" } else { "FAIL" }
+                    );
+                    if !ok {
+                        bad.push(format!(
+                            "{ty} {rows}x{cols} {grid:?} n={n}: {e:.3e} {ea:.3e} {ran}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    cuda.set_mmq_grid(setting);
+    assert!(bad.is_empty(), "{} of {cases} cases: {bad:?}", bad.len());
+}
+
 /// A weight larger than the GEMM scratch (the output matrix, for all-position logits, when
 /// the vocabulary outgrows the layers) goes through cuBLAS in row chunks: the same logits as
 /// in one pass (up to cuBLAS's summation order for the smaller shapes) and the same argmax
