@@ -2830,10 +2830,20 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 #define MMQ_RG 2
 #define MMQ_KP 4
 #define MMQ_AHEAD 3
+// Up to three matrices of one type and width on the same activations (q/k/v, gate/up) in
+// one launch: their row blocks follow each other in the work's order.
+struct MmqJobs {
+    const u8* W[3];
+    float* y[3];
+    long long NB[3]; // blocks of each tensor (the repacked Q6_K layout addresses by them)
+    int rows[3];
+    int count;
+};
+// Field f of job j (by value: indexing the parameter's arrays would copy them to the stack).
+#define mmq_pick(f, j) ((j) == 0 ? jobs.f[0] : ((j) == 1 ? jobs.f[1] : jobs.f[2]))
 #define MMQ_ARGS                                                                               \
-    const u8* __restrict__ W, long long NB, const i8* __restrict__ xq,                         \
-        const float* __restrict__ xd, const int* __restrict__ xs, float* __restrict__ y,       \
-        int rows, int cols, long long row_bytes, int n, int accumulate,                       \
+    const MmqJobs jobs, const i8* __restrict__ xq, const float* __restrict__ xd,              \
+        const int* __restrict__ xs, int cols, long long row_bytes, int n, int accumulate,      \
         float* __restrict__ part, unsigned* __restrict__ arrivals
 
 // c = a . b (16 x 8 of int32) for one 16 x 32 block of signed bytes a and 32 x 8 of b.
@@ -3224,8 +3234,12 @@ __device__ __forceinline__ int mmq_block_of(int u, int units, int G) {
 // its first weight loads before the dependent-launch wait (weights never depend on an earlier
 // kernel) and then waits.
 template <class K, class Raw, int NT8>
-__device__ __forceinline__ void mmq_segment(MMQ_ARGS, int blk, int c0, int c1, bool first,
-                                            float (&acc)[NT8][4]) {
+__device__ __forceinline__ void mmq_segment(const u8* __restrict__ W, long long NB,
+                                            const i8* __restrict__ xq,
+                                            const float* __restrict__ xd,
+                                            const int* __restrict__ xs, int rows, int cols,
+                                            long long row_bytes, int n, int blk, int c0, int c1,
+                                            bool first, float (&acc)[NT8][4]) {
     extern __shared__ __align__(16) u8 mmq_smem[];
     constexpr int QS = K::QS, CB = mmq_chunk_bytes<NT8, QS>();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -3283,21 +3297,33 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
     const int g = lane >> 2, q = lane & 3;
+    constexpr int BR = 16 * MMQ_RG; // rows a row block
     const int nb = cols / 256, chunks = (nb + MMQ_KP - 1) / MMQ_KP;
-    const int blocks = (rows + 16 * MMQ_RG - 1) / (16 * MMQ_RG), units = blocks * chunks;
+    int blocks = 0;
+#pragma unroll
+    for (int j = 0; j < 3; j++)
+        if (j < jobs.count) blocks += (jobs.rows[j] + BR - 1) / BR;
+    const int units = blocks * chunks;
     const int G = gridDim.x, b = blockIdx.x;
     const int u_end = mmq_unit_start(b + 1, units, G);
     const int t0 = blockIdx.y * NT8 * 8;
     bool first = true;
     for (int u = mmq_unit_start(b, units, G); u < u_end;) {
-        const int blk = u / chunks, c0 = u - blk * chunks, c1 = min(chunks, c0 + (u_end - u));
+        // Row block gb of the launch is row block blk of matrix j.
+        const int gb = u / chunks, c0 = u - gb * chunks, c1 = min(chunks, c0 + (u_end - u));
+        int j = 0, blk = gb;
+        while (j + 1 < jobs.count && blk >= (mmq_pick(rows, j) + BR - 1) / BR) {
+            blk -= (mmq_pick(rows, j) + BR - 1) / BR;
+            j++;
+        }
+        const int rows = mmq_pick(rows, j);
         float acc[NT8][4];
 #pragma unroll
         for (int t = 0; t < NT8; t++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][i] = 0.f;
-        mmq_segment<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate,
-                                 part, arrivals, blk, c0, c1, first, acc);
+        mmq_segment<K, Raw, NT8>(mmq_pick(W, j), mmq_pick(NB, j), xq, xd, xs, rows,
+                                 cols, row_bytes, n, blk, c0, c1, first, acc);
         // The partial sums of warps kp > 0 through the (now idle) chunk buffers, added in kp
         // order by the kp == 0 warps.
         __syncthreads();
@@ -3333,11 +3359,11 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
                             acc[t][i];
                 __threadfence();
             }
-            const int bf = mmq_block_of(blk * chunks, units, G);
-            const int bl = mmq_block_of(blk * chunks + chunks - 1, units, G);
+            const int bf = mmq_block_of(gb * chunks, units, G);
+            const int bl = mmq_block_of(gb * chunks + chunks - 1, units, G);
             __syncthreads();
             if (threadIdx.x == 0) {
-                unsigned* arrived = arrivals + (long long)blockIdx.y * blocks + blk;
+                unsigned* arrived = arrivals + (long long)blockIdx.y * blocks + gb;
                 const unsigned seen = atomicAdd(arrived, 1u);
                 mmq_last = seen == (unsigned)(bl - bf);
                 if (mmq_last) *arrived = 0u; // every segment is in: ready for the next launch
@@ -3354,7 +3380,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
                     // Block bb's share of this row block is its first segment when it starts
                     // inside the row block, else its last.
                     const int sl =
-                        2 * bb + (mmq_unit_start(bb, units, G) >= blk * chunks ? 0 : 1);
+                        2 * bb + (mmq_unit_start(bb, units, G) >= gb * chunks ? 0 : 1);
 #pragma unroll
                     for (int t = 0; t < NT8; t++)
 #pragma unroll
@@ -3373,7 +3399,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
                 for (int i = 0; i < 4; i++) {
                     const int row = r0 + g + (i < 2 ? 0 : 8), tok = t0 + 8 * t + 2 * q + (i & 1);
                     if (row < rows && tok < n) {
-                        float* p = y + (long long)tok * rows + row;
+                        float* p = mmq_pick(y, j) + (long long)tok * rows + row;
                         *p = accumulate ? *p + acc[t][i] : acc[t][i];
                     }
                 }
@@ -3391,7 +3417,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
 #define MMQ(name, K, Raw, NT8)                                                                 \
     extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, 2)                     \
         mmq_##name##_##NT8(MMQ_ARGS) {                                                         \
-        mmq_impl<K, Raw, NT8>(W, NB, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate, part, \
+        mmq_impl<K, Raw, NT8>(jobs, xq, xd, xs, cols, row_bytes, n, accumulate, part,          \
                               arrivals);                                                       \
     }
 MMQ(q4_k, MmqQ4K, MmqQ4KRaw, 1)

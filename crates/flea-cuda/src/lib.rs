@@ -1875,7 +1875,8 @@ struct Prequant {
 /// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
 /// int8 activations from shared memory; a Q6_K row's last steps are added as one group)
 /// change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
-/// rows a warp in sequence) does not.
+/// rows a warp in sequence) and `mmq_group` (matrices of one tensor-core kernel and input in
+/// one launch) do not.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
@@ -1886,6 +1887,7 @@ struct FusionsOff {
     attn_cluster: bool,
     pub(crate) mmvq_sa: bool,
     pub(crate) mmvq_sa_rows: bool,
+    mmq_group: bool,
 }
 
 impl FusionsOff {
@@ -1901,6 +1903,7 @@ impl FusionsOff {
             attn_cluster: has("attn_cluster"),
             mmvq_sa: has("mmvq_sa"),
             mmvq_sa_rows: has("mmvq_sa_rows"),
+            mmq_group: has("mmq_group"),
         }
     }
 }
@@ -2285,13 +2288,47 @@ impl Backend for CudaBackend {
         let mut by_mmvq = 0u64;
         // Tensor-core int8 kernels for 2..=32 tokens (mmvq.rs, `mmq_*`): each weight read
         // once for all of them, where a GEMM would first dequantize it.
+        // Jobs of one kernel share a launch (q/k/v, gate/up), as the mmvq ones below.
         if (2..=mmvq::MMQ_MAX_TOKENS).contains(&n) {
-            for (i, (w, out)) in jobs.iter().enumerate().take(64) {
+            let count = jobs.len().min(64);
+            let mut kernels = Vec::with_capacity(count);
+            for (w, _) in jobs.iter().take(count) {
                 let wp = self.weight_ptr(w)?;
-                let (xp, op) = (x.ptr, out.ptr);
-                if self.try_mmq(n, w, wp, xp, op, false, &mut sc.xq, &mut quantized)? {
-                    by_mmvq |= 1 << i;
+                kernels.push(self.mmq_kernel(n, w, wp).map(|k| (k, wp)));
+            }
+            for i in 0..count {
+                let Some((kernel, wp)) = &kernels[i] else {
+                    continue;
+                };
+                if by_mmvq & (1 << i) != 0 {
+                    continue;
                 }
+                let job = |j: usize, wp: u64| mmvq::MmvqJob {
+                    wp,
+                    rows: jobs[j].0.rows,
+                    out: jobs[j].1.ptr,
+                    second: false,
+                };
+                let mut group = [job(i, *wp); mmvq::MAX_JOBS];
+                let mut len = 1;
+                by_mmvq |= 1 << i;
+                let most = if self.fusions_off.mmq_group {
+                    1
+                } else {
+                    mmvq::MAX_JOBS
+                };
+                for (j, kj) in kernels.iter().enumerate().skip(i + 1) {
+                    if let Some((kj, wpj)) = kj {
+                        if len < most && by_mmvq & (1 << j) == 0 && kj == kernel {
+                            group[len] = job(j, *wpj);
+                            len += 1;
+                            by_mmvq |= 1 << j;
+                        }
+                    }
+                }
+                let w = jobs[i].0;
+                let g = &group[..len];
+                self.launch_mmq(n, w, g, kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
             }
         }
         if !use_blas || n <= mmvq::MAX_TOKENS {

@@ -80,6 +80,10 @@ const MMQ_SLOT_FLOATS: usize = MMQ_BLOCK_ROWS * 32;
 /// a 13b's 504-token prompt in passes of 32 / 64 rows: 1857 / 2293 tok/s with them, 1281 /
 /// 2404 with cuBLAS (docs/BENCHMARKS.md).
 pub(crate) const MMQ_MAX_TOKENS: usize = 32;
+/// Fewest tokens that take the `mmq_*` kernels by default: two rows go faster through
+/// `mmvq8_*` (H200, a 13b's prompt in 2-row passes: 302 vs 283 tok/s; 3 rows: 386 vs 417,
+/// 4: 448 vs 531; docs/BENCHMARKS.md).
+const MMQ_MIN_DEFAULT: usize = 3;
 
 /// Types (kernel suffixes) with a shared-activation one-token kernel `mmvqs_*`: the K-quants
 /// (Q8_K activations), the mixed q/k/v kernel and Q4_0 (Q8_0 activations). Q8_0, Q4_1 and Q5_1
@@ -157,6 +161,16 @@ pub(crate) fn kernel_for(ty: GgmlType) -> Option<(&'static str, u64, ActFmt)> {
 /// Most matrices one mmvq launch computes (the kernels' W0..W2).
 pub(crate) const MAX_JOBS: usize = 3;
 
+/// kernels.cu `MmqJobs`: the matrices of one `mmq_*` launch (unused entries zero).
+#[repr(C)]
+struct MmqJobsArg {
+    w: [u64; 3],
+    y: [u64; 3],
+    nb: [i64; 3],
+    rows: [i32; 3],
+    count: i32,
+}
+
 /// One matrix of a grouped mmvq launch: weight at `wp` (`rows` rows), output at `out`.
 /// `second`: a resident Q6_K matrix in a launch with Q4_K ones ([`MIXED`]); such jobs come
 /// after the group's Q4_K ones.
@@ -211,7 +225,7 @@ static MMQ_LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 /// The `mmq_*` kernels: 0 not decided yet (read FLEA_CUDA_NO_MMQ), 1 on, 2 off.
 static MMQ_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 /// Fewest tokens a matmul gives the `mmq_*` kernels (below: `mmvq*`); 0: not decided yet
-/// (FLEA_CUDA_MMQ_MIN, default 2).
+/// (FLEA_CUDA_MMQ_MIN, default [`MMQ_MIN_DEFAULT`]).
 static MMQ_MIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How an `mmq_*` launch splits its work between blocks (kernels.cu, `mmq_unit_start`).
@@ -288,7 +302,7 @@ fn mmq_min_tokens() -> usize {
             let m = std::env::var("FLEA_CUDA_MMQ_MIN")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(2)
+                .unwrap_or(MMQ_MIN_DEFAULT)
                 .max(2);
             MMQ_MIN.store(m, Relaxed);
             m
@@ -388,7 +402,7 @@ impl CudaBackend {
     }
 
     /// Use the tensor-core `mmq_*` kernels for 2..=32 tokens where they apply (default,
-    /// unless FLEA_CUDA_NO_MMQ is set), and from how many tokens on (at least 2;
+    /// unless FLEA_CUDA_NO_MMQ is set), and from how many tokens on (at least 2, by default 3;
     /// FLEA_CUDA_MMQ_MIN). Process-wide; for A/B comparisons and tests.
     pub fn set_mmq(&self, on: bool, min_tokens: usize) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -477,12 +491,42 @@ impl CudaBackend {
         scratch: &mut ActScratch,
         quantized: &mut Quantized,
     ) -> Result<bool> {
-        let Some((name, tiles, smem)) = self.mmq_kernel(n, w, wp) else {
+        let Some(kernel) = self.mmq_kernel(n, w, wp) else {
             return Ok(false);
         };
-        let (xqp, xdp, xsp) = self.quantize_int8(ActFmt::Q8K, n * w.cols, x, scratch, quantized)?;
-        let (blocks, groups) = (w.rows.div_ceil(MMQ_BLOCK_ROWS), n.div_ceil(8 * tiles));
-        let chunks = (w.cols / 256).div_ceil(4);
+        let job = MmvqJob {
+            wp,
+            rows: w.rows,
+            out,
+            second: false,
+        };
+        self.launch_mmq(n, w, &[job], &kernel, x, acc, scratch, quantized)?;
+        Ok(true)
+    }
+
+    /// One launch of the `mmq_*` kernel (name, tiles, shared memory) for up to [`MAX_JOBS`]
+    /// matrices of `like`'s type and width on the same `n` activation rows at `x`, each one
+    /// [`Self::mmq_kernel`] gave this kernel.
+    #[allow(clippy::too_many_arguments)] // the group's operands and its scratch
+    pub(crate) fn launch_mmq(
+        &self,
+        n: usize,
+        like: &Weight,
+        jobs: &[MmvqJob],
+        (name, tiles, smem): &(String, usize, usize),
+        x: u64,
+        acc: bool,
+        scratch: &mut ActScratch,
+        quantized: &mut Quantized,
+    ) -> Result<()> {
+        if jobs.is_empty() || jobs.len() > MAX_JOBS {
+            return Err(be(format!("mmq: {} matrices in one launch", jobs.len())));
+        }
+        let (xqp, xdp, xsp) =
+            self.quantize_int8(ActFmt::Q8K, n * like.cols, x, scratch, quantized)?;
+        let blocks: usize = jobs.iter().map(|j| j.rows.div_ceil(MMQ_BLOCK_ROWS)).sum();
+        let groups = n.div_ceil(8 * tiles);
+        let chunks = (like.cols / 256).div_ceil(4);
         let grid = mmq_grid(mmq_grid_setting(), blocks, chunks, self.sms);
         // Partial sums and arrival counters, only touched where a row block is split.
         let (part, arrivals) = if grid == blocks {
@@ -496,23 +540,35 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, groups as u32, 1),
             block_dim: (MMQ_BLOCK_THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: *smem as u32,
         };
-        // The repacked layout addresses its fields by the tensor's block count.
-        let nb_all = (w.rows * (w.cols / 256)) as i64;
-        let (rows_i, cols_i, rb, n_i, acc_i) = (
-            w.rows as i32,
-            w.cols as i32,
-            w.row_bytes() as i64,
+        let mut arg = MmqJobsArg {
+            w: [0; 3],
+            y: [0; 3],
+            // The repacked layout addresses its fields by the tensor's block count.
+            nb: [0; 3],
+            rows: [0; 3],
+            count: jobs.len() as i32,
+        };
+        for (i, j) in jobs.iter().enumerate() {
+            arg.w[i] = j.wp;
+            arg.y[i] = j.out;
+            arg.nb[i] = (j.rows * (like.cols / 256)) as i64;
+            arg.rows[i] = j.rows as i32;
+        }
+        let (cols_i, rb, n_i, acc_i) = (
+            like.cols as i32,
+            like.row_bytes() as i64,
             n as i32,
             acc as i32,
         );
-        // MMQ_ARGS in order: wp holds rows * row_bytes bytes of the checked type and width
-        // (check_weight, mmq_kernel), out holds n * rows f32 (the callers' check_matmul), the
-        // Q8_K scratch n * cols quants with their scales and sums (quantize_int8).
-        launch!(self, &name, cfg; wp, nb_all, xqp, xdp, xsp, out, rows_i, cols_i, rb, n_i, acc_i, part, arrivals)?;
+        // MMQ_ARGS in order: each job's weight holds rows * row_bytes bytes of the checked type
+        // and width (check_weight, mmq_kernel), its out n * rows f32 (the callers'
+        // check_matmul), the Q8_K scratch n * cols quants with their scales and sums
+        // (quantize_int8).
+        launch!(self, name, cfg; arg, xqp, xdp, xsp, cols_i, rb, n_i, acc_i, part, arrivals)?;
         MMQ_LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(true)
+        Ok(())
     }
 
     /// The int8 kernel and activation format for `w` at device address `wp` with `n` tokens,

@@ -687,6 +687,117 @@ fn fusion_changes_nothing() {
     assert!(bad.is_empty(), "fusion changed the logits of {bad:?}");
 }
 
+/// Random Q4_K (144-byte blocks) or Q6_K (210) bytes for a rows x cols matrix: random quants
+/// and scales, the f16 scales set to small normal values.
+fn random_kquant(block: usize, rows: usize, cols: usize) -> Vec<u8> {
+    let mut data = vec![0u8; rows * cols / 256 * block];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (rows * cols) as u64;
+    for b in data.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *b = (state >> 24) as u8;
+    }
+    for (i, blk) in data.chunks_mut(block).enumerate() {
+        let d = half::f16::from_f32(0.002 + (i % 13) as f32 * 1e-4).to_le_bytes();
+        if block == 144 {
+            blk[0..2].copy_from_slice(&d);
+            blk[2..4].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
+        } else {
+            blk[208..210].copy_from_slice(&d);
+        }
+    }
+    data
+}
+
+/// Matmuls on one input whose weights take the same tensor-core kernel share one launch
+/// (q/k/v, gate/up): three Q4_K matrices of 96, 200 and 40 rows and a Q6_K one between them,
+/// split in several ways: each output the CPU's, in two launches.
+#[test]
+fn mmq_grouped_launch_matches_cpu() {
+    use flea_cuda::MmqGrid;
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    if !cuda.mmq_on() {
+        println!("mmq kernels not on this device: skipped");
+        return;
+    }
+    let cpu = CpuBackend::new(4).unwrap();
+    let setting = cuda.mmq_grid();
+    let cols = 2560;
+    let shapes = [
+        (flea_gguf::GgmlType::Q4_K, 144, 96),
+        (flea_gguf::GgmlType::Q6_K, 210, 64),
+        (flea_gguf::GgmlType::Q4_K, 144, 200),
+        (flea_gguf::GgmlType::Q4_K, 144, 40),
+    ];
+    let datas: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(_, block, rows)| random_kquant(block, rows, cols))
+        .collect();
+    let ws: Vec<Weight> = shapes
+        .iter()
+        .zip(&datas)
+        .map(|(&(ty, _, rows), data)| Weight {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+        .collect();
+    // The three Q4_K matrices in one launch, the Q6_K one in its own (FLEA_CUDA_FUSE_OFF=
+    // mmq_group: one each).
+    let grouped = !std::env::var("FLEA_CUDA_FUSE_OFF")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == "mmq_group");
+    let want = if grouped { 2 } else { 4 };
+    let mut bad = Vec::new();
+    for grid in [MmqGrid::RowBlocks, MmqGrid::PerSm(2), MmqGrid::Fixed(7)] {
+        cuda.set_mmq_grid(grid);
+        for n in [3usize, 17] {
+            let xs: Vec<f32> = (0..n * cols)
+                .map(|i| (i as f32 * 0.291).cos() * 0.9)
+                .collect();
+            let mut xc = cpu.alloc_act(n, cols).unwrap();
+            xc.data.copy_from_slice(&xs);
+            let xg = cuda.alloc_act(n, cols).unwrap();
+            cuda.upload(&xg, &xs).unwrap();
+            let mut outs: Vec<_> = ws
+                .iter()
+                .map(|w| cuda.alloc_act(n, w.rows).unwrap())
+                .collect();
+            let before = cuda.mmq_launches();
+            {
+                let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
+                cuda.matmuls(n, &xg, &mut jobs).unwrap();
+            }
+            let launches = cuda.mmq_launches() - before;
+            for (w, og) in ws.iter().zip(&outs) {
+                let mut oc = cpu.alloc_act(n, w.rows).unwrap();
+                cpu.matmul(n, w, &xc, &mut oc).unwrap();
+                let e = rel_err(&cuda.read(n, og).unwrap(), &oc.data);
+                let ok = e <= 1e-4 && launches == want;
+                println!(
+                    "MMQ GROUP {grid:?} n={n} {} x{} rel={e:.3e} launches={launches} {}",
+                    w.ty,
+                    w.rows,
+                    if ok { "OK" } else { "FAIL" }
+                );
+                if !ok {
+                    bad.push(format!(
+                        "{grid:?} n={n} {} {}: {e:.3e} {launches}",
+                        w.ty, w.rows
+                    ));
+                }
+            }
+        }
+    }
+    cuda.set_mmq_grid(setting);
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
 /// The tensor-core kernels' split of a matrix's work between blocks (`MmqGrid`): row blocks
 /// whole, the default (blocks an SM), and block counts that cut row blocks in two or three
 /// (segments that end mid-row-block and begin mid-row-block in one block), for Q4_K and Q6_K
@@ -712,25 +823,7 @@ fn mmq_split_matches_cpu() {
         (flea_gguf::GgmlType::Q6_K, 210),
     ] {
         for (rows, cols) in [(96usize, 2560usize), (200, 5376)] {
-            // Random quants and scales; f16 scales set to small normal values.
-            let nb = rows * cols / 256;
-            let mut data = vec![0u8; nb * block];
-            let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (rows * cols) as u64;
-            for b in data.iter_mut() {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                *b = (state >> 24) as u8;
-            }
-            for (i, blk) in data.chunks_mut(block).enumerate() {
-                let d = half::f16::from_f32(0.002 + (i % 13) as f32 * 1e-4).to_le_bytes();
-                if block == 144 {
-                    blk[0..2].copy_from_slice(&d);
-                    blk[2..4].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
-                } else {
-                    blk[208..210].copy_from_slice(&d);
-                }
-            }
+            let data = random_kquant(block, rows, cols);
             let w = Weight {
                 ty,
                 rows,
