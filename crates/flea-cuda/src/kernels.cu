@@ -2808,7 +2808,8 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 // next step.
 //
 // Shape: a block of MMQ_RG * MMQ_KP warps takes 16 * MMQ_RG rows and NT8 * 8 tokens
-// (blockIdx.y picks the token group). The columns go by in chunks of MMQ_KP super-blocks
+// (blockIdx.y picks the token group) at a time: runs of (row block, chunk) units, shared out
+// evenly over the grid (stream-K, mmq_impl), of up to three matrices on the same activations. The columns go by in chunks of MMQ_KP super-blocks
 // (256 columns each); warp (rg, kp) takes rows 16 rg .. +16 of the block and super-block kp
 // of each chunk, so neighbouring warps read neighbouring weight blocks. The chunk's
 // activations (the block's tokens' quants, 16-sums and scales) are copied into shared memory
