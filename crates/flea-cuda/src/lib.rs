@@ -2286,10 +2286,15 @@ impl Backend for CudaBackend {
         // mmvq kernels (mmvq.rs) for decode, few tokens, or any n without cuBLAS; jobs of
         // one weight type share a launch (q/k/v, gate/up). Bit i of `by_mmvq`: job i is done.
         let mut by_mmvq = 0u64;
-        // Tensor-core int8 kernels for 2..=32 tokens (mmvq.rs, `mmq_*`): each weight read
+        // Tensor-core int8 kernels for 3..=32 tokens (mmvq.rs, `mmq_*`): each weight read
         // once for all of them, where a GEMM would first dequantize it.
         // Jobs of one kernel share a launch (q/k/v, gate/up), as the mmvq ones below.
-        if (2..=mmvq::MMQ_MAX_TOKENS).contains(&n) {
+        if self.mmq_on() && (self.mmq_settings().1..=mmvq::MMQ_MAX_TOKENS).contains(&n) {
+            let most = if self.fusions_off.mmq_group {
+                1
+            } else {
+                mmvq::MAX_JOBS
+            };
             let count = jobs.len().min(64);
             let mut kernels = Vec::with_capacity(count);
             for (w, _) in jobs.iter().take(count) {
@@ -2312,11 +2317,6 @@ impl Backend for CudaBackend {
                 let mut group = [job(i, *wp); mmvq::MAX_JOBS];
                 let mut len = 1;
                 by_mmvq |= 1 << i;
-                let most = if self.fusions_off.mmq_group {
-                    1
-                } else {
-                    mmvq::MAX_JOBS
-                };
                 for (j, kj) in kernels.iter().enumerate().skip(i + 1) {
                     if let Some((kj, wpj)) = kj {
                         if len < most && by_mmvq & (1 << j) == 0 && kj == kernel {

@@ -72,8 +72,9 @@ const MMQ_BLOCK_ROWS: usize = 32;
 const MMQ_BLOCK_THREADS: u32 = 256;
 /// `mmq_*` blocks an SM holds at once (kernels.cu: `__launch_bounds__(256, 2)`).
 const MMQ_BLOCKS_PER_SM: usize = 2;
-/// Floats of one block's slot of partial sums: 32 rows times its tokens (kernels.cu `FR` * 32).
-const MMQ_SLOT_FLOATS: usize = MMQ_BLOCK_ROWS * 32;
+/// Floats of one block's slot of partial sums: its rows times its most tokens, 8 a tile
+/// (kernels.cu `FR` * 32).
+const MMQ_SLOT_FLOATS: usize = MMQ_BLOCK_ROWS * 8 * MMQ_TILES[MMQ_TILES.len() - 1];
 /// Most tokens a matmul gives the `mmq_*` kernels: one block's 32 (four tiles). Above, the
 /// cuBLAS GEMM on the dequantized weight, which reads the weight once for the whole batch and
 /// costs about the same from 8 to 64 rows; the kernels would read it once per 32 tokens. H200,
