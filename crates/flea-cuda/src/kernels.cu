@@ -3222,12 +3222,14 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
 // With G = the row blocks each block takes one whole row block (the plain launch); the host
 // picks G = a multiple of the SMs, so that small matrices (160 row blocks of a 5120-row
 // projection on 132 SMs) keep every SM busy for the same time. mmvq.rs mirrors these two.
+// 32-bit arithmetic (the host keeps units * G below 2^32): a 64-bit division is a called
+// routine of ~80 dependent instructions, which sat before a block's first weight loads.
 __device__ __forceinline__ int mmq_unit_start(int b, int units, int G) {
-    return (int)((long long)b * units / G);
+    return (int)((unsigned)b * (unsigned)units / (unsigned)G);
 }
 // The block whose units hold unit u: the last b with start(b) <= u (never an empty block).
 __device__ __forceinline__ int mmq_block_of(int u, int units, int G) {
-    return (int)(((long long)(u + 1) * G - 1) / units);
+    return (int)(((unsigned)(u + 1) * (unsigned)G - 1u) / (unsigned)units);
 }
 
 // acc += the block's rows' dot products over chunks c0 .. c1 of row block `blk`, as warp
@@ -3306,12 +3308,16 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
         if (j < jobs.count) blocks += (jobs.rows[j] + BR - 1) / BR;
     const int units = blocks * chunks;
     const int G = gridDim.x, b = blockIdx.x;
-    const int u_end = mmq_unit_start(b + 1, units, G);
+    // One row block a block (G == blocks) needs no division: its first loads go out sooner.
+    const bool whole = G == blocks;
+    const int u_begin = whole ? b * chunks : mmq_unit_start(b, units, G);
+    const int u_end = whole ? u_begin + chunks : mmq_unit_start(b + 1, units, G);
     const int t0 = blockIdx.y * NT8 * 8;
     bool first = true;
-    for (int u = mmq_unit_start(b, units, G); u < u_end;) {
+    for (int u = u_begin; u < u_end;) {
         // Row block gb of the launch is row block blk of matrix j.
-        const int gb = u / chunks, c0 = u - gb * chunks, c1 = min(chunks, c0 + (u_end - u));
+        const int gb = whole ? b : u / chunks, c0 = u - gb * chunks,
+                  c1 = min(chunks, c0 + (u_end - u));
         int j = 0, blk = gb;
         while (j + 1 < jobs.count && blk >= (mmq_pick(rows, j) + BR - 1) / BR) {
             blk -= (mmq_pick(rows, j) + BR - 1) / BR;

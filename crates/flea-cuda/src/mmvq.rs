@@ -264,10 +264,16 @@ fn mmq_grid_setting() -> MmqGrid {
 /// Blocks of an `mmq_*` launch with `blocks` row blocks of `chunks` chunks each on `sms` SMs.
 fn mmq_grid(grid: MmqGrid, blocks: usize, chunks: usize, sms: usize) -> usize {
     let units = blocks * chunks;
-    match grid {
+    let split = match grid {
         MmqGrid::PerSm(k) if k > 0 && sms > 0 => (k * sms).min(units),
         MmqGrid::Fixed(b) if b > 0 => b.min(units),
         _ => blocks,
+    };
+    // The kernel's unit arithmetic is 32-bit: (u + 1) * grid must stay below 2^32.
+    if split.saturating_mul(units) > u32::MAX as usize {
+        blocks
+    } else {
+        split
     }
 }
 
@@ -1595,6 +1601,10 @@ mod tests {
         assert_eq!(mmq_grid(MmqGrid::PerSm(2), 160, 5, 132), 264);
         assert_eq!(mmq_grid(MmqGrid::PerSm(2), 3, 2, 132), 6);
         assert_eq!(mmq_grid(MmqGrid::PerSm(2), 160, 5, 0), 160);
+        // The kernel's 32-bit unit arithmetic: a split whose grid * units passes 2^32 falls
+        // back to a block a row block (never met by real shapes: 13b gate/up is 4320 * 264).
+        assert_eq!(mmq_grid(MmqGrid::Fixed(70_000), 40_000, 2, 132), 40_000);
+        assert_eq!(mmq_grid(MmqGrid::Fixed(50_000), 40_000, 2, 132), 50_000);
     }
 
     /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
