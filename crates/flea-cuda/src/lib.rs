@@ -845,18 +845,25 @@ impl CudaBackend {
     }
 
     /// Run one cuBLAS GEMM of every layer-matrix shape of `model` for batches of `batch`,
-    /// `batch / 2`, … down to the mat-vec kernels' limit, on zeroed temporary buffers that
+    /// `batch / 2`, … above the rows our own kernels take (8, or 32 where every layer matrix
+    /// is Q4_K / Q6_K and the `mmq_*` kernels are on), on zeroed temporary buffers that
     /// are freed again. cuBLAS picks its kernel per shape on the first call and the driver
     /// loads that kernel's module on first use (lazy loading): tens of milliseconds that
     /// otherwise land inside the first prompt. Returns the milliseconds spent; 0 without
-    /// cuBLAS, for batches the mat-vec kernels take, or when the device has no room for the
+    /// cuBLAS, for batches our kernels take, or when the device has no room for the
     /// temporary buffers (then the first prompt pays as before), or with FLEA_CUDA_WARMUP=0
     /// (for comparisons).
     pub fn warm_up_gemms(&self, model: &flea_model::Model, batch: usize) -> Result<f64> {
         let Some(blas) = self.blas.as_ref() else {
             return Ok(0.0);
         };
-        if batch <= mmvq::MAX_TOKENS || std::env::var("FLEA_CUDA_WARMUP").as_deref() == Ok("0") {
+        let types = model
+            .layout
+            .layers
+            .iter()
+            .flat_map(|l| l.matrices().map(|m| m.ty));
+        let own_max = mmvq::own_kernel_rows_max(self.mmq_on(), types);
+        if batch <= own_max || std::env::var("FLEA_CUDA_WARMUP").as_deref() == Ok("0") {
             return Ok(0.0);
         }
         let t = std::time::Instant::now();
@@ -889,7 +896,7 @@ impl CudaBackend {
             dptr(&out, &self.stream),
         );
         let mut n = batch;
-        while n > mmvq::MAX_TOKENS {
+        while n > own_max {
             for &(rows, cols) in &shapes {
                 gemm(blas, (rows, n, cols), rows, wp, xp, op, precise)?;
             }

@@ -302,6 +302,22 @@ fn mmq_enabled() -> bool {
     }
 }
 
+/// Most rows whose matmuls of weights of `types` never reach cuBLAS: the few-token kernels'
+/// limit, or the `mmq_*` kernels' where they are on and take every one of the types. The
+/// GEMM warm-up starts above it (warming shapes that never run only costs start-up time).
+pub(crate) fn own_kernel_rows_max(
+    mmq_on: bool,
+    types: impl IntoIterator<Item = GgmlType>,
+) -> usize {
+    let mut types = types.into_iter().peekable();
+    let any = types.peek().is_some();
+    if mmq_on && any && types.all(|t| matches!(t, GgmlType::Q4_K | GgmlType::Q6_K)) {
+        MMQ_MAX_TOKENS
+    } else {
+        MAX_TOKENS
+    }
+}
+
 fn mmq_min_tokens() -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     match MMQ_MIN.load(Relaxed) {
@@ -1605,6 +1621,20 @@ mod tests {
         // back to a block a row block (never met by real shapes: 13b gate/up is 4320 * 264).
         assert_eq!(mmq_grid(MmqGrid::Fixed(70_000), 40_000, 2, 132), 40_000);
         assert_eq!(mmq_grid(MmqGrid::Fixed(50_000), 40_000, 2, 132), 50_000);
+    }
+
+    /// Q4_K_M's two types skip the GEMM warm-up up to the mmq kernels' limit; any other type,
+    /// or the kernels off, keeps it down to the few-token kernels' limit.
+    #[test]
+    fn gemm_warm_up_starts_above_the_rows_our_kernels_take() {
+        use GgmlType::*;
+        assert_eq!(
+            own_kernel_rows_max(true, [Q4_K, Q6_K, Q4_K]),
+            MMQ_MAX_TOKENS
+        );
+        assert_eq!(own_kernel_rows_max(false, [Q4_K, Q6_K]), MAX_TOKENS);
+        assert_eq!(own_kernel_rows_max(true, [Q4_K, Q8_0]), MAX_TOKENS);
+        assert_eq!(own_kernel_rows_max(true, []), MAX_TOKENS);
     }
 
     /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
