@@ -862,7 +862,9 @@ impl CudaBackend {
             .layers
             .iter()
             .flat_map(|l| l.matrices().map(|m| m.ty));
-        let own_max = mmvq::own_kernel_rows_max(self.mmq_on(), types);
+        // The mmq kernels cover 9..=32 rows only if they start right above the mat-vecs'.
+        let mmq_from_mat_vecs = self.mmq_on() && self.mmq_settings().1 <= mmvq::MAX_TOKENS + 1;
+        let own_max = mmvq::own_kernel_rows_max(mmq_from_mat_vecs, types);
         if batch <= own_max || std::env::var("FLEA_CUDA_WARMUP").as_deref() == Ok("0") {
             return Ok(0.0);
         }

@@ -303,7 +303,8 @@ fn mmq_enabled() -> bool {
 }
 
 /// Most rows whose matmuls of weights of `types` never reach cuBLAS: the few-token kernels'
-/// limit, or the `mmq_*` kernels' where they are on and take every one of the types. The
+/// limit, or the `mmq_*` kernels' where they take every row count above it (`mmq_on`) and
+/// every one of the types. The
 /// GEMM warm-up starts above it (warming shapes that never run only costs start-up time).
 pub(crate) fn own_kernel_rows_max(
     mmq_on: bool,
