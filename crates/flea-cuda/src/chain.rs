@@ -17,6 +17,9 @@ pub(crate) const TOP_K_MAX: usize = 64;
 pub(crate) const VOCAB_PARTS: usize = 128;
 /// Most tiles of 1024 logits `vocab_pick` walks (VOCAB_MAX_TILES): vocabularies up to 1 Mi.
 pub(crate) const VOCAB_MAX: usize = 1024 * 1024;
+/// Top-p's first-level histogram (TOPP_BINS masses, then as many counts) and, at this
+/// index, the lowest key kept (TOPP_KEEP in kernels.cu).
+pub(crate) const TOP_P_KEEP: usize = 2 * 2048;
 
 /// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
 /// rewritten only after the host has read it.
@@ -74,6 +77,10 @@ pub(crate) struct TokenSlots {
     pub(crate) vocab_parts: CudaSlice<f32>,
     pub(crate) vocab_tiles: CudaSlice<f64>,
     pub(crate) vocab_stash: Option<CudaSlice<f32>>,
+    /// Top-p: `vocab_mass`'s histogram and `vocab_top_p`'s key, and each token's mass
+    /// (allocated at the first such token).
+    pub(crate) vocab_top_p: CudaSlice<u64>,
+    pub(crate) vocab_mass: Option<CudaSlice<u64>>,
     /// The same tokens in host memory, written by the kernel.
     host: MappedHost,
     /// Recorded after the kernel that wrote each slot last.
@@ -100,6 +107,9 @@ impl TokenSlots {
         let vocab_tiles = stream
             .alloc_zeros::<f64>(VOCAB_MAX / 1024)
             .map_err(|e| ce("token slots' vocabulary sums", e))?;
+        let vocab_top_p = stream
+            .alloc_zeros::<u64>(TOP_P_KEEP + 1)
+            .map_err(|e| ce("token slots' top-p histogram", e))?;
         let host = MappedHost::new(TOKEN_SLOTS * 4)?;
         let written = (0..TOKEN_SLOTS)
             .map(|_| ctx.new_event(None).map_err(|e| ce("token slot event", e)))
@@ -111,6 +121,8 @@ impl TokenSlots {
             vocab_parts,
             vocab_tiles,
             vocab_stash: None,
+            vocab_top_p,
+            vocab_mass: None,
             host,
             written,
         })

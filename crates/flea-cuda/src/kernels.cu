@@ -8,6 +8,7 @@ typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned short u16;
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 #define TY_F32 0
 #define TY_F16 1
@@ -659,12 +660,13 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // Whole-vocabulary sampling into a token slot (a chained decode; sampling.rs `sample_vocab`
-// is the reference, without top-p). Three launches over the vocabulary's logits x[0..n):
-// vocab_max (a maximum per block), vocab_tiles (one warp per tile of VOCAB_TILE weights:
-// lane L sums segment 32 * tile + L's 32 weights in order, the tile adds the lanes' sums in
-// lane order) and vocab_pick (one warp walks the tiles, then the tile's segments, then the
-// segment's weights). Every sum is the host's, in the host's order, so only the last bits
-// of exp could differ. A head computed in chunks is first gathered (vocab_gather).
+// is the reference). Three launches over the vocabulary's logits x[0..n): vocab_max (a
+// maximum per block), vocab_tiles (one warp per tile of VOCAB_TILE weights: lane L sums
+// segment 32 * tile + L's 32 weights in order, the tile adds the lanes' sums in lane order)
+// and vocab_pick (one warp walks the tiles, then the tile's segments, then the segment's
+// weights). Every sum is the host's, in the host's order, so only the last bits of exp could
+// differ. With top-p, vocab_mass and vocab_top_p run between the first two and find the
+// lowest key kept. A head computed in chunks is first gathered (vocab_gather).
 #define VOCAB_TILE 1024
 #define VOCAB_PARTS 128
 #define NEG_INF __int_as_float(0xff800000)
@@ -683,8 +685,12 @@ __device__ __forceinline__ float vocab_warp_max(float m) {
     return m;
 }
 extern "C" __global__ void __launch_bounds__(256)
-    vocab_max(const float* __restrict__ x, int n, float* __restrict__ part_max) {
+    vocab_max(const float* __restrict__ x, int n, float* __restrict__ part_max,
+              unsigned long long* __restrict__ zero, int zero_n) {
     pdl_enter();
+    // Top-p's histogram starts from zero for vocab_mass's atomics (zero_n 0 without top-p).
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < zero_n; i += blockDim.x) zero[i] = 0;
     __shared__ float warp_m[8];
     float m = NEG_INF;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
@@ -703,21 +709,167 @@ __device__ __forceinline__ float vocab_m(const float* part_max, int parts) {
     for (int j = threadIdx.x & 31; j < parts; j += 32) m = vocab_larger(m, part_max[j]);
     return vocab_warp_max(m);
 }
-// A token's weight: exp(l / t - m / t) if kept (not NaN; l == m or l - m >= ln(min_p)).
-__device__ __forceinline__ double vocab_weight(float l, float m, float t, double mt,
-                                               double ln_min_p) {
+// sampling.rs `candidate_key`: total_cmp's order of the logit, then the lower id.
+__device__ __forceinline__ u64 vocab_key(int i, float l) {
+    const u32 b = __float_as_uint(l);
+    const u32 ordered = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((u64)ordered << 32) | (u64)(0xffffffffu - (u32)i);
+}
+// A token's weight: exp(l / t - m / t) if kept (not NaN; l == m or l - m >= ln(min_p); its
+// key at least top-p's lowest kept, 0 without top-p).
+__device__ __forceinline__ double vocab_weight(int i, float l, float m, float t, double mt,
+                                               double ln_min_p, u64 keep) {
     if (l != l) return 0.0;
     if (!(l == m || __dsub_rn((double)l, (double)m) >= ln_min_p)) return 0.0;
+    if (keep != 0 && vocab_key(i, l) < keep) return 0.0;
     return exp(__dsub_rn((double)(l / t), mt));
 }
 // Segment `seg`'s sum (its weights added in order from 0.0; 0 past the vocabulary).
 __device__ __forceinline__ double vocab_segment(const float* x, int n, int seg, float m, float t,
-                                                double mt, double ln_min_p) {
+                                                double mt, double ln_min_p, u64 keep) {
     double s = 0.0;
     const int i0 = seg * 32;
     for (int j = 0; j < 32 && i0 + j < n; j++)
-        s = __dadd_rn(s, vocab_weight(x[i0 + j], m, t, mt, ln_min_p));
+        s = __dadd_rn(s, vocab_weight(i0 + j, x[i0 + j], m, t, mt, ln_min_p, keep));
     return s;
+}
+
+// Top-p (sampling.rs `top_p_key`, `top_p_mass`): each token's integer mass
+// floor(exp(l - m) * 2^32); the lowest key whose prefix (keys in descending order) reaches
+// ceil(top_p * total). Integer sums are exact in any order, so a radix select over the keys
+// (11, 11, 10 bits of the logit, then 11, 11, 10 of the id; a level only while the chosen
+// digit holds more than one token) finds the host's key. `topp` holds the level-one
+// histogram (masses [0, TOPP_BINS), counts [TOPP_BINS, 2 TOPP_BINS)) and then the key.
+#define TOPP_BINS 2048
+#define TOPP_KEEP (2 * TOPP_BINS)
+extern "C" __global__ void __launch_bounds__(256)
+    vocab_mass(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
+               u64* __restrict__ mass, u64* __restrict__ topp) {
+    pdl_enter();
+    __shared__ u64 bin_mass[TOPP_BINS];
+    __shared__ u32 bin_count[TOPP_BINS];
+    for (int b = threadIdx.x; b < TOPP_BINS; b += blockDim.x) {
+        bin_mass[b] = 0;
+        bin_count[b] = 0;
+    }
+    __syncthreads();
+    const float m = vocab_m(part_max, parts);
+    const bool finite = isfinite(m);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float l = x[i];
+        u64 q = 0;
+        if (l == l) {
+            // As the host: f64 difference, exp, times 2^32 (exact), truncated.
+            if (finite) q = (u64)(exp(__dsub_rn((double)l, (double)m)) * 4294967296.0);
+            const int b = (int)(vocab_key(i, l) >> 53);
+            atomicAdd(&bin_mass[b], q);
+            atomicAdd(&bin_count[b], 1u);
+        }
+        mass[i] = q;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < TOPP_BINS; b += blockDim.x)
+        if (bin_count[b] != 0) {
+            atomicAdd(&topp[b], bin_mass[b]);
+            atomicAdd(&topp[TOPP_BINS + b], (u64)bin_count[b]);
+        }
+}
+// One block of 1024 threads. Level by level: the largest digit d with tokens whose mass
+// from the top (acc, the digits above, plus d's own) reaches the goal.
+extern "C" __global__ void __launch_bounds__(1024)
+    vocab_top_p(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
+                float top_p, const u64* __restrict__ mass, u64* __restrict__ topp) {
+    pdl_enter();
+    __shared__ u64 bin_mass[TOPP_BINS];
+    __shared__ u32 bin_count[TOPP_BINS];
+    __shared__ u64 warp_sums[32];
+    __shared__ int pick;
+    __shared__ u64 found, above;
+    __shared__ u32 above_count;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float m = vocab_m(part_max, parts);
+    for (int b = tid; b < TOPP_BINS; b += 1024) {
+        bin_mass[b] = topp[b];
+        bin_count[b] = (u32)topp[TOPP_BINS + b];
+    }
+    u64 goal = 0, acc = 0, prefix = 0, keep = 0;
+    int shift = 53;
+    const int shifts[6] = {53, 42, 32, 21, 10, 0};
+    // The host returns argmax's token when m is not finite: keep everything then.
+    bool done = !isfinite(m);
+    for (int level = 0; level < 6 && !done; level++) {
+        if (tid == 0) pick = -1;
+        __syncthreads();
+        // Thread t holds bins hi = 2047 - 2t and hi - 1: exclusive prefix of the pairs'
+        // sums from the top (integers: any order gives the same sums).
+        const int hi = TOPP_BINS - 1 - 2 * tid;
+        const u64 a = bin_mass[hi], b = bin_mass[hi - 1];
+        u64 incl = a + b;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u64 v = __shfl_up_sync(0xffffffff, incl, o);
+            if (lane >= o) incl += v;
+        }
+        if (lane == 31) warp_sums[warp] = incl;
+        __syncthreads();
+        u64 before = incl - a - b;
+        for (int w = 0; w < warp; w++) before += warp_sums[w];
+        if (level == 0) {
+            u64 total = 0;
+            for (int w = 0; w < 32; w++) total += warp_sums[w];
+            goal = (u64)ceil(__dmul_rn((double)top_p, __ull2double_rn(total)));
+        }
+        if (bin_count[hi] != 0 && acc + before + a >= goal) atomicMax(&pick, hi);
+        else if (bin_count[hi - 1] != 0 && acc + before + a + b >= goal) atomicMax(&pick, hi - 1);
+        __syncthreads();
+        const int d = pick;
+        if (d < 0) break; // not reachable: the bucket chosen above holds the goal
+        // The thread holding d hands over the mass of the digits above it and d's count.
+        if (d == hi) {
+            above = before;
+            above_count = bin_count[hi];
+        } else if (d == hi - 1) {
+            above = before + a;
+            above_count = bin_count[hi - 1];
+        }
+        __syncthreads();
+        const u32 count = above_count;
+        acc += above;
+        prefix = (prefix << (level == 0 ? 0 : shifts[level - 1] - shift)) | (u64)d;
+        if (shift == 0) {
+            keep = prefix;
+            break;
+        }
+        const int next = shifts[level + 1];
+        const u64 digit_mask = (1ull << (shift - next)) - 1;
+        __syncthreads();
+        for (int b2 = tid; b2 < TOPP_BINS; b2 += 1024) {
+            bin_mass[b2] = 0;
+            bin_count[b2] = 0;
+        }
+        if (tid == 0) found = 0;
+        __syncthreads();
+        for (int i = tid; i < n; i += 1024) {
+            const float l = x[i];
+            if (l != l) continue;
+            const u64 k = vocab_key(i, l);
+            if ((k >> shift) != prefix) continue;
+            if (count == 1) {
+                found = k;
+            } else {
+                const int bin = (int)((k >> next) & digit_mask);
+                atomicAdd(&bin_mass[bin], mass[i]);
+                atomicAdd(&bin_count[bin], 1u);
+            }
+        }
+        __syncthreads();
+        if (count == 1) {
+            keep = found;
+            break;
+        }
+        shift = next;
+    }
+    if (tid == 0) topp[TOPP_KEEP] = keep;
 }
 // The tile's sum: the lanes' segment sums added in lane order (every lane gets it).
 __device__ __forceinline__ double vocab_lanes_sum(double s) {
@@ -727,13 +879,15 @@ __device__ __forceinline__ double vocab_lanes_sum(double s) {
 }
 extern "C" __global__ void __launch_bounds__(256)
     vocab_tiles(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
-                float t, double ln_min_p, double* __restrict__ tile_sums) {
+                float t, double ln_min_p, const u64* __restrict__ keep_key,
+                double* __restrict__ tile_sums) {
     pdl_enter();
     const float m = vocab_m(part_max, parts);
+    const u64 keep = keep_key ? *keep_key : 0;
     const double mt = (double)(m / t);
     const int tile = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (tile * VOCAB_TILE >= n) return;
-    const double s = vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p);
+    const double s = vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p, keep);
     const double sum = vocab_lanes_sum(s);
     if (lane == 0) tile_sums[tile] = sum;
 }
@@ -764,9 +918,11 @@ __device__ __forceinline__ int vocab_walk_lanes(double v, int count, double& tar
 }
 extern "C" __global__ void __launch_bounds__(32)
     vocab_pick(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
-               float t, double ln_min_p, const double* __restrict__ tile_sums, double r,
-               int* tok_dev, volatile int* tok_host) {
+               float t, double ln_min_p, const u64* __restrict__ keep_key,
+               const double* __restrict__ tile_sums, double r, int* tok_dev,
+               volatile int* tok_host) {
     pdl_enter();
+    const u64 keep = keep_key ? *keep_key : 0;
     const int lane = threadIdx.x;
     const float m = vocab_m(part_max, parts);
     const float mtf = m / t;
@@ -807,11 +963,11 @@ extern "C" __global__ void __launch_bounds__(32)
         }
         const int segs = min(32, (n + 31) / 32 - tile * 32);
         const double s = lane < segs
-                             ? vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p)
+                             ? vocab_segment(x, n, tile * 32 + lane, m, t, mt, ln_min_p, keep)
                              : 0.0;
         const int seg = tile * 32 + vocab_walk_lanes(s, segs, target);
         const int i = seg * 32 + lane;
-        const double w = i < n ? vocab_weight(x[i], m, t, mt, ln_min_p) : 0.0;
+        const double w = i < n ? vocab_weight(i, x[i], m, t, mt, ln_min_p, keep) : 0.0;
         token = seg * 32 + vocab_walk_lanes(w, min(32, n - seg * 32), target);
     }
     if (lane == 0) {

@@ -130,12 +130,14 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 31] = [
+const PLAIN_KERNELS: [&str; 33] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
     "vocab_gather",
     "vocab_max",
+    "vocab_mass",
+    "vocab_top_p",
     "vocab_tiles",
     "vocab_pick",
     "attn_cluster",
@@ -1211,7 +1213,7 @@ impl CudaBackend {
         if !self.slot_samples_vocab(how) || n_vocab > chain::VOCAB_MAX || how.temperature <= 0.0 {
             return Err(be(format!(
                 "pick_to_slot: whole-vocabulary sampling of {n_vocab} logits with {how:?} \
-                 (top-p off, at most {} logits)",
+                 (at most {} logits, a temperature above 0)",
                 chain::VOCAB_MAX
             )));
         }
@@ -1246,17 +1248,48 @@ impl CudaBackend {
             }
             stash
         };
+        let top_p = how.top_p < 1.0;
+        if top_p && ts.vocab_mass.as_ref().is_none_or(|v| v.len() < n_vocab) {
+            self.check_not_recording("top-p's mass buffer")?;
+            ts.vocab_mass = Some(
+                self.stream
+                    .alloc_zeros::<u64>(n_vocab)
+                    .map_err(|e| be(format!("top-p's mass buffer: {e:?}")))?,
+            );
+        }
         let n = n_vocab as i32;
         let parts_ptr = dptr(&ts.vocab_parts, &self.stream);
         let tiles_ptr = dptr(&ts.vocab_tiles, &self.stream);
+        let topp_ptr = dptr(&ts.vocab_top_p, &self.stream);
         let parts = grid(n_vocab, 8 * threads as usize, chain::VOCAB_PARTS);
         let cfg = LaunchConfig {
             grid_dim: (parts, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "vocab_max", cfg; src, n, parts_ptr)?;
+        // With top-p, vocab_max also clears the histogram vocab_mass adds into.
+        let zero_n = if top_p { chain::TOP_P_KEEP as i32 } else { 0 };
+        launch!(self, "vocab_max", cfg; src, n, parts_ptr, topp_ptr, zero_n)?;
         let parts = parts as i32;
+        // The lowest key top-p keeps (0: everything), at `keep_ptr` (null without top-p).
+        let keep_ptr = if top_p {
+            let mass_ptr = ts
+                .vocab_mass
+                .as_ref()
+                .map(|v| dptr(v, &self.stream))
+                .ok_or_else(|| be("no top-p mass buffer"))?;
+            launch!(self, "vocab_mass", cfg; src, n, parts_ptr, parts, mass_ptr, topp_ptr)?;
+            let one_block = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let p = how.top_p;
+            launch!(self, "vocab_top_p", one_block; src, n, parts_ptr, parts, p, mass_ptr, topp_ptr)?;
+            topp_ptr + 8 * chain::TOP_P_KEEP as u64
+        } else {
+            0u64
+        };
         let (t, ln_min_p) = (how.temperature, how.ln_min_p());
         let warps = threads as usize / 32;
         let cfg = LaunchConfig {
@@ -1264,14 +1297,14 @@ impl CudaBackend {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "vocab_tiles", cfg; src, n, parts_ptr, parts, t, ln_min_p, tiles_ptr)?;
+        launch!(self, "vocab_tiles", cfg; src, n, parts_ptr, parts, t, ln_min_p, keep_ptr, tiles_ptr)?;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
         launch!(self, "vocab_pick", cfg;
-            src, n, parts_ptr, parts, t, ln_min_p, tiles_ptr, r, tok_dev, tok_host)
+            src, n, parts_ptr, parts, t, ln_min_p, keep_ptr, tiles_ptr, r, tok_dev, tok_host)
     }
 
     fn check_not_recording(&self, what: &str) -> Result<()> {
@@ -2853,9 +2886,8 @@ impl Backend for CudaBackend {
         chain::TOP_K_MAX
     }
 
-    // Top-p needs the best tokens' running sum in rank order: the host's.
-    fn slot_samples_vocab(&self, how: &flea_model::sampling::VocabSampling) -> bool {
-        how.top_p >= 1.0
+    fn slot_samples_vocab(&self, _how: &flea_model::sampling::VocabSampling) -> bool {
+        true
     }
 
     // `argmax_slot` (greedy) or `topk_slot` (sampled) over one chunk of a token's logits;

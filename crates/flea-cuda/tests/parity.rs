@@ -1156,16 +1156,22 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
     // Qwen2's and Gemma 3's vocabulary sizes.
     cases.push((0..151_936).map(|_| random(12.0)).collect());
     cases.push((0..262_144).map(|_| random(3.0)).collect());
+    // (temperature, min-p, top-p); top-p 0 keeps the best token alone.
     let hows = [
-        (0.8, 0.05),
-        (1.0, 0.0),
-        (1.5, 0.0),
-        (0.3, 0.2),
-        (1e-40, 0.0),
+        (0.8, 0.05, 1.0),
+        (1.0, 0.0, 1.0),
+        (1.5, 0.0, 1.0),
+        (0.3, 0.2, 1.0),
+        (1e-40, 0.0, 1.0),
+        (0.8, 0.05, 0.95),
+        (1.0, 0.0, 0.5),
+        (1.5, 0.0, 0.9),
+        (1.0, 0.0, 0.999),
+        (0.7, 0.0, 0.0),
     ]
-    .map(|(temperature, min_p)| VocabSampling {
+    .map(|(temperature, min_p, top_p)| VocabSampling {
         temperature,
-        top_p: 1.0,
+        top_p,
         min_p,
     });
     let draws = [
@@ -1206,17 +1212,6 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
         }
     }
     assert!(distinct.len() > 20, "{distinct:?}");
-    // Top-p needs the host's rank-order sums: declined, and an error if asked.
-    let nucleus = VocabSampling {
-        temperature: 1.0,
-        top_p: 0.9,
-        min_p: 0.0,
-    };
-    assert!(!cuda.slot_samples_vocab(&nucleus));
-    let a = cuda.alloc_act(1, 100).unwrap();
-    assert!(cuda
-        .pick_to_slot(&a, 0, 100, 100, 0, &SlotPick::Vocab(nucleus, 0.5))
-        .is_err());
     println!("VOCAB {checked} cases: cuda = cpu = host sampler");
 }
 

@@ -446,7 +446,7 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
         }
 
         // Sampled on the GPU with the host sampler's draws: the host loop's tokens. Top-k,
-        // then the whole vocabulary (top-k off).
+        // then the whole vocabulary (top-k off), without and with top-p.
         let top_k = flea_model::SamplerConfig {
             temperature: 0.9,
             top_k: 40,
@@ -462,7 +462,12 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
             seed: 12,
             ..top_k.clone()
         };
-        for cfg in [top_k, vocab] {
+        let nucleus = flea_model::SamplerConfig {
+            top_p: 0.8,
+            seed: 13,
+            ..vocab.clone()
+        };
+        for cfg in [top_k, vocab, nucleus] {
             let mut s = open(plan.clone());
             let mut sampler = flea_model::Sampler::new(cfg.clone());
             let mut l = s.eval(&prompt, Logits::Last).unwrap();

@@ -374,9 +374,11 @@ pub fn choose_from_top(cand: &[(u32, f32)], how: &TopKSampling, r: f64) -> u32 {
 /// Sampling from the whole vocabulary (top-k off: OpenAI's parameters), defined so that
 /// it needs no sort of the vocabulary and a device can repeat it exactly (kernels.cu
 /// `vocab_*`): with m the largest logit that is not NaN and t the temperature,
-/// - top-p (host only): the kept tokens are the smallest prefix, in [`candidate_key`]'s
-///   order, whose sum of exp(l - m) (added in that order) reaches top_p times the sum over
-///   the vocabulary (added in the draw's order below);
+/// - top-p: each token not NaN has the integer mass floor(exp(l - m) × 2^32) ([`top_p_mass`],
+///   exp in f64); the kept tokens are the smallest prefix, in [`candidate_key`]'s order,
+///   whose mass reaches ceil(top_p × the vocabulary's mass) (the product in f64). Integer
+///   sums do not depend on their order, so a device adds them in parallel and gets the
+///   same prefix;
 /// - min-p: a token is kept if l equals m or l - m >= ln(min_p) (in f64);
 /// - the kept tokens weigh exp(l / t - m / t) (the divisions in f32, as the top-k path's),
 ///   NaN logits nothing; the draw r in [0, 1) picks the token where the running sum of the
@@ -478,55 +480,64 @@ pub fn draw_in_token_order(n: usize, w: impl Fn(usize) -> f64, r: f64) -> usize 
     i0 + walk(&weights, left).0
 }
 
+/// Top-p's fixed point: a token's mass is exp(l - m) in units of 2^-32 of the best token's.
+pub const TOP_P_MASS_BITS: i32 = 32;
+
+/// A token's top-p mass (see [`VocabSampling`]): floor(exp(l - m) × 2^32), 0 for NaN.
+pub fn top_p_mass(l: f32, m: f32) -> u64 {
+    if l.is_nan() {
+        return 0;
+    }
+    // `as` truncates (floor for the non-negative) and saturates.
+    ((f64::from(l) - f64::from(m)).exp() * f64::from(2.0f32).powi(TOP_P_MASS_BITS)) as u64
+}
+
+/// The mass top-p's prefix must reach: ceil(top_p × total), in f64.
+pub fn top_p_goal(top_p: f32, total: u64) -> u64 {
+    (f64::from(top_p) * total as f64).ceil() as u64
+}
+
+/// Bits of a [`candidate_key`] above which [`top_p_key`] buckets the keys first.
+const TOP_P_BUCKET_SHIFT: u32 = 53;
+
 /// The lowest [`candidate_key`] top-p keeps (see [`VocabSampling`]), without sorting the
-/// vocabulary: the keys are bucketed by their top 12 bits (the logit's sign, exponent and
-/// three more bits), the buckets' masses (each added in token order) are taken from the best
-/// bucket down until the goal is reached, and only that bucket's keys are sorted and added
-/// one by one. (Top-p sums thus differ from a plain sorted prefix sum in their last bits.)
+/// vocabulary: the keys are bucketed by their top 11 bits (the logit's sign, exponent and two
+/// more bits), the buckets' masses are taken from the best bucket down until the goal is
+/// reached, and only that bucket's keys are sorted and added one by one. Masses are
+/// integers, so this is exactly the prefix a sort of the whole vocabulary gives.
 fn top_p_key(logits: &[f32], m: f32, top_p: f32) -> u64 {
-    const BUCKET_SHIFT: u32 = 52;
-    let e: Vec<f64> = logits
-        .iter()
-        .map(|&l| {
-            if l.is_nan() {
-                0.0
-            } else {
-                (f64::from(l) - f64::from(m)).exp()
-            }
-        })
-        .collect();
-    let weight = |i: usize| e.get(i).copied().unwrap_or(0.0);
-    let n = logits.len();
-    let (_, total) = tile_sums(n, &weight);
-    let goal = f64::from(top_p) * total;
+    let mass: Vec<u64> = logits.iter().map(|&l| top_p_mass(l, m)).collect();
+    let total = mass.iter().fold(0u64, |a, &q| a.saturating_add(q));
+    let goal = top_p_goal(top_p, total);
     let keys = || {
         logits
             .iter()
+            .zip(&mass)
             .enumerate()
-            .filter(|(_, l)| !l.is_nan())
-            .map(|(i, &l)| (candidate_key(i as u32, l), i))
+            .filter(|(_, (l, _))| !l.is_nan())
+            .map(|(i, (&l, &q))| (candidate_key(i as u32, l), q))
     };
-    let mut mass = vec![0.0f64; 1 << (64 - BUCKET_SHIFT)];
-    for (k, i) in keys() {
-        if let Some(b) = mass.get_mut((k >> BUCKET_SHIFT) as usize) {
-            *b += weight(i);
+    let mut buckets = vec![(0u64, 0usize); 1 << (64 - TOP_P_BUCKET_SHIFT)];
+    for (k, q) in keys() {
+        if let Some(b) = buckets.get_mut((k >> TOP_P_BUCKET_SHIFT) as usize) {
+            b.0 = b.0.saturating_add(q);
+            b.1 += 1;
         }
     }
-    let mut acc = 0.0;
-    for (b, &bm) in mass.iter().enumerate().rev() {
-        let next = acc + bm;
-        if bm > 0.0 && next >= goal {
-            let mut inside: Vec<(u64, usize)> = keys()
-                .filter(|(k, _)| (k >> BUCKET_SHIFT) as usize == b)
+    let mut acc = 0u64;
+    for (b, &(bm, count)) in buckets.iter().enumerate().rev() {
+        let next = acc.saturating_add(bm);
+        if count > 0 && next >= goal {
+            let mut inside: Vec<(u64, u64)> = keys()
+                .filter(|(k, _)| (k >> TOP_P_BUCKET_SHIFT) as usize == b)
                 .collect();
             inside.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
-            for &(k, i) in &inside {
-                acc += weight(i);
+            for &(k, q) in &inside {
+                acc = acc.saturating_add(q);
                 if acc >= goal {
                     return k;
                 }
             }
-            // Added in another order, the bucket fell short of its mass: all of it.
             return inside.last().map_or(0, |&(k, _)| k);
         }
         acc = next;
@@ -766,23 +777,29 @@ mod tests {
     #[test]
     fn vocab_top_p_keeps_the_sorted_nucleus() {
         // The bucketed top-p keeps exactly what a sort of the whole vocabulary keeps.
-        for (n, seed) in [(300usize, 1u64), (5000, 2), (40000, 9)] {
+        for (n, seed) in [(300usize, 1u64), (5000, 2), (5000, 3), (40000, 9)] {
             let mut logits = model_like_logits(n, seed);
             logits[n / 3] = logits[n / 2]; // a tie, ranked by the lower id
-            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let e = |l: f32| (f64::from(l) - f64::from(m)).exp();
-            let total: f64 = {
-                let w = |i: usize| e(logits[i]);
-                (0..n.div_ceil(DRAW_TILE)).fold(0.0, |a, t| a + tile_sum(n, t, &w))
-            };
-            let mut keys: Vec<u64> = (0..n).map(|i| candidate_key(i as u32, logits[i])).collect();
+            logits[n / 4] = f32::NAN; // never kept, no mass
+            if seed == 3 {
+                // Hundreds of tokens a value: the cut falls among ties.
+                logits
+                    .iter_mut()
+                    .for_each(|l| *l = (*l * 2.0).round() / 2.0);
+            }
+            let m = max_logit(&logits);
+            let total: u64 = logits.iter().map(|&l| top_p_mass(l, m)).sum();
+            let mut keys: Vec<u64> = (0..n)
+                .filter(|&i| !logits[i].is_nan())
+                .map(|i| candidate_key(i as u32, logits[i]))
+                .collect();
             keys.sort_unstable_by(|a, b| b.cmp(a));
-            for top_p in [0.0f32, 0.3, 0.9, 0.95, 0.999] {
-                let goal = f64::from(top_p) * total;
-                let mut acc = 0.0;
+            for top_p in [0.0f32, 0.3, 0.9, 0.95, 0.999, 0.999_999_9] {
+                let goal = top_p_goal(top_p, total);
+                let mut acc = 0u64;
                 let mut want = *keys.last().unwrap();
                 for &k in &keys {
-                    acc += e(from_candidate_key(k).1);
+                    acc += top_p_mass(from_candidate_key(k).1, m);
                     if acc >= goal {
                         want = k;
                         break;
