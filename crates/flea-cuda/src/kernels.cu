@@ -2678,7 +2678,8 @@ __device__ __forceinline__ void sa_wait() {
 #endif
 }
 
-template <class K, class Raw, int NT, int NR, bool SA = false, int RS = 1>
+// SO: the steps of loads in flight a round, if not the type's default (mmvqw_*).
+template <class K, class Raw, int NT, int NR, bool SA = false, int RS = 1, int SO = 0>
 __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __restrict__ xq,
                                           const float* __restrict__ xd,
                                           const int* __restrict__ xs, float* __restrict__ y,
@@ -2761,7 +2762,7 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                            : 0.f;
         const int step = 32 / K::LPB;
         const int p = lane % K::LPB;
-        constexpr int S = NT == 1 ? (int)Q6Steps<K>::v : 2;
+        constexpr int S = SO ? SO : (NT == 1 ? (int)Q6Steps<K>::v : 2);
         float acc[NT][NR];
 #pragma unroll
         for (int t = 0; t < NT; t++)
@@ -2935,6 +2936,29 @@ extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS)
         mmvq_impl<Q6KS, Q6KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
                                             accumulate);
 }
+
+// mmvqw<S>_q4_k and mmvqw<S>_q4_k_q6_k_soa: the Q4_K rows of S warp steps (S * 1024 columns)
+// with all S steps' loads in flight in one round instead of 2 a round. A 13b's 5120-wide
+// rows (S = 5) went 289 -> 294 tok/s on an H200 (docs/BENCHMARKS.md); at 80 registers a
+// block fewer blocks fit an SM, which the 7b's S = 4 measures. The Q6_K rows of the mixed
+// kernel keep their own steps.
+#define MMVQ_WHOLE_ROW(S)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k(MMVQ_ARGS) {             \
+        MMVQ_PICK                                                                              \
+        mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes, n,   \
+                                                 accumulate);                                  \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k_q6_k_soa(MMVQ_ARGS) {    \
+        MMVQ_PICK                                                                              \
+        if (z < z2)                                                                            \
+            mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes,  \
+                                                     n, accumulate);                           \
+        else                                                                                   \
+            mmvq_impl<Q6KS, Q6KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,    \
+                                                accumulate);                                   \
+    }
+MMVQ_WHOLE_ROW(4)
+MMVQ_WHOLE_ROW(5)
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of
 // 10 resident blocks spills Q4_K/Q5_K/Q6_K, a bound of 1 lets the compiler take more.

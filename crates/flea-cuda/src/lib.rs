@@ -1194,6 +1194,32 @@ impl CudaBackend {
 
     /// Fails while a pass is recorded: `what` would allocate or copy from host memory, which
     /// a graph cannot replay (the executor then runs the pass unrecorded).
+    /// A launch group's lead index and its jobs (weight pointer, rows, output) from the
+    /// kernels' (kernel, weight pointer) list.
+    fn group_jobs<K>(
+        group: &[(usize, bool)],
+        kernels: &[Option<(K, u64)>],
+        jobs: &[(&Weight, &mut CudaAct)],
+    ) -> Result<(usize, Vec<mmvq::MmvqJob>)> {
+        let lead = group
+            .first()
+            .map(|g| g.0)
+            .ok_or_else(|| be("empty matmul group"))?;
+        let g = group
+            .iter()
+            .map(|&(j, second)| match (kernels.get(j), jobs.get(j)) {
+                (Some(Some((_, wp))), Some((w, out))) => Ok(mmvq::MmvqJob {
+                    wp: *wp,
+                    rows: w.rows,
+                    out: out.ptr,
+                    second,
+                }),
+                _ => Err(be(format!("matmul group: no job {j}"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((lead, g))
+    }
+
     /// `pick_to_slot` for whole-vocabulary sampling (kernels.cu `vocab_*`): the logits
     /// `col0..col0 + width` at `xp`; a head in chunks is gathered first, the last chunk
     /// samples.
@@ -1915,8 +1941,9 @@ struct Prequant {
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
 /// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
 /// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
-/// int8 activations from shared memory; a Q6_K row's last steps are added as one group)
-/// change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
+/// int8 activations from shared memory; a Q6_K row's last steps are added as one group) and
+/// `mmvq_whole_row` (Q4_K rows of 4096 or 5120 columns with all their loads in flight; their
+/// steps added as one group) change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
 /// rows a warp in sequence) and `mmq_group` (matrices of one tensor-core kernel and input in
 /// one launch) do not.
 #[derive(Clone, Copy, Debug, Default)]
@@ -1929,6 +1956,7 @@ struct FusionsOff {
     attn_cluster: bool,
     pub(crate) mmvq_sa: bool,
     pub(crate) mmvq_sa_rows: bool,
+    pub(crate) mmvq_whole_row: bool,
     mmq_group: bool,
 }
 
@@ -1945,6 +1973,7 @@ impl FusionsOff {
             attn_cluster: has("attn_cluster"),
             mmvq_sa: has("mmvq_sa"),
             mmvq_sa_rows: has("mmvq_sa_rows"),
+            mmvq_whole_row: has("mmvq_whole_row"),
             mmq_group: has("mmq_group"),
         }
     }
@@ -2337,110 +2366,64 @@ impl Backend for CudaBackend {
             } else {
                 mmvq::MAX_JOBS
             };
-            let count = jobs.len().min(64);
-            let mut kernels = Vec::with_capacity(count);
-            for (w, _) in jobs.iter().take(count) {
+            let mut kernels = Vec::with_capacity(jobs.len().min(64));
+            for (w, _) in jobs.iter().take(64) {
                 let wp = self.weight_ptr(w)?;
                 kernels.push(self.mmq_kernel(n, w, wp).map(|k| (k, wp)));
             }
-            for i in 0..count {
-                let Some((kernel, wp)) = &kernels[i] else {
+            let same = |a: &((String, usize, usize), u64), b: &((String, usize, usize), u64)| {
+                if a.0 == b.0 {
+                    mmvq::Joins::Same
+                } else {
+                    mmvq::Joins::No
+                }
+            };
+            for group in mmvq::launch_groups(&kernels, most, &mut by_mmvq, same) {
+                let (lead, g) = Self::group_jobs(&group, &kernels, jobs)?;
+                let Some(Some((kernel, _))) = kernels.get(lead) else {
                     continue;
                 };
-                if by_mmvq & (1 << i) != 0 {
-                    continue;
-                }
-                let job = |j: usize, wp: u64| mmvq::MmvqJob {
-                    wp,
-                    rows: jobs[j].0.rows,
-                    out: jobs[j].1.ptr,
-                    second: false,
-                };
-                let mut group = [job(i, *wp); mmvq::MAX_JOBS];
-                let mut len = 1;
-                by_mmvq |= 1 << i;
-                for (j, kj) in kernels.iter().enumerate().skip(i + 1) {
-                    if let Some((kj, wpj)) = kj {
-                        if len < most && by_mmvq & (1 << j) == 0 && kj == kernel {
-                            group[len] = job(j, *wpj);
-                            len += 1;
-                            by_mmvq |= 1 << j;
-                        }
-                    }
-                }
-                let w = jobs[i].0;
-                let g = &group[..len];
-                self.launch_mmq(n, w, g, kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
+                let w = jobs
+                    .get(lead)
+                    .map(|j| j.0)
+                    .ok_or_else(|| be("matmul group"))?;
+                self.launch_mmq(n, w, &g, kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
             }
         }
         if !use_blas || n <= mmvq::MAX_TOKENS {
-            let count = jobs.len().min(64);
-            for i in 0..count {
-                if by_mmvq & (1 << i) != 0 {
-                    continue;
+            let mut kernels = Vec::with_capacity(jobs.len().min(64));
+            for (i, (w, _)) in jobs.iter().take(64).enumerate() {
+                kernels.push(if by_mmvq & (1 << i) != 0 {
+                    None
+                } else {
+                    let wp = self.weight_ptr(w)?;
+                    self.mmvq_kernel(n, w, wp).map(|k| (k, wp))
+                });
+            }
+            // Decode: resident Q6_K matrices join Q4_K ones in the mixed kernel (one launch
+            // for Q4_K_M's q, k and v).
+            let mixes =
+                n == 1 && self.fusion() && !self.fusions_off.mixed && mmvq::rows_per_warp() == 1;
+            type Mmvq = ((&'static str, mmvq::ActFmt), u64);
+            let joins = |a: &Mmvq, b: &Mmvq| {
+                if a.0 == b.0 {
+                    mmvq::Joins::Same
+                } else if mixes && a.0 .0 == mmvq::MIXED.0 && b.0 .0 == mmvq::MIXED.1 {
+                    mmvq::Joins::Second
+                } else {
+                    mmvq::Joins::No
                 }
-                let w = jobs[i].0;
-                let wp = self.weight_ptr(w)?;
-                let Some(kernel) = self.mmvq_kernel(n, w, wp) else {
+            };
+            for group in mmvq::launch_groups(&kernels, mmvq::MAX_JOBS, &mut by_mmvq, joins) {
+                let (lead, g) = Self::group_jobs(&group, &kernels, jobs)?;
+                let Some(Some((kernel, _))) = kernels.get(lead) else {
                     continue;
                 };
-                let mut group = [mmvq::MmvqJob {
-                    wp,
-                    rows: w.rows,
-                    out: jobs[i].1.ptr,
-                    second: false,
-                }; mmvq::MAX_JOBS];
-                let mut len = 1;
-                by_mmvq |= 1 << i;
-                for (j, (wj, outj)) in jobs.iter().enumerate().take(count).skip(i + 1) {
-                    if len == mmvq::MAX_JOBS || by_mmvq & (1 << j) != 0 || wj.ty != w.ty {
-                        continue;
-                    }
-                    let wpj = self.weight_ptr(wj)?;
-                    if self.mmvq_kernel(n, wj, wpj) == Some(kernel) {
-                        group[len] = mmvq::MmvqJob {
-                            wp: wpj,
-                            rows: wj.rows,
-                            out: outj.ptr,
-                            second: false,
-                        };
-                        len += 1;
-                        by_mmvq |= 1 << j;
-                    }
-                }
-                // Decode: resident Q6_K matrices join Q4_K ones in the mixed kernel (one
-                // launch for Q4_K_M's q, k and v).
-                let mixes = n == 1
-                    && self.fusion()
-                    && !self.fusions_off.mixed
-                    && mmvq::rows_per_warp() == 1
-                    && kernel.0 == mmvq::MIXED.0;
-                for (j, (wj, outj)) in jobs.iter().enumerate().take(count).skip(i + 1) {
-                    if !mixes || len == mmvq::MAX_JOBS || by_mmvq & (1 << j) != 0 {
-                        continue;
-                    }
-                    let wpj = self.weight_ptr(wj)?;
-                    if self.mmvq_kernel(n, wj, wpj).map(|k| k.0) == Some(mmvq::MIXED.1) {
-                        group[len] = mmvq::MmvqJob {
-                            wp: wpj,
-                            rows: wj.rows,
-                            out: outj.ptr,
-                            second: true,
-                        };
-                        len += 1;
-                        by_mmvq |= 1 << j;
-                    }
-                }
-                self.launch_mmvq(
-                    n,
-                    w,
-                    &group[..len],
-                    kernel,
-                    x.ptr,
-                    false,
-                    &mut sc.xq,
-                    &mut quantized,
-                )?;
+                let w = jobs
+                    .get(lead)
+                    .map(|j| j.0)
+                    .ok_or_else(|| be("matmul group"))?;
+                self.launch_mmvq(n, w, &g, *kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
             }
         }
         for (i, (w, out)) in jobs.iter_mut().enumerate() {

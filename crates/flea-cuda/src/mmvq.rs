@@ -42,6 +42,13 @@ pub(crate) fn kernel_names() -> Vec<String> {
     }
     v.extend(SA_SUFFIXES.iter().map(|s| format!("mmvqs_{s}")));
     v.extend(SA_ROWS_SUFFIXES.iter().map(|s| format!("mmvqr_{s}")));
+    for steps in WHOLE_ROW_STEPS {
+        v.extend(
+            WHOLE_ROW_SUFFIXES
+                .iter()
+                .map(|s| format!("mmvqw{steps}_{s}")),
+        );
+    }
     v.extend(mmq_kernel_names());
     v
 }
@@ -94,6 +101,20 @@ const SA_SUFFIXES: [&str; 6] = ["q4_k", "q5_k", "q6_k", "q6_k_soa", "q4_k_q6_k_s
 /// per 8 rows): Q6_K, the FFN down projection's type in Q4_K_M, whose 13824-wide fill is the
 /// largest. Q4_K and the mixed q/k/v kernel measured slower that way (docs/BENCHMARKS.md).
 const SA_ROWS_SUFFIXES: [&str; 2] = ["q6_k", "q6_k_soa"];
+/// Q4_K rows of 4 or 5 warp steps (4096 or 5120 columns) with the whole row's loads in
+/// flight at once (`mmvqw<steps>_*`; FLEA_CUDA_FUSE_OFF=mmvq_whole_row turns it off).
+const WHOLE_ROW_STEPS: [usize; 2] = [4, 5];
+const WHOLE_ROW_SUFFIXES: [&str; 2] = ["q4_k", "q4_k_q6_k_soa"];
+
+/// The `mmvqw_*` kernel's steps for a shared-activation kernel `suffix` on rows of `cols`:
+/// Q4_K's warp step is 4 blocks of 256 columns.
+fn whole_row_steps(suffix: &str, cols: usize) -> Option<usize> {
+    let steps = cols / 1024;
+    (WHOLE_ROW_SUFFIXES.contains(&suffix)
+        && cols.is_multiple_of(1024)
+        && WHOLE_ROW_STEPS.contains(&steps))
+    .then_some(steps)
+}
 /// Shared memory one `mmvqs_*` block may take without the opt-in attribute.
 const SA_MAX_BYTES: usize = 48 * 1024;
 
@@ -181,6 +202,48 @@ pub(crate) struct MmvqJob {
     pub rows: usize,
     pub out: u64,
     pub second: bool,
+}
+
+/// How a later job joins a group led by another: as one of the lead's own kind, as a
+/// [`MmvqJob::second`] one (after those), or not at all.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Joins {
+    Same,
+    Second,
+    No,
+}
+
+/// Jobs that share a launch: each job not yet in `done` (bit i: job i; at most 64 jobs) with
+/// a kernel leads a group, which takes the later jobs that join it ([`Joins::Same`] ones
+/// first, then [`Joins::Second`] ones), at most `most` (≤ [`MAX_JOBS`]) in all. Returns the
+/// groups in order, each as (index, second) pairs; marks every grouped job in `done`.
+pub(crate) fn launch_groups<K>(
+    kernels: &[Option<K>],
+    most: usize,
+    done: &mut u64,
+    joins: impl Fn(&K, &K) -> Joins,
+) -> Vec<Vec<(usize, bool)>> {
+    let most = most.clamp(1, MAX_JOBS);
+    let mut groups = Vec::new();
+    for (i, lead) in kernels.iter().enumerate().take(64) {
+        let Some(lead) = lead else { continue };
+        if *done & (1 << i) != 0 {
+            continue;
+        }
+        *done |= 1 << i;
+        let mut group = vec![(i, false)];
+        for kind in [Joins::Same, Joins::Second] {
+            for (j, other) in kernels.iter().enumerate().take(64).skip(i + 1) {
+                let Some(other) = other else { continue };
+                if group.len() < most && *done & (1 << j) == 0 && joins(lead, other) == kind {
+                    group.push((j, kind == Joins::Second));
+                    *done |= 1 << j;
+                }
+            }
+        }
+        groups.push(group);
+    }
+    groups
 }
 
 /// The one-token kernel for Q4_K matrices and resident (repacked) Q6_K ones on the same
@@ -712,7 +775,12 @@ impl CudaBackend {
             {
                 (format!("mmvqr_{suffix}"), 8, 1)
             }
-            (Some(suffix), ..) => (format!("mmvqs_{suffix}"), 4, 1),
+            (Some(suffix), ..) => match whole_row_steps(suffix, like.cols) {
+                Some(steps) if !self.fusions_off.mmvq_whole_row => {
+                    (format!("mmvqw{steps}_{suffix}"), 4, 1)
+                }
+                _ => (format!("mmvqs_{suffix}"), 4, 1),
+            },
             (None, 1, 2) => (name.replacen("mmvq_", "mmvq2_", 1), 8, 1),
             (None, 1, _) => (one.to_string(), 4, 1),
             (None, ..) => (
@@ -1668,6 +1736,69 @@ mod tests {
     }
 
     /// Every kernel the host may launch is in the list loaded at start.
+    #[test]
+    fn launch_groups_take_later_jobs_of_the_same_kernel_then_the_second_type() {
+        // Kernels by letter; 'b' joins an 'a' group as the second type.
+        let ks = [
+            Some('a'),
+            Some('c'),
+            None,
+            Some('b'),
+            Some('a'),
+            Some('a'),
+            Some('c'),
+        ];
+        let joins = |lead: &char, other: &char| match (lead, other) {
+            (l, o) if l == o => Joins::Same,
+            ('a', 'b') => Joins::Second,
+            _ => Joins::No,
+        };
+        let mut done = 0u64;
+        let groups = launch_groups(&ks, MAX_JOBS, &mut done, joins);
+        assert_eq!(
+            groups,
+            vec![
+                vec![(0, false), (4, false), (5, false)],
+                vec![(1, false), (6, false)],
+                vec![(3, false)],
+            ]
+        );
+        assert_eq!(done, 0b111_1011);
+        // Two a group: the second type waits for room; jobs already done stay out.
+        let mut done = 1 << 5;
+        let groups = launch_groups(&ks, 2, &mut done, joins);
+        assert_eq!(
+            groups,
+            vec![
+                vec![(0, false), (4, false)],
+                vec![(1, false), (6, false)],
+                vec![(3, false)],
+            ]
+        );
+        let mut done = 0u64;
+        let groups = launch_groups(&ks[..4], 3, &mut done, joins);
+        assert_eq!(groups, vec![vec![(0, false), (3, true)], vec![(1, false)]]);
+        // One a group: every job alone.
+        let mut done = 0u64;
+        assert_eq!(launch_groups(&ks, 1, &mut done, joins).len(), 6);
+    }
+
+    #[test]
+    fn whole_row_kernels_for_rows_of_four_or_five_q4_k_steps() {
+        assert_eq!(whole_row_steps("q4_k", 5120), Some(5));
+        assert_eq!(whole_row_steps("q4_k_q6_k_soa", 4096), Some(4));
+        assert_eq!(whole_row_steps("q4_k", 8192), None);
+        assert_eq!(whole_row_steps("q4_k", 3072), None);
+        assert_eq!(whole_row_steps("q4_k", 4608), None);
+        assert_eq!(whole_row_steps("q6_k_soa", 5120), None);
+        for steps in WHOLE_ROW_STEPS {
+            for suffix in WHOLE_ROW_SUFFIXES {
+                let name = format!("mmvqw{steps}_{suffix}");
+                assert!(kernel_names().contains(&name), "{name}");
+            }
+        }
+    }
+
     #[test]
     fn routed_kernels_are_loaded() {
         let names = kernel_names();

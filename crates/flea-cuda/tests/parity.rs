@@ -687,6 +687,63 @@ fn fusion_changes_nothing() {
     assert!(bad.is_empty(), "fusion changed the logits of {bad:?}");
 }
 
+/// One-token Q4_K mat-vecs on rows of 4096 and 5120 columns take the whole-row kernels
+/// (`mmvqw4_*`, `mmvqw5_*`: every load of a row in flight at once), alone and three matrices
+/// in one launch: the CPU's outputs (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
+#[test]
+fn whole_row_mat_vecs_match_cpu() {
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some(cuda) = backend() else { return };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    for cols in [4096usize, 5120] {
+        let rows = [300usize, 64, 1000];
+        let datas: Vec<Vec<u8>> = rows.iter().map(|&r| random_kquant(144, r, cols)).collect();
+        let ws: Vec<Weight> = rows
+            .iter()
+            .zip(&datas)
+            .map(|(&rows, data)| Weight {
+                ty: flea_gguf::GgmlType::Q4_K,
+                rows,
+                cols,
+                data,
+            })
+            .collect();
+        let xs: Vec<f32> = (0..cols)
+            .map(|i| (i as f32 * 0.377).sin() * 1.1 + ((i % 5) as f32 - 2.0) * 0.2)
+            .collect();
+        let mut xc = cpu.alloc_act(1, cols).unwrap();
+        xc.data.copy_from_slice(&xs);
+        let xg = cuda.alloc_act(1, cols).unwrap();
+        cuda.upload(&xg, &xs).unwrap();
+        for grouped in [false, true] {
+            let mut outs: Vec<_> = ws
+                .iter()
+                .map(|w| cuda.alloc_act(1, w.rows).unwrap())
+                .collect();
+            if grouped {
+                let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
+                cuda.matmuls(1, &xg, &mut jobs).unwrap();
+            } else {
+                for (w, og) in ws.iter().zip(outs.iter_mut()) {
+                    cuda.matmul(1, w, &xg, og).unwrap();
+                }
+            }
+            for (w, og) in ws.iter().zip(&outs) {
+                let mut oc = cpu.alloc_act(1, w.rows).unwrap();
+                cpu.matmul(1, w, &xc, &mut oc).unwrap();
+                let e = rel_err(&cuda.read(1, og).unwrap(), &oc.data);
+                println!("WHOLE ROW {}x{cols} grouped={grouped} rel={e:.3e}", w.rows);
+                if e > 1e-4 {
+                    bad.push(format!("{}x{cols} grouped={grouped}: {e:.3e}", w.rows));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
 /// Random Q4_K (144-byte blocks) or Q6_K (210) bytes for a rows x cols matrix: random quants
 /// and scales, the f16 scales set to small normal values.
 fn random_kquant(block: usize, rows: usize, cols: usize) -> Vec<u8> {
@@ -947,7 +1004,7 @@ fn gemm_warm_up_changes_nothing() {
     let before = run();
     cuda.synchronize().unwrap();
     let (free_before, _) = cuda.mem_info().unwrap();
-    let ms = cuda.warm_up_gemms(&model, 32).unwrap();
+    let ms = cuda.warm_up_gemms(&model, 64).unwrap();
     let (free_after, _) = cuda.mem_info().unwrap();
     let after = run();
     println!(
@@ -961,6 +1018,16 @@ fn gemm_warm_up_changes_nothing() {
         0.0,
         "n <= 8 is the mat-vec's"
     );
+    // Q4_K / Q6_K weights: up to 32 rows are the tensor-core kernels' where they start right
+    // above the mat-vecs (the default), so nothing to warm up.
+    let (mmq_on, mmq_min) = cuda.mmq_settings();
+    if mmq_on && mmq_min <= 9 {
+        assert_eq!(
+            cuda.warm_up_gemms(&model, 32).unwrap(),
+            0.0,
+            "9-32 rows are mmq's"
+        );
+    }
     // cuBLAS may keep a workspace; the temporary buffers themselves are freed.
     assert!(
         free_after + (64 << 20) >= free_before,
