@@ -58,8 +58,9 @@ done
 # (FLEA_CUDA_MMVQ_ROWS=2), 8-token groups for whole prompts (FLEA_CUDA_NO_CUBLAS=1), few-token
 # matmuls without the tensor-core kernels (FLEA_CUDA_NO_MMQ=1), one-token
 # mat-vecs reading their activations from global memory (FLEA_CUDA_FUSE_OFF=mmvq_sa), Q6_K's
-# shared-activation kernel one row a warp (FLEA_CUDA_FUSE_OFF=mmvq_sa_rows), and the per-row
-# prompt attention (FLEA_CUDA_FUSE_OFF=attn_tiled).
+# shared-activation kernel one row a warp (FLEA_CUDA_FUSE_OFF=mmvq_sa_rows), the mat-vecs
+# without their whole-row and 4-step Q6_K kernels (FLEA_CUDA_FUSE_OFF=mmvq_whole_row,
+# mmvq_q6_steps), and the per-row prompt attention (FLEA_CUDA_FUSE_OFF=attn_tiled).
 : > "$OUT/tests_mmvq.log"
 for t in "$CARRY"/tests/*; do
   [ -x "$t" ] && [ "${MMVQ_VARIANTS:-1}" != 0 ] || continue
@@ -75,6 +76,8 @@ for t in "$CARRY"/tests/*; do
   # the cuBLAS GEMM above), as before them.
   FLEA_CUDA_NO_MMQ=1 "$t" --nocapture --test-threads=1 ops_match_cpu every_type_matches_cpu \
     >> "$OUT/tests_mmvq.log" 2>&1 || { status=1; echo "FAILED (FLEA_CUDA_NO_MMQ=1): $(basename "$t")" >> "$OUT/tests_mmvq.log"; }
+  FLEA_CUDA_FUSE_OFF=mmvq_whole_row,mmvq_q6_steps "$t" --nocapture --test-threads=1 ops_match_cpu \
+    every_type_matches_cpu whole_row >> "$OUT/tests_mmvq.log" 2>&1 || { status=1; echo "FAILED (FLEA_CUDA_FUSE_OFF=mmvq_whole_row,mmvq_q6_steps): $(basename "$t")" >> "$OUT/tests_mmvq.log"; }
   # Prompt attention one block per row, as without the tiled kernel.
   FLEA_CUDA_FUSE_OFF=attn_tiled "$t" --nocapture --test-threads=1 attention_matches_cpu architectures_match_cpu \
     >> "$OUT/tests_mmvq.log" 2>&1 || { status=1; echo "FAILED (FLEA_CUDA_FUSE_OFF=attn_tiled): $(basename "$t")" >> "$OUT/tests_mmvq.log"; }

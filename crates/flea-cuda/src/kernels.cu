@@ -2959,6 +2959,24 @@ extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS)
     }
 MMVQ_WHOLE_ROW(4)
 MMVQ_WHOLE_ROW(5)
+// Resident Q6_K rows with 4 steps of loads in flight instead of 3: in the mixed q/k/v kernel
+// of 4096-wide rows (mmvqx4_: all of a v row's loads at once, as the Q4_K rows) and the
+// down projection's two-rows kernel (mmvqr4_). H200: 7b 497.4-498.0 -> 502.7-502.8 tok/s,
+// 13b (down only) within its noise; 5 steps measured no better (docs/BENCHMARKS.md).
+extern "C" __global__ void __launch_bounds__(128) mmvqx4_q4_k_q6_k_soa(MMVQ_ARGS) {
+    MMVQ_PICK
+    if (z < z2)
+        mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, 4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                                 accumulate);
+    else
+        mmvq_impl<Q6KS, Q6KRaw, 1, 1, true, 1, 4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                                  accumulate);
+}
+extern "C" __global__ void __launch_bounds__(128) mmvqr4_q6_k_soa(MMVQ_ARGS) {
+    MMVQ_PICK
+    mmvq_impl<Q6KS, Q6KRaw, 1, 1, true, 2, 4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                              accumulate);
+}
 
 // All with their natural register counts (sm_90: 30-56 for mmvq_*, no spills): a bound of
 // 10 resident blocks spills Q4_K/Q5_K/Q6_K, a bound of 1 lets the compiler take more.

@@ -1943,7 +1943,8 @@ struct Prequant {
 /// row's attention in thread-block clusters) and `mmvq_sa` (one-token mat-vecs reading their
 /// int8 activations from shared memory; a Q6_K row's last steps are added as one group) and
 /// `mmvq_whole_row` (Q4_K rows of 4096 or 5120 columns with all their loads in flight; their
-/// steps added as one group) change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
+/// steps added as one group) and `mmvq_q6_steps` (resident Q6_K rows with 4 steps of loads in
+/// flight, not 3) change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
 /// rows a warp in sequence) and `mmq_group` (matrices of one tensor-core kernel and input in
 /// one launch) do not.
 #[derive(Clone, Copy, Debug, Default)]
@@ -1957,6 +1958,7 @@ struct FusionsOff {
     pub(crate) mmvq_sa: bool,
     pub(crate) mmvq_sa_rows: bool,
     pub(crate) mmvq_whole_row: bool,
+    pub(crate) mmvq_q6_steps: bool,
     mmq_group: bool,
 }
 
@@ -1974,6 +1976,7 @@ impl FusionsOff {
             mmvq_sa: has("mmvq_sa"),
             mmvq_sa_rows: has("mmvq_sa_rows"),
             mmvq_whole_row: has("mmvq_whole_row"),
+            mmvq_q6_steps: has("mmvq_q6_steps"),
             mmq_group: has("mmq_group"),
         }
     }

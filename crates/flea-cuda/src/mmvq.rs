@@ -49,6 +49,8 @@ pub(crate) fn kernel_names() -> Vec<String> {
                 .map(|s| format!("mmvqw{steps}_{s}")),
         );
     }
+    v.push("mmvqx4_q4_k_q6_k_soa".to_string());
+    v.push("mmvqr4_q6_k_soa".to_string());
     v.extend(mmq_kernel_names());
     v
 }
@@ -773,11 +775,23 @@ impl CudaBackend {
             (Some(suffix), ..)
                 if !self.fusions_off.mmvq_sa_rows && SA_ROWS_SUFFIXES.contains(&suffix) =>
             {
-                (format!("mmvqr_{suffix}"), 8, 1)
+                // Resident Q6_K: 4 steps of loads in flight (FLEA_CUDA_FUSE_OFF=mmvq_q6_steps: 3).
+                if suffix == "q6_k_soa" && !self.fusions_off.mmvq_q6_steps {
+                    (format!("mmvqr4_{suffix}"), 8, 1)
+                } else {
+                    (format!("mmvqr_{suffix}"), 8, 1)
+                }
             }
             (Some(suffix), ..) => match whole_row_steps(suffix, like.cols) {
                 Some(steps) if !self.fusions_off.mmvq_whole_row => {
-                    (format!("mmvqw{steps}_{suffix}"), 4, 1)
+                    if suffix == MIXED.2.trim_start_matches("mmvq_")
+                        && steps == 4
+                        && !self.fusions_off.mmvq_q6_steps
+                    {
+                        (format!("mmvqx4_{suffix}"), 4, 1)
+                    } else {
+                        (format!("mmvqw{steps}_{suffix}"), 4, 1)
+                    }
                 }
                 _ => (format!("mmvqs_{suffix}"), 4, 1),
             },

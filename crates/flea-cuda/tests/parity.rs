@@ -100,14 +100,20 @@ fn norm(x: &[f32]) -> f64 {
 }
 
 fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
-    let tag = format!("{}-{:?}", preset.name(), quant);
+    let mut o = SynthOptions::new(preset);
+    o.quant = quant;
+    run_options(cuda, preset.name(), o)
+}
+
+/// `run_case` on a model of options `o` (its seed and threads set here), named `arch`.
+fn run_options(cuda: &CudaBackend, arch: &str, mut o: SynthOptions) -> CaseResult {
+    let quant = o.quant;
+    let tag = format!("{arch}-{:?}", quant);
     let path = std::env::temp_dir().join(format!(
         "flea-cuda-parity-{tag}-{}.gguf",
         std::process::id()
     ));
     let _tmp = Tmp(path.clone());
-    let mut o = SynthOptions::new(preset);
-    o.quant = quant;
     o.seed = 7;
     o.threads = 4;
     write_synthetic(&path, &o).expect("write synthetic model");
@@ -167,7 +173,7 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
     println!(
         "PARITY gemm={} arch={} mix={:?} prompt_rel={:.3e} decode_rel={:.3e} argmax_mismatch={}/{} strict={} {}",
         if cuda.precise_gemm() { "f32" } else { "f16" },
-        preset.name(),
+        arch,
         quant,
         prompt_rel,
         decode_rel,
@@ -178,7 +184,7 @@ fn run_case(cuda: &CudaBackend, preset: Preset, quant: QuantMix) -> CaseResult {
     );
     if let Some(dir) = std::env::var_os("FLEA_CUDA_REPORT") {
         let line = serde_json::json!({
-            "arch": preset.name(), "mix": format!("{quant:?}"),
+            "arch": arch, "mix": format!("{quant:?}"),
             "prompt_rel": prompt_rel, "decode_rel": decode_rel,
             "argmax_mismatch": mismatch, "positions": positions, "ok": ok, "strict_5e-3": strict,
             "device": cuda.device_name(),
@@ -243,6 +249,34 @@ fn architectures_match_cpu() {
         (Preset::TinyQwen2, QuantMix::Q4_K_M),
         (Preset::TinyGemma3, QuantMix::Q4_K_M),
     ]);
+}
+
+/// Residual widths of 4096 and 5120 (a 7B's and a 13B's; two layers, 128-dim heads): the
+/// decode mat-vecs take the whole-row kernels (`mmvqw4_*`, `mmvqw5_*`), the q/k/v launch
+/// with Q4_K_M's Q6_K v rows among them (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
+#[test]
+fn whole_row_widths_match_cpu() {
+    let Some(cuda) = backend() else { return };
+    let mut failed = Vec::new();
+    for n_embd in [4096usize, 5120] {
+        let mut o = SynthOptions::new(Preset::Tiny);
+        o.quant = QuantMix::Q4_K_M;
+        o.shape.n_layers = 2;
+        o.shape.n_embd = n_embd;
+        o.shape.n_head = n_embd / 128;
+        o.shape.n_head_kv = n_embd / 256;
+        o.shape.head_dim = 128;
+        o.shape.n_ff = 1536;
+        cuda.set_precise_gemm(true);
+        let r = run_options(&cuda, &format!("tiny-{n_embd}"), o);
+        if !r.ok {
+            failed.push(format!(
+                "{n_embd}: prompt {:.2e} decode {:.2e} argmax {}/{}",
+                r.prompt_rel, r.decode_rel, r.argmax_mismatch, r.positions
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
 }
 
 #[test]
