@@ -13,7 +13,9 @@
 //! activations copied into shared memory first (the K-quants and Q4_0, the default where the
 //! row fits 48 KiB; FLEA_CUDA_FUSE_OFF=mmvq_sa turns it off), and `mmvqr_*` the same with
 //! two rows a warp in sequence (Q6_K; FLEA_CUDA_FUSE_OFF=mmvq_sa_rows gives Q6_K `mmvqs_*`,
-//! the same bits). Set FLEA_CUDA_NO_MMVQ=1 (or
+//! the same bits; resident Q6_K as `mmvqr4_*`, 4 steps of loads in flight). `mmvqw4_*` /
+//! `mmvqw5_*` keep a whole Q4_K row of 4096 / 5120 columns in flight
+//! (FLEA_CUDA_FUSE_OFF=mmvq_whole_row, mmvq_q6_steps: the older kernels). Set FLEA_CUDA_NO_MMVQ=1 (or
 //! `set_mmvq(false)`) to use `matvec_*` for every type (A/B comparisons).
 
 use crate::{be, CudaBackend};
