@@ -1192,19 +1192,20 @@ impl CudaBackend {
         self.pass_graphs.lock().is_ok_and(|g| g.recording())
     }
 
-    /// Fails while a pass is recorded: `what` would allocate or copy from host memory, which
-    /// a graph cannot replay (the executor then runs the pass unrecorded).
-    /// A launch group's lead index and its jobs (weight pointer, rows, output) from the
-    /// kernels' (kernel, weight pointer) list.
-    fn group_jobs<K>(
+    /// A launch group's lead weight and kernel, and its jobs (weight pointer, rows, output),
+    /// from the kernels' (kernel, weight pointer) list.
+    fn group_jobs<'a, 'w, K>(
         group: &[(usize, bool)],
-        kernels: &[Option<(K, u64)>],
-        jobs: &[(&Weight, &mut CudaAct)],
-    ) -> Result<(usize, Vec<mmvq::MmvqJob>)> {
+        kernels: &'a [Option<(K, u64)>],
+        jobs: &[(&'a Weight<'w>, &mut CudaAct)],
+    ) -> Result<(&'a Weight<'w>, &'a K, Vec<mmvq::MmvqJob>)> {
         let lead = group
             .first()
             .map(|g| g.0)
             .ok_or_else(|| be("empty matmul group"))?;
+        let (Some((w, _)), Some(Some((kernel, _)))) = (jobs.get(lead), kernels.get(lead)) else {
+            return Err(be(format!("matmul group: no job {lead}")));
+        };
         let g = group
             .iter()
             .map(|&(j, second)| match (kernels.get(j), jobs.get(j)) {
@@ -1217,7 +1218,7 @@ impl CudaBackend {
                 _ => Err(be(format!("matmul group: no job {j}"))),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((lead, g))
+        Ok((w, kernel, g))
     }
 
     /// `pick_to_slot` for whole-vocabulary sampling (kernels.cu `vocab_*`): the logits
@@ -1333,6 +1334,8 @@ impl CudaBackend {
             src, n, parts_ptr, parts, t, ln_min_p, keep_ptr, tiles_ptr, r, tok_dev, tok_host)
     }
 
+    /// Fails while a pass is recorded: `what` would allocate or copy from host memory, which
+    /// a graph cannot replay (the executor then runs the pass unrecorded).
     fn check_not_recording(&self, what: &str) -> Result<()> {
         if self.recording() {
             return Err(be(format!("{what} inside a recorded pass")));
@@ -2382,14 +2385,7 @@ impl Backend for CudaBackend {
                 }
             };
             for group in mmvq::launch_groups(&kernels, most, &mut by_mmvq, same) {
-                let (lead, g) = Self::group_jobs(&group, &kernels, jobs)?;
-                let Some(Some((kernel, _))) = kernels.get(lead) else {
-                    continue;
-                };
-                let w = jobs
-                    .get(lead)
-                    .map(|j| j.0)
-                    .ok_or_else(|| be("matmul group"))?;
+                let (w, kernel, g) = Self::group_jobs(&group, &kernels, jobs)?;
                 self.launch_mmq(n, w, &g, kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
             }
         }
@@ -2418,14 +2414,7 @@ impl Backend for CudaBackend {
                 }
             };
             for group in mmvq::launch_groups(&kernels, mmvq::MAX_JOBS, &mut by_mmvq, joins) {
-                let (lead, g) = Self::group_jobs(&group, &kernels, jobs)?;
-                let Some(Some((kernel, _))) = kernels.get(lead) else {
-                    continue;
-                };
-                let w = jobs
-                    .get(lead)
-                    .map(|j| j.0)
-                    .ok_or_else(|| be("matmul group"))?;
+                let (w, kernel, g) = Self::group_jobs(&group, &kernels, jobs)?;
                 self.launch_mmvq(n, w, &g, *kernel, x.ptr, false, &mut sc.xq, &mut quantized)?;
             }
         }
