@@ -6,7 +6,7 @@ Sends the 504-token benchmark prompt (24 x "the quick brown fox jumps over the l
 and") with max_tokens 1 and then 65 for each case below, and prints 64 / (t65 - t1) as the
 decode rate (the prompt is evaluated in both requests). Cases: greedy, OpenAI-style sampling
 (temperature 0.8, seed 5: the whole vocabulary; chained on a GPU when the request runs alone),
-the same with top_p 0.9 (the nucleus needs the host) and top-k sampling (top_k 40, min_p 0.05,
+the same with top_p 0.9 (the nucleus; chained on a GPU too since 9a584fa) and top-k sampling (top_k 40, min_p 0.05,
 top_p 0.95: chained on a GPU when the request runs alone). Prints
 flea_generated_tokens_total and flea_chained_tokens_total from /metrics; writes each case's
 text to OUT.json (compare two servers' files for the same text).
