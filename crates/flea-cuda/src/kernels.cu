@@ -796,8 +796,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     int shift = 53;
     const int shifts[6] = {53, 42, 32, 21, 10, 0};
     // The host returns argmax's token when m is not finite: keep everything then.
-    bool done = !isfinite(m);
-    for (int level = 0; level < 6 && !done; level++) {
+    const bool finite = isfinite(m);
+    for (int level = 0; level < 6 && finite; level++) {
         if (tid == 0) pick = -1;
         __syncthreads();
         // Thread t holds bins hi = 2047 - 2t and hi - 1: exclusive prefix of the pairs'
@@ -2894,12 +2894,22 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 // with its Q6_K v): blockIdx.z < z2 picks a Q4_K matrix, the rest are resident Q6_K ones
 // (repacked; row_bytes is the Q4_K rows'). Every row is computed as its own type's kernel
 // computes it. Single-type kernels ignore z2.
-extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) {
+// SA: shared activations; S4 / S6: the Q4_K / Q6_K rows' steps of loads in flight a round
+// (0: the type's default).
+#define MMVQ_FWD                                                                               \
+    W0, W1, W2, xq, xd, xs, y0, y1, y2, rows0, rows1, rows2, cols, row_bytes, n, accumulate, z2
+template <bool SA, int S4 = 0, int S6 = 0>
+__device__ __forceinline__ void mmvq_mixed(MMVQ_ARGS) {
     MMVQ_PICK
     if (z < z2)
-        mmvq_impl<Q4K, Q4KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+        mmvq_impl<Q4K, Q4KRaw, 1, 1, SA, 1, S4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                                accumulate);
     else
-        mmvq_impl<Q6KS, Q6KRaw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+        mmvq_impl<Q6KS, Q6KRaw, 1, 1, SA, 1, S6>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                                 accumulate);
+}
+extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) {
+    mmvq_mixed<false>(MMVQ_FWD);
 }
 
 // One token with shared activations (see sa_fill): mmvqs_<type>, for the types where it
@@ -2928,13 +2938,7 @@ MMVQ_SA(q4_0, Q40, Q40Raw)
 MMVQ_SA_ROWS(q6_k, Q6K, Q6KRaw)
 MMVQ_SA_ROWS(q6_k_soa, Q6KS, Q6KRaw)
 extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS) {
-    MMVQ_PICK
-    if (z < z2)
-        mmvq_impl<Q4K, Q4KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
-                                           accumulate);
-    else
-        mmvq_impl<Q6KS, Q6KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
-                                            accumulate);
+    mmvq_mixed<true>(MMVQ_FWD);
 }
 
 // mmvqw<S>_q4_k and mmvqw<S>_q4_k_q6_k_soa: the Q4_K rows of S warp steps (S * 1024 columns)
@@ -2949,13 +2953,7 @@ extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS)
                                                  accumulate);                                  \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k_q6_k_soa(MMVQ_ARGS) {    \
-        MMVQ_PICK                                                                              \
-        if (z < z2)                                                                            \
-            mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes,  \
-                                                     n, accumulate);                           \
-        else                                                                                   \
-            mmvq_impl<Q6KS, Q6KRaw, 1, 1, true>(W, xq, xd, xs, y, rows, cols, row_bytes, n,    \
-                                                accumulate);                                   \
+        mmvq_mixed<true, S>(MMVQ_FWD);                                                         \
     }
 MMVQ_WHOLE_ROW(4)
 MMVQ_WHOLE_ROW(5)
@@ -2964,13 +2962,7 @@ MMVQ_WHOLE_ROW(5)
 // down projection's two-rows kernel (mmvqr4_). H200: 7b 497.4-498.0 -> 502.7-502.8 tok/s,
 // 13b (down only) within its noise; 5 steps measured no better (docs/BENCHMARKS.md).
 extern "C" __global__ void __launch_bounds__(128) mmvqx4_q4_k_q6_k_soa(MMVQ_ARGS) {
-    MMVQ_PICK
-    if (z < z2)
-        mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, 4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
-                                                 accumulate);
-    else
-        mmvq_impl<Q6KS, Q6KRaw, 1, 1, true, 1, 4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
-                                                  accumulate);
+    mmvq_mixed<true, 4, 4>(MMVQ_FWD);
 }
 extern "C" __global__ void __launch_bounds__(128) mmvqr4_q6_k_soa(MMVQ_ARGS) {
     MMVQ_PICK
