@@ -2711,12 +2711,37 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
         rowi[r] = min(row0 + r, rows - 1);
         wr[r] = Repacked<K>::v ? W + rowi[r] * nb * 128 : W + rowi[r] * row_bytes;
     }
-    // Weights are never written by kernels: pull the start of this warp's rows toward L2
-    // while the previous kernel (which writes our activations) may still be running.
+    const int step = 32 / K::LPB;
+    const int p = lane % K::LPB;
+    constexpr int S = SO ? SO : (NT == 1 ? (int)Q6Steps<K>::v : 2);
+    // Weights are never written by kernels (a streamed slot's copy is waited for before the
+    // launch): with shared activations the first round of this warp's first row is loaded
+    // into registers now, while the previous kernel (which writes our activations) may still
+    // be running, so that after the wait only the activations are fetched. What that buys
+    // depends on how many blocks are resident early: a dependent-launch harness
+    // (scripts/gpu_dep_wait.cu) put it at -7% of a 13b token with 12 blocks an SM and -0.6%
+    // with 6, where these 70-90-register kernels are (measured here: 13b +0.7%). The rows'
+    // start is still pulled toward L2 where that round is not the whole row, or without
+    // shared activations.
+    Raw raw[S][NR];
+    bool early = false;
+    if constexpr (SA) {
+        const int blk = lane / K::LPB;
+        if (row0 < rows) {
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+#pragma unroll
+                for (int k = 0; k < S; k++)
+                    if (blk + k * step < nb)
+                        load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+        }
+        early = true;
+    }
 #pragma unroll
     for (int r = 0; r < NR; r++)
         if (row0 < rows &&
-            (long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes))
+            (long long)lane * 128 < (Repacked<K>::v ? (long long)nb * 128 : row_bytes) &&
+            (!SA || nb > S * step))
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + lane * 128));
 #pragma unroll
     for (int s = 1; s < RS; s++)
@@ -2744,6 +2769,8 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     bool filled = false;
     for (int s = 0; s < RS; s++) {
         if (s > 0) {
+            // (The early round was the first row's; lanes with no block in it never used it.)
+            early = false;
             row0 += row_stride;
             if (row0 >= rows) break;
 #pragma unroll
@@ -2760,9 +2787,6 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             prior[r] = NT == 1 && accumulate && lane == 0 && nt > 0 && row0 + r < rows
                            ? y[(long long)t0 * rows + row0 + r]
                            : 0.f;
-        const int step = 32 / K::LPB;
-        const int p = lane % K::LPB;
-        constexpr int S = SO ? SO : (NT == 1 ? (int)Q6Steps<K>::v : 2);
         float acc[NT][NR];
 #pragma unroll
         for (int t = 0; t < NT; t++)
@@ -2773,13 +2797,16 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
             // S steps' loads in flight (those inside the row), then their dots, added up in
             // step order; one round for a row of at most S steps.
             for (; blk < nb; blk += S * step) {
-                Raw raw[S][NR];
+                if (!early) {
 #pragma unroll
-                for (int r = 0; r < NR; r++)
+                    for (int r = 0; r < NR; r++)
 #pragma unroll
-                    for (int k = 0; k < S; k++)
-                        if (blk + k * step < nb)
-                            load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p, raw[k][r]);
+                        for (int k = 0; k < S; k++)
+                            if (blk + k * step < nb)
+                                load_block<K>(W, wr[r], rowi[r] * nb, NB, blk + k * step, p,
+                                              raw[k][r]);
+                }
+                early = false;
                 if (!filled) {
                     sa_wait();
                     filled = true;
