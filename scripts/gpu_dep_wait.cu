@@ -17,7 +17,7 @@
 // Mat-vec variants: 0 flea's shape (weights prefetched into L2 before the wait), 1 the first
 // round of the row loaded into registers before the wait, 2/3 persistent rows (4/8 blocks an
 // SM, the next row's loads before the current row's dots), 4/5/6 persistent rows taken from a
-// ticket counter (4/6/8 blocks an SM).
+// ticket counter (4/6/8 blocks an SM; V2 and V3 are one kernel, matvec_p).
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o dep_wait scripts/gpu_dep_wait.cu
 //   ./dep_wait [layers=40] [most mat-vec blocks an SM, 0: no limit] [variants=01] [modes=032]
 // Measured (H200, 2026-11-28 22:14-22:55, docs/BENCHMARKS.md): variant 0 mode 0 3.38-3.39 ms
@@ -152,58 +152,15 @@ __global__ void __launch_bounds__(128) matvec(const u8* __restrict__ W, const i8
     dep_signal(dep.mode, dep.cnt);
 }
 
-// V2: persistent rows. grid = SMs x blocks an SM (or fewer); warp g takes rows g, g + all
-// warps, ...; its work is a sequence of (row, round) units, the next unit's loads issued
-// before the current one's dots (two register buffers), the first unit's before the wait.
+// V2 / V3: persistent rows. grid = SMs x blocks an SM (or fewer); a warp's work is a sequence
+// of (row, round) units, the next unit's loads issued before the current one's dots (two
+// register buffers), the first unit's before the wait. V2 (ticket null): warp g takes rows g,
+// g + all warps, ... V3: each warp's first two rows are fixed the same way and every further
+// row comes from atomicAdd on `ticket` (zeroed before the launch), asked for one row ahead so
+// that its latency hides behind a row's loads and dots: warps that start late (their SM still
+// busy with the previous kernel) take fewer rows, as V0's later blocks do.
 template <int S>
 __global__ void __launch_bounds__(128) matvec_p(const u8* __restrict__ W, const i8* in, i8* out,
-                                                int rows, int rb, int n_in, Dep dep) {
-    __shared__ __align__(16) i8 sa[16384];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int nwarps = gridDim.x * 4;
-    const int n16 = rb / 16, na = n_in / 16;
-    const int rounds = (n16 + 32 * S - 1) / (32 * S);
-    int row = blockIdx.x * 4 + warp, k = 0;
-    uint4 b0[S], b1[S];
-    if (row < rows) round_load<S>(b0, W + (long long)row * rb, lane, n16);
-    dep_enter(dep);
-    fill_sa(sa, in, n_in);
-    int acc = 0;
-    // One unit: dots of `cur` (row, k), loads of the next unit into `nxt`.
-    auto unit = [&](const uint4 (&cur)[S], uint4 (&nxt)[S]) {
-        int nrow = row, nk = k + 1;
-        if (nk == rounds) {
-            nk = 0;
-            nrow = row + nwarps;
-        }
-        if (nrow < rows) round_load<S>(nxt, W + (long long)nrow * rb, nk * 32 * S + lane, n16);
-        acc = round_dot<S>(cur, k * 32 * S + lane, n16, sa, na, acc);
-        if (k == rounds - 1) {
-            acc = warp_sum_i(acc);
-            if (lane == 0) out[row] = (i8)(acc >> 8);
-            acc = 0;
-        }
-        row = nrow;
-        k = nk;
-    };
-    // At most rows / warps + 1 rows a warp, `rounds` units each: the loop's limit.
-    const int max_units = (rows / nwarps + 1) * rounds + 1;
-    for (int u = 0; u < max_units && row < rows; u += 2) {
-        unit(b0, b1);
-        if (row >= rows) break;
-        unit(b1, b0);
-    }
-    dep_signal(dep.mode, dep.cnt);
-}
-
-// V3: persistent rows taken from a ticket counter (zeroed before the launch): each warp's first
-// two rows are fixed (g, g + all warps), every further row comes from atomicAdd on `ticket`,
-// asked for one row ahead so that its latency hides behind a row's loads and dots. The next
-// unit's loads are issued before the current one's dots (as V2), the first unit's before the
-// wait. Warps that start late (their SM still busy with the previous kernel) simply take
-// fewer rows, as V0's later blocks do.
-template <int S>
-__global__ void __launch_bounds__(128) matvec_d(const u8* __restrict__ W, const i8* in, i8* out,
                                                 int rows, int rb, int n_in, Dep dep, u32* ticket) {
     __shared__ __align__(16) i8 sa[16384];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -215,11 +172,13 @@ __global__ void __launch_bounds__(128) matvec_d(const u8* __restrict__ W, const 
     uint4 b0[S], b1[S];
     if (row < rows) round_load<S>(b0, W + (long long)row * rb, lane, n16);
     dep_enter(dep);
-    // The row after `nxt`: lane 0's ticket, read by the others when the row it follows starts.
+    // V3: the row after `nxt`, lane 0's ticket, read by the others when the row it follows
+    // starts.
     u32 pend = 0;
-    if (lane == 0 && nxt < rows) pend = atomicAdd(ticket, 1u);
+    if (ticket != nullptr && lane == 0 && nxt < rows) pend = atomicAdd(ticket, 1u);
     fill_sa(sa, in, n_in);
     int acc = 0;
+    // One unit: dots of `cur` (row, k), loads of the next unit into `nx`.
     auto unit = [&](const uint4 (&cur)[S], uint4 (&nx)[S]) {
         int nrow = row, nk = k + 1;
         if (nk == rounds) {
@@ -232,14 +191,18 @@ __global__ void __launch_bounds__(128) matvec_d(const u8* __restrict__ W, const 
             acc = warp_sum_i(acc);
             if (lane == 0) out[row] = (i8)(acc >> 8);
             acc = 0;
-            // nrow (== nxt) starts now; the one after it is the pending ticket.
-            const int after = nxt < rows ? 2 * nwarps + (int)__shfl_sync(0xffffffff, pend, 0) : rows;
-            if (lane == 0 && after < rows) pend = atomicAdd(ticket, 1u);
+            // nrow (== nxt) starts now; the one after it:
+            int after = nxt + nwarps;
+            if (ticket != nullptr) {
+                after = nxt < rows ? 2 * nwarps + (int)__shfl_sync(0xffffffff, pend, 0) : rows;
+                if (lane == 0 && after < rows) pend = atomicAdd(ticket, 1u);
+            }
             nxt = after;
         }
         row = nrow;
         k = nk;
     };
+    // At most every row, `rounds` units each: the loop's limit.
     const int max_units = rows * rounds + 2;
     for (int u = 0; u < max_units && row < rows; u += 2) {
         unit(b0, b1);
@@ -388,8 +351,8 @@ int main(int argc, char** argv) {
                     if (s.mv) {
                         if (v == 0) CK(cudaLaunchKernelEx(&cfg, matvec<S, false>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else if (v == 1) CK(cudaLaunchKernelEx(&cfg, matvec<S, true>, w, in, out, s.rows, s.rb, s.n_in, d));
-                        else if (v <= 3) CK(cudaLaunchKernelEx(&cfg, matvec_p<S>, w, in, out, s.rows, s.rb, s.n_in, d));
-                        else CK(cudaLaunchKernelEx(&cfg, matvec_d<S>, w, in, out, s.rows, s.rb, s.n_in, d, tickets + i));
+                        else CK(cudaLaunchKernelEx(&cfg, matvec_p<S>, w, in, out, s.rows, s.rb, s.n_in, d,
+                                                   v <= 3 ? (u32*)nullptr : tickets + i));
                     } else {
                         CK(cudaLaunchKernelEx(&cfg, small, in, out, H, s.n_out, (const u8*)kv, s.pre, d));
                     }
@@ -446,7 +409,7 @@ int main(int argc, char** argv) {
         Dep d{cnt, nullptr, 0, nullptr, 2};
         matvec<S, false><<<(s.rows + 3) / 4, 128>>>(W + woff[7], act[0], o0, s.rows, s.rb, s.n_in, d);
         CK(cudaMemset(tickets, 0, sizeof(u32)));
-        matvec_d<S><<<sms * 4, 128>>>(W + woff[7], act[0], o2, s.rows, s.rb, s.n_in, d, tickets);
+        matvec_p<S><<<sms * 4, 128>>>(W + woff[7], act[0], o2, s.rows, s.rb, s.n_in, d, tickets);
         CK(cudaDeviceSynchronize());
         std::vector<i8> h0(s.rows), h2(s.rows);
         CK(cudaMemcpy(h0.data(), o0, s.rows, cudaMemcpyDeviceToHost));
