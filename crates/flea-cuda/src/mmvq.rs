@@ -1751,7 +1751,6 @@ mod tests {
         }
     }
 
-    /// Every kernel the host may launch is in the list loaded at start.
     #[test]
     fn launch_groups_take_later_jobs_of_the_same_kernel_then_the_second_type() {
         // Kernels by letter; 'b' joins an 'a' group as the second type.
@@ -1815,6 +1814,7 @@ mod tests {
         }
     }
 
+    /// Every kernel the host may launch is in the list loaded at start.
     #[test]
     fn routed_kernels_are_loaded() {
         let names = kernel_names();

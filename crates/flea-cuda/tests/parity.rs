@@ -257,6 +257,7 @@ fn architectures_match_cpu() {
 #[test]
 fn whole_row_widths_match_cpu() {
     let Some(cuda) = backend() else { return };
+    cuda.set_precise_gemm(true);
     let mut failed = Vec::new();
     for n_embd in [4096usize, 5120] {
         let mut o = SynthOptions::new(Preset::Tiny);
@@ -267,7 +268,6 @@ fn whole_row_widths_match_cpu() {
         o.shape.n_head_kv = n_embd / 256;
         o.shape.head_dim = 128;
         o.shape.n_ff = 1536;
-        cuda.set_precise_gemm(true);
         let r = run_options(&cuda, &format!("tiny-{n_embd}"), o);
         if !r.ok {
             failed.push(format!(
