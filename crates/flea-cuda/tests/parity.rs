@@ -34,6 +34,18 @@ const TOL: f64 = 5e-3;
 /// Noise-floor bound for models with quantized weights (see the module docs).
 const QUANT_TOL: f64 = 5e-2;
 
+/// Held for a test's whole run by every test here that uses the GPU. Some settings and
+/// counters are process-wide (`set_mmq`, `set_mmq_grid`, `mmq_launches`) and the harness runs
+/// tests on parallel threads: `chunked_gemm_matches_one_pass` turning the `mmq_*` kernels
+/// off for a moment made `mmq_split_matches_cpu` (which counts its launches) and
+/// `gemm_warm_up_changes_nothing` (which compares two runs bit for bit) fail when they
+/// overlapped (H200, 2026-11-29).
+fn one_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A failed test poisons the lock; the next one still runs.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn backend() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(b) => Some(b),
@@ -212,6 +224,7 @@ fn run_options(cuda: &CudaBackend, arch: &str, mut o: SynthOptions) -> CaseResul
 /// reported (its rounding is amplified by the Q8 activation rounding of later layers, to
 /// the level of the CPU's own cross-ISA differences), but not asserted.
 fn run_all(cases: &[(Preset, QuantMix)]) {
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     println!(
         "device: {} (kernels {})",
@@ -256,6 +269,7 @@ fn architectures_match_cpu() {
 /// with Q4_K_M's Q6_K v rows among them (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
 #[test]
 fn whole_row_widths_match_cpu() {
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     cuda.set_precise_gemm(true);
     let mut failed = Vec::new();
@@ -319,6 +333,7 @@ fn new_without_device_is_an_error_not_a_panic() {
 #[test]
 fn ops_match_cpu() {
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     cuda.set_precise_gemm(true);
     let cpu = CpuBackend::new(4).unwrap();
@@ -474,6 +489,7 @@ fn cuda_qkv(
 fn attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, Row};
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
@@ -594,6 +610,7 @@ fn rope_attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, RopeParams, Row};
     use flea_model::config::RopeStyle;
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
@@ -684,6 +701,7 @@ fn rope_attention_matches_cpu() {
 /// order (checked against the CPU in `attention_matches_cpu`): kept off here.
 #[test]
 fn fusion_changes_nothing() {
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     cuda.set_cluster_attention(false);
     let mut bad = Vec::new();
@@ -728,6 +746,7 @@ fn fusion_changes_nothing() {
 fn whole_row_mat_vecs_match_cpu() {
     use flea_model::weights::Weight;
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
@@ -809,6 +828,7 @@ fn mmq_grouped_launch_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     if !cuda.mmq_on() {
         println!("mmq kernels not on this device: skipped");
@@ -900,6 +920,7 @@ fn mmq_split_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     if !cuda.mmq_on() {
         println!("mmq kernels not on this device: skipped");
@@ -988,6 +1009,7 @@ fn mmq_split_matches_cpu() {
 /// at every position.
 #[test]
 fn chunked_gemm_matches_one_pass() {
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     // A 20-row prompt of Q4_K / Q6_K weights would take the tensor-core kernels instead.
     let mmq = cuda.mmq_settings();
@@ -1027,6 +1049,7 @@ fn chunked_gemm_matches_one_pass() {
 /// were, and gives the device memory back.
 #[test]
 fn gemm_warm_up_changes_nothing() {
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let (_tmp, model) = q4km_model("warmup", Preset::Tiny, 9);
     let vocab = model.cfg.n_vocab;
@@ -1115,6 +1138,7 @@ fn slot_picks(
 fn sample_to_slot_matches_the_host_sampler() {
     use flea_model::sampling::{choose_from_top, top_candidates, SlotPick, TopKSampling};
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(2).unwrap();
     assert_eq!(cuda.slot_top_k_max(), 64);
@@ -1208,6 +1232,7 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
     // Whole-vocabulary sampling (top-k off) on the device: the token of `sample_vocab`.
     use flea_model::sampling::{sample_vocab, SlotPick, VocabSampling};
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(2).unwrap();
     let mut rng = 0x1357_9bdfu64;
@@ -1320,6 +1345,7 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
 fn argmax_to_slot_matches_the_host() {
     use flea_model::sampling::SlotPick;
     use flea_model::Backend;
+    let _serial = one_test_at_a_time();
     let Some(cuda) = backend() else { return };
     let cpu = CpuBackend::new(2).unwrap();
     let (nan, ninf) = (f32::NAN, f32::NEG_INFINITY);
