@@ -2720,7 +2720,8 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
     // be running, so that after the wait only the activations are fetched. What that buys
     // depends on how many blocks are resident early: a dependent-launch harness
     // (scripts/gpu_dep_wait.cu) put it at -7% of a 13b token with 12 blocks an SM and -0.6%
-    // with 6, where these 70-90-register kernels are (measured here: 13b +0.7%). The rows'
+    // with 6, where these 70-90-register kernels are (measured here: 13b +0.7%; the 13b's
+    // whole rows now take mmvq_q4k_whole_row, 8 blocks an SM). The rows'
     // start is still pulled toward L2 where that round is not the whole row, or without
     // shared activations.
     Raw raw[S][NR];
@@ -2925,13 +2926,74 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
 // (0: the type's default).
 #define MMVQ_FWD                                                                               \
     W0, W1, W2, xq, xd, xs, y0, y1, y2, rows0, rows1, rows2, cols, row_bytes, n, accumulate, z2
+// One token, shared activations, a Q4_K row of exactly S warp steps (4S blocks, S * 1024
+// columns: the host's whole_row_steps) with all its loads in flight at once, before the
+// dependent-launch wait: mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>'s loads, sums and order (so
+// the same bits) without its generality (row sequences, several rows or tokens, repacked
+// layouts, 64-bit block indices), which cost 14 registers: 64 a thread instead of 78 for
+// S = 5 (NVRTC 13, sm_90), 8 blocks an SM instead of 6, so more of the next mat-vec's rows are
+// loaded while the kernel before it ends. H200: 13b 296 -> 300 tok/s; the 7b's 4096-wide rows
+// (S = 4: 54 instead of 72 registers, 9 blocks an SM) lost 0.5% this way, so they keep
+// mmvq_impl; headers shared between a block's lanes by shuffles or through shared memory (48
+// registers) were slower for both (docs/BENCHMARKS.md).
+template <int S>
+__device__ __forceinline__ void mmvq_q4k_whole_row(const u8* __restrict__ W,
+                                                   const i8* __restrict__ xq,
+                                                   const float* __restrict__ xd,
+                                                   const int* __restrict__ xs,
+                                                   float* __restrict__ y, int rows, int cols,
+                                                   long long row_bytes, int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row = blockIdx.x * 4 + warp;
+    const int nb = cols / 256;
+    const int p = lane & 7, blk0 = lane >> 3;  // Q4K's lane part and first block
+    const u8* wr = W + (long long)min(row, rows - 1) * row_bytes;
+    // The weights are never written by kernels: loaded before the dependent-launch wait.
+    Q4KRaw raw[S];
+    if (row < rows) {
+#pragma unroll
+        for (int k = 0; k < S; k++)
+            if (blk0 + 4 * k < nb) Q4K::load(wr, blk0 + 4 * k, p, raw[k]);
+    }
+    pdl_enter();
+    extern __shared__ __align__(16) u8 sa_buf[];
+    const int ns = cols / Q4K::XS, nd = cols / Q4K::QK;
+    sa_fill(sa_buf, xq, xd, xs, cols, ns, nd);
+    // Every warp helps fill and passes the barrier once, rows or not.
+    if (row >= rows) {
+        sa_wait();
+        return;
+    }
+    const i8* sq = (const i8*)sa_buf;
+    const int* ss = (const int*)(sa_buf + cols);
+    const float* sd = (const float*)(sa_buf + cols + 4 * ns);
+    // The residual this warp adds into, loaded now so its latency hides behind the dots.
+    const float prior = accumulate && lane == 0 ? y[row] : 0.f;
+    sa_wait();
+    float d = 0.f;
+#pragma unroll
+    for (int k = 0; k < S; k++) {
+        const int blk = blk0 + 4 * k;
+        if (blk < nb) {
+            const float v = Q4K::dot(raw[k], blk, p, sq, sd, ss);
+            d = k == 0 ? v : d + v;
+        }
+    }
+    const float v = warp_sum(0.f + d);
+    if (lane == 0) y[row] = accumulate ? prior + v : v;
+}
+
 template <bool SA, int S4 = 0, int S6 = 0>
 __device__ __forceinline__ void mmvq_mixed(MMVQ_ARGS) {
     MMVQ_PICK
-    if (z < z2)
-        mmvq_impl<Q4K, Q4KRaw, 1, 1, SA, 1, S4>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
-                                                accumulate);
-    else
+    if (z < z2) {
+        // Whole 5120-wide rows (mmvqw5): the lean kernel (see mmvq_q4k_whole_row).
+        if constexpr (S4 == 5)
+            mmvq_q4k_whole_row<S4>(W, xq, xd, xs, y, rows, cols, row_bytes, accumulate);
+        else
+            mmvq_impl<Q4K, Q4KRaw, 1, 1, SA, 1, S4>(W, xq, xd, xs, y, rows, cols, row_bytes,
+                                                    n, accumulate);
+    } else
         mmvq_impl<Q6KS, Q6KRaw, 1, 1, SA, 1, S6>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
                                                  accumulate);
 }
@@ -2972,12 +3034,15 @@ extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS)
 // with all S steps' loads in flight in one round instead of 2 a round. A 13b's 5120-wide
 // rows (S = 5) went 289 -> 294 tok/s on an H200 (docs/BENCHMARKS.md); at 80 registers a
 // block fewer blocks fit an SM, which the 7b's S = 4 measures. The Q6_K rows of the mixed
-// kernel keep their own steps.
+// kernel keep their own steps. S = 5 through the leaner mmvq_q4k_whole_row (64 registers).
 #define MMVQ_WHOLE_ROW(S)                                                                      \
     extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k(MMVQ_ARGS) {             \
         MMVQ_PICK                                                                              \
-        mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes, n,   \
-                                                 accumulate);                                  \
+        if constexpr (S == 5)                                                                  \
+            mmvq_q4k_whole_row<S>(W, xq, xd, xs, y, rows, cols, row_bytes, accumulate);        \
+        else                                                                                   \
+            mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes,  \
+                                                     n, accumulate);                           \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k_q6_k_soa(MMVQ_ARGS) {    \
         mmvq_mixed<true, S>(MMVQ_FWD);                                                         \
