@@ -17,13 +17,18 @@
 // Mat-vec variants: 0 flea's shape (weights prefetched into L2 before the wait), 1 the first
 // round of the row loaded into registers before the wait, 2/3 persistent rows (4/8 blocks an
 // SM, the next row's loads before the current row's dots), 4/5/6 persistent rows taken from a
-// ticket counter (4/6/8 blocks an SM; V2 and V3 are one kernel, matvec_p).
+// ticket counter (4/6/8 blocks an SM; V2 and V3 are one kernel, matvec_p), 7/8/9 the block's
+// 4 rows copied into shared memory by bulk (TMA) copies before the wait, in 4 / 8 / 1 pieces
+// a row, each piece completing on its own mbarrier (matvec_tma; its outputs checked against
+// V0's).
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o dep_wait scripts/gpu_dep_wait.cu
 //   ./dep_wait [layers=40] [most mat-vec blocks an SM, 0: no limit] [variants=01] [modes=032]
 // Measured (H200, 2026-11-28 22:14-22:55, docs/BENCHMARKS.md): variant 0 mode 0 3.38-3.39 ms
 // (flea's own 13b token: 3.39 ms); mode 1 4.1-4.2 ms; mode 2 2.72 ms; variant 1 3.15-3.18 ms
 // with no limit or 12 blocks an SM, 3.34 with 8, 3.50 with 6 (variant 0: 3.52 with 6);
-// variants 2-6 slower than 0 with the wait.
+// variants 2-6 slower than 0 with the wait. (2026-11-29 00:20) V7 4.20-4.22 ms, V8 5.11, V9
+// 3.37 (no wait: 3.72-3.73, 4.56, 2.82; V1 2.48-2.49): bulk copies of a few hundred bytes each
+// are slow, and a row's dots waiting for the whole row lose to registers.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -212,6 +217,69 @@ __global__ void __launch_bounds__(128) matvec_p(const u8* __restrict__ W, const 
     dep_signal(dep.mode, dep.cnt);
 }
 
+// V7: the block's 4 rows copied into shared memory by bulk (TMA) copies issued BEFORE the
+// wait, in NCH pieces (piece c = the c-th share of every row), each completing on its own
+// mbarrier, so that a warp's dots start as the first piece lands. Registers stay few (more
+// blocks resident while the previous kernel runs) and every byte of the block is in flight
+// before the wait, not one round. Shared memory: the rows (4 * rb), then the activations.
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+template <int NCH>
+__global__ void __launch_bounds__(128) matvec_tma(const u8* __restrict__ W, const i8* in, i8* out,
+                                                  int rows, int rb, int n_in, Dep dep) {
+    extern __shared__ __align__(128) u8 dyn_sm[];
+    __shared__ __align__(8) unsigned long long bars[NCH];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * 4;
+    const int nr = min(4, rows - row0);
+    const int rbp = (rb + 127) / 128 * 128;  // each row's place in shared memory
+    i8* sa = (i8*)(dyn_sm + 4 * rbp);
+    auto piece = [&](int c) { return c == NCH ? rb : (int)((long long)rb * c / NCH) / 16 * 16; };
+    if (threadIdx.x == 0) {
+        for (int c = 0; c < NCH; c++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&bars[c])));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int c = 0; c < NCH; c++) {
+            const int a = piece(c), b = piece(c + 1);
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                             smem_u32(&bars[c])),
+                         "r"((b - a) * nr)
+                         : "memory");
+            for (int r = 0; r < nr; r++)
+                asm volatile(
+                    "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], "
+                    "%2, [%3];" ::"r"(smem_u32(dyn_sm + r * rbp + a)),
+                    "l"(W + (long long)(row0 + r) * rb + a), "r"(b - a), "r"(smem_u32(&bars[c]))
+                    : "memory");
+        }
+    }
+    __syncthreads();  // the barriers' initialisation before anyone waits on them
+    dep_enter(dep);
+    fill_sa(sa, in, n_in);
+    const int na = n_in / 16;
+    int acc = 0;
+    const u8* wr = dyn_sm + warp * rbp;
+    for (int c = 0; c < NCH; c++) {
+        asm volatile(
+            "{ .reg .pred p; W%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0; @!p bra W%=; }" ::"r"(
+                smem_u32(&bars[c]))
+            : "memory");
+        const int a = piece(c) / 16, b = piece(c + 1) / 16;
+        for (int o = a + lane; o < b; o += 32) {
+            const uint4 w = ((const uint4*)wr)[o];
+            const int4 x = ((const int4*)sa)[o % na];
+            acc = __dp4a((int)w.x, x.x, acc);
+            acc = __dp4a((int)w.y, x.y, acc);
+            acc = __dp4a((int)w.z, x.z, acc);
+            acc = __dp4a((int)w.w, x.w, acc);
+        }
+    }
+    acc = warp_sum_i(acc);
+    if (lane == 0 && warp < nr) out[row0 + warp] = (i8)(acc >> 8);
+    dep_signal(dep.mode, dep.cnt);
+}
+
 // A small kernel: every block reads the whole input (n_in bytes) and sums it, then writes its
 // share of the n_out outputs (the norm reads the whole row in every block; GLU and the
 // attention write a share). pre: bytes each block reads before the wait (the attention's
@@ -314,11 +382,14 @@ int main(int argc, char** argv) {
     const int dyn = limit > 0 ? 228 * 1024 / limit - 16384 - 1024 : 0;
     if (limit > 0) printf("mat-vec blocks at most %d an SM (%d bytes of padding)\n", limit, dyn);
     const char* variants = argc > 3 ? argv[3] : "01";
+    CK(cudaFuncSetAttribute(matvec_tma<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(matvec_tma<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(matvec_tma<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     const char* modes = argc > 4 ? argv[4] : "032";
     for (int smalls : {1, 0}) {
-        for (const char* vc = variants; *vc >= '0' && *vc <= '6'; vc++) {
+        for (const char* vc = variants; *vc >= '0' && *vc <= '9'; vc++) {
             const int v = *vc - '0';
-            if (limit > 0 && v >= 2) continue;  // the persistent grids set their own size
+            if (limit > 0 && v >= 2 && v <= 6) continue;  // the persistent grids set their own size
             for (const char* mc = modes; *mc >= '0' && *mc <= '3'; mc++) {
                 const int mode = *mc - '0';
                 if (mode == 3 && !smalls) continue;
@@ -340,8 +411,12 @@ int main(int argc, char** argv) {
                     cfg.stream = st;
                     int blocks = s.mv ? (s.rows + 3) / 4 : s.blocks;
                     const int bps[] = {0, 0, 4, 8, 4, 6, 8};
-                    if (s.mv && v >= 2) blocks = std::min(blocks, sms * bps[v]);
+                    if (s.mv && v >= 2 && v <= 6) blocks = std::min(blocks, sms * bps[v]);
                     if (s.mv) cfg.dynamicSmemBytes = dyn;
+                    if (s.mv && v >= 7) {
+                        const int need = 4 * ((s.rb + 127) / 128 * 128) + s.n_in;
+                        cfg.dynamicSmemBytes = std::max(need, dyn + 16384 - 0);
+                    }
                     cfg.gridDim = dim3(blocks);
                     Dep d{cnt + i, prev_i >= 0 ? cnt + prev_i : nullptr, (u32)prev_blocks,
                           prev2_i >= 0 ? cnt + prev2_i : nullptr, mode};
@@ -351,6 +426,9 @@ int main(int argc, char** argv) {
                     if (s.mv) {
                         if (v == 0) CK(cudaLaunchKernelEx(&cfg, matvec<S, false>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else if (v == 1) CK(cudaLaunchKernelEx(&cfg, matvec<S, true>, w, in, out, s.rows, s.rb, s.n_in, d));
+                        else if (v == 7) CK(cudaLaunchKernelEx(&cfg, matvec_tma<4>, w, in, out, s.rows, s.rb, s.n_in, d));
+                        else if (v == 8) CK(cudaLaunchKernelEx(&cfg, matvec_tma<8>, w, in, out, s.rows, s.rb, s.n_in, d));
+                        else if (v == 9) CK(cudaLaunchKernelEx(&cfg, matvec_tma<1>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else CK(cudaLaunchKernelEx(&cfg, matvec_p<S>, w, in, out, s.rows, s.rb, s.n_in, d,
                                                    v <= 3 ? (u32*)nullptr : tickets + i));
                     } else {
@@ -379,7 +457,10 @@ int main(int argc, char** argv) {
                 const char* names[] = {"V0 flea's shape", "V1 first round before the wait",
                                        "V2 persistent, 4 blocks/SM", "V2 persistent, 8 blocks/SM",
                                        "V3 ticket rows, 4 blocks/SM", "V3 ticket rows, 6 blocks/SM",
-                                       "V3 ticket rows, 8 blocks/SM"};
+                                       "V3 ticket rows, 8 blocks/SM",
+                                       "V7 rows by bulk copies before the wait, 4 pieces",
+                                       "V8 rows by bulk copies before the wait, 8 pieces",
+                                       "V9 rows by bulk copies before the wait, 1 piece"};
                 printf("%-32s %-14s %-20s median %.3f ms a token (min %.3f, max %.3f), %.2f TB/s of weights, %.2f us a launch beyond the bytes at 3.97 TB/s\n",
                        names[v], smalls ? "all kernels" : "mat-vecs only",
                        mode == 0   ? "griddepcontrol.wait"
@@ -417,6 +498,13 @@ int main(int argc, char** argv) {
         int diff = 0;
         for (int i = 0; i < s.rows; i++) diff += h0[i] != h2[i];
         printf("V0 vs V3 outputs of the down matrix: %d of %d rows differ\n", diff, s.rows);
+        matvec_tma<4><<<(s.rows + 3) / 4, 128, 4 * ((s.rb + 127) / 128 * 128) + s.n_in>>>(
+            W + woff[7], act[0], o2, s.rows, s.rb, s.n_in, d);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(h2.data(), o2, s.rows, cudaMemcpyDeviceToHost));
+        diff = 0;
+        for (int i = 0; i < s.rows; i++) diff += h0[i] != h2[i];
+        printf("V0 vs V7 outputs of the down matrix: %d of %d rows differ\n", diff, s.rows);
     }
     return 0;
 }
