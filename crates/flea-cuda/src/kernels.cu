@@ -2667,6 +2667,24 @@ __device__ __forceinline__ void sa_fill(u8* sa, const i8* xq, const float* xd, c
     for (int c = threadIdx.x; c < nd; c += blockDim.x) sd[c] = xd[c];
 #endif
 }
+// The parts of the shared activations in sa_fill's layout.
+struct SaParts {
+    const i8* q;
+    const int* s;
+    const float* d;
+};
+// After a one-token mat-vec's early weight loads: the dependent-launch wait, then the block's
+// fill of its shared activations (each thread passes the fill's barrier later, in sa_wait).
+template <class K>
+__device__ __forceinline__ SaParts sa_enter(const i8* __restrict__ xq,
+                                            const float* __restrict__ xd,
+                                            const int* __restrict__ xs, int cols) {
+    pdl_enter();
+    extern __shared__ __align__(16) u8 sa_buf[];
+    const int ns = cols / K::XS, nd = cols / K::QK;
+    sa_fill(sa_buf, xq, xd, xs, cols, ns, nd);
+    return {(const i8*)sa_buf, (const int*)(sa_buf + cols), (const float*)(sa_buf + cols + 4 * ns)};
+}
 __device__ __forceinline__ void sa_wait() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");
@@ -2753,18 +2771,17 @@ __device__ __forceinline__ void mmvq_impl(const u8* __restrict__ W, const i8* __
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(
                     W + min(row + r, rows - 1) * row_len + lane * 128));
         }
-    pdl_enter();
     if constexpr (SA) {
-        extern __shared__ __align__(16) u8 sa_buf[];
-        const int ns = cols / K::XS, nd = cols / K::QK;
-        sa_fill(sa_buf, xq, xd, xs, cols, ns, nd);
+        const SaParts sa = sa_enter<K>(xq, xd, xs, cols);
         if (row0 >= rows) {
             sa_wait();
             return;
         }
-        xq = (const i8*)sa_buf;
-        xs = (const int*)(sa_buf + cols);
-        xd = (const float*)(sa_buf + cols + 4 * ns);
+        xq = sa.q;
+        xs = sa.s;
+        xd = sa.d;
+    } else {
+        pdl_enter();
     }
     // SA: each thread passes the fill's barrier once, in its warp's first row.
     bool filled = false;
@@ -2955,18 +2972,12 @@ __device__ __forceinline__ void mmvq_q4k_whole_row(const u8* __restrict__ W,
         for (int k = 0; k < S; k++)
             if (blk0 + 4 * k < nb) Q4K::load(wr, blk0 + 4 * k, p, raw[k]);
     }
-    pdl_enter();
-    extern __shared__ __align__(16) u8 sa_buf[];
-    const int ns = cols / Q4K::XS, nd = cols / Q4K::QK;
-    sa_fill(sa_buf, xq, xd, xs, cols, ns, nd);
+    const SaParts sa = sa_enter<Q4K>(xq, xd, xs, cols);
     // Every warp helps fill and passes the barrier once, rows or not.
     if (row >= rows) {
         sa_wait();
         return;
     }
-    const i8* sq = (const i8*)sa_buf;
-    const int* ss = (const int*)(sa_buf + cols);
-    const float* sd = (const float*)(sa_buf + cols + 4 * ns);
     // The residual this warp adds into, loaded now so its latency hides behind the dots.
     const float prior = accumulate && lane == 0 ? y[row] : 0.f;
     sa_wait();
@@ -2975,7 +2986,7 @@ __device__ __forceinline__ void mmvq_q4k_whole_row(const u8* __restrict__ W,
     for (int k = 0; k < S; k++) {
         const int blk = blk0 + 4 * k;
         if (blk < nb) {
-            const float v = Q4K::dot(raw[k], blk, p, sq, sd, ss);
+            const float v = Q4K::dot(raw[k], blk, p, sa.q, sa.d, sa.s);
             d = k == 0 ? v : d + v;
         }
     }
