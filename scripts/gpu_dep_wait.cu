@@ -34,17 +34,10 @@
 #include <vector>
 #include <algorithm>
 #include <cuda_runtime.h>
+#include "gpu_check.h"
 typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned int u32;
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e = (x);                                                                   \
-        if (e != cudaSuccess) {                                                                \
-            printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                       \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 // Spins allowed before a counter wait gives up (and flags it): a limit on the loop.
 #define SPIN_MAX (1u << 26)

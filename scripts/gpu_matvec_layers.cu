@@ -21,8 +21,8 @@
 #include <vector>
 #include <algorithm>
 #include <cuda_runtime.h>
+#include "gpu_check.h"
 typedef unsigned char u8; typedef signed char i8; typedef unsigned short u16; typedef unsigned int u32;
-#define CK(x) do{cudaError_t e=(x); if(e!=cudaSuccess){printf("CUDA %s at %d\n",cudaGetErrorString(e),__LINE__); exit(1);}}while(0)
 __device__ __forceinline__ float h2f(u16 h){float f; asm("{cvt.f32.f16 %0, %1;}":"=f"(f):"h"(h)); return f;}
 __device__ __forceinline__ float warp_sum(float v){
 #pragma unroll

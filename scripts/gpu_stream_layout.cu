@@ -27,17 +27,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
+#include "gpu_check.h"
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
-#define CK(x)                                                                          \
-    do {                                                                               \
-        cudaError_t e = (x);                                                           \
-        if (e != cudaSuccess) {                                                        \
-            printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__);                \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
 
 // Q6_K, one warp per row, 8 lanes per 256-block, 3 steps of loads in flight (as Q6Steps).
 // PAIR = 0: tensor-wide fields; 1: fields per pair of rows.
