@@ -2994,17 +2994,27 @@ __device__ __forceinline__ void mmvq_q4k_whole_row(const u8* __restrict__ W,
     if (lane == 0) y[row] = accumulate ? prior + v : v;
 }
 
+// One token's Q4_K rows with S steps a round (0: the default): whole 5120-wide rows (S = 5,
+// shared activations) through the lean kernel, the rest through mmvq_impl.
+template <bool SA, int S>
+__device__ __forceinline__ void mmvq_q4k(const u8* __restrict__ W, const i8* __restrict__ xq,
+                                         const float* __restrict__ xd,
+                                         const int* __restrict__ xs, float* __restrict__ y,
+                                         int rows, int cols, long long row_bytes, int n,
+                                         int accumulate) {
+    if constexpr (SA && S == 5)
+        mmvq_q4k_whole_row<S>(W, xq, xd, xs, y, rows, cols, row_bytes, accumulate);
+    else
+        mmvq_impl<Q4K, Q4KRaw, 1, 1, SA, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
+                                               accumulate);
+}
+
 template <bool SA, int S4 = 0, int S6 = 0>
 __device__ __forceinline__ void mmvq_mixed(MMVQ_ARGS) {
     MMVQ_PICK
-    if (z < z2) {
-        // Whole 5120-wide rows (mmvqw5): the lean kernel (see mmvq_q4k_whole_row).
-        if constexpr (S4 == 5)
-            mmvq_q4k_whole_row<S4>(W, xq, xd, xs, y, rows, cols, row_bytes, accumulate);
-        else
-            mmvq_impl<Q4K, Q4KRaw, 1, 1, SA, 1, S4>(W, xq, xd, xs, y, rows, cols, row_bytes,
-                                                    n, accumulate);
-    } else
+    if (z < z2)
+        mmvq_q4k<SA, S4>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+    else
         mmvq_impl<Q6KS, Q6KRaw, 1, 1, SA, 1, S6>(W, xq, xd, xs, y, rows, cols, row_bytes, n,
                                                  accumulate);
 }
@@ -3045,15 +3055,11 @@ extern "C" __global__ void __launch_bounds__(128) mmvqs_q4_k_q6_k_soa(MMVQ_ARGS)
 // with all S steps' loads in flight in one round instead of 2 a round. A 13b's 5120-wide
 // rows (S = 5) went 289 -> 294 tok/s on an H200 (docs/BENCHMARKS.md); at 80 registers a
 // block fewer blocks fit an SM, which the 7b's S = 4 measures. The Q6_K rows of the mixed
-// kernel keep their own steps. S = 5 through the leaner mmvq_q4k_whole_row (64 registers).
+// kernel keep their own steps. S = 5 through the leaner mmvq_q4k_whole_row (see mmvq_q4k).
 #define MMVQ_WHOLE_ROW(S)                                                                      \
     extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k(MMVQ_ARGS) {             \
         MMVQ_PICK                                                                              \
-        if constexpr (S == 5)                                                                  \
-            mmvq_q4k_whole_row<S>(W, xq, xd, xs, y, rows, cols, row_bytes, accumulate);        \
-        else                                                                                   \
-            mmvq_impl<Q4K, Q4KRaw, 1, 1, true, 1, S>(W, xq, xd, xs, y, rows, cols, row_bytes,  \
-                                                     n, accumulate);                           \
+        mmvq_q4k<true, S>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);             \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) mmvqw##S##_q4_k_q6_k_soa(MMVQ_ARGS) {    \
         mmvq_mixed<true, S>(MMVQ_FWD);                                                         \
