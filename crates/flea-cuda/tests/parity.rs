@@ -34,21 +34,20 @@ const TOL: f64 = 5e-3;
 /// Noise-floor bound for models with quantized weights (see the module docs).
 const QUANT_TOL: f64 = 5e-2;
 
-/// Held for a test's whole run by every test here that uses the GPU. Some settings and
-/// counters are process-wide (`set_mmq`, `set_mmq_grid`, `mmq_launches`) and the harness runs
-/// tests on parallel threads: `chunked_gemm_matches_one_pass` turning the `mmq_*` kernels
-/// off for a moment made `mmq_split_matches_cpu` (which counts its launches) and
-/// `gemm_warm_up_changes_nothing` (which compares two runs bit for bit) fail when they
-/// overlapped (H200, 2026-11-29).
-fn one_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A failed test poisons the lock; the next one still runs.
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The GPU tests here run one at a time: some settings and counters are process-wide
+/// (`set_mmq`, `set_mmq_grid`, `mmq_launches`) and the harness runs tests on parallel
+/// threads. `chunked_gemm_matches_one_pass` turns the `mmq_*` kernels off for a moment, and
+/// a test that counts their launches (`mmq_split_matches_cpu` failed so, H200, 2026-11-29) or
+/// compares two runs bit for bit fails if that moment falls inside it.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn backend() -> Option<CudaBackend> {
+/// The device with the lock that keeps the other GPU tests out, held as long as the guard
+/// lives; None (the test skips) without a device.
+fn backend() -> Option<(std::sync::MutexGuard<'static, ()>, CudaBackend)> {
+    // A failed test poisons the lock; the next one still runs.
+    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     match CudaBackend::new(0) {
-        Ok(b) => Some(b),
+        Ok(b) => Some((serial, b)),
         Err(e) => {
             println!("SKIP: no CUDA device ({e})");
             None
@@ -224,8 +223,9 @@ fn run_options(cuda: &CudaBackend, arch: &str, mut o: SynthOptions) -> CaseResul
 /// reported (its rounding is amplified by the Q8 activation rounding of later layers, to
 /// the level of the CPU's own cross-ISA differences), but not asserted.
 fn run_all(cases: &[(Preset, QuantMix)]) {
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     println!(
         "device: {} (kernels {})",
         cuda.device_name(),
@@ -269,8 +269,9 @@ fn architectures_match_cpu() {
 /// with Q4_K_M's Q6_K v rows among them (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
 #[test]
 fn whole_row_widths_match_cpu() {
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     cuda.set_precise_gemm(true);
     let mut failed = Vec::new();
     for n_embd in [4096usize, 5120] {
@@ -333,8 +334,9 @@ fn new_without_device_is_an_error_not_a_panic() {
 #[test]
 fn ops_match_cpu() {
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     cuda.set_precise_gemm(true);
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
@@ -489,8 +491,9 @@ fn cuda_qkv(
 fn attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, Row};
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
     for (hd, n_head, n_head_kv) in [
@@ -610,8 +613,9 @@ fn rope_attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, RopeParams, Row};
     use flea_model::config::RopeStyle;
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
     for (hd, n_head, n_head_kv, rope_dims, style) in [
@@ -701,8 +705,9 @@ fn rope_attention_matches_cpu() {
 /// order (checked against the CPU in `attention_matches_cpu`): kept off here.
 #[test]
 fn fusion_changes_nothing() {
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     cuda.set_cluster_attention(false);
     let mut bad = Vec::new();
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
@@ -746,8 +751,9 @@ fn fusion_changes_nothing() {
 fn whole_row_mat_vecs_match_cpu() {
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(4).unwrap();
     let mut bad = Vec::new();
     for cols in [4096usize, 5120] {
@@ -828,8 +834,9 @@ fn mmq_grouped_launch_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     if !cuda.mmq_on() {
         println!("mmq kernels not on this device: skipped");
         return;
@@ -920,8 +927,9 @@ fn mmq_split_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     if !cuda.mmq_on() {
         println!("mmq kernels not on this device: skipped");
         return;
@@ -1009,8 +1017,9 @@ fn mmq_split_matches_cpu() {
 /// at every position.
 #[test]
 fn chunked_gemm_matches_one_pass() {
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     // A 20-row prompt of Q4_K / Q6_K weights would take the tensor-core kernels instead.
     let mmq = cuda.mmq_settings();
     cuda.set_mmq(false, mmq.1);
@@ -1049,8 +1058,9 @@ fn chunked_gemm_matches_one_pass() {
 /// were, and gives the device memory back.
 #[test]
 fn gemm_warm_up_changes_nothing() {
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let (_tmp, model) = q4km_model("warmup", Preset::Tiny, 9);
     let vocab = model.cfg.n_vocab;
     let run = || -> Vec<f32> {
@@ -1138,8 +1148,9 @@ fn slot_picks(
 fn sample_to_slot_matches_the_host_sampler() {
     use flea_model::sampling::{choose_from_top, top_candidates, SlotPick, TopKSampling};
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(2).unwrap();
     assert_eq!(cuda.slot_top_k_max(), 64);
     let mut rng = 0x2468_ace1u64;
@@ -1232,8 +1243,9 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
     // Whole-vocabulary sampling (top-k off) on the device: the token of `sample_vocab`.
     use flea_model::sampling::{sample_vocab, SlotPick, VocabSampling};
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(2).unwrap();
     let mut rng = 0x1357_9bdfu64;
     let mut random = |scale: f32| {
@@ -1345,8 +1357,9 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
 fn argmax_to_slot_matches_the_host() {
     use flea_model::sampling::SlotPick;
     use flea_model::Backend;
-    let _serial = one_test_at_a_time();
-    let Some(cuda) = backend() else { return };
+    let Some((_serial, cuda)) = backend() else {
+        return;
+    };
     let cpu = CpuBackend::new(2).unwrap();
     let (nan, ninf) = (f32::NAN, f32::NEG_INFINITY);
     let vocab = 5000;
