@@ -87,6 +87,34 @@ __device__ __forceinline__ void dep_enter(const Dep& d, bool small = false) {
     if (d.mode == 1 && d.reset != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *d.reset = 0;
 }
 
+// L2 lookahead: a range of weights a later kernel will read, prefetched into L2 by bulk
+// prefetches (`cp.async.bulk.prefetch.L2`, fire and forget) issued before the wait, so that
+// the memory system fills the time a kernel boundary or a small kernel leaves it idle.
+// Blocks [first, first + count) issue it, 64 KB a prefetch, spread over their threads.
+// lines: instead, one `prefetch.global.L2` per 128-byte line.
+struct Ahead {
+    const u8* p;
+    u32 bytes;
+    int lines;
+};
+__device__ __forceinline__ void l2_ahead(const Ahead& a, int first, int count) {
+    const int b = (int)blockIdx.x - first;
+    if (a.bytes == 0 || b < 0 || b >= count) return;
+    if (a.lines) {
+        for (u32 o = ((u32)b * blockDim.x + threadIdx.x) * 128; o < a.bytes;
+             o += (u32)count * blockDim.x * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(a.p + o));
+        return;
+    }
+    const u32 chunk = 65536, n = (a.bytes + chunk - 1) / chunk;
+    for (u32 c = (u32)b * blockDim.x + threadIdx.x; c < n; c += (u32)count * blockDim.x) {
+        const u32 off = c * chunk, len = min(chunk, a.bytes - off) / 16 * 16;
+        if (len > 0)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.p + off), "r"(len)
+                         : "memory");
+    }
+}
+
 __device__ __forceinline__ int warp_sum_i(int v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -126,7 +154,8 @@ __device__ __forceinline__ void fill_sa(i8* sa, const i8* in, int n_in) {
 // EARLY (V1): the first round's loads are issued before the wait (weights never change).
 template <int S, bool EARLY>
 __global__ void __launch_bounds__(128) matvec(const u8* __restrict__ W, const i8* in, i8* out,
-                                              int rows, int rb, int n_in, Dep dep) {
+                                              int rows, int rb, int n_in, Dep dep, Ahead ah,
+                                              int ah_tail) {
     __shared__ __align__(16) i8 sa[16384];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * 4 + warp;
@@ -138,6 +167,10 @@ __global__ void __launch_bounds__(128) matvec(const u8* __restrict__ W, const i8
     else
         for (int o = lane * 128; o < rb; o += 32 * 128)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(wr + o));
+    // ah_tail > 0: the last ah_tail blocks (dispatched as the grid's tail begins) issue the
+    // lookahead; 0: every block at its start.
+    if (ah_tail > 0) l2_ahead(ah, (int)gridDim.x - ah_tail, ah_tail);
+    else l2_ahead(ah, 0, gridDim.x);
     dep_enter(dep);
     fill_sa(sa, in, n_in);
     int acc = 0;
@@ -278,8 +311,9 @@ __global__ void __launch_bounds__(128) matvec_tma(const u8* __restrict__ W, cons
 // attention write a share). pre: bytes each block reads before the wait (the attention's
 // K/V rows), from kv.
 __global__ void __launch_bounds__(128) small(const i8* in, i8* out, int n_in, int n_out,
-                                             const u8* __restrict__ kv, int pre, Dep dep) {
+                                             const u8* __restrict__ kv, int pre, Dep dep, Ahead ah) {
     __shared__ int red[4];
+    l2_ahead(ah, 0, gridDim.x);
     int pacc = 0;
     for (int o = threadIdx.x; o < pre / 16; o += 128) {
         const uint4 w = __ldg(((const uint4*)(kv + (long long)blockIdx.x * pre)) + o);
@@ -379,10 +413,27 @@ int main(int argc, char** argv) {
     CK(cudaFuncSetAttribute(matvec_tma<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CK(cudaFuncSetAttribute(matvec_tma<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     const char* modes = argc > 4 ? argv[4] : "032";
+    // argv[5]: L2 lookahead configurations, "SMALL/MV/TAIL[/LINES],...": MB of the next
+    // mat-vec's weights each small kernel prefetches, MB each mat-vec prefetches of the next
+    // one, how many of the mat-vec's last blocks issue it (0: every block), and 1 for a
+    // prefetch a 128-byte line instead of 64 KB bulk prefetches.
+    struct Look {
+        int small_mb, mv_mb, tail, lines;
+    };
+    std::vector<Look> looks;
+    for (const char* c = argc > 5 ? argv[5] : "0/0/0"; *c;) {
+        Look lk{0, 0, 0, 0};
+        if (sscanf(c, "%d/%d/%d/%d", &lk.small_mb, &lk.mv_mb, &lk.tail, &lk.lines) < 3) break;
+        looks.push_back(lk);
+        while (*c && *c != ',') c++;
+        if (*c == ',') c++;
+    }
     for (int smalls : {1, 0}) {
         for (const char* vc = variants; *vc >= '0' && *vc <= '9'; vc++) {
             const int v = *vc - '0';
             if (limit > 0 && v >= 2 && v <= 6) continue;  // the persistent grids set their own size
+          for (const Look& lk : looks) {
+            if (v > 1 && (lk.small_mb || lk.mv_mb)) continue;  // lookahead: V0 / V1 only
             for (const char* mc = modes; *mc >= '0' && *mc <= '3'; mc++) {
                 const int mode = *mc - '0';
                 if (mode == 3 && !smalls) continue;
@@ -416,16 +467,25 @@ int main(int argc, char** argv) {
                     const i8* in = act[i & 1];
                     i8* out = act[(i + 1) & 1];
                     const u8* w = W + woff[i];
+                    // The next mat-vec this graph launches after step i, and how much of its
+                    // weights step i prefetches into L2.
+                    Ahead ah{nullptr, 0, 0};
+                    for (int j = i + 1; j < n; j++)
+                        if (steps[j].mv) {
+                            const long long mb = s.mv ? lk.mv_mb : lk.small_mb;
+                            ah = {W + woff[j], (u32)std::min<long long>(mb << 20, (long long)steps[j].rows * steps[j].rb), lk.lines};
+                            break;
+                        }
                     if (s.mv) {
-                        if (v == 0) CK(cudaLaunchKernelEx(&cfg, matvec<S, false>, w, in, out, s.rows, s.rb, s.n_in, d));
-                        else if (v == 1) CK(cudaLaunchKernelEx(&cfg, matvec<S, true>, w, in, out, s.rows, s.rb, s.n_in, d));
+                        if (v == 0) CK(cudaLaunchKernelEx(&cfg, matvec<S, false>, w, in, out, s.rows, s.rb, s.n_in, d, ah, lk.tail));
+                        else if (v == 1) CK(cudaLaunchKernelEx(&cfg, matvec<S, true>, w, in, out, s.rows, s.rb, s.n_in, d, ah, lk.tail));
                         else if (v == 7) CK(cudaLaunchKernelEx(&cfg, matvec_tma<4>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else if (v == 8) CK(cudaLaunchKernelEx(&cfg, matvec_tma<8>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else if (v == 9) CK(cudaLaunchKernelEx(&cfg, matvec_tma<1>, w, in, out, s.rows, s.rb, s.n_in, d));
                         else CK(cudaLaunchKernelEx(&cfg, matvec_p<S>, w, in, out, s.rows, s.rb, s.n_in, d,
                                                    v <= 3 ? (u32*)nullptr : tickets + i));
                     } else {
-                        CK(cudaLaunchKernelEx(&cfg, small, in, out, H, s.n_out, (const u8*)kv, s.pre, d));
+                        CK(cudaLaunchKernelEx(&cfg, small, in, out, H, s.n_out, (const u8*)kv, s.pre, d, ah));
                     }
                     prev_blocks = blocks;
                     prev2_i = prev_i;
@@ -454,6 +514,9 @@ int main(int argc, char** argv) {
                                        "V7 rows by bulk copies before the wait, 4 pieces",
                                        "V8 rows by bulk copies before the wait, 8 pieces",
                                        "V9 rows by bulk copies before the wait, 1 piece"};
+                printf("L2 ahead (%s) small %2d MB, mat-vec %2d MB (%s) | ",
+                       lk.lines ? "lines" : "bulk", lk.small_mb, lk.mv_mb,
+                       lk.tail > 0 ? "its last blocks" : "every block");
                 printf("%-32s %-14s %-20s median %.3f ms a token (min %.3f, max %.3f), %.2f TB/s of weights, %.2f us a launch beyond the bytes at 3.97 TB/s\n",
                        names[v], smalls ? "all kernels" : "mat-vecs only",
                        mode == 0   ? "griddepcontrol.wait"
@@ -471,6 +534,7 @@ int main(int argc, char** argv) {
                 CK(cudaGraphExecDestroy(ge));
                 CK(cudaGraphDestroy(g));
             }
+          }
         }
     }
     // Outputs of V0 and V2 agree (the same sums in another order of rounds? no: the same
@@ -481,7 +545,8 @@ int main(int argc, char** argv) {
         CK(cudaMalloc(&o0, s.rows));
         CK(cudaMalloc(&o2, s.rows));
         Dep d{cnt, nullptr, 0, nullptr, 2};
-        matvec<S, false><<<(s.rows + 3) / 4, 128>>>(W + woff[7], act[0], o0, s.rows, s.rb, s.n_in, d);
+        matvec<S, false><<<(s.rows + 3) / 4, 128>>>(W + woff[7], act[0], o0, s.rows, s.rb, s.n_in, d,
+                                                    Ahead{nullptr, 0, 0}, 0);
         CK(cudaMemset(tickets, 0, sizeof(u32)));
         matvec_p<S><<<sms * 4, 128>>>(W + woff[7], act[0], o2, s.rows, s.rb, s.n_in, d, tickets);
         CK(cudaDeviceSynchronize());
