@@ -23,12 +23,16 @@
 // V0's).
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o dep_wait scripts/gpu_dep_wait.cu
 //   ./dep_wait [layers=40] [most mat-vec blocks an SM, 0: no limit] [variants=01] [modes=032]
+//              [L2 lookahead "SMALL/MV/TAIL[/LINES],..." (argv[5], below; default none)]
 // Measured (H200, 2026-11-28 22:14-22:55, docs/BENCHMARKS.md): variant 0 mode 0 3.38-3.39 ms
 // (flea's own 13b token: 3.39 ms); mode 1 4.1-4.2 ms; mode 2 2.72 ms; variant 1 3.15-3.18 ms
 // with no limit or 12 blocks an SM, 3.34 with 8, 3.50 with 6 (variant 0: 3.52 with 6);
 // variants 2-6 slower than 0 with the wait. (2026-11-29 00:20) V7 4.20-4.22 ms, V8 5.11, V9
 // 3.37 (no wait: 3.72-3.73, 4.56, 2.82; V1 2.48-2.49): bulk copies of a few hundred bytes each
-// are slow, and a row's dots waiting for the whole row lose to registers.
+// are slow, and a row's dots waiting for the whole row lose to registers. (2026-11-29 01:57-01:59,
+// V1, lookahead) bulk L2 prefetches of 4-32 MB: 4.4-11.8 ms against 3.13-3.14; per-line
+// prefetches, 1-2 MB from the small kernels: 3.13-3.14 (6 blocks an SM: 3.47-3.48 against 3.50),
+// more or from the mat-vecs: slower. The memory system is not what a boundary leaves idle.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
