@@ -4396,12 +4396,20 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         : "memory");
 }
 #endif
-extern "C" __global__ void __launch_bounds__(128)
-    attn_cluster(const float* __restrict__ q, u16* kc, u16* vc, int group, int hd, int kvd,
-                 const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
-                 float scale, int kps_max, float* __restrict__ out, i8* __restrict__ xq,
-                 float* __restrict__ xd, int* __restrict__ xs, const float* __restrict__ knew,
-                 const float* __restrict__ vnew, int nd, float theta_scale, int neox) {
+// VK > 0 (`attn_cluster_v*`): only the K rows are staged in shared memory; thread t's V
+// words of keys g, g + G, ... (g = t / (hd / 4), G = 512 / hd, at most VK of them) are loaded
+// into registers before the dependent-launch wait, the newest row's from `vnew_s`. The block
+// then needs about half the shared memory (38 KB at 142 keys instead of 73), so that it may
+// run in the mat-vecs' shared-memory configuration and start beside the q/k/v mat-vec's last
+// blocks (docs/BENCHMARKS.md, "where a resident decode token goes now").
+#define ATC_ARGS                                                                              \
+    const float *__restrict__ q, u16 *kc, u16 *vc, int group, int hd, int kvd,                \
+        const int *__restrict__ rowpos, const int *__restrict__ rowbase, int window,          \
+        float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
+        float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
+        const float *__restrict__ vnew, int nd, float theta_scale, int neox
+template <int VK>
+__device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(16) unsigned char atc_dyn[];
     __shared__ __align__(8) unsigned long long bar;
@@ -4414,6 +4422,7 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ __align__(8) unsigned long long xbar[2];
     __shared__ __align__(8) float2 stats_in[ATC_CS];
     __shared__ __align__(16) float parts_in[ATC_CS * 128];
+    __shared__ __align__(16) u16 vnew_s[VK > 0 ? 128 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hb = 256 / hd, S = ATC_CS / hb;
     const u32 rank = atc_rank();
@@ -4427,8 +4436,8 @@ extern "C" __global__ void __launch_bounds__(128)
     const bool newest = len > 0 && j0 + len == nk;
     const int nold = newest ? len - 1 : len;
     u16* Ks = (u16*)atc_dyn;
-    u16* Vs = Ks + (long long)kps_max * hd;
-    float* sc = (float*)(Vs + (long long)kps_max * hd);
+    u16* Vs = Ks + (long long)kps_max * hd;  // VK > 0: not there (sc follows Ks)
+    float* sc = (float*)(VK > 0 ? Vs : Vs + (long long)kps_max * hd);
     const long long r0 = (long long)rowbase[0] + lo + j0;
     const int col = (h / group) * hd;
     const u32 rb = (u32)hd * 2, b = fd_smem(&bar);
@@ -4447,23 +4456,37 @@ extern "C" __global__ void __launch_bounds__(128)
                          "r"((u32)ATC_CS * (u32)hd * 4u)
                          : "memory");
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
-                     "r"(2u * (u32)nold * rb)
+                     "r"((VK > 0 ? 1u : 2u) * (u32)nold * rb)
                      : "memory");
     }
     __syncthreads();
     // Every block's mbarriers are initialised before any block sends to them (the wait is
     // before the dependent-launch wait, so it overlaps the previous kernel).
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-    // One bulk copy per row (16-byte cp.async per thread measured the same).
-    for (int j = threadIdx.x; j < 2 * nold; j += blockDim.x) {
-        const int key = j >> 1;
-        const u16* src = ((j & 1) ? vc : kc) + (r0 + key) * kvd + col;
-        u16* dst = ((j & 1) ? Vs : Ks) + key * hd;
+    // One bulk copy per row (16-byte cp.async per thread measured the same); VK > 0: K only.
+    for (int j = threadIdx.x; j < (VK > 0 ? 1 : 2) * nold; j += blockDim.x) {
+        const int key = VK > 0 ? j : j >> 1;
+        const bool is_v = VK > 0 ? false : (j & 1) != 0;
+        const u16* src = (is_v ? vc : kc) + (r0 + key) * kvd + col;
+        u16* dst = (is_v ? Vs : Ks) + key * hd;
         asm volatile(
             "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
                 fd_smem(dst)),
             "l"(src), "r"(rb), "r"(b)
             : "memory");
+    }
+    // VK > 0: this thread's V words of the old keys (P.V's layout, below), in flight across
+    // the wait (an earlier token's launches stored them; the host sized VK >= its keys).
+    uint2 vreg[VK > 0 ? VK : 1];
+    if (VK > 0) {
+        const int vq4 = hd >> 2, vG = 128 / vq4, vg = threadIdx.x / vq4;
+        const int vd4 = (threadIdx.x - vg * vq4) * 4;
+#pragma unroll
+        for (int i = 0; i < VK; i++) {
+            const int j = vg + vG * i;
+            vreg[i] = j < nold ? __ldcg((const uint2*)(vc + (r0 + j) * kvd + col + vd4))
+                               : make_uint2(0u, 0u);
+        }
     }
     // RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i
     // (pa, pb), as rope_apply computes them; dims past nd stay.
@@ -4500,7 +4523,10 @@ extern "C" __global__ void __launch_bounds__(128)
                 const u16 kh = f2h(rotated(ks));
                 const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
                 Ks[(len - 1) * hd + t] = kh;
-                Vs[(len - 1) * hd + t] = vh;
+                if (VK > 0)
+                    vnew_s[t] = vh;
+                else
+                    Vs[(len - 1) * hd + t] = vh;
                 if (h % group == 0) {
                     const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + col + t;
                     kc[row] = kh;
@@ -4515,7 +4541,8 @@ extern "C" __global__ void __launch_bounds__(128)
     if (nd == 0 && newest && warp == 0 && on) {
         const long long rn = (r0 + len - 1) * kvd + col + lane * 4;
         *(uint2*)(Ks + (len - 1) * hd + lane * 4) = __ldcg((const uint2*)(kc + rn));
-        *(uint2*)(Vs + (len - 1) * hd + lane * 4) = __ldcg((const uint2*)(vc + rn));
+        *(uint2*)((VK > 0 ? vnew_s : Vs + (len - 1) * hd) + lane * 4) =
+            __ldcg((const uint2*)(vc + rn));
     }
     fd_wait(b, 0, false);
     __syncthreads();
@@ -4573,6 +4600,19 @@ extern "C" __global__ void __launch_bounds__(128)
     // Four keys' loads in flight and four sums, added at the end.
     float4 a1 = acc, a2 = acc, a3 = acc;
     int j = g;
+    if (VK > 0) {
+        // Key g + G * i into sum i % 4, as the loop below; the newest key (not in vreg) last.
+#pragma unroll
+        for (int i = 0; i < VK; i++) {
+            if (g + G * i < nold) {
+                float4& a = (i & 3) == 0 ? acc : (i & 3) == 1 ? a1 : (i & 3) == 2 ? a2 : a3;
+                att_axpy(a, sc[g + G * i], h4f(vreg[i]));
+            }
+        }
+        if (newest && g == (len - 1) % G)
+            att_axpy(acc, sc[len - 1], h4f(*(const uint2*)(vnew_s + d4)));
+        j = len;  // nothing left for the loops below
+    }
     for (; j + 3 * G < len; j += 4 * G) {
         const uint2 v0 = *(const uint2*)(Vs + j * hd + d4);
         const uint2 v1 = *(const uint2*)(Vs + (j + G) * hd + d4);
@@ -4624,6 +4664,23 @@ extern "C" __global__ void __launch_bounds__(128)
 #else
     asm volatile("trap;");
 #endif
+}
+#define ATC_PARAMS                                                                            \
+    q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
+        vnew, nd, theta_scale, neox
+extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
+    attn_cluster_impl<0>(ATC_PARAMS);
+}
+// V in registers: up to 16 / 36 / 64 keys a thread (G = 4 for 128-dim heads: 64 / 144 / 256
+// keys a block).
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v16(ATC_ARGS) {
+    attn_cluster_impl<16>(ATC_PARAMS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v36(ATC_ARGS) {
+    attn_cluster_impl<36>(ATC_PARAMS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v64(ATC_ARGS) {
+    attn_cluster_impl<64>(ATC_PARAMS);
 }
 
 // A recorded decode pass (graph.rs) writes its few row positions with this kernel, the values

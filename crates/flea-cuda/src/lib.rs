@@ -130,7 +130,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 33] = [
+const PLAIN_KERNELS: [&str; 36] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -141,6 +141,9 @@ const PLAIN_KERNELS: [&str; 33] = [
     "vocab_tiles",
     "vocab_pick",
     "attn_cluster",
+    "attn_cluster_v16",
+    "attn_cluster_v36",
+    "attn_cluster_v64",
     "fd_decode",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -329,6 +332,10 @@ pub struct CudaBackend {
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
+    /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
+    /// where its keys fit (FLEA_CUDA_ATTN_VREG=on, or a number: also that preferred
+    /// shared-memory carve-out in percent for those kernels). Off by default: not yet measured.
+    cluster_attention_vreg: bool,
     /// Dynamic shared memory every `mmq_*` kernel was opted into (0: not on this device).
     pub(crate) mmq_smem_room: usize,
     /// Whether single decode rows may take `attn_cluster` (tests turn it off to check the
@@ -610,10 +617,28 @@ impl CudaBackend {
         } else {
             0
         };
-        let cluster_attention_room = match funcs.get("attn_cluster") {
-            Some(f) if cc.0 >= 9 => opt_in_all(&ctx, f),
-            _ => 0,
+        let cluster_attention_room = if cc.0 >= 9 {
+            ATTN_CLUSTER_KERNELS
+                .iter()
+                .map(|n| funcs.get(*n).map_or(0, |f| opt_in_all(&ctx, f)))
+                .min()
+                .unwrap_or(0)
+        } else {
+            0
         };
+        let vreg = std::env::var("FLEA_CUDA_ATTN_VREG").unwrap_or_default();
+        let cluster_attention_vreg = !vreg.is_empty() && vreg != "0";
+        if let Ok(percent) = vreg.parse::<i32>() {
+            for n in &ATTN_CLUSTER_KERNELS[1..] {
+                if let Some(f) = funcs.get(*n) {
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        percent.clamp(0, 100),
+                    )
+                    .map_err(|e| CudaError(format!("carve-out of {n}: {e:?}")))?;
+                }
+            }
+        }
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -653,6 +678,7 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
+            cluster_attention_vreg,
             mmq_smem_room,
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
@@ -1692,10 +1718,22 @@ impl CudaBackend {
             self.fused_q8k_scratch(1, width, width)?
         };
         let clusters = p.n_head / (256 / p.head_dim);
+        let vreg = if self.cluster_attention_vreg {
+            cluster_attention_vreg_kernel(kps_max, p.head_dim)
+        } else {
+            None
+        };
+        let (kernel, smem) = match vreg {
+            Some(name) => (name, kps_max * (p.head_dim * 2 + 4)),
+            None => (
+                ATTN_CLUSTER_KERNELS[0],
+                cluster_attention_smem(kps_max, p.head_dim),
+            ),
+        };
         let cfg = LaunchConfig {
             grid_dim: ((clusters * ATTN_CLUSTER_BLOCKS) as u32, 1, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: cluster_attention_smem(kps_max, p.head_dim) as u32,
+            shared_mem_bytes: smem as u32,
         };
         let cluster = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
@@ -1731,7 +1769,7 @@ impl CudaBackend {
         // the window reaches (attention_cache checked the row), out width f32, the Q8_K
         // scratch width values; the grid is whole clusters and the shared memory within the
         // opted-in room (cluster_attention_fits).
-        launch!(self, "attn_cluster", cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox)?;
+        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -2040,6 +2078,25 @@ fn cluster_attention_plan(p: &AttnParams, max_keys: usize, room: usize) -> Optio
     // A cluster holds 256 / hd heads, each over ATTN_CLUSTER_BLOCKS * hd / 256 blocks.
     let kps_max = max_keys.div_ceil(ATTN_CLUSTER_BLOCKS * hd / 256).max(1);
     (cluster_attention_smem(kps_max, hd) <= room).then_some(kps_max)
+}
+
+/// The decode cluster attention kernels: K and V rows staged in shared memory, then V in
+/// registers for up to 16 / 36 / 64 keys a thread (`attn_cluster_v*`).
+const ATTN_CLUSTER_KERNELS: [&str; 4] = [
+    "attn_cluster",
+    "attn_cluster_v16",
+    "attn_cluster_v36",
+    "attn_cluster_v64",
+];
+
+/// The `attn_cluster_v*` kernel that holds a block's `kps_max` keys' V words in registers
+/// (a thread takes every G-th key, G = 512 / hd), or None if more than 64 keys a thread.
+fn cluster_attention_vreg_kernel(kps_max: usize, hd: usize) -> Option<&'static str> {
+    let per_thread = kps_max.div_ceil(512 / hd);
+    [(16, 1), (36, 2), (64, 3)]
+        .iter()
+        .find(|(most, _)| per_thread <= *most)
+        .map(|&(_, i)| ATTN_CLUSTER_KERNELS[i])
 }
 
 /// Dynamic shared memory of an `attn_cluster` block: K and V rows (f16), then scores.
@@ -3230,6 +3287,37 @@ mod tests {
         assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024).is_none());
+    }
+
+    #[test]
+    fn cluster_attention_vreg_bounds() {
+        // 128-dim heads: a thread takes every 4th key of its block.
+        assert_eq!(
+            cluster_attention_vreg_kernel(64, 128),
+            Some("attn_cluster_v16")
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(65, 128),
+            Some("attn_cluster_v36")
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(142, 128),
+            Some("attn_cluster_v36")
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(256, 128),
+            Some("attn_cluster_v64")
+        );
+        // 64-dim heads: every 8th.
+        assert_eq!(
+            cluster_attention_vreg_kernel(128, 64),
+            Some("attn_cluster_v16")
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(512, 64),
+            Some("attn_cluster_v64")
+        );
+        assert_eq!(cluster_attention_vreg_kernel(513, 64), None);
     }
 
     #[test]
