@@ -4601,16 +4601,26 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     float4 a1 = acc, a2 = acc, a3 = acc;
     int j = g;
     if (VK > 0) {
-        // Key g + G * i into sum i % 4, as the loop below; the newest key (not in vreg) last.
+        // The loops below' sums, in their order: key g + G * i into sum i % 4 while its whole
+        // group of four is below len, the rest into acc; the newest key's V from vnew_s.
 #pragma unroll
         for (int i = 0; i < VK; i++) {
-            if (g + G * i < nold) {
-                float4& a = (i & 3) == 0 ? acc : (i & 3) == 1 ? a1 : (i & 3) == 2 ? a2 : a3;
-                att_axpy(a, sc[g + G * i], h4f(vreg[i]));
+            const int key = g + G * i;
+            if (key < len) {
+                const bool quad = g + G * ((i & ~3) + 3) < len;
+                const uint2 raw = key < nold ? vreg[i] : *(const uint2*)(vnew_s + d4);
+                const float pk = sc[key];
+                const float4 vk = h4f(raw);
+                if ((i & 3) == 0 || !quad)
+                    att_axpy(acc, pk, vk);
+                else if ((i & 3) == 1)
+                    att_axpy(a1, pk, vk);
+                else if ((i & 3) == 2)
+                    att_axpy(a2, pk, vk);
+                else
+                    att_axpy(a3, pk, vk);
             }
         }
-        if (newest && g == (len - 1) % G)
-            att_axpy(acc, sc[len - 1], h4f(*(const uint2*)(vnew_s + d4)));
         j = len;  // nothing left for the loops below
     }
     for (; j + 3 * G < len; j += 4 * G) {
