@@ -4399,7 +4399,7 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
 // VK > 0 (`attn_cluster_v*`): only the K rows are staged in shared memory; thread t's V
 // words of keys g, g + G, ... (g = t / (hd / 4), G = 512 / hd, at most VK of them) are loaded
 // into registers before the dependent-launch wait, the newest row's from `vnew_s`. The block
-// then needs about half the shared memory (38 KB at 142 keys instead of 73), so that it may
+// then needs less shared memory (~45 KB at 142 keys instead of 73), so that it may
 // run in the mat-vecs' shared-memory configuration and start beside the q/k/v mat-vec's last
 // blocks (docs/BENCHMARKS.md, "where a resident decode token goes now").
 #define ATC_ARGS                                                                              \
