@@ -333,9 +333,8 @@ pub struct CudaBackend {
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
-    /// where its keys fit (FLEA_CUDA_ATTN_VREG=on, or a number: also that preferred
-    /// shared-memory carve-out in percent for those kernels). Off by default: not yet measured.
-    cluster_attention_vreg: bool,
+    /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
+    cluster_attention_vreg: std::sync::atomic::AtomicBool,
     /// Dynamic shared memory every `mmq_*` kernel was opted into (0: not on this device).
     pub(crate) mmq_smem_room: usize,
     /// Whether single decode rows may take `attn_cluster` (tests turn it off to check the
@@ -626,14 +625,18 @@ impl CudaBackend {
         } else {
             0
         };
-        let vreg = std::env::var("FLEA_CUDA_ATTN_VREG").unwrap_or_default();
-        let cluster_attention_vreg = !vreg.is_empty() && vreg != "0";
-        if let Ok(percent) = vreg.parse::<i32>() {
+        let vreg_carveout = attention_vreg_setting(
+            std::env::var("FLEA_CUDA_ATTN_VREG")
+                .as_deref()
+                .unwrap_or(""),
+        )?;
+        let cluster_attention_vreg = vreg_carveout.is_some();
+        if let Some(percent) = vreg_carveout {
             for n in &ATTN_CLUSTER_KERNELS[1..] {
                 if let Some(f) = funcs.get(*n) {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                        percent.clamp(0, 100),
+                        percent,
                     )
                     .map_err(|e| CudaError(format!("carve-out of {n}: {e:?}")))?;
                 }
@@ -678,7 +681,7 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
-            cluster_attention_vreg,
+            cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
             mmq_smem_room,
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
@@ -1188,6 +1191,12 @@ impl CudaBackend {
     /// device has clusters) or keep them on the split kernels.
     pub fn set_cluster_attention(&self, on: bool) {
         self.cluster_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Let the cluster attention hold V in registers (`attn_cluster_v*`, on by default) or keep
+    /// it on `attn_cluster`; both add the same terms in the same order.
+    pub fn set_cluster_attention_vreg(&self, on: bool) {
+        self.cluster_attention_vreg.store(on, Ordering::Relaxed);
     }
 
     /// Launches of the cluster attention so far.
@@ -1718,7 +1727,7 @@ impl CudaBackend {
             self.fused_q8k_scratch(1, width, width)?
         };
         let clusters = p.n_head / (256 / p.head_dim);
-        let vreg = if self.cluster_attention_vreg {
+        let vreg = if self.cluster_attention_vreg.load(Ordering::Relaxed) {
             cluster_attention_vreg_kernel(kps_max, p.head_dim)
         } else {
             None
@@ -2097,6 +2106,28 @@ fn cluster_attention_vreg_kernel(kps_max: usize, hd: usize) -> Option<&'static s
         .iter()
         .find(|(most, _)| per_thread <= *most)
         .map(|&(_, i)| ATTN_CLUSTER_KERNELS[i])
+}
+
+/// The preferred shared-memory carve-out (percent) of the `attn_cluster_v*` kernels by
+/// default: 57% of sm_90's 228 KB rounds up to the 132 KB configuration the decode mat-vecs
+/// run in, so that the attention needs no reconfiguration between them (H200, 2026-11-29:
+/// 13b +4.4% over `attn_cluster`, +0.4% over no hint; 7b -0.5%; docs/BENCHMARKS.md).
+const ATTN_VREG_CARVEOUT_PERCENT: i32 = 57;
+
+/// FLEA_CUDA_ATTN_VREG: empty or `on` -> the V-in-registers attention with the default
+/// carve-out, a percent 1..=100 -> with that carve-out, `off` or `0` -> `attn_cluster` only
+/// (None).
+fn attention_vreg_setting(value: &str) -> std::result::Result<Option<i32>, CudaError> {
+    match value.trim() {
+        "" | "on" => Ok(Some(ATTN_VREG_CARVEOUT_PERCENT)),
+        "off" | "0" => Ok(None),
+        v => match v.parse::<i32>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(Some(p)),
+            _ => Err(CudaError(format!(
+                "FLEA_CUDA_ATTN_VREG={v}: expected on, off or a carve-out percent 1-100"
+            ))),
+        },
+    }
 }
 
 /// Dynamic shared memory of an `attn_cluster` block: K and V rows (f16), then scores.
@@ -3287,6 +3318,24 @@ mod tests {
         assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024).is_none());
+    }
+
+    #[test]
+    fn attention_vreg_settings() {
+        assert_eq!(
+            attention_vreg_setting("").ok(),
+            Some(Some(ATTN_VREG_CARVEOUT_PERCENT))
+        );
+        assert_eq!(
+            attention_vreg_setting("on").ok(),
+            Some(Some(ATTN_VREG_CARVEOUT_PERCENT))
+        );
+        assert_eq!(attention_vreg_setting("off").ok(), Some(None));
+        assert_eq!(attention_vreg_setting("0").ok(), Some(None));
+        assert_eq!(attention_vreg_setting("100").ok(), Some(Some(100)));
+        assert!(attention_vreg_setting("101").is_err());
+        assert!(attention_vreg_setting("-5").is_err());
+        assert!(attention_vreg_setting("yes").is_err());
     }
 
     #[test]

@@ -566,6 +566,13 @@ fn attention_matches_cpu() {
                     .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
                     .and_then(|_| cuda.read(n, &go));
                 let took = cuda.cluster_attention_calls() - calls;
+                // The cluster kernel with V in shared memory instead of registers: the same
+                // sums in the same order, so the same bits.
+                cuda.set_cluster_attention_vreg(false);
+                let cluster_smem = cuda
+                    .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                cuda.set_cluster_attention_vreg(true);
                 cuda.set_cluster_attention(false);
                 let mut runs = Vec::new();
                 for blocks in [usize::MAX, n * n_head, 0] {
@@ -577,26 +584,40 @@ fn attention_matches_cpu() {
                 }
                 cuda.set_fused_attention_blocks(usize::MAX);
                 cuda.set_cluster_attention(true);
-                match (cluster, runs.into_iter().collect::<Result<Vec<_>, _>>()) {
-                    (Ok(c), Ok(g)) => {
+                match (
+                    cluster,
+                    cluster_smem,
+                    runs.into_iter().collect::<Result<Vec<_>, _>>(),
+                ) {
+                    (Ok(c), Ok(cs), Ok(g)) => {
+                        let same_cluster =
+                            c.iter().zip(&cs).all(|(a, b)| a.to_bits() == b.to_bits());
                         let e = rel_err(&g[0], &co.data);
                         let ec = rel_err(&c, &co.data);
                         let same = g
                             .iter()
                             .all(|r| r.iter().zip(&g[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
-                        let ok = e <= 1e-3 && same && ec <= 1e-3 && took == u64::from(clustered);
+                        let ok = e <= 1e-3
+                            && same
+                            && ec <= 1e-3
+                            && same_cluster
+                            && took == u64::from(clustered);
                         println!(
                             "ATTN {case} rel={e:.3e} one/two launches identical={same} \
-                             cluster={took} rel={ec:.3e} {}",
+                             cluster={took} rel={ec:.3e} V in registers/shared \
+                             identical={same_cluster} {}",
                             if ok { "OK" } else { "FAIL" }
                         );
                         if !ok {
                             bad.push(format!(
-                                "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}"
+                                "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}, \
+                                 V registers/shared identical={same_cluster}"
                             ));
                         }
                     }
-                    (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                        bad.push(format!("{case}: {e}"))
+                    }
                 }
             }
         }
@@ -677,21 +698,38 @@ fn rope_attention_matches_cpu() {
                 .and_then(|_| cuda.read(n, &go));
             let took = cuda.cluster_attention_calls() - calls;
             let expect = u64::from(n == 1 && cuda.has_cluster_attention());
+            // A cluster launch again with V in shared memory instead of registers (q and k
+            // are not written back, the newest row is stored again): the same bits.
+            let again = if took == 1 {
+                cuda.set_cluster_attention_vreg(false);
+                let r = cuda
+                    .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                cuda.set_cluster_attention_vreg(true);
+                Some(r)
+            } else {
+                None
+            };
             let case =
                 format!("hd={hd} heads={n_head}/{n_head_kv} rope={rope_dims} {style:?} batch={bi}");
-            match got {
-                Ok(g) => {
+            match (got, again.transpose()) {
+                (Ok(g), Ok(again)) => {
                     let e = rel_err(&g, &co.data);
-                    let ok = e <= 1e-3 && took == expect;
+                    let same = again.is_none_or(|a| {
+                        a.len() == g.len()
+                            && a.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits())
+                    });
+                    let ok = e <= 1e-3 && took == expect && same;
                     println!(
-                        "ROPE-ATTN {case} rel={e:.3e} cluster={took} {}",
+                        "ROPE-ATTN {case} rel={e:.3e} cluster={took} V in registers/shared \
+                         identical={same} {}",
                         if ok { "OK" } else { "FAIL" }
                     );
                     if !ok {
-                        bad.push(format!("{case}: {e:.3e}, cluster {took}"));
+                        bad.push(format!("{case}: {e:.3e}, cluster {took}, identical={same}"));
                     }
                 }
-                Err(e) => bad.push(format!("{case}: {e}")),
+                (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
             }
         }
     }
