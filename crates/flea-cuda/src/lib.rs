@@ -335,6 +335,12 @@ pub struct CudaBackend {
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
     /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
     cluster_attention_vreg: std::sync::atomic::AtomicBool,
+    /// How the `attn_cluster_v*` kernels' shared-memory carve-out is chosen.
+    cluster_attention_vreg_mode: AttnVreg,
+    /// The carve-out (percent) last set on the `attn_cluster_v*` kernels (-1: none yet).
+    cluster_attention_carveout: std::sync::atomic::AtomicI32,
+    /// The SM's shared-memory facts the carve-out follows from (None: a query failed).
+    sm_shared: Option<SmShared>,
     /// Dynamic shared memory every `mmq_*` kernel was opted into (0: not on this device).
     pub(crate) mmq_smem_room: usize,
     /// Whether single decode rows may take `attn_cluster` (tests turn it off to check the
@@ -625,23 +631,28 @@ impl CudaBackend {
         } else {
             0
         };
-        let vreg_carveout = attention_vreg_setting(
+        let cluster_attention_vreg_mode = attention_vreg_setting(
             std::env::var("FLEA_CUDA_ATTN_VREG")
                 .as_deref()
                 .unwrap_or(""),
         )?;
-        let cluster_attention_vreg = vreg_carveout.is_some();
-        if let Some(percent) = vreg_carveout {
-            for n in &ATTN_CLUSTER_KERNELS[1..] {
-                if let Some(f) = funcs.get(*n) {
-                    f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-                        percent,
-                    )
-                    .map_err(|e| CudaError(format!("carve-out of {n}: {e:?}")))?;
-                }
+        let cluster_attention_vreg = cluster_attention_vreg_mode != AttnVreg::Off;
+        let sm_shared = {
+            use cudarc::driver::sys::CUdevice_attribute as A;
+            let get = |a| ctx.attribute(a).ok().and_then(|v| usize::try_from(v).ok());
+            match (
+                get(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+                get(A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK),
+                get(A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR),
+            ) {
+                (Some(per_sm), Some(reserved), Some(threads)) if per_sm > 0 => Some(SmShared {
+                    per_sm,
+                    reserved,
+                    threads,
+                }),
+                _ => None,
             }
-        }
+        };
         let blas = if libs.cublas && std::env::var_os("FLEA_CUDA_NO_CUBLAS").is_none() {
             Some(
                 cudarc::cublas::CudaBlas::new(stream.clone())
@@ -682,6 +693,9 @@ impl CudaBackend {
             tiled_attention_max_span,
             cluster_attention_room,
             cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
+            cluster_attention_vreg_mode,
+            cluster_attention_carveout: std::sync::atomic::AtomicI32::new(-1),
+            sm_shared,
             mmq_smem_room,
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
@@ -1197,6 +1211,34 @@ impl CudaBackend {
     /// it on `attn_cluster`; both add the same terms in the same order.
     pub fn set_cluster_attention_vreg(&self, on: bool) {
         self.cluster_attention_vreg.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets the `attn_cluster_v*` kernels' preferred shared-memory carve-out (FLEA_CUDA_ATTN_VREG's
+    /// percent, or by default the configuration of the mat-vecs beside them, which read `cols`
+    /// columns), when it changes. Not a stream operation: allowed while a graph is captured.
+    fn set_cluster_attention_carveout(&self, cols: usize) -> Result<()> {
+        let percent = match (self.cluster_attention_vreg_mode, self.sm_shared) {
+            (AttnVreg::Percent(p), _) => p,
+            (AttnVreg::FollowMatVecs, Some(sm)) => matvec_carveout_percent(cols, sm),
+            _ => return Ok(()),
+        };
+        if self
+            .cluster_attention_carveout
+            .swap(percent, Ordering::Relaxed)
+            == percent
+        {
+            return Ok(());
+        }
+        for n in &ATTN_CLUSTER_KERNELS[1..] {
+            if let Some(f) = self.funcs.get(*n) {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    percent,
+                )
+                .map_err(|e| be(format!("carve-out of {n}: {e:?}")))?;
+            }
+        }
+        Ok(())
     }
 
     /// Launches of the cluster attention so far.
@@ -1732,6 +1774,9 @@ impl CudaBackend {
         } else {
             None
         };
+        if vreg.is_some() {
+            self.set_cluster_attention_carveout(p.n_head * p.head_dim)?;
+        }
         let (kernel, smem) = match vreg {
             Some(name) => (name, kps_max * (p.head_dim * 2 + 4)),
             None => (
@@ -2108,26 +2153,55 @@ fn cluster_attention_vreg_kernel(kps_max: usize, hd: usize) -> Option<&'static s
         .map(|&(_, i)| ATTN_CLUSTER_KERNELS[i])
 }
 
-/// The preferred shared-memory carve-out (percent) of the `attn_cluster_v*` kernels by
-/// default: 57% of sm_90's 228 KB rounds up to the 132 KB configuration the decode mat-vecs
-/// run in, so that the attention needs no reconfiguration between them (H200, 2026-11-29:
-/// 13b +4.4% over `attn_cluster`, +0.4% over no hint; 7b -0.5%; docs/BENCHMARKS.md).
-const ATTN_VREG_CARVEOUT_PERCENT: i32 = 57;
+/// FLEA_CUDA_ATTN_VREG: whether the decode cluster attention holds V in registers
+/// (`attn_cluster_v*`) and the shared-memory carve-out it prefers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AttnVreg {
+    /// `attn_cluster` only (`off` or `0`).
+    Off,
+    /// The configuration of the mat-vecs it runs between (empty or `on`, the default):
+    /// matvec_carveout_percent.
+    FollowMatVecs,
+    /// This carve-out in percent (1..=100).
+    Percent(i32),
+}
 
-/// FLEA_CUDA_ATTN_VREG: empty or `on` -> the V-in-registers attention with the default
-/// carve-out, a percent 1..=100 -> with that carve-out, `off` or `0` -> `attn_cluster` only
-/// (None).
-fn attention_vreg_setting(value: &str) -> std::result::Result<Option<i32>, CudaError> {
+fn attention_vreg_setting(value: &str) -> std::result::Result<AttnVreg, CudaError> {
     match value.trim() {
-        "" | "on" => Ok(Some(ATTN_VREG_CARVEOUT_PERCENT)),
-        "off" | "0" => Ok(None),
+        "" | "on" => Ok(AttnVreg::FollowMatVecs),
+        "off" | "0" => Ok(AttnVreg::Off),
         v => match v.parse::<i32>() {
-            Ok(p) if (1..=100).contains(&p) => Ok(Some(p)),
+            Ok(p) if (1..=100).contains(&p) => Ok(AttnVreg::Percent(p)),
             _ => Err(CudaError(format!(
                 "FLEA_CUDA_ATTN_VREG={v}: expected on, off or a carve-out percent 1-100"
             ))),
         },
     }
+}
+
+/// An SM's shared memory and threads (device attributes).
+#[derive(Clone, Copy, Debug)]
+struct SmShared {
+    /// Shared memory an SM has at most (the largest configuration), bytes.
+    per_sm: usize,
+    /// Shared memory the system reserves in each block, bytes.
+    reserved: usize,
+    /// Threads an SM holds at most.
+    threads: usize,
+}
+
+/// The carve-out (percent of the SM's shared memory, rounded up) that puts the SM in the
+/// configuration a one-token mat-vec of `cols` Q8_K columns gets on its own: as many
+/// 128-thread blocks as the SM holds threads for, each with its activations (`sa_bytes`) and
+/// the reserved part. That is what Nsight Compute showed (H200: 4096 columns 100 KB, 5120
+/// columns 132 KB), and the attention between such mat-vecs is fastest in the same one, so
+/// that no SM has to change configuration around it (H200, 2026-11-29: 13b 314 tok/s at 57%
+/// against 301 for `attn_cluster`, 311 at 100%, 310 at 35%; 7b 513 at 35% against 504, 501 at
+/// 57%, 492 at 100%; docs/BENCHMARKS.md).
+fn matvec_carveout_percent(cols: usize, sm: SmShared) -> i32 {
+    let blocks = sm.threads / 128;
+    let need = blocks * (mmvq::sa_bytes(cols, mmvq::ActFmt::Q8K) + sm.reserved);
+    i32::try_from((need * 100).div_ceil(sm.per_sm).clamp(1, 100)).unwrap_or(100)
 }
 
 /// Dynamic shared memory of an `attn_cluster` block: K and V rows (f16), then scores.
@@ -3322,20 +3396,35 @@ mod tests {
 
     #[test]
     fn attention_vreg_settings() {
-        assert_eq!(
-            attention_vreg_setting("").ok(),
-            Some(Some(ATTN_VREG_CARVEOUT_PERCENT))
-        );
-        assert_eq!(
-            attention_vreg_setting("on").ok(),
-            Some(Some(ATTN_VREG_CARVEOUT_PERCENT))
-        );
-        assert_eq!(attention_vreg_setting("off").ok(), Some(None));
-        assert_eq!(attention_vreg_setting("0").ok(), Some(None));
-        assert_eq!(attention_vreg_setting("100").ok(), Some(Some(100)));
+        let ok = |v: &str| attention_vreg_setting(v).ok();
+        assert_eq!(ok(""), Some(AttnVreg::FollowMatVecs));
+        assert_eq!(ok("on"), Some(AttnVreg::FollowMatVecs));
+        assert_eq!(ok("off"), Some(AttnVreg::Off));
+        assert_eq!(ok("0"), Some(AttnVreg::Off));
+        assert_eq!(ok("100"), Some(AttnVreg::Percent(100)));
         assert!(attention_vreg_setting("101").is_err());
         assert!(attention_vreg_setting("-5").is_err());
         assert!(attention_vreg_setting("yes").is_err());
+    }
+
+    #[test]
+    fn matvec_carveouts() {
+        // sm_90: 228 KB, 1 KB reserved a block, 2048 threads. A 4096-wide mat-vec's 16
+        // blocks need 97 KB (the 100 KB configuration), a 5120-wide one's 117 KB (132 KB):
+        // percentages whose share of 228 KB lands within those configurations.
+        let sm = SmShared {
+            per_sm: 228 * 1024,
+            reserved: 1024,
+            threads: 2048,
+        };
+        assert_eq!(matvec_carveout_percent(4096, sm), 43);
+        assert_eq!(matvec_carveout_percent(5120, sm), 52);
+        for (cols, config_kb) in [(4096usize, 100usize), (5120, 132)] {
+            let got = matvec_carveout_percent(cols, sm) as usize * 228 * 1024 / 100;
+            assert!(got <= config_kb * 1024 && got > (config_kb - 33) * 1024);
+        }
+        // Never past 100.
+        assert_eq!(matvec_carveout_percent(1 << 20, sm), 100);
     }
 
     #[test]

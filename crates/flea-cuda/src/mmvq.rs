@@ -124,7 +124,7 @@ const SA_MAX_BYTES: usize = 48 * 1024;
 
 /// Shared memory of a `mmvqs_*` block for `cols` int8 activations of `fmt` (Q8K or Q8_0):
 /// quants, sums (of 16 or of a 32-block), scales (kernels.cu, `sa_fill`).
-fn sa_bytes(cols: usize, fmt: ActFmt) -> usize {
+pub(crate) fn sa_bytes(cols: usize, fmt: ActFmt) -> usize {
     let sums = if fmt == ActFmt::Q8K {
         cols / 16
     } else {
