@@ -4408,7 +4408,7 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
         const float *__restrict__ vnew, int nd, float theta_scale, int neox
-template <int VK>
+template <int VK, int CS>
 __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(16) unsigned char atc_dyn[];
@@ -4420,13 +4420,13 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     // What other blocks send here, and the mbarriers it arrives on ([0]: the head's stats,
     // by split; [1], block 0 only: every block's partial, by rank).
     __shared__ __align__(8) unsigned long long xbar[2];
-    __shared__ __align__(8) float2 stats_in[ATC_CS];
-    __shared__ __align__(16) float parts_in[ATC_CS * 128];
+    __shared__ __align__(8) float2 stats_in[CS];
+    __shared__ __align__(16) float parts_in[CS * 128];
     __shared__ __align__(16) u16 vnew_s[VK > 0 ? 128 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int hb = 256 / hd, S = ATC_CS / hb;
+    const int hb = 256 / hd, S = CS / hb;
     const u32 rank = atc_rank();
-    const int cluster = blockIdx.x / ATC_CS;
+    const int cluster = blockIdx.x / CS;
     const int hi = (int)rank / S, split = (int)rank % S;
     const int h = cluster * hb + hi;
     int lo, nk;
@@ -4453,7 +4453,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
         if (rank == 0)
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
                              fd_smem(&xbar[1])),
-                         "r"((u32)ATC_CS * (u32)hd * 4u)
+                         "r"((u32)CS * (u32)hd * 4u)
                          : "memory");
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
                      "r"((VK > 0 ? 1u : 2u) * (u32)nold * rb)
@@ -4584,10 +4584,10 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     // The head's max and total from its blocks, in block order (the same in each of them).
     float M = NEG_INF, tot = 0.f;
 #pragma unroll
-    for (int c = 0; c < ATC_CS; c++)
+    for (int c = 0; c < CS; c++)
         if (c < S) M = fmaxf(M, stats_in[c].x);
 #pragma unroll
-    for (int c = 0; c < ATC_CS; c++) {
+    for (int c = 0; c < CS; c++) {
         const float2 st = c < S ? stats_in[c] : make_float2(0.f, 0.f);
         if (st.y > 0.f) tot += st.y * expf(st.x - M);
     }
@@ -4650,7 +4650,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = 0.f;
 #pragma unroll
-        for (int c = 0; c < ATC_CS; c++) {
+        for (int c = 0; c < CS; c++) {
             if (c < S) {
                 const float* pc = parts_in + (hh * S + c) * hd + dd;
                 const float4 x0 = *(const float4*)pc, x1 = *(const float4*)(pc + 4);
@@ -4679,18 +4679,23 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
         vnew, nd, theta_scale, neox
 extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
-    attn_cluster_impl<0>(ATC_PARAMS);
+    attn_cluster_impl<0, ATC_CS>(ATC_PARAMS);
 }
 // V in registers: up to 16 / 36 / 64 keys a thread (G = 4 for 128-dim heads: 64 / 144 / 256
 // keys a block).
 extern "C" __global__ void __launch_bounds__(128) attn_cluster_v16(ATC_ARGS) {
-    attn_cluster_impl<16>(ATC_PARAMS);
+    attn_cluster_impl<16, ATC_CS>(ATC_PARAMS);
 }
 extern "C" __global__ void __launch_bounds__(128) attn_cluster_v36(ATC_ARGS) {
-    attn_cluster_impl<36>(ATC_PARAMS);
+    attn_cluster_impl<36, ATC_CS>(ATC_PARAMS);
 }
 extern "C" __global__ void __launch_bounds__(128) attn_cluster_v64(ATC_ARGS) {
-    attn_cluster_impl<64>(ATC_PARAMS);
+    attn_cluster_impl<64, ATC_CS>(ATC_PARAMS);
+}
+// Past 1024 keys: clusters of 16 blocks (a non-portable size, opted in by the host), so a
+// 128-dim head is split over 8 blocks of up to 256 keys (2048 keys), V in registers.
+extern "C" __global__ void __launch_bounds__(128) attn_cluster16_v64(ATC_ARGS) {
+    attn_cluster_impl<64, 16>(ATC_PARAMS);
 }
 
 // A recorded decode pass (graph.rs) writes its few row positions with this kernel, the values

@@ -130,7 +130,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 36] = [
+const PLAIN_KERNELS: [&str; 37] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -144,6 +144,7 @@ const PLAIN_KERNELS: [&str; 36] = [
     "attn_cluster_v16",
     "attn_cluster_v36",
     "attn_cluster_v64",
+    "attn_cluster16_v64",
     "fd_decode",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -332,6 +333,13 @@ pub struct CudaBackend {
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
+    /// Dynamic shared memory `attn_cluster16_v64` may use per block where the device runs its
+    /// 16-block clusters (0: it does not; decode past ATTN_CLUSTER_MAX_KEYS keys then takes
+    /// the split attention).
+    wide_cluster_room: usize,
+    /// Keys from which a decode row takes the 16-block clusters (ATTN_CLUSTER_MAX_KEYS + 1;
+    /// tests lower it).
+    wide_cluster_from: AtomicUsize,
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
     /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
     cluster_attention_vreg: std::sync::atomic::AtomicBool,
@@ -631,6 +639,10 @@ impl CudaBackend {
         } else {
             0
         };
+        let wide_cluster_room = match funcs.get(ATTN_WIDE_CLUSTER_KERNEL) {
+            Some(f) if cluster_attention_room > 0 => wide_cluster_opt_in(&ctx, &stream, f),
+            _ => 0,
+        };
         let cluster_attention_vreg_mode = attention_vreg_setting(
             std::env::var("FLEA_CUDA_ATTN_VREG")
                 .as_deref()
@@ -692,6 +704,8 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
+            wide_cluster_room,
+            wide_cluster_from: AtomicUsize::new(ATTN_CLUSTER_MAX_KEYS + 1),
             cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
             cluster_attention_vreg_mode,
             cluster_attention_carveout: std::sync::atomic::AtomicI32::new(-1),
@@ -1229,7 +1243,10 @@ impl CudaBackend {
         {
             return Ok(());
         }
-        for n in &ATTN_CLUSTER_KERNELS[1..] {
+        for n in ATTN_CLUSTER_KERNELS[1..]
+            .iter()
+            .chain(std::iter::once(&ATTN_WIDE_CLUSTER_KERNEL))
+        {
             if let Some(f) = self.funcs.get(*n) {
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
@@ -1239,6 +1256,18 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// The keys from which a decode row takes the 16-block clusters (`attn_cluster16_v64`)
+    /// where the device runs them: ATTN_CLUSTER_MAX_KEYS + 1 by default (None); tests lower it.
+    pub fn set_wide_cluster_from(&self, keys: Option<usize>) {
+        let keys = keys.unwrap_or(ATTN_CLUSTER_MAX_KEYS + 1);
+        self.wide_cluster_from.store(keys, Ordering::Relaxed);
+    }
+
+    /// Whether this device runs the 16-block attention clusters.
+    pub fn has_wide_cluster_attention(&self) -> bool {
+        self.wide_cluster_room > 0
     }
 
     /// Launches of the cluster attention so far.
@@ -1670,8 +1699,8 @@ impl CudaBackend {
                 return self.attention_tiled(&tiled, p, q, (kc, vc), (posp, basep), window, out);
             }
         }
-        if let Some(kps_max) = self.cluster_attention_fits(n, p, max_keys) {
-            let rows = ((posp, basep), window, kps_max);
+        if let Some(plan) = self.cluster_attention_fits(n, p, max_keys) {
+            let rows = ((posp, basep), window, plan);
             return self.attention_cluster(p, q, (kc, vc), rows, None, out);
         }
         if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
@@ -1737,7 +1766,12 @@ impl CudaBackend {
     /// Keys per block of `attn_cluster` for this batch (a single decode row, 64- or 128-dim
     /// heads in whole Q8_K blocks, at most ATTN_CLUSTER_MAX_KEYS keys, its shared memory
     /// within the opted-in room), or None: the split kernels take it.
-    fn cluster_attention_fits(&self, n: usize, p: &AttnParams, max_keys: usize) -> Option<usize> {
+    fn cluster_attention_fits(
+        &self,
+        n: usize,
+        p: &AttnParams,
+        max_keys: usize,
+    ) -> Option<ClusterPlan> {
         let on = self.fusion()
             && self.cluster_attention.load(Ordering::Relaxed)
             && !self.fusions_off.attn_cluster
@@ -1745,7 +1779,14 @@ impl CudaBackend {
         if !on || n != 1 || p.rows.len() != 1 {
             return None;
         }
-        cluster_attention_plan(p, max_keys, self.cluster_attention_room)
+        // The 16-block clusters hold V in registers: only with those kernels on.
+        let wide = if self.cluster_attention_vreg.load(Ordering::Relaxed) {
+            self.wide_cluster_room
+        } else {
+            0
+        };
+        let wide_from = self.wide_cluster_from.load(Ordering::Relaxed);
+        cluster_attention_plan(p, max_keys, self.cluster_attention_room, (wide, wide_from))
     }
 
     /// Decode attention of one row in thread-block clusters (`attn_cluster`): a cluster per
@@ -1757,7 +1798,7 @@ impl CudaBackend {
         p: &AttnParams,
         q: &CudaAct,
         (kc, vc): (u64, u64),
-        ((posp, basep), window, kps_max): ((u64, u64), i32, usize),
+        ((posp, basep), window, plan): ((u64, u64), i32, ClusterPlan),
         rope: Option<ClusterRope>,
         out: &mut CudaAct,
     ) -> Result<()> {
@@ -1769,7 +1810,10 @@ impl CudaBackend {
             self.fused_q8k_scratch(1, width, width)?
         };
         let clusters = p.n_head / (256 / p.head_dim);
-        let vreg = if self.cluster_attention_vreg.load(Ordering::Relaxed) {
+        let ClusterPlan { kps_max, blocks } = plan;
+        let vreg = if blocks == ATTN_WIDE_CLUSTER_BLOCKS {
+            Some(ATTN_WIDE_CLUSTER_KERNEL)
+        } else if self.cluster_attention_vreg.load(Ordering::Relaxed) {
             cluster_attention_vreg_kernel(kps_max, p.head_dim)
         } else {
             None
@@ -1785,7 +1829,7 @@ impl CudaBackend {
             ),
         };
         let cfg = LaunchConfig {
-            grid_dim: ((clusters * ATTN_CLUSTER_BLOCKS) as u32, 1, 1),
+            grid_dim: ((clusters * blocks) as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -1794,7 +1838,7 @@ impl CudaBackend {
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue {
                 clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-                    x: ATTN_CLUSTER_BLOCKS as u32,
+                    x: blocks as u32,
                     y: 1,
                     z: 1,
                 },
@@ -2115,23 +2159,100 @@ struct ClusterRope {
     neox: i32,
 }
 
-/// Keys per block of `attn_cluster` for a decode row seeing `max_keys` keys, or None where it
-/// does not apply: heads of 64 or 128 dims in whole Q8_K blocks of the output (a cluster
-/// covers one), whole kv-head groups, at most ATTN_CLUSTER_MAX_KEYS keys, and the block's
-/// shared memory within `room` (0: no clusters on this device).
-fn cluster_attention_plan(p: &AttnParams, max_keys: usize, room: usize) -> Option<usize> {
+/// A decode row's cluster attention: blocks a cluster (ATTN_CLUSTER_BLOCKS, or
+/// ATTN_WIDE_CLUSTER_BLOCKS for `attn_cluster16_v64`) and keys a block at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClusterPlan {
+    kps_max: usize,
+    blocks: usize,
+}
+
+/// The cluster attention for a decode row seeing `max_keys` keys, or None where it does not
+/// apply: heads of 64 or 128 dims in whole Q8_K blocks of the output (a cluster covers one),
+/// whole kv-head groups, and then either 8-block clusters up to ATTN_CLUSTER_MAX_KEYS keys with
+/// the block's shared memory within `room` (0: no clusters on this device), or from
+/// `wide.1` keys up to ATTN_WIDE_CLUSTER_MAX_KEYS 16-block clusters with V in registers
+/// (at most 64 keys a thread) within `wide.0` (0: not on this device).
+fn cluster_attention_plan(
+    p: &AttnParams,
+    max_keys: usize,
+    room: usize,
+    wide: (usize, usize),
+) -> Option<ClusterPlan> {
     let hd = p.head_dim;
     if !(hd == 64 || hd == 128)
         || !p.n_head.is_multiple_of(256 / hd)
         || p.n_head_kv == 0
         || !p.n_head.is_multiple_of(p.n_head_kv)
-        || max_keys > ATTN_CLUSTER_MAX_KEYS
     {
         return None;
     }
-    // A cluster holds 256 / hd heads, each over ATTN_CLUSTER_BLOCKS * hd / 256 blocks.
-    let kps_max = max_keys.div_ceil(ATTN_CLUSTER_BLOCKS * hd / 256).max(1);
-    (cluster_attention_smem(kps_max, hd) <= room).then_some(kps_max)
+    // A cluster holds 256 / hd heads, each over blocks * hd / 256 blocks.
+    let plan = |blocks: usize| ClusterPlan {
+        kps_max: max_keys.div_ceil(blocks * hd / 256).max(1),
+        blocks,
+    };
+    let (wide_room, wide_from) = wide;
+    let w = plan(ATTN_WIDE_CLUSTER_BLOCKS);
+    if max_keys >= wide_from
+        && max_keys <= ATTN_WIDE_CLUSTER_MAX_KEYS
+        && w.kps_max.div_ceil(512 / hd) <= 64
+        && w.kps_max * (hd * 2 + 4) <= wide_room
+    {
+        return Some(w);
+    }
+    let c = plan(ATTN_CLUSTER_BLOCKS);
+    (max_keys <= ATTN_CLUSTER_MAX_KEYS && cluster_attention_smem(c.kps_max, hd) <= room)
+        .then_some(c)
+}
+
+/// Opts `attn_cluster16_v64` into 16-block clusters (a non-portable size) and the device's
+/// largest shared memory per block, and returns that room in bytes if the driver can place at
+/// least one such cluster of its largest blocks (256 keys of 128-dim heads) at once, else 0.
+fn wide_cluster_opt_in(ctx: &CudaContext, stream: &CudaStream, f: &CudaFunction) -> usize {
+    use cudarc::driver::sys;
+    let room = opt_in_all(ctx, f);
+    let smem = 256 * (128 * 2 + 4);
+    let allowed = f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+        1,
+    );
+    if room < smem || allowed.is_err() {
+        return 0;
+    }
+    let mut cluster = [sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                x: ATTN_WIDE_CLUSTER_BLOCKS as u32,
+                y: 1,
+                z: 1,
+            },
+        },
+    }];
+    let config = sys::CUlaunchConfig {
+        gridDimX: ATTN_WIDE_CLUSTER_BLOCKS as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: 128,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: cluster.as_mut_ptr(),
+        numAttrs: 1,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: `config` and its one attribute live through the call, the function belongs to
+    // this context's module, and the context is current (its module was just loaded).
+    let counted =
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) };
+    if counted == sys::CUresult::CUDA_SUCCESS && clusters > 0 {
+        room
+    } else {
+        0
+    }
 }
 
 /// The decode cluster attention kernels: K and V rows staged in shared memory, then V in
@@ -2275,6 +2396,11 @@ const ATTN_CHUNK: usize = 64;
 /// 1024 keys of 128-dim heads over 4 blocks is 132 KB of K, V and scores per block.
 const ATTN_CLUSTER_BLOCKS: usize = 8;
 const ATTN_CLUSTER_MAX_KEYS: usize = 1024;
+/// The 16-block clusters past it (`attn_cluster16_v64`): 8 blocks of up to 256 keys for a
+/// 128-dim head.
+const ATTN_WIDE_CLUSTER_BLOCKS: usize = 16;
+const ATTN_WIDE_CLUSTER_MAX_KEYS: usize = 2048;
+const ATTN_WIDE_CLUSTER_KERNEL: &str = "attn_cluster16_v64";
 /// Most chunks one block of the one-launch split attention takes (ATT_MAX_CPB).
 const ATTN_MAX_CPB: usize = 8;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
@@ -2821,7 +2947,7 @@ impl Backend for CudaBackend {
             return self.attention(n, q, k, v, kv, p, out);
         }
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
-        if let Some(kps_max) = self.cluster_attention_fits(n, p, max_keys(p)) {
+        if let Some(plan) = self.cluster_attention_fits(n, p, max_keys(p)) {
             // The cluster attention rotates q and the new k and stores the new K/V row itself.
             let (theta_scale, neox, posp) = self.rope_args(pq)?;
             let basep = self.upload_bases(p, cache.n_ctx)?;
@@ -2833,7 +2959,7 @@ impl Backend for CudaBackend {
                 theta_scale,
                 neox,
             };
-            let rows = ((posp, basep), window, kps_max);
+            let rows = ((posp, basep), window, plan);
             return self.attention_cluster(p, q, (cache.kc, cache.vc), rows, Some(rope), out);
         }
         let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
@@ -3374,24 +3500,53 @@ mod tests {
             scale: 1.0,
         };
         let room = 227 * 1024;
+        let no_wide = (0, ATTN_CLUSTER_MAX_KEYS + 1);
+        let wide = (room - 4 * 1024, ATTN_CLUSTER_MAX_KEYS + 1);
+        let plan = |kps_max, blocks| Some(ClusterPlan { kps_max, blocks });
         // 13B shape, 568 keys: 2 heads a cluster, 4 blocks a head of 142 keys (73 KB).
-        assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 568, room),
-            Some(142)
-        );
+        for w in [no_wide, wide] {
+            assert_eq!(
+                cluster_attention_plan(&params(40, 40, 128), 568, room, w),
+                plan(142, 8)
+            );
+        }
         assert_eq!(cluster_attention_smem(142, 128), 142 * 516);
         // 64-dim heads: 4 heads a cluster, 2 blocks a head; GQA groups whole.
-        assert_eq!(cluster_attention_plan(&params(8, 2, 64), 3, room), Some(2));
-        // The largest case fits the opt-in room of an H100/H200.
-        let big = cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room);
-        assert_eq!(big, Some(256));
+        assert_eq!(
+            cluster_attention_plan(&params(8, 2, 64), 3, room, no_wide),
+            plan(2, 8)
+        );
+        // The largest 8-block case fits the opt-in room of an H100/H200.
+        let big = cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room, wide);
+        assert_eq!(big, plan(256, 8));
+        // Past it, 16-block clusters where the device runs them: 8 blocks a 128-dim head
+        // (4 a 64-dim one) of at most 256 (512) keys, 64 a thread.
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 1025, room, wide),
+            plan(129, 16)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 2048, room, wide),
+            plan(256, 16)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(8, 2, 64), 2048, room, wide),
+            plan(512, 16)
+        );
+        assert!(cluster_attention_plan(&params(40, 40, 128), 2049, room, wide).is_none());
+        // Tests lower the threshold: 16-block clusters at any length.
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 20, room, (wide.0, 0)),
+            plan(3, 16)
+        );
         // Out of range: head size, heads not filling Q8_K blocks, context, no room.
-        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room).is_none());
-        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room).is_none());
-        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024).is_none());
+        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room, wide).is_none());
+        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room, wide).is_none());
+        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0, no_wide).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024, no_wide).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 2048, room, (60 * 1024, 0)).is_none());
     }
 
     #[test]

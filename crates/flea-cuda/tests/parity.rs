@@ -573,6 +573,21 @@ fn attention_matches_cpu() {
                     .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
                     .and_then(|_| cuda.read(n, &go));
                 cuda.set_cluster_attention_vreg(true);
+                // The 16-block clusters (decode past 1024 keys) at this length too, where the
+                // device runs them: each head over twice the blocks, so another order of sums.
+                let wide = clustered && cuda.has_wide_cluster_attention();
+                let cluster_wide = if wide {
+                    cuda.set_wide_cluster_from(Some(0));
+                    let calls = cuda.cluster_attention_calls();
+                    let r = cuda
+                        .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                        .and_then(|_| cuda.read(n, &go))
+                        .map(|r| (r, cuda.cluster_attention_calls() - calls));
+                    Some(r)
+                } else {
+                    None
+                };
+                cuda.set_wide_cluster_from(None);
                 cuda.set_cluster_attention(false);
                 let mut runs = Vec::new();
                 for blocks in [usize::MAX, n * n_head, 0] {
@@ -588,10 +603,14 @@ fn attention_matches_cpu() {
                     cluster,
                     cluster_smem,
                     runs.into_iter().collect::<Result<Vec<_>, _>>(),
+                    cluster_wide.transpose(),
                 ) {
-                    (Ok(c), Ok(cs), Ok(g)) => {
+                    (Ok(c), Ok(cs), Ok(g), Ok(cw)) => {
                         let same_cluster =
                             c.iter().zip(&cs).all(|(a, b)| a.to_bits() == b.to_bits());
+                        // (rel. error of the 16-block clusters, their launches)
+                        let (ew, took_wide) =
+                            cw.map_or((0.0, 1), |(w, t)| (rel_err(&w, &co.data), t));
                         let e = rel_err(&g[0], &co.data);
                         let ec = rel_err(&c, &co.data);
                         let same = g
@@ -601,21 +620,24 @@ fn attention_matches_cpu() {
                             && same
                             && ec <= 1e-3
                             && same_cluster
-                            && took == u64::from(clustered);
+                            && took == u64::from(clustered)
+                            && ew <= 1e-3
+                            && took_wide == 1;
                         println!(
                             "ATTN {case} rel={e:.3e} one/two launches identical={same} \
                              cluster={took} rel={ec:.3e} V in registers/shared \
-                             identical={same_cluster} {}",
+                             identical={same_cluster} 16-block={wide} rel={ew:.3e} {}",
                             if ok { "OK" } else { "FAIL" }
                         );
                         if !ok {
                             bad.push(format!(
                                 "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}, \
-                                 V registers/shared identical={same_cluster}"
+                                 V registers/shared identical={same_cluster}, 16-block \
+                                 {took_wide}: {ew:.3e}"
                             ));
                         }
                     }
-                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
                         bad.push(format!("{case}: {e}"))
                     }
                 }
@@ -710,26 +732,43 @@ fn rope_attention_matches_cpu() {
             } else {
                 None
             };
+            // And in 16-block clusters (decode past 1024 keys) where the device runs them:
+            // another order of sums, so against the CPU.
+            let wide = if took == 1 && cuda.has_wide_cluster_attention() {
+                cuda.set_wide_cluster_from(Some(0));
+                let r = cuda
+                    .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go))
+                    .map(|w| rel_err(&w, &co.data));
+                cuda.set_wide_cluster_from(None);
+                Some(r)
+            } else {
+                None
+            };
             let case =
                 format!("hd={hd} heads={n_head}/{n_head_kv} rope={rope_dims} {style:?} batch={bi}");
-            match (got, again.transpose()) {
-                (Ok(g), Ok(again)) => {
+            match (got, again.transpose(), wide.transpose()) {
+                (Ok(g), Ok(again), Ok(wide)) => {
                     let e = rel_err(&g, &co.data);
                     let same = again.is_none_or(|a| {
                         a.len() == g.len()
                             && a.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits())
                     });
-                    let ok = e <= 1e-3 && took == expect && same;
+                    let ew = wide.unwrap_or(0.0);
+                    let ok = e <= 1e-3 && took == expect && same && ew <= 1e-3;
                     println!(
                         "ROPE-ATTN {case} rel={e:.3e} cluster={took} V in registers/shared \
-                         identical={same} {}",
+                         identical={same} 16-block={} rel={ew:.3e} {}",
+                        wide.is_some(),
                         if ok { "OK" } else { "FAIL" }
                     );
                     if !ok {
-                        bad.push(format!("{case}: {e:.3e}, cluster {took}, identical={same}"));
+                        bad.push(format!(
+                            "{case}: {e:.3e}, cluster {took}, identical={same}, 16-block {ew:.3e}"
+                        ));
                     }
                 }
-                (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
+                (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => bad.push(format!("{case}: {e}")),
             }
         }
     }
