@@ -1243,10 +1243,10 @@ impl CudaBackend {
         {
             return Ok(());
         }
-        for n in ATTN_CLUSTER_KERNELS[1..]
-            .iter()
-            .chain(std::iter::once(&ATTN_WIDE_CLUSTER_KERNEL))
-        {
+        // Not `attn_cluster16_v64`: in the mat-vecs' configuration one of its blocks fits an SM
+        // where its registers allow two, so a 13b's 20 clusters took 2.4 waves (Nsight
+        // Compute, H200, 2026-11-29); the driver's own choice fits two.
+        for n in &ATTN_CLUSTER_KERNELS[1..] {
             if let Some(f) = self.funcs.get(*n) {
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
