@@ -4341,8 +4341,9 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 }
 
 // Decode attention of a batch of ONE row as thread-block clusters (sm_90+). A cluster of
-// ATC_CS blocks covers the HB = 256 / hd heads of one Q8_K block of the output, each head
-// split over S = ATC_CS / HB blocks by key range, so the split attention's exchanges through
+// CS blocks (ATC_CS = 8; 16 in `attn_cluster16_v64`, for 1025-2048 keys) covers the
+// HB = 256 / hd heads of one Q8_K block of the output, each head split over S = CS / HB
+// blocks by key range, so the split attention's exchanges through
 // global memory (chunk stats, a spin until every chunk of the head has published, partials
 // added by the last block to count, a second counter for the quantisation: ~10 dependent
 // round trips) become two exchanges through the blocks' shared memory: each block sends its

@@ -1252,7 +1252,11 @@ impl CudaBackend {
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
                     percent,
                 )
-                .map_err(|e| be(format!("carve-out of {n}: {e:?}")))?;
+                .map_err(|e| {
+                    // Not set: the next launch tries again.
+                    self.cluster_attention_carveout.store(-1, Ordering::Relaxed);
+                    be(format!("carve-out of {n}: {e:?}"))
+                })?;
             }
         }
         Ok(())
