@@ -1826,7 +1826,7 @@ impl CudaBackend {
             self.set_cluster_attention_carveout(p.n_head * p.head_dim)?;
         }
         let (kernel, smem) = match vreg {
-            Some(name) => (name, kps_max * (p.head_dim * 2 + 4)),
+            Some(name) => (name, cluster_attention_vreg_smem(kps_max, p.head_dim)),
             None => (
                 ATTN_CLUSTER_KERNELS[0],
                 cluster_attention_smem(kps_max, p.head_dim),
@@ -2200,8 +2200,8 @@ fn cluster_attention_plan(
     let w = plan(ATTN_WIDE_CLUSTER_BLOCKS);
     if max_keys >= wide_from
         && max_keys <= ATTN_WIDE_CLUSTER_MAX_KEYS
-        && w.kps_max.div_ceil(512 / hd) <= 64
-        && w.kps_max * (hd * 2 + 4) <= wide_room
+        && cluster_attention_vreg_kernel(w.kps_max, hd).is_some()
+        && cluster_attention_vreg_smem(w.kps_max, hd) <= wide_room
     {
         return Some(w);
     }
@@ -2216,7 +2216,7 @@ fn cluster_attention_plan(
 fn wide_cluster_opt_in(ctx: &CudaContext, stream: &CudaStream, f: &CudaFunction) -> usize {
     use cudarc::driver::sys;
     let room = opt_in_all(ctx, f);
-    let smem = 256 * (128 * 2 + 4);
+    let smem = cluster_attention_vreg_smem(256, 128);
     let allowed = f.set_attribute(
         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
         1,
@@ -2327,6 +2327,11 @@ fn matvec_carveout_percent(cols: usize, sm: SmShared) -> i32 {
     let blocks = sm.threads / 128;
     let need = blocks * (mmvq::sa_bytes(cols, mmvq::ActFmt::Q8K) + sm.reserved);
     i32::try_from((need * 100).div_ceil(sm.per_sm).clamp(1, 100)).unwrap_or(100)
+}
+
+/// Dynamic shared memory of an `attn_cluster_v*` block: K rows (f16), then scores.
+fn cluster_attention_vreg_smem(kps_max: usize, hd: usize) -> usize {
+    kps_max * hd * 2 + kps_max * 4
 }
 
 /// Dynamic shared memory of an `attn_cluster` block: K and V rows (f16), then scores.

@@ -34,6 +34,11 @@ const TOL: f64 = 5e-3;
 /// Noise-floor bound for models with quantized weights (see the module docs).
 const QUANT_TOL: f64 = 5e-2;
 
+/// Whether two outputs are the same bits, element for element.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// The GPU tests here run one at a time: some settings and counters are process-wide
 /// (`set_mmq`, `set_mmq_grid`, `mmq_launches`) and the harness runs tests on parallel
 /// threads. `chunked_gemm_matches_one_pass` turns the `mmq_*` kernels off for a moment, and
@@ -606,16 +611,13 @@ fn attention_matches_cpu() {
                     cluster_wide.transpose(),
                 ) {
                     (Ok(c), Ok(cs), Ok(g), Ok(cw)) => {
-                        let same_cluster =
-                            c.iter().zip(&cs).all(|(a, b)| a.to_bits() == b.to_bits());
+                        let same_cluster = same_bits(&c, &cs);
                         // (rel. error of the 16-block clusters, their launches)
                         let (ew, took_wide) =
                             cw.map_or((0.0, 1), |(w, t)| (rel_err(&w, &co.data), t));
                         let e = rel_err(&g[0], &co.data);
                         let ec = rel_err(&c, &co.data);
-                        let same = g
-                            .iter()
-                            .all(|r| r.iter().zip(&g[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
+                        let same = g.iter().all(|r| same_bits(r, &g[0]));
                         let ok = e <= 1e-3
                             && same
                             && ec <= 1e-3
@@ -750,10 +752,7 @@ fn rope_attention_matches_cpu() {
             match (got, again.transpose(), wide.transpose()) {
                 (Ok(g), Ok(again), Ok(wide)) => {
                     let e = rel_err(&g, &co.data);
-                    let same = again.is_none_or(|a| {
-                        a.len() == g.len()
-                            && a.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits())
-                    });
+                    let same = again.is_none_or(|a| same_bits(&a, &g));
                     let ew = wide.unwrap_or(0.0);
                     let ok = e <= 1e-3 && took == expect && same && ew <= 1e-3;
                     println!(
@@ -805,8 +804,7 @@ fn fusion_changes_nothing() {
             all
         };
         let (on, off) = (run(true), run(false));
-        let same =
-            on.len() == off.len() && on.iter().zip(&off).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = same_bits(&on, &off);
         println!(
             "FUSION {} identical={same} rel={:.3e}",
             preset.name(),
@@ -1177,11 +1175,7 @@ fn gemm_warm_up_changes_nothing() {
         free_after + (64 << 20) >= free_before,
         "the warm-up kept its buffers"
     );
-    let same = before.len() == after.len()
-        && before
-            .iter()
-            .zip(&after)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
+    let same = same_bits(&before, &after);
     assert!(
         same,
         "logits changed after the warm-up: rel {:.3e}",
