@@ -6,7 +6,8 @@
 // each block's Q4_K rows fetched into shared memory by one bulk copy, checked against the
 // register kernel's outputs first). `./matvec_layers ring`: the whole token as ONE persistent
 // launch (a shared-memory ring fed by bulk copies; consumer loads batched U steps at a time);
-// `./matvec_layers ring1`: the same ring as one launch per matrix with dependent launch;
+// `./matvec_layers ring1`: the same ring as one launch per matrix with dependent launch (also
+// at half an SM: an 80 KB ring and 8 consumer warps, 2 blocks an SM);
 // `./matvec_layers half`: Q4_K by 4 lanes a block, and each side of the ring timed alone;
 // `./matvec_layers ring rpt2|nosplit`: two rows per warp, or no row split over warps.
 // The kernels restate flea's (crates/flea-cuda/src/kernels.cu) compactly; Q6_K in the
@@ -230,8 +231,8 @@ __device__ __forceinline__ void ring_row_out(const RingMat& M,int s,int row0,int
 // The ring kernels' shared memory: ring | activations (quants, scales, sums) | row partials and
 // their counters | full and empty mbarriers per stage (initialised here, the block synced).
 struct RingSmem { u8* ring; i8* sxq; float* sxd; int* sxs; float* part; int* rcnt; u32 full0, empty0; };
-template<int NW,int RING_STAGES> __device__ __forceinline__ RingSmem ring_smem_init(u8* sm){
- RingSmem r; r.ring=sm; r.sxq=(i8*)(sm+RING_BYTES); r.sxd=(float*)(r.sxq+RING_XQ); r.sxs=(int*)((u8*)r.sxd+256);
+template<int NW,int RING_STAGES,int RB=RING_BYTES> __device__ __forceinline__ RingSmem ring_smem_init(u8* sm){
+ RingSmem r; r.ring=sm; r.sxq=(i8*)(sm+RB); r.sxd=(float*)(r.sxq+RING_XQ); r.sxs=(int*)((u8*)r.sxd+256);
  r.part=(float*)((u8*)r.sxs+3584); r.rcnt=(int*)(r.part+RING_STAGES*RING_MAXC*RING_MAXW);
  unsigned long long* mbar=(unsigned long long*)(r.rcnt+RING_STAGES*RING_MAXC);
  r.full0=smem_u32(mbar); r.empty0=smem_u32(mbar+RING_STAGES);
@@ -313,11 +314,13 @@ template<int NW,int RING_STAGES,int COMPUTE,int U> __global__ void __launch_boun
 // before the dependent-launch wait; the consumers wait for the previous grid (its writes are
 // the activations), load the activations, then compute as ring_token does. Whether the
 // per-launch start and tail cost what a grid barrier costs the one-launch ring.
-template<int NW,int RING_STAGES> __global__ void __launch_bounds__((NW+1)*32,1)
+// RB / MINB (`ring1` second run): a ring of RB bytes and MINB blocks an SM, so that the next
+// launch's block is resident, and its producer streaming, while this one computes.
+template<int NW,int RING_STAGES,int RB=RING_BYTES,int MINB=1> __global__ void __launch_bounds__((NW+1)*32,MINB)
  ring_one(const RingMat M,const i8* xq,const float* xd,const int* xs){
- constexpr int RING_STAGE_BYTES=RING_BYTES/RING_STAGES;
+ constexpr int RING_STAGE_BYTES=RB/RING_STAGES;
  extern __shared__ __align__(128) u8 sm[];
- const RingSmem R=ring_smem_init<NW,RING_STAGES>(sm);
+ const RingSmem R=ring_smem_init<NW,RING_STAGES,RB>(sm);
  u8* ring=R.ring; i8* sxq=R.sxq; float* sxd=R.sxd; int* sxs=R.sxs; float* part=R.part; int* rcnt=R.rcnt; const u32 full0=R.full0, empty0=R.empty0;
  const int warp=threadIdx.x>>5,lane=threadIdx.x&31; const int G=gridDim.x, b=blockIdx.x;
  const int nb=M.cols/256;
@@ -405,13 +408,16 @@ template<int NW,int ST,int U> static void ring_runs(const std::vector<Mat>& mats
   for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); go(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
   std::sort(ts.begin(),ts.end()); printf("ring<%d,%d> U%d rpt %d split %d %-22s token: median %.3f ms (%.2f TB/s), best %.3f, worst %.3f\n",NW,ST,U,g_rpt,g_split,rn[v],ts[4],total/(ts[4]*1e-3)/1e12,ts[0],ts[8]); fflush(stdout); }
  CK(cudaFree(yr)); CK(cudaFree(gbar)); CK(cudaFree(drm)); }
-static void ring1_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
- CK(cudaFuncSetAttribute(ring_one<16,4>,cudaFuncAttributeMaxDynamicSharedMemorySize,RING_SMEM));
+template<int NW,int RB,int MINB> static void ring1_runs(const std::vector<Mat>& mats,const std::vector<std::vector<float>>& ref,const i8* xq,const float* xd,const int* xs,cudaStream_t st,int sms,size_t total){
+ const int smem=RB+(RING_SMEM-RING_BYTES);
+ CK(cudaFuncSetAttribute(ring_one<NW,4,RB,MINB>,cudaFuncAttributeMaxDynamicSharedMemorySize,smem));
+ int per_sm=0; CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm,ring_one<NW,4,RB,MINB>,(NW+1)*32,smem));
+ printf("ring1 with %d consumer warps, a %d KB ring: %d blocks an SM fit\n",NW,RB>>10,per_sm);
  float* yr; CK(cudaMalloc(&yr,5*32768*4)); CK(cudaMemset(yr,0xff,5*32768*4));
- std::vector<RingMat> rm=ring_table(mats,mats.size(),yr,false,RING_BYTES/4); for(size_t i=0;i<rm.size();i++){ rm[i].chunk0=0; if(i<5) rm[i].y=yr+i*32768; }
- auto one=[&](const RingMat& m){ cudaLaunchConfig_t c={}; c.gridDim=dim3(sms); c.blockDim=dim3(17*32); c.dynamicSmemBytes=RING_SMEM; c.stream=st;
+ std::vector<RingMat> rm=ring_table(mats,mats.size(),yr,false,RB/4); for(size_t i=0;i<rm.size();i++){ rm[i].chunk0=0; if(i<5) rm[i].y=yr+i*32768; }
+ auto one=[&](const RingMat& m){ cudaLaunchConfig_t c={}; c.gridDim=dim3(sms); c.blockDim=dim3((NW+1)*32); c.dynamicSmemBytes=smem; c.stream=st;
   cudaLaunchAttribute a[1]; a[0].id=cudaLaunchAttributeProgrammaticStreamSerialization; a[0].val.programmaticStreamSerializationAllowed=1; c.attrs=a; c.numAttrs=1;
-  CK(cudaLaunchKernelEx(&c,ring_one<16,4>,m,xq,xd,xs)); };
+  CK(cudaLaunchKernelEx(&c,ring_one<NW,4,RB,MINB>,m,xq,xd,xs)); };
  for(int i=0;i<5;i++) one(rm[i]); CK(cudaStreamSynchronize(st));
  for(int i=0;i<5;i++){ const Mat& q=mats[i]; std::vector<float> rb(q.rows); CK(cudaMemcpy(rb.data(),yr+i*32768,q.rows*4,cudaMemcpyDeviceToHost)); const std::vector<float>& ra=ref[i];
   int nd=0,nan=0; double md=0; for(int j=0;j<q.rows;j++){ if(!(rb[j]==rb[j])) nan++; if(memcmp(&ra[j],&rb[j],4)) nd++; double d=(double)ra[j]-rb[j]; md=fmax(md,fabs(d)/fmax(1e-30,fabs((double)ra[j]))); }
@@ -421,10 +427,10 @@ static void ring1_runs(const std::vector<Mat>& mats,const std::vector<std::vecto
  auto tok=[&](){ for(auto& m:rm) one(m); };
  tok(); CK(cudaStreamSynchronize(st)); std::vector<float> ts;
  for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); tok(); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
- std::sort(ts.begin(),ts.end()); printf("ring1 (a launch per matrix, PDL) token from a stream: median %.3f ms (%.2f TB/s), best %.3f\n",ts[4],total/(ts[4]*1e-3)/1e12,ts[0]);
+ std::sort(ts.begin(),ts.end()); printf("ring1<%d,%dK> (a launch per matrix, PDL) token from a stream: median %.3f ms (%.2f TB/s), best %.3f\n",NW,RB>>10,ts[4],total/(ts[4]*1e-3)/1e12,ts[0]);
  cudaGraph_t g; cudaGraphExec_t ge; CK(cudaStreamBeginCapture(st,cudaStreamCaptureModeGlobal)); tok(); CK(cudaStreamEndCapture(st,&g)); CK(cudaGraphInstantiate(&ge,g,0)); CK(cudaGraphLaunch(ge,st)); CK(cudaStreamSynchronize(st));
  ts.clear(); for(int r=0;r<9;r++){ CK(cudaEventRecord(f0,st)); CK(cudaGraphLaunch(ge,st)); CK(cudaEventRecord(f1,st)); CK(cudaEventSynchronize(f1)); float ms; CK(cudaEventElapsedTime(&ms,f0,f1)); ts.push_back(ms); }
- std::sort(ts.begin(),ts.end()); printf("ring1 token as a graph: median %.3f ms (%.2f TB/s), best %.3f\n",ts[4],total/(ts[4]*1e-3)/1e12,ts[0]); fflush(stdout);
+ std::sort(ts.begin(),ts.end()); printf("ring1<%d,%dK> token as a graph: median %.3f ms (%.2f TB/s), best %.3f\n",NW,RB>>10,ts[4],total/(ts[4]*1e-3)/1e12,ts[0]); fflush(stdout);
  CK(cudaFree(yr)); }
 int main(int argc,char**argv){
  cudaDeviceProp pr; CK(cudaGetDeviceProperties(&pr,0)); printf("device %s, %d SMs, L2 %d MB\n",pr.name,pr.multiProcessorCount,pr.l2CacheSize>>20);
@@ -456,9 +462,9 @@ int main(int argc,char**argv){
   // `ring rpt2`: two Q4_K rows per warp sharing activation loads; `ring nosplit`: rows never
   // split over warps (the variants of the fused-decode section's table).
   g_rpt=argc>2 && !strcmp(argv[2],"rpt2") ? 2 : 1; g_split=argc>2 && !strcmp(argv[2],"nosplit") ? 0 : 1;
-  if(argc>1 && !strcmp(argv[1],"ring1")){ ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+  if(argc>1 && !strcmp(argv[1],"ring1")){ ring1_runs<16,RING_BYTES,1>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total); ring1_runs<8,80*1024,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total); ring1_runs<16,RING_BYTES,1>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total); ring1_runs<8,80*1024,2>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
    CK(cudaMemset(xq,1,MAXC)); CK(cudaMemset(xd,0,MAXC/256*4)); CK(cudaMemset(xs,0,MAXC/16*4)); for(int i=0;i<5;i++) fill_random(mats[i].w,mats[i].bytes,(u32)i);
-   ring1_runs(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
+   ring1_runs<16,RING_BYTES,1>(mats,ref,xq,xd,xs,st,pr.multiProcessorCount,total);
    for(int var=0;var<6;var+=3){ auto tok=[&](){ for(auto&m:mats) launch(m,var,xq,xd,xs,y,st); }; tok(); CK(cudaStreamSynchronize(st)); cudaEvent_t e0,e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
     float best=1e9; for(int r=0;r<5;r++){CK(cudaEventRecord(e0,st)); tok(); CK(cudaEventRecord(e1,st)); CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms,e0,e1)); best=fminf(best,ms);}
     printf("launch per matrix (%s) token from a stream: best %.3f ms (%.2f TB/s)\n",var==0?"base":"q6s3",best,total/(best*1e-3)/1e12); }
