@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// The GPU tests here run one at a time. The harness runs tests on parallel threads, and a
 /// backend created on one (cudarc synchronizes the context when it makes its first stream)
-/// ends another's pass recording as a CUDA graph: the pass then runs without one, as it
+/// can end another's pass recording as a CUDA graph: the pass then runs without one, as it
 /// should, but `chained_greedy_decode_matches_the_host_loop_on_gpu` counts recordings and
 /// failed so (H200, 2026-11-29: "tiny-qwen2: a recording failed", 2 of ~50 runs).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
