@@ -1806,7 +1806,6 @@ impl CudaBackend {
         rope: Option<ClusterRope>,
         out: &mut CudaAct,
     ) -> Result<()> {
-        use cudarc::driver::sys;
         let width = out.width;
         let q8k = if self.fusions_off.attn_q8k {
             None
@@ -1837,17 +1836,7 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let cluster = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-                    x: blocks as u32,
-                    y: 1,
-                    z: 1,
-                },
-            },
-        };
+        let cluster = cluster_dim_attr(blocks);
         let mut both = [cluster, self.pdl_attr().unwrap_or(cluster)];
         let attrs = &mut both[..1 + usize::from(self.pdl)];
         let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
@@ -2210,6 +2199,22 @@ fn cluster_attention_plan(
         .then_some(c)
 }
 
+/// The launch attribute for clusters of `blocks` blocks along x.
+fn cluster_dim_attr(blocks: usize) -> cudarc::driver::sys::CUlaunchAttribute {
+    use cudarc::driver::sys;
+    sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                x: blocks as u32,
+                y: 1,
+                z: 1,
+            },
+        },
+    }
+}
+
 /// Opts `attn_cluster16_v64` into 16-block clusters (a non-portable size) and the device's
 /// largest shared memory per block, and returns that room in bytes if the driver can place at
 /// least one such cluster of its largest blocks (256 keys of 128-dim heads) at once, else 0.
@@ -2224,17 +2229,7 @@ fn wide_cluster_opt_in(ctx: &CudaContext, stream: &CudaStream, f: &CudaFunction)
     if room < smem || allowed.is_err() {
         return 0;
     }
-    let mut cluster = [sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue {
-            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
-                x: ATTN_WIDE_CLUSTER_BLOCKS as u32,
-                y: 1,
-                z: 1,
-            },
-        },
-    }];
+    let mut cluster = [cluster_dim_attr(ATTN_WIDE_CLUSTER_BLOCKS)];
     let config = sys::CUlaunchConfig {
         gridDimX: ATTN_WIDE_CLUSTER_BLOCKS as u32,
         gridDimY: 1,

@@ -24,6 +24,8 @@
 //!
 //! Set FLEA_CUDA_REPORT=<dir> to write one JSON line per case to <dir>/parity.jsonl.
 
+mod common;
+
 use flea_cuda::CudaBackend;
 use flea_model::{CpuBackend, Logits, Model, Session};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
@@ -37,27 +39,6 @@ const QUANT_TOL: f64 = 5e-2;
 /// Whether two outputs are the same bits, element for element.
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
-
-/// The GPU tests here run one at a time: some settings and counters are process-wide
-/// (`set_mmq`, `set_mmq_grid`, `mmq_launches`) and the harness runs tests on parallel
-/// threads. `chunked_gemm_matches_one_pass` turns the `mmq_*` kernels off for a moment, and
-/// a test that counts their launches (`mmq_split_matches_cpu` failed so, H200, 2026-11-29) or
-/// compares two runs bit for bit fails if that moment falls inside it.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The device with the lock that keeps the other GPU tests out, held as long as the guard
-/// lives; None (the test skips) without a device.
-fn backend() -> Option<(std::sync::MutexGuard<'static, ()>, CudaBackend)> {
-    // A failed test poisons the lock; the next one still runs.
-    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    match CudaBackend::new(0) {
-        Ok(b) => Some((serial, b)),
-        Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
-            None
-        }
-    }
 }
 
 struct Tmp(PathBuf);
@@ -228,7 +209,7 @@ fn run_options(cuda: &CudaBackend, arch: &str, mut o: SynthOptions) -> CaseResul
 /// reported (its rounding is amplified by the Q8 activation rounding of later layers, to
 /// the level of the CPU's own cross-ISA differences), but not asserted.
 fn run_all(cases: &[(Preset, QuantMix)]) {
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     println!(
@@ -274,7 +255,7 @@ fn architectures_match_cpu() {
 /// with Q4_K_M's Q6_K v rows among them (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
 #[test]
 fn whole_row_widths_match_cpu() {
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     cuda.set_precise_gemm(true);
@@ -339,7 +320,7 @@ fn new_without_device_is_an_error_not_a_panic() {
 #[test]
 fn ops_match_cpu() {
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     cuda.set_precise_gemm(true);
@@ -496,7 +477,7 @@ fn cuda_qkv(
 fn attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, Row};
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(4).unwrap();
@@ -658,7 +639,7 @@ fn rope_attention_matches_cpu() {
     use flea_model::backend::{AttnParams, KvShape, RopeParams, Row};
     use flea_model::config::RopeStyle;
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(4).unwrap();
@@ -781,7 +762,7 @@ fn rope_attention_matches_cpu() {
 /// order (checked against the CPU in `attention_matches_cpu`): kept off here.
 #[test]
 fn fusion_changes_nothing() {
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     cuda.set_cluster_attention(false);
@@ -826,7 +807,7 @@ fn fusion_changes_nothing() {
 fn whole_row_mat_vecs_match_cpu() {
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(4).unwrap();
@@ -909,7 +890,7 @@ fn mmq_grouped_launch_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     if !cuda.mmq_on() {
@@ -1002,7 +983,7 @@ fn mmq_split_matches_cpu() {
     use flea_cuda::MmqGrid;
     use flea_model::weights::Weight;
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     if !cuda.mmq_on() {
@@ -1092,7 +1073,7 @@ fn mmq_split_matches_cpu() {
 /// at every position.
 #[test]
 fn chunked_gemm_matches_one_pass() {
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     // A 20-row prompt of Q4_K / Q6_K weights would take the tensor-core kernels instead.
@@ -1133,7 +1114,7 @@ fn chunked_gemm_matches_one_pass() {
 /// were, and gives the device memory back.
 #[test]
 fn gemm_warm_up_changes_nothing() {
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let (_tmp, model) = q4km_model("warmup", Preset::Tiny, 9);
@@ -1219,7 +1200,7 @@ fn slot_picks(
 fn sample_to_slot_matches_the_host_sampler() {
     use flea_model::sampling::{choose_from_top, top_candidates, SlotPick, TopKSampling};
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(2).unwrap();
@@ -1314,7 +1295,7 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
     // Whole-vocabulary sampling (top-k off) on the device: the token of `sample_vocab`.
     use flea_model::sampling::{sample_vocab, SlotPick, VocabSampling};
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(2).unwrap();
@@ -1428,7 +1409,7 @@ fn vocab_sample_to_slot_matches_the_host_sampler() {
 fn argmax_to_slot_matches_the_host() {
     use flea_model::sampling::SlotPick;
     use flea_model::Backend;
-    let Some((_serial, cuda)) = backend() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(2).unwrap();

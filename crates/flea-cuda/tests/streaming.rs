@@ -5,33 +5,14 @@
 //! within the CPU-vs-GPU noise floor of the resident run. Without a CUDA device every test
 //! prints "SKIP" and passes.
 
+mod common;
+
 use flea_cuda::CudaBackend;
 use flea_io::{IoBackend, IoOptions};
 use flea_model::{CpuBackend, Logits, Model};
 use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::path::{Path, PathBuf};
-
-/// The GPU tests here run one at a time. The harness runs tests on parallel threads, and a
-/// backend created on one (cudarc synchronizes the context when it makes its first stream)
-/// can end another's pass recording as a CUDA graph: the pass then runs without one, as it
-/// should, but `chained_greedy_decode_matches_the_host_loop_on_gpu` counts recordings and
-/// failed so (H200, 2026-11-29: "tiny-qwen2: a recording failed", 2 of ~50 runs).
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Device 0 with the lock that keeps the other GPU tests out (held while the guard lives),
-/// or None after printing SKIP (no CUDA device here).
-fn device() -> Option<(std::sync::MutexGuard<'static, ()>, CudaBackend)> {
-    // A failed test poisons the lock; the next one still runs.
-    let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    match CudaBackend::new(0) {
-        Ok(b) => Some((serial, b)),
-        Err(e) => {
-            println!("SKIP: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 struct Tmp(PathBuf);
 impl Drop for Tmp {
@@ -183,7 +164,7 @@ fn case(cuda: &CudaBackend, preset: Preset) {
 
 #[test]
 fn streamed_equals_resident_on_gpu() {
-    let Some((_serial, cuda)) = device() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     // The resident runs decode layer by layer here, as the streamed ones do (the fused
@@ -207,7 +188,7 @@ const FUSED_TOL: f64 = HYBRID_TOL;
 /// decode step within FUSED_TOL with the same argmax, and the fused kernel really ran.
 #[test]
 fn fused_decode_matches_layer_by_layer() {
-    let Some((_serial, cuda)) = device() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let mut wide = Preset::Tiny.shape();
@@ -330,7 +311,7 @@ const HYBRID_TOL: f64 = 5e-2;
 
 #[test]
 fn hybrid_decode_matches_resident_on_gpu() {
-    let Some((_serial, cuda)) = device() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     let cpu = CpuBackend::new(4).expect("CPU backend");
@@ -404,7 +385,7 @@ fn hybrid_decode_matches_resident_on_gpu() {
 /// streamed layers it declines.
 #[test]
 fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
-    let Some((_serial, cuda)) = device() else {
+    let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
