@@ -4409,6 +4409,247 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
         const float *__restrict__ vnew, int nd, float theta_scale, int neox
+#if __CUDA_ARCH__ >= 900
+// What a block of a decode-attention cluster (CS blocks) covers: head h (hi of the cluster's
+// 256 / hd), keys j0 .. j0 + len of its window (split of S = CS * hd / 256 blocks a head), of
+// which `nold` were stored by earlier tokens; its kv head's cache rows start at r0, column col.
+struct AtcPart {
+    int S, cluster, hi, split, h, len, nold, col;
+    bool newest;
+    u32 rank;
+    long long r0;
+};
+template <int CS>
+__device__ __forceinline__ AtcPart atc_part(const int* rowpos, const int* rowbase, int window,
+                                            int hd, int group) {
+    AtcPart a;
+    const int hb = 256 / hd;
+    a.S = CS / hb;
+    a.rank = atc_rank();
+    a.cluster = blockIdx.x / CS;
+    a.hi = (int)a.rank / a.S;
+    a.split = (int)a.rank % a.S;
+    a.h = a.cluster * hb + a.hi;
+    int lo, nk;
+    att_window(rowpos, 0, window, &lo, &nk);
+    const int kps = (nk + a.S - 1) / a.S;
+    const int j0 = min(nk, a.split * kps);
+    a.len = min(nk, j0 + kps) - j0;
+    a.newest = a.len > 0 && j0 + a.len == nk;
+    a.nold = a.newest ? a.len - 1 : a.len;
+    a.r0 = (long long)rowbase[0] + lo + j0;
+    a.col = (a.h / group) * hd;
+    return a;
+}
+// Thread 0: the exchange mbarriers (xbar[0]: the head's S stats; xbar[1], block 0 only: the
+// cluster's CS partials of hd floats) and, with `bulk`, the bulk copies' barrier at `b`
+// expecting `copies` bytes (maybe 0); the barriers' initialisation fenced for the cluster.
+__device__ __forceinline__ void atc_init_barriers(unsigned long long* xbar, const AtcPart& a,
+                                                  int CS, int hd, bool bulk, u32 b, u32 copies) {
+    if (threadIdx.x != 0) return;
+    if (bulk) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[0])));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[1])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                     fd_smem(&xbar[0])),
+                 "r"((u32)a.S * 8u)
+                 : "memory");
+    if (a.rank == 0)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                         fd_smem(&xbar[1])),
+                     "r"((u32)CS * (u32)hd * 4u)
+                     : "memory");
+    if (bulk)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(copies)
+                     : "memory");
+}
+// RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i
+// (pa, pb), as rope_at / rope_apply compute them; dims past nd stay (computed before the wait:
+// the row's position was uploaded before the token's first launch).
+struct AtcRope {
+    int pa, pb;
+    float rc, rs;
+};
+__device__ __forceinline__ AtcRope atc_rope(const int* rowpos, int nd, float theta_scale,
+                                            int neox) {
+    const int t = threadIdx.x, half = nd / 2;
+    AtcRope r{t, t, 1.f, 0.f};
+    if (t < nd) {
+        const int i = neox ? t % half : t / 2;
+        r.pa = neox ? i : 2 * i;
+        r.pb = neox ? i + half : 2 * i + 1;
+        float theta = (float)rowpos[0];
+        for (int k = 0; k < i; k++) theta *= theta_scale;
+        r.rc = cosf(theta);
+        r.rs = sinf(theta);
+    }
+    return r;
+}
+// After the dependent-launch wait. With nd > 0: q of head h and the newest k rotated (q into
+// qs), the newest K/V row as f16 into kdst / vdst (shared) and, by one block of its kv head,
+// into the cache (the others use their own copy). With nd == 0 (q rotated and the row stored
+// by the launch just before): the newest row from the cache into kdst / vdst. kdst / vdst:
+// hd halves each, written only where the block has the newest key.
+__device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, int nd, int hd,
+                                           int group, int kvd, const int* rowpos,
+                                           const int* rowbase, const float* q,
+                                           const float* knew, const float* vnew, u16* kc, u16* vc,
+                                           float* qs, float* ks, u16* kdst, u16* vdst) {
+    const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    if (nd > 0) {
+        const int kvh = a.h / group;
+        if (t < hd) {
+            qs[t] = q[(long long)a.h * hd + t];
+            if (a.newest) ks[t] = knew[(long long)kvh * hd + t];
+        }
+        __syncthreads();
+        const auto rotated = [&](const float* x) {
+            const float x0 = x[r.pa], x1 = x[r.pb];
+            return t >= nd ? x0 : t == r.pa ? x0 * r.rc - x1 * r.rs : x0 * r.rs + x1 * r.rc;
+        };
+        float qr = 0.f;
+        if (t < hd) {
+            qr = rotated(qs);
+            if (a.newest) {
+                const u16 kh = f2h(rotated(ks));
+                const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
+                kdst[t] = kh;
+                vdst[t] = vh;
+                if (a.h % group == 0) {
+                    const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + a.col + t;
+                    kc[row] = kh;
+                    vc[row] = vh;
+                }
+            }
+        }
+        __syncthreads();
+        if (t < hd) qs[t] = qr;
+        __syncthreads();
+    }
+    if (nd == 0 && a.newest && warp == 0 && lane * 4 < hd) {
+        const long long rn = (a.r0 + a.len - 1) * kvd + a.col + lane * 4;
+        *(uint2*)(kdst + lane * 4) = __ldcg((const uint2*)(kc + rn));
+        *(uint2*)(vdst + lane * 4) = __ldcg((const uint2*)(vc + rn));
+    }
+}
+// Lane `sub` (of LK = hd / 32 a key) of q's 16-byte chunks sub, sub + LK, sub + 2 LK, sub + 3 LK
+// (8 dims each), rounded to f16 as the CPU's dot with the f16 cache does.
+__device__ __forceinline__ void atc_q(const float* qsrc, int sub, int LK, float (&qd)[32]) {
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) qd[8 * c + i] = h2f(f2h(qsrc[(sub + c * LK) * 8 + i]));
+}
+// A key's score times `scale` (every lane of the key's LK gets it): lane `sub` takes its four
+// 8-dim chunks of the f16 row kr, the LK partial sums added by xor-shuffles.
+__device__ __forceinline__ float atc_score(const u16* kr, const float (&qd)[32], int sub, int LK,
+                                           float scale) {
+    float dc[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const uint4 w = *(const uint4*)(kr + (sub + c * LK) * 8);
+        const float4 k0 = h4f(make_uint2(w.x, w.y)), k1 = h4f(make_uint2(w.z, w.w));
+        const float* qc = qd + 8 * c;
+        dc[c] = qc[0] * k0.x + qc[1] * k0.y + qc[2] * k0.z + qc[3] * k0.w + qc[4] * k1.x +
+                qc[5] * k1.y + qc[6] * k1.z + qc[7] * k1.w;
+    }
+    float acc = (dc[0] + dc[1]) + (dc[2] + dc[3]);
+    for (int o = 1; o < LK; o <<= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    return acc * scale;
+}
+// The block's scores sc[0 .. len) become its probabilities: its max and sum of exp go to the
+// head's S blocks (thread c sends to block c, slot `split`), the head's max and total are
+// formed from them in block order (the same in each block), then exp(s - M) / total rounded
+// to f16. Ends with a barrier.
+template <int CS>
+__device__ __forceinline__ void atc_softmax(float* sc, const AtcPart& a, float* red,
+                                            float2* stats_in, unsigned long long* xbar) {
+    float m, l;
+    att_block_stats(sc, a.len, red, m, l);
+    if (threadIdx.x < a.S) {
+        const u32 to = (u32)(a.hi * a.S + threadIdx.x);
+        atc_send2(atc_map(&stats_in[a.split], to), m, l, atc_map(&xbar[0], to));
+    }
+    fd_wait(fd_smem(&xbar[0]), 0, false);
+    float M = NEG_INF, tot = 0.f;
+#pragma unroll
+    for (int c = 0; c < CS; c++)
+        if (c < a.S) M = fmaxf(M, stats_in[c].x);
+#pragma unroll
+    for (int c = 0; c < CS; c++) {
+        const float2 st = c < a.S ? stats_in[c] : make_float2(0.f, 0.f);
+        if (st.y > 0.f) tot += st.y * expf(st.x - M);
+    }
+    const float inv = 1.f / tot;
+    for (int j = threadIdx.x; j < a.len; j += blockDim.x) sc[j] = h2f(f2h(expf(sc[j] - M) * inv));
+    __syncthreads();
+}
+// The thread's four P.V sums added, the block's groups summed and sent to block 0 (its slot
+// `rank`); block 0 then adds its heads' partials in block order into the cluster's 256
+// outputs (lane l elements 8l .. 8l + 7, head 8l / hd), stores them and quantises them to
+// Q8_K (xq non-null). No block reads another's shared memory, and every block a send goes to
+// waits for it before it leaves: no barrier at the end.
+template <int CS>
+__device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const float4& a2,
+                                           const float4& a3, const AtcPart& a, int hd,
+                                           float4* acc4, float* parts_in,
+                                           unsigned long long* xbar, float* out, i8* xq,
+                                           float* xd, int* xs) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int q4 = hd >> 2, G = 128 / q4;
+    acc = make_float4((acc.x + a1.x) + (a2.x + a3.x), (acc.y + a1.y) + (a2.y + a3.y),
+                      (acc.z + a1.z) + (a2.z + a3.z), (acc.w + a1.w) + (a2.w + a3.w));
+    acc4[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < q4)
+        atc_send4(atc_map(parts_in + a.rank * hd + 4 * threadIdx.x, 0),
+                  att_groups_sum(acc4, q4, G), atc_map(&xbar[1], 0));
+    if (a.rank == 0 && warp == 0) {
+        fd_wait(fd_smem(&xbar[1]), 0, false);
+        const int e = 8 * lane, hh = e / hd, dd = e % hd;
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < CS; c++) {
+            if (c < a.S) {
+                const float* pc = parts_in + (hh * a.S + c) * hd + dd;
+                const float4 x0 = *(const float4*)pc, x1 = *(const float4*)(pc + 4);
+                v[0] += x0.x;
+                v[1] += x0.y;
+                v[2] += x0.z;
+                v[3] += x0.w;
+                v[4] += x1.x;
+                v[5] += x1.y;
+                v[6] += x1.z;
+                v[7] += x1.w;
+            }
+        }
+        float* o = out + (long long)a.cluster * 256 + e;
+        *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
+        if (xq != nullptr) q8k_vals(v, xq, xd, xs, a.cluster, lane);
+    }
+}
+// One quad of a thread's P.V keys j, j + G, j + 2G, j + 3G (j < len): into the four sums
+// while the whole quad is below len, else each key below len into acc, in key order — the
+// order of attn_cluster's loops. vrow(key): the key's V row, at this thread's dims.
+template <class VRow>
+__device__ __forceinline__ void atc_pv_quad(int j, int G, int len, const float* p,
+                                            const VRow& vrow, float4& acc, float4& a1,
+                                            float4& a2, float4& a3) {
+    if (j + 3 * G < len) {
+        const uint2 v0 = vrow(j), v1 = vrow(j + G), v2 = vrow(j + 2 * G), v3 = vrow(j + 3 * G);
+        att_axpy(acc, p[j], h4f(v0));
+        att_axpy(a1, p[j + G], h4f(v1));
+        att_axpy(a2, p[j + 2 * G], h4f(v2));
+        att_axpy(a3, p[j + 3 * G], h4f(v3));
+    } else {
+        for (int k = j; k < len; k += G) att_axpy(acc, p[k], h4f(vrow(k)));
+    }
+}
+#endif
 template <int VK, int CS>
 __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 #if __CUDA_ARCH__ >= 900
@@ -4425,41 +4666,15 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     __shared__ __align__(16) float parts_in[CS * 128];
     __shared__ __align__(16) u16 vnew_s[VK > 0 ? 128 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int hb = 256 / hd, S = CS / hb;
-    const u32 rank = atc_rank();
-    const int cluster = blockIdx.x / CS;
-    const int hi = (int)rank / S, split = (int)rank % S;
-    const int h = cluster * hb + hi;
-    int lo, nk;
-    att_window(rowpos, 0, window, &lo, &nk);
-    const int kps = (nk + S - 1) / S;
-    const int j0 = min(nk, split * kps), len = min(nk, j0 + kps) - j0;
-    const bool newest = len > 0 && j0 + len == nk;
-    const int nold = newest ? len - 1 : len;
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group);
+    const int len = a.len, nold = a.nold;
     u16* Ks = (u16*)atc_dyn;
     u16* Vs = Ks + (long long)kps_max * hd;  // VK > 0: not there (sc follows Ks)
     float* sc = (float*)(VK > 0 ? Vs : Vs + (long long)kps_max * hd);
-    const long long r0 = (long long)rowbase[0] + lo + j0;
-    const int col = (h / group) * hd;
+    const long long r0 = a.r0;
+    const int col = a.col;
     const u32 rb = (u32)hd * 2, b = fd_smem(&bar);
-    if (threadIdx.x == 0) {
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(b));
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[0])));
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(fd_smem(&xbar[1])));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
-                         fd_smem(&xbar[0])),
-                     "r"((u32)S * 8u)
-                     : "memory");
-        if (rank == 0)
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
-                             fd_smem(&xbar[1])),
-                         "r"((u32)CS * (u32)hd * 4u)
-                         : "memory");
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b),
-                     "r"((VK > 0 ? 1u : 2u) * (u32)nold * rb)
-                     : "memory");
-    }
+    atc_init_barriers(xbar, a, CS, hd, true, b, (VK > 0 ? 1u : 2u) * (u32)nold * rb);
     __syncthreads();
     // Every block's mbarriers are initialised before any block sends to them (the wait is
     // before the dependent-launch wait, so it overlaps the previous kernel).
@@ -4489,112 +4704,26 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
                                : make_uint2(0u, 0u);
         }
     }
-    // RoPE: thread t's dim is element ea (x0 * c - x1 * s) or eb (x0 * s + x1 * c) of pair i
-    // (pa, pb), as rope_apply computes them; dims past nd stay.
-    const int t = threadIdx.x, half = nd / 2;
-    int pa = t, pb = t;
-    float rc = 1.f, rs = 0.f;
-    if (t < nd) {
-        const int i = neox ? t % half : t / 2;
-        pa = neox ? i : 2 * i;
-        pb = neox ? i + half : 2 * i + 1;
-        float theta = (float)rowpos[0];
-        for (int k = 0; k < i; k++) theta *= theta_scale;
-        rc = cosf(theta);
-        rs = sinf(theta);
-    }
+    const AtcRope rope = atc_rope(rowpos, nd, theta_scale, neox);
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
     pdl_enter();
-    const bool on = lane * 4 < hd;
-    if (nd > 0) {
-        const int kvh = h / group;
-        if (t < hd) {
-            qs[t] = q[(long long)h * hd + t];
-            if (newest) ks[t] = knew[(long long)kvh * hd + t];
-        }
-        __syncthreads();
-        const auto rotated = [&](const float* x) {
-            const float x0 = x[pa], x1 = x[pb];
-            return t >= nd ? x0 : t == pa ? x0 * rc - x1 * rs : x0 * rs + x1 * rc;
-        };
-        float qr = 0.f;
-        if (t < hd) {
-            qr = rotated(qs);
-            if (newest) {
-                const u16 kh = f2h(rotated(ks));
-                const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
-                Ks[(len - 1) * hd + t] = kh;
-                if (VK > 0)
-                    vnew_s[t] = vh;
-                else
-                    Vs[(len - 1) * hd + t] = vh;
-                if (h % group == 0) {
-                    const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + col + t;
-                    kc[row] = kh;
-                    vc[row] = vh;
-                }
-            }
-        }
-        __syncthreads();
-        if (t < hd) qs[t] = qr;
-        __syncthreads();
-    }
-    if (nd == 0 && newest && warp == 0 && on) {
-        const long long rn = (r0 + len - 1) * kvd + col + lane * 4;
-        *(uint2*)(Ks + (len - 1) * hd + lane * 4) = __ldcg((const uint2*)(kc + rn));
-        *(uint2*)((VK > 0 ? vnew_s : Vs + (len - 1) * hd) + lane * 4) =
-            __ldcg((const uint2*)(vc + rn));
-    }
+    // The newest row goes where its key's K and V are read: row len - 1 of Ks (and Vs, or
+    // vnew_s with V in registers).
+    atc_newest(a, rope, nd, hd, group, kvd, rowpos, rowbase, q, knew, vnew, kc, vc, qs, ks,
+               Ks + (len - 1) * hd, VK > 0 ? vnew_s : Vs + (len - 1) * hd);
     fd_wait(b, 0, false);
     __syncthreads();
-    // Scores: LK = hd / 32 lanes per key; lane `sub` of a key takes its 16-byte chunks
-    // sub, sub + LK, sub + 2 LK, sub + 3 LK (8 dims each); a warp scores 32 / LK keys at a
-    // time, each key's LK partial sums added by xor-shuffles within its lanes.
+    // Scores: LK = hd / 32 lanes per key; a warp scores 32 / LK keys at a time.
     const int LK = hd >> 5, sub = lane % LK, kl = lane / LK, kpw = 32 / LK;
-    const float* qsrc = nd > 0 ? qs : q + (long long)h * hd;
     float qd[32];
-#pragma unroll
-    for (int c = 0; c < 4; c++)
-#pragma unroll
-        for (int i = 0; i < 8; i++) qd[8 * c + i] = h2f(f2h(qsrc[(sub + c * LK) * 8 + i]));
+    atc_q(nd > 0 ? qs : q + (long long)a.h * hd, sub, LK, qd);
     for (int jw = warp * kpw; jw < len; jw += 4 * kpw) {
         const int key = jw + kl;
-        const u16* kr = Ks + min(key, len - 1) * hd;
-        float dc[4];
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            const uint4 w = *(const uint4*)(kr + (sub + c * LK) * 8);
-            const float4 k0 = h4f(make_uint2(w.x, w.y)), k1 = h4f(make_uint2(w.z, w.w));
-            const float* qc = qd + 8 * c;
-            dc[c] = qc[0] * k0.x + qc[1] * k0.y + qc[2] * k0.z + qc[3] * k0.w + qc[4] * k1.x +
-                    qc[5] * k1.y + qc[6] * k1.z + qc[7] * k1.w;
-        }
-        float acc = (dc[0] + dc[1]) + (dc[2] + dc[3]);
-        for (int o = 1; o < LK; o <<= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        if (sub == 0 && key < len) sc[key] = acc * scale;
+        const float s = atc_score(Ks + min(key, len - 1) * hd, qd, sub, LK, scale);
+        if (sub == 0 && key < len) sc[key] = s;
     }
     __syncthreads();
-    float m, l;
-    att_block_stats(sc, len, red, m, l);
-    // Thread c sends (m, l) to the head's block c, into its slot `split`.
-    if (threadIdx.x < S) {
-        const u32 to = (u32)(hi * S + threadIdx.x);
-        atc_send2(atc_map(&stats_in[split], to), m, l, atc_map(&xbar[0], to));
-    }
-    fd_wait(fd_smem(&xbar[0]), 0, false);
-    // The head's max and total from its blocks, in block order (the same in each of them).
-    float M = NEG_INF, tot = 0.f;
-#pragma unroll
-    for (int c = 0; c < CS; c++)
-        if (c < S) M = fmaxf(M, stats_in[c].x);
-#pragma unroll
-    for (int c = 0; c < CS; c++) {
-        const float2 st = c < S ? stats_in[c] : make_float2(0.f, 0.f);
-        if (st.y > 0.f) tot += st.y * expf(st.x - M);
-    }
-    const float inv = 1.f / tot;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) sc[j] = h2f(f2h(expf(sc[j] - M) * inv));
-    __syncthreads();
+    atc_softmax<CS>(sc, a, red, stats_in, xbar);
     // P.V: thread i takes dims 4 * (i % q4) .. + 3 of keys i / q4, + G, ... (q4 = hd / 4).
     const int q4 = hd >> 2, G = 128 / q4, g = threadIdx.x / q4, d4 = (threadIdx.x - g * q4) * 4;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -4622,56 +4751,11 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
                     att_axpy(a3, pk, vk);
             }
         }
-        j = len;  // nothing left for the loops below
+        j = len;  // nothing left for the loop below
     }
-    for (; j + 3 * G < len; j += 4 * G) {
-        const uint2 v0 = *(const uint2*)(Vs + j * hd + d4);
-        const uint2 v1 = *(const uint2*)(Vs + (j + G) * hd + d4);
-        const uint2 v2 = *(const uint2*)(Vs + (j + 2 * G) * hd + d4);
-        const uint2 v3 = *(const uint2*)(Vs + (j + 3 * G) * hd + d4);
-        att_axpy(acc, sc[j], h4f(v0));
-        att_axpy(a1, sc[j + G], h4f(v1));
-        att_axpy(a2, sc[j + 2 * G], h4f(v2));
-        att_axpy(a3, sc[j + 3 * G], h4f(v3));
-    }
-    for (; j < len; j += G) att_axpy(acc, sc[j], h4f(*(const uint2*)(Vs + j * hd + d4)));
-    acc = make_float4((acc.x + a1.x) + (a2.x + a3.x), (acc.y + a1.y) + (a2.y + a3.y),
-                      (acc.z + a1.z) + (a2.z + a3.z), (acc.w + a1.w) + (a2.w + a3.w));
-    acc4[threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.x < q4)
-        atc_send4(atc_map(parts_in + rank * hd + 4 * threadIdx.x, 0),
-                  att_groups_sum(acc4, q4, G), atc_map(&xbar[1], 0));
-    // Block 0: the 256 outputs, lane l elements 8l .. 8l + 7 (head 8l / hd), its heads'
-    // partials added in block order; stored, then quantised.
-    if (rank == 0 && warp == 0) {
-        fd_wait(fd_smem(&xbar[1]), 0, false);
-        const int e = 8 * lane, hh = e / hd, dd = e % hd;
-        float v[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = 0.f;
-#pragma unroll
-        for (int c = 0; c < CS; c++) {
-            if (c < S) {
-                const float* pc = parts_in + (hh * S + c) * hd + dd;
-                const float4 x0 = *(const float4*)pc, x1 = *(const float4*)(pc + 4);
-                v[0] += x0.x;
-                v[1] += x0.y;
-                v[2] += x0.z;
-                v[3] += x0.w;
-                v[4] += x1.x;
-                v[5] += x1.y;
-                v[6] += x1.z;
-                v[7] += x1.w;
-            }
-        }
-        float* o = out + (long long)cluster * 256 + e;
-        *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
-        *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
-        if (xq != nullptr) q8k_vals(v, xq, xd, xs, cluster, lane);
-    }
-    // No block reads another's shared memory, and every block a send goes to waits for it
-    // before it leaves: no barrier at the end.
+    const auto vrow = [&](int key) { return *(const uint2*)(Vs + key * hd + d4); };
+    for (; j < len; j += 4 * G) atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs);
 #else
     asm volatile("trap;");
 #endif
@@ -4697,6 +4781,115 @@ extern "C" __global__ void __launch_bounds__(128) attn_cluster_v64(ATC_ARGS) {
 // 128-dim head is split over 8 blocks of up to 256 keys (2048 keys), V in registers.
 extern "C" __global__ void __launch_bounds__(128) attn_cluster16_v64(ATC_ARGS) {
     attn_cluster_impl<64, 16>(ATC_PARAMS);
+}
+
+// Decode attention at any length (`attn_stream16`): attn_cluster16_v64's clusters, split,
+// exchanges and sums (so the same bits where both apply), but the block's K rows and then its
+// V rows stream through a ring of ATS_ST stages of ATS_STAGE bytes (32 keys of a 128-dim head,
+// 64 of a 64-dim one) by 16-byte cp.async, ATS_ST - 1 tiles ahead of the one being used, the
+// first ones issued before the dependent-launch wait (rows of earlier tokens only; the newest
+// row comes from knew_s / vnew_s). So its shared memory is the ring and the scores (4 bytes a
+// key) at any context, and its registers attn_cluster's without V: its blocks fit one wave (a
+// 13b's 320 at 3 an SM) where attn_cluster16_v64's 247 registers allowed 2 an SM (2.4 waves
+// past 1024 keys) and past 2048 keys, where no register-held kernel applies and the split
+// attention took ~77 us a layer of a 13b at 4k keys (docs/BENCHMARKS.md). The V tiles load
+// while the block exchanges its stats. Decode takes it past the 576 keys attn_cluster_v36
+// holds (ATTN_STREAM_FROM, lib.rs); at 505-568 keys the 8-block kernels with V in registers
+// were ~8% faster a token.
+template <int CS, int ATS_ST, int ATS_STAGE>
+__device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
+#if __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(16) unsigned char atc_dyn[];
+    __shared__ float red[4];
+    __shared__ float4 acc4[128];
+    __shared__ __align__(16) float qs[128];
+    __shared__ float ks[128];
+    __shared__ __align__(8) unsigned long long xbar[2];
+    __shared__ __align__(8) float2 stats_in[CS];
+    __shared__ __align__(16) float parts_in[CS * 128];
+    __shared__ __align__(16) u16 knew_s[128];
+    __shared__ __align__(16) u16 vnew_s[128];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group);
+    const int len = a.len, nold = a.nold;
+    u16* ring = (u16*)atc_dyn;
+    float* sc = (float*)(atc_dyn + ATS_ST * ATS_STAGE);
+    // Keys a tile (a power of two, at least 32); tiles of K over [0, len), then as many of V.
+    const int tk = ATS_STAGE / (hd * 2), nt = (len + tk - 1) / tk;
+    atc_init_barriers(xbar, a, CS, hd, false, 0u, 0u);
+    __syncthreads();
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    // Tile u's cached rows (< nold) into stage u % ATS_ST, 16 bytes a thread at a time; one
+    // commit group per tile, empty past the last, so that the wait below counts alike.
+    const int cpr = hd / 8;  // 16-byte pieces a row
+    const auto issue = [&](int u) {
+        if (u < 2 * nt) {
+            const bool is_v = u >= nt;
+            const int t0 = (is_v ? u - nt : u) * tk, rows = min(tk, nold - t0);
+            const u16* src = (is_v ? vc : kc) + (a.r0 + t0) * kvd + a.col;
+            const u32 dst = fd_smem(ring + (u % ATS_ST) * (ATS_STAGE / 2));
+            for (int c = threadIdx.x; c < rows * cpr; c += blockDim.x) {
+                const int r = c / cpr, e = (c - r * cpr) * 8;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + (r * hd + e) * 2),
+                             "l"(src + (long long)r * kvd + e)
+                             : "memory");
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    for (int u = 0; u < ATS_ST - 1; u++) issue(u);
+    const AtcRope rope = atc_rope(rowpos, nd, theta_scale, neox);
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    pdl_enter();
+    atc_newest(a, rope, nd, hd, group, kvd, rowpos, rowbase, q, knew, vnew, kc, vc, qs, ks, knew_s,
+               vnew_s);
+    const int LK = hd >> 5, sub = lane % LK, kl = lane / LK, kpw = 32 / LK;
+    float qd[32];
+    atc_q(nd > 0 ? qs : q + (long long)a.h * hd, sub, LK, qd);
+    // Tile u: once this thread's copies of it landed (ATS_ST - 2 later groups may be pending)
+    // and every thread's (the barrier, which also frees the stage the next issue reuses).
+    const auto next_tile = [&](int u) {
+        asm volatile("cp.async.wait_group %0;" ::"n"(ATS_ST - 2) : "memory");
+        __syncthreads();
+        issue(u + ATS_ST - 1);
+        return ring + (u % ATS_ST) * (ATS_STAGE / 2);
+    };
+    // Scores: rounds of the 4 warps' 32 / LK keys each (tk is a multiple of 4 * kpw).
+    for (int u = 0; u < nt; u++) {
+        const u16* kt = next_tile(u);
+        const int kt0 = u * tk;
+        for (int kk = warp * kpw + kl; kk < tk; kk += 4 * kpw) {
+            const int key = kt0 + kk;
+            const u16* kr = key < nold ? kt + kk * hd : knew_s;
+            const float s = atc_score(kr, qd, sub, LK, scale);
+            if (sub == 0 && key < len) sc[key] = s;
+        }
+    }
+    __syncthreads();
+    atc_softmax<CS>(sc, a, red, stats_in, xbar);
+    // P.V: thread i takes dims 4 * (i % q4) .. + 3 of keys i / q4, + G, ... in quads of keys
+    // (a tile holds whole quads: tk is a multiple of 4G).
+    const int q4 = hd >> 2, G = 128 / q4, g = threadIdx.x / q4, d4 = (threadIdx.x - g * q4) * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 a1 = acc, a2 = acc, a3 = acc;
+    for (int u = 0; u < nt; u++) {
+        const u16* vt = next_tile(nt + u);
+        const int kt0 = u * tk;
+        const auto vrow = [&](int key) {
+            return *(const uint2*)((key < nold ? vt + (key - kt0) * hd : vnew_s) + d4);
+        };
+        for (int j = kt0 + g; j < min(len, kt0 + tk); j += 4 * G)
+            atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
+    }
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs);
+#else
+    asm volatile("trap;");
+#endif
+}
+// Six stages of 8 KB (H200, 2026-11-29, 4k keys: 13b 205 / 219 / 229 tok/s with 3 / 4 / 6
+// stages, 197 with 4 of 16 KB; more than 6 would leave 2 blocks an SM, not 3).
+extern "C" __global__ void __launch_bounds__(128) attn_stream16(ATC_ARGS) {
+    attn_stream_impl<16, 6, 8192>(ATC_PARAMS);
 }
 
 // A recorded decode pass (graph.rs) writes its few row positions with this kernel, the values

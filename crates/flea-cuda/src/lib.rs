@@ -130,7 +130,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 37] = [
+const PLAIN_KERNELS: [&str; 38] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -145,6 +145,7 @@ const PLAIN_KERNELS: [&str; 37] = [
     "attn_cluster_v36",
     "attn_cluster_v64",
     "attn_cluster16_v64",
+    "attn_stream16",
     "fd_decode",
     "deq_f16_q6_k_soa",
     "deq_f32_q6_k_soa",
@@ -340,6 +341,11 @@ pub struct CudaBackend {
     /// Keys from which a decode row takes the 16-block clusters (ATTN_CLUSTER_MAX_KEYS + 1;
     /// tests lower it).
     wide_cluster_from: AtomicUsize,
+    /// Dynamic shared memory `attn_stream16` may use per block where the device runs its
+    /// 16-block clusters (0: it does not), and the keys from which a decode row takes it
+    /// (FLEA_CUDA_ATTN_STREAM, `stream_attention_setting`; tests lower it).
+    stream_attention_room: usize,
+    stream_attention_from: AtomicUsize,
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
     /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
     cluster_attention_vreg: std::sync::atomic::AtomicBool,
@@ -640,9 +646,29 @@ impl CudaBackend {
             0
         };
         let wide_cluster_room = match funcs.get(ATTN_WIDE_CLUSTER_KERNEL) {
-            Some(f) if cluster_attention_room > 0 => wide_cluster_opt_in(&ctx, &stream, f),
+            Some(f) if cluster_attention_room > 0 => {
+                wide_cluster_opt_in(&ctx, &stream, f, cluster_attention_vreg_smem(256, 128))
+            }
             _ => 0,
         };
+        // The streaming kernel is checked at its largest use (ATTN_STREAM_MAX_KEYS keys a
+        // block) and then never given more.
+        let stream_attention_room = match funcs.get(ATTN_STREAM_KERNEL) {
+            Some(f) if cluster_attention_room > 0 => {
+                let most = stream_attention_smem(ATTN_STREAM_MAX_KEYS);
+                if wide_cluster_opt_in(&ctx, &stream, f, most) >= most {
+                    most
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        };
+        let stream_attention_from = stream_attention_setting(
+            std::env::var("FLEA_CUDA_ATTN_STREAM")
+                .as_deref()
+                .unwrap_or(""),
+        )?;
         let cluster_attention_vreg_mode = attention_vreg_setting(
             std::env::var("FLEA_CUDA_ATTN_VREG")
                 .as_deref()
@@ -706,6 +732,8 @@ impl CudaBackend {
             cluster_attention_room,
             wide_cluster_room,
             wide_cluster_from: AtomicUsize::new(ATTN_CLUSTER_MAX_KEYS + 1),
+            stream_attention_room,
+            stream_attention_from: AtomicUsize::new(stream_attention_from),
             cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
             cluster_attention_vreg_mode,
             cluster_attention_carveout: std::sync::atomic::AtomicI32::new(-1),
@@ -1274,6 +1302,27 @@ impl CudaBackend {
         self.wide_cluster_room > 0
     }
 
+    /// The keys from which a decode row takes the streaming cluster attention
+    /// (`attn_stream16`) where the device runs it: FLEA_CUDA_ATTN_STREAM's, or
+    /// ATTN_STREAM_FROM (None); tests lower it.
+    pub fn set_stream_attention_from(&self, keys: Option<usize>) {
+        let keys = match keys {
+            Some(k) => k,
+            None => stream_attention_setting(
+                std::env::var("FLEA_CUDA_ATTN_STREAM")
+                    .as_deref()
+                    .unwrap_or(""),
+            )
+            .unwrap_or(ATTN_STREAM_FROM),
+        };
+        self.stream_attention_from.store(keys, Ordering::Relaxed);
+    }
+
+    /// Whether this device runs the streaming cluster attention.
+    pub fn has_stream_attention(&self) -> bool {
+        self.stream_attention_room > 0
+    }
+
     /// Launches of the cluster attention so far.
     pub fn cluster_attention_calls(&self) -> u64 {
         self.cluster_attention_calls.load(Ordering::Relaxed)
@@ -1790,7 +1839,17 @@ impl CudaBackend {
             0
         };
         let wide_from = self.wide_cluster_from.load(Ordering::Relaxed);
-        cluster_attention_plan(p, max_keys, self.cluster_attention_room, (wide, wide_from))
+        let stream = (
+            self.stream_attention_room,
+            self.stream_attention_from.load(Ordering::Relaxed),
+        );
+        cluster_attention_plan(
+            p,
+            max_keys,
+            self.cluster_attention_room,
+            (wide, wide_from),
+            stream,
+        )
     }
 
     /// Decode attention of one row in thread-block clusters (`attn_cluster`): a cluster per
@@ -1813,8 +1872,14 @@ impl CudaBackend {
             self.fused_q8k_scratch(1, width, width)?
         };
         let clusters = p.n_head / (256 / p.head_dim);
-        let ClusterPlan { kps_max, blocks } = plan;
-        let vreg = if blocks == ATTN_WIDE_CLUSTER_BLOCKS {
+        let ClusterPlan {
+            kps_max,
+            blocks,
+            stream,
+        } = plan;
+        let vreg = if stream {
+            None
+        } else if blocks == ATTN_WIDE_CLUSTER_BLOCKS {
             Some(ATTN_WIDE_CLUSTER_KERNEL)
         } else if self.cluster_attention_vreg.load(Ordering::Relaxed) {
             cluster_attention_vreg_kernel(kps_max, p.head_dim)
@@ -1824,9 +1889,10 @@ impl CudaBackend {
         if vreg.is_some() {
             self.set_cluster_attention_carveout(p.n_head * p.head_dim)?;
         }
-        let (kernel, smem) = match vreg {
-            Some(name) => (name, cluster_attention_vreg_smem(kps_max, p.head_dim)),
-            None => (
+        let (kernel, smem) = match (stream, vreg) {
+            (true, _) => (ATTN_STREAM_KERNEL, stream_attention_smem(kps_max)),
+            (false, Some(name)) => (name, cluster_attention_vreg_smem(kps_max, p.head_dim)),
+            (false, None) => (
                 ATTN_CLUSTER_KERNELS[0],
                 cluster_attention_smem(kps_max, p.head_dim),
             ),
@@ -2153,24 +2219,29 @@ struct ClusterRope {
 }
 
 /// A decode row's cluster attention: blocks a cluster (ATTN_CLUSTER_BLOCKS, or
-/// ATTN_WIDE_CLUSTER_BLOCKS for `attn_cluster16_v64`) and keys a block at most.
+/// ATTN_WIDE_CLUSTER_BLOCKS for `attn_cluster16_v64` and `attn_stream16`), keys a block at
+/// most, and whether the K/V rows stream through shared memory (`attn_stream16`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ClusterPlan {
     kps_max: usize,
     blocks: usize,
+    stream: bool,
 }
 
 /// The cluster attention for a decode row seeing `max_keys` keys, or None where it does not
 /// apply: heads of 64 or 128 dims in whole Q8_K blocks of the output (a cluster covers one),
-/// whole kv-head groups, and then either 8-block clusters up to ATTN_CLUSTER_MAX_KEYS keys with
-/// the block's shared memory within `room` (0: no clusters on this device), or from
-/// `wide.1` keys up to ATTN_WIDE_CLUSTER_MAX_KEYS 16-block clusters with V in registers
-/// (at most 64 keys a thread) within `wide.0` (0: not on this device).
+/// whole kv-head groups, and then from `stream.1` keys the streaming 16-block clusters with
+/// their shared memory within `stream.0` (0: not on this device), else either 8-block clusters
+/// up to ATTN_CLUSTER_MAX_KEYS keys with the block's shared memory within `room` (0: no
+/// clusters on this device), or from `wide.1` keys up to ATTN_WIDE_CLUSTER_MAX_KEYS 16-block
+/// clusters with V in registers (at most 64 keys a thread) within `wide.0` (0: not on this
+/// device).
 fn cluster_attention_plan(
     p: &AttnParams,
     max_keys: usize,
     room: usize,
     wide: (usize, usize),
+    stream: (usize, usize),
 ) -> Option<ClusterPlan> {
     let hd = p.head_dim;
     if !(hd == 64 || hd == 128)
@@ -2184,9 +2255,15 @@ fn cluster_attention_plan(
     let plan = |blocks: usize| ClusterPlan {
         kps_max: max_keys.div_ceil(blocks * hd / 256).max(1),
         blocks,
+        stream: false,
     };
-    let (wide_room, wide_from) = wide;
     let w = plan(ATTN_WIDE_CLUSTER_BLOCKS);
+    let (stream_room, stream_from) = stream;
+    if max_keys >= stream_from && stream_room > 0 && stream_attention_smem(w.kps_max) <= stream_room
+    {
+        return Some(ClusterPlan { stream: true, ..w });
+    }
+    let (wide_room, wide_from) = wide;
     if max_keys >= wide_from
         && max_keys <= ATTN_WIDE_CLUSTER_MAX_KEYS
         && cluster_attention_vreg_kernel(w.kps_max, hd).is_some()
@@ -2215,13 +2292,18 @@ fn cluster_dim_attr(blocks: usize) -> cudarc::driver::sys::CUlaunchAttribute {
     }
 }
 
-/// Opts `attn_cluster16_v64` into 16-block clusters (a non-portable size) and the device's
-/// largest shared memory per block, and returns that room in bytes if the driver can place at
-/// least one such cluster of its largest blocks (256 keys of 128-dim heads) at once, else 0.
-fn wide_cluster_opt_in(ctx: &CudaContext, stream: &CudaStream, f: &CudaFunction) -> usize {
+/// Opts a 16-block cluster kernel (`attn_cluster16_v64`, `attn_stream16`) into 16-block
+/// clusters (a non-portable size) and the device's largest shared memory per block, and
+/// returns that room in bytes if the driver can place at least one such cluster of blocks of
+/// `smem` dynamic bytes (its largest use) at once, else 0.
+fn wide_cluster_opt_in(
+    ctx: &CudaContext,
+    stream: &CudaStream,
+    f: &CudaFunction,
+    smem: usize,
+) -> usize {
     use cudarc::driver::sys;
     let room = opt_in_all(ctx, f);
-    let smem = cluster_attention_vreg_smem(256, 128);
     let allowed = f.set_attribute(
         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
         1,
@@ -2334,6 +2416,25 @@ fn cluster_attention_smem(kps_max: usize, hd: usize) -> usize {
     kps_max * hd * 2 * 2 + kps_max * 4
 }
 
+/// Dynamic shared memory of an `attn_stream16` block: its ring of K/V tiles, then scores.
+fn stream_attention_smem(kps_max: usize) -> usize {
+    ATTN_STREAM_RING + kps_max * 4
+}
+
+/// FLEA_CUDA_ATTN_STREAM: the keys from which a decode row takes `attn_stream16` (empty:
+/// ATTN_STREAM_FROM; `off`: never; a number: from that many keys).
+fn stream_attention_setting(value: &str) -> std::result::Result<usize, CudaError> {
+    match value.trim() {
+        "" | "on" => Ok(ATTN_STREAM_FROM),
+        "off" => Ok(usize::MAX),
+        v => v.parse::<usize>().map_err(|_| {
+            CudaError(format!(
+                "FLEA_CUDA_ATTN_STREAM={v}: expected on, off or the keys to start from"
+            ))
+        }),
+    }
+}
+
 impl AttnArgs {
     fn of(p: &AttnParams) -> AttnArgs {
         AttnArgs(
@@ -2405,6 +2506,18 @@ const ATTN_CLUSTER_MAX_KEYS: usize = 1024;
 const ATTN_WIDE_CLUSTER_BLOCKS: usize = 16;
 const ATTN_WIDE_CLUSTER_MAX_KEYS: usize = 2048;
 const ATTN_WIDE_CLUSTER_KERNEL: &str = "attn_cluster16_v64";
+/// The streaming 16-block clusters (`attn_stream16`): its ring of ATS_ST stages of ATS_STAGE
+/// bytes (kernels.cu), the keys from which decode takes it by default, and the most keys a
+/// block takes (its scores' shared memory; 64k keys of a 128-dim head). It starts past the
+/// 576 keys `attn_cluster_v36` holds (36 V words a thread, 64- and 128-dim heads alike), where
+/// the 8-block clusters would need `attn_cluster_v64`'s 247 registers: H200, 2026-11-29, at
+/// 631-694 keys the 13b ran 293.6 -> 292.2 tok/s with it and the 7b 448.1 -> 492.6, at
+/// 883-946 keys 272.7 -> 283.4 and 422.9 -> 479.7, while at 505-568 keys the 8-block kernel
+/// was ~8% faster for both (docs/BENCHMARKS.md).
+const ATTN_STREAM_KERNEL: &str = "attn_stream16";
+const ATTN_STREAM_RING: usize = 6 * 8192;
+const ATTN_STREAM_FROM: usize = 577;
+const ATTN_STREAM_MAX_KEYS: usize = 8192;
 /// Most chunks one block of the one-launch split attention takes (ATT_MAX_CPB).
 const ATTN_MAX_CPB: usize = 8;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
@@ -3506,51 +3619,128 @@ mod tests {
         let room = 227 * 1024;
         let no_wide = (0, ATTN_CLUSTER_MAX_KEYS + 1);
         let wide = (room - 4 * 1024, ATTN_CLUSTER_MAX_KEYS + 1);
-        let plan = |kps_max, blocks| Some(ClusterPlan { kps_max, blocks });
+        let plan = |kps_max, blocks| {
+            Some(ClusterPlan {
+                kps_max,
+                blocks,
+                stream: false,
+            })
+        };
+        let off = (0, ATTN_STREAM_FROM);
         // 13B shape, 568 keys: 2 heads a cluster, 4 blocks a head of 142 keys (73 KB).
         for w in [no_wide, wide] {
             assert_eq!(
-                cluster_attention_plan(&params(40, 40, 128), 568, room, w),
+                cluster_attention_plan(&params(40, 40, 128), 568, room, w, off),
                 plan(142, 8)
             );
         }
         assert_eq!(cluster_attention_smem(142, 128), 142 * 516);
         // 64-dim heads: 4 heads a cluster, 2 blocks a head; GQA groups whole.
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 3, room, no_wide),
+            cluster_attention_plan(&params(8, 2, 64), 3, room, no_wide, off),
             plan(2, 8)
         );
         // The largest 8-block case fits the opt-in room of an H100/H200.
-        let big = cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room, wide);
+        let big =
+            cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room, wide, off);
         assert_eq!(big, plan(256, 8));
         // Past it, 16-block clusters where the device runs them: 8 blocks a 128-dim head
         // (4 a 64-dim one) of at most 256 (512) keys, 64 a thread.
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 1025, room, wide),
+            cluster_attention_plan(&params(40, 40, 128), 1025, room, wide, off),
             plan(129, 16)
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 2048, room, wide),
+            cluster_attention_plan(&params(40, 40, 128), 2048, room, wide, off),
             plan(256, 16)
         );
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 2048, room, wide),
+            cluster_attention_plan(&params(8, 2, 64), 2048, room, wide, off),
             plan(512, 16)
         );
-        assert!(cluster_attention_plan(&params(40, 40, 128), 2049, room, wide).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 2049, room, wide, off).is_none());
         // Tests lower the threshold: 16-block clusters at any length.
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 20, room, (wide.0, 0)),
+            cluster_attention_plan(&params(40, 40, 128), 20, room, (wide.0, 0), off),
             plan(3, 16)
         );
         // Out of range: head size, heads not filling Q8_K blocks, context, no room.
-        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room, wide).is_none());
-        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room, wide).is_none());
-        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0, no_wide).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024, no_wide).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 2048, room, (60 * 1024, 0)).is_none());
+        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide, off).is_none());
+        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0, no_wide, off).is_none());
+        assert!(
+            cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024, no_wide, off).is_none()
+        );
+        assert!(
+            cluster_attention_plan(&params(40, 40, 128), 2048, room, (60 * 1024, 0), off).is_none()
+        );
+        // The streaming clusters from their threshold (and never past their room): 8 blocks a
+        // 128-dim head, 4 a 64-dim one; below it the other kernels as before.
+        let most = stream_attention_smem(ATTN_STREAM_MAX_KEYS);
+        let stream = (most, ATTN_STREAM_FROM);
+        let streamed = |kps_max| {
+            Some(ClusterPlan {
+                kps_max,
+                blocks: 16,
+                stream: true,
+            })
+        };
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 576, room, wide, stream),
+            plan(144, 8)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 577, room, wide, stream),
+            streamed(73)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(8, 2, 64), 576, room, wide, stream),
+            plan(288, 8)
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(144, 128),
+            Some("attn_cluster_v36")
+        );
+        assert_eq!(
+            cluster_attention_vreg_kernel(288, 64),
+            Some("attn_cluster_v36")
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 2049, room, wide, stream),
+            streamed(257)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(8, 2, 64), 4096, room, no_wide, stream),
+            streamed(1024)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 8 * 8192, room, wide, stream),
+            streamed(8192)
+        );
+        assert!(
+            cluster_attention_plan(&params(40, 40, 128), 8 * 8192 + 1, room, wide, stream)
+                .is_none()
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(40, 40, 128), 20, room, wide, (most, 0)),
+            streamed(3)
+        );
+        assert!(cluster_attention_plan(&params(3, 3, 128), 4096, room, wide, stream).is_none());
+        assert_eq!(stream_attention_smem(512), 6 * 8192 + 2048);
+    }
+
+    #[test]
+    fn stream_attention_settings() {
+        let ok = |v: &str| stream_attention_setting(v).ok();
+        assert_eq!(ok(""), Some(ATTN_STREAM_FROM));
+        assert_eq!(ok("on"), Some(ATTN_STREAM_FROM));
+        assert_eq!(ok("off"), Some(usize::MAX));
+        assert_eq!(ok(" 1025 "), Some(1025));
+        assert_eq!(ok("0"), Some(0));
+        assert!(ok("-3").is_none());
+        assert!(ok("fast").is_none());
     }
 
     #[test]

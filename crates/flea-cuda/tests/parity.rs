@@ -574,6 +574,20 @@ fn attention_matches_cpu() {
                     None
                 };
                 cuda.set_wide_cluster_from(None);
+                // The streaming 16-block clusters (decode past 1024 keys) at this length too:
+                // the 16-block clusters' sums in their order, so the same bits as those.
+                let cluster_stream = if clustered && cuda.has_stream_attention() {
+                    cuda.set_stream_attention_from(Some(0));
+                    let calls = cuda.cluster_attention_calls();
+                    let r = cuda
+                        .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                        .and_then(|_| cuda.read(n, &go))
+                        .map(|r| (r, cuda.cluster_attention_calls() - calls));
+                    cuda.set_stream_attention_from(None);
+                    Some(r)
+                } else {
+                    None
+                };
                 cuda.set_cluster_attention(false);
                 let mut runs = Vec::new();
                 for blocks in [usize::MAX, n * n_head, 0] {
@@ -590,12 +604,21 @@ fn attention_matches_cpu() {
                     cluster_smem,
                     runs.into_iter().collect::<Result<Vec<_>, _>>(),
                     cluster_wide.transpose(),
+                    cluster_stream.transpose(),
                 ) {
-                    (Ok(c), Ok(cs), Ok(g), Ok(cw)) => {
+                    (Ok(c), Ok(cs), Ok(g), Ok(cw), Ok(cst)) => {
                         let same_cluster = same_bits(&c, &cs);
                         // (rel. error of the 16-block clusters, their launches)
-                        let (ew, took_wide) =
-                            cw.map_or((0.0, 1), |(w, t)| (rel_err(&w, &co.data), t));
+                        let (ew, took_wide) = cw
+                            .as_ref()
+                            .map_or((0.0, 1), |(w, t)| (rel_err(w, &co.data), *t));
+                        // (the streaming ones: rel. error, launches, same bits as the others)
+                        let streamed = cst.is_some();
+                        let (est, took_stream, same_stream) =
+                            cst.map_or((0.0, 1, true), |(r, t)| {
+                                let same = cw.as_ref().is_none_or(|(w, _)| same_bits(&r, w));
+                                (rel_err(&r, &co.data), t, same)
+                            });
                         let e = rel_err(&g[0], &co.data);
                         let ec = rel_err(&c, &co.data);
                         let same = g.iter().all(|r| same_bits(r, &g[0]));
@@ -605,29 +628,139 @@ fn attention_matches_cpu() {
                             && same_cluster
                             && took == u64::from(clustered)
                             && ew <= 1e-3
-                            && took_wide == 1;
+                            && took_wide == 1
+                            && est <= 1e-3
+                            && took_stream == 1
+                            && same_stream;
                         println!(
                             "ATTN {case} rel={e:.3e} one/two launches identical={same} \
                              cluster={took} rel={ec:.3e} V in registers/shared \
-                             identical={same_cluster} 16-block={wide} rel={ew:.3e} {}",
+                             identical={same_cluster} 16-block={wide} rel={ew:.3e} \
+                             streaming={streamed} rel={est:.3e} identical={same_stream} {}",
                             if ok { "OK" } else { "FAIL" }
                         );
                         if !ok {
                             bad.push(format!(
                                 "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}, \
                                  V registers/shared identical={same_cluster}, 16-block \
-                                 {took_wide}: {ew:.3e}"
+                                 {took_wide}: {ew:.3e}, streaming {took_stream}: {est:.3e} \
+                                 identical={same_stream}"
                             ));
                         }
                     }
-                    (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
-                        bad.push(format!("{case}: {e}"))
-                    }
+                    (Err(e), ..)
+                    | (_, Err(e), ..)
+                    | (_, _, Err(e), ..)
+                    | (_, _, _, Err(e), _)
+                    | (.., Err(e)) => bad.push(format!("{case}: {e}")),
                 }
             }
         }
     }
     assert!(bad.is_empty(), "attention failures: {bad:#?}");
+}
+
+/// Decode rows past 2048 keys, where the register-held cluster kernels stop: the streaming
+/// 16-block clusters (`attn_stream16`, the default there) and the split attention
+/// (FLEA_CUDA_ATTN_STREAM=off's path) against the CPU, for 128- and 64-dim heads, grouped KV
+/// and a sliding window. A 4100-row prompt fills the caches (each engine its own), then three
+/// decode rows follow it, each reading the rows the last one stored.
+#[test]
+fn long_decode_attention_matches_cpu() {
+    use flea_model::backend::{AttnParams, KvShape, Row};
+    use flea_model::Backend;
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    if !cuda.has_stream_attention() {
+        println!("SKIP: this device has no streaming cluster attention");
+        return;
+    }
+    let cpu = CpuBackend::new(8).unwrap();
+    let mut bad = Vec::new();
+    let prompt = 4100usize;
+    for (hd, n_head, n_head_kv, window) in [
+        (128usize, 4usize, 4usize, None),
+        (64, 8, 2, None),
+        (128, 4, 2, Some(3000usize)),
+    ] {
+        let shape = KvShape {
+            n_layers: 1,
+            n_ctx: prompt + 8,
+            n_head_kv,
+            head_dim: hd,
+            n_seq: 1,
+        };
+        let mut kc = cpu.alloc_kv(shape).unwrap();
+        let mut kg = cuda.alloc_kv(shape).unwrap();
+        let (qd, kvd) = (n_head * hd, n_head_kv * hd);
+        let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
+            (0..n * w)
+                .map(|i| ((i as f32 * 0.31 + salt).sin() * 1.5) + ((i % 3) as f32 - 1.0) * 0.06)
+                .collect()
+        };
+        let mut batches = vec![Row::consecutive(0, 0, prompt)];
+        batches.extend((prompt..prompt + 3).map(|pos| vec![Row { seq: 0, pos }]));
+        for (bi, rows) in batches.iter().enumerate() {
+            let n = rows.len();
+            let (q, k, v) = (
+                data(n, qd, bi as f32),
+                data(n, kvd, 10.0 + bi as f32),
+                data(n, kvd, 20.0 + bi as f32),
+            );
+            let p = AttnParams {
+                layer: 0,
+                rows,
+                n_head,
+                n_head_kv,
+                head_dim: hd,
+                window,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let [cq, ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
+            cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
+                .unwrap();
+            let [gq, gk, gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
+            let calls = cuda.cluster_attention_calls();
+            let streamed = cuda
+                .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                .and_then(|_| cuda.read(n, &go));
+            let took = cuda.cluster_attention_calls() - calls;
+            if n > 1 {
+                // The prompt only fills the caches (its attention is checked elsewhere).
+                if let Err(e) = streamed {
+                    bad.push(format!("prompt hd={hd}: {e}"));
+                }
+                continue;
+            }
+            cuda.set_stream_attention_from(Some(usize::MAX));
+            let split = cuda
+                .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                .and_then(|_| cuda.read(n, &go));
+            cuda.set_stream_attention_from(None);
+            let case = format!(
+                "hd={hd} heads={n_head}/{n_head_kv} window={window:?} keys={}",
+                window.map_or(rows[0].pos + 1, |w| w.min(rows[0].pos + 1))
+            );
+            match (streamed, split) {
+                (Ok(st), Ok(sp)) => {
+                    let (es, ep) = (rel_err(&st, &co.data), rel_err(&sp, &co.data));
+                    let ok = es <= 1e-3 && ep <= 1e-3 && took == 1;
+                    println!(
+                        "LONG-ATTN {case} streaming={took} rel={es:.3e} split rel={ep:.3e} {}",
+                        if ok { "OK" } else { "FAIL" }
+                    );
+                    if !ok {
+                        bad.push(format!(
+                            "{case}: streaming {took}: {es:.3e}, split {ep:.3e}"
+                        ));
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
+            }
+        }
+    }
+    assert!(bad.is_empty(), "long decode attention failures: {bad:#?}");
 }
 
 /// RoPE and attention together (`rope_attention`) against the CPU's separate RoPE and
@@ -721,34 +854,64 @@ fn rope_attention_matches_cpu() {
                 cuda.set_wide_cluster_from(Some(0));
                 let r = cuda
                     .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
-                    .and_then(|_| cuda.read(n, &go))
-                    .map(|w| rel_err(&w, &co.data));
+                    .and_then(|_| cuda.read(n, &go));
                 cuda.set_wide_cluster_from(None);
+                Some(r)
+            } else {
+                None
+            };
+            // And streaming its K/V rows (decode past 1024 keys): the 16-block clusters' sums.
+            let streamed = if took == 1 && cuda.has_stream_attention() {
+                cuda.set_stream_attention_from(Some(0));
+                let r = cuda
+                    .rope_attention(n, &mut gq, &mut gk, &gv, &mut kg, (&rq, &rk), &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                cuda.set_stream_attention_from(None);
                 Some(r)
             } else {
                 None
             };
             let case =
                 format!("hd={hd} heads={n_head}/{n_head_kv} rope={rope_dims} {style:?} batch={bi}");
-            match (got, again.transpose(), wide.transpose()) {
-                (Ok(g), Ok(again), Ok(wide)) => {
+            match (
+                got,
+                again.transpose(),
+                wide.transpose(),
+                streamed.transpose(),
+            ) {
+                (Ok(g), Ok(again), Ok(wide), Ok(streamed)) => {
                     let e = rel_err(&g, &co.data);
                     let same = again.is_none_or(|a| same_bits(&a, &g));
-                    let ew = wide.unwrap_or(0.0);
-                    let ok = e <= 1e-3 && took == expect && same && ew <= 1e-3;
+                    let ew = wide.as_ref().map_or(0.0, |w| rel_err(w, &co.data));
+                    let est = streamed.as_ref().map_or(0.0, |r| rel_err(r, &co.data));
+                    let same_stream = match (&wide, &streamed) {
+                        (Some(w), Some(r)) => same_bits(w, r),
+                        _ => true,
+                    };
+                    let ok = e <= 1e-3
+                        && took == expect
+                        && same
+                        && ew <= 1e-3
+                        && est <= 1e-3
+                        && same_stream;
                     println!(
                         "ROPE-ATTN {case} rel={e:.3e} cluster={took} V in registers/shared \
-                         identical={same} 16-block={} rel={ew:.3e} {}",
+                         identical={same} 16-block={} rel={ew:.3e} streaming={} rel={est:.3e} \
+                         identical={same_stream} {}",
                         wide.is_some(),
+                        streamed.is_some(),
                         if ok { "OK" } else { "FAIL" }
                     );
                     if !ok {
                         bad.push(format!(
-                            "{case}: {e:.3e}, cluster {took}, identical={same}, 16-block {ew:.3e}"
+                            "{case}: {e:.3e}, cluster {took}, identical={same}, 16-block {ew:.3e}, \
+                             streaming {est:.3e} identical={same_stream}"
                         ));
                     }
                 }
-                (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => bad.push(format!("{case}: {e}")),
+                (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+                    bad.push(format!("{case}: {e}"))
+                }
             }
         }
     }
