@@ -27,6 +27,7 @@
 mod common;
 
 use flea_cuda::CudaBackend;
+use flea_model::backend::{AttnParams, KvShape, Row};
 use flea_model::{CpuBackend, Logits, Model, Session};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::io::Write;
@@ -473,9 +474,59 @@ fn cuda_qkv(
     ]
 }
 
+/// One layer's KV-cache shape.
+fn kv_shape(n_ctx: usize, n_head_kv: usize, head_dim: usize, n_seq: usize) -> KvShape {
+    KvShape {
+        n_layers: 1,
+        n_ctx,
+        n_head_kv,
+        head_dim,
+        n_seq,
+    }
+}
+
+/// Attention of `rows` with the usual scale.
+fn attn_params(
+    rows: &[Row],
+    (n_head, n_head_kv, head_dim): (usize, usize, usize),
+    window: Option<usize>,
+) -> AttnParams<'_> {
+    AttnParams {
+        layer: 0,
+        rows,
+        n_head,
+        n_head_kv,
+        head_dim,
+        window,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    }
+}
+
+/// Batch `bi` of an attention test: q, k and v for p's rows from `data` (rows, width, salt),
+/// the CPU's output (its cache `kc` takes the rows' k and v), and the same q, k, v on the GPU
+/// with an output.
+fn attn_batch(
+    cpu: &CpuBackend,
+    cuda: &CudaBackend,
+    kc: &mut <CpuBackend as flea_model::Backend>::Kv,
+    p: &AttnParams,
+    (bi, data): (usize, &dyn Fn(usize, usize, f32) -> Vec<f32>),
+) -> (Vec<f32>, [<CudaBackend as flea_model::Backend>::Act; 4]) {
+    use flea_model::Backend;
+    let n = p.rows.len();
+    let (qd, kvd) = (p.n_head * p.head_dim, p.n_head_kv * p.head_dim);
+    let (q, k, v) = (
+        data(n, qd, bi as f32),
+        data(n, kvd, 10.0 + bi as f32),
+        data(n, kvd, 20.0 + bi as f32),
+    );
+    let [cq, ck, cv, mut co] = cpu_qkv(cpu, n, [&q, &k, &v], qd);
+    cpu.attention(n, &cq, &ck, &cv, kc, p, &mut co).unwrap();
+    (co.data, cuda_qkv(cuda, n, [&q, &k, &v], qd))
+}
+
 #[test]
 fn attention_matches_cpu() {
-    use flea_model::backend::{AttnParams, KvShape, Row};
     use flea_model::Backend;
     let Some((_serial, cuda)) = common::gpu() else {
         return;
@@ -489,16 +540,9 @@ fn attention_matches_cpu() {
         (80, 2, 1),
     ] {
         for window in [None, Some(70usize)] {
-            let shape = KvShape {
-                n_layers: 1,
-                n_ctx: 320,
-                n_head_kv,
-                head_dim: hd,
-                n_seq: 2,
-            };
+            let shape = kv_shape(320, n_head_kv, hd, 2);
             let mut kc = cpu.alloc_kv(shape).unwrap();
             let mut kg = cuda.alloc_kv(shape).unwrap();
-            let (qd, kvd) = (n_head * hd, n_head_kv * hd);
             let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
                 (0..n * w)
                     .map(|i| ((i as f32 * 0.37 + salt).sin() * 1.7) + ((i % 5) as f32 - 2.0) * 0.05)
@@ -519,24 +563,8 @@ fn attention_matches_cpu() {
             ];
             for (bi, rows) in batches.iter().enumerate() {
                 let n = rows.len();
-                let (q, k, v) = (
-                    data(n, qd, bi as f32),
-                    data(n, kvd, 10.0 + bi as f32),
-                    data(n, kvd, 20.0 + bi as f32),
-                );
-                let p = AttnParams {
-                    layer: 0,
-                    rows,
-                    n_head,
-                    n_head_kv,
-                    head_dim: hd,
-                    window,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                };
-                let [cq, ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
-                cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
-                    .unwrap();
-                let [gq, gk, gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
+                let p = attn_params(rows, (n_head, n_head_kv, hd), window);
+                let (co, [gq, gk, gv, mut go]) = attn_batch(&cpu, &cuda, &mut kc, &p, (bi, &data));
                 let case = format!(
                     "hd={hd} heads={n_head}/{n_head_kv} window={window:?} batch={bi} rows={n}"
                 );
@@ -609,18 +637,17 @@ fn attention_matches_cpu() {
                     (Ok(c), Ok(cs), Ok(g), Ok(cw), Ok(cst)) => {
                         let same_cluster = same_bits(&c, &cs);
                         // (rel. error of the 16-block clusters, their launches)
-                        let (ew, took_wide) = cw
-                            .as_ref()
-                            .map_or((0.0, 1), |(w, t)| (rel_err(w, &co.data), *t));
+                        let (ew, took_wide) =
+                            cw.as_ref().map_or((0.0, 1), |(w, t)| (rel_err(w, &co), *t));
                         // (the streaming ones: rel. error, launches, same bits as the others)
                         let streamed = cst.is_some();
                         let (est, took_stream, same_stream) =
                             cst.map_or((0.0, 1, true), |(r, t)| {
                                 let same = cw.as_ref().is_none_or(|(w, _)| same_bits(&r, w));
-                                (rel_err(&r, &co.data), t, same)
+                                (rel_err(&r, &co), t, same)
                             });
-                        let e = rel_err(&g[0], &co.data);
-                        let ec = rel_err(&c, &co.data);
+                        let e = rel_err(&g[0], &co);
+                        let ec = rel_err(&c, &co);
                         let same = g.iter().all(|r| same_bits(r, &g[0]));
                         let ok = e <= 1e-3
                             && same
@@ -667,7 +694,6 @@ fn attention_matches_cpu() {
 /// decode rows follow it, each reading the rows the last one stored.
 #[test]
 fn long_decode_attention_matches_cpu() {
-    use flea_model::backend::{AttnParams, KvShape, Row};
     use flea_model::Backend;
     let Some((_serial, cuda)) = common::gpu() else {
         return;
@@ -684,16 +710,9 @@ fn long_decode_attention_matches_cpu() {
         (64, 8, 2, None),
         (128, 4, 2, Some(3000usize)),
     ] {
-        let shape = KvShape {
-            n_layers: 1,
-            n_ctx: prompt + 8,
-            n_head_kv,
-            head_dim: hd,
-            n_seq: 1,
-        };
+        let shape = kv_shape(prompt + 8, n_head_kv, hd, 1);
         let mut kc = cpu.alloc_kv(shape).unwrap();
         let mut kg = cuda.alloc_kv(shape).unwrap();
-        let (qd, kvd) = (n_head * hd, n_head_kv * hd);
         let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
             (0..n * w)
                 .map(|i| ((i as f32 * 0.31 + salt).sin() * 1.5) + ((i % 3) as f32 - 1.0) * 0.06)
@@ -703,24 +722,8 @@ fn long_decode_attention_matches_cpu() {
         batches.extend((prompt..prompt + 3).map(|pos| vec![Row { seq: 0, pos }]));
         for (bi, rows) in batches.iter().enumerate() {
             let n = rows.len();
-            let (q, k, v) = (
-                data(n, qd, bi as f32),
-                data(n, kvd, 10.0 + bi as f32),
-                data(n, kvd, 20.0 + bi as f32),
-            );
-            let p = AttnParams {
-                layer: 0,
-                rows,
-                n_head,
-                n_head_kv,
-                head_dim: hd,
-                window,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
-            let [cq, ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
-            cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
-                .unwrap();
-            let [gq, gk, gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
+            let p = attn_params(rows, (n_head, n_head_kv, hd), window);
+            let (co, [gq, gk, gv, mut go]) = attn_batch(&cpu, &cuda, &mut kc, &p, (bi, &data));
             let calls = cuda.cluster_attention_calls();
             let streamed = cuda
                 .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
@@ -744,7 +747,7 @@ fn long_decode_attention_matches_cpu() {
             );
             match (streamed, split) {
                 (Ok(st), Ok(sp)) => {
-                    let (es, ep) = (rel_err(&st, &co.data), rel_err(&sp, &co.data));
+                    let (es, ep) = (rel_err(&st, &co), rel_err(&sp, &co));
                     let ok = es <= 1e-3 && ep <= 1e-3 && took == 1;
                     println!(
                         "LONG-ATTN {case} streaming={took} rel={es:.3e} split rel={ep:.3e} {}",
@@ -769,7 +772,7 @@ fn long_decode_attention_matches_cpu() {
 /// clusters. Later rows read the rows earlier steps stored, so the store is checked too.
 #[test]
 fn rope_attention_matches_cpu() {
-    use flea_model::backend::{AttnParams, KvShape, RopeParams, Row};
+    use flea_model::backend::RopeParams;
     use flea_model::config::RopeStyle;
     use flea_model::Backend;
     let Some((_serial, cuda)) = common::gpu() else {
@@ -783,13 +786,7 @@ fn rope_attention_matches_cpu() {
         (128, 4, 4, 128, RopeStyle::Neox),
         (128, 4, 4, 64, RopeStyle::Interleaved),
     ] {
-        let shape = KvShape {
-            n_layers: 1,
-            n_ctx: 96,
-            n_head_kv,
-            head_dim: hd,
-            n_seq: 1,
-        };
+        let shape = kv_shape(96, n_head_kv, hd, 1);
         let mut kc = cpu.alloc_kv(shape).unwrap();
         let mut kg = cuda.alloc_kv(shape).unwrap();
         let (qd, kvd) = (n_head * hd, n_head_kv * hd);
@@ -816,15 +813,7 @@ fn rope_attention_matches_cpu() {
                 style,
             };
             let (rq, rk) = (rope(n_head), rope(n_head_kv));
-            let p = AttnParams {
-                layer: 0,
-                rows,
-                n_head,
-                n_head_kv,
-                head_dim: hd,
-                window: None,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
+            let p = attn_params(rows, (n_head, n_head_kv, hd), None);
             let [mut cq, mut ck, cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
             cpu.rope_qk(n, &mut cq, &mut ck, &rq, &rk).unwrap();
             cpu.attention(n, &cq, &ck, &cv, &mut kc, &p, &mut co)
