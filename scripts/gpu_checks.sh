@@ -14,7 +14,7 @@
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
 # synth.log, bench.log, bench.json, run.log (and each run's text and stderr), mmvq_bench.log,
 # summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
-# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, step 3b), DEVICE (cuda; cpu to try the script).
+# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, steps 3b and 3c), DEVICE (cuda; cpu to try the script).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
@@ -121,7 +121,7 @@ if [ ${#models[@]} -gt 0 ]; then
       shift
       local o="$OUT/run_$(basename "$f" .gguf)_${label// /_}"
       env "${envs[@]}" "$CARRY/flea" run -m "$f" -p "$text" -n 64 "$@" --ignore-eos -t 16 \
-        --ctx 768 --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
+        --ctx "${ctx:-768}" --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
       printf '%s %-28s %s %s\n' "$(basename "$f")" "$label" \
         "$(grep -o 'decode: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
         "$(grep -o 'decode efficiency [0-9.]*' "$o.err" | tail -1)" >> "$OUT/run.log"
@@ -142,6 +142,24 @@ if [ ${#models[@]} -gt 0 ]; then
       set -- $pair
       cmp -s "${b}_$1.txt" "${b}_$2.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") $1 $2" >> "$OUT/run.log"; }
     done
+    # 3c. Long contexts (1680- and 3990-token prompts: 1682-1745 and 3992-4055 keys while
+    # decoding): the streaming decode attention (the default past 576 keys) beside the kernels
+    # it replaced (FLEA_CUDA_ATTN_STREAM=off: 16-block clusters with V in registers to 2048
+    # keys, then the split attention). The efficiency printed counts weight bytes only; the
+    # K/V rows add 0.82 MB a key (13b). At 1680 tokens both paths add in the same order: the
+    # texts must match.
+    for long in "80 2560" "190 6144"; do
+      set -- $long
+      text=$(for _ in $(seq "$1"); do printf '%s ' "$words"; done)
+      ctx=$2
+      for r in $(seq "${RUNS:-2}"); do
+        run_variant "long $1 streaming $r" -- --temp 0
+        run_variant "long $1 before $r" FLEA_CUDA_ATTN_STREAM=off -- --temp 0
+      done
+    done
+    cmp -s "${b}_long_80_streaming_1.txt" "${b}_long_80_before_1.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") long 80" >> "$OUT/run.log"; }
+    text=$(for _ in $(seq 24); do printf '%s ' "$words"; done)
+    ctx=768
   done
 fi
 
