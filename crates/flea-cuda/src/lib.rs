@@ -335,8 +335,9 @@ pub struct CudaBackend {
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
     /// Dynamic shared memory `attn_cluster16_v64` may use per block where the device runs its
-    /// 16-block clusters (0: it does not; decode past ATTN_CLUSTER_MAX_KEYS keys then takes
-    /// the split attention).
+    /// 16-block clusters (0: it does not). Decode takes it only with the streaming kernel off
+    /// (FLEA_CUDA_ATTN_STREAM): from ATTN_CLUSTER_MAX_KEYS + 1 keys to
+    /// ATTN_WIDE_CLUSTER_MAX_KEYS, then the split attention.
     wide_cluster_room: usize,
     /// Keys from which a decode row takes the 16-block clusters (ATTN_CLUSTER_MAX_KEYS + 1;
     /// tests lower it).
