@@ -343,9 +343,10 @@ pub struct CudaBackend {
     /// tests lower it).
     wide_cluster_from: AtomicUsize,
     /// Dynamic shared memory `attn_stream16` may use per block where the device runs its
-    /// 16-block clusters (0: it does not), and the keys from which a decode row takes it
-    /// (FLEA_CUDA_ATTN_STREAM, `stream_attention_setting`; tests lower it).
+    /// 16-block clusters (0: it does not), the keys from which a decode row takes it as set
+    /// at start (FLEA_CUDA_ATTN_STREAM, `stream_attention_setting`), and as now (tests set it).
     stream_attention_room: usize,
+    stream_attention_default: usize,
     stream_attention_from: AtomicUsize,
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
     /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
@@ -665,7 +666,7 @@ impl CudaBackend {
             }
             _ => 0,
         };
-        let stream_attention_from = stream_attention_setting(
+        let stream_attention_default = stream_attention_setting(
             std::env::var("FLEA_CUDA_ATTN_STREAM")
                 .as_deref()
                 .unwrap_or(""),
@@ -734,7 +735,8 @@ impl CudaBackend {
             wide_cluster_room,
             wide_cluster_from: AtomicUsize::new(ATTN_CLUSTER_MAX_KEYS + 1),
             stream_attention_room,
-            stream_attention_from: AtomicUsize::new(stream_attention_from),
+            stream_attention_default,
+            stream_attention_from: AtomicUsize::new(stream_attention_default),
             cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
             cluster_attention_vreg_mode,
             cluster_attention_carveout: std::sync::atomic::AtomicI32::new(-1),
@@ -1304,18 +1306,10 @@ impl CudaBackend {
     }
 
     /// The keys from which a decode row takes the streaming cluster attention
-    /// (`attn_stream16`) where the device runs it: FLEA_CUDA_ATTN_STREAM's, or
-    /// ATTN_STREAM_FROM (None); tests lower it.
+    /// (`attn_stream16`) where the device runs it, or (None) the start's setting again
+    /// (FLEA_CUDA_ATTN_STREAM's, by default ATTN_STREAM_FROM); tests change it.
     pub fn set_stream_attention_from(&self, keys: Option<usize>) {
-        let keys = match keys {
-            Some(k) => k,
-            None => stream_attention_setting(
-                std::env::var("FLEA_CUDA_ATTN_STREAM")
-                    .as_deref()
-                    .unwrap_or(""),
-            )
-            .unwrap_or(ATTN_STREAM_FROM),
-        };
+        let keys = keys.unwrap_or(self.stream_attention_default);
         self.stream_attention_from.store(keys, Ordering::Relaxed);
     }
 
