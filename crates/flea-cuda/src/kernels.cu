@@ -4408,20 +4408,24 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         const int *__restrict__ rowpos, const int *__restrict__ rowbase, int window,          \
         float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
-        const float *__restrict__ vnew, int nd, float theta_scale, int neox
+        const float *__restrict__ vnew, int nd, float theta_scale, int neox, int n_head
 #if __CUDA_ARCH__ >= 900
 // What a block of a decode-attention cluster (CS blocks) covers: head h (hi of the cluster's
 // 256 / hd), keys j0 .. j0 + len of its window (split of S = CS * hd / 256 blocks a head), of
 // which `nold` were stored by earlier tokens; its kv head's cache rows start at r0, column col.
+// Where n_head is not a whole number of clusters (SmolLM2's 9 heads, Qwen2.5's 14), the last
+// cluster's heads past n_head are phantoms: their blocks attend with the last real head (so
+// that every block joins the cluster's exchanges alike) and `real` is false: they store
+// nothing into the cache and their outputs are not written.
 struct AtcPart {
     int S, cluster, hi, split, h, len, nold, col;
-    bool newest;
+    bool newest, real;
     u32 rank;
     long long r0;
 };
 template <int CS>
 __device__ __forceinline__ AtcPart atc_part(const int* rowpos, const int* rowbase, int window,
-                                            int hd, int group) {
+                                            int hd, int group, int n_head) {
     AtcPart a;
     const int hb = 256 / hd;
     a.S = CS / hb;
@@ -4430,6 +4434,8 @@ __device__ __forceinline__ AtcPart atc_part(const int* rowpos, const int* rowbas
     a.hi = (int)a.rank / a.S;
     a.split = (int)a.rank % a.S;
     a.h = a.cluster * hb + a.hi;
+    a.real = a.h < n_head;
+    a.h = min(a.h, n_head - 1);
     int lo, nk;
     att_window(rowpos, 0, window, &lo, &nk);
     const int kps = (nk + a.S - 1) / a.S;
@@ -4516,7 +4522,7 @@ __device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, i
                 const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
                 kdst[t] = kh;
                 vdst[t] = vh;
-                if (a.h % group == 0) {
+                if (a.real && a.h % group == 0) {
                     const long long row = ((long long)rowbase[0] + rowpos[0]) * kvd + a.col + t;
                     kc[row] = kh;
                     vc[row] = vh;
@@ -4587,15 +4593,16 @@ __device__ __forceinline__ void atc_softmax(float* sc, const AtcPart& a, float* 
 }
 // The thread's four P.V sums added, the block's groups summed and sent to block 0 (its slot
 // `rank`); block 0 then adds its heads' partials in block order into the cluster's 256
-// outputs (lane l elements 8l .. 8l + 7, head 8l / hd), stores them and quantises them to
-// Q8_K (xq non-null). No block reads another's shared memory, and every block a send goes to
+// outputs (lane l elements 8l .. 8l + 7, head 8l / hd), stores those of real heads (`width`
+// = n_head * hd outputs in all) and quantises them to Q8_K (xq non-null: the host passes it
+// only for whole clusters). No block reads another's shared memory, and every block a send goes to
 // waits for it before it leaves: no barrier at the end.
 template <int CS>
 __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const float4& a2,
                                            const float4& a3, const AtcPart& a, int hd,
                                            float4* acc4, float* parts_in,
                                            unsigned long long* xbar, float* out, i8* xq,
-                                           float* xd, int* xs) {
+                                           float* xd, int* xs, int width) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q4 = hd >> 2, G = 128 / q4;
     acc = make_float4((acc.x + a1.x) + (a2.x + a3.x), (acc.y + a1.y) + (a2.y + a3.y),
@@ -4626,9 +4633,12 @@ __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const f
                 v[7] += x1.w;
             }
         }
+        // (hd is a multiple of 8: a lane's 8 outputs are all of one head.)
         float* o = out + (long long)a.cluster * 256 + e;
-        *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
-        *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
+        if (a.cluster * 256 + e < width) {
+            *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
+            *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
+        }
         if (xq != nullptr) q8k_vals(v, xq, xd, xs, a.cluster, lane);
     }
 }
@@ -4666,7 +4676,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     __shared__ __align__(16) float parts_in[CS * 128];
     __shared__ __align__(16) u16 vnew_s[VK > 0 ? 128 : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group);
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head);
     const int len = a.len, nold = a.nold;
     u16* Ks = (u16*)atc_dyn;
     u16* Vs = Ks + (long long)kps_max * hd;  // VK > 0: not there (sc follows Ks)
@@ -4755,14 +4765,14 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     }
     const auto vrow = [&](int key) { return *(const uint2*)(Vs + key * hd + d4); };
     for (; j < len; j += 4 * G) atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd);
 #else
     asm volatile("trap;");
 #endif
 }
 #define ATC_PARAMS                                                                            \
     q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
-        vnew, nd, theta_scale, neox
+        vnew, nd, theta_scale, neox, n_head
 extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
     attn_cluster_impl<0, ATC_CS>(ATC_PARAMS);
 }
@@ -4810,7 +4820,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
     __shared__ __align__(16) u16 knew_s[128];
     __shared__ __align__(16) u16 vnew_s[128];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group);
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head);
     const int len = a.len, nold = a.nold;
     u16* ring = (u16*)atc_dyn;
     float* sc = (float*)(atc_dyn + ATS_ST * ATS_STAGE);
@@ -4881,7 +4891,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
         for (int j = kt0 + g; j < min(len, kt0 + tk); j += 4 * G)
             atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
     }
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd);
 #else
     asm volatile("trap;");
 #endif

@@ -1812,7 +1812,7 @@ impl CudaBackend {
     }
 
     /// Keys per block of `attn_cluster` for this batch (a single decode row, 64- or 128-dim
-    /// heads in whole Q8_K blocks, at most ATTN_CLUSTER_MAX_KEYS keys, its shared memory
+    /// heads, at most ATTN_CLUSTER_MAX_KEYS keys, its shared memory
     /// within the opted-in room), or None: the split kernels take it.
     fn cluster_attention_fits(
         &self,
@@ -1866,7 +1866,8 @@ impl CudaBackend {
         } else {
             self.fused_q8k_scratch(1, width, width)?
         };
-        let clusters = p.n_head / (256 / p.head_dim);
+        // The last cluster may hold phantom heads past n_head (see AtcPart in kernels.cu).
+        let clusters = p.n_head.div_ceil(256 / p.head_dim);
         let ClusterPlan {
             kps_max,
             blocks,
@@ -1901,7 +1902,7 @@ impl CudaBackend {
         let mut both = [cluster, self.pdl_attr().unwrap_or(cluster)];
         let attrs = &mut both[..1 + usize::from(self.pdl)];
         let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
-        let (qp, op, kps) = (q.ptr, out.ptr, kps_max as i32);
+        let (qp, op, kps, nh) = (q.ptr, out.ptr, kps_max as i32, p.n_head as i32);
         let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
         // Without RoPE nd = 0: k and v are never read (any valid pointer).
         let ClusterRope {
@@ -1921,7 +1922,7 @@ impl CudaBackend {
         // the window reaches (attention_cache checked the row), out width f32, the Q8_K
         // scratch width values; the grid is whole clusters and the shared memory within the
         // opted-in room (cluster_attention_fits).
-        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox)?;
+        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -2224,8 +2225,8 @@ struct ClusterPlan {
 }
 
 /// The cluster attention for a decode row seeing `max_keys` keys, or None where it does not
-/// apply: heads of 64 or 128 dims in whole Q8_K blocks of the output (a cluster covers one),
-/// whole kv-head groups, and then from `stream.1` keys the streaming 16-block clusters with
+/// apply: heads of 64 or 128 dims (a cluster covers a Q8_K block of the output, 256 / hd
+/// heads; the last one's heads past n_head are phantoms), whole kv-head groups, and then from `stream.1` keys the streaming 16-block clusters with
 /// their shared memory within `stream.0` (0: not on this device), else either 8-block clusters
 /// up to ATTN_CLUSTER_MAX_KEYS keys with the block's shared memory within `room` (0: no
 /// clusters on this device), or from `wide.1` keys up to ATTN_WIDE_CLUSTER_MAX_KEYS 16-block
@@ -2240,7 +2241,7 @@ fn cluster_attention_plan(
 ) -> Option<ClusterPlan> {
     let hd = p.head_dim;
     if !(hd == 64 || hd == 128)
-        || !p.n_head.is_multiple_of(256 / hd)
+        || p.n_head == 0
         || p.n_head_kv == 0
         || !p.n_head.is_multiple_of(p.n_head_kv)
     {
@@ -3659,9 +3660,23 @@ mod tests {
             cluster_attention_plan(&params(40, 40, 128), 20, room, (wide.0, 0), off),
             plan(3, 16)
         );
-        // Out of range: head size, heads not filling Q8_K blocks, context, no room.
+        // Heads not filling the last cluster (SmolLM2's 9 of 64 dims, Qwen2.5's 14, three of
+        // 128): the same plan, the last cluster's extra heads phantoms.
+        assert_eq!(
+            cluster_attention_plan(&params(9, 3, 64), 504, room, wide, off),
+            plan(252, 8)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(14, 2, 64), 100, room, wide, off),
+            plan(50, 8)
+        );
+        assert_eq!(
+            cluster_attention_plan(&params(3, 3, 128), 100, room, wide, off),
+            plan(25, 8)
+        );
+        // Out of range: head size, context, no room.
         assert!(cluster_attention_plan(&params(4, 1, 256), 100, room, wide, off).is_none());
-        assert!(cluster_attention_plan(&params(3, 3, 128), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(0, 1, 64), 100, room, wide, off).is_none());
         assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide, off).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide, off).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0, no_wide, off).is_none());
@@ -3722,7 +3737,10 @@ mod tests {
             cluster_attention_plan(&params(40, 40, 128), 20, room, wide, (most, 0)),
             streamed(3)
         );
-        assert!(cluster_attention_plan(&params(3, 3, 128), 4096, room, wide, stream).is_none());
+        assert_eq!(
+            cluster_attention_plan(&params(3, 3, 128), 4096, room, wide, stream),
+            streamed(512)
+        );
         assert_eq!(stream_attention_smem(512), 6 * 8192 + 2048);
     }
 

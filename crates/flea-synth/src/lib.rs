@@ -22,8 +22,9 @@
 //! K-quants need rows that are a whole number of 256-element super-blocks. A matrix whose
 //! row length is not falls back like llama.cpp does: Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, and
 //! Q2_K/Q3_K→Q4_0 (llama.cpp uses IQ4_NL, which flea does not implement). A row length
-//! that is not a multiple of 32 either falls back to F16. All presets have rows that are
-//! multiples of 256; the fallback applies to custom shapes.
+//! that is not a multiple of 32 either falls back to F16. The fallback applies to the
+//! `smollm2-135m` and `qwen2.5-0.5b` presets (576- and 896-wide rows) and to custom shapes;
+//! the other presets' rows are multiples of 256.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -140,6 +141,12 @@ pub enum Preset {
     TinyQwen2,
     /// Gemma 3, 8 layers (sliding-window 0-4 and 6-7, global 5), head size 128, window 16.
     TinyGemma3,
+    /// SmolLM2-135M's shape: Llama, 30 layers, 576, 9/3 heads, n_ff 1536, vocab 49152.
+    #[value(name = "smollm2-135m")]
+    SmolLm2,
+    /// Qwen2.5-0.5B's shape: Qwen2, 24 layers, 896, 14/2 heads, n_ff 4864, vocab 151936.
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25,
     /// Llama-3.2-1B-like: 16 layers, 2048, 32/8 heads, n_ff 8192, vocab 32000.
     #[value(name = "1b")]
     B1,
@@ -159,10 +166,12 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 8] = [
+    pub const ALL: [Preset; 10] = [
         Preset::Tiny,
         Preset::TinyQwen2,
         Preset::TinyGemma3,
+        Preset::SmolLm2,
+        Preset::Qwen25,
         Preset::B1,
         Preset::B7,
         Preset::B13,
@@ -176,6 +185,8 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::TinyQwen2 => "tiny-qwen2",
             Preset::TinyGemma3 => "tiny-gemma3",
+            Preset::SmolLm2 => "smollm2-135m",
+            Preset::Qwen25 => "qwen2.5-0.5b",
             Preset::B1 => "1b",
             Preset::B7 => "7b",
             Preset::B13 => "13b",
@@ -230,6 +241,12 @@ impl Preset {
                 rope_base: 1e6,
                 sliding_window: Some(16),
                 ..llama("tiny-gemma3", 8, 256, 4, 2, 768, 1024, 2048, 0.0)
+            },
+            Preset::SmolLm2 => llama("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, 100000.0),
+            Preset::Qwen25 => ModelShape {
+                arch: SynthArch::Qwen2,
+                rms_eps: 1e-6,
+                ..llama("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 32768, 1e6)
             },
             Preset::B1 => llama("1b", 16, 2048, 32, 8, 8192, 32000, 4096, 500000.0),
             Preset::B7 => llama("7b", 32, 4096, 32, 32, 11008, 32000, 4096, 10000.0),
