@@ -131,7 +131,18 @@ impl PassGraphs {
                     false
                 }
             },
-            _ => false,
+            (ended, graph) => {
+                // The capture was invalidated (an operation a graph cannot hold); say so once.
+                if run && self.counts.failed == 0 {
+                    let why = match ended {
+                        Err(e) => format!("{e:?}"),
+                        Ok(()) if graph.is_none() => "no graph".to_string(),
+                        Ok(()) => "not run".to_string(),
+                    };
+                    eprintln!("flea: a decode pass's recording ended without a graph ({why})");
+                }
+                false
+            }
         };
         if launched {
             self.failures_in_a_row = 0;

@@ -4408,7 +4408,8 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         const int *__restrict__ rowpos, const int *__restrict__ rowbase, int window,          \
         float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
-        const float *__restrict__ vnew, int nd, float theta_scale, int neox, int n_head
+        const float *__restrict__ vnew, int nd, float theta_scale, int neox, int n_head,       \
+        const float *__restrict__ bq, const float *__restrict__ bk, const float *__restrict__ bv
 #if __CUDA_ARCH__ >= 900
 // What a block of a decode-attention cluster (CS blocks) covers: head h (hi of the cluster's
 // 256 / hd), keys j0 .. j0 + len of its window (split of S = CS * hd / 256 blocks a head), of
@@ -4494,20 +4495,23 @@ __device__ __forceinline__ AtcRope atc_rope(const int* rowpos, int nd, float the
 }
 // After the dependent-launch wait. With nd > 0: q of head h and the newest k rotated (q into
 // qs), the newest K/V row as f16 into kdst / vdst (shared) and, by one block of its kv head,
-// into the cache (the others use their own copy). With nd == 0 (q rotated and the row stored
+// into the cache (the others use their own copy); with biases (Qwen2's; bq non-null) each
+// of q, k, v plus its bias first, the f32 addition add_bias would make. With nd == 0 (q rotated and the row stored
 // by the launch just before): the newest row from the cache into kdst / vdst. kdst / vdst:
 // hd halves each, written only where the block has the newest key.
 __device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, int nd, int hd,
                                            int group, int kvd, const int* rowpos,
                                            const int* rowbase, const float* q,
                                            const float* knew, const float* vnew, u16* kc, u16* vc,
-                                           float* qs, float* ks, u16* kdst, u16* vdst) {
+                                           float* qs, float* ks, u16* kdst, u16* vdst,
+                                           const float* bq, const float* bk, const float* bv) {
     const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
     if (nd > 0) {
         const int kvh = a.h / group;
+        const long long iq = (long long)a.h * hd + t, ik = (long long)kvh * hd + t;
         if (t < hd) {
-            qs[t] = q[(long long)a.h * hd + t];
-            if (a.newest) ks[t] = knew[(long long)kvh * hd + t];
+            qs[t] = bq != nullptr ? q[iq] + bq[iq] : q[iq];
+            if (a.newest) ks[t] = bq != nullptr ? knew[ik] + bk[ik] : knew[ik];
         }
         __syncthreads();
         const auto rotated = [&](const float* x) {
@@ -4519,7 +4523,7 @@ __device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, i
             qr = rotated(qs);
             if (a.newest) {
                 const u16 kh = f2h(rotated(ks));
-                const u16 vh = f2h(vnew[(long long)kvh * hd + t]);
+                const u16 vh = f2h(bq != nullptr ? vnew[ik] + bv[ik] : vnew[ik]);
                 kdst[t] = kh;
                 vdst[t] = vh;
                 if (a.real && a.h % group == 0) {
@@ -4720,7 +4724,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     // The newest row goes where its key's K and V are read: row len - 1 of Ks (and Vs, or
     // vnew_s with V in registers).
     atc_newest(a, rope, nd, hd, group, kvd, rowpos, rowbase, q, knew, vnew, kc, vc, qs, ks,
-               Ks + (len - 1) * hd, VK > 0 ? vnew_s : Vs + (len - 1) * hd);
+               Ks + (len - 1) * hd, VK > 0 ? vnew_s : Vs + (len - 1) * hd, bq, bk, bv);
     fd_wait(b, 0, false);
     __syncthreads();
     // Scores: LK = hd / 32 lanes per key; a warp scores 32 / LK keys at a time.
@@ -4772,7 +4776,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 }
 #define ATC_PARAMS                                                                            \
     q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
-        vnew, nd, theta_scale, neox, n_head
+        vnew, nd, theta_scale, neox, n_head, bq, bk, bv
 extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
     attn_cluster_impl<0, ATC_CS>(ATC_PARAMS);
 }
@@ -4852,7 +4856,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
     pdl_enter();
     atc_newest(a, rope, nd, hd, group, kvd, rowpos, rowbase, q, knew, vnew, kc, vc, qs, ks, knew_s,
-               vnew_s);
+               vnew_s, bq, bk, bv);
     const int LK = hd >> 5, sub = lane % LK, kl = lane / LK, kpw = 32 / LK;
     float qd[32];
     atc_q(nd > 0 ? qs : q + (long long)a.h * hd, sub, LK, qd);

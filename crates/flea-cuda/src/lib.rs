@@ -22,7 +22,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use flea_gguf::GgmlType;
-use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams, Row};
+use flea_model::backend::{AttnParams, Backend, KvShape, QkvBias, RopeParams, Row};
 use flea_model::config::{FfnActivation, RopeStyle};
 use flea_model::weights::Weight;
 use flea_model::{ModelError, Result};
@@ -1847,6 +1847,62 @@ impl CudaBackend {
         )
     }
 
+    /// Whether `rope_kv` (RoPE and the cache store in one launch) takes this RoPE: q's and k's
+    /// parameters those of the attention, rotated dims even and within the head.
+    fn rope_kv_fits(&self, pq: &RopeParams, pk: &RopeParams, p: &AttnParams) -> bool {
+        let (hd, nd) = (pq.head_dim, pq.rope_dims);
+        self.fusion()
+            && !self.fusions_off.rope_kv
+            && Self::rope_pair_fits(pq, pk)
+            && pq.rows == p.rows
+            && hd == p.head_dim
+            && pq.n_heads == p.n_head
+            && pk.n_heads == p.n_head_kv
+            && nd > 0
+            && nd <= hd
+            && nd.is_multiple_of(2)
+    }
+
+    /// RoPE, the cache store and the attention of a decode row in one cluster launch (with
+    /// `bias`, q's, k's and v's biases added first), where it applies: Ok(false), having done
+    /// nothing, where not.
+    #[allow(clippy::too_many_arguments)] // rope_attention's arguments and the biases
+    fn cluster_rope_attention(
+        &self,
+        n: usize,
+        q: &CudaAct,
+        k: &CudaAct,
+        v: &CudaAct,
+        kv: &mut CudaKv,
+        (pq, pk): (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        bias: Option<(u64, u64, u64)>,
+        out: &mut CudaAct,
+    ) -> Result<bool> {
+        if !self.rope_kv_fits(pq, pk, p) {
+            return Ok(false);
+        }
+        let Some(plan) = self.cluster_attention_fits(n, p, max_keys(p)) else {
+            return Ok(false);
+        };
+        let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        // The cluster attention rotates q and the new k and stores the new K/V row itself.
+        let (theta_scale, neox, posp) = self.rope_args(pq)?;
+        let basep = self.upload_bases(p, cache.n_ctx)?;
+        let window = window_arg(p);
+        let rope = ClusterRope {
+            k: k.ptr,
+            v: v.ptr,
+            nd: pq.rope_dims as i32,
+            theta_scale,
+            neox,
+            bias: bias.unwrap_or((0, 0, 0)),
+        };
+        let rows = ((posp, basep), window, plan);
+        self.attention_cluster(p, q, (cache.kc, cache.vc), rows, Some(rope), out)?;
+        Ok(true)
+    }
+
     /// Decode attention of one row in thread-block clusters (`attn_cluster`): a cluster per
     /// 256 outputs, each head split over its blocks by key range; the output quantised to
     /// Q8_K for the next mat-vec by the kernel.
@@ -1911,18 +1967,20 @@ impl CudaBackend {
             nd,
             theta_scale,
             neox,
+            bias: (bq, bk, bv),
         } = rope.unwrap_or(ClusterRope {
             k: qp,
             v: qp,
             nd: 0,
             theta_scale: 1.0,
             neox: 0,
+            bias: (0, 0, 0),
         });
         // q holds n_head * hd f32 (k and v n_head_kv * hd with RoPE), the caches every row
         // the window reaches (attention_cache checked the row), out width f32, the Q8_K
         // scratch width values; the grid is whole clusters and the shared memory within the
         // opted-in room (cluster_attention_fits).
-        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh)?;
+        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -2130,7 +2188,8 @@ struct Prequant {
 
 /// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
 /// one, for measuring each (all of them compute the same bits as the separate launches):
-/// `rope_kv` (RoPE and the cache store in one launch), `attn_q8k` (the split attention
+/// `rope_kv` (RoPE and the cache store in one launch), `attn_bias` (Qwen2's q/k/v biases added
+/// by the decode cluster attention instead of three `add_bias` launches), `attn_q8k` (the split attention
 /// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
 /// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
@@ -2144,6 +2203,7 @@ struct Prequant {
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
+    attn_bias: bool,
     attn_q8k: bool,
     attn_one: bool,
     mixed: bool,
@@ -2162,6 +2222,7 @@ impl FusionsOff {
         let has = |name: &str| v.split(',').any(|s| s.trim() == name);
         FusionsOff {
             rope_kv: has("rope_kv"),
+            attn_bias: has("attn_bias"),
             attn_q8k: has("attn_q8k"),
             attn_one: has("attn_one"),
             mixed: has("mixed"),
@@ -2212,6 +2273,8 @@ struct ClusterRope {
     nd: i32,
     theta_scale: f32,
     neox: i32,
+    /// The q, k and v biases' device addresses (0: none), as wide as q, k and v.
+    bias: (u64, u64, u64),
 }
 
 /// A decode row's cluster attention: blocks a cluster (ATTN_CLUSTER_BLOCKS, or
@@ -3047,34 +3110,15 @@ impl Backend for CudaBackend {
         p: &AttnParams,
         out: &mut CudaAct,
     ) -> Result<()> {
+        if self.cluster_rope_attention(n, q, k, v, kv, (pq, pk), p, None, out)? {
+            return Ok(());
+        }
         let (hd, nd) = (pq.head_dim, pq.rope_dims);
-        let fits = self.fusion()
-            && !self.fusions_off.rope_kv
-            && Self::rope_pair_fits(pq, pk)
-            && pq.rows == p.rows
-            && hd == p.head_dim
-            && pq.n_heads == p.n_head
-            && pk.n_heads == p.n_head_kv;
-        if !fits || nd == 0 || nd > hd || !nd.is_multiple_of(2) {
+        if !self.rope_kv_fits(pq, pk, p) {
             self.rope_qk(n, q, k, pq, pk)?;
             return self.attention(n, q, k, v, kv, p, out);
         }
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
-        if let Some(plan) = self.cluster_attention_fits(n, p, max_keys(p)) {
-            // The cluster attention rotates q and the new k and stores the new K/V row itself.
-            let (theta_scale, neox, posp) = self.rope_args(pq)?;
-            let basep = self.upload_bases(p, cache.n_ctx)?;
-            let window = window_arg(p);
-            let rope = ClusterRope {
-                k: k.ptr,
-                v: v.ptr,
-                nd: nd as i32,
-                theta_scale,
-                neox,
-            };
-            let rows = ((posp, basep), window, plan);
-            return self.attention_cluster(p, q, (cache.kc, cache.vc), rows, Some(rope), out);
-        }
         let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
         let (theta_scale, neox, posp) = self.rope_args(pq)?;
         let (nq, nk) = (pq.n_heads, pk.n_heads);
@@ -3084,6 +3128,41 @@ impl Backend for CudaBackend {
         let (ni, nqi, nki, hdi, ndi) = (n as i32, nq as i32, nk as i32, hd as i32, nd as i32);
         launch!(self, "rope_kv", cfg; qp, kp, vp, kc, vc, ni, nqi, nki, hdi, ndi, posp, theta_scale, neox, kvrowp)?;
         self.attend(n, q, &cache, p, out)
+    }
+
+    fn rope_attention_biased(
+        &self,
+        n: usize,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        v: &mut CudaAct,
+        kv: &mut CudaKv,
+        ropes: (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        bias: QkvBias<'_>,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        if !self.fusions_off.attn_bias {
+            let mut ptrs = [0u64; 3];
+            for (ptr, (b, act)) in
+                ptrs.iter_mut()
+                    .zip([(bias.q, &*q), (bias.k, &*k), (bias.v, &*v)])
+            {
+                let (bp, len) = self.vector_ptr(b)?;
+                if len != act.width {
+                    return Err(be("rope_attention_biased: bias width mismatch"));
+                }
+                *ptr = bp;
+            }
+            let ptrs = Some((ptrs[0], ptrs[1], ptrs[2]));
+            if self.cluster_rope_attention(n, q, k, v, kv, ropes, p, ptrs, out)? {
+                return Ok(());
+            }
+        }
+        self.add_bias(n, q, bias.q)?;
+        self.add_bias(n, k, bias.k)?;
+        self.add_bias(n, v, bias.v)?;
+        self.rope_attention(n, q, k, v, kv, ropes, p, out)
     }
 
     fn fuses_decode(&self) -> bool {

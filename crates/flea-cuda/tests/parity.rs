@@ -975,6 +975,132 @@ fn rope_attention_matches_cpu() {
     assert!(bad.is_empty(), "rope + attention failures: {bad:#?}");
 }
 
+/// Qwen2's q/k/v biases added by the decode cluster attention (`rope_attention_biased`)
+/// against the CPU (three `add_bias`, RoPE, attention) and against the GPU's own separate
+/// `add_bias` launches before the same kernel: the same bits (one f32 addition each).
+#[test]
+fn biased_rope_attention_matches_cpu() {
+    use flea_model::backend::{QkvBias, RopeParams};
+    use flea_model::config::RopeStyle;
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    let (hd, n_head, n_head_kv) = (64usize, 14usize, 2usize);
+    let shape = kv_shape(64, n_head_kv, hd, 1);
+    let (mut kc, mut kg, mut kg2) = (
+        cpu.alloc_kv(shape).unwrap(),
+        cuda.alloc_kv(shape).unwrap(),
+        cuda.alloc_kv(shape).unwrap(),
+    );
+    let (qd, kvd) = (n_head * hd, n_head_kv * hd);
+    let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
+        (0..n * w)
+            .map(|i| ((i as f32 * 0.23 + salt).sin() * 1.1) + ((i % 5) as f32 - 2.0) * 0.03)
+            .collect()
+    };
+    let bytes = |x: Vec<f32>| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let (bq, bk, bv) = (
+        bytes(data(1, qd, 40.0)),
+        bytes(data(1, kvd, 50.0)),
+        bytes(data(1, kvd, 60.0)),
+    );
+    fn vector(data: &[u8], cols: usize) -> Weight<'_> {
+        Weight {
+            ty: flea_gguf::GgmlType::F32,
+            rows: 1,
+            cols,
+            data,
+        }
+    }
+    let (wq, wk, wv) = (vector(&bq, qd), vector(&bk, kvd), vector(&bv, kvd));
+    let bias = QkvBias {
+        q: &wq,
+        k: &wk,
+        v: &wv,
+    };
+    let mut batches = vec![Row::consecutive(0, 0, 30)];
+    batches.extend((30..36).map(|pos| vec![Row { seq: 0, pos }]));
+    for (bi, rows) in batches.iter().enumerate() {
+        let n = rows.len();
+        let (q, k, v) = (
+            data(n, qd, bi as f32),
+            data(n, kvd, 10.0 + bi as f32),
+            data(n, kvd, 20.0 + bi as f32),
+        );
+        let rope = |n_heads| RopeParams {
+            rows,
+            n_heads,
+            head_dim: hd,
+            rope_dims: hd,
+            base: 1e6,
+            style: RopeStyle::Neox,
+        };
+        let (rq, rk) = (rope(n_head), rope(n_head_kv));
+        let p = attn_params(rows, (n_head, n_head_kv, hd), None);
+        let [mut cq, mut ck, mut cv, mut co] = cpu_qkv(&cpu, n, [&q, &k, &v], qd);
+        cpu.rope_attention_biased(
+            n,
+            &mut cq,
+            &mut ck,
+            &mut cv,
+            &mut kc,
+            (&rq, &rk),
+            &p,
+            bias,
+            &mut co,
+        )
+        .unwrap();
+        let [mut gq, mut gk, mut gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
+        let calls = cuda.cluster_attention_calls();
+        let fused = cuda
+            .rope_attention_biased(
+                n,
+                &mut gq,
+                &mut gk,
+                &mut gv,
+                &mut kg,
+                (&rq, &rk),
+                &p,
+                bias,
+                &mut go,
+            )
+            .and_then(|_| cuda.read(n, &go));
+        let took = cuda.cluster_attention_calls() - calls;
+        let [mut gq, mut gk, mut gv, mut go] = cuda_qkv(&cuda, n, [&q, &k, &v], qd);
+        let separate = cuda
+            .add_bias(n, &mut gq, &wq)
+            .and_then(|_| cuda.add_bias(n, &mut gk, &wk))
+            .and_then(|_| cuda.add_bias(n, &mut gv, &wv))
+            .and_then(|_| {
+                cuda.rope_attention(n, &mut gq, &mut gk, &gv, &mut kg2, (&rq, &rk), &p, &mut go)
+            })
+            .and_then(|_| cuda.read(n, &go));
+        let expect = u64::from(n == 1 && cuda.has_cluster_attention());
+        match (fused, separate) {
+            (Ok(f), Ok(sep)) => {
+                let e = rel_err(&f, &co.data);
+                let same = same_bits(&f, &sep);
+                let ok = e <= 1e-3 && same && took == expect;
+                println!(
+                    "BIASED-ATTN batch={bi} rel={e:.3e} cluster={took} same as separate add_bias={same} {}",
+                    if ok { "OK" } else { "FAIL" }
+                );
+                if !ok {
+                    bad.push(format!(
+                        "batch {bi}: {e:.3e}, cluster {took}, identical={same}"
+                    ));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => bad.push(format!("batch {bi}: {e}")),
+        }
+    }
+    assert!(bad.is_empty(), "biased rope + attention failures: {bad:#?}");
+}
+
 /// The fused decode kernels (norm + Q8_K quantisation, RoPE of q and k together, mat-vecs
 /// adding into the residual) compute the same numbers as the separate ones, bit for bit:
 /// a 5-token prompt (int8 kernels on several rows), then greedy decode steps, with fusion

@@ -10,6 +10,7 @@ mod common;
 use flea_cuda::CudaBackend;
 use flea_io::{IoBackend, IoOptions};
 use flea_model::{CpuBackend, Logits, Model};
+use flea_runtime::plan::UnitKind;
 use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::path::{Path, PathBuf};
@@ -82,13 +83,22 @@ fn argmax(x: &[f32]) -> u32 {
 
 /// A synthetic Q4_K_M model of `preset` in a temporary file (removed when the guard drops).
 fn synth(preset: Preset, tag: &str) -> (Tmp, PathBuf, Model) {
+    synth_vocab(preset, tag, None)
+}
+
+/// `synth` with another vocabulary size.
+fn synth_vocab(preset: Preset, tag: &str, vocab: Option<usize>) -> (Tmp, PathBuf, Model) {
     let path = std::env::temp_dir().join(format!(
-        "flea-cuda-{tag}-{}-{}.gguf",
+        "flea-cuda-{tag}-{}-{}-{}.gguf",
         preset.name(),
+        vocab.unwrap_or(0),
         std::process::id()
     ));
     let tmp = Tmp(path.clone());
     let mut o = SynthOptions::new(preset);
+    if let Some(v) = vocab {
+        o.shape.n_vocab = v;
+    }
     o.quant = QuantMix::Q4_K_M;
     o.seed = 11;
     o.threads = 4;
@@ -388,11 +398,27 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
     let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
-    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let (_tmp, path, model) = synth(preset, "chain");
-        let name = preset.name();
+    // The last case's output matrix (5000 rows) is larger than a layer: with a ring asked
+    // for (else a resident plan keeps it whole) slices of 2304, 2304 and 392 rows, all
+    // resident, so each pass's logits change width twice (and must not allocate: a recorded
+    // pass may not).
+    for (preset, vocab) in [
+        (Preset::Tiny, None),
+        (Preset::TinyQwen2, None),
+        (Preset::TinyGemma3, None),
+        (Preset::Tiny, Some(5000)),
+    ] {
+        let (_tmp, path, model) = synth_vocab(preset, "chain", vocab);
+        let name = format!("{} vocab {}", preset.name(), model.cfg.n_vocab);
         let scratch = cuda.scratch_bytes(&model, 32);
-        let plan = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
+        let depth = vocab.map(|_| 2);
+        let plan = Plan::build(&model, &request(1 << 40, 1 << 40, depth, scratch)).unwrap();
+        let slices = plan
+            .units
+            .iter()
+            .filter(|u| matches!(u.kind, UnitKind::Output { .. }))
+            .count();
+        assert_eq!(slices, if vocab.is_some() { 3 } else { 1 }, "{name}");
         let io = IoOptions::default();
         let vocab = model.cfg.n_vocab;
         let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % vocab as u32).collect();

@@ -96,6 +96,14 @@ pub fn check_rows(rows: &[Row], n: usize, shape: &KvShape) -> Result<()> {
     Ok(())
 }
 
+/// The biases of q, k and v (Qwen2), each as wide as its projection.
+#[derive(Clone, Copy)]
+pub struct QkvBias<'a> {
+    pub q: &'a Weight<'a>,
+    pub k: &'a Weight<'a>,
+    pub v: &'a Weight<'a>,
+}
+
 /// Parameters of a RoPE call.
 #[derive(Clone, Copy, Debug)]
 pub struct RopeParams<'a> {
@@ -220,6 +228,26 @@ pub trait Backend {
     ) -> Result<()> {
         self.rope_qk(n, q, k, pq, pk)?;
         self.attention(n, q, k, v, kv, p, out)
+    }
+    /// Q/K/V biases (Qwen2) added to q, k and v, then `rope_attention`. A backend may add
+    /// them inside its attention instead (v then holds unspecified values too).
+    #[allow(clippy::too_many_arguments)] // rope_attention's arguments and the biases
+    fn rope_attention_biased(
+        &self,
+        n: usize,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &mut Self::Act,
+        kv: &mut Self::Kv,
+        ropes: (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        bias: QkvBias<'_>,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.add_bias(n, q, bias.q)?;
+        self.add_bias(n, k, bias.k)?;
+        self.add_bias(n, v, bias.v)?;
+        self.rope_attention(n, q, k, v, kv, ropes, p, out)
     }
     /// out = act(gate) * up
     fn glu(

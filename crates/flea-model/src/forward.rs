@@ -4,7 +4,7 @@
 //! with a residual connection), normalise, project to logits. Where the architectures differ
 //! the code says so inline.
 
-use crate::backend::{AttnParams, Backend, LayerActs, RopeParams, Row};
+use crate::backend::{AttnParams, Backend, LayerActs, QkvBias, RopeParams, Row};
 use crate::config::ModelConfig;
 use crate::debug::tap;
 use crate::weights::{LayerWeights, Weight};
@@ -31,6 +31,10 @@ pub struct Scratch<B: Backend> {
     head_in: B::Act,
     logits: B::Act,
     logits_width: usize,
+    /// The logits buffer of the other width output slices come in (a streamed or placed
+    /// output matrix: the planner's slices and the last one's rest), kept so that passes
+    /// after the first allocate nothing (a recorded pass may not).
+    logits_spare: Option<(usize, B::Act)>,
     /// The head's rows belong to different sequences (set by `head_norm_rows`).
     head_rows_independent: bool,
 }
@@ -43,11 +47,12 @@ const ONES: [usize; LOGIT_CHUNK] = [1; LOGIT_CHUNK];
 
 impl<B: Backend> Scratch<B> {
     /// Bytes of f32 activations a scratch of `capacity` rows takes (the planner's estimate
-    /// of the activation arena), with the logits buffer `logits_width` wide.
+    /// of the activation arena), with logits buffers at most `logits_width` wide (the
+    /// slices' and, where the last slice is narrower, its rest's).
     pub fn bytes(cfg: &ModelConfig, capacity: usize, logits_width: usize) -> u64 {
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let per_row = 4 * d + 2 * qd + 3 * kvd + 3 * ff;
-        let fixed = LOGIT_CHUNK * (d + logits_width);
+        let fixed = LOGIT_CHUNK * (d + 2 * logits_width);
         4 * (capacity * per_row + fixed) as u64
     }
 }
@@ -83,6 +88,7 @@ impl<B: Backend> Scratch<B> {
             head_in: b.alloc_act(LOGIT_CHUNK, d)?,
             logits: b.alloc_act(LOGIT_CHUNK, logits_width)?,
             logits_width,
+            logits_spare: None,
             head_rows_independent: false,
         })
     }
@@ -154,11 +160,23 @@ pub fn block<B: Backend>(
     tap(b, "Qcur", il, n, &mut s.q)?;
     tap(b, "Kcur", il, n, &mut s.k)?;
     tap(b, "Vcur", il, n, &mut s.v)?;
-    // Qwen2: Q/K/V biases.
+    // Qwen2: Q/K/V biases, added here or (with neither taps nor per-head norms between)
+    // inside the attention step below.
+    let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
+    let separate_steps = gemma3 || crate::debug::taps_active();
+    let mut late_bias = None;
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
-        b.add_bias(n, &mut s.q, bq)?;
-        b.add_bias(n, &mut s.k, bk)?;
-        b.add_bias(n, &mut s.v, bv)?;
+        if separate_steps || w.q_norm.is_some() {
+            b.add_bias(n, &mut s.q, bq)?;
+            b.add_bias(n, &mut s.k, bk)?;
+            b.add_bias(n, &mut s.v, bv)?;
+        } else {
+            late_bias = Some(QkvBias {
+                q: bq,
+                k: bk,
+                v: bv,
+            });
+        }
     }
     // Gemma 3: RMS norm of each head of q and k before RoPE.
     if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
@@ -195,8 +213,7 @@ pub fn block<B: Backend>(
     };
     // Gemma 3 scales q between RoPE and attention, and taps may replace q and k there;
     // otherwise the backend may store the rotated k into the cache as it rotates it.
-    let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
-    if gemma3 || crate::debug::taps_active() {
+    if separate_steps {
         b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
         tap(b, "Qrope", il, n, &mut s.q)?;
         tap(b, "Krope", il, n, &mut s.k)?;
@@ -207,7 +224,13 @@ pub fn block<B: Backend>(
         b.attention(n, &s.q, &s.k, &s.v, kv, &attn, &mut s.attn)?;
     } else {
         let ropes = (&rope, &rope_k);
-        b.rope_attention(n, &mut s.q, &mut s.k, &s.v, kv, ropes, &attn, &mut s.attn)?;
+        let (q, k, v) = (&mut s.q, &mut s.k, &mut s.v);
+        match late_bias {
+            Some(bias) => {
+                b.rope_attention_biased(n, q, k, v, kv, ropes, &attn, bias, &mut s.attn)?
+            }
+            None => b.rope_attention(n, q, k, v, kv, ropes, &attn, &mut s.attn)?,
+        }
     }
     tap(b, "kqv_out", il, n, &mut s.attn)?;
     // Gemma 3: norm of the attention output before the residual add.
@@ -413,12 +436,19 @@ pub fn head_project<B: Backend>(
     Ok(())
 }
 
-/// The logits buffer as wide as an output unit's `rows`.
+/// The logits buffer as wide as an output unit's `rows`: the current one, the spare (the
+/// other width slices come in) swapped in, or a new one (the current kept as the spare).
 fn fit_logits<B: Backend>(b: &B, rows: usize, s: &mut Scratch<B>) -> Result<()> {
-    if s.logits_width != rows {
-        s.logits = b.alloc_act(LOGIT_CHUNK, rows)?;
-        s.logits_width = rows;
+    if s.logits_width == rows {
+        return Ok(());
     }
+    let fitting = match s.logits_spare.take() {
+        Some((width, spare)) if width == rows => spare,
+        _ => b.alloc_act(LOGIT_CHUNK, rows)?,
+    };
+    let old = std::mem::replace(&mut s.logits, fitting);
+    s.logits_spare = Some((s.logits_width, old));
+    s.logits_width = rows;
     Ok(())
 }
 

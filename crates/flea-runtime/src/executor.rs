@@ -1097,6 +1097,13 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             if b.end_pass_recording(recorded.is_ok())? {
                 return recorded.map(drop);
             }
+            // The pass runs again directly below; why it could not be recorded is said once.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if let Err(e) = &recorded {
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("flea: a decode pass could not be recorded ({e}); it ran directly");
+                }
+            }
             // Nothing of it ran: count it once, when it does.
             self.stats = stats;
         }

@@ -199,9 +199,32 @@ impl Plan {
 
         let ring_depth;
         let mut device = fixed;
+        let mut act_bytes = act_bytes;
+        let mut rows_per_unit = rows_per_unit;
         if fixed + all_weights <= req.vram_budget && req.ring_depth.is_none() {
-            // Everything fits: no streaming at all.
+            // Everything fits: no streaming at all. Nor any slot to fit, so the output matrix
+            // is one unit again where its wider logits buffer fits too (one mat-vec and one
+            // pick a token instead of one per slice: a Qwen2.5-0.5B's 151936 rows were 14).
             ring_depth = 0;
+            let act_whole = Scratch::<CpuBackend>::bytes(cfg, batch, out.rows);
+            if rows_per_unit < out.rows
+                && fixed - act_bytes + act_whole + all_weights <= req.vram_budget
+            {
+                units.retain(|u| matches!(u.kind, UnitKind::Layer(_)));
+                units.push(Unit {
+                    kind: UnitKind::Output {
+                        start: 0,
+                        end: out.rows,
+                    },
+                    offset: out.file_offset,
+                    bytes: out.rows as u64 * out_row,
+                    tier: Tier::Disk,
+                    on_cpu: false,
+                });
+                device += act_whole - act_bytes;
+                act_bytes = act_whole;
+                rows_per_unit = out.rows;
+            }
             for u in units.iter_mut() {
                 u.tier = Tier::Resident;
                 device += u.held_bytes();

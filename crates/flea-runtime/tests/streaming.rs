@@ -491,3 +491,49 @@ fn chained_sampled_decode_draws_as_the_host_sampler_and_resumes_where_it_stopped
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
+
+/// A resident plan keeps an output matrix larger than a layer whole (one mat-vec and one
+/// token pick a pass) where its wider logits buffer fits the budget, and slices it where
+/// only the slices' buffer does; the logits are the same bits either way, and a session's.
+#[test]
+fn a_resident_output_is_one_unit_where_its_logits_buffer_fits() {
+    let dir = std::env::temp_dir().join(format!("flea-stream-{}-whole-out", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-5000.gguf");
+    let mut o = flea_synth::SynthOptions::new(flea_synth::Preset::Tiny);
+    o.progress = false;
+    o.shape.n_vocab = 5000;
+    flea_synth::write_synthetic(&path, &o).unwrap();
+    let model = Model::load(&path).unwrap();
+    let outputs = |p: &Plan| {
+        p.units
+            .iter()
+            .filter(|u| matches!(u.kind, flea_runtime::plan::UnitKind::Output { .. }))
+            .count()
+    };
+    let (n_ctx, batch) = (64, 8);
+    let whole = Plan::build(&model, &request(1 << 40, 0, n_ctx, batch, None)).unwrap();
+    assert_eq!(outputs(&whole), 1);
+    assert_eq!(whole.output_rows_per_unit, 5000);
+    // A byte less than the whole output's plan needs: every unit still resident, sliced.
+    let budget = whole.device_bytes - 1;
+    let sliced = Plan::build(&model, &request(budget, 0, n_ctx, batch, None)).unwrap();
+    assert!(outputs(&sliced) > 1, "{} output units", outputs(&sliced));
+    assert!(sliced
+        .units
+        .iter()
+        .all(|u| u.tier == flea_runtime::Tier::Resident));
+    assert!(sliced.device_bytes <= budget && whole.act_bytes > sliced.act_bytes);
+
+    let cpu = CpuBackend::new(2).unwrap();
+    let prompt: Vec<u32> = (0..12u32).map(|i| (i * 37 + 11) % 5000).collect();
+    let want = bits(&run_resident(&model, &cpu, &prompt, n_ctx, batch));
+    let io = IoOptions::default();
+    for plan in [whole, sliced] {
+        let mut s = StreamedModel::new(&model, &cpu, plan, &path, &io, n_ctx, batch).unwrap();
+        let got = run_streamed(&mut s, 5000, &prompt).unwrap();
+        assert_eq!(bits(&got), want);
+    }
+    drop(model);
+    let _ = std::fs::remove_dir_all(&dir);
+}
