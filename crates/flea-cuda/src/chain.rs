@@ -68,7 +68,8 @@ impl Drop for MappedHost {
 pub(crate) struct TokenSlots {
     /// Where `argmax_slot` writes each slot's token for the next pass's embedding.
     pub(crate) dev: CudaSlice<i32>,
-    /// The largest logit so far among the chunks of one token's output rows.
+    /// The largest logit so far among the chunks of one token's output rows, then
+    /// `argmax_slot`'s blocks' maximum and their count (zero between launches).
     pub(crate) best: CudaSlice<u64>,
     /// The best candidates so far of a sampled token (`topk_slot`), then their count.
     pub(crate) candidates: CudaSlice<u64>,
@@ -96,7 +97,7 @@ impl TokenSlots {
             .alloc_zeros::<i32>(TOKEN_SLOTS)
             .map_err(|e| ce("token slots", e))?;
         let best = stream
-            .alloc_zeros::<u64>(1)
+            .alloc_zeros::<u64>(3)
             .map_err(|e| ce("token slots' maximum", e))?;
         let candidates = stream
             .alloc_zeros::<u64>(TOP_K_MAX + 1)

@@ -426,15 +426,18 @@ extern "C" __global__ void deq_f32_q6_k_soa(const u8* W, float* out, int rows, i
 // Greedy sampling kept on the device (a chained decode): the first index of the largest of
 // x[0..width), the logits col0.. of the vocabulary; NaN and -inf never win (as the host's
 // argmax). Each value becomes (order-preserving bits << 32 | ~index), so one unsigned maximum
-// picks the largest value and, among equal ones, the lowest index. *best carries the largest
-// across the chunks of one token; the last chunk writes the token to the device slot (the
-// next pass embeds from it) and to mapped host memory (the host reads it after an event).
+// picks the largest value and, among equal ones, the lowest index — in any order of
+// comparisons, so the grid's blocks meet by atomicMax in best[1], and the last block to count
+// itself in best[2] (after a fence) takes the launch's maximum and resets both for the next.
+// best[0] carries the largest across the chunks of one token; the last chunk writes the token
+// to the device slot (the next pass embeds from it) and to mapped host memory (the host reads
+// it after an event). One block took 60 us a call over Qwen2.5's 151936 logits (H200).
 extern "C" __global__ void __launch_bounds__(1024)
     argmax_slot(const float* __restrict__ x, int width, int col0, unsigned long long* best,
                 int first, int last, int* tok_dev, volatile int* tok_host) {
     pdl_enter();
     unsigned long long b = 0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < width; i += gridDim.x * blockDim.x) {
         float v = x[i];
         if (v >= -3.40282347e+38f) {  // false for NaN and -inf
             unsigned int u = __float_as_uint(v == 0.0f ? 0.0f : v);  // -0 ties with +0
@@ -460,9 +463,17 @@ extern "C" __global__ void __launch_bounds__(1024)
         b = other > b ? other : b;
     }
     if (threadIdx.x != 0) return;
-    if (!first) b = *best > b ? *best : b;
+    if (gridDim.x > 1) {
+        atomicMax(&best[1], b);
+        __threadfence();
+        if (atomicAdd(&best[2], 1ull) != gridDim.x - 1) return;
+        // Every other block's atomicMax came before its count: best[1] holds them all.
+        b = atomicExch(&best[1], 0ull);
+        best[2] = 0;
+    }
+    if (!first) b = best[0] > b ? best[0] : b;
     if (!last) {
-        *best = b;
+        best[0] = b;
         return;
     }
     int t = b ? (int)~(unsigned int)(b & 0xffffffffull) : 0;  // nothing above -inf: 0
@@ -1059,26 +1070,32 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // them with nparts = 1); the sum of squares always covers the whole row in the same order.
 // The norm weight's float4s a thread of rms_norm4_row writes, loaded before pdl_enter: norm
 // weights are uploaded before any launch that reads them and never written by kernels.
+// The row is held by the block's first `nt` threads (a multiple of 32; blockDim.x unless the
+// block has more threads for other work): the same split, so the same sums, as rms_norm4.
 __device__ __forceinline__ void rms_norm4_weights(const float4* __restrict__ w, int g4,
-                                                  int part, int nparts, float4 (&ww)[4]) {
+                                                  int part, int nparts, float4 (&ww)[4],
+                                                  int nt) {
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const int i = threadIdx.x + k * blockDim.x;
-        ww[k] = i < g4 && (i >> 6) % nparts == part ? w[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const int i = threadIdx.x + k * nt;
+        ww[k] = (int)threadIdx.x < nt && i < g4 && (i >> 6) % nparts == part
+                    ? w[i]
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 }
 
 __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
                                               const float4 (&ww)[4], float4* out, int g4,
-                                              float eps, int part, int nparts) {
+                                              float eps, int part, int nparts, int nt) {
     const float4* xr = x + (long long)blockIdx.x * g4;
     float4* o = out + (long long)blockIdx.x * g4;
+    const bool holds = (int)threadIdx.x < nt;
     float4 v[4];
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const int i = threadIdx.x + k * blockDim.x;
-        v[k] = i < g4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const int i = threadIdx.x + k * nt;
+        v[k] = holds && i < g4 ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
         ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     }
     __shared__ float red[32];
@@ -1086,7 +1103,7 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float r = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+        float r = (int)threadIdx.x < (nt >> 5) ? red[threadIdx.x] : 0.f;
         r = warp_sum(r);
         if (threadIdx.x == 0) red[0] = r;
     }
@@ -1094,8 +1111,8 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
     const float inv = 1.f / sqrtf(red[0] / (float)(4 * g4) + eps);
 #pragma unroll
     for (int k = 0; k < 4; k++) {
-        const int i = threadIdx.x + k * blockDim.x;
-        if (i < g4 && (i >> 6) % nparts == part) {
+        const int i = threadIdx.x + k * nt;
+        if (holds && i < g4 && (i >> 6) % nparts == part) {
             o[i] = make_float4(v[k].x * inv * ww[k].x, v[k].y * inv * ww[k].y,
                                v[k].z * inv * ww[k].z, v[k].w * inv * ww[k].w);
         }
@@ -1105,9 +1122,9 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
 extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4* __restrict__ w,
                                      float4* __restrict__ out, int g4, float eps) {
     float4 ww[4];
-    rms_norm4_weights(w, g4, 0, 1, ww);
+    rms_norm4_weights(w, g4, 0, 1, ww, blockDim.x);
     pdl_enter();
-    rms_norm4_row(x, ww, out, g4, eps, 0, 1);
+    rms_norm4_row(x, ww, out, g4, eps, 0, 1, blockDim.x);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
@@ -1552,6 +1569,57 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int i = 0; i < ATT_TQ; i++) {
         const int r = g * rt + i;
         if (i < rt && r < rows) out[(long long)(t0 + r) * qd + h * hd + d] = acc[i];
+    }
+}
+
+// Q8_0 quantization of activations, as the CPU's quantize_q8_0 (see act_q8_0).
+// One warp's block `blk`, lane = element with value v (the norm and the GLU quantise the
+// values they computed the same way: the same bits).
+__device__ __forceinline__ void q8_0_block(float v, i8* __restrict__ xq, float* __restrict__ xd,
+                                           int* __restrict__ xs, long long blk, int lane) {
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.f;
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    const int q = (int)rintf(v * id);
+    xq[blk * 32 + lane] = (i8)q;
+    int sum = q;  // shuffles, not __reduce_add_sync: that needs sm_80
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if (lane == 0) {
+        xd[blk] = h2f(f2h(d));
+        xs[blk] = __float_as_int(h2f(f2h((float)sum * d)));
+    }
+}
+// Q8_0 of 8 consecutive values a lane, four lanes a block (lane l: elements 8l .. 8l + 7 of
+// the warp's 256, block b0 + l / 4): act_q8_0's arithmetic (the maximum and the integer sum
+// are exact in any order), for the decode attention's outputs. Every lane takes part in the
+// shuffles; only lanes with `keep` store.
+__device__ __forceinline__ void q8_0_vals(const float (&v)[8], i8* __restrict__ xq,
+                                          float* __restrict__ xd, int* __restrict__ xs,
+                                          long long b0, int lane, bool keep) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 2));
+    const float d = amax / 127.f;
+    const float id = amax != 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    unsigned int w[2] = {0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int q = (int)rintf(v[i] * id);
+        sum += q;
+        w[i >> 2] |= (unsigned int)(q & 0xff) << (8 * (i & 3));
+    }
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    if (!keep) return;
+    const long long blk = b0 + (lane >> 2);
+    *(uint2*)(xq + blk * 32 + (lane & 3) * 8) = make_uint2(w[0], w[1]);
+    if ((lane & 3) == 0) {
+        xd[blk] = h2f(f2h(d));
+        xs[blk] = __float_as_int(h2f(f2h((float)sum * d)));
     }
 }
 
@@ -2122,6 +2190,21 @@ extern "C" __global__ void __launch_bounds__(128)
     q8k_block(out, xq, xd, xs, blk, lane);
 }
 
+// glu followed by act_q8_0 of its output, in one launch (decode: the output feeds a Q8_0-type
+// ffn_down mat-vec: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0). One warp per 32-block, lane = element.
+extern "C" __global__ void __launch_bounds__(128)
+    glu_q8_0(const float* __restrict__ gate, const float* __restrict__ up, float* out, int act,
+             i8* __restrict__ xq, float* __restrict__ xd, int* __restrict__ xs, long long nblk) {
+    pdl_enter();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * 4 + warp;
+    if (blk >= nblk) return;
+    const long long e = blk * 32 + lane;
+    const float v = glu_one(gate[e], up[e], act);
+    out[e] = v;
+    q8_0_block(v, xq, xd, xs, blk, lane);
+}
+
 // rms_norm4 followed by act_q8k of the normalised row, in one launch (decode: the norm's
 // output feeds int8 mat-vecs, which would quantise it next). Row r's 256-blocks are blocks
 // r*g/256 .. of the Q8_K scratch, as act_q8k over all rows would number them. g % 256 == 0.
@@ -2132,15 +2215,37 @@ extern "C" __global__ void rms_norm_q8k(const float4* __restrict__ x, const floa
                                         float4* out, int g4, float eps, i8* __restrict__ xq,
                                         float* __restrict__ xd, int* __restrict__ xs) {
     float4 ww[4];
-    rms_norm4_weights(w, g4, blockIdx.y, gridDim.y, ww);
+    rms_norm4_weights(w, g4, blockIdx.y, gridDim.y, ww, blockDim.x);
     pdl_enter();
-    rms_norm4_row(x, ww, out, g4, eps, blockIdx.y, gridDim.y);
+    rms_norm4_row(x, ww, out, g4, eps, blockIdx.y, gridDim.y, blockDim.x);
     // The block's writes are visible to all its threads after the barrier.
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int per_row = g4 / 64;
     for (int b = blockIdx.y + warp * gridDim.y; b < per_row; b += nw * gridDim.y)
         q8k_block((const float*)out, xq, xd, xs, (long long)blockIdx.x * per_row + b, lane);
+}
+
+// rms_norm4 followed by act_q8_0 of the normalised row (decode rows feeding Q8_0-type
+// mat-vecs), in one launch: as rms_norm_q8k, block (r, p) writes and quantises the 32-blocks
+// of the row's 256-element chunks p, p + parts, ... (parts = 1 where g % 256 != 0). g % 32 == 0.
+// The row is held by the first nt threads, rms_norm4's launch (the same sums, so the same
+// bits); the block may have more, a warp per 32-block to quantise.
+extern "C" __global__ void rms_norm_q8_0(const float4* __restrict__ x,
+                                         const float4* __restrict__ w, float4* out, int g4,
+                                         float eps, i8* __restrict__ xq, float* __restrict__ xd,
+                                         int* __restrict__ xs, int nt) {
+    float4 ww[4];
+    rms_norm4_weights(w, g4, blockIdx.y, gridDim.y, ww, nt);
+    pdl_enter();
+    rms_norm4_row(x, ww, out, g4, eps, blockIdx.y, gridDim.y, nt);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int per_row = g4 / 8;
+    const float* o = (const float*)out + (long long)blockIdx.x * per_row * 32;
+    for (int b = warp; b < per_row; b += nw)
+        if ((b >> 3) % gridDim.y == blockIdx.y)
+            q8_0_block(o[b * 32 + lane], xq, xd, xs, (long long)blockIdx.x * per_row + b, lane);
 }
 
 // Q4_K block, 144 bytes; 16-aligned when the row start is (144 = 9*16; the host checks the
@@ -2588,19 +2693,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long blk = (long long)blockIdx.x * 4 + warp;
     if (blk >= nblk) return;
-    const float v = x[blk * 32 + lane];
-    const float amax = warp_max(fabsf(v));
-    const float d = amax / 127.f;
-    const float id = amax != 0.f ? 127.f / amax : 0.f;
-    const int q = (int)rintf(v * id);
-    xq[blk * 32 + lane] = (i8)q;
-    int sum = q;  // shuffles, not __reduce_add_sync: that needs sm_80
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    if (lane == 0) {
-        xd[blk] = h2f(f2h(d));
-        xs[blk] = __float_as_int(h2f(f2h((float)sum * d)));
-    }
+    q8_0_block(x[blk * 32 + lane], xq, xd, xs, blk, lane);
 }
 
 // y[t][row] = W[row] . x[t] with int8 activations: one warp per NR rows (4 warps per
@@ -4359,7 +4452,7 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 // a key, each with four 8-dim chains: one warp scores 8 or 16 keys at once instead of one
 // key's 32 lanes meeting in 5 shuffles; 3.7 -> 1.9 us of a 13b call at 504 keys) and within a
 // thread's P.V (four keys' loads in flight, four sums); then block 0 of the cluster quantises
-// the 256 outputs to Q8_K (xq non-null). hd 64 or 128 (host-checked); `kps_max` keys per
+// the 256 outputs to Q8_K (xq non-null; to Q8_0 with q8_0). hd 64 or 128 (host-checked); `kps_max` keys per
 // block at most (the dynamic shared memory: K and V rows, then the scores).
 // With nd > 0 the kernel also does rope_kv's work for the row, so that it follows the q/k/v
 // mat-vec directly (one launch less, and its rows load while that mat-vec ends): q and the
@@ -4409,7 +4502,8 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         float scale, int kps_max, float *__restrict__ out, i8 *__restrict__ xq,               \
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
         const float *__restrict__ vnew, int nd, float theta_scale, int neox, int n_head,       \
-        const float *__restrict__ bq, const float *__restrict__ bk, const float *__restrict__ bv
+        const float *__restrict__ bq, const float *__restrict__ bk, const float *__restrict__ bv, \
+        int q8_0
 #if __CUDA_ARCH__ >= 900
 // What a block of a decode-attention cluster (CS blocks) covers: head h (hi of the cluster's
 // 256 / hd), keys j0 .. j0 + len of its window (split of S = CS * hd / 256 blocks a head), of
@@ -4599,14 +4693,15 @@ __device__ __forceinline__ void atc_softmax(float* sc, const AtcPart& a, float* 
 // `rank`); block 0 then adds its heads' partials in block order into the cluster's 256
 // outputs (lane l elements 8l .. 8l + 7, head 8l / hd), stores those of real heads (`width`
 // = n_head * hd outputs in all) and quantises them to Q8_K (xq non-null: the host passes it
-// only for whole clusters). No block reads another's shared memory, and every block a send goes to
-// waits for it before it leaves: no barrier at the end.
+// only for whole clusters) or, with q8_0, those of real heads to Q8_0. No block reads
+// another's shared memory, and every block a send goes to waits for it before it leaves: no
+// barrier at the end.
 template <int CS>
 __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const float4& a2,
                                            const float4& a3, const AtcPart& a, int hd,
                                            float4* acc4, float* parts_in,
                                            unsigned long long* xbar, float* out, i8* xq,
-                                           float* xd, int* xs, int width) {
+                                           float* xd, int* xs, int width, int q8_0) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q4 = hd >> 2, G = 128 / q4;
     acc = make_float4((acc.x + a1.x) + (a2.x + a3.x), (acc.y + a1.y) + (a2.y + a3.y),
@@ -4643,7 +4738,10 @@ __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const f
             *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
             *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
         }
-        if (xq != nullptr) q8k_vals(v, xq, xd, xs, a.cluster, lane);
+        if (xq != nullptr && q8_0)
+            q8_0_vals(v, xq, xd, xs, (long long)a.cluster * 8, lane, a.cluster * 256 + e < width);
+        else if (xq != nullptr)
+            q8k_vals(v, xq, xd, xs, a.cluster, lane);
     }
 }
 // One quad of a thread's P.V keys j, j + G, j + 2G, j + 3G (j < len): into the four sums
@@ -4769,14 +4867,14 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     }
     const auto vrow = [&](int key) { return *(const uint2*)(Vs + key * hd + d4); };
     for (; j < len; j += 4 * G) atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0);
 #else
     asm volatile("trap;");
 #endif
 }
 #define ATC_PARAMS                                                                            \
     q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
-        vnew, nd, theta_scale, neox, n_head, bq, bk, bv
+        vnew, nd, theta_scale, neox, n_head, bq, bk, bv, q8_0
 extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
     attn_cluster_impl<0, ATC_CS>(ATC_PARAMS);
 }
@@ -4895,7 +4993,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
         for (int j = kt0 + g; j < min(len, kt0 + tk); j += 4 * G)
             atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
     }
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0);
 #else
     asm volatile("trap;");
 #endif

@@ -27,7 +27,7 @@ use flea_model::config::{FfnActivation, RopeStyle};
 use flea_model::weights::Weight;
 use flea_model::{ModelError, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Launches kernel `name` on the compute stream with the listed arguments (profile marks
@@ -64,6 +64,18 @@ mod staging;
 pub use staging::CudaStaged;
 
 const KERNELS: &str = include_str!("kernels.cu");
+
+/// Every kernel of kernels.cu the backend loads at start (a launch of any other name fails).
+fn kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
+    names.extend(mmvq::kernel_names());
+    for s in TYPE_SUFFIXES {
+        for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
+            names.push(format!("{k}_{s}"));
+        }
+    }
+    names
+}
 
 /// A CUDA setup or runtime failure, as one line.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -130,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 38] = [
+const PLAIN_KERNELS: [&str; 40] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -152,6 +164,7 @@ const PLAIN_KERNELS: [&str; 38] = [
     "rms_norm",
     "rms_norm4",
     "rms_norm_q8k",
+    "rms_norm_q8_0",
     "attn_split_scores",
     "attn_split_pv",
     "attn_split_fused",
@@ -160,6 +173,7 @@ const PLAIN_KERNELS: [&str; 38] = [
     "add",
     "glu",
     "glu_q8k",
+    "glu_q8_0",
     "rope",
     "rope_qk",
     "kv_store",
@@ -363,6 +377,14 @@ pub struct CudaBackend {
     /// split kernels too), and its launches so far (tests check it was taken).
     cluster_attention: std::sync::atomic::AtomicBool,
     cluster_attention_calls: AtomicU64,
+    /// `output_feeds`'s hint for the next norm, attention or GLU: the int8 format the
+    /// matmul reading its output wants (FEEDS_*), taken by that step or cleared by a matmul.
+    feeds: AtomicU8,
+    /// Whether norms, attention and GLU quantise their outputs to Q8_0 for Q8_0-type
+    /// mat-vecs (on unless FLEA_CUDA_FUSE_OFF names `q8_0`; tests compare both).
+    q8_0_fusion: std::sync::atomic::AtomicBool,
+    /// Launches that left a Q8_0 quantisation for the next mat-vec (norm, attention, GLU).
+    q8_0_fused: AtomicU64,
     fused_attention_blocks: [AtomicUsize; 2],
     /// Counts launches (and host writes into activations): a fused norm's quantisation is
     /// reused only if nothing ran between it and the mat-vec.
@@ -591,14 +613,7 @@ impl CudaBackend {
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(|e| CudaError(format!("loading kernels ({arch}): {e:?}")))?;
         let mut funcs = HashMap::new();
-        let mut names: Vec<String> = PLAIN_KERNELS.iter().map(|s| s.to_string()).collect();
-        names.extend(mmvq::kernel_names());
-        for s in TYPE_SUFFIXES {
-            for k in ["matvec", "deq_f16", "deq_f32", "embed"] {
-                names.push(format!("{k}_{s}"));
-            }
-        }
-        for n in names {
+        for n in kernel_names() {
             let f = module
                 .load_function(&n)
                 .map_err(|e| CudaError(format!("kernel {n}: {e:?}")))?;
@@ -744,6 +759,9 @@ impl CudaBackend {
             mmq_smem_room,
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
+            feeds: AtomicU8::new(FEEDS_NONE),
+            q8_0_fusion: std::sync::atomic::AtomicBool::new(!FusionsOff::from_env().q8_0),
+            q8_0_fused: AtomicU64::new(0),
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
             fused_decode: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_FUSED_DECODE").as_deref() == Ok("1"),
@@ -1127,6 +1145,48 @@ impl CudaBackend {
         self.q8k_scratch(&mut sc.xq, n * width).map(Some)
     }
 
+    /// Let decode norms, attention and GLU quantise their outputs to Q8_0 for the Q8_0-type
+    /// mat-vec reading them (the default), or leave that to `act_q8_0` launches: the same bits.
+    pub fn set_q8_0_fusion(&self, on: bool) {
+        self.q8_0_fusion.store(on, Ordering::Relaxed);
+    }
+
+    /// How many norm, attention and GLU launches so far quantised their outputs to Q8_0.
+    pub fn q8_0_fused_launches(&self) -> u64 {
+        self.q8_0_fused.load(Ordering::Relaxed)
+    }
+
+    /// The int8 format `output_feeds` said the next step's output is read in (taking it).
+    fn take_feeds(&self) -> u8 {
+        self.feeds.swap(FEEDS_NONE, Ordering::Relaxed)
+    }
+
+    /// Where a kernel producing `n` rows of `width` values (in groups of `group`) may also
+    /// quantise them to Q8_0 (with Q8_1's sums) for a Q8_0-type mat-vec that follows, as
+    /// `fused_q8k_scratch` does for Q8_K (rows of whole 32-blocks): (quants, scales, sums).
+    fn fused_q8_0_scratch(
+        &self,
+        n: usize,
+        group: usize,
+        width: usize,
+    ) -> Result<Option<(u64, u64, u64)>> {
+        if !(self.fusion()
+            && self.q8_0_fusion.load(Ordering::Relaxed)
+            && group == width
+            && width.is_multiple_of(32)
+            && n <= mmvq::q8k_tokens_max()
+            && mmvq::enabled())
+        {
+            return Ok(None);
+        }
+        let mut sc = self
+            .scratch
+            .lock()
+            .map_err(|_| be("scratch lock poisoned"))?;
+        self.q8_0_fused.fetch_add(1, Ordering::Relaxed);
+        self.q8_0_scratch(&mut sc.xq, n * width).map(Some)
+    }
+
     /// Record that the launch just made left the Q8_K quantisation of the `total` values at
     /// `x` in the scratch at `base` (valid until the next launch or upload).
     fn note_prequant(&self, x: u64, total: usize, base: u64) -> Result<()> {
@@ -1143,8 +1203,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Whether the Q8_K scratch at `base` holds the quantisation of the `total` values at `x`,
-    /// written by rms_norm_q8k or glu_q8k with no launch or activation upload since.
+    /// Whether the Q8_K (or Q8_0) scratch at `base` holds the quantisation of the `total`
+    /// values at `x`, written by a norm, attention or GLU launch with no launch or activation
+    /// upload since.
     pub(crate) fn prequantized(&self, x: u64, total: usize, base: u64) -> bool {
         let serial = self.launch_serial.load(Ordering::Relaxed);
         self.prequant.lock().is_ok_and(|p| {
@@ -1917,11 +1978,18 @@ impl CudaBackend {
         out: &mut CudaAct,
     ) -> Result<()> {
         let width = out.width;
-        let q8k = if self.fusions_off.attn_q8k {
-            None
+        // The outputs quantised for the output projection: to Q8_0 where its type reads that
+        // (output_feeds; heads past n_head are not written), else to Q8_K for whole clusters.
+        let (q8k, q8_0) = if self.fusions_off.attn_q8k {
+            (None, 0i32)
+        } else if self.take_feeds() == FEEDS_Q8_0 && !self.fusions_off.attn_q8_0 {
+            (self.fused_q8_0_scratch(1, width, width)?, 1)
+        } else if width.is_multiple_of(256) {
+            (self.fused_q8k_scratch(1, width, width)?, 0)
         } else {
-            self.fused_q8k_scratch(1, width, width)?
+            (None, 0)
         };
+        let q8_0 = if q8k.is_some() { q8_0 } else { 0 };
         // The last cluster may hold phantom heads past n_head (see AtcPart in kernels.cu).
         let clusters = p.n_head.div_ceil(256 / p.head_dim);
         let ClusterPlan {
@@ -1980,7 +2048,7 @@ impl CudaBackend {
         // the window reaches (attention_cache checked the row), out width f32, the Q8_K
         // scratch width values; the grid is whole clusters and the shared memory within the
         // opted-in room (cluster_attention_fits).
-        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv)?;
+        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv, q8_0)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match q8k {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -2189,7 +2257,9 @@ struct Prequant {
 /// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
 /// one, for measuring each (all of them compute the same bits as the separate launches):
 /// `rope_kv` (RoPE and the cache store in one launch), `attn_bias` (Qwen2's q/k/v biases added
-/// by the decode cluster attention instead of three `add_bias` launches), `attn_q8k` (the split attention
+/// by the decode cluster attention instead of three `add_bias` launches), `q8_0` (a decode
+/// norm, attention or GLU quantising its output to Q8_0 for the Q8_0-type mat-vec reading
+/// it, instead of an `act_q8_0` launch; `attn_q8_0`: all but the attention), `attn_q8k` (the split attention
 /// quantises its output for the next mat-vec), `attn_one` (the split attention's two halves
 /// in one launch), `mixed` (Q4_K and Q6_K matrices of one input in one mat-vec launch);
 /// `attn_tiled` (prompt rows in tiles sharing their K/V loads), `attn_cluster` (a decode
@@ -2204,6 +2274,8 @@ struct Prequant {
 struct FusionsOff {
     rope_kv: bool,
     attn_bias: bool,
+    q8_0: bool,
+    attn_q8_0: bool,
     attn_q8k: bool,
     attn_one: bool,
     mixed: bool,
@@ -2223,6 +2295,8 @@ impl FusionsOff {
         FusionsOff {
             rope_kv: has("rope_kv"),
             attn_bias: has("attn_bias"),
+            q8_0: has("q8_0"),
+            attn_q8_0: has("attn_q8_0"),
             attn_q8k: has("attn_q8k"),
             attn_one: has("attn_one"),
             mixed: has("mixed"),
@@ -2286,6 +2360,11 @@ struct ClusterPlan {
     blocks: usize,
     stream: bool,
 }
+
+/// `output_feeds`'s hints (CudaBackend::feeds): none, Q8_K or Q8_0 activations.
+const FEEDS_NONE: u8 = 0;
+const FEEDS_Q8K: u8 = 1;
+const FEEDS_Q8_0: u8 = 2;
 
 /// The cluster attention for a decode row seeing `max_keys` keys, or None where it does not
 /// apply: heads of 64 or 128 dims (a cluster covers a Q8_K block of the output, 256 / hd
@@ -2787,7 +2866,29 @@ impl Backend for CudaBackend {
                 shared_mem_bytes: 0,
             };
             let (xp, op, g4i) = (x.ptr, out.ptr, g4 as i32);
-            // Decode rows feeding int8 mat-vecs: quantise them in the same launch.
+            // Decode rows feeding int8 mat-vecs: quantise them in the same launch, to Q8_0
+            // where the matmul reading them says so (output_feeds), else to Q8_K.
+            let q8_0 = if self.take_feeds() == FEEDS_Q8_0 {
+                self.fused_q8_0_scratch(n, g, x.width)?
+            } else {
+                None
+            };
+            if let Some((xq, xd, xs)) = q8_0 {
+                // One block per 256-element chunk of each row, as rms_norm_q8k, and a warp per
+                // 32-block of its share (64 threads quantising Qwen2.5's 28 blocks two at a
+                // time made the launch 10.9 us, slower than rms_norm4 and act_q8_0 apart; H200).
+                let parts = if g.is_multiple_of(256) { g / 256 } else { 1 };
+                let warps = (g / 32).div_ceil(parts).min(32);
+                let cfg = LaunchConfig {
+                    grid_dim: (groups as u32, parts as u32, 1),
+                    block_dim: (threads.max(32 * warps) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // The row's sum over rms_norm4's `threads` (the same bits as that kernel).
+                let nt = threads as i32;
+                launch!(self, "rms_norm_q8_0", cfg; xp, wp, op, g4i, eps, xq, xd, xs, nt)?;
+                return self.note_prequant(out.ptr, total, xq);
+            }
             if let Some((xq, xd, xs)) = self.fused_q8k_scratch(n, g, x.width)? {
                 // One block per 256-element chunk of each row (see the kernel).
                 let cfg = LaunchConfig {
@@ -2812,7 +2913,18 @@ impl Backend for CudaBackend {
         self.matmuls(n, x, &mut [(w, out)])
     }
 
+    fn output_feeds(&self, w: &Weight) {
+        let feeds = match mmvq::kernel_for(w.ty) {
+            Some((_, _, mmvq::ActFmt::Q8_0)) => FEEDS_Q8_0,
+            Some((_, _, mmvq::ActFmt::Q8K)) => FEEDS_Q8K,
+            _ => FEEDS_NONE,
+        };
+        self.feeds.store(feeds, Ordering::Relaxed);
+    }
+
     fn matmuls(&self, n: usize, x: &CudaAct, jobs: &mut [(&Weight, &mut CudaAct)]) -> Result<()> {
+        // A hint for a step that did not take it is stale now.
+        self.feeds.store(FEEDS_NONE, Ordering::Relaxed);
         check_rows(x, n, "matmul")?;
         for (w, out) in jobs.iter() {
             check_matmul(n, w, x, out)?;
@@ -3043,6 +3155,7 @@ impl Backend for CudaBackend {
         residual: &mut CudaAct,
         scratch: &mut CudaAct,
     ) -> Result<()> {
+        self.feeds.store(FEEDS_NONE, Ordering::Relaxed);
         let n: usize = segments.iter().sum();
         let use_blas = n > 1 && self.blas.is_some();
         // The int8 kernels add their dot products into the residual stream themselves
@@ -3203,7 +3316,23 @@ impl Backend for CudaBackend {
         };
         let (gp, upp, op, ti) = (gate.ptr, up.ptr, out.ptr, total as i64);
         // Decode rows feeding the int8 ffn_down mat-vec: quantise them in the same launch
-        // (as rms_norm_q8k does for the norms).
+        // (as rms_norm_q8k does for the norms), to Q8_0 where its type reads that.
+        let q8_0 = if self.take_feeds() == FEEDS_Q8_0 {
+            self.fused_q8_0_scratch(n, gate.width, gate.width)?
+        } else {
+            None
+        };
+        if let Some((xq, xd, xs)) = q8_0 {
+            let nblk = total / 32;
+            let cfg = LaunchConfig {
+                grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let nb = nblk as i64;
+            launch!(self, "glu_q8_0", cfg; gp, upp, op, a, xq, xd, xs, nb)?;
+            return self.note_prequant(out.ptr, total, xq);
+        }
         if let Some((xq, xd, xs)) = self.fused_q8k_scratch(n, gate.width, gate.width)? {
             let nblk = total / 256;
             let cfg = LaunchConfig {
@@ -3390,6 +3519,11 @@ impl Backend for CudaBackend {
         match *pick {
             SlotPick::Greedy => {
                 let best = dptr(&ts.best, &self.stream);
+                // A block a 4096 logits, up to one an SM (their maxima meet by atomics).
+                let cfg = LaunchConfig {
+                    grid_dim: (width.div_ceil(4096).clamp(1, self.sms.max(1)) as u32, 1, 1),
+                    ..cfg
+                };
                 launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
             }
             SlotPick::Sample(how, r) => {
@@ -3679,6 +3813,33 @@ fn gemm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel kernels.cu spells out by name (not made by a macro's `##`) is loaded at
+    /// start, so that no launch of it can fail with "not loaded".
+    #[test]
+    fn every_named_kernel_is_loaded() {
+        let loaded = kernel_names();
+        let mut checked = 0;
+        for (i, _) in KERNELS.match_indices("extern \"C\" __global__") {
+            let head = &KERNELS[i..];
+            let head = &head[..head.find('{').unwrap_or(head.len())];
+            // The name: the first identifier before a '(' that is not the launch bounds.
+            let name = head
+                .split('(')
+                .filter_map(|part| part.split_whitespace().last())
+                .find(|word| !word.contains("__launch_bounds__") && !word.contains("LB"))
+                .unwrap_or("");
+            if name.is_empty() || name.contains('#') || name.contains("__global__") {
+                continue;
+            }
+            assert!(
+                loaded.iter().any(|n| n == name),
+                "kernel {name} is not loaded"
+            );
+            checked += 1;
+        }
+        assert!(checked > 40, "only {checked} kernels found");
+    }
 
     #[test]
     fn cluster_attention_plan_bounds() {

@@ -849,6 +849,17 @@ impl CudaBackend {
         Ok((base, base + lay.d_off as u64, base + lay.s_off as u64))
     }
 
+    /// The Q8_0 scratch for `total` activations (grown if needed): (quants, scales, sums).
+    pub(crate) fn q8_0_scratch(
+        &self,
+        scratch: &mut ActScratch,
+        total: usize,
+    ) -> Result<(u64, u64, u64)> {
+        let lay = act_layout(total, ActFmt::Q8_0.block());
+        let base = self.grow(&mut scratch.q8_0, lay.bytes)?;
+        Ok((base, base + lay.d_off as u64, base + lay.s_off as u64))
+    }
+
     /// Quantize `total` activations at `x` to the int8 format `fmt` (Q8K or Q8_0) in its
     /// scratch buffer, unless already done for this group; returns the (quants, scales, sums)
     /// device pointers.
@@ -867,8 +878,9 @@ impl CudaBackend {
         };
         let base = self.grow(buf, lay.bytes)?;
         let (xqp, xdp, xsp) = (base, base + lay.d_off as u64, base + lay.s_off as u64);
-        // rms_norm_q8k may have quantized exactly these values already (and nothing ran since).
-        if !*done && fmt == ActFmt::Q8K && self.prequantized(x, total, base) {
+        // A norm, attention or GLU launch may have quantized exactly these values into this
+        // scratch already (and nothing ran since).
+        if !*done && self.prequantized(x, total, base) {
             *done = true;
         }
         if !*done {

@@ -1146,6 +1146,130 @@ fn fusion_changes_nothing() {
     assert!(bad.is_empty(), "fusion changed the logits of {bad:?}");
 }
 
+/// Decode norms, attention (in clusters, partly phantom ones too) and GLU quantising their
+/// outputs to Q8_0 for the Q8_0-type mat-vecs reading them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
+/// the same logits, bit for bit, as `act_q8_0` launches; and they did take that path.
+#[test]
+fn q8_0_fusion_changes_nothing() {
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let mut bad = Vec::new();
+    let cases = [
+        (Preset::Tiny, QuantMix::Q4_1, None),
+        (Preset::TinyQwen2, QuantMix::Q5_0, None),
+        (Preset::Tiny, QuantMix::Q8_0, None),
+        (
+            Preset::Tiny,
+            QuantMix::Q4_0,
+            Some((576usize, 9usize, 3usize)),
+        ),
+        (Preset::TinyQwen2, QuantMix::Q4_K_M, Some((896, 14, 2))),
+    ];
+    for (preset, quant, heads) in cases {
+        let mut o = SynthOptions::new(preset);
+        o.quant = quant;
+        o.seed = 5;
+        o.threads = 4;
+        if let Some((n_embd, n_head, n_head_kv)) = heads {
+            o.shape.n_layers = 2;
+            o.shape.n_embd = n_embd;
+            o.shape.n_head = n_head;
+            o.shape.n_head_kv = n_head_kv;
+            o.shape.head_dim = 64;
+        }
+        let tag = format!("{}-{quant:?}-{}", preset.name(), o.shape.n_head);
+        let path = std::env::temp_dir().join(format!("flea-q80-{tag}-{}.gguf", std::process::id()));
+        let _tmp = Tmp(path.clone());
+        write_synthetic(&path, &o).expect("write synthetic model");
+        let model = Model::load(&path).expect("load model");
+        let vocab = model.cfg.n_vocab;
+        let run = |on: bool| -> (Vec<f32>, u64) {
+            cuda.clear_weights();
+            cuda.set_q8_0_fusion(on);
+            let before = cuda.q8_0_fused_launches();
+            let mut s = Session::new(&model, &cuda, 64, 32).unwrap();
+            let prompt: Vec<u32> = (0..5u32).map(|i| (i * 53 + 7) % vocab as u32).collect();
+            let mut all = s.eval(&prompt, Logits::All).unwrap();
+            let mut next = argmax(&all[all.len() - vocab..]) as u32;
+            for _ in 0..6 {
+                let l = s.eval(&[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                all.extend_from_slice(&l);
+            }
+            (all, cuda.q8_0_fused_launches() - before)
+        };
+        let ((on, fused), (off, unfused)) = (run(true), run(false));
+        cuda.set_q8_0_fusion(true);
+        let same = same_bits(&on, &off);
+        let ok = same && fused > 0 && unfused == 0;
+        println!(
+            "Q8_0-FUSION {tag} identical={same} fused launches {fused} (off: {unfused}) {}",
+            if ok { "OK" } else { "FAIL" }
+        );
+        if !ok {
+            bad.push(format!(
+                "{tag}: identical={same}, fused {fused}, off {unfused}"
+            ));
+        }
+    }
+    // The norm alone, bit for bit (its sum of squares must be rms_norm4's: a model's logits
+    // may hide a last-bit difference that a longer decode does not).
+    {
+        use flea_model::weights::Weight;
+        use flea_model::Backend;
+        for width in [256usize, 576, 896, 2048, 4096] {
+            let x: Vec<f32> = (0..width)
+                .map(|i| ((i as f32) * 0.61).sin() * 3.0 + 0.1)
+                .collect();
+            let g: Vec<u8> = (0..width)
+                .flat_map(|i| (1.0 + ((i as f32) * 0.17).cos() * 0.5).to_le_bytes())
+                .collect();
+            let norm = Weight {
+                ty: flea_gguf::GgmlType::F32,
+                rows: 1,
+                cols: width,
+                data: &g,
+            };
+            let consumer = Weight {
+                ty: flea_gguf::GgmlType::Q4_1,
+                rows: 1,
+                cols: width,
+                data: &[],
+            };
+            let xa = cuda.alloc_act(1, width).unwrap();
+            cuda.upload(&xa, &x).unwrap();
+            let mut outs = Vec::new();
+            for on in [true, false] {
+                cuda.set_q8_0_fusion(on);
+                let before = cuda.q8_0_fused_launches();
+                let mut out = cuda.alloc_act(1, width).unwrap();
+                cuda.output_feeds(&consumer);
+                cuda.rms_norm(1, &xa, &norm, 1e-5, &mut out).unwrap();
+                outs.push((
+                    cuda.read(1, &out).unwrap(),
+                    cuda.q8_0_fused_launches() - before,
+                ));
+            }
+            cuda.set_q8_0_fusion(true);
+            let same = same_bits(&outs[0].0, &outs[1].0);
+            let ok = same && outs[0].1 == 1 && outs[1].1 == 0;
+            println!(
+                "Q8_0-NORM width={width} identical={same} fused={} {}",
+                outs[0].1,
+                if ok { "OK" } else { "FAIL" }
+            );
+            if !ok {
+                bad.push(format!(
+                    "norm {width}: identical={same}, fused {}",
+                    outs[0].1
+                ));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "Q8_0 fusion: {bad:#?}");
+}
+
 /// One-token Q4_K mat-vecs on rows of 4096 and 5120 columns take the whole-row kernels
 /// (`mmvqw4_*`, `mmvqw5_*`: every load of a row in flight at once), alone and three matrices
 /// in one launch: the CPU's outputs (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
@@ -1795,9 +1919,23 @@ fn argmax_to_slot_matches_the_host() {
     let mut last_max = vec![-5.0f32; vocab];
     last_max[vocab - 1] = f32::MAX;
     cases.push(last_max);
+    // Qwen2.5's vocabulary: up to 38 blocks a launch, ties across blocks (the lowest wins).
+    let big = 151936;
+    cases.push((0..big).map(|_| random()).collect());
+    cases.push(
+        (0..big)
+            .map(|i| if i % 40000 == 7 { 3.0 } else { 1.0 })
+            .collect(),
+    );
     for (ci, logits) in cases.iter().enumerate() {
         let want = flea_model::sampling::argmax(logits) as u32;
-        for chunk in [vocab, 1024, 999] {
+        let vocab = logits.len();
+        let chunks = if vocab == big {
+            [vocab, 40000, 4097]
+        } else {
+            [vocab, 1024, 999]
+        };
+        for chunk in chunks {
             let mut got = Vec::new();
             for (name, slot) in [("cuda", ci % 4), ("cpu", (ci + 1) % 4)] {
                 for (k, part) in logits.chunks(chunk).enumerate() {

@@ -422,6 +422,10 @@ pub trait Backend {
         v.copy_from_slice(&vr);
         Ok(())
     }
+    /// A hint: the output of the next step (a norm, the attention, the GLU) is the input of
+    /// a matmul with `w`, so a backend may also leave it in the form `w`'s kernels read
+    /// (quantised for an int8 dot product). Changes no result.
+    fn output_feeds(&self, _w: &Weight) {}
     /// Values per cached row (KV heads × head dim).
     fn kv_dim(&self, kv: &Self::Kv) -> usize;
     /// Store K and V rows (F16 bits) of `layer` at positions `pos0 ..`.

@@ -150,6 +150,7 @@ pub fn block<B: Backend>(
 
     // --- attention ---
     tap(b, "inp", il, n, &mut s.x)?;
+    b.output_feeds(&w.wq);
     b.rms_norm(n, &s.x, &w.attn_norm, eps, &mut s.xn)?;
     tap(b, "attn_norm", il, n, &mut s.xn)?;
     b.matmuls_segmented(
@@ -213,6 +214,7 @@ pub fn block<B: Backend>(
     };
     // Gemma 3 scales q between RoPE and attention, and taps may replace q and k there;
     // otherwise the backend may store the rotated k into the cache as it rotates it.
+    b.output_feeds(&w.wo);
     if separate_steps {
         b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
         tap(b, "Qrope", il, n, &mut s.q)?;
@@ -247,6 +249,7 @@ pub fn block<B: Backend>(
     tap(b, "ffn_inp", il, n, &mut s.x)?;
 
     // --- feed-forward ---
+    b.output_feeds(&w.w_gate);
     b.rms_norm(n, &s.x, &w.ffn_norm, eps, &mut s.xn)?;
     tap(b, "ffn_norm", il, n, &mut s.xn)?;
     b.matmuls_segmented(
@@ -256,6 +259,7 @@ pub fn block<B: Backend>(
     )?;
     tap(b, "ffn_gate", il, n, &mut s.gate)?;
     tap(b, "ffn_up", il, n, &mut s.up)?;
+    b.output_feeds(&w.w_down);
     b.glu(n, &s.gate, &s.up, cfg.ffn, &mut s.ffn)?;
     let glu_name = match cfg.ffn {
         crate::config::FfnActivation::SwiGlu => "ffn_swiglu",
