@@ -14,7 +14,8 @@
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
 # synth.log, bench.log, bench.json, run.log (and each run's text and stderr), mmvq_bench.log,
 # summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
-# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, steps 3b and 3c), DEVICE (cuda; cpu to try the script).
+# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, steps 3b-3d), REAL_SHAPES (1; 0 skips step 3d),
+# DEVICE (cuda; cpu to try the script).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
@@ -109,23 +110,24 @@ fi
 # and without CUDA graphs (FLEA_CUDA_GRAPH=0), alternating, RUNS times each after a
 # discarded warm-up. Each line: the run's decode tok/s and its own efficiency against the
 # device-memory floor; the texts of a variant pair must match.
+# A run of model $f with prompt $text at --ctx ${ctx:-768}, its lines in run.log.
+run_variant() {  # label, env assignments..., then -- and sampling flags
+  local label=$1; shift
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  local o="$OUT/run_$(basename "$f" .gguf)_${label// /_}"
+  env "${envs[@]}" "$CARRY/flea" run -m "$f" -p "$text" -n 64 "$@" --ignore-eos -t 16 \
+    --ctx "${ctx:-768}" --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
+  printf '%s %-28s %s %s\n' "$(basename "$f")" "$label" \
+    "$(grep -o 'decode: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
+    "$(grep -o 'decode efficiency [0-9.]*' "$o.err" | tail -1)" >> "$OUT/run.log"
+}
+words="the quick brown fox jumps over the lazy dog and"
+text=$(for _ in $(seq 24); do printf '%s ' "$words"; done)
+: > "$OUT/run.log"
 if [ ${#models[@]} -gt 0 ]; then
-  words="the quick brown fox jumps over the lazy dog and"
-  text=$(for _ in $(seq 24); do printf '%s ' "$words"; done)
-  : > "$OUT/run.log"
   for f in "${models[@]}"; do
-    run_variant() {  # label, env assignments..., then -- and sampling flags
-      local label=$1; shift
-      local envs=()
-      while [ "$1" != "--" ]; do envs+=("$1"); shift; done
-      shift
-      local o="$OUT/run_$(basename "$f" .gguf)_${label// /_}"
-      env "${envs[@]}" "$CARRY/flea" run -m "$f" -p "$text" -n 64 "$@" --ignore-eos -t 16 \
-        --ctx "${ctx:-768}" --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
-      printf '%s %-28s %s %s\n' "$(basename "$f")" "$label" \
-        "$(grep -o 'decode: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
-        "$(grep -o 'decode efficiency [0-9.]*' "$o.err" | tail -1)" >> "$OUT/run.log"
-    }
     run_variant "warm-up" FLEA_CHAIN=1 -- --temp 0
     for r in $(seq "${RUNS:-2}"); do
       run_variant "greedy chained $r" FLEA_CHAIN=1 -- --temp 0
@@ -160,6 +162,27 @@ if [ ${#models[@]} -gt 0 ]; then
     cmp -s "${b}_long_80_streaming_1.txt" "${b}_long_80_before_1.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") long 80" >> "$OUT/run.log"; }
     text=$(for _ in $(seq 24); do printf '%s ' "$words"; done)
     ctx=768
+  done
+fi
+
+# 3d. The real models' shapes with synthetic weights (SmolLM2-135M: Q4_1, tied output;
+# Qwen2.5-0.5B: Q4_K_M with its Q5_0 / Q8_0 fallbacks for 896-wide rows): bound by their ~250
+# launches a token, not by memory. Decode beside FLEA_CUDA_FUSE_OFF=q8_0 (act_q8_0 launches
+# instead of Q8_0 outputs from the norms, attention and GLU): the same bits, so the same text.
+if [ "${REAL_SHAPES:-1}" = 1 ]; then
+  for spec in "smollm2-135m --quant q4_1 --tied" "qwen2.5-0.5b"; do
+    set -- $spec
+    f=/tmp/flea-bench-$1.gguf
+    if [ ! -s "$f" ]; then
+      "$CARRY/flea" synth --preset "$@" "$f" >> "$OUT/synth.log" 2>&1 || { status=1; continue; }
+    fi
+    ctx=768
+    for r in $(seq "${RUNS:-2}"); do
+      run_variant "greedy $r" -- --temp 0
+      run_variant "greedy q8_0 off $r" FLEA_CUDA_FUSE_OFF=q8_0 -- --temp 0
+    done
+    b="$OUT/run_$(basename "$f" .gguf)"
+    cmp -s "${b}_greedy_1.txt" "${b}_greedy_q8_0_off_1.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") q8_0" >> "$OUT/run.log"; }
   done
 fi
 

@@ -1122,17 +1122,22 @@ impl CudaBackend {
     }
 
     /// Where a kernel producing `n` rows of `width` values (in groups of `group`) may also
-    /// quantise them to Q8_K for the int8 mat-vec that follows (decode-sized batches, whole
-    /// rows of whole 256-blocks, fusion and mmvq on): the scratch's (quants, scales, sums).
-    fn fused_q8k_scratch(
+    /// quantise them for the int8 mat-vec that follows (decode-sized batches, whole rows of
+    /// whole blocks of `fmt`, fusion and mmvq on; Q8_0 unless `set_q8_0_fusion(false)`): the
+    /// scratch's (quants, scales, sums).
+    fn fused_int8_scratch(
         &self,
         n: usize,
         group: usize,
         width: usize,
+        fmt: mmvq::ActFmt,
     ) -> Result<Option<(u64, u64, u64)>> {
+        let q8_0 = fmt == mmvq::ActFmt::Q8_0;
         if !(self.fusion()
+            && (!q8_0 || self.q8_0_fusion.load(Ordering::Relaxed))
+            && matches!(fmt, mmvq::ActFmt::Q8K | mmvq::ActFmt::Q8_0)
             && group == width
-            && width.is_multiple_of(256)
+            && width.is_multiple_of(fmt.block())
             && n <= mmvq::q8k_tokens_max()
             && mmvq::enabled())
         {
@@ -1142,7 +1147,20 @@ impl CudaBackend {
             .scratch
             .lock()
             .map_err(|_| be("scratch lock poisoned"))?;
-        self.q8k_scratch(&mut sc.xq, n * width).map(Some)
+        if q8_0 {
+            self.q8_0_fused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.int8_scratch(&mut sc.xq, n * width, fmt).map(Some)
+    }
+
+    /// `fused_int8_scratch` for Q8_K.
+    fn fused_q8k_scratch(
+        &self,
+        n: usize,
+        group: usize,
+        width: usize,
+    ) -> Result<Option<(u64, u64, u64)>> {
+        self.fused_int8_scratch(n, group, width, mmvq::ActFmt::Q8K)
     }
 
     /// Let decode norms, attention and GLU quantise their outputs to Q8_0 for the Q8_0-type
@@ -1159,32 +1177,6 @@ impl CudaBackend {
     /// The int8 format `output_feeds` said the next step's output is read in (taking it).
     fn take_feeds(&self) -> u8 {
         self.feeds.swap(FEEDS_NONE, Ordering::Relaxed)
-    }
-
-    /// Where a kernel producing `n` rows of `width` values (in groups of `group`) may also
-    /// quantise them to Q8_0 (with Q8_1's sums) for a Q8_0-type mat-vec that follows, as
-    /// `fused_q8k_scratch` does for Q8_K (rows of whole 32-blocks): (quants, scales, sums).
-    fn fused_q8_0_scratch(
-        &self,
-        n: usize,
-        group: usize,
-        width: usize,
-    ) -> Result<Option<(u64, u64, u64)>> {
-        if !(self.fusion()
-            && self.q8_0_fusion.load(Ordering::Relaxed)
-            && group == width
-            && width.is_multiple_of(32)
-            && n <= mmvq::q8k_tokens_max()
-            && mmvq::enabled())
-        {
-            return Ok(None);
-        }
-        let mut sc = self
-            .scratch
-            .lock()
-            .map_err(|_| be("scratch lock poisoned"))?;
-        self.q8_0_fused.fetch_add(1, Ordering::Relaxed);
-        self.q8_0_scratch(&mut sc.xq, n * width).map(Some)
     }
 
     /// Record that the launch just made left the Q8_K quantisation of the `total` values at
@@ -1983,7 +1975,10 @@ impl CudaBackend {
         let (q8k, q8_0) = if self.fusions_off.attn_q8k {
             (None, 0i32)
         } else if self.take_feeds() == FEEDS_Q8_0 && !self.fusions_off.attn_q8_0 {
-            (self.fused_q8_0_scratch(1, width, width)?, 1)
+            (
+                self.fused_int8_scratch(1, width, width, mmvq::ActFmt::Q8_0)?,
+                1,
+            )
         } else if width.is_multiple_of(256) {
             (self.fused_q8k_scratch(1, width, width)?, 0)
         } else {
@@ -2869,7 +2864,7 @@ impl Backend for CudaBackend {
             // Decode rows feeding int8 mat-vecs: quantise them in the same launch, to Q8_0
             // where the matmul reading them says so (output_feeds), else to Q8_K.
             let q8_0 = if self.take_feeds() == FEEDS_Q8_0 {
-                self.fused_q8_0_scratch(n, g, x.width)?
+                self.fused_int8_scratch(n, g, x.width, mmvq::ActFmt::Q8_0)?
             } else {
                 None
             };
@@ -3318,7 +3313,7 @@ impl Backend for CudaBackend {
         // Decode rows feeding the int8 ffn_down mat-vec: quantise them in the same launch
         // (as rms_norm_q8k does for the norms), to Q8_0 where its type reads that.
         let q8_0 = if self.take_feeds() == FEEDS_Q8_0 {
-            self.fused_q8_0_scratch(n, gate.width, gate.width)?
+            self.fused_int8_scratch(n, gate.width, gate.width, mmvq::ActFmt::Q8_0)?
         } else {
             None
         };

@@ -155,7 +155,7 @@ pub(crate) enum ActFmt {
 }
 
 impl ActFmt {
-    fn block(self) -> usize {
+    pub(crate) fn block(self) -> usize {
         match self {
             ActFmt::Q8K => 256,
             ActFmt::Q8_0 => 32,
@@ -838,25 +838,21 @@ impl CudaBackend {
         launch!(self, &kname, cfg; w0, w1, w2, xqp, xdp, xsp, y0, y1, y2, r0, r1, r2, cols_i, rb, n_i, acc_i, z2_i)
     }
 
-    /// The Q8_K scratch for `total` activations (grown if needed): (quants, scales, sums).
-    pub(crate) fn q8k_scratch(
+    /// The int8 scratch of `fmt` (Q8K or Q8_0) for `total` activations (grown if needed):
+    /// (quants, scales, sums).
+    pub(crate) fn int8_scratch(
         &self,
         scratch: &mut ActScratch,
         total: usize,
+        fmt: ActFmt,
     ) -> Result<(u64, u64, u64)> {
-        let lay = act_layout(total, ActFmt::Q8K.block());
-        let base = self.grow(&mut scratch.q8k, lay.bytes)?;
-        Ok((base, base + lay.d_off as u64, base + lay.s_off as u64))
-    }
-
-    /// The Q8_0 scratch for `total` activations (grown if needed): (quants, scales, sums).
-    pub(crate) fn q8_0_scratch(
-        &self,
-        scratch: &mut ActScratch,
-        total: usize,
-    ) -> Result<(u64, u64, u64)> {
-        let lay = act_layout(total, ActFmt::Q8_0.block());
-        let base = self.grow(&mut scratch.q8_0, lay.bytes)?;
+        let lay = act_layout(total, fmt.block());
+        let buf = if fmt == ActFmt::Q8K {
+            &mut scratch.q8k
+        } else {
+            &mut scratch.q8_0
+        };
+        let base = self.grow(buf, lay.bytes)?;
         Ok((base, base + lay.d_off as u64, base + lay.s_off as u64))
     }
 
