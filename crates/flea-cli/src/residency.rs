@@ -468,8 +468,17 @@ fn summary_line<B: UnitStaging>(
         Some(p) => format!(" (driver saw {} more in use at peak)", fmt_size(p)),
         None => String::new(),
     };
+    let recorded = if st.recorded_passes > 0 {
+        format!(
+            "; {} passes recorded as graphs, {:.0} us of host time each",
+            st.recorded_passes,
+            st.record_seconds / st.recorded_passes as f64 * 1e6
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor{rebalanced}",
+        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor{rebalanced}{recorded}",
         count(Tier::Resident),
         count(Tier::HostCache),
         s.plan.units.iter().filter(|u| u.on_cpu).count(),

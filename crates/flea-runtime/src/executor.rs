@@ -109,6 +109,10 @@ pub struct StreamStats {
     /// staged so but let go (the next pass was a prompt, or the split had moved).
     pub units_carried_over: u64,
     pub units_carried_dropped: u64,
+    /// Chained decode passes recorded and launched as one unit (a CUDA graph), and the host's
+    /// time doing so: where it passes the device's time a pass, the host bounds the decode.
+    pub recorded_passes: u64,
+    pub record_seconds: f64,
 }
 
 /// How a decode step treats the host-cached layers beside a GPU.
@@ -1091,10 +1095,13 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         record: bool,
     ) -> Result<()> {
         let b = self.backend;
+        let t = Instant::now();
         if record && b.begin_pass_recording()? {
             let stats = self.stats.clone();
             let recorded = self.pass(input, rows, Want::Slot(slot, pick));
             if b.end_pass_recording(recorded.is_ok())? {
+                self.stats.recorded_passes += 1;
+                self.stats.record_seconds += t.elapsed().as_secs_f64();
                 return recorded.map(drop);
             }
             // The pass runs again directly below; why it could not be recorded is said once.
