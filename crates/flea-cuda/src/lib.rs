@@ -716,6 +716,7 @@ impl CudaBackend {
         } else {
             None
         };
+        let fusions_off = FusionsOff::from_env();
         Ok(CudaBackend {
             ctx,
             stream,
@@ -743,7 +744,7 @@ impl CudaBackend {
             fusion: std::sync::atomic::AtomicBool::new(
                 std::env::var("FLEA_CUDA_FUSE").as_deref() != Ok("0"),
             ),
-            fusions_off: FusionsOff::from_env(),
+            fusions_off,
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
@@ -760,7 +761,7 @@ impl CudaBackend {
             cluster_attention: std::sync::atomic::AtomicBool::new(true),
             cluster_attention_calls: AtomicU64::new(0),
             feeds: AtomicU8::new(FEEDS_NONE),
-            q8_0_fusion: std::sync::atomic::AtomicBool::new(!FusionsOff::from_env().q8_0),
+            q8_0_fusion: std::sync::atomic::AtomicBool::new(!fusions_off.q8_0),
             q8_0_fused: AtomicU64::new(0),
             fused_attention_blocks: fused_attention_cap.map(AtomicUsize::new),
             fused_decode: std::sync::atomic::AtomicBool::new(
@@ -1929,7 +1930,7 @@ impl CudaBackend {
         kv: &mut CudaKv,
         (pq, pk): (&RopeParams, &RopeParams),
         p: &AttnParams,
-        bias: Option<(u64, u64, u64)>,
+        bias: Option<QkvBias<'_>>,
         out: &mut CudaAct,
     ) -> Result<bool> {
         if !self.rope_kv_fits(pq, pk, p) {
@@ -1939,6 +1940,17 @@ impl CudaBackend {
             return Ok(false);
         };
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        // The biases' device addresses, each as wide as its projection (0: none).
+        let mut bias_ptrs = [0u64; 3];
+        if let Some(b) = bias {
+            for (ptr, (w, act)) in bias_ptrs.iter_mut().zip([(b.q, q), (b.k, k), (b.v, v)]) {
+                let (bp, len) = self.vector_ptr(w)?;
+                if len != act.width {
+                    return Err(be("rope_attention_biased: bias width mismatch"));
+                }
+                *ptr = bp;
+            }
+        }
         // The cluster attention rotates q and the new k and stores the new K/V row itself.
         let (theta_scale, neox, posp) = self.rope_args(pq)?;
         let basep = self.upload_bases(p, cache.n_ctx)?;
@@ -1949,7 +1961,7 @@ impl CudaBackend {
             nd: pq.rope_dims as i32,
             theta_scale,
             neox,
-            bias: bias.unwrap_or((0, 0, 0)),
+            bias: (bias_ptrs[0], bias_ptrs[1], bias_ptrs[2]),
         };
         let rows = ((posp, basep), window, plan);
         self.attention_cluster(p, q, (cache.kc, cache.vc), rows, Some(rope), out)?;
@@ -1972,19 +1984,17 @@ impl CudaBackend {
         let width = out.width;
         // The outputs quantised for the output projection: to Q8_0 where its type reads that
         // (output_feeds; heads past n_head are not written), else to Q8_K for whole clusters.
-        let (q8k, q8_0) = if self.fusions_off.attn_q8k {
-            (None, 0i32)
-        } else if self.take_feeds() == FEEDS_Q8_0 && !self.fusions_off.attn_q8_0 {
-            (
-                self.fused_int8_scratch(1, width, width, mmvq::ActFmt::Q8_0)?,
-                1,
-            )
-        } else if width.is_multiple_of(256) {
-            (self.fused_q8k_scratch(1, width, width)?, 0)
+        let fmt = if self.take_feeds() == FEEDS_Q8_0 && !self.fusions_off.attn_q8_0 {
+            mmvq::ActFmt::Q8_0
         } else {
-            (None, 0)
+            mmvq::ActFmt::Q8K
         };
-        let q8_0 = if q8k.is_some() { q8_0 } else { 0 };
+        let quant = if self.fusions_off.attn_q8k {
+            None
+        } else {
+            self.fused_int8_scratch(1, width, width, fmt)?
+        };
+        let q8_0 = i32::from(quant.is_some() && fmt == mmvq::ActFmt::Q8_0);
         // The last cluster may hold phantom heads past n_head (see AtcPart in kernels.cu).
         let clusters = p.n_head.div_ceil(256 / p.head_dim);
         let ClusterPlan {
@@ -2022,7 +2032,7 @@ impl CudaBackend {
         let attrs = &mut both[..1 + usize::from(self.pdl)];
         let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
         let (qp, op, kps, nh) = (q.ptr, out.ptr, kps_max as i32, p.n_head as i32);
-        let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
+        let (xq, xd, xs) = quant.unwrap_or((0, 0, 0));
         // Without RoPE nd = 0: k and v are never read (any valid pointer).
         let ClusterRope {
             k: kp,
@@ -2045,7 +2055,7 @@ impl CudaBackend {
         // opted-in room (cluster_attention_fits).
         launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv, q8_0)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
-        match q8k {
+        match quant {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
             None => Ok(()),
         }
@@ -3250,22 +3260,10 @@ impl Backend for CudaBackend {
         bias: QkvBias<'_>,
         out: &mut CudaAct,
     ) -> Result<()> {
-        if !self.fusions_off.attn_bias {
-            let mut ptrs = [0u64; 3];
-            for (ptr, (b, act)) in
-                ptrs.iter_mut()
-                    .zip([(bias.q, &*q), (bias.k, &*k), (bias.v, &*v)])
-            {
-                let (bp, len) = self.vector_ptr(b)?;
-                if len != act.width {
-                    return Err(be("rope_attention_biased: bias width mismatch"));
-                }
-                *ptr = bp;
-            }
-            let ptrs = Some((ptrs[0], ptrs[1], ptrs[2]));
-            if self.cluster_rope_attention(n, q, k, v, kv, ropes, p, ptrs, out)? {
-                return Ok(());
-            }
+        if !self.fusions_off.attn_bias
+            && self.cluster_rope_attention(n, q, k, v, kv, ropes, p, Some(bias), out)?
+        {
+            return Ok(());
         }
         self.add_bias(n, q, bias.q)?;
         self.add_bias(n, k, bias.k)?;
