@@ -147,6 +147,10 @@ pub enum Preset {
     /// Qwen2.5-0.5B's shape: Qwen2, 24 layers, 896, 14/2 heads, n_ff 4864, vocab 151936.
     #[value(name = "qwen2.5-0.5b")]
     Qwen25,
+    /// Gemma-3-270M's shape: Gemma 3, 18 layers, 640, 4/1 heads of 256, n_ff 2048, vocab
+    /// 262144, window 512 (every 6th layer global); the shipped file is tied (`--tied`).
+    #[value(name = "gemma3-270m")]
+    Gemma3,
     /// Llama-3.2-1B-like: 16 layers, 2048, 32/8 heads, n_ff 8192, vocab 32000.
     #[value(name = "1b")]
     B1,
@@ -166,12 +170,13 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 10] = [
+    pub const ALL: [Preset; 11] = [
         Preset::Tiny,
         Preset::TinyQwen2,
         Preset::TinyGemma3,
         Preset::SmolLm2,
         Preset::Qwen25,
+        Preset::Gemma3,
         Preset::B1,
         Preset::B7,
         Preset::B13,
@@ -187,6 +192,7 @@ impl Preset {
             Preset::TinyGemma3 => "tiny-gemma3",
             Preset::SmolLm2 => "smollm2-135m",
             Preset::Qwen25 => "qwen2.5-0.5b",
+            Preset::Gemma3 => "gemma3-270m",
             Preset::B1 => "1b",
             Preset::B7 => "7b",
             Preset::B13 => "13b",
@@ -247,6 +253,13 @@ impl Preset {
                 arch: SynthArch::Qwen2,
                 rms_eps: 1e-6,
                 ..llama("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, 32768, 1e6)
+            },
+            Preset::Gemma3 => ModelShape {
+                arch: SynthArch::Gemma3,
+                head_dim: 256,
+                rms_eps: 1e-6,
+                sliding_window: Some(512),
+                ..llama("gemma3-270m", 18, 640, 4, 1, 2048, 262144, 32768, 1e6)
             },
             Preset::B1 => llama("1b", 16, 2048, 32, 8, 8192, 32000, 4096, 500000.0),
             Preset::B7 => llama("7b", 32, 4096, 32, 32, 11008, 32000, 4096, 10000.0),
