@@ -1084,9 +1084,11 @@ __device__ __forceinline__ void rms_norm4_weights(const float4* __restrict__ w, 
     }
 }
 
+// res (may be null): each written float4 also added into res's row (rms_norm4_add).
 __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
                                               const float4 (&ww)[4], float4* out, int g4,
-                                              float eps, int part, int nparts, int nt) {
+                                              float eps, int part, int nparts, int nt,
+                                              float4* res = nullptr) {
     const float4* xr = x + (long long)blockIdx.x * g4;
     float4* o = out + (long long)blockIdx.x * g4;
     const bool holds = (int)threadIdx.x < nt;
@@ -1113,8 +1115,14 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
     for (int k = 0; k < 4; k++) {
         const int i = threadIdx.x + k * nt;
         if (holds && i < g4 && (i >> 6) % nparts == part) {
-            o[i] = make_float4(v[k].x * inv * ww[k].x, v[k].y * inv * ww[k].y,
-                               v[k].z * inv * ww[k].z, v[k].w * inv * ww[k].w);
+            const float4 y = make_float4(v[k].x * inv * ww[k].x, v[k].y * inv * ww[k].y,
+                                         v[k].z * inv * ww[k].z, v[k].w * inv * ww[k].w);
+            o[i] = y;
+            if (res != nullptr) {
+                float4* r = res + (long long)blockIdx.x * g4 + i;
+                const float4 a = *r;
+                *r = make_float4(a.x + y.x, a.y + y.y, a.z + y.z, a.w + y.w);
+            }
         }
     }
 }
@@ -1125,6 +1133,17 @@ extern "C" __global__ void rms_norm4(const float4* __restrict__ x, const float4*
     rms_norm4_weights(w, g4, 0, 1, ww, blockDim.x);
     pdl_enter();
     rms_norm4_row(x, ww, out, g4, eps, 0, 1, blockDim.x);
+}
+
+// rms_norm4, then its output added into res (Gemma 3's post-norms before the residual add:
+// out = norm(x) * w, res += out, with add's arithmetic), in one launch.
+extern "C" __global__ void rms_norm4_add(const float4* __restrict__ x,
+                                         const float4* __restrict__ w, float4* __restrict__ out,
+                                         int g4, float eps, float4* res) {
+    float4 ww[4];
+    rms_norm4_weights(w, g4, 0, 1, ww, blockDim.x);
+    pdl_enter();
+    rms_norm4_row(x, ww, out, g4, eps, 0, 1, blockDim.x, res);
 }
 
 extern "C" __global__ void add_bias(float* x, const float* b, int width, long long total) {
@@ -4631,10 +4650,12 @@ __device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, i
         if (t < hd) qs[t] = qr;
         __syncthreads();
     }
-    if (nd == 0 && a.newest && warp == 0 && lane * 4 < hd) {
-        const long long rn = (a.r0 + a.len - 1) * kvd + a.col + lane * 4;
-        *(uint2*)(kdst + lane * 4) = __ldcg((const uint2*)(kc + rn));
-        *(uint2*)(vdst + lane * 4) = __ldcg((const uint2*)(vc + rn));
+    if (nd == 0 && a.newest && warp == 0) {
+        for (int d = lane * 4; d < hd; d += 128) {
+            const long long rn = (a.r0 + a.len - 1) * kvd + a.col + d;
+            *(uint2*)(kdst + d) = __ldcg((const uint2*)(kc + rn));
+            *(uint2*)(vdst + d) = __ldcg((const uint2*)(vc + rn));
+        }
     }
 }
 // Lane `sub` (of LK = hd / 32 a key) of q's 16-byte chunks sub, sub + LK, sub + 2 LK, sub + 3 LK
@@ -4762,7 +4783,9 @@ __device__ __forceinline__ void atc_pv_quad(int j, int G, int len, const float* 
     }
 }
 #endif
-template <int VK, int CS>
+// HDM: the largest head size the instance takes (128; 256 for Gemma 3's heads, without the
+// fused RoPE: nd must be 0 there).
+template <int VK, int CS, int HDM = 128>
 __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
 #if __CUDA_ARCH__ >= 900
     extern __shared__ __align__(16) unsigned char atc_dyn[];
@@ -4775,8 +4798,8 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     // by split; [1], block 0 only: every block's partial, by rank).
     __shared__ __align__(8) unsigned long long xbar[2];
     __shared__ __align__(8) float2 stats_in[CS];
-    __shared__ __align__(16) float parts_in[CS * 128];
-    __shared__ __align__(16) u16 vnew_s[VK > 0 ? 128 : 1];
+    __shared__ __align__(16) float parts_in[CS * HDM];
+    __shared__ __align__(16) u16 vnew_s[VK > 0 ? HDM : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head);
     const int len = a.len, nold = a.nold;
@@ -4888,6 +4911,20 @@ extern "C" __global__ void __launch_bounds__(128) attn_cluster_v36(ATC_ARGS) {
 }
 extern "C" __global__ void __launch_bounds__(128) attn_cluster_v64(ATC_ARGS) {
     attn_cluster_impl<64, ATC_CS>(ATC_PARAMS);
+}
+// 256-dim heads (Gemma 3), a head a cluster, without the fused RoPE (nd = 0: q rotated and
+// the row stored by the launches before).
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_h256(ATC_ARGS) {
+    attn_cluster_impl<0, ATC_CS, 256>(ATC_PARAMS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v16_h256(ATC_ARGS) {
+    attn_cluster_impl<16, ATC_CS, 256>(ATC_PARAMS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v36_h256(ATC_ARGS) {
+    attn_cluster_impl<36, ATC_CS, 256>(ATC_PARAMS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_cluster_v64_h256(ATC_ARGS) {
+    attn_cluster_impl<64, ATC_CS, 256>(ATC_PARAMS);
 }
 // Past 1024 keys: clusters of 16 blocks (a non-portable size, opted in by the host), so a
 // 128-dim head is split over 8 blocks of up to 256 keys (2048 keys), V in registers.

@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 40] = [
+const PLAIN_KERNELS: [&str; 45] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -156,6 +156,10 @@ const PLAIN_KERNELS: [&str; 40] = [
     "attn_cluster_v16",
     "attn_cluster_v36",
     "attn_cluster_v64",
+    "attn_cluster_h256",
+    "attn_cluster_v16_h256",
+    "attn_cluster_v36_h256",
+    "attn_cluster_v64_h256",
     "attn_cluster16_v64",
     "attn_stream16",
     "fd_decode",
@@ -163,6 +167,7 @@ const PLAIN_KERNELS: [&str; 40] = [
     "deq_f32_q6_k_soa",
     "rms_norm",
     "rms_norm4",
+    "rms_norm4_add",
     "rms_norm_q8k",
     "rms_norm_q8_0",
     "attn_split_scores",
@@ -348,6 +353,8 @@ pub struct CudaBackend {
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
+    /// The same for the 256-dim kernels (`attn_cluster*_h256`).
+    cluster_attention_room_h256: usize,
     /// Dynamic shared memory `attn_cluster16_v64` may use per block where the device runs its
     /// 16-block clusters (0: it does not). Decode takes it only with the streaming kernel off
     /// (FLEA_CUDA_ATTN_STREAM): from ATTN_CLUSTER_MAX_KEYS + 1 keys to
@@ -653,15 +660,19 @@ impl CudaBackend {
         } else {
             0
         };
-        let cluster_attention_room = if cc.0 >= 9 {
-            ATTN_CLUSTER_KERNELS
-                .iter()
-                .map(|n| funcs.get(*n).map_or(0, |f| opt_in_all(&ctx, f)))
-                .min()
-                .unwrap_or(0)
-        } else {
-            0
+        let cluster_room = |kernels: &[&str; 4]| {
+            if cc.0 >= 9 {
+                kernels
+                    .iter()
+                    .map(|n| funcs.get(*n).map_or(0, |f| opt_in_all(&ctx, f)))
+                    .min()
+                    .unwrap_or(0)
+            } else {
+                0
+            }
         };
+        let cluster_attention_room = cluster_room(&ATTN_CLUSTER_KERNELS);
+        let cluster_attention_room_h256 = cluster_room(&ATTN_CLUSTER_KERNELS_H256);
         let wide_cluster_room = match funcs.get(ATTN_WIDE_CLUSTER_KERNEL) {
             Some(f) if cluster_attention_room > 0 => {
                 wide_cluster_opt_in(&ctx, &stream, f, cluster_attention_vreg_smem(256, 128))
@@ -748,6 +759,7 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             cluster_attention_room,
+            cluster_attention_room_h256,
             wide_cluster_room,
             wide_cluster_from: AtomicUsize::new(ATTN_CLUSTER_MAX_KEYS + 1),
             stream_attention_room,
@@ -1331,7 +1343,10 @@ impl CudaBackend {
         // Not `attn_cluster16_v64`: in the mat-vecs' configuration one of its blocks fits an SM
         // where its registers allow two, so a 13b's 20 clusters took 2.4 waves (Nsight
         // Compute, H200, 2026-11-29); the driver's own choice fits two.
-        for n in &ATTN_CLUSTER_KERNELS[1..] {
+        for n in ATTN_CLUSTER_KERNELS[1..]
+            .iter()
+            .chain(&ATTN_CLUSTER_KERNELS_H256[1..])
+        {
             if let Some(f) = self.funcs.get(*n) {
                 f.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
@@ -1807,7 +1822,15 @@ impl CudaBackend {
         }
         if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
         {
-            return self.attention_split(&split, p, q, kc, vc, (posp, basep), window, out);
+            return self.attention_split(
+                &split,
+                p,
+                q,
+                (kc, vc, cache.n_ctx),
+                (posp, basep),
+                window,
+                out,
+            );
         }
         let smem = max_keys * 4;
         let use_smem = smem <= 44 * 1024;
@@ -1892,13 +1915,12 @@ impl CudaBackend {
             self.stream_attention_room,
             self.stream_attention_from.load(Ordering::Relaxed),
         );
-        cluster_attention_plan(
-            p,
-            max_keys,
-            self.cluster_attention_room,
-            (wide, wide_from),
-            stream,
-        )
+        let room = if p.head_dim > 128 {
+            self.cluster_attention_room_h256
+        } else {
+            self.cluster_attention_room
+        };
+        cluster_attention_plan(p, max_keys, room, (wide, wide_from), stream)
     }
 
     /// Whether `rope_kv` (RoPE and the cache store in one launch) takes this RoPE: q's and k's
@@ -1933,7 +1955,8 @@ impl CudaBackend {
         bias: Option<QkvBias<'_>>,
         out: &mut CudaAct,
     ) -> Result<bool> {
-        if !self.rope_kv_fits(pq, pk, p) {
+        // The 256-dim kernels take rows rotated and stored by the launches before.
+        if !self.rope_kv_fits(pq, pk, p) || p.head_dim > 128 {
             return Ok(false);
         }
         let Some(plan) = self.cluster_attention_fits(n, p, max_keys(p)) else {
@@ -2018,7 +2041,7 @@ impl CudaBackend {
             (true, _) => (ATTN_STREAM_KERNEL, stream_attention_smem(kps_max)),
             (false, Some(name)) => (name, cluster_attention_vreg_smem(kps_max, p.head_dim)),
             (false, None) => (
-                ATTN_CLUSTER_KERNELS[0],
+                cluster_attention_kernels(p.head_dim)[0],
                 cluster_attention_smem(kps_max, p.head_dim),
             ),
         };
@@ -2070,8 +2093,7 @@ impl CudaBackend {
         s: &AttnSplit,
         p: &AttnParams,
         q: &CudaAct,
-        kc: u64,
-        vc: u64,
+        (kc, vc, n_ctx): (u64, u64, usize),
         (posp, basep): (u64, u64),
         window: i32,
         out: &mut CudaAct,
@@ -2092,7 +2114,20 @@ impl CudaBackend {
                 .scratch
                 .lock()
                 .map_err(|_| be("scratch lock poisoned"))?;
-            let base = self.grow(&mut sc.attn_split, s.floats())?;
+            // Room for the cache's whole context at once (within the limit), so that a decode
+            // step one key longer than the last does not reallocate the buffer inside a pass
+            // being recorded as a CUDA graph (which makes the recording fail).
+            let whole = AttnSplit {
+                maxk: s.maxk.max(n_ctx),
+                maxc: s.maxc.max(n_ctx.div_ceil(ATTN_CHUNK)),
+                ..*s
+            };
+            let floats = if whole.floats() * 4 <= ATTN_SPLIT_MAX_BYTES {
+                whole.floats()
+            } else {
+                s.floats()
+            };
+            let base = self.grow(&mut sc.attn_split, floats)?;
             (
                 base,
                 self.grow(&mut sc.attn_done, arrivals_at + s.rows * p.n_head)?,
@@ -2261,7 +2296,8 @@ struct Prequant {
 
 /// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
 /// one, for measuring each (all of them compute the same bits as the separate launches):
-/// `rope_kv` (RoPE and the cache store in one launch), `attn_bias` (Qwen2's q/k/v biases added
+/// `rope_kv` (RoPE and the cache store in one launch), `norm_add` (Gemma 3's post-norm and
+/// residual add in one launch), `attn_bias` (Qwen2's q/k/v biases added
 /// by the decode cluster attention instead of three `add_bias` launches), `q8_0` (a decode
 /// norm, attention or GLU quantising its output to Q8_0 for the Q8_0-type mat-vec reading
 /// it, instead of an `act_q8_0` launch; `attn_q8_0`: all but the attention), `attn_q8k` (the split attention
@@ -2286,6 +2322,7 @@ struct FusionsOff {
     mixed: bool,
     attn_tiled: bool,
     attn_cluster: bool,
+    norm_add: bool,
     pub(crate) mmvq_sa: bool,
     pub(crate) mmvq_sa_rows: bool,
     pub(crate) mmvq_whole_row: bool,
@@ -2307,6 +2344,7 @@ impl FusionsOff {
             mixed: has("mixed"),
             attn_tiled: has("attn_tiled"),
             attn_cluster: has("attn_cluster"),
+            norm_add: has("norm_add"),
             mmvq_sa: has("mmvq_sa"),
             mmvq_sa_rows: has("mmvq_sa_rows"),
             mmvq_whole_row: has("mmvq_whole_row"),
@@ -2387,7 +2425,7 @@ fn cluster_attention_plan(
     stream: (usize, usize),
 ) -> Option<ClusterPlan> {
     let hd = p.head_dim;
-    if !(hd == 64 || hd == 128)
+    if !(hd == 64 || hd == 128 || hd == 256)
         || p.n_head == 0
         || p.n_head_kv == 0
         || !p.n_head.is_multiple_of(p.n_head_kv)
@@ -2402,12 +2440,17 @@ fn cluster_attention_plan(
     };
     let w = plan(ATTN_WIDE_CLUSTER_BLOCKS);
     let (stream_room, stream_from) = stream;
-    if max_keys >= stream_from && stream_room > 0 && stream_attention_smem(w.kps_max) <= stream_room
+    // The 16-block and streaming kernels take heads of up to 128 dims.
+    if max_keys >= stream_from
+        && stream_room > 0
+        && hd <= 128
+        && stream_attention_smem(w.kps_max) <= stream_room
     {
         return Some(ClusterPlan { stream: true, ..w });
     }
     let (wide_room, wide_from) = wide;
     if max_keys >= wide_from
+        && hd <= 128
         && max_keys <= ATTN_WIDE_CLUSTER_MAX_KEYS
         && cluster_attention_vreg_kernel(w.kps_max, hd).is_some()
         && cluster_attention_vreg_smem(w.kps_max, hd) <= wide_room
@@ -2488,6 +2531,23 @@ const ATTN_CLUSTER_KERNELS: [&str; 4] = [
     "attn_cluster_v64",
 ];
 
+/// The same for 256-dim heads (Gemma 3; `_h256`: larger exchange buffers, no fused RoPE).
+const ATTN_CLUSTER_KERNELS_H256: [&str; 4] = [
+    "attn_cluster_h256",
+    "attn_cluster_v16_h256",
+    "attn_cluster_v36_h256",
+    "attn_cluster_v64_h256",
+];
+
+/// The cluster attention kernels for heads of `hd` dims (64, 128 or 256).
+fn cluster_attention_kernels(hd: usize) -> &'static [&'static str; 4] {
+    if hd > 128 {
+        &ATTN_CLUSTER_KERNELS_H256
+    } else {
+        &ATTN_CLUSTER_KERNELS
+    }
+}
+
 /// The `attn_cluster_v*` kernel that holds a block's `kps_max` keys' V words in registers
 /// (a thread takes every G-th key, G = 512 / hd), or None if more than 64 keys a thread.
 fn cluster_attention_vreg_kernel(kps_max: usize, hd: usize) -> Option<&'static str> {
@@ -2495,7 +2555,7 @@ fn cluster_attention_vreg_kernel(kps_max: usize, hd: usize) -> Option<&'static s
     [(16, 1), (36, 2), (64, 3)]
         .iter()
         .find(|(most, _)| per_thread <= *most)
-        .map(|&(_, i)| ATTN_CLUSTER_KERNELS[i])
+        .map(|&(_, i)| cluster_attention_kernels(hd)[i])
 }
 
 /// FLEA_CUDA_ATTN_VREG: whether the decode cluster attention holds V in registers
@@ -3248,6 +3308,22 @@ impl Backend for CudaBackend {
         self.attend(n, q, &cache, p, out)
     }
 
+    /// Rows are not scaled here (`scale_rows` is the default's no): the attention scales
+    /// q·k, so Gemma 3's step is `rope_attention` (RoPE and the cache store in one launch).
+    fn rope_attention_scaled(
+        &self,
+        n: usize,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        v: &CudaAct,
+        kv: &mut CudaKv,
+        ropes: (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        self.rope_attention(n, q, k, v, kv, ropes, p, out)
+    }
+
     fn rope_attention_biased(
         &self,
         n: usize,
@@ -3338,6 +3414,43 @@ impl Backend for CudaBackend {
             return self.note_prequant(out.ptr, total, xq);
         }
         launch!(self, "glu", cfg; gp, upp, op, ti, a)
+    }
+
+    fn rms_norm_add(
+        &self,
+        n: usize,
+        y: &CudaAct,
+        w: &Weight,
+        eps: f32,
+        x: &mut CudaAct,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let (wp, g) = self.vector_ptr(w)?;
+        check_rows(y, n, "rms_norm_add")?;
+        check_rows(x, n, "rms_norm_add")?;
+        check_rows(out, n, "rms_norm_add")?;
+        let width = y.width;
+        let g4 = g / 4;
+        // One row per block as rms_norm4 (whole rows only; the same threads, so the same
+        // sums), else the two launches.
+        if g != width
+            || x.width != width
+            || out.width != width
+            || !g.is_multiple_of(4)
+            || g4 > 4 * 1024
+            || self.fusions_off.norm_add
+        {
+            self.rms_norm(n, y, w, eps, out)?;
+            return self.add(n, x, out);
+        }
+        let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (yp, op, g4i, xp) = (y.ptr, out.ptr, g4 as i32, x.ptr);
+        launch!(self, "rms_norm4_add", cfg; yp, wp, op, g4i, eps, xp)
     }
 
     fn add(&self, n: usize, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
@@ -3864,6 +3977,19 @@ mod tests {
             );
         }
         assert_eq!(cluster_attention_smem(142, 128), 142 * 516);
+        // 256-dim heads (Gemma 3): a head a cluster over its 8 blocks, never the 16-block or
+        // streaming kernels (128-dim heads only), and none past the 8-block limit.
+        let every = (room - 4 * 1024, 0);
+        assert_eq!(
+            cluster_attention_plan(&params(4, 1, 256), 505, room, every, (room, 0)),
+            plan(64, 8)
+        );
+        assert!(cluster_attention_plan(&params(4, 1, 256), 1025, room, every, (room, 0)).is_none());
+        assert_eq!(cluster_attention_kernels(256)[0], "attn_cluster_h256");
+        assert_eq!(
+            cluster_attention_vreg_kernel(64, 256),
+            Some("attn_cluster_v36_h256")
+        );
         // 64-dim heads: 4 heads a cluster, 2 blocks a head; GQA groups whole.
         assert_eq!(
             cluster_attention_plan(&params(8, 2, 64), 3, room, no_wide, off),
@@ -3908,7 +4034,8 @@ mod tests {
             plan(25, 8)
         );
         // Out of range: head size, context, no room.
-        assert!(cluster_attention_plan(&params(4, 1, 256), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(4, 1, 80), 100, room, wide, off).is_none());
+        assert!(cluster_attention_plan(&params(2, 1, 512), 100, room, wide, off).is_none());
         assert!(cluster_attention_plan(&params(0, 1, 64), 100, room, wide, off).is_none());
         assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide, off).is_none());
         assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide, off).is_none());

@@ -281,9 +281,10 @@ fn whole_row_widths_match_cpu() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
-/// The real models' head counts, which leave the last attention cluster partly phantom:
-/// SmolLM2-135M's 9 / 3 heads of 64 dims (576 wide, Q4_1 as shipped) and Qwen2.5-0.5B's
-/// 14 / 2 (896 wide, Q4_K_M with its 32-element fallbacks); two layers each.
+/// The real models' head shapes: SmolLM2-135M's 9 / 3 heads of 64 dims (576 wide, Q4_1 as
+/// shipped) and Qwen2.5-0.5B's 14 / 2 (896 wide, Q4_K_M with its 32-element fallbacks), which
+/// leave the last attention cluster partly phantom, and Gemma-3-270M's 4 / 1 of 256 (640
+/// wide, Q4_K_M with fallbacks: a head a cluster); two layers each.
 #[test]
 fn real_head_counts_match_cpu() {
     let Some((_serial, cuda)) = common::gpu() else {
@@ -291,16 +292,16 @@ fn real_head_counts_match_cpu() {
     };
     cuda.set_precise_gemm(true);
     let mut failed = Vec::new();
-    for (preset, quant, n_embd, n_head, n_head_kv, n_ff) in [
+    for (preset, quant, n_embd, (n_head, n_head_kv, hd), n_ff) in [
         (
             Preset::Tiny,
             QuantMix::Q4_1,
             576usize,
-            9usize,
-            3usize,
+            (9usize, 3usize, 64usize),
             1536usize,
         ),
-        (Preset::TinyQwen2, QuantMix::Q4_K_M, 896, 14, 2, 1024),
+        (Preset::TinyQwen2, QuantMix::Q4_K_M, 896, (14, 2, 64), 1024),
+        (Preset::TinyGemma3, QuantMix::Q4_K_M, 640, (4, 1, 256), 2048),
     ] {
         let mut o = SynthOptions::new(preset);
         o.quant = quant;
@@ -308,7 +309,7 @@ fn real_head_counts_match_cpu() {
         o.shape.n_embd = n_embd;
         o.shape.n_head = n_head;
         o.shape.n_head_kv = n_head_kv;
-        o.shape.head_dim = 64;
+        o.shape.head_dim = hd;
         o.shape.n_ff = n_ff;
         let calls = cuda.cluster_attention_calls();
         let r = run_options(&cuda, &format!("{}-{n_head}h", preset.name()), o);
@@ -615,13 +616,16 @@ fn attention_matches_cpu() {
                 let case = format!(
                     "hd={hd} heads={n_head}/{n_head_kv} window={window:?} batch={bi} rows={n}"
                 );
-                // A single decode row of 64/128-dim heads takes the cluster kernel where the
-                // device has clusters (checked against the CPU on its own). Then, with it
+                // A single decode row of 64/128/256-dim heads takes the cluster kernel where
+                // the device has clusters (checked against the CPU on its own). Then, with it
                 // off: the split attention as one launch with one chunk per block where the
                 // device holds the grid (the default; usize::MAX is clamped to it), with
                 // every chunk of a (row, head) in one block, and as two launches: the same
                 // bits. Each run stores the same k/v rows again first.
-                let clustered = n == 1 && (hd == 64 || hd == 128) && cuda.has_cluster_attention();
+                let clustered =
+                    n == 1 && matches!(hd, 64 | 128 | 256) && cuda.has_cluster_attention();
+                // The 16-block and streaming clusters take heads of up to 128 dims.
+                let narrow = clustered && hd <= 128;
                 let calls = cuda.cluster_attention_calls();
                 let cluster = cuda
                     .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
@@ -652,7 +656,7 @@ fn attention_matches_cpu() {
                 cuda.set_cluster_attention_vreg(true);
                 // The 16-block clusters (decode past 1024 keys) at this length too, where the
                 // device runs them: each head over twice the blocks, so another order of sums.
-                let wide = clustered && cuda.has_wide_cluster_attention();
+                let wide = narrow && cuda.has_wide_cluster_attention();
                 let cluster_wide = if wide {
                     cuda.set_wide_cluster_from(Some(0));
                     let calls = cuda.cluster_attention_calls();
@@ -667,7 +671,7 @@ fn attention_matches_cpu() {
                 cuda.set_wide_cluster_from(None);
                 // The streaming 16-block clusters (decode past 1024 keys) at this length too:
                 // the 16-block clusters' sums in their order, so the same bits as those.
-                let cluster_stream = if clustered && cuda.has_stream_attention() {
+                let cluster_stream = if narrow && cuda.has_stream_attention() {
                     cuda.set_stream_attention_from(Some(0));
                     let calls = cuda.cluster_attention_calls();
                     let r = cuda
@@ -1149,6 +1153,76 @@ fn fusion_changes_nothing() {
 /// Decode norms, attention (in clusters, partly phantom ones too) and GLU quantising their
 /// outputs to Q8_0 for the Q8_0-type mat-vecs reading them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0):
 /// the same logits, bit for bit, as `act_q8_0` launches; and they did take that path.
+/// Gemma 3's post-norm and residual add in one launch (`rms_norm_add`): the same bits as the
+/// two launches, and the CPU's values, at its width (640) and others, one and several rows.
+#[test]
+fn rms_norm_add_matches_its_steps() {
+    use flea_model::Backend;
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    for (width, n) in [(640usize, 1usize), (640, 3), (2304, 1), (4096, 2), (64, 1)] {
+        let vals = |salt: f32, len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (i as f32 * 0.61 + salt).sin() * 1.9 + ((i % 3) as f32 - 1.0) * 0.2)
+                .collect()
+        };
+        let wv = vals(0.3, width);
+        let bytes: Vec<u8> = wv.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = flea_model::weights::Weight {
+            ty: flea_gguf::GgmlType::F32,
+            rows: 1,
+            cols: width,
+            data: &bytes,
+        };
+        let (ys, xs) = (vals(1.1, n * width), vals(2.7, n * width));
+        // Fused, then the two launches, then the CPU.
+        let run_cuda = |fused: bool| -> Result<(Vec<f32>, Vec<f32>), String> {
+            let y = cuda.alloc_act(n, width).map_err(|e| e.to_string())?;
+            let mut x = cuda.alloc_act(n, width).map_err(|e| e.to_string())?;
+            let mut out = cuda.alloc_act(n, width).map_err(|e| e.to_string())?;
+            cuda.upload(&y, &ys).map_err(|e| e.to_string())?;
+            cuda.upload(&x, &xs).map_err(|e| e.to_string())?;
+            if fused {
+                cuda.rms_norm_add(n, &y, &w, 1e-6, &mut x, &mut out)
+            } else {
+                cuda.rms_norm(n, &y, &w, 1e-6, &mut out)
+                    .and_then(|_| cuda.add(n, &mut x, &out))
+            }
+            .map_err(|e| e.to_string())?;
+            Ok((
+                cuda.read(n, &x).map_err(|e| e.to_string())?,
+                cuda.read(n, &out).map_err(|e| e.to_string())?,
+            ))
+        };
+        let mut yc = cpu.alloc_act(n, width).unwrap();
+        yc.data.copy_from_slice(&ys);
+        let mut xc = cpu.alloc_act(n, width).unwrap();
+        xc.data.copy_from_slice(&xs);
+        let mut oc = cpu.alloc_act(n, width).unwrap();
+        cpu.rms_norm_add(n, &yc, &w, 1e-6, &mut xc, &mut oc)
+            .unwrap();
+        match (run_cuda(true), run_cuda(false)) {
+            (Ok((xf, of)), Ok((xs2, os))) => {
+                let same = same_bits(&xf, &xs2) && same_bits(&of, &os);
+                let e = rel_err(&xf, &xc.data);
+                let ok = same && e <= 1e-5;
+                println!(
+                    "NORM_ADD width={width} n={n} identical={same} rel={e:.3e} {}",
+                    if ok { "OK" } else { "FAIL" }
+                );
+                if !ok {
+                    bad.push(format!("width {width} n {n}: identical={same} rel={e:.3e}"));
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => bad.push(format!("width {width} n {n}: {e}")),
+        }
+    }
+    assert!(bad.is_empty(), "rms_norm_add failures: {bad:#?}");
+}
+
 #[test]
 fn q8_0_fusion_changes_nothing() {
     let Some((_serial, cuda)) = common::gpu() else {

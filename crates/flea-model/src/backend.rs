@@ -153,6 +153,20 @@ pub trait Backend {
         eps: f32,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// `out = rms_norm(y) · w`, then `x += out` (Gemma 3's norm of a block's output before
+    /// its residual add). A backend may do both in one step (the same arithmetic).
+    fn rms_norm_add(
+        &self,
+        n: usize,
+        y: &Self::Act,
+        w: &Weight,
+        eps: f32,
+        x: &mut Self::Act,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.rms_norm(n, y, w, eps, out)?;
+        self.add(n, x, out)
+    }
     /// out[t] = W · x[t] for the first `n` rows (W has `w.rows` rows of `w.cols`).
     fn matmul(&self, n: usize, w: &Weight, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
     /// Several matmuls of the same input (q/k/v, gate/up): the input is prepared once and
@@ -228,6 +242,30 @@ pub trait Backend {
     ) -> Result<()> {
         self.rope_qk(n, q, k, pq, pk)?;
         self.attention(n, q, k, v, kv, p, out)
+    }
+    /// Gemma 3's `rope_attention`: RoPE, then q times `p.scale` where the backend scales rows
+    /// (`scale_rows`, in f32 before the attention's f16 rounding, as llama.cpp does; the
+    /// attention then scales by 1), then the attention. A backend that does not scale rows
+    /// may do it all as `rope_attention` with `p.scale` (the same arithmetic as these steps).
+    #[allow(clippy::too_many_arguments)] // rope_attention's arguments
+    fn rope_attention_scaled(
+        &self,
+        n: usize,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &Self::Act,
+        kv: &mut Self::Kv,
+        (pq, pk): (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        self.rope_qk(n, q, k, pq, pk)?;
+        if self.scale_rows(n, q, p.scale)? {
+            let unscaled = AttnParams { scale: 1.0, ..*p };
+            self.attention(n, q, k, v, kv, &unscaled, out)
+        } else {
+            self.attention(n, q, k, v, kv, p, out)
+        }
     }
     /// Q/K/V biases (Qwen2) added to q, k and v, then `rope_attention`. A backend may add
     /// them inside its attention instead (v then holds unspecified values too).

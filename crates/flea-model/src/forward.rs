@@ -164,7 +164,8 @@ pub fn block<B: Backend>(
     // Qwen2: Q/K/V biases, added here or (with neither taps nor per-head norms between)
     // inside the attention step below.
     let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
-    let separate_steps = gemma3 || crate::debug::taps_active();
+    let taps = crate::debug::taps_active();
+    let separate_steps = gemma3 || taps;
     let mut late_bias = None;
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
         if separate_steps || w.q_norm.is_some() {
@@ -215,7 +216,10 @@ pub fn block<B: Backend>(
     // Gemma 3 scales q between RoPE and attention, and taps may replace q and k there;
     // otherwise the backend may store the rotated k into the cache as it rotates it.
     b.output_feeds(&w.wo);
-    if separate_steps {
+    if gemma3 && !taps {
+        let ropes = (&rope, &rope_k);
+        b.rope_attention_scaled(n, &mut s.q, &mut s.k, &s.v, kv, ropes, &attn, &mut s.attn)?;
+    } else if separate_steps {
         b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
         tap(b, "Qrope", il, n, &mut s.q)?;
         tap(b, "Krope", il, n, &mut s.k)?;
@@ -239,9 +243,13 @@ pub fn block<B: Backend>(
     if let Some(pn) = &w.attn_post_norm {
         b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
         tap(b, "attn_out", il, n, &mut s.proj)?;
-        b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
-        tap(b, "attn_post_norm", il, n, &mut s.xn)?;
-        b.add(n, &mut s.x, &s.xn)?;
+        if crate::debug::taps_active() {
+            b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+            tap(b, "attn_post_norm", il, n, &mut s.xn)?;
+            b.add(n, &mut s.x, &s.xn)?;
+        } else {
+            b.rms_norm_add(n, &s.proj, pn, eps, &mut s.x, &mut s.xn)?;
+        }
     } else {
         b.matmul_residual(segs, &w.wo, &s.attn, &mut s.x, &mut s.proj)?;
         tap(b, "attn_out", il, n, &mut s.proj)?;
@@ -270,9 +278,13 @@ pub fn block<B: Backend>(
     if let Some(pn) = &w.ffn_post_norm {
         b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
         tap(b, "ffn_out", il, n, &mut s.proj)?;
-        b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
-        tap(b, "ffn_post_norm", il, n, &mut s.xn)?;
-        b.add(n, &mut s.x, &s.xn)?;
+        if crate::debug::taps_active() {
+            b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+            tap(b, "ffn_post_norm", il, n, &mut s.xn)?;
+            b.add(n, &mut s.x, &s.xn)?;
+        } else {
+            b.rms_norm_add(n, &s.proj, pn, eps, &mut s.x, &mut s.xn)?;
+        }
     } else {
         b.matmul_residual(segs, &w.w_down, &s.ffn, &mut s.x, &mut s.proj)?;
         tap(b, "ffn_out", il, n, &mut s.proj)?;
