@@ -3134,6 +3134,19 @@ extern "C" __global__ void __launch_bounds__(128) mmvq_q4_k_q6_k_soa(MMVQ_ARGS) 
     mmvq_mixed<false>(MMVQ_FWD);
 }
 
+// Q5_0 q/k with a Q8_0 v on the same Q8_0 activations in one launch (decode of the Q4_K_M
+// files whose rows are not whole 256-blocks: Gemma-3-270M's 640-wide ones, Qwen2.5-0.5B's
+// 896): blockIdx.z < z2 picks a Q5_0 matrix (rows of row_bytes), the rest Q8_0 ones (rows of
+// cols / 32 blocks of 34 bytes); each row as mmvq_q5_0 / mmvq_q8_0 compute it.
+extern "C" __global__ void __launch_bounds__(128) mmvq_q5_0_q8_0(MMVQ_ARGS) {
+    MMVQ_PICK
+    if (z < z2)
+        mmvq_impl<Q50, Q50Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, row_bytes, n, accumulate);
+    else
+        mmvq_impl<Q80, Q80Raw, 1, 1>(W, xq, xd, xs, y, rows, cols, (long long)(cols / 32) * 34,
+                                     n, accumulate);
+}
+
 // One token with shared activations (see sa_fill): mmvqs_<type>, for the types where it
 // measured faster (docs/BENCHMARKS.md: Q8_0, Q4_1 and Q5_1 rows were 2.5-8% slower with it).
 #define MMVQ_SA(name, K, Raw)                                                                  \

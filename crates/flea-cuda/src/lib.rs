@@ -3040,15 +3040,16 @@ impl Backend for CudaBackend {
                     self.mmvq_kernel(n, w, wp).map(|k| (k, wp))
                 });
             }
-            // Decode: resident Q6_K matrices join Q4_K ones in the mixed kernel (one launch
-            // for Q4_K_M's q, k and v).
+            // Decode: resident Q6_K matrices join Q4_K ones, Q8_0 ones Q5_0 ones, in a mixed
+            // kernel (one launch for Q4_K_M's q, k and v).
             let mixes =
                 n == 1 && self.fusion() && !self.fusions_off.mixed && mmvq::rows_per_warp() == 1;
             type Mmvq = ((&'static str, mmvq::ActFmt), u64);
             let joins = |a: &Mmvq, b: &Mmvq| {
                 if a.0 == b.0 {
                     mmvq::Joins::Same
-                } else if mixes && a.0 .0 == mmvq::MIXED.0 && b.0 .0 == mmvq::MIXED.1 {
+                } else if mixes && a.0 .1 == b.0 .1 && mmvq::mixed_kernel(a.0 .0, b.0 .0).is_some()
+                {
                     mmvq::Joins::Second
                 } else {
                     mmvq::Joins::No

@@ -38,6 +38,7 @@ pub(crate) fn kernel_names() -> Vec<String> {
         "act_q8k".to_string(),
         "act_q8_0".to_string(),
         MIXED.2.to_string(),
+        MIXED_Q8_0.2.to_string(),
     ];
     for pre in ["mmvq", "mmvq2", "mmvq8"] {
         v.extend(SUFFIXES.iter().map(|s| format!("{pre}_{s}")));
@@ -253,6 +254,17 @@ pub(crate) fn launch_groups<K>(
 /// The one-token kernel for Q4_K matrices and resident (repacked) Q6_K ones on the same
 /// input in one launch (Q4_K_M's q/k and v): the kernels it joins.
 pub(crate) const MIXED: (&str, &str, &str) = ("mmvq_q4_k", "mmvq_q6_k_soa", "mmvq_q4_k_q6_k_soa");
+/// The same for Q5_0 and Q8_0 (Q4_K_M's q/k and v where rows are not whole 256-blocks and
+/// fall back to those types: Gemma-3-270M, Qwen2.5-0.5B).
+pub(crate) const MIXED_Q8_0: (&str, &str, &str) = ("mmvq_q5_0", "mmvq_q8_0", "mmvq_q5_0_q8_0");
+
+/// The mixed kernel for a launch led by `first` with matrices of `second` (None: no such pair).
+pub(crate) fn mixed_kernel(first: &str, second: &str) -> Option<&'static str> {
+    [MIXED, MIXED_Q8_0]
+        .into_iter()
+        .find(|m| m.0 == first && m.1 == second)
+        .map(|m| m.2)
+}
 
 /// Device scratch of the int8 activations, one buffer per format (a matmul group may use
 /// both, e.g. Q4_K and Q8_0 weights on the same input).
@@ -751,14 +763,21 @@ impl CudaBackend {
         // second type.
         let z2 = jobs.iter().position(|j| j.second).unwrap_or(jobs.len());
         let mixed = z2 < jobs.len();
-        if mixed && (n != 1 || rows_per_warp() != 1 || name != MIXED.0) {
-            return Err(be(format!(
-                "mmvq: {name} cannot share a launch with other types"
-            )));
-        }
+        let mixed_name = [MIXED, MIXED_Q8_0]
+            .into_iter()
+            .find(|m| m.0 == name)
+            .map(|m| m.2);
+        let one = match (mixed, mixed_name) {
+            (false, _) => name,
+            (true, Some(m)) if n == 1 && rows_per_warp() == 1 => m,
+            _ => {
+                return Err(be(format!(
+                    "mmvq: {name} cannot share a launch with other types"
+                )))
+            }
+        };
         // One token: the kernel reading its int8 activations from shared memory where they
         // fit there (and FLEA_CUDA_FUSE_OFF does not name `mmvq_sa`); Some(its type suffix).
-        let one = if mixed { MIXED.2 } else { name };
         let shared_suffix = if n == 1
             && rows_per_warp() == 1
             && !self.fusions_off.mmvq_sa
@@ -1757,6 +1776,15 @@ mod tests {
                 assert!(names.contains(&format!("mmq_{s}_{t}")), "mmq_{s}_{t}");
             }
         }
+    }
+
+    #[test]
+    fn mixed_kernels_pair_a_first_type_with_its_second() {
+        assert_eq!(mixed_kernel("mmvq_q4_k", "mmvq_q6_k_soa"), Some("mmvq_q4_k_q6_k_soa"));
+        assert_eq!(mixed_kernel("mmvq_q5_0", "mmvq_q8_0"), Some("mmvq_q5_0_q8_0"));
+        // The second type never leads, and other pairs do not mix.
+        assert_eq!(mixed_kernel("mmvq_q8_0", "mmvq_q5_0"), None);
+        assert_eq!(mixed_kernel("mmvq_q4_k", "mmvq_q8_0"), None);
     }
 
     #[test]

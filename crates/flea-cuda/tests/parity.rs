@@ -52,12 +52,22 @@ impl Drop for Tmp {
 /// A synthetic Q4_K_M model of `preset` written to a temporary file (`name` and the process
 /// id in its name; removed when the returned guard drops) and loaded.
 fn q4km_model(name: &str, preset: Preset, seed: u64) -> (Tmp, Model) {
+    q4km_model_wide(name, preset, seed, None)
+}
+
+/// As `q4km_model`, `n_embd` wide where given (rows of 640 fall back from Q4_K / Q6_K to
+/// Q5_0 / Q8_0 as Gemma-3-270M's do).
+fn q4km_model_wide(name: &str, preset: Preset, seed: u64, n_embd: Option<usize>) -> (Tmp, Model) {
     let path = std::env::temp_dir().join(format!("flea-cuda-{name}-{}.gguf", std::process::id()));
     let tmp = Tmp(path.clone());
     let mut o = SynthOptions::new(preset);
     o.quant = QuantMix::Q4_K_M;
     o.seed = seed;
     o.threads = 4;
+    if let Some(d) = n_embd {
+        o.shape.n_embd = d;
+        o.shape.n_layers = 2;
+    }
     write_synthetic(&path, &o).unwrap();
     (tmp, Model::load(&path).unwrap())
 }
@@ -1117,8 +1127,15 @@ fn fusion_changes_nothing() {
     };
     cuda.set_cluster_attention(false);
     let mut bad = Vec::new();
-    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let (_tmp, model) = q4km_model(&format!("fusion-{}", preset.name()), preset, 11);
+    // The 640-wide Gemma: Q5_0 q/k and Q8_0 v in one mixed launch when fused.
+    for (preset, width) in [
+        (Preset::Tiny, None),
+        (Preset::TinyQwen2, None),
+        (Preset::TinyGemma3, None),
+        (Preset::TinyGemma3, Some(640usize)),
+    ] {
+        let name = format!("fusion-{}-{}", preset.name(), width.unwrap_or(0));
+        let (_tmp, model) = q4km_model_wide(&name, preset, 11, width);
         let vocab = model.cfg.n_vocab;
         let run = |fused: bool| -> Vec<f32> {
             cuda.clear_weights();
@@ -1137,12 +1154,11 @@ fn fusion_changes_nothing() {
         let (on, off) = (run(true), run(false));
         let same = same_bits(&on, &off);
         println!(
-            "FUSION {} identical={same} rel={:.3e}",
-            preset.name(),
+            "FUSION {name} identical={same} rel={:.3e}",
             rel_err(&on, &off)
         );
         if !same {
-            bad.push(preset.name().to_string());
+            bad.push(name);
         }
     }
     cuda.set_fusion(true);
