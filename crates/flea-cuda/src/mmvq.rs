@@ -1780,8 +1780,14 @@ mod tests {
 
     #[test]
     fn mixed_kernels_pair_a_first_type_with_its_second() {
-        assert_eq!(mixed_kernel("mmvq_q4_k", "mmvq_q6_k_soa"), Some("mmvq_q4_k_q6_k_soa"));
-        assert_eq!(mixed_kernel("mmvq_q5_0", "mmvq_q8_0"), Some("mmvq_q5_0_q8_0"));
+        assert_eq!(
+            mixed_kernel("mmvq_q4_k", "mmvq_q6_k_soa"),
+            Some("mmvq_q4_k_q6_k_soa")
+        );
+        assert_eq!(
+            mixed_kernel("mmvq_q5_0", "mmvq_q8_0"),
+            Some("mmvq_q5_0_q8_0")
+        );
         // The second type never leads, and other pairs do not mix.
         assert_eq!(mixed_kernel("mmvq_q8_0", "mmvq_q5_0"), None);
         assert_eq!(mixed_kernel("mmvq_q4_k", "mmvq_q8_0"), None);
