@@ -243,13 +243,7 @@ pub fn block<B: Backend>(
     if let Some(pn) = &w.attn_post_norm {
         b.matmuls_segmented(segs, &s.attn, &mut [(&w.wo, &mut s.proj)])?;
         tap(b, "attn_out", il, n, &mut s.proj)?;
-        if crate::debug::taps_active() {
-            b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
-            tap(b, "attn_post_norm", il, n, &mut s.xn)?;
-            b.add(n, &mut s.x, &s.xn)?;
-        } else {
-            b.rms_norm_add(n, &s.proj, pn, eps, &mut s.x, &mut s.xn)?;
-        }
+        post_norm_add(b, (il, "attn_post_norm"), n, pn, eps, s)?;
     } else {
         b.matmul_residual(segs, &w.wo, &s.attn, &mut s.x, &mut s.proj)?;
         tap(b, "attn_out", il, n, &mut s.proj)?;
@@ -278,19 +272,32 @@ pub fn block<B: Backend>(
     if let Some(pn) = &w.ffn_post_norm {
         b.matmuls_segmented(segs, &s.ffn, &mut [(&w.w_down, &mut s.proj)])?;
         tap(b, "ffn_out", il, n, &mut s.proj)?;
-        if crate::debug::taps_active() {
-            b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
-            tap(b, "ffn_post_norm", il, n, &mut s.xn)?;
-            b.add(n, &mut s.x, &s.xn)?;
-        } else {
-            b.rms_norm_add(n, &s.proj, pn, eps, &mut s.x, &mut s.xn)?;
-        }
+        post_norm_add(b, (il, "ffn_post_norm"), n, pn, eps, s)?;
     } else {
         b.matmul_residual(segs, &w.w_down, &s.ffn, &mut s.x, &mut s.proj)?;
         tap(b, "ffn_out", il, n, &mut s.proj)?;
     }
     tap(b, "l_out", il, n, &mut s.x)?;
     Ok(())
+}
+
+/// Gemma 3's norm of a block's output (in `s.proj`) and its add into the residual `s.x`: one
+/// backend step, or two with the debug taps on (they read the norm's output between them).
+fn post_norm_add<B: Backend>(
+    b: &B,
+    (il, name): (usize, &str),
+    n: usize,
+    pn: &Weight,
+    eps: f32,
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    if crate::debug::taps_active() {
+        b.rms_norm(n, &s.proj, pn, eps, &mut s.xn)?;
+        tap(b, name, il, n, &mut s.xn)?;
+        b.add(n, &mut s.x, &s.xn)
+    } else {
+        b.rms_norm_add(n, &s.proj, pn, eps, &mut s.x, &mut s.xn)
+    }
 }
 
 /// Step 2 for every layer at once, for a batch of one decode row, where the backend fuses
