@@ -1085,12 +1085,14 @@ __device__ __forceinline__ void rms_norm4_weights(const float4* __restrict__ w, 
 }
 
 // res (may be null): each written float4 also added into res's row (rms_norm4_add).
+// row: the row of x / out / res this block takes (-1: blockIdx.x).
 __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
                                               const float4 (&ww)[4], float4* out, int g4,
                                               float eps, int part, int nparts, int nt,
-                                              float4* res = nullptr) {
-    const float4* xr = x + (long long)blockIdx.x * g4;
-    float4* o = out + (long long)blockIdx.x * g4;
+                                              float4* res = nullptr, long long row = -1) {
+    if (row < 0) row = blockIdx.x;
+    const float4* xr = x + row * g4;
+    float4* o = out + row * g4;
     const bool holds = (int)threadIdx.x < nt;
     float4 v[4];
     float ss = 0.f;
@@ -1119,7 +1121,7 @@ __device__ __forceinline__ void rms_norm4_row(const float4* __restrict__ x,
                                          v[k].z * inv * ww[k].z, v[k].w * inv * ww[k].w);
             o[i] = y;
             if (res != nullptr) {
-                float4* r = res + (long long)blockIdx.x * g4 + i;
+                float4* r = res + row * g4 + i;
                 const float4 a = *r;
                 *r = make_float4(a.x + y.x, a.y + y.y, a.z + y.z, a.w + y.w);
             }
@@ -2118,6 +2120,64 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
         const long long t = idx / kvd, dst = (long long)kvrow[t] * kvd + idx - t * kvd;
         pdl_enter();
         vc[dst] = f2h(v[idx]);
+    }
+}
+
+// Gemma 3's per-head RMS norms of q and k, their RoPE and the cache store of the new k and v
+// rows, in one launch (decode; the steps rms_norm4 x2 and rope_kv would take, the same bits):
+// block b < n * (nq + nk) takes one head of q or k, normalises it with rms_norm4's threads and
+// sums (blockDim.x is rms_norm4's thread count for a head; the head's normed values pass
+// through shared memory), rotates its pairs as rope_apply does and writes them back in place
+// (k's also into the cache, row kvrow[t]); the blocks after store v. hd <= HNR_MAX, hd % 4 == 0,
+// nd even and <= hd (checked by the host).
+#define HNR_MAX 512
+extern "C" __global__ void head_norm_rope_kv(float* q, float* k, const float* __restrict__ v,
+                                             u16* __restrict__ kc, u16* __restrict__ vc,
+                                             const float4* __restrict__ qn,
+                                             const float4* __restrict__ kn, int n, int nq,
+                                             int nk, int hd, int nd, const int* rowpos,
+                                             float theta_scale, int neox,
+                                             const int* __restrict__ kvrow, float eps) {
+    __shared__ __align__(16) float y[HNR_MAX];
+    const long long heads = (long long)n * (nq + nk), b = blockIdx.x;
+    const int kvd = nk * hd, g4 = hd / 4, nt = blockDim.x;
+    if (b < heads) {
+        const int t = (int)(b / (nq + nk)), hh = (int)(b % (nq + nk));
+        const bool is_q = hh < nq;
+        float* x = is_q ? q + ((long long)t * nq + hh) * hd
+                        : k + ((long long)t * nk + (hh - nq)) * hd;
+        float4 ww[4];
+        rms_norm4_weights(is_q ? qn : kn, g4, 0, 1, ww, nt);
+        pdl_enter();
+        rms_norm4_row((const float4*)x, ww, (float4*)y, g4, eps, 0, 1, nt, nullptr, 0);
+        __syncthreads();
+        const int half = nd / 2;
+        const long long crow = (long long)kvrow[t] * kvd + (long long)(hh - nq) * hd;
+        for (int i = threadIdx.x; i < half; i += nt) {
+            // rope_at's angle and rope_apply's rotation.
+            float theta = (float)rowpos[t];
+            for (int j = 0; j < i; j++) theta *= theta_scale;
+            const float c = cosf(theta), sn = sinf(theta);
+            const int ea = neox ? i : 2 * i, eb = neox ? i + half : 2 * i + 1;
+            const float x0 = y[ea], x1 = y[eb];
+            x[ea] = x0 * c - x1 * sn;
+            x[eb] = x0 * sn + x1 * c;
+            if (!is_q) {
+                kc[crow + ea] = f2h(x[ea]);
+                kc[crow + eb] = f2h(x[eb]);
+            }
+        }
+        for (int d = nd + threadIdx.x; d < hd; d += nt) {
+            x[d] = y[d];
+            if (!is_q) kc[crow + d] = f2h(y[d]);
+        }
+        return;
+    }
+    pdl_enter();
+    const long long total = (long long)n * kvd, stride = (gridDim.x - heads) * nt;
+    for (long long idx = (b - heads) * nt + threadIdx.x; idx < total; idx += stride) {
+        const long long t = idx / kvd;
+        vc[(long long)kvrow[t] * kvd + idx - t * kvd] = f2h(v[idx]);
     }
 }
 

@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 45] = [
+const PLAIN_KERNELS: [&str; 46] = [
     "act_round",
     "argmax_slot",
     "topk_slot",
@@ -183,6 +183,7 @@ const PLAIN_KERNELS: [&str; 45] = [
     "rope_qk",
     "kv_store",
     "rope_kv",
+    "head_norm_rope_kv",
     "attention",
     "attention_tiled",
     "attention_smem",
@@ -2297,7 +2298,7 @@ struct Prequant {
 /// Fusions that FLEA_CUDA_FUSE_OFF (a comma-separated list of these names) turns off one by
 /// one, for measuring each (all of them compute the same bits as the separate launches):
 /// `rope_kv` (RoPE and the cache store in one launch), `norm_add` (Gemma 3's post-norm and
-/// residual add in one launch), `attn_bias` (Qwen2's q/k/v biases added
+/// residual add in one launch), `head_norm` (Gemma 3's q/k head norms with `rope_kv`'s work), `attn_bias` (Qwen2's q/k/v biases added
 /// by the decode cluster attention instead of three `add_bias` launches), `q8_0` (a decode
 /// norm, attention or GLU quantising its output to Q8_0 for the Q8_0-type mat-vec reading
 /// it, instead of an `act_q8_0` launch; `attn_q8_0`: all but the attention), `attn_q8k` (the split attention
@@ -2323,6 +2324,7 @@ struct FusionsOff {
     attn_tiled: bool,
     attn_cluster: bool,
     norm_add: bool,
+    head_norm: bool,
     pub(crate) mmvq_sa: bool,
     pub(crate) mmvq_sa_rows: bool,
     pub(crate) mmvq_whole_row: bool,
@@ -2345,6 +2347,7 @@ impl FusionsOff {
             attn_tiled: has("attn_tiled"),
             attn_cluster: has("attn_cluster"),
             norm_add: has("norm_add"),
+            head_norm: has("head_norm"),
             mmvq_sa: has("mmvq_sa"),
             mmvq_sa_rows: has("mmvq_sa_rows"),
             mmvq_whole_row: has("mmvq_whole_row"),
@@ -2702,6 +2705,8 @@ fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
 const ATTN_CHUNK: usize = 64;
 /// Blocks per cluster of `attn_cluster` (ATC_CS in kernels.cu) and the most keys it takes:
 /// 1024 keys of 128-dim heads over 4 blocks is 132 KB of K, V and scores per block.
+/// Largest head `head_norm_rope_kv` takes (kernels.cu HNR_MAX: its shared row).
+const HEAD_NORM_ROPE_MAX: usize = 512;
 const ATTN_CLUSTER_BLOCKS: usize = 8;
 const ATTN_CLUSTER_MAX_KEYS: usize = 1024;
 /// The 16-block clusters past it (`attn_cluster16_v64`): 8 blocks of up to 256 keys for a
@@ -3306,6 +3311,56 @@ impl Backend for CudaBackend {
         let (qp, kp, vp, kc, vc) = (q.ptr, k.ptr, v.ptr, cache.kc, cache.vc);
         let (ni, nqi, nki, hdi, ndi) = (n as i32, nq as i32, nk as i32, hd as i32, nd as i32);
         launch!(self, "rope_kv", cfg; qp, kp, vp, kc, vc, ni, nqi, nki, hdi, ndi, posp, theta_scale, neox, kvrowp)?;
+        self.attend(n, q, &cache, p, out)
+    }
+
+    /// The head norms, RoPE and the cache store in one launch (`head_norm_rope_kv`, in place
+    /// on q and k), then the attention, where it applies (fused, `rope_kv` would take the
+    /// RoPE, heads of at most HNR_MAX dims); else the default's steps.
+    fn head_norm_rope_attention(
+        &self,
+        n: usize,
+        (q, k, k_spare): (&mut CudaAct, &mut CudaAct, &mut CudaAct),
+        v: &CudaAct,
+        kv: &mut CudaKv,
+        (qn, kn, eps): (&Weight, &Weight, f32),
+        (pq, pk): (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let hd = p.head_dim;
+        let (qnp, qg) = self.vector_ptr(qn)?;
+        let (knp, kg) = self.vector_ptr(kn)?;
+        if self.fusions_off.head_norm
+            || !self.rope_kv_fits(pq, pk, p)
+            || hd > HEAD_NORM_ROPE_MAX
+            || !hd.is_multiple_of(4)
+            || qg != hd
+            || kg != hd
+        {
+            self.rms_norm(n, q, qn, eps, out)?;
+            std::mem::swap(q, out);
+            self.rms_norm(n, k, kn, eps, k_spare)?;
+            std::mem::swap(k, k_spare);
+            return self.rope_attention_scaled(n, q, k, v, kv, (pq, pk), p, out);
+        }
+        let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
+        let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
+        let (theta_scale, neox, posp) = self.rope_args(pq)?;
+        let (nq, nk, nd) = (pq.n_heads, pk.n_heads, pq.rope_dims);
+        // rms_norm4's threads for a head-sized row (the same sums), a block per head, then
+        // blocks storing v.
+        let threads = (hd / 4).div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+        let heads = n * (nq + nk);
+        let v_blocks = (n * nk * hd).div_ceil(threads).min(1024);
+        let cfg = LaunchConfig {
+            grid_dim: ((heads + v_blocks) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (qp, kp, vp, kc, vc) = (q.ptr, k.ptr, v.ptr, cache.kc, cache.vc);
+        let (ni, nqi, nki, hdi, ndi) = (n as i32, nq as i32, nk as i32, hd as i32, nd as i32);
+        launch!(self, "head_norm_rope_kv", cfg; qp, kp, vp, kc, vc, qnp, knp, ni, nqi, nki, hdi, ndi, posp, theta_scale, neox, kvrowp, eps)?;
         self.attend(n, q, &cache, p, out)
     }
 

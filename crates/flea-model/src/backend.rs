@@ -267,6 +267,29 @@ pub trait Backend {
             self.attention(n, q, k, v, kv, p, out)
         }
     }
+    /// Gemma 3's per-head RMS norms of q and k (`norms`: the head-sized q and k norm weights
+    /// and eps), then `rope_attention_scaled`. Afterwards q and k hold the normalised rows
+    /// (rotated or not, as `rope_attention` leaves them), `out` the attention's output; `out`
+    /// and `k_spare` (as wide as k) may serve as scratch on the way.
+    #[allow(clippy::too_many_arguments)] // rope_attention's arguments and the norms
+    fn head_norm_rope_attention(
+        &self,
+        n: usize,
+        (q, k, k_spare): (&mut Self::Act, &mut Self::Act, &mut Self::Act),
+        v: &Self::Act,
+        kv: &mut Self::Kv,
+        norms: (&Weight, &Weight, f32),
+        ropes: (&RopeParams, &RopeParams),
+        p: &AttnParams,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        let (qn, kn, eps) = norms;
+        self.rms_norm(n, q, qn, eps, out)?;
+        std::mem::swap(q, out);
+        self.rms_norm(n, k, kn, eps, k_spare)?;
+        std::mem::swap(k, k_spare);
+        self.rope_attention_scaled(n, q, k, v, kv, ropes, p, out)
+    }
     /// Q/K/V biases (Qwen2) added to q, k and v, then `rope_attention`. A backend may add
     /// them inside its attention instead (v then holds unspecified values too).
     #[allow(clippy::too_many_arguments)] // rope_attention's arguments and the biases

@@ -164,8 +164,7 @@ pub fn block<B: Backend>(
     // Qwen2: Q/K/V biases, added here or (with neither taps nor per-head norms between)
     // inside the attention step below.
     let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
-    let taps = crate::debug::taps_active();
-    let separate_steps = gemma3 || taps;
+    let separate_steps = gemma3 || crate::debug::taps_active();
     let mut late_bias = None;
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
         if separate_steps || w.q_norm.is_some() {
@@ -180,8 +179,14 @@ pub fn block<B: Backend>(
             });
         }
     }
-    // Gemma 3: RMS norm of each head of q and k before RoPE.
-    if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+    // Gemma 3: RMS norm of each head of q and k before RoPE (below with the RoPE and the
+    // attention where no taps read the steps between).
+    let head_norms = match (&w.q_norm, &w.k_norm) {
+        (Some(qn), Some(kn)) => Some((qn, kn)),
+        _ => None,
+    };
+    let taps = crate::debug::taps_active();
+    if let (Some((qn, kn)), true) = (head_norms, taps || !gemma3) {
         b.rms_norm(n, &s.q, qn, eps, &mut s.attn)?;
         std::mem::swap(&mut s.q, &mut s.attn);
         b.rms_norm(n, &s.k, kn, eps, &mut s.k_normed)?;
@@ -218,7 +223,16 @@ pub fn block<B: Backend>(
     b.output_feeds(&w.wo);
     if gemma3 && !taps {
         let ropes = (&rope, &rope_k);
-        b.rope_attention_scaled(n, &mut s.q, &mut s.k, &s.v, kv, ropes, &attn, &mut s.attn)?;
+        match head_norms {
+            Some((qn, kn)) => {
+                let qkk = (&mut s.q, &mut s.k, &mut s.k_normed);
+                let norms = (qn, kn, eps);
+                b.head_norm_rope_attention(n, qkk, &s.v, kv, norms, ropes, &attn, &mut s.attn)?
+            }
+            None => {
+                b.rope_attention_scaled(n, &mut s.q, &mut s.k, &s.v, kv, ropes, &attn, &mut s.attn)?
+            }
+        }
     } else if separate_steps {
         b.rope_qk(n, &mut s.q, &mut s.k, &rope, &rope_k)?;
         tap(b, "Qrope", il, n, &mut s.q)?;
