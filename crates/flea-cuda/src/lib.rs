@@ -3338,11 +3338,18 @@ impl Backend for CudaBackend {
             || qg != hd
             || kg != hd
         {
-            self.rms_norm(n, q, qn, eps, out)?;
-            std::mem::swap(q, out);
-            self.rms_norm(n, k, kn, eps, k_spare)?;
-            std::mem::swap(k, k_spare);
-            return self.rope_attention_scaled(n, q, k, v, kv, (pq, pk), p, out);
+            let norms = (qn, kn, eps);
+            return flea_model::backend::head_norm_rope_attention_steps(
+                self,
+                n,
+                (q, k, k_spare),
+                v,
+                kv,
+                norms,
+                (pq, pk),
+                p,
+                out,
+            );
         }
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
         let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;

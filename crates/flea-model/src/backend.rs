@@ -283,12 +283,7 @@ pub trait Backend {
         p: &AttnParams,
         out: &mut Self::Act,
     ) -> Result<()> {
-        let (qn, kn, eps) = norms;
-        self.rms_norm(n, q, qn, eps, out)?;
-        std::mem::swap(q, out);
-        self.rms_norm(n, k, kn, eps, k_spare)?;
-        std::mem::swap(k, k_spare);
-        self.rope_attention_scaled(n, q, k, v, kv, ropes, p, out)
+        head_norm_rope_attention_steps(self, n, (q, k, k_spare), v, kv, norms, ropes, p, out)
     }
     /// Q/K/V biases (Qwen2) added to q, k and v, then `rope_attention`. A backend may add
     /// them inside its attention instead (v then holds unspecified values too).
@@ -607,4 +602,25 @@ pub trait UnitStaging: Backend {
     fn driver_memory(&self) -> Option<(u64, u64)> {
         None
     }
+}
+
+/// [`Backend::head_norm_rope_attention`] as separate steps (its default; a backend that fuses
+/// them falls back to this where its fused step does not apply).
+#[allow(clippy::too_many_arguments)] // head_norm_rope_attention's arguments
+pub fn head_norm_rope_attention_steps<B: Backend + ?Sized>(
+    b: &B,
+    n: usize,
+    (q, k, k_spare): (&mut B::Act, &mut B::Act, &mut B::Act),
+    v: &B::Act,
+    kv: &mut B::Kv,
+    (qn, kn, eps): (&Weight, &Weight, f32),
+    ropes: (&RopeParams, &RopeParams),
+    p: &AttnParams,
+    out: &mut B::Act,
+) -> Result<()> {
+    b.rms_norm(n, q, qn, eps, out)?;
+    std::mem::swap(q, out);
+    b.rms_norm(n, k, kn, eps, k_spare)?;
+    std::mem::swap(k, k_spare);
+    b.rope_attention_scaled(n, q, k, v, kv, ropes, p, out)
 }
