@@ -2705,6 +2705,13 @@ fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
 const ATTN_CHUNK: usize = 64;
 /// Blocks per cluster of `attn_cluster` (ATC_CS in kernels.cu) and the most keys it takes:
 /// 1024 keys of 128-dim heads over 4 blocks is 132 KB of K, V and scores per block.
+/// Threads of an `rms_norm4` block for rows of `g4` float4s (at most 4 a thread); the kernels
+/// that fuse its work (`rms_norm_q8k`, `rms_norm4_add`, `head_norm_rope_kv`) sum a row with
+/// as many, so their sums are its bits.
+fn rms_norm4_threads(g4: usize) -> usize {
+    g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024)
+}
+
 /// Largest head `head_norm_rope_kv` takes (kernels.cu HNR_MAX: its shared row).
 const HEAD_NORM_ROPE_MAX: usize = 512;
 const ATTN_CLUSTER_BLOCKS: usize = 8;
@@ -2929,7 +2936,7 @@ impl Backend for CudaBackend {
         // Rows of float4s up to 4 per thread of a 1024-thread block: the vector kernel.
         let g4 = g / 4;
         if g.is_multiple_of(4) && g4 <= 4 * 1024 {
-            let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+            let threads = rms_norm4_threads(g4);
             let cfg = LaunchConfig {
                 grid_dim: (groups as u32, 1, 1),
                 block_dim: (threads as u32, 1, 1),
@@ -3329,14 +3336,12 @@ impl Backend for CudaBackend {
         out: &mut CudaAct,
     ) -> Result<()> {
         let hd = p.head_dim;
-        let (qnp, qg) = self.vector_ptr(qn)?;
-        let (knp, kg) = self.vector_ptr(kn)?;
         if self.fusions_off.head_norm
             || !self.rope_kv_fits(pq, pk, p)
             || hd > HEAD_NORM_ROPE_MAX
             || !hd.is_multiple_of(4)
-            || qg != hd
-            || kg != hd
+            || qn.rows * qn.cols != hd
+            || kn.rows * kn.cols != hd
         {
             let norms = (qn, kn, eps);
             return flea_model::backend::head_norm_rope_attention_steps(
@@ -3351,13 +3356,15 @@ impl Backend for CudaBackend {
                 out,
             );
         }
+        let (qnp, _) = self.vector_ptr(qn)?;
+        let (knp, _) = self.vector_ptr(kn)?;
         let cache = self.attention_cache(n, q, k, v, kv, p, out)?;
         let kvrowp = self.upload_rows(RowBuf::Kv, &cache.kvrow)?;
         let (theta_scale, neox, posp) = self.rope_args(pq)?;
         let (nq, nk, nd) = (pq.n_heads, pk.n_heads, pq.rope_dims);
         // rms_norm4's threads for a head-sized row (the same sums), a block per head, then
         // blocks storing v.
-        let threads = (hd / 4).div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+        let threads = rms_norm4_threads(hd / 4);
         let heads = n * (nq + nk);
         let v_blocks = (n * nk * hd).div_ceil(threads).min(1024);
         let cfg = LaunchConfig {
@@ -3449,31 +3456,28 @@ impl Backend for CudaBackend {
         let (gp, upp, op, ti) = (gate.ptr, up.ptr, out.ptr, total as i64);
         // Decode rows feeding the int8 ffn_down mat-vec: quantise them in the same launch
         // (as rms_norm_q8k does for the norms), to Q8_0 where its type reads that.
+        // (kernel, values a quantisation block, scratch); a warp per block.
         let q8_0 = if self.take_feeds() == FEEDS_Q8_0 {
             self.fused_int8_scratch(n, gate.width, gate.width, mmvq::ActFmt::Q8_0)?
+                .map(|sc| ("glu_q8_0", 32, sc))
         } else {
             None
         };
-        if let Some((xq, xd, xs)) = q8_0 {
-            let nblk = total / 32;
+        let fused = match q8_0 {
+            Some(f) => Some(f),
+            None => self
+                .fused_q8k_scratch(n, gate.width, gate.width)?
+                .map(|sc| ("glu_q8k", 256, sc)),
+        };
+        if let Some((kname, block, (xq, xd, xs))) = fused {
+            let nblk = total / block;
             let cfg = LaunchConfig {
                 grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
             let nb = nblk as i64;
-            launch!(self, "glu_q8_0", cfg; gp, upp, op, a, xq, xd, xs, nb)?;
-            return self.note_prequant(out.ptr, total, xq);
-        }
-        if let Some((xq, xd, xs)) = self.fused_q8k_scratch(n, gate.width, gate.width)? {
-            let nblk = total / 256;
-            let cfg = LaunchConfig {
-                grid_dim: (nblk.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let nb = nblk as i64;
-            launch!(self, "glu_q8k", cfg; gp, upp, op, a, xq, xd, xs, nb)?;
+            launch!(self, kname, cfg; gp, upp, op, a, xq, xd, xs, nb)?;
             return self.note_prequant(out.ptr, total, xq);
         }
         launch!(self, "glu", cfg; gp, upp, op, ti, a)
@@ -3488,7 +3492,7 @@ impl Backend for CudaBackend {
         x: &mut CudaAct,
         out: &mut CudaAct,
     ) -> Result<()> {
-        let (wp, g) = self.vector_ptr(w)?;
+        let g = w.rows * w.cols;
         check_rows(y, n, "rms_norm_add")?;
         check_rows(x, n, "rms_norm_add")?;
         check_rows(out, n, "rms_norm_add")?;
@@ -3506,7 +3510,8 @@ impl Backend for CudaBackend {
             self.rms_norm(n, y, w, eps, out)?;
             return self.add(n, x, out);
         }
-        let threads = g4.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
+        let (wp, _) = self.vector_ptr(w)?;
+        let threads = rms_norm4_threads(g4);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (threads as u32, 1, 1),

@@ -258,10 +258,13 @@ pub(crate) const MIXED: (&str, &str, &str) = ("mmvq_q4_k", "mmvq_q6_k_soa", "mmv
 /// fall back to those types: Gemma-3-270M, Qwen2.5-0.5B).
 pub(crate) const MIXED_Q8_0: (&str, &str, &str) = ("mmvq_q5_0", "mmvq_q8_0", "mmvq_q5_0_q8_0");
 
+/// Every mixed kernel as (first type's kernel, second type's, the mixed one).
+const MIXED_KERNELS: [(&str, &str, &str); 2] = [MIXED, MIXED_Q8_0];
+
 /// The mixed kernel for a launch led by `first` with matrices of `second` (None: no such pair).
 pub(crate) fn mixed_kernel(first: &str, second: &str) -> Option<&'static str> {
-    [MIXED, MIXED_Q8_0]
-        .into_iter()
+    MIXED_KERNELS
+        .iter()
         .find(|m| m.0 == first && m.1 == second)
         .map(|m| m.2)
 }
@@ -763,10 +766,7 @@ impl CudaBackend {
         // second type.
         let z2 = jobs.iter().position(|j| j.second).unwrap_or(jobs.len());
         let mixed = z2 < jobs.len();
-        let mixed_name = [MIXED, MIXED_Q8_0]
-            .into_iter()
-            .find(|m| m.0 == name)
-            .map(|m| m.2);
+        let mixed_name = MIXED_KERNELS.iter().find(|m| m.0 == name).map(|m| m.2);
         let one = match (mixed, mixed_name) {
             (false, _) => name,
             (true, Some(m)) if n == 1 && rows_per_warp() == 1 => m,

@@ -164,7 +164,8 @@ pub fn block<B: Backend>(
     // Qwen2: Q/K/V biases, added here or (with neither taps nor per-head norms between)
     // inside the attention step below.
     let gemma3 = cfg.arch == crate::config::Arch::Gemma3;
-    let separate_steps = gemma3 || crate::debug::taps_active();
+    let taps = crate::debug::taps_active();
+    let separate_steps = gemma3 || taps;
     let mut late_bias = None;
     if let (Some(bq), Some(bk), Some(bv)) = (&w.bq, &w.bk, &w.bv) {
         if separate_steps || w.q_norm.is_some() {
@@ -185,7 +186,6 @@ pub fn block<B: Backend>(
         (Some(qn), Some(kn)) => Some((qn, kn)),
         _ => None,
     };
-    let taps = crate::debug::taps_active();
     if let (Some((qn, kn)), true) = (head_norms, taps || !gemma3) {
         b.rms_norm(n, &s.q, qn, eps, &mut s.attn)?;
         std::mem::swap(&mut s.q, &mut s.attn);
