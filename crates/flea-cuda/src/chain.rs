@@ -13,6 +13,21 @@ use std::sync::Arc;
 /// Most candidates `topk_slot` keeps (TOPK_SLOT_MAX in kernels.cu).
 pub(crate) const TOP_K_MAX: usize = 64;
 
+/// Logits one block of `topk_part` takes at most (1024 threads × TOPK_BATCH, one batch), and
+/// the most blocks (parts) it runs: a vocabulary of up to 1 Mi in one batch each.
+pub(crate) const TOPK_PART_KEYS: usize = 8192;
+pub(crate) const TOPK_PARTS_MAX: usize = 128;
+
+/// How many `topk_part` blocks a chunk of `width` logits takes first (0: `topk_slot` alone,
+/// one batch of its one block).
+pub(crate) fn topk_parts(width: usize) -> usize {
+    if width <= TOPK_PART_KEYS {
+        0
+    } else {
+        width.div_ceil(TOPK_PART_KEYS).min(TOPK_PARTS_MAX)
+    }
+}
+
 /// Blocks of `vocab_max` (VOCAB_PARTS in kernels.cu).
 pub(crate) const VOCAB_PARTS: usize = 128;
 /// Most tiles of 1024 logits `vocab_pick` walks (VOCAB_MAX_TILES): vocabularies up to 1 Mi.
@@ -73,6 +88,8 @@ pub(crate) struct TokenSlots {
     pub(crate) best: CudaSlice<u64>,
     /// The best candidates so far of a sampled token (`topk_slot`), then their count.
     pub(crate) candidates: CudaSlice<u64>,
+    /// `topk_part`'s blocks' best keys (TOP_K_MAX a block) for `topk_slot`.
+    pub(crate) topk_parts: CudaSlice<u64>,
     /// Whole-vocabulary sampling: `vocab_max`'s maxima, `vocab_tiles`' sums, and the logits
     /// of a head computed in chunks, gathered (allocated at the first such token).
     pub(crate) vocab_parts: CudaSlice<f32>,
@@ -102,6 +119,9 @@ impl TokenSlots {
         let candidates = stream
             .alloc_zeros::<u64>(TOP_K_MAX + 1)
             .map_err(|e| ce("token slots' candidates", e))?;
+        let topk_parts = stream
+            .alloc_zeros::<u64>(TOPK_PARTS_MAX * TOP_K_MAX)
+            .map_err(|e| ce("token slots' top-k parts", e))?;
         let vocab_parts = stream
             .alloc_zeros::<f32>(VOCAB_PARTS)
             .map_err(|e| ce("token slots' vocabulary maxima", e))?;
@@ -119,6 +139,7 @@ impl TokenSlots {
             dev,
             best,
             candidates,
+            topk_parts,
             vocab_parts,
             vocab_tiles,
             vocab_stash: None,
@@ -228,6 +249,27 @@ impl Drop for SmallUploads {
     fn drop(&mut self) {
         for e in &self.done {
             let _ = e.synchronize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_parts_cover_any_row_in_at_most_the_buffers_blocks() {
+        assert_eq!(topk_parts(1), 0);
+        assert_eq!(topk_parts(TOPK_PART_KEYS), 0);
+        assert_eq!(topk_parts(TOPK_PART_KEYS + 1), 2);
+        assert_eq!(topk_parts(151_936), 19);
+        assert_eq!(topk_parts(262_144), 32);
+        for width in [TOPK_PART_KEYS + 1, 262_144, VOCAB_MAX, 3 * VOCAB_MAX + 7] {
+            let parts = topk_parts(width);
+            assert!((1..=TOPK_PARTS_MAX).contains(&parts));
+            // Every logit in a part: the last part starts inside the row.
+            assert!(parts * width.div_ceil(parts) >= width);
+            assert!((parts - 1) * width.div_ceil(parts) < width);
         }
     }
 }

@@ -522,29 +522,21 @@ __device__ __forceinline__ void topk_rank(unsigned long long* list, const unsign
     if (threadIdx.x == 0) *list_n = min(m, k);
     __syncthreads();
 }
-extern "C" __global__ void __launch_bounds__(1024)
-    topk_slot(const float* __restrict__ x, int width, int col0, unsigned long long* cands,
-              int k, int first, int last, float temp, float top_p, float min_p, double r,
-              int* tok_dev, volatile int* tok_host) {
-    pdl_enter();
-    __shared__ unsigned long long list[TOPK_SLOT_MAX];
-    __shared__ unsigned long long pool[TOPK_POOL];
-    __shared__ unsigned long long warp_second[32];
-    __shared__ int list_n, pool_n;
+// Keys key_at(0 .. n) (0: none) merged into list[0 .. list_n), the k best, best first: the
+// batches described above. Every thread of the block calls it; ends with a barrier.
+template <class KeyAt>
+__device__ __forceinline__ void topk_scan(int n, const KeyAt& key_at, int k,
+                                          unsigned long long* list, unsigned long long* pool,
+                                          unsigned long long* warp_second, int& list_n,
+                                          int& pool_n) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-    if (k < 1) k = 1;
-    if (k > TOPK_SLOT_MAX) k = TOPK_SLOT_MAX;
-    if (tid == 0) list_n = first ? 0 : min((int)cands[TOPK_SLOT_MAX], k);
-    __syncthreads();
-    if (tid < list_n) list[tid] = cands[tid];
-    __syncthreads();
-    for (int base = 0; base < width; base += TOPK_BATCH * blockDim.x) {
+    for (int base = 0; base < n; base += TOPK_BATCH * blockDim.x) {
         unsigned long long keys[TOPK_BATCH];
         unsigned long long b1 = 0ull, b2 = 0ull;  // this thread's two best (0: none)
 #pragma unroll
         for (int u = 0; u < TOPK_BATCH; u++) {
             const int i = base + u * blockDim.x + tid;
-            keys[u] = i < width ? topk_key(x[i], (unsigned int)(col0 + i)) : 0ull;
+            keys[u] = i < n ? key_at(i) : 0ull;
             const unsigned long long v = keys[u];
             if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
         }
@@ -604,6 +596,75 @@ extern "C" __global__ void __launch_bounds__(1024)
             topk_rank(list, pool, pool_n, k, &list_n);
         }
     }
+}
+// Stage one of a sampled token over a long row: block b takes logits [b per, (b + 1) per) of
+// x[0 .. width) and writes its k best keys (best first, 0 past its count) to
+// parts[b TOPK_SLOT_MAX ..]. The k best of the row are among them (keys differ), so
+// topk_slot over the parts finds the same list as over the row: 1 block over a 262144-logit
+// row took ~165 us, a sixth of a small model's token.
+extern "C" __global__ void __launch_bounds__(1024)
+    topk_part(const float* __restrict__ x, int width, int col0, int per, int k,
+              unsigned long long* __restrict__ parts) {
+    pdl_enter();
+    __shared__ unsigned long long list[TOPK_SLOT_MAX];
+    __shared__ unsigned long long pool[TOPK_POOL];
+    __shared__ unsigned long long warp_second[32];
+    __shared__ int list_n, pool_n;
+    if (k < 1) k = 1;
+    if (k > TOPK_SLOT_MAX) k = TOPK_SLOT_MAX;
+    if (threadIdx.x == 0) list_n = 0;
+    __syncthreads();
+    const int i0 = blockIdx.x * per, n = max(0, min(width - i0, per));
+    const float* xb = x + i0;
+    const unsigned int id0 = (unsigned int)(col0 + i0);
+    topk_scan(
+        n, [&](int i) { return topk_key(xb[i], id0 + (unsigned int)i); }, k, list, pool,
+        warp_second, list_n, pool_n);
+    const int t = threadIdx.x;
+    if (t < TOPK_SLOT_MAX)
+        parts[(long long)blockIdx.x * TOPK_SLOT_MAX + t] = t < list_n ? list[t] : 0ull;
+}
+// A chunk's logits, or (nparts > 0) the keys topk_part left in parts, into cands; the last
+// chunk chooses the token.
+extern "C" __global__ void __launch_bounds__(1024)
+    topk_slot(const float* __restrict__ x, int width, int col0, unsigned long long* cands,
+              int k, int first, int last, float temp, float top_p, float min_p, double r,
+              int* tok_dev, volatile int* tok_host, const unsigned long long* __restrict__ parts,
+              int nparts) {
+    pdl_enter();
+    __shared__ unsigned long long list[TOPK_SLOT_MAX];
+    __shared__ unsigned long long pool[TOPK_POOL];
+    __shared__ unsigned long long warp_second[32];
+    __shared__ int list_n, pool_n;
+    const int tid = threadIdx.x;
+    if (k < 1) k = 1;
+    if (k > TOPK_SLOT_MAX) k = TOPK_SLOT_MAX;
+    if (tid == 0) list_n = first ? 0 : min((int)cands[TOPK_SLOT_MAX], k);
+    __syncthreads();
+    if (tid < list_n) list[tid] = cands[tid];
+    __syncthreads();
+    if (nparts > 0) {
+        // A part's k-th key is a floor for the row's k best (that part alone has k keys at or
+        // above it): keys below the highest such floor never enter the pool, which otherwise
+        // takes most of the parts' keys (sorted runs defeat the batch's bar).
+        __shared__ unsigned long long floor_key;
+        if (tid == 0) floor_key = 0ull;
+        __syncthreads();
+        if (tid < nparts) atomicMax(&floor_key, parts[(long long)tid * TOPK_SLOT_MAX + k - 1]);
+        __syncthreads();
+        const unsigned long long fl = floor_key;
+        topk_scan(
+            nparts * TOPK_SLOT_MAX,
+            [&](int i) {
+                const unsigned long long key = parts[i];
+                return key >= fl ? key : 0ull;
+            },
+            k, list, pool, warp_second, list_n, pool_n);
+    }
+    else
+        topk_scan(
+            width, [&](int i) { return topk_key(x[i], (unsigned int)(col0 + i)); }, k, list,
+            pool, warp_second, list_n, pool_n);
     const int n = list_n;
     if (!last) {
         if (tid < n) cands[tid] = list[tid];
@@ -4526,8 +4587,9 @@ extern "C" __global__ void __launch_bounds__((FD_NW + 1) * 32, 1) fd_decode(cons
 }
 
 // Decode attention of a batch of ONE row as thread-block clusters (sm_90+). A cluster of
-// CS blocks (ATC_CS = 8; 16 in `attn_cluster16_v64`, for 1025-2048 keys) covers the
-// HB = 256 / hd heads of one Q8_K block of the output, each head split over S = CS / HB
+// CS blocks (ATC_CS = 8; 16 in `attn_cluster16_v64`, for 1025-2048 keys) covers HB = hpc
+// heads (256 / hd, one Q8_K block of the output, where the output is quantised to Q8_K;
+// else one head, so that a head has more blocks), each head split over S = CS / HB
 // blocks by key range, so the split attention's exchanges through
 // global memory (chunk stats, a spin until every chunk of the head has published, partials
 // added by the last block to count, a second counter for the quantisation: ~10 dependent
@@ -4595,10 +4657,10 @@ __device__ __forceinline__ void atc_send4(u32 a, float4 v, u32 bar) {
         float *__restrict__ xd, int *__restrict__ xs, const float *__restrict__ knew,          \
         const float *__restrict__ vnew, int nd, float theta_scale, int neox, int n_head,       \
         const float *__restrict__ bq, const float *__restrict__ bk, const float *__restrict__ bv, \
-        int q8_0
+        int q8_0, int hpc
 #if __CUDA_ARCH__ >= 900
 // What a block of a decode-attention cluster (CS blocks) covers: head h (hi of the cluster's
-// 256 / hd), keys j0 .. j0 + len of its window (split of S = CS * hd / 256 blocks a head), of
+// hpc), keys j0 .. j0 + len of its window (split of S = CS / hpc blocks a head), of
 // which `nold` were stored by earlier tokens; its kv head's cache rows start at r0, column col.
 // Where n_head is not a whole number of clusters (SmolLM2's 9 heads, Qwen2.5's 14), the last
 // cluster's heads past n_head are phantoms: their blocks attend with the last real head (so
@@ -4612,9 +4674,9 @@ struct AtcPart {
 };
 template <int CS>
 __device__ __forceinline__ AtcPart atc_part(const int* rowpos, const int* rowbase, int window,
-                                            int hd, int group, int n_head) {
+                                            int hd, int group, int n_head, int hpc) {
     AtcPart a;
-    const int hb = 256 / hd;
+    const int hb = hpc;
     a.S = CS / hb;
     a.rank = atc_rank();
     a.cluster = blockIdx.x / CS;
@@ -4784,10 +4846,11 @@ __device__ __forceinline__ void atc_softmax(float* sc, const AtcPart& a, float* 
     __syncthreads();
 }
 // The thread's four P.V sums added, the block's groups summed and sent to block 0 (its slot
-// `rank`); block 0 then adds its heads' partials in block order into the cluster's 256
-// outputs (lane l elements 8l .. 8l + 7, head 8l / hd), stores those of real heads (`width`
-// = n_head * hd outputs in all) and quantises them to Q8_K (xq non-null: the host passes it
-// only for whole clusters) or, with q8_0, those of real heads to Q8_0. No block reads
+// `rank`); block 0 then adds its heads' partials in block order into the cluster's hpc * hd
+// outputs (lane l elements 8l .. 8l + 7, head 8l / hd; lanes past them idle), stores those of
+// real heads (`width` = n_head * hd outputs in all) and quantises them to Q8_K (xq non-null:
+// the host passes it only for whole clusters of 256 outputs) or, with q8_0, those of real
+// heads to Q8_0. No block reads
 // another's shared memory, and every block a send goes to waits for it before it leaves: no
 // barrier at the end.
 template <int CS>
@@ -4795,7 +4858,7 @@ __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const f
                                            const float4& a3, const AtcPart& a, int hd,
                                            float4* acc4, float* parts_in,
                                            unsigned long long* xbar, float* out, i8* xq,
-                                           float* xd, int* xs, int width, int q8_0) {
+                                           float* xd, int* xs, int width, int q8_0, int hpc) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int q4 = hd >> 2, G = 128 / q4;
     acc = make_float4((acc.x + a1.x) + (a2.x + a3.x), (acc.y + a1.y) + (a2.y + a3.y),
@@ -4807,13 +4870,14 @@ __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const f
                   att_groups_sum(acc4, q4, G), atc_map(&xbar[1], 0));
     if (a.rank == 0 && warp == 0) {
         fd_wait(fd_smem(&xbar[1]), 0, false);
-        const int e = 8 * lane, hh = e / hd, dd = e % hd;
+        const int ho = hpc * hd, e = 8 * lane, hh = e / hd, dd = e % hd;
+        const bool live = e < ho;
         float v[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = 0.f;
 #pragma unroll
         for (int c = 0; c < CS; c++) {
-            if (c < a.S) {
+            if (c < a.S && live) {
                 const float* pc = parts_in + (hh * a.S + c) * hd + dd;
                 const float4 x0 = *(const float4*)pc, x1 = *(const float4*)(pc + 4);
                 v[0] += x0.x;
@@ -4827,14 +4891,16 @@ __device__ __forceinline__ void atc_finish(float4 acc, const float4& a1, const f
             }
         }
         // (hd is a multiple of 8: a lane's 8 outputs are all of one head.)
-        float* o = out + (long long)a.cluster * 256 + e;
-        if (a.cluster * 256 + e < width) {
+        const bool keep = live && a.cluster * ho + e < width;
+        float* o = out + (long long)a.cluster * ho + e;
+        if (keep) {
             *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
             *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
         }
+        // (ho is a multiple of 32: Q8_0 blocks never straddle two clusters.)
         if (xq != nullptr && q8_0)
-            q8_0_vals(v, xq, xd, xs, (long long)a.cluster * 8, lane, a.cluster * 256 + e < width);
-        else if (xq != nullptr)
+            q8_0_vals(v, xq, xd, xs, (long long)a.cluster * (ho / 32), lane, keep);
+        else if (xq != nullptr && ho == 256)
             q8k_vals(v, xq, xd, xs, a.cluster, lane);
     }
 }
@@ -4874,7 +4940,7 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     __shared__ __align__(16) float parts_in[CS * HDM];
     __shared__ __align__(16) u16 vnew_s[VK > 0 ? HDM : 1];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head);
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head, hpc);
     const int len = a.len, nold = a.nold;
     u16* Ks = (u16*)atc_dyn;
     u16* Vs = Ks + (long long)kps_max * hd;  // VK > 0: not there (sc follows Ks)
@@ -4963,14 +5029,14 @@ __device__ __forceinline__ void attn_cluster_impl(ATC_ARGS) {
     }
     const auto vrow = [&](int key) { return *(const uint2*)(Vs + key * hd + d4); };
     for (; j < len; j += 4 * G) atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0, hpc);
 #else
     asm volatile("trap;");
 #endif
 }
 #define ATC_PARAMS                                                                            \
     q, kc, vc, group, hd, kvd, rowpos, rowbase, window, scale, kps_max, out, xq, xd, xs, knew, \
-        vnew, nd, theta_scale, neox, n_head, bq, bk, bv, q8_0
+        vnew, nd, theta_scale, neox, n_head, bq, bk, bv, q8_0, hpc
 extern "C" __global__ void __launch_bounds__(128) attn_cluster(ATC_ARGS) {
     attn_cluster_impl<0, ATC_CS>(ATC_PARAMS);
 }
@@ -5032,7 +5098,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
     __shared__ __align__(16) u16 knew_s[128];
     __shared__ __align__(16) u16 vnew_s[128];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head);
+    const AtcPart a = atc_part<CS>(rowpos, rowbase, window, hd, group, n_head, hpc);
     const int len = a.len, nold = a.nold;
     u16* ring = (u16*)atc_dyn;
     float* sc = (float*)(atc_dyn + ATS_ST * ATS_STAGE);
@@ -5103,7 +5169,7 @@ __device__ __forceinline__ void attn_stream_impl(ATC_ARGS) {
         for (int j = kt0 + g; j < min(len, kt0 + tk); j += 4 * G)
             atc_pv_quad(j, G, len, sc, vrow, acc, a1, a2, a3);
     }
-    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0);
+    atc_finish<CS>(acc, a1, a2, a3, a, hd, acc4, parts_in, xbar, out, xq, xd, xs, n_head * hd, q8_0, hpc);
 #else
     asm volatile("trap;");
 #endif

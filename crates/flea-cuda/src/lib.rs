@@ -142,9 +142,10 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 46] = [
+const PLAIN_KERNELS: [&str; 47] = [
     "act_round",
     "argmax_slot",
+    "topk_part",
     "topk_slot",
     "vocab_gather",
     "vocab_max",
@@ -1921,7 +1922,21 @@ impl CudaBackend {
         } else {
             self.cluster_attention_room
         };
-        cluster_attention_plan(p, max_keys, room, (wide, wide_from), stream)
+        let hpc = self.cluster_attention_heads(p.head_dim);
+        cluster_attention_plan(p, max_keys, room, (wide, wide_from), stream, hpc)
+    }
+
+    /// Heads a decode-attention cluster covers: 256 / hd (a Q8_K block of the output) where
+    /// the next mat-vec reads Q8_K, else one, so that each head has all the cluster's blocks
+    /// (Qwen2.5's 14 and SmolLM2's 9 heads of 64 dims: 8 or 16 blocks a head instead of 2 or
+    /// 4). Read from the `output_feeds` hint the attention takes next (not taken here).
+    fn cluster_attention_heads(&self, hd: usize) -> usize {
+        let q8_0 = self.feeds.load(Ordering::Relaxed) == FEEDS_Q8_0;
+        if hd >= 256 || (q8_0 && !self.fusions_off.attn_heads) {
+            1
+        } else {
+            256 / hd.max(1)
+        }
     }
 
     /// Whether `rope_kv` (RoPE and the cache store in one launch) takes this RoPE: q's and k's
@@ -2013,19 +2028,31 @@ impl CudaBackend {
         } else {
             mmvq::ActFmt::Q8K
         };
-        let quant = if self.fusions_off.attn_q8k {
+        let ClusterPlan {
+            kps_max,
+            blocks,
+            stream,
+            hpc,
+        } = plan;
+        // Q8_K blocks are 256 outputs: a cluster of fewer leaves the quantising to the
+        // mat-vec's own launch.
+        let whole_q8k = hpc * p.head_dim == 256;
+        let quant = if self.fusions_off.attn_q8k || (fmt == mmvq::ActFmt::Q8K && !whole_q8k) {
             None
         } else {
             self.fused_int8_scratch(1, width, width, fmt)?
         };
         let q8_0 = i32::from(quant.is_some() && fmt == mmvq::ActFmt::Q8_0);
+        // The kernel's invariants: whole heads a cluster, at most one block's share of keys
+        // each, and Q8_0 blocks (32 outputs) within a cluster.
+        if hpc == 0 || !blocks.is_multiple_of(hpc) || !(hpc * p.head_dim).is_multiple_of(32) {
+            return Err(be(format!(
+                "attention_cluster: {hpc} heads of {} in clusters of {blocks}",
+                p.head_dim
+            )));
+        }
         // The last cluster may hold phantom heads past n_head (see AtcPart in kernels.cu).
-        let clusters = p.n_head.div_ceil(256 / p.head_dim);
-        let ClusterPlan {
-            kps_max,
-            blocks,
-            stream,
-        } = plan;
+        let clusters = p.n_head.div_ceil(hpc);
         let vreg = if stream {
             None
         } else if blocks == ATTN_WIDE_CLUSTER_BLOCKS {
@@ -2056,6 +2083,7 @@ impl CudaBackend {
         let attrs = &mut both[..1 + usize::from(self.pdl)];
         let AttnArgs(_, group, hdi, kvdi, scale) = AttnArgs::of(p);
         let (qp, op, kps, nh) = (q.ptr, out.ptr, kps_max as i32, p.n_head as i32);
+        let hpc = hpc as i32;
         let (xq, xd, xs) = quant.unwrap_or((0, 0, 0));
         // Without RoPE nd = 0: k and v are never read (any valid pointer).
         let ClusterRope {
@@ -2077,7 +2105,7 @@ impl CudaBackend {
         // the window reaches (attention_cache checked the row), out width f32, the Q8_K
         // scratch width values; the grid is whole clusters and the shared memory within the
         // opted-in room (cluster_attention_fits).
-        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv, q8_0)?;
+        launch!(self, kernel, cfg, attrs; qp, kc, vc, group, hdi, kvdi, posp, basep, window, scale, kps, op, xq, xd, xs, kp, vp, nd, theta_scale, neox, nh, bq, bk, bv, q8_0, hpc)?;
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match quant {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
@@ -2311,7 +2339,9 @@ struct Prequant {
 /// steps added as one group) and `mmvq_q6_steps` (resident Q6_K rows with 4 steps of loads in
 /// flight, not 3) change the summation order; `mmvq_sa_rows` (Q6_K's shared-activation kernel taking two
 /// rows a warp in sequence) and `mmq_group` (matrices of one tensor-core kernel and input in
-/// one launch) do not.
+/// one launch) do not; `attn_heads` (a decode-attention cluster per head where the output
+/// projection reads Q8_0, instead of 256 / hd heads) splits a head's keys over other blocks,
+/// so its sums differ.
 #[derive(Clone, Copy, Debug, Default)]
 struct FusionsOff {
     rope_kv: bool,
@@ -2330,6 +2360,7 @@ struct FusionsOff {
     pub(crate) mmvq_whole_row: bool,
     pub(crate) mmvq_q6_steps: bool,
     mmq_group: bool,
+    attn_heads: bool,
 }
 
 impl FusionsOff {
@@ -2353,6 +2384,7 @@ impl FusionsOff {
             mmvq_whole_row: has("mmvq_whole_row"),
             mmvq_q6_steps: has("mmvq_q6_steps"),
             mmq_group: has("mmq_group"),
+            attn_heads: has("attn_heads"),
         }
     }
 }
@@ -2405,6 +2437,8 @@ struct ClusterPlan {
     kps_max: usize,
     blocks: usize,
     stream: bool,
+    /// Heads a cluster (`cluster_attention_heads`).
+    hpc: usize,
 }
 
 /// `output_feeds`'s hints (CudaBackend::feeds): none, Q8_K or Q8_0 activations.
@@ -2426,20 +2460,23 @@ fn cluster_attention_plan(
     room: usize,
     wide: (usize, usize),
     stream: (usize, usize),
+    hpc: usize,
 ) -> Option<ClusterPlan> {
     let hd = p.head_dim;
     if !(hd == 64 || hd == 128 || hd == 256)
         || p.n_head == 0
         || p.n_head_kv == 0
         || !p.n_head.is_multiple_of(p.n_head_kv)
+        || !(hpc == 1 || hpc * hd == 256)
     {
         return None;
     }
-    // A cluster holds 256 / hd heads, each over blocks * hd / 256 blocks.
+    // A cluster holds hpc heads, each over blocks / hpc blocks.
     let plan = |blocks: usize| ClusterPlan {
-        kps_max: max_keys.div_ceil(blocks * hd / 256).max(1),
+        kps_max: max_keys.div_ceil(blocks / hpc).max(1),
         blocks,
         stream: false,
+        hpc,
     };
     let w = plan(ATTN_WIDE_CLUSTER_BLOCKS);
     let (stream_room, stream_from) = stream;
@@ -3711,8 +3748,22 @@ impl Backend for CudaBackend {
                 let cands = dptr(&ts.candidates, &self.stream);
                 let k = how.top_k as i32;
                 let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
+                // A long chunk first in parts, a block each (their k best), so that the one
+                // block of topk_slot scans at most TOPK_PARTS_MAX * k keys.
+                let parts = chain::topk_parts(width);
+                let parts_ptr = dptr(&ts.topk_parts, &self.stream);
+                if parts > 0 {
+                    let per = width.div_ceil(parts) as i32;
+                    let part_cfg = LaunchConfig {
+                        grid_dim: (parts as u32, 1, 1),
+                        ..cfg
+                    };
+                    launch!(self, "topk_part", part_cfg; xp, w, c0, per, k, parts_ptr)?;
+                }
+                let nparts = parts as i32;
                 launch!(self, "topk_slot", cfg;
-                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host)?;
+                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host,
+                    parts_ptr, nparts)?;
             }
             SlotPick::Vocab(how, r) => {
                 self.vocab_to_slot(ts, xp, col0, width, n_vocab, &how, r, tok_dev, tok_host)?;
@@ -4029,19 +4080,25 @@ mod tests {
         let room = 227 * 1024;
         let no_wide = (0, ATTN_CLUSTER_MAX_KEYS + 1);
         let wide = (room - 4 * 1024, ATTN_CLUSTER_MAX_KEYS + 1);
-        let plan = |kps_max, blocks| {
+        let plan = |kps_max, blocks, hpc| {
             Some(ClusterPlan {
                 kps_max,
                 blocks,
                 stream: false,
+                hpc,
             })
+        };
+        // Heads a cluster where the output is quantised to Q8_K: 256 / hd (one 256-dim head).
+        let q8k = |hd: usize| (256 / hd).max(1);
+        let plan_q8k = |p: &AttnParams, keys, room, wide, stream| {
+            cluster_attention_plan(p, keys, room, wide, stream, q8k(p.head_dim))
         };
         let off = (0, ATTN_STREAM_FROM);
         // 13B shape, 568 keys: 2 heads a cluster, 4 blocks a head of 142 keys (73 KB).
         for w in [no_wide, wide] {
             assert_eq!(
-                cluster_attention_plan(&params(40, 40, 128), 568, room, w, off),
-                plan(142, 8)
+                plan_q8k(&params(40, 40, 128), 568, room, w, off),
+                plan(142, 8, q8k(128))
             );
         }
         assert_eq!(cluster_attention_smem(142, 128), 142 * 516);
@@ -4049,10 +4106,10 @@ mod tests {
         // streaming kernels (128-dim heads only), and none past the 8-block limit.
         let every = (room - 4 * 1024, 0);
         assert_eq!(
-            cluster_attention_plan(&params(4, 1, 256), 505, room, every, (room, 0)),
-            plan(64, 8)
+            plan_q8k(&params(4, 1, 256), 505, room, every, (room, 0)),
+            plan(64, 8, q8k(256))
         );
-        assert!(cluster_attention_plan(&params(4, 1, 256), 1025, room, every, (room, 0)).is_none());
+        assert!(plan_q8k(&params(4, 1, 256), 1025, room, every, (room, 0)).is_none());
         assert_eq!(cluster_attention_kernels(256)[0], "attn_cluster_h256");
         assert_eq!(
             cluster_attention_vreg_kernel(64, 256),
@@ -4060,82 +4117,78 @@ mod tests {
         );
         // 64-dim heads: 4 heads a cluster, 2 blocks a head; GQA groups whole.
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 3, room, no_wide, off),
-            plan(2, 8)
+            plan_q8k(&params(8, 2, 64), 3, room, no_wide, off),
+            plan(2, 8, q8k(64))
         );
         // The largest 8-block case fits the opt-in room of an H100/H200.
-        let big =
-            cluster_attention_plan(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room, wide, off);
-        assert_eq!(big, plan(256, 8));
+        let big = plan_q8k(&params(64, 8, 128), ATTN_CLUSTER_MAX_KEYS, room, wide, off);
+        assert_eq!(big, plan(256, 8, q8k(128)));
         // Past it, 16-block clusters where the device runs them: 8 blocks a 128-dim head
         // (4 a 64-dim one) of at most 256 (512) keys, 64 a thread.
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 1025, room, wide, off),
-            plan(129, 16)
+            plan_q8k(&params(40, 40, 128), 1025, room, wide, off),
+            plan(129, 16, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 2048, room, wide, off),
-            plan(256, 16)
+            plan_q8k(&params(40, 40, 128), 2048, room, wide, off),
+            plan(256, 16, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 2048, room, wide, off),
-            plan(512, 16)
+            plan_q8k(&params(8, 2, 64), 2048, room, wide, off),
+            plan(512, 16, q8k(64))
         );
-        assert!(cluster_attention_plan(&params(40, 40, 128), 2049, room, wide, off).is_none());
+        assert!(plan_q8k(&params(40, 40, 128), 2049, room, wide, off).is_none());
         // Tests lower the threshold: 16-block clusters at any length.
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 20, room, (wide.0, 0), off),
-            plan(3, 16)
+            plan_q8k(&params(40, 40, 128), 20, room, (wide.0, 0), off),
+            plan(3, 16, q8k(128))
         );
         // Heads not filling the last cluster (SmolLM2's 9 of 64 dims, Qwen2.5's 14, three of
         // 128): the same plan, the last cluster's extra heads phantoms.
         assert_eq!(
-            cluster_attention_plan(&params(9, 3, 64), 504, room, wide, off),
-            plan(252, 8)
+            plan_q8k(&params(9, 3, 64), 504, room, wide, off),
+            plan(252, 8, q8k(64))
         );
         assert_eq!(
-            cluster_attention_plan(&params(14, 2, 64), 100, room, wide, off),
-            plan(50, 8)
+            plan_q8k(&params(14, 2, 64), 100, room, wide, off),
+            plan(50, 8, q8k(64))
         );
         assert_eq!(
-            cluster_attention_plan(&params(3, 3, 128), 100, room, wide, off),
-            plan(25, 8)
+            plan_q8k(&params(3, 3, 128), 100, room, wide, off),
+            plan(25, 8, q8k(128))
         );
         // Out of range: head size, context, no room.
-        assert!(cluster_attention_plan(&params(4, 1, 80), 100, room, wide, off).is_none());
-        assert!(cluster_attention_plan(&params(2, 1, 512), 100, room, wide, off).is_none());
-        assert!(cluster_attention_plan(&params(0, 1, 64), 100, room, wide, off).is_none());
-        assert!(cluster_attention_plan(&params(8, 3, 128), 100, room, wide, off).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 1025, room, no_wide, off).is_none());
-        assert!(cluster_attention_plan(&params(40, 40, 128), 568, 0, no_wide, off).is_none());
-        assert!(
-            cluster_attention_plan(&params(40, 40, 128), 1024, 64 * 1024, no_wide, off).is_none()
-        );
-        assert!(
-            cluster_attention_plan(&params(40, 40, 128), 2048, room, (60 * 1024, 0), off).is_none()
-        );
+        assert!(plan_q8k(&params(4, 1, 80), 100, room, wide, off).is_none());
+        assert!(plan_q8k(&params(2, 1, 512), 100, room, wide, off).is_none());
+        assert!(plan_q8k(&params(0, 1, 64), 100, room, wide, off).is_none());
+        assert!(plan_q8k(&params(8, 3, 128), 100, room, wide, off).is_none());
+        assert!(plan_q8k(&params(40, 40, 128), 1025, room, no_wide, off).is_none());
+        assert!(plan_q8k(&params(40, 40, 128), 568, 0, no_wide, off).is_none());
+        assert!(plan_q8k(&params(40, 40, 128), 1024, 64 * 1024, no_wide, off).is_none());
+        assert!(plan_q8k(&params(40, 40, 128), 2048, room, (60 * 1024, 0), off).is_none());
         // The streaming clusters from their threshold (and never past their room): 8 blocks a
         // 128-dim head, 4 a 64-dim one; below it the other kernels as before.
         let most = stream_attention_smem(ATTN_STREAM_MAX_KEYS);
         let stream = (most, ATTN_STREAM_FROM);
-        let streamed = |kps_max| {
+        let streamed = |kps_max, hpc| {
             Some(ClusterPlan {
                 kps_max,
                 blocks: 16,
                 stream: true,
+                hpc,
             })
         };
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 576, room, wide, stream),
-            plan(144, 8)
+            plan_q8k(&params(40, 40, 128), 576, room, wide, stream),
+            plan(144, 8, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 577, room, wide, stream),
-            streamed(73)
+            plan_q8k(&params(40, 40, 128), 577, room, wide, stream),
+            streamed(73, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 576, room, wide, stream),
-            plan(288, 8)
+            plan_q8k(&params(8, 2, 64), 576, room, wide, stream),
+            plan(288, 8, q8k(64))
         );
         assert_eq!(
             cluster_attention_vreg_kernel(144, 128),
@@ -4146,30 +4199,42 @@ mod tests {
             Some("attn_cluster_v36")
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 2049, room, wide, stream),
-            streamed(257)
+            plan_q8k(&params(40, 40, 128), 2049, room, wide, stream),
+            streamed(257, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(8, 2, 64), 4096, room, no_wide, stream),
-            streamed(1024)
+            plan_q8k(&params(8, 2, 64), 4096, room, no_wide, stream),
+            streamed(1024, q8k(64))
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 8 * 8192, room, wide, stream),
-            streamed(8192)
+            plan_q8k(&params(40, 40, 128), 8 * 8192, room, wide, stream),
+            streamed(8192, q8k(128))
         );
-        assert!(
-            cluster_attention_plan(&params(40, 40, 128), 8 * 8192 + 1, room, wide, stream)
-                .is_none()
+        assert!(plan_q8k(&params(40, 40, 128), 8 * 8192 + 1, room, wide, stream).is_none());
+        assert_eq!(
+            plan_q8k(&params(40, 40, 128), 20, room, wide, (most, 0)),
+            streamed(3, q8k(128))
         );
         assert_eq!(
-            cluster_attention_plan(&params(40, 40, 128), 20, room, wide, (most, 0)),
-            streamed(3)
-        );
-        assert_eq!(
-            cluster_attention_plan(&params(3, 3, 128), 4096, room, wide, stream),
-            streamed(512)
+            plan_q8k(&params(3, 3, 128), 4096, room, wide, stream),
+            streamed(512, q8k(128))
         );
         assert_eq!(stream_attention_smem(512), 6 * 8192 + 2048);
+        // A head a cluster where the output projection reads Q8_0 (Qwen2.5's 14 heads of 64
+        // dims): all the cluster's blocks on one head's keys.
+        let one = |p: &AttnParams, keys, wide, stream| {
+            cluster_attention_plan(p, keys, room, wide, stream, 1)
+        };
+        assert_eq!(one(&params(14, 2, 64), 568, wide, off), plan(71, 8, 1));
+        assert_eq!(one(&params(14, 2, 64), 568, wide, stream), plan(71, 8, 1));
+        assert_eq!(
+            one(&params(14, 2, 64), 4000, wide, stream),
+            streamed(250, 1)
+        );
+        assert_eq!(one(&params(9, 3, 64), 1500, wide, off), plan(94, 16, 1));
+        // Never a part of a Q8_K block's heads, nor more heads than a Q8_K block.
+        assert!(cluster_attention_plan(&params(14, 2, 64), 568, room, wide, off, 2).is_none());
+        assert!(cluster_attention_plan(&params(14, 2, 64), 568, room, wide, off, 8).is_none());
     }
 
     #[test]

@@ -816,6 +816,19 @@ fn long_decode_attention_matches_cpu() {
                 }
                 continue;
             }
+            // An output projection reading Q8_0 (Qwen2.5's, SmolLM2's): a cluster per head.
+            let consumer = flea_model::weights::Weight {
+                ty: flea_gguf::GgmlType::Q4_1,
+                rows: 1,
+                cols: n_head * hd,
+                data: &[],
+            };
+            let calls = cuda.cluster_attention_calls();
+            cuda.output_feeds(&consumer);
+            let per_head = cuda
+                .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                .and_then(|_| cuda.read(n, &go));
+            let took_per_head = cuda.cluster_attention_calls() - calls;
             cuda.set_stream_attention_from(Some(usize::MAX));
             let split = cuda
                 .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
@@ -825,21 +838,26 @@ fn long_decode_attention_matches_cpu() {
                 "hd={hd} heads={n_head}/{n_head_kv} window={window:?} keys={}",
                 window.map_or(rows[0].pos + 1, |w| w.min(rows[0].pos + 1))
             );
-            match (streamed, split) {
-                (Ok(st), Ok(sp)) => {
-                    let (es, ep) = (rel_err(&st, &co), rel_err(&sp, &co));
-                    let ok = es <= 1e-3 && ep <= 1e-3 && took == 1;
+            match (streamed, per_head, split) {
+                (Ok(st), Ok(ph), Ok(sp)) => {
+                    let (es, eh, ep) = (rel_err(&st, &co), rel_err(&ph, &co), rel_err(&sp, &co));
+                    let ok = es <= 1e-3 && eh <= 1e-3 && ep <= 1e-3 && took == 1;
+                    let ok = ok && took_per_head == 1;
                     println!(
-                        "LONG-ATTN {case} streaming={took} rel={es:.3e} split rel={ep:.3e} {}",
+                        "LONG-ATTN {case} streaming={took} rel={es:.3e} a head a cluster \
+                         rel={eh:.3e} split rel={ep:.3e} {}",
                         if ok { "OK" } else { "FAIL" }
                     );
                     if !ok {
                         bad.push(format!(
-                            "{case}: streaming {took}: {es:.3e}, split {ep:.3e}"
+                            "{case}: streaming {took}: {es:.3e}, a head a cluster \
+                             {took_per_head}: {eh:.3e}, split {ep:.3e}"
                         ));
                     }
                 }
-                (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    bad.push(format!("{case}: {e}"))
+                }
             }
         }
     }
@@ -1804,6 +1822,22 @@ fn sample_to_slot_matches_the_host_sampler() {
     );
     // Qwen2's vocabulary size, in the head's largest chunks.
     cases.push((0..151_936).map(|_| random(12.0)).collect());
+    // Gemma 3's, whole (32 `topk_part` blocks, then `topk_slot` over their best keys).
+    cases.push((0..262_144).map(|_| random(12.0)).collect());
+    // Long rows of ties, and of -inf with a few finite logits in one part: each part's pool
+    // overflows, or most parts have fewer than k keys above -inf.
+    cases.push((0..40_000).map(|i| (i % 3) as f32).collect());
+    cases.push(
+        (0..70_000)
+            .map(|i| {
+                if (30_000..30_025).contains(&i) {
+                    (i % 7) as f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect(),
+    );
     let hows = [
         (40, 0.95, 0.05, 0.8),
         (1, 1.0, 0.0, 1.0),
@@ -1827,7 +1861,7 @@ fn sample_to_slot_matches_the_host_sampler() {
             for (ri, &r) in draws.iter().enumerate() {
                 let want = choose_from_top(&cand, how, r);
                 for chunk in [n, 1024, 999, 32768] {
-                    if chunk > n || (n > vocab && chunk < 32768) {
+                    if chunk > n || (n > 20_000 && chunk < 32768) {
                         continue;
                     }
                     let pick = SlotPick::Sample(*how, r);
