@@ -1437,6 +1437,106 @@ fn whole_row_mat_vecs_match_cpu() {
     assert!(bad.is_empty(), "{bad:?}");
 }
 
+/// One-token Q8_0 mat-vecs (`mmvq_q8_0`: Gemma 3's 640-wide tied head, Qwen2.5's 896-wide
+/// rows, SmolLM2's 576) alone, three in one launch, and adding into the output, against the
+/// CPU.
+#[test]
+fn q8_0_mat_vecs_match_cpu() {
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let cpu = CpuBackend::new(4).unwrap();
+    let mut bad = Vec::new();
+    let mut seed = 0x9e37_79b9u32;
+    let mut byte = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        (seed >> 11) as u8
+    };
+    for cols in [128usize, 640, 896, 2048, 576, 4096] {
+        let rows = [300usize, 5, 1000];
+        let datas: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|&r| {
+                let mut d = Vec::with_capacity(r * cols / 32 * 34);
+                for _ in 0..r * cols / 32 {
+                    // A positive f16 scale in [2^-8, 2^-5), then 32 random quants.
+                    let h: u16 = 0x1c00 | (u16::from(byte()) << 2);
+                    d.extend_from_slice(&h.to_le_bytes());
+                    d.extend((0..32).map(|_| byte()));
+                }
+                d
+            })
+            .collect();
+        let ws: Vec<Weight> = rows
+            .iter()
+            .zip(&datas)
+            .map(|(&rows, data)| Weight {
+                ty: flea_gguf::GgmlType::Q8_0,
+                rows,
+                cols,
+                data,
+            })
+            .collect();
+        let xs: Vec<f32> = (0..cols)
+            .map(|i| (i as f32 * 0.291).sin() * 1.3 + ((i % 7) as f32 - 3.0) * 0.1)
+            .collect();
+        let mut xc = cpu.alloc_act(1, cols).unwrap();
+        xc.data.copy_from_slice(&xs);
+        let xg = cuda.alloc_act(1, cols).unwrap();
+        cuda.upload(&xg, &xs).unwrap();
+        for (grouped, add) in [(false, false), (true, false), (false, true)] {
+            let mut outs: Vec<_> = ws
+                .iter()
+                .map(|w| cuda.alloc_act(1, w.rows).unwrap())
+                .collect();
+            let prior: Vec<Vec<f32>> = ws
+                .iter()
+                .map(|w| (0..w.rows).map(|i| (i % 11) as f32 * 0.5).collect())
+                .collect();
+            if grouped {
+                let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
+                cuda.matmuls(1, &xg, &mut jobs).unwrap();
+            } else {
+                for ((w, og), p) in ws.iter().zip(outs.iter_mut()).zip(&prior) {
+                    if add {
+                        cuda.upload(og, p).unwrap();
+                        let mut scratch = cuda.alloc_act(1, w.rows).unwrap();
+                        cuda.matmul_residual(&[1], w, &xg, og, &mut scratch)
+                            .unwrap();
+                    } else {
+                        cuda.matmul(1, w, &xg, og).unwrap();
+                    }
+                }
+            }
+            for ((w, og), p) in ws.iter().zip(&outs).zip(&prior) {
+                let mut oc = cpu.alloc_act(1, w.rows).unwrap();
+                cpu.matmul(1, w, &xc, &mut oc).unwrap();
+                if add {
+                    for (o, q) in oc.data.iter_mut().zip(p) {
+                        *o += q;
+                    }
+                }
+                let e = rel_err(&cuda.read(1, og).unwrap(), &oc.data);
+                println!(
+                    "Q8_0 MAT-VEC {}x{cols} grouped={grouped} add={add} rel={e:.3e}",
+                    w.rows
+                );
+                if e.is_nan() || e > 1e-4 {
+                    bad.push(format!(
+                        "{}x{cols} grouped={grouped} add={add}: {e:.3e}",
+                        w.rows
+                    ));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
 /// Random Q4_K (144-byte blocks) or Q6_K (210) bytes for a rows x cols matrix: random quants
 /// and scales, the f16 scales set to small normal values.
 fn random_kquant(block: usize, rows: usize, cols: usize) -> Vec<u8> {
