@@ -1378,13 +1378,79 @@ fn q8_0_fusion_changes_nothing() {
     assert!(bad.is_empty(), "Q8_0 fusion: {bad:#?}");
 }
 
+/// One token's mat-vecs of `ws` (same width) on `xs`, in each of `modes` (grouped: the
+/// matrices in one `matmuls` launch; add: each into an output holding a prior, through
+/// `matmul_residual`), against the CPU's (within 1e-4 relative); the failures, each named.
+fn mat_vecs_against_cpu(
+    cuda: &CudaBackend,
+    cpu: &CpuBackend,
+    ws: &[flea_model::weights::Weight],
+    xs: &[f32],
+    modes: &[(bool, bool)],
+    label: &str,
+) -> Vec<String> {
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let cols = xs.len();
+    let mut bad = Vec::new();
+    let mut xc = cpu.alloc_act(1, cols).unwrap();
+    xc.data.copy_from_slice(xs);
+    let xg = cuda.alloc_act(1, cols).unwrap();
+    cuda.upload(&xg, xs).unwrap();
+    for &(grouped, add) in modes {
+        let mut outs: Vec<_> = ws
+            .iter()
+            .map(|w| cuda.alloc_act(1, w.rows).unwrap())
+            .collect();
+        let prior: Vec<Vec<f32>> = ws
+            .iter()
+            .map(|w| (0..w.rows).map(|i| (i % 11) as f32 * 0.5).collect())
+            .collect();
+        if grouped {
+            let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
+            cuda.matmuls(1, &xg, &mut jobs).unwrap();
+        } else {
+            for ((w, og), p) in ws.iter().zip(outs.iter_mut()).zip(&prior) {
+                if add {
+                    cuda.upload(og, p).unwrap();
+                    let mut scratch = cuda.alloc_act(1, w.rows).unwrap();
+                    cuda.matmul_residual(&[1], w, &xg, og, &mut scratch)
+                        .unwrap();
+                } else {
+                    cuda.matmul(1, w, &xg, og).unwrap();
+                }
+            }
+        }
+        for ((w, og), p) in ws.iter().zip(&outs).zip(&prior) {
+            let mut oc = cpu.alloc_act(1, w.rows).unwrap();
+            cpu.matmul(1, w, &xc, &mut oc).unwrap();
+            if add {
+                for (o, q) in oc.data.iter_mut().zip(p) {
+                    *o += q;
+                }
+            }
+            let e = rel_err(&cuda.read(1, og).unwrap(), &oc.data);
+            println!(
+                "{label} {}x{cols} grouped={grouped} add={add} rel={e:.3e}",
+                w.rows
+            );
+            if e.is_nan() || e > 1e-4 {
+                bad.push(format!(
+                    "{}x{cols} grouped={grouped} add={add}: {e:.3e}",
+                    w.rows
+                ));
+            }
+        }
+    }
+    bad
+}
+
 /// One-token Q4_K mat-vecs on rows of 4096 and 5120 columns take the whole-row kernels
 /// (`mmvqw4_*`, `mmvqw5_*`: every load of a row in flight at once), alone and three matrices
 /// in one launch: the CPU's outputs (FLEA_CUDA_FUSE_OFF=mmvq_whole_row: `mmvqs_*`).
 #[test]
 fn whole_row_mat_vecs_match_cpu() {
     use flea_model::weights::Weight;
-    use flea_model::Backend;
     let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
@@ -1406,33 +1472,15 @@ fn whole_row_mat_vecs_match_cpu() {
         let xs: Vec<f32> = (0..cols)
             .map(|i| (i as f32 * 0.377).sin() * 1.1 + ((i % 5) as f32 - 2.0) * 0.2)
             .collect();
-        let mut xc = cpu.alloc_act(1, cols).unwrap();
-        xc.data.copy_from_slice(&xs);
-        let xg = cuda.alloc_act(1, cols).unwrap();
-        cuda.upload(&xg, &xs).unwrap();
-        for grouped in [false, true] {
-            let mut outs: Vec<_> = ws
-                .iter()
-                .map(|w| cuda.alloc_act(1, w.rows).unwrap())
-                .collect();
-            if grouped {
-                let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
-                cuda.matmuls(1, &xg, &mut jobs).unwrap();
-            } else {
-                for (w, og) in ws.iter().zip(outs.iter_mut()) {
-                    cuda.matmul(1, w, &xg, og).unwrap();
-                }
-            }
-            for (w, og) in ws.iter().zip(&outs) {
-                let mut oc = cpu.alloc_act(1, w.rows).unwrap();
-                cpu.matmul(1, w, &xc, &mut oc).unwrap();
-                let e = rel_err(&cuda.read(1, og).unwrap(), &oc.data);
-                println!("WHOLE ROW {}x{cols} grouped={grouped} rel={e:.3e}", w.rows);
-                if e > 1e-4 {
-                    bad.push(format!("{}x{cols} grouped={grouped}: {e:.3e}", w.rows));
-                }
-            }
-        }
+        let modes = [(false, false), (true, false)];
+        bad.extend(mat_vecs_against_cpu(
+            &cuda,
+            &cpu,
+            &ws,
+            &xs,
+            &modes,
+            "WHOLE ROW",
+        ));
     }
     assert!(bad.is_empty(), "{bad:?}");
 }
@@ -1443,7 +1491,6 @@ fn whole_row_mat_vecs_match_cpu() {
 #[test]
 fn q8_0_mat_vecs_match_cpu() {
     use flea_model::weights::Weight;
-    use flea_model::Backend;
     let Some((_serial, cuda)) = common::gpu() else {
         return;
     };
@@ -1484,55 +1531,15 @@ fn q8_0_mat_vecs_match_cpu() {
         let xs: Vec<f32> = (0..cols)
             .map(|i| (i as f32 * 0.291).sin() * 1.3 + ((i % 7) as f32 - 3.0) * 0.1)
             .collect();
-        let mut xc = cpu.alloc_act(1, cols).unwrap();
-        xc.data.copy_from_slice(&xs);
-        let xg = cuda.alloc_act(1, cols).unwrap();
-        cuda.upload(&xg, &xs).unwrap();
-        for (grouped, add) in [(false, false), (true, false), (false, true)] {
-            let mut outs: Vec<_> = ws
-                .iter()
-                .map(|w| cuda.alloc_act(1, w.rows).unwrap())
-                .collect();
-            let prior: Vec<Vec<f32>> = ws
-                .iter()
-                .map(|w| (0..w.rows).map(|i| (i % 11) as f32 * 0.5).collect())
-                .collect();
-            if grouped {
-                let mut jobs: Vec<(&Weight, &mut _)> = ws.iter().zip(outs.iter_mut()).collect();
-                cuda.matmuls(1, &xg, &mut jobs).unwrap();
-            } else {
-                for ((w, og), p) in ws.iter().zip(outs.iter_mut()).zip(&prior) {
-                    if add {
-                        cuda.upload(og, p).unwrap();
-                        let mut scratch = cuda.alloc_act(1, w.rows).unwrap();
-                        cuda.matmul_residual(&[1], w, &xg, og, &mut scratch)
-                            .unwrap();
-                    } else {
-                        cuda.matmul(1, w, &xg, og).unwrap();
-                    }
-                }
-            }
-            for ((w, og), p) in ws.iter().zip(&outs).zip(&prior) {
-                let mut oc = cpu.alloc_act(1, w.rows).unwrap();
-                cpu.matmul(1, w, &xc, &mut oc).unwrap();
-                if add {
-                    for (o, q) in oc.data.iter_mut().zip(p) {
-                        *o += q;
-                    }
-                }
-                let e = rel_err(&cuda.read(1, og).unwrap(), &oc.data);
-                println!(
-                    "Q8_0 MAT-VEC {}x{cols} grouped={grouped} add={add} rel={e:.3e}",
-                    w.rows
-                );
-                if e.is_nan() || e > 1e-4 {
-                    bad.push(format!(
-                        "{}x{cols} grouped={grouped} add={add}: {e:.3e}",
-                        w.rows
-                    ));
-                }
-            }
-        }
+        let modes = [(false, false), (true, false), (false, true)];
+        bad.extend(mat_vecs_against_cpu(
+            &cuda,
+            &cpu,
+            &ws,
+            &xs,
+            &modes,
+            "Q8_0 MAT-VEC",
+        ));
     }
     assert!(bad.is_empty(), "{bad:?}");
 }
