@@ -1654,6 +1654,137 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+// Prompt attention of tiles whose keys do not fit attention_tiled's scores (`span` > the
+// shared memory's keys for ATT_TQ rows: prompts past ~3k tokens, which took one block a row,
+// ~0.08 s a 13B layer at 4k tokens): attention_tiled's tiles, K/V tile loads, scores and P.V,
+// but over the keys in chunks of `chunk` with a running softmax. Each row keeps its maximum m
+// and sum l (in its warp's registers); a chunk's probabilities are exp(s - m_new) rounded to
+// f16, the row's P.V sums are scaled by exp(m_old - m_new) before the chunk is added, and the
+// output is the sums divided by l at the end (the CPU normalises first: last-bit
+// differences).
+extern "C" __global__ void __launch_bounds__(256)
+    attention_tiled_long(const float* __restrict__ q, const u16* __restrict__ kc,
+                         const u16* __restrict__ vc, float* __restrict__ out, int n_head,
+                         int group, int hd, int kvd, const int* __restrict__ rowpos,
+                         const int* __restrict__ rowbase, const int* __restrict__ tiles,
+                         int window, float scale, int chunk) {
+    extern __shared__ float sc[];
+    __shared__ float qs[ATT_TQ][256];
+    __shared__ u32 kt[ATT_TK][129];
+    __shared__ int rlo[ATT_TQ], rhi[ATT_TQ];
+    __shared__ float rscale[ATT_TQ], rsum[ATT_TQ];
+    const int h = blockIdx.x, t0 = tiles[blockIdx.y], rows = tiles[blockIdx.y + 1] - t0;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid < ATT_TQ) {
+        int lo = 1 << 30, hi = -1;
+        if (tid < rows) {
+            hi = rowpos[t0 + tid];
+            lo = window > 0 ? max(0, hi + 1 - window) : 0;
+        }
+        rlo[tid] = lo;
+        rhi[tid] = hi;
+        rscale[tid] = 1.f;
+        rsum[tid] = 1.f;
+    }
+    __syncthreads();
+    int klo = 1 << 30, khi = -1;
+    for (int r = 0; r < rows; r++) {
+        klo = min(klo, rlo[r]);
+        khi = max(khi, rhi[r]);
+    }
+    const int kh = h / group, qd = n_head * hd, hw = hd / 2;
+    const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
+    const int nkeys = khi - klo + 1;
+    pdl_enter();
+    AttTile next;
+    for (int i = tid; i < ATT_TQ * hd; i += blockDim.x) {
+        const int r = i / hd, d = i - r * hd;
+        qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
+    }
+    const int r0 = 2 * warp, r1 = r0 + 1;
+    // The warp's rows' running maximum and sum (the same in every lane).
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    const int G = blockDim.x / hd, rt = ATT_TQ / G;
+    const int g = tid / hd, d = tid - g * hd;
+    const int mine = max(0, min(rt, rows - g * rt));
+    float acc[ATT_TQ];
+#pragma unroll
+    for (int i = 0; i < ATT_TQ; i++) acc[i] = 0.f;
+    for (int c0 = 0; c0 < nkeys; c0 += chunk) {
+        const int cn = min(chunk, nkeys - c0);
+        const long long cb = base + (long long)c0 * kvd;
+        att_tile_fetch(next, kc + cb, min(ATT_TK, cn), hd, kvd);
+        for (int j0 = 0; j0 < cn; j0 += ATT_TK) {
+            const int jn = att_tile_step(kt, next, kc + cb, j0, cn, hd, kvd);
+            if (lane < jn && r0 < rows) {
+                float d0 = 0.f, d1 = 0.f;
+                for (int w = 0; w < hw; w++) {
+                    const u32 kw = kt[lane][w];
+                    const float k0 = h2f((u16)(kw & 0xffff)), k1 = h2f((u16)(kw >> 16));
+                    d0 += qs[r0][2 * w] * k0 + qs[r0][2 * w + 1] * k1;
+                    d1 += qs[r1][2 * w] * k0 + qs[r1][2 * w + 1] * k1;
+                }
+                sc[r0 * chunk + j0 + lane] = d0 * scale;
+                if (r1 < rows) sc[r1 * chunk + j0 + lane] = d1 * scale;
+            }
+        }
+        att_tile_fetch(next, vc + cb, min(ATT_TK, cn), hd, kvd);
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int r = r0 + k;
+            if (r >= rows) break;
+            float* srow = sc + r * chunk;
+            // The row's keys in this chunk: [a, b] (empty when b < a).
+            const int a = max(0, rlo[r] - klo - c0), b = min(cn - 1, rhi[r] - klo - c0);
+            float mc = NEG_INF;
+            for (int j = a + lane; j <= b; j += 32) mc = fmaxf(mc, srow[j]);
+            mc = warp_max(mc);
+            const float mn = fmaxf(m[k], mc);
+            // (Nothing seen yet: the sums are 0 and any factor leaves them so.)
+            const float alpha = m[k] == NEG_INF ? 1.f : expf(m[k] - mn);
+            float ls = 0.f;
+            for (int j = lane; j < cn; j += 32) {
+                const float pj = j >= a && j <= b ? h2f(f2h(expf(srow[j] - mn))) : 0.f;
+                srow[j] = pj;
+                ls += pj;
+            }
+            ls = warp_sum(ls);
+            l[k] = l[k] * alpha + ls;
+            m[k] = mn;
+            if (lane == 0) rscale[r] = alpha;
+        }
+        // P.V of the chunk, the row's sums first scaled to its new maximum (att_tile_step's
+        // barrier makes the probabilities and factors visible).
+        for (int j0 = 0; j0 < cn; j0 += ATT_TK) {
+            const int jn = att_tile_step(kt, next, vc + cb, j0, cn, hd, kvd);
+            if (j0 == 0) {
+#pragma unroll
+                for (int i = 0; i < ATT_TQ; i++)
+                    if (i < mine) acc[i] *= rscale[g * rt + i];
+            }
+            const float* p = sc + (g * rt) * chunk + j0;
+            for (int kk = 0; kk < jn; kk++) {
+                const u32 vw = kt[kk][d >> 1];
+                const float v = h2f((u16)((d & 1) ? (vw >> 16) : (vw & 0xffff)));
+#pragma unroll
+                for (int i = 0; i < ATT_TQ; i++)
+                    if (i < mine) acc[i] += p[i * chunk + kk] * v;
+            }
+        }
+    }
+    if (lane == 0) {
+        if (r0 < rows) rsum[r0] = l[0];
+        if (r1 < rows) rsum[r1] = l[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < ATT_TQ; i++) {
+        const int r = g * rt + i;
+        if (i < mine) out[(long long)(t0 + r) * qd + h * hd + d] = acc[i] / rsum[r];
+    }
+}
+
 // Q8_0 quantization of activations, as the CPU's quantize_q8_0 (see act_q8_0).
 // One warp's block `blk`, lane = element with value v (the norm and the GLU quantise the
 // values they computed the same way: the same bits).

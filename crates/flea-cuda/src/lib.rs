@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 47] = [
+const PLAIN_KERNELS: [&str; 48] = [
     "act_round",
     "argmax_slot",
     "topk_part",
@@ -187,6 +187,7 @@ const PLAIN_KERNELS: [&str; 47] = [
     "head_norm_rope_kv",
     "attention",
     "attention_tiled",
+    "attention_tiled_long",
     "attention_smem",
     "copy_f4",
     "store_i32x4",
@@ -352,6 +353,8 @@ pub struct CudaBackend {
     /// Most keys one `attention_tiled` tile may see (its shared memory per block, opted in
     /// at start; 0: never used).
     tiled_attention_max_span: usize,
+    /// The same for `attention_tiled_long`'s chunks (0: not on this device).
+    tiled_attention_long_room: usize,
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
@@ -652,6 +655,9 @@ impl CudaBackend {
         let tiled_attention_max_span = funcs
             .get("attention_tiled")
             .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
+        let tiled_attention_long_room = funcs
+            .get("attention_tiled_long")
+            .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
         // The few-token tensor-core kernels take up to ~85 KB of shared memory (mmvq.rs).
         let mmq_smem_room = if cc.0 >= 8 {
             mmvq::mmq_kernel_names()
@@ -760,6 +766,7 @@ impl CudaBackend {
             fusions_off,
             fused_attention_cap,
             tiled_attention_max_span,
+            tiled_attention_long_room,
             cluster_attention_room,
             cluster_attention_room_h256,
             wide_cluster_room,
@@ -1814,8 +1821,17 @@ impl CudaBackend {
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
         {
-            if let Some(tiled) = attention_tiles(p, self.tiled_attention_max_span) {
-                return self.attention_tiled(&tiled, p, q, (kc, vc), (posp, basep), window, out);
+            if let Some(tiled) = attention_tiles(p) {
+                let chunk = tiled_attention_chunk(
+                    p.head_dim,
+                    tiled.span,
+                    self.tiled_attention_max_span,
+                    self.tiled_attention_long_room,
+                );
+                if tiled.span <= self.tiled_attention_max_span || chunk.is_some() {
+                    let rows = ((posp, basep), window, chunk);
+                    return self.attention_tiled(&tiled, p, q, (kc, vc), rows, out);
+                }
             }
         }
         if let Some(plan) = self.cluster_attention_fits(n, p, max_keys) {
@@ -1851,27 +1867,31 @@ impl CudaBackend {
         launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, window, scale)
     }
 
-    /// Prompt attention in tiles of rows that share their K/V loads (`attention_tiled`).
-    #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
+    /// Prompt attention in tiles of rows that share their K/V loads (`attention_tiled`; with
+    /// `chunk`, `attention_tiled_long` over the keys in chunks of that many).
     fn attention_tiled(
         &self,
         t: &AttnTiles,
         p: &AttnParams,
         q: &CudaAct,
         (kc, vc): (u64, u64),
-        (posp, basep): (u64, u64),
-        window: i32,
+        ((posp, basep), window, chunk): ((u64, u64), i32, Option<usize>),
         out: &mut CudaAct,
     ) -> Result<()> {
         let tilesp = self.upload_rows(RowBuf::Tiles, &t.starts)?;
+        // Scores of a tile's rows: its whole span, or a chunk of it.
+        let (kname, keys) = match chunk {
+            Some(c) => ("attention_tiled_long", c),
+            None => ("attention_tiled", t.span),
+        };
         let cfg = LaunchConfig {
             grid_dim: (p.n_head as u32, (t.starts.len() - 1) as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: (ATTN_TQ * t.span * 4) as u32,
+            shared_mem_bytes: (ATTN_TQ * keys * 4) as u32,
         };
-        let (qp, op, span) = (q.ptr, out.ptr, t.span as i32);
+        let (qp, op, keys) = (q.ptr, out.ptr, keys as i32);
         let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
-        launch!(self, "attention_tiled", cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, tilesp, window, scale, span)
+        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, tilesp, window, scale, keys)
     }
 
     /// Whether q's and k's RoPE share everything but the head count (as the forward pass
@@ -2707,10 +2727,28 @@ struct AttnTiles {
     span: usize,
 }
 
-/// The tiles of a batch, or None where `attention_tiled` does not apply: a head size other
-/// than 32, 64, 128 or 256, tiles holding fewer than ATTN_TILED_MIN_FILL rows on average,
-/// or a tile seeing more than `max_span` keys.
-fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
+/// Keys a chunk of `attention_tiled_long` for tiles of `hd`-dim heads seeing `span` keys where
+/// `attention_tiled` holds scores for `max_span` and the long kernel for `long_room` (None: the
+/// whole span fits, not even one key tile does, or heads under ATTN_LONG_MIN_HD dims). Chunks
+/// of at most ATTN_LONG_CHUNK keys leave room for 3 blocks an SM.
+fn tiled_attention_chunk(
+    hd: usize,
+    span: usize,
+    max_span: usize,
+    long_room: usize,
+) -> Option<usize> {
+    let chunk = ATTN_LONG_CHUNK.min(long_room / 32 * 32);
+    (hd >= ATTN_LONG_MIN_HD && span > max_span && chunk > 0).then_some(chunk)
+}
+const ATTN_LONG_CHUNK: usize = 512;
+/// 3990-token prompts on an H200 (docs/BENCHMARKS.md): a 13B (128-dim heads) 1198 -> 1804
+/// tok/s, Gemma 3's shape (256) the same, Qwen2.5's (64, 7 heads a kv head) 11900 -> 10820:
+/// 64-dim heads keep the one-row kernels.
+const ATTN_LONG_MIN_HD: usize = 128;
+
+/// The tiles of a batch, or None where the tiled kernels do not apply: a head size other
+/// than 32, 64, 128 or 256, or tiles holding fewer than ATTN_TILED_MIN_FILL rows on average.
+fn attention_tiles(p: &AttnParams) -> Option<AttnTiles> {
     if ![32, 64, 128, 256].contains(&p.head_dim) || p.rows.is_empty() {
         return None;
     }
@@ -2735,7 +2773,7 @@ fn attention_tiles(p: &AttnParams, max_span: usize) -> Option<AttnTiles> {
     let tiles = starts.len();
     starts.push(i32::try_from(p.rows.len()).ok()?);
     let filled = tiles * ATTN_TILED_MIN_FILL <= p.rows.len();
-    (filled && span <= max_span).then_some(AttnTiles { starts, span })
+    filled.then_some(AttnTiles { starts, span })
 }
 
 /// Keys per block of the split attention (ATT_CHUNK in kernels.cu).
@@ -4343,26 +4381,31 @@ mod tests {
         };
         // A 40-row prompt: tiles of 16, 16, 8; the last sees positions 0..=39.
         let prompt: &'static [Row] = Row::consecutive(0, 0, 40).leak();
-        let t = attention_tiles(&params(prompt, 128, None), 4096).unwrap();
+        let t = attention_tiles(&params(prompt, 128, None)).unwrap();
         assert_eq!((t.starts, t.span), (vec![0, 16, 32, 40], 40));
         // A window of 10: a tile of 16 rows sees 16 + 10 - 1 keys at most.
-        let t = attention_tiles(&params(prompt, 64, Some(10)), 4096).unwrap();
+        let t = attention_tiles(&params(prompt, 64, Some(10))).unwrap();
         assert_eq!(t.span, 25);
         // Two sequences in one batch (20 rows at 100.., then 20 at 0..): no tile mixes them.
         let mut two = Row::consecutive(0, 100, 20);
         two.extend(Row::consecutive(1, 0, 20));
         let two: &'static [Row] = two.leak();
-        let t = attention_tiles(&params(two, 32, None), 4096).unwrap();
+        let t = attention_tiles(&params(two, 32, None)).unwrap();
         assert_eq!((t.starts, t.span), (vec![0, 16, 20, 36, 40], 120));
         // One row per sequence (a batch of decodes): tiles of one row share nothing.
         let decodes: &'static [Row] = (0..40)
             .map(|seq| Row { seq, pos: 90 })
             .collect::<Vec<_>>()
             .leak();
-        assert!(attention_tiles(&params(decodes, 128, None), 4096).is_none());
-        // Head sizes the kernel does not take, spans past the shared memory: None.
-        assert!(attention_tiles(&params(prompt, 80, None), 4096).is_none());
-        assert!(attention_tiles(&params(two, 32, None), 119).is_none());
-        assert!(attention_tiles(&params(&[], 128, None), 4096).is_none());
+        assert!(attention_tiles(&params(decodes, 128, None)).is_none());
+        // Head sizes the kernels do not take: None.
+        assert!(attention_tiles(&params(prompt, 80, None)).is_none());
+        // Spans past the shared memory's keys: chunks of at most 512 keys (whole key tiles).
+        assert_eq!(tiled_attention_chunk(128, 120, 119, 119), Some(96));
+        assert_eq!(tiled_attention_chunk(128, 120, 120, 120), None);
+        assert_eq!(tiled_attention_chunk(256, 4000, 3100, 3090), Some(512));
+        assert_eq!(tiled_attention_chunk(128, 4000, 3100, 31), None);
+        assert_eq!(tiled_attention_chunk(64, 4000, 3100, 3090), None);
+        assert!(attention_tiles(&params(&[], 128, None)).is_none());
     }
 }

@@ -811,7 +811,8 @@ fn long_decode_attention_matches_cpu() {
             let took = cuda.cluster_attention_calls() - calls;
             if n > 1 {
                 // The prompt fills the caches; its 4100 rows see more keys than the tiles of
-                // `attention_tiled` hold scores for, so it takes the one-row kernels.
+                // `attention_tiled` hold scores for, so it takes `attention_tiled_long` (keys
+                // in chunks; 128-dim heads) or the one-row kernels (64-dim).
                 match streamed {
                     Ok(st) => {
                         let e = rel_err(&st, &co);
