@@ -2063,8 +2063,8 @@ impl CudaBackend {
             self.fused_int8_scratch(1, width, width, fmt)?
         };
         let q8_0 = i32::from(quant.is_some() && fmt == mmvq::ActFmt::Q8_0);
-        // The kernel's invariants: whole heads a cluster, at most one block's share of keys
-        // each, and Q8_0 blocks (32 outputs) within a cluster.
+        // The kernel's invariants: a cluster's blocks split evenly over its heads, and its
+        // outputs whole Q8_0 blocks (32 outputs).
         if hpc == 0 || !blocks.is_multiple_of(hpc) || !(hpc * p.head_dim).is_multiple_of(32) {
             return Err(be(format!(
                 "attention_cluster: {hpc} heads of {} in clusters of {blocks}",
