@@ -8,11 +8,15 @@
 #                                           ../shared/tools/llamacpp-gpu/README.md
 # Environment: PRESET (13b), NGLS (llama.cpp layer counts, "41 20"), BUDGETS (flea VRAM budgets,
 # "all 4GiB"), MODES ("stream hybrid"), GEN (32), FLEA_ARGS (extra flea run flags). NGLS="" skips llama.cpp. llama.cpp is built once per warm machine (~4 min) under /tmp/llcpp.
+# LLAMA_BENCH=PATH instead runs that llama-bench (e.g. built here with its FlashAttention
+# kernels, carried xz-compressed as CARRY_DIR/llama-bench-fa.xz: LLAMA_BENCH=xz) with -fa 1:
+# pp512 from an empty cache, its decode after 512 tokens of context as flea's (-d 512), its
+# VRAM peak sampled by nvidia-smi; no llama-cpp-python build then.
 set -u
 OUT=${1:?usage: gpu_compare.sh OUTDIR [CARRY_DIR]}
 CARRY=$(cd "${2:-carry}" && pwd)
 PRESET=${PRESET:-13b}
-NGLS=${NGLS:-"41 20"}
+NGLS=${NGLS-"41 20"}  # (set but empty: no llama.cpp)
 BUDGETS=${BUDGETS:-"all 4GiB"}
 GEN=${GEN:-32}
 mkdir -p "$OUT"
@@ -24,8 +28,13 @@ export FLEA_CUDA_CACHE=/tmp/flea-cuda-kernels
 [ -d "$CARRY/cache" ] && mkdir -p "$FLEA_CUDA_CACHE" && cp -n "$CARRY"/cache/*.cubin "$FLEA_CUDA_CACHE"/ 2>/dev/null
 THREADS=$(nproc)
 
-# 1. llama.cpp's CUDA build (skipped when a warm machine already has it).
-if [ -n "$NGLS" ] && ! ls /tmp/llcpp/site/llama_cpp >/dev/null 2>&1; then
+# 1. llama.cpp's CUDA build (skipped when a warm machine already has it, or with LLAMA_BENCH).
+LLAMA_BENCH=${LLAMA_BENCH:-}
+if [ "$LLAMA_BENCH" = xz ]; then
+  xz -dc "$CARRY/llama-bench-fa.xz" > /tmp/llama-bench-fa && chmod +x /tmp/llama-bench-fa
+  LLAMA_BENCH=/tmp/llama-bench-fa
+fi
+if [ -n "$NGLS" ] && [ -z "$LLAMA_BENCH" ] && ! ls /tmp/llcpp/site/llama_cpp >/dev/null 2>&1; then
   (cd "$CARRY" && CARRY=$CARRY OUT="$OUT/llcpp" FA_BUILD=off bash run_remote.sh env build > "$OUT/llcpp-build.log" 2>&1)
   echo "llama.cpp build: $(tail -1 "$OUT/llcpp-build.log")"
 fi
@@ -52,6 +61,19 @@ done
 export PYTHONPATH=/tmp/llcpp/site:/tmp/llcpp/site_prebuilt:/tmp/llcpp/pydeps
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 for ngl in $NGLS; do
-  echo "LLAMA.CPP $PRESET ngl=$ngl: $(python3 "$CARRY/quick_bench.py" "$M" "$ngl" "$THREADS" "$GEN" 2> "$OUT/llama-$ngl.err" | tail -1)"
+  if [ -n "$LLAMA_BENCH" ]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/llama-$ngl.smi" 2>/dev/null &
+    smi=$!
+    # Its prompt from an empty cache, its decode after 512 tokens (flea's after its prompt).
+    { "$LLAMA_BENCH" -m "$M" -p 512 -n 0 -fa 1 -ngl "$ngl" -t "$THREADS" -r 3 -o md
+      "$LLAMA_BENCH" -m "$M" -p 0 -n "$GEN" -d 512 -fa 1 -ngl "$ngl" -t "$THREADS" -r 3 -o md
+    } > "$OUT/llama-$ngl.md" 2> "$OUT/llama-$ngl.err"
+    kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+    peak=$(sort -n "$OUT/llama-$ngl.smi" | tail -1)
+    echo "LLAMA.CPP $PRESET ngl=$ngl (llama-bench -fa 1, tg after 512 tokens; nvidia-smi peak ${peak:-?} MiB):"
+    grep -E "pp512|tg$GEN" "$OUT/llama-$ngl.md" | sed 's/^/    /'
+  else
+    echo "LLAMA.CPP $PRESET ngl=$ngl: $(python3 "$CARRY/quick_bench.py" "$M" "$ngl" "$THREADS" "$GEN" 2> "$OUT/llama-$ngl.err" | tail -1)"
+  fi
 done
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,clocks_throttle_reasons.active --format=csv > "$OUT/gpu-after.csv" 2>&1
