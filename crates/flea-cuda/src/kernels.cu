@@ -601,7 +601,7 @@ __device__ __forceinline__ void topk_scan(int n, const KeyAt& key_at, int k,
 // x[0 .. width) and writes its k best keys (best first, 0 past its count) to
 // parts[b TOPK_SLOT_MAX ..]. The k best of the row are among them (keys differ), so
 // topk_slot over the parts finds the same list as over the row: 1 block over a 262144-logit
-// row took ~165 us, a sixth of a small model's token.
+// row took ~165 us, a fifth of a Gemma 3 270M token.
 extern "C" __global__ void __launch_bounds__(1024)
     topk_part(const float* __restrict__ x, int width, int col0, int per, int k,
               unsigned long long* __restrict__ parts) {
