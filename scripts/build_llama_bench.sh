@@ -12,6 +12,10 @@ set -euo pipefail
 OUT=${1:?usage: build_llama_bench.sh OUT_FILE [WORK_DIR]}
 WORK=${2:-/tmp/llama-bench-build}
 LLAMA_CPP_PYTHON=0.3.36
+# cmake and ninja from pip where the machine lacks them (the dev machine has neither).
+for tool in cmake ninja; do
+  command -v "$tool" > /dev/null || python3 -m pip install --quiet "$tool"
+done
 mkdir -p "$WORK/whl" "$WORK/wheels"
 cd "$WORK"
 

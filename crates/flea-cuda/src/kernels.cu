@@ -1555,6 +1555,29 @@ __device__ __forceinline__ int att_tile_step(u32 (*kt)[129], AttTile& next,
                        min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
     return jn;
 }
+// The key range [lo, hi] (cache positions) of each of a tile's `tq` rows into rlo / rhi, rows
+// past the tile's `rows` empty, and the tile's union [klo, khi]. The positions are uploaded
+// before the pass's first launch: read before the dependent-launch wait.
+__device__ __forceinline__ void att_tile_keys(const int* __restrict__ rowpos, int t0, int rows,
+                                              int window, int tq, int* rlo, int* rhi, int& klo,
+                                              int& khi) {
+    if (threadIdx.x < tq) {
+        int lo = 1 << 30, hi = -1;
+        if (threadIdx.x < rows) {
+            hi = rowpos[t0 + threadIdx.x];
+            lo = window > 0 ? max(0, hi + 1 - window) : 0;
+        }
+        rlo[threadIdx.x] = lo;
+        rhi[threadIdx.x] = hi;
+    }
+    __syncthreads();
+    klo = 1 << 30;
+    khi = -1;
+    for (int r = 0; r < rows; r++) {
+        klo = min(klo, rlo[r]);
+        khi = max(khi, rhi[r]);
+    }
+}
 extern "C" __global__ void __launch_bounds__(256)
     attention_tiled(const float* __restrict__ q, const u16* __restrict__ kc,
                     const u16* __restrict__ vc, float* __restrict__ out, int n_head, int group,
@@ -1567,23 +1590,8 @@ extern "C" __global__ void __launch_bounds__(256)
     __shared__ int rlo[ATT_TQ], rhi[ATT_TQ];
     const int h = blockIdx.x, t0 = tiles[blockIdx.y], rows = tiles[blockIdx.y + 1] - t0;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // Positions, uploaded before the token's first launch: read before the wait. Rows past
-    // the tile get an empty key range.
-    if (tid < ATT_TQ) {
-        int lo = 1 << 30, hi = -1;
-        if (tid < rows) {
-            hi = rowpos[t0 + tid];
-            lo = window > 0 ? max(0, hi + 1 - window) : 0;
-        }
-        rlo[tid] = lo;
-        rhi[tid] = hi;
-    }
-    __syncthreads();
-    int klo = 1 << 30, khi = -1;
-    for (int r = 0; r < rows; r++) {
-        klo = min(klo, rlo[r]);
-        khi = max(khi, rhi[r]);
-    }
+    int klo, khi;
+    att_tile_keys(rowpos, t0, rows, window, ATT_TQ, rlo, rhi, klo, khi);
     const int kh = h / group, qd = n_head * hd, hw = hd / 2;
     const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
     const int nkeys = khi - klo + 1;
@@ -1676,22 +1684,11 @@ extern "C" __global__ void __launch_bounds__(256)
     const int h = blockIdx.x, t0 = tiles[blockIdx.y], rows = tiles[blockIdx.y + 1] - t0;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (tid < ATT_TQ) {
-        int lo = 1 << 30, hi = -1;
-        if (tid < rows) {
-            hi = rowpos[t0 + tid];
-            lo = window > 0 ? max(0, hi + 1 - window) : 0;
-        }
-        rlo[tid] = lo;
-        rhi[tid] = hi;
         rscale[tid] = 1.f;
         rsum[tid] = 1.f;
     }
-    __syncthreads();
-    int klo = 1 << 30, khi = -1;
-    for (int r = 0; r < rows; r++) {
-        klo = min(klo, rlo[r]);
-        khi = max(khi, rhi[r]);
-    }
+    int klo, khi;
+    att_tile_keys(rowpos, t0, rows, window, ATT_TQ, rlo, rhi, klo, khi);
     const int kh = h / group, qd = n_head * hd, hw = hd / 2;
     const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
     const int nkeys = khi - klo + 1;
@@ -3610,6 +3607,266 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.wait_group 0;" ::: "memory");
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prompt attention on tensor cores (sm_80+; mma.sync with f16 operands and f32 sums): a block
+// of 4 warps per (head, tile of up to AMMA_TQ consecutive rows of one sequence), warp w the
+// tile's rows 16w .. 16w + 15. The tile's keys go by in chunks of KB, chunk c + 1 copied into
+// shared memory (cp.async) while chunk c is used, twice: the first pass reads K alone and
+// keeps each row's running maximum m and sum l of exp(s - m) (f32, as the CPU sums them); the
+// second forms the scores again and adds P.V with P = exp(s - m) / l rounded to f16, as the
+// CPU rounds its probabilities, so that the result differs from the CPU's only by the order
+// of sums (and __expf's last bits, which move an f16 rounding only for values within ~1e-6
+// of a rounding boundary). One pass with unnormalised f16 probabilities divided by l at the
+// end, as FlashAttention does, took ~0.6 of the time but rounded P differently from the
+// CPU: a BF16-weight model's logits drifted past the parity tests' 5e-3. q is rounded to f16
+// as the other kernels and the CPU do; scores are q.K^T times scale, masked per row (causal,
+// window).
+//
+// Fragments (PTX ISA, mma.m16n8k16 with .f16 A/B and .f32 C), lane = 4 g + t: A rows g and
+// g + 8, k 2t..2t+1 and 2t+8..2t+9; B k 2t..2t+1 and 2t+8..2t+9, column g; C rows g, g + 8,
+// columns 2t, 2t + 1. q (rows x dims) is A of S, K (keys x dims, as the cache holds it) read
+// by ldmatrix is B of S, the probabilities are A of P.V in the registers that held S, V read
+// by ldmatrix.trans is B of P.V. Shared rows are padded by 16 bytes so that the 8 rows an
+// ldmatrix reads hit distinct banks.
+// ---------------------------------------------------------------------------------------------
+#define AMMA_TQ 64
+#define AMMA_WARPS 4
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+// c += a.b for a 16 x 16 f16 A, 16 x 8 f16 B, 16 x 8 f32 C.
+__device__ __forceinline__ void mma_f16_k16(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_one() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    return (u32)f2h(lo) | ((u32)f2h(hi) << 16);
+}
+// Keys of a chunk per head size (the shared memory of two stages of K and V and the tile's q:
+// 46 KB at 64 dims, 87 KB at 128, 101 KB at 256 with 32-key chunks) and the padded row.
+template <int HD> struct Amma {
+    enum { KB = HD >= 256 ? 32 : 64, LD = HD + 8 };
+    enum { SMEM = (AMMA_TQ + 4 * KB) * LD * 2 };
+};
+// K rows c0 .. c0 + KB of the tile's keys (n in all) into one stage, and V's where vs is set;
+// rows past n are zeros (their probabilities are 0, and 0 times a stale NaN would not be).
+template <int HD>
+__device__ __forceinline__ void amma_fetch(u16* ks, u16* vs, const u16* __restrict__ kc,
+                                           const u16* __restrict__ vc, long long base, int kvd,
+                                           int c0, int n) {
+    enum { KB = Amma<HD>::KB, LD = Amma<HD>::LD, P = HD / 8 };
+    for (int i = threadIdx.x; i < KB * P; i += AMMA_WARPS * 32) {
+        const int key = i / P, col = (i - key * P) * 8;
+        u16* kd = ks + key * LD + col;
+        if (c0 + key < n) {
+            const long long off = base + (long long)(c0 + key) * kvd + col;
+            cp_async16(kd, kc + off);
+            if (vs) cp_async16(vs + key * LD + col, vc + off);
+        } else {
+            *(uint4*)kd = make_uint4(0, 0, 0, 0);
+            if (vs) *(uint4*)(vs + key * LD + col) = make_uint4(0, 0, 0, 0);
+        }
+    }
+    cp_async_commit();
+}
+template <int HD>
+__device__ __forceinline__ void attention_mma_impl(
+    const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+    float* __restrict__ out, int n_head, int group, int kvd, const int* __restrict__ rowpos,
+    const int* __restrict__ rowbase, const int* __restrict__ tiles, int window, float scale) {
+    enum { KB = Amma<HD>::KB, LD = Amma<HD>::LD, NT = KB / 8, DT = HD / 8 };
+    extern __shared__ __align__(16) u16 amma_smem[];
+    u16* qs = amma_smem;                  // AMMA_TQ x LD
+    u16* ks = qs + AMMA_TQ * LD;          // 2 stages of KB x LD
+    u16* vs = ks + 2 * KB * LD;           // 2 stages of KB x LD
+    __shared__ int rlo[AMMA_TQ], rhi[AMMA_TQ];
+    // The last tiles of a prompt see the most keys: they start first, so that the short ones
+    // fill the last wave.
+    const int y = gridDim.y - 1 - blockIdx.y;
+    const int h = blockIdx.x, t0 = tiles[y], rows = tiles[y + 1] - t0;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    int klo, khi;
+    att_tile_keys(rowpos, t0, rows, window, AMMA_TQ, rlo, rhi, klo, khi);
+    // This warp's rows g and g + 8, their keys [a, b] relative to klo, and the keys any of
+    // the warp's 16 rows sees.
+    const int rg = 16 * warp + g;
+    const int a0 = rlo[rg] - klo, b0 = rhi[rg] - klo;
+    const int a1 = rlo[rg + 8] - klo, b1 = rhi[rg + 8] - klo;
+    int wa = 1 << 30, wb = -1;
+    for (int r = 16 * warp; r < 16 * warp + 16 && r < rows; r++) {
+        wa = min(wa, rlo[r] - klo);
+        wb = max(wb, rhi[r] - klo);
+    }
+    const int kh = h / group, qd = n_head * HD;
+    const int nkeys = khi - klo + 1;
+    const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * HD;
+    pdl_enter();
+    const int nch = nkeys > 0 ? (nkeys + KB - 1) / KB : 0;
+    if (nch > 0) amma_fetch<HD>(ks, nullptr, kc, vc, base, kvd, 0, nkeys);
+    for (int i = tid; i < AMMA_TQ * HD / 2; i += AMMA_WARPS * 32) {
+        const int r = i / (HD / 2), d = 2 * (i - r * (HD / 2));
+        u32 v = 0;
+        if (r < rows) {
+            const float2 x = *(const float2*)(q + (long long)(t0 + r) * qd + h * HD + d);
+            v = pack_f16(x.x, x.y);
+        }
+        *(u32*)(qs + r * LD + d) = v;
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    // Rows g and g + 8: the maximum (-inf: nothing seen; 0 stands in for it, every term being
+    // 0), this lane's share of the sum, then the sum's inverse.
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int c = 0; c < nch; c++) {
+            const int st = c & 1;
+            if (c + 1 < nch) {
+                amma_fetch<HD>(ks + (st ^ 1) * KB * LD, pass ? vs + (st ^ 1) * KB * LD : nullptr,
+                               kc, vc, base, kvd, (c + 1) * KB, nkeys);
+                cp_async_wait_one();
+            } else {
+                cp_async_wait_all();
+            }
+            __syncthreads();
+            const int c0 = c * KB;
+            if (c0 <= wb && c0 + KB > wa) {
+                const u16* kst = ks + st * KB * LD;
+                float s[NT][4];
+#pragma unroll
+                for (int i = 0; i < NT; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++) {
+                    u32 af[4];
+                    ldsm_x4(af, qs + (16 * warp + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                    for (int np = 0; np < NT / 2; np++) {
+                        u32 bf[4];
+                        ldsm_x4(bf, kst + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * LD +
+                                        kk * 16 + ((lane >> 3) & 1) * 8);
+                        mma_f16_k16(s[2 * np], af, bf[0], bf[1]);
+                        mma_f16_k16(s[2 * np + 1], af, bf[2], bf[3]);
+                    }
+                }
+                // Scaled and masked.
+#pragma unroll
+                for (int i = 0; i < NT; i++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = c0 + i * 8 + 2 * t + e;
+                        s[i][e] = j >= a0 && j <= b0 ? s[i][e] * scale : NEG_INF;
+                        s[i][2 + e] = j >= a1 && j <= b1 ? s[i][2 + e] * scale : NEG_INF;
+                    }
+                }
+                if (pass == 0) {
+                    float x0 = NEG_INF, x1 = NEG_INF;
+#pragma unroll
+                    for (int i = 0; i < NT; i++) {
+                        x0 = fmaxf(x0, fmaxf(s[i][0], s[i][1]));
+                        x1 = fmaxf(x1, fmaxf(s[i][2], s[i][3]));
+                    }
+                    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, 1));
+                    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, 2));
+                    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, 1));
+                    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, 2));
+                    const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
+                    const float z0 = n0 == NEG_INF ? 0.f : n0, z1 = n1 == NEG_INF ? 0.f : n1;
+                    float p0 = 0.f, p1 = 0.f;
+#pragma unroll
+                    for (int i = 0; i < NT; i++) {
+                        p0 += __expf(s[i][0] - z0) + __expf(s[i][1] - z0);
+                        p1 += __expf(s[i][2] - z1) + __expf(s[i][3] - z1);
+                    }
+                    l0 = l0 * __expf(m0 - z0) + p0;
+                    l1 = l1 * __expf(m1 - z1) + p1;
+                    m0 = n0;
+                    m1 = n1;
+                } else {
+                    const float z0 = m0 == NEG_INF ? 0.f : m0, z1 = m1 == NEG_INF ? 0.f : m1;
+                    u32 pf[NT][2];
+#pragma unroll
+                    for (int i = 0; i < NT; i++) {
+                        pf[i][0] =
+                            pack_f16(__expf(s[i][0] - z0) * l0, __expf(s[i][1] - z0) * l0);
+                        pf[i][1] =
+                            pack_f16(__expf(s[i][2] - z1) * l1, __expf(s[i][3] - z1) * l1);
+                    }
+                    const u16* vst = vs + st * KB * LD;
+#pragma unroll
+                    for (int kk = 0; kk < KB / 16; kk++) {
+                        const u32 af[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0],
+                                           pf[2 * kk + 1][1]};
+#pragma unroll
+                        for (int dp = 0; dp < HD / 16; dp++) {
+                            u32 bf[4];
+                            ldsm_x4_trans(bf, vst + (kk * 16 + (lane & 15)) * LD + dp * 16 +
+                                                  (lane >> 4) * 8);
+                            mma_f16_k16(o[2 * dp], af, bf[0], bf[1]);
+                            mma_f16_k16(o[2 * dp + 1], af, bf[2], bf[3]);
+                        }
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        if (pass == 0) {
+            // The rows' sums over their 4 lanes, then their inverses (the CPU's factor).
+            l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+            l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+            l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+            l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+            l0 = l0 > 0.f ? 1.f / l0 : 0.f;
+            l1 = l1 > 0.f ? 1.f / l1 : 0.f;
+            if (nch > 0) amma_fetch<HD>(ks, vs, kc, vc, base, kvd, 0, nkeys);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DT; i++) {
+        const int d = h * HD + i * 8 + 2 * t;
+        if (rg < rows)
+            *(float2*)(out + (long long)(t0 + rg) * qd + d) = make_float2(o[i][0], o[i][1]);
+        if (rg + 8 < rows)
+            *(float2*)(out + (long long)(t0 + rg + 8) * qd + d) = make_float2(o[i][2], o[i][3]);
+    }
+}
+#define ATTENTION_MMA(HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(AMMA_WARPS * 32) attention_mma_h##HD(         \
+        const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,    \
+        float* __restrict__ out, int n_head, int group, int kvd,                               \
+        const int* __restrict__ rowpos, const int* __restrict__ rowbase,                       \
+        const int* __restrict__ tiles, int window, float scale) {                              \
+        attention_mma_impl<HD>(q, kc, vc, out, n_head, group, kvd, rowpos, rowbase, tiles,     \
+                               window, scale);                                                 \
+    }
+ATTENTION_MMA(64)
+ATTENTION_MMA(128)
+ATTENTION_MMA(256)
 
 // One chunk of a block's activations in shared memory, token-major: token i's quants of the
 // chunk's MMQ_KP super-blocks at q + i * QS (act_q8k's order within each super-block; QS

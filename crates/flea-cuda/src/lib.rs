@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 48] = [
+const PLAIN_KERNELS: [&str; 51] = [
     "act_round",
     "argmax_slot",
     "topk_part",
@@ -189,6 +189,9 @@ const PLAIN_KERNELS: [&str; 48] = [
     "attention_tiled",
     "attention_tiled_long",
     "attention_smem",
+    "attention_mma_h64",
+    "attention_mma_h128",
+    "attention_mma_h256",
     "copy_f4",
     "store_i32x4",
 ];
@@ -355,6 +358,12 @@ pub struct CudaBackend {
     tiled_attention_max_span: usize,
     /// The same for `attention_tiled_long`'s chunks (0: not on this device).
     tiled_attention_long_room: usize,
+    /// Whether prompts may take the tensor-core attention (`attention_mma_h*`: sm_80+, each
+    /// kernel's shared memory opted in; tests turn it off to check the other kernels), and
+    /// its launches so far.
+    mma_attention_fits: bool,
+    mma_attention: std::sync::atomic::AtomicBool,
+    mma_attention_calls: AtomicU64,
     /// Dynamic shared memory `attn_cluster` may use per block (opted in at start; 0 before
     /// sm_90 or if the opt-in fails: never used).
     cluster_attention_room: usize,
@@ -658,6 +667,12 @@ impl CudaBackend {
         let tiled_attention_long_room = funcs
             .get("attention_tiled_long")
             .map_or(0, |f| tiled_attention_opt_in(&ctx, f));
+        let mma_attention_fits = cc.0 >= 8
+            && ATTN_MMA_HEADS.iter().all(|&hd| {
+                funcs
+                    .get(&mma_attention_kernel(hd))
+                    .is_some_and(|f| opt_in_all(&ctx, f) >= mma_attention_smem(hd))
+            });
         // The few-token tensor-core kernels take up to ~85 KB of shared memory (mmvq.rs).
         let mmq_smem_room = if cc.0 >= 8 {
             mmvq::mmq_kernel_names()
@@ -767,6 +782,9 @@ impl CudaBackend {
             fused_attention_cap,
             tiled_attention_max_span,
             tiled_attention_long_room,
+            mma_attention_fits,
+            mma_attention: std::sync::atomic::AtomicBool::new(!fusions_off.attn_mma),
+            mma_attention_calls: AtomicU64::new(0),
             cluster_attention_room,
             cluster_attention_room_h256,
             wide_cluster_room,
@@ -1327,6 +1345,20 @@ impl CudaBackend {
         self.cluster_attention.store(on, Ordering::Relaxed);
     }
 
+    /// Let prompts take the tensor-core attention (`attention_mma_h*`, the default where the
+    /// device has it) or keep them on the f32 tiled kernels.
+    pub fn set_mma_attention(&self, on: bool) {
+        self.mma_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether this device runs the tensor-core prompt attention, and its launches so far.
+    pub fn has_mma_attention(&self) -> bool {
+        self.mma_attention_fits
+    }
+    pub fn mma_attention_calls(&self) -> u64 {
+        self.mma_attention_calls.load(Ordering::Relaxed)
+    }
+
     /// Let the cluster attention hold V in registers (`attn_cluster_v*`, on by default) or keep
     /// it on `attn_cluster`; both add the same terms in the same order.
     pub fn set_cluster_attention_vreg(&self, on: bool) {
@@ -1821,7 +1853,16 @@ impl CudaBackend {
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
         {
-            if let Some(tiled) = attention_tiles(p) {
+            let mma = self.mma_attention_fits
+                && self.mma_attention.load(Ordering::Relaxed)
+                && ATTN_MMA_HEADS.contains(&hd);
+            if let Some(tiles) = mma
+                .then(|| attention_tiles(p, ATTN_MMA_TQ, ATTN_MMA_MIN_FILL))
+                .flatten()
+            {
+                return self.attention_mma(&tiles, p, q, (kc, vc), ((posp, basep), window), out);
+            }
+            if let Some(tiled) = attention_tiles(p, ATTN_TQ, ATTN_TILED_MIN_FILL) {
                 let chunk = tiled_attention_chunk(
                     p.head_dim,
                     tiled.span,
@@ -1892,6 +1933,30 @@ impl CudaBackend {
         let (qp, op, keys) = (q.ptr, out.ptr, keys as i32);
         let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
         launch!(self, kname, cfg; qp, kc, vc, op, nh, group, hdi, kvdi, posp, basep, tilesp, window, scale, keys)
+    }
+
+    /// Prompt attention on tensor cores (`attention_mma_h*`): a block of 4 warps per head and
+    /// tile of up to ATTN_MMA_TQ rows, keys in chunks with a running softmax.
+    fn attention_mma(
+        &self,
+        t: &AttnTiles,
+        p: &AttnParams,
+        q: &CudaAct,
+        (kc, vc): (u64, u64),
+        ((posp, basep), window): ((u64, u64), i32),
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let tilesp = self.upload_rows(RowBuf::Tiles, &t.starts)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, (t.starts.len() - 1) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: mma_attention_smem(p.head_dim) as u32,
+        };
+        let kname = mma_attention_kernel(p.head_dim);
+        let (qp, op) = (q.ptr, out.ptr);
+        let AttnArgs(nh, group, _, kvdi, scale) = AttnArgs::of(p);
+        self.mma_attention_calls.fetch_add(1, Ordering::Relaxed);
+        launch!(self, &kname, cfg; qp, kc, vc, op, nh, group, kvdi, posp, basep, tilesp, window, scale)
     }
 
     /// Whether q's and k's RoPE share everything but the head count (as the forward pass
@@ -2372,6 +2437,7 @@ struct FusionsOff {
     attn_one: bool,
     mixed: bool,
     attn_tiled: bool,
+    attn_mma: bool,
     attn_cluster: bool,
     norm_add: bool,
     head_norm: bool,
@@ -2396,6 +2462,7 @@ impl FusionsOff {
             attn_one: has("attn_one"),
             mixed: has("mixed"),
             attn_tiled: has("attn_tiled"),
+            attn_mma: has("attn_mma"),
             attn_cluster: has("attn_cluster"),
             norm_add: has("norm_add"),
             head_norm: has("head_norm"),
@@ -2746,21 +2813,39 @@ const ATTN_LONG_CHUNK: usize = 512;
 /// 64-dim heads keep the one-row kernels.
 const ATTN_LONG_MIN_HD: usize = 128;
 
-/// The tiles of a batch, or None where the tiled kernels do not apply: a head size other
-/// than 32, 64, 128 or 256, or tiles holding fewer than ATTN_TILED_MIN_FILL rows on average.
-fn attention_tiles(p: &AttnParams) -> Option<AttnTiles> {
+/// Rows per tile of the tensor-core prompt attention (AMMA_TQ in kernels.cu: 4 warps of 16
+/// rows), the fewest rows a tile holds on average for it, and the head sizes it takes.
+const ATTN_MMA_TQ: usize = 64;
+const ATTN_MMA_MIN_FILL: usize = 16;
+const ATTN_MMA_HEADS: [usize; 3] = [64, 128, 256];
+
+fn mma_attention_kernel(hd: usize) -> String {
+    format!("attention_mma_h{hd}")
+}
+
+/// Dynamic shared memory of `attention_mma_h{hd}` (kernels.cu `Amma`): the tile's q and two
+/// stages of K and V chunks (32 keys at 256 dims, else 64), rows padded by 8 halves.
+fn mma_attention_smem(hd: usize) -> usize {
+    let keys = if hd >= 256 { 32 } else { 64 };
+    (ATTN_MMA_TQ + 4 * keys) * (hd + 8) * 2
+}
+
+/// The tiles of a batch, up to `tq` consecutive rows of one sequence each, or None where the
+/// tiled kernels do not apply: a head size other than 32, 64, 128 or 256, or tiles holding
+/// fewer than `min_fill` rows on average.
+fn attention_tiles(p: &AttnParams, tq: usize, min_fill: usize) -> Option<AttnTiles> {
     if ![32, 64, 128, 256].contains(&p.head_dim) || p.rows.is_empty() {
         return None;
     }
     let lo = |r: &Row| p.window.map_or(0, |w| (r.pos + 1).saturating_sub(w.max(1)));
-    let mut starts = Vec::with_capacity(p.rows.len() / ATTN_TQ + 2);
+    let mut starts = Vec::with_capacity(p.rows.len() / tq + 2);
     let mut span = 0;
     let mut start = 0;
     while start < p.rows.len() {
         let seq = p.rows[start].seq;
         let len = p.rows[start..]
             .iter()
-            .take(ATTN_TQ)
+            .take(tq)
             .take_while(|r| r.seq == seq)
             .count();
         let tile = &p.rows[start..start + len];
@@ -2772,7 +2857,7 @@ fn attention_tiles(p: &AttnParams) -> Option<AttnTiles> {
     }
     let tiles = starts.len();
     starts.push(i32::try_from(p.rows.len()).ok()?);
-    let filled = tiles * ATTN_TILED_MIN_FILL <= p.rows.len();
+    let filled = tiles * min_fill <= p.rows.len();
     filled.then_some(AttnTiles { starts, span })
 }
 
@@ -4381,31 +4466,52 @@ mod tests {
         };
         // A 40-row prompt: tiles of 16, 16, 8; the last sees positions 0..=39.
         let prompt: &'static [Row] = Row::consecutive(0, 0, 40).leak();
-        let t = attention_tiles(&params(prompt, 128, None)).unwrap();
+        let t = attention_tiles(&params(prompt, 128, None), ATTN_TQ, ATTN_TILED_MIN_FILL).unwrap();
         assert_eq!((t.starts, t.span), (vec![0, 16, 32, 40], 40));
+        // The tensor-core kernel's tiles of 64: one tile; a 150-row prompt: 64, 64, 22.
+        let t = attention_tiles(&params(prompt, 128, None), ATTN_MMA_TQ, ATTN_MMA_MIN_FILL);
+        assert_eq!(t.map(|t| (t.starts, t.span)), Some((vec![0, 40], 40)));
+        let long: &'static [Row] = Row::consecutive(0, 0, 150).leak();
+        let t = attention_tiles(&params(long, 64, Some(10)), ATTN_MMA_TQ, ATTN_MMA_MIN_FILL);
+        assert_eq!(
+            t.map(|t| (t.starts, t.span)),
+            Some((vec![0, 64, 128, 150], 73))
+        );
         // A window of 10: a tile of 16 rows sees 16 + 10 - 1 keys at most.
-        let t = attention_tiles(&params(prompt, 64, Some(10))).unwrap();
+        let t =
+            attention_tiles(&params(prompt, 64, Some(10)), ATTN_TQ, ATTN_TILED_MIN_FILL).unwrap();
         assert_eq!(t.span, 25);
         // Two sequences in one batch (20 rows at 100.., then 20 at 0..): no tile mixes them.
         let mut two = Row::consecutive(0, 100, 20);
         two.extend(Row::consecutive(1, 0, 20));
         let two: &'static [Row] = two.leak();
-        let t = attention_tiles(&params(two, 32, None)).unwrap();
+        let t = attention_tiles(&params(two, 32, None), ATTN_TQ, ATTN_TILED_MIN_FILL).unwrap();
         assert_eq!((t.starts, t.span), (vec![0, 16, 20, 36, 40], 120));
         // One row per sequence (a batch of decodes): tiles of one row share nothing.
         let decodes: &'static [Row] = (0..40)
             .map(|seq| Row { seq, pos: 90 })
             .collect::<Vec<_>>()
             .leak();
-        assert!(attention_tiles(&params(decodes, 128, None)).is_none());
+        assert!(
+            attention_tiles(&params(decodes, 128, None), ATTN_TQ, ATTN_TILED_MIN_FILL).is_none()
+        );
         // Head sizes the kernels do not take: None.
-        assert!(attention_tiles(&params(prompt, 80, None)).is_none());
+        assert!(attention_tiles(&params(prompt, 80, None), ATTN_TQ, ATTN_TILED_MIN_FILL).is_none());
         // Spans past the shared memory's keys: chunks of at most 512 keys (whole key tiles).
         assert_eq!(tiled_attention_chunk(128, 120, 119, 119), Some(96));
         assert_eq!(tiled_attention_chunk(128, 120, 120, 120), None);
         assert_eq!(tiled_attention_chunk(256, 4000, 3100, 3090), Some(512));
         assert_eq!(tiled_attention_chunk(128, 4000, 3100, 31), None);
         assert_eq!(tiled_attention_chunk(64, 4000, 3100, 3090), None);
-        assert!(attention_tiles(&params(&[], 128, None)).is_none());
+        assert!(attention_tiles(&params(&[], 128, None), ATTN_TQ, ATTN_TILED_MIN_FILL).is_none());
+        // Tiles of 64 need 16 rows each on average: two sequences of 20 rows fill two, 40
+        // one-row sequences none.
+        let t = attention_tiles(&params(two, 64, None), ATTN_MMA_TQ, ATTN_MMA_MIN_FILL);
+        assert_eq!(t.map(|t| t.starts), Some(vec![0, 20, 40]));
+        assert!(
+            attention_tiles(&params(decodes, 64, None), ATTN_MMA_TQ, ATTN_MMA_MIN_FILL).is_none()
+        );
+        assert_eq!(mma_attention_smem(128), 87040);
+        assert_eq!(mma_attention_smem(256), 101376);
     }
 }

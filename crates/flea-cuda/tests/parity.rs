@@ -637,10 +637,28 @@ fn attention_matches_cpu() {
                 // The 16-block and streaming clusters take heads of up to 128 dims.
                 let narrow = clustered && hd <= 128;
                 let calls = cuda.cluster_attention_calls();
+                let mma_calls = cuda.mma_attention_calls();
                 let cluster = cuda
                     .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
                     .and_then(|_| cuda.read(n, &go));
                 let took = cuda.cluster_attention_calls() - calls;
+                // Prompt batches (32 rows or more) of 64/128/256-dim heads take the
+                // tensor-core kernel where the device has it; then, with it off, the f32
+                // tiled kernels, checked against the CPU on their own.
+                let mma = n >= 32 && matches!(hd, 64 | 128 | 256) && cuda.has_mma_attention();
+                let took_mma = cuda.mma_attention_calls() - mma_calls;
+                let (e_f32, took_f32) = if mma {
+                    cuda.set_mma_attention(false);
+                    let calls = cuda.mma_attention_calls();
+                    let r = cuda
+                        .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                        .and_then(|_| cuda.read(n, &go));
+                    cuda.set_mma_attention(true);
+                    let took = cuda.mma_attention_calls() - calls;
+                    (r.map_or(f64::NAN, |r| rel_err(&r, &co)), took)
+                } else {
+                    (0.0, 0)
+                };
                 // Heads not filling the last cluster: its phantom heads write nothing (a row
                 // past the output keeps its values) and the real ones the same bits.
                 let width = n_head * hd;
@@ -728,6 +746,9 @@ fn attention_matches_cpu() {
                         let same = g.iter().all(|r| same_bits(r, &g[0]));
                         let ok = e <= 1e-3
                             && same
+                            && took_mma == u64::from(mma)
+                            && e_f32 <= 1e-3
+                            && took_f32 == 0
                             && ec <= 1e-3
                             && same_cluster
                             && took == u64::from(clustered)
@@ -739,7 +760,7 @@ fn attention_matches_cpu() {
                             && contained;
                         println!(
                             "ATTN {case} rel={e:.3e} one/two launches identical={same} \
-                             cluster={took} rel={ec:.3e} V in registers/shared \
+                             tensor cores={took_mma} (off: rel={e_f32:.3e}) cluster={took} rel={ec:.3e} V in registers/shared \
                              identical={same_cluster} 16-block={wide} rel={ew:.3e} \
                              streaming={streamed} rel={est:.3e} identical={same_stream} \
                              contained={contained} {}",
@@ -747,7 +768,8 @@ fn attention_matches_cpu() {
                         );
                         if !ok {
                             bad.push(format!(
-                                "{case}: {e:.3e}, identical={same}, cluster {took}: {ec:.3e}, \
+                                "{case}: {e:.3e}, identical={same}, tensor cores {took_mma} \
+                                 (off {e_f32:.3e}, {took_f32}), cluster {took}: {ec:.3e}, \
                                  V registers/shared identical={same_cluster}, 16-block \
                                  {took_wide}: {ew:.3e}, streaming {took_stream}: {est:.3e} \
                                  identical={same_stream}, contained={contained}"
@@ -810,18 +832,29 @@ fn long_decode_attention_matches_cpu() {
                 .and_then(|_| cuda.read(n, &go));
             let took = cuda.cluster_attention_calls() - calls;
             if n > 1 {
-                // The prompt fills the caches; its 4100 rows see more keys than the tiles of
+                // The prompt fills the caches: through the tensor-core kernel where the device
+                // has it, then again without it: its 4100 rows see more keys than the tiles of
                 // `attention_tiled` hold scores for, so it takes `attention_tiled_long` (keys
                 // in chunks; 128-dim heads) or the one-row kernels (64-dim).
-                match streamed {
-                    Ok(st) => {
-                        let e = rel_err(&st, &co);
-                        println!("LONG-PROMPT hd={hd} heads={n_head}/{n_head_kv} rel={e:.3e}");
-                        if e.is_nan() || e > 1e-3 {
-                            bad.push(format!("prompt hd={hd} window={window:?}: {e:.3e}"));
+                cuda.set_mma_attention(false);
+                let f32_kernels = cuda
+                    .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .and_then(|_| cuda.read(n, &go));
+                cuda.set_mma_attention(true);
+                match (streamed, f32_kernels) {
+                    (Ok(st), Ok(f)) => {
+                        let (e, ef) = (rel_err(&st, &co), rel_err(&f, &co));
+                        println!(
+                            "LONG-PROMPT hd={hd} heads={n_head}/{n_head_kv} rel={e:.3e} \
+                             (f32 kernels rel={ef:.3e})"
+                        );
+                        if e.is_nan() || e > 1e-3 || ef.is_nan() || ef > 1e-3 {
+                            bad.push(format!(
+                                "prompt hd={hd} window={window:?}: {e:.3e} {ef:.3e}"
+                            ));
                         }
                     }
-                    Err(e) => bad.push(format!("prompt hd={hd}: {e}")),
+                    (Err(e), _) | (_, Err(e)) => bad.push(format!("prompt hd={hd}: {e}")),
                 }
                 continue;
             }
