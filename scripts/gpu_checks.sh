@@ -119,7 +119,8 @@ run_variant() {  # label, env assignments..., then -- and sampling flags
   local o="$OUT/run_$(basename "$f" .gguf)_${label// /_}"
   env "${envs[@]}" "$CARRY/flea" run -m "$f" -p "$text" -n 64 "$@" --ignore-eos -t 16 \
     --ctx "${ctx:-768}" --device "${DEVICE:-cuda}" > "$o.txt" 2> "$o.err" || { status=1; echo "FAILED: $label" >> "$OUT/run.log"; }
-  printf '%s %-28s %s %s\n' "$(basename "$f")" "$label" \
+  printf '%s %-28s %s %s %s\n' "$(basename "$f")" "$label" \
+    "$(grep -o 'prompt: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
     "$(grep -o 'decode: [0-9]* tokens in [0-9.]* s ([0-9.]* tok/s)' "$o.err" | tail -1)" \
     "$(grep -o 'decode efficiency [0-9.]*' "$o.err" | tail -1)" >> "$OUT/run.log"
 }
@@ -149,7 +150,8 @@ if [ ${#models[@]} -gt 0 ]; then
     # it replaced (FLEA_CUDA_ATTN_STREAM=off: 16-block clusters with V in registers to 2048
     # keys, then the split attention). The efficiency printed counts weight bytes only; the
     # K/V rows add 0.82 MB a key (13b). At 1680 tokens both paths add in the same order: the
-    # texts must match.
+    # texts must match. The 3990-token prompt also runs with its attention on the f32 kernels
+    # (FLEA_CUDA_FUSE_OFF=attn_mma) beside the tensor-core ones: compare the prompt rates.
     for long in "80 2560" "190 6144"; do
       set -- $long
       text=$(for _ in $(seq "$1"); do printf '%s ' "$words"; done)
@@ -157,6 +159,9 @@ if [ ${#models[@]} -gt 0 ]; then
       for r in $(seq "${RUNS:-2}"); do
         run_variant "long $1 streaming $r" -- --temp 0
         run_variant "long $1 before $r" FLEA_CUDA_ATTN_STREAM=off -- --temp 0
+        if [ "$1" = 190 ]; then
+          run_variant "long $1 f32 prompt attention $r" FLEA_CUDA_FUSE_OFF=attn_mma -- --temp 0
+        fi
       done
     done
     cmp -s "${b}_long_80_streaming_1.txt" "${b}_long_80_before_1.txt" || { status=1; echo "TEXT DIFFERS: $(basename "$f") long 80" >> "$OUT/run.log"; }
