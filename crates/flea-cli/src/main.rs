@@ -826,3 +826,37 @@ fn cmd_plan(a: PlanArgs) -> Result<()> {
     print!("{}", plan.table());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_args(extra: &[&str]) -> EngineArgs {
+        let mut argv = vec!["flea", "plan", "-m", "m.gguf"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map(|c| c.cmd) {
+            Ok(Cmd::Plan(p)) => p.engine,
+            _ => panic!("flea plan {extra:?} did not parse"),
+        }
+    }
+
+    #[test]
+    fn prompt_batch_defaults_by_device_and_budget() {
+        assert_eq!(engine_args(&[]).prompt_batch(), PROMPT_BATCH);
+        assert_eq!(
+            engine_args(&["--device", "cuda"]).prompt_batch(),
+            PROMPT_BATCH_GPU
+        );
+        assert_eq!(
+            engine_args(&["--device", "cuda:1"]).prompt_batch(),
+            PROMPT_BATCH_GPU
+        );
+        let budgeted = engine_args(&["--device", "cuda", "--vram-budget", "4GiB"]);
+        assert_eq!(budgeted.prompt_batch(), PROMPT_BATCH);
+        assert_eq!(
+            engine_args(&["--device", "cuda", "-b", "64"]).prompt_batch(),
+            64
+        );
+        assert_eq!(engine_args(&["-b", "0"]).prompt_batch(), 1);
+    }
+}
