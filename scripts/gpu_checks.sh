@@ -8,7 +8,7 @@
 #                              --no-run --message-format=json lists their paths)
 #   CARRY_DIR/flea-cuda-bench  target/release/flea-cuda-bench
 #   CARRY_DIR/flea             target/release/flea (for `flea synth`)
-#   CARRY_DIR/cache/*.cubin    optional: kernels compiled ahead (scripts/nvrtc_check.py --cache-dir)
+#   CARRY_DIR/cache/*.cubin    optional: kernels compiled ahead (or cache.tar.xz; gpu_kernels.sh)
 #   CARRY_DIR/mmvq_bench       optional: target/release/examples/mmvq_bench
 #                              (cargo build --release -p flea-cuda --example mmvq_bench)
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
@@ -25,8 +25,9 @@ PROMPT=${PROMPT:-512}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export FLEA_CUDA_CACHE=${FLEA_CUDA_CACHE:-/tmp/flea-cuda-kernels}
-# Kernels compiled ahead (scripts/nvrtc_check.py --cache-dir CARRY_DIR/cache): no NVRTC time here.
-[ -d "$CARRY/cache" ] && mkdir -p "$FLEA_CUDA_CACHE" && cp -n "$CARRY"/cache/*.cubin "$FLEA_CUDA_CACHE"/ 2>/dev/null
+# Kernels compiled ahead (CARRY_DIR/cache or cache.tar.xz): no NVRTC time here.
+. "$(dirname "$0")/gpu_kernels.sh"
+use_carried_kernels "$CARRY"
 status=0
 
 {

@@ -3,7 +3,7 @@
 #
 # usage: scripts/gpu_compare.sh OUTDIR [CARRY_DIR]
 #   CARRY_DIR/flea                          target/release/flea (--features cuda)
-#   CARRY_DIR/cache/*.cubin                 optional: kernels compiled ahead (nvrtc_check.py --cache-dir)
+#   CARRY_DIR/cache/*.cubin                 optional: kernels compiled ahead (or cache.tar.xz; gpu_kernels.sh)
 #   CARRY_DIR/llama_cpp_python-slim.tar.gz  + wheels, run_remote.sh, quick_bench.py: see
 #                                           ../shared/tools/llamacpp-gpu/README.md
 # Environment: PRESET (13b), NGLS (llama.cpp layer counts, "41 20"), BUDGETS (flea VRAM budgets,
@@ -24,8 +24,9 @@ OUT=$(cd "$OUT" && pwd)
 M=/tmp/flea-models/$PRESET.gguf
 mkdir -p /tmp/flea-models
 export FLEA_CUDA_CACHE=/tmp/flea-cuda-kernels
-# Kernels compiled ahead (scripts/nvrtc_check.py --cache-dir CARRY_DIR/cache): no NVRTC time here.
-[ -d "$CARRY/cache" ] && mkdir -p "$FLEA_CUDA_CACHE" && cp -n "$CARRY"/cache/*.cubin "$FLEA_CUDA_CACHE"/ 2>/dev/null
+# Kernels compiled ahead (CARRY_DIR/cache or cache.tar.xz): no NVRTC time here.
+. "$(dirname "$0")/gpu_kernels.sh"
+use_carried_kernels "$CARRY"
 THREADS=$(nproc)
 
 # 1. llama.cpp's CUDA build (skipped when a warm machine already has it, or with LLAMA_BENCH).

@@ -4,7 +4,7 @@
 # usage: scripts/gpu_stream.sh OUTDIR [CARRY_DIR]
 #   CARRY_DIR/flea      target/release/flea built with --features cuda
 #   CARRY_DIR/tests/*   flea-cuda test executables (cargo test -p flea-cuda --release --no-run)
-#   CARRY_DIR/cache/*.cubin  optional: kernels compiled ahead (scripts/nvrtc_check.py --cache-dir)
+#   CARRY_DIR/cache/*.cubin  optional: kernels compiled ahead (or cache.tar.xz; gpu_kernels.sh)
 # Environment: PRESETS (default "7b 13b"), STAGES (default "tests resident budget nores cold").
 # Writes logs.tar.gz (one .err/.json/.out per run) and the SVG timelines into OUTDIR; prints a
 # summary last.
@@ -20,8 +20,9 @@ OUT=$(cd "$OUT" && pwd)
 FINAL=$OUT
 OUT=$OUT/logs
 export FLEA_CUDA_CACHE=${FLEA_CUDA_CACHE:-/tmp/flea-cuda-kernels}
-# Kernels compiled ahead (scripts/nvrtc_check.py --cache-dir CARRY_DIR/cache): no NVRTC time here.
-[ -d "$CARRY/cache" ] && mkdir -p "$FLEA_CUDA_CACHE" && cp -n "$CARRY"/cache/*.cubin "$FLEA_CUDA_CACHE"/ 2>/dev/null
+# Kernels compiled ahead (CARRY_DIR/cache or cache.tar.xz): no NVRTC time here.
+. "$(dirname "$0")/gpu_kernels.sh"
+use_carried_kernels "$CARRY"
 THREADS=${THREADS:-$(nproc)}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # VRAM budget of the "budget" runs per preset (the issue's: 13b 4 GiB, 70b 8 GiB).
