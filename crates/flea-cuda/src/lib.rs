@@ -1346,14 +1346,19 @@ impl CudaBackend {
     }
 
     /// Let prompts take the tensor-core attention (`attention_mma_h*`, the default where the
-    /// device has it) or keep them on the f32 tiled kernels.
-    pub fn set_mma_attention(&self, on: bool) {
-        self.mma_attention.store(on, Ordering::Relaxed);
+    /// device has it) or keep them on the f32 tiled kernels; returns the previous setting.
+    pub fn set_mma_attention(&self, on: bool) -> bool {
+        self.mma_attention.swap(on, Ordering::Relaxed)
     }
 
-    /// Whether this device runs the tensor-core prompt attention, and its launches so far.
+    /// Whether prompts of 64-, 128- and 256-dim heads take the tensor-core attention now
+    /// (the device runs it, and neither it nor the tiled kernels are turned off), and its
+    /// launches so far.
     pub fn has_mma_attention(&self) -> bool {
         self.mma_attention_fits
+            && self.mma_attention.load(Ordering::Relaxed)
+            && !self.fusions_off.attn_tiled
+            && !self.single_block_attention
     }
     pub fn mma_attention_calls(&self) -> u64 {
         self.mma_attention_calls.load(Ordering::Relaxed)

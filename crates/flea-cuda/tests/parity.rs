@@ -643,17 +643,18 @@ fn attention_matches_cpu() {
                     .and_then(|_| cuda.read(n, &go));
                 let took = cuda.cluster_attention_calls() - calls;
                 // Prompt batches (32 rows or more) of 64/128/256-dim heads take the
-                // tensor-core kernel where the device has it; then, with it off, the f32
-                // tiled kernels, checked against the CPU on their own.
+                // tensor-core kernel where the device has it (and FLEA_CUDA_FUSE_OFF does not
+                // name it or `attn_tiled`); then, with it off, the f32 tiled kernels, checked
+                // against the CPU on their own.
                 let mma = n >= 32 && matches!(hd, 64 | 128 | 256) && cuda.has_mma_attention();
                 let took_mma = cuda.mma_attention_calls() - mma_calls;
                 let (e_f32, took_f32) = if mma {
-                    cuda.set_mma_attention(false);
+                    let was = cuda.set_mma_attention(false);
                     let calls = cuda.mma_attention_calls();
                     let r = cuda
                         .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
                         .and_then(|_| cuda.read(n, &go));
-                    cuda.set_mma_attention(true);
+                    cuda.set_mma_attention(was);
                     let took = cuda.mma_attention_calls() - calls;
                     (r.map_or(f64::NAN, |r| rel_err(&r, &co)), took)
                 } else {
@@ -836,11 +837,11 @@ fn long_decode_attention_matches_cpu() {
                 // has it, then again without it: its 4100 rows see more keys than the tiles of
                 // `attention_tiled` hold scores for, so it takes `attention_tiled_long` (keys
                 // in chunks; 128-dim heads) or the one-row kernels (64-dim).
-                cuda.set_mma_attention(false);
+                let was = cuda.set_mma_attention(false);
                 let f32_kernels = cuda
                     .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
                     .and_then(|_| cuda.read(n, &go));
-                cuda.set_mma_attention(true);
+                cuda.set_mma_attention(was);
                 match (streamed, f32_kernels) {
                     (Ok(st), Ok(f)) => {
                         let (e, ef) = (rel_err(&st, &co), rel_err(&f, &co));
