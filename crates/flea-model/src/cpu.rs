@@ -613,8 +613,24 @@ impl Backend for CpuBackend {
                         &mut scores,
                     ))
                 {
+                    // A prompt's rows: four keys a call, the same bits as one at a time.
+                    let mut done = 0;
+                    if !single {
+                        let key = |j: usize| -> &[u16] {
+                            kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd].reinterpret_cast()
+                        };
+                        for (i, quad) in scores.chunks_exact_mut(4).enumerate() {
+                            let j = lo + 4 * i;
+                            let rows = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+                            let Some(d) = flea_quant::dot_f16_x4(qbits, rows) else {
+                                break;
+                            };
+                            quad.copy_from_slice(&d);
+                            done += 4;
+                        }
+                    }
                     let mut kf = vec![0.0f32; hd];
-                    for (j, s) in (lo..=pos).zip(scores.iter_mut()) {
+                    for (j, s) in (lo + done..=pos).zip(scores[done..].iter_mut()) {
                         let key = &kc[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
                         let d = if single {
                             flea_quant::ggml_math::dot_f16_vec(key.reinterpret_cast(), qbits)

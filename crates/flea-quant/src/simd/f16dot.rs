@@ -76,9 +76,53 @@ pub(crate) unsafe fn dot_avx512(a: &[u16], b: &[u16]) -> f32 {
     reduce(&l)
 }
 
+/// `_mm512_reduce_add_ps`'s tree (as [`reduce`]) in vector registers: the high 8 lanes onto
+/// the low 8, then the high 4 onto the low 4, then (0 + 2) + (1 + 3). Additions commute
+/// exactly, so the operands' order within each sum does not matter.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_avx512(v: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let lo8 = _mm512_castps512_ps256(v);
+    let hi8 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    let t8 = _mm256_add_ps(lo8, hi8);
+    let t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+    // [t4[0] + t4[2], t4[1] + t4[3], ..]
+    let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+    _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)))
+}
+
+/// [`dot_avx512`] of `q` with each of four rows at once (four independent chains, q's chunk
+/// converted once for all four): the same bits as four calls.
+///
+/// # Safety
+/// The CPU has AVX-512F (and F16C); every row has `q.len()` elements, a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c,fma")]
+pub(crate) unsafe fn dot4_avx512(q: &[u16], k: [&[u16]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for c in (0..q.len() / LANES).map(|c| c * LANES) {
+        // SAFETY: every row holds q.len() u16 (the caller's contract): chunk c is one
+        // unaligned 32-byte load in each.
+        unsafe {
+            let ld = |p: *const u16| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(c).cast()));
+            let qv = ld(q.as_ptr());
+            for (a, row) in acc.iter_mut().zip(k) {
+                *a = _mm512_fmadd_ps(ld(row.as_ptr()), qv, *a);
+            }
+        }
+    }
+    // SAFETY: AVX-512F, as this function's.
+    acc.map(|a| unsafe { reduce_avx512(a) })
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::{dot_f16_isa, f32_to_f16, isa_available, Isa};
+    use crate::{dot_f16_isa, dot_f16_x4_isa, f32_to_f16, isa_available, Isa};
 
     #[test]
     fn every_isa_gives_the_same_bits_and_the_order_is_the_lanes() {
@@ -118,6 +162,25 @@ mod tests {
         a[8] = one;
         a[1] = one;
         b[1] = one;
+        // Four rows at once: each the one-row dot's bits, on every instruction set.
+        for n in [16usize, 64, 128, 256] {
+            for _ in 0..20 {
+                let q: Vec<u16> = (0..n).map(|_| next()).collect();
+                let rows: Vec<Vec<u16>> =
+                    (0..4).map(|_| (0..n).map(|_| next()).collect()).collect();
+                let k = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                    let got = dot_f16_x4_isa(isa, &q, k).unwrap();
+                    for (g, row) in got.iter().zip(k) {
+                        let want = dot_f16_isa(Isa::Scalar, row, &q).unwrap();
+                        assert_eq!(g.to_bits(), want.to_bits(), "{isa:?} n {n}");
+                    }
+                }
+            }
+        }
+        let short = [0u16; 15];
+        assert_eq!(dot_f16_x4_isa(Isa::Avx512, &a, [&a, &a, &a, &short]), None);
+        assert_eq!(dot_f16_x4_isa(Isa::Avx512, &a[..15], [&short; 4]), None);
         // (2048 + 1) first in f32, then + 1: exact here, so just a sanity check of the sum.
         assert_eq!(dot_f16_isa(Isa::Scalar, &a, &b), Some(2050.0));
         assert_eq!(dot_f16_isa(Isa::Scalar, &a[..15], &b[..15]), None);
