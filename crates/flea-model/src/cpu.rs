@@ -657,9 +657,7 @@ impl Backend for CpuBackend {
                 // lanes in tinyBLAS, 64 in ggml_vec_dot_f16 (a batch of one token).
                 let nl = if single { 64 } else { 16 };
                 // Probabilities rounded to f16, as in llama.cpp's V x KQ matmul.
-                for s in scores.iter_mut() {
-                    *s = f16::from_f32(*s * inv).to_f32();
-                }
+                flea_quant::ggml_math::round_to_f16_scaled(&mut scores, inv);
                 let mut lanes = vec![0.0f32; nl * hd];
                 let summed =
                     flea_quant::ggml_math::pv_lanes_f16(&scores, vals, kvd, lo, nl, &mut lanes);

@@ -6,7 +6,8 @@
 //! * [`swiglu`]: `ggml_vec_swiglu_f32` (16-element chunks through `ggml_v_silu`, the tail
 //!   through libm);
 //! * [`softmax_exp`]: the exponentials and the sum of `ggml_vec_soft_max_f32`;
-//! * [`fma_f16`]: one step of the F16 matmul's (tinyBLAS) fused lane accumulation.
+//! * [`fma_f16`]: one step of the F16 matmul's (tinyBLAS) fused lane accumulation;
+//! * [`round_to_f16_scaled`]: the attention's probabilities as the F16 V × KQ matmul sees them.
 //!
 //! Every path (scalar, AVX2, AVX-512) gives the same bits: the operations are the same per
 //! element, only the number of elements per instruction differs.
@@ -62,6 +63,117 @@ unsafe fn expf_fma(x: f32) -> f32 {
     expf(x)
 }
 
+/// [`expf`] on 16 lanes: per lane the same fused operations, and `vscalefps` for the scaling
+/// (one rounding, as [`scalef`]), so every lane has [`expf`]'s bits.
+///
+/// # Safety
+/// The CPU must have AVX-512F (with FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn expf_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = _mm512_set1_ps;
+    let z = _mm512_fmadd_ps(x, c(LOG2E), c(R));
+    let n = _mm512_sub_ps(z, c(R));
+    // fnmadd(n, c, a) = fma(-n, c, a), as expf's (-n).mul_add.
+    let b = _mm512_fnmadd_ps(n, c(LN2_LO), _mm512_fnmadd_ps(n, c(LN2_HI), x));
+    let u = _mm512_mul_ps(b, b);
+    let j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
+            _mm512_fmadd_ps(c(C5), b, c(C4)),
+            u,
+            _mm512_fmadd_ps(c(C3), b, c(C2)),
+        ),
+        u,
+        _mm512_fmadd_ps(c(C1), b, c(1.0)),
+    );
+    let res = _mm512_scalef_ps(j, n);
+    let out_of_range = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), c(192.0));
+    if out_of_range == 0 {
+        return res;
+    }
+    let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+    let saturated = _mm512_mask_blend_ps(below, c(f32::INFINITY), _mm512_setzero_ps());
+    _mm512_mask_blend_ps(out_of_range, res, saturated)
+}
+
+/// `x[i] = expf(x[i] - max)` over whole 16-element chunks on AVX-512, the rest one at a
+/// time (each element on its own: the same bits either way).
+///
+/// # Safety
+/// The CPU must have AVX-512F (with FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_shifted_avx512(x: &mut [f32], max: f32) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        // SAFETY: c holds 16 f32; unaligned load and store.
+        unsafe {
+            let v = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), _mm512_set1_ps(max));
+            _mm512_storeu_ps(c.as_mut_ptr(), expf_avx512(v));
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = expf(*v - max);
+    }
+}
+
+/// [`swiglu`]'s whole chunks of 16 on AVX-512: `g / (1 + expf(0 - g)) * u` per lane.
+///
+/// # Safety
+/// The CPU must have AVX-512F (with FMA); the three slices hold at least `n16` elements, a
+/// multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32], n16: usize) {
+    use std::arch::x86_64::*;
+    for i in (0..n16).step_by(16) {
+        // SAFETY: i + 16 <= n16 <= every slice's length (the caller's contract).
+        unsafe {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let e = expf_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            let r = _mm512_mul_ps(silu, _mm512_loadu_ps(up.as_ptr().add(i)));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), r);
+        }
+    }
+}
+
+/// `x[i] = f16(x[i] * scale)` read back as f32 (round to nearest even, as
+/// [`crate::f32_to_f16`]): the probabilities llama.cpp's F16 V × KQ matmul sees.
+pub fn round_to_f16_scaled(x: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (with F16C) detected.
+        unsafe { round_to_f16_scaled_avx512(x, scale) };
+        return;
+    }
+    for v in x.iter_mut() {
+        *v = f16_to_f32(crate::f32_to_f16(*v * scale));
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512F (with F16C).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn round_to_f16_scaled_avx512(x: &mut [f32], scale: f32) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        // SAFETY: c holds 16 f32; unaligned load and store.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), _mm512_set1_ps(scale));
+            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm512_storeu_ps(c.as_mut_ptr(), _mm512_cvtph_ps(h));
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = f16_to_f32(crate::f32_to_f16(*v * scale));
+    }
+}
+
 /// ggml's `ggml_v_silu`: `x / (1 + expf(0 - x))`.
 #[inline(always)]
 fn silu(x: f32, exp: impl Fn(f32) -> f32) -> f32 {
@@ -77,6 +189,15 @@ fn fma_available() -> bool {
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let n = out.len().min(gate.len()).min(up.len());
     let n16 = n / 16 * 16;
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (with FMA) detected; n16 <= every slice's length.
+        unsafe { swiglu_avx512(gate, up, out, n16) };
+        for i in n16..n {
+            out[i] = silu(gate[i], f32::exp) * up[i];
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if fma_available() {
         for i in 0..n16 {
@@ -110,6 +231,12 @@ pub fn reduce16(v: &[f32; 16]) -> f32 {
 /// the tree sum of the chunk in f32 (masked positions are 0), each chunk then added in f64.
 /// `x[0]` belongs to cache position `first`.
 pub fn softmax_exp(x: &mut [f32], first: usize, max: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Avx512 {
+        // SAFETY: AVX-512F (with FMA) detected.
+        unsafe { exp_shifted_avx512(x, max) };
+        return chunk_sum(x, first);
+    }
     #[cfg(target_arch = "x86_64")]
     if fma_available() {
         for v in x.iter_mut() {
@@ -624,6 +751,66 @@ mod tests {
             .collect();
         assert!(fma_f16(0.37, &v, &mut a));
         assert!(a.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// Scores, SwiGLU inputs and probabilities of every range: normal, subnormal and
+    /// saturated exponentials, ties of the f16 rounding, infinities.
+    fn awkward_values() -> Vec<f32> {
+        let mut xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 3000.0) * 0.0731).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            -87.5,
+            -103.9,
+            -150.0,
+            88.7,
+            89.0,
+            1e-30,
+            -1e-30,
+            f32::MIN_POSITIVE,
+            // f16 ties and their neighbours (1 + 2^-11, 2^-24 ± ulp, 65504 + 16).
+            f32::from_bits(0x3f80_1000),
+            f32::from_bits(0x3f80_3000),
+            f32::from_bits(0x3380_0000),
+            f32::from_bits(0x3380_0001),
+            65520.0,
+        ]);
+        xs
+    }
+
+    #[test]
+    fn avx512_exp_swiglu_and_f16_rounding_have_the_scalar_bits() {
+        let xs = awkward_values();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for max in [0.0f32, 3.5, -2.0] {
+            let mut got = xs.clone();
+            let sum = softmax_exp(&mut got, 5, max);
+            let want: Vec<f32> = xs.iter().map(|&x| expf(x - max)).collect();
+            assert_eq!(bits(&got), bits(&want), "max {max}");
+            assert_eq!(sum.to_bits(), chunk_sum(&want, 5).to_bits());
+        }
+        let up: Vec<f32> = xs.iter().map(|&x| (x * 0.37).sin()).collect();
+        let mut got = vec![0f32; xs.len()];
+        swiglu(&xs, &up, &mut got);
+        let n16 = xs.len() / 16 * 16;
+        let want: Vec<f32> = (0..xs.len())
+            .map(|i| {
+                let e = if i < n16 { expf } else { f32::exp };
+                silu(xs[i], e) * up[i]
+            })
+            .collect();
+        assert_eq!(bits(&got), bits(&want));
+        for scale in [1.0f32, 0.37, 1e-3] {
+            let mut got = xs.clone();
+            round_to_f16_scaled(&mut got, scale);
+            let want: Vec<f32> = xs
+                .iter()
+                .map(|&x| f16_to_f32(crate::f32_to_f16(x * scale)))
+                .collect();
+            assert_eq!(bits(&got), bits(&want), "scale {scale}");
+        }
     }
 
     #[test]
