@@ -1555,6 +1555,38 @@ __device__ __forceinline__ int att_tile_step(u32 (*kt)[129], AttTile& next,
                        min(ATT_TK, nkeys - j0 - ATT_TK), hd, kvd);
     return jn;
 }
+// The tile's q rows rounded to f16 (as the CPU rounds them), rows past the tile 0.
+__device__ __forceinline__ void att_tile_load_q(float (*qs)[256], const float* __restrict__ q,
+                                                int t0, int rows, int qd, int h, int hd) {
+    for (int i = threadIdx.x; i < ATT_TQ * hd; i += blockDim.x) {
+        const int r = i / hd, d = i - r * hd;
+        qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
+    }
+}
+// Scores of the n keys at krows (their first tile already fetched into `next`) for the warp's
+// rows r0 and r1, scaled, into sc[r * stride + key]: lane kk takes the tile's key kk. Keys
+// outside a row's range are scored too (the callers mask them).
+__device__ __forceinline__ void att_tile_scores(u32 (*kt)[129], AttTile& next,
+                                                const u16* __restrict__ krows, int n,
+                                                const float (*qs)[256], int r0, int rows,
+                                                float* sc, int stride, float scale, int hd,
+                                                int kvd) {
+    const int lane = threadIdx.x & 31, hw = hd / 2, r1 = r0 + 1;
+    for (int j0 = 0; j0 < n; j0 += ATT_TK) {
+        const int jn = att_tile_step(kt, next, krows, j0, n, hd, kvd);
+        if (lane < jn && r0 < rows) {
+            float d0 = 0.f, d1 = 0.f;
+            for (int w = 0; w < hw; w++) {
+                const u32 kw = kt[lane][w];
+                const float k0 = h2f((u16)(kw & 0xffff)), k1 = h2f((u16)(kw >> 16));
+                d0 += qs[r0][2 * w] * k0 + qs[r0][2 * w + 1] * k1;
+                d1 += qs[r1][2 * w] * k0 + qs[r1][2 * w + 1] * k1;
+            }
+            sc[r0 * stride + j0 + lane] = d0 * scale;
+            if (r1 < rows) sc[r1 * stride + j0 + lane] = d1 * scale;
+        }
+    }
+}
 // The key range [lo, hi] (cache positions) of each of a tile's `tq` rows into rlo / rhi, rows
 // past the tile's `rows` empty, and the tile's union [klo, khi]. The positions are uploaded
 // before the pass's first launch: read before the dependent-launch wait.
@@ -1592,34 +1624,17 @@ extern "C" __global__ void __launch_bounds__(256)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     int klo, khi;
     att_tile_keys(rowpos, t0, rows, window, ATT_TQ, rlo, rhi, klo, khi);
-    const int kh = h / group, qd = n_head * hd, hw = hd / 2;
+    const int kh = h / group, qd = n_head * hd;
     const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
     const int nkeys = khi - klo + 1;
     pdl_enter();
     // The first K tile's loads go out together with q's.
     AttTile next;
     if (nkeys > 0) att_tile_fetch(next, kc + base, min(ATT_TK, nkeys), hd, kvd);
-    for (int i = tid; i < ATT_TQ * hd; i += blockDim.x) {
-        const int r = i / hd, d = i - r * hd;
-        qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
-    }
-    // Scores: warp w takes rows 2w and 2w + 1, lane kk the tile's key kk. Keys outside a
-    // row's range are scored too and zeroed below.
+    att_tile_load_q(qs, q, t0, rows, qd, h, hd);
+    // Scores: warp w takes rows 2w and 2w + 1; keys outside a row's range are zeroed below.
     const int r0 = 2 * warp, r1 = r0 + 1;
-    for (int j0 = 0; j0 < nkeys; j0 += ATT_TK) {
-        const int jn = att_tile_step(kt, next, kc + base, j0, nkeys, hd, kvd);
-        if (lane < jn && r0 < rows) {
-            float d0 = 0.f, d1 = 0.f;
-            for (int w = 0; w < hw; w++) {
-                const u32 kw = kt[lane][w];
-                const float k0 = h2f((u16)(kw & 0xffff)), k1 = h2f((u16)(kw >> 16));
-                d0 += qs[r0][2 * w] * k0 + qs[r0][2 * w + 1] * k1;
-                d1 += qs[r1][2 * w] * k0 + qs[r1][2 * w + 1] * k1;
-            }
-            sc[r0 * span + j0 + lane] = d0 * scale;
-            if (r1 < rows) sc[r1 * span + j0 + lane] = d1 * scale;
-        }
-    }
+    att_tile_scores(kt, next, kc + base, nkeys, qs, r0, rows, sc, span, scale, hd, kvd);
     // The first V tile's loads go out now, to arrive during the softmax.
     if (nkeys > 0) att_tile_fetch(next, vc + base, min(ATT_TK, nkeys), hd, kvd);
     // Each warp's rows (scored by its own lanes): max and sum of exp over the row's own
@@ -1689,15 +1704,12 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     int klo, khi;
     att_tile_keys(rowpos, t0, rows, window, ATT_TQ, rlo, rhi, klo, khi);
-    const int kh = h / group, qd = n_head * hd, hw = hd / 2;
+    const int kh = h / group, qd = n_head * hd;
     const long long base = ((long long)rowbase[t0] + klo) * kvd + kh * hd;
     const int nkeys = khi - klo + 1;
     pdl_enter();
     AttTile next;
-    for (int i = tid; i < ATT_TQ * hd; i += blockDim.x) {
-        const int r = i / hd, d = i - r * hd;
-        qs[r][d] = r < rows ? h2f(f2h(q[(long long)(t0 + r) * qd + h * hd + d])) : 0.f;
-    }
+    att_tile_load_q(qs, q, t0, rows, qd, h, hd);
     const int r0 = 2 * warp, r1 = r0 + 1;
     // The warp's rows' running maximum and sum (the same in every lane).
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
@@ -1711,20 +1723,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const int cn = min(chunk, nkeys - c0);
         const long long cb = base + (long long)c0 * kvd;
         att_tile_fetch(next, kc + cb, min(ATT_TK, cn), hd, kvd);
-        for (int j0 = 0; j0 < cn; j0 += ATT_TK) {
-            const int jn = att_tile_step(kt, next, kc + cb, j0, cn, hd, kvd);
-            if (lane < jn && r0 < rows) {
-                float d0 = 0.f, d1 = 0.f;
-                for (int w = 0; w < hw; w++) {
-                    const u32 kw = kt[lane][w];
-                    const float k0 = h2f((u16)(kw & 0xffff)), k1 = h2f((u16)(kw >> 16));
-                    d0 += qs[r0][2 * w] * k0 + qs[r0][2 * w + 1] * k1;
-                    d1 += qs[r1][2 * w] * k0 + qs[r1][2 * w + 1] * k1;
-                }
-                sc[r0 * chunk + j0 + lane] = d0 * scale;
-                if (r1 < rows) sc[r1 * chunk + j0 + lane] = d1 * scale;
-            }
-        }
+        att_tile_scores(kt, next, kc + cb, cn, qs, r0, rows, sc, chunk, scale, hd, kvd);
         att_tile_fetch(next, vc + cb, min(ATT_TK, cn), hd, kvd);
         __syncwarp();
 #pragma unroll
