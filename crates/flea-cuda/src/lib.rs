@@ -670,7 +670,7 @@ impl CudaBackend {
         let mma_attention_fits = cc.0 >= 8
             && ATTN_MMA_HEADS.iter().all(|&hd| {
                 funcs
-                    .get(&mma_attention_kernel(hd))
+                    .get(mma_attention_kernel(hd))
                     .is_some_and(|f| opt_in_all(&ctx, f) >= mma_attention_smem(hd))
             });
         // The few-token tensor-core kernels take up to ~85 KB of shared memory (mmvq.rs).
@@ -1858,10 +1858,7 @@ impl CudaBackend {
         // FLEA_CUDA_ATTN=single keeps every batch on the one-block-per-row kernels.
         if n >= ATTN_TILED_MIN_ROWS && !self.fusions_off.attn_tiled && !self.single_block_attention
         {
-            let mma = self.mma_attention_fits
-                && self.mma_attention.load(Ordering::Relaxed)
-                && ATTN_MMA_HEADS.contains(&hd);
-            if let Some(tiles) = mma
+            if let Some(tiles) = (self.has_mma_attention() && ATTN_MMA_HEADS.contains(&hd))
                 .then(|| attention_tiles(p, ATTN_MMA_TQ, ATTN_MMA_MIN_FILL))
                 .flatten()
             {
@@ -1961,7 +1958,7 @@ impl CudaBackend {
         let (qp, op) = (q.ptr, out.ptr);
         let AttnArgs(nh, group, _, kvdi, scale) = AttnArgs::of(p);
         self.mma_attention_calls.fetch_add(1, Ordering::Relaxed);
-        launch!(self, &kname, cfg; qp, kc, vc, op, nh, group, kvdi, posp, basep, tilesp, window, scale)
+        launch!(self, kname, cfg; qp, kc, vc, op, nh, group, kvdi, posp, basep, tilesp, window, scale)
     }
 
     /// Whether q's and k's RoPE share everything but the head count (as the forward pass
@@ -2824,8 +2821,14 @@ const ATTN_MMA_TQ: usize = 64;
 const ATTN_MMA_MIN_FILL: usize = 16;
 const ATTN_MMA_HEADS: [usize; 3] = [64, 128, 256];
 
-fn mma_attention_kernel(hd: usize) -> String {
-    format!("attention_mma_h{hd}")
+/// The kernel of `hd`-dim heads (one of ATTN_MMA_HEADS; "" for others, which no name has).
+fn mma_attention_kernel(hd: usize) -> &'static str {
+    match hd {
+        64 => "attention_mma_h64",
+        128 => "attention_mma_h128",
+        256 => "attention_mma_h256",
+        _ => "",
+    }
 }
 
 /// Dynamic shared memory of `attention_mma_h{hd}` (kernels.cu `Amma`): the tile's q and two
