@@ -295,6 +295,8 @@ impl<'m> Runner<'m> {
         }
         let host_cached = s.plan.units.iter().any(|u| u.tier == Tier::HostCache);
         if r.hybrid != HybridMode::Off && n_seq == 1 && host_cached {
+            // FLEA_KV_SHARE=0 keeps a device KV cache for every layer (for comparisons).
+            s.set_kv_sharing(std::env::var("FLEA_KV_SHARE").as_deref() != Ok("0"));
             if let Some(h) = s.attach_cpu(cpu, r.cpu_gbps.map(|g| g * 1e9))? {
                 eprintln!(
                     "hybrid: {:?} (CPU {:.1} GB/s alone, {:.1} GB/s while copying; copy engine {:.1} GB/s meanwhile; predicted host-cached part {:.1} / {:.1} / {:.1} ms for stream / cpu-only / split)",
@@ -306,6 +308,14 @@ impl<'m> Runner<'m> {
                     h.predicted_seconds[1] * 1e3,
                     h.predicted_seconds[2] * 1e3
                 );
+                if h.kv_shared_layers > 0 {
+                    eprintln!(
+                        "hybrid: the device KV caches of {} CPU layers share one layer's room (KV now {}); {} more units resident",
+                        h.kv_shared_layers,
+                        flea_runtime::budget::fmt_size(s.plan.kv_bytes),
+                        h.promoted_units
+                    );
+                }
             }
         }
         Ok(Runner::Cuda(Box::new(s)))

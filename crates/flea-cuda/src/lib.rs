@@ -212,11 +212,53 @@ pub struct CudaAct {
     pub width: usize,
 }
 
-/// The F16 K and V caches, one buffer per layer, [sequence slot][position][kv_dim].
+/// Device memory from the driver's own allocator (cuMemAlloc), outside the stream-ordered
+/// pool: freed, it goes back to the driver at once, where the pool would keep a block as
+/// long as any allocation carved from it lives (a shared KV cache frees every other
+/// layer's buffers, and the room they leave must hold resident weights).
+struct DriverAlloc {
+    ptr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl DriverAlloc {
+    /// `bytes` of zeros.
+    fn zeroed(
+        ctx: &Arc<CudaContext>,
+        bytes: usize,
+    ) -> std::result::Result<Self, cudarc::driver::DriverError> {
+        ctx.bind_to_thread()?;
+        // SAFETY: a fresh allocation of `bytes` (at least 1), cleared before anyone reads it.
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(bytes.max(1)) }?;
+        let a = DriverAlloc {
+            ptr,
+            ctx: Arc::clone(ctx),
+        };
+        // SAFETY: ptr holds bytes.max(1) bytes.
+        unsafe { cudarc::driver::result::memset_d8_sync(ptr, 0, bytes.max(1)) }?;
+        Ok(a)
+    }
+}
+
+impl Drop for DriverAlloc {
+    fn drop(&mut self) {
+        // Work queued on the buffer finishes first (a cache goes rarely: at the end of a
+        // run, or when layers start sharing one).
+        let _ = self.ctx.synchronize();
+        // SAFETY: ptr came from malloc_sync, is freed once, and nothing queued uses it now.
+        let _ = self
+            .ctx
+            .bind_to_thread()
+            .and_then(|_| unsafe { cudarc::driver::result::free_sync(self.ptr) });
+    }
+}
+
+/// The F16 K and V caches, one buffer per layer, [sequence slot][position][kv_dim]; layers
+/// given `share_kv_layers` point at the first shared layer's buffers and own none.
 pub struct CudaKv {
     pub shape: KvShape,
-    _k: Vec<CudaSlice<u16>>,
-    _v: Vec<CudaSlice<u16>>,
+    _k: Vec<Option<DriverAlloc>>,
+    _v: Vec<Option<DriverAlloc>>,
     kp: Vec<u64>,
     vp: Vec<u64>,
 }
@@ -3010,25 +3052,20 @@ impl Backend for CudaBackend {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..shape.n_layers {
-            k.push(
-                self.stream
-                    .alloc_zeros::<u16>(per_layer.max(1))
-                    .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
-            );
-            v.push(
-                self.stream
-                    .alloc_zeros::<u16>(per_layer.max(1))
-                    .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
-            );
+            for side in [&mut k, &mut v] {
+                side.push(Some(
+                    DriverAlloc::zeroed(&self.ctx, per_layer * 2)
+                        .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
+                ));
+            }
         }
-        let kp = k.iter().map(|s| dptr(s, &self.stream)).collect();
-        let vp = v.iter().map(|s| dptr(s, &self.stream)).collect();
+        let ptrs = |x: &[Option<DriverAlloc>]| x.iter().flatten().map(|a| a.ptr).collect();
         Ok(CudaKv {
             shape,
+            kp: ptrs(&k),
+            vp: ptrs(&v),
             _k: k,
             _v: v,
-            kp,
-            vp,
         })
     }
 
@@ -4042,6 +4079,21 @@ impl Backend for CudaBackend {
         k: &mut [u16],
         v: &mut [u16],
     ) -> Result<()> {
+        // SAFETY: the copy is waited for before k and v are given back.
+        unsafe { self.kv_rows_into_queued(kv, layer, pos0, k, v) }?;
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("kv_rows_into: {e:?}")))
+    }
+
+    unsafe fn kv_rows_into_queued(
+        &self,
+        kv: &CudaKv,
+        layer: usize,
+        pos0: usize,
+        k: &mut [u16],
+        v: &mut [u16],
+    ) -> Result<()> {
         let kvd = self.kv_dim(kv).max(1);
         let n = k.len() / kvd;
         if layer >= kv.kp.len()
@@ -4058,7 +4110,8 @@ impl Backend for CudaBackend {
         }
         let off = (pos0 * kvd * 2) as u64;
         // SAFETY: kp/vp[layer] hold n_ctx*kvd u16 and rows pos0..pos0+n lie inside (checked);
-        // k and v hold n*kvd u16 each and stay borrowed until the synchronize below.
+        // k and v hold n*kvd u16 each and stay untouched until the stream has passed the
+        // copies (the caller's contract).
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(
                 k,
@@ -4073,13 +4126,47 @@ impl Backend for CudaBackend {
                 )
             })
         }
-        .map_err(|e| be(format!("kv_rows_into: {e:?}")))?;
+        .map_err(|e| be(format!("kv_rows_into: {e:?}")))
+    }
+
+    fn share_kv_layers(&self, kv: &mut CudaKv, shared: &[bool]) -> Result<bool> {
+        self.check_not_recording("sharing KV caches")?;
+        let n = kv.kp.len();
+        let Some(first) = (0..n).find(|&l| shared.get(l) == Some(&true)) else {
+            return Ok(false);
+        };
+        // Work queued on the buffers given back finishes before they go.
         self.stream
             .synchronize()
-            .map_err(|e| be(format!("kv_rows_into: {e:?}")))
+            .map_err(|e| be(format!("share_kv_layers: {e:?}")))?;
+        for l in first + 1..n {
+            if shared.get(l) == Some(&true) {
+                kv.kp[l] = kv.kp[first];
+                kv.vp[l] = kv.vp[first];
+                kv._k[l] = None;
+                kv._v[l] = None;
+            }
+        }
+        Ok(true)
     }
 
     fn set_kv_rows(
+        &self,
+        kv: &mut CudaKv,
+        layer: usize,
+        pos0: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()> {
+        // SAFETY: the copy is waited for before k and v are given back (a page-locked
+        // source would otherwise still be read after the return).
+        unsafe { self.set_kv_rows_queued(kv, layer, pos0, k, v) }?;
+        self.stream
+            .synchronize()
+            .map_err(|e| be(format!("set_kv_rows: {e:?}")))
+    }
+
+    unsafe fn set_kv_rows_queued(
         &self,
         kv: &mut CudaKv,
         layer: usize,
@@ -4099,7 +4186,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let off = (pos0 * kvd * 2) as u64;
-        // SAFETY: as in kv_rows; pageable sources are staged by the driver before return.
+        // SAFETY: rows pos0.. lie inside kp/vp[layer] (checked); pageable sources are staged
+        // by the driver before return, page-locked ones stay unchanged until the stream has
+        // passed the copies (the caller's contract).
         unsafe {
             cudarc::driver::result::memcpy_htod_async(
                 kv.kp[layer] + off,

@@ -83,21 +83,30 @@ fn argmax(x: &[f32]) -> u32 {
 
 /// A synthetic Q4_K_M model of `preset` in a temporary file (removed when the guard drops).
 fn synth(preset: Preset, tag: &str) -> (Tmp, PathBuf, Model) {
-    synth_vocab(preset, tag, None)
+    synth_shaped(preset, tag, None, None)
 }
 
-/// `synth` with another vocabulary size.
-fn synth_vocab(preset: Preset, tag: &str, vocab: Option<usize>) -> (Tmp, PathBuf, Model) {
+/// `synth` with another vocabulary size and/or layer count.
+fn synth_shaped(
+    preset: Preset,
+    tag: &str,
+    vocab: Option<usize>,
+    layers: Option<usize>,
+) -> (Tmp, PathBuf, Model) {
     let path = std::env::temp_dir().join(format!(
-        "flea-cuda-{tag}-{}-{}-{}.gguf",
+        "flea-cuda-{tag}-{}-{}-{}-{}.gguf",
         preset.name(),
         vocab.unwrap_or(0),
+        layers.unwrap_or(0),
         std::process::id()
     ));
     let tmp = Tmp(path.clone());
     let mut o = SynthOptions::new(preset);
     if let Some(v) = vocab {
         o.shape.n_vocab = v;
+    }
+    if let Some(l) = layers {
+        o.shape.n_layers = l;
     }
     o.quant = QuantMix::Q4_K_M;
     o.seed = 11;
@@ -389,6 +398,98 @@ fn hybrid_decode_matches_resident_on_gpu() {
     }
 }
 
+/// Hybrid decode with the CPU layers' device KV caches sharing one layer's room (their rows
+/// copied in before and out after each prompt pass that runs them) at a context long enough
+/// that the freed room takes more resident units: a prompt in three passes gives the
+/// resident plan's logits bit for bit (each pass after the first reads the rows the one
+/// before copied out), and decode, a second turn and decode again stay within the hybrid's
+/// tolerance of resident.
+#[test]
+fn hybrid_with_shared_device_kv_caches_on_gpu() {
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let cpu = CpuBackend::new(4).expect("CPU backend");
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let (_tmp, path, model) = synth_shaped(preset, "kvshare", None, Some(12));
+        let vocab = model.cfg.n_vocab as u32;
+        let scratch = cuda.scratch_bytes(&model, 32);
+        let probe = Plan::build(&model, &request(1 << 40, 1 << 40, None, scratch)).unwrap();
+        let kv_per_pos = probe.kv_bytes / (64 * model.cfg.n_layers as u64);
+        let n_ctx = ((2 * probe.slot_bytes / kv_per_pos.max(1)) as usize).clamp(256, 1 << 15);
+        let req = |vram: u64, depth: Option<usize>| {
+            let mut r = request(vram, 1 << 40, depth, scratch);
+            r.n_ctx = n_ctx;
+            r.links.host_to_device = Some(50e9);
+            r
+        };
+        let resident = Plan::build(&model, &req(1 << 40, None)).unwrap();
+        let fixed = resident.kv_bytes + resident.act_bytes + resident.misc_bytes;
+        let run = |plan: Plan, hybrid: bool| {
+            let mut s =
+                StreamedModel::new(&model, &cuda, plan, &path, &IoOptions::default(), n_ctx, 32)
+                    .expect("executor");
+            let report = if hybrid {
+                s.attach_cpu(&cpu, Some(50e9)).expect("attach the CPU")
+            } else {
+                None
+            };
+            let prompt: Vec<u32> = (0..80u32).map(|i| (i * 37 + 11) % vocab).collect();
+            let first = s.eval(&prompt, Logits::All).expect("prompt");
+            let mut rest = Vec::new();
+            for i in 0..10u32 {
+                if i == 5 {
+                    let turn: Vec<u32> = (0..40u32).map(|j| (j * 13 + 3) % vocab).collect();
+                    rest.push(s.eval(&turn, Logits::Last).expect("second turn"));
+                }
+                rest.push(
+                    s.eval(&[(i * 53 + 7) % vocab], Logits::Last)
+                        .expect("decode"),
+                );
+            }
+            assert!(s.device.peak() <= s.device.budget && s.host.peak() <= s.host.budget);
+            (first, rest, report, s.stats.bytes_host_cpu)
+        };
+        let (want_first, want_rest, _, _) = run(resident, false);
+        let plan = Plan::build(&model, &req(fixed + 3 * probe.slot_bytes, Some(2))).unwrap();
+        let (first, rest, report, cpu_bytes) = run(plan, true);
+        let report = report.expect("a split");
+        let name = preset.name();
+        assert!(
+            report.kv_shared_layers >= 2 && report.promoted_units >= 1 && cpu_bytes > 0,
+            "{name}: {} caches shared, {} units promoted, {cpu_bytes} bytes on the CPU",
+            report.kv_shared_layers,
+            report.promoted_units
+        );
+        assert!(
+            first
+                .iter()
+                .map(|x| x.to_bits())
+                .eq(want_first.iter().map(|x| x.to_bits())),
+            "{name}: a prompt over shared caches differs from resident"
+        );
+        let worst = rest
+            .iter()
+            .zip(&want_rest)
+            .map(|(g, w)| rel_err(g, w))
+            .fold(0f64, |m, e| {
+                if e.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(e)
+                }
+            });
+        println!(
+            "KVSHARE {name}: n_ctx {n_ctx}, {} caches shared, {} units promoted, decode and second turn vs resident {worst:.3e}",
+            report.kv_shared_layers, report.promoted_units
+        );
+        assert!(
+            !worst.is_nan() && worst <= HYBRID_TOL,
+            "{name}: hybrid over shared caches differs from resident by {worst:.3e}"
+        );
+    }
+}
+
 /// A greedy decode chained on the GPU (each token from `argmax_slot` straight into the next
 /// pass's embedding, the host reading tokens a pass behind) yields the host loop's tokens for
 /// every architecture (tied and untied embeddings); stopped early and resumed, the same; with
@@ -408,7 +509,7 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
         (Preset::TinyGemma3, None),
         (Preset::Tiny, Some(5000)),
     ] {
-        let (_tmp, path, model) = synth_vocab(preset, "chain", vocab);
+        let (_tmp, path, model) = synth_shaped(preset, "chain", vocab, None);
         let name = format!("{} vocab {}", preset.name(), model.cfg.n_vocab);
         let scratch = cuda.scratch_bytes(&model, 32);
         let depth = vocab.map(|_| 2);

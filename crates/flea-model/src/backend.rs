@@ -478,6 +478,47 @@ pub trait Backend {
         v.copy_from_slice(&vr);
         Ok(())
     }
+    /// `kv_rows_into` without waiting for the copy: it is queued behind the work queued so
+    /// far and ahead of any queued later. Default: `kv_rows_into`.
+    ///
+    /// # Safety
+    /// `k` and `v` must stay allocated, and nothing may read or write them, until the
+    /// backend's next synchronising call (reading activations back, `wait_idle`) has
+    /// returned.
+    unsafe fn kv_rows_into_queued(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        pos0: usize,
+        k: &mut [u16],
+        v: &mut [u16],
+    ) -> Result<()> {
+        self.kv_rows_into(kv, layer, pos0, k, v)
+    }
+    /// `set_kv_rows` without waiting for the copy where the source allows it (page-locked
+    /// host memory). Default: `set_kv_rows`.
+    ///
+    /// # Safety
+    /// `k` and `v` must stay allocated and unchanged until the backend's next synchronising
+    /// call has returned.
+    unsafe fn set_kv_rows_queued(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        pos0: usize,
+        k: &[u16],
+        v: &[u16],
+    ) -> Result<()> {
+        self.set_kv_rows(kv, layer, pos0, k, v)
+    }
+    /// Give the memory of the caches of the layers marked in `shared` back, all but one
+    /// layer's worth, which they then share: at most one of them holds rows at a time, and
+    /// the caller copies a layer's rows in before it runs and out after (hybrid decode, where
+    /// the CPU keeps those layers' rows and the GPU needs them only for prompts).
+    /// Ok(false): the backend keeps every layer's cache (nothing changed).
+    fn share_kv_layers(&self, _kv: &mut Self::Kv, _shared: &[bool]) -> Result<bool> {
+        Ok(false)
+    }
     /// A hint: the output of the next step (a norm, the attention, the GLU) is the input of
     /// a matmul with `w`, so a backend may also leave it in the form `w`'s kernels read
     /// (quantised for an int8 dot product). Changes no result.

@@ -125,6 +125,16 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Give back all but `bytes` of the reservation (no-op if it holds no more).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.arena
+                .used
+                .fetch_sub(self.bytes - bytes, Ordering::AcqRel);
+            self.bytes = bytes;
+        }
+    }
 }
 
 impl Drop for Reservation {
@@ -162,6 +172,10 @@ mod tests {
         let r2 = a.reserve(40, "y").unwrap();
         assert_eq!(a.used(), 100);
         drop(r1);
+        let mut r2 = r2;
+        r2.shrink_to(10);
+        r2.shrink_to(30);
+        assert_eq!((a.used(), r2.bytes()), (10, 10));
         drop(r2);
         assert_eq!(a.used(), 0);
         assert_eq!(a.peak(), 100);

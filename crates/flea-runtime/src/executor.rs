@@ -144,10 +144,19 @@ pub struct HybridReport {
     /// The CPU's rate (bytes of weights per second) last observed in the token loop once
     /// it was off the split's, and how many times re-splitting moved layers.
     pub rebalanced: Option<(f64, u32)>,
+    /// Layers the CPU computes in decode whose device KV caches share one layer's room
+    /// (their rows live on the host; prompts copy them in and out), and the host-cached
+    /// units made resident in the room that freed.
+    pub kv_shared_layers: usize,
+    pub promoted_units: usize,
 }
 
 /// Decode passes between comparisons of the hybrid split with the CPU's observed rate.
 const REBALANCE_PASSES: u32 = 8;
+/// The CPU's speed, as a share of the measured one, down to which a layer whose device
+/// cache is shared still stays on the CPU (the token loop has run 0.66-0.92 of the start-up
+/// measurement on the lent H200 host: docs/BENCHMARKS.md).
+const KV_SHARE_RATE: f64 = 0.6;
 /// Times the start-up CPU (and CPU-while-copying) measurement runs; the fastest counts.
 const START_MEASUREMENTS: usize = 2;
 /// Re-split when the CPU's observed rate is further than this from the split's.
@@ -188,6 +197,13 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     /// Per layer, how many positions of its KV cache are valid on [the device, the CPU]
     /// (a layer computed on both sides copies the missing rows before it runs).
     kv_valid: Vec<[usize; 2]>,
+    /// Layers whose device cache is the one they share (`Backend::share_kv_layers`): their
+    /// rows are kept by the CPU, copied in before the device computes them and out after.
+    shared_kv: Vec<bool>,
+    /// Whether `attach_cpu` may share the device caches of the CPU's layers (on by default).
+    kv_sharing: bool,
+    /// The device budget held for the KV cache (shrinks when caches are shared).
+    kv_budget: Reservation,
     /// Units staged ahead (in pass order) while the CPU computes.
     ahead: StagedAhead<B::Staged>,
     /// Host buffers page-locked for the backend's copies: (address, length).
@@ -291,7 +307,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let host = Arena::new("host cache", plan.ram_budget);
         let cfg = &model.cfg;
         let mut fixed = Vec::new();
-        fixed.push(device.reserve(plan.kv_bytes, "KV cache")?);
+        let kv_budget = device.reserve(plan.kv_bytes, "KV cache")?;
         let kv = backend.alloc_kv(KvShape {
             n_layers: cfg.n_layers,
             n_ctx,
@@ -438,6 +454,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             cpu_side: None,
             hybrid: None,
             kv_valid: vec![[0, 0]; cfg.n_layers],
+            shared_kv: vec![false; cfg.n_layers],
+            kv_sharing: true,
+            kv_budget,
             ahead: StagedAhead {
                 units: std::collections::VecDeque::new(),
                 next: 0,
@@ -502,6 +521,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 predicted_seconds: [0.0; 3],
                 adaptive: false,
                 rebalanced: None,
+                kv_shared_layers: 0,
+                promoted_units: 0,
             },
             None => {
                 // Each measured twice, the faster kept: a short slowdown elsewhere on the
@@ -553,6 +574,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     predicted_seconds: predicted,
                     adaptive: true,
                     rebalanced: None,
+                    kv_shared_layers: 0,
+                    promoted_units: 0,
                 }
             }
         };
@@ -644,7 +667,127 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             window: (0, 0.0, 0),
         });
         self.pin_cpu_kv()?;
+        self.share_device_kv()?;
         Ok(self.hybrid)
+    }
+
+    /// Whether `attach_cpu` may share the device caches of the layers the CPU computes in
+    /// decode (on by default; set before `attach_cpu`). Sharing frees device memory for more
+    /// resident units, and costs each prompt a copy of those layers' rows in and out.
+    pub fn set_kv_sharing(&mut self, on: bool) {
+        self.kv_sharing = on;
+    }
+
+    /// Hybrid: a layer the CPU computes in decode needs no device cache of its own — the
+    /// CPU keeps its rows, and a prompt, which runs it on the device, copies them in before
+    /// and out after. The layers a split at `KV_SHARE_RATE` of the CPU's measured speed
+    /// gives it share one layer's device room and stay on the CPU from then on (decode's
+    /// re-balancing moves only the others); the room that frees holds host-cached units,
+    /// the first in pass order while they fit, whose bytes then no longer cross from host
+    /// memory every token; the split is made again over the rest. Nothing changes unless
+    /// a unit becomes resident.
+    fn share_device_kv(&mut self) -> Result<()> {
+        let (Some(report), Some(cs)) = (self.hybrid, self.cpu_side.as_ref()) else {
+            return Ok(());
+        };
+        if !self.kv_sharing || self.pos != 0 || report.choice == HybridChoice::Stream {
+            return Ok(());
+        }
+        let m = self.model;
+        let n_layers = m.cfg.n_layers;
+        let kv_layer = self.plan.kv_bytes / n_layers.max(1) as u64;
+        let (rate, run) = match report.choice {
+            HybridChoice::CpuOnly => (f64::MAX / 4.0, 1),
+            _ => (
+                report.cpu_contended,
+                crate::plan::hybrid_run(self.plan.ring_depth),
+            ),
+        };
+        let copy = report.copy_contended;
+        let on_cpu = |units: &[crate::plan::Unit]| {
+            let mut v = vec![false; n_layers];
+            for u in units.iter().filter(|u| u.on_cpu) {
+                if let UnitKind::Layer(il) = u.kind {
+                    if let Some(x) = v.get_mut(il) {
+                        *x = true;
+                    }
+                }
+            }
+            v
+        };
+        let count = |v: &[bool]| v.iter().filter(|&&x| x).count() as u64;
+        // The CPU's layers in a split for a slower CPU: kept on the CPU whatever decode
+        // finds.
+        let shared_of = |units: &[crate::plan::Unit]| {
+            let mut slower = units.to_vec();
+            crate::plan::split_for_cpu(&mut slower, rate * KV_SHARE_RATE, copy, run);
+            on_cpu(&slower)
+        };
+        let kv_need = |shared: &[bool]| {
+            let c = count(shared);
+            kv_layer * (n_layers as u64 - c + u64::from(c > 0))
+        };
+        let others = self.device.used().saturating_sub(self.kv_budget.bytes());
+        let mut units = self.plan.units.clone();
+        let (mut promote, mut promoted_bytes) = (Vec::new(), 0u64);
+        let mut shared = vec![false; n_layers];
+        // Each round makes one more host-cached unit resident (at most one per unit).
+        while let Some(c) = units.iter().position(|u| u.tier == Tier::HostCache) {
+            let mut trial = units.clone();
+            trial[c].tier = Tier::Resident;
+            let s = shared_of(&trial);
+            crate::plan::split_for_cpu_keeping(&mut trial, rate, copy, run, &s);
+            let cpu_room = on_cpu(&trial)
+                .iter()
+                .zip(&cs.may_take)
+                .all(|(&on, &room)| !on || room);
+            let held = trial[c].held_bytes();
+            if !cpu_room || others + kv_need(&s) + promoted_bytes + held > self.device.budget {
+                break;
+            }
+            promoted_bytes += held;
+            promote.push(c);
+            units = trial;
+            shared = s;
+        }
+        if promote.is_empty() || !self.backend.share_kv_layers(&mut self.kv, &shared)? {
+            return Ok(());
+        }
+        let kv_bytes = kv_need(&shared);
+        self.kv_budget.shrink_to(kv_bytes);
+        for &c in &promote {
+            let u = &units[c];
+            let reservation = self.device.reserve(u.held_bytes(), "resident weights")?;
+            let key = unit_key(m, u.offset, u.bytes)?;
+            let weights = unit_matmul_weights(m, u.offset, u.bytes);
+            let Some(Holding::Host(h)) = self.held[c].as_mut() else {
+                return Err(RuntimeError::Stream(format!(
+                    "unit {c} is not in the host cache"
+                )));
+            };
+            let range = h.range.clone();
+            self.backend
+                .make_resident_weights(key, &mut h.buf.as_mut_slice()[range], &weights)?;
+            let addr = h.buf.as_ptr() as usize;
+            if let Some(i) = self.pinned.iter().position(|&(a, _)| a == addr) {
+                let (a, len) = self.pinned.swap_remove(i);
+                self.backend.unpin(a, len);
+            }
+            // The host copy (and its host budget) goes.
+            self.held[c] = Some(Holding::Device {
+                _budget: reservation,
+            });
+        }
+        self.plan.device_bytes =
+            self.plan.device_bytes - self.plan.kv_bytes + kv_bytes + promoted_bytes;
+        self.plan.kv_bytes = kv_bytes;
+        self.plan.units = units;
+        self.shared_kv = shared;
+        if let Some(h) = self.hybrid.as_mut() {
+            h.kv_shared_layers = count(&self.shared_kv) as usize;
+            h.promoted_units = promote.len();
+        }
+        self.pin_cpu_kv()
     }
 
     /// Let decode re-balance a hybrid split (on by default for a measured one, off for a
@@ -705,11 +848,13 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             return Ok(());
         }
         let mut units = self.plan.units.clone();
-        crate::plan::split_for_cpu(
+        // A layer whose device cache is shared stays on the CPU.
+        crate::plan::split_for_cpu_keeping(
             &mut units,
             observed,
             report.copy_contended,
             crate::plan::hybrid_run(self.plan.ring_depth),
+            &self.shared_kv,
         );
         // Only layers whose KV cache the CPU side has room for.
         let fits = units.iter().all(|u| match (u.on_cpu, &u.kind) {
@@ -1363,6 +1508,12 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     x_on_cpu = true;
                 }
                 let valid = &mut self.kv_valid[il];
+                if valid[1] < pos0 && self.shared_kv.get(il) == Some(&true) {
+                    return Err(RuntimeError::Stream(format!(
+                        "layer {il}: KV rows {}..{pos0} were not copied out of the shared cache",
+                        valid[1]
+                    )));
+                }
                 if valid[1] < pos0 {
                     // Straight into the CPU's (pinned) cache rows.
                     let (k, v) = cs.kv.rows_bits_mut(il, valid[1], pos0 - valid[1])?;
@@ -1392,13 +1543,31 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 }
                 x_on_cpu = false;
             }
-            if let (UnitKind::Layer(il), Some(cs)) = (&kind, self.cpu_side.as_ref()) {
+            // A layer of a shared device cache: its rows go out to the CPU after it runs.
+            let mut copy_out = None;
+            if let (UnitKind::Layer(il), Some(cs)) = (&kind, self.cpu_side.as_mut()) {
                 // A layer the CPU computed before (decode) now runs here (a prompt): bring
-                // its KV cache up to date.
-                let valid = &mut self.kv_valid[*il];
+                // its KV cache up to date; a shared cache holds no rows of it.
+                let il = *il;
+                let shared = self.shared_kv.get(il) == Some(&true);
+                let valid = &mut self.kv_valid[il];
+                if shared {
+                    valid[0] = 0;
+                    copy_out = Some(il);
+                }
                 if valid[0] < pos0 {
-                    let (k, v) = cs.cpu.kv_rows(&cs.kv, *il, valid[0], pos0 - valid[0])?;
-                    b.set_kv_rows(&mut self.kv, *il, valid[0], &k, &v)?;
+                    if valid[1] < pos0 {
+                        return Err(RuntimeError::Stream(format!(
+                            "layer {il}: KV rows {}..{pos0} are on neither side",
+                            valid[1]
+                        )));
+                    }
+                    let (k, v) = cs.kv.rows_bits_mut(il, valid[0], pos0 - valid[0])?;
+                    // SAFETY: the CPU's cache lives as long as the executor, whose drop
+                    // waits for the backend, and its rows below pos0 are written again
+                    // only by a decode pass, after reading the residual back, which waits
+                    // for this copy.
+                    unsafe { b.set_kv_rows_queued(&mut self.kv, il, valid[0], k, v) }?;
                 }
                 valid[0] = pos0 + n;
             }
@@ -1481,6 +1650,14 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 UnitKind::Layer(il) => {
                     let w = m.layout.layers[il].views(bytes, offset)?;
                     forward::block(b, cfg, il, &w, batch_rows, &mut self.kv, &mut self.scratch)?;
+                    if let (Some(il), Some(cs)) = (copy_out, self.cpu_side.as_mut()) {
+                        let (k, v) = cs.kv.rows_bits_mut(il, pos0, n)?;
+                        // SAFETY: as for the copy in above; the CPU reads these rows only
+                        // in a decode pass, after reading the residual back (which waits
+                        // for this copy).
+                        unsafe { b.kv_rows_into_queued(&self.kv, il, pos0, k, v) }?;
+                        self.kv_valid[il] = [0, pos0 + n];
+                    }
                 }
                 UnitKind::Output { start, end } => {
                     if !matches!(want, Want::Nothing) {
@@ -1595,6 +1772,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
 
 impl<B: UnitStaging> Drop for StreamedModel<'_, B> {
     fn drop(&mut self) {
+        // Copies queued into host buffers (the CPU's KV rows) land before those go.
+        let _ = self.backend.wait_idle();
         // Units staged for a pass that never came: their slots go back first.
         let _ = self.ahead.let_go(self.backend);
         self.backend.release_units();

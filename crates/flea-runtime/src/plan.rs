@@ -430,7 +430,24 @@ impl Plan {
 /// a run of streamed layers can be copied ahead while the CPU computes as long as the ring
 /// has a slot for each (`run` ≤ ring depth − 1). Output slices stay on the GPU.
 pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64, run: usize) {
-    units.iter_mut().for_each(|u| u.on_cpu = false);
+    split_for_cpu_keeping(units, cpu, h2d, run, &[]);
+}
+
+/// `split_for_cpu` with the host-cached layers marked in `keep` (by layer index) on the
+/// CPU whatever the share: their bytes count toward the CPU's, and the other layers make up
+/// the rest of the balance.
+pub(crate) fn split_for_cpu_keeping(
+    units: &mut [Unit],
+    cpu: f64,
+    h2d: f64,
+    run: usize,
+    keep: &[bool],
+) {
+    let kept = |u: &Unit| match u.kind {
+        UnitKind::Layer(il) => u.tier == Tier::HostCache && keep.get(il) == Some(&true),
+        UnitKind::Output { .. } => false,
+    };
+    units.iter_mut().for_each(|u| u.on_cpu = kept(u));
     let share = cpu / (cpu + h2d);
     let run = run.max(1);
     // Runs of up to `run` consecutive host-cached layers, in pass order; any other unit ends
@@ -454,10 +471,17 @@ pub(crate) fn split_for_cpu(units: &mut [Unit], cpu: f64, h2d: f64, run: usize) 
     }
     let (mut seen, mut on_cpu) = (0u64, 0u64);
     for (layers, other) in runs {
-        let bytes: u64 = layers.iter().map(|&i| units[i].bytes).sum();
-        seen += bytes + other;
-        if !layers.is_empty() && (on_cpu + bytes) as f64 <= share * seen as f64 + 0.5 * bytes as f64
-        {
+        let bytes_of = |free: bool| -> u64 {
+            layers
+                .iter()
+                .filter(|&&i| units[i].on_cpu != free)
+                .map(|&i| units[i].bytes)
+                .sum()
+        };
+        let (bytes, kept_bytes) = (bytes_of(true), bytes_of(false));
+        seen += bytes + kept_bytes + other;
+        on_cpu += kept_bytes;
+        if bytes > 0 && (on_cpu + bytes) as f64 <= share * seen as f64 + 0.5 * bytes as f64 {
             layers.iter().for_each(|&i| units[i].on_cpu = true);
             on_cpu += bytes;
         }
@@ -532,6 +556,15 @@ mod tests {
             .iter()
             .all(|u| !u.on_cpu
                 || (u.tier == Tier::HostCache && matches!(u.kind, UnitKind::Layer(_)))));
+        // Layers kept on the CPU stay there, and count toward its share.
+        let mut keep = vec![false; 10];
+        keep[3] = true;
+        keep[4] = true;
+        keep[0] = true; // resident: not the CPU's
+        split_for_cpu_keeping(&mut u, 1.0, 1.0, 1, &keep);
+        assert_eq!(pattern(&u), "rrCCCGGGCGG");
+        split_for_cpu_keeping(&mut u, 1.0, 9.0, 1, &keep);
+        assert_eq!(pattern(&u), "rrGCCGGGGGG");
         // A run cut short by the end of the layers is still decided.
         let mut u = layers(0, 3);
         split_for_cpu(&mut u, 1.0, 1.0, 2);

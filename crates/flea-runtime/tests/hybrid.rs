@@ -31,6 +31,9 @@ struct Staging {
     staged: Mutex<usize>,
     max_outstanding: Mutex<usize>,
     slots: Mutex<usize>,
+    /// Per layer, the cache layer it uses: after `share_kv_layers` every shared layer uses
+    /// the first one's, as on the GPU (so a row not copied in or out is another layer's).
+    kv_map: Mutex<Vec<usize>>,
 }
 
 impl Staging {
@@ -44,7 +47,17 @@ impl Staging {
             staged: Mutex::new(0),
             max_outstanding: Mutex::new(0),
             slots: Mutex::new(0),
+            kv_map: Mutex::new(Vec::new()),
         }
+    }
+
+    fn kv_layer(&self, layer: usize) -> usize {
+        self.kv_map
+            .lock()
+            .unwrap()
+            .get(layer)
+            .copied()
+            .unwrap_or(layer)
     }
 
     /// Run `f` with `w` re-pointed at the device copy; a weight that was not placed is an
@@ -129,7 +142,11 @@ impl Backend for Staging {
         p: &AttnParams,
         out: &mut Self::Act,
     ) -> Result<()> {
-        self.cpu.attention(n, q, k, v, kv, p, out)
+        let p = AttnParams {
+            layer: self.kv_layer(p.layer),
+            ..*p
+        };
+        self.cpu.attention(n, q, k, v, kv, &p, out)
     }
     fn glu(
         &self,
@@ -167,7 +184,7 @@ impl Backend for Staging {
         self.cpu.write(data, x)
     }
     fn kv_rows(&self, kv: &Self::Kv, l: usize, p: usize, n: usize) -> Result<(Vec<u16>, Vec<u16>)> {
-        self.cpu.kv_rows(kv, l, p, n)
+        self.cpu.kv_rows(kv, self.kv_layer(l), p, n)
     }
     fn kv_dim(&self, kv: &Self::Kv) -> usize {
         self.cpu.kv_dim(kv)
@@ -180,7 +197,22 @@ impl Backend for Staging {
         k: &[u16],
         v: &[u16],
     ) -> Result<()> {
-        self.cpu.set_kv_rows(kv, l, p, k, v)
+        self.cpu.set_kv_rows(kv, self.kv_layer(l), p, k, v)
+    }
+    fn share_kv_layers(&self, kv: &mut Self::Kv, shared: &[bool]) -> Result<bool> {
+        let Some(first) = shared.iter().position(|&s| s) else {
+            return Ok(false);
+        };
+        *self.kv_map.lock().unwrap() = (0..kv.shape.n_layers)
+            .map(|l| {
+                if shared.get(l) == Some(&true) {
+                    first
+                } else {
+                    l
+                }
+            })
+            .collect();
+        Ok(true)
     }
 }
 
@@ -231,6 +263,7 @@ impl UnitStaging for Staging {
     fn release_units(&self) {
         self.mapped.lock().unwrap().clear();
         self.pending.lock().unwrap().clear();
+        self.kv_map.lock().unwrap().clear();
     }
     fn finish(&self, key: usize, _release_host: bool) -> Result<()> {
         *self.staged.lock().unwrap() -= 1;
@@ -401,6 +434,8 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
         // ways, with their KV caches): still the same bits.
         let p = Plan::build(&model, &request(small, true, false)).unwrap();
         let mut s = StreamedModel::new(&model, &dev, p, &path, &io, 64, 16).unwrap();
+        // (Layers whose device caches are shared stay on the CPU: keep them all here.)
+        s.set_kv_sharing(false);
         s.attach_cpu(&cpu, Some(1e15)).unwrap();
         s.adapt_hybrid(true);
         let before: Vec<bool> = s.plan.units.iter().map(|u| u.on_cpu).collect();
@@ -437,5 +472,122 @@ fn staged_and_hybrid_runs_equal_the_cpu_executor() {
             preset.name(),
             dev.max_outstanding.lock().unwrap()
         );
+    }
+}
+
+/// A long prompt in several passes, decode (hybrid), a second turn, decode, a rewind and
+/// decode again; all logits as bits.
+fn long_script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Vec<u32> {
+    let v = vocab as u32;
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % v).collect();
+    let mut out = s.eval(&prompt, Logits::All).unwrap();
+    let mut next = 5u32;
+    for step in 0..12 {
+        if step == 4 {
+            let turn: Vec<u32> = (0..19u32).map(|i| (i * 13 + 3) % v).collect();
+            out.extend(s.eval(&turn, Logits::All).unwrap());
+        }
+        if step == 8 {
+            let back = s.pos - 3;
+            s.rewind(back);
+        }
+        let l = s.eval(&[next], Logits::Last).unwrap();
+        next = (l
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+            .0) as u32;
+        out.extend(l);
+    }
+    out.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn shared_device_kv_caches_equal_the_cpu_executor() {
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let path = std::env::temp_dir().join(format!(
+            "flea-kvshare-{}-{}.gguf",
+            preset.name(),
+            std::process::id()
+        ));
+        let _tmp = Tmp(path.clone());
+        let mut o = SynthOptions::new(preset);
+        o.quant = QuantMix::Q4_K_M;
+        o.threads = 2;
+        // Enough layers that a split at 0.6 of the CPU's rate still gives it some.
+        o.shape.n_layers = 12;
+        write_synthetic(&path, &o).unwrap();
+        let model = Model::load(&path).unwrap();
+        let vocab = model.cfg.n_vocab;
+        let io = IoOptions::default();
+        // A context long enough that a layer's cache outweighs a layer's weights (as at a
+        // few thousand positions of a 13B without grouped KV heads).
+        let probe = Plan::build(&model, &request(1 << 40, true, false)).unwrap();
+        let kv_per_pos = probe.kv_bytes / (64 * model.cfg.n_layers as u64);
+        let n_ctx = ((2 * probe.slot_bytes / kv_per_pos.max(1)) as usize).clamp(256, 1 << 15);
+        let req = |vram: u64, stages: bool, cpu: bool| {
+            let mut r = request(vram, stages, cpu);
+            r.n_ctx = n_ctx;
+            r
+        };
+
+        let cpu = CpuBackend::new(2).unwrap();
+        let plan = Plan::build(&model, &req(1 << 40, false, false)).unwrap();
+        let want = long_script(
+            &mut StreamedModel::new(&model, &cpu, plan, &path, &io, n_ctx, 16).unwrap(),
+            vocab,
+        );
+        let p = Plan::build(&model, &req(1 << 40, true, false)).unwrap();
+        let small = p.kv_bytes + p.act_bytes + p.misc_bytes + 3 * p.slot_bytes;
+        let dev = Staging::new(&model);
+        for (sharing, rate) in [(true, 50e9), (true, 1e15), (false, 50e9)] {
+            let p = Plan::build(&model, &req(small, true, false)).unwrap();
+            let resident = p.units.iter().filter(|u| u.tier == Tier::Resident).count();
+            let mut s = StreamedModel::new(&model, &dev, p, &path, &io, n_ctx, 16).unwrap();
+            s.set_kv_sharing(sharing);
+            let report = s.attach_cpu(&cpu, Some(rate)).unwrap().expect("a split");
+            let now = s
+                .plan
+                .units
+                .iter()
+                .filter(|u| u.tier == Tier::Resident)
+                .count();
+            let what = format!("{} sharing {sharing} rate {rate:e}", preset.name());
+            if sharing {
+                assert!(
+                    report.kv_shared_layers >= 2 && report.promoted_units >= 1,
+                    "{what}: {} layers shared, {} units promoted",
+                    report.kv_shared_layers,
+                    report.promoted_units
+                );
+                assert_eq!(now, resident + report.promoted_units, "{what}");
+                // The KV budget shrank by the shared caches' room.
+                let full = probe.kv_bytes / 64 * n_ctx as u64;
+                let per_layer = full / model.cfg.n_layers as u64;
+                assert_eq!(
+                    s.plan.kv_bytes,
+                    full - (report.kv_shared_layers as u64 - 1) * per_layer,
+                    "{what}"
+                );
+                println!(
+                    "{what}: n_ctx {n_ctx}, {} layers' device caches shared, {} units made resident",
+                    report.kv_shared_layers, report.promoted_units
+                );
+            } else {
+                assert_eq!((report.kv_shared_layers, now), (0, resident), "{what}");
+            }
+            let got = long_script(&mut s, vocab);
+            assert!(
+                s.stats.bytes_host_cpu > 0,
+                "{what}: the CPU computed nothing"
+            );
+            assert!(got == want, "{what}: differs from the CPU executor");
+            assert!(
+                s.device.peak() <= s.device.budget && s.host.peak() <= s.host.budget,
+                "{what}: over budget"
+            );
+            drop(s);
+            assert!(dev.mapped.lock().unwrap().is_empty());
+        }
     }
 }
