@@ -308,6 +308,34 @@ fn request(vram: u64, stages: bool, cpu_share: bool) -> PlanRequest {
     }
 }
 
+/// The first token of the largest logit.
+fn greedy(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+        .0 as u32
+}
+
+/// A Q4_K_M model of `preset` (with `layers` layers if given) in a temporary file.
+fn synth(preset: Preset, tag: &str, layers: Option<usize>) -> (Tmp, PathBuf, Model) {
+    let path = std::env::temp_dir().join(format!(
+        "flea-{tag}-{}-{}.gguf",
+        preset.name(),
+        std::process::id()
+    ));
+    let tmp = Tmp(path.clone());
+    let mut o = SynthOptions::new(preset);
+    o.quant = QuantMix::Q4_K_M;
+    o.threads = 2;
+    if let Some(l) = layers {
+        o.shape.n_layers = l;
+    }
+    write_synthetic(&path, &o).unwrap();
+    let model = Model::load(&path).unwrap();
+    (tmp, path, model)
+}
+
 /// A prompt (device for every layer), decode (hybrid), a second multi-token turn (device
 /// again: needs the KV rows the CPU wrote), decode again; all logits as bits.
 fn script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Vec<u32> {
@@ -320,11 +348,7 @@ fn script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Vec<u32
             out.extend(s.eval(&turn, Logits::All).unwrap());
         }
         let l = s.eval(&[next], Logits::Last).unwrap();
-        next = (l
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-            .0) as u32;
+        next = greedy(&l);
         out.extend(l);
     }
     out.iter().map(|x| x.to_bits()).collect()
@@ -333,17 +357,7 @@ fn script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Vec<u32
 #[test]
 fn staged_and_hybrid_runs_equal_the_cpu_executor() {
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let path = std::env::temp_dir().join(format!(
-            "flea-hybrid-{}-{}.gguf",
-            preset.name(),
-            std::process::id()
-        ));
-        let _tmp = Tmp(path.clone());
-        let mut o = SynthOptions::new(preset);
-        o.quant = QuantMix::Q4_K_M;
-        o.threads = 2;
-        write_synthetic(&path, &o).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_tmp, path, model) = synth(preset, "hybrid", None);
         let vocab = model.cfg.n_vocab;
         let io = IoOptions::default();
 
@@ -492,11 +506,7 @@ fn long_script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Ve
             s.rewind(back);
         }
         let l = s.eval(&[next], Logits::Last).unwrap();
-        next = (l
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
-            .0) as u32;
+        next = greedy(&l);
         out.extend(l);
     }
     out.iter().map(|x| x.to_bits()).collect()
@@ -505,19 +515,8 @@ fn long_script<B: UnitStaging>(s: &mut StreamedModel<'_, B>, vocab: usize) -> Ve
 #[test]
 fn shared_device_kv_caches_equal_the_cpu_executor() {
     for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
-        let path = std::env::temp_dir().join(format!(
-            "flea-kvshare-{}-{}.gguf",
-            preset.name(),
-            std::process::id()
-        ));
-        let _tmp = Tmp(path.clone());
-        let mut o = SynthOptions::new(preset);
-        o.quant = QuantMix::Q4_K_M;
-        o.threads = 2;
         // Enough layers that a split at 0.6 of the CPU's rate still gives it some.
-        o.shape.n_layers = 12;
-        write_synthetic(&path, &o).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_tmp, path, model) = synth(preset, "kvshare", Some(12));
         let vocab = model.cfg.n_vocab;
         let io = IoOptions::default();
         // A context long enough that a layer's cache outweighs a layer's weights (as at a
