@@ -1980,7 +1980,8 @@ impl CudaBackend {
     }
 
     /// Prompt attention on tensor cores (`attention_mma_h*`): a block of 4 warps per head and
-    /// tile of up to ATTN_MMA_TQ rows, keys in chunks with a running softmax.
+    /// tile of up to ATTN_MMA_TQ rows, two passes over the keys in chunks (each row's maximum
+    /// and sum, then the probabilities times V).
     fn attention_mma(
         &self,
         t: &AttnTiles,

@@ -292,6 +292,44 @@ fn read_unit(
     })
 }
 
+/// Per layer, whether a unit of it satisfies `keep` (output slices count for no layer).
+fn layers_where(
+    units: &[crate::plan::Unit],
+    n_layers: usize,
+    keep: impl Fn(&crate::plan::Unit) -> bool,
+) -> Vec<bool> {
+    let mut v = vec![false; n_layers];
+    for u in units.iter().filter(|u| keep(u)) {
+        if let UnitKind::Layer(il) = u.kind {
+            if let Some(x) = v.get_mut(il) {
+                *x = true;
+            }
+        }
+    }
+    v
+}
+
+fn count(v: &[bool]) -> u64 {
+    v.iter().filter(|&&x| x).count() as u64
+}
+
+/// Unit `u` into the backend's own memory from `bytes` (its host copy, which the backend may
+/// rearrange in place), under `reservation` (its device budget, taken before the bytes were).
+fn place_resident<B: UnitStaging>(
+    backend: &B,
+    model: &Model,
+    u: &crate::plan::Unit,
+    bytes: &mut [u8],
+    reservation: Reservation,
+) -> Result<Holding> {
+    let key = unit_key(model, u.offset, u.bytes)?;
+    let weights = unit_matmul_weights(model, u.offset, u.bytes);
+    backend.make_resident_weights(key, bytes, &weights)?;
+    Ok(Holding::Device {
+        _budget: reservation,
+    })
+}
+
 impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     pub fn new(
         model: &'m Model,
@@ -361,12 +399,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                     let mut tmp =
                         AlignedBuf::new(flea_io::required_capacity(u.offset, u.bytes as usize))?;
                     let r = reader.read(u.offset, u.bytes as usize, &mut tmp)?;
-                    let key = unit_key(model, u.offset, u.bytes)?;
-                    let weights = unit_matmul_weights(model, u.offset, u.bytes);
-                    backend.make_resident_weights(key, &mut tmp.as_mut_slice()[r], &weights)?;
-                    Some(Holding::Device {
-                        _budget: reservation,
-                    })
+                    let bytes = &mut tmp.as_mut_slice()[r];
+                    Some(place_resident(backend, model, u, bytes, reservation)?)
                 }
                 Tier::HostCache => {
                     let mut h = read_unit(
@@ -618,23 +652,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             head_dim: cfg.head_dim,
         };
         let per_layer = (shape.bytes() / cfg.n_layers.max(1)) as u64;
-        let layers_of = |keep: &dyn Fn(&crate::plan::Unit) -> bool| {
-            let mut v = vec![false; cfg.n_layers];
-            for u in self.plan.units.iter().filter(|u| keep(u)) {
-                if let Some(x) = match u.kind {
-                    UnitKind::Layer(il) => v.get_mut(il),
-                    UnitKind::Output { .. } => None,
-                } {
-                    *x = true;
-                }
-            }
-            v
-        };
+        let units = &self.plan.units;
         // KV room for every host-cached layer if the budget allows (so decode may re-balance
         // the split), else for the layers the CPU has now.
-        let cached = layers_of(&|u| u.tier == Tier::HostCache);
-        let on_cpu = layers_of(&|u| u.on_cpu);
-        let count = |v: &[bool]| v.iter().filter(|&&x| x).count() as u64;
+        let cached = layers_where(units, cfg.n_layers, |u| u.tier == Tier::HostCache);
+        let on_cpu = layers_where(units, cfg.n_layers, |u| u.on_cpu);
         let (kv_res, may_take) = match self
             .host
             .reserve(per_layer * count(&cached), "CPU layers' KV cache")
@@ -704,18 +726,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             ),
         };
         let copy = report.copy_contended;
-        let on_cpu = |units: &[crate::plan::Unit]| {
-            let mut v = vec![false; n_layers];
-            for u in units.iter().filter(|u| u.on_cpu) {
-                if let UnitKind::Layer(il) = u.kind {
-                    if let Some(x) = v.get_mut(il) {
-                        *x = true;
-                    }
-                }
-            }
-            v
-        };
-        let count = |v: &[bool]| v.iter().filter(|&&x| x).count() as u64;
+        let on_cpu = |units: &[crate::plan::Unit]| layers_where(units, n_layers, |u| u.on_cpu);
         // The CPU's layers in a split for a slower CPU: kept on the CPU whatever decode
         // finds.
         let shared_of = |units: &[crate::plan::Unit]| {
@@ -756,27 +767,29 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let kv_bytes = kv_need(&shared);
         self.kv_budget.shrink_to(kv_bytes);
         for &c in &promote {
-            let u = &units[c];
-            let reservation = self.device.reserve(u.held_bytes(), "resident weights")?;
-            let key = unit_key(m, u.offset, u.bytes)?;
-            let weights = unit_matmul_weights(m, u.offset, u.bytes);
+            let reservation = self
+                .device
+                .reserve(units[c].held_bytes(), "resident weights")?;
             let Some(Holding::Host(h)) = self.held[c].as_mut() else {
                 return Err(RuntimeError::Stream(format!(
                     "unit {c} is not in the host cache"
                 )));
             };
             let range = h.range.clone();
-            self.backend
-                .make_resident_weights(key, &mut h.buf.as_mut_slice()[range], &weights)?;
+            let placed = place_resident(
+                self.backend,
+                m,
+                &units[c],
+                &mut h.buf.as_mut_slice()[range],
+                reservation,
+            )?;
             let addr = h.buf.as_ptr() as usize;
             if let Some(i) = self.pinned.iter().position(|&(a, _)| a == addr) {
                 let (a, len) = self.pinned.swap_remove(i);
                 self.backend.unpin(a, len);
             }
             // The host copy (and its host budget) goes.
-            self.held[c] = Some(Holding::Device {
-                _budget: reservation,
-            });
+            self.held[c] = Some(placed);
         }
         self.plan.device_bytes =
             self.plan.device_bytes - self.plan.kv_bytes + kv_bytes + promoted_bytes;
