@@ -812,9 +812,28 @@ fn write_npy(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<()> 
 
 fn cmd_plan(a: PlanArgs) -> Result<()> {
     let e = &a.engine;
+    let gpu = parse_device(&e.device)?;
+    #[cfg(not(feature = "cuda"))]
+    if gpu.is_some() {
+        bail!("this flea was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
+    }
     let model = load(&e.model)?;
     let n_ctx = e.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
     let batch = e.prompt_batch();
+    // On a GPU, the plan `flea run` makes there: free VRAM read after cuBLAS has loaded,
+    // links measured, the device's scratch counted, the hybrid's ring depth.
+    #[cfg(feature = "cuda")]
+    let plan = match gpu {
+        Some(n) => {
+            let cuda = flea_cuda::CudaBackend::new(n)
+                .map_err(|err| anyhow!("--device {}: {err}", e.device))?;
+            cuda.warm_up_gemms(&model, batch)
+                .map_err(|err| anyhow!("{err}"))?;
+            e.residency.plan_cuda(&model, &cuda, n_ctx, batch, 1)?
+        }
+        None => e.residency.plan(&model, n_ctx, batch, 1)?,
+    };
+    #[cfg(not(feature = "cuda"))]
     let plan = e.residency.plan(&model, n_ctx, batch, 1)?;
     println!(
         "{} ({} layers, {} weights), context {n_ctx}, batch {}",
@@ -824,6 +843,17 @@ fn cmd_plan(a: PlanArgs) -> Result<()> {
         batch
     );
     print!("{}", plan.table());
+    let host_cached = plan
+        .units
+        .iter()
+        .any(|u| u.tier == flea_runtime::Tier::HostCache);
+    if gpu.is_some() && host_cached && e.residency.hybrid != residency::HybridMode::Off {
+        println!(
+            "decode: the hybrid (--hybrid auto) measures the CPU at start and may compute some \
+             host-cached layers there; their device KV caches then share one layer's room and \
+             the room freed holds more units resident than listed above (`flea run` prints both)"
+        );
+    }
     Ok(())
 }
 

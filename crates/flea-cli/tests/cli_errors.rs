@@ -195,4 +195,13 @@ fn budget_below_minimum() {
         ],
         "bad size",
     );
+    // `flea plan --device cuda` plans for the GPU as `flea run` does, so without one (or
+    // without the cuda feature) it fails as `flea run` would instead of showing a CPU plan.
+    // (Where an NVIDIA device node exists it may plan; the GPU checks cover that machine.)
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        expect_error(
+            &["plan", "-m", good.to_str().unwrap(), "--device", "cuda"],
+            "cuda",
+        );
+    }
 }

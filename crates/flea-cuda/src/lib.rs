@@ -3282,7 +3282,9 @@ impl Backend for CudaBackend {
             if i < 64 && by_mmvq & (1 << i) != 0 {
                 continue;
             }
-            let (suffix, mode) = type_info(w.ty).unwrap();
+            // check_matmul above rejected unsupported types; an error rather than a panic anyway.
+            let (suffix, mode) =
+                type_info(w.ty).ok_or_else(|| be(format!("matmul: unsupported type {}", w.ty)))?;
             let wp = self.weight_ptr(w)?;
             let repacked = self.is_repacked(wp);
             let suffix = if repacked { "q6_k_soa" } else { suffix };

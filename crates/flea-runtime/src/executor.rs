@@ -157,6 +157,15 @@ const REBALANCE_PASSES: u32 = 8;
 /// cache is shared still stays on the CPU (the token loop has run 0.66-0.92 of the start-up
 /// measurement on the lent H200 host: docs/BENCHMARKS.md).
 const KV_SHARE_RATE: f64 = 0.6;
+
+/// `KV_SHARE_RATE`, or `FLEA_KV_SHARE_RATE` (in (0, 1]; for comparisons).
+fn kv_share_rate() -> f64 {
+    std::env::var("FLEA_KV_SHARE_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|r| *r > 0.0 && *r <= 1.0)
+        .unwrap_or(KV_SHARE_RATE)
+}
 /// Times the start-up CPU (and CPU-while-copying) measurement runs; the fastest counts.
 const START_MEASUREMENTS: usize = 2;
 /// Re-split when the CPU's observed rate is further than this from the split's.
@@ -731,7 +740,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         // finds.
         let shared_of = |units: &[crate::plan::Unit]| {
             let mut slower = units.to_vec();
-            crate::plan::split_for_cpu(&mut slower, rate * KV_SHARE_RATE, copy, run);
+            crate::plan::split_for_cpu(&mut slower, rate * kv_share_rate(), copy, run);
             on_cpu(&slower)
         };
         let kv_need = |shared: &[bool]| {

@@ -8,6 +8,8 @@ use flea_cuda::CudaBackend;
 use flea_model::{Logits, Model, Session};
 use std::time::Instant;
 
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
@@ -18,11 +20,11 @@ fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-fn weight_bytes_per_token(m: &Model) -> u64 {
-    let h = m.head_weights().unwrap();
+fn weight_bytes_per_token(m: &Model) -> Res<u64> {
+    let h = m.head_weights()?;
     let mut b = (h.output_norm.data.len() + h.output.data.len() + h.token_embd.row_bytes()) as u64;
     for il in 0..m.cfg.n_layers {
-        let l = m.layer_weights(il).unwrap();
+        let l = m.layer_weights(il)?;
         let mut ws = vec![
             l.attn_norm,
             l.wq,
@@ -49,7 +51,14 @@ fn weight_bytes_per_token(m: &Model) -> u64 {
         );
         b += ws.iter().map(|w| w.data.len() as u64).sum::<u64>();
     }
-    b
+    Ok(b)
+}
+
+/// The value after a flag, as a count.
+fn count_arg(flag: &str, v: Option<String>) -> Res<usize> {
+    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+    Ok(v.parse()
+        .map_err(|e| format!("{flag} {v}: not a count ({e})"))?)
 }
 
 fn date_utc() -> String {
@@ -61,7 +70,7 @@ fn date_utc() -> String {
         .unwrap_or_default()
 }
 
-fn main() {
+fn main() -> Res<()> {
     let mut tokens = 128usize;
     let mut prompt = 512usize;
     let mut json: Option<String> = None;
@@ -69,8 +78,8 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--tokens" => tokens = args.next().unwrap().parse().unwrap(),
-            "--prompt" => prompt = args.next().unwrap().parse().unwrap(),
+            "--tokens" => tokens = count_arg("--tokens", args.next())?,
+            "--prompt" => prompt = count_arg("--prompt", args.next())?,
             "--json" => json = args.next(),
             _ => models.push(a),
         }
@@ -89,55 +98,55 @@ fn main() {
             Ok(b) => b,
             Err(e) => {
                 println!("SKIP: no CUDA device ({e})");
-                return;
+                return Ok(());
             }
         };
         card = cuda.device_name().to_string();
         if bw == 0.0 {
-            bw = cuda.measure_copy_bandwidth(1 << 30, 5).unwrap();
+            bw = cuda.measure_copy_bandwidth(1 << 30, 5)?;
             eprintln!("device copy bandwidth: {:.0} GB/s (read+write)", bw / 1e9);
         }
-        let model = Model::load(std::path::Path::new(path)).unwrap();
-        let bytes = weight_bytes_per_token(&model);
+        let model = Model::load(std::path::Path::new(path))?;
+        let bytes = weight_bytes_per_token(&model)?;
         let vocab = model.cfg.n_vocab as u32;
         let n_ctx = (prompt + tokens + 16).max(64);
         // Prompt speed (also uploads every weight).
         let ptoks: Vec<u32> = (0..prompt as u32)
             .map(|i| (i * 7919 + 13) % vocab)
             .collect();
-        let mut s = Session::new(&model, &cuda, n_ctx, prompt.max(1)).unwrap();
+        let mut s = Session::new(&model, &cuda, n_ctx, prompt.max(1))?;
         let t = Instant::now();
-        s.eval(&ptoks, Logits::Last).unwrap();
+        s.eval(&ptoks, Logits::Last)?;
         let first_prompt = t.elapsed().as_secs_f64();
         s.reset();
         let t = Instant::now();
-        s.eval(&ptoks, Logits::Last).unwrap();
+        s.eval(&ptoks, Logits::Last)?;
         let prompt_s = t.elapsed().as_secs_f64();
         // The same prompt with the precise (F32) GEMM.
         cuda.set_precise_gemm(true);
         s.reset();
         let t = Instant::now();
-        s.eval(&ptoks, Logits::Last).unwrap();
+        s.eval(&ptoks, Logits::Last)?;
         let prompt_f32_s = t.elapsed().as_secs_f64();
         cuda.set_precise_gemm(false);
         s.reset();
-        let l = s.eval(&ptoks, Logits::Last).unwrap();
+        let l = s.eval(&ptoks, Logits::Last)?;
         // Decode.
         let mut next = argmax(&l);
         for _ in 0..4 {
-            next = argmax(&s.eval(&[next], Logits::Last).unwrap());
+            next = argmax(&s.eval(&[next], Logits::Last)?);
         }
         let t = Instant::now();
         for _ in 0..tokens {
-            next = argmax(&s.eval(&[next], Logits::Last).unwrap());
+            next = argmax(&s.eval(&[next], Logits::Last)?);
         }
         let dec_s = t.elapsed().as_secs_f64();
         let tok_s = tokens as f64 / dec_s;
         // Matvec alone on layer 0's matrices and the output: GB/s per weight type.
         {
             use flea_model::Backend;
-            let l = model.layer_weights(0).unwrap();
-            let h = model.head_weights().unwrap();
+            let l = model.layer_weights(0)?;
+            let h = model.head_weights()?;
             for (name, w) in [
                 ("wq", l.wq),
                 ("wv", l.wv),
@@ -145,16 +154,16 @@ fn main() {
                 ("down", l.w_down),
                 ("output", h.output),
             ] {
-                let x = cuda.alloc_act(1, w.cols).unwrap();
-                let mut o = cuda.alloc_act(1, w.rows).unwrap();
-                cuda.matmul(1, &w, &x, &mut o).unwrap();
-                cuda.synchronize().unwrap();
+                let x = cuda.alloc_act(1, w.cols)?;
+                let mut o = cuda.alloc_act(1, w.rows)?;
+                cuda.matmul(1, &w, &x, &mut o)?;
+                cuda.synchronize()?;
                 let reps = 50;
                 let t = Instant::now();
                 for _ in 0..reps {
-                    cuda.matmul(1, &w, &x, &mut o).unwrap();
+                    cuda.matmul(1, &w, &x, &mut o)?;
                 }
-                cuda.synchronize().unwrap();
+                cuda.synchronize()?;
                 let dt = t.elapsed().as_secs_f64() / reps as f64;
                 eprintln!(
                     "matvec {name} {} {}x{}: {:.1} us, {:.0} GB/s",
@@ -202,21 +211,23 @@ fn main() {
     for r in &rows {
         println!(
             "| {} | {:.2} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} |",
-            r["model"].as_str().unwrap(),
-            r["weight_bytes_per_token"].as_u64().unwrap() as f64 / (1u64 << 30) as f64,
-            r["decode_tok_s"].as_f64().unwrap(),
-            r["ms_per_token"].as_f64().unwrap(),
-            r["roofline_tok_s"].as_f64().unwrap(),
-            r["roofline_fraction"].as_f64().unwrap(),
-            r["achieved_gb_s"].as_f64().unwrap(),
-            r["prompt_tok_s"].as_f64().unwrap(),
-            r["prompt_f32_gemm_tok_s"].as_f64().unwrap(),
+            r["model"].as_str().unwrap_or("?"),
+            r["weight_bytes_per_token"].as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+            r["decode_tok_s"].as_f64().unwrap_or(f64::NAN),
+            r["ms_per_token"].as_f64().unwrap_or(f64::NAN),
+            r["roofline_tok_s"].as_f64().unwrap_or(f64::NAN),
+            r["roofline_fraction"].as_f64().unwrap_or(f64::NAN),
+            r["achieved_gb_s"].as_f64().unwrap_or(f64::NAN),
+            r["prompt_tok_s"].as_f64().unwrap_or(f64::NAN),
+            r["prompt_f32_gemm_tok_s"].as_f64().unwrap_or(f64::NAN),
         );
     }
     if let Some(p) = json {
         let doc = serde_json::json!({
             "card": card, "date": date, "copy_bandwidth_bytes_s": bw, "runs": rows,
         });
-        std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+        std::fs::write(&p, serde_json::to_string_pretty(&doc)?)
+            .map_err(|e| format!("writing {p}: {e}"))?;
     }
+    Ok(())
 }
