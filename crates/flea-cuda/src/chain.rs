@@ -33,8 +33,11 @@ pub(crate) const VOCAB_PARTS: usize = 128;
 /// Most tiles of 1024 logits `vocab_pick` walks (VOCAB_MAX_TILES): vocabularies up to 1 Mi.
 pub(crate) const VOCAB_MAX: usize = 1024 * 1024;
 /// Top-p's first-level histogram (TOPP_BINS masses, then as many counts) and, at this
-/// index, the lowest key kept (TOPP_KEEP in kernels.cu).
+/// index, the lowest key kept (TOPP_KEEP in kernels.cu); after it, in the low half of the
+/// next word, how many candidates `vocab_top_p_gather` listed.
 pub(crate) const TOP_P_KEEP: usize = 2 * 2048;
+/// Words of the top-p buffer: the histogram, the key kept and the candidates' count.
+pub(crate) const TOP_P_WORDS: usize = TOP_P_KEEP + 2;
 
 /// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
 /// rewritten only after the host has read it.
@@ -96,7 +99,8 @@ pub(crate) struct TokenSlots {
     pub(crate) vocab_tiles: CudaSlice<f64>,
     pub(crate) vocab_stash: Option<CudaSlice<f32>>,
     /// Top-p: `vocab_mass`'s histogram and `vocab_top_p`'s key, and each token's mass
-    /// (allocated at the first such token).
+    /// followed by room for as many (key, mass) candidates (3 words a token; allocated at the
+    /// first such token).
     pub(crate) vocab_top_p: CudaSlice<u64>,
     pub(crate) vocab_mass: Option<CudaSlice<u64>>,
     /// The same tokens in host memory, written by the kernel.
@@ -129,7 +133,7 @@ impl TokenSlots {
             .alloc_zeros::<f64>(VOCAB_MAX / 1024)
             .map_err(|e| ce("token slots' vocabulary sums", e))?;
         let vocab_top_p = stream
-            .alloc_zeros::<u64>(TOP_P_KEEP + 1)
+            .alloc_zeros::<u64>(TOP_P_WORDS)
             .map_err(|e| ce("token slots' top-p histogram", e))?;
         let host = MappedHost::new(TOKEN_SLOTS * 4)?;
         let written = (0..TOKEN_SLOTS)

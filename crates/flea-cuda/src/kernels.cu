@@ -846,11 +846,75 @@ extern "C" __global__ void __launch_bounds__(256)
             atomicAdd(&topp[TOPP_BINS + b], (u64)bin_count[b]);
         }
 }
+// Top-p's candidates: the tokens in the first level's chosen digit d0 (the largest digit
+// whose tokens' mass from the top reaches ceil(top_p * total): vocab_top_p's level-one choice,
+// made again here by every block from the same integers), as (key, mass) pairs appended to
+// `list` (2 * n u64) in any order, their number in *list_n (zeroed by vocab_max). vocab_top_p's
+// later levels then walk these instead of the whole vocabulary: they only count integer masses
+// and pick maxima, so the order does not change their result. blockDim 256: thread t holds
+// bins 2047 - 8t down to 2040 - 8t. Nothing when the largest logit is not finite (vocab_top_p
+// keeps everything then).
+extern "C" __global__ void __launch_bounds__(256)
+    vocab_top_p_gather(const float* __restrict__ x, int n, const float* __restrict__ part_max,
+                       int parts, float top_p, const u64* __restrict__ mass,
+                       const u64* __restrict__ topp, u64* __restrict__ list, u32* list_n) {
+    pdl_enter();
+    __shared__ u64 warp_sums[8];
+    __shared__ int pick;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (!isfinite(vocab_m(part_max, parts))) return;
+    if (tid == 0) pick = -1;
+    u64 bm[8], own = 0;
+    u32 bc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const int b = TOPP_BINS - 1 - 8 * tid - k;
+        bm[k] = topp[b];
+        bc[k] = (u32)topp[TOPP_BINS + b];
+        own += bm[k];
+    }
+    u64 incl = own;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 v = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    u64 run = incl - own, total = 0;
+    for (int w = 0; w < 8; w++) {
+        if (w < warp) run += warp_sums[w];
+        total += warp_sums[w];
+    }
+    const u64 goal = (u64)ceil(__dmul_rn((double)top_p, __ull2double_rn(total)));
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        run += bm[k];
+        if (bc[k] != 0 && run >= goal) {
+            atomicMax(&pick, TOPP_BINS - 1 - 8 * tid - k);
+            break;
+        }
+    }
+    __syncthreads();
+    const int d0 = pick;
+    if (d0 < 0) return;
+    for (int i = blockIdx.x * blockDim.x + tid; i < n; i += gridDim.x * blockDim.x) {
+        const float l = x[i];
+        if (l != l) continue;
+        const u64 k = vocab_key(i, l);
+        if ((int)(k >> 53) != d0) continue;
+        const u32 j = atomicAdd(list_n, 1u);
+        list[2 * (u64)j] = k;
+        list[2 * (u64)j + 1] = mass[i];
+    }
+}
 // One block of 1024 threads. Level by level: the largest digit d with tokens whose mass
-// from the top (acc, the digits above, plus d's own) reaches the goal.
+// from the top (acc, the digits above, plus d's own) reaches the goal; after the first level
+// only vocab_top_p_gather's candidates (list, *list_n of them) are walked.
 extern "C" __global__ void __launch_bounds__(1024)
-    vocab_top_p(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
-                float top_p, const u64* __restrict__ mass, u64* __restrict__ topp) {
+    vocab_top_p(const float* __restrict__ part_max, int parts, float top_p,
+                const u64* __restrict__ list, const u32* __restrict__ list_n,
+                u64* __restrict__ topp) {
     pdl_enter();
     __shared__ u64 bin_mass[TOPP_BINS];
     __shared__ u32 bin_count[TOPP_BINS];
@@ -921,16 +985,16 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
         if (tid == 0) found = 0;
         __syncthreads();
-        for (int i = tid; i < n; i += 1024) {
-            const float l = x[i];
-            if (l != l) continue;
-            const u64 k = vocab_key(i, l);
+        // Every candidate has the first level's digit (the walk at level 0 is the gather's).
+        const u32 candidates = *list_n;
+        for (u32 j = tid; j < candidates; j += 1024) {
+            const u64 k = list[2 * (u64)j];
             if ((k >> shift) != prefix) continue;
             if (count == 1) {
                 found = k;
             } else {
                 const int bin = (int)((k >> next) & digit_mask);
-                atomicAdd(&bin_mass[bin], mass[i]);
+                atomicAdd(&bin_mass[bin], list[2 * (u64)j + 1]);
                 atomicAdd(&bin_count[bin], 1u);
             }
         }

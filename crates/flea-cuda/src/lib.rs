@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 51] = [
+const PLAIN_KERNELS: [&str; 52] = [
     "act_round",
     "argmax_slot",
     "topk_part",
@@ -150,6 +150,7 @@ const PLAIN_KERNELS: [&str; 51] = [
     "vocab_gather",
     "vocab_max",
     "vocab_mass",
+    "vocab_top_p_gather",
     "vocab_top_p",
     "vocab_tiles",
     "vocab_pick",
@@ -1587,11 +1588,11 @@ impl CudaBackend {
             stash
         };
         let top_p = how.top_p < 1.0;
-        if top_p && ts.vocab_mass.as_ref().is_none_or(|v| v.len() < n_vocab) {
+        if top_p && ts.vocab_mass.as_ref().is_none_or(|v| v.len() < 3 * n_vocab) {
             self.check_not_recording("top-p's mass buffer")?;
             ts.vocab_mass = Some(
                 self.stream
-                    .alloc_zeros::<u64>(n_vocab)
+                    .alloc_zeros::<u64>(3 * n_vocab)
                     .map_err(|e| be(format!("top-p's mass buffer: {e:?}")))?,
             );
         }
@@ -1605,8 +1606,9 @@ impl CudaBackend {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // With top-p, vocab_max also clears the histogram vocab_mass adds into.
-        let zero_n = if top_p { chain::TOP_P_KEEP as i32 } else { 0 };
+        // With top-p, vocab_max also clears the histogram vocab_mass adds into and the
+        // candidates' count.
+        let zero_n = if top_p { chain::TOP_P_WORDS as i32 } else { 0 };
         launch!(self, "vocab_max", cfg; src, n, parts_ptr, topp_ptr, zero_n)?;
         let parts = parts as i32;
         // The lowest key top-p keeps (0: everything), at `keep_ptr` (null without top-p).
@@ -1617,13 +1619,20 @@ impl CudaBackend {
                 .map(|v| dptr(v, &self.stream))
                 .ok_or_else(|| be("no top-p mass buffer"))?;
             launch!(self, "vocab_mass", cfg; src, n, parts_ptr, parts, mass_ptr, topp_ptr)?;
+            let p = how.top_p;
+            // The first level's candidates listed by many blocks (256 threads: the kernel's
+            // bins a thread), so that the one-block select walks them instead of the
+            // vocabulary (Gemma 3's 262144 logits: one block took 207 us a call).
+            let list_ptr = mass_ptr + 8 * n_vocab as u64;
+            let count_ptr = topp_ptr + 8 * (chain::TOP_P_KEEP as u64 + 1);
+            launch!(self, "vocab_top_p_gather", cfg;
+                src, n, parts_ptr, parts, p, mass_ptr, topp_ptr, list_ptr, count_ptr)?;
             let one_block = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (1024, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let p = how.top_p;
-            launch!(self, "vocab_top_p", one_block; src, n, parts_ptr, parts, p, mass_ptr, topp_ptr)?;
+            launch!(self, "vocab_top_p", one_block; parts_ptr, parts, p, list_ptr, count_ptr, topp_ptr)?;
             topp_ptr + 8 * chain::TOP_P_KEEP as u64
         } else {
             0u64
