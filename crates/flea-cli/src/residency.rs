@@ -176,6 +176,7 @@ impl ResidencyArgs {
             Some(g) => g * 1e9,
             None => cuda.measure_h2d_bandwidth(256 << 20, 3)?,
         });
+        links.device_measured = true;
         let scratch = cuda.scratch_bytes(model, batch);
         let default_vram = (free as u64).saturating_sub(1 << 30);
         let plan_for = |r: &ResidencyArgs| {

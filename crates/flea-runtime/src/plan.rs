@@ -63,6 +63,9 @@ pub struct Links {
     pub cpu_compute: Option<f64>,
     /// Whether these came from a measurement (a hardware profile) or are assumed defaults.
     pub measured: bool,
+    /// Whether the GPU's two links (its memory, host→device) were measured for this plan (or
+    /// given), where the rest may still be assumed.
+    pub device_measured: bool,
 }
 
 impl Default for Links {
@@ -74,6 +77,7 @@ impl Default for Links {
             device_memory: 10e9,
             cpu_compute: None,
             measured: false,
+            device_measured: false,
         }
     }
 }
@@ -412,7 +416,13 @@ impl Plan {
             "predicted decode: {:.1} ms/token ({:.2} tok/s), the floor set by {link} (links {}: disk {:.2} GB/s, device memory {:.1} GB/s{})",
             t * 1e3,
             if t > 0.0 { 1.0 / t } else { f64::INFINITY },
-            if self.links.measured { "measured" } else { "assumed; run `flea probe` or pass --disk-gbps/--mem-gbps" },
+            if self.links.measured {
+                "measured"
+            } else if self.links.device_measured {
+                "the GPU's measured, the disk's assumed; run `flea probe` or pass --disk-gbps"
+            } else {
+                "assumed; run `flea probe` or pass --disk-gbps/--mem-gbps"
+            },
             self.links.disk / 1e9,
             self.links.device_memory / 1e9,
             self.links.host_to_device.map_or(String::new(), |h| format!(", host→device {:.1} GB/s", h / 1e9))

@@ -98,6 +98,7 @@ impl Profile {
             device_memory: self.mem_read_bps,
             cpu_compute: None,
             measured: true,
+            device_measured: false,
         }
     }
 }
