@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cuda_runtime.h>
 #include "gpu_check.h"
+#include "gpu_matvec_round.h"
 typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned int u32;
@@ -119,34 +120,6 @@ __device__ __forceinline__ void l2_ahead(const Ahead& a, int first, int count) {
     }
 }
 
-__device__ __forceinline__ int warp_sum_i(int v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-
-// The dot of one round (S steps of 512 bytes: lane `lane` holds 16 bytes of each) of a row
-// against the activations in shared memory.
-template <int S>
-__device__ __forceinline__ int round_dot(const uint4 (&w)[S], int idx0, int n16, const i8* sa,
-                                         int na, int acc) {
-#pragma unroll
-    for (int s = 0; s < S; s++)
-        if (idx0 + 32 * s < n16) {
-            const int4 a = ((const int4*)sa)[(idx0 + 32 * s) % na];
-            acc = __dp4a((int)w[s].x, a.x, acc);
-            acc = __dp4a((int)w[s].y, a.y, acc);
-            acc = __dp4a((int)w[s].z, a.z, acc);
-            acc = __dp4a((int)w[s].w, a.w, acc);
-        }
-    return acc;
-}
-template <int S>
-__device__ __forceinline__ void round_load(uint4 (&w)[S], const u8* wr, int idx0, int n16) {
-#pragma unroll
-    for (int s = 0; s < S; s++)
-        if (idx0 + 32 * s < n16) w[s] = __ldg(((const uint4*)wr) + idx0 + 32 * s);
-}
 __device__ __forceinline__ void fill_sa(i8* sa, const i8* in, int n_in) {
     for (int c = threadIdx.x; c < n_in / 16; c += blockDim.x)
         ((int4*)sa)[c] = __ldcg(((const int4*)in) + c);
@@ -329,15 +302,7 @@ __global__ void __launch_bounds__(128) small(const i8* in, i8* out, int n_in, in
         const int v = __ldcg(((const int*)in) + c);
         s += (v & 0xff) + ((v >> 8) & 0xff);
     }
-    s = warp_sum_i(s);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-    __syncthreads();
-    const int tot = red[0] + red[1] + red[2] + red[3];
-    const int per = (n_out + gridDim.x - 1) / gridDim.x;
-    for (int i = threadIdx.x; i < per; i += 128) {
-        const int e = blockIdx.x * per + i;
-        if (e < n_out) out[e] = (i8)((tot >> 4) + i);
-    }
+    small_outputs(s, out, n_out, red);
     dep_signal(dep.mode, dep.cnt);
 }
 
@@ -367,24 +332,9 @@ int main(int argc, char** argv) {
     for (int l = 0; l < layers; l++) steps.insert(steps.end(), layer.begin(), layer.end());
     const int n = (int)steps.size();
     // Weights of each mat-vec: own buffer slice, so nothing repeats within a token.
-    std::vector<long long> woff(n, 0);
-    long long wbytes = 0;
-    for (int i = 0; i < n; i++)
-        if (steps[i].mv) {
-            woff[i] = wbytes;
-            wbytes += (long long)steps[i].rows * steps[i].rb;
-            wbytes = (wbytes + 255) / 256 * 256;
-        }
     u8 *W, *kv;
-    CK(cudaMalloc(&W, wbytes));
-    CK(cudaMalloc(&kv, 160LL * 65536));
-    {
-        std::vector<u8> h(1 << 24);
-        for (auto& b : h) b = (u8)rand();
-        for (long long o = 0; o < wbytes; o += h.size())
-            CK(cudaMemcpy(W + o, h.data(), std::min<long long>(h.size(), wbytes - o), cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(kv, h.data(), 160LL * 65536, cudaMemcpyHostToDevice));
-    }
+    long long wbytes = 0;
+    const std::vector<long long> woff = random_weights(steps, &W, &wbytes, &kv, 160LL * 65536);
     i8* act[2];
     for (auto& a : act) {
         CK(cudaMalloc(&a, 2 * 16384 * 2));
@@ -396,9 +346,6 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&tickets, n * sizeof(u32)));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     printf("%d layers, %d launches, %.3f GB of weights per token\n", layers, n, wbytes / 1e9);
     int sms = 0;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -497,19 +444,7 @@ int main(int argc, char** argv) {
                     launched++;
                 }
                 CK(cudaStreamEndCapture(st, &g));
-                cudaGraphExec_t ge;
-                CK(cudaGraphInstantiate(&ge, g, 0));
-                std::vector<float> ms;
-                for (int r = 0; r < reps + 2; r++) {
-                    CK(cudaEventRecord(e0, st));
-                    CK(cudaGraphLaunch(ge, st));
-                    CK(cudaEventRecord(e1, st));
-                    CK(cudaStreamSynchronize(st));
-                    float t;
-                    CK(cudaEventElapsedTime(&t, e0, e1));
-                    if (r >= 2) ms.push_back(t);
-                }
-                std::sort(ms.begin(), ms.end());
+                const std::vector<float> ms = graph_times_ms(g, st, reps);
                 const float med = ms[ms.size() / 2];
                 const char* names[] = {"V0 flea's shape", "V1 first round before the wait",
                                        "V2 persistent, 4 blocks/SM", "V2 persistent, 8 blocks/SM",
@@ -535,7 +470,6 @@ int main(int argc, char** argv) {
                     CK(cudaMemcpyFromSymbol(&over, g_spin_overrun, sizeof(u32)));
                     printf("  counter waits that gave up: %u\n", over);
                 }
-                CK(cudaGraphExecDestroy(ge));
                 CK(cudaGraphDestroy(g));
             }
           }

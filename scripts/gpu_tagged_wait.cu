@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <cuda_runtime.h>
 #include "gpu_check.h"
+#include "gpu_matvec_round.h"
 typedef unsigned char u8;
 typedef signed char i8;
 typedef unsigned int u32;
@@ -126,32 +127,6 @@ __device__ __forceinline__ void settle_v2(const uint4* p, uint4& v, u32 want) {
     if (n == SPIN_MAX) atomicAdd(&g_spin_overrun, 1u);
 }
 
-__device__ __forceinline__ int warp_sum_i(int v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-template <int S>
-__device__ __forceinline__ void round_load(uint4 (&w)[S], const u8* wr, int idx0, int n16) {
-#pragma unroll
-    for (int s = 0; s < S; s++)
-        if (idx0 + 32 * s < n16) w[s] = __ldg(((const uint4*)wr) + idx0 + 32 * s);
-}
-template <int S>
-__device__ __forceinline__ int round_dot(const uint4 (&w)[S], int idx0, int n16, const i8* sa,
-                                         int na, int acc) {
-#pragma unroll
-    for (int s = 0; s < S; s++)
-        if (idx0 + 32 * s < n16) {
-            const int4 a = ((const int4*)sa)[(idx0 + 32 * s) % na];
-            acc = __dp4a((int)w[s].x, a.x, acc);
-            acc = __dp4a((int)w[s].y, a.y, acc);
-            acc = __dp4a((int)w[s].z, a.z, acc);
-            acc = __dp4a((int)w[s].w, a.w, acc);
-        }
-    return acc;
-}
-
 // One warp a row of rb bytes, grid = rows / 4; activations: n_in int8 copied to shared
 // memory after the wait; the row's first round loaded before it.
 template <int S>
@@ -222,15 +197,7 @@ __global__ void __launch_bounds__(128) small(const u64* in, int in_rows, int n_r
                 }
         }
     if (s.mode == 8) launch_next();
-    sum = warp_sum_i(sum);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
-    __syncthreads();
-    const int tot = red[0] + red[1] + red[2] + red[3];
-    const int per = (n_out + gridDim.x - 1) / gridDim.x;
-    for (int i = threadIdx.x; i < per; i += 128) {
-        const int e = blockIdx.x * per + i;
-        if (e < n_out) out[e] = (i8)((tot >> 4) + i);
-    }
+    small_outputs(sum, out, n_out, red);
     if (flagged(s)) {
         __syncthreads();  // the block's outputs before its flag (cumulative through the barrier)
         if (threadIdx.x == 0) st_release(s.flags + blockIdx.x, tag_of(s, s.step));
@@ -267,25 +234,9 @@ int main(int argc, char** argv) {
         fprintf(stderr, "too many steps for the tag's 10 bits\n");
         return 1;
     }
-    std::vector<long long> woff(n, 0);
-    long long wbytes = 0;
-    for (int i = 0; i < n; i++)
-        if (steps[i].mv) {
-            woff[i] = wbytes;
-            wbytes += (long long)steps[i].rows * steps[i].rb;
-            wbytes = (wbytes + 255) / 256 * 256;
-        }
     u8 *W, *kv;
-    CK(cudaMalloc(&W, wbytes));
-    CK(cudaMalloc(&kv, 160LL * 65536));
-    {
-        std::vector<u8> h(1 << 24);
-        for (auto& b : h) b = (u8)rand();
-        for (long long o = 0; o < wbytes; o += h.size())
-            CK(cudaMemcpy(W + o, h.data(), std::min<long long>(h.size(), wbytes - o),
-                          cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(kv, h.data(), 160LL * 65536, cudaMemcpyHostToDevice));
-    }
+    long long wbytes = 0;
+    const std::vector<long long> woff = random_weights(steps, &W, &wbytes, &kv, 160LL * 65536);
     // Each step its own output buffer, so a stale word is always an older tag.
     std::vector<u64*> mv_out(n, nullptr);
     std::vector<i8*> sm_out(n, nullptr);
@@ -305,9 +256,6 @@ int main(int argc, char** argv) {
     CK(cudaMemset(epoch, 0, sizeof(u32)));
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     printf("%d layers, %d launches, %.3f GB of weights per token\n", layers, n, wbytes / 1e9);
     const int S = 6;
     const int limit = argc > 2 ? atoi(argv[2]) : 0;
@@ -350,19 +298,7 @@ int main(int argc, char** argv) {
             }
         }
         CK(cudaStreamEndCapture(st, &g));
-        cudaGraphExec_t ge;
-        CK(cudaGraphInstantiate(&ge, g, 0));
-        std::vector<float> ms;
-        for (int r = 0; r < reps + 2; r++) {
-            CK(cudaEventRecord(e0, st));
-            CK(cudaGraphLaunch(ge, st));
-            CK(cudaEventRecord(e1, st));
-            CK(cudaStreamSynchronize(st));
-            float t;
-            CK(cudaEventElapsedTime(&t, e0, e1));
-            if (r >= 2) ms.push_back(t);
-        }
-        std::sort(ms.begin(), ms.end());
+        const std::vector<float> ms = graph_times_ms(g, st, reps);
         const float med = ms[ms.size() / 2];
         // The last mat-vec's values (the low word of a tagged one).
         const bool tg = mode == 4 || mode == 7 || mode == 8;
@@ -383,7 +319,6 @@ int main(int argc, char** argv) {
                "%.2f us a launch beyond the bytes at 3.97 TB/s; last output %016llx; spins given up %u\n",
                name, med, ms.front(), ms.back(), wbytes / (med * 1e-3) / 1e12,
                (med * 1e-3 - wbytes / 3.97e12) / n * 1e6, sum, over);
-        CK(cudaGraphExecDestroy(ge));
         CK(cudaGraphDestroy(g));
     }
     return 0;

@@ -814,6 +814,15 @@ __device__ __forceinline__ double vocab_segment(const float* x, int n, int seg, 
 // histogram (masses [0, TOPP_BINS), counts [TOPP_BINS, 2 TOPP_BINS)) and then the key.
 #define TOPP_BINS 2048
 #define TOPP_KEEP (2 * TOPP_BINS)
+// The warp's inclusive prefix sum of v in lane order (integers: exact in any order).
+__device__ __forceinline__ u64 warp_incl_sum(u64 v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u64 up = __shfl_up_sync(0xffffffff, v, o);
+        if (lane >= o) v += up;
+    }
+    return v;
+}
 extern "C" __global__ void __launch_bounds__(256)
     vocab_mass(const float* __restrict__ x, int n, const float* __restrict__ part_max, int parts,
                u64* __restrict__ mass, u64* __restrict__ topp) {
@@ -873,12 +882,7 @@ extern "C" __global__ void __launch_bounds__(256)
         bc[k] = (u32)topp[TOPP_BINS + b];
         own += bm[k];
     }
-    u64 incl = own;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const u64 v = __shfl_up_sync(0xffffffff, incl, o);
-        if (lane >= o) incl += v;
-    }
+    const u64 incl = warp_incl_sum(own, lane);
     if (lane == 31) warp_sums[warp] = incl;
     __syncthreads();
     u64 run = incl - own, total = 0;
@@ -940,12 +944,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         // sums from the top (integers: any order gives the same sums).
         const int hi = TOPP_BINS - 1 - 2 * tid;
         const u64 a = bin_mass[hi], b = bin_mass[hi - 1];
-        u64 incl = a + b;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u64 v = __shfl_up_sync(0xffffffff, incl, o);
-            if (lane >= o) incl += v;
-        }
+        const u64 incl = warp_incl_sum(a + b, lane);
         if (lane == 31) warp_sums[warp] = incl;
         __syncthreads();
         u64 before = incl - a - b;
