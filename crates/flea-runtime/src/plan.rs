@@ -240,7 +240,8 @@ impl Plan {
                     budget: req.vram_budget,
                     minimum: min,
                     detail: format!(
-                        "KV cache {} ({n_seq} sequences) + activations {} + other {} + one ring slot {}",
+                        "KV cache {} ({n_seq} sequences) + activations {} + other {} + one ring slot {}; \
+                         a smaller --ctx shrinks the KV cache, a smaller --batch the activations",
                         fmt_size(kv_bytes),
                         fmt_size(act_bytes),
                         fmt_size(misc_bytes),
