@@ -149,6 +149,8 @@ impl ResidencyArgs {
             links,
             stages_units,
             device_scratch,
+            // The hybrid attaches a CPU for one sequence unless it is off.
+            cpu_kv_layers: stages_units && self.hybrid != HybridMode::Off && n_seq == 1,
         };
         Ok(Plan::build(model, &req)?)
     }

@@ -46,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
             stages_units: true,
             device_scratch: cuda.scratch_bytes(&model, max_b * prompt_len),
+            cpu_kv_layers: false,
         },
     )?;
     let p = plan.pass_bytes();

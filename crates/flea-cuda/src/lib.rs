@@ -4141,6 +4141,43 @@ impl Backend for CudaBackend {
         .map_err(|e| be(format!("kv_rows_into: {e:?}")))
     }
 
+    fn alloc_kv_shared(&self, shape: KvShape, shared: &[bool]) -> Result<Option<CudaKv>> {
+        self.check_not_recording("a cache allocation")?;
+        if shape.n_seq * shape.n_ctx > i32::MAX as usize {
+            return Err(be("KV cache: too many sequence slots × positions"));
+        }
+        let per_layer = shape.n_seq * shape.n_ctx * shape.n_head_kv * shape.head_dim;
+        let first = (0..shape.n_layers).find(|&l| shared.get(l) == Some(&true));
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        let (mut kp, mut vp) = (Vec::new(), Vec::new());
+        for l in 0..shape.n_layers {
+            // The shared layers after the first alias its buffers: never allocated whole.
+            let own = first.is_none_or(|f| l <= f || shared.get(l) != Some(&true));
+            for (side, ptrs) in [(&mut k, &mut kp), (&mut v, &mut vp)] {
+                if own {
+                    let a = DriverAlloc::zeroed(&self.ctx, per_layer * 2)
+                        .map_err(|e| be(format!("alloc KV cache: {e:?}")))?;
+                    ptrs.push(a.ptr);
+                    side.push(Some(a));
+                } else {
+                    let f = first.unwrap_or(0);
+                    let p = *ptrs
+                        .get(f)
+                        .ok_or_else(|| be("alloc KV cache: shared layer before its first"))?;
+                    ptrs.push(p);
+                    side.push(None);
+                }
+            }
+        }
+        Ok(Some(CudaKv {
+            shape,
+            kp,
+            vp,
+            _k: k,
+            _v: v,
+        }))
+    }
+
     fn share_kv_layers(&self, kv: &mut CudaKv, shared: &[bool]) -> Result<bool> {
         self.check_not_recording("sharing KV caches")?;
         let n = kv.kp.len();

@@ -33,6 +33,7 @@ fn request(vram: u64, ram: u64, depth: Option<usize>, scratch: u64) -> PlanReque
         links: Links::default(),
         stages_units: true,
         device_scratch: scratch,
+        cpu_kv_layers: false,
     }
 }
 
@@ -450,42 +451,66 @@ fn hybrid_with_shared_device_kv_caches_on_gpu() {
             assert!(s.device.peak() <= s.device.budget && s.host.peak() <= s.host.budget);
             (first, rest, report, s.stats.bytes_host_cpu)
         };
-        let (want_first, want_rest, _, _) = run(resident, false);
+        let (want_first, want_rest, _, _) = run(resident.clone(), false);
+        let name = preset.name();
+        // Both against the resident run: prompts bit for bit, decode within the hybrid's
+        // tolerance.
+        let compare = |first: &[f32], rest: &[Vec<f32>], what: &str| {
+            assert!(
+                first
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .eq(want_first.iter().map(|x| x.to_bits())),
+                "{name}: {what}: a prompt over shared caches differs from resident"
+            );
+            let worst = rest
+                .iter()
+                .zip(&want_rest)
+                .map(|(g, w)| rel_err(g, w))
+                .fold(0f64, |m, e| {
+                    if e.is_nan() || m.is_nan() {
+                        f64::NAN
+                    } else {
+                        m.max(e)
+                    }
+                });
+            assert!(
+                !worst.is_nan() && worst <= HYBRID_TOL,
+                "{name}: {what}: hybrid over shared caches differs from resident by {worst:.3e}"
+            );
+            worst
+        };
+        // A budget three layers' caches short of every layer's: the plan shares the last
+        // four layers' caches from the start (allocated aliased, never whole), the CPU keeps
+        // their rows.
+        let kv_layer = resident.kv_bytes / model.cfg.n_layers as u64;
+        let mut forced_req = req(fixed + probe.slot_bytes - 3 * kv_layer, Some(1));
+        forced_req.cpu_kv_layers = true;
+        let forced = Plan::build(&model, &forced_req).expect("a plan with shared caches");
+        assert_eq!(
+            forced.kv_shared.iter().filter(|&&s| s).count(),
+            4,
+            "{name}: shared caches planned"
+        );
+        let (first, rest, report, cpu_bytes) = run(forced, true);
+        let worst = compare(&first, &rest, "planned shared caches");
+        println!(
+            "KVSHARE {name}: planned: 4 caches shared from the start, {} in all, {cpu_bytes} bytes on the CPU, vs resident {worst:.3e}",
+            report.map_or(0, |r| r.kv_shared_layers)
+        );
         let plan = Plan::build(&model, &req(fixed + 3 * probe.slot_bytes, Some(2))).unwrap();
         let (first, rest, report, cpu_bytes) = run(plan, true);
         let report = report.expect("a split");
-        let name = preset.name();
         assert!(
             report.kv_shared_layers >= 2 && report.promoted_units >= 1 && cpu_bytes > 0,
             "{name}: {} caches shared, {} units promoted, {cpu_bytes} bytes on the CPU",
             report.kv_shared_layers,
             report.promoted_units
         );
-        assert!(
-            first
-                .iter()
-                .map(|x| x.to_bits())
-                .eq(want_first.iter().map(|x| x.to_bits())),
-            "{name}: a prompt over shared caches differs from resident"
-        );
-        let worst = rest
-            .iter()
-            .zip(&want_rest)
-            .map(|(g, w)| rel_err(g, w))
-            .fold(0f64, |m, e| {
-                if e.is_nan() || m.is_nan() {
-                    f64::NAN
-                } else {
-                    m.max(e)
-                }
-            });
+        let worst = compare(&first, &rest, "shared after the measurement");
         println!(
             "KVSHARE {name}: n_ctx {n_ctx}, {} caches shared, {} units promoted, decode and second turn vs resident {worst:.3e}",
             report.kv_shared_layers, report.promoted_units
-        );
-        assert!(
-            !worst.is_nan() && worst <= HYBRID_TOL,
-            "{name}: hybrid over shared caches differs from resident by {worst:.3e}"
         );
     }
 }

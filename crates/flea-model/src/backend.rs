@@ -519,6 +519,14 @@ pub trait Backend {
     fn share_kv_layers(&self, _kv: &mut Self::Kv, _shared: &[bool]) -> Result<bool> {
         Ok(false)
     }
+    /// `alloc_kv` with the caches of the layers marked in `shared` sharing one layer's room
+    /// from the start (as `share_kv_layers` leaves them), for a budget that never holds them
+    /// all; Ok(None) where the backend keeps every layer's cache. The default allocates every
+    /// layer first: a backend whose memory is budgeted overrides it.
+    fn alloc_kv_shared(&self, shape: KvShape, shared: &[bool]) -> Result<Option<Self::Kv>> {
+        let mut kv = self.alloc_kv(shape)?;
+        Ok(self.share_kv_layers(&mut kv, shared)?.then_some(kv))
+    }
     /// A hint: the output of the next step (a norm, the attention, the GLU) is the input of
     /// a matmul with `w`, so a backend may also leave it in the form `w`'s kernels read
     /// (quantised for an int8 dot product). Changes no result.

@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             links: Links::default(),
             stages_units: false,
             device_scratch: 0,
+            cpu_kv_layers: false,
         },
     )?;
     let streamed = plan

@@ -355,13 +355,29 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let cfg = &model.cfg;
         let mut fixed = Vec::new();
         let kv_budget = device.reserve(plan.kv_bytes, "KV cache")?;
-        let kv = backend.alloc_kv(KvShape {
+        let kv_shape = KvShape {
             n_layers: cfg.n_layers,
             n_ctx,
             n_head_kv: cfg.n_head_kv,
             head_dim: cfg.head_dim,
             n_seq: plan.n_seq.max(1),
-        })?;
+        };
+        let mut shared_kv = vec![false; cfg.n_layers];
+        for (s, &p) in shared_kv.iter_mut().zip(&plan.kv_shared) {
+            *s = p;
+        }
+        // Layers the budget holds no device cache for share one from the start.
+        let kv = if plan.kv_shared.contains(&true) {
+            backend
+                .alloc_kv_shared(kv_shape, &plan.kv_shared)?
+                .ok_or_else(|| {
+                    RuntimeError::Config(
+                        "the plan shares device KV caches the backend cannot share".into(),
+                    )
+                })?
+        } else {
+            backend.alloc_kv(kv_shape)?
+        };
         fixed.push(device.reserve(plan.act_bytes, "activations")?);
         let out_rows = plan.output_rows_per_unit.min(model.layout.output.rows);
         let scratch = Scratch::with_logits_width(backend, cfg, batch, out_rows)?;
@@ -497,7 +513,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             cpu_side: None,
             hybrid: None,
             kv_valid: vec![[0, 0]; cfg.n_layers],
-            shared_kv: vec![false; cfg.n_layers],
+            shared_kv,
             kv_sharing: true,
             kv_budget,
             ahead: StagedAhead {
@@ -552,7 +568,15 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         if self.cpu_side.is_some() {
             return Err(RuntimeError::Config("a CPU is attached already".into()));
         }
+        // Layers planned without a device cache of their own (the budget holds none) must be
+        // computed by the CPU in decode, whatever the measurement prefers.
+        let forced = self.shared_kv.contains(&true);
         let Some(h2d) = self.plan.links.host_to_device else {
+            if forced {
+                return Err(RuntimeError::Config(
+                    "layers without a device KV cache need the hybrid, which needs a host→device link".into(),
+                ));
+            }
             return Ok(None);
         };
         let report = match cpu_rate {
@@ -605,6 +629,8 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 let best = (0..3)
                     .min_by(|&a, &b| predicted[a].total_cmp(&predicted[b]))
                     .unwrap_or(0);
+                // Streaming everything cannot hold the forced layers' rows: split instead.
+                let best = if forced && best == 0 { 2 } else { best };
                 HybridReport {
                     choice: [
                         HybridChoice::Stream,
@@ -634,11 +660,12 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                 self.plan.links.cpu_compute = Some(report.cpu_alone);
             }
             HybridChoice::Split => {
-                crate::plan::split_for_cpu(
+                crate::plan::split_for_cpu_keeping(
                     &mut self.plan.units,
                     report.cpu_contended,
                     report.copy_contended,
                     crate::plan::hybrid_run(self.plan.ring_depth),
+                    &self.shared_kv,
                 );
                 self.plan.links.cpu_compute = Some(report.cpu_contended);
             }
@@ -726,7 +753,15 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         }
         let m = self.model;
         let n_layers = m.cfg.n_layers;
-        let kv_layer = self.plan.kv_bytes / n_layers.max(1) as u64;
+        // One layer's device cache (the plan's total may already share some).
+        let kv_layer = KvShape {
+            n_layers: 1,
+            n_ctx: self.n_ctx,
+            n_head_kv: m.cfg.n_head_kv,
+            head_dim: m.cfg.head_dim,
+            n_seq: self.plan.n_seq.max(1),
+        }
+        .bytes() as u64;
         let (rate, run) = match report.choice {
             HybridChoice::CpuOnly => (f64::MAX / 4.0, 1),
             _ => (
@@ -750,12 +785,23 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let others = self.device.used().saturating_sub(self.kv_budget.bytes());
         let mut units = self.plan.units.clone();
         let (mut promote, mut promoted_bytes) = (Vec::new(), 0u64);
-        let mut shared = vec![false; n_layers];
+        // Layers planned with shared caches stay shared.
+        let forced = self.shared_kv.clone();
+        let mut shared = forced.clone();
         // Each round makes one more host-cached unit resident (at most one per unit).
-        while let Some(c) = units.iter().position(|u| u.tier == Tier::HostCache) {
+        // (Never a forced layer: the CPU computes it, its rows are not on the device.)
+        let forced_layer = |u: &crate::plan::Unit| matches!(u.kind, UnitKind::Layer(il) if forced.get(il) == Some(&true));
+        while let Some(c) = units
+            .iter()
+            .position(|u| u.tier == Tier::HostCache && !forced_layer(u))
+        {
             let mut trial = units.clone();
             trial[c].tier = Tier::Resident;
-            let s = shared_of(&trial);
+            let s: Vec<bool> = shared_of(&trial)
+                .iter()
+                .zip(&forced)
+                .map(|(&a, &b)| a || b)
+                .collect();
             crate::plan::split_for_cpu_keeping(&mut trial, rate, copy, run, &s);
             let cpu_room = on_cpu(&trial)
                 .iter()
@@ -1567,6 +1613,14 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             }
             // A layer of a shared device cache: its rows go out to the CPU after it runs.
             let mut copy_out = None;
+            if let UnitKind::Layer(il) = &kind {
+                if self.shared_kv.get(*il) == Some(&true) && self.cpu_side.is_none() {
+                    return Err(RuntimeError::Config(format!(
+                        "layer {il} has no device KV cache of its own (the VRAM budget holds \
+                         none): it needs the hybrid's CPU attached"
+                    )));
+                }
+            }
             if let (UnitKind::Layer(il), Some(cs)) = (&kind, self.cpu_side.as_mut()) {
                 // A layer the CPU computed before (decode) now runs here (a prompt): bring
                 // its KV cache up to date; a shared cache holds no rows of it.

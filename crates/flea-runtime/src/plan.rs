@@ -99,6 +99,10 @@ pub struct PlanRequest {
     pub stages_units: bool,
     /// Device memory the backend needs beside activations (a GPU's GEMM scratch).
     pub device_scratch: u64,
+    /// A CPU will compute some host-cached layers in decode (the hybrid, one sequence): a
+    /// budget too small for every layer's device KV cache may then plan the last layers'
+    /// caches as one shared room, those layers on the CPU in decode (`Plan::kv_shared`).
+    pub cpu_kv_layers: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -120,6 +124,10 @@ pub struct Plan {
     /// Rows of the output matrix per streamed slice.
     pub output_rows_per_unit: usize,
     pub links: Links,
+    /// Layers whose device KV caches share one layer's room from the start (empty: none),
+    /// because the budget holds no more: host-cached, computed by the CPU in decode, their
+    /// rows copied in and out around a prompt pass (`PlanRequest::cpu_kv_layers`).
+    pub kv_shared: Vec<bool>,
 }
 
 /// Bytes one forward pass moves per tier.
@@ -140,7 +148,7 @@ impl Plan {
         let n_seq = req.n_seq.max(1);
         // Rows per pass: up to n_ctx per sequence (prompt chunks), at least one per sequence.
         let batch = req.batch.clamp(1, (req.n_ctx * n_seq).max(1)).max(n_seq);
-        let kv_bytes = flea_model::backend::KvShape {
+        let mut kv_bytes = flea_model::backend::KvShape {
             n_layers: cfg.n_layers,
             n_ctx: req.n_ctx,
             n_head_kv: cfg.n_head_kv,
@@ -168,7 +176,8 @@ impl Plan {
         let act_bytes = Scratch::<CpuBackend>::bytes(cfg, batch, rows_per_unit.min(out.rows));
         let misc_bytes =
             layout.output_norm.size as u64 + emb_row * batch as u64 + req.device_scratch;
-        let fixed = kv_bytes + act_bytes + misc_bytes;
+        let mut fixed = kv_bytes + act_bytes + misc_bytes;
+        let mut kv_shared: Vec<bool> = Vec::new();
 
         let mut units: Vec<Unit> = layout
             .layers
@@ -234,6 +243,21 @@ impl Plan {
                 device += u.held_bytes();
             }
         } else {
+            // Too small for every layer's device cache: the last k host-cached layers share
+            // one (the CPU keeps their rows), the fewest k that fit.
+            let kv_layer = kv_bytes / cfg.n_layers.max(1) as u64;
+            let (others, n_layers) = (fixed - kv_bytes, cfg.n_layers);
+            let kv_with = |k: usize| kv_layer * (n_layers - k + 1) as u64;
+            if req.vram_budget < fixed + slot_bytes && req.cpu_kv_layers && req.stages_units {
+                if let Some(k) =
+                    (2..=n_layers).find(|&k| others + kv_with(k) + slot_bytes <= req.vram_budget)
+                {
+                    kv_shared = (0..n_layers).map(|il| il >= n_layers - k).collect();
+                    kv_bytes = kv_with(k);
+                    fixed = others + kv_bytes;
+                    device = fixed;
+                }
+            }
             let min = fixed + slot_bytes;
             if req.vram_budget < min {
                 return Err(RuntimeError::BudgetTooSmall {
@@ -258,7 +282,9 @@ impl Plan {
                 .min(units.len().max(1));
             device += ring_depth as u64 * slot_bytes;
             for u in units.iter_mut() {
-                if device + u.held_bytes() <= req.vram_budget {
+                let cpu_kv =
+                    matches!(u.kind, UnitKind::Layer(il) if kv_shared.get(il) == Some(&true));
+                if !cpu_kv && device + u.held_bytes() <= req.vram_budget {
                     u.tier = Tier::Resident;
                     device += u.held_bytes();
                 }
@@ -285,10 +311,26 @@ impl Plan {
                 });
             }
         }
-        for u in units.iter_mut().filter(|u| u.tier == Tier::Disk) {
-            if host + u.held_bytes() <= req.ram_budget {
-                u.tier = Tier::HostCache;
-                host += u.held_bytes();
+        // The layers with shared caches are computed by the CPU from the host cache: first.
+        let shared_layer =
+            |u: &Unit| matches!(u.kind, UnitKind::Layer(il) if kv_shared.get(il) == Some(&true));
+        for first in [true, false] {
+            for u in units
+                .iter_mut()
+                .filter(|u| u.tier == Tier::Disk && shared_layer(u) == first)
+            {
+                if host + u.held_bytes() <= req.ram_budget {
+                    u.tier = Tier::HostCache;
+                    host += u.held_bytes();
+                } else if first {
+                    return Err(RuntimeError::BudgetTooSmall {
+                        budget: req.ram_budget,
+                        minimum: host + u.held_bytes(),
+                        detail: "the layers the CPU computes because the VRAM budget holds \
+                                 no device KV cache for them (RAM budget)"
+                            .into(),
+                    });
+                }
             }
         }
         if let (true, Some(cpu), Some(h2d)) = (
@@ -296,7 +338,7 @@ impl Plan {
             req.links.cpu_compute,
             req.links.host_to_device,
         ) {
-            split_for_cpu(&mut units, cpu, h2d, hybrid_run(ring_depth));
+            split_for_cpu_keeping(&mut units, cpu, h2d, hybrid_run(ring_depth), &kv_shared);
         }
         Ok(Plan {
             units,
@@ -312,6 +354,7 @@ impl Plan {
             host_bytes: host,
             output_rows_per_unit: rows_per_unit,
             links: req.links,
+            kv_shared,
         })
     }
 
@@ -371,8 +414,13 @@ impl Plan {
                 UnitKind::Layer(i) => format!("blk.{i}"),
                 UnitKind::Output { start, end } => format!("output rows {start}..{end}"),
             };
+            let shared =
+                matches!(u.kind, UnitKind::Layer(il) if self.kv_shared.get(il) == Some(&true));
             let tier = match u.tier {
                 Tier::Resident => "resident (device arena)",
+                Tier::HostCache if shared => {
+                    "host cache (RAM), computed by the CPU in decode (no device KV cache of its own)"
+                }
                 Tier::HostCache if u.on_cpu => "host cache (RAM), computed by the CPU",
                 Tier::HostCache => "host cache (RAM)",
                 Tier::Disk => "disk (streamed)",

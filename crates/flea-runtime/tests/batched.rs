@@ -25,6 +25,7 @@ fn request(vram: u64, n_ctx: usize, batch: usize, n_seq: usize) -> PlanRequest {
         links: Links::default(),
         stages_units: false,
         device_scratch: 0,
+        cpu_kv_layers: false,
     }
 }
 

@@ -11,6 +11,7 @@ use flea_model::backend::{AttnParams, Backend, KvShape, RopeParams, UnitStaging}
 use flea_model::config::FfnActivation;
 use flea_model::weights::Weight;
 use flea_model::{CpuBackend, Logits, Model, Result};
+use flea_runtime::plan::UnitKind;
 use flea_runtime::{Links, Plan, PlanRequest, StreamedModel, Tier};
 use flea_synth::{write_synthetic, Preset, QuantMix, SynthOptions};
 use std::path::PathBuf;
@@ -305,6 +306,7 @@ fn request(vram: u64, stages: bool, cpu_share: bool) -> PlanRequest {
         },
         stages_units: stages,
         device_scratch: 0,
+        cpu_kv_layers: false,
     }
 }
 
@@ -584,6 +586,93 @@ fn shared_device_kv_caches_equal_the_cpu_executor() {
             assert!(
                 s.device.peak() <= s.device.budget && s.host.peak() <= s.host.budget,
                 "{what}: over budget"
+            );
+            drop(s);
+            assert!(dev.mapped.lock().unwrap().is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_budget_below_every_layers_cache_plans_shared_caches_for_the_cpu() {
+    // A VRAM budget that holds every layer's device KV cache only if some layers share one:
+    // with the hybrid allowed, the plan shares the last layers' caches from the start, those
+    // layers stay host-cached and on the CPU in decode, and the run equals the CPU
+    // executor's; without the hybrid the same budget is refused.
+    for preset in [Preset::Tiny, Preset::TinyQwen2, Preset::TinyGemma3] {
+        let (_tmp, path, model) = synth(preset, "kvforced", Some(12));
+        let (vocab, n_layers) = (model.cfg.n_vocab, model.cfg.n_layers);
+        let io = IoOptions::default();
+        let probe = Plan::build(&model, &request(1 << 40, true, false)).unwrap();
+        let kv_per_pos = probe.kv_bytes / (64 * n_layers as u64);
+        let n_ctx = ((2 * probe.slot_bytes / kv_per_pos.max(1)) as usize).clamp(256, 1 << 15);
+        let req = |vram: u64, cpu_kv: bool| {
+            let mut r = request(vram, true, false);
+            r.n_ctx = n_ctx;
+            r.cpu_kv_layers = cpu_kv;
+            r
+        };
+        let cpu = CpuBackend::new(2).unwrap();
+        let plan = Plan::build(&model, &req(1 << 40, false)).unwrap();
+        let want = long_script(
+            &mut StreamedModel::new(&model, &cpu, plan, &path, &io, n_ctx, 16).unwrap(),
+            vocab,
+        );
+        let full = Plan::build(&model, &req(1 << 40, false)).unwrap();
+        let kv_layer = full.kv_bytes / n_layers as u64;
+        // Three layers' caches short of the minimum with one ring slot: four share one.
+        let minimum = full.kv_bytes + full.act_bytes + full.misc_bytes + full.slot_bytes;
+        let budget = minimum - 3 * kv_layer;
+        let what = preset.name();
+        assert!(
+            Plan::build(&model, &req(budget, false)).is_err(),
+            "{what}: planned below the minimum"
+        );
+        let dev = Staging::new(&model);
+        // A CPU so slow that a free split would give it nothing, with and without the
+        // promotion into freed room; a balanced one; one that takes everything.
+        for (rate, sharing) in [(1e6, false), (1e6, true), (50e9, true), (1e15, true)] {
+            let p = Plan::build(&model, &req(budget, true)).unwrap();
+            let forced: Vec<usize> = (0..n_layers).filter(|&il| p.kv_shared[il]).collect();
+            assert_eq!(
+                forced,
+                (n_layers - 4..n_layers).collect::<Vec<_>>(),
+                "{what}"
+            );
+            assert_eq!(p.kv_bytes, (n_layers as u64 - 3) * kv_layer, "{what}");
+            for u in &p.units {
+                if let UnitKind::Layer(il) = u.kind {
+                    if p.kv_shared[il] {
+                        assert_eq!(u.tier, Tier::HostCache, "{what}: layer {il}");
+                    }
+                }
+            }
+            // Without the CPU attached, a pass that reaches those layers fails.
+            {
+                let mut s =
+                    StreamedModel::new(&model, &dev, p.clone(), &path, &io, n_ctx, 16).unwrap();
+                let err = s.eval(&[1, 2, 3], Logits::Last).unwrap_err().to_string();
+                assert!(err.contains("no device KV cache"), "{what}: {err}");
+            }
+            let mut s = StreamedModel::new(&model, &dev, p, &path, &io, n_ctx, 16).unwrap();
+            s.set_kv_sharing(sharing);
+            s.attach_cpu(&cpu, Some(rate)).unwrap().expect("a split");
+            for il in n_layers - 4..n_layers {
+                let on_cpu = s
+                    .plan
+                    .units
+                    .iter()
+                    .any(|u| u.kind == UnitKind::Layer(il) && u.on_cpu);
+                assert!(on_cpu, "{what} rate {rate:e}: layer {il} not on the CPU");
+            }
+            let got = long_script(&mut s, vocab);
+            assert!(
+                got == want,
+                "{what} rate {rate:e}: differs from the CPU executor"
+            );
+            assert!(
+                s.device.peak() <= s.device.budget && s.device.budget == budget,
+                "{what} rate {rate:e}: over budget"
             );
             drop(s);
             assert!(dev.mapped.lock().unwrap().is_empty());

@@ -60,6 +60,7 @@ fn request(vram: u64, ram: u64, n_ctx: usize, batch: usize, depth: Option<usize>
         links: Links::default(),
         stages_units: false,
         device_scratch: 0,
+        cpu_kv_layers: false,
     }
 }
 

@@ -208,6 +208,7 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
                 links: Links::default(),
                 stages_units: false,
                 device_scratch: 0,
+                cpu_kv_layers: false,
             },
         )
         .unwrap();
