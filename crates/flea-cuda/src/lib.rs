@@ -3053,30 +3053,9 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv> {
-        self.check_not_recording("a cache allocation")?;
-        // Cache rows are addressed with i32 on the device.
-        if shape.n_seq * shape.n_ctx > i32::MAX as usize {
-            return Err(be("KV cache: too many sequence slots × positions"));
-        }
-        let per_layer = shape.n_seq * shape.n_ctx * shape.n_head_kv * shape.head_dim;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for _ in 0..shape.n_layers {
-            for side in [&mut k, &mut v] {
-                side.push(Some(
-                    DriverAlloc::zeroed(&self.ctx, per_layer * 2)
-                        .map_err(|e| be(format!("alloc KV cache: {e:?}")))?,
-                ));
-            }
-        }
-        let ptrs = |x: &[Option<DriverAlloc>]| x.iter().flatten().map(|a| a.ptr).collect();
-        Ok(CudaKv {
-            shape,
-            kp: ptrs(&k),
-            vp: ptrs(&v),
-            _k: k,
-            _v: v,
-        })
+        // Every layer its own cache: nothing shared.
+        self.alloc_kv_shared(shape, &[])?
+            .ok_or_else(|| be("alloc KV cache: no cache"))
     }
 
     fn embed(&self, table: &Weight, tokens: &[u32], scale: f32, out: &mut CudaAct) -> Result<()> {
@@ -4143,6 +4122,7 @@ impl Backend for CudaBackend {
 
     fn alloc_kv_shared(&self, shape: KvShape, shared: &[bool]) -> Result<Option<CudaKv>> {
         self.check_not_recording("a cache allocation")?;
+        // Cache rows are addressed with i32 on the device.
         if shape.n_seq * shape.n_ctx > i32::MAX as usize {
             return Err(be("KV cache: too many sequence slots × positions"));
         }
