@@ -812,29 +812,23 @@ fn write_npy(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<()> 
 
 fn cmd_plan(a: PlanArgs) -> Result<()> {
     let e = &a.engine;
-    let gpu = parse_device(&e.device)?;
-    #[cfg(not(feature = "cuda"))]
-    if gpu.is_some() {
-        bail!("this flea was built without CUDA support (rebuild with `cargo build --release --features cuda`)");
-    }
-    let model = load(&e.model)?;
-    let n_ctx = e.ctx.unwrap_or_else(|| model.cfg.n_ctx_train.min(4096));
-    let batch = e.prompt_batch();
+    // The engine `flea run` starts: the same device checks, model, context and batch.
+    let engine = Engine::new(e)?;
+    let (model, n_ctx, batch) = (&engine.model, engine.n_ctx, engine.batch);
     // On a GPU, the plan `flea run` makes there: free VRAM read after cuBLAS has loaded,
     // links measured, the device's scratch counted, the hybrid's ring depth.
     #[cfg(feature = "cuda")]
-    let plan = match gpu {
-        Some(n) => {
-            let cuda = flea_cuda::CudaBackend::new(n)
-                .map_err(|err| anyhow!("--device {}: {err}", e.device))?;
-            cuda.warm_up_gemms(&model, batch)
+    let plan = match &engine.cuda {
+        Some(cuda) => {
+            cuda.warm_up_gemms(model, batch)
                 .map_err(|err| anyhow!("{err}"))?;
-            e.residency.plan_cuda(&model, &cuda, n_ctx, batch, 1)?
+            e.residency.plan_cuda(model, cuda, n_ctx, batch, 1)?
         }
-        None => e.residency.plan(&model, n_ctx, batch, 1)?,
+        None => e.residency.plan(model, n_ctx, batch, 1)?,
     };
     #[cfg(not(feature = "cuda"))]
-    let plan = e.residency.plan(&model, n_ctx, batch, 1)?;
+    let plan = e.residency.plan(model, n_ctx, batch, 1)?;
+    let gpu = parse_device(&e.device)?;
     println!(
         "{} ({} layers, {} weights), context {n_ctx}, batch {}",
         e.model.display(),

@@ -362,10 +362,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             head_dim: cfg.head_dim,
             n_seq: plan.n_seq.max(1),
         };
-        let mut shared_kv = vec![false; cfg.n_layers];
-        for (s, &p) in shared_kv.iter_mut().zip(&plan.kv_shared) {
-            *s = p;
-        }
+        let shared_kv: Vec<bool> = (0..cfg.n_layers)
+            .map(|il| plan.kv_shared.get(il) == Some(&true))
+            .collect();
         // Layers the budget holds no device cache for share one from the start.
         let kv = if plan.kv_shared.contains(&true) {
             backend
@@ -790,10 +789,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         let mut shared = forced.clone();
         // Each round makes one more host-cached unit resident (at most one per unit).
         // (Never a forced layer: the CPU computes it, its rows are not on the device.)
-        let forced_layer = |u: &crate::plan::Unit| matches!(u.kind, UnitKind::Layer(il) if forced.get(il) == Some(&true));
         while let Some(c) = units
             .iter()
-            .position(|u| u.tier == Tier::HostCache && !forced_layer(u))
+            .position(|u| u.tier == Tier::HostCache && !u.is_layer_in(&forced))
         {
             let mut trial = units.clone();
             trial[c].tier = Tier::Resident;

@@ -43,6 +43,11 @@ pub struct Unit {
 }
 
 impl Unit {
+    /// Whether this unit is a layer marked in `mask` (by layer index).
+    pub fn is_layer_in(&self, mask: &[bool]) -> bool {
+        matches!(self.kind, UnitKind::Layer(il) if mask.get(il) == Some(&true))
+    }
+
     /// Bytes a buffer holding this unit takes: the 4 KiB-aligned superset direct I/O reads.
     pub fn held_bytes(&self) -> u64 {
         flea_io::required_capacity(self.offset, self.bytes as usize) as u64
@@ -282,9 +287,7 @@ impl Plan {
                 .min(units.len().max(1));
             device += ring_depth as u64 * slot_bytes;
             for u in units.iter_mut() {
-                let cpu_kv =
-                    matches!(u.kind, UnitKind::Layer(il) if kv_shared.get(il) == Some(&true));
-                if !cpu_kv && device + u.held_bytes() <= req.vram_budget {
+                if !u.is_layer_in(&kv_shared) && device + u.held_bytes() <= req.vram_budget {
                     u.tier = Tier::Resident;
                     device += u.held_bytes();
                 }
@@ -312,12 +315,10 @@ impl Plan {
             }
         }
         // The layers with shared caches are computed by the CPU from the host cache: first.
-        let shared_layer =
-            |u: &Unit| matches!(u.kind, UnitKind::Layer(il) if kv_shared.get(il) == Some(&true));
         for first in [true, false] {
             for u in units
                 .iter_mut()
-                .filter(|u| u.tier == Tier::Disk && shared_layer(u) == first)
+                .filter(|u| u.tier == Tier::Disk && u.is_layer_in(&kv_shared) == first)
             {
                 if host + u.held_bytes() <= req.ram_budget {
                     u.tier = Tier::HostCache;
@@ -414,11 +415,9 @@ impl Plan {
                 UnitKind::Layer(i) => format!("blk.{i}"),
                 UnitKind::Output { start, end } => format!("output rows {start}..{end}"),
             };
-            let shared =
-                matches!(u.kind, UnitKind::Layer(il) if self.kv_shared.get(il) == Some(&true));
             let tier = match u.tier {
                 Tier::Resident => "resident (device arena)",
-                Tier::HostCache if shared => {
+                Tier::HostCache if u.is_layer_in(&self.kv_shared) => {
                     "host cache (RAM), computed by the CPU in decode (no device KV cache of its own)"
                 }
                 Tier::HostCache if u.on_cpu => "host cache (RAM), computed by the CPU",
@@ -502,10 +501,7 @@ pub(crate) fn split_for_cpu_keeping(
     run: usize,
     keep: &[bool],
 ) {
-    let kept = |u: &Unit| match u.kind {
-        UnitKind::Layer(il) => u.tier == Tier::HostCache && keep.get(il) == Some(&true),
-        UnitKind::Output { .. } => false,
-    };
+    let kept = |u: &Unit| u.tier == Tier::HostCache && u.is_layer_in(keep);
     units.iter_mut().for_each(|u| u.on_cpu = kept(u));
     let share = cpu / (cpu + h2d);
     let run = run.max(1);
