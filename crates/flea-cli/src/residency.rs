@@ -470,6 +470,14 @@ fn summary_line<B: UnitStaging>(
     } else {
         0.0
     };
+    // An assumed rate is no floor: say so, beside what the read lane saw.
+    let assumed = match s.plan.link_rate(link) {
+        (false, r) => format!(
+            " ({link} rate assumed: {:.2} GB/s; `flea probe` measures it)",
+            r / 1e9
+        ),
+        _ => String::new(),
+    };
     let rebalanced = match s.hybrid.and_then(|h| h.rebalanced) {
         Some((rate, n)) => format!(
             "; hybrid split re-balanced {n}x (the CPU's rate in the token loop: {:.1} GB/s)",
@@ -491,7 +499,7 @@ fn summary_line<B: UnitStaging>(
         String::new()
     };
     format!(
-        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor{rebalanced}{recorded}",
+        "residency: {} resident, {} host-cached ({} computed by the CPU), {} streamed units; ring {} x {}; streamed {}/pass at {:.2} GB/s (read lane); compute stalled {:.1}% ; device peak {} of {}{driver}, host peak {} of {}; decode efficiency {:.2} of the {link} floor{assumed}{rebalanced}{recorded}",
         count(Tier::Resident),
         count(Tier::HostCache),
         s.plan.units.iter().filter(|u| u.on_cpu).count(),

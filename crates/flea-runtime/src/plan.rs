@@ -87,6 +87,21 @@ impl Default for Links {
     }
 }
 
+impl Links {
+    /// Whether the rate of `link` (a name [`Plan::floor`] returns) was measured or given,
+    /// rather than assumed; with the rate in bytes per second.
+    pub fn rate_of(&self, link: &str) -> (bool, f64) {
+        let device = self.measured || self.device_measured;
+        match link {
+            "disk" => (self.measured, self.disk),
+            "device memory" => (device, self.device_memory),
+            "host→device" => (device, self.host_to_device.unwrap_or(0.0)),
+            "CPU reading host RAM" => (true, self.cpu_compute.unwrap_or(0.0)),
+            _ => (true, 0.0),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct PlanRequest {
     pub vram_budget: u64,
@@ -401,6 +416,12 @@ impl Plan {
             .fold((0.0, "none"), |a, b| if b.0 > a.0 { b } else { a })
     }
 
+    /// Whether the rate of `link` (a name [`Self::floor`] returns) was measured or given,
+    /// rather than assumed; with the rate in bytes per second.
+    pub fn link_rate(&self, link: &str) -> (bool, f64) {
+        self.links.rate_of(link)
+    }
+
     /// A human-readable table: unit → tier, bytes per pass per link, predicted time.
     pub fn table(&self) -> String {
         use std::fmt::Write;
@@ -594,6 +615,22 @@ mod tests {
                 _ => 'r',
             })
             .collect()
+    }
+
+    #[test]
+    fn assumed_links_are_told_from_measured_ones() {
+        let mut l = Links::default();
+        assert_eq!(l.rate_of("disk"), (false, 1.5e9));
+        assert!(!l.rate_of("device memory").0);
+        l.device_measured = true;
+        l.host_to_device = Some(50e9);
+        assert_eq!(l.rate_of("host→device"), (true, 50e9));
+        assert!(
+            !l.rate_of("disk").0,
+            "the GPU's links measured, the disk's still assumed"
+        );
+        l.measured = true;
+        assert!(l.rate_of("disk").0);
     }
 
     #[test]
