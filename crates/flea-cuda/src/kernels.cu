@@ -3659,6 +3659,17 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 #endif
 }
+// The same with the destination as an address in the shared window.
+__device__ __forceinline__ void cp_async16_s(u32 s, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async4_s(u32 s, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -4177,7 +4188,12 @@ struct MmqQ6KPlain : MmqQ6K {
 };
 
 // Copy chunk c (super-blocks MMQ_KP c ..) of tokens t0 .. t0 + NT8 * 8 (those < n) into the
-// shared buffer `buf` (layout MmqChunk), as cp.async work of the whole block.
+// shared buffer `buf` (layout MmqChunk), as cp.async work of the whole block: warp w takes
+// tokens w, w + 8, ..., each lane the token's 16-byte pieces lane and lane + 32 of its quants
+// (64 a chunk) and piece lane of its sums (16), lanes 16 .. 19 its scales. Pieces of
+// super-blocks past the row are skipped. (A flat numbering of the block's pieces cost a
+// division and ~35 dependent instructions a piece, and the special-register reads the compiler
+// re-made inside the loop; this is a few adds.)
 template <int NT8, int QS>
 __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
                                          const float* __restrict__ xd,
@@ -4185,29 +4201,26 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
                                          int n, int c) {
     const int nt = min(NT8 * 8, n - t0);
     const int sb0 = c * MMQ_KP, nsb = min(MMQ_KP, nb - sb0);
-    i8* q = (i8*)buf;
-    int* s = (int*)(buf + NT8 * 8 * QS);
-    float* d = (float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4));
-    // Quants and sums in 16-byte pieces: 16 per super-block of a token's quants, 4 of its
-    // sums; then the scales. Per token the pieces of all MMQ_KP super-blocks are numbered (a
-    // constant divisor), those of super-blocks past the row skipped.
-    constexpr int PER_TOK = MMQ_KP * 20;
-    for (int i = threadIdx.x; i < NT8 * 8 * PER_TOK; i += blockDim.x) {
-        const int tok = i / PER_TOK, k = i - tok * PER_TOK;
-        const long long row = (long long)(t0 + tok);
-        if (tok >= nt) break;
-        if (k < MMQ_KP * 16) {
-            if (k < nsb * 16)
-                cp_async16(q + tok * QS + 16 * k, xq + row * cols + sb0 * 256 + 16 * k);
-        } else if (k - MMQ_KP * 16 < nsb * 4) {
-            const int e = 4 * (k - MMQ_KP * 16);
-            cp_async16(s + tok * 16 * MMQ_KP + e, xs + row * (cols / 16) + sb0 * 16 + e);
-        }
-    }
-    if (threadIdx.x < NT8 * 8 * MMQ_KP) {
-        const int tok = threadIdx.x / MMQ_KP, k = threadIdx.x % MMQ_KP;
-        if (tok < nt && k < nsb)
-            cp_async4(d + tok * MMQ_KP + k, xd + (long long)(t0 + tok) * nb + sb0 + k);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // Shared addresses in the shared window (32 bits), global ones as 32-bit element offsets
+    // (n * cols of a few-token matmul is far below 2^31): the loop is a few adds.
+    const u32 sb = (u32)__cvta_generic_to_shared(buf);
+    const u32 s_sums = sb + NT8 * 8 * QS, s_d = sb + NT8 * 8 * (QS + 16 * MMQ_KP * 4);
+    const int nq = nsb * 16, ns = nsb * 4;
+    const bool q0 = lane < nq, q1 = lane + 32 < nq, sum = lane < ns;
+    const bool scale = !sum && lane >= 16 && lane - 16 < nsb;
+    const int stride = blockDim.x >> 5;
+    for (int tok = warp; tok < nt; tok += stride) {
+        const int row = t0 + tok;
+        const i8* sq = xq + (row * cols + sb0 * 256 + 16 * lane);
+        const u32 dq = sb + tok * QS + 16 * lane;
+        if (q0) cp_async16_s(dq, sq);
+        if (q1) cp_async16_s(dq + 512, sq + 512);
+        if (sum)
+            cp_async16_s(s_sums + tok * 16 * MMQ_KP * 4 + 16 * lane,
+                         xs + (row * (cols / 16) + sb0 * 16 + 4 * lane));
+        else if (scale)
+            cp_async4_s(s_d + (tok * MMQ_KP + lane - 16) * 4, xd + (row * nb + sb0 + lane - 16));
     }
     cp_async_commit();
 }
