@@ -559,6 +559,8 @@ impl CudaBackend {
             || n > MMQ_MAX_TOKENS
             || !w.cols.is_multiple_of(256)
             || w.rows == 0
+            // The kernels index activations with 32-bit element offsets (kernels.cu mmq_fill).
+            || n.saturating_mul(w.cols) > i32::MAX as usize
         {
             return None;
         }
