@@ -86,6 +86,11 @@ for p in $PRESETS; do
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
     dd if="$m" of=/dev/null bs=4M iflag=direct count=1000 2> "$OUT/$p-dd.txt"
     echo "DD $p: $(tail -1 "$OUT/$p-dd.txt")"
+    # The disk's own O_DIRECT sweep (pread chunk sizes, io_uring block sizes x queue depths):
+    # the cold run's read rate set beside the best reader, not only beside dd's queue depth 1.
+    sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null
+    "$F" probe --file "$m" --quick --save "$OUT/$p-profile.json" > "$OUT/$p-probe.log" 2>&1
+    echo "PROBE $p: $(grep -o 'best disk read: [^;]*' "$OUT/$p-probe.log" | tail -1)"
   fi
 done
 
