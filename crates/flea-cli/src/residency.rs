@@ -471,7 +471,7 @@ fn summary_line<B: UnitStaging>(
         0.0
     };
     // An assumed rate is no floor: say so, beside what the read lane saw.
-    let assumed = match s.plan.link_rate(link) {
+    let assumed = match s.plan.links.rate_of(link) {
         (false, r) => format!(
             " ({link} rate assumed: {:.2} GB/s; `flea probe` measures it)",
             r / 1e9

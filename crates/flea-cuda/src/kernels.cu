@@ -3647,19 +3647,7 @@ __device__ __forceinline__ u32 ldw4_a2(const u8* p) {
 }
 
 // cp.async copies into shared memory (sm_80+), grouped per chunk.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if __CUDA_ARCH__ >= 800
-    const u32 s = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-#if __CUDA_ARCH__ >= 800
-    const u32 s = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
-#endif
-}
-// The same with the destination as an address in the shared window.
+// cp.async of 16 / 4 bytes to shared address s (the shared window's, 32 bits).
 __device__ __forceinline__ void cp_async16_s(u32 s, const void* gmem) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
@@ -3669,6 +3657,13 @@ __device__ __forceinline__ void cp_async4_s(u32 s, const void* gmem) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 #endif
+}
+// The same to a generic pointer into shared memory.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    cp_async16_s((u32)__cvta_generic_to_shared(smem), gmem);
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    cp_async4_s((u32)__cvta_generic_to_shared(smem), gmem);
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
@@ -4203,7 +4198,7 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
     const int sb0 = c * MMQ_KP, nsb = min(MMQ_KP, nb - sb0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // Shared addresses in the shared window (32 bits), global ones as 32-bit element offsets
-    // (n * cols of a few-token matmul is far below 2^31): the loop is a few adds.
+    // (mmq_kernel keeps n * cols below 2^31): the loop is a few adds.
     const u32 sb = (u32)__cvta_generic_to_shared(buf);
     const u32 s_sums = sb + NT8 * 8 * QS, s_d = sb + NT8 * 8 * (QS + 16 * MMQ_KP * 4);
     const int nq = nsb * 16, ns = nsb * 4;

@@ -87,16 +87,22 @@ impl Default for Links {
     }
 }
 
+/// The links [`Plan::floor`] names.
+pub const LINK_DEVICE_MEMORY: &str = "device memory";
+pub const LINK_DISK: &str = "disk";
+pub const LINK_HOST_TO_DEVICE: &str = "host→device";
+pub const LINK_CPU: &str = "CPU reading host RAM";
+
 impl Links {
     /// Whether the rate of `link` (a name [`Plan::floor`] returns) was measured or given,
     /// rather than assumed; with the rate in bytes per second.
     pub fn rate_of(&self, link: &str) -> (bool, f64) {
         let device = self.measured || self.device_measured;
         match link {
-            "disk" => (self.measured, self.disk),
-            "device memory" => (device, self.device_memory),
-            "host→device" => (device, self.host_to_device.unwrap_or(0.0)),
-            "CPU reading host RAM" => (true, self.cpu_compute.unwrap_or(0.0)),
+            LINK_DISK => (self.measured, self.disk),
+            LINK_DEVICE_MEMORY => (device, self.device_memory),
+            LINK_HOST_TO_DEVICE => (device, self.host_to_device.unwrap_or(0.0)),
+            LINK_CPU => (true, self.cpu_compute.unwrap_or(0.0)),
             _ => (true, 0.0),
         }
     }
@@ -401,25 +407,19 @@ impl Plan {
         let mut links = vec![
             (
                 (p.resident + p.host_cache + p.disk) as f64 / l.device_memory,
-                "device memory",
+                LINK_DEVICE_MEMORY,
             ),
-            (p.disk as f64 / l.disk, "disk"),
+            (p.disk as f64 / l.disk, LINK_DISK),
         ];
         if let Some(h2d) = l.host_to_device {
-            links.push(((p.host_cache + p.disk) as f64 / h2d, "host→device"));
+            links.push(((p.host_cache + p.disk) as f64 / h2d, LINK_HOST_TO_DEVICE));
         }
         if let (Some(cpu), true) = (l.cpu_compute, p.host_cpu > 0) {
-            links.push((p.host_cpu as f64 / cpu, "CPU reading host RAM"));
+            links.push((p.host_cpu as f64 / cpu, LINK_CPU));
         }
         links
             .into_iter()
             .fold((0.0, "none"), |a, b| if b.0 > a.0 { b } else { a })
-    }
-
-    /// Whether the rate of `link` (a name [`Self::floor`] returns) was measured or given,
-    /// rather than assumed; with the rate in bytes per second.
-    pub fn link_rate(&self, link: &str) -> (bool, f64) {
-        self.links.rate_of(link)
     }
 
     /// A human-readable table: unit → tier, bytes per pass per link, predicted time.
@@ -620,17 +620,17 @@ mod tests {
     #[test]
     fn assumed_links_are_told_from_measured_ones() {
         let mut l = Links::default();
-        assert_eq!(l.rate_of("disk"), (false, 1.5e9));
-        assert!(!l.rate_of("device memory").0);
+        assert_eq!(l.rate_of(LINK_DISK), (false, 1.5e9));
+        assert!(!l.rate_of(LINK_DEVICE_MEMORY).0);
         l.device_measured = true;
         l.host_to_device = Some(50e9);
-        assert_eq!(l.rate_of("host→device"), (true, 50e9));
+        assert_eq!(l.rate_of(LINK_HOST_TO_DEVICE), (true, 50e9));
         assert!(
-            !l.rate_of("disk").0,
+            !l.rate_of(LINK_DISK).0,
             "the GPU's links measured, the disk's still assumed"
         );
         l.measured = true;
-        assert!(l.rate_of("disk").0);
+        assert!(l.rate_of(LINK_DISK).0);
     }
 
     #[test]
