@@ -3537,16 +3537,19 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 // formed with mma.sync instead of dp4a, so each weight byte is read once for up to 32 tokens
 // where mmvq8_* (compute-bound at ~0.7 TB/s for 8 tokens) or a dequantize-then-GEMM pass would
 // run. Only the float summation order differs. Measured (H200, docs/BENCHMARKS.md) it is not
-// at the weight stream's floor either: ~0.9 TB/s of weights for 16 tokens, ~0.6 for 32, with
-// few instructions issued per cycle: latency-bound (one super-block of weights a warp in
-// flight, a block barrier per chunk); a deeper shared-memory pipeline for the weights is the
-// next step.
+// at the weight stream's floor either: ~1.3 TB/s of weights for 16 tokens, ~1.0 for 32
+// (scripts/gpu_mmq.cu), with few instructions issued per cycle: latency-bound (one
+// super-block of weights a warp in flight, a block barrier per chunk); a deeper
+// shared-memory pipeline for the weights is the next step.
 //
 // Shape: a block of MMQ_RG * MMQ_KP warps takes 16 * MMQ_RG rows and NT8 * 8 tokens
 // (blockIdx.y picks the token group) at a time: runs of (row block, chunk) units, shared out
-// evenly over the grid (stream-K, mmq_impl), of up to three matrices on the same activations. The columns go by in chunks of MMQ_KP super-blocks
-// (256 columns each); warp (rg, kp) takes rows 16 rg .. +16 of the block and super-block kp
-// of each chunk, so neighbouring warps read neighbouring weight blocks. The chunk's
+// evenly over the grid (stream-K, mmq_impl), of up to three matrices on the same
+// activations. The columns go by in chunks of MMQ_KP super-blocks (256 columns each); warp
+// (rg, kp) takes rows 16 rg .. +16 of the block and super-block kp of each chunk. With
+// MMQ_KP = 1 every warp runs over all the columns of its rows: a row block's set-up, barriers
+// and fix-up come once per 20+ super-blocks instead of once per 5 (2 x 4 warps before:
+// 20-26% slower on a 13b's big matrices at 16-32 tokens). The chunk's
 // activations (the block's tokens' quants, 16-sums and scales) are copied into shared memory
 // with cp.async while the previous chunk is multiplied (the mma operands then come from there,
 // not from L1, which the weight stream would evict); each warp keeps its next super-block's
@@ -3563,9 +3566,17 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 //   16+4q+3 <-> elements 8q+4..8q+7 (one 8-byte load of weights, one of activations).
 //   Q6_K 16-group (one scale): k 4q..4q+3 <-> elements 4q..4q+3 of the group.
 // ---------------------------------------------------------------------------------------------
-#define MMQ_RG 2
-#define MMQ_KP 4
+// (A harness may set other values; mmvq.rs's MMQ_BLOCK_ROWS and shared-memory sizes follow
+// these.)
+#ifndef MMQ_RG
+#define MMQ_RG 8
+#endif
+#ifndef MMQ_KP
+#define MMQ_KP 1
+#endif
+#ifndef MMQ_AHEAD
 #define MMQ_AHEAD 3
+#endif
 // Up to three matrices of one type and width on the same activations (q/k/v, gate/up) in
 // one launch: their row blocks follow each other in the work's order.
 struct MmqJobs {
@@ -3966,7 +3977,7 @@ struct MmqQ4KRaw {
     uint2 qa[4], qb[4]; // qs[32j + 8q .. +8] for j = 0..3
 };
 struct MmqQ4K {
-    enum { QS = 1056 }; // half-warps' 8-byte loads at 32 g + 8 q: 16 distinct bank pairs
+    enum { QS = MMQ_KP * 256 + 32 }; // half-warps' 8-byte loads at 32 g + 8 q: 16 bank pairs
     __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
                                                 long long row_bytes, int ra, int rb, int nb,
                                                 int sb, int q, MmqQ4KRaw& r) {
@@ -4076,7 +4087,7 @@ struct MmqQ6KRaw {
     u16 da, db;
 };
 struct MmqQ6K {
-    enum { QS = 1040 }; // a warp's 4-byte loads at g * QS + 4q: 32 distinct banks
+    enum { QS = MMQ_KP * 256 + 16 }; // a warp's 4-byte loads at g * QS + 4q: 32 banks
     __device__ static __forceinline__ void load_row(const u8* __restrict__ W, long long NB,
                                                     long long B, int q, u32 (&l)[8],
                                                     u32 (&h)[4], uint2 (&s)[2], u16& d) {
@@ -4335,9 +4346,9 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
         mmq_segment<K, Raw, NT8>(mmq_pick(W, j), mmq_pick(NB, j), xq, xd, xs, rows,
                                  cols, row_bytes, n, blk, c0, c1, first, acc);
         // The partial sums of warps kp > 0 through the (now idle) chunk buffers, added in kp
-        // order by the kp == 0 warps.
-        __syncthreads();
+        // order by the kp == 0 warps (none with one warp over all the columns: MMQ_KP == 1).
         float* wpart = (float*)mmq_smem; // [MMQ_KP - 1][MMQ_RG][NT8 * 4][32]
+        if (MMQ_KP > 1) __syncthreads();
         if (kp > 0) {
 #pragma unroll
             for (int t = 0; t < NT8; t++)
@@ -4346,7 +4357,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
                     wpart[(((kp - 1) * MMQ_RG + rg) * NT8 * 4 + 4 * t + i) * 32 + lane] =
                         acc[t][i];
         }
-        __syncthreads();
+        if (MMQ_KP > 1) __syncthreads();
         if (kp == 0) {
 #pragma unroll
             for (int t = 0; t < NT8; t++)

@@ -68,10 +68,17 @@ pub(crate) fn mmq_kernel_names() -> Vec<String> {
 }
 
 /// Dynamic shared memory of an `mmq_*` block: two chunk buffers (kernels.cu
-/// `mmq_chunk_bytes`: per token the quants of 4 super-blocks padded to `qs` bytes, their
-/// 64 sums and 4 scales).
+/// `mmq_chunk_bytes`: per token the quants of [`MMQ_KP`] super-blocks padded to `qs` bytes,
+/// their 16 sums a super-block and one scale).
 fn mmq_smem_bytes(tiles: usize, qs: usize) -> usize {
-    2 * tiles * 8 * (qs + 16 * 4 * 4 + 4 * 4)
+    2 * tiles * 8 * (qs + 16 * MMQ_KP * 4 + MMQ_KP * 4)
+}
+
+/// A token's padded row of quants in an `mmq_*` chunk buffer (kernels.cu `MmqQ4K::QS`,
+/// `MmqQ6K::QS`: the chunk's bytes plus 32 or 16, so that the mma operands' shared-memory
+/// loads hit distinct banks).
+fn mmq_row_bytes(ty: GgmlType) -> usize {
+    MMQ_KP * 256 + if ty == GgmlType::Q4_K { 32 } else { 16 }
 }
 
 /// Weight types with a tensor-core `mmq_*` kernel: Q4_K_M's two, Q4_K and Q6_K (GGML's layout
@@ -79,9 +86,19 @@ fn mmq_smem_bytes(tiles: usize, qs: usize) -> usize {
 const MMQ_SUFFIXES: [&str; 3] = ["q4_k", "q6_k", "q6_k_soa"];
 /// Tiles of 8 tokens one `mmq_*` block takes (kernels `mmq_<type>_<tiles>`).
 const MMQ_TILES: [usize; 3] = [1, 2, 4];
-/// Rows of one `mmq_*` block (kernels.cu: MMQ_RG * 16) and its threads (MMQ_RG * MMQ_KP warps).
-const MMQ_BLOCK_ROWS: usize = 32;
-const MMQ_BLOCK_THREADS: u32 = 256;
+/// kernels.cu `MMQ_RG` and `MMQ_KP`: an `mmq_*` block's warps are MMQ_RG groups of 16 rows
+/// times MMQ_KP super-blocks of each chunk of columns. 8 x 1 (128 rows, every warp over all
+/// the columns) against the earlier 2 x 4: a 13b's gate/up at 32 tokens 107.5 -> 79.7 us a
+/// call, its Q4_K 5120-wide matrices 32.4 -> 30.0 (H200, scripts/gpu_mmq.cu,
+/// docs/BENCHMARKS.md): a row block's four warps each had only a quarter of the columns, so
+/// the per-segment set-up, barriers and hand-over of partial sums were paid every 5 steps.
+const MMQ_RG: usize = 8;
+const MMQ_KP: usize = 1;
+// kernels.cu mmq_fill copies at most 4 super-blocks a chunk (two 16-byte pieces a lane).
+const _: () = assert!(MMQ_KP >= 1 && MMQ_KP <= 4);
+/// Rows of one `mmq_*` block and its threads.
+const MMQ_BLOCK_ROWS: usize = 16 * MMQ_RG;
+const MMQ_BLOCK_THREADS: u32 = (32 * MMQ_RG * MMQ_KP) as u32;
 /// `mmq_*` blocks an SM holds at once (kernels.cu: `__launch_bounds__(256, 2)`).
 const MMQ_BLOCKS_PER_SM: usize = 2;
 /// Floats of one block's slot of partial sums: its rows times its most tokens, 8 a tile
@@ -568,17 +585,18 @@ impl CudaBackend {
         // start 16-aligned); repacked Q6_K: 4- and 8-byte loads from its 8-aligned fields;
         // GGML's Q6_K: 2-byte loads (its 210-byte blocks are 2-aligned).
         // (Padded token rows in shared memory: kernels.cu MmqQ4K::QS, MmqQ6K::QS.)
-        let (suffix, qs) = match w.ty {
-            GgmlType::Q4_K if wp.is_multiple_of(16) => ("q4_k", 1056),
+        let suffix = match w.ty {
+            GgmlType::Q4_K if wp.is_multiple_of(16) => "q4_k",
             GgmlType::Q6_K if self.is_repacked(wp) => {
                 if !wp.is_multiple_of(8) {
                     return None;
                 }
-                ("q6_k_soa", 1040)
+                "q6_k_soa"
             }
-            GgmlType::Q6_K if wp.is_multiple_of(2) => ("q6_k", 1040),
+            GgmlType::Q6_K if wp.is_multiple_of(2) => "q6_k",
             _ => return None,
         };
+        let qs = mmq_row_bytes(w.ty);
         let tiles = mmq_tiles(n);
         let smem = mmq_smem_bytes(tiles, qs);
         (smem <= self.mmq_smem_room).then(|| (format!("mmq_{suffix}_{tiles}"), tiles, smem))
@@ -634,7 +652,7 @@ impl CudaBackend {
             self.quantize_int8(ActFmt::Q8K, n * like.cols, x, scratch, quantized)?;
         let blocks: usize = jobs.iter().map(|j| j.rows.div_ceil(MMQ_BLOCK_ROWS)).sum();
         let groups = n.div_ceil(8 * tiles);
-        let chunks = (like.cols / 256).div_ceil(4);
+        let chunks = (like.cols / 256).div_ceil(MMQ_KP);
         let grid = mmq_grid(mmq_grid_setting(), blocks, chunks, self.sms);
         // Partial sums and arrival counters, only touched where a row block is split.
         let (part, arrivals) = if grid == blocks {
@@ -1753,8 +1771,28 @@ mod tests {
 
     /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
     /// up to the host's limit) and shared memory: two chunk buffers under an sm_80+ opt-in,
-    /// large enough for the partial sums of the three warps that hand theirs over (kernels.cu
+    /// large enough for the partial sums of the warps that hand theirs over (kernels.cu
     /// `mmq_impl`), and every routed kernel name loaded at start.
+    /// The host's `mmq_*` geometry is the kernels': the defaults of kernels.cu's `MMQ_RG` and
+    /// `MMQ_KP` (a harness may override them; flea never does).
+    #[test]
+    fn mmq_geometry_matches_the_kernel_source() {
+        let default_of = |name: &str| -> usize {
+            let src = crate::KERNELS;
+            let at = src
+                .find(&format!("#define {name} "))
+                .unwrap_or_else(|| panic!("{name} not defined in kernels.cu"));
+            src[at..]
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: no number"))
+        };
+        assert_eq!(default_of("MMQ_RG"), MMQ_RG);
+        assert_eq!(default_of("MMQ_KP"), MMQ_KP);
+    }
+
     #[test]
     fn mmq_tiles_shared_memory_and_names() {
         let tiles: Vec<usize> = [2, 8, 9, 16, 17, 32]
@@ -1764,14 +1802,18 @@ mod tests {
         assert_eq!(tiles, [1, 1, 2, 2, 4, 4]);
         assert!(MMQ_MAX_TOKENS <= 8 * MMQ_TILES[MMQ_TILES.len() - 1]);
         for &t in &MMQ_TILES {
-            for qs in [1040, 1056] {
-                let smem = mmq_smem_bytes(t, qs);
+            for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+                let smem = mmq_smem_bytes(t, mmq_row_bytes(ty));
                 assert!(smem <= 99 * 1024, "{t} tiles: {smem} bytes");
-                let partials = 3 * (MMQ_BLOCK_ROWS / 16) * t * 4 * 32 * 4;
+                // The partial sums the warps of kp > 0 hand over through the buffers.
+                let partials = (MMQ_KP - 1) * MMQ_RG * t * 4 * 32 * 4;
                 assert!(partials <= smem);
             }
         }
-        assert_eq!(mmq_smem_bytes(4, 1056), 2 * 32 * (1056 + 256 + 16));
+        assert_eq!(
+            mmq_smem_bytes(4, mmq_row_bytes(GgmlType::Q4_K)),
+            2 * 32 * (MMQ_KP * 256 + 32 + 16 * MMQ_KP * 4 + MMQ_KP * 4)
+        );
         let names = kernel_names();
         for s in MMQ_SUFFIXES {
             for t in MMQ_TILES {

@@ -205,7 +205,7 @@ const FUSED_TOL: f64 = HYBRID_TOL;
 /// fully resident models it covers: a Llama-shaped model with head size 64 and grouped KV
 /// heads (Preset::Tiny), and one with head size 128 and a 13824-wide FFN row (so down
 /// rows are split across warps): the same prompt logits (prompts do not use it), each
-/// decode step within FUSED_TOL with the same argmax, and the fused kernel really ran.
+/// decode step within FUSED_TOL, at most one argmax flip, and the fused kernel really ran.
 #[test]
 fn fused_decode_matches_layer_by_layer() {
     let Some((_serial, cuda)) = common::gpu() else {
@@ -258,18 +258,27 @@ fn fused_decode_matches_layer_by_layer() {
             .collect();
         let ((p0, d0, _), (p1, d1, _)) = (&runs[0], &runs[1]);
         assert!(p0 == p1, "{tag}: prompt logits changed");
+        let mut flips = 0;
         for (i, (a, b)) in d1.iter().zip(d0).enumerate() {
             let rel = rel_err(a, b);
             let same = argmax(a) == argmax(b);
+            flips += usize::from(!same);
             let (fc, lc) = (rel_err(a, &dc[i]), rel_err(b, &dc[i]));
             println!(
                 "FUSED {tag} step {i}: rel {rel:.3e}, same argmax {same}; vs CPU: fused {fc:.3e}, layer by layer {lc:.3e}"
             );
-            if !(rel <= FUSED_TOL && same && fc <= 1.2 * lc + 1e-3) {
+            if !(rel <= FUSED_TOL && fc <= 1.2 * lc + 1e-3) {
                 failures.push(format!(
-                    "{tag} step {i}: rel {rel:.3e}, same argmax {same}, vs CPU {fc:.3e} / {lc:.3e}"
+                    "{tag} step {i}: rel {rel:.3e}, vs CPU {fc:.3e} / {lc:.3e}"
                 ));
             }
+        }
+        // At the noise floor an argmax may flip (parity.rs's bound for such cases: at most 1
+        // in 6). Seen on an H200 (2026-11-30) once the prompt's mmq_* sums changed order: the
+        // wide model's step 0 still 1.3e-7 apart, steps 1-5 1.4e-2-1.8e-2 (the one-int8-step
+        // difference FUSED_TOL describes), one argmax flipped.
+        if flips > 1 {
+            failures.push(format!("{tag}: {flips} of {} argmax flips", d1.len()));
         }
     }
     cuda.set_fused_decode(false);
