@@ -140,7 +140,8 @@ int main(int argc, char** argv) {
         CK(cudaFuncSetAttribute(tfns[i], cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 MMQ_TEST_SMEM_MAX));
 #endif
-    printf("MMQ_RG %d MMQ_KP %d MMQ_AHEAD %d\n", MMQ_RG, MMQ_KP, MMQ_AHEAD);
+    printf("MMQ_RG %d MMQ_KP %d MMQ_CSB_Q4K %d MMQ_CSB_Q6K %d MMQ_AHEAD %d MMQ_MINB %d\n", MMQ_RG,
+           MMQ_KP, MMQ_CSB_Q4K, MMQ_CSB_Q6K, MMQ_AHEAD, MMQ_MINB);
     printf("%-24s %3s %-8s %9s %8s %9s\n", "shape", "n", "grid", "us/call", "TB/s", "plain us");
     for (const Shape& s : shapes) {
         MmqFn* fns = s.q6 ? fns6 : fns4;
@@ -174,13 +175,15 @@ int main(int argc, char** argv) {
             act_q8k<<<(unsigned)((nblk + 3) / 4), 128>>>(x, xq, xd, xs, nblk);
             CK(cudaGetLastError());
             const int blocks = s.jobs * ((s.rows + 16 * MMQ_RG - 1) / (16 * MMQ_RG));
-            const int chunks = (s.cols / 256 + MMQ_KP - 1) / MMQ_KP;
+            const int cw = s.q6 ? (int)MmqQ6K::CW : (int)MmqQ4K::CW;
+            const int chunks = (s.cols / 256 + cw - 1) / cw;
             const int units = blocks * chunks;
             const int qs = s.q6 ? (int)MmqQ6K::QS : (int)MmqQ4K::QS;
-            const int smem = 2 * tiles * 8 * (qs + 16 * MMQ_KP * 4 + MMQ_KP * 4);
-            const int grids[] = {blocks, std::min(units, sms), std::min(units, 2 * sms),
+            const int smem = 2 * tiles * 8 * (qs + 16 * cw * 4 + cw * 4);
+            // "sm:B" is the default (B = MMQ_MINB blocks an SM, as mmvq.rs launches).
+            const int grids[] = {blocks, std::min(units, sms), std::min(units, MMQ_MINB * sms),
                                  std::min(units, 4 * sms)};
-            const char* gnames[] = {"rows", "sm:1", "sm:2", "sm:4"};
+            const char* gnames[] = {"rows", "sm:1", "sm:B", "sm:4"};
             for (int gi = 0; gi < 4; gi++) {
                 if (prof && gi != 2) continue;
                 const int G = grids[gi];

@@ -3537,10 +3537,10 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 // formed with mma.sync instead of dp4a, so each weight byte is read once for up to 32 tokens
 // where mmvq8_* (compute-bound at ~0.7 TB/s for 8 tokens) or a dequantize-then-GEMM pass would
 // run. Only the float summation order differs. Measured (H200, docs/BENCHMARKS.md) it is not
-// at the weight stream's floor either: ~1.3 TB/s of weights for 16 tokens, ~1.0 for 32
-// (scripts/gpu_mmq.cu), with few instructions issued per cycle: latency-bound (one
-// super-block of weights a warp in flight, a block barrier per chunk); a deeper
-// shared-memory pipeline for the weights is the next step.
+// at the weight stream's floor either: a 13b's gate/up at ~1.8 TB/s of weights for 8 tokens,
+// ~1.6 for 16, ~1.25 for 32 (scripts/gpu_mmq.cu), with few instructions issued per cycle
+// (one super-block of weights a warp in flight, a block barrier per chunk, ~750
+// instructions a warp per super-block at 32 tokens).
 //
 // Shape: a block of MMQ_RG * MMQ_KP warps takes 16 * MMQ_RG rows and NT8 * 8 tokens
 // (blockIdx.y picks the token group) at a time: runs of (row block, chunk) units, shared out
@@ -3553,8 +3553,9 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 // activations (the block's tokens' quants, 16-sums and scales) are copied into shared memory
 // with cp.async while the previous chunk is multiplied (the mma operands then come from there,
 // not from L1, which the weight stream would evict); each warp keeps its next super-block's
-// weights in registers and has the MMQ_AHEAD after it pulled toward L2, the first loads made
-// before the dependent-launch wait (weights never depend on an earlier kernel). The MMQ_KP
+// weights in registers (and the MMQ_AHEAD after it pulled toward L2, none by default), the
+// first loads made before the dependent-launch wait (weights never depend on an earlier
+// kernel). The MMQ_KP
 // partial sums meet in shared memory and are added in kp order: a row's value does not depend
 // on timing.
 //
@@ -3574,8 +3575,26 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 #ifndef MMQ_KP
 #define MMQ_KP 1
 #endif
+// MMQ_CSB_*: super-blocks each warp takes from a chunk of columns, per weight type (a chunk,
+// K::CW = MMQ_KP * CSB super-blocks, is one activation fill and block barrier). H200,
+// scripts/gpu_mmq.cu (2026-11-30), against 1: Q4_K at 2 a 13b's gate/up at 32 tokens 75.6 ->
+// 63.8 us, at 8-16 -5%; Q6_K at 2 +4-10% at 8-16 tokens, so it stays at 1; 4 slower for both
+// at 32 tokens.
+#ifndef MMQ_CSB_Q4K
+#define MMQ_CSB_Q4K 2
+#endif
+#ifndef MMQ_CSB_Q6K
+#define MMQ_CSB_Q6K 1
+#endif
+// MMQ_AHEAD: super-blocks after the one in registers pulled toward L2 first. 0: none -- with
+// every warp over all its columns, 3 ahead (the earlier default) against none: a 13b's gate/up
+// at 8 tokens 55.8 -> 44.0 us, at 32 78.4 -> 74.4; 1 and 2 in between (H200,
+// scripts/gpu_mmq.cu, 2026-11-30).
 #ifndef MMQ_AHEAD
-#define MMQ_AHEAD 3
+#define MMQ_AHEAD 0
+#endif
+#ifndef MMQ_MINB
+#define MMQ_MINB 2 // blocks an SM (launch bounds: at most 128 registers a thread)
 #endif
 // Up to three matrices of one type and width on the same activations (q/k/v, gate/up) in
 // one launch: their row blocks follow each other in the work's order.
@@ -3948,18 +3967,18 @@ ATTENTION_MMA(128)
 ATTENTION_MMA(256)
 
 // One chunk of a block's activations in shared memory, token-major: token i's quants of the
-// chunk's MMQ_KP super-blocks at q + i * QS (act_q8k's order within each super-block; QS
+// chunk's CW super-blocks at q + i * QS (act_q8k's order within each super-block; QS
 // pads the 1024 bytes so that the lanes of one B-fragment load hit distinct banks), its
-// 16-sums at s + i * 16 * MMQ_KP, its scales at d + i * MMQ_KP.
+// 16-sums at s + i * 16 * CW, its scales at d + i * CW.
 template <int QS>
 struct MmqChunk {
     const i8* q;
     const int* s;
     const float* d;
 };
-template <int NT8, int QS>
+template <int NT8, int QS, int CW>
 __host__ __device__ constexpr int mmq_chunk_bytes() {
-    return NT8 * 8 * (QS + 16 * MMQ_KP * 4 + MMQ_KP * 4);
+    return NT8 * 8 * (QS + 16 * CW * 4 + CW * 4);
 }
 
 // isum += an mma's C fragment times its rows' scales: sa for row g (c0, c1), sb for g + 8.
@@ -3977,7 +3996,9 @@ struct MmqQ4KRaw {
     uint2 qa[4], qb[4]; // qs[32j + 8q .. +8] for j = 0..3
 };
 struct MmqQ4K {
-    enum { QS = MMQ_KP * 256 + 32 }; // half-warps' 8-byte loads at 32 g + 8 q: 16 bank pairs
+    // A chunk's super-blocks; a token's padded row of them (half-warps' 8-byte loads at
+    // 32 g + 8 q: 16 distinct bank pairs).
+    enum { CW = MMQ_KP * MMQ_CSB_Q4K, QS = CW * 256 + 32 };
     __device__ static __forceinline__ void load(const u8* __restrict__ W, long long NB,
                                                 long long row_bytes, int ra, int rb, int nb,
                                                 int sb, int q, MmqQ4KRaw& r) {
@@ -4051,7 +4072,7 @@ struct MmqQ4K {
             if (q < 2) {
                 // The token's 16-sums of this super-block from 8q on: sub-block s = 2j + h is
                 // groups 4j + h and 4j + 2 + h (act_q8k's order).
-                const int* st = x.s + (8 * t + g) * 16 * MMQ_KP + kp * 16 + 8 * q;
+                const int* st = x.s + (8 * t + g) * 16 * CW + kp * 16 + 8 * q;
                 const int4 u0 = *(const int4*)st;
                 const int4 u1 = *(const int4*)(st + 4);
                 const u32 s0 = (u32)(u0.x + u0.z), s1 = (u32)(u0.y + u0.w);
@@ -4068,7 +4089,7 @@ struct MmqQ4K {
             for (int i = 0; i < 4; i++) {
                 const int msum = clo[i] + chi[i] * 256;
                 const float d = i < 2 ? da : db, dmin = i < 2 ? dmina : dminb;
-                const float dx = x.d[(8 * t + 2 * q + (i & 1)) * MMQ_KP + kp];
+                const float dx = x.d[(8 * t + 2 * q + (i & 1)) * CW + kp];
                 acc[t][i] += dx * (d * (float)isum[t][i] - dmin * (float)msum);
             }
         }
@@ -4087,7 +4108,9 @@ struct MmqQ6KRaw {
     u16 da, db;
 };
 struct MmqQ6K {
-    enum { QS = MMQ_KP * 256 + 16 }; // a warp's 4-byte loads at g * QS + 4q: 32 banks
+    // A chunk's super-blocks; a token's padded row (a warp's 4-byte loads at g * QS + 4q:
+    // 32 distinct banks).
+    enum { CW = MMQ_KP * MMQ_CSB_Q6K, QS = CW * 256 + 16 };
     __device__ static __forceinline__ void load_row(const u8* __restrict__ W, long long NB,
                                                     long long B, int q, u32 (&l)[8],
                                                     u32 (&h)[4], uint2 (&s)[2], u16& d) {
@@ -4169,7 +4192,7 @@ struct MmqQ6K {
         for (int t = 0; t < NT8; t++)
 #pragma unroll
             for (int i = 0; i < 4; i++)
-                acc[t][i] += x.d[(8 * t + 2 * q + (i & 1)) * MMQ_KP + kp] *
+                acc[t][i] += x.d[(8 * t + 2 * q + (i & 1)) * CW + kp] *
                              ((i < 2 ? da : db) * (float)isum[t][i]);
     }
 };
@@ -4193,25 +4216,25 @@ struct MmqQ6KPlain : MmqQ6K {
     }
 };
 
-// Copy chunk c (super-blocks MMQ_KP c ..) of tokens t0 .. t0 + NT8 * 8 (those < n) into the
+// Copy chunk c (super-blocks CW c ..) of tokens t0 .. t0 + NT8 * 8 (those < n) into the
 // shared buffer `buf` (layout MmqChunk), as cp.async work of the whole block: warp w takes
 // tokens w, w + 8, ..., each lane the token's 16-byte pieces lane and lane + 32 of its quants
 // (64 a chunk) and piece lane of its sums (16), lanes 16 .. 19 its scales. Pieces of
 // super-blocks past the row are skipped. (A flat numbering of the block's pieces cost a
 // division and ~35 dependent instructions a piece, and the special-register reads the compiler
 // re-made inside the loop; this is a few adds.)
-template <int NT8, int QS>
+template <int NT8, int QS, int CW>
 __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
                                          const float* __restrict__ xd,
                                          const int* __restrict__ xs, int cols, int nb, int t0,
                                          int n, int c) {
     const int nt = min(NT8 * 8, n - t0);
-    const int sb0 = c * MMQ_KP, nsb = min(MMQ_KP, nb - sb0);
+    const int sb0 = c * CW, nsb = min(CW, nb - sb0);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // Shared addresses in the shared window (32 bits), global ones as 32-bit element offsets
     // (mmq_kernel keeps n * cols below 2^31): the loop is a few adds.
     const u32 sb = (u32)__cvta_generic_to_shared(buf);
-    const u32 s_sums = sb + NT8 * 8 * QS, s_d = sb + NT8 * 8 * (QS + 16 * MMQ_KP * 4);
+    const u32 s_sums = sb + NT8 * 8 * QS, s_d = sb + NT8 * 8 * (QS + 16 * CW * 4);
     const int nq = nsb * 16, ns = nsb * 4;
     const bool q0 = lane < nq, q1 = lane + 32 < nq, sum = lane < ns;
     const bool scale = !sum && lane >= 16 && lane - 16 < nsb;
@@ -4223,15 +4246,16 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
         if (q0) cp_async16_s(dq, sq);
         if (q1) cp_async16_s(dq + 512, sq + 512);
         if (sum)
-            cp_async16_s(s_sums + tok * 16 * MMQ_KP * 4 + 16 * lane,
+            cp_async16_s(s_sums + tok * 16 * CW * 4 + 16 * lane,
                          xs + (row * (cols / 16) + sb0 * 16 + 4 * lane));
         else if (scale)
-            cp_async4_s(s_d + (tok * MMQ_KP + lane - 16) * 4, xd + (row * nb + sb0 + lane - 16));
+            cp_async4_s(s_d + (tok * CW + lane - 16) * 4, xd + (row * nb + sb0 + lane - 16));
     }
     cp_async_commit();
 }
 
-// Stream-K split of the work (rows in blocks of 32, columns in chunks of MMQ_KP super-blocks;
+// Stream-K split of the work (rows in blocks of 16 MMQ_RG, columns in chunks of K::CW
+// super-blocks;
 // unit u = row block * chunks + chunk): block b of G takes units [start(b), start(b + 1)).
 // With G = the row blocks each block takes one whole row block (the plain launch); the host
 // picks G = a multiple of the SMs, so that small matrices (160 row blocks of a 5120-row
@@ -4258,7 +4282,7 @@ __device__ __forceinline__ void mmq_segment(const u8* __restrict__ W, long long 
                                             long long row_bytes, int n, int blk, int c0, int c1,
                                             bool first, float (&acc)[NT8][4]) {
     extern __shared__ __align__(16) u8 mmq_smem[];
-    constexpr int QS = K::QS, CB = mmq_chunk_bytes<NT8, QS>();
+    constexpr int QS = K::QS, CW = K::CW, CSB = CW / MMQ_KP, CB = mmq_chunk_bytes<NT8, QS, CW>();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
     const int g = lane >> 2, q = lane & 3;
@@ -4269,32 +4293,35 @@ __device__ __forceinline__ void mmq_segment(const u8* __restrict__ W, long long 
     const int nb = cols / 256;
     const int t0 = blockIdx.y * NT8 * 8;
     Raw cur;
-    const int sb0 = c0 * MMQ_KP + kp;
+    // Warp kp takes super-blocks kp, kp + MMQ_KP, ... of each chunk of CW.
+    const int sb0 = c0 * CW + kp, sb_end = min(nb, c1 * CW);
     if (sb0 < nb) K::load(W, NB, row_bytes, ra, rb, nb, sb0, q, cur);
 #pragma unroll
     for (int a = 1; a <= MMQ_AHEAD; a++)
         if (sb0 + a * MMQ_KP < nb)
             K::prefetch(W, NB, row_bytes, r0, rows, nb, sb0 + a * MMQ_KP, lane);
     if (first) pdl_enter();
-    mmq_fill<NT8, QS>(mmq_smem, xq, xd, xs, cols, nb, t0, n, c0);
+    mmq_fill<NT8, QS, CW>(mmq_smem, xq, xd, xs, cols, nb, t0, n, c0);
     for (int c = c0; c < c1; c++) {
         cp_async_wait_all();
         // Chunk c is in place for every thread; everyone is done with the other buffer.
         __syncthreads();
         if (c + 1 < c1)
-            mmq_fill<NT8, QS>(mmq_smem + ((c + 1 - c0) & 1) * CB, xq, xd, xs, cols, nb, t0, n,
+            mmq_fill<NT8, QS, CW>(mmq_smem + ((c + 1 - c0) & 1) * CB, xq, xd, xs, cols, nb, t0, n,
                               c + 1);
         const u8* buf = mmq_smem + ((c - c0) & 1) * CB;
         const MmqChunk<QS> x{(const i8*)buf, (const int*)(buf + NT8 * 8 * QS),
-                             (const float*)(buf + NT8 * 8 * (QS + 16 * MMQ_KP * 4))};
-        const int sb = c * MMQ_KP + kp;
-        if (sb < nb) {
+                             (const float*)(buf + NT8 * 8 * (QS + 16 * CW * 4))};
+#pragma unroll 1
+        for (int i = 0; i < CSB; i++) {
+            const int s = kp + MMQ_KP * i, sb = c * CW + s; // s: place in the chunk
+            if (sb >= nb) break;
             Raw next;
-            const bool more = c + 1 < c1 && sb + MMQ_KP < nb;
+            const bool more = sb + MMQ_KP < sb_end;
             if (more) K::load(W, NB, row_bytes, ra, rb, nb, sb + MMQ_KP, q, next);
-            if (sb + (MMQ_AHEAD + 1) * MMQ_KP < nb)
+            if (MMQ_AHEAD > 0 && sb + (MMQ_AHEAD + 1) * MMQ_KP < nb)
                 K::prefetch(W, NB, row_bytes, r0, rows, nb, sb + (MMQ_AHEAD + 1) * MMQ_KP, lane);
-            K::template dot<NT8>(cur, x, kp, g, q, acc);
+            K::template dot<NT8>(cur, x, s, g, q, acc);
             if (more) cur = next;
         }
     }
@@ -4315,7 +4342,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
     const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
     const int g = lane >> 2, q = lane & 3;
     constexpr int BR = 16 * MMQ_RG; // rows a row block
-    const int nb = cols / 256, chunks = (nb + MMQ_KP - 1) / MMQ_KP;
+    const int nb = cols / 256, chunks = (nb + K::CW - 1) / K::CW;
     int blocks = 0;
 #pragma unroll
     for (int j = 0; j < 3; j++)
@@ -4436,7 +4463,7 @@ __device__ __forceinline__ void mmq_impl(MMQ_ARGS) {
 // SM with the registers it wants was slower (H200: 16 rows 26.4 -> 26.5 us a Q4_K call,
 // Q6_K 51.6 -> 63.0; 32 rows 39.6 -> 50.1 and 76.1 -> 85.7).
 #define MMQ(name, K, Raw, NT8)                                                                 \
-    extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, 2)                     \
+    extern "C" __global__ void __launch_bounds__(MMQ_RG * MMQ_KP * 32, MMQ_MINB)              \
         mmq_##name##_##NT8(MMQ_ARGS) {                                                         \
         mmq_impl<K, Raw, NT8>(jobs, xq, xd, xs, cols, row_bytes, n, accumulate, part,          \
                               arrivals);                                                       \

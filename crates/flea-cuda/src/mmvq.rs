@@ -67,18 +67,30 @@ pub(crate) fn mmq_kernel_names() -> Vec<String> {
     v
 }
 
-/// Dynamic shared memory of an `mmq_*` block: two chunk buffers (kernels.cu
-/// `mmq_chunk_bytes`: per token the quants of [`MMQ_KP`] super-blocks padded to `qs` bytes,
-/// their 16 sums a super-block and one scale).
-fn mmq_smem_bytes(tiles: usize, qs: usize) -> usize {
-    2 * tiles * 8 * (qs + 16 * MMQ_KP * 4 + MMQ_KP * 4)
+/// Dynamic shared memory of an `mmq_*` block for weights of type `ty`: two chunk buffers
+/// (kernels.cu `mmq_chunk_bytes`: per token the quants of a chunk's super-blocks padded to
+/// [`mmq_row_bytes`], their 16 sums a super-block and one scale).
+fn mmq_smem_bytes(tiles: usize, ty: GgmlType) -> usize {
+    let cw = mmq_chunk_width(ty);
+    2 * tiles * 8 * (mmq_row_bytes(ty) + 16 * cw * 4 + cw * 4)
+}
+
+/// Super-blocks in one chunk of columns of an `mmq_*` kernel (kernels.cu `K::CW`: MMQ_KP
+/// times the type's MMQ_CSB_*).
+fn mmq_chunk_width(ty: GgmlType) -> usize {
+    MMQ_KP
+        * if ty == GgmlType::Q4_K {
+            MMQ_CSB_Q4K
+        } else {
+            MMQ_CSB_Q6K
+        }
 }
 
 /// A token's padded row of quants in an `mmq_*` chunk buffer (kernels.cu `MmqQ4K::QS`,
 /// `MmqQ6K::QS`: the chunk's bytes plus 32 or 16, so that the mma operands' shared-memory
 /// loads hit distinct banks).
 fn mmq_row_bytes(ty: GgmlType) -> usize {
-    MMQ_KP * 256 + if ty == GgmlType::Q4_K { 32 } else { 16 }
+    mmq_chunk_width(ty) * 256 + if ty == GgmlType::Q4_K { 32 } else { 16 }
 }
 
 /// Weight types with a tensor-core `mmq_*` kernel: Q4_K_M's two, Q4_K and Q6_K (GGML's layout
@@ -94,8 +106,12 @@ const MMQ_TILES: [usize; 3] = [1, 2, 4];
 /// the per-segment set-up, barriers and hand-over of partial sums were paid every 5 steps.
 const MMQ_RG: usize = 8;
 const MMQ_KP: usize = 1;
+/// kernels.cu `MMQ_CSB_Q4K` / `MMQ_CSB_Q6K`: super-blocks each warp takes from a chunk of
+/// columns (one activation fill and block barrier a chunk), per weight type.
+const MMQ_CSB_Q4K: usize = 2;
+const MMQ_CSB_Q6K: usize = 1;
 // kernels.cu mmq_fill copies at most 4 super-blocks a chunk (two 16-byte pieces a lane).
-const _: () = assert!(MMQ_KP >= 1 && MMQ_KP <= 4);
+const _: () = assert!(MMQ_KP * MMQ_CSB_Q4K <= 4 && MMQ_KP * MMQ_CSB_Q6K <= 4);
 /// Rows of one `mmq_*` block and its threads.
 const MMQ_BLOCK_ROWS: usize = 16 * MMQ_RG;
 const MMQ_BLOCK_THREADS: u32 = (32 * MMQ_RG * MMQ_KP) as u32;
@@ -596,9 +612,8 @@ impl CudaBackend {
             GgmlType::Q6_K if wp.is_multiple_of(2) => "q6_k",
             _ => return None,
         };
-        let qs = mmq_row_bytes(w.ty);
         let tiles = mmq_tiles(n);
-        let smem = mmq_smem_bytes(tiles, qs);
+        let smem = mmq_smem_bytes(tiles, w.ty);
         (smem <= self.mmq_smem_room).then(|| (format!("mmq_{suffix}_{tiles}"), tiles, smem))
     }
 
@@ -652,7 +667,7 @@ impl CudaBackend {
             self.quantize_int8(ActFmt::Q8K, n * like.cols, x, scratch, quantized)?;
         let blocks: usize = jobs.iter().map(|j| j.rows.div_ceil(MMQ_BLOCK_ROWS)).sum();
         let groups = n.div_ceil(8 * tiles);
-        let chunks = (like.cols / 256).div_ceil(MMQ_KP);
+        let chunks = (like.cols / 256).div_ceil(mmq_chunk_width(like.ty));
         let grid = mmq_grid(mmq_grid_setting(), blocks, chunks, self.sms);
         // Partial sums and arrival counters, only touched where a row block is split.
         let (part, arrivals) = if grid == blocks {
@@ -1791,6 +1806,8 @@ mod tests {
         };
         assert_eq!(default_of("MMQ_RG"), MMQ_RG);
         assert_eq!(default_of("MMQ_KP"), MMQ_KP);
+        assert_eq!(default_of("MMQ_CSB_Q4K"), MMQ_CSB_Q4K);
+        assert_eq!(default_of("MMQ_CSB_Q6K"), MMQ_CSB_Q6K);
     }
 
     #[test]
@@ -1803,16 +1820,17 @@ mod tests {
         assert!(MMQ_MAX_TOKENS <= 8 * MMQ_TILES[MMQ_TILES.len() - 1]);
         for &t in &MMQ_TILES {
             for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
-                let smem = mmq_smem_bytes(t, mmq_row_bytes(ty));
+                let smem = mmq_smem_bytes(t, ty);
                 assert!(smem <= 99 * 1024, "{t} tiles: {smem} bytes");
                 // The partial sums the warps of kp > 0 hand over through the buffers.
                 let partials = (MMQ_KP - 1) * MMQ_RG * t * 4 * 32 * 4;
                 assert!(partials <= smem);
             }
         }
+        let cw = MMQ_KP * MMQ_CSB_Q4K;
         assert_eq!(
-            mmq_smem_bytes(4, mmq_row_bytes(GgmlType::Q4_K)),
-            2 * 32 * (MMQ_KP * 256 + 32 + 16 * MMQ_KP * 4 + MMQ_KP * 4)
+            mmq_smem_bytes(4, GgmlType::Q4_K),
+            2 * 32 * (cw * 256 + 32 + 16 * cw * 4 + cw * 4)
         );
         let names = kernel_names();
         for s in MMQ_SUFFIXES {
