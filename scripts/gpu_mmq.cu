@@ -1,14 +1,16 @@
 // Stand-alone harness for the few-token tensor-core matmuls (`mmq_*`, kernels.cu): flea's own
 // kernels (the file is included, not restated) on random Q4_K weights and Q8_K activations
 // made by flea's `act_q8k`, timed per launch with events over rotating weight copies (so L2
-// serves none of it), beside a plain read of the same bytes. Shapes are a 13B's: q/k/o
-// (5120 x 5120), gate/up (2 x 13824 x 5120, one launch), and the same bytes 13824 wide.
-//   nvcc -O3 -std=c++17 -arch=sm_90 -o mmq scripts/gpu_mmq.cu && ./mmq          (table)
+// serves none of it), beside a plain read of the same bytes. Shapes are a 13B's: Q4_K q/k/o
+// (5120 x 5120), gate/up (2 x 13824 x 5120, one launch), 5120 x 13824; repacked Q6_K v and
+// down. Numbers: docs/BENCHMARKS.md ("every warp over all the columns of its rows").
+//   nvcc -O3 -std=c++17 -arch=sm_90 -Iscripts -o mmq scripts/gpu_mmq.cu && ./mmq   (table)
 //   ./mmq prof     (a few launches of each kernel, for Nsight Compute)
 // Variants of the launch: the grid (one block a row block, or K blocks an SM sharing the
-// (row block, chunk) units, as mmvq.rs `mmq_grid`), tokens 8 / 16 / 32. A kernel under test
-// (MMQ_TEST, a file given with -DMMQ_TEST_FILE=...) is checked against flea's before it is
-// timed: same integers, so its outputs agree to float rounding.
+// (row block, chunk) units, as mmvq.rs `mmq_grid`), tokens 8 / 16 / 32. Other kernel
+// geometries are builds with -DMMQ_RG=.. -DMMQ_KP=.. -DMMQ_CSB_Q4K=.. -DMMQ_CSB_Q6K=..
+// -DMMQ_AHEAD=.. -DMMQ_MINB=..; MMQ_DUMP=PREFIX writes each shape's outputs (one block a row
+// block) so that two builds' can be compared (the same integers: equal to float rounding).
 #include "../crates/flea-cuda/src/kernels.cu"
 #include "gpu_check.h"
 #include <algorithm>
@@ -17,9 +19,6 @@
 #include <cstring>
 #include <string>
 #include <vector>
-#ifdef MMQ_TEST_FILE
-#include MMQ_TEST_FILE
-#endif
 
 static u16 host_f2h(float f) {
     // Positive normal values only (the scales below): round to nearest.
@@ -117,10 +116,9 @@ int main(int argc, char** argv) {
         for (auto& v : hx) v = 2.f * next_unit() - 1.f;
         CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
     }
-    float *y, *y2, *part;
+    float *y, *part;
     unsigned *arrivals, *sink;
     CK(cudaMalloc(&y, (size_t)NMAX * 2 * 13824 * 4));
-    CK(cudaMalloc(&y2, (size_t)NMAX * 2 * 13824 * 4));
     CK(cudaMalloc(&part, (size_t)2 * 4 * sms * MMQ_RG * 512 * 4));
     CK(cudaMalloc(&arrivals, 4096 * 4));
     CK(cudaMemset(arrivals, 0, 4096 * 4));
@@ -134,12 +132,6 @@ int main(int argc, char** argv) {
         CK(cudaFuncSetAttribute(fns4[i], cudaFuncAttributeMaxDynamicSharedMemorySize, 200000));
         CK(cudaFuncSetAttribute(fns6[i], cudaFuncAttributeMaxDynamicSharedMemorySize, 200000));
     }
-#ifdef MMQ_TEST
-    MmqFn tfns[3] = {MMQ_TEST(1), MMQ_TEST(2), MMQ_TEST(4)};
-    for (int i = 0; i < 3; i++)
-        CK(cudaFuncSetAttribute(tfns[i], cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                MMQ_TEST_SMEM_MAX));
-#endif
     printf("MMQ_RG %d MMQ_KP %d MMQ_CSB_Q4K %d MMQ_CSB_Q6K %d MMQ_AHEAD %d MMQ_MINB %d\n", MMQ_RG,
            MMQ_KP, MMQ_CSB_Q4K, MMQ_CSB_Q6K, MMQ_AHEAD, MMQ_MINB);
     printf("%-24s %3s %-8s %9s %8s %9s\n", "shape", "n", "grid", "us/call", "TB/s", "plain us");
@@ -221,9 +213,10 @@ int main(int argc, char** argv) {
                     const size_t m = (size_t)n * s.jobs * s.rows;
                     std::vector<float> a(m);
                     CK(cudaMemcpy(a.data(), y, m * 4, cudaMemcpyDeviceToHost));
-                    const std::string path = std::string(getenv("MMQ_DUMP")) + (s.q6 ? ".q6." : ".q4.") +
-                                             std::to_string(s.cols) + "." +
-                                             std::to_string(s.jobs) + "." + std::to_string(n);
+                    const std::string path = std::string(getenv("MMQ_DUMP")) +
+                                             (s.q6 ? ".q6." : ".q4.") + std::to_string(s.cols) +
+                                             "." + std::to_string(s.jobs) + "." +
+                                             std::to_string(n);
                     FILE* fp = fopen(path.c_str(), "wb");
                     if (fp) {
                         fwrite(a.data(), 4, m, fp);
@@ -232,65 +225,6 @@ int main(int argc, char** argv) {
                 }
                 printf("%-24s %3d %-8s %9.2f %8.2f %9.2f\n", s.name, n, gnames[gi], us,
                        sbytes / (us * 1e-6) / 1e12, plain);
-#ifdef MMQ_TEST
-                {
-                    // The kernel under test: same outputs (to float rounding), then its time.
-                    const int tsmem = MMQ_TEST_SMEM(tiles);
-                    const int TG = MMQ_TEST_GRID(s.jobs * s.rows, s.cols, sms);
-                    auto tl = [&](int copy, float* out) {
-                        MmqJobs jb;
-                        memset(&jb, 0, sizeof jb);
-                        jb.count = s.jobs;
-                        for (int j = 0; j < s.jobs; j++) {
-                            jb.W[j] = w[copy * s.jobs + j];
-                            jb.y[j] = out + (size_t)j * n * s.rows;
-                            jb.NB[j] = (long long)s.rows * (s.cols / 256);
-                            jb.rows[j] = s.rows;
-                        }
-                        tfns[fi]<<<dim3(TG, 1), MMQ_TEST_THREADS, tsmem>>>(
-                            jb, xq, xd, xs, s.cols, (long long)(s.cols / 256) * bb, n, 0, part,
-                            arrivals);
-                    };
-                    if (gi == 0) {
-                        CK(cudaMemset(y2, 0xff, (size_t)n * s.jobs * s.rows * 4));
-                        launch(fns[fi], 0, y, smem);
-                        tl(0, y2);
-                        CK(cudaDeviceSynchronize());
-                        CK(cudaGetLastError());
-                        const size_t m = (size_t)n * s.jobs * s.rows;
-                        std::vector<float> a(m), b(m);
-                        CK(cudaMemcpy(a.data(), y, m * 4, cudaMemcpyDeviceToHost));
-                        CK(cudaMemcpy(b.data(), y2, m * 4, cudaMemcpyDeviceToHost));
-                        double num = 0, den = 0;
-                        bool bad = false;
-                        for (size_t i = 0; i < m; i++) {
-                            if (!std::isfinite(b[i])) bad = true;
-                            num += (double)(a[i] - b[i]) * (a[i] - b[i]);
-                            den += (double)a[i] * a[i];
-                        }
-                        const double rel = std::sqrt(num / den);
-                        printf("  test kernel: rel %.3g%s\n", rel,
-                               bad || rel > 1e-5 ? "  MISMATCH" : "");
-                        if (bad || rel > 1e-5) exit(2);
-                    }
-                    if (gi == 3) {
-                        std::vector<float> tt;
-                        for (int r = 0; r < reps; r++) {
-                            CK(cudaEventRecord(e0));
-                            tl(r % COPIES, y2);
-                            CK(cudaEventRecord(e1));
-                            CK(cudaEventSynchronize(e1));
-                            CK(cudaGetLastError());
-                            float ms;
-                            CK(cudaEventElapsedTime(&ms, e0, e1));
-                            tt.push_back(ms * 1000.f);
-                        }
-                        const float tus = median(tt);
-                        printf("%-24s %3d %-8s %9.2f %8.2f\n", s.name, n, "TEST", tus,
-                               sbytes / (tus * 1e-6) / 1e12);
-                    }
-                }
-#endif
             }
         }
         for (auto p : w) CK(cudaFree(p));
