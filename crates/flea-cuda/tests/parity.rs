@@ -1703,9 +1703,11 @@ fn mmq_grouped_launch_matches_cpu() {
 /// The tensor-core kernels' split of a matrix's work between blocks (`MmqGrid`): row blocks
 /// whole, the default (blocks an SM), and block counts that cut row blocks in two or three
 /// (segments that end mid-row-block and begin mid-row-block in one block), for Q4_K and Q6_K
-/// matrices of 3 and 7 row blocks (the last short) and 10 and 21 super-blocks a row (the
-/// last chunk short), 5, 12 and 32 tokens, written and added to a residual: the CPU's values
-/// every time.
+/// matrices of 96 and 200 rows (one and two 128-row blocks, the last short; `blocks` and
+/// `units` below count 32-row blocks and 4-super-block chunks, as the kernels had them
+/// before 2026-11-30, and `MmqGrid::Fixed` clamps to the real units) and 10 and 21
+/// super-blocks a row (Q4_K's last two-super-block chunk short), 5, 12 and 32 tokens,
+/// written and added to a residual: the CPU's values every time.
 #[test]
 fn mmq_split_matches_cpu() {
     use flea_cuda::MmqGrid;
