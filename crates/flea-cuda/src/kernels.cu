@@ -3555,9 +3555,8 @@ MMVQ(bf16, BF16K, HalfRaw, LB_DEFAULT)
 // not from L1, which the weight stream would evict); each warp keeps its next super-block's
 // weights in registers (and the MMQ_AHEAD after it pulled toward L2, none by default), the
 // first loads made before the dependent-launch wait (weights never depend on an earlier
-// kernel). The MMQ_KP
-// partial sums meet in shared memory and are added in kp order: a row's value does not depend
-// on timing.
+// kernel). The MMQ_KP partial sums meet in shared memory and are added in kp order: a row's
+// value does not depend on timing.
 //
 // mma fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 / m16n8k32 with integer type"),
 // lane = 4 g + q: A rows g and g + 8; B column (token) g; C rows g, g + 8, columns 2q, 2q + 1.
@@ -3968,7 +3967,7 @@ ATTENTION_MMA(256)
 
 // One chunk of a block's activations in shared memory, token-major: token i's quants of the
 // chunk's CW super-blocks at q + i * QS (act_q8k's order within each super-block; QS
-// pads the 1024 bytes so that the lanes of one B-fragment load hit distinct banks), its
+// pads the chunk's bytes so that the lanes of one B-fragment load hit distinct banks), its
 // 16-sums at s + i * 16 * CW, its scales at d + i * CW.
 template <int QS>
 struct MmqChunk {
@@ -4219,10 +4218,10 @@ struct MmqQ6KPlain : MmqQ6K {
 // Copy chunk c (super-blocks CW c ..) of tokens t0 .. t0 + NT8 * 8 (those < n) into the
 // shared buffer `buf` (layout MmqChunk), as cp.async work of the whole block: warp w takes
 // tokens w, w + 8, ..., each lane the token's 16-byte pieces lane and lane + 32 of its quants
-// (64 a chunk) and piece lane of its sums (16), lanes 16 .. 19 its scales. Pieces of
-// super-blocks past the row are skipped. (A flat numbering of the block's pieces cost a
-// division and ~35 dependent instructions a piece, and the special-register reads the compiler
-// re-made inside the loop; this is a few adds.)
+// (16 a super-block) and piece lane of its sums (4 a super-block), lanes 16 .. 16 + CW its
+// scales. Pieces of super-blocks past the row are skipped. (A flat numbering of the block's
+// pieces cost a division and ~35 dependent instructions a piece, and the special-register
+// reads the compiler re-made inside the loop; this is a few adds.)
 template <int NT8, int QS, int CW>
 __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
                                          const float* __restrict__ xd,
@@ -4255,11 +4254,10 @@ __device__ __forceinline__ void mmq_fill(u8* buf, const i8* __restrict__ xq,
 }
 
 // Stream-K split of the work (rows in blocks of 16 MMQ_RG, columns in chunks of K::CW
-// super-blocks;
-// unit u = row block * chunks + chunk): block b of G takes units [start(b), start(b + 1)).
-// With G = the row blocks each block takes one whole row block (the plain launch); the host
-// picks G = a multiple of the SMs, so that small matrices (160 row blocks of a 5120-row
-// projection on 132 SMs) keep every SM busy for the same time. mmvq.rs mirrors these two.
+// super-blocks; unit u = row block * chunks + chunk): block b of G takes units
+// [start(b), start(b + 1)). With G = the row blocks each block takes one whole row block (the
+// plain launch); the host picks G = a multiple of the SMs, so that small matrices (40 row
+// blocks of a 5120-row projection on 132 SMs) keep every SM busy for the same time. mmvq.rs mirrors these two.
 // 32-bit arithmetic (the host keeps units * G below 2^32): a 64-bit division is a called
 // routine of ~80 dependent instructions, which sat before a block's first weight loads.
 __device__ __forceinline__ int mmq_unit_start(int b, int units, int G) {
@@ -4282,7 +4280,8 @@ __device__ __forceinline__ void mmq_segment(const u8* __restrict__ W, long long 
                                             long long row_bytes, int n, int blk, int c0, int c1,
                                             bool first, float (&acc)[NT8][4]) {
     extern __shared__ __align__(16) u8 mmq_smem[];
-    constexpr int QS = K::QS, CW = K::CW, CSB = CW / MMQ_KP, CB = mmq_chunk_bytes<NT8, QS, CW>();
+    constexpr int QS = K::QS, CW = K::CW, CSB = CW / MMQ_KP;
+    constexpr int CB = mmq_chunk_bytes<NT8, QS, CW>();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int kp = warp % MMQ_KP, rg = warp / MMQ_KP;
     const int g = lane >> 2, q = lane & 3;
@@ -4307,8 +4306,8 @@ __device__ __forceinline__ void mmq_segment(const u8* __restrict__ W, long long 
         // Chunk c is in place for every thread; everyone is done with the other buffer.
         __syncthreads();
         if (c + 1 < c1)
-            mmq_fill<NT8, QS, CW>(mmq_smem + ((c + 1 - c0) & 1) * CB, xq, xd, xs, cols, nb, t0, n,
-                              c + 1);
+            mmq_fill<NT8, QS, CW>(mmq_smem + ((c + 1 - c0) & 1) * CB, xq, xd, xs, cols, nb, t0,
+                                  n, c + 1);
         const u8* buf = mmq_smem + ((c - c0) & 1) * CB;
         const MmqChunk<QS> x{(const i8*)buf, (const int*)(buf + NT8 * 8 * QS),
                              (const float*)(buf + NT8 * 8 * (QS + 16 * CW * 4))};

@@ -115,7 +115,7 @@ const _: () = assert!(MMQ_KP * MMQ_CSB_Q4K <= 4 && MMQ_KP * MMQ_CSB_Q6K <= 4);
 /// Rows of one `mmq_*` block and its threads.
 const MMQ_BLOCK_ROWS: usize = 16 * MMQ_RG;
 const MMQ_BLOCK_THREADS: u32 = (32 * MMQ_RG * MMQ_KP) as u32;
-/// `mmq_*` blocks an SM holds at once (kernels.cu: `__launch_bounds__(256, 2)`).
+/// `mmq_*` blocks an SM holds at once (kernels.cu `MMQ_MINB`, the launch bounds' minimum).
 const MMQ_BLOCKS_PER_SM: usize = 2;
 /// Floats of one block's slot of partial sums: its rows times its most tokens, 8 a tile
 /// (kernels.cu `FR` * 32).
@@ -1784,12 +1784,8 @@ mod tests {
         assert_eq!(own_kernel_rows_max(true, []), MAX_TOKENS);
     }
 
-    /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
-    /// up to the host's limit) and shared memory: two chunk buffers under an sm_80+ opt-in,
-    /// large enough for the partial sums of the warps that hand theirs over (kernels.cu
-    /// `mmq_impl`), and every routed kernel name loaded at start.
-    /// The host's `mmq_*` geometry is the kernels': the defaults of kernels.cu's `MMQ_RG` and
-    /// `MMQ_KP` (a harness may override them; flea never does).
+    /// The host's `mmq_*` geometry is the kernels': the defaults of kernels.cu's `MMQ_RG`,
+    /// `MMQ_KP` and `MMQ_CSB_*` (a harness may override them; flea never does).
     #[test]
     fn mmq_geometry_matches_the_kernel_source() {
         let default_of = |name: &str| -> usize {
@@ -1810,6 +1806,10 @@ mod tests {
         assert_eq!(default_of("MMQ_CSB_Q6K"), MMQ_CSB_Q6K);
     }
 
+    /// The tensor-core kernels' token tiles (the fewest 8-token tiles that hold n, one block
+    /// up to the host's limit) and shared memory: two chunk buffers under an sm_80+ opt-in,
+    /// large enough for the partial sums of the warps that hand theirs over (kernels.cu
+    /// `mmq_impl`), and every routed kernel name loaded at start.
     #[test]
     fn mmq_tiles_shared_memory_and_names() {
         let tiles: Vec<usize> = [2, 8, 9, 16, 17, 32]
