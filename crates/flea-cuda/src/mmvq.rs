@@ -345,12 +345,14 @@ static MMQ_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new
 static MMQ_MIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// How an `mmq_*` launch splits its work between blocks (kernels.cu, `mmq_unit_start`).
+/// The units shared out are (row block, chunk of columns) pairs: [`CudaBackend::mmq_unit_shape`]
+/// gives their size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmqGrid {
-    /// One block a row block of 32 rows, each over all the columns.
+    /// One block a row block, each over all the columns.
     RowBlocks,
-    /// This many blocks an SM (at most the row blocks' chunks), the chunks of 4 super-blocks
-    /// shared out evenly: a row block may be split between blocks.
+    /// This many blocks an SM (at most the units), the units shared out evenly: a row block
+    /// may be split between blocks.
     PerSm(usize),
     /// Exactly this many blocks (at most the chunks), shared out the same way; for tests.
     Fixed(usize),
@@ -565,6 +567,12 @@ impl CudaBackend {
     /// comparisons and tests: results differ only in the float summation order).
     pub fn set_mmq_grid(&self, grid: MmqGrid) {
         *MMQ_GRID.lock().unwrap_or_else(|e| e.into_inner()) = Some(grid);
+    }
+
+    /// The unit of work an `mmq_*` launch shares out for weights of type `ty`: (rows of a row
+    /// block, super-blocks of a chunk of columns).
+    pub fn mmq_unit_shape(&self, ty: GgmlType) -> (usize, usize) {
+        (MMQ_BLOCK_ROWS, mmq_chunk_width(ty))
     }
 
     /// The split `mmq_*` launches use now (see [`Self::set_mmq_grid`]).

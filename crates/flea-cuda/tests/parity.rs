@@ -1701,13 +1701,13 @@ fn mmq_grouped_launch_matches_cpu() {
 }
 
 /// The tensor-core kernels' split of a matrix's work between blocks (`MmqGrid`): row blocks
-/// whole, the default (blocks an SM), and block counts that cut row blocks in two or three
-/// (segments that end mid-row-block and begin mid-row-block in one block), for Q4_K and Q6_K
-/// matrices of 96 and 200 rows (one and two 128-row blocks, the last short; `blocks` and
-/// `units` below count 32-row blocks and 4-super-block chunks, as the kernels had them
-/// before 2026-11-30, and `MmqGrid::Fixed` clamps to the real units) and 10 and 21
-/// super-blocks a row (Q4_K's last two-super-block chunk short), 5, 12 and 32 tokens,
-/// written and added to a residual: the CPU's values every time.
+/// whole, the default (blocks an SM), and block counts that cut row blocks into pieces
+/// (segments that end mid-row-block and begin mid-row-block in one block, and one block a
+/// unit), for Q4_K and Q6_K matrices of 3 and 7 of the kernels' row blocks (the last short by
+/// 40 rows in the first) and 10 and 21 super-blocks a row (Q4_K's last chunk short where its
+/// chunks take two), 5, 12 and 32 tokens, written and added to a residual: the CPU's values
+/// every time. The shapes follow the kernels' geometry (`mmq_unit_shape`), so the cuts stay
+/// inside real row blocks whatever it is.
 #[test]
 fn mmq_split_matches_cpu() {
     use flea_cuda::MmqGrid;
@@ -1728,7 +1728,8 @@ fn mmq_split_matches_cpu() {
         (flea_gguf::GgmlType::Q4_K, 144),
         (flea_gguf::GgmlType::Q6_K, 210),
     ] {
-        for (rows, cols) in [(96usize, 2560usize), (200, 5376)] {
+        let (block_rows, chunk_sbs) = cuda.mmq_unit_shape(ty);
+        for (rows, cols) in [(3 * block_rows - 40, 2560usize), (7 * block_rows, 5376)] {
             let data = random_kquant(block, rows, cols);
             let w = Weight {
                 ty,
@@ -1736,8 +1737,8 @@ fn mmq_split_matches_cpu() {
                 cols,
                 data: &data,
             };
-            let blocks = rows.div_ceil(32);
-            let units = blocks * (cols / 256).div_ceil(4);
+            let blocks = rows.div_ceil(block_rows);
+            let units = blocks * (cols / 256).div_ceil(chunk_sbs);
             for grid in [
                 MmqGrid::RowBlocks,
                 MmqGrid::PerSm(2),
