@@ -6,7 +6,8 @@ For each case (greedy; OpenAI-style sampling: temperature 0.8 and a seed, the wh
 vocabulary; top-k sampling: top_k 40, min_p 0.05, top_p 0.95) sends N requests at once, each
 with its own short prompt and seed, and prints the completion tokens of all of them over the
 wall time from the first request to the last answer (prompts included), after one
-warm-up round. Prints flea_steps_total and flea_generated_tokens_total from /metrics.
+warm-up round; and from /metrics, the round's passes, their mean rows, and its wall time split
+into the passes, the host's sampling and the rest (HTTP, admission, the engine's loop).
 """
 import json, sys, threading, time, urllib.request
 base, n = sys.argv[1], int(sys.argv[2])
@@ -34,10 +35,23 @@ def round_of(extra):
     for th in ts: th.start()
     for th in ts: th.join()
     return sum(out), time.time() - t
+KEYS = ("flea_steps_total", "flea_step_rows_total", "flea_forward_seconds_total",
+        "flea_sampling_seconds_total")
+def counters():
+    out = {}
+    for line in get("/metrics").splitlines():
+        name, _, value = line.partition(" ")
+        if name in KEYS:
+            out[name] = float(value)
+    return out
 round_of({"temperature": 0.0})
 for name, extra in [("greedy", {"temperature": 0.0}), ("openai-sampled", {"temperature": 0.8}),
                     ("top-k", {"temperature": 0.8, "top_k": 40, "min_p": 0.05, "top_p": 0.95})]:
+    before = counters()
     toks, secs = round_of(extra)
-    print(f"{name}: {n} requests, {toks} tokens in {secs:.2f} s: {toks / secs:.1f} tok/s")
-m = [l for l in get("/metrics").splitlines() if l.startswith("flea_steps_total") or l.startswith("flea_generated_tokens_total")]
-print(" ".join(m))
+    d = {k: v - before.get(k, 0.0) for k, v in counters().items()}
+    steps = d.get("flea_steps_total", 0.0)
+    fwd, smp = d.get("flea_forward_seconds_total", 0.0), d.get("flea_sampling_seconds_total", 0.0)
+    print(f"{name}: {n} requests, {toks} tokens in {secs:.2f} s: {toks / secs:.1f} tok/s; "
+          f"{steps:.0f} passes of {d.get('flea_step_rows_total', 0.0) / max(steps, 1):.1f} rows, "
+          f"passes {fwd:.2f} s, host sampling {smp:.2f} s, the rest {secs - fwd - smp:.2f} s")

@@ -733,6 +733,25 @@ pub fn prometheus_text(m: &Metrics) -> String {
         &[("", ld(&m.steps_total))],
     );
     put(
+        "flea_step_rows_total",
+        "counter",
+        "Rows (tokens) fed to the weight passes, prompts and decodes alike.",
+        &[("", ld(&m.step_rows_total))],
+    );
+    let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+    put(
+        "flea_forward_seconds_total",
+        "counter",
+        "Time in the weight passes, the logits' read-back included.",
+        &[("", secs(&m.forward_nanos_total))],
+    );
+    put(
+        "flea_sampling_seconds_total",
+        "counter",
+        "Time choosing tokens from read-back logits on the host.",
+        &[("", secs(&m.sampling_nanos_total))],
+    );
+    put(
         "flea_queue_depth",
         "gauge",
         "Requests waiting for a sequence slot.",

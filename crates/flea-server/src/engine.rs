@@ -201,6 +201,13 @@ pub struct Metrics {
     /// Of those, the tokens chosen on the device in chained bursts.
     pub chained_tokens_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Rows (tokens) fed to the weight passes, prompts and decodes alike.
+    pub step_rows_total: AtomicU64,
+    /// Nanoseconds in the weight passes (device work and the logits' read-back; chained
+    /// bursts' on-device sampling included).
+    pub forward_nanos_total: AtomicU64,
+    /// Nanoseconds the engine spent choosing tokens from read-back logits on the host.
+    pub sampling_nanos_total: AtomicU64,
     pub queue_depth: AtomicUsize,
     pub active_sequences: AtomicUsize,
     pub last_batch_rows: AtomicUsize,
@@ -210,6 +217,11 @@ pub struct Metrics {
     pub usage: Mutex<ModelUsage>,
     pub n_seq: AtomicUsize,
     pub n_ctx: AtomicUsize,
+}
+
+/// Adds `secs` to a nanosecond counter.
+fn add_nanos(counter: &AtomicU64, secs: f64) {
+    counter.fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
 }
 
 /// Where requests enter. Cloneable; the engine stops when every handle is gone (or on
@@ -625,6 +637,10 @@ impl<'a> Engine<'a> {
         let secs = t0.elapsed().as_secs_f64();
         let metrics = self.metrics.clone();
         metrics.steps_total.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .step_rows_total
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        add_nanos(&metrics.forward_nanos_total, secs);
         metrics.last_batch_rows.store(rows.len(), Ordering::Relaxed);
         metrics
             .last_batch_sequences
@@ -648,9 +664,14 @@ impl<'a> Engine<'a> {
         } else {
             logits.len() / wants.len()
         };
+        let t_sample = Instant::now();
         let Some(picked) = self.sample_rows(&wants, &mut logits, vocab) else {
             return self.fail_all("sampling panicked");
         };
+        add_nanos(
+            &metrics.sampling_nanos_total,
+            t_sample.elapsed().as_secs_f64(),
+        );
         let mut finished = Vec::new();
         let mut generated_now = 0;
         let n_ctx = self.model.n_ctx();
@@ -793,6 +814,9 @@ impl<'a> Engine<'a> {
         };
         let m = &self.metrics;
         m.steps_total.fetch_add(delivered as u64, Ordering::Relaxed);
+        m.step_rows_total
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        add_nanos(&m.forward_nanos_total, secs);
         m.last_batch_rows.store(1, Ordering::Relaxed);
         m.last_batch_sequences.store(1, Ordering::Relaxed);
         m.generated_tokens_total

@@ -107,7 +107,18 @@ fn concurrent_requests_get_their_own_outputs_and_slots_are_reused() {
     let m = &handle.metrics;
     assert_eq!(m.active_sequences.load(Ordering::Relaxed), 0);
     assert_eq!(m.queue_depth.load(Ordering::Relaxed), 0);
-    assert!(m.generated_tokens_total.load(Ordering::Relaxed) >= 6);
+    let generated = m.generated_tokens_total.load(Ordering::Relaxed);
+    assert!(generated >= 6);
+    // Each token comes from one row of a pass; each row is a prompt token or a token fed
+    // back; the passes and the host's sampling were timed.
+    let rows = m.step_rows_total.load(Ordering::Relaxed);
+    let prompt = m.prompt_tokens_total.load(Ordering::Relaxed);
+    assert!(
+        generated <= rows && rows <= prompt + generated,
+        "rows {rows}, prompt tokens {prompt}, generated {generated}"
+    );
+    assert!(m.forward_nanos_total.load(Ordering::Relaxed) > 0);
+    assert!(m.sampling_nanos_total.load(Ordering::Relaxed) > 0);
     // After shutdown nothing new is accepted.
     assert!(matches!(
         handle.submit(greedy("x", 1)),
