@@ -42,6 +42,10 @@ pub(crate) const TOP_P_WORDS: usize = TOP_P_KEEP + 2;
 /// Token slots the GPU keeps: a chained decode has at most two passes queued, and a slot is
 /// rewritten only after the host has read it.
 pub(crate) const TOKEN_SLOTS: usize = 4;
+/// Slots after those for the rows of one `pick_rows` call (the executor picks a batch's
+/// tokens LOGIT_CHUNK rows at a time).
+pub(crate) const ROW_SLOTS: usize = flea_model::forward::LOGIT_CHUNK;
+pub(crate) const ALL_SLOTS: usize = TOKEN_SLOTS + ROW_SLOTS;
 
 fn ce(what: &str, e: impl std::fmt::Debug) -> String {
     format!("{what}: {e:?}")
@@ -115,7 +119,7 @@ impl TokenSlots {
         stream: &Arc<CudaStream>,
     ) -> Result<TokenSlots, String> {
         let dev = stream
-            .alloc_zeros::<i32>(TOKEN_SLOTS)
+            .alloc_zeros::<i32>(ALL_SLOTS)
             .map_err(|e| ce("token slots", e))?;
         let best = stream
             .alloc_zeros::<u64>(3)
@@ -135,8 +139,8 @@ impl TokenSlots {
         let vocab_top_p = stream
             .alloc_zeros::<u64>(TOP_P_WORDS)
             .map_err(|e| ce("token slots' top-p histogram", e))?;
-        let host = MappedHost::new(TOKEN_SLOTS * 4)?;
-        let written = (0..TOKEN_SLOTS)
+        let host = MappedHost::new(ALL_SLOTS * 4)?;
+        let written = (0..ALL_SLOTS)
             .map(|_| ctx.new_event(None).map_err(|e| ce("token slot event", e)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TokenSlots {
@@ -175,7 +179,7 @@ impl TokenSlots {
             .get(slot)
             .ok_or_else(|| format!("no token slot {slot}"))?;
         e.synchronize().map_err(|e| ce("token slot wait", e))?;
-        // SAFETY: slot < TOKEN_SLOTS (the event exists), so the 4 bytes lie inside the
+        // SAFETY: slot < ALL_SLOTS (the event exists), so the 4 bytes lie inside the
         // allocation; the kernel that wrote them has finished (the event), and volatile
         // because the device, not this thread, stored them.
         let t = unsafe { std::ptr::read_volatile((self.host.host as *const i32).add(slot)) };

@@ -1533,6 +1533,99 @@ impl CudaBackend {
         Ok((w, kernel, g))
     }
 
+    /// `argmax_slot` (greedy) or `topk_slot` / the vocabulary kernels (sampled) over
+    /// columns `col0..col0 + width` of the logits row at `xp` (of `n_vocab`), into `slot`
+    /// (a chained decode's, or a batch row's: `chain::TokenSlots`); the last chunk marks it.
+    fn pick_into_slot(
+        &self,
+        xp: u64,
+        col0: usize,
+        width: usize,
+        n_vocab: usize,
+        slot: usize,
+        pick: &flea_model::sampling::SlotPick,
+    ) -> Result<()> {
+        use flea_model::sampling::SlotPick;
+        if width == 0 || col0 + width > n_vocab || slot >= chain::ALL_SLOTS {
+            return Err(be(format!(
+                "pick_into_slot: slot {slot}, columns {col0}+{width} of {n_vocab}"
+            )));
+        }
+        let last = col0 + width == n_vocab;
+        let mut guard = self
+            .token_slots
+            .lock()
+            .map_err(|_| be("token slots lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
+        }
+        let ts = guard.as_mut().ok_or_else(|| be("no token slots"))?;
+        let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
+        let tok_host = ts.host_dev_ptr(slot);
+        let (w, c0) = (width as i32, col0 as i32);
+        let (first, last_i) = (i32::from(col0 == 0), i32::from(last));
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match *pick {
+            SlotPick::Greedy => {
+                let best = dptr(&ts.best, &self.stream);
+                // A block a 4096 logits, up to one an SM (their maxima meet by atomics).
+                let cfg = LaunchConfig {
+                    grid_dim: (width.div_ceil(4096).clamp(1, self.sms.max(1)) as u32, 1, 1),
+                    ..cfg
+                };
+                launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
+            }
+            SlotPick::Sample(how, r) => {
+                if !(1..=chain::TOP_K_MAX).contains(&how.top_k) {
+                    return Err(be(format!(
+                        "pick_to_slot: top-k {} (1 to {})",
+                        how.top_k,
+                        chain::TOP_K_MAX
+                    )));
+                }
+                let cands = dptr(&ts.candidates, &self.stream);
+                let k = how.top_k as i32;
+                let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
+                // A long chunk first in parts, a block each (their k best), so that the one
+                // block of topk_slot scans at most TOPK_PARTS_MAX * k keys.
+                let parts = chain::topk_parts(width);
+                let parts_ptr = dptr(&ts.topk_parts, &self.stream);
+                if parts > 0 {
+                    let per = width.div_ceil(parts) as i32;
+                    let part_cfg = LaunchConfig {
+                        grid_dim: (parts as u32, 1, 1),
+                        ..cfg
+                    };
+                    launch!(self, "topk_part", part_cfg; xp, w, c0, per, k, parts_ptr)?;
+                }
+                let nparts = parts as i32;
+                launch!(self, "topk_slot", cfg;
+                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host,
+                    parts_ptr, nparts)?;
+            }
+            SlotPick::Vocab(how, r) => {
+                self.vocab_to_slot(ts, xp, col0, width, n_vocab, &how, r, tok_dev, tok_host)?;
+            }
+        }
+        if last {
+            if let Some(g) = &self.gaps {
+                g.pass_end(&self.ctx, &self.stream).map_err(be)?;
+            }
+            let mut graphs = self.lock_pass_graphs()?;
+            if graphs.recording() {
+                // Marked after the graph's launch (end_pass_recording).
+                graphs.marks.push(slot);
+            } else {
+                ts.mark_written(slot, &self.stream).map_err(be)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `pick_to_slot` for whole-vocabulary sampling (kernels.cu `vocab_*`): the logits
     /// `col0..col0 + width` at `xp`; a head in chunks is gathered first, the last chunk
     /// samples.
@@ -3855,7 +3948,6 @@ impl Backend for CudaBackend {
         slot: usize,
         pick: &flea_model::sampling::SlotPick,
     ) -> Result<()> {
-        use flea_model::sampling::SlotPick;
         check_rows(logits, 1, "pick_to_slot")?;
         if width == 0
             || width > logits.width
@@ -3867,82 +3959,40 @@ impl Backend for CudaBackend {
                 logits.width
             )));
         }
-        let last = col0 + width == n_vocab;
-        let mut guard = self
-            .token_slots
-            .lock()
-            .map_err(|_| be("token slots lock poisoned"))?;
-        if guard.is_none() {
-            *guard = Some(chain::TokenSlots::new(&self.ctx, &self.stream).map_err(be)?);
-        }
-        let ts = guard.as_mut().ok_or_else(|| be("no token slots"))?;
-        let xp = logits.ptr;
-        let tok_dev = dptr(&ts.dev, &self.stream) + 4 * slot as u64;
-        let tok_host = ts.host_dev_ptr(slot);
-        let (w, c0) = (width as i32, col0 as i32);
-        let (first, last_i) = (i32::from(col0 == 0), i32::from(last));
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        match *pick {
-            SlotPick::Greedy => {
-                let best = dptr(&ts.best, &self.stream);
-                // A block a 4096 logits, up to one an SM (their maxima meet by atomics).
-                let cfg = LaunchConfig {
-                    grid_dim: (width.div_ceil(4096).clamp(1, self.sms.max(1)) as u32, 1, 1),
-                    ..cfg
-                };
-                launch!(self, "argmax_slot", cfg; xp, w, c0, best, first, last_i, tok_dev, tok_host)?;
-            }
-            SlotPick::Sample(how, r) => {
-                if !(1..=chain::TOP_K_MAX).contains(&how.top_k) {
-                    return Err(be(format!(
-                        "pick_to_slot: top-k {} (1 to {})",
-                        how.top_k,
-                        chain::TOP_K_MAX
-                    )));
-                }
-                let cands = dptr(&ts.candidates, &self.stream);
-                let k = how.top_k as i32;
-                let (temp, top_p, min_p) = (how.temperature, how.top_p, how.min_p);
-                // A long chunk first in parts, a block each (their k best), so that the one
-                // block of topk_slot scans at most TOPK_PARTS_MAX * k keys.
-                let parts = chain::topk_parts(width);
-                let parts_ptr = dptr(&ts.topk_parts, &self.stream);
-                if parts > 0 {
-                    let per = width.div_ceil(parts) as i32;
-                    let part_cfg = LaunchConfig {
-                        grid_dim: (parts as u32, 1, 1),
-                        ..cfg
-                    };
-                    launch!(self, "topk_part", part_cfg; xp, w, c0, per, k, parts_ptr)?;
-                }
-                let nparts = parts as i32;
-                launch!(self, "topk_slot", cfg;
-                    xp, w, c0, cands, k, first, last_i, temp, top_p, min_p, r, tok_dev, tok_host,
-                    parts_ptr, nparts)?;
-            }
-            SlotPick::Vocab(how, r) => {
-                self.vocab_to_slot(ts, xp, col0, width, n_vocab, &how, r, tok_dev, tok_host)?;
-            }
-        }
-        if last {
-            if let Some(g) = &self.gaps {
-                g.pass_end(&self.ctx, &self.stream).map_err(be)?;
-            }
-            let mut graphs = self.lock_pass_graphs()?;
-            if graphs.recording() {
-                // Marked after the graph's launch (end_pass_recording).
-                graphs.marks.push(slot);
-            } else {
-                ts.mark_written(slot, &self.stream).map_err(be)?;
-            }
-        }
-        Ok(())
+        self.pick_into_slot(logits.ptr, col0, width, n_vocab, slot, pick)
     }
 
+    // Each row's token into a slot of its own (after the chain's), then the tokens read once
+    // the last is written: the logits stay on the device.
+    fn pick_rows(
+        &self,
+        logits: &CudaAct,
+        picks: &[flea_model::sampling::SlotPick],
+    ) -> Result<Vec<u32>> {
+        check_rows(logits, picks.len(), "pick_rows")?;
+        if picks.len() > chain::ROW_SLOTS {
+            return Err(be(format!(
+                "pick_rows: {} rows (at most {})",
+                picks.len(),
+                chain::ROW_SLOTS
+            )));
+        }
+        let (width, row_bytes) = (logits.width, 4 * logits.width as u64);
+        for (i, pick) in picks.iter().enumerate() {
+            let xp = logits.ptr + i as u64 * row_bytes;
+            self.pick_into_slot(xp, 0, width, width, chain::TOKEN_SLOTS + i, pick)?;
+        }
+        let t = std::time::Instant::now();
+        let tokens = self.with_token_slots("pick_rows", |ts| {
+            (0..picks.len())
+                .map(|i| ts.read(chain::TOKEN_SLOTS + i).map_err(be))
+                .collect::<Result<Vec<u32>>>()
+        })?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.read_wait_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(tokens)
+    }
     fn embed_from_slot(
         &self,
         table: &Weight,

@@ -696,3 +696,72 @@ fn chained_greedy_decode_matches_the_host_loop_on_gpu() {
         );
     }
 }
+
+/// A batched step of 40 sequences with every token picked on the GPU (`step_picks`: greedy,
+/// top-k and whole-vocabulary picks side by side, in two chunks of logits) chooses what the
+/// host picks from the same step's logits read back.
+#[test]
+fn batched_steps_pick_tokens_on_gpu() {
+    use flea_model::backend::Row;
+    use flea_model::sampling::{SlotPick, TopKSampling, VocabSampling};
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let (_tmp, path, model) = synth_shaped(Preset::Tiny, "picks", Some(5000), None);
+    let (n_seq, n_ctx, batch) = (40, 8, 48);
+    let req = PlanRequest {
+        n_ctx,
+        batch,
+        n_seq,
+        ..request(1 << 40, 1 << 40, None, cuda.scratch_bytes(&model, batch))
+    };
+    let plan = Plan::build(&model, &req).unwrap();
+    let io = IoOptions::default();
+    let mut s = StreamedModel::new(&model, &cuda, plan, &path, &io, n_ctx, batch).unwrap();
+    assert!(s.picks_rows());
+    let vocab = model.cfg.n_vocab;
+    let top_k = TopKSampling {
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.9,
+        min_p: 0.02,
+    };
+    let whole = VocabSampling {
+        temperature: 1.2,
+        top_p: 0.95,
+        min_p: 0.0,
+    };
+    let mut distinct = std::collections::HashSet::new();
+    for pos in 0..3 {
+        let tokens: Vec<u32> = (0..n_seq as u32)
+            .map(|i| (i * 131 + pos as u32 * 17) % vocab as u32)
+            .collect();
+        let rows: Vec<Row> = (0..n_seq).map(|seq| Row { seq, pos }).collect();
+        let wanted: Vec<usize> = (0..n_seq).collect();
+        let picks: Vec<SlotPick> = (0..n_seq)
+            .map(|i| {
+                let r = ((i * 37 + pos * 11) % 100) as f64 / 100.0;
+                match i % 3 {
+                    0 => SlotPick::Greedy,
+                    1 => SlotPick::Sample(top_k, r),
+                    _ => SlotPick::Vocab(whole, r),
+                }
+            })
+            .collect();
+        let logits = s.step(&tokens, &rows, &wanted).unwrap();
+        assert_informative(&logits);
+        let got = s.step_picks(&tokens, &rows, &wanted, &picks).unwrap();
+        let want: Vec<u32> = picks
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(p, l)| p.pick_on_host(l))
+            .collect();
+        assert_eq!(got, want, "position {pos}");
+        distinct.extend(got);
+    }
+    assert!(distinct.len() > 10, "{distinct:?}");
+    println!(
+        "PICKS {} distinct tokens: GPU picks = host picks",
+        distinct.len()
+    );
+}

@@ -417,6 +417,28 @@ pub trait Backend {
             "this backend keeps no token slots".into(),
         ))
     }
+    /// The token of each of the first `picks.len()` rows of `logits` (each row a whole
+    /// vocabulary's logits), chosen as [`crate::sampling::SlotPick::pick_on_host`] chooses
+    /// it. The default reads the logits back and picks on the host; a backend with token
+    /// slots picks on the device and sends back only the tokens (a batched decode step then
+    /// reads 4 bytes a sequence instead of its vocabulary's logits, and the host does not
+    /// sample while the device waits).
+    fn pick_rows(
+        &self,
+        logits: &Self::Act,
+        picks: &[crate::sampling::SlotPick],
+    ) -> Result<Vec<u32>> {
+        if picks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = self.read(picks.len(), logits)?;
+        let width = all.len() / picks.len();
+        Ok(picks
+            .iter()
+            .zip(all.chunks_exact(width.max(1)))
+            .map(|(p, row)| p.pick_on_host(row))
+            .collect())
+    }
     /// out[0] = table[the token in `slot`] * scale.
     fn embed_from_slot(
         &self,

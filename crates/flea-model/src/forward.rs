@@ -473,6 +473,34 @@ pub fn head_project<B: Backend>(
     Ok(())
 }
 
+/// Step 3b for a batch whose tokens are picked on the backend: the logits of the `picks.len()`
+/// normalised rows (each its own sequence's, as [`head_norm_rows`] left them) against the
+/// whole output matrix `w`, and the token `picks[i]` chooses from row i's, appended to
+/// `tokens` ([`Backend::pick_rows`]; only the tokens come back to the host).
+pub fn head_pick_rows<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &Weight,
+    picks: &[crate::sampling::SlotPick],
+    tokens: &mut Vec<u32>,
+    s: &mut Scratch<B>,
+) -> Result<()> {
+    if w.rows != cfg.n_vocab {
+        return Err(crate::ModelError::Backend(format!(
+            "head_pick_rows: {} output rows of a vocabulary of {} (picks need all of them)",
+            w.rows, cfg.n_vocab
+        )));
+    }
+    fit_logits(b, w.rows, s)?;
+    for (t, part) in (0..).step_by(LOGIT_CHUNK).zip(picks.chunks(LOGIT_CHUNK)) {
+        let m = part.len();
+        b.copy_rows(&s.head_norm, t, m, &mut s.head_in)?;
+        b.matmuls_segmented(&ONES[..m], &s.head_in, &mut [(w, &mut s.logits)])?;
+        tokens.extend(b.pick_rows(&s.logits, part)?);
+    }
+    Ok(())
+}
+
 /// The logits buffer as wide as an output unit's `rows`: the current one, the spare (the
 /// other width slices come in) swapped in, or a new one (the current kept as the spare).
 fn fit_logits<B: Backend>(b: &B, rows: usize, s: &mut Scratch<B>) -> Result<()> {

@@ -218,6 +218,19 @@ pub enum SlotPick {
 }
 
 impl SlotPick {
+    /// The token this pick chooses from a row of logits, on the host: what a backend's
+    /// `pick_to_slot` / `pick_rows` computes on the device, and what [`Sampler::sample`]
+    /// returns for the same configuration and draw.
+    pub fn pick_on_host(&self, logits: &[f32]) -> u32 {
+        match self {
+            SlotPick::Greedy => argmax(logits) as u32,
+            SlotPick::Sample(how, r) => {
+                choose_from_top(&top_candidates(logits, 0, how.top_k), how, *r)
+            }
+            SlotPick::Vocab(how, r) => sample_vocab(logits, how, *r),
+        }
+    }
+
     /// The same pick with the draw `r` (greedy takes none).
     pub fn with_draw(self, r: f64) -> SlotPick {
         match self {
@@ -676,6 +689,57 @@ mod tests {
         }
         .vocab_sampling()
         .is_none());
+    }
+
+    #[test]
+    fn slot_picks_on_the_host_are_what_the_sampler_samples() {
+        // Greedy, top-k (with top-p and min-p) and whole-vocabulary configurations: the pick
+        // built from a sampler's configuration and its next draw chooses the token the
+        // sampler itself chooses, token after token.
+        let configs = [
+            SamplerConfig::greedy(),
+            SamplerConfig {
+                seed: 7,
+                ..SamplerConfig::default()
+            },
+            SamplerConfig {
+                seed: 9,
+                top_k: 0,
+                ..SamplerConfig::default()
+            },
+            SamplerConfig {
+                seed: 11,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                temperature: 1.3,
+                ..SamplerConfig::default()
+            },
+        ];
+        for cfg in configs {
+            let pick = if cfg.is_plain_greedy() {
+                SlotPick::Greedy
+            } else if let Some(how) = cfg.top_k_sampling(SLOT_TOP_K_MAX) {
+                SlotPick::Sample(how, 0.0)
+            } else {
+                SlotPick::Vocab(cfg.vocab_sampling().unwrap(), 0.0)
+            };
+            let mut by_sampler = Sampler::new(cfg.clone());
+            let mut by_pick = Sampler::new(cfg.clone());
+            let mut distinct = std::collections::HashSet::new();
+            for step in 0..40u64 {
+                let logits = model_like_logits(3000, 1000 + step);
+                let want = by_sampler.sample(&mut logits.clone());
+                let p = match pick {
+                    SlotPick::Greedy => pick,
+                    _ => pick.with_draw(by_pick.draw()),
+                };
+                assert_eq!(p.pick_on_host(&logits), want, "{cfg:?} step {step}");
+                distinct.insert(want);
+            }
+            // The sampled configurations really sample (the draws move the token).
+            assert!(cfg.is_plain_greedy() || distinct.len() > 1, "{cfg:?}");
+        }
     }
 
     /// Logits like a model's: a few high ones over a wide low tail (xorshift, seeded).

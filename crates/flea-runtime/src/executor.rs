@@ -224,6 +224,8 @@ pub struct StreamedModel<'m, B: UnitStaging = CpuBackend> {
     /// The whole embedding table, held where the backend embeds from its token slots:
     /// set up by the first chained greedy decode (None before, or when it cannot chain).
     chain_table: Option<ChainTable>,
+    /// The tokens the backend picked in the last `step_picks`.
+    picked: Vec<u32>,
     output_norm: Vec<u8>,
     kv: B::Kv,
     scratch: Scratch<B>,
@@ -526,6 +528,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             embed_buf,
             embed_rows: Vec::new(),
             chain_table: None,
+            picked: Vec::new(),
             output_norm,
             kv,
             scratch,
@@ -1099,6 +1102,74 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         };
         self.pass(PassInput::Tokens(tokens), rows, want)
             .inspect_err(|e| self.poisoned = Some(e.to_string()))
+    }
+
+    /// As [`Self::step`], with each wanted row's token picked on the backend instead of its
+    /// logits read back: `picks[i]` (with its draw) chooses the token of row
+    /// `logit_rows[i]`, as [`SlotPick::pick_on_host`] would from its logits. Needs
+    /// [`Self::picks_rows`]. Returns the tokens in `logit_rows`' order.
+    pub fn step_picks(
+        &mut self,
+        tokens: &[u32],
+        rows: &[Row],
+        logit_rows: &[usize],
+        picks: &[SlotPick],
+    ) -> Result<Vec<u32>> {
+        self.check_not_poisoned()?;
+        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
+            return Err(RuntimeError::Input(format!(
+                "a step of {} tokens with {} rows (capacity {})",
+                tokens.len(),
+                rows.len(),
+                self.batch
+            )));
+        }
+        if picks.len() != logit_rows.len() || !self.picks_rows() {
+            return Err(RuntimeError::Input(format!(
+                "{} picks for {} rows, or this plan cannot pick on the backend",
+                picks.len(),
+                logit_rows.len()
+            )));
+        }
+        self.picked.clear();
+        let want = if logit_rows.is_empty() {
+            Want::Nothing
+        } else {
+            Want::Picks(logit_rows, picks)
+        };
+        self.pass(PassInput::Tokens(tokens), rows, want)
+            .inspect_err(|e| self.poisoned = Some(e.to_string()))?;
+        let picked = std::mem::take(&mut self.picked);
+        if picked.len() != logit_rows.len() {
+            return Err(RuntimeError::Stream(format!(
+                "{} tokens picked for {} rows",
+                picked.len(),
+                logit_rows.len()
+            )));
+        }
+        Ok(picked)
+    }
+
+    /// Whether [`Self::step_picks`] can run: the output matrix is one unit (the backend
+    /// picks from whole rows of logits).
+    pub fn picks_rows(&self) -> bool {
+        let vocab = self.model.cfg.n_vocab;
+        let mut outputs = self.plan.units.iter().filter_map(|u| match u.kind {
+            UnitKind::Output { start, end } => Some((start, end)),
+            _ => None,
+        });
+        outputs.next() == Some((0, vocab)) && outputs.next().is_none()
+    }
+
+    /// How the backend picks what `sampler` would sample next, its draw still to be filled
+    /// in ([`SlotPick::with_draw`]): greedy, or sampling the backend takes; None where it
+    /// cannot (a repetition penalty; top-k above its limit).
+    pub fn slot_pick_for(&self, sampler: &Sampler) -> Option<SlotPick> {
+        if sampler.cfg.is_plain_greedy() {
+            Some(SlotPick::Greedy)
+        } else {
+            self.backend_sampling(sampler)
+        }
     }
 
     /// Whether greedy decode can run chained on the backend (`decode_greedy`): the backend
@@ -1741,13 +1812,15 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                                 Want::Which(which) => {
                                     forward::head_norm(b, cfg, &norm, n, which, sc)?
                                 }
-                                Want::Rows(r) => forward::head_norm_rows(b, cfg, &norm, n, r, sc)?,
+                                Want::Rows(r) | Want::Picks(r, _) => {
+                                    forward::head_norm_rows(b, cfg, &norm, n, r, sc)?
+                                }
                                 Want::Slot(..) => {
                                     forward::head_norm(b, cfg, &norm, n, Logits::Last, sc)?
                                 }
                                 Want::Nothing => 0,
                             };
-                            if !matches!(want, Want::Slot(..)) {
+                            if !matches!(want, Want::Slot(..) | Want::Picks(..)) {
                                 logits = vec![0.0f32; rows * cfg.n_vocab];
                             }
                         }
@@ -1761,6 +1834,11 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                         if let Want::Slot(slot, pick) = want {
                             let sc = &mut self.scratch;
                             forward::head_to_slot(b, cfg, &w, start, slot, &pick, sc)?;
+                        } else if let Want::Picks(_, picks) = want {
+                            // (step_picks made sure the whole output is this one unit.)
+                            let sc = &mut self.scratch;
+                            self.picked.clear();
+                            forward::head_pick_rows(b, cfg, &w, picks, &mut self.picked, sc)?;
                         } else {
                             forward::head_project(
                                 b,
@@ -1933,6 +2011,9 @@ enum Want<'a> {
     Which(Logits),
     /// These rows' (several sequences).
     Rows(&'a [usize]),
+    /// None on the host: the backend picks each of these rows' tokens (several sequences),
+    /// into `StreamedModel::picked`.
+    Picks(&'a [usize], &'a [SlotPick]),
     /// None on the host: the backend picks the last row's token into this slot.
     Slot(usize, SlotPick),
 }

@@ -279,3 +279,75 @@ fn synthetic_models_of_every_architecture_batch_bit_identically() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// `step_picks` (each wanted row's token picked by the backend from logits that stay there)
+/// chooses what the host would from `step`'s logits, for greedy, top-k and whole-vocabulary
+/// picks side by side, over more rows than one chunk of logits (40 sequences); it needs the
+/// output matrix in one unit.
+#[test]
+fn picked_tokens_are_the_picks_from_the_logits() {
+    use flea_model::sampling::{SlotPick, TopKSampling, VocabSampling};
+    use flea_synth::Preset;
+    let dir = std::env::temp_dir().join(format!("flea-picks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    let mut o = flea_synth::SynthOptions::new(Preset::Tiny);
+    o.progress = false;
+    flea_synth::write_synthetic(&path, &o).unwrap();
+    let model = Model::load(&path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let (n_seq, n_ctx) = (40, 8);
+    let req = PlanRequest {
+        ring_depth: None,
+        ..request(1 << 40, n_ctx, 48, n_seq)
+    };
+    let plan = Plan::build(&model, &req).unwrap();
+    let opts = IoOptions {
+        backend: IoBackend::Pread,
+        ..IoOptions::default()
+    };
+    let mut s = StreamedModel::new(&model, &backend, plan, &path, &opts, n_ctx, 48).unwrap();
+    assert!(s.picks_rows(), "a resident output matrix is one unit");
+    let vocab = model.cfg.n_vocab;
+    let top_k = TopKSampling {
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.9,
+        min_p: 0.02,
+    };
+    let whole = VocabSampling {
+        temperature: 1.2,
+        top_p: 0.95,
+        min_p: 0.0,
+    };
+    for pos in 0..3 {
+        let tokens: Vec<u32> = (0..n_seq as u32)
+            .map(|i| (i * 7 + pos as u32) % vocab as u32)
+            .collect();
+        let rows: Vec<Row> = (0..n_seq).map(|seq| Row { seq, pos }).collect();
+        let wanted: Vec<usize> = (0..n_seq).collect();
+        let picks: Vec<SlotPick> = (0..n_seq)
+            .map(|i| {
+                let r = ((i * 37 + pos * 11) % 100) as f64 / 100.0;
+                match i % 3 {
+                    0 => SlotPick::Greedy,
+                    1 => SlotPick::Sample(top_k, r),
+                    _ => SlotPick::Vocab(whole, r),
+                }
+            })
+            .collect();
+        let logits = s.step(&tokens, &rows, &wanted).unwrap();
+        // The same pass again (the same cache rows rewritten), its tokens picked.
+        let got = s.step_picks(&tokens, &rows, &wanted, &picks).unwrap();
+        let want: Vec<u32> = picks
+            .iter()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(p, l)| p.pick_on_host(l))
+            .collect();
+        assert_eq!(got, want, "position {pos}");
+    }
+    // The wrong number of picks is refused, not guessed at.
+    let err = s.step_picks(&[1], &[Row { seq: 0, pos: 3 }], &[0], &[]);
+    assert!(err.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,6 +14,7 @@
 use crate::template::{ChatTemplate, Message};
 use crate::ServerError;
 use flea_model::backend::Row;
+use flea_model::sampling::SlotPick;
 use flea_model::{Sampler, SamplerConfig};
 use flea_tokenizer::{Tokenizer, Utf8Stream};
 use std::collections::VecDeque;
@@ -42,6 +43,22 @@ pub trait StepModel {
     /// Bytes moved and memory in use, for /metrics.
     fn usage(&self) -> ModelUsage {
         ModelUsage::default()
+    }
+    /// How this model's device would pick what `sampler` samples next (its draw still to be
+    /// filled in), for [`StepModel::step_picks`]; None: the host samples from logits.
+    fn slot_pick(&self, _sampler: &Sampler) -> Option<SlotPick> {
+        None
+    }
+    /// As `step`, each of the rows `logit_rows` getting the token `picks[i]` chooses on the
+    /// device instead of its logits (only where `slot_pick` said how).
+    fn step_picks(
+        &mut self,
+        _tokens: &[u32],
+        _rows: &[Row],
+        _logit_rows: &[usize],
+        _picks: &[SlotPick],
+    ) -> Result<Vec<u32>, String> {
+        Err("this model does not pick tokens on its device".into())
     }
     /// Decode sequence slot `seq` with the tokens chosen on the device (see
     /// `StreamedModel::decode_chained_at`): `first` fed at `pos`, each new token handed to
@@ -84,6 +101,21 @@ impl<B: flea_model::UnitStaging> StepModel for flea_runtime::StreamedModel<'_, B
     }
     fn step(&mut self, t: &[u32], r: &[Row], l: &[usize]) -> Result<Vec<f32>, String> {
         flea_runtime::StreamedModel::step(self, t, r, l).map_err(|e| e.to_string())
+    }
+    fn slot_pick(&self, sampler: &Sampler) -> Option<SlotPick> {
+        // Only where the backend keeps token slots: the CPU samples from the logits it has.
+        (self.backend.token_slots() > 0 && self.picks_rows())
+            .then(|| self.slot_pick_for(sampler))
+            .flatten()
+    }
+    fn step_picks(
+        &mut self,
+        t: &[u32],
+        r: &[Row],
+        l: &[usize],
+        picks: &[SlotPick],
+    ) -> Result<Vec<u32>, String> {
+        flea_runtime::StreamedModel::step_picks(self, t, r, l, picks).map_err(|e| e.to_string())
     }
     fn decode_chained(
         &mut self,
@@ -217,6 +249,14 @@ pub struct Metrics {
     pub usage: Mutex<ModelUsage>,
     pub n_seq: AtomicUsize,
     pub n_ctx: AtomicUsize,
+}
+
+/// What a step's pass gave back for its wanted rows.
+enum Picked {
+    /// Tokens the device picked, in the rows' order.
+    Tokens(Vec<u32>),
+    /// Logits for the host to sample from.
+    Logits(Vec<f32>),
 }
 
 /// Adds `secs` to a nanosecond counter.
@@ -628,11 +668,17 @@ impl<'a> Engine<'a> {
             return;
         }
         let logit_rows: Vec<usize> = wants.iter().map(|w| w.1).collect();
+        // Where the device can pick every wanted token, it does, and only the tokens come
+        // back; each sampler's draw is taken now, as its own `sample` would take it.
+        let picks = self.device_picks(&wants);
         let t0 = Instant::now();
         let model = &mut *self.model;
         // A panic in the pass fails the requests in it, not the server.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.step(&tokens, &rows, &logit_rows)
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &picks {
+            Some(p) => model
+                .step_picks(&tokens, &rows, &logit_rows, p)
+                .map(Picked::Tokens),
+            None => model.step(&tokens, &rows, &logit_rows).map(Picked::Logits),
         }));
         let secs = t0.elapsed().as_secs_f64();
         let metrics = self.metrics.clone();
@@ -645,8 +691,8 @@ impl<'a> Engine<'a> {
         metrics
             .last_batch_sequences
             .store(wants.len().max(1), Ordering::Relaxed);
-        let mut logits = match result {
-            Ok(Ok(l)) => l,
+        let out = match result {
+            Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.fail_all(&e),
             Err(_) => return self.fail_all("the forward pass panicked"),
         };
@@ -659,19 +705,31 @@ impl<'a> Engine<'a> {
             s.fed += feeds[i];
             s.pos += feeds[i];
         }
-        let vocab = if wants.is_empty() {
-            1
-        } else {
-            logits.len() / wants.len()
+        let picked = match out {
+            Picked::Tokens(t) if t.len() == wants.len() => {
+                wants.iter().map(|w| w.0).zip(t).collect::<Vec<_>>()
+            }
+            Picked::Tokens(t) => {
+                let why = format!("{} tokens picked for {} sequences", t.len(), wants.len());
+                return self.fail_all(&why);
+            }
+            Picked::Logits(mut logits) => {
+                let vocab = if wants.is_empty() {
+                    1
+                } else {
+                    logits.len() / wants.len()
+                };
+                let t_sample = Instant::now();
+                let Some(picked) = self.sample_rows(&wants, &mut logits, vocab) else {
+                    return self.fail_all("sampling panicked");
+                };
+                add_nanos(
+                    &metrics.sampling_nanos_total,
+                    t_sample.elapsed().as_secs_f64(),
+                );
+                picked
+            }
         };
-        let t_sample = Instant::now();
-        let Some(picked) = self.sample_rows(&wants, &mut logits, vocab) else {
-            return self.fail_all("sampling panicked");
-        };
-        add_nanos(
-            &metrics.sampling_nanos_total,
-            t_sample.elapsed().as_secs_f64(),
-        );
         let mut finished = Vec::new();
         let mut generated_now = 0;
         let n_ctx = self.model.n_ctx();
@@ -686,6 +744,28 @@ impl<'a> Engine<'a> {
             .fetch_add(generated_now as u64, Ordering::Relaxed);
         self.note_rate(generated_now, secs);
         self.finish(finished);
+    }
+
+    /// The device's pick for each wanted sequence (`wants[k].0`), its draw taken; None (and
+    /// no draw taken) unless the model can pick every one of them.
+    fn device_picks(&mut self, wants: &[(usize, usize)]) -> Option<Vec<SlotPick>> {
+        if wants.is_empty() {
+            return None;
+        }
+        let model = &*self.model;
+        let how: Vec<SlotPick> = wants
+            .iter()
+            .map(|w| self.seqs.get(w.0).and_then(|s| model.slot_pick(&s.sampler)))
+            .collect::<Option<_>>()?;
+        Some(
+            how.into_iter()
+                .zip(wants)
+                .map(|(p, w)| match (p, self.seqs.get_mut(w.0)) {
+                    (SlotPick::Greedy, _) | (_, None) => p,
+                    (_, Some(s)) => p.with_draw(s.sampler.draw()),
+                })
+                .collect(),
+        )
     }
 
     /// The next token of each sequence `wants[k].0` from its row `k` of `logits` (`vocab`
