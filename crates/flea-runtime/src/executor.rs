@@ -1086,15 +1086,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
     /// and applied to all rows. Returns the logits of the rows `logit_rows` (indices into the
     /// batch), `[logit_rows.len()][n_vocab]`. Does not move `pos`.
     pub fn step(&mut self, tokens: &[u32], rows: &[Row], logit_rows: &[usize]) -> Result<Vec<f32>> {
-        self.check_not_poisoned()?;
-        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
-            return Err(RuntimeError::Input(format!(
-                "a step of {} tokens with {} rows (capacity {})",
-                tokens.len(),
-                rows.len(),
-                self.batch
-            )));
-        }
+        self.check_step(tokens, rows)?;
         let want = if logit_rows.is_empty() {
             Want::Nothing
         } else {
@@ -1115,15 +1107,7 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
         logit_rows: &[usize],
         picks: &[SlotPick],
     ) -> Result<Vec<u32>> {
-        self.check_not_poisoned()?;
-        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
-            return Err(RuntimeError::Input(format!(
-                "a step of {} tokens with {} rows (capacity {})",
-                tokens.len(),
-                rows.len(),
-                self.batch
-            )));
-        }
+        self.check_step(tokens, rows)?;
         if picks.len() != logit_rows.len() || !self.picks_rows() {
             return Err(RuntimeError::Input(format!(
                 "{} picks for {} rows, or this plan cannot pick on the backend",
@@ -1148,6 +1132,20 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
             )));
         }
         Ok(picked)
+    }
+
+    /// A step's tokens and rows fit this executor, and no earlier failure poisoned it.
+    fn check_step(&self, tokens: &[u32], rows: &[Row]) -> Result<()> {
+        self.check_not_poisoned()?;
+        if tokens.is_empty() || tokens.len() != rows.len() || tokens.len() > self.batch {
+            return Err(RuntimeError::Input(format!(
+                "a step of {} tokens with {} rows (capacity {})",
+                tokens.len(),
+                rows.len(),
+                self.batch
+            )));
+        }
+        Ok(())
     }
 
     /// Whether [`Self::step_picks`] can run: the output matrix is one unit (the backend

@@ -1,9 +1,12 @@
 //! The engine without HTTP: concurrent requests share passes and each gets its own
 //! separate run's tokens; a dropped receiver frees its slot; a full queue refuses at once;
-//! context overflow is an error event; shutdown refuses new work.
+//! context overflow is an error event; shutdown refuses new work; tokens a model picks itself
+//! are the ones the host would sample.
 
-use flea_model::sampling::argmax;
-use flea_model::{CpuBackend, Logits, Model, SamplerConfig, Session};
+use flea_model::backend::Row;
+use flea_model::sampling::{argmax, SlotPick, SLOT_TOP_K_MAX};
+use flea_model::{CpuBackend, Logits, Model, Sampler, SamplerConfig, Session};
+use flea_server::engine::StepModel;
 use flea_server::{Engine, EngineOptions, Event, FinishReason, GenRequest, Prompt, ServerError};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -263,6 +266,125 @@ fn a_lone_request_decodes_chained_with_the_same_text() {
     assert_eq!(stepped[5].1, FinishReason::Stop, "{:?}", stepped[5]);
     // Another seed, another story.
     assert!(!stepped[3].0.starts_with(&stepped[4].0), "{stepped:?}");
+}
+
+/// A model whose "device" picks each wanted row's token: the session's logits, picked on the
+/// host as a backend's `pick_rows` picks (`SlotPick::pick_on_host`), so that the engine's side
+/// of picking — which sequences get a pick, the draws it takes before the pass, the tokens
+/// handed back in order — runs without a GPU.
+struct Picking<'s, 'm>(&'s mut Session<'m, CpuBackend>);
+
+impl StepModel for Picking<'_, '_> {
+    fn n_ctx(&self) -> usize {
+        self.0.n_ctx
+    }
+    fn n_seq(&self) -> usize {
+        self.0.n_seq
+    }
+    fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+    fn step(&mut self, t: &[u32], r: &[Row], l: &[usize]) -> Result<Vec<f32>, String> {
+        self.0.step(t, r, l).map_err(|e| e.to_string())
+    }
+    fn slot_pick(&self, sampler: &Sampler) -> Option<SlotPick> {
+        let c = &sampler.cfg;
+        if c.is_plain_greedy() {
+            Some(SlotPick::Greedy)
+        } else if let Some(how) = c.top_k_sampling(SLOT_TOP_K_MAX) {
+            Some(SlotPick::Sample(how, 0.0))
+        } else {
+            c.vocab_sampling().map(|how| SlotPick::Vocab(how, 0.0))
+        }
+    }
+    fn step_picks(
+        &mut self,
+        t: &[u32],
+        r: &[Row],
+        l: &[usize],
+        picks: &[SlotPick],
+    ) -> Result<Vec<u32>, String> {
+        let logits = self.step(t, r, l)?;
+        let vocab = logits.len() / picks.len().max(1);
+        Ok(picks
+            .iter()
+            .zip(logits.chunks_exact(vocab.max(1)))
+            .map(|(p, row)| p.pick_on_host(row))
+            .collect())
+    }
+}
+
+#[test]
+fn tokens_picked_by_the_model_are_the_host_samplers() {
+    // The same requests (sampled of several kinds, greedy, a stop, and one with a repetition
+    // penalty, which only the host samples) through an engine whose model picks the tokens:
+    // the same texts as the engine sampling on the host.
+    let Some(path) = flea_gguf::model_or_skip(SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let sampled = |prompt: &str, seed: u64, top_k: usize| GenRequest {
+        prompt: Prompt::Text(prompt.into()),
+        max_tokens: Some(20),
+        sampling: SamplerConfig {
+            seed,
+            top_k,
+            temperature: 1.0,
+            ..SamplerConfig::default()
+        },
+        stop: Vec::new(),
+    };
+    let mut stopped = greedy("1, 2, 3, 4,", 20);
+    stopped.stop = vec![" 9".into()];
+    let mut penalised = sampled("Monday, Tuesday,", 5, 40);
+    penalised.sampling.repeat_penalty = 1.3;
+    let all = vec![
+        sampled("Once upon a time", 1, 0),
+        sampled("The quick brown fox", 3, 40),
+        greedy("The capital of France is", 20),
+        stopped,
+        penalised,
+    ];
+    let run = |requests: &[GenRequest], picking: bool| {
+        let mut sess = Session::with_seqs(&model, &backend, 128, 64 + 6, 6).unwrap();
+        let mut picker = Picking(&mut sess);
+        let (engine, handle) = if picking {
+            Engine::new(
+                &mut picker,
+                &model.tokenizer,
+                None,
+                EngineOptions::default(),
+            )
+        } else {
+            Engine::new(picker.0, &model.tokenizer, None, EngineOptions::default())
+        };
+        let reqs = requests.to_vec();
+        let metrics = handle.metrics.clone();
+        let out = std::thread::scope(|scope| {
+            let client = scope.spawn(move || {
+                let mut rxs: Vec<_> = reqs
+                    .into_iter()
+                    .map(|r| handle.submit(r).unwrap())
+                    .collect();
+                let out: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).unwrap()).collect();
+                handle.shutdown();
+                out
+            });
+            engine.run();
+            client.join().unwrap()
+        });
+        (out, metrics.sampling_nanos_total.load(Ordering::Relaxed))
+    };
+    // Every request pickable: no step samples on the host.
+    let (picked, host_nanos) = run(&all[..4], true);
+    assert_eq!(host_nanos, 0, "a step sampled on the host");
+    assert_eq!(picked, run(&all[..4], false).0);
+    // With the penalised request in the batch the steps fall back to the host.
+    let (mixed, host_nanos) = run(&all, true);
+    assert!(host_nanos > 0);
+    assert_eq!(mixed, run(&all, false).0);
+    assert_ne!(picked[0].0, picked[1].0, "{picked:?}");
 }
 
 #[test]
