@@ -54,6 +54,55 @@ fn collect(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> Result<(String, Finis
     }
 }
 
+/// A sampled request of 20 tokens (temperature 1, top-k `top_k`, 0: the whole vocabulary).
+fn sampled(prompt: &str, seed: u64, top_k: usize) -> GenRequest {
+    GenRequest {
+        prompt: Prompt::Text(prompt.into()),
+        max_tokens: Some(20),
+        sampling: SamplerConfig {
+            seed,
+            top_k,
+            temperature: 1.0,
+            ..SamplerConfig::default()
+        },
+        stop: Vec::new(),
+    }
+}
+
+/// A greedy request of 20 tokens that stops at " 9".
+fn stopped() -> GenRequest {
+    let mut r = greedy("1, 2, 3, 4,", 20);
+    r.stop = vec![" 9".into()];
+    r
+}
+
+/// `requests` submitted at once to an engine over `model`, each one's text and finish
+/// reason, and the engine's host sampling time (ns).
+fn run_all(
+    model: &mut dyn StepModel,
+    tokenizer: &flea_tokenizer::Tokenizer,
+    requests: &[GenRequest],
+    opts: EngineOptions,
+) -> (Vec<(String, FinishReason)>, u64) {
+    let (engine, handle) = Engine::new(model, tokenizer, None, opts);
+    let reqs = requests.to_vec();
+    let metrics = handle.metrics.clone();
+    let out = std::thread::scope(|scope| {
+        let client = scope.spawn(move || {
+            let mut rxs: Vec<_> = reqs
+                .into_iter()
+                .map(|r| handle.submit(r).unwrap())
+                .collect();
+            let out: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).unwrap()).collect();
+            handle.shutdown();
+            out
+        });
+        engine.run();
+        client.join().unwrap()
+    });
+    (out, metrics.sampling_nanos_total.load(Ordering::Relaxed))
+}
+
 #[test]
 fn concurrent_requests_get_their_own_outputs_and_slots_are_reused() {
     let Some(path) = flea_gguf::model_or_skip(SMOLLM2) else {
@@ -324,57 +373,23 @@ fn tokens_picked_by_the_model_are_the_host_samplers() {
     };
     let model = Model::load(&path).unwrap();
     let backend = CpuBackend::new(2).unwrap();
-    let sampled = |prompt: &str, seed: u64, top_k: usize| GenRequest {
-        prompt: Prompt::Text(prompt.into()),
-        max_tokens: Some(20),
-        sampling: SamplerConfig {
-            seed,
-            top_k,
-            temperature: 1.0,
-            ..SamplerConfig::default()
-        },
-        stop: Vec::new(),
-    };
-    let mut stopped = greedy("1, 2, 3, 4,", 20);
-    stopped.stop = vec![" 9".into()];
     let mut penalised = sampled("Monday, Tuesday,", 5, 40);
     penalised.sampling.repeat_penalty = 1.3;
     let all = vec![
         sampled("Once upon a time", 1, 0),
         sampled("The quick brown fox", 3, 40),
         greedy("The capital of France is", 20),
-        stopped,
+        stopped(),
         penalised,
     ];
     let run = |requests: &[GenRequest], picking: bool| {
         let mut sess = Session::with_seqs(&model, &backend, 128, 64 + 6, 6).unwrap();
-        let mut picker = Picking(&mut sess);
-        let (engine, handle) = if picking {
-            Engine::new(
-                &mut picker,
-                &model.tokenizer,
-                None,
-                EngineOptions::default(),
-            )
+        let opts = EngineOptions::default();
+        if picking {
+            run_all(&mut Picking(&mut sess), &model.tokenizer, requests, opts)
         } else {
-            Engine::new(picker.0, &model.tokenizer, None, EngineOptions::default())
-        };
-        let reqs = requests.to_vec();
-        let metrics = handle.metrics.clone();
-        let out = std::thread::scope(|scope| {
-            let client = scope.spawn(move || {
-                let mut rxs: Vec<_> = reqs
-                    .into_iter()
-                    .map(|r| handle.submit(r).unwrap())
-                    .collect();
-                let out: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).unwrap()).collect();
-                handle.shutdown();
-                out
-            });
-            engine.run();
-            client.join().unwrap()
-        });
-        (out, metrics.sampling_nanos_total.load(Ordering::Relaxed))
+            run_all(&mut sess, &model.tokenizer, requests, opts)
+        }
     };
     // Every request pickable: no step samples on the host.
     let (picked, host_nanos) = run(&all[..4], true);
@@ -396,26 +411,13 @@ fn sampling_threads_change_no_token() {
     };
     let model = Model::load(&path).unwrap();
     let backend = CpuBackend::new(2).unwrap();
-    let sampled = |prompt: &str, seed: u64, top_k: usize| GenRequest {
-        prompt: Prompt::Text(prompt.into()),
-        max_tokens: Some(20),
-        sampling: SamplerConfig {
-            seed,
-            top_k,
-            temperature: 1.0,
-            ..SamplerConfig::default()
-        },
-        stop: Vec::new(),
-    };
-    let mut stopped = greedy("1, 2, 3, 4,", 20);
-    stopped.stop = vec![" 9".into()];
     let requests = vec![
         sampled("Once upon a time", 1, 0),
         sampled("Once upon a time", 2, 0),
         sampled("The quick brown fox", 3, 40),
         greedy("The capital of France is", 20),
         sampled("Monday, Tuesday,", 4, 0),
-        stopped,
+        stopped(),
     ];
     let run = |threads: usize| {
         let mut sess = Session::with_seqs(&model, &backend, 128, 64 + 6, 6).unwrap();
@@ -423,21 +425,7 @@ fn sampling_threads_change_no_token() {
             sample_threads: threads,
             ..EngineOptions::default()
         };
-        let (engine, handle) = Engine::new(&mut sess, &model.tokenizer, None, opts);
-        let reqs = requests.clone();
-        std::thread::scope(|scope| {
-            let client = scope.spawn(move || {
-                let mut rxs: Vec<_> = reqs
-                    .into_iter()
-                    .map(|r| handle.submit(r).unwrap())
-                    .collect();
-                let out: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).unwrap()).collect();
-                handle.shutdown();
-                out
-            });
-            engine.run();
-            client.join().unwrap()
-        })
+        run_all(&mut sess, &model.tokenizer, &requests, opts).0
     };
     let one = run(1);
     assert_eq!(run(3), one);
