@@ -3937,8 +3937,8 @@ impl Backend for CudaBackend {
         true
     }
 
-    // `argmax_slot` (greedy) or `topk_slot` (sampled) over one chunk of a token's logits;
-    // the last chunk marks the slot.
+    // One chunk of a token's logits into a chained decode's slot (`pick_into_slot` checks
+    // the columns).
     fn pick_to_slot(
         &self,
         logits: &CudaAct,
@@ -3949,13 +3949,10 @@ impl Backend for CudaBackend {
         pick: &flea_model::sampling::SlotPick,
     ) -> Result<()> {
         check_rows(logits, 1, "pick_to_slot")?;
-        if width == 0
-            || width > logits.width
-            || col0 + width > n_vocab
-            || slot >= chain::TOKEN_SLOTS
-        {
+        if width > logits.width || slot >= chain::TOKEN_SLOTS {
             return Err(be(format!(
-                "pick_to_slot: slot {slot}, columns {col0}+{width} of {n_vocab} from a row of {}",
+                "pick_to_slot: slot {slot} of {}, {width} columns from a row of {}",
+                chain::TOKEN_SLOTS,
                 logits.width
             )));
         }

@@ -354,7 +354,7 @@ pub enum MmqGrid {
     /// This many blocks an SM (at most the units), the units shared out evenly: a row block
     /// may be split between blocks.
     PerSm(usize),
-    /// Exactly this many blocks (at most the chunks), shared out the same way; for tests.
+    /// Exactly this many blocks (at most the units), shared out the same way; for tests.
     Fixed(usize),
 }
 

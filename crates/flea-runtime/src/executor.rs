@@ -1833,9 +1833,9 @@ impl<'m, B: UnitStaging> StreamedModel<'m, B> {
                             let sc = &mut self.scratch;
                             forward::head_to_slot(b, cfg, &w, start, slot, &pick, sc)?;
                         } else if let Want::Picks(_, picks) = want {
-                            // (step_picks made sure the whole output is this one unit.)
+                            // (step_picks made sure the whole output is this one unit, and
+                            // cleared `picked`.)
                             let sc = &mut self.scratch;
-                            self.picked.clear();
                             forward::head_pick_rows(b, cfg, &w, picks, &mut self.picked, sc)?;
                         } else {
                             forward::head_project(
