@@ -2327,6 +2327,156 @@ extern "C" __global__ void __launch_bounds__(128, 6) attn_split_fused8(ATT_FUSED
                            window, scale, maxc, cpb, out, done, arrived, xq, xd, xs);
 }
 
+// Lane `sub` (of LK = hd / 32 a key) of q's 16-byte chunks sub, sub + LK, sub + 2 LK, sub + 3 LK
+// (8 dims each), rounded to f16 as the CPU's dot with the f16 cache does.
+__device__ __forceinline__ void atc_q(const float* qsrc, int sub, int LK, float (&qd)[32]) {
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+#pragma unroll
+        for (int i = 0; i < 8; i++) qd[8 * c + i] = h2f(f2h(qsrc[(sub + c * LK) * 8 + i]));
+}
+// The lane's part of a key's dot with q (w: its four 8-dim chunks of the f16 row), the LK
+// partial sums added by xor-shuffles (every lane of the key gets the dot).
+__device__ __forceinline__ float atc_dot(const uint4 (&w)[4], const float (&qd)[32], int LK) {
+    float dc[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const float4 k0 = h4f(make_uint2(w[c].x, w[c].y)), k1 = h4f(make_uint2(w[c].z, w[c].w));
+        const float* qc = qd + 8 * c;
+        dc[c] = qc[0] * k0.x + qc[1] * k0.y + qc[2] * k0.z + qc[3] * k0.w + qc[4] * k1.x +
+                qc[5] * k1.y + qc[6] * k1.z + qc[7] * k1.w;
+    }
+    float acc = (dc[0] + dc[1]) + (dc[2] + dc[3]);
+    for (int o = 1; o < LK; o <<= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+    return acc;
+}
+// A key's score times `scale` (every lane of the key's LK gets it): lane `sub` takes its four
+// 8-dim chunks of the f16 row kr.
+__device__ __forceinline__ float atc_score(const u16* kr, const float (&qd)[32], int sub, int LK,
+                                           float scale) {
+    uint4 w[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) w[c] = *(const uint4*)(kr + (sub + c * LK) * 8);
+    return atc_dot(w, qd, LK) * scale;
+}
+// Decode attention of a batch of rows at longer contexts (`attn_rows`): one block per (head,
+// row) over all of the row's keys, so no block waits for another and no scores, stats or
+// partials go through global memory (the split kernels above read K and V in chunks of 64
+// keys, ~20 blocks a (row, head) at 1k keys, each with its own set-up, block reductions and
+// counters: a 13b's 32-row served step at ~900 keys spent 9.6 of its 20 ms there, ~0.6 of
+// its K/V bytes' floor; docs/BENCHMARKS.md). The same arithmetic as the split kernels (q
+// rounded to f16, scores in f32, the global max and sum of exp, probabilities rounded to f16,
+// P.V in f32) in a fixed order, so results do not change from run to run. Scores: LK = hd / 32
+// lanes a key (atc_score's layout), ARW_U rounds of the block's keys with their 16-byte loads
+// in flight together; P.V: thread i takes dims 4 (i % q4) .. + 3 of keys i / q4, + G, ...,
+// ARW_V keys' loads in flight. The scores live in dynamic shared memory (4 bytes a key; the
+// host bounds the keys). With xq, the output's 256-blocks are quantised to Q8_K by the last
+// head of each to finish (a counter per 256-block in `done`, left at 0 again), as
+// att_chunk_pv does. hd 64, 128 or 256 (host-checked).
+#define ARW_U 4
+#define ARW_V 16
+extern "C" __global__ void __launch_bounds__(128)
+    attn_rows(const float* __restrict__ q, const u16* __restrict__ kc,
+              const u16* __restrict__ vc, int n_head, int group, int hd, int kvd,
+              const int* __restrict__ rowpos, const int* __restrict__ rowbase, int window,
+              float scale, float* __restrict__ out, int* done, i8* __restrict__ xq,
+              float* __restrict__ xd, int* __restrict__ xs) {
+    extern __shared__ float arw_sc[];
+    __shared__ float red[4];
+    __shared__ float4 acc4[128];
+    __shared__ int last_head;
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int lo, nk;
+    att_window(rowpos, t, window, &lo, &nk);
+    const long long r0 = (long long)rowbase[t] + lo;
+    const u16* kb = kc + r0 * kvd + (h / group) * hd;
+    const u16* vb = vc + r0 * kvd + (h / group) * hd;
+    // The first keys toward L2 while the previous kernel ends (rows of earlier tokens; the
+    // newest, stored by the launch just before, is read only after the wait).
+    prefetch_rows(kb, min(nk, ATT_CHUNK), kvd, hd);
+    pdl_enter();
+    const long long th = (long long)t * n_head + h;
+    // Scores: each warp kpw keys a round, lane `sub` of key `kl` its four 8-dim chunks.
+    const int LK = hd >> 5, sub = lane % LK, kl = lane / LK, kpw = 32 / LK;
+    float qd[32];
+    atc_q(q + th * hd, sub, LK, qd);
+    // The loop runs alike in every lane of a warp (the shuffles need them all): j0 is the
+    // warp's first key of the round, lane kl's key j0 + kl.
+    const int step = 4 * kpw;
+    for (int j0 = warp * kpw; j0 < nk; j0 += ARW_U * step) {
+        uint4 w[ARW_U][4];
+        // Keys past the row re-read its last key (no branch; their scores are dropped).
+#pragma unroll
+        for (int u = 0; u < ARW_U; u++) {
+            const u16* kr = kb + (long long)min(j0 + kl + u * step, nk - 1) * kvd;
+#pragma unroll
+            for (int c = 0; c < 4; c++) w[u][c] = *(const uint4*)(kr + (sub + c * LK) * 8);
+        }
+#pragma unroll
+        for (int u = 0; u < ARW_U; u++) {
+            const float s = atc_dot(w[u], qd, LK) * scale;
+            const int key = j0 + kl + u * step;
+            if (sub == 0 && key < nk) arw_sc[key] = s;
+        }
+    }
+    __syncthreads();
+    float m, tot;
+    att_block_stats(arw_sc, nk, red, m, tot);
+    const float inv = 1.f / tot;
+    for (int j = threadIdx.x; j < nk; j += blockDim.x)
+        arw_sc[j] = h2f(f2h(expf(arw_sc[j] - m) * inv));
+    __syncthreads();
+    // P.V, keys g, g + G, ... in order, ARW_V loads in flight; four sums (key k of a round
+    // into sum k % 4), added at the end.
+    const int q4 = hd >> 2, G = 128 / q4, g = threadIdx.x / q4, d4 = (threadIdx.x - g * q4) * 4;
+    float4 a[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) a[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = g; j < nk; j += ARW_V * G) {
+        uint2 raw[ARW_V];
+#pragma unroll
+        for (int k = 0; k < ARW_V; k++)
+            raw[k] = *(const uint2*)(vb + (long long)min(j + k * G, nk - 1) * kvd + d4);
+#pragma unroll
+        for (int k = 0; k < ARW_V; k++)
+            if (j + k * G < nk) att_axpy(a[k & 3], arw_sc[j + k * G], h4f(raw[k]));
+    }
+    float4 sum = a[0];
+#pragma unroll
+    for (int i = 1; i < 4; i++) {
+        sum.x += a[i].x;
+        sum.y += a[i].y;
+        sum.z += a[i].z;
+        sum.w += a[i].w;
+    }
+    acc4[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x < q4) {
+        const float4 o = att_groups_sum(acc4, q4, G);
+        float* dst = out + th * hd + 4 * threadIdx.x;
+        dst[0] = o.x;
+        dst[1] = o.y;
+        dst[2] = o.z;
+        dst[3] = o.w;
+    }
+    if (xq == nullptr) return;
+    // This head's output is written: count it in its 256-block; the last head quantises it.
+    __threadfence();
+    __syncthreads();
+    const long long qblk = th * hd / 256;
+    if (threadIdx.x == 0) {
+        int* cnt = done + qblk;
+        last_head = atomicAdd(cnt, 1) == 256 / hd - 1;
+        if (last_head) *cnt = 0;
+    }
+    __syncthreads();
+    if (last_head && threadIdx.x < 32) {
+        __threadfence();
+        q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
+    }
+}
+
 // RoPE of q and k as rope_qk, and the rotated k and the v of each row stored into the f16
 // cache as kv_store does, in one launch (decode: saves a launch per layer; the same values).
 // Threads: q's pairs | k's pairs (rotated, written back and stored) | k's unrotated dims
@@ -5287,31 +5437,6 @@ __device__ __forceinline__ void atc_newest(const AtcPart& a, const AtcRope& r, i
             *(uint2*)(vdst + d) = __ldcg((const uint2*)(vc + rn));
         }
     }
-}
-// Lane `sub` (of LK = hd / 32 a key) of q's 16-byte chunks sub, sub + LK, sub + 2 LK, sub + 3 LK
-// (8 dims each), rounded to f16 as the CPU's dot with the f16 cache does.
-__device__ __forceinline__ void atc_q(const float* qsrc, int sub, int LK, float (&qd)[32]) {
-#pragma unroll
-    for (int c = 0; c < 4; c++)
-#pragma unroll
-        for (int i = 0; i < 8; i++) qd[8 * c + i] = h2f(f2h(qsrc[(sub + c * LK) * 8 + i]));
-}
-// A key's score times `scale` (every lane of the key's LK gets it): lane `sub` takes its four
-// 8-dim chunks of the f16 row kr, the LK partial sums added by xor-shuffles.
-__device__ __forceinline__ float atc_score(const u16* kr, const float (&qd)[32], int sub, int LK,
-                                           float scale) {
-    float dc[4];
-#pragma unroll
-    for (int c = 0; c < 4; c++) {
-        const uint4 w = *(const uint4*)(kr + (sub + c * LK) * 8);
-        const float4 k0 = h4f(make_uint2(w.x, w.y)), k1 = h4f(make_uint2(w.z, w.w));
-        const float* qc = qd + 8 * c;
-        dc[c] = qc[0] * k0.x + qc[1] * k0.y + qc[2] * k0.z + qc[3] * k0.w + qc[4] * k1.x +
-                qc[5] * k1.y + qc[6] * k1.z + qc[7] * k1.w;
-    }
-    float acc = (dc[0] + dc[1]) + (dc[2] + dc[3]);
-    for (int o = 1; o < LK; o <<= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-    return acc * scale;
 }
 // The block's scores sc[0 .. len) become its probabilities: its max and sum of exp go to the
 // head's S blocks (thread c sends to block c, slot `split`), the head's max and total are

@@ -142,7 +142,7 @@ const TYPE_SUFFIXES: [&str; 13] = [
     "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k",
     "q6_k",
 ];
-const PLAIN_KERNELS: [&str; 52] = [
+const PLAIN_KERNELS: [&str; 53] = [
     "act_round",
     "argmax_slot",
     "topk_part",
@@ -176,6 +176,7 @@ const PLAIN_KERNELS: [&str; 52] = [
     "attn_split_pv",
     "attn_split_fused",
     "attn_split_fused8",
+    "attn_rows",
     "add_bias",
     "add",
     "glu",
@@ -422,10 +423,20 @@ pub struct CudaBackend {
     wide_cluster_from: AtomicUsize,
     /// Dynamic shared memory `attn_stream16` may use per block where the device runs its
     /// 16-block clusters (0: it does not), the keys from which a decode row takes it as set
-    /// at start (FLEA_CUDA_ATTN_STREAM, `stream_attention_setting`), and as now (tests set it).
+    /// at start (FLEA_CUDA_ATTN_STREAM, `keys_setting`), and as now (tests set it).
     stream_attention_room: usize,
     stream_attention_default: usize,
     stream_attention_from: AtomicUsize,
+    /// The keys from which a batch of decode rows takes `attn_rows` (one block a (head,
+    /// row)) instead of the split attention, as set at start (FLEA_CUDA_ATTN_ROWS,
+    /// `keys_setting`) and as now (tests set it).
+    rows_attention_default: usize,
+    rows_attention_from: AtomicUsize,
+    /// The fewest blocks (rows × heads) a batch's grid has for `attn_rows`
+    /// (ATTN_ROWS_MIN_BLOCKS_PER_SM an SM; tests lower it), and its launches so far (tests
+    /// check it was taken).
+    rows_attention_min_blocks: AtomicUsize,
+    rows_attention_calls: AtomicU64,
     /// `attn_cluster_v*` (V in registers, K alone in shared memory) instead of `attn_cluster`
     /// where its keys fit: on unless FLEA_CUDA_ATTN_VREG=off (attention_vreg_setting).
     cluster_attention_vreg: std::sync::atomic::AtomicBool,
@@ -758,11 +769,11 @@ impl CudaBackend {
             }
             _ => 0,
         };
-        let stream_attention_default = stream_attention_setting(
-            std::env::var("FLEA_CUDA_ATTN_STREAM")
-                .as_deref()
-                .unwrap_or(""),
-        )?;
+        let keys_from = |name: &str, default| {
+            keys_setting(name, std::env::var(name).as_deref().unwrap_or(""), default)
+        };
+        let stream_attention_default = keys_from("FLEA_CUDA_ATTN_STREAM", ATTN_STREAM_FROM)?;
+        let rows_attention_default = keys_from("FLEA_CUDA_ATTN_ROWS", ATTN_ROWS_FROM)?;
         let cluster_attention_vreg_mode = attention_vreg_setting(
             std::env::var("FLEA_CUDA_ATTN_VREG")
                 .as_deref()
@@ -835,6 +846,10 @@ impl CudaBackend {
             stream_attention_room,
             stream_attention_default,
             stream_attention_from: AtomicUsize::new(stream_attention_default),
+            rows_attention_default,
+            rows_attention_from: AtomicUsize::new(rows_attention_default),
+            rows_attention_min_blocks: AtomicUsize::new(ATTN_ROWS_MIN_BLOCKS_PER_SM * sms),
+            rows_attention_calls: AtomicU64::new(0),
             cluster_attention_vreg: std::sync::atomic::AtomicBool::new(cluster_attention_vreg),
             cluster_attention_vreg_mode,
             cluster_attention_carveout: std::sync::atomic::AtomicI32::new(-1),
@@ -1471,6 +1486,22 @@ impl CudaBackend {
         self.stream_attention_from.store(keys, Ordering::Relaxed);
     }
 
+    /// The keys from which a batch of decode rows takes `attn_rows` instead of the split
+    /// attention, or (None) the start's setting again (FLEA_CUDA_ATTN_ROWS's, by default
+    /// ATTN_ROWS_FROM); tests change it.
+    pub fn set_rows_attention_from(&self, keys: Option<usize>) {
+        let keys = keys.unwrap_or(self.rows_attention_default);
+        self.rows_attention_from.store(keys, Ordering::Relaxed);
+    }
+
+    /// The fewest blocks (rows × heads) a batch's grid has for `attn_rows`, or (None)
+    /// ATTN_ROWS_MIN_BLOCKS_PER_SM an SM again; tests change it.
+    pub fn set_rows_attention_min_blocks(&self, blocks: Option<usize>) {
+        let blocks = blocks.unwrap_or(ATTN_ROWS_MIN_BLOCKS_PER_SM * self.sms);
+        self.rows_attention_min_blocks
+            .store(blocks, Ordering::Relaxed);
+    }
+
     /// Whether this device runs the streaming cluster attention.
     pub fn has_stream_attention(&self) -> bool {
         self.stream_attention_room > 0
@@ -1479,6 +1510,11 @@ impl CudaBackend {
     /// Launches of the cluster attention so far.
     pub fn cluster_attention_calls(&self) -> u64 {
         self.cluster_attention_calls.load(Ordering::Relaxed)
+    }
+
+    /// Launches of `attn_rows` (a batch's decode attention, one block a (head, row)) so far.
+    pub fn rows_attention_calls(&self) -> u64 {
+        self.rows_attention_calls.load(Ordering::Relaxed)
     }
 
     /// Whether this device can run the cluster attention at all (sm_90+, its shared memory
@@ -2025,6 +2061,14 @@ impl CudaBackend {
             let rows = ((posp, basep), window, plan);
             return self.attention_cluster(p, q, (kc, vc), rows, None, out);
         }
+        if n > 1
+            && !self.single_block_attention
+            && max_keys >= self.rows_attention_from.load(Ordering::Relaxed)
+            && rows_attention_fits(hd, max_keys)
+            && n * p.n_head >= self.rows_attention_min_blocks.load(Ordering::Relaxed)
+        {
+            return self.attention_rows(p, q, (kc, vc), (posp, basep), window, max_keys, out);
+        }
         if let Some(split) = AttnSplit::plan(n, p.n_head, hd, max_keys, self.single_block_attention)
         {
             return self.attention_split(
@@ -2341,6 +2385,51 @@ impl CudaBackend {
         self.cluster_attention_calls.fetch_add(1, Ordering::Relaxed);
         match quant {
             Some((xq, ..)) => self.note_prequant(op, width, xq),
+            None => Ok(()),
+        }
+    }
+
+    /// A batch's decode attention with one block a (head, row) over all of the row's keys
+    /// (`attn_rows` in kernels.cu; `rows_attention_fits` checked the shape).
+    #[allow(clippy::too_many_arguments)] // the attention's inputs, spelled out
+    fn attention_rows(
+        &self,
+        p: &AttnParams,
+        q: &CudaAct,
+        (kc, vc): (u64, u64),
+        (posp, basep): (u64, u64),
+        window: i32,
+        max_keys: usize,
+        out: &mut CudaAct,
+    ) -> Result<()> {
+        let n = p.rows.len();
+        let width = out.width;
+        // Output rows feeding an int8 mat-vec are quantised as each 256-block's last head
+        // is written (whole heads per 256-block: 256 % hd == 0).
+        let q8k = if !self.fusions_off.attn_q8k {
+            self.fused_q8k_scratch(n, width, width)?
+        } else {
+            None
+        };
+        let done = {
+            let mut sc = self
+                .scratch
+                .lock()
+                .map_err(|_| be("scratch lock poisoned"))?;
+            self.grow(&mut sc.attn_done, (n * width).div_ceil(256))?
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (p.n_head as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: (max_keys * 4) as u32,
+        };
+        let (qp, op) = (q.ptr, out.ptr);
+        let AttnArgs(nh, group, hdi, kvdi, scale) = AttnArgs::of(p);
+        let (xq, xd, xs) = q8k.unwrap_or((0, 0, 0));
+        launch!(self, "attn_rows", cfg; qp, kc, vc, nh, group, hdi, kvdi, posp, basep, window, scale, op, done, xq, xd, xs)?;
+        self.rows_attention_calls.fetch_add(1, Ordering::Relaxed);
+        match q8k {
+            Some((xq, ..)) => self.note_prequant(op, n * width, xq),
             None => Ok(()),
         }
     }
@@ -2893,20 +2982,29 @@ fn cluster_attention_smem(kps_max: usize, hd: usize) -> usize {
     kps_max * hd * 2 * 2 + kps_max * 4
 }
 
+/// Whether `attn_rows` takes heads of `hd` dims over `max_keys` keys: 64-, 128- and 256-dim
+/// heads (its lanes' 8-dim chunks, four a lane; whole heads a Q8_K block) and the scores'
+/// shared memory.
+fn rows_attention_fits(hd: usize, max_keys: usize) -> bool {
+    matches!(hd, 64 | 128 | 256) && max_keys <= ATTN_ROWS_MAX_KEYS
+}
+
 /// Dynamic shared memory of an `attn_stream16` block: its ring of K/V tiles, then scores.
 fn stream_attention_smem(kps_max: usize) -> usize {
     ATTN_STREAM_RING + kps_max * 4
 }
 
-/// FLEA_CUDA_ATTN_STREAM: the keys from which a decode row takes `attn_stream16` (empty:
-/// ATTN_STREAM_FROM; `off`: never; a number: from that many keys).
-fn stream_attention_setting(value: &str) -> std::result::Result<usize, CudaError> {
+/// A setting of the keys from which an attention kernel takes over (FLEA_CUDA_ATTN_STREAM:
+/// a decode row's `attn_stream16`; FLEA_CUDA_ATTN_ROWS: a batch's `attn_rows`), from the
+/// environment variable `name`'s value: empty or `on`, `default`; `off`, never; a number,
+/// from that many keys.
+fn keys_setting(name: &str, value: &str, default: usize) -> std::result::Result<usize, CudaError> {
     match value.trim() {
-        "" | "on" => Ok(ATTN_STREAM_FROM),
+        "" | "on" => Ok(default),
         "off" => Ok(usize::MAX),
         v => v.parse::<usize>().map_err(|_| {
             CudaError(format!(
-                "FLEA_CUDA_ATTN_STREAM={v}: expected on, off or the keys to start from"
+                "{name}={v}: expected on, off or the keys to start from"
             ))
         }),
     }
@@ -3051,6 +3149,16 @@ const ATTN_MAX_CPB: usize = 8;
 /// The split attention's scratch stays within this (part of the arena's fixed scratch
 /// allowance); bigger batches use the one-block-per-row kernels.
 const ATTN_SPLIT_MAX_BYTES: usize = 16 << 20;
+/// `attn_rows` (a batch's decode attention, one block a (head, row)): the keys from which a
+/// batch takes it by default, the most (its scores' dynamic shared memory, 4 bytes a key,
+/// within the 48 KB a block has without opting in, beside its 2 KB of static), and the fewest
+/// blocks an SM its grid has (fewer (row, head) pairs leave SMs idle where the split
+/// attention spreads each over its 64-key chunks). H200, 2026-11-30, a 13b served to 8 / 16 /
+/// 32 clients (320-1280 blocks): +5 / +3 / +2% at ~80 keys, +17 / +6 / +10% at ~870, against
+/// the split attention; 2 clients (80 blocks) at ~870 keys -1% (docs/BENCHMARKS.md).
+const ATTN_ROWS_FROM: usize = 0;
+const ATTN_ROWS_MAX_KEYS: usize = 11 << 10;
+const ATTN_ROWS_MIN_BLOCKS_PER_SM: usize = 2;
 
 /// Shape of one split attention launch: `rows` rows × heads × `maxc` chunks of keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -4534,8 +4642,22 @@ mod tests {
     }
 
     #[test]
-    fn stream_attention_settings() {
-        let ok = |v: &str| stream_attention_setting(v).ok();
+    fn rows_attention_takes_whole_lane_chunks_and_bounded_keys() {
+        for hd in [64, 128, 256] {
+            assert!(rows_attention_fits(hd, 1));
+            assert!(rows_attention_fits(hd, ATTN_ROWS_MAX_KEYS));
+            assert!(!rows_attention_fits(hd, ATTN_ROWS_MAX_KEYS + 1));
+        }
+        for hd in [32, 80, 96, 192, 512] {
+            assert!(!rows_attention_fits(hd, 100), "{hd}");
+        }
+        // The scores' shared memory beside the kernel's static 3.2 KB stays within 48 KB.
+        assert!(ATTN_ROWS_MAX_KEYS * 4 + 3200 <= 48 << 10);
+    }
+
+    #[test]
+    fn keys_settings() {
+        let ok = |v: &str| keys_setting("FLEA_CUDA_ATTN_STREAM", v, ATTN_STREAM_FROM).ok();
         assert_eq!(ok(""), Some(ATTN_STREAM_FROM));
         assert_eq!(ok("on"), Some(ATTN_STREAM_FROM));
         assert_eq!(ok("off"), Some(usize::MAX));
@@ -4543,6 +4665,8 @@ mod tests {
         assert_eq!(ok("0"), Some(0));
         assert!(ok("-3").is_none());
         assert!(ok("fast").is_none());
+        let err = keys_setting("FLEA_CUDA_ATTN_ROWS", "many", ATTN_ROWS_FROM).unwrap_err();
+        assert!(err.0.contains("FLEA_CUDA_ATTN_ROWS=many"), "{}", err.0);
     }
 
     #[test]

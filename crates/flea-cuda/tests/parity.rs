@@ -789,6 +789,120 @@ fn attention_matches_cpu() {
     assert!(bad.is_empty(), "attention failures: {bad:#?}");
 }
 
+/// A batch of decode rows, one per sequence, at lengths below and past ATTN_ROWS_FROM (1 to
+/// 518 keys), with and without a sliding window, for 64-, 128- and 256-dim heads and grouped
+/// KV: `attn_rows` (one block a (head, row), FLEA_CUDA_ATTN_ROWS's path) and the split
+/// attention against the CPU; and the Q8_K quantisation `attn_rows` leaves for the int8
+/// matmul reading its output: that matmul's output the same bits as from a fresh upload of
+/// the same values (quantised by `act_q8k`).
+#[test]
+fn batched_decode_attention_rows_match_cpu() {
+    use flea_model::weights::Weight;
+    use flea_model::Backend;
+    let Some((_serial, cuda)) = common::gpu() else {
+        return;
+    };
+    let cpu = CpuBackend::new(4).unwrap();
+    let lengths = [300usize, 40, 517, 1, 129];
+    let n = lengths.len();
+    let data = |n: usize, w: usize, salt: f32| -> Vec<f32> {
+        (0..n * w)
+            .map(|i| ((i as f32 * 0.29 + salt).sin() * 1.9) + ((i % 7) as f32 - 3.0) * 0.04)
+            .collect()
+    };
+    let mut bad = Vec::new();
+    for (hd, n_head, n_head_kv) in [
+        (64usize, 8usize, 2usize),
+        (128, 4, 4),
+        (256, 4, 1),
+        (64, 14, 2),
+    ] {
+        for window in [None, Some(70usize)] {
+            let shape = kv_shape(640, n_head_kv, hd, n);
+            let mut kc = cpu.alloc_kv(shape).unwrap();
+            let mut kg = cuda.alloc_kv(shape).unwrap();
+            // Each sequence's prompt fills both caches, then one decode row each.
+            for (seq, &len) in lengths.iter().enumerate() {
+                let rows = Row::consecutive(seq, 0, len);
+                let p = attn_params(&rows, (n_head, n_head_kv, hd), window);
+                let (_, [gq, gk, gv, mut go]) = attn_batch(&cpu, &cuda, &mut kc, &p, (seq, &data));
+                cuda.attention(len, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .unwrap();
+            }
+            let rows: Vec<Row> = lengths
+                .iter()
+                .enumerate()
+                .map(|(seq, &pos)| Row { seq, pos })
+                .collect();
+            let p = attn_params(&rows, (n_head, n_head_kv, hd), window);
+            let (co, [gq, gk, gv, mut go]) = attn_batch(&cpu, &cuda, &mut kc, &p, (9, &data));
+            let case = format!("hd={hd} heads={n_head}/{n_head_kv} window={window:?}");
+            let width = n_head * hd;
+            // The int8 matmul after attn_rows (its Q8_K) and after a fresh upload.
+            let w_data = random_kquant(144, 48, width.max(256));
+            let w = Weight {
+                ty: flea_gguf::GgmlType::Q4_K,
+                rows: 48,
+                cols: width,
+                data: &w_data,
+            };
+            let q8k = width.is_multiple_of(256);
+            // Every batch takes attn_rows (from 0 keys, any grid) or none does.
+            cuda.set_rows_attention_min_blocks(Some(0));
+            let mut run = |from: usize| {
+                cuda.set_rows_attention_from(Some(from));
+                let calls = cuda.rows_attention_calls();
+                let r = cuda
+                    .attention(n, &gq, &gk, &gv, &mut kg, &p, &mut go)
+                    .and_then(|_| {
+                        let took = cuda.rows_attention_calls() - calls;
+                        let mm = if q8k {
+                            let mut y = cuda.alloc_act(n, 48)?;
+                            cuda.matmul(n, &w, &go, &mut y)?;
+                            Some(cuda.read(n, &y)?)
+                        } else {
+                            None
+                        };
+                        Ok((cuda.read(n, &go)?, took, mm))
+                    });
+                cuda.set_rows_attention_from(None);
+                r
+            };
+            match (run(0), run(usize::MAX)) {
+                (Ok((rows_out, took_rows, mm)), Ok((split_out, took_split, _))) => {
+                    let (er, es) = (rel_err(&rows_out, &co), rel_err(&split_out, &co));
+                    // The same values uploaded afresh: quantised by act_q8k for the matmul.
+                    let same_q8k = match mm {
+                        Some(mm) => {
+                            let fresh = cuda.alloc_act(n, width).unwrap();
+                            cuda.upload(&fresh, &rows_out).unwrap();
+                            let mut y = cuda.alloc_act(n, 48).unwrap();
+                            cuda.matmul(n, &w, &fresh, &mut y).unwrap();
+                            same_bits(&cuda.read(n, &y).unwrap(), &mm)
+                        }
+                        None => true,
+                    };
+                    let ok =
+                        er <= 1e-3 && es <= 1e-3 && took_rows == 1 && took_split == 0 && same_q8k;
+                    println!(
+                        "ATTN ROWS {case} rel={er:.3e} (split {es:.3e}) launches={took_rows}/{took_split} \
+                         matmul on its Q8_K identical={same_q8k} {}",
+                        if ok { "OK" } else { "FAIL" }
+                    );
+                    if !ok {
+                        bad.push(format!(
+                            "{case}: {er:.3e} / {es:.3e}, launches {took_rows}/{took_split}, Q8_K identical={same_q8k}"
+                        ));
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => bad.push(format!("{case}: {e}")),
+            }
+            cuda.set_rows_attention_min_blocks(None);
+        }
+    }
+    assert!(bad.is_empty(), "attn_rows failures: {bad:#?}");
+}
+
 /// Decode rows past 2048 keys, where the register-held cluster kernels stop: the streaming
 /// 16-block clusters (`attn_stream16`, the default there) and the split attention
 /// (FLEA_CUDA_ATTN_STREAM=off's path) against the CPU, for 128- and 64-dim heads, grouped KV
