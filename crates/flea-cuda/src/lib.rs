@@ -3158,6 +3158,8 @@ const ATTN_SPLIT_MAX_BYTES: usize = 16 << 20;
 /// the split attention; 2 clients (80 blocks) at ~870 keys -1% (docs/BENCHMARKS.md).
 const ATTN_ROWS_FROM: usize = 0;
 const ATTN_ROWS_MAX_KEYS: usize = 11 << 10;
+// The scores beside the kernel's ~3.2 KB of static shared memory stay within 48 KB.
+const _: () = assert!(ATTN_ROWS_MAX_KEYS * 4 + 3200 <= 48 << 10);
 const ATTN_ROWS_MIN_BLOCKS_PER_SM: usize = 2;
 
 /// Shape of one split attention launch: `rows` rows × heads × `maxc` chunks of keys.
@@ -4651,8 +4653,6 @@ mod tests {
         for hd in [32, 80, 96, 192, 512] {
             assert!(!rows_attention_fits(hd, 100), "{hd}");
         }
-        // The scores' shared memory beside the kernel's static 3.2 KB stays within 48 KB.
-        assert!(ATTN_ROWS_MAX_KEYS * 4 + 3200 <= 48 << 10);
     }
 
     #[test]
