@@ -12,10 +12,10 @@
 #   CARRY_DIR/mmvq_bench       optional: target/release/examples/mmvq_bench
 #                              (cargo build --release -p flea-cuda --example mmvq_bench)
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
-# synth.log, bench.log, bench.json, run.log (and each run's text and stderr), mmvq_bench.log,
-# summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
+# synth.log, bench.log, bench.json, run.log (and each run's text and stderr), serve.log,
+# mmvq_bench.log, summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
 # MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, steps 3b-3d), REAL_SHAPES (1; 0 skips step 3d),
-# DEVICE (cuda; cpu to try the script).
+# SERVE (1; 0 skips step 3e), DEVICE (cuda; cpu to try the script).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
@@ -192,6 +192,25 @@ if [ "${REAL_SHAPES:-1}" = 1 ]; then
   done
 fi
 
+# 3e. Served batches (`flea serve` on the last preset, scripts/serve_batch_rate.py): 32
+# clients, 128 tokens each, short prompts and ~860-token ones (FILLER 40), greedy; the
+# default (a batch's decode attention in `attn_rows`) beside FLEA_CUDA_ATTN_ROWS=off (the
+# split kernels). SERVE=0 skips it.
+if [ "${SERVE:-1}" = 1 ] && [ ${#models[@]} -gt 0 ]; then
+  f=${models[${#models[@]}-1]}
+  : > "$OUT/serve.log"
+  for rows in on off; do
+    FLEA_CUDA_ATTN_ROWS=$rows "$CARRY/flea" serve -m "$f" --device "${DEVICE:-cuda}" --ctx 1536 \
+      --parallel 64 -t 16 --port 8093 > "$OUT/serve_$rows.err" 2>&1 &
+    pid=$!
+    for filler in 0 40; do
+      echo "$(basename "$f") attn_rows=$rows filler $filler: $(python3 "$(dirname "$0")/serve_batch_rate.py" \
+        http://127.0.0.1:8093 32 128 $filler greedy 2>&1 | tail -1)" >> "$OUT/serve.log" || status=1
+    done
+    kill -TERM $pid; wait $pid || { status=1; echo "FAILED: serve attn_rows=$rows" >> "$OUT/serve.log"; }
+  done
+fi
+
 # 4. Decode mat-vec GB/s per weight type, mmvq (1 and 2 rows per warp) vs matvec.
 if [ -x "$CARRY/mmvq_bench" ]; then
   "$CARRY/mmvq_bench" 100 > "$OUT/mmvq_bench.log" 2>&1 || status=1
@@ -208,6 +227,8 @@ fi
   cat "$OUT/bench.log" 2>/dev/null
   echo "--- flea run decode (chained / host-sampled / without graphs)"
   cat "$OUT/run.log" 2>/dev/null
+  echo "--- flea serve, 32 clients (attn_rows on / off)"
+  cat "$OUT/serve.log" 2>/dev/null
   cat "$OUT/mmvq_bench.log" 2>/dev/null
 } > "$OUT/summary.txt"
 cat "$OUT/summary.txt"
