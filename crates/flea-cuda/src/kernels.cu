@@ -2132,6 +2132,29 @@ __device__ __forceinline__ float4 att_groups_sum(const float4* acc4, int q4, int
     return sum;
 }
 
+// Head th's output (hd values at out + th * hd) is written, by every thread of the block
+// before the call: count the head in its 256-block (the counter at counters[block], left at 0
+// again); the block of the 256-block's last head to count quantises it to Q8_K. Every
+// thread of the block calls it.
+__device__ __forceinline__ void att_q8k_last_head(const float* out, i8* __restrict__ xq,
+                                                  float* __restrict__ xd, int* __restrict__ xs,
+                                                  int* counters, long long th, int hd) {
+    __shared__ int last_head;
+    __threadfence();
+    __syncthreads();
+    const long long qblk = th * hd / 256;
+    if (threadIdx.x == 0) {
+        int* cnt = counters + qblk;
+        last_head = atomicAdd(cnt, 1) == 256 / hd - 1;
+        if (last_head) *cnt = 0;
+    }
+    __syncthreads();
+    if (last_head && threadIdx.x < 32) {
+        __threadfence();
+        q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
+    }
+}
+
 // The chunk's probabilities (scores s[0 .. len), rounded to f16 as the CPU does) times its V
 // rows into part; the last chunk block of the (row, head) to finish (a counter in `done`,
 // left at 0 again) adds all chunks' partials in chunk order into out and, with xq, quantises
@@ -2199,22 +2222,8 @@ __device__ __forceinline__ bool att_chunk_pv(const float* s, float m, float tot,
         for (int i = 0; i < a.nch; i++) v += __ldcg(src + (long long)i * hd + dd);
         out[th * hd + dd] = v;
     }
-    if (xq == nullptr) return true;
-    // This head's output is written: count it in its 256-block; the last head quantises it.
-    __threadfence();
-    __syncthreads();
-    const long long qblk = th * hd / 256;
-    __shared__ int last_head;
-    if (threadIdx.x == 0) {
-        int* cnt = done + (long long)gridDim.y * n_head + qblk;
-        last_head = atomicAdd(cnt, 1) == 256 / hd - 1;
-        if (last_head) *cnt = 0;
-    }
-    __syncthreads();
-    if (last_head && threadIdx.x < 32) {
-        __threadfence();
-        q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
-    }
+    if (xq != nullptr)
+        att_q8k_last_head(out, xq, xd, xs, done + (long long)gridDim.y * n_head, th, hd);
     return true;
 }
 
@@ -2384,7 +2393,6 @@ extern "C" __global__ void __launch_bounds__(128)
     extern __shared__ float arw_sc[];
     __shared__ float red[4];
     __shared__ float4 acc4[128];
-    __shared__ int last_head;
     const int h = blockIdx.x, t = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int lo, nk;
@@ -2460,21 +2468,7 @@ extern "C" __global__ void __launch_bounds__(128)
         dst[2] = o.z;
         dst[3] = o.w;
     }
-    if (xq == nullptr) return;
-    // This head's output is written: count it in its 256-block; the last head quantises it.
-    __threadfence();
-    __syncthreads();
-    const long long qblk = th * hd / 256;
-    if (threadIdx.x == 0) {
-        int* cnt = done + qblk;
-        last_head = atomicAdd(cnt, 1) == 256 / hd - 1;
-        if (last_head) *cnt = 0;
-    }
-    __syncthreads();
-    if (last_head && threadIdx.x < 32) {
-        __threadfence();
-        q8k_block<true>(out, xq, xd, xs, qblk, threadIdx.x);
-    }
+    if (xq != nullptr) att_q8k_last_head(out, xq, xd, xs, done, th, hd);
 }
 
 // RoPE of q and k as rope_qk, and the rotated k and the v of each row stored into the f16
