@@ -3151,7 +3151,7 @@ const ATTN_MAX_CPB: usize = 8;
 const ATTN_SPLIT_MAX_BYTES: usize = 16 << 20;
 /// `attn_rows` (a batch's decode attention, one block a (head, row)): the keys from which a
 /// batch takes it by default, the most (its scores' dynamic shared memory, 4 bytes a key,
-/// within the 48 KB a block has without opting in, beside its 2 KB of static), and the fewest
+/// within the 48 KB a block has without opting in, beside its ~3.2 KB of static), and the fewest
 /// blocks an SM its grid has (fewer (row, head) pairs leave SMs idle where the split
 /// attention spreads each over its 64-key chunks). H200, 2026-11-30, a 13b served to 8 / 16 /
 /// 32 clients (320-1280 blocks): +5 / +3 / +2% at ~80 keys, +17 / +6 / +10% at ~870, against
