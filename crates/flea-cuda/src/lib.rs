@@ -2061,11 +2061,12 @@ impl CudaBackend {
             let rows = ((posp, basep), window, plan);
             return self.attention_cluster(p, q, (kc, vc), rows, None, out);
         }
-        if n > 1
-            && !self.single_block_attention
-            && max_keys >= self.rows_attention_from.load(Ordering::Relaxed)
-            && rows_attention_fits(hd, max_keys)
-            && n * p.n_head >= self.rows_attention_min_blocks.load(Ordering::Relaxed)
+        if !self.single_block_attention
+            && takes_rows_attention(
+                (n, p.n_head, hd, max_keys),
+                self.rows_attention_from.load(Ordering::Relaxed),
+                self.rows_attention_min_blocks.load(Ordering::Relaxed),
+            )
         {
             return self.attention_rows(p, q, (kc, vc), (posp, basep), window, max_keys, out);
         }
@@ -2987,6 +2988,17 @@ fn cluster_attention_smem(kps_max: usize, hd: usize) -> usize {
 /// shared memory.
 fn rows_attention_fits(hd: usize, max_keys: usize) -> bool {
     matches!(hd, 64 | 128 | 256) && max_keys <= ATTN_ROWS_MAX_KEYS
+}
+
+/// Whether a batch of `n` rows of `n_head` heads of `hd` dims over at most `max_keys` keys
+/// takes `attn_rows`: several rows, from `from` keys on, a shape it fits, and at least
+/// `min_blocks` (row, head) blocks (else the split attention).
+fn takes_rows_attention(
+    (n, n_head, hd, max_keys): (usize, usize, usize, usize),
+    from: usize,
+    min_blocks: usize,
+) -> bool {
+    n > 1 && max_keys >= from && rows_attention_fits(hd, max_keys) && n * n_head >= min_blocks
 }
 
 /// Dynamic shared memory of an `attn_stream16` block: its ring of K/V tiles, then scores.
@@ -4653,6 +4665,27 @@ mod tests {
         for hd in [32, 80, 96, 192, 512] {
             assert!(!rows_attention_fits(hd, 100), "{hd}");
         }
+    }
+
+    #[test]
+    fn batches_that_fill_the_device_take_rows_attention() {
+        // A 13B's 40 heads of 128 dims on 132 SMs, at two blocks an SM.
+        let (from, min) = (ATTN_ROWS_FROM, ATTN_ROWS_MIN_BLOCKS_PER_SM * 132);
+        assert!(takes_rows_attention((32, 40, 128, 900), from, min));
+        assert!(takes_rows_attention((7, 40, 128, 80), from, min));
+        // Too few (row, head) blocks, one row (the cluster kernels' case), a head size or
+        // a length it does not take, FLEA_CUDA_ATTN_ROWS=off or a threshold not reached.
+        assert!(!takes_rows_attention((6, 40, 128, 900), from, min));
+        assert!(!takes_rows_attention((1, 40, 128, 900), from, 0));
+        assert!(!takes_rows_attention((32, 40, 80, 900), from, min));
+        assert!(!takes_rows_attention(
+            (32, 40, 128, ATTN_ROWS_MAX_KEYS + 1),
+            from,
+            min
+        ));
+        assert!(!takes_rows_attention((32, 40, 128, 900), usize::MAX, min));
+        assert!(!takes_rows_attention((32, 40, 128, 900), 1024, min));
+        assert!(takes_rows_attention((32, 40, 128, 1024), 1024, min));
     }
 
     #[test]
