@@ -13,9 +13,11 @@
 #                              (cargo build --release -p flea-cuda --example mmvq_bench)
 # Writes into OUTDIR: device.txt, tests.log, tests_scalar.log, tests_mmvq.log, parity.jsonl,
 # synth.log, bench.log, bench.json, run.log (and each run's text and stderr), serve.log,
-# mmvq_bench.log, summary.txt. Environment: PRESETS (default "7b 13b"), TOKENS (128), PROMPT (512),
-# MMVQ_VARIANTS (1; 0 skips step 1c), RUNS (2, steps 3b-3d), REAL_SHAPES (1; 0 skips step 3d),
-# SERVE (1; 0 skips step 3e), DEVICE (cuda; cpu to try the script).
+# mmvq_bench.log, summary.txt (which holds the others' results in brief: where a call returns
+# only a few files, write OUTDIR elsewhere and bring back summary.txt). Environment: PRESETS
+# (default "7b 13b"), TOKENS (128), PROMPT (512), MMVQ_VARIANTS (1; 0 skips step 1c), RUNS
+# (2, steps 3b-3d), REAL_SHAPES (1; 0 skips step 3d), SERVE (1; 0 skips step 3e), DEVICE
+# (cuda; cpu to try the script).
 set -u
 OUT=${1:?usage: gpu_checks.sh OUTDIR [CARRY_DIR]}
 CARRY=${2:-carry}
