@@ -2368,8 +2368,9 @@ __device__ __forceinline__ float atc_score(const u16* kr, const float (&qd)[32],
     for (int c = 0; c < 4; c++) w[c] = *(const uint4*)(kr + (sub + c * LK) * 8);
     return atc_dot(w, qd, LK) * scale;
 }
-// Decode attention of a batch of rows at longer contexts (`attn_rows`): one block per (head,
-// row) over all of the row's keys, so no block waits for another and no scores, stats or
+// Decode attention of a batch of rows that fills the device (`attn_rows`; the host takes it
+// where rows x heads make two blocks an SM, at any length): one block per (head, row) over
+// all of the row's keys, so no block waits for another and no scores, stats or
 // partials go through global memory (the split kernels above read K and V in chunks of 64
 // keys, ~20 blocks a (row, head) at 1k keys, each with its own set-up, block reductions and
 // counters: a 13b's 32-row served step at ~900 keys spent 9.6 of its 20 ms there, ~0.6 of
